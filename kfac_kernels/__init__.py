@@ -1,0 +1,17 @@
+"""kfac_kernels: fused Kronecker-factored curvature kernels.
+
+Conventions (see DESIGN.md): a linear layer's weight and its task-vector block τ have shape
+(d_out, d_in); ``vec`` is row-major; its curvature block is B ⊗ A with B (d_out × d_out) and
+A (d_in × d_in) symmetric, so q(τ) = vec(τ)ᵀ(B⊗A)vec(τ) = trace(τᵀ B τ A) = Σ τ ⊙ (B τ A).
+
+Importing this package never touches CUDA and never needs Triton.
+"""
+from .factors import BlockDiagonalFactor, Int8Factor, LowRankFactor
+from .quadratic import eigen_quadratic_form, eigen_quadratic_forms, quadratic_form, quadratic_forms
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockDiagonalFactor", "Int8Factor", "LowRankFactor",
+    "quadratic_form", "quadratic_forms", "eigen_quadratic_form", "eigen_quadratic_forms",
+]

@@ -1,0 +1,47 @@
+"""Argument checks shared by the ops: errors name the argument and its shape, dtype or device."""
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return type(x).__name__
+
+
+def tensor(op: str, name: str, x, *, ndim: int | None = None, dtypes=FLOATS) -> torch.Tensor:
+    """``x`` itself, after checking it is a tensor of one of ``dtypes`` with ``ndim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {describe(x)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({allowed}), got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def same_device(op: str, **named) -> torch.device:
+    """The one device of the tensors in ``named`` (None values are skipped)."""
+    devices = {name: x.device for name, x in named.items() if x is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+    return next(iter(devices.values()))
+
+
+def square(op: str, name: str, x: torch.Tensor, size: int | None = None) -> int:
+    """Side length of the square matrix ``x``; checks it equals ``size`` when given."""
+    if x.dim() != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: {name} must be a square matrix, got shape {tuple(x.shape)}")
+    if size is not None and x.shape[0] != size:
+        raise ValueError(f"{op}: {name} of shape {tuple(x.shape)} does not match size {size}")
+    return x.shape[0]
+
+
+def no_grad_needed(op: str, **named) -> None:
+    """Factors are constants of the ops: refuse ones that ask for a gradient."""
+    for name, x in named.items():
+        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: {name} requires grad, but gradients flow only to tau; pass {name}.detach()")

@@ -1,0 +1,183 @@
+"""Compressed Kronecker factors that the kernels consume directly (never expanded to dense).
+
+A factor F is a symmetric n × n matrix standing for A (input side) or B (output side). Besides a
+dense tensor, it can be:
+
+- ``BlockDiagonalFactor``: F = blockdiag(F_1, …, F_k), blocks (k, b, b) with b = ceil(n / k); the
+  last block is cut to n − (k−1)·b rows and columns (its padding is ignored).
+- ``LowRankFactor``: F ≈ U diag(λ) Uᵀ with U (n, r), λ (r,): the top-r eigenpairs.
+- ``Int8Factor``: F ≈ diag(s) Q diag(s) with Q (n, n) int8 symmetric and s (n,) fp32 per-row
+  scales; s_i = sqrt(max_j |F_ij| / 127), so |Q_ij| ≤ 127 for any symmetric F whose rows peak on the
+  diagonal (covariances), and F stays exactly symmetric after dequantization.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from . import _validate
+
+
+def _dense(op: str, name: str, F) -> torch.Tensor:
+    _validate.tensor(op, name, F, ndim=2)
+    _validate.square(op, name, F)
+    return F
+
+
+@dataclass(frozen=True)
+class BlockDiagonalFactor:
+    blocks: torch.Tensor  # (k, b, b)
+    size: int  # n
+
+    def __post_init__(self):
+        _validate.tensor("BlockDiagonalFactor", "blocks", self.blocks, ndim=3)
+        k, b, b2 = self.blocks.shape
+        if b != b2 or not (k - 1) * b < self.size <= k * b:
+            raise ValueError(f"BlockDiagonalFactor: blocks of shape {tuple(self.blocks.shape)} cannot make a "
+                             f"{self.size} × {self.size} factor (need square blocks with (k−1)·b < size ≤ k·b)")
+
+    @classmethod
+    def from_dense(cls, F: torch.Tensor, k: int) -> "BlockDiagonalFactor":
+        """Keep the k diagonal blocks of F (n × n), zero elsewhere."""
+        n = _dense("BlockDiagonalFactor.from_dense", "F", F).shape[0]
+        if not 1 <= k <= max(n, 1):
+            raise ValueError(f"BlockDiagonalFactor.from_dense: k={k} must be in [1, {n}] for F of shape {tuple(F.shape)}")
+        b = -(-n // k)
+        k = -(-n // b)  # fewer blocks when n is not divisible: every block keeps b rows
+        blocks = F.new_zeros(k, b, b)
+        for j in range(k):
+            s = slice(j * b, min((j + 1) * b, n))
+            blocks[j, : s.stop - s.start, : s.stop - s.start] = F[s, s]
+        return cls(blocks, n)
+
+    @property
+    def shape(self):
+        return (self.size, self.size)
+
+    @property
+    def dtype(self):
+        return self.blocks.dtype
+
+    @property
+    def device(self):
+        return self.blocks.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+    def to(self, *args, **kwargs) -> "BlockDiagonalFactor":
+        return BlockDiagonalFactor(self.blocks.to(*args, **kwargs), self.size)
+
+    def to_dense(self) -> torch.Tensor:
+        """The n × n matrix (for tests and inspection; the kernels never call this)."""
+        return torch.block_diag(*self.blocks)[: self.size, : self.size]
+
+
+@dataclass(frozen=True)
+class LowRankFactor:
+    U: torch.Tensor  # (n, r), orthonormal columns
+    eigenvalues: torch.Tensor  # (r,)
+
+    def __post_init__(self):
+        _validate.tensor("LowRankFactor", "U", self.U, ndim=2)
+        _validate.tensor("LowRankFactor", "eigenvalues", self.eigenvalues, ndim=1)
+        if self.eigenvalues.shape[0] != self.U.shape[1]:
+            raise ValueError(f"LowRankFactor: U of shape {tuple(self.U.shape)} needs {self.U.shape[1]} eigenvalues, "
+                             f"got shape {tuple(self.eigenvalues.shape)}")
+        _validate.same_device("LowRankFactor", U=self.U, eigenvalues=self.eigenvalues)
+
+    @classmethod
+    def from_dense(cls, F: torch.Tensor, rank: int | None = None, *, fraction: float | None = None) -> "LowRankFactor":
+        """Top eigenpairs of symmetric F (float64 eigh): ``rank`` of them, or a ``fraction`` of n."""
+        n = _dense("LowRankFactor.from_dense", "F", F).shape[0]
+        if (rank is None) == (fraction is None):
+            raise ValueError("LowRankFactor.from_dense: give exactly one of rank= or fraction=")
+        r = rank if rank is not None else max(1, round(fraction * n))
+        if not 1 <= r <= n:
+            raise ValueError(f"LowRankFactor.from_dense: rank {r} must be in [1, {n}] for F of shape {tuple(F.shape)}")
+        lam, U = torch.linalg.eigh(F.double())
+        return cls(U[:, -r:].flip(1).to(F.dtype).contiguous(), lam[-r:].flip(0).to(torch.float32).contiguous())
+
+    @property
+    def shape(self):
+        return (self.U.shape[0], self.U.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def dtype(self):
+        return self.U.dtype
+
+    @property
+    def device(self):
+        return self.U.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.U.nbytes + self.eigenvalues.nbytes
+
+    def to(self, *args, **kwargs) -> "LowRankFactor":
+        return LowRankFactor(self.U.to(*args, **kwargs), self.eigenvalues.to(device=self.U.to(*args, **kwargs).device))
+
+    def to_dense(self) -> torch.Tensor:
+        return (self.U * self.eigenvalues.to(self.U.dtype)) @ self.U.T
+
+
+@dataclass(frozen=True)
+class Int8Factor:
+    q: torch.Tensor  # (n, n) int8, symmetric
+    scale: torch.Tensor  # (n,) float32
+
+    def __post_init__(self):
+        _validate.tensor("Int8Factor", "q", self.q, ndim=2, dtypes=(torch.int8,))
+        _validate.square("Int8Factor", "q", self.q)
+        _validate.tensor("Int8Factor", "scale", self.scale, ndim=1, dtypes=(torch.float32,))
+        if self.scale.shape[0] != self.q.shape[0]:
+            raise ValueError(f"Int8Factor: q of shape {tuple(self.q.shape)} needs scale of shape ({self.q.shape[0]},), "
+                             f"got {tuple(self.scale.shape)}")
+        _validate.same_device("Int8Factor", q=self.q, scale=self.scale)
+
+    @classmethod
+    def from_dense(cls, F: torch.Tensor) -> "Int8Factor":
+        """Symmetric per-row quantization F ≈ diag(s) Q diag(s) (see module docstring)."""
+        _dense("Int8Factor.from_dense", "F", F)
+        F = F.float()
+        peak = F.abs().amax(dim=1)
+        s = torch.sqrt(peak / 127.0)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round(F / s[:, None] / s[None, :]).clamp_(-127, 127).to(torch.int8)
+        return cls(q, s.contiguous())
+
+    @property
+    def shape(self):
+        return tuple(self.q.shape)
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    @property
+    def device(self):
+        return self.q.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    def to(self, device) -> "Int8Factor":
+        return Int8Factor(self.q.to(device), self.scale.to(device))
+
+    def to_dense(self) -> torch.Tensor:
+        return self.scale[:, None] * self.q.float() * self.scale[None, :]
+
+
+COMPRESSED = (BlockDiagonalFactor, LowRankFactor, Int8Factor)
+
+
+def factor_size(op: str, name: str, F) -> int:
+    """n for an n × n factor (dense or compressed), after checking a dense one is square and floating."""
+    if isinstance(F, COMPRESSED):
+        return F.shape[0]
+    return _dense(op, name, F).shape[0]

@@ -1,0 +1,142 @@
+"""Kronecker quadratic forms: the KFAC / EK-FAC penalty of a task vector, without forming B ⊗ A.
+
+    quadratic_form(τ, B, A)            q = vec(τ)ᵀ (B ⊗ A) vec(τ) = Σ τ ⊙ (B τ A),   ∇q = 2 B τ A
+    eigen_quadratic_form(τ, U_B, U_A, S)   q = Σ S ⊙ (U_Bᵀ τ U_A)²,   ∇q = 2 U_B (S ⊙ M) U_Aᵀ
+
+τ is (d_out, d_in); B (d_out × d_out) and A (d_in × d_in) are symmetric: dense tensors or the
+compressed factors of ``kfac_kernels.factors``. The result is a 0-dim fp32 tensor (fp64 when every
+input is fp64), differentiable in τ; factors are constants. The gradient is the forward's own
+product B τ A, saved by the forward, so the backward does no matrix work.
+"""
+import torch
+
+from . import _backend, _precision, _validate, reference
+from .factors import factor_size
+
+
+class _Forms(torch.autograd.Function):
+    """Runs ``compute() -> (total, saved)`` and, for the backward, ``finish(saved) -> grads``."""
+
+    @staticmethod
+    def forward(ctx, compute, finish, *taus):
+        total, saved = compute()
+        ctx.finish = finish
+        ctx.needs = [t.requires_grad for t in taus]
+        if saved is not None:
+            ctx.save_for_backward(*saved)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grads = torch._foreach_mul(ctx.finish(list(ctx.saved_tensors)), g)
+        return None, None, *(gr if need else None for gr, need in zip(grads, ctx.needs))
+
+
+def _weights(op: str, weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    if len(w) != n:
+        raise ValueError(f"{op}: weights has {len(w)} entries for {n} layers")
+    return [float(x) for x in w]
+
+
+def _layers(op: str, **lists) -> int:
+    lengths = {name: len(x) for name, x in lists.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{op}: needs one entry per layer in each list, got lengths {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise ValueError(f"{op}: needs at least one layer")
+    return n
+
+
+def _check_layer(op: str, i: int, tau, B, A) -> None:
+    tag = "" if i is None else f"[{i}]"
+    _validate.tensor(op, f"tau{tag}", tau, ndim=2)
+    nb = factor_size(op, f"B{tag}", B)
+    na = factor_size(op, f"A{tag}", A)
+    if (nb, na) != tuple(tau.shape):
+        raise ValueError(f"{op}: tau{tag} of shape {tuple(tau.shape)} needs B{tag} of size {tau.shape[0]} and "
+                         f"A{tag} of size {tau.shape[1]}, got B{tag} {tuple(B.shape)} and A{tag} {tuple(A.shape)}")
+    _validate.same_device(op, **{f"tau{tag}": tau, f"B{tag}": B, f"A{tag}": A})
+    _validate.no_grad_needed(op, **{f"B{tag}": B, f"A{tag}": A})
+
+
+def _apply(op, taus, factor_dtypes, torch_fn, triton_fn, triton_finish):
+    """Chooses the backend and runs the forms through ``_Forms``."""
+    device = _validate.same_device(op, **{f"tau[{i}]": t for i, t in enumerate(taus)})
+    dtypes = [t.dtype for t in taus] + factor_dtypes
+    compute_dtypes = {_precision.compute_dtype(op, **{f"x{i}": d for i, d in enumerate(dtypes)})}
+    backend = _backend.select(op, device, dtypes)
+    want = torch.is_grad_enabled() and any(t.requires_grad for t in taus)
+    if backend == "torch":
+        dtype = torch.float64 if compute_dtypes == {torch.float64} else torch.float32
+        compute, finish = (lambda: torch_fn(want, dtype)), (lambda saved: saved)
+    else:
+        compute, finish = (lambda: triton_fn(want)), triton_finish
+    return _Forms.apply(compute, finish, *taus)
+
+
+def quadratic_forms(taus, Bs, As, weights=None) -> torch.Tensor:
+    """Σ_l w_l q_l(τ_l) over many layers in one call (grouped launches).
+
+    taus[l] (d_out_l, d_in_l), Bs[l] (d_out_l²), As[l] (d_in_l²); weights: floats (default 1)."""
+    op = "quadratic_forms"
+    n = _layers(op, taus=taus, Bs=Bs, As=As)
+    for i, (tau, B, A) in enumerate(zip(taus, Bs, As)):
+        _check_layer(op, i if n > 1 else None, tau, B, A)
+    w = _weights(op, weights, n)
+    taus = list(taus)
+
+    def triton_fn(want):
+        from .triton_kernels import quadratic
+        return quadratic.quadratic_forms(taus, Bs, As, w, want)
+
+    return _apply(op, taus, [F.dtype for F in (*Bs, *As)],
+                  lambda want, dtype: reference.quadratic_forms(taus, Bs, As, w, want, dtype),
+                  triton_fn, lambda saved: saved)
+
+
+def quadratic_form(tau, B, A) -> torch.Tensor:
+    """q = vec(τ)ᵀ (B ⊗ A) vec(τ) = Σ τ ⊙ (B τ A) for τ (d_out, d_in), B (d_out²), A (d_in²) symmetric."""
+    return quadratic_forms([tau], [B], [A])
+
+
+def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:
+    """Σ_l w_l Σ S_l ⊙ (U_B,lᵀ τ_l U_A,l)² (EK-FAC), in one call.
+
+    taus[l] (d_out, d_in), U_Bs[l] (d_out, r_B), U_As[l] (d_in, r_A), Ss[l] (r_B, r_A)."""
+    op = "eigen_quadratic_forms"
+    n = _layers(op, taus=taus, U_Bs=U_Bs, U_As=U_As, Ss=Ss)
+    for i, (tau, U_B, U_A, S) in enumerate(zip(taus, U_Bs, U_As, Ss)):
+        tag = "" if n == 1 else f"[{i}]"
+        _validate.tensor(op, f"tau{tag}", tau, ndim=2)
+        _validate.tensor(op, f"U_B{tag}", U_B, ndim=2)
+        _validate.tensor(op, f"U_A{tag}", U_A, ndim=2)
+        _validate.tensor(op, f"S{tag}", S, ndim=2)
+        if (U_B.shape[0], U_A.shape[0]) != tuple(tau.shape) or tuple(S.shape) != (U_B.shape[1], U_A.shape[1]):
+            raise ValueError(f"{op}: tau{tag} {tuple(tau.shape)}, U_B{tag} {tuple(U_B.shape)}, U_A{tag} "
+                             f"{tuple(U_A.shape)} and S{tag} {tuple(S.shape)} do not fit: need U_B (d_out, r_B), "
+                             f"U_A (d_in, r_A), S (r_B, r_A) for tau (d_out, d_in)")
+        _validate.same_device(op, **{f"tau{tag}": tau, f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
+        _validate.no_grad_needed(op, **{f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
+    w = _weights(op, weights, n)
+    taus = list(taus)
+
+    def triton_fn(want):
+        from .triton_kernels import quadratic
+        return quadratic.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, w, want)
+
+    def finish_triton(Gs):
+        from .triton_kernels import quadratic
+        return quadratic.eigen_backward(Gs, U_Bs, U_As, taus)
+
+    return _apply(op, taus, [U.dtype for U in (*U_Bs, *U_As)],
+                  lambda want, dtype: reference.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, w, want, dtype),
+                  triton_fn, finish_triton)
+
+
+def eigen_quadratic_form(tau, U_B, U_A, S) -> torch.Tensor:
+    """q = Σ S ⊙ (U_Bᵀ τ U_A)² for τ (d_out, d_in), U_B (d_out, r_B), U_A (d_in, r_A), S (r_B, r_A)."""
+    return eigen_quadratic_forms([tau], [U_B], [U_A], [S])

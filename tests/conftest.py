@@ -1,0 +1,47 @@
+"""Test setup: Triton kernels run on CPU through its interpreter when there is no GPU.
+
+``TRITON_INTERPRET`` must be set before Triton is first imported, so it is set here.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kfac_kernels import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+KERNEL_BACKENDS = ["triton"] if _backend.triton_available() else []
+ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request, monkeypatch):
+    """Each test using this runs once per available backend, forced through the environment."""
+    monkeypatch.setenv("KFAC_KERNELS_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """``use_backend(name)`` forces a backend for the rest of the test."""
+    return lambda name: monkeypatch.setenv("KFAC_KERNELS_BACKEND", name)
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+    """Tests compare against float64 at IEEE fp32 unless they set a precision themselves."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)

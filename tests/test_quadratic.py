@@ -1,0 +1,284 @@
+"""Quadratic forms against their float64 definitions: vec(τ)ᵀ(B⊗A)vec(τ) and Σ S ⊙ (U_Bᵀ τ U_A)²."""
+import math
+
+import pytest
+import torch
+
+import kfac_kernels as kk
+from tests.util import TOL, rel_err
+
+SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (130, 33), (33, 130)]
+
+
+def spd(n, dtype=torch.float32):
+    x = torch.randn(n, n + 5, dtype=torch.float64)
+    return (x @ x.T / (n + 5)).to(dtype)
+
+
+def dense(F):
+    return F.double() if isinstance(F, torch.Tensor) else F.to_dense().double()
+
+
+def definition(tau, B, A):
+    """q and ∇q in float64: torch.kron for small layers, the explicit sum Σ τ ⊙ (B τ A) otherwise."""
+    t, B, A = tau.detach().double(), dense(B), dense(A)
+    if t.numel() <= 33 * 33:
+        v = t.reshape(-1)
+        q = v @ torch.kron(B, A) @ v
+    else:
+        q = (t * (B @ t @ A)).sum()
+    return q, 2 * B @ t @ A
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quadratic_form_matches_kron(backend, shape):
+    tau = torch.randn(shape, requires_grad=True)
+    B, A = spd(shape[0]), spd(shape[1])
+    q = kk.quadratic_form(tau, B, A)
+    q.backward()
+    q_ref, g_ref = definition(tau, B, A)
+    assert q.dtype == torch.float32 and q.dim() == 0
+    assert rel_err(q, q_ref) <= TOL[torch.float32]
+    assert rel_err(tau.grad, g_ref) <= TOL[torch.float32]
+
+
+def test_gradient_matches_autograd_of_dense_form(backend):
+    tau = torch.randn(7, 13, dtype=torch.float32, requires_grad=True)
+    B, A = spd(7), spd(13)
+    kk.quadratic_form(tau, B, A).backward()
+    t64 = tau.detach().double().requires_grad_()
+    (t64.reshape(-1) @ torch.kron(B.double(), A.double()) @ t64.reshape(-1)).backward()
+    assert rel_err(tau.grad, t64.grad) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, dtype):
+    tau = torch.randn(33, 130, dtype=dtype, requires_grad=True)
+    B, A = spd(33, dtype), spd(130, dtype)
+    q = kk.quadratic_form(tau, B, A)
+    q.backward()
+    q_ref, g_ref = definition(tau, B, A)  # float64 of the same rounded inputs
+    assert q.dtype == torch.float32 and tau.grad.dtype == dtype
+    assert rel_err(q, q_ref) <= TOL[dtype]
+    assert rel_err(tau.grad, g_ref) <= TOL[dtype]
+
+
+def test_mixed_dtypes_multiply_in_the_narrowest(backend):
+    tau = torch.randn(33, 7, requires_grad=True)
+    B, A = spd(33, torch.bfloat16), spd(7)
+    q = kk.quadratic_form(tau, B, A)
+    q.backward()
+    q_ref, g_ref = definition(tau.bfloat16(), B, A.bfloat16())
+    assert tau.grad.dtype == torch.float32
+    assert rel_err(q, q_ref) <= TOL[torch.bfloat16]
+    assert rel_err(tau.grad, g_ref) <= TOL[torch.bfloat16]
+
+
+def test_tf32_precision(backend):
+    torch.set_float32_matmul_precision("high")
+    tau = torch.randn(130, 33)
+    B, A = spd(130), spd(33)
+    assert rel_err(kk.quadratic_form(tau, B, A), definition(tau, B, A)[0]) <= TOL["tf32"]
+
+
+def test_float64_is_exact(backend):
+    if backend != "torch":
+        with pytest.raises(TypeError, match="float64"):
+            kk.quadratic_form(torch.randn(3, 4, dtype=torch.float64), spd(3, torch.float64), spd(4, torch.float64))
+        return
+    tau = torch.randn(7, 33, dtype=torch.float64, requires_grad=True)
+    B, A = spd(7, torch.float64), spd(33, torch.float64)
+    q = kk.quadratic_form(tau, B, A)
+    assert q.dtype == torch.float64
+    assert rel_err(q, definition(tau, B, A)[0]) <= TOL[torch.float64]
+
+
+def test_non_contiguous_and_transposed_inputs(backend):
+    base = torch.randn(40, 70)
+    tau = base[3:36, ::2].detach().requires_grad_()  # (33, 35), strided
+    B = spd(33).T  # transposed view of a symmetric matrix
+    A = torch.zeros(35, 70)
+    A[:, ::2] = spd(35)
+    A = A[:, ::2]  # (35, 35) with column stride 2
+    q = kk.quadratic_form(tau, B, A)
+    q.backward()
+    q_ref, g_ref = definition(tau, B, A)
+    assert rel_err(q, q_ref) <= TOL[torch.float32]
+    assert rel_err(tau.grad, g_ref) <= TOL[torch.float32]
+
+
+def test_many_layers_weighted(backend):
+    shapes = [(7, 33), (33, 7), (1, 130), (130, 1), (5, 5)]
+    taus = [torch.randn(s, requires_grad=True) for s in shapes]
+    Bs, As = [spd(o) for o, _ in shapes], [spd(i) for _, i in shapes]
+    w = torch.rand(len(shapes)).tolist()
+    q = kk.quadratic_forms(taus, Bs, As, weights=w)
+    q.backward()
+    refs = [definition(t, B, A) for t, B, A in zip(taus, Bs, As)]
+    assert rel_err(q, sum(wi * r[0] for wi, r in zip(w, refs))) <= TOL[torch.float32]
+    for t, wi, (_, g) in zip(taus, w, refs):
+        assert rel_err(t.grad, wi * g) <= TOL[torch.float32]
+
+
+def test_only_some_taus_need_grad(backend):
+    taus = [torch.randn(7, 5, requires_grad=True), torch.randn(6, 3)]
+    Bs, As = [spd(7), spd(6)], [spd(5), spd(3)]
+    kk.quadratic_forms(taus, Bs, As).backward()
+    assert taus[1].grad is None
+    assert rel_err(taus[0].grad, definition(taus[0], Bs[0], As[0])[1]) <= TOL[torch.float32]
+
+
+def test_grouped_launches(use_backend, monkeypatch):
+    """All layers of a model take one launch per stage, not one per layer."""
+    pytest.importorskip("triton")
+    use_backend("triton")
+    from kfac_kernels.triton_kernels import grouped_matmul
+
+    launches = []
+    real = grouped_matmul._launch
+    monkeypatch.setattr(grouped_matmul, "_launch", lambda group, device: launches.append(len(group)) or real(group, device))
+    shapes = [(9, 7), (7, 9), (9, 7), (11, 3), (3, 11), (6, 6)] * 2
+    taus = [torch.randn(s) for s in shapes]
+    kk.quadratic_forms(taus, [spd(o) for o, _ in shapes], [spd(i) for _, i in shapes])
+    assert launches == [len(shapes), len(shapes)]
+
+
+def test_empty_and_no_grad(backend):
+    tau = torch.randn(0, 5, requires_grad=True)
+    q = kk.quadratic_form(tau, torch.zeros(0, 0), spd(5))
+    q.backward()
+    assert q.item() == 0.0 and tau.grad.shape == (0, 5)
+    t, B, A = torch.randn(4, 3, requires_grad=True), spd(4), spd(3)
+    with torch.no_grad():
+        q = kk.quadratic_form(t, B, A)
+    assert not q.requires_grad
+    assert rel_err(q, definition(t, B, A)[0]) <= TOL[torch.float32]
+
+
+def test_nan_propagates(backend):
+    tau = torch.randn(7, 5)
+    B = spd(7)
+    B[2, 3] = B[3, 2] = float("nan")
+    assert math.isnan(kk.quadratic_form(tau, B, spd(5)).item())
+    tau[0, 0] = float("inf")
+    assert not math.isfinite(kk.quadratic_form(tau, spd(7), spd(5)).item())
+
+
+COMPRESSIONS = {
+    "blockdiag": lambda F: kk.BlockDiagonalFactor.from_dense(F, 4),
+    "lowrank": lambda F: kk.LowRankFactor.from_dense(F, rank=max(1, F.shape[0] // 3)),
+    "int8": kk.Int8Factor.from_dense,
+    "dense": lambda F: F,
+}
+
+
+@pytest.mark.parametrize("b_kind", list(COMPRESSIONS))
+@pytest.mark.parametrize("a_kind", list(COMPRESSIONS))
+def test_compressed_factors(backend, b_kind, a_kind):
+    tau = torch.randn(33, 13, requires_grad=True)
+    B, A = COMPRESSIONS[b_kind](spd(33)), COMPRESSIONS[a_kind](spd(13))
+    q = kk.quadratic_form(tau, B, A)
+    q.backward()
+    q_ref, g_ref = definition(tau, B, A)  # the dense matrix the compressed factor stands for
+    assert rel_err(q, q_ref) <= TOL[torch.float32]
+    assert rel_err(tau.grad, g_ref) <= TOL[torch.float32]
+
+
+def test_compressed_factors_approximate_the_dense_ones():
+    F = spd(130)
+    assert torch.equal(kk.BlockDiagonalFactor.from_dense(F, 1).to_dense(), F)
+    assert rel_err(kk.LowRankFactor.from_dense(F, rank=130).to_dense(), F) < 1e-5
+    assert rel_err(kk.Int8Factor.from_dense(F).to_dense(), F) < 2e-2
+    q8 = kk.Int8Factor.from_dense(F)
+    assert torch.equal(q8.q, q8.q.T) and q8.q.abs().max() <= 127
+    bd = kk.BlockDiagonalFactor.from_dense(F, 8)
+    assert bd.nbytes < F.nbytes / 4 and torch.equal(bd.to_dense(), bd.to_dense().T)
+
+
+@pytest.mark.parametrize("shape,ranks", [((1, 1), (1, 1)), ((7, 33), (7, 33)), ((33, 7), (5, 3)), ((130, 33), (17, 33))])
+def test_eigen_quadratic_form(backend, shape, ranks):
+    o, i = shape
+    tau = torch.randn(shape, requires_grad=True)
+    U_B = torch.linalg.qr(torch.randn(o, o))[0][:, : ranks[0]]
+    U_A = torch.linalg.qr(torch.randn(i, i))[0][:, : ranks[1]]
+    S = torch.rand(ranks)
+    q = kk.eigen_quadratic_form(tau, U_B, U_A, S)
+    q.backward()
+    t64 = tau.detach().double().requires_grad_()
+    M = U_B.double().T @ t64 @ U_A.double()
+    ref = (S.double() * M**2).sum()
+    ref.backward()
+    assert rel_err(q, ref) <= TOL[torch.float32]
+    assert rel_err(tau.grad, t64.grad) <= TOL[torch.float32]
+
+
+def test_eigen_form_with_full_basis_equals_kfac_form(backend):
+    """With S = λ_B λ_Aᵀ and full eigenbases, EK-FAC reduces to KFAC: Σ S ⊙ (U_Bᵀ τ U_A)² = vec τᵀ (B⊗A) vec τ."""
+    B, A, tau = spd(7), spd(33), torch.randn(7, 33)
+    lb, UB = torch.linalg.eigh(B)
+    la, UA = torch.linalg.eigh(A)
+    q = kk.eigen_quadratic_form(tau, UB, UA, lb[:, None] * la[None, :])
+    assert rel_err(q, definition(tau, B, A)[0]) <= 1e-4
+
+
+def test_eigen_forms_many_layers(backend):
+    shapes = [(7, 5), (4, 9), (1, 1)]
+    taus = [torch.randn(s, requires_grad=True) for s in shapes]
+    UBs = [torch.linalg.qr(torch.randn(o, o))[0] for o, _ in shapes]
+    UAs = [torch.linalg.qr(torch.randn(i, i))[0] for _, i in shapes]
+    Ss = [torch.rand(s) for s in shapes]
+    q = kk.eigen_quadratic_forms(taus, UBs, UAs, Ss, weights=[1.0, 0.5, 2.0])
+    ref = sum(w * (S.double() * (UB.double().T @ t.detach().double() @ UA.double()) ** 2).sum()
+              for w, t, UB, UA, S in zip([1.0, 0.5, 2.0], taus, UBs, UAs, Ss))
+    assert rel_err(q, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda: (torch.randn(3, 4), spd(4), spd(4)), r"tau of shape \(3, 4\) needs B of size 3"),
+    (lambda: (torch.randn(3, 4), spd(3), torch.randn(4, 5)), r"A must be a square matrix, got shape \(4, 5\)"),
+    (lambda: (torch.randn(3), spd(3), spd(3)), r"tau must be 2-D, got shape \(3,\)"),
+    (lambda: (torch.ones(3, 4, dtype=torch.int64), spd(3), spd(4)), r"tau must have dtype"),
+    (lambda: ([[1.0]], spd(1), spd(1)), r"tau must be a torch.Tensor, got list"),
+    (lambda: (torch.randn(3, 4), spd(3).requires_grad_(), spd(4)), r"B requires grad"),
+    (lambda: (torch.randn(3, 4), spd(3).to(torch.float16), spd(4).bfloat16()), r"cannot mix bfloat16 and float16"),
+])
+def test_bad_input(backend, args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        kk.quadratic_form(*args())
+
+
+def test_bad_lists():
+    with pytest.raises(ValueError, match="lengths"):
+        kk.quadratic_forms([torch.randn(2, 2)], [spd(2)], [])
+    with pytest.raises(ValueError, match="at least one layer"):
+        kk.quadratic_forms([], [], [])
+    with pytest.raises(ValueError, match=r"weights has 1 entries for 2 layers"):
+        kk.quadratic_forms([torch.randn(2, 2)] * 2, [spd(2)] * 2, [spd(2)] * 2, weights=[1.0])
+    with pytest.raises(ValueError, match=r"tau\[1\] of shape \(2, 3\) needs B\[1\] of size 2"):
+        kk.quadratic_forms([torch.randn(2, 2), torch.randn(2, 3)], [spd(2)] * 2, [spd(2)] * 2)
+    with pytest.raises(ValueError, match=r"S \(5, 5\) do not fit"):
+        kk.eigen_quadratic_form(torch.randn(3, 4), torch.eye(3), torch.eye(4), torch.rand(5, 5))
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("KFAC_KERNELS_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="KFAC_KERNELS_BACKEND='cudnn'"):
+        kk.quadratic_form(torch.randn(2, 2), spd(2), spd(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,dtype,tol", [("highest", torch.float32, 1e-5), ("high", torch.float32, 1e-3),
+                                                  ("highest", torch.bfloat16, 2e-2)])
+def test_gpu_vit_layer_shapes(precision, dtype, tol):
+    """The Triton kernels on a GPU at real layer shapes, all four ViT-B linear shapes in one call."""
+    torch.set_float32_matmul_precision(precision)
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+    taus = [(0.01 * torch.randn(s, device="cuda")).to(dtype).requires_grad_() for s in shapes]
+    Bs = [spd(o).to(dtype).cuda() for o, _ in shapes]
+    As = [spd(i).to(dtype).cuda() for _, i in shapes]
+    q = kk.quadratic_forms(taus, Bs, As)
+    q.backward()
+    refs = [definition(t.cpu(), B.cpu(), A.cpu()) for t, B, A in zip(taus, Bs, As)]
+    assert rel_err(q, sum(r[0] for r in refs)) <= tol
+    for t, (_, g) in zip(taus, refs):
+        assert rel_err(t.grad, g) <= tol

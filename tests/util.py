@@ -1,0 +1,14 @@
+"""Helpers shared by the tests."""
+import torch
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64 (0 when both are 0)."""
+    x, ref = x.double().cpu(), ref.double().cpu()
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+# Tolerances on rel_err by compute dtype: IEEE fp32, tf32, bf16 and fp16 operands.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, "tf32": 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
