@@ -1,5 +1,8 @@
 """Quadratic forms against their float64 definitions: vec(τ)ᵀ(B⊗A)vec(τ) and Σ S ⊙ (U_Bᵀ τ U_A)²."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch
 import kfac_kernels as kk
 from tests.util import TOL, rel_err
 
-SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (130, 33), (33, 130)]
+SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (130, 33), (33, 130), (32, 48), (48, 96)]
 
 
 def spd(n, dtype=torch.float32):
@@ -264,6 +267,40 @@ def test_bad_backend_name(monkeypatch):
     monkeypatch.setenv("KFAC_KERNELS_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="KFAC_KERNELS_BACKEND='cudnn'"):
         kk.quadratic_form(torch.randn(2, 2), spd(2), spd(2))
+
+
+_PTX_PROBE = """
+import sys, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kfac_kernels.triton_kernels import grouped_matmul as gm
+consts = dict(X_DTYPE=tl.bfloat16, F_DTYPE=tl.bfloat16, Y_DTYPE=tl.bfloat16, T_DTYPE=tl.float32,
+              X_LAYOUT=int(sys.argv[1]), F_LAYOUT=int(sys.argv[1]), Y_LAYOUT=int(sys.argv[1]), T_LAYOUT=int(sys.argv[1]),
+              NFIELDS=gm.NFIELDS, HAS_KSCALE=False, HAS_NSCALE=False, WRITE_Y=True, TIMES_T=False, REDUCE="dot",
+              DOT="bf16", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+sig = {"table": "*i64", "tile_job": "*i32", "tile_first": "*i32", "scales": "*fp32", "partials": "*fp32"}
+src = ASTSource(fn=gm._grouped_matmul_kernel, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"])
+"""
+
+
+def test_aligned_layouts_compile_to_vector_copies():
+    """Aligned, unit-stride operands are specialized so the sm_90 code uses 16-byte asynchronous copies
+    and vector stores (PTX compiled offline in a process without the interpreter: no GPU needed)."""
+    pytest.importorskip("triton")
+    from kfac_kernels.triton_kernels import grouped_matmul as gm
+
+    assert gm.layout(torch.empty(64, 48)) == 1 and gm.layout(torch.empty(48, 64).T) == 2
+    assert gm.layout(torch.empty(64, 47)) == 0 and gm.layout(torch.empty(64, 48)[:, 1:17]) == 0
+
+    def ptx(layout):
+        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+        return subprocess.run([sys.executable, "-c", _PTX_PROBE, str(layout)], env=env, check=True,
+                              capture_output=True, text=True).stdout
+
+    aligned, general = ptx(1), ptx(0)
+    assert "cp.async" in aligned and "st.global.v4" in aligned
+    assert "cp.async" not in general  # any-stride operands: element-wise loads, the case the layouts avoid
 
 
 @pytest.mark.gpu

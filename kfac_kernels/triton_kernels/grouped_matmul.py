@@ -29,6 +29,7 @@ from .common import TL_DTYPES, dot_acc
 def _grouped_matmul_kernel(
     table, tile_job, tile_first, scales, partials,
     X_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
+    X_LAYOUT: tl.constexpr, F_LAYOUT: tl.constexpr, Y_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr,
     NFIELDS: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_NSCALE: tl.constexpr,
     WRITE_Y: tl.constexpr, TIMES_T: tl.constexpr, REDUCE: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -40,6 +41,13 @@ def _grouped_matmul_kernel(
     n_size = tl.load(row + 1)
     k_size = tl.load(row + 2)
     tiles_n = tl.load(row + 17)
+    # The layouts promise that extents along unit strides are multiples of 16: say so, for vector loads.
+    if X_LAYOUT == 1 or F_LAYOUT == 2:
+        k_size = tl.multiple_of(k_size, 16)
+    if X_LAYOUT == 2 or Y_LAYOUT == 2 or T_LAYOUT == 2:
+        m_size = tl.multiple_of(m_size, 16)
+    if F_LAYOUT == 1 or Y_LAYOUT == 1 or T_LAYOUT == 1:
+        n_size = tl.multiple_of(n_size, 16)
     local = pid - tl.load(tile_first + job)
     rm = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,19 +55,29 @@ def _grouped_matmul_kernel(
     m_ok = rm < m_size
     n_ok = rn < n_size
 
+    # Each operand's LAYOUT (see ``layout``) is spelled out inline: the compiler's alignment hints
+    # do not survive a call into a helper function.
     x_ptr = tl.load(row + 3).to(tl.pointer_type(X_DTYPE))
     x_sm = tl.load(row + 4)
     x_sk = tl.load(row + 5)
+    if X_LAYOUT == 1:
+        x_ptr, x_sm, x_sk = tl.multiple_of(x_ptr, 16), tl.multiple_of(x_sm, 16), 1
+    elif X_LAYOUT == 2:
+        x_ptr, x_sm, x_sk = tl.multiple_of(x_ptr, 16), 1, tl.multiple_of(x_sk, 16)
     f_ptr = tl.load(row + 6).to(tl.pointer_type(F_DTYPE))
     f_sk = tl.load(row + 7)
     f_sn = tl.load(row + 8)
+    if F_LAYOUT == 1:
+        f_ptr, f_sk, f_sn = tl.multiple_of(f_ptr, 16), tl.multiple_of(f_sk, 16), 1
+    elif F_LAYOUT == 2:
+        f_ptr, f_sk, f_sn = tl.multiple_of(f_ptr, 16), 1, tl.multiple_of(f_sn, 16)
     kscale_ptr = tl.load(row + 15).to(tl.pointer_type(tl.float32))
     x_ptrs = x_ptr + rm[:, None] * x_sm + rk[None, :] * x_sk
     f_ptrs = f_ptr + rk[:, None] * f_sk + rn[None, :] * f_sn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_size, BLOCK_K):
-        k_ok = (k0 + rk) < k_size
+        k_ok = rk < k_size - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         f = tl.load(f_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
         if HAS_KSCALE:
@@ -75,8 +93,13 @@ def _grouped_matmul_kernel(
     out_ok = m_ok[:, None] & n_ok[None, :]
     if REDUCE != "none" or TIMES_T:
         t_ptr = tl.load(row + 12).to(tl.pointer_type(T_DTYPE))
-        t = tl.load(t_ptr + rm[:, None] * tl.load(row + 13) + rn[None, :] * tl.load(row + 14),
-                    mask=out_ok, other=0.0).to(tl.float32)
+        t_sm = tl.load(row + 13)
+        t_sn = tl.load(row + 14)
+        if T_LAYOUT == 1:
+            t_ptr, t_sm, t_sn = tl.multiple_of(t_ptr, 16), tl.multiple_of(t_sm, 16), 1
+        elif T_LAYOUT == 2:
+            t_ptr, t_sm, t_sn = tl.multiple_of(t_ptr, 16), 1, tl.multiple_of(t_sn, 16)
+        t = tl.load(t_ptr + rm[:, None] * t_sm + rn[None, :] * t_sn, mask=out_ok, other=0.0).to(tl.float32)
     if REDUCE == "dot":
         tl.store(partials + pid, tl.load(scales + 2 * job) * tl.sum(t * acc))
     elif REDUCE == "sqdot":
@@ -86,8 +109,13 @@ def _grouped_matmul_kernel(
         if TIMES_T:
             y = y * t
         y_ptr = tl.load(row + 9).to(tl.pointer_type(Y_DTYPE))
-        tl.store(y_ptr + rm[:, None] * tl.load(row + 10) + rn[None, :] * tl.load(row + 11),
-                 y.to(Y_DTYPE), mask=out_ok)
+        y_sm = tl.load(row + 10)
+        y_sn = tl.load(row + 11)
+        if Y_LAYOUT == 1:
+            y_ptr, y_sm, y_sn = tl.multiple_of(y_ptr, 16), tl.multiple_of(y_sm, 16), 1
+        elif Y_LAYOUT == 2:
+            y_ptr, y_sm, y_sn = tl.multiple_of(y_ptr, 16), 1, tl.multiple_of(y_sn, 16)
+        tl.store(y_ptr + rm[:, None] * y_sm + rn[None, :] * y_sn, y.to(Y_DTYPE), mask=out_ok)
 
 
 @dataclass
@@ -109,9 +137,24 @@ class Job:
     dot: str = "ieee"
 
     def kind(self) -> tuple:
-        return (self.dot, self.X.dtype, self.F.dtype, None if self.Y is None else self.Y.dtype,
+        return (self.dot, *(layout(t) for t in (self.X, self.F, self.Y, self.T)), self.X.dtype, self.F.dtype, None if self.Y is None else self.Y.dtype,
                 None if self.T is None else self.T.dtype, self.kscale is not None, self.nscale is not None,
                 self.Y is not None, self.times_t, self.reduce)
+
+
+def layout(t: torch.Tensor | None) -> int:
+    """LAYOUT of a 2-D view for the kernel: 1 if stride 1 = 1 and stride 0, the address and the extent
+    of dim 1 are multiples of 16 elements; 2 the same with the dims swapped; 0 any strides. Knowing
+    the unit stride and the alignment lets the compiler issue 16-byte asynchronous copies."""
+    if t is None:
+        return 0
+    (n0, n1), (s0, s1) = t.shape, t.stride()
+    aligned = t.data_ptr() % (16 * t.element_size()) == 0
+    if s1 == 1 and s0 % 16 == 0 and n1 % 16 == 0 and aligned:
+        return 1
+    if s0 == 1 and s1 % 16 == 0 and n0 % 16 == 0 and aligned:
+        return 2
+    return 0
 
 
 def _tiles(dot: str) -> tuple[int, int, int, int, int]:
@@ -172,6 +215,7 @@ def _launch(group: list[Job], device) -> torch.Tensor:
         X_DTYPE=TL_DTYPES[j.X.dtype], F_DTYPE=TL_DTYPES[j.F.dtype],
         Y_DTYPE=TL_DTYPES[j.Y.dtype] if j.Y is not None else tl.float32,
         T_DTYPE=TL_DTYPES[j.T.dtype] if j.T is not None else tl.float32,
+        X_LAYOUT=layout(j.X), F_LAYOUT=layout(j.F), Y_LAYOUT=layout(j.Y), T_LAYOUT=layout(j.T),
         NFIELDS=NFIELDS, HAS_KSCALE=j.kscale is not None, HAS_NSCALE=j.nscale is not None,
         WRITE_Y=j.Y is not None, TIMES_T=j.times_t, REDUCE=j.reduce, DOT=j.dot,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,

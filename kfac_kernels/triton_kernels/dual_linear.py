@@ -1,0 +1,155 @@
+"""Triton kernels of ``dual_linear``: the fused primal + tangent forward and the backward GEMMs.
+
+``forward``: y = x Wᵀ + b, dy = dx Wᵀ + x dWᵀ + db for x, dx (M, K) and W, dW (N, K). Each program
+owns one (BLOCK_M, BLOCK_N) tile of both outputs: per K step it loads the tiles of x, dx, W, dW once
+and feeds two fp32 accumulators; the epilogue adds the biases and stores y and dy.
+``matmul``: C = Σ_i A_i B_i over one or two products (A_i (M, K), B_i (K, N)) in one fp32 accumulator.
+Both are stride-generic (transposed views cost nothing) and multiply tiles as ``common.dot_mode``
+says for the compute dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreting
+from .common import dot_acc, dot_mode
+
+
+def _launch_config(*operands):
+    """Tile sizes and launch options: GPU-sized, or small ones for the CPU interpreter.
+
+    Four operand tiles are staged per K step, 32 KiB per stage and operand byte: 3 stages of 16-bit
+    tiles (96 KiB of shared memory), 2 of 32-bit ones (128 KiB, within an A100's 164 KiB), 1 of 64-bit.
+    """
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+    size = max(t.element_size() for t in operands)
+    stages = 3 if size <= 2 else 2 if size == 4 else 1
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=stages)
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets (int64) of this program's output tile, grouped along M for L2 reuse."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_m
+    pid_n = (pid % (GROUP_M * grid_n)) // group_m
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, dx_ptr, w_ptr, dw_ptr, b_ptr, db_ptr, y_ptr, dy_ptr, M, N, K,
+    s_xm, s_xk, s_dxm, s_dxk, s_wn, s_wk, s_dwn, s_dwk, s_b, s_db, s_ym, s_yn, s_dym, s_dyn,
+    HAS_B: tl.constexpr, HAS_DB: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    rm, rn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk
+    dx_ptrs = dx_ptr + rm[:, None] * s_dxm + rk[None, :] * s_dxk
+    w_ptrs = w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn  # a (BLOCK_K, BLOCK_N) tile of Wᵀ
+    dw_ptrs = dw_ptr + rk[:, None] * s_dwk + rn[None, :] * s_dwn
+    acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_dy = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a_mask = (rm[:, None] < M) & (rk[None, :] < k_left)
+        b_mask = (rk[:, None] < k_left) & (rn[None, :] < N)
+        x = tl.load(x_ptrs, mask=a_mask, other=0.0)
+        dx = tl.load(dx_ptrs, mask=a_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=b_mask, other=0.0)
+        dw = tl.load(dw_ptrs, mask=b_mask, other=0.0)
+        acc_y = dot_acc(x, w, acc_y, DOT)
+        acc_dy = dot_acc(dx, w, acc_dy, DOT)
+        acc_dy = dot_acc(x, dw, acc_dy, DOT)
+        x_ptrs += BLOCK_K * s_xk
+        dx_ptrs += BLOCK_K * s_dxk
+        w_ptrs += BLOCK_K * s_wk
+        dw_ptrs += BLOCK_K * s_dwk
+    if HAS_B:
+        acc_y += tl.load(b_ptr + rn * s_b, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_DB:
+        acc_dy += tl.load(db_ptr + rn * s_db, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn, acc_y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_ptr + rm[:, None] * s_dym + rn[None, :] * s_dyn, acc_dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _matmul_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, c_ptr, M, N, K,
+    s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2k, s_b2k, s_b2n, s_cm, s_cn,
+    TWO: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    rm, rn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rk = tl.arange(0, BLOCK_K)
+    a1_ptrs = a1_ptr + rm[:, None] * s_a1m + rk[None, :] * s_a1k
+    b1_ptrs = b1_ptr + rk[:, None] * s_b1k + rn[None, :] * s_b1n
+    a2_ptrs = a2_ptr + rm[:, None] * s_a2m + rk[None, :] * s_a2k
+    b2_ptrs = b2_ptr + rk[:, None] * s_b2k + rn[None, :] * s_b2n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a_mask = (rm[:, None] < M) & (rk[None, :] < k_left)
+        b_mask = (rk[:, None] < k_left) & (rn[None, :] < N)
+        a1 = tl.load(a1_ptrs, mask=a_mask, other=0.0)
+        b1 = tl.load(b1_ptrs, mask=b_mask, other=0.0)
+        acc = dot_acc(a1, b1, acc, DOT)
+        a1_ptrs += BLOCK_K * s_a1k
+        b1_ptrs += BLOCK_K * s_b1k
+        if TWO:
+            a2 = tl.load(a2_ptrs, mask=a_mask, other=0.0)
+            b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
+            acc = dot_acc(a2, b2, acc, DOT)
+            a2_ptrs += BLOCK_K * s_a2k
+            b2_ptrs += BLOCK_K * s_b2k
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(M, N, cfg):
+    return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+
+def forward(x, dx, w, dw, b, db, ct: torch.dtype):
+    """(y, dy) in ``ct``: x, dx (M, K); w, dw (N, K); b, db (N,) or None."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = x.new_empty((M, N), dtype=ct)
+    dy = x.new_empty((M, N), dtype=ct)
+    if y.numel() == 0:
+        return y, dy
+    cfg = _launch_config(x, dx, w, dw)
+    _forward_kernel[_grid(M, N, cfg)](
+        x, dx, w, dw, y if b is None else b, y if db is None else db, y, dy, M, N, K,
+        *x.stride(), *dx.stride(), *w.stride(), *dw.stride(),
+        0 if b is None else b.stride(0), 0 if db is None else db.stride(0), *y.stride(), *dy.stride(),
+        HAS_B=b is not None, HAS_DB=db is not None, DOT=dot_mode(ct), **cfg,
+    )
+    return y, dy
+
+
+def matmul(pairs, ct: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """Σ a @ b over the one or two (a (M, K), b (K, N)) in ``pairs``, multiplied in ``ct``."""
+    (a1, b1), *rest = pairs
+    a2, b2 = rest[0] if rest else (a1, b1)
+    M, K = a1.shape
+    N = b1.shape[1]
+    c = a1.new_empty((M, N), dtype=out_dtype)
+    if c.numel() == 0:
+        return c
+    cfg = _launch_config(a1, b1, a2, b2)
+    _matmul_kernel[_grid(M, N, cfg)](
+        a1, b1, a2, b2, c, M, N, K,
+        *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *c.stride(),
+        TWO=bool(rest), DOT=dot_mode(ct), **cfg,
+    )
+    return c
