@@ -244,6 +244,8 @@ def test_eigen_forms_many_layers(backend):
     (lambda: ([[1.0]], spd(1), spd(1)), r"tau must be a torch.Tensor, got list"),
     (lambda: (torch.randn(3, 4), spd(3).requires_grad_(), spd(4)), r"B requires grad"),
     (lambda: (torch.randn(3, 4), spd(3).to(torch.float16), spd(4).bfloat16()), r"cannot mix bfloat16 and float16"),
+    (lambda: (torch.randn(3, 4), spd(3).to("meta"), spd(4)), r"one device, got tau on cpu, B on meta, A on cpu"),
+    (lambda: (torch.randn(3, 4), kk.LowRankFactor(torch.randn(3, 2), torch.rand(3)), spd(4)), r"needs 2 eigenvalues"),
 ])
 def test_bad_input(backend, args, match):
     with pytest.raises((ValueError, TypeError), match=match):
