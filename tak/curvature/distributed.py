@@ -1,0 +1,27 @@
+"""Fitting over ``torch.distributed``: each rank accumulates sums over its shard of the batches, then one
+all-reduce adds the sums and counts, so every rank ends with the factors of all the data."""
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_rank() -> bool:
+    """True on rank 0, or without torch.distributed: the process that writes files."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def all_reduce_sums(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor becomes its sum over ranks (no-op without torch.distributed).
+
+    One flat buffer, one all-reduce, in the dtype of the first tensor."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -1,0 +1,204 @@
+"""KFAC factors of a model's Jacobian Gramian, fitted in one forward and one output-only backward per batch.
+
+For a linear layer z = a Wᵀ + b with input a and pseudo-gradient g = (J_z f)ᵀ s at its output
+(s ~ N(0, I_C), M samples averaged; or s = e_c, c = 1..C, summed, when ``exact``):
+
+    tokens="expand":  A = 1/(N·T) Σ_{n,t} ã ãᵀ,   B = 1/N Σ_{n,t} g gᵀ
+    tokens="reduce":  A = 1/N Σ_n ā āᵀ (ā: token mean), B = 1/N Σ_n ĝ ĝᵀ (ĝ: token sum)
+
+ã = [a, 1] when the layer has a bias (A is (d_in+1)²). Padding tokens (Hugging Face attention
+masks) are left out; N counts examples, T real tokens. The layer's GGN block is ≈ B ⊗ A for the
+row-major vec of [W | b] (DESIGN.md conventions).
+"""
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import kfac_kernels as kk
+
+from ..io import architecture_fingerprint
+from .capture import Capture
+from .distributed import all_reduce_sums
+from .layers import Layer, find_layers
+from .outputs import default_output_fn, to_device
+from .tokens import BatchTokens, probes, token_mean, token_sum
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """B (d_out × d_out) and A (d_in[+1] × d_in[+1]) of one layer, dense or compressed, and the
+    parameters [W | b] they belong to."""
+
+    A: object
+    B: object
+    weight: str
+    bias: str | None
+
+    def block(self, taus: dict, name: str):
+        """This layer's task-vector block from ``taus`` (by layer name, or by parameter names), or None."""
+        if name in taus:
+            return taus[name]
+        if self.weight not in taus:
+            return None
+        W = taus[self.weight]
+        if self.bias is None:
+            return W
+        b = taus.get(self.bias)
+        return torch.cat([W, (torch.zeros_like(W[:, :1]) if b is None else b[:, None].to(W.dtype))], dim=1)
+
+
+class KFAC(Mapping):
+    """Per-layer Kronecker factors ``f[name].A``, ``f[name].B`` and the metadata that says how they
+    were made (``f.meta``)."""
+
+    def __init__(self, factors: dict[str, LayerFactors], meta: dict):
+        self.factors, self.meta = dict(factors), dict(meta)
+
+    def __getitem__(self, name: str) -> LayerFactors:
+        return self.factors[name]
+
+    def __iter__(self):
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} layers, tokens={self.meta.get('tokens')}, N={self.meta.get('n_examples')})"
+
+    def quadratic_form(self, taus: dict, weights=None) -> torch.Tensor:
+        """Σ_l w_l vec(τ_l)ᵀ (B_l ⊗ A_l) vec(τ_l) over the layers found in ``taus`` (keyed by layer name
+        with blocks [W | b], or by parameter name as ``tak.linearize(...).task_vector()`` gives them),
+        in one ``kfac_kernels.quadratic_forms`` call; differentiable in τ. ``weights``: {layer: w}."""
+        names, blocks = [], []
+        for name, lf in self.factors.items():
+            block = lf.block(taus, name)
+            if block is not None:
+                names.append(name)
+                blocks.append(block)
+        if not names:
+            raise ValueError(f"quadratic_form: taus names none of the {len(self)} factored layers "
+                             f"(e.g. {next(iter(self.factors))!r} or its parameter {next(iter(self.factors.values())).weight!r})")
+        w = None if weights is None else [float(weights.get(n, 1.0)) for n in names]
+        return kk.quadratic_forms(blocks, [self.factors[n].B for n in names], [self.factors[n].A for n in names], weights=w)
+
+    def to(self, device=None, dtype=None) -> "KFAC":
+        """A copy with dense factors moved/cast (compressed ones are moved)."""
+        def move(F):
+            if isinstance(F, torch.Tensor):
+                return F.to(device=device, dtype=dtype)
+            return F.to(device) if device is not None else F
+        return type(self)({n: replace(lf, A=move(lf.A), B=move(lf.B)) for n, lf in self.factors.items()}, self.meta)
+
+    def save(self, path) -> None:
+        """Write safetensors + JSON metadata atomically (see ``tak.curvature.storage``)."""
+        from .storage import save
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, model: nn.Module | None = None, device=None) -> "KFAC":
+        """Read a file written by ``save``; with ``model``, refuse factors of another architecture."""
+        from .storage import load
+        obj = load(path, model=model, device=device)
+        if not isinstance(obj, cls):
+            raise ValueError(f"{path}: holds {type(obj).__name__} factors, not {cls.__name__}")
+        return obj
+
+
+class _Accumulator:
+    """Sums of ã ãᵀ and g gᵀ per layer (fp32, on the model's device), with their row counts."""
+
+    def __init__(self, layers: dict[str, Layer], tokens: str, device):
+        self.layers, self.tokens = layers, tokens
+        self.A = {n: torch.zeros(l.d_in + (l.bias is not None), l.d_in + (l.bias is not None), device=device)
+                  for n, l in layers.items()}
+        self.B = {n: torch.zeros(l.d_out, l.d_out, device=device) for n, l in layers.items()}
+        self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+
+    def on_input(self, layer: Layer, a: torch.Tensor):
+        a, mask = self.batch.view(a.detach())
+        if a.dim() == 3 and self.tokens == "reduce":
+            a, mask = token_mean(a, mask), None
+        kk.covariance_update_(self.A[layer.name], a, mask=mask, append_ones=layer.bias is not None)
+        self.rows[layer.name] += a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
+
+    def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0):
+        """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them."""
+        views = [self.batch.view(gi) for gi in (g.detach().unbind(0) if samples else [g.detach()])]
+        mask = views[0][1]
+        if views[0][0].dim() == 3 and self.tokens == "reduce":
+            views, mask = [(token_sum(gi, mask), None) for gi, _ in views], None
+        rows = views[0][0] if len(views) == 1 else torch.cat([gi for gi, _ in views])
+        kk.covariance_update_(self.B[layer.name], rows, mask=None if mask is None else mask.repeat(len(views), 1))
+
+
+def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, exact: bool = False,
+             tokens: str = "expand", layers=None, probe_chunk: int = 16, seed: int = 0,
+             progress: bool = True) -> KFAC:
+    """KFAC factors (fp32) of the Jacobian Gramian of ``output_fn(model, batch)`` for the linear layers
+    of ``model`` (all, or those ``layers`` selects; see ``find_layers``) over ``batches`` (tensors, or
+    dicts for Hugging Face models). One forward per batch feeds A; one backward that reaches only the
+    layer outputs feeds B (M > 1 samples or exact probes: batched backwards of ``probe_chunk``
+    cotangents each). The model runs in eval mode; its parameters are untouched."""
+    if tokens not in ("expand", "reduce"):
+        raise ValueError(f"tokens must be 'expand' or 'reduce', got {tokens!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+    found = find_layers(model, layers)
+    output_fn = output_fn or default_output_fn(model)
+    device = next(model.parameters()).device
+    acc = _Accumulator(found, tokens, device)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), Capture(found, acc.on_input, acc.on_grad) as cap:
+            for batch in tqdm(batches, desc="KFAC factors", disable=not progress, leave=False):
+                batch = to_device(batch, device)
+                acc.batch = BatchTokens(batch)
+                cap.clear()
+                f = output_fn(model, batch)
+                S = probes(f, mc_samples, exact, generator, acc.batch.first_mask())
+                if len(S) == 1:
+                    cap.backward(f, S[0])
+                else:
+                    for i in range(0, len(S), probe_chunk):
+                        chunk = S[i:i + probe_chunk]
+                        grads = cap.batched_grads(f, chunk, retain_graph=i + probe_chunk < len(S))
+                        for name, gs in grads.items():
+                            for g in gs:
+                                acc.on_grad(found[name], g, samples=len(chunk))
+                acc.n += acc.batch.n
+    finally:
+        model.train(was_training)
+    return _finish(acc, found, model, tokens=tokens, mc_samples=mc_samples, exact=exact)
+
+
+def _finish(acc: _Accumulator, found, model, **how) -> KFAC:
+    """Sums over all ranks, normalized as the module docstring says."""
+    all_reduce_sums([*acc.A.values(), *acc.B.values()])
+    counts = torch.stack([acc.n, *acc.rows.values()])
+    all_reduce_sums([counts])
+    n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
+    if n == 0:
+        raise ValueError("fit_kfac: batches is empty")
+    probes = 1 if how["exact"] else how["mc_samples"]
+    factors = {name: LayerFactors(A=acc.A[name] / max(rows[name], 1.0), B=acc.B[name] / (n * probes),
+                                  weight=layer.weight, bias=layer.bias)
+               for name, layer in found.items()}
+    meta = {
+        "kind": "kfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
+        "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"],
+        "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
+        "scale": "A = sum(a a^T)/rows; B = sum(g g^T)/(N * probes), probes = mc_samples (1 if exact)",
+        "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in}
+                   for name, l in found.items()},
+        "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
+    }
+    return KFAC(factors, meta)

@@ -1,0 +1,63 @@
+"""The linear maps of a model that get Kronecker factors.
+
+Every ``nn.Linear`` (including ``nn.MultiheadAttention.out_proj``), and the fused q/k/v input
+projection of a self-attention ``nn.MultiheadAttention`` (open_clip's attention): z = x W_inᵀ + b_in
+with W_in = ``in_proj_weight`` (3d × d). The projection is treated as ONE linear layer named
+``<module>.in_proj``: its B (3d × 3d) keeps the cross-covariances of the q, k and v gradients.
+"""
+import fnmatch
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Layer:
+    """z = a Wᵀ + b with W (d_out, d_in) the model parameter ``weight`` and b the parameter ``bias``."""
+
+    name: str
+    module: nn.Module
+    weight: str
+    bias: str | None
+    d_out: int
+    d_in: int
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """Shape of the task-vector block [W | b]: (d_out, d_in + 1 with a bias)."""
+        return self.d_out, self.d_in + (self.bias is not None)
+
+
+def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
+    """The model's linear layers, in module order; ``layers`` selects by name or glob pattern
+    (a string or a list of them) or by a predicate ``layers(name) -> bool``."""
+    found = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, nn.Linear):
+            found[path] = Layer(path, module, prefix + "weight", prefix + "bias" if module.bias is not None else None,
+                                module.out_features, module.in_features)
+        elif isinstance(module, nn.MultiheadAttention):
+            if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+                warnings.warn(f"{path}: nn.MultiheadAttention with separate q/k/v weights, bias_k/bias_v or "
+                              "add_zero_attn gets no Kronecker factors for its input projection", stacklevel=2)
+                continue
+            name = prefix + "in_proj"
+            found[name] = Layer(name, module, prefix + "in_proj_weight",
+                                prefix + "in_proj_bias" if module.in_proj_bias is not None else None,
+                                3 * module.embed_dim, module.embed_dim)
+    if layers is None:
+        selected = found
+    elif callable(layers):
+        selected = {n: layer for n, layer in found.items() if layers(n)}
+    else:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in found):
+                raise ValueError(f"layers: {p!r} matches no linear layer of the model; it has {list(found)[:8]}"
+                                 + (" ..." if len(found) > 8 else ""))
+        selected = {n: layer for n, layer in found.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not selected:
+        raise ValueError(f"layers: no linear layer selected among the model's {len(found)}")
+    return selected

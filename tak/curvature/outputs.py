@@ -1,0 +1,81 @@
+"""The feature output f whose Jacobian Gramian the factors approximate, and how batches reach a model.
+
+Defaults (``default_output_fn``):
+- open_clip CLIP (has ``encode_image``): the image embedding, unnormalized, (N, D).
+- Hugging Face encoder-decoders (T5): the decoder's last hidden state at the first decoder position,
+  (N, d) — the state that predicts the label token in text-to-text classification.
+- Hugging Face encoders (BERT, MiniLM): the sentence embedding, the mean of the last hidden states
+  over real (unpadded) tokens, (N, d).
+- Any other module: ``model(batch)``, (N, C) or (N, T, C).
+"""
+import torch
+from torch import nn
+
+
+def to_device(batch, device):
+    """A batch (tensor, dict or tuple of tensors) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def call(model: nn.Module, batch):
+    """``model`` applied to a batch: dicts as keyword arguments, tuples as positional ones."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    return model(batch)
+
+
+def batch_size(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, dict) else batch
+    return next(batch_size(v) for v in values if isinstance(v, (torch.Tensor, dict, list, tuple)))
+
+
+def token_masks(batch) -> dict[int, torch.Tensor]:
+    """{sequence length: (N, T) bool mask of real tokens} from a Hugging Face batch's attention masks."""
+    if not isinstance(batch, dict):
+        return {}
+    masks = {}
+    for key in ("attention_mask", "decoder_attention_mask"):
+        if batch.get(key) is not None:
+            m = batch[key].bool()
+            masks.setdefault(m.shape[1], m)
+    return masks
+
+
+def _mean_over_tokens(hidden, mask):
+    if mask is None:
+        return hidden.mean(1)
+    w = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+def default_output_fn(model: nn.Module):
+    """``output_fn(model, batch) -> f`` for the kinds of model listed in the module docstring."""
+    if callable(getattr(model, "encode_image", None)):
+        return lambda m, batch: m.encode_image(batch)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        def encoder_decoder(m, batch):
+            batch = dict(batch)
+            if "decoder_input_ids" not in batch and "labels" not in batch:
+                start = config.decoder_start_token_id
+                batch["decoder_input_ids"] = torch.full((batch_size(batch), 1), start, device=batch["input_ids"].device)
+            batch.pop("labels", None)
+            out = m(**batch, output_hidden_states=True, return_dict=True)
+            return out.decoder_hidden_states[-1][:, 0]
+        return encoder_decoder
+    if config is not None:
+        def encoder(m, batch):
+            out = m(**batch, return_dict=True)
+            return _mean_over_tokens(out.last_hidden_state, batch.get("attention_mask"))
+        return encoder
+    return call

@@ -1,0 +1,78 @@
+"""Files that can be shared and trusted like model weights: safetensors with JSON metadata, written
+atomically, read back only when intact. Nothing here ever unpickles.
+
+A file holds named tensors and one JSON metadata object (in the safetensors header, under the key
+``tak``), plus a SHA-256 of the tensor bytes that ``read`` checks.
+"""
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_KEY = "tak"
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of the model class and its parameters' names, shapes and dtypes: equal for
+    two models of one architecture, whatever their weights."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``tensors`` and ``meta`` to ``path`` atomically: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path`` (readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {_KEY: json.dumps({**meta, "sha256": _digest(tensors)}, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a file written by ``write``; ValueError if it is truncated, corrupted or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        tensors = load_file(path, device="cpu")
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
+    if _KEY not in header:
+        raise ValueError(f"{path}: a safetensors file without tak metadata; it was not written by tak")
+    try:
+        meta = json.loads(header[_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its tak metadata is not valid JSON: {e}") from e
+    if meta.pop("sha256", None) != _digest(tensors):
+        raise ValueError(f"{path}: tensor data does not match its checksum (corrupted file)")
+    return {k: v.to(device) for k, v in tensors.items()}, meta
