@@ -3,7 +3,9 @@ backward that computes nothing else.
 
 Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer calls
 ``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
-identity whose backward calls ``on_grad(layer, dz)``. Every tap also feeds one shared scalar, the
+identity whose backward calls ``on_grad(layer, dz)``. Dense groups (``tak.curvature.dense``: the
+LayerNorms and the class token) get taps too, whose gradients become per-example gradient vectors
+for ``on_dense(group, v)``. Every tap also feeds one shared scalar, the
 sink, so ``capture.backward(f, s)`` — a VJP of the feature output f with cotangent s, taken with
 respect to the sink alone — runs exactly the backward that reaches the taps: no weight-gradient
 GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output gradients of
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dense as dense_groups
 from .layers import Layer
 
 
@@ -30,9 +33,11 @@ class _Tap(torch.autograd.Function):
 
 
 class Capture:
-    def __init__(self, layers: dict[str, Layer], on_input, on_grad=None):
+    def __init__(self, layers: dict[str, Layer], on_input, on_grad=None, dense=None, on_dense=None):
         self.layers, self.on_input, self.on_grad = layers, on_input, on_grad
+        self.dense, self.on_dense = dense or {}, on_dense
         self.outputs: dict[str, list[torch.Tensor]] = {}
+        self.to_vectors: dict[str, list] = {}  # dense group -> per call, dz -> per-example vectors
         self._handles, self._patched = [], []
         self._batched = False
 
@@ -44,6 +49,8 @@ class Capture:
                 self._patched.append(layer.module)
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
+        for group in self.dense.values():
+            self._handles.append(dense_groups.install(group, self._dense_tap))
         return self
 
     def __exit__(self, *exc):
@@ -51,7 +58,7 @@ class Capture:
             h.remove()
         for module in self._patched:
             del module.forward  # back to the class's forward
-        self._handles, self._patched, self.outputs = [], [], {}
+        self._handles, self._patched, self.outputs, self.to_vectors = [], [], {}, {}
 
     def _linear_hook(self, layer):
         def hook(module, inputs, output):
@@ -66,9 +73,17 @@ class Capture:
         self.outputs.setdefault(layer.name, []).append(z)
         return z
 
+    def _dense_tap(self, group, z, to_vectors):
+        callback = None if self.on_dense is None else (
+            lambda dz: None if self._batched else self.on_dense(group, to_vectors(dz)))
+        z = _Tap.apply(z, self.sink.to(z.device), callback)
+        self.outputs.setdefault(group.name, []).append(z)
+        self.to_vectors.setdefault(group.name, []).append(to_vectors)
+        return z
+
     def clear(self):
         """Forget the outputs of the last forward (call before the next batch)."""
-        self.outputs = {}
+        self.outputs, self.to_vectors = {}, {}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz."""

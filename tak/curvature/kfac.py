@@ -21,8 +21,9 @@ import kfac_kernels as kk
 
 from ..io import architecture_fingerprint
 from .capture import Capture
+from .dense import DenseGroup, find_dense_groups
 from .distributed import all_reduce_sums
-from .layers import Layer, find_layers
+from .layers import Layer, find_layers, selects
 from .outputs import default_output_fn, to_device
 from .tokens import BatchTokens, probes, token_mean, token_sum
 
@@ -50,6 +51,28 @@ class LayerFactors:
             return W
         b = taus.get(self.bias)
         return torch.cat([W, (torch.zeros_like(W[:, :1]) if b is None else b[:, None].to(W.dtype))], dim=1)
+
+
+@dataclass(frozen=True)
+class DenseFactors:
+    """The exact GGN block G of a small parameter group (``tak.curvature.dense``), as a Kronecker
+    block B = G, A = [[1]] of the flattened, concatenated parameters ``params`` (sizes ``sizes``)."""
+
+    A: object
+    B: object
+    params: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    def block(self, taus: dict, name: str):
+        """The group's task vector as a column (Σ sizes, 1) from ``taus`` (by group or parameter names;
+        a missing parameter counts as zero), or None when ``taus`` has none of it."""
+        if name in taus:
+            return taus[name].reshape(-1, 1)
+        present = [taus[p] for p in self.params if p in taus]
+        if not present:
+            return None
+        parts = [taus[p].reshape(-1) if p in taus else present[0].new_zeros(s) for p, s in zip(self.params, self.sizes)]
+        return torch.cat(parts).reshape(-1, 1)
 
 
 class KFAC(Mapping):
@@ -113,8 +136,9 @@ class KFAC(Mapping):
 class _Accumulator:
     """Sums of ã ãᵀ and g gᵀ per layer (fp32, on the model's device), with their row counts."""
 
-    def __init__(self, layers: dict[str, Layer], tokens: str, device):
+    def __init__(self, layers: dict[str, Layer], tokens: str, device, dense: dict[str, DenseGroup] | None = None):
         self.layers, self.tokens = layers, tokens
+        self.G = {n: torch.zeros(g.size, g.size, device=device) for n, g in (dense or {}).items()}
         self.A = {n: torch.zeros(l.d_in + (l.bias is not None), l.d_in + (l.bias is not None), device=device)
                   for n, l in layers.items()}
         self.B = {n: torch.zeros(l.d_out, l.d_out, device=device) for n, l in layers.items()}
@@ -137,28 +161,34 @@ class _Accumulator:
         rows = views[0][0] if len(views) == 1 else torch.cat([gi for gi, _ in views])
         kk.covariance_update_(self.B[layer.name], rows, mask=None if mask is None else mask.repeat(len(views), 1))
 
+    def on_dense(self, group: DenseGroup, v: torch.Tensor):
+        """v: per-example gradient vectors (N, size) of the group (or (samples·N, size))."""
+        kk.covariance_update_(self.G[group.name], v.detach())
+
 
 def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, exact: bool = False,
-             tokens: str = "expand", layers=None, probe_chunk: int = 16, seed: int = 0,
+             tokens: str = "expand", layers=None, dense: bool = True, probe_chunk: int = 16, seed: int = 0,
              progress: bool = True) -> KFAC:
     """KFAC factors (fp32) of the Jacobian Gramian of ``output_fn(model, batch)`` for the linear layers
     of ``model`` (all, or those ``layers`` selects; see ``find_layers``) over ``batches`` (tensors, or
     dicts for Hugging Face models). One forward per batch feeds A; one backward that reaches only the
     layer outputs feeds B (M > 1 samples or exact probes: batched backwards of ``probe_chunk``
-    cotangents each). The model runs in eval mode; its parameters are untouched."""
+    cotangents each). With ``dense``, the LayerNorms and the class token get their exact GGN blocks
+    (``DenseFactors``, see ``tak.curvature.dense``) from the same probes. The model runs in eval mode;
+    its parameters are untouched."""
     if tokens not in ("expand", "reduce"):
         raise ValueError(f"tokens must be 'expand' or 'reduce', got {tokens!r}")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
-    found = find_layers(model, layers)
+    found, groups = _select(model, layers, dense)
     output_fn = output_fn or default_output_fn(model)
     device = next(model.parameters()).device
-    acc = _Accumulator(found, tokens, device)
+    acc = _Accumulator(found, tokens, device, dense=groups)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), Capture(found, acc.on_input, acc.on_grad) as cap:
+        with torch.enable_grad(), Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense) as cap:
             for batch in tqdm(batches, desc="KFAC factors", disable=not progress, leave=False):
                 batch = to_device(batch, device)
                 acc.batch = BatchTokens(batch)
@@ -172,17 +202,38 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
                         chunk = S[i:i + probe_chunk]
                         grads = cap.batched_grads(f, chunk, retain_graph=i + probe_chunk < len(S))
                         for name, gs in grads.items():
-                            for g in gs:
-                                acc.on_grad(found[name], g, samples=len(chunk))
+                            for i, g in enumerate(gs):
+                                if name in found:
+                                    acc.on_grad(found[name], g, samples=len(chunk))
+                                else:
+                                    to_vectors = cap.to_vectors[name][i]
+                                    acc.on_dense(groups[name], torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
                 acc.n += acc.batch.n
     finally:
         model.train(was_training)
-    return _finish(acc, found, model, tokens=tokens, mc_samples=mc_samples, exact=exact)
+    return _finish(acc, found, groups, model, tokens=tokens, mc_samples=mc_samples, exact=exact)
 
 
-def _finish(acc: _Accumulator, found, model, **how) -> KFAC:
+def _select(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[str, DenseGroup]]:
+    """The linear layers and (with ``dense``) dense groups that ``layers`` selects (see ``selects``)."""
+    found = find_layers(model)
+    groups = find_dense_groups(model) if dense else {}
+    if layers is not None and not callable(layers):
+        names = [*found, *groups]
+        for p in [layers] if isinstance(layers, str) else layers:
+            if not any(selects(p, n) for n in names):
+                raise ValueError(f"layers: {p!r} matches no linear layer or dense group of the model; "
+                                 f"it has {names[:8]}" + (" ..." if len(names) > 8 else ""))
+    found = {n: layer for n, layer in found.items() if selects(layers, n)}
+    groups = {n: g for n, g in groups.items() if selects(layers, n)}
+    if not found and not groups:
+        raise ValueError("layers: selects nothing")
+    return found, groups
+
+
+def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
     """Sums over all ranks, normalized as the module docstring says."""
-    all_reduce_sums([*acc.A.values(), *acc.B.values()])
+    all_reduce_sums([*acc.A.values(), *acc.B.values(), *acc.G.values()])
     counts = torch.stack([acc.n, *acc.rows.values()])
     all_reduce_sums([counts])
     n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
@@ -192,6 +243,10 @@ def _finish(acc: _Accumulator, found, model, **how) -> KFAC:
     factors = {name: LayerFactors(A=acc.A[name] / max(rows[name], 1.0), B=acc.B[name] / (n * probes),
                                   weight=layer.weight, bias=layer.bias)
                for name, layer in found.items()}
+    params = dict(model.named_parameters())
+    for name, group in groups.items():
+        factors[name] = DenseFactors(A=torch.ones(1, 1, device=acc.G[name].device), B=acc.G[name] / (n * probes),
+                                     params=group.params, sizes=tuple(params[p].numel() for p in group.params))
     meta = {
         "kind": "kfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
         "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"],
@@ -199,6 +254,7 @@ def _finish(acc: _Accumulator, found, model, **how) -> KFAC:
         "scale": "A = sum(a a^T)/rows; B = sum(g g^T)/(N * probes), probes = mc_samples (1 if exact)",
         "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in}
                    for name, l in found.items()},
+        "dense": {name: {"params": list(g.params), "kind": g.kind, "size": g.size} for name, g in groups.items()},
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
     }
     return KFAC(factors, meta)

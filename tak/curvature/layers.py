@@ -29,6 +29,16 @@ class Layer:
         return self.d_out, self.d_in + (self.bias is not None)
 
 
+def selects(layers, name: str) -> bool:
+    """Whether the ``layers`` selection (None: all; a name or glob pattern, or a list of them; or a
+    predicate) includes ``name``."""
+    if layers is None:
+        return True
+    if callable(layers):
+        return bool(layers(name))
+    return any(fnmatch.fnmatchcase(name, p) for p in ([layers] if isinstance(layers, str) else layers))
+
+
 def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
     """The model's linear layers, in module order; ``layers`` selects by name or glob pattern
     (a string or a list of them) or by a predicate ``layers(name) -> bool``."""
@@ -47,17 +57,12 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             found[name] = Layer(name, module, prefix + "in_proj_weight",
                                 prefix + "in_proj_bias" if module.in_proj_bias is not None else None,
                                 3 * module.embed_dim, module.embed_dim)
-    if layers is None:
-        selected = found
-    elif callable(layers):
-        selected = {n: layer for n, layer in found.items() if layers(n)}
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        for p in patterns:
+    if layers is not None and not callable(layers):
+        for p in [layers] if isinstance(layers, str) else layers:
             if not any(fnmatch.fnmatchcase(n, p) for n in found):
                 raise ValueError(f"layers: {p!r} matches no linear layer of the model; it has {list(found)[:8]}"
                                  + (" ..." if len(found) > 8 else ""))
-        selected = {n: layer for n, layer in found.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    selected = {n: layer for n, layer in found.items() if selects(layers, n)}
     if not selected:
         raise ValueError(f"layers: no linear layer selected among the model's {len(found)}")
     return selected

@@ -1,0 +1,88 @@
+"""Exact GGN blocks of LayerNorm parameters and the class token against torch.func.jacrev."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from tak.curvature import DenseFactors, fit_kfac, find_dense_groups
+from tests.util import rel_err
+
+
+def exact_block(model, params, X, output):
+    """1/N Σ_n J_nᵀ J_n for the flattened, concatenated ``params`` (float64 model)."""
+    named = dict(model.named_parameters())
+    sizes = [named[p].numel() for p in params]
+
+    def f(flat):
+        chunks = dict(zip(params, [c.view_as(named[p]) for c, p in zip(flat.split(sizes), params)]))
+        return output(lambda x: functional_call(model, {**named, **chunks}, (x,)), X)
+
+    flat = torch.cat([named[p].detach().reshape(-1) for p in params])
+    J = jacrev(f)(flat)  # (N, C, P)
+    return torch.einsum("ncp,ncq->pq", J, J) / X.shape[0]
+
+
+class TokenNet(nn.Module):
+    """x (N, T, d) -> LayerNorm -> Linear -> GELU -> LayerNorm(no bias) -> mean over tokens: (N, C)."""
+
+    def __init__(self, d=6, c=4):
+        super().__init__()
+        self.ln1, self.fc, self.ln2 = nn.LayerNorm(d), nn.Linear(d, c), nn.LayerNorm(c, bias=False)
+
+    def forward(self, x):
+        return self.ln2(torch.nn.functional.gelu(self.fc(self.ln1(x)))).mean(1)
+
+
+@pytest.mark.parametrize("tokens", ["expand", "reduce"])
+def test_layernorm_blocks_equal_the_exact_ggn(tokens):
+    model = TokenNet().double()
+    with torch.no_grad():
+        for ln in (model.ln1, model.ln2):
+            ln.weight.uniform_(0.5, 1.5)
+        model.ln1.bias.normal_()
+    X = torch.randn(7, 5, 6, dtype=torch.float64)
+    f = fit_kfac(model, [X[:3], X[3:]], exact=True, tokens=tokens, progress=False)
+    for name in ("ln1", "ln2"):
+        block = f[name]
+        assert isinstance(block, DenseFactors) and block.A.shape == (1, 1)
+        G = exact_block(model, block.params, X, lambda m, x: m(x))
+        assert rel_err(block.B, G) < 1e-5
+        assert torch.equal(block.B, block.B.T)
+
+
+def test_dense_blocks_enter_the_quadratic_form():
+    model = TokenNet().double()
+    X = torch.randn(9, 3, 6, dtype=torch.float64)
+    f = fit_kfac(model, [X], exact=True, progress=False)
+    taus = {n: 0.1 * torch.randn_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    G = exact_block(model, f["ln1"].params, X, lambda m, x: m(x))
+    v = torch.cat([taus["ln1.weight"], taus["ln1.bias"]]).double()
+    only_ln1 = {"ln1.weight": taus["ln1.weight"], "ln1.bias": taus["ln1.bias"]}
+    assert rel_err(f.quadratic_form(only_ln1), v @ G @ v) < 1e-5
+    only_weight = {"ln1.weight": taus["ln1.weight"]}  # a missing bias counts as zero
+    w = torch.cat([taus["ln1.weight"], torch.zeros(6)]).double()
+    assert rel_err(f.quadratic_form(only_weight), w @ G @ w) < 1e-5
+
+
+def test_dense_selection():
+    model = TokenNet()
+    assert set(find_dense_groups(model)) == {"ln1", "ln2"}
+    f = fit_kfac(model, [torch.randn(2, 3, 6)], layers=["fc", "ln2"], progress=False)
+    assert set(f) == {"fc", "ln2"}
+    assert set(fit_kfac(model, [torch.randn(2, 3, 6)], dense=False, progress=False)) == {"fc"}
+
+
+def test_class_token_block_of_open_clip():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+
+    vit = VisionTransformer(image_size=16, patch_size=8, width=8, layers=1, heads=2, mlp_ratio=2.0, output_dim=5).double()
+    with torch.no_grad():
+        vit.class_embedding.normal_()
+    X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    f = fit_kfac(vit, [X], exact=True, output_fn=lambda m, x: m(x), progress=False)
+    block = f["class_embedding"]
+    assert block.params == ("class_embedding",)
+    G = exact_block(vit, block.params, X, lambda m, x: m(x))
+    assert rel_err(block.B, G) < 1e-5
+    assert {"ln_pre", "ln_post"} <= set(f)
