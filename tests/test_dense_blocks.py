@@ -50,6 +50,14 @@ def test_layernorm_blocks_equal_the_exact_ggn(tokens):
         assert torch.equal(block.B, block.B.T)
 
 
+def test_layernorm_on_vectors():
+    """A LayerNorm on (N, d) inputs: no token dimension to sum over."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 2)).double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    block = fit_kfac(model, [X], exact=True, progress=False)["1"]
+    assert rel_err(block.B, exact_block(model, block.params, X, lambda m, x: m(x))) < 1e-5
+
+
 def test_dense_blocks_enter_the_quadratic_form():
     model = TokenNet().double()
     X = torch.randn(9, 3, 6, dtype=torch.float64)

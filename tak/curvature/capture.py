@@ -11,12 +11,34 @@ respect to the sink alone — runs exactly the backward that reaches the taps: n
 GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output gradients of
 every layer for a batch of cotangents S (m, *f.shape) in one vmapped backward.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import dense as dense_groups
 from .layers import Layer
+
+
+@contextlib.contextmanager
+def fitting_mode(model: nn.Module):
+    """``model`` in eval mode, with the modules that have an ``inplace`` flag (``nn.ReLU(inplace=True)``,
+    ``nn.Dropout(inplace=True)``, ...) made out of place: a tapped output is a view that must not be
+    modified in place. Every module's ``training`` and ``inplace`` flags are restored on exit."""
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    inplace = [m for m in modules if getattr(m, "inplace", None) is True]
+    model.eval()
+    for m in inplace:
+        m.inplace = False
+    try:
+        yield model
+    finally:
+        for m, flag in zip(modules, training):
+            m.training = flag
+        for m in inplace:
+            m.inplace = True
 
 
 class _Tap(torch.autograd.Function):
@@ -43,12 +65,17 @@ class Capture:
 
     def __enter__(self):
         self.sink = torch.zeros((), requires_grad=True)
+        attentions = {}  # id -> (nn.MultiheadAttention, its in_proj Layer or None when only out_proj is factored)
         for layer in self.layers.values():
             if isinstance(layer.module, nn.MultiheadAttention):
-                layer.module.forward = _self_attention_forward(layer.module, layer, self)
-                self._patched.append(layer.module)
+                attentions[id(layer.module)] = (layer.module, layer)
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
+                if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
+                    attentions.setdefault(id(layer.attention), (layer.attention, None))
+        for mha, in_proj in attentions.values():
+            mha.forward = _self_attention_forward(mha, in_proj, self)
+            self._patched.append(mha)
         for group in self.dense.values():
             self._handles.append(dense_groups.install(group, self._dense_tap))
         return self
@@ -92,6 +119,8 @@ class Capture:
     def batched_grads(self, f: torch.Tensor, S: torch.Tensor, retain_graph: bool = False) -> dict[str, list[torch.Tensor]]:
         """{layer: [dz (m, *z.shape) per call of the layer]} for the m cotangents S (m, *f.shape)."""
         names = [(n, i) for n, zs in self.outputs.items() for i in range(len(zs))]
+        if not names:
+            return {}
         self._batched = True
         try:
             grads = torch.autograd.grad(f, [self.outputs[n][i] for n, i in names], S, retain_graph=retain_graph,
@@ -112,14 +141,16 @@ def _additive_mask(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
-def _self_attention_forward(mha: nn.MultiheadAttention, layer: Layer, capture: Capture):
+def _self_attention_forward(mha: nn.MultiheadAttention, layer: Layer | None, capture: Capture):
     """``mha.forward`` for self-attention, with the fused input projection as a visible linear map
-    (tapped) and ``out_proj`` called as a module (so its hooks run). Same outputs as the original."""
+    (tapped when ``layer``, its in_proj Layer, is given) and ``out_proj`` called as a module (so its
+    hooks run). Same outputs as the original."""
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if not (query is key and key is value):
-            raise ValueError(f"{layer.name}: Kronecker factors of nn.MultiheadAttention cover self-attention "
+            what = layer.name if layer is not None else "nn.MultiheadAttention (out_proj)"
+            raise ValueError(f"{what}: Kronecker factors of nn.MultiheadAttention cover self-attention "
                              "(query is key is value); this call passes different tensors")
         x = query if mha.batch_first or query.dim() == 2 else query.transpose(0, 1)
         unbatched = x.dim() == 2
@@ -127,7 +158,9 @@ def _self_attention_forward(mha: nn.MultiheadAttention, layer: Layer, capture: C
             x = x.unsqueeze(0)
         n, t, d = x.shape
         h = mha.num_heads
-        z = capture.tap(layer, x, F.linear(x, mha.in_proj_weight, mha.in_proj_bias))
+        z = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        if layer is not None:
+            z = capture.tap(layer, x, z)
         q, k, v = (u.reshape(n, t, h, d // h).transpose(1, 2) for u in z.chunk(3, dim=-1))
         mask = _additive_mask(attn_mask, q.dtype)
         if mask is not None:

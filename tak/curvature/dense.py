@@ -51,12 +51,15 @@ def install(group: DenseGroup, tap):
 
         def hook(module, inputs, output):
             x_hat = F.layer_norm(inputs[0].detach(), ln.normalized_shape, eps=ln.eps)
-            dims = tuple(range(1, x_hat.dim() - len(ln.normalized_shape)))
-            n_norm = len(ln.normalized_shape)
+            tokens = tuple(range(1, x_hat.dim() - len(ln.normalized_shape)))  # dims between N and the normalized ones
+
+            def per_example(t):  # (N, ..., *normalized_shape) -> (N, numel(normalized_shape))
+                return (t.sum(tokens) if tokens else t).reshape(t.shape[0], -1)
 
             def to_vectors(dy):
-                parts = [(dy * x_hat).sum(dims) if ln.weight is not None else None, dy.sum(dims) if ln.bias is not None else None]
-                return torch.cat([p.reshape(p.shape[0], -1) for p in parts if p is not None], dim=1) if n_norm else None
+                parts = ([per_example(dy * x_hat)] if ln.weight is not None else []) + \
+                        ([per_example(dy)] if ln.bias is not None else [])
+                return torch.cat(parts, dim=1)
             return tap(group, output, to_vectors)
         return ln.register_forward_hook(hook)
 

@@ -8,6 +8,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
 def is_main_rank() -> bool:
     """True on rank 0, or without torch.distributed: the process that writes files."""
     return not is_distributed() or dist.get_rank() == 0

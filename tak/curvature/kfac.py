@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 import kfac_kernels as kk
 
 from ..io import architecture_fingerprint
-from .capture import Capture
+from .capture import Capture, fitting_mode
 from .dense import DenseGroup, find_dense_groups
-from .distributed import all_reduce_sums
+from .distributed import all_reduce_sums, rank
 from .layers import Layer, find_layers, selects
 from .outputs import default_output_fn, to_device
 from .tokens import BatchTokens, probes, token_mean, token_sum
@@ -94,10 +94,10 @@ class KFAC(Mapping):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} layers, tokens={self.meta.get('tokens')}, N={self.meta.get('n_examples')})"
 
-    def quadratic_form(self, taus: dict, weights=None) -> torch.Tensor:
-        """Σ_l w_l vec(τ_l)ᵀ (B_l ⊗ A_l) vec(τ_l) over the layers found in ``taus`` (keyed by layer name
-        with blocks [W | b], or by parameter name as ``tak.linearize(...).task_vector()`` gives them),
-        in one ``kfac_kernels.quadratic_forms`` call; differentiable in τ. ``weights``: {layer: w}."""
+    def blocks(self, taus: dict) -> tuple[list[str], list[torch.Tensor]]:
+        """(names, blocks): the factored layers found in ``taus`` and their task-vector blocks. ``taus``
+        is keyed by layer name (blocks [W | b]), or by parameter name as ``tak.linearize(...).task_vector()``
+        gives them."""
         names, blocks = [], []
         for name, lf in self.factors.items():
             block = lf.block(taus, name)
@@ -105,8 +105,16 @@ class KFAC(Mapping):
                 names.append(name)
                 blocks.append(block)
         if not names:
+            first = next(iter(self.factors.values()))
             raise ValueError(f"quadratic_form: taus names none of the {len(self)} factored layers "
-                             f"(e.g. {next(iter(self.factors))!r} or its parameter {next(iter(self.factors.values())).weight!r})")
+                             f"(e.g. {next(iter(self.factors))!r} or its parameter "
+                             f"{getattr(first, 'weight', None) or first.params[0]!r})")
+        return names, blocks
+
+    def quadratic_form(self, taus: dict, weights=None) -> torch.Tensor:
+        """Σ_l w_l vec(τ_l)ᵀ (B_l ⊗ A_l) vec(τ_l) over the layers found in ``taus`` (see ``blocks``), in one
+        ``kfac_kernels.quadratic_forms`` call; differentiable in τ. ``weights``: {layer: w} (default 1)."""
+        names, blocks = self.blocks(taus)
         w = None if weights is None else [float(weights.get(n, 1.0)) for n in names]
         return kk.quadratic_forms(blocks, [self.factors[n].B for n in names], [self.factors[n].A for n in names], weights=w)
 
@@ -174,43 +182,45 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
     dicts for Hugging Face models). One forward per batch feeds A; one backward that reaches only the
     layer outputs feeds B (M > 1 samples or exact probes: batched backwards of ``probe_chunk``
     cotangents each). With ``dense``, the LayerNorms and the class token get their exact GGN blocks
-    (``DenseFactors``, see ``tak.curvature.dense``) from the same probes. The model runs in eval mode;
-    its parameters are untouched."""
+    (``DenseFactors``, see ``tak.curvature.dense``) from the same probes. The model runs in eval mode,
+    with in-place activations made out of place (``fitting_mode``); its parameters, training flags and
+    ``.grad`` are untouched. ``seed`` seeds the Monte-Carlo probes (seed + rank on each rank of a
+    ``torch.distributed`` fit, whose factors are those of all ranks' batches)."""
     if tokens not in ("expand", "reduce"):
         raise ValueError(f"tokens must be 'expand' or 'reduce', got {tokens!r}")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+    if not isinstance(probe_chunk, int) or probe_chunk < 1:
+        raise ValueError(f"probe_chunk must be a positive int, got {probe_chunk!r}")
     found, groups = _select(model, layers, dense)
     output_fn = output_fn or default_output_fn(model)
     device = next(model.parameters()).device
     acc = _Accumulator(found, tokens, device, dense=groups)
-    generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense) as cap:
-            for batch in tqdm(batches, desc="KFAC factors", disable=not progress, leave=False):
-                batch = to_device(batch, device)
-                acc.batch = BatchTokens(batch)
-                cap.clear()
-                f = output_fn(model, batch)
-                S = probes(f, mc_samples, exact, generator, acc.batch.first_mask())
-                if len(S) == 1:
-                    cap.backward(f, S[0])
-                else:
-                    for i in range(0, len(S), probe_chunk):
-                        chunk = S[i:i + probe_chunk]
-                        grads = cap.batched_grads(f, chunk, retain_graph=i + probe_chunk < len(S))
-                        for name, gs in grads.items():
-                            for i, g in enumerate(gs):
-                                if name in found:
-                                    acc.on_grad(found[name], g, samples=len(chunk))
-                                else:
-                                    to_vectors = cap.to_vectors[name][i]
-                                    acc.on_dense(groups[name], torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
-                acc.n += acc.batch.n
-    finally:
-        model.train(was_training)
+    generator = torch.Generator().manual_seed(seed + rank())  # independent probes on each rank
+    capture = Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense)
+    with fitting_mode(model), torch.enable_grad(), capture as cap:
+        for batch in tqdm(batches, desc="KFAC factors", disable=not progress, leave=False):
+            batch = to_device(batch, device)
+            acc.batch = BatchTokens(batch)
+            cap.clear()
+            f = output_fn(model, batch)
+            S = probes(f, mc_samples, exact, generator, acc.batch.first_mask())
+            if not f.requires_grad:
+                pass  # f depends on no selected layer (nor on a trainable parameter): nothing for B
+            elif len(S) == 1:
+                cap.backward(f, S[0])
+            else:
+                for i in range(0, len(S), probe_chunk):
+                    chunk = S[i:i + probe_chunk]
+                    grads = cap.batched_grads(f, chunk, retain_graph=i + probe_chunk < len(S))
+                    for name, gs in grads.items():
+                        for call, g in enumerate(gs):
+                            if name in found:
+                                acc.on_grad(found[name], g, samples=len(chunk))
+                            else:
+                                to_vectors = cap.to_vectors[name][call]
+                                acc.on_dense(groups[name], torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
+            acc.n += acc.batch.n
     return _finish(acc, found, groups, model, tokens=tokens, mc_samples=mc_samples, exact=exact)
 
 

@@ -66,10 +66,15 @@ def default_output_fn(model: nn.Module):
     if config is not None and getattr(config, "is_encoder_decoder", False):
         def encoder_decoder(m, batch):
             batch = dict(batch)
-            if "decoder_input_ids" not in batch and "labels" not in batch:
+            batch.pop("labels", None)  # the first decoder position holds the start token with or without them
+            if batch.get("decoder_input_ids") is None and batch.get("decoder_inputs_embeds") is None:
                 start = config.decoder_start_token_id
-                batch["decoder_input_ids"] = torch.full((batch_size(batch), 1), start, device=batch["input_ids"].device)
-            batch.pop("labels", None)
+                if start is None:
+                    raise ValueError(f"{type(m).__name__}: config.decoder_start_token_id is None; pass "
+                                     "decoder_input_ids in the batches or an output_fn")
+                device = next(v.device for v in batch.values() if isinstance(v, torch.Tensor))
+                batch["decoder_input_ids"] = torch.full((batch_size(batch), 1), start, device=device)
+                batch.pop("decoder_attention_mask", None)  # it belonged to the labels
             out = m(**batch, output_hidden_states=True, return_dict=True)
             return out.decoder_hidden_states[-1][:, 0]
         return encoder_decoder

@@ -1,0 +1,200 @@
+"""Linearized models (TAK Eq. 1): f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0) τ, trained in τ only.
+
+Generic path, for any ``nn.Module``: ``torch.func.jvp`` of ``torch.func.functional_call`` at the
+frozen θ0 in the direction τ. Forward-mode AD has no formula for fused attention (flash / efficient
+SDPA, the fused ``nn.MultiheadAttention`` fast path), so the forward runs math attention. The JVP's
+tangent output is an ordinary autograd function of τ, so ``loss.backward()`` gives
+∂loss/∂τ = Jᵀ ∂loss/∂f_lin and nothing else receives a gradient.
+"""
+import contextlib
+import copy
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import _pytree as pytree
+
+Trainable = None | str | Iterable[str] | Callable[[str], bool]
+
+_PASS_THROUGH = (bool, int, float, str, type(None))
+
+
+def linearize(model: nn.Module, *, trainable: Trainable = None) -> "LinearizedModel":
+    """The linearization of ``model`` at its current parameters θ0; see ``LinearizedModel``."""
+    return LinearizedModel(model, trainable=trainable)
+
+
+class LinearizedModel(nn.Module):
+    """f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0) τ, with τ the only parameters (zeros at start).
+
+    θ0 is a frozen deep copy of ``model`` (its parameters with ``requires_grad=False``), held outside
+    the module tree: ``parameters()`` and ``state_dict()`` hold τ only, while ``to()`` / ``double()``
+    and ``train()`` / ``eval()`` also reach the copy. ``model`` itself is never modified.
+
+    τ for parameter ``name`` of the model has that parameter's shape and lives at ``tau.<name>``;
+    ``task_vector()`` / ``load_task_vector()`` use the model's names. Tied parameters share one τ,
+    named by the model's first name for them (``named_parameters()``).
+
+    trainable: which parameters get a τ (the others have zero tangent). ``None``: those with
+    ``requires_grad=True``; a glob pattern or list of them (``["*attn*"]``), matched against every
+    name of a parameter, each pattern matching at least one; or a predicate ``name -> bool``.
+
+    The forward returns the model's output structure (tensor, tuple, dict, Hugging Face ModelOutput):
+    floating tensor leaves are primal + tangent, other tensors are the primal, Python scalars and
+    strings pass through, and any other object (e.g. a Hugging Face cache, computed at θ0 only) is
+    replaced by ``None``. In train mode primal and tangent share each dropout mask (one random draw
+    per forward, as in the plain model).
+    """
+
+    def __init__(self, model: nn.Module, *, trainable: Trainable = None):
+        super().__init__()
+        self._names = _select(model, trainable)
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        base = copy.deepcopy(model).requires_grad_(False)
+        self.__dict__["_base"] = base  # not a submodule: its parameters are not parameters of self
+        self.tau = nn.Module()
+        for name in self._names:
+            _set_parameter(self.tau, name, nn.Parameter(torch.zeros_like(base.get_parameter(name))))
+        self._alpha = 1.0
+
+    def _taus(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((name, self.tau.get_parameter(name)) for name in self._names)
+
+    def forward(self, *args, **kwargs):
+        primals = {name: self._base.get_parameter(name) for name in self._names}
+        tangents = {name: tau if self._alpha == 1.0 else self._alpha * tau for name, tau in self._taus()}
+        spec, leaves = None, []
+
+        def f(params):
+            nonlocal spec, leaves
+            leaves, spec = pytree.tree_flatten(functional_call(self._base, params, args, kwargs))
+            return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+        with _math_attention():
+            outs, dots = jvp(f, (primals,), (tangents,))
+        outs, dots = iter(outs), iter(dots)
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                out, dot = next(outs), next(dots)
+                leaves[i] = out + dot if out.is_floating_point() else out
+            elif not isinstance(leaf, _PASS_THROUGH):
+                leaves[i] = None
+        return pytree.tree_unflatten(leaves, spec)
+
+    @contextlib.contextmanager
+    def scaled(self, alpha: float):
+        """Within the context the forward computes f(x; θ0) + α J τ (a scaled task vector)."""
+        before, self._alpha = self._alpha, float(alpha)
+        try:
+            yield self
+        finally:
+            self._alpha = before
+
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        """{model parameter name: τ}, detached copies."""
+        return {name: tau.detach().clone() for name, tau in self._taus()}
+
+    def load_task_vector(self, taus: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+        """Copies ``taus`` (model parameter name -> tensor of the parameter's shape) into τ.
+
+        Merged task vectors load the same way: ``{name: Σ_t α_t τ_t[name]}``. Raises ValueError
+        listing entries that are extra (no τ under that name), mis-shaped, or, when ``strict``,
+        missing; with ``strict=False`` a subset loads and the other τ keep their values.
+        """
+        own = dict(self._taus())
+        problems = []
+        extra = sorted(set(taus) - set(own))
+        if extra:
+            problems.append(f"extra (no τ of that name): {extra}")
+        missing = sorted(set(own) - set(taus))
+        if strict and missing:
+            problems.append(f"missing: {missing}")
+        shapes = {name: tuple(torch.as_tensor(value).shape) for name, value in taus.items() if name in own}
+        wrong = [f"{name}: got {shape}, expected {tuple(own[name].shape)}"
+                 for name, shape in shapes.items() if shape != own[name].shape]
+        if wrong:
+            problems.append(f"mis-shaped: [{'; '.join(wrong)}]")
+        if problems:
+            raise ValueError("task vector refused: " + "; ".join(problems))
+        with torch.no_grad():
+            for name in shapes:
+                own[name].copy_(torch.as_tensor(taus[name]))
+
+    def base_parameters(self) -> dict[str, torch.Tensor]:
+        """{model parameter name: θ0} for every parameter: the held tensors (detached), not copies."""
+        return {name: p.detach() for name, p in self._base.named_parameters()}
+
+    def nonlinear_model(self, alpha: float = 1.0) -> nn.Module:
+        """A plain copy of the model with parameters θ0 + α τ and the original ``requires_grad`` flags."""
+        model = copy.deepcopy(self._base)
+        with torch.no_grad():
+            for name, tau in self._taus():
+                model.get_parameter(name).add_(tau, alpha=alpha)
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._requires_grad[name])
+        return model
+
+    def train(self, mode: bool = True) -> "LinearizedModel":
+        self._base.train(mode)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            self._base._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        n = sum(tau.numel() for _, tau in self._taus())
+        return f"base={type(self._base).__name__}, {len(self._names)} τ tensors, {n} entries"
+
+
+def _select(model: nn.Module, trainable: Trainable) -> list[str]:
+    """Names (``named_parameters()``'s) of the parameters that get a τ; tied aliases match too."""
+    params = dict(model.named_parameters())
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    if trainable is None:
+        chosen = [name for name, p in params.items() if p.requires_grad]
+    elif callable(trainable):
+        chosen = [name for name, p in params.items() if any(map(trainable, aliases[id(p)]))]
+    else:
+        patterns = [trainable] if isinstance(trainable, str) else list(trainable)
+
+        def match(names, pats):
+            return any(fnmatch.fnmatchcase(n, pat) for n in names for pat in pats)
+
+        every = [n for names in aliases.values() for n in names]
+        unmatched = [pat for pat in patterns if not match(every, [pat])]
+        if unmatched:
+            raise ValueError(f"trainable patterns match no parameter of the model: {unmatched}")
+        chosen = [name for name, p in params.items() if match(aliases[id(p)], patterns)]
+    if not chosen:
+        raise ValueError("no parameter selected for a τ (trainable=None selects the parameters with "
+                         "requires_grad=True; trainable='*' selects all)")
+    return chosen
+
+
+def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Registers ``param`` at dotted ``name`` under ``root``, creating empty container modules."""
+    *path, leaf = name.split(".")
+    for part in path:
+        if part not in root._modules:
+            root.add_module(part, nn.Module())
+        root = root._modules[part]
+    root.register_parameter(leaf, param)
+
+
+@contextlib.contextmanager
+def _math_attention():
+    """Math SDPA and no fused ``nn.MultiheadAttention`` / ``TransformerEncoderLayer`` fast path."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)

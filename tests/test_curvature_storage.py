@@ -1,0 +1,206 @@
+"""Factor files (tak.curvature.storage): bitwise round trips, and refusal of what does not fit."""
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import tak.io
+from tak.curvature import KFAC, LayerFactors, compress, fit_kfac, storage
+
+
+class TokenMean(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def model_of(width=7, affine=True):
+    """(N, T, 5) -> (N, 3): two linear layers (with and without bias) and a LayerNorm (a dense block)."""
+    return nn.Sequential(nn.Linear(5, width), nn.LayerNorm(width, elementwise_affine=affine), nn.Tanh(),
+                         nn.Linear(width, 3, bias=False), TokenMean())
+
+
+def fitted(model, n_batches=2):
+    return fit_kfac(model, [torch.randn(6, 4, 5) for _ in range(n_batches)], progress=False)
+
+
+def assert_same(a, b):
+    """Same classes, field values, tensor dtypes and bits, layer order and metadata."""
+    assert type(a) is type(b) and list(a) == list(b) and a.meta == b.meta
+    for name in a:
+        assert_fields_equal(a[name], b[name])
+
+
+def assert_fields_equal(x, y):
+    assert type(x) is type(y)
+    if isinstance(x, torch.Tensor):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    elif dataclasses.is_dataclass(x):
+        for f in dataclasses.fields(x):
+            assert_fields_equal(getattr(x, f.name), getattr(y, f.name))
+    else:
+        assert x == y
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "factors.safetensors"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_is_bitwise(path, dtype):
+    model = model_of()
+    f = fitted(model).to(dtype=dtype)
+    f.meta["task"] = "digits"
+    f.save(path)
+    g = KFAC.load(path, model=model)
+    assert_same(f, g)
+    assert {type(lf).__name__ for lf in g.values()} == {"LayerFactors", "DenseFactors"}
+    assert isinstance(g["1"].params, tuple) and g["1"].params == ("1.weight", "1.bias")
+    taus = {n: torch.randn_like(p, dtype=dtype) for n, p in model.named_parameters()}
+    assert torch.equal(f.quadratic_form(taus), g.quadratic_form(taus))
+
+
+@pytest.mark.parametrize("method,args", [("blockdiag", {"k": 2}), ("eigen", {"rank": 3}), ("int8", {}),
+                                         ("prune", {"keep": 0.4})])
+def test_round_trip_of_compressed_factors(path, method, args):
+    model = model_of()
+    c, _ = compress(fitted(model), method=method, which="A" if method == "eigen" else "both", **args)
+    c.save(path)
+    g = KFAC.load(path, model=model)
+    assert_same(c, g)
+    assert g.meta["compression"] == {"method": method, "which": c.meta["compression"]["which"], **args}
+    taus = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    assert torch.equal(c.quadratic_form(taus), g.quadratic_form(taus))
+
+
+def test_load_moves_to_device(path):
+    f = fitted(model_of())
+    f.save(path)
+    g = storage.load(path, device="cpu", kind="kfac")
+    assert all(lf.A.device.type == "cpu" for lf in g.values())
+
+
+def test_refuses_a_model_of_other_widths(path):
+    fitted(model_of(7)).save(path)
+    with pytest.raises(ValueError, match=r"fingerprint '[0-9a-f]{16}' in the file, '[0-9a-f]{16}' for the model; "
+                                         r"'0' is \(d_out, d_in, bias\) = \(7, 5, True\) in the file, \(8, 5, True\)"):
+        KFAC.load(path, model=model_of(8))
+
+
+def test_refuses_a_model_without_the_dense_parameters(path):
+    fitted(model_of()).save(path)
+    with pytest.raises(ValueError, match=r"dense group '1': parameters \['1.weight', '1.bias'\] .* \[None, None\]"):
+        KFAC.load(path, model=model_of(affine=False))
+
+
+def test_refuses_a_model_differing_elsewhere(path):
+    fitted(model_of()).save(path)
+    other = model_of()
+    other.add_module("extra", nn.Embedding(3, 2))  # not a factored layer
+    with pytest.raises(ValueError, match="the factored layers match, other parameters or the class differ"):
+        KFAC.load(path, model=other)
+
+
+def test_refuses_a_truncated_file(path):
+    fitted(model_of()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1 - torch.randint(len(data) // 2, ()).item()])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        KFAC.load(path)
+
+
+def test_refuses_a_flipped_byte(path):
+    fitted(model_of()).save(path)
+    data = bytearray(path.read_bytes())
+    i = len(data) - 1 - torch.randint(64, ()).item()  # tensor data sits at the end
+    data[i] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        KFAC.load(path)
+
+
+def rewrite(path, edit):
+    """Rewrite a valid file after ``edit(tensors, meta)``, with a fresh, valid checksum."""
+    tensors, meta = tak.io.read(path)
+    edit(tensors, meta)
+    tak.io.write(path, tensors, meta)
+
+
+@pytest.mark.parametrize("version", [storage.FORMAT_VERSION + 1, 0, "1", None])
+def test_refuses_unknown_format_versions(path, version):
+    fitted(model_of()).save(path)
+    rewrite(path, lambda t, m: m.update(format_version=version))
+    with pytest.raises(ValueError, match=f"format_version {version!r} is unknown"):
+        KFAC.load(path)
+
+
+def test_refuses_the_wrong_kind(path):
+    fitted(model_of()).save(path)
+    with pytest.raises(ValueError, match="holds 'kfac' factors, not 'ekfac'"):
+        storage.load(path, kind="ekfac")
+    rewrite(path, lambda t, m: m.update(kind="shampoo"))
+    with pytest.raises(ValueError, match="unknown kind 'shampoo'"):
+        KFAC.load(path)
+
+
+def test_refuses_missing_extra_and_reshaped_tensors(path):
+    fitted(model_of()).save(path)
+    rewrite(path, lambda t, m: t.pop("3/B"))
+    with pytest.raises(ValueError, match="tensor '3/B' is missing"):
+        KFAC.load(path)
+    fitted(model_of()).save(path)
+    rewrite(path, lambda t, m: t.update(stray=torch.zeros(2)))
+    with pytest.raises(ValueError, match=r"tensors \['stray'\] are not described"):
+        KFAC.load(path)
+    fitted(model_of()).save(path)
+    rewrite(path, lambda t, m: t.update({"0/A": t["0/A"][:-1]}))
+    with pytest.raises(ValueError, match=r"tensor '0/A' is torch.float32 \(5, 6\), its metadata says float32 \(6, 6\)"):
+        KFAC.load(path)
+
+
+def test_refuses_an_unlisted_layer_class(path):
+    fitted(model_of()).save(path)
+    rewrite(path, lambda t, m: m["storage"]["layers"][0].update({"class": "Popen"}))
+    with pytest.raises(ValueError, match="layer '0' is a 'Popen', not one of the 'kfac' classes"):
+        KFAC.load(path)
+
+
+def test_failed_write_leaves_the_old_file(path, monkeypatch):
+    model = model_of()
+    old = fitted(model)
+    old.save(path)
+
+    def fail_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tak.io, "save_file", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        fitted(model).save(path)
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
+    assert_same(old, KFAC.load(path, model=model))
+
+
+def test_save_refuses_what_it_cannot_store(path):
+    A, B = torch.eye(3), torch.eye(2)
+    with pytest.raises(ValueError, match="layer name 'a/b' contains '/'"):
+        KFAC({"a/b": LayerFactors(A, B, "w", None)}, {"kind": "kfac"}).save(path)
+    with pytest.raises(TypeError, match="a/weight is a list"):
+        KFAC({"a": LayerFactors(A, B, ["w"], None)}, {"kind": "kfac"}).save(path)
+    with pytest.raises(ValueError, match=r"meta\['kind'\] must be one of"):
+        KFAC({"a": LayerFactors(A, B, "w", None)}, {}).save(path)
+    assert not path.exists()
+
+
+def test_ekfac_round_trip(path):
+    ekfac = pytest.importorskip("tak.curvature.ekfac")
+    model = model_of()
+    e = ekfac.fit_ekfac(model, [torch.randn(6, 4, 5) for _ in range(2)], progress=False)
+    e.save(path)
+    g = storage.load(path, model=model, kind="ekfac")
+    assert_same(e, g)
+    with pytest.raises(ValueError, match="not KFAC|not 'kfac'"):
+        KFAC.load(path)

