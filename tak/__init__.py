@@ -1,6 +1,12 @@
 """tak: task arithmetic with Kronecker-factored curvature (TAK and DELTA), built on kfac_kernels.
 
-The curvature, linearization, training and merging layers land in later releases; today the
-package holds no public API. Layering (one direction): kfac_kernels <- tak.nn <- tak.models <-
-tak.curvature <- tak.methods <- tak.train / tak.arithmetic <- tak.cli.
+Today: curvature factors (``fit_kfac``, ``fit_ekfac``, ``merge_kfac``, ``compress``) and linearized
+models (``linearize``); training, merging and evaluation land in later releases. Layering (one
+direction): kfac_kernels <- tak.nn <- tak.models <- tak.curvature <- tak.methods <- tak.train /
+tak.arithmetic <- tak.cli.
 """
+from .linearize import LinearizedModel, linearize
+from .curvature import EKFAC, KFAC, TaskFactors, compress, fit_ekfac, fit_kfac, merge_kfac, merge_kfac_except
+
+__all__ = ["KFAC", "EKFAC", "TaskFactors", "fit_kfac", "fit_ekfac", "merge_kfac", "merge_kfac_except", "compress",
+           "LinearizedModel", "linearize"]

@@ -1,5 +1,11 @@
 """Kronecker-factored curvature of real models: fitting, storing, merging and compressing factors."""
-from .kfac import KFAC, LayerFactors, fit_kfac
+from .compress import compress
+from .dense import find_dense_groups
+from .ekfac import EKFAC, EigenFactors, fit_ekfac
+from .kfac import KFAC, DenseFactors, LayerFactors, fit_kfac
 from .layers import Layer, find_layers
+from .merge import TaskFactors, merge_kfac, merge_kfac_except
 
-__all__ = ["KFAC", "LayerFactors", "fit_kfac", "Layer", "find_layers"]
+__all__ = ["KFAC", "LayerFactors", "DenseFactors", "fit_kfac", "EKFAC", "EigenFactors", "fit_ekfac",
+           "find_dense_groups", "Layer", "find_layers",
+           "merge_kfac", "merge_kfac_except", "TaskFactors", "compress"]

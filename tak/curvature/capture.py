@@ -116,6 +116,23 @@ class Capture:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz."""
         torch.autograd.grad(f, self.sink, s, retain_graph=retain_graph, allow_unused=True)
 
+    def probe(self, f: torch.Tensor, S: torch.Tensor, chunk: int) -> None:
+        """Feed the gradient callbacks with the output gradients for the cotangents S (m, *f.shape):
+        one backward through the taps when m = 1, else batched backwards of ``chunk`` cotangents each
+        (``on_grad(layer, dz, samples=k)`` with dz (k, *z.shape); ``on_dense(group, v)`` with v (k·N, size))."""
+        if len(S) == 1:
+            self.backward(f, S[0])
+            return
+        for i in range(0, len(S), chunk):
+            part = S[i:i + chunk]
+            for name, gs in self.batched_grads(f, part, retain_graph=i + chunk < len(S)).items():
+                for call, g in enumerate(gs):
+                    if name in self.layers:
+                        self.on_grad(self.layers[name], g, samples=len(part))
+                    else:
+                        to_vectors = self.to_vectors[name][call]
+                        self.on_dense(self.dense[name], torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
+
     def batched_grads(self, f: torch.Tensor, S: torch.Tensor, retain_graph: bool = False) -> dict[str, list[torch.Tensor]]:
         """{layer: [dz (m, *z.shape) per call of the layer]} for the m cotangents S (m, *f.shape)."""
         names = [(n, i) for n, zs in self.outputs.items() for i in range(len(zs))]

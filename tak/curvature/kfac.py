@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant iterates `batches` twice
 
 import kfac_kernels as kk
 
@@ -75,14 +75,14 @@ class DenseFactors:
         return torch.cat(parts).reshape(-1, 1)
 
 
-class KFAC(Mapping):
-    """Per-layer Kronecker factors ``f[name].A``, ``f[name].B`` and the metadata that says how they
-    were made (``f.meta``)."""
+class Factors(Mapping):
+    """Per-layer curvature factors (a dataclass per layer, by name) and the metadata that says how
+    they were made (``.meta``): the container protocol shared by ``KFAC`` and ``EKFAC``."""
 
-    def __init__(self, factors: dict[str, LayerFactors], meta: dict):
+    def __init__(self, factors: dict, meta: dict):
         self.factors, self.meta = dict(factors), dict(meta)
 
-    def __getitem__(self, name: str) -> LayerFactors:
+    def __getitem__(self, name: str):
         return self.factors[name]
 
     def __iter__(self):
@@ -111,6 +111,25 @@ class KFAC(Mapping):
                              f"{getattr(first, 'weight', None) or first.params[0]!r})")
         return names, blocks
 
+    def save(self, path) -> None:
+        """Write safetensors + JSON metadata atomically (see ``tak.curvature.storage``)."""
+        from .storage import save
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, model: nn.Module | None = None, device=None):
+        """Read a file written by ``save``; with ``model``, refuse factors of another architecture."""
+        from .storage import load
+        obj = load(path, model=model, device=device)
+        if not isinstance(obj, cls):
+            raise ValueError(f"{path}: holds {type(obj).__name__} factors, not {cls.__name__}")
+        return obj
+
+
+class KFAC(Factors):
+    """Per-layer Kronecker factors ``f[name].A``, ``f[name].B`` (``LayerFactors``, or ``DenseFactors``
+    for the exact blocks) and the metadata that says how they were made (``f.meta``)."""
+
     def quadratic_form(self, taus: dict, weights=None) -> torch.Tensor:
         """Σ_l w_l vec(τ_l)ᵀ (B_l ⊗ A_l) vec(τ_l) over the layers found in ``taus`` (see ``blocks``), in one
         ``kfac_kernels.quadratic_forms`` call; differentiable in τ. ``weights``: {layer: w} (default 1)."""
@@ -126,21 +145,6 @@ class KFAC(Mapping):
             return F.to(device) if device is not None else F
         return type(self)({n: replace(lf, A=move(lf.A), B=move(lf.B)) for n, lf in self.factors.items()}, self.meta)
 
-    def save(self, path) -> None:
-        """Write safetensors + JSON metadata atomically (see ``tak.curvature.storage``)."""
-        from .storage import save
-        save(self, path)
-
-    @classmethod
-    def load(cls, path, model: nn.Module | None = None, device=None) -> "KFAC":
-        """Read a file written by ``save``; with ``model``, refuse factors of another architecture."""
-        from .storage import load
-        obj = load(path, model=model, device=device)
-        if not isinstance(obj, cls):
-            raise ValueError(f"{path}: holds {type(obj).__name__} factors, not {cls.__name__}")
-        return obj
-
-
 class _Accumulator:
     """Sums of ã ãᵀ and g gᵀ per layer (fp32, on the model's device), with their row counts."""
 
@@ -152,6 +156,9 @@ class _Accumulator:
         self.B = {n: torch.zeros(l.d_out, l.d_out, device=device) for n, l in layers.items()}
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
+
+    def start(self, batch) -> None:
+        self.batch = BatchTokens(batch)
 
     def on_input(self, layer: Layer, a: torch.Tensor):
         a, mask = self.batch.view(a.detach())
@@ -186,42 +193,40 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
     with in-place activations made out of place (``fitting_mode``); its parameters, training flags and
     ``.grad`` are untouched. ``seed`` seeds the Monte-Carlo probes (seed + rank on each rank of a
     ``torch.distributed`` fit, whose factors are those of all ranks' batches)."""
+    check_fit_arguments(tokens, mc_samples, probe_chunk)
+    found, groups = _select(model, layers, dense)
+    acc = _Accumulator(found, tokens, next(model.parameters()).device, dense=groups)
+    capture = Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense)
+    fit_pass(model, batches, capture, acc, output_fn=output_fn, mc_samples=mc_samples, exact=exact,
+             probe_chunk=probe_chunk, seed=seed, progress=progress, desc="KFAC factors")
+    return _finish(acc, found, groups, model, tokens=tokens, mc_samples=mc_samples, exact=exact)
+
+
+def check_fit_arguments(tokens: str, mc_samples: int, probe_chunk: int) -> None:
     if tokens not in ("expand", "reduce"):
         raise ValueError(f"tokens must be 'expand' or 'reduce', got {tokens!r}")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
     if not isinstance(probe_chunk, int) or probe_chunk < 1:
         raise ValueError(f"probe_chunk must be a positive int, got {probe_chunk!r}")
-    found, groups = _select(model, layers, dense)
+
+
+def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, exact, probe_chunk, seed, progress, desc):
+    """One pass over ``batches``: per batch, ``acc.start(batch)``, a forward that feeds ``capture``'s
+    input callbacks, and a backward of the probes that feeds its gradient callbacks; ``acc.n`` counts
+    the examples. Probes are seeded with ``seed`` + rank (independent on each rank)."""
     output_fn = output_fn or default_output_fn(model)
     device = next(model.parameters()).device
-    acc = _Accumulator(found, tokens, device, dense=groups)
-    generator = torch.Generator().manual_seed(seed + rank())  # independent probes on each rank
-    capture = Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense)
+    generator = torch.Generator().manual_seed(seed + rank())
     with fitting_mode(model), torch.enable_grad(), capture as cap:
-        for batch in tqdm(batches, desc="KFAC factors", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             batch = to_device(batch, device)
-            acc.batch = BatchTokens(batch)
+            acc.start(batch)
             cap.clear()
             f = output_fn(model, batch)
-            S = probes(f, mc_samples, exact, generator, acc.batch.first_mask())
-            if not f.requires_grad:
-                pass  # f depends on no selected layer (nor on a trainable parameter): nothing for B
-            elif len(S) == 1:
-                cap.backward(f, S[0])
-            else:
-                for i in range(0, len(S), probe_chunk):
-                    chunk = S[i:i + probe_chunk]
-                    grads = cap.batched_grads(f, chunk, retain_graph=i + probe_chunk < len(S))
-                    for name, gs in grads.items():
-                        for call, g in enumerate(gs):
-                            if name in found:
-                                acc.on_grad(found[name], g, samples=len(chunk))
-                            else:
-                                to_vectors = cap.to_vectors[name][call]
-                                acc.on_dense(groups[name], torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
+            if f.requires_grad:  # else f depends on no selected layer: nothing to add
+                cap.probe(f, probes(f, mc_samples, exact, generator, acc.batch.first_mask()), probe_chunk)
             acc.n += acc.batch.n
-    return _finish(acc, found, groups, model, tokens=tokens, mc_samples=mc_samples, exact=exact)
 
 
 def _select(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[str, DenseGroup]]:

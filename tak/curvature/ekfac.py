@@ -1,0 +1,214 @@
+"""EK-FAC: KFAC's Kronecker eigenbasis with eigenvalues fitted to the per-example gradients.
+
+For a linear layer with KFAC factors A = U_A Λ_A U_Aᵀ and B = U_B Λ_B U_Bᵀ (float64 eigh), the
+corrected eigenvalues are
+
+    S = 1/(N·M) Σ_{n,m} (U_Bᵀ G_{n,m} U_A)²      (elementwise square; S is d_out × d_in[+1])
+
+with the per-example pseudo-gradient of probe m, G_{n,m} = Σ_t g_{n,t} ã_{n,t}ᵀ over the real tokens
+(tokens="expand"), or ĝ_n ā_nᵀ (tokens="reduce": ĝ token sum, ā token mean); M Monte-Carlo
+probes averaged, or the C unit probes summed (``exact``, 1/N). The layer's GGN block is
+≈ (U_B ⊗ U_A) diag(vec S) (U_B ⊗ U_A)ᵀ, so q(τ) = Σ S ⊙ (U_Bᵀ τ U_A)²; with S = λ_B λ_Aᵀ this is KFAC's
+form. Only linear layers get EK-FAC factors (DELTA's drift penalty); dense KFAC blocks are left out.
+
+The pass computes rotated products R_n = Σ_t (U_Bᵀ g_t)(U_Aᵀ ã_t)ᵀ: ã is rotated at the forward,
+g at the backward, then R_n² is summed over the batch, so no more than one batch of per-example
+gradients (chunked over examples) is ever held.
+"""
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+import kfac_kernels as kk
+
+from ..io import architecture_fingerprint
+from .capture import Capture
+from .distributed import all_reduce_sums
+from .kfac import FORMAT_VERSION, KFAC, Factors, LayerFactors, check_fit_arguments, fit_kfac, fit_pass
+from .layers import Layer, find_layers, selects
+from .tokens import BatchTokens, token_mean, token_sum
+
+# Most elements of per-example products R_n (n, d_out, d_in[+1]) materialized at once.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class EigenFactors:
+    """One layer's EK-FAC factors: eigenvectors U_B (d_out × d_out) and U_A (d_in[+1] × d_in[+1]) as
+    columns, corrected eigenvalues S (d_out × d_in[+1]), and the parameters [W | b] they belong to."""
+
+    U_B: torch.Tensor
+    U_A: torch.Tensor
+    S: torch.Tensor
+    weight: str
+    bias: str | None
+
+    block = LayerFactors.block  # the task-vector block [W | b], found the same way as for KFAC
+
+
+class EKFAC(Factors):
+    """Per-layer EK-FAC factors ``e[name].U_B``, ``.U_A``, ``.S`` and the metadata that says how they
+    were made (``e.meta``)."""
+
+    def quadratic_form(self, taus: dict, weights=None) -> torch.Tensor:
+        """Σ_l w_l Σ S_l ⊙ (U_B,lᵀ τ_l U_A,l)² over the layers found in ``taus`` (keyed by layer name with
+        blocks [W | b], or by parameter name), in one ``kfac_kernels.eigen_quadratic_forms`` call;
+        differentiable in τ. ``weights``: {layer: w} (default 1)."""
+        names, blocks = self.blocks(taus)
+        fs = [self.factors[n] for n in names]
+        w = None if weights is None else [float(weights.get(n, 1.0)) for n in names]
+        return kk.eigen_quadratic_forms(blocks, [f.U_B for f in fs], [f.U_A for f in fs], [f.S for f in fs], weights=w)
+
+    def to(self, device=None, dtype=None) -> "EKFAC":
+        """A copy with every factor moved/cast."""
+        def move(t):
+            return t.to(device=device, dtype=dtype)
+        return type(self)({n: replace(ef, U_B=move(ef.U_B), U_A=move(ef.U_A), S=move(ef.S))
+                           for n, ef in self.factors.items()}, self.meta)
+
+
+class _EigenAccumulator:
+    """Σ_{n,m} (U_Bᵀ G_{n,m} U_A)² per layer (fp32, on the model's device), with row counts."""
+
+    def __init__(self, layers: dict[str, Layer], bases: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: str,
+                 device):
+        self.layers, self.bases, self.tokens = layers, bases, tokens
+        self.S = {n: torch.zeros(U_B.shape[1], U_A.shape[1], device=device) for n, (U_B, U_A) in bases.items()}
+        self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+
+    def start(self, batch) -> None:
+        self.batch, self.inputs = BatchTokens(batch), {}
+
+    def on_input(self, layer: Layer, a: torch.Tensor):
+        """Stash U_Aᵀ ã: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input or token mean)."""
+        if layer.name in self.inputs:
+            raise ValueError(f"fit_ekfac: layer {layer.name!r} runs more than once per forward; EK-FAC would need "
+                             "the per-example gradients of its calls summed, which is not supported (leave it out "
+                             "with layers=)")
+        a, mask = self.batch.view(a.detach())
+        if a.dim() == 3 and self.tokens == "reduce":
+            a, mask = token_mean(a, mask), None
+        self.rows[layer.name] += a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
+        U_A = self.bases[layer.name][1]
+        a = a.to(U_A.dtype) @ (U_A if layer.bias is None else U_A[:-1])
+        if layer.bias is not None:
+            a += U_A[-1]  # the ones column of ã
+        self.inputs[layer.name] = a if mask is None else a * mask.unsqueeze(-1).to(a.dtype)
+
+    def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0):
+        """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them."""
+        a, U_B = self.inputs[layer.name], self.bases[layer.name][0]
+        for gi in g.detach().unbind(0) if samples else [g.detach()]:
+            gi, mask = self.batch.view(gi)
+            if gi.dim() == 3 and self.tokens == "reduce":
+                gi = token_sum(gi, mask)
+            self.S[layer.name] += _sum_squared_products(gi.to(U_B.dtype) @ U_B, a)
+
+
+def _sum_squared_products(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Σ_n (g_nᵀ a_n)² (r_B, r_A) for rotated g (N, [T,] r_B) and a (N, [T,] r_A)."""
+    if g.dim() == 2:  # one row per example: (g aᵀ)² = g² (a²)ᵀ, one GEMM
+        return g.square().T @ a.square()
+    out = g.new_zeros(g.shape[-1], a.shape[-1])
+    step = max(1, _CHUNK_ELEMENTS // out.numel())
+    for i in range(0, g.shape[0], step):
+        out += torch.bmm(g[i:i + step].transpose(1, 2), a[i:i + step]).square_().sum(0)
+    return out
+
+
+def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=None, mc_samples: int = 1,
+              exact: bool = False, tokens: str = "expand", layers=None, probe_chunk: int = 16, seed: int = 0,
+              progress: bool = True) -> EKFAC:
+    """EK-FAC factors (fp32) of the Jacobian Gramian of ``output_fn(model, batch)`` for the linear
+    layers of ``model`` (those ``layers`` selects, see ``find_layers``; with ``kfac``, among its layers).
+
+    The eigenbases come from ``kfac`` (dense factors), or from ``fit_kfac`` on the same ``batches``
+    first (then ``batches`` must be re-iterable: a list or a DataLoader, not an iterator). A second
+    pass over ``batches`` — one forward, one output-only backward per batch, probes (``seed``) and
+    token handling as in ``fit_kfac`` — sums the corrected eigenvalues (module docstring). The model
+    runs as in ``fit_kfac`` (``fitting_mode``); its parameters, flags and ``.grad`` are untouched.
+    Under ``torch.distributed`` each rank passes its own shard of the batches and gets the factors
+    of all of them."""
+    check_fit_arguments(tokens, mc_samples, probe_chunk)
+    expected_n = None
+    if kfac is None:
+        if isinstance(batches, Iterator):
+            raise TypeError("fit_ekfac: batches is a one-shot iterator, but fitting the KFAC eigenbasis first needs "
+                            "a second pass over the same batches; pass a list or a DataLoader, or pass kfac=")
+        kfac = fit_kfac(model, batches, output_fn=output_fn, mc_samples=mc_samples, exact=exact, tokens=tokens,
+                        layers=layers, dense=False, probe_chunk=probe_chunk, seed=seed, progress=progress)
+        expected_n = kfac.meta["n_examples"]
+    found = _layers_of(model, kfac, layers, tokens)
+    device = next(model.parameters()).device
+    bases = {n: (_eigenvectors(kfac[n].B).to(device), _eigenvectors(kfac[n].A).to(device)) for n in found}
+    acc = _EigenAccumulator(found, bases, tokens, device)
+    fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad), acc, output_fn=output_fn,
+             mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
+             desc="EK-FAC eigenvalues")
+    return _finish(acc, kfac, model, expected_n, tokens=tokens, mc_samples=mc_samples, exact=exact)
+
+
+def _eigenvectors(F) -> torch.Tensor:
+    """Eigenvectors (columns, ascending eigenvalues) of a symmetric factor, from a float64 eigh, as fp32."""
+    return torch.linalg.eigh(F.double()).eigenvectors.float()
+
+
+def _layers_of(model: nn.Module, kfac: KFAC, layers, tokens: str) -> dict[str, Layer]:
+    """The model's linear layers that ``layers`` selects among ``kfac``'s dense Kronecker factors, checked."""
+    if not isinstance(kfac, KFAC):
+        raise TypeError("fit_ekfac: kfac must be a KFAC (from fit_kfac, merge_kfac or KFAC.load), "
+                        f"got {type(kfac).__name__}")
+    if kfac.meta.get("tokens", tokens) != tokens:
+        raise ValueError(f"fit_ekfac: kfac was fitted with tokens={kfac.meta['tokens']!r}, this pass uses "
+                         f"tokens={tokens!r}; pass the same token convention")
+    model_layers = find_layers(model)
+    names = [n for n, lf in kfac.items() if isinstance(lf, LayerFactors) and selects(layers, n)]
+    if not names:
+        raise ValueError(f"fit_ekfac: layers={layers!r} selects none of kfac's {len(kfac)} Kronecker-factored layers")
+    found = {}
+    for name in names:
+        layer, lf = model_layers.get(name), kfac[name]
+        if layer is None:
+            raise ValueError(f"fit_ekfac: kfac has factors for {name!r}, which is not a linear layer of the model")
+        if not (isinstance(lf.A, torch.Tensor) and isinstance(lf.B, torch.Tensor)):
+            raise TypeError(f"fit_ekfac: kfac[{name!r}] holds compressed factors; EK-FAC needs dense A and B")
+        d_in, d_out = layer.block_shape[1], layer.d_out
+        if tuple(lf.A.shape) != (d_in, d_in) or tuple(lf.B.shape) != (d_out, d_out):
+            raise ValueError(f"fit_ekfac: kfac[{name!r}] has A {tuple(lf.A.shape)} and B {tuple(lf.B.shape)}; "
+                             f"the model's layer needs A ({d_in}, {d_in}) and B ({d_out}, {d_out})")
+        found[name] = layer
+    return found
+
+
+def _finish(acc: _EigenAccumulator, kfac: KFAC, model, expected_n: int | None, **how) -> EKFAC:
+    """Sums over all ranks, normalized as the module docstring says; ``expected_n``: the examples
+    of the KFAC pass over the same batches, if there was one."""
+    all_reduce_sums(list(acc.S.values()))
+    counts = torch.stack([acc.n, *acc.rows.values()])
+    all_reduce_sums([counts])
+    n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
+    if n == 0:
+        raise ValueError("fit_ekfac: batches yielded no examples in the eigenvalue pass")
+    if expected_n is not None and n != expected_n:
+        raise ValueError(f"fit_ekfac: batches yielded {expected_n} examples in the KFAC pass and {n} "
+                         "in the eigenvalue pass; it must give the same batches each time it is iterated")
+    probes = 1 if how["exact"] else how["mc_samples"]
+    factors = {name: EigenFactors(U_B=acc.bases[name][0], U_A=acc.bases[name][1], S=acc.S[name] / (n * probes),
+                                  weight=layer.weight, bias=layer.bias)
+               for name, layer in acc.layers.items()}
+    meta = {
+        "kind": "ekfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
+        "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"],
+        "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
+        "scale": "S = sum((U_B^T G U_A)^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact), "
+                 "G = sum_t g a^T; U_A, U_B: eigenvectors (float64 eigh) of the KFAC factors A, B",
+        "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in}
+                   for name, l in acc.layers.items()},
+        "dense": {},
+        "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
+        "kfac": {k: kfac.meta.get(k) for k in ("tokens", "exact", "mc_samples", "n_examples", "scale")},
+    }
+    return EKFAC(factors, meta)

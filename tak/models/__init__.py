@@ -1,0 +1,36 @@
+"""Dual models built from tak.nn layers, converted from open_clip and Hugging Face transformers models.
+
+``to_dual(model)`` rebuilds a supported model from dual layers: θ0 are the model's parameters (shared,
+never trained), τ start at zero. The result's ``forward`` takes the model's inputs and returns
+(primal, tangent) of its output; see ``DualModel`` for modes and task vectors.
+"""
+import importlib
+import sys
+
+from .base import DualModel
+
+# (module of the source class, source class, our module, dual class), checked in order.
+_CONVERTERS = [
+    ("open_clip.transformer", "VisionTransformer", "clip_vit", "DualVisionTransformer"),
+    ("transformers.models.bert.modeling_bert", "BertModel", "bert", "DualBertModel"),
+    ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
+    ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
+]
+
+
+def to_dual(model, *, trainable=None) -> DualModel:
+    """The dual model of ``model``. ``trainable`` selects the parameters that get τ, by source parameter
+    name (None: all with requires_grad; a glob pattern or a list of them; a predicate name -> bool).
+
+    Raises NotImplementedError naming the model class, or the module, that has no fast path."""
+    for module, cls, ours, dual in _CONVERTERS:
+        source = sys.modules.get(module)  # not imported: the model cannot be an instance of its classes
+        if source is not None and isinstance(model, getattr(source, cls)):
+            converter = getattr(importlib.import_module(f".{ours}", __name__), dual)
+            return converter(model, trainable=trainable)
+    supported = ", ".join(f"{m}.{c}" for m, c, _, _ in _CONVERTERS)
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    raise NotImplementedError(f"tak.models.to_dual: no fast path for {name}; supported: {supported}")
+
+
+__all__ = ["DualModel", "to_dual"]

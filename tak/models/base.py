@@ -1,0 +1,148 @@
+"""DualModel: a model rebuilt from tak.nn dual layers, its τ keyed by the source model's parameter names.
+
+A converter builds the dual layers with a ``Builder``, which records for every θ0 the name of the
+source parameter it is (tied parameters are one θ0 with one τ), then calls ``DualModel.bind``.
+"""
+import fnmatch
+
+import torch
+from torch import nn
+
+from ..nn import (DualActivation, DualEmbedding, DualGELU, DualLayerNorm, DualLinear, DualModule, DualQuickGELU,
+                  DualReLU, DualRMSNorm, DualTanh)
+
+# Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer.
+_ACTIVATIONS = {
+    "gelu": lambda: DualGELU(),
+    "gelu_new": lambda: DualGELU("tanh"),
+    "gelu_pytorch_tanh": lambda: DualGELU("tanh"),
+    "quick_gelu": DualQuickGELU,
+    "relu": DualReLU,
+    "tanh": DualTanh,
+}
+
+
+# Activation modules by class name (torch's, open_clip's QuickGELU x·σ(1.702 x)), as names of the above.
+_MODULES = {"ReLU": "relu", "Tanh": "tanh", "QuickGELU": "quick_gelu"}
+
+
+def activation(act: str | nn.Module, where: str) -> DualActivation:
+    """The dual of an activation: a torch or open_clip module, or a Hugging Face activation name."""
+    if isinstance(act, nn.GELU):
+        return DualGELU(act.approximate)
+    name = act if isinstance(act, str) else _MODULES.get(type(act).__name__)
+    if name not in _ACTIVATIONS:
+        raise NotImplementedError(f"{where}: activation {act!r} has no dual layer; supported: nn.GELU, nn.ReLU, "
+                                  f"nn.Tanh, QuickGELU and the names {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def selects(trainable, name: str) -> bool:
+    """Whether ``trainable`` (None: all; a glob pattern or a list of them; a predicate) selects ``name``."""
+    if trainable is None:
+        return True
+    if callable(trainable):
+        return bool(trainable(name))
+    patterns = [trainable] if isinstance(trainable, str) else trainable
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Builder:
+    """Makes dual layers from a source model's modules; ``records`` holds (dual module, attribute, source
+    parameter name) for every θ0."""
+
+    def __init__(self, source: nn.Module):
+        self.names = {id(p): n for n, p in source.named_parameters()}
+        self.records = []
+        self._embeddings = {}
+
+    def record(self, layer: DualModule, **params):
+        """Record that ``layer``'s θ0 ``attr`` is the source parameter ``params[attr]``; returns layer."""
+        for attr, p in params.items():
+            if p is not None:
+                self.records.append((layer, attr, self.names[id(p)]))
+        return layer
+
+    def own(self, owner: DualModule, **params) -> None:
+        """Register source parameters (not inside a converted layer) as θ0 of ``owner``."""
+        for attr, p in params.items():
+            owner.register_dual(attr, p)
+        self.record(owner, **params)
+
+    def linear(self, m: nn.Linear) -> DualLinear:
+        return self.record(DualLinear(m.weight, m.bias), weight=m.weight, bias=m.bias)
+
+    def layer_norm(self, m: nn.LayerNorm) -> DualLayerNorm:
+        if len(m.normalized_shape) != 1:
+            raise NotImplementedError(f"LayerNorm over {tuple(m.normalized_shape)}: only the last dimension "
+                                      "is supported")
+        return self.record(DualLayerNorm(m.weight, m.bias, m.eps), weight=m.weight, bias=m.bias)
+
+    def rms_norm(self, weight: torch.Tensor, eps: float) -> DualRMSNorm:
+        return self.record(DualRMSNorm(weight, eps), weight=weight)
+
+    def embedding(self, m: nn.Embedding) -> DualEmbedding:
+        """One DualEmbedding per table: a table tied across modules gets a single θ0 and τ."""
+        if id(m.weight) not in self._embeddings:
+            self._embeddings[id(m.weight)] = self.record(DualEmbedding(m.weight), weight=m.weight)
+        return self._embeddings[id(m.weight)]
+
+
+class DualModel(DualModule):
+    """Base of the converted models. ``forward`` takes the source model's inputs and returns
+    (primal, tangent) of its output; the tangent is None outside the "linearized" mode.
+
+    ``task_vector()`` / ``load_task_vector()`` key τ by the source model's parameter names (as in its
+    ``named_parameters()``), so task vectors are interchangeable with any other linearization of it."""
+
+    def bind(self, builder: Builder, source: nn.Module, trainable=None) -> None:
+        """Map source parameter names to (module path, attribute); freeze what is not trainable (a source
+        parameter with requires_grad False, or one ``trainable`` does not select)."""
+        paths = {id(m): p for p, m in self.named_modules()}
+        found = {name: (paths[id(layer)], attr) for layer, attr, name in builder.records}
+        params = dict(source.named_parameters())
+        missing = [n for n in params if n not in found]
+        if missing:
+            raise NotImplementedError(f"{type(source).__name__}: the dual model has no counterpart for parameters "
+                                      f"{missing}; its output would differ from the source model's")
+        self._sources = {name: found[name] for name in params}
+        for name, (path, attr) in self._sources.items():
+            if not (params[name].requires_grad and selects(trainable, name)):
+                self.get_submodule(path).freeze(attr)
+        if not self.named_taus():
+            raise ValueError(f"trainable={trainable!r} selects no parameter with requires_grad among the "
+                             f"{len(params)} of {type(source).__name__}")
+
+    def set_mode(self, mode: str) -> "DualModel":
+        """Set the mode ("linearized", "primal" or "merged"; see tak.nn.base) of every layer; returns self."""
+        self.mode = mode
+        return self
+
+    def named_taus(self) -> dict[str, nn.Parameter]:
+        """{source parameter name: τ} for the trainable parameters: the live parameters (for optimizers and
+        regularizers keyed by the source model's names)."""
+        taus = {}
+        for name, (path, attr) in self._sources.items():
+            tau = self.get_submodule(path).tau
+            if attr in tau:
+                taus[name] = tau[attr]
+        return taus
+
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        """{source parameter name: a copy of τ} for the trainable parameters."""
+        return {name: tau.detach().clone() for name, tau in self.named_taus().items()}
+
+    def load_task_vector(self, taus: dict[str, torch.Tensor]) -> None:
+        """Copy ``taus`` into τ; its keys must be exactly the trainable parameters' names, with their shapes."""
+        own = self.named_taus()
+        shapes = [f"{n} {tuple(taus[n].shape)} != {tuple(t.shape)}" for n, t in own.items()
+                  if n in taus and taus[n].shape != t.shape]
+        checks = (("missing", sorted(own.keys() - taus.keys())),
+                  ("unexpected (not trainable here)", sorted(taus.keys() - own.keys())),
+                  ("mis-shaped (given != expected)", shapes))
+        problems = [f"{what}: {items}" for what, items in checks if items]
+        if problems:
+            raise ValueError("load_task_vector: " + "; ".join(problems))
+        with torch.no_grad():
+            for name, tau in own.items():
+                tau.copy_(taus[name])

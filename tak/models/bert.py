@@ -1,0 +1,92 @@
+"""Hugging Face BertModel (encoder only, e.g. MiniLM) as a dual model.
+
+Embeddings: word (or inputs_embeds) + token type + absolute position, then LayerNorm. Post-norm
+layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by
+attention_mask (B, L). Pooler (if any): tanh(dense(x[:, 0])). Dropout is not applied.
+"""
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..nn import DualAttention, DualTanh
+from ..nn.base import add, apply
+from .base import Builder, DualModel, activation
+
+
+class DualBertLayer(nn.Module):
+    """x = LN_a(x + attn(x)); x = LN_o(x + out(act(fc(x)))) on (B, L, d)."""
+
+    def __init__(self, b: Builder, layer: nn.Module, act: str, where: str):
+        super().__init__()
+        a = layer.attention
+        self.attn = DualAttention(a.self.num_attention_heads, b.linear(a.output.dense),
+                                  q=b.linear(a.self.query), k=b.linear(a.self.key), v=b.linear(a.self.value),
+                                  scale=a.self.scaling)
+        self.ln_attn = b.layer_norm(a.output.LayerNorm)
+        self.fc = b.linear(layer.intermediate.dense)
+        self.act = activation(act, f"{where}.intermediate")
+        self.out = b.linear(layer.output.dense)
+        self.ln_out = b.layer_norm(layer.output.LayerNorm)
+
+    def forward(self, x, dx, mask):
+        h, dh = self.attn(x, dx, mask=mask)
+        x, dx = self.ln_attn(x + h, add(dx, dh))
+        h, dh = self.out(*self.act(*self.fc(x, dx)))
+        return self.ln_out(x + h, add(dx, dh))
+
+
+class DualBertModel(DualModel):
+    """forward(input_ids | inputs_embeds, attention_mask=None, token_type_ids=None, position_ids=None) ->
+    (y, dy), each a BaseModelOutputWithPooling (last_hidden_state (B, L, d); pooler_output (B, d) or
+    None without a pooler); dy is None outside the "linearized" mode."""
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        c = model.config
+        for flag in ("is_decoder", "add_cross_attention"):
+            if getattr(c, flag, False):
+                raise NotImplementedError(f"BertModel with config.{flag}=True: only encoders are supported")
+        if getattr(c, "position_embedding_type", "absolute") != "absolute":
+            raise NotImplementedError(f"BertModel: position_embedding_type={c.position_embedding_type!r} "
+                                      "(only 'absolute' is supported)")
+        b = Builder(model)
+        e = model.embeddings
+        self.word = b.embedding(e.word_embeddings)
+        self.token_type = b.embedding(e.token_type_embeddings)
+        self.position = b.embedding(e.position_embeddings)
+        self.ln_embed = b.layer_norm(e.LayerNorm)
+        self.layers = nn.ModuleList(DualBertLayer(b, layer, c.hidden_act, f"encoder.layer.{i}")
+                                    for i, layer in enumerate(model.encoder.layer))
+        self.pooler = None if model.pooler is None else b.linear(model.pooler.dense)
+        self.pooler_act = DualTanh()
+        self.bind(b, model, trainable)
+
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        """LN(word + token type + position embeddings) (B, L, d) and its tangent."""
+        x, dx = self.word(input_ids) if inputs_embeds is None else (inputs_embeds, None)
+        B, L, _ = x.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(B, L, dtype=torch.long, device=x.device)
+        if position_ids is None:
+            position_ids = torch.arange(L, device=x.device)[None]
+        for table, ids in ((self.token_type, token_type_ids), (self.position, position_ids)):
+            e, de = table(ids)
+            x, dx = x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
+        return self.ln_embed(x, dx)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DualBertModel: pass exactly one of input_ids and inputs_embeds")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("DualBertModel: attention_mask must be (batch, length), "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x, dx = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
+        for layer in self.layers:
+            x, dx = layer(x, dx, mask)
+        p = dp = None
+        if self.pooler is not None:
+            p, dp = self.pooler_act(*self.pooler(x[:, 0], apply(lambda t: t[:, 0], dx)))
+        y = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=p)
+        return y, None if dx is None and dp is None else BaseModelOutputWithPooling(last_hidden_state=dx, pooler_output=dp)

