@@ -1,7 +1,12 @@
 """Linearized models (TAK Eq. 1): f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0) τ, trained in τ only.
 
-Generic path, for any ``nn.Module``: ``torch.func.jvp`` of ``torch.func.functional_call`` at the
-frozen θ0 in the direction τ. Forward-mode AD has no formula for fused attention (flash / efficient
+Fast path, chosen automatically for the architectures ``tak.models.to_dual`` converts (open_clip
+vision transformers, Hugging Face BERT-like encoders, T5): the model rebuilt from ``tak.nn`` dual
+layers carries (primal, tangent) pairs through fused kernels, and its backward is the tangent path's
+alone (``DualLinearizedModel``).
+
+Generic path, for any ``nn.Module`` and the oracle of the fast one (``LinearizedModel``):
+``torch.func.jvp`` of ``torch.func.functional_call`` at the frozen θ0 in the direction τ. Forward-mode AD has no formula for fused attention (flash / efficient
 SDPA, the fused ``nn.MultiheadAttention`` fast path), so the forward runs math attention. The JVP's
 tangent output is an ordinary autograd function of τ, so ``loss.backward()`` gives
 ∂loss/∂τ = Jᵀ ∂loss/∂f_lin and nothing else receives a gradient.
@@ -9,6 +14,7 @@ tangent output is an ordinary autograd function of τ, so ``loss.backward()`` gi
 import contextlib
 import copy
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -22,9 +28,26 @@ Trainable = None | str | Iterable[str] | Callable[[str], bool]
 _PASS_THROUGH = (bool, int, float, str, type(None))
 
 
-def linearize(model: nn.Module, *, trainable: Trainable = None) -> "LinearizedModel":
-    """The linearization of ``model`` at its current parameters θ0; see ``LinearizedModel``."""
-    return LinearizedModel(model, trainable=trainable)
+def linearize(model: nn.Module, *, trainable: Trainable = None, fast: bool | None = None):
+    """The linearization of ``model`` at its current parameters θ0 (``model`` is not modified).
+
+    ``fast=None``: the fast path (``DualLinearizedModel``) for the architectures ``tak.models.to_dual``
+    supports, else the generic one (``LinearizedModel``) with a warning naming what has no fast path;
+    ``fast=True`` requires the fast path (NotImplementedError otherwise); ``fast=False`` the generic one.
+    Both have the same interface and compute the same function."""
+    if fast is False:
+        return LinearizedModel(model, trainable=trainable)
+    from .models import to_dual
+
+    base = copy.deepcopy(model)
+    try:
+        return DualLinearizedModel(model, base, to_dual(base, trainable=trainable))
+    except NotImplementedError as e:
+        if fast:
+            raise
+        warnings.warn(f"tak.linearize: generic torch.func.jvp path (math attention, no fused kernels): {e}",
+                      stacklevel=2)
+        return LinearizedModel(model, trainable=trainable)
 
 
 class LinearizedModel(nn.Module):
@@ -76,13 +99,7 @@ class LinearizedModel(nn.Module):
         with _math_attention():
             outs, dots = jvp(f, (primals,), (tangents,))
         outs, dots = iter(outs), iter(dots)
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor):
-                out, dot = next(outs), next(dots)
-                leaves[i] = out + dot if out.is_floating_point() else out
-            elif not isinstance(leaf, _PASS_THROUGH):
-                leaves[i] = None
-        return pytree.tree_unflatten(leaves, spec)
+        return _primal_plus_tangent(leaves, spec, lambda: (next(outs), next(dots)))
 
     @contextlib.contextmanager
     def scaled(self, alpha: float):
@@ -149,6 +166,65 @@ class LinearizedModel(nn.Module):
     def extra_repr(self) -> str:
         n = sum(tau.numel() for _, tau in self._taus())
         return f"base={type(self._base).__name__}, {len(self._names)} τ tensors, {n} entries"
+
+
+class DualLinearizedModel(nn.Module):
+    """The fast path of ``linearize``: ``dual`` = ``tak.models.to_dual(base)`` in "linearized" mode, with
+    the interface of ``LinearizedModel``; ``base`` is a private copy of ``model`` whose parameters are θ0.
+    τ are the dual model's tangent directions (its only parameters), keyed by the model's parameter
+    names in ``task_vector()``."""
+
+    def __init__(self, model: nn.Module, base: nn.Module, dual):
+        super().__init__()
+        self.dual = dual.set_mode("linearized")
+        self.__dict__["_base"] = base.requires_grad_(False)  # θ0; not a submodule
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._alpha = 1.0
+
+    def forward(self, *args, **kwargs):
+        primal, tangent = self.dual(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten(primal)
+        pairs = zip((x for x in leaves if isinstance(x, torch.Tensor)),
+                    (t for t in pytree.tree_leaves(tangent) if isinstance(t, torch.Tensor)))
+
+        def next_pair():
+            out, dot = next(pairs)
+            return out, dot if self._alpha == 1.0 else self._alpha * dot
+        return _primal_plus_tangent(leaves, spec, next_pair)
+
+    scaled = LinearizedModel.scaled
+
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        """{model parameter name: τ}, detached copies."""
+        return self.dual.task_vector()
+
+    def load_task_vector(self, taus: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+        """As ``LinearizedModel.load_task_vector``."""
+        own = self.dual.named_taus()
+        if not strict:
+            taus = {**{n: t.detach() for n, t in own.items()}, **taus}
+        self.dual.load_task_vector(dict(taus))
+
+    def _taus(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self.dual.named_taus().items())
+
+    base_parameters = LinearizedModel.base_parameters
+    nonlinear_model = LinearizedModel.nonlinear_model
+    train = LinearizedModel.train
+    _apply = LinearizedModel._apply
+
+
+def _primal_plus_tangent(leaves: list, spec, next_pair):
+    """The output structure with each floating tensor leaf primal + tangent (``next_pair()`` gives the
+    (primal, tangent) of the next tensor leaf), other tensors their primal, Python scalars and strings
+    as they are, anything else None."""
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            out, dot = next_pair()
+            leaves[i] = out + dot if out.is_floating_point() and dot is not None else out
+        elif not isinstance(leaf, _PASS_THROUGH):
+            leaves[i] = None
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _select(model: nn.Module, trainable: Trainable) -> list[str]:

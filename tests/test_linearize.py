@@ -124,7 +124,7 @@ def random_taus(lin, scale=1.0):
 @pytest.mark.parametrize("case", CASES)
 def test_forward_equals_jvp_and_the_model_to_second_order(case):
     model, inputs, out_fn = CASES[case]()
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     args, kwargs = inputs()
     f0 = call(model, params_of(model), args, kwargs, out_fn)
 
@@ -153,7 +153,7 @@ def test_forward_equals_jvp_and_the_model_to_second_order(case):
 def test_tau_gradients_equal_vjp_at_theta0(case):
     model, inputs, out_fn = CASES[case]()
     before = {name: p.clone() for name, p in params_of(model).items()}
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     lin.load_task_vector(random_taus(lin))
     args, kwargs = inputs()
 
@@ -175,7 +175,7 @@ def test_tau_gradients_equal_vjp_at_theta0(case):
 
 def test_t5_output_keeps_its_type_and_drops_the_cache():
     model, inputs, _ = t5_case()
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     args, kwargs = inputs()
     out = lin(*args, **kwargs)
     assert type(out) is type(model(*args, **kwargs))
@@ -194,7 +194,7 @@ def test_non_float_and_non_tensor_leaves():
             return {"y": y, "argmax": y.argmax(-1), "n": 3, "obj": object()}
 
     model = Mixed().to(F64)
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     lin.load_task_vector(random_taus(lin, scale=10))
     x = torch.randn(5, 4, dtype=F64)
     out = lin(x)
@@ -206,7 +206,7 @@ def test_non_float_and_non_tensor_leaves():
 
 def test_dropout_shares_the_mask_between_primal_and_tangent():
     model = MLP(p_drop=0.5).to(F64).train()
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     assert lin.training and lin._base.training
     taus = random_taus(lin)
     lin.load_task_vector(taus)
@@ -238,7 +238,7 @@ def test_dropout_shares_the_mask_between_primal_and_tangent():
 
 def test_no_grad_eval_avoids_the_fused_attention_fast_path():
     model, inputs, _ = vit_case()
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     lin.load_task_vector(random_taus(lin))
     (x,), _ = inputs()
     y = lin(x)
@@ -252,7 +252,7 @@ def test_no_grad_eval_avoids_the_fused_attention_fast_path():
 
 def test_trainable_patterns_select_a_subset():
     model, inputs, out_fn = vit_case()
-    lin = tak.linearize(model, trainable=["*attn*"])
+    lin = tak.linearize(model, trainable=["*attn*"], fast=False)
     expected = [name for name, _ in model.named_parameters() if "attn" in name]
     assert expected and list(lin.task_vector()) == expected
     assert len(expected) < len(list(model.parameters()))
@@ -267,23 +267,23 @@ def test_trainable_patterns_select_a_subset():
 
 def test_trainable_predicate_default_and_refusals():
     model = MLP()
-    lin = tak.linearize(model, trainable=lambda name: name.endswith("bias"))
+    lin = tak.linearize(model, trainable=lambda name: name.endswith("bias"), fast=False)
     assert list(lin.task_vector()) == ["net.0.bias", "net.3.bias", "net.4.bias"]
 
     model.net[0].requires_grad_(False)
-    assert "net.0.weight" not in tak.linearize(model).task_vector()  # None: requires_grad=True only
-    assert "net.0.weight" in tak.linearize(model, trainable="*").task_vector()
+    assert "net.0.weight" not in tak.linearize(model, fast=False).task_vector()  # None: requires_grad=True only
+    assert "net.0.weight" in tak.linearize(model, trainable="*", fast=False).task_vector()
 
     with pytest.raises(ValueError, match=r"\*nope\*"):
-        tak.linearize(model, trainable=["*.weight", "*nope*"])
+        tak.linearize(model, trainable=["*.weight", "*nope*"], fast=False)
     with pytest.raises(ValueError, match="no parameter selected"):
-        tak.linearize(model.requires_grad_(False))
+        tak.linearize(model.requires_grad_(False), fast=False)
 
 
 def test_trainable_matches_tied_aliases():
     model, _, _ = t5_case()
     assert model.lm_head.weight is model.shared.weight
-    lin = tak.linearize(model, trainable=["lm_head.weight"])
+    lin = tak.linearize(model, trainable=["lm_head.weight"], fast=False)
     assert list(lin.task_vector()) == ["shared.weight"]
 
 
@@ -291,7 +291,7 @@ def test_trainable_matches_tied_aliases():
 
 def test_task_vector_round_trip_and_module_contents():
     model = MLP()
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     names = [name for name, _ in model.named_parameters()]
     assert [name for name, _ in lin.named_parameters()] == [f"tau.{name}" for name in names]
     assert list(lin.state_dict()) == [f"tau.{name}" for name in names]
@@ -310,7 +310,7 @@ def test_task_vector_round_trip_and_module_contents():
 
 
 def test_load_task_vector_refuses_bad_entries_and_lists_them():
-    lin = tak.linearize(MLP())
+    lin = tak.linearize(MLP(), fast=False)
     good = random_taus(lin)
     before = lin.task_vector()
 
@@ -334,7 +334,7 @@ def test_load_task_vector_refuses_bad_entries_and_lists_them():
 
 def test_merged_and_scaled_task_vectors_are_linear():
     model, inputs, _ = mlp_case()
-    lin = tak.linearize(model)
+    lin = tak.linearize(model, fast=False)
     (x,), _ = inputs()
     t1, t2 = random_taus(lin), random_taus(lin)
     f0 = lin(x).detach()
@@ -355,7 +355,7 @@ def test_merged_and_scaled_task_vectors_are_linear():
 def test_nonlinear_model_is_a_plain_copy_at_theta0_plus_alpha_tau():
     model = MLP().to(F64)
     model.net[0].bias.requires_grad_(False)
-    lin = tak.linearize(model, trainable=["*.weight"])
+    lin = tak.linearize(model, trainable=["*.weight"], fast=False)
     taus = random_taus(lin)
     lin.load_task_vector(taus)
     x = torch.randn(4, 7, dtype=F64)
@@ -374,7 +374,7 @@ def test_nonlinear_model_is_a_plain_copy_at_theta0_plus_alpha_tau():
 
 def test_to_moves_theta0_and_tau():
     model = MLP()
-    lin = tak.linearize(model).to(F64)
+    lin = tak.linearize(model, fast=False).to(F64)
     assert all(t.dtype == F64 for t in lin.task_vector().values())
     assert all(p.dtype == F64 for p in lin.base_parameters().values())
     assert lin(torch.randn(2, 7, dtype=F64)).dtype == F64

@@ -84,7 +84,7 @@ class Builder:
     def embedding(self, m: nn.Embedding) -> DualEmbedding:
         """One DualEmbedding per table: a table tied across modules gets a single θ0 and τ."""
         if id(m.weight) not in self._embeddings:
-            self._embeddings[id(m.weight)] = self.record(DualEmbedding(m.weight), weight=m.weight)
+            self._embeddings[id(m.weight)] = self.record(DualEmbedding(m.weight, m.padding_idx), weight=m.weight)
         return self._embeddings[id(m.weight)]
 
 

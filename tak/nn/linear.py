@@ -65,12 +65,15 @@ class DualPatchEmbedding(DualModule):
 
 
 class DualEmbedding(DualModule):
-    """y = W[ids], dy = τ[ids] for a table W (n, d) and integer ids (...) -> (..., d)."""
+    """y = W[ids], dy = τ[ids] for a table W (n, d) and integer ids (...) -> (..., d). As in
+    ``nn.Embedding``, the row ``padding_idx`` gets no gradient (it is not trained)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None):
         super().__init__()
         self.register_dual("weight", weight)
+        self.padding_idx = padding_idx
 
     def forward(self, ids):
         w, dw = self.dual("weight")
-        return F.embedding(ids, w), None if dw is None else F.embedding(ids, dw)
+        y = F.embedding(ids, w, self.padding_idx)
+        return y, None if dw is None else F.embedding(ids, dw, self.padding_idx)

@@ -1,0 +1,59 @@
+"""tak.linearize picks the fast path (tak.models dual layers) for the supported models, and it computes
+the same function, gradients and task vectors as the generic torch.func.jvp path."""
+import pytest
+import torch
+from torch import nn
+
+import tak
+from tak.linearize import DualLinearizedModel, LinearizedModel
+from tests.test_linearize import CASES
+from tests.util import rel_err
+
+# T5's RMSNorm takes its variance in fp32 in transformers even for float64 inputs (~1e-7 relative).
+TOLERANCE = {"vit": 1e-10, "minilm": 1e-10, "t5": 1e-5}
+
+
+@pytest.mark.parametrize("case", list(TOLERANCE))
+def test_fast_path_equals_generic_path(case):
+    model, inputs, outputs = CASES[case]()
+    fast, generic = tak.linearize(model), tak.linearize(model, fast=False)
+    assert isinstance(fast, DualLinearizedModel) and isinstance(generic, LinearizedModel)
+    taus = {name: 0.05 * torch.randn_like(t) for name, t in generic.task_vector().items()}
+    fast.load_task_vector(taus)
+    generic.load_task_vector(fast.task_vector())  # task vectors are interchangeable
+    args, kwargs = inputs()
+    got, want = outputs(fast(*args, **kwargs)), outputs(generic(*args, **kwargs))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOLERANCE[case]
+    sum((g**2).sum() for g in got).backward()
+    sum((w**2).sum() for w in want).backward()
+    fast_grads = {n: p.grad for n, p in fast.dual.named_taus().items()}
+    names = [name for name, _ in generic._taus()]
+    # one vector: some gradients are exactly 0 in exact arithmetic (attention key biases), rounding noise here
+    assert rel_err(torch.cat([fast_grads[n].reshape(-1) for n in names]),
+                   torch.cat([tau.grad.reshape(-1) for _, tau in generic._taus()])) < TOLERANCE[case] * 10
+    with fast.scaled(0.5), generic.scaled(0.5):
+        assert rel_err(outputs(fast(*args, **kwargs))[0], outputs(generic(*args, **kwargs))[0]) < TOLERANCE[case]
+    base = fast.base_parameters()
+    for name, p in model.named_parameters():
+        assert torch.equal(base[name], p)  # θ0 is the model's, held in a private copy
+
+
+def test_fast_path_keeps_theta0_when_the_model_changes():
+    model, inputs, outputs = CASES["vit"]()
+    lin = tak.linearize(model)
+    args, kwargs = inputs()
+    before = outputs(lin(*args, **kwargs))[0]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(outputs(lin(*args, **kwargs))[0], before)
+
+
+def test_unsupported_models_fall_back_with_a_warning():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="generic torch.func.jvp path.*Sequential"):
+        lin = tak.linearize(model)
+    assert isinstance(lin, LinearizedModel)
+    with pytest.raises(NotImplementedError, match="Sequential"):
+        tak.linearize(model, fast=True)
