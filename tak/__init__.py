@@ -6,7 +6,8 @@ direction): kfac_kernels <- tak.nn <- tak.models <- tak.curvature <- tak.methods
 tak.arithmetic <- tak.cli.
 """
 from .linearize import LinearizedModel, linearize
-from .curvature import EKFAC, KFAC, TaskFactors, compress, fit_ekfac, fit_kfac, merge_kfac, merge_kfac_except
+from .curvature import (EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac,
+                        merge_kfac_except)
 
-__all__ = ["KFAC", "EKFAC", "TaskFactors", "fit_kfac", "fit_ekfac", "merge_kfac", "merge_kfac_except", "compress",
+__all__ = ["KFAC", "EKFAC", "DiagonalGGN", "TaskFactors", "fit_kfac", "fit_ekfac", "fit_diagonal", "merge_kfac", "merge_kfac_except", "compress",
            "LinearizedModel", "linearize"]

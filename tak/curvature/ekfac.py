@@ -69,13 +69,15 @@ class EKFAC(Factors):
                            for n, ef in self.factors.items()}, self.meta)
 
 
-class _EigenAccumulator:
-    """Σ_{n,m} (U_Bᵀ G_{n,m} U_A)² per layer (fp32, on the model's device), with row counts."""
+class EigenAccumulator:
+    """Σ_{n,m} (U_Bᵀ G_{n,m} U_A)² per layer (fp32, on the model's device), with row counts. A basis
+    that is None is the identity (no rotation): then S holds the squared per-example gradients."""
 
-    def __init__(self, layers: dict[str, Layer], bases: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: str,
-                 device):
+    def __init__(self, layers: dict[str, Layer], bases: dict[str, tuple], tokens: str, device):
         self.layers, self.bases, self.tokens = layers, bases, tokens
-        self.S = {n: torch.zeros(U_B.shape[1], U_A.shape[1], device=device) for n, (U_B, U_A) in bases.items()}
+        self.S = {n: torch.zeros(l.d_out if bases[n][0] is None else bases[n][0].shape[1],
+                                 l.d_in + (l.bias is not None) if bases[n][1] is None else bases[n][1].shape[1],
+                                 device=device) for n, l in layers.items()}
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -85,17 +87,19 @@ class _EigenAccumulator:
     def on_input(self, layer: Layer, a: torch.Tensor):
         """Stash U_Aᵀ ã: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input or token mean)."""
         if layer.name in self.inputs:
-            raise ValueError(f"fit_ekfac: layer {layer.name!r} runs more than once per forward; EK-FAC would need "
-                             "the per-example gradients of its calls summed, which is not supported (leave it out "
-                             "with layers=)")
+            raise ValueError(f"layer {layer.name!r} runs more than once per forward; per-example gradients of its "
+                             "calls would need to be summed, which is not supported (leave it out with layers=)")
         a, mask = self.batch.view(a.detach())
         if a.dim() == 3 and self.tokens == "reduce":
             a, mask = token_mean(a, mask), None
         self.rows[layer.name] += a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
         U_A = self.bases[layer.name][1]
-        a = a.to(U_A.dtype) @ (U_A if layer.bias is None else U_A[:-1])
-        if layer.bias is not None:
-            a += U_A[-1]  # the ones column of ã
+        if U_A is None:
+            a = a.float() if layer.bias is None else torch.cat([a.float(), a.new_ones(*a.shape[:-1], 1).float()], -1)
+        else:
+            a = a.to(U_A.dtype) @ (U_A if layer.bias is None else U_A[:-1])
+            if layer.bias is not None:
+                a += U_A[-1]  # the ones column of ã
         self.inputs[layer.name] = a if mask is None else a * mask.unsqueeze(-1).to(a.dtype)
 
     def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0):
@@ -105,7 +109,7 @@ class _EigenAccumulator:
             gi, mask = self.batch.view(gi)
             if gi.dim() == 3 and self.tokens == "reduce":
                 gi = token_sum(gi, mask)
-            self.S[layer.name] += _sum_squared_products(gi.to(U_B.dtype) @ U_B, a)
+            self.S[layer.name] += _sum_squared_products(gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B, a)
 
 
 def _sum_squared_products(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -144,7 +148,7 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
     found = _layers_of(model, kfac, layers, tokens)
     device = next(model.parameters()).device
     bases = {n: (_eigenvectors(kfac[n].B).to(device), _eigenvectors(kfac[n].A).to(device)) for n in found}
-    acc = _EigenAccumulator(found, bases, tokens, device)
+    acc = EigenAccumulator(found, bases, tokens, device)
     fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad), acc, output_fn=output_fn,
              mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
              desc="EK-FAC eigenvalues")
@@ -183,7 +187,7 @@ def _layers_of(model: nn.Module, kfac: KFAC, layers, tokens: str) -> dict[str, L
     return found
 
 
-def _finish(acc: _EigenAccumulator, kfac: KFAC, model, expected_n: int | None, **how) -> EKFAC:
+def _finish(acc: EigenAccumulator, kfac: KFAC, model, expected_n: int | None, **how) -> EKFAC:
     """Sums over all ranks, normalized as the module docstring says; ``expected_n``: the examples
     of the KFAC pass over the same batches, if there was one."""
     all_reduce_sums(list(acc.S.values()))

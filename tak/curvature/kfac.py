@@ -194,7 +194,7 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
     ``.grad`` are untouched. ``seed`` seeds the Monte-Carlo probes (seed + rank on each rank of a
     ``torch.distributed`` fit, whose factors are those of all ranks' batches)."""
     check_fit_arguments(tokens, mc_samples, probe_chunk)
-    found, groups = _select(model, layers, dense)
+    found, groups = select_targets(model, layers, dense)
     acc = _Accumulator(found, tokens, next(model.parameters()).device, dense=groups)
     capture = Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense)
     fit_pass(model, batches, capture, acc, output_fn=output_fn, mc_samples=mc_samples, exact=exact,
@@ -229,7 +229,7 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
             acc.n += acc.batch.n
 
 
-def _select(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[str, DenseGroup]]:
+def select_targets(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[str, DenseGroup]]:
     """The linear layers and (with ``dense``) dense groups that ``layers`` selects (see ``selects``)."""
     found = find_layers(model)
     groups = find_dense_groups(model) if dense else {}

@@ -29,6 +29,7 @@ from .layers import find_layers
 KINDS = {
     "kfac": ("tak.curvature.kfac", "KFAC", ("LayerFactors", "DenseFactors")),
     "ekfac": ("tak.curvature.ekfac", "EKFAC", ("EigenFactors",)),
+    "diagonal": ("tak.curvature.diagonal", "DiagonalGGN", ("DiagonalFactors", "DenseDiagonal")),
 }
 # Compressed factors a file may hold, by type tag (nothing else is ever constructed from a file).
 COMPRESSED = {cls.__name__: cls for cls in (kk.BlockDiagonalFactor, kk.LowRankFactor, kk.Int8Factor)}
