@@ -15,7 +15,8 @@ open_clip_transformer = pytest.importorskip("open_clip.transformer")
 transformers = pytest.importorskip("transformers")
 
 TOL64 = 1e-10
-TOL_T5 = 1e-5  # T5LayerNorm takes its variance in fp32 even for fp64 inputs; tak.nn.DualRMSNorm does not
+TOL_T5 = 1e-4  # the reference T5LayerNorm takes its variance in fp32 even for fp64 inputs (~6e-8 per norm, amplified
+# through the layers to ~3e-5 on the logits at worst); tak.nn.DualRMSNorm keeps fp64
 
 
 def randomize(dual: DualModel, std=1.0):
