@@ -13,7 +13,6 @@ tangent output is an ordinary autograd function of τ, so ``loss.backward()`` gi
 """
 import contextlib
 import copy
-import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -22,6 +21,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
+
+from ._selection import check_patterns, selects
 
 Trainable = None | str | Iterable[str] | Callable[[str], bool]
 
@@ -238,16 +239,9 @@ def _select(model: nn.Module, trainable: Trainable) -> list[str]:
     elif callable(trainable):
         chosen = [name for name, p in params.items() if any(map(trainable, aliases[id(p)]))]
     else:
-        patterns = [trainable] if isinstance(trainable, str) else list(trainable)
-
-        def match(names, pats):
-            return any(fnmatch.fnmatchcase(n, pat) for n in names for pat in pats)
-
-        every = [n for names in aliases.values() for n in names]
-        unmatched = [pat for pat in patterns if not match(every, [pat])]
-        if unmatched:
-            raise ValueError(f"trainable patterns match no parameter of the model: {unmatched}")
-        chosen = [name for name, p in params.items() if match(aliases[id(p)], patterns)]
+        check_patterns(trainable, [n for names in aliases.values() for n in names], "trainable",
+                       "parameter of the model")
+        chosen = [name for name, p in params.items() if any(selects(trainable, a) for a in aliases[id(p)])]
     if not chosen:
         raise ValueError("no parameter selected for a τ (trainable=None selects the parameters with "
                          "requires_grad=True; trainable='*' selects all)")

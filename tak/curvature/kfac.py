@@ -23,7 +23,8 @@ from ..io import architecture_fingerprint
 from .capture import Capture, fitting_mode
 from .dense import DenseGroup, find_dense_groups
 from .distributed import all_reduce_sums, rank
-from .layers import Layer, find_layers, selects
+from .._selection import check_patterns, selects
+from .layers import Layer, find_layers
 from .outputs import default_output_fn, to_device
 from .tokens import BatchTokens, probes, token_mean, token_sum
 
@@ -230,15 +231,10 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
 
 
 def select_targets(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[str, DenseGroup]]:
-    """The linear layers and (with ``dense``) dense groups that ``layers`` selects (see ``selects``)."""
+    """The linear layers and (with ``dense``) dense groups that ``layers`` selects (see ``tak._selection``)."""
     found = find_layers(model)
     groups = find_dense_groups(model) if dense else {}
-    if layers is not None and not callable(layers):
-        names = [*found, *groups]
-        for p in [layers] if isinstance(layers, str) else layers:
-            if not any(selects(p, n) for n in names):
-                raise ValueError(f"layers: {p!r} matches no linear layer or dense group of the model; "
-                                 f"it has {names[:8]}" + (" ..." if len(names) > 8 else ""))
+    check_patterns(layers, [*found, *groups], "layers", "linear layer or dense group of the model")
     found = {n: layer for n, layer in found.items() if selects(layers, n)}
     groups = {n: g for n, g in groups.items() if selects(layers, n)}
     if not found and not groups:

@@ -9,11 +9,12 @@ both projections are seen through a replacement forward (``tak.curvature.capture
 self-attention without bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules
 get neither (with a warning).
 """
-import fnmatch
 import warnings
 from dataclasses import dataclass
 
 from torch import nn
+
+from .._selection import check_patterns, selects
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,6 @@ class Layer:
     def block_shape(self) -> tuple[int, int]:
         """Shape of the task-vector block [W | b]: (d_out, d_in + 1 with a bias)."""
         return self.d_out, self.d_in + (self.bias is not None)
-
-
-def selects(layers, name: str) -> bool:
-    """Whether the ``layers`` selection (None: all; a name or glob pattern, or a list of them; or a
-    predicate) includes ``name``."""
-    if layers is None:
-        return True
-    if callable(layers):
-        return bool(layers(name))
-    return any(fnmatch.fnmatchcase(name, p) for p in ([layers] if isinstance(layers, str) else layers))
 
 
 def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
@@ -70,11 +61,7 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             found[name] = Layer(name, module, prefix + "in_proj_weight",
                                 prefix + "in_proj_bias" if module.in_proj_bias is not None else None,
                                 3 * module.embed_dim, module.embed_dim)
-    if layers is not None and not callable(layers):
-        for p in [layers] if isinstance(layers, str) else layers:
-            if not any(fnmatch.fnmatchcase(n, p) for n in found):
-                raise ValueError(f"layers: {p!r} matches no linear layer of the model; it has {list(found)[:8]}"
-                                 + (" ..." if len(found) > 8 else ""))
+    check_patterns(layers, found, "layers", "linear layer of the model")
     selected = {n: layer for n, layer in found.items() if selects(layers, n)}
     if not selected:
         raise ValueError(f"layers: no linear layer selected among the model's {len(found)}")

@@ -3,11 +3,11 @@
 A converter builds the dual layers with a ``Builder``, which records for every θ0 the name of the
 source parameter it is (tied parameters are one θ0 with one τ), then calls ``DualModel.bind``.
 """
-import fnmatch
 
 import torch
 from torch import nn
 
+from .._selection import selects
 from ..nn import (DualActivation, DualEmbedding, DualGELU, DualLayerNorm, DualLinear, DualModule, DualQuickGELU,
                   DualReLU, DualRMSNorm, DualTanh)
 
@@ -35,16 +35,6 @@ def activation(act: str | nn.Module, where: str) -> DualActivation:
         raise NotImplementedError(f"{where}: activation {act!r} has no dual layer; supported: nn.GELU, nn.ReLU, "
                                   f"nn.Tanh, QuickGELU and the names {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]()
-
-
-def selects(trainable, name: str) -> bool:
-    """Whether ``trainable`` (None: all; a glob pattern or a list of them; a predicate) selects ``name``."""
-    if trainable is None:
-        return True
-    if callable(trainable):
-        return bool(trainable(name))
-    patterns = [trainable] if isinstance(trainable, str) else trainable
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 class Builder:
