@@ -90,7 +90,7 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
                                       tuple(params[p].numel() for p in group.params))
     meta = {
         "kind": "diagonal", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
-        "tokens": tokens, "exact": exact, "mc_samples": mc_samples, "n_examples": n,
+        "tokens": tokens, "exact": exact, "mc_samples": mc_samples, "seed": seed, "n_examples": n,
         "scale": "D = sum(per-example gradient^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact)",
         "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in} for name, l in found.items()},
         "dense": {name: {"params": list(g.params), "kind": g.kind, "size": g.size} for name, g in groups.items()},

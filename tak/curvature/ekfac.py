@@ -152,7 +152,7 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
     fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad), acc, output_fn=output_fn,
              mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
              desc="EK-FAC eigenvalues")
-    return _finish(acc, kfac, model, expected_n, tokens=tokens, mc_samples=mc_samples, exact=exact)
+    return _finish(acc, kfac, model, expected_n, tokens=tokens, mc_samples=mc_samples, exact=exact, seed=seed)
 
 
 def _eigenvectors(F) -> torch.Tensor:
@@ -205,7 +205,7 @@ def _finish(acc: EigenAccumulator, kfac: KFAC, model, expected_n: int | None, **
                for name, layer in acc.layers.items()}
     meta = {
         "kind": "ekfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
-        "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"],
+        "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"], "seed": how["seed"],
         "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
         "scale": "S = sum((U_B^T G U_A)^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact), "
                  "G = sum_t g a^T; U_A, U_B: eigenvectors (float64 eigh) of the KFAC factors A, B",

@@ -200,7 +200,7 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
     capture = Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense)
     fit_pass(model, batches, capture, acc, output_fn=output_fn, mc_samples=mc_samples, exact=exact,
              probe_chunk=probe_chunk, seed=seed, progress=progress, desc="KFAC factors")
-    return _finish(acc, found, groups, model, tokens=tokens, mc_samples=mc_samples, exact=exact)
+    return _finish(acc, found, groups, model, tokens=tokens, mc_samples=mc_samples, exact=exact, seed=seed)
 
 
 def check_fit_arguments(tokens: str, mc_samples: int, probe_chunk: int) -> None:
@@ -260,7 +260,7 @@ def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
                                      params=group.params, sizes=tuple(params[p].numel() for p in group.params))
     meta = {
         "kind": "kfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
-        "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"],
+        "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"], "seed": how["seed"],
         "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
         "scale": "A = sum(a a^T)/rows; B = sum(g g^T)/(N * probes), probes = mc_samples (1 if exact)",
         "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in}

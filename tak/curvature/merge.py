@@ -20,7 +20,7 @@ import kfac_kernels as kk
 from .kfac import KFAC
 
 # meta entries that belong to one task; a merge keeps them per task under meta["merge"]["parts"].
-_PER_TASK = ("task", "n_examples", "n_rows", "mc_samples", "merge")
+_PER_TASK = ("task", "n_examples", "n_rows", "mc_samples", "seed", "merge")
 
 
 def merge_kfac(factors: list[KFAC], sizes: list) -> KFAC:
