@@ -51,7 +51,45 @@ def linearize(model: nn.Module, *, trainable: Trainable = None, fast: bool | Non
         return LinearizedModel(model, trainable=trainable)
 
 
-class LinearizedModel(nn.Module):
+class _Linearization(nn.Module):
+    """What both paths share: θ0 in a private copy ``_base`` of the model (not a submodule, so
+    ``parameters()`` are τ alone, while ``to()`` / ``train()`` reach it), τ by the model's names
+    (``_taus()``), and the scale α of ``scaled``."""
+
+    @contextlib.contextmanager
+    def scaled(self, alpha: float):
+        """Within the context the forward computes f(x; θ0) + α J τ (a scaled task vector)."""
+        before, self._alpha = self._alpha, float(alpha)
+        try:
+            yield self
+        finally:
+            self._alpha = before
+
+    def base_parameters(self) -> dict[str, torch.Tensor]:
+        """{model parameter name: θ0} for every parameter: the held tensors (detached), not copies."""
+        return {name: p.detach() for name, p in self._base.named_parameters()}
+
+    def nonlinear_model(self, alpha: float = 1.0) -> nn.Module:
+        """A plain copy of the model with parameters θ0 + α τ and the original ``requires_grad`` flags."""
+        model = copy.deepcopy(self._base)
+        with torch.no_grad():
+            for name, tau in self._taus():
+                model.get_parameter(name).add_(tau, alpha=alpha)
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._requires_grad[name])
+        return model
+
+    def train(self, mode: bool = True):
+        self._base.train(mode)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            self._base._apply(fn)
+        return super()._apply(fn, recurse)
+
+
+class LinearizedModel(_Linearization):
     """f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0) τ, with τ the only parameters (zeros at start).
 
     θ0 is a frozen deep copy of ``model`` (its parameters with ``requires_grad=False``), held outside
@@ -102,15 +140,6 @@ class LinearizedModel(nn.Module):
         outs, dots = iter(outs), iter(dots)
         return _primal_plus_tangent(leaves, spec, lambda: (next(outs), next(dots)))
 
-    @contextlib.contextmanager
-    def scaled(self, alpha: float):
-        """Within the context the forward computes f(x; θ0) + α J τ (a scaled task vector)."""
-        before, self._alpha = self._alpha, float(alpha)
-        try:
-            yield self
-        finally:
-            self._alpha = before
-
     def task_vector(self) -> dict[str, torch.Tensor]:
         """{model parameter name: τ}, detached copies."""
         return {name: tau.detach().clone() for name, tau in self._taus()}
@@ -141,35 +170,12 @@ class LinearizedModel(nn.Module):
             for name in shapes:
                 own[name].copy_(torch.as_tensor(taus[name]))
 
-    def base_parameters(self) -> dict[str, torch.Tensor]:
-        """{model parameter name: θ0} for every parameter: the held tensors (detached), not copies."""
-        return {name: p.detach() for name, p in self._base.named_parameters()}
-
-    def nonlinear_model(self, alpha: float = 1.0) -> nn.Module:
-        """A plain copy of the model with parameters θ0 + α τ and the original ``requires_grad`` flags."""
-        model = copy.deepcopy(self._base)
-        with torch.no_grad():
-            for name, tau in self._taus():
-                model.get_parameter(name).add_(tau, alpha=alpha)
-        for name, p in model.named_parameters():
-            p.requires_grad_(self._requires_grad[name])
-        return model
-
-    def train(self, mode: bool = True) -> "LinearizedModel":
-        self._base.train(mode)
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        if recurse:
-            self._base._apply(fn)
-        return super()._apply(fn, recurse)
-
     def extra_repr(self) -> str:
         n = sum(tau.numel() for _, tau in self._taus())
         return f"base={type(self._base).__name__}, {len(self._names)} τ tensors, {n} entries"
 
 
-class DualLinearizedModel(nn.Module):
+class DualLinearizedModel(_Linearization):
     """The fast path of ``linearize``: ``dual`` = ``tak.models.to_dual(base)`` in "linearized" mode, with
     the interface of ``LinearizedModel``; ``base`` is a private copy of ``model`` whose parameters are θ0.
     τ are the dual model's tangent directions (its only parameters), keyed by the model's parameter
@@ -193,8 +199,6 @@ class DualLinearizedModel(nn.Module):
             return out, dot if self._alpha == 1.0 else self._alpha * dot
         return _primal_plus_tangent(leaves, spec, next_pair)
 
-    scaled = LinearizedModel.scaled
-
     def task_vector(self) -> dict[str, torch.Tensor]:
         """{model parameter name: τ}, detached copies."""
         return self.dual.task_vector()
@@ -209,10 +213,7 @@ class DualLinearizedModel(nn.Module):
     def _taus(self) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(self.dual.named_taus().items())
 
-    base_parameters = LinearizedModel.base_parameters
-    nonlinear_model = LinearizedModel.nonlinear_model
-    train = LinearizedModel.train
-    _apply = LinearizedModel._apply
+
 
 
 def _primal_plus_tangent(leaves: list, spec, next_pair):

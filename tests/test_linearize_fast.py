@@ -57,3 +57,17 @@ def test_unsupported_models_fall_back_with_a_warning():
     assert isinstance(lin, LinearizedModel)
     with pytest.raises(NotImplementedError, match="Sequential"):
         tak.linearize(model, fast=True)
+
+
+def test_fast_path_module_methods():
+    model, inputs, outputs = CASES["vit"]()
+    lin = tak.linearize(model).eval()
+    assert not lin.training and not lin._base.training
+    lin.train()
+    assert lin._base.training and lin.dual.training
+    lin.load_task_vector({n: 0.1 * torch.randn_like(t) for n, t in lin.task_vector().items()})
+    args, kwargs = inputs()
+    want = outputs(lin.eval()(*args, **kwargs))[0]
+    got = outputs(lin.to(torch.float32)(*(a.float() for a in args), **kwargs))[0]
+    assert got.dtype == torch.float32 and lin.base_parameters()["proj"].dtype == torch.float32
+    assert rel_err(got, want) < 1e-5
