@@ -6,6 +6,7 @@ A (d_in × d_in) symmetric, so q(τ) = vec(τ)ᵀ(B⊗A)vec(τ) = trace(τᵀ B 
 
 Importing this package never touches CUDA and never needs Triton.
 """
+from .attention import dual_attention
 from .covariance import covariance_update_
 from .dual import dual_linear
 from .factors import BlockDiagonalFactor, Int8Factor, LowRankFactor
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockDiagonalFactor", "Int8Factor", "LowRankFactor",
     "quadratic_form", "quadratic_forms", "eigen_quadratic_form", "eigen_quadratic_forms",
-    "covariance_update_", "dual_linear",
+    "covariance_update_", "dual_linear", "dual_attention",
 ]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kfac_kernels as kk
+
 from .base import apply
 from .linear import DualLinear
 
@@ -56,9 +58,13 @@ def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, sca
     and dbias (broadcastable to (B, H, Lq, Lk)); None tangents are zeros, and Ȯ is None when all are.
 
     With a tangent, q, k, v, bias are the constant primal point and must not require grad; O is a
-    constant, Ȯ is differentiable in dq, dk, dv, dbias. Keys are processed ``block_size`` at a time."""
+    constant, Ȯ is differentiable in dq, dk, dv, dbias. Keys are processed ``block_size`` at a time.
+    On CUDA this is ``kfac_kernels.dual_attention``'s fused Triton kernel (a query row with no key to
+    attend gives 0 there; no model here produces one: padding masks mask keys)."""
     if dq is None and dk is None and dv is None and dbias is None:
         return attention(q, k, v, mask, bias, scale=scale), None
+    if q.is_cuda:
+        return kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, bias=bias, dbias=dbias, scale=scale)
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"dual_attention: {name} requires grad, but the primal point is a constant; "
