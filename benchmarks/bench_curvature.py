@@ -236,19 +236,6 @@ def row(section, case, reference, ours, ref, target=None, *, note="", images=Non
     ROWS.setdefault(section, []).append(ModelRow(case, reference, ours, ref, target, note, images, mem_target))
 
 
-@contextlib.contextmanager
-def math_attention():
-    """Math SDPA and no fused nn.MultiheadAttention fast path (what forward-mode AD can go through)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
 # ---------------------------------------------------------------- the published-code reference
 
 class LinearMHA(nn.Module):

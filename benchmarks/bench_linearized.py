@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 import bench_curvature as bc
-from bench_curvature import CFG, bg, images, make_vit, math_attention, measure, row
+from bench_curvature import CFG, bg, images, make_vit, measure, row
+from tak.linearize import math_attention  # noqa: E402
 
 import kfac_kernels as kk  # noqa: E402  (this checkout's: bench_gpu put it first on sys.path)
 

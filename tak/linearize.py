@@ -135,7 +135,7 @@ class LinearizedModel(_Linearization):
             leaves, spec = pytree.tree_flatten(functional_call(self._base, params, args, kwargs))
             return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
 
-        with _math_attention():
+        with math_attention():
             outs, dots = jvp(f, (primals,), (tangents,))
         outs, dots = iter(outs), iter(dots)
         return _primal_plus_tangent(leaves, spec, lambda: (next(outs), next(dots)))
@@ -260,7 +260,7 @@ def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
 
 
 @contextlib.contextmanager
-def _math_attention():
+def math_attention():
     """Math SDPA and no fused ``nn.MultiheadAttention`` / ``TransformerEncoderLayer`` fast path."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
