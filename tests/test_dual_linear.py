@@ -67,9 +67,12 @@ def test_forward_matches_jvp(backend, lead, d_in, d_out, bias):
     inputs = make_inputs(lead, d_in, d_out, bias, device=DEVICE)
     y, dy = dual_linear(*inputs)
     y_ref, dy_ref = reference(*inputs)
+    # fp32 accumulation is accurate relative to the summands' size, not the sum's: a 1×1 dy = dx·W + x·dW + db
+    # can cancel to ~1e-3 of its terms. So the error is measured against Σ|terms| (the reference on |inputs|).
+    y_abs, dy_abs = reference(*(None if t is None else t.abs() for t in inputs))
     assert y.shape == dy.shape == (*lead, d_out) and y.dtype == dy.dtype == torch.float32
-    assert rel_err(y, y_ref) <= TOL[torch.float32]
-    assert rel_err(dy, dy_ref) <= TOL[torch.float32]
+    for out, ref, size in ((y, y_ref, y_abs), (dy, dy_ref, dy_abs)):
+        assert (out.double().cpu() - ref.double().cpu()).norm() <= TOL[torch.float32] * size.double().cpu().norm()
 
 
 @pytest.mark.parametrize("bias", BIAS_MODES)
