@@ -55,6 +55,15 @@ def _add_mirrored(C, E, rows, cols, part, scale):
 
 
 @triton.jit
+def _kept(M, rk, stop, stride_m, HAS_MASK: tl.constexpr):
+    """Which rows rk (< stop, and True in the mask M when HAS_MASK) enter X̃."""
+    keep = rk < stop
+    if HAS_MASK:
+        keep = keep & (tl.load(M + rk.to(tl.int64) * stride_m, mask=keep, other=0) != 0)
+    return keep
+
+
+@triton.jit
 def _accumulate(
     acc, X, M, ri, rj, start, stop, D, stride_n, stride_d, stride_m,
     HAS_MASK: tl.constexpr, ONES_I: tl.constexpr, ONES_J: tl.constexpr,
@@ -63,9 +72,7 @@ def _accumulate(
     """acc + X̃[start:stop, ri]ᵀ X̃[start:stop, rj]; ONES_*: that column block holds the ones column."""
     for k in range(start, stop, BLOCK_K):
         rk = k + tl.arange(0, BLOCK_K)
-        keep = rk < stop
-        if HAS_MASK:
-            keep = keep & (tl.load(M + rk.to(tl.int64) * stride_m, mask=keep, other=0) != 0)
+        keep = _kept(M, rk, stop, stride_m, HAS_MASK)
         a = _load_x(X, rk, ri, keep, D, stride_n, stride_d, ONES_I)
         b = _load_x(X, rk, rj, keep, D, stride_n, stride_d, ONES_J)
         acc = dot_acc(tl.trans(a), b, acc, DOT)
@@ -82,9 +89,7 @@ def _ones_row(
     sums = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in range(start, stop, BLOCK_K):
         rk = k + tl.arange(0, BLOCK_K)
-        keep = rk < stop
-        if HAS_MASK:
-            keep = keep & (tl.load(M + rk.to(tl.int64) * stride_m, mask=keep, other=0) != 0)
+        keep = _kept(M, rk, stop, stride_m, HAS_MASK)
         b = _load_x(X, rk, rj, keep, D, stride_n, stride_d, True)
         sums += tl.sum(b.to(tl.float32), axis=0)
     return tl.where(tl.arange(0, BLOCK)[:, None] == 0, sums[None, :], 0.0)
