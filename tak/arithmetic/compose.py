@@ -1,0 +1,109 @@
+"""Task addition and negation of saved task vectors: θ0 + Σ_t α_t τ_t and θ0 − α τ.
+
+A non-linear task vector is added to the plain model's parameters; a linear one acts through the
+linearized model, f(x; θ0) + J (Σ_t α_t τ_t) (``tak.linearize``). ``Evaluator`` scores a merged
+task vector for a whole α grid: for linear task vectors from two feature passes per task
+(f_lin(θ0 + α τ) = f0 + α (f_lin(θ0 + τ) − f0)), for non-linear ones from one pass per α.
+"""
+import copy
+
+import torch
+
+from ..evaluation import accuracy_of_features, features, linear_path_features
+from ..linearize import linearize
+from ..task_vector import TaskVector, check_compatible
+
+
+def combine(task_vectors: list[TaskVector], alphas=1.0, *, allow_mixed_regimes: bool = False) -> TaskVector:
+    """Σ_t α_t τ_t as a TaskVector (``alphas``: one value or one per task vector), after checking that
+    the task vectors share base model, architecture and regime."""
+    check_compatible(task_vectors, allow_mixed_regimes=allow_mixed_regimes)
+    alphas = [float(alphas)] * len(task_vectors) if isinstance(alphas, (int, float)) else [float(a) for a in alphas]
+    if len(alphas) != len(task_vectors):
+        raise ValueError(f"alphas: {len(alphas)} values for {len(task_vectors)} task vectors")
+    first = task_vectors[0]
+    tensors = {k: sum(a * tv.tensors[k].float() for a, tv in zip(alphas, task_vectors)).to(v.dtype)
+               for k, v in first.tensors.items()}
+    meta = {k: first.meta.get(k) for k in ("base_model", "fingerprint", "regime", "source") if k in first.meta}
+    meta.update(task="+".join(str(tv.task) for tv in task_vectors), method="+".join(
+        sorted({str(tv.meta.get("method")) for tv in task_vectors})), alphas=alphas)
+    return TaskVector(tensors, meta)
+
+
+def negate(task_vector: TaskVector, alpha: float = 1.0) -> TaskVector:
+    """−α τ (task negation), with the metadata kept."""
+    return TaskVector({k: -alpha * v for k, v in task_vector.tensors.items()},
+                      {**task_vector.meta, "negated": alpha})
+
+
+def check_backbone(backbone, task_vectors: list[TaskVector]) -> None:
+    """ValueError unless the task vectors were trained on ``backbone``'s architecture."""
+    for tv in task_vectors:
+        fp = tv.meta.get("fingerprint")
+        if fp is not None and fp != backbone.fingerprint:
+            raise ValueError(f"task vector {tv.task!r} (base model {tv.meta.get('base_model')!r}, architecture "
+                             f"{fp}) does not belong to backbone {backbone.name!r} (architecture {backbone.fingerprint})")
+
+
+def apply(backbone, task_vector: TaskVector, alpha: float = 1.0):
+    """The network at θ0 + α τ: a copy of ``backbone.model`` for a non-linear task vector, its
+    linearization for a linear one (``regime`` from the metadata)."""
+    check_backbone(backbone, [task_vector])
+    if task_vector.regime == "linear":
+        lin = linearize(backbone.model, trainable=list(task_vector.tensors))
+        lin.load_task_vector({k: alpha * v for k, v in task_vector.tensors.items()})
+        return lin.eval()
+    model = copy.deepcopy(backbone.model)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(task_vector.tensors) - set(params))
+    if unknown:
+        raise ValueError(f"task vector {task_vector.task!r} has entries the model lacks: {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in task_vector.tensors.items():
+            params[k].add_(v.to(params[k].device, params[k].dtype), alpha=alpha)
+    return model.eval()
+
+
+class Evaluator:
+    """Accuracies of merged task vectors on ``tasks`` (their ``split``), α grids included; θ0's
+    features are computed once per task."""
+
+    def __init__(self, backbone, tasks: list, split: str, *, batch_size: int = 256, device="cpu",
+                 progress: bool = False):
+        self.backbone, self.tasks, self.split = backbone, list(tasks), split
+        self.kw = dict(batch_size=batch_size, device=device, progress=progress)
+        for t in self.tasks:
+            if len(t.split(split)) == 0:
+                raise ValueError(f"task {t.name!r}: its {split!r} split is empty; cannot evaluate on it")
+        self._f0 = {}
+
+    def _features(self, model, task) -> tuple[torch.Tensor, torch.Tensor]:
+        return features(self.backbone, model, task.split(self.split), desc=task.name, **self.kw)
+
+    def pretrained(self, task) -> tuple[torch.Tensor, torch.Tensor]:
+        if task.name not in self._f0:
+            self._f0[task.name] = self._features(self.backbone.model.eval(), task)
+        return self._f0[task.name]
+
+    def sweep(self, task_vector: TaskVector | None, alphas, tasks=None) -> dict[float, dict[str, float]]:
+        """{α: {task: accuracy (%)}} of θ0 + α τ (τ = None: the pretrained model at every α)."""
+        tasks = self.tasks if tasks is None else tasks
+        alphas = [float(a) for a in alphas]
+        if not alphas:
+            raise ValueError("alphas: empty grid")
+        out = {a: {} for a in alphas}
+        if task_vector is not None and task_vector.regime == "linear":
+            model = apply(self.backbone, task_vector, 1.0)
+            for t in tasks:
+                f0, labels = self.pretrained(t)
+                f1, _ = self._features(model, t)
+                head = self.backbone.head(t)
+                for a in alphas:
+                    out[a][t.name] = accuracy_of_features(head, linear_path_features(f0, f1, a), labels)
+            return out
+        for a in alphas:
+            model = None if task_vector is None or a == 0 else apply(self.backbone, task_vector, a)
+            for t in tasks:
+                feats, labels = self.pretrained(t) if model is None else self._features(model, t)
+                out[a][t.name] = accuracy_of_features(self.backbone.head(t), feats, labels)
+        return out

@@ -1,0 +1,180 @@
+"""``tak eval`` and ``tak report``: protocols and analyses of saved task vectors, and their report.
+
+``evaluate_files`` loads task vectors (refusing mixed base models, architectures or regimes),
+rebuilds their backbone and tasks from the metadata, runs the addition or negation protocol and,
+with ``analyses``, the disentanglement, normalcy, linearization-error and support-localization
+analyses; it writes ``results.json`` and PNG plots to ``out``. ``render_report`` turns result
+folders (of ``tak eval`` or ``tak demo``) into one markdown report with its images beside it.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..backbones import load_backbone
+from ..curvature.outputs import to_device
+from ..data import get_task
+from ..evaluation import loader
+from ..task_vector import TaskVector, check_compatible
+from . import analyses, plots
+from .compose import apply, combine
+from .protocols import DEFAULT_ALPHAS, task_addition, task_negation
+from .report import Report
+
+_ANALYSIS_EXAMPLES = 64
+_PAIR_ALPHAS = [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def evaluate_files(paths, *, protocol="addition", target=None, control=None, alphas=None, run_analyses=False,
+                   data_root=None, max_train=None, max_test=None, pretrained=None, device=None, out) -> dict:
+    """Run ``protocol`` ("addition" or "negation") on the task vectors in ``paths``; write to ``out``."""
+    tvs = [TaskVector.load(p) for p in paths]
+    check_compatible(tvs)
+    meta = tvs[0].meta
+    source = meta.get("source") or {}
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone = load_backbone(meta["base_model"], pretrained=pretrained or source.get("pretrained"), device=device)
+    get = lambda name: get_task(name, root=data_root, max_train=max_train, max_test=max_test)  # noqa: E731
+    alphas = list(alphas or DEFAULT_ALPHAS)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(device=device)
+    results = {"task_vectors": [str(p) for p in paths], "regime": tvs[0].regime, "base_model": meta["base_model"],
+               "methods": sorted({str(tv.meta.get("method")) for tv in tvs}), "protocol": protocol}
+    if protocol == "negation":
+        if control is None:
+            raise ValueError("negation needs --control (the task whose accuracy must be kept)")
+        tv = tvs[0] if target is None else next((t for t in tvs if t.task == target), None)
+        if tv is None:
+            raise ValueError(f"--target {target!r}: none of the task vectors is of that task "
+                             f"({[t.task for t in tvs]})")
+        result = task_negation(backbone, tv, get(tv.task), get(control), alphas=alphas, **kw)
+        results["negation"] = {"target": tv.task, "control": control, **result.to_dict()}
+        curves = {"target": (list(result.val_curve), [v["target"] for v in result.val_curve.values()]),
+                  "control": (list(result.val_curve), [v["control"] for v in result.val_curve.values()])}
+        plots.alpha_sweeps(curves, out / "negation_sweep.png", title=f"negating {tv.task}: validation accuracy vs α",
+                           mark_best=False)
+    else:
+        tasks = [get(tv.task) for tv in tvs]
+        result = task_addition(backbone, tvs, tasks, alphas=alphas, **kw)
+        results.update(result.to_dict())
+        plots.alpha_sweeps({"+".join(results["methods"]): (list(result.val_curve), list(result.val_curve.values()))},
+                           out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
+        if run_analyses:
+            results["analyses"] = _analyses(backbone, tvs, tasks, out, device)
+    _write_json(out / "results.json", results)
+    return results
+
+
+def _inputs(backbone, task, device, n=_ANALYSIS_EXAMPLES) -> list:
+    examples = task.split("val")[:n]
+    return [to_device(x, device) for x, _ in loader(backbone, examples, 32)]
+
+
+def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
+    """Disentanglement (first pair), normalcy AUROC, linearization error and support localization."""
+    inputs = {t.name: _inputs(backbone, t, device) for t in tasks}
+    models = {}
+
+    def model(tau):
+        key = None if tau is None else id(tau)
+        if key not in models:
+            models.clear()  # one network at a time in memory
+            models[key] = backbone.model.eval() if tau is None else apply(backbone, tau)
+        return models[key]
+
+    def feats(tau, batch):
+        with torch.no_grad():
+            return backbone.features(model(tau), batch)
+
+    found = {}
+    as_tv = lambda tensors: None if tensors is None else TaskVector(tensors, dict(tvs[0].meta))  # noqa: E731
+    if len(tvs) >= 2:
+        t1, t2 = tasks[0], tasks[1]
+        heads = {t1.name: backbone.head(t1), t2.name: backbone.head(t2)}
+        tagged1 = [(t1.name, b) for b in inputs[t1.name]]
+        tagged2 = [(t2.name, b) for b in inputs[t2.name]]
+
+        def predict(tau, tagged):
+            name, batch = tagged
+            return heads[name](feats(as_tv(analyses._tensors(tau)) if tau is not None else None, batch))
+        xi = analyses.disentanglement_error(predict, tvs[0].tensors, tvs[1].tensors, tagged1, tagged2,
+                                            _PAIR_ALPHAS, _PAIR_ALPHAS)
+        plots.disentanglement_heatmap(xi, _PAIR_ALPHAS, _PAIR_ALPHAS, out / "disentanglement.png",
+                                      title=f"ξ(α1, α2): {t1.name} × {t2.name}")
+        found["disentanglement"] = {"tasks": [t1.name, t2.name], "alphas": _PAIR_ALPHAS, "xi": xi.tolist()}
+    normalcy, localization, scores = {}, {}, {}
+    for tv, t in zip(tvs, tasks):
+        others = [b for o in tasks if o.name != t.name for b in inputs[o.name]]
+        if not others:
+            break
+        jvp = lambda tau, batch: feats(tv, batch) - feats(None, batch)  # noqa: E731  (exact for linear τ)
+        inside = analyses.normalcy_scores(jvp, tv.tensors, inputs[t.name])
+        outside = analyses.normalcy_scores(jvp, tv.tensors, others)
+        normalcy[t.name] = analyses.auroc(inside, outside)
+        scores[f"{t.name} (in)"], scores[f"{t.name} (out)"] = inside, outside
+        mse_in, mse_out = analyses.support_localization(lambda tau, b: feats(None if tau is None else tv, b),
+                                                        tv.tensors, inputs[t.name], others)
+        localization[t.name] = {"in": mse_in.mean().item(), "out": mse_out.mean().item()}
+    if normalcy:
+        plots.histograms(scores, out / "normalcy.png", title="normalcy ‖J τ_t x‖²: in-task vs other tasks",
+                         xlabel="‖J f(x; θ0) τ_t‖²", log=True)
+        found["normalcy_auroc"], found["support_localization"] = normalcy, localization
+    if len(tvs) >= 2:
+        errors = {}
+        for t in tasks:
+            mean_tv = combine(tvs, 1.0 / len(tvs))
+            err = []
+            for batch in inputs[t.name]:
+                each = torch.stack([feats(tv, batch) for tv in tvs]).mean(0)
+                err.append((each - feats(mean_tv, batch)).abs().sum(-1).cpu())
+            errors[t.name] = torch.cat(err)
+        plots.histograms(errors, out / "linearization_error.png", title="linearization error per task",
+                         xlabel="‖mean_t f(x; θ_t) − f(x; mean θ)‖₁")
+        found["linearization_error"] = {k: v.mean().item() for k, v in errors.items()}
+    return found
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def render_report(folders, out) -> Path:
+    """``out/report.md`` from the ``results.json`` (and PNGs) of each folder in ``folders``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report("Task arithmetic report")
+    for i, folder in enumerate(map(Path, folders)):
+        path = folder / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no results.json (run `tak demo` or `tak eval --out {folder}` first)")
+        results = json.loads(path.read_text())
+        report.section(f"{folder.name or folder}")
+        if "zero_shot" in results:  # a tak demo folder
+            from ..demo import table
+            report.text(table(results))
+        if "alpha1" in results:
+            report.table([{"task": t, "individual": results["individual"][t],
+                           "merged (α=1)": results["alpha1"]["per_task"][t],
+                           f"merged (α={results['best']['alpha']})": results["best"]["per_task"][t]}
+                          for t in results["individual"]])
+            report.table([{"": name, "absolute": results[key]["abs"], "normalized": results[key]["norm"]}
+                          for name, key in (("α = 1", "alpha1"), (f"best α = {results['best']['alpha']}", "best"))])
+        if "negation" in results:
+            n = results["negation"]
+            report.table([{"": "pretrained", n["target"]: n["pretrained_target"], n["control"]: n["pretrained_control"]},
+                          {"": f"θ0 − {n['alpha']} τ", n["target"]: n["target"], n["control"]: n["control"]}])
+        found = results.get("analyses", {})
+        if "normalcy_auroc" in found:
+            report.table([{"task": t, "normalcy AUROC": found["normalcy_auroc"][t],
+                           "edit distance in-domain": found["support_localization"][t]["in"],
+                           "edit distance out-of-domain": found["support_localization"][t]["out"]}
+                          for t in found["normalcy_auroc"]], floatfmt=".4g")
+        for png in sorted(folder.glob("*.png")):
+            target = out / f"{i}-{png.name}"
+            shutil.copyfile(png, target)
+            report.image(target, png.stem.replace("_", " "))
+    return report.write(out / "report.md")

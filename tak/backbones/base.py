@@ -1,0 +1,111 @@
+"""Backbone: a pretrained network, how raw examples become its inputs, its feature output f, and the
+frozen zero-shot classification head of a task.
+
+Classification follows the task-arithmetic literature: only ``model`` (the encoder: CLIP's image
+tower, a BERT-like encoder, T5) is fine-tuned; each task's head is frozen, built once from its class
+names and prompt templates (``Head``). ``features(model, batch)`` accepts ``self.model``, its
+linearization (``tak.linearize``) or a copy with other weights: everything that trains, fits factors
+or evaluates goes through it.
+"""
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._compat import ensure_torchvision_importable
+from ..io import architecture_fingerprint
+
+INSTALL_HINT = "pip install 'kfac_kernels[models]'"
+
+
+def require(module: str, what: str):
+    """``import module`` (after ``tak._compat.ensure_torchvision_importable``); ImportError naming the pip
+    extra that provides it when it is missing."""
+    ensure_torchvision_importable()
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{what} needs the {module.split('.')[0]!r} package ({e}); install it with "
+                          f"{INSTALL_HINT}") from e
+
+
+@dataclass
+class Head:
+    """Frozen classifier on features f (N, D): ``scale · normalize(f) normalize(W)ᵀ`` when ``normalize``
+    (CLIP-style cosine logits) else ``scale · f Wᵀ``; W (C, D)."""
+
+    weight: torch.Tensor
+    normalize: bool = True
+    scale: float = 100.0
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(device=features.device, dtype=features.dtype)
+        if self.normalize:
+            features, w = F.normalize(features, dim=-1), F.normalize(w, dim=-1)
+        return self.scale * features @ w.T
+
+
+class Backbone:
+    """Subclasses set ``name`` (what ``load_backbone`` accepts), ``model`` and ``modalities`` and implement
+    ``inputs``, ``features`` and ``_build_head``; ``source`` says where the weights came from (``meta()``)."""
+
+    name: str
+    model: nn.Module
+    modalities: tuple[str, ...]
+    source: dict | None = None
+
+    def inputs(self, examples: list):
+        """Model inputs (a tensor or a dict of tensors) for a list of raw inputs (str, (str, str), PIL)."""
+        raise NotImplementedError
+
+    def features(self, model: nn.Module, batch) -> torch.Tensor:
+        """f (N, D): the output whose Jacobian Gramian the curvature factors approximate."""
+        raise NotImplementedError
+
+    def _build_head(self, task) -> Head:
+        raise NotImplementedError
+
+    def head(self, task) -> Head:
+        """The frozen zero-shot head of ``task`` (``tak.data.Task``), built once per task name."""
+        if task.modality not in self.modalities:
+            raise ValueError(f"backbone {self.name!r} takes {self.modalities} inputs; task {task.name!r} is "
+                             f"{task.modality!r}")
+        heads = self.__dict__.setdefault("_heads", {})
+        if task.name not in heads:
+            with torch.no_grad():
+                heads[task.name] = self._build_head(task)
+        return heads[task.name]
+
+    def collate(self, examples: list[tuple]) -> tuple:
+        """(model inputs, labels (N,) int64) for a list of (input, label) examples: a DataLoader collate_fn."""
+        inputs, labels = zip(*examples)
+        return self.inputs(list(inputs)), torch.as_tensor(labels, dtype=torch.long)
+
+    def logits(self, model: nn.Module, batch, head: Head) -> torch.Tensor:
+        return head(self.features(model, batch))
+
+    @property
+    def device(self) -> torch.device:
+        """The device of ``model``'s first parameter (CPU for a model without parameters)."""
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
+    def to(self, *args, **kwargs):
+        """``model.to(*args, **kwargs)``; the heads built so far follow to the device (keeping their dtype:
+        ``Head`` casts its weight to the features' dtype). Returns self."""
+        self.model.to(*args, **kwargs)
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            for head in self.__dict__.get("_heads", {}).values():
+                head.weight = head.weight.to(device)
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        return architecture_fingerprint(self.model)
+
+    def meta(self) -> dict:
+        """What task vector and factor files record about the backbone."""
+        return {"base_model": self.name, "fingerprint": self.fingerprint,
+                "source": dict(self.source or {"spec": self.name})}

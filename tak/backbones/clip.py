@@ -1,0 +1,110 @@
+"""open_clip CLIP models as backbones: the image tower is fine-tuned, the text tower builds zero-shot heads.
+
+- ``model``: ``clip.visual`` (an open_clip ``VisionTransformer`` for the ViT models, which
+  ``tak.linearize`` / ``tak.models.to_dual`` convert), fine-tuned alone.
+- ``inputs``: open_clip's eval preprocess of each image (PIL; a tensor is taken as already
+  preprocessed), stacked (N, 3, H, W), in the model's dtype.
+- ``features``: ``model(images)``, the unnormalized image embedding (N, D) (= ``clip.encode_image``).
+- ``head``: zero-shot (Radford et al. 2021): the row of class c is
+  ``normalize(mean_t normalize(encode_text(tokenize(template_t(c)))))``; ``Head(W, normalize=True,
+  scale=exp(clip.logit_scale))`` (100 for the OpenAI models).
+
+The text tower is kept (in ``clip``, moving with ``to()``) so heads of later tasks can be built at
+any time; ``release_text_tower()`` drops it once the heads needed are built (their cache stays).
+"""
+import difflib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Backbone, Head, require
+
+
+class CLIPBackbone(Backbone):
+    """An open_clip CLIP model's image tower (``model``) with its eval preprocess and text tower."""
+
+    modalities = ("image",)
+
+    def __init__(self, clip: nn.Module, preprocess, tokenizer, *, name: str, source: dict | None = None):
+        self.name, self.clip, self.model = name, clip, clip.visual
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.logit_scale = float(clip.logit_scale.exp().item())
+        self.source = source or {"spec": name}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.model.parameters()), torch.float32)
+
+    def inputs(self, examples: list) -> torch.Tensor:
+        if len(examples) == 0:
+            raise ValueError(f"{self.name}: no examples")
+        images = [x if isinstance(x, torch.Tensor) else self.preprocess(x) for x in examples]
+        return torch.stack(images).to(self.dtype)
+
+    def features(self, model, batch) -> torch.Tensor:
+        out = model(batch)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings (N, D) of the text tower in eval mode, no grad."""
+        if self.clip is None:
+            raise RuntimeError(f"backbone {self.name!r}: the text tower was released (release_text_tower); "
+                               "build every head needed before releasing it")
+        was_training = self.clip.training
+        self.clip.eval()
+        try:
+            with torch.no_grad():
+                tokens = self.tokenizer(texts).to(self.device)
+                return F.normalize(self.clip.encode_text(tokens), dim=-1)
+        finally:
+            self.clip.train(was_training)
+
+    def _build_head(self, task) -> Head:
+        if not task.templates:
+            raise ValueError(f"task {task.name!r} has no templates: the zero-shot head needs at least one")
+        rows = [F.normalize(self.encode_text([t.format(c) for t in task.templates]).mean(0), dim=-1)
+                for c in task.classes]
+        return Head(torch.stack(rows), normalize=True, scale=self.logit_scale)
+
+    def release_text_tower(self) -> None:
+        """Drops the text tower (and the rest of the CLIP model except ``model``); heads built so far stay."""
+        self.clip = None
+
+    def to(self, *args, **kwargs):
+        if self.clip is not None:
+            self.clip.to(*args, **kwargs)  # model is clip.visual
+        return super().to(*args, **kwargs)
+
+
+def load_clip(spec: str, architecture: str, *, pretrained: str | None = None, dtype=None,
+              model_kwargs: dict | None = None, max_length: int | None = None) -> CLIPBackbone:
+    """``clip:<architecture>``: ``open_clip.create_model_and_transforms(architecture, pretrained=pretrained)``
+    (an architecture name of ``open_clip.list_models()``, or ``local-dir:<folder>`` / ``hf-hub:<repo>``,
+    which bring their own weights). ``pretrained=None`` with a plain architecture name gives random
+    weights (with a warning). ``dtype`` converts the model; ``model_kwargs`` go to
+    ``create_model_and_transforms`` (``precision``, ``cache_dir``, ``force_quick_gelu``, ...).
+    ``max_length`` (a text option) is accepted and ignored, so callers can pass one set of options."""
+    open_clip = require("open_clip", f"backbone {spec!r}")
+    if not architecture:
+        raise ValueError(f"backbone spec {spec!r}: no architecture after 'clip:'")
+    schema = next((s for s in ("local-dir:", "hf-hub:") if architecture.startswith(s)), None)
+    if schema is None:
+        known = open_clip.list_models()
+        if architecture.replace("/", "-") not in known:
+            close = difflib.get_close_matches(architecture, known, n=5)
+            raise ValueError(f"backbone spec {spec!r}: unknown open_clip architecture {architecture!r}"
+                             f"{f'; close: {close}' if close else ''} (all: open_clip.list_models())")
+        if pretrained is None:
+            warnings.warn(f"backbone {spec!r}: pretrained=None, the CLIP model has random weights "
+                          f"(tags: open_clip.list_pretrained_tags_by_model({architecture!r}))", stacklevel=3)
+    elif pretrained is not None:
+        raise ValueError(f"backbone spec {spec!r}: a {schema} model brings its own weights; pretrained must be None")
+    clip, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=pretrained,
+                                                                **(model_kwargs or {}))
+    tokenizer = open_clip.get_tokenizer(architecture)
+    if dtype is not None:
+        clip.to(dtype)
+    source = {"spec": spec, "pretrained": pretrained, "library": "open_clip", "version": open_clip.__version__}
+    return CLIPBackbone(clip.eval(), preprocess, tokenizer, name=spec, source=source)

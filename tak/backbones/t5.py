@@ -1,0 +1,155 @@
+"""T5 (``T5ForConditionalGeneration``) as a backbone: text-to-text classification by label words.
+
+- ``model``: the whole T5ForConditionalGeneration (encoder, decoder, tied LM head).
+- ``inputs``: each example formatted as text, tokenized with padding and truncation (``max_length``,
+  default 128); ``decoder_input_ids`` is the decoder start token (N, 1), so the batch is complete for
+  ``model(**batch)``. Formats (options): a text ``x`` becomes ``text_format.format(text=x)`` (default
+  ``"{text}"``), a pair ``(p, h)`` becomes ``pair_format.format(premise=p, hypothesis=h)`` (default
+  ``"premise: {premise} hypothesis: {hypothesis}"``, T5's MNLI / RTE style); a non-empty ``prefix``
+  (``"mnli"``, ``"sst2 sentence"``, ...) is prepended as ``"{prefix}: "``.
+- ``features``: the decoder's last hidden state (after its final RMSNorm) at the first decoder position,
+  (N, d_model) — the state that predicts the label word (``tak.curvature.outputs``' default for
+  encoder-decoders).
+- ``head``: the LM-head rows of the first token of each class's label word (the class name, or
+  ``label_words[class name]``), times T5's decoder-output rescaling ``d_model ** -0.5`` when the
+  model applies it (transformers 5.x: ``config.scale_decoder_outputs``, which is true unless the
+  checkpoint's config says ``tie_word_embeddings: false``, as T5 v1.1's do; transformers 4.x:
+  ``config.tie_word_embeddings``). ``Head(W, normalize=False, scale=1.0)``, so ``head(features)`` is the
+  model's own next-token logits at the first decoder step restricted to the label tokens. Templates
+  are not used. Two classes whose label words start with the same token are refused.
+
+The linearized fast path (``tak.linearize`` → ``tak.models.DualT5ForConditionalGeneration``) returns
+logits only; its decoder output is read by a forward hook on the dual decoder stack (primal + α·tangent,
+α from the linearization's ``scaled`` context). Every other model (the plain model, deep copies, the
+generic ``LinearizedModel``, ``functional_call`` wrappers) is called with ``output_hidden_states=True``.
+"""
+import inspect
+
+import torch
+from torch import nn
+
+from ..curvature.outputs import call
+from .base import Backbone, Head, require
+from .text import DEFAULT_MAX_LENGTH, from_pretrained, resolve_hf_source, split_examples
+
+DEFAULT_PAIR_FORMAT = "premise: {premise} hypothesis: {hypothesis}"
+DEFAULT_TEXT_FORMAT = "{text}"
+
+
+def decoder_output_scale(config) -> float:
+    """The factor T5ForConditionalGeneration applies to the decoder output before its LM head."""
+    scaled = getattr(config, "scale_decoder_outputs", None)
+    if scaled is None:  # transformers 4.x
+        scaled = getattr(config, "tie_word_embeddings", True)
+    return config.d_model ** -0.5 if scaled else 1.0
+
+
+def _dual_t5(model):
+    """The ``DualT5ForConditionalGeneration`` inside a fast-path linearization (or a wrapper forwarding
+    attributes to one) that cannot return hidden states itself; else None."""
+    dual = getattr(model, "dual", None)
+    if dual is None:
+        return None
+    from ..models.t5 import DualT5ForConditionalGeneration
+    if not isinstance(dual, DualT5ForConditionalGeneration):
+        return None
+    if "output_hidden_states" in inspect.signature(dual.forward).parameters:
+        return None  # it returns decoder_hidden_states like the Hugging Face model
+    return dual
+
+
+class T5Backbone(Backbone):
+    """A T5ForConditionalGeneration and its tokenizer; see the module docstring."""
+
+    modalities = ("text", "text-pair")
+
+    def __init__(self, model: nn.Module, tokenizer, *, name: str, max_length: int = DEFAULT_MAX_LENGTH,
+                 prefix: str = "", text_format: str = DEFAULT_TEXT_FORMAT, pair_format: str = DEFAULT_PAIR_FORMAT,
+                 label_words: dict[str, str] | None = None, source: dict | None = None):
+        if not getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"backbone {name!r}: {type(model).__name__} is not an encoder-decoder")
+        if model.config.decoder_start_token_id is None:
+            raise ValueError(f"backbone {name!r}: config.decoder_start_token_id is None")
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.max_length, self.prefix = int(max_length), prefix
+        self.text_format, self.pair_format = text_format, pair_format
+        self.label_words = dict(label_words or {})
+        self.source = source or {"spec": name}
+
+    def format(self, example) -> str:
+        """The input text of one example (str or (premise, hypothesis))."""
+        first, second = split_examples([example], self.name)
+        text = (self.text_format.format(text=first[0]) if second is None
+                else self.pair_format.format(premise=first[0], hypothesis=second[0]))
+        return f"{self.prefix}: {text}" if self.prefix else text
+
+    def inputs(self, examples: list) -> dict:
+        split_examples(examples, self.name)  # all str or all pairs
+        enc = self.tokenizer([self.format(x) for x in examples], padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        ids = enc["input_ids"]
+        start = torch.full((ids.shape[0], 1), self.model.config.decoder_start_token_id, dtype=ids.dtype)
+        return {"input_ids": ids, "attention_mask": enc["attention_mask"], "decoder_input_ids": start}
+
+    def features(self, model, batch) -> torch.Tensor:
+        dual = _dual_t5(model)
+        if dual is None:
+            out = call(model, {**batch, "output_hidden_states": True, "use_cache": False})
+            return out["decoder_hidden_states"][-1][:, 0]
+        captured = []
+
+        def hook(module, args, output):
+            h, dh = output
+            alpha = getattr(model, "_alpha", 1.0)  # read during the call: inside a ``scaled(α)`` context
+            captured.append(h if dh is None else h + (dh if alpha == 1.0 else alpha * dh))
+
+        handle = dual.decoder.register_forward_hook(hook)
+        try:
+            call(model, batch)
+        finally:
+            handle.remove()
+        return captured[-1][:, 0]
+
+    def label_tokens(self, task) -> list[int]:
+        """The token id of each class's label word (its first token)."""
+        ids = []
+        for c in task.classes:
+            word = self.label_words.get(c, c)
+            tokens = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise ValueError(f"backbone {self.name!r}: label word {word!r} of class {c!r} has no tokens")
+            ids.append(int(tokens[0]))
+        if len(set(ids)) < len(ids):
+            words = {c: self.tokenizer.convert_ids_to_tokens(i) for c, i in zip(task.classes, ids)}
+            raise ValueError(f"backbone {self.name!r}, task {task.name!r}: label words must start with distinct "
+                             f"tokens, got {words}; pass label_words={{class name: word}}")
+        return ids
+
+    def _build_head(self, task) -> Head:
+        weight = self.model.get_output_embeddings().weight
+        rows = weight[self.label_tokens(task)].detach().clone() * decoder_output_scale(self.model.config)
+        return Head(rows, normalize=False, scale=1.0)
+
+
+def load_t5(spec: str, name: str, *, pretrained: str | None = None, tokenizer=None,
+            max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", text_format: str = DEFAULT_TEXT_FORMAT,
+            pair_format: str = DEFAULT_PAIR_FORMAT, label_words: dict[str, str] | None = None, dtype=None,
+            model_kwargs: dict | None = None) -> T5Backbone:
+    """``t5:<name-or-path>``: ``T5ForConditionalGeneration`` / ``AutoTokenizer.from_pretrained(name)``;
+    ``pretrained`` is the hub revision; other options as ``T5Backbone``; ``dtype`` converts the model;
+    ``model_kwargs`` go to ``from_pretrained``."""
+    transformers = require("transformers", f"backbone {spec!r}")
+    name = resolve_hf_source(name, spec)
+    kwargs = dict(model_kwargs or {})
+    if pretrained is not None:
+        kwargs.setdefault("revision", pretrained)
+    model = from_pretrained(transformers.T5ForConditionalGeneration, name, spec, **kwargs)
+    if tokenizer is None:
+        tok_kwargs = {"revision": pretrained} if pretrained is not None else {}
+        tokenizer = from_pretrained(transformers.AutoTokenizer, name, spec, **tok_kwargs)
+    if dtype is not None:
+        model.to(dtype)
+    source = {"spec": spec, "pretrained": pretrained, "path": name, "library": "transformers",
+              "version": transformers.__version__}
+    return T5Backbone(model.eval(), tokenizer, name=spec, max_length=max_length, prefix=prefix,
+                      text_format=text_format, pair_format=pair_format, label_words=label_words, source=source)

@@ -1,0 +1,190 @@
+"""The ``tak`` command line: demo, train, merge, eval, report, list.
+
+    tak demo [--quick] [--out DIR]                     the main job (see tak.demo)
+    tak train --method tak --task news-comp --tasks news-comp,news-rec,... [--config run.yaml] [--KEY VALUE ...]
+    tak merge TV.safetensors ... --method ties --out merged.safetensors
+    tak eval TV.safetensors ... [--protocol addition|negation --target T --control C] [--analyses] --out DIR
+    tak report DIR [DIR ...] --out report_dir
+    tak list methods|tasks|backbones|merges
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+
+def _parse_value(text: str, annotation):
+    """A command-line string as the TrainConfig field type."""
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    if text.lower() in ("none", "null") and type(None) in kinds:
+        return None
+    if list in {typing.get_origin(k) or k for k in kinds}:
+        return [t for t in text.split(",") if t]
+    if dict in {typing.get_origin(k) or k for k in kinds}:
+        return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    for kind in (bool, int, float):
+        if kind in kinds:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+                return text.lower() in ("true", "1", "yes")
+            return kind(text)
+    return text
+
+
+def _train_parser(sub):
+    from .training import TrainConfig
+
+    p = sub.add_parser("train", help="train one task vector (tak.train)",
+                       description="Keys of TrainConfig as --key value (lists comma-separated); --config YAML "
+                                   "sets defaults that the flags override.")
+    p.add_argument("--config", type=Path, help="YAML file of TrainConfig keys")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
+                       type=lambda text, a=hints[f.name]: _parse_value(text, a))
+    return p
+
+
+def _alphas(text: str) -> list[float]:
+    """"0:2:0.05" (start:stop:step, inclusive) or "0.5,1,1.5"."""
+    if ":" in text:
+        start, stop, step = map(float, text.split(":"))
+        n = int(round((stop - start) / step))
+        return [round(start + i * step, 10) for i in range(n + 1)]
+    return [float(a) for a in text.split(",")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tak", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job: train, merge and evaluate on MiniLM + embedded text tasks")
+    p.add_argument("--quick", action="store_true", help="the ≤ 3 minute profile (2 CPU cores)")
+    p.add_argument("--out", type=Path, default=Path("tak-demo"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
+
+    _train_parser(sub)
+
+    p = sub.add_parser("merge", help="merge task vectors into one (task arithmetic, TIES, TSV-M, Iso-C, Iso-CTS)")
+    p.add_argument("task_vectors", nargs="+", type=Path)
+    p.add_argument("--method", default="task_arithmetic")
+    p.add_argument("--k", type=float, default=None, help="TIES: fraction of entries kept per tensor")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale of the merged task vector")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("eval", help="task addition / negation protocols and analyses of saved task vectors")
+    p.add_argument("task_vectors", nargs="+", type=Path)
+    p.add_argument("--protocol", choices=["addition", "negation"], default="addition")
+    p.add_argument("--target", help="negation: the task to forget (default: the task vector's task)")
+    p.add_argument("--control", help="negation: the task whose accuracy must be kept")
+    p.add_argument("--alphas", type=_alphas, default=None, help="grid, e.g. 0:2:0.05 (the default)")
+    p.add_argument("--analyses", action="store_true", help="also disentanglement, normalcy and localization plots")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--pretrained", default=None, help="the backbone's pretrained tag, if not in the metadata")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("report", help="a markdown report (tables and plots) of demo / eval results")
+    p.add_argument("results", nargs="+", type=Path, help="folders holding results.json")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("list", help="list the valid names")
+    p.add_argument("what", choices=["methods", "tasks", "backbones", "merges"])
+
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tak {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo(args) -> int:
+    from . import demo
+
+    methods = args.methods.split(",") if args.methods else None
+    if methods:
+        unknown = sorted(set(methods) - set(demo.METHODS))
+        if unknown:
+            raise ValueError(f"--methods: {unknown} not in the demo's methods {demo.METHODS}")
+    results = demo.run(args.out, quick=args.quick, device=args.device, methods=methods)
+    print(demo.table(results))
+    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'report.md'} and plots ({results['seconds']} s)")
+    return 0
+
+
+def _train(args) -> int:
+    from .training import TrainConfig, train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    config = TrainConfig.from_dict({**config.to_dict(), **values})
+    result = train(config)
+    print(json.dumps({"task_vector": str(result.path), **{k: result.metrics[k] for k in ("val", "test")}}))
+    return 0
+
+
+def _merge(args) -> int:
+    from .arithmetic.merges import merge
+    from .task_vector import TaskVector, check_compatible
+
+    tvs = [TaskVector.load(p) for p in args.task_vectors]
+    check_compatible(tvs)
+    options = {} if args.k is None else {"k": args.k}
+    tensors = merge(args.method, [tv.tensors for tv in tvs], **options)
+    first = tvs[0].meta
+    meta = {**{k: first[k] for k in ("base_model", "fingerprint", "regime", "source") if k in first},
+            "task": "+".join(str(tv.task) for tv in tvs), "method": f"merge:{args.method}",
+            "merged_from": [str(p) for p in args.task_vectors], "merge_options": options}
+    TaskVector({k: args.alpha * v for k, v in tensors.items()}, meta).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .arithmetic.evaluate import evaluate_files
+
+    results = evaluate_files(args.task_vectors, protocol=args.protocol, target=args.target, control=args.control,
+                             alphas=args.alphas, run_analyses=args.analyses, data_root=args.data_root,
+                             max_train=args.max_train, max_test=args.max_test, pretrained=args.pretrained,
+                             device=args.device, out=args.out)
+    print(json.dumps({k: v for k, v in results.items() if k in ("alpha1", "best", "negation")}, indent=2))
+    return 0
+
+
+def _report(args) -> int:
+    from .arithmetic.evaluate import render_report
+
+    path = render_report(args.results, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _list(args) -> int:
+    if args.what == "methods":
+        from .methods import METHODS
+        names = {n: m.description for n, m in METHODS.items()}
+    elif args.what == "tasks":
+        from .data import list_tasks
+        names = list_tasks()
+    elif args.what == "backbones":
+        from .backbones import list_backbones
+        names = list_backbones()
+    else:
+        from .arithmetic.merges import MERGES
+        names = {n: (f.__doc__ or "").strip().split("\n")[0] for n, f in MERGES.items()}
+    for name, text in names.items():
+        print(f"{name:20s} {text}")
+    return 0
+
+
+_COMMANDS = {"demo": _demo, "train": _train, "merge": _merge, "eval": _eval, "report": _report, "list": _list}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Deterministic splits of a task's examples: the validation split drawn from train, class-stratified
+subsamples, and the class-partition protocol (TAK Sec. F.7: one dataset split into tasks whose class
+sets are disjoint; the merged model is then evaluated on the original task, all classes together).
+
+Examples are ``(input, label)`` sequences. A sequence that loads its inputs lazily (images) may offer
+``labels`` (all labels, without loading inputs) and ``subset(indices, labels=None)``; these functions
+use them when present, so they never load an image.
+"""
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from .task import SPLITS, Task
+
+
+def labels_of(examples: Sequence) -> list[int]:
+    """The label of every example, in order."""
+    labels = getattr(examples, "labels", None)
+    return list(labels) if labels is not None else [y for _, y in examples]
+
+
+def take(examples: Sequence, indices, labels=None) -> Sequence:
+    """The examples at ``indices``, relabelled with ``labels`` if given."""
+    indices = [int(i) for i in indices]
+    if hasattr(examples, "subset"):
+        return examples.subset(indices, labels)
+    if labels is None:
+        return [examples[i] for i in indices]
+    return [(examples[i][0], int(y)) for i, y in zip(indices, labels)]
+
+
+def validation_split(examples: Sequence, fraction: float = 0.1, max_size: int | None = 5000,
+                     seed: int = 0) -> tuple[Sequence, Sequence]:
+    """Split off ``floor(fraction * len)`` examples (at most ``max_size``), chosen at random with
+    ``seed``: returns ``(rest, held_out)``, both in their original order."""
+    n = len(examples)
+    size = int(fraction * n) if max_size is None else min(int(fraction * n), max_size)
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).permutation(n)[:size]] = True
+    return take(examples, np.flatnonzero(~held)), take(examples, np.flatnonzero(held))
+
+
+def stratified_subsample(examples: Sequence, n: int | None, seed: int = 0) -> Sequence:
+    """At most ``n`` examples, each class keeping its share (largest remainders round), chosen at
+    random with ``seed`` and kept in their original order; all of them if ``n`` is None or large."""
+    if n is None or n >= len(examples):
+        return examples
+    labels = np.asarray(labels_of(examples))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / counts.sum()
+    sizes = np.floor(quota).astype(int)
+    sizes[np.argsort(-(quota - sizes), kind="stable")[: n - sizes.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, sizes)]
+    return take(examples, np.sort(np.concatenate(chosen)))
+
+
+def task_from_splits(name: str, classes: list[str], modality: str, templates: list[str], load_train, load_test,
+                     licence: str = "", seed: int = 0) -> Task:
+    """A task whose val split is ``validation_split(load_train(), seed=seed)`` and train the rest."""
+    train_val = functools.cache(lambda: validation_split(load_train(), seed=seed))
+    loaders = {"train": lambda: train_val()[0], "val": lambda: train_val()[1], "test": load_test}
+    return Task(name, list(classes), modality, list(templates), loaders, licence)
+
+
+def subsample_task(task: Task, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> Task:
+    """``task`` with class-stratified subsamples: train to ``max_train`` (with ``seed``), val to
+    ``max_train // 9`` (so it stays at most 10% of train and val together), test to ``max_test`` (with
+    seed 0, so every seed is evaluated on the same examples)."""
+    sizes = {"train": (max_train, seed), "val": (None if max_train is None else max(1, max_train // 9), seed),
+             "test": (max_test, 0)}
+
+    def load(split):
+        n, split_seed = sizes[split]
+        return stratified_subsample(task.split(split), n, split_seed)
+
+    loaders = {s: functools.partial(load, s) for s in SPLITS}
+    return Task(task.name, task.classes, task.modality, task.templates, loaders, task.licence)
+
+
+def subset_classes(task: Task, classes, name: str) -> Task:
+    """The task restricted to ``classes`` (names or label indices, in the order given), relabelled
+    ``0..len(classes)-1``; its splits are filtered lazily from ``task``'s."""
+    index = [c if isinstance(c, int) else task.classes.index(c) for c in classes]
+    new_label = {old: new for new, old in enumerate(index)}
+    if len(new_label) != len(index) or not all(0 <= i < len(task.classes) for i in index):
+        raise ValueError(f"subset_classes: {classes!r} must be distinct classes of task {task.name!r}")
+
+    def load(split):
+        examples = task.split(split)
+        labels = labels_of(examples)
+        keep = [i for i, y in enumerate(labels) if y in new_label]
+        return take(examples, keep, [new_label[labels[i]] for i in keep])
+
+    loaders = {s: functools.partial(load, s) for s in SPLITS}
+    return Task(name, [task.classes[i] for i in index], task.modality, task.templates, loaders, task.licence)
+
+
+def partition_classes(task: Task, n_parts: int, seed: int = 0) -> list[Task]:
+    """The class-partition protocol: the classes of ``task``, shuffled with ``seed``, cut into
+    ``n_parts`` disjoint groups of (nearly) equal size; part ``k`` is the task
+    ``f"{task.name}-part{k}"`` with that group's classes (in their original order) relabelled from 0.
+    Each split of a part is the same split of ``task`` filtered, so ``task``'s val (used on the joint
+    problem) never holds a part's train example."""
+    if not 1 <= n_parts <= len(task.classes):
+        raise ValueError(f"partition_classes: n_parts must be in 1..{len(task.classes)}, got {n_parts}")
+    groups = np.array_split(np.random.default_rng(seed).permutation(len(task.classes)), n_parts)
+    return [subset_classes(task, sorted(int(c) for c in g), f"{task.name}-part{k}") for k, g in enumerate(groups)]

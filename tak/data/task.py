@@ -1,0 +1,42 @@
+"""A classification task: class names, prompt templates for its zero-shot head, and train/val/test splits.
+
+An example is ``(input, label)``: ``input`` is a ``str`` (text), a ``(str, str)`` pair (premise,
+hypothesis) or a PIL image; ``label`` an ``int`` indexing ``classes``. Splits load lazily (on first
+use) and are plain sequences, so ``torch.utils.data.DataLoader`` takes them as datasets.
+"""
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "val", "test")
+MODALITIES = ("text", "text-pair", "image")
+
+
+@dataclass
+class Task:
+    """name: registry name; classes: class names (label i is ``classes[i]``); modality: one of
+    ``MODALITIES``; templates: prompts with one ``{}`` for a class name (the zero-shot head averages
+    their embeddings); loaders: split name -> function returning that split's examples;
+    licence: where the data comes from and under which licence (reports quote it)."""
+
+    name: str
+    classes: list[str]
+    modality: str
+    templates: list[str]
+    loaders: dict[str, Callable[[], Sequence]]
+    licence: str = ""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"Task {self.name!r}: modality must be one of {MODALITIES}, got {self.modality!r}")
+        missing = [s for s in SPLITS if s not in self.loaders]
+        if missing:
+            raise ValueError(f"Task {self.name!r}: no loader for split(s) {missing}")
+
+    def split(self, name: str) -> Sequence:
+        """The examples of split ``name`` ("train", "val" or "test"), loaded once."""
+        if name not in SPLITS:
+            raise ValueError(f"Task {self.name!r}: split must be one of {SPLITS}, got {name!r}")
+        if name not in self._cache:
+            self._cache[name] = self.loaders[name]()
+        return self._cache[name]

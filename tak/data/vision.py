@@ -1,0 +1,268 @@
+"""Image tasks: the 14-Vision datasets from local roots, and two embedded ones (``digits`` from
+scikit-learn, ``fashion_mnist`` from the Debian package ``dataset-fashion-mnist``).
+
+A 14-Vision dataset is read from the folder layout ``{root}/{name}/{train,test}/{class}/*.jpg`` (or
+``{root}/{train,test}/...``) when it exists, else with its torchvision class (``download=False``) under
+``root``. Images load lazily, as RGB PIL images; CLIP preprocessing is the backbone's job.
+"""
+import functools
+import gzip
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from .registry import register_task
+from .splits import task_from_splits, validation_split
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class ImageSplit(Sequence):
+    """``(RGB PIL image, label)`` examples whose images load on access: ``load(key)`` opens the image
+    of ``key``. ``labels`` are known without loading; ``subset`` selects without loading."""
+
+    def __init__(self, load, keys, labels):
+        self.load, self.keys, self.labels = load, list(keys), [int(y) for y in labels]
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.subset(range(len(self))[i])
+        return self.load(self.keys[i]).convert("RGB"), self.labels[i]
+
+    def subset(self, indices, labels=None):
+        """The examples at ``indices``, relabelled with ``labels`` if given."""
+        indices = list(indices)
+        return ImageSplit(self.load, [self.keys[i] for i in indices],
+                          [self.labels[i] for i in indices] if labels is None else labels)
+
+
+def readable(name: str) -> str:
+    """A class name for prompts: underscores and slashes become spaces, a CamelCase single word is
+    split and lowercased ("AnnualCrop" -> "annual crop")."""
+    name = name.replace("_", " ").replace("/", " ")
+    if " " not in name.strip() and re.search(r"[a-z][A-Z]", name):
+        name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
+    return " ".join(name.split())
+
+
+def _open(path):
+    with Image.open(path) as image:
+        image.load()
+        return image
+
+
+# --- folder layout -------------------------------------------------------------------------------
+
+def _folder_split(folder: Path, classes: list[str]) -> ImageSplit:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [label] * len(found)
+    return ImageSplit(_open, files, labels)
+
+
+def folder_task(name: str, folder: Path, templates: list[str], seed: int = 0, numbered=None):
+    """A task from ``folder/{train,test}/{class}/*.<image>``; the classes are train's subfolders in
+    sorted order, named ``numbered[int(folder)]`` for numbered folders ("00014") when ``numbered`` is
+    given, else made ``readable``."""
+    folders = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
+    extra = sorted({p.name for p in (folder / "test").iterdir() if p.is_dir()} - set(folders))
+    if extra:
+        raise ValueError(f"{folder}/test has classes missing from {folder}/train: {extra}")
+    classes = [numbered[int(f)] if numbered and f.isdigit() and int(f) < len(numbered) else readable(f)
+               for f in folders]
+    return task_from_splits(name, classes, "image", templates, lambda: _folder_split(folder / "train", folders),
+                            lambda: _folder_split(folder / "test", folders), f"local copy in {folder}; the "
+                            "dataset's own terms apply", seed)
+
+
+# --- the 14-Vision datasets ----------------------------------------------------------------------
+
+_DIGITS = [str(i) for i in range(10)]
+_GTSRB = [  # the meaning of GTSRB's class ids 0..42
+    "speed limit 20 km/h", "speed limit 30 km/h", "speed limit 50 km/h", "speed limit 60 km/h",
+    "speed limit 70 km/h", "speed limit 80 km/h", "end of speed limit 80 km/h", "speed limit 100 km/h",
+    "speed limit 120 km/h", "no overtaking", "no overtaking by trucks", "right of way at the next crossroads",
+    "priority road", "give way", "stop", "no vehicles", "no trucks", "no entry", "general danger",
+    "bend to the left", "bend to the right", "double bend", "uneven road", "slippery road",
+    "road narrows on the right", "roadworks", "traffic lights", "pedestrians", "children", "cyclists",
+    "ice or snow", "wild animals", "end of all restrictions", "turn right ahead", "turn left ahead",
+    "ahead only", "ahead or turn right", "ahead or turn left", "keep right", "keep left", "roundabout",
+    "end of no overtaking", "end of no overtaking by trucks",
+]
+
+
+class _Vision(NamedTuple):
+    """How to read one 14-Vision dataset: its title; torchvision's class for it (None: folder layout
+    only); that class's arguments for the train and test splits (test None: a fixed 20% of the data,
+    seed 0, is test); the files it expects under root; a dataset-specific prompt template; class names
+    when the dataset has none (label i is ``classes[i]``)."""
+
+    title: str
+    tv_class: str | None
+    train: dict | None
+    test: dict | None
+    layout: str
+    template: str
+    classes: list[str] | None = None
+
+    @property
+    def templates(self):
+        return ["a photo of a {}.", self.template]
+
+
+VISION = {
+    "cars": _Vision("Stanford Cars", "StanfordCars", {"split": "train"}, {"split": "test"},
+                    "stanford_cars/{devkit,cars_train,cars_test,cars_test_annos_withlabels.mat}",
+                    "a photo of a {}, a type of car."),
+    "dtd": _Vision("DTD", "DTD", {"split": "train"}, {"split": "test"}, "dtd/dtd/{images,labels}",
+                   "a photo of a {} texture."),
+    "eurosat": _Vision("EuroSAT", "EuroSAT", {}, None, "eurosat/2750/{class}/*.jpg",
+                       "a satellite photo of {}."),
+    "gtsrb": _Vision("GTSRB", "GTSRB", {"split": "train"}, {"split": "test"},
+                     "gtsrb/{GTSRB/Training,GTSRB/Final_Test/Images,GT-final_test.csv}",
+                     'a zoomed in photo of a "{}" traffic sign.', _GTSRB),
+    "mnist": _Vision("MNIST", "MNIST", {"train": True}, {"train": False}, "MNIST/raw/*-ubyte",
+                     'a photo of the number "{}".', _DIGITS),
+    "resisc45": _Vision("RESISC45", None, None, None, "", "satellite imagery of {}."),
+    "sun397": _Vision("SUN397", "SUN397", {}, None, "SUN397/{ClassName.txt,a/abbey/sun_*.jpg,...}",
+                      "a photo of a {}, a type of place."),
+    "svhn": _Vision("SVHN", "SVHN", {"split": "train"}, {"split": "test"}, "{train,test}_32x32.mat",
+                    'a photo of the house number "{}".', _DIGITS),
+    "cifar100": _Vision("CIFAR-100", "CIFAR100", {"train": True}, {"train": False}, "cifar-100-python/",
+                        "a low resolution photo of a {}."),
+    "stl10": _Vision("STL-10", "STL10", {"split": "train"}, {"split": "test"}, "stl10_binary/",
+                     "a photo of the {}, a type of object."),
+    "flowers102": _Vision("Flowers102", "Flowers102", {"split": "train"}, {"split": "test"},
+                          "flowers-102/{jpg,imagelabels.mat,setid.mat}", "a photo of a {}, a type of flower."),
+    "oxford_pets": _Vision("Oxford-IIIT Pet", "OxfordIIITPet", {"split": "trainval"}, {"split": "test"},
+                           "oxford-iiit-pet/{images,annotations}", "a photo of a {}, a type of pet."),
+    "pcam": _Vision("PatchCamelyon", "PCAM", {"split": "train"}, {"split": "test"},
+                    "pcam/camelyonpatch_level_2_split_{train,test}_{x,y}.h5", "a histopathology slide of {}.",
+                    ["healthy lymph node tissue", "lymph node tissue with metastatic tumor"]),
+    "fer2013": _Vision("FER2013", "FER2013", {"split": "train"}, {"split": "test"},
+                       "fer2013/{fer2013.csv | icml_face_data.csv | train.csv,test.csv}",
+                       "a photo of a {} looking face.",
+                       ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]),
+}
+
+
+def _tv_labels(ds) -> list[int]:
+    """All labels of a torchvision dataset, read from its attributes (images are not loaded)."""
+    if hasattr(ds, "_FILES"):  # PCAM keeps its labels in an HDF5 file
+        with ds.h5py.File(ds._base_folder / ds._FILES[ds._split]["targets"][0]) as f:
+            return f["y"][:, 0, 0, 0].tolist()
+    for attr in ("targets", "labels", "_labels"):
+        if hasattr(ds, attr):
+            return [int(y) for y in getattr(ds, attr)]
+    return [int(y) for _, y in ds._samples]
+
+
+def _tv_split(ds) -> ImageSplit:
+    return ImageSplit(lambda i: ds[i][0], range(len(ds)), _tv_labels(ds))
+
+
+def torchvision_task(name: str, root: str, seed: int = 0):
+    """The task ``name`` from torchvision's dataset class, ``download=False``."""
+    from tak._compat import ensure_torchvision_importable
+
+    spec = VISION[name]
+    ensure_torchvision_importable()
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, spec.tv_class)
+    no_download = {} if spec.tv_class == "FER2013" else {"download": False}  # FER2013 never downloads
+    train = cls(root, **spec.train, **no_download)
+    if spec.test is None:
+        data = functools.cache(lambda: validation_split(_tv_split(train), 0.2, None, seed=0))
+        load_train, load_test = (lambda: data()[0]), (lambda: data()[1])
+    else:
+        load_train, load_test = (lambda: _tv_split(train)), (lambda: _tv_split(cls(root, **spec.test, **no_download)))
+    classes = spec.classes or [readable(c) for c in train.classes]
+    return task_from_splits(name, classes, "image", spec.templates, load_train, load_test,
+                            f"{spec.title}: local copy under {root} (torchvision layout); the dataset's own terms "
+                            "apply", seed)
+
+
+def vision_task(name: str, root: str, seed: int = 0):
+    """A 14-Vision task: the folder layout under ``{root}/{name}`` or ``root`` if there, else torchvision's."""
+    spec = VISION[name]
+    for folder in (Path(root) / name, Path(root)):
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            return folder_task(name, folder, spec.templates, seed, spec.classes)
+    expected = (f"{spec.title}: no data found. Expected the folder layout {Path(root) / name}/{{train,test}}/"
+                "{class}/*.jpg")
+    if spec.tv_class is None:
+        raise FileNotFoundError(expected)
+    try:
+        return torchvision_task(name, root, seed)
+    except RuntimeError as e:  # torchvision's "Dataset not found"
+        raise FileNotFoundError(f"{expected}, or torchvision's {spec.tv_class} layout {Path(root) / spec.layout} "
+                                f"(torchvision said: {e})") from None
+
+
+# --- embedded image tasks ------------------------------------------------------------------------
+
+@functools.cache
+def _digits():
+    """``(train, test)``: scikit-learn's 8x8 digits as 32x32 RGB images, a fixed 20% (seed 0) as test."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = [Image.fromarray(np.round(x * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST).convert("RGB")
+              for x in data.images]
+    return validation_split(list(zip(images, data.target.tolist())), 0.2, None, seed=0)
+
+
+def digits(root=None, seed=0):
+    """Handwritten digits 0-9 (1,797 images from scikit-learn)."""
+    return task_from_splits("digits", _DIGITS, "image", ["a photo of the number \"{}\".", "a handwritten digit {}."],
+                            lambda: _digits()[0], lambda: _digits()[1], "UCI optical recognition of handwritten "
+                            "digits (CC BY 4.0), as shipped in scikit-learn (BSD-3-Clause)", seed)
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_CLASSES = ["t-shirt or top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                    "ankle boot"]
+
+
+def _idx(path: Path) -> np.ndarray:
+    """The array in a gzipped IDX file (MNIST's format: magic with the number of dimensions, sizes)."""
+    with gzip.open(path) as f:
+        data = f.read()
+    ndim = data[3]
+    shape = np.frombuffer(data, ">u4", ndim, 4)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@functools.cache
+def _fashion(part: str) -> ImageSplit:
+    images = _idx(FASHION_MNIST / f"{part}-images-idx3-ubyte.gz")
+    return ImageSplit(lambda i: Image.fromarray(images[i]), range(len(images)),
+                      _idx(FASHION_MNIST / f"{part}-labels-idx1-ubyte.gz"))
+
+
+def fashion_mnist(root=None, seed=0):
+    """Fashion-MNIST: 28x28 grey photos of 10 kinds of fashion products (60,000 train, 10,000 test)."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        raise FileNotFoundError(f"fashion_mnist reads {FASHION_MNIST}/*-ubyte.gz from the Debian package "
+                                "dataset-fashion-mnist, which is not installed (apt-get install dataset-fashion-mnist)")
+    return task_from_splits("fashion_mnist", _FASHION_CLASSES, "image",
+                            ["a photo of a {}.", "a black and white photo of a {}, a fashion product."],
+                            lambda: _fashion("train"), lambda: _fashion("t10k"),
+                            "Fashion-MNIST (Zalando, MIT), from the Debian package dataset-fashion-mnist", seed)
+
+
+for _name, _spec in VISION.items():
+    register_task(_name, functools.partial(vision_task, _name), f"{_spec.title} (local: folder layout"
+                  + (f" or torchvision {_spec.tv_class})" if _spec.tv_class else ")"))
+register_task("digits", digits, "scikit-learn 8x8 handwritten digits, 10 classes (embedded)")
+register_task("fashion_mnist", fashion_mnist, "Fashion-MNIST, 10 classes (Debian package dataset-fashion-mnist)")

@@ -1,0 +1,80 @@
+"""Drift penalties on a task vector τ (TAK Eq. 7/8, DELTA Eq. 6) and the data-dependent τJp baseline.
+
+``CurvaturePenalty``: β Σ_l w_l q_l(τ_l), q_l from any factor container with ``quadratic_form``
+(``KFAC``, per-task ``TaskFactors``, ``EKFAC``, ``DiagonalGGN``; compressed factors included).
+Every ``every`` steps only (TAK Fig. 8), with the factors on the CPU in between when ``offload``.
+
+``TauJpPenalty``: β · 1/N Σ_n ‖J_θ f(x_n; θ0) τ‖² on batches of the other tasks' inputs, with
+J τ = f_lin(x; θ0 + τ) − f(x; θ0) (Yoshida et al. 2025).
+"""
+import itertools
+
+import torch
+
+from .._selection import selects
+
+
+def layer_weights(factors, *, last_layer_weight: float = 1.0, patterns: dict | None = None) -> dict[str, float]:
+    """{layer: w}: ``last_layer_weight`` for the last factored layer (TAK Sec. E uses 0.1), then
+    ``patterns`` ({glob: w}, later patterns win) over the layer names."""
+    names = list(_layers(factors))
+    weights = {n: 1.0 for n in names}
+    if names:
+        weights[names[-1]] = float(last_layer_weight)
+    for pattern, w in (patterns or {}).items():
+        hits = [n for n in names if selects(pattern, n)]
+        if not hits:
+            raise ValueError(f"layer_weights: pattern {pattern!r} matches no factored layer (e.g. {names[:3]})")
+        weights.update({n: float(w) for n in hits})
+    return weights
+
+
+def _layers(factors):
+    return factors.tasks[0] if hasattr(factors, "tasks") else factors
+
+
+def _move(factors, device):
+    if hasattr(factors, "tasks"):
+        moved = type(factors).__new__(type(factors))
+        moved.__dict__.update(factors.__dict__, tasks=[f.to(device) for f in factors.tasks])
+        return moved
+    return factors.to(device)
+
+
+class CurvaturePenalty:
+    def __init__(self, factors, beta: float, *, weights: dict[str, float] | None = None, every: int = 1,
+                 offload: bool = False, device="cpu"):
+        if every < 1:
+            raise ValueError(f"penalty every={every}: must be ≥ 1")
+        self.beta, self.weights, self.every, self.offload, self.device = float(beta), weights, every, offload, device
+        self.factors = factors if offload else _move(factors, device)
+
+    def active(self, step: int) -> bool:
+        return self.beta != 0 and step % self.every == 0
+
+    def __call__(self, taus: dict[str, torch.Tensor], step: int = 0) -> torch.Tensor | None:
+        """β Σ_l w_l q_l(τ_l) at the steps where the penalty applies, else None."""
+        if not self.active(step):
+            return None
+        factors = _move(self.factors, self.device) if self.offload else self.factors
+        return self.beta * factors.quadratic_form(taus, self.weights)
+
+
+class TauJpPenalty:
+    """``batches``: a re-iterable of model inputs of the other tasks, cycled."""
+
+    def __init__(self, batches, beta: float, features, *, every: int = 1):
+        self.beta, self.features, self.every = float(beta), features, every
+        self._batches = itertools.cycle(batches)
+
+    def active(self, step: int) -> bool:
+        return self.beta != 0 and step % self.every == 0
+
+    def __call__(self, linear_model, base_model, step: int = 0) -> torch.Tensor | None:
+        """β · mean_n ‖f_lin(x_n) − f(x_n; θ0)‖² on the next batch, or None off-schedule."""
+        if not self.active(step):
+            return None
+        batch = next(self._batches)
+        with torch.no_grad():
+            f0 = self.features(base_model, batch)
+        return self.beta * (self.features(linear_model, batch) - f0).pow(2).sum(-1).mean()

@@ -1,0 +1,67 @@
+"""The training methods, by the names the CLI spells, with the defaults the papers use.
+
+Sources of the defaults (stated per method in ``Method.source``):
+- TAK (Porrello et al.), Sec. E: AdamW, lr 3e-4, weight decay 0.1 (vision) / 0.01 (text), cosine
+  schedule, batch 128, no gradient clipping; β = 100 (ViT-B/32), 500 (ViT-B/16), 2000 (ViT-L/14),
+  20 (T5, KFAC), 0.1 (T5, diagonal GGN); last layer's penalty × 0.1.
+- Baselines (non-linear / linear fine-tuning, Ilharco et al. 2022; Ortiz-Jiménez et al. 2023):
+  AdamW, lr 1e-5, weight decay 0.1, cosine, batch 128.
+- DELTA (Sommariva et al.), App. B: vision lr 1e-5, wd 0.1, β^T = β^S = 500, γ = 1;
+  text lr 3e-4, wd 0.01, β = 20, γ = 0.01; α ~ U(0.5, 1) per step; EK-FAC on a reference set.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Method:
+    """name; regime "linear" (τ of the linearized model) or "nonlinear"; trainable: "all" or
+    "attention" (attention projections only, Jin et al. 2025); penalty: None, "kfac" (merged factors of
+    the other tasks, TAK Eq. 8, or per task, Eq. 7), "diagonal" (diagonal GGN), "ekfac" (reference
+    set, DELTA Eq. 6), "tau_jp" (‖J τ‖² on the other tasks' inputs); teacher: DELTA's linearized
+    teacher with along-path distillation; student: "full" or "lora"; defaults: hyperparameters."""
+
+    name: str
+    description: str
+    regime: str
+    trainable: str = "all"
+    penalty: str | None = None
+    teacher: bool = False
+    student: str = "full"
+    defaults: dict = field(default_factory=dict)
+    source: str = ""
+
+
+_BASELINE = {"lr": 1e-5, "weight_decay": 0.1}
+_TAK = {"lr": 3e-4, "weight_decay": 0.1, "beta": 100.0, "last_layer_weight": 0.1}
+_DELTA = {"lr": 1e-5, "weight_decay": 0.1, "beta": 500.0, "beta_teacher": 500.0, "gamma": 1.0}
+
+METHODS = {m.name: m for m in [
+    Method("nonlinear", "standard fine-tuning of all parameters", "nonlinear", defaults=_BASELINE,
+           source="Ilharco et al. 2022"),
+    Method("linear", "fine-tuning in the tangent space (linearized model)", "linear", defaults=_BASELINE,
+           source="Ortiz-Jiménez et al. 2023"),
+    Method("attn_only", "fine-tuning of the attention projections only", "nonlinear", trainable="attention",
+           defaults=_BASELINE, source="Jin et al. 2025"),
+    Method("tak", "linearized + KFAC drift penalty from the other tasks' factors", "linear", penalty="kfac",
+           defaults=_TAK, source="TAK Eq. 7/8, Sec. E"),
+    Method("attn_only_tak", "attention-only + KFAC drift penalty", "nonlinear", trainable="attention",
+           penalty="kfac", defaults=_TAK, source="TAK Sec. 5 (non-linear regime)"),
+    Method("diag_ggn", "linearized + diagonal GGN drift penalty", "linear", penalty="diagonal",
+           defaults={**_TAK, "beta": 0.1}, source="TAK Sec. E (T5: λ = 0.1)"),
+    Method("tau_jp", "linearized + ‖J τ x‖² on the other tasks' data", "linear", penalty="tau_jp",
+           defaults={**_TAK, "beta": 1.0}, source="Yoshida et al. 2025 (τJp)"),
+    Method("delta", "non-linear student distilled along the path from a linearized EK-FAC teacher", "nonlinear",
+           penalty="ekfac", teacher=True, defaults=_DELTA, source="DELTA Alg. 1, App. B"),
+    Method("delta_no_teacher", "DELTA ablation: student with EK-FAC penalty, no teacher", "nonlinear",
+           penalty="ekfac", defaults=_DELTA, source="DELTA Sec. 5 ablations"),
+    Method("delta_no_ekfac", "DELTA ablation: along-path distillation without curvature penalties", "nonlinear",
+           teacher=True, defaults={**_DELTA, "beta": 0.0, "beta_teacher": 0.0}, source="DELTA Sec. 5 ablations"),
+    Method("delta_lora", "DELTA with a LoRA student", "nonlinear", penalty="ekfac", teacher=True, student="lora",
+           defaults={**_DELTA, "lr": 3e-4, "lora_rank": 16}, source="DELTA App. A (PEFT)"),
+]}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]

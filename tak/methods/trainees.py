@@ -1,0 +1,159 @@
+"""What a method trains, and the task vector τ it stands for.
+
+A trainee holds θ0 frozen and exposes:
+- ``taus()``: {model parameter name: τ}, differentiable in the trained parameters;
+- ``at(alpha)``: a callable model computing the network at θ0 + α τ (α = 1: the trained model),
+  for ``Backbone.features``;
+- ``task_vector()``: detached copies of ``taus()``.
+
+``LinearTrainee``: τ of the linearized model f(θ0) + J τ (``tak.linearize``); the parameters are τ.
+``NonlinearTrainee``: a copy of the model whose selected parameters θ are trained; τ = θ − θ0
+(AdamW's weight decay acts on θ, as in standard fine-tuning).
+``LoRATrainee``: τ_W = (s / r) B A for the selected linear layers (Hu et al. 2021), B = 0 at start.
+"""
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .._selection import selects
+from ..linearize import linearize
+
+
+def attention_only(name: str) -> bool:
+    """The attention projections (q, k, v, out) of open_clip, BERT-like and T5 models, not their norms."""
+    lowered = name.lower()
+    return ("attn" in lowered or "attention" in lowered) and "norm" not in lowered
+
+
+def trainable_names(model: nn.Module, trainable) -> list[str]:
+    """Names of the parameters ``trainable`` selects: None or "all" (those with requires_grad),
+    "attention" (``attention_only``), glob patterns, or a predicate."""
+    params = dict(model.named_parameters())
+    if trainable in (None, "all"):
+        names = [n for n, p in params.items() if p.requires_grad]
+    elif trainable == "attention":
+        names = [n for n in params if attention_only(n)]
+    elif callable(trainable):
+        names = [n for n in params if trainable(n)]
+    else:
+        names = [n for n in params if selects(trainable, n)]
+    if not names:
+        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}")
+    return names
+
+
+class _At:
+    """The module evaluated with the parameters ``params()`` (a callable model for ``Backbone.features``)."""
+
+    def __init__(self, module: nn.Module, params):
+        self.module, self.params = module, params
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.module, self.params(), args, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+class _Scaled:
+    """A linearized model evaluated at θ0 + α τ."""
+
+    def __init__(self, lin: nn.Module, alpha: float):
+        self.lin, self.alpha = lin, alpha
+
+    def __call__(self, *args, **kwargs):
+        with self.lin.scaled(self.alpha):
+            return self.lin(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.lin, name)
+
+
+class LinearTrainee(nn.Module):
+    regime = "linear"
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        self.names = trainable_names(model, trainable)
+        self.lin = linearize(model, trainable=self.names)
+
+    def taus(self) -> dict[str, torch.Tensor]:
+        return dict(self.lin._taus())
+
+    def at(self, alpha: float = 1.0):
+        return self.lin if alpha == 1.0 else _Scaled(self.lin, alpha)
+
+    def base(self) -> nn.Module:
+        """The network at θ0 (shared, frozen)."""
+        return self.lin._base
+
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        return self.lin.task_vector()
+
+
+class NonlinearTrainee(nn.Module):
+    regime = "nonlinear"
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        self.names = trainable_names(model, trainable)
+        self.model = copy.deepcopy(model)
+        chosen = set(self.names)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name in chosen)
+        self.__dict__["_theta0"] = {n: self.model.get_parameter(n).detach().clone() for n in self.names}
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_theta0"] = {n: fn(t) for n, t in self._theta0.items()}
+        return super()._apply(fn, recurse)
+
+    def taus(self) -> dict[str, torch.Tensor]:
+        return {n: self.model.get_parameter(n) - self._theta0[n] for n in self.names}
+
+    def at(self, alpha: float = 1.0):
+        if alpha == 1.0:
+            return self.model
+        return _At(self.model, lambda: {n: self._theta0[n] + alpha * t for n, t in self.taus().items()})
+
+    def base(self) -> nn.Module:
+        return _At(self.model, lambda: dict(self._theta0))
+
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self.taus().items()}
+
+
+class LoRATrainee(nn.Module):
+    regime = "nonlinear"
+
+    def __init__(self, model: nn.Module, trainable=None, rank: int = 16, scale: float = 16.0):
+        super().__init__()
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        chosen = set(trainable_names(model, trainable))
+        self.layers = {f"{m}.weight": mod for m, mod in self.model.named_modules()
+                       if isinstance(mod, nn.Linear) and f"{m}.weight" in chosen}
+        if not self.layers:
+            raise ValueError(f"LoRA: trainable={trainable!r} selects no nn.Linear weight")
+        self.names = list(self.layers)
+        self.scale = scale / rank
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        for mod in self.layers.values():
+            a = torch.empty(rank, mod.in_features, dtype=mod.weight.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(mod.out_features, rank, dtype=mod.weight.dtype)))
+
+    def taus(self) -> dict[str, torch.Tensor]:
+        return {n: self.scale * B @ A for n, A, B in zip(self.names, self.A, self.B)}
+
+    def at(self, alpha: float = 1.0):
+        return _At(self.model, lambda: {n: self.layers[n].weight + alpha * t for n, t in self.taus().items()})
+
+    def base(self) -> nn.Module:
+        return self.model
+
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self.taus().items()}

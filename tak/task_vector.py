@@ -1,0 +1,100 @@
+"""Task vectors τ = θ_t − θ0 as files: {model parameter name: tensor} plus JSON metadata.
+
+Metadata (``TaskVector.meta``): ``base_model`` (backbone name), ``fingerprint``
+(``tak.io.architecture_fingerprint`` of the trained module), ``method``, ``task``, ``regime``
+("linear": τ is a direction of the linearized model f(θ0) + Jτ; "nonlinear": of the model itself),
+``trainable`` (the selection), ``hparams``, ``seed``, ``metrics``. Files go through ``tak.io``: atomic
+writes, checksummed reads, no pickles.
+"""
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .io import read, write
+
+FORMAT_VERSION = 1
+REGIMES = ("linear", "nonlinear")
+_KIND = "task_vector"
+
+
+@dataclass
+class TaskVector:
+    """τ by model parameter name, and its metadata (see the module docstring)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        regime = self.meta.get("regime")
+        if regime is not None and regime not in REGIMES:
+            raise ValueError(f"TaskVector: meta['regime'] must be one of {REGIMES}, got {regime!r}")
+
+    @property
+    def regime(self) -> str | None:
+        return self.meta.get("regime")
+
+    @property
+    def task(self) -> str | None:
+        return self.meta.get("task")
+
+    def save(self, path) -> None:
+        """Write to ``path`` (safetensors + metadata) atomically."""
+        write(path, self.tensors, {**self.meta, "kind": _KIND, "format_version": FORMAT_VERSION})
+
+    @classmethod
+    def load(cls, path, *, fingerprint: str | None = None, device="cpu") -> "TaskVector":
+        """The task vector in ``path``. With ``fingerprint``, refuses one trained on another architecture."""
+        tensors, meta = read(path, device=device)
+        if meta.pop("kind", None) != _KIND:
+            raise ValueError(f"{path}: not a task vector file (kind {meta.get('kind')!r})")
+        version = meta.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: task vector format_version {version!r}; this tak reads {FORMAT_VERSION}")
+        tv = cls(tensors, meta)
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            raise ValueError(f"{path}: task vector of architecture {meta.get('fingerprint')!r} "
+                             f"(base model {meta.get('base_model')!r}); the model here is {fingerprint!r}")
+        return tv
+
+    def scaled(self, alpha: float) -> "TaskVector":
+        """α τ, with the same metadata."""
+        return TaskVector({k: alpha * v for k, v in self.tensors.items()}, dict(self.meta))
+
+
+def check_compatible(task_vectors: Iterable[TaskVector], *, allow_mixed_regimes: bool = False) -> None:
+    """ValueError unless all task vectors share a base model, an architecture, a regime (unless
+    ``allow_mixed_regimes``) and the same parameter names and shapes."""
+    tvs = list(task_vectors)
+    if not tvs:
+        raise ValueError("no task vectors given")
+    for key in ("base_model", "fingerprint") + (() if allow_mixed_regimes else ("regime",)):
+        values = {tv.meta.get(key) for tv in tvs}
+        if len(values) > 1:
+            named = ", ".join(f"{tv.task or i}: {tv.meta.get(key)!r}" for i, tv in enumerate(tvs))
+            raise ValueError(f"task vectors differ in {key} ({named})"
+                             + ("; pass allow_mixed_regimes=True to mix them on purpose" if key == "regime" else ""))
+    first = tvs[0]
+    for i, tv in enumerate(tvs[1:], 1):
+        if set(tv.tensors) != set(first.tensors):
+            only = sorted(set(tv.tensors) ^ set(first.tensors))
+            raise ValueError(f"task vectors {first.task or 0!r} and {tv.task or i!r} hold different layers; "
+                             f"in one only: {only[:8]}{' ...' if len(only) > 8 else ''}")
+        wrong = [k for k, v in tv.tensors.items() if v.shape != first.tensors[k].shape]
+        if wrong:
+            raise ValueError(f"task vectors {first.task or 0!r} and {tv.task or i!r} differ in shape at {wrong[:8]}")
+
+
+def weighted_sum(task_vectors: Iterable[TaskVector], alphas: Iterable[float] | float = 1.0) -> dict[str, torch.Tensor]:
+    """Σ_t α_t τ_t (tensors), after ``check_compatible``."""
+    tvs = list(task_vectors)
+    check_compatible(tvs)
+    alphas = [alphas] * len(tvs) if isinstance(alphas, (int, float)) else list(alphas)
+    if len(alphas) != len(tvs):
+        raise ValueError(f"alphas: {len(alphas)} values for {len(tvs)} task vectors")
+    return {k: sum(a * tv.tensors[k].float() for a, tv in zip(alphas, tvs)) for k in tvs[0].tensors}
+
+
+def as_tensors(taus: "TaskVector | Mapping[str, torch.Tensor]") -> dict[str, torch.Tensor]:
+    """The tensors of a TaskVector, or the mapping itself as a dict."""
+    return dict(taus.tensors if isinstance(taus, TaskVector) else taus)

@@ -1,0 +1,63 @@
+"""Resumable training state in one safetensors file (atomic, checksummed; see ``tak.io``).
+
+Tensors: ``param/<name>`` (the trained parameters), ``optim/<name>/<key>`` (the optimizer's
+per-parameter state), ``rng/cpu`` and ``rng/cuda`` (generator states). Metadata: the step reached
+and the run's config, which a resume must match (except the keys in ``_MAY_DIFFER``).
+"""
+import torch
+from torch import nn
+
+from ..io import read, write
+
+_KIND = "checkpoint"
+_MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "device")
+
+
+def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save(path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: dict) -> None:
+    params = trained_parameters(module)
+    names = {id(p): n for n, p in params.items()}
+    tensors = {f"param/{n}": p.detach() for n, p in params.items()}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            tensors[f"optim/{names[id(p)]}/{key}"] = torch.as_tensor(value)
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    write(path, tensors, {"kind": _KIND, "step": step, "config": config})
+
+
+def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> int:
+    """Restores parameters, optimizer state and generators from ``path``; returns the step reached.
+    Refuses (ValueError naming the keys) a checkpoint of a run with another config."""
+    tensors, meta = read(path)
+    if meta.get("kind") != _KIND:
+        raise ValueError(f"{path}: not a training checkpoint")
+    saved = meta["config"]
+    differ = sorted(k for k in set(saved) | set(config)
+                    if k not in _MAY_DIFFER and saved.get(k) != config.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
+        raise ValueError(f"{path}: checkpoint of a run with another config ({detail}); use another --out "
+                         "or delete the checkpoint to start over")
+    params = trained_parameters(module)
+    missing = sorted(n for n in params if f"param/{n}" not in tensors)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks parameters {missing[:5]}")
+    device = next(iter(params.values())).device
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param/{n}"])
+    by_name = {n: p for n, p in params.items()}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            name, field = key[len("optim/"):].rsplit("/", 1)
+            p = by_name[name]
+            optimizer.state[p][field] = value.to(device) if field != "step" else value
+    torch.set_rng_state(tensors["rng/cpu"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return int(meta["step"])

@@ -1,0 +1,100 @@
+"""TrainConfig: everything a training run depends on (a dataclass, or YAML with the same keys).
+
+Hyperparameters left as None take the method's paper defaults (``tak.methods.registry``).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_FACTOR_MODES = ("merged", "per_task")
+
+
+@dataclass
+class TrainConfig:
+    """method: a name of ``tak.methods.METHODS``; task: the task trained; tasks: all tasks that will be
+    merged (their other members give ``tak`` its factors and ``tau_jp`` its data); reference: tasks
+    whose training inputs form the reference set of EK-FAC (DELTA) and of universal factors
+    (``universal=True``: the KFAC / diagonal penalty from the reference set instead of the other tasks).
+
+    factors: "merged" (TAK Eq. 8) or "per_task" (Eq. 7); factor_examples: examples per task for the
+    factors; compress: None, "int8", "eigen:<rank>" or "blockdiag:<k>"; penalty_every / offload_factors:
+    apply the penalty every N steps, the factors kept on the CPU in between; last_layer_weight: the
+    last factored layer's penalty weight (TAK Sec. E: 0.1); layer_weights: {glob: weight}.
+
+    trainable: None (the method's), "all", "attention", or glob patterns of parameter names.
+    checkpoint_every: steps between checkpoints (a killed run resumes from the last one)."""
+
+    method: str = "tak"
+    task: str = "rotten_tomatoes"
+    tasks: list[str] = field(default_factory=list)
+    reference: list[str] = field(default_factory=list)
+    backbone: str = "minilm"
+    pretrained: str | None = None
+    data_root: str | None = None
+    out: str = "runs"
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int = 0
+    beta: float | None = None
+    beta_teacher: float | None = None
+    gamma: float | None = None
+    last_layer_weight: float | None = None
+    layer_weights: dict[str, float] = field(default_factory=dict)
+    lora_rank: int | None = None
+    trainable: str | list[str] | None = None
+    universal: bool = False
+    factors: str = "merged"
+    factor_examples: int = 256
+    mc_samples: int = 1
+    compress: str | None = None
+    penalty_every: int = 1
+    offload_factors: bool = False
+    max_train: int | None = None
+    max_test: int | None = None
+    max_length: int = 128
+    seed: int = 0
+    device: str | None = None
+    checkpoint_every: int = 200
+    eval_batch_size: int = 256
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.factors not in _FACTOR_MODES:
+            raise ValueError(f"TrainConfig.factors must be one of {_FACTOR_MODES}, got {self.factors!r}")
+        for name in ("steps", "batch_size", "factor_examples", "penalty_every", "checkpoint_every", "mc_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        self.tasks = list(self.tasks)
+        self.reference = list(self.reference)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path) -> "TrainConfig":
+        import yaml
+
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a YAML mapping of TrainConfig keys expected, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def run_dir(self) -> Path:
+        """Where this run writes: {out}/{method}/{task}."""
+        return Path(self.out) / self.method / self.task
+
+    def hyperparameters(self, defaults: dict) -> dict:
+        """The method's ``defaults`` overridden by the values set here."""
+        keys = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
+        return {**defaults, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}

@@ -1,0 +1,84 @@
+"""The curvature a training run penalizes with: factors per task, fitted once and cached as files.
+
+``task_factors(kind, backbone, task, ...)`` fits (or loads from ``cache``) the KFAC / EK-FAC /
+diagonal GGN of ``backbone.features`` on the first ``n_examples`` of a fixed shuffle of the task's
+training inputs. ``drift_factors`` combines them as the method asks: the other tasks merged (TAK
+Eq. 8) or kept per task (Eq. 7), or the reference set's (DELTA; universal factors).
+"""
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
+from ..curvature.distributed import is_distributed, is_main_rank
+from ..curvature.outputs import to_device
+from ..evaluation import loader
+
+_CLASSES = {"kfac": KFAC, "ekfac": EKFAC, "diagonal": DiagonalGGN}
+
+
+def fit_inputs(backbone, examples_by_task: list, n_examples: int, device, batch_size: int = 32) -> list:
+    """Model-input batches (on ``device``) of the first ``n_examples`` of each example list, fixed shuffle."""
+    batches = []
+    for examples in examples_by_task:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:n_examples]
+        chosen = [examples[i] for i in order.tolist()]
+        batches += [to_device(inputs, device) for inputs, _ in loader(backbone, chosen, batch_size)]
+    return batches
+
+
+def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_samples: int, cache: Path | None,
+                 device, progress: bool = True):
+    """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several)."""
+    name = "+".join(t.name for t in tasks)
+    path = None if cache is None else Path(cache) / f"{kind}-{name}-n{n_examples}-mc{mc_samples}.safetensors"
+    if path is not None and path.exists():
+        return _CLASSES[kind].load(path, model=backbone.model, device=device)
+    batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)
+    fit = {"kfac": fit_kfac, "ekfac": fit_ekfac, "diagonal": fit_diagonal}[kind]
+    factors = fit(backbone.model, batches, output_fn=backbone.features, mc_samples=mc_samples, progress=progress)
+    factors.meta["task"] = name
+    if path is not None and is_main_rank() and not is_distributed():
+        factors.save(path)
+    return factors
+
+
+def parse_compression(spec: str | None) -> dict | None:
+    """"int8", "eigen:<rank>", "blockdiag:<k>" -> ``tak.compress`` arguments."""
+    if spec is None:
+        return None
+    method, _, arg = spec.partition(":")
+    if method == "int8" and not arg:
+        return {"method": "int8"}
+    if method in ("eigen", "blockdiag") and arg.isdigit():
+        return {"method": method, ("rank" if method == "eigen" else "k"): int(arg)}
+    raise ValueError(f"compress={spec!r}: expected 'int8', 'eigen:<rank>' or 'blockdiag:<k>'")
+
+
+def merge_diagonal(parts: list[DiagonalGGN], sizes: list[int]) -> DiagonalGGN:
+    """Σ_t λ_t D_t, λ_t = |D_t| / Σ |D_s| (the diagonal analogue of TAK Eq. 7)."""
+    total = float(sum(sizes))
+    first = parts[0]
+    merged = {n: replace(lf, D=sum(s / total * p[n].D for p, s in zip(parts, sizes))) for n, lf in first.items()}
+    return DiagonalGGN(merged, {**first.meta, "task": "+".join(p.meta.get("task", "?") for p in parts)})
+
+
+def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", compression: str | None = None,
+                  **fit):
+    """The penalty's factors from the tasks ``others`` (each a ``tak.data.Task``): KFAC merged (Eq. 8) or
+    per task (Eq. 7), optionally compressed; diagonal GGN λ-averaged; EK-FAC of all of them as one set."""
+    if not others:
+        raise ValueError(f"a {kind} penalty needs factors of other tasks or a reference set; none given "
+                         "(set tasks=[...] with more than the trained task, or reference=[...])")
+    if kind == "ekfac":
+        return task_factors("ekfac", backbone, others, **fit)
+    parts = [task_factors(kind, backbone, [t], **fit) for t in others]
+    sizes = [len(t.split("train")) for t in others]
+    if kind == "diagonal":
+        return merge_diagonal(parts, sizes)
+    options = parse_compression(compression)
+    shrink = (lambda f: compress(f, **options)[0]) if options else (lambda f: f)
+    if mode == "per_task":
+        return TaskFactors([shrink(p) for p in parts], sizes)
+    return shrink(merge_kfac(parts, sizes))

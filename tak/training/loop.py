@@ -1,0 +1,234 @@
+"""``train(config)``: one task vector by one method, resumable, reproducible, data-parallel under torchrun.
+
+The batch of step s is a function of (seed, s) alone (an epoch-seeded permutation of the training
+split), the DELTA α too, and a checkpoint holds the trained parameters, the optimizer state and the
+generators: a killed run started again continues where it stopped and ends with the same τ. Under
+``torchrun`` each of W processes takes every W-th example of the global batch and the gradients are
+averaged, so the task vector equals the one-process one (up to summation order).
+
+Outputs in ``config.run_dir()``: ``task_vector.safetensors`` (``tak.TaskVector``), DELTA's
+``teacher_task_vector.safetensors``, ``metrics.json``, ``checkpoint.safetensors``, ``config.yaml``.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..backbones import load_backbone
+from ..curvature.distributed import is_distributed, is_main_rank
+from ..curvature.outputs import to_device
+from ..data import get_task
+from ..evaluation import accuracy
+from ..methods import CurvaturePenalty, Objective, TauJpPenalty, get_method, layer_weights
+from ..task_vector import TaskVector
+from . import checkpoint
+from .config import TrainConfig
+from .factors import drift_factors, fit_inputs
+
+_CACHE = {}
+
+
+@dataclass
+class TrainResult:
+    task_vector: TaskVector
+    path: Path
+    metrics: dict
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size), starting torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Indices of this rank's share of step ``step``'s batch: epochs are fixed-seed permutations of
+    range(n) cut into ⌊n / batch_size⌋ full batches; rank r takes every ``world``-th of them."""
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return order[position * batch_size:(position + 1) * batch_size][rank::world].tolist()
+
+
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine annealing to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _backbone(config: TrainConfig, device):
+    """One backbone per (spec, pretrained, max_length, device) per process: runs of one demo share it."""
+    key = (config.backbone, config.pretrained, config.max_length, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = load_backbone(config.backbone, pretrained=config.pretrained, device=device,
+                                    max_length=config.max_length)
+    return _CACHE[key]
+
+
+def _task(name: str, config: TrainConfig):
+    return get_task(name, root=config.data_root, max_train=config.max_train, max_test=config.max_test)
+
+
+def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
+    """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
+    method = get_method(config.method)
+    hp = config.hyperparameters(method.defaults)
+    others = [_task(t, config) for t in config.tasks if t != config.task]
+    reference = [_task(t, config) for t in config.reference]
+    fit = dict(n_examples=config.factor_examples, mc_samples=config.mc_samples, cache=Path(config.out) / "factors",
+               device=device, progress=config.progress and is_main_rank())
+    penalty = teacher_penalty = tau_jp = None
+    if method.penalty in ("kfac", "diagonal", "ekfac"):
+        sources = reference if (config.universal or method.penalty == "ekfac") else others
+        if method.penalty == "ekfac" and not reference:
+            raise ValueError(f"method {method.name!r} needs a reference set: set reference=[task names]")
+        factors = drift_factors(method.penalty, backbone, sources, mode=config.factors,
+                                compression=config.compress, **fit)
+        weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
+                                patterns=config.layer_weights)
+        make = lambda beta: CurvaturePenalty(factors, beta, weights=weights, every=config.penalty_every,  # noqa: E731
+                                             offload=config.offload_factors, device=device)
+        penalty = make(hp["beta"])
+        teacher_penalty = make(hp.get("beta_teacher", hp["beta"])) if method.teacher else None
+    elif method.penalty == "tau_jp":
+        if not others:
+            raise ValueError("method 'tau_jp' needs the other tasks' data: set tasks=[...] with more than the trained task")
+        batches = fit_inputs(backbone, [t.split("train") for t in others], config.factor_examples, device,
+                             batch_size=config.batch_size)
+        tau_jp = TauJpPenalty(batches, hp["beta"], backbone.features, every=config.penalty_every)
+    return Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
+                     tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
+
+
+def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def train(config: TrainConfig | dict | str) -> TrainResult:
+    """Train ``config.task``'s task vector with ``config.method``; returns it with its path and metrics.
+
+    ``config``: a ``TrainConfig``, a dict of its keys, or the path of a YAML file."""
+    if isinstance(config, (str, Path)):
+        config = TrainConfig.from_yaml(config)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    method = get_method(config.method)
+    rank, world = _world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
+    torch.manual_seed(config.seed)
+    device = _device(config)
+    backbone = _backbone(config, device)
+    task = _task(config.task, config)
+    objective = build_objective(config, backbone, task, device)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    hp = objective.hp
+    optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    run_dir = config.run_dir()
+    ckpt = run_dir / "checkpoint.safetensors"
+    saved = config.to_dict()
+    step = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else 0
+    writer = _tensorboard(config, run_dir) if is_main_rank() else None
+    examples = task.split("train")
+    objective.train()
+    bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
+               disable=not (config.progress and is_main_rank()))
+    started, terms = time.time(), {}
+    while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = hp["lr"] * cosine_schedule(step, config.steps, config.warmup_steps)
+        chosen = [examples[i] for i in batch_indices(len(examples), config.batch_size, config.seed, step, rank, world)]
+        inputs, labels = backbone.collate(chosen)
+        loss, terms = objective(to_device(inputs, device), labels.to(device), step)
+        if not torch.isfinite(loss):
+            last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+            raise FloatingPointError(f"{config.method}/{config.task}: loss is {loss.item()} at step {step} "
+                                     f"(terms {terms}); {last}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _average_gradients(params, world)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
+        if writer is not None:
+            for k, v in terms.items():
+                writer.add_scalar(f"loss/{k}", v, step)
+        if is_main_rank() and (step % config.checkpoint_every == 0 or step == config.steps):
+            checkpoint.save(ckpt, objective, optimizer, step, saved)
+    bar.close()
+    return _finish(config, backbone, task, objective, terms, time.time() - started, writer)
+
+
+def _tensorboard(config: TrainConfig, run_dir: Path):
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainResult:
+    """Evaluate the trained τ on the task's val and test splits and write the outputs (rank 0)."""
+    objective.eval()
+    method = objective.method
+    kw = dict(batch_size=config.eval_batch_size, device=next(objective.parameters()).device)
+    metrics = {"val": accuracy(backbone, objective.student.at(1.0), task, "val", **kw),
+               "test": accuracy(backbone, objective.student.at(1.0), task, "test", **kw),
+               "final_loss_terms": terms, "train_seconds": round(seconds, 2)}
+    if objective.teacher is not None:
+        metrics["teacher_test"] = accuracy(backbone, objective.teacher.at(1.0), task, "test", **kw)
+    meta = {**backbone.meta(), "method": method.name, "task": task.name, "regime": objective.student.regime,
+            "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
+            "steps": config.steps, "batch_size": config.batch_size, "metrics": metrics}
+    tv = TaskVector(objective.task_vector(), meta)
+    run_dir = config.run_dir()
+    path = run_dir / "task_vector.safetensors"
+    if is_main_rank():
+        tv.save(path)
+        if objective.teacher is not None:
+            TaskVector(objective.teacher.task_vector(), {**meta, "regime": "linear", "role": "teacher"}).save(
+                run_dir / "teacher_task_vector.safetensors")
+        _write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        import yaml
+        _write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if writer is not None:
+            for k in ("val", "test"):
+                writer.add_scalar(f"accuracy/{k}", metrics[k], config.steps)
+            writer.close()
+    return TrainResult(tv, path, metrics)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic text write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

