@@ -9,14 +9,15 @@
 #   1. installs the carried wheels (.whl/, open_clip and what it needs) into /tmp/site
 #   2. python3 -m pytest -m gpu tests, then the kernel tests under the real Triton compiler
 #   3. benchmarks/bench_gpu.py, one section per call (a timeout loses one section, not all)
-#   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py
+#   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py, benchmarks/bench_methods.py (≤ 60 s)
 #   5. python3 -m kfac_kernels
 # Output, everything under $OUT (8 files, the most the device tool returns):
 #   results.md      summary of the steps, then every benchmark table (paste into benchmarks/RESULTS.md)
 #   results.json    every benchmark JSON, by script and section
-#   run.log         progress and environment;  tests.log, bench_gpu.log, bench_curvature.log,
-#   bench_linearized.log, kfac_kernels.log: each step's full output
-# Knobs: RUN_GPU_BUDGET_S; RUN_GPU_STEPS (default "tests bench_gpu curvature linearized kernels");
+#   run.log         progress and environment;  tests.log (the tests, then python3 -m kfac_kernels: its
+#   checks and timings), bench_gpu.log, bench_curvature.log, bench_linearized.log, bench_methods.log:
+#   each step's full output
+# Knobs: RUN_GPU_BUDGET_S; RUN_GPU_STEPS (default "tests bench_gpu curvature linearized methods kernels");
 # BENCH_GPU_SECTIONS (default "quad compressed eigen covariance dual"); PYTHON (default python3).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -26,7 +27,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/run_gpu.XXXXXX)  # the scripts' own outputs; merged into $OUT at the end
 PY=${PYTHON:-python3}
 BUDGET=${RUN_GPU_BUDGET_S:-540}
-STEPS=" ${RUN_GPU_STEPS:-tests bench_gpu curvature linearized kernels} "
+STEPS=" ${RUN_GPU_STEPS:-tests bench_gpu curvature linearized methods kernels} "
 BENCH_GPU_SECTIONS=${BENCH_GPU_SECTIONS:-quad compressed eigen covariance dual}
 START=$SECONDS
 SUMMARY="$WORK/summary.md"
@@ -40,8 +41,8 @@ log() { echo "[run_gpu $((SECONDS - START))s] $*" | tee -a "$OUT/run.log"; }
 wants() { [[ $STEPS == *" $1 "* ]]; }
 
 # Seconds kept for each step while the steps before it run (when that step is wanted).
-ORDER=(tests bench_gpu curvature linearized kernels)
-declare -A MINIMUM=([tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [kernels]=25)
+ORDER=(tests bench_gpu curvature linearized methods kernels)
+declare -A MINIMUM=([tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [methods]=60 [kernels]=25)
 reserved_after() {
     local after=$1 seen=0 sum=0 s
     for s in "${ORDER[@]}"; do
@@ -131,8 +132,11 @@ fi
 if wants linearized; then
     step linearized "bench_linearized" 150 "$OUT/bench_linearized.log" "$PY" benchmarks/bench_linearized.py --out "$WORK/linearized"
 fi
-if wants kernels; then
-    step kernels "python -m kfac_kernels" 45 "$OUT/kfac_kernels.log" "$PY" -m kfac_kernels
+if wants methods; then
+    step methods "bench_methods" 90 "$OUT/bench_methods.log" "$PY" benchmarks/bench_methods.py --out "$WORK/methods"
+fi
+if wants kernels; then  # into tests.log: $OUT holds at most 8 files
+    step kernels "python -m kfac_kernels" 45 "$OUT/tests.log" "$PY" -m kfac_kernels
 fi
 
 # ---------------------------------------------------------------- results.md, results.json
@@ -144,7 +148,7 @@ from pathlib import Path
 work, out = Path(os.environ["WORK"]), Path(os.environ["OUT"])
 steps = os.environ["STEPS"].split()
 parts = [("bench_gpu", f"bench_gpu_{s}", "bench_gpu", s) for s in os.environ["SECTIONS"].split()] * ("bench_gpu" in steps)
-parts += [(f"bench_{step}", step, f"bench_{step}", None) for step in ("curvature", "linearized") if step in steps]
+parts += [(f"bench_{step}", step, f"bench_{step}", None) for step in ("curvature", "linearized", "methods") if step in steps]
 md = ["# GPU run (benchmarks/run_gpu.sh)", "", (work / "summary.md").read_text(), ""]
 data = {}
 for script, folder, stem, section in parts:

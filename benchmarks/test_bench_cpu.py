@@ -163,3 +163,36 @@ def test_op(benchmark, case, impl):
     assert rel_err(ours(), plain()) < tol
     benchmark.group = case
     benchmark(ours if impl == "kfac_kernels" else plain)
+
+
+# ---------------------------------------------------------------- benchmark scripts, --smoke
+
+def test_bench_methods_smoke(tmp_path):
+    """bench_methods.py --smoke (tiny open_clip CLIP on the CPU) runs every configuration and writes its table."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("bench_methods.py needs open_clip")
+    script = Path(__file__).resolve().parent / "bench_methods.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_methods_smoke.json").read_text())
+    assert not data["failed_sections"]
+    results = {r["name"]: r for r in data["results"]}
+    assert [r["error"] for r in results.values() if r["error"]] == []
+    for name in ("nonlinear", "linear", "tak", "tak, published-code penalty", "delta"):
+        assert results[name]["ms"] > 0 and results[name]["iterations"] == 2, name
+    assert results["tak"]["ratio"] is not None and results["delta"]["ratio"] is not None
+    assert results["linear"]["terms"]["student"] == "DualLinearizedModel"  # the fast path ran
+    assert results["delta"]["terms"]["teacher"] == "DualLinearizedModel"
+    published = next(r for n, r in results.items() if n.startswith("published form"))
+    ours = results["CurvaturePenalty(KFAC), fp32 τ"]
+    value = [float(r["terms"]["value β·q(τ)"]) for r in (ours, published)]  # same τ, same factors
+    assert abs(value[0] - value[1]) <= 1e-4 * abs(value[1]), value
+    table = (tmp_path / "bench_methods_smoke.md").read_text()
+    assert "| tak |" in table and "| delta |" in table

@@ -11,17 +11,20 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
 
 def _parse_value(text: str, annotation):
     """A command-line string as the TrainConfig field type."""
-    kinds = set(typing.get_args(annotation)) or {annotation}
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(annotation)) if union else {annotation}  # list[str]: itself, not its str
     if text.lower() in ("none", "null") and type(None) in kinds:
         return None
     if list in {typing.get_origin(k) or k for k in kinds}:
-        return [t for t in text.split(",") if t]
+        items = [t for t in text.split(",") if t]
+        return text if str in kinds and len(items) == 1 else items  # trainable: "all" stays a name
     if dict in {typing.get_origin(k) or k for k in kinds}:
         return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
     for kind in (bool, int, float):

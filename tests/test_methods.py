@@ -175,3 +175,13 @@ def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid methods: nonlinear, linear"):
         get_method("takk")
     assert {"nonlinear", "linear", "attn_only", "tak", "attn_only_tak", "diag_ggn", "tau_jp", "delta"} <= set(METHODS)
+
+
+def test_last_layer_weight_skips_the_exact_dense_blocks():
+    """With dense=True the LayerNorm blocks come after the linear layers; the 0.1 goes to the last linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3), nn.LayerNorm(3)).double()
+    factors = tak.fit_kfac(model, [torch.randn(6, 5, dtype=torch.float64)], progress=False)
+    weights = layer_weights(factors, last_layer_weight=0.1)
+    assert list(factors)[-1] != "2" and weights["2"] == 0.1
+    assert all(w == 1.0 for n, w in weights.items() if n != "2")

@@ -69,21 +69,23 @@ class Evaluator:
     features are computed once per task."""
 
     def __init__(self, backbone, tasks: list, split: str, *, batch_size: int = 256, device="cpu",
-                 progress: bool = False):
+                 progress: bool = False, cache: dict | None = None):
+        """``cache``: a dict shared by evaluators of one backbone to keep θ0's features across them."""
         self.backbone, self.tasks, self.split = backbone, list(tasks), split
         self.kw = dict(batch_size=batch_size, device=device, progress=progress)
         for t in self.tasks:
             if len(t.split(split)) == 0:
                 raise ValueError(f"task {t.name!r}: its {split!r} split is empty; cannot evaluate on it")
-        self._f0 = {}
+        self._f0 = {} if cache is None else cache
 
     def _features(self, model, task) -> tuple[torch.Tensor, torch.Tensor]:
         return features(self.backbone, model, task.split(self.split), desc=task.name, **self.kw)
 
     def pretrained(self, task) -> tuple[torch.Tensor, torch.Tensor]:
-        if task.name not in self._f0:
-            self._f0[task.name] = self._features(self.backbone.model.eval(), task)
-        return self._f0[task.name]
+        key = (task.name, self.split)
+        if key not in self._f0:
+            self._f0[key] = self._features(self.backbone.model.eval(), task)
+        return self._f0[key]
 
     def sweep(self, task_vector: TaskVector | None, alphas, tasks=None) -> dict[float, dict[str, float]]:
         """{α: {task: accuracy (%)}} of θ0 + α τ (τ = None: the pretrained model at every α)."""

@@ -50,7 +50,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
             raise ValueError(f"--target {target!r}: none of the task vectors is of that task "
                              f"({[t.task for t in tvs]})")
         result = task_negation(backbone, tv, get(tv.task), get(control), alphas=alphas, **kw)
-        results["negation"] = {"target": tv.task, "control": control, **result.to_dict()}
+        # "target" / "control" are the accuracies (NegationResult); the task names get keys of their own
+        results["negation"] = {**result.to_dict(), "target_task": tv.task, "control_task": control}
         curves = {"target": (list(result.val_curve), [v["target"] for v in result.val_curve.values()]),
                   "control": (list(result.val_curve), [v["control"] for v in result.val_curve.values()])}
         plots.alpha_sweeps(curves, out / "negation_sweep.png", title=f"negating {tv.task}: validation accuracy vs α",
@@ -75,14 +76,15 @@ def _inputs(backbone, task, device, n=_ANALYSIS_EXAMPLES) -> list:
 def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
     """Disentanglement (first pair), normalcy AUROC, linearization error and support localization."""
     inputs = {t.name: _inputs(backbone, t, device) for t in tasks}
-    models = {}
+    built = {}  # one network θ0 + τ at a time: its τ's tensors (kept, so that `is` is exact) and itself
 
     def model(tau):
-        key = None if tau is None else id(tau)
-        if key not in models:
-            models.clear()  # one network at a time in memory
-            models[key] = backbone.model.eval() if tau is None else apply(backbone, tau)
-        return models[key]
+        if tau is None:
+            return backbone.model.eval()
+        if built.get("tensors") is not tau.tensors:  # not id(): a freed τ's id is reused by the next one
+            built.clear()
+            built["net"], built["tensors"] = apply(backbone, tau), tau.tensors
+        return built["net"]
 
     def feats(tau, batch):
         with torch.no_grad():
@@ -165,8 +167,9 @@ def render_report(folders, out) -> Path:
                           for name, key in (("α = 1", "alpha1"), (f"best α = {results['best']['alpha']}", "best"))])
         if "negation" in results:
             n = results["negation"]
-            report.table([{"": "pretrained", n["target"]: n["pretrained_target"], n["control"]: n["pretrained_control"]},
-                          {"": f"θ0 − {n['alpha']} τ", n["target"]: n["target"], n["control"]: n["control"]}])
+            target, control = n["target_task"], n["control_task"]
+            report.table([{"": "pretrained", target: n["pretrained_target"], control: n["pretrained_control"]},
+                          {"": f"θ0 − {n['alpha']} τ", target: n["target"], control: n["control"]}])
         found = results.get("analyses", {})
         if "normalcy_auroc" in found:
             report.table([{"task": t, "normalcy AUROC": found["normalcy_auroc"][t],

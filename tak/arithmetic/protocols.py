@@ -46,10 +46,8 @@ class AdditionResult:
 
 def individual_accuracies(backbone, task_vectors, tasks, split: str = "test", **kw) -> dict[str, float]:
     """Each task's accuracy with its own task vector alone (θ0 + τ_t), on ``split``."""
-    out = {}
-    for tv, t in zip(task_vectors, tasks):
-        out[t.name] = Evaluator(backbone, [t], split, **kw).sweep(tv, [1.0])[1.0][t.name]
-    return out
+    evaluator = Evaluator(backbone, tasks, split, **kw)
+    return {t.name: evaluator.sweep(tv, [1.0], tasks=[t])[1.0][t.name] for tv, t in zip(task_vectors, tasks)}
 
 
 def task_addition(backbone, task_vectors, tasks, *, alphas=DEFAULT_ALPHAS, individual=None,

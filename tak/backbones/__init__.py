@@ -12,8 +12,10 @@
 - ``"clip:<architecture>"``: an open_clip CLIP, ``pretrained`` = open_clip tag or checkpoint file
   (``clip.py``). Options: ``dtype``, ``model_kwargs`` (``max_length`` is ignored).
 
-``GenericBackbone`` wraps any ``nn.Module`` with heads of its own. Needs ``transformers`` / ``open_clip``
-(``pip install 'kfac_kernels[models]'``) only for the specs that use them.
+``GenericBackbone`` wraps any ``nn.Module`` with heads of its own; ``register_backbone(name, factory,
+description)`` makes one (or any ``Backbone``) loadable by name, so that ``TrainConfig.backbone`` and
+``tak eval`` (which reloads the backbone a task vector names) reach it. Needs ``transformers`` /
+``open_clip`` (``pip install 'kfac_kernels[models]'``) only for the specs that use them.
 """
 from .base import Backbone, Head
 from .generic import GenericBackbone
@@ -24,11 +26,26 @@ _BACKBONES = {
     "t5:<name-or-path>": "Hugging Face T5ForConditionalGeneration; label-word head on the first decoder step",
     "clip:<architecture>": "open_clip CLIP image tower (pretrained=<tag>); zero-shot text-tower head",
 }
+_REGISTERED: dict[str, tuple] = {}
+
+
+def register_backbone(name: str, factory, description: str) -> None:
+    """Make ``load_backbone(name, pretrained=None, device=None, **options)`` return
+    ``factory(pretrained=pretrained, **options)`` (a ``Backbone`` whose ``name`` is ``name``). Training
+    passes ``max_length`` among the options, so a factory should accept it (or ``**options``)."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"register_backbone: name must be a non-empty str without ':', got {name!r}")
+    if name in _REGISTERED or name in _BACKBONES:
+        raise ValueError(f"backbone {name!r} is already registered")
+    if not callable(factory):
+        raise TypeError("register_backbone: factory must be callable (pretrained=None, **options) -> Backbone")
+    _REGISTERED[name] = (factory, description)
 
 
 def list_backbones() -> dict[str, str]:
-    """{spec pattern: description} of what ``load_backbone`` accepts."""
-    return dict(_BACKBONES)
+    """{spec pattern: description} of what ``load_backbone`` accepts (the built-in specs, then the
+    registered names)."""
+    return {**_BACKBONES, **{name: description for name, (_, description) in _REGISTERED.items()}}
 
 
 def load_backbone(spec: str, *, pretrained: str | None = None, device=None, **options) -> Backbone:
@@ -37,7 +54,11 @@ def load_backbone(spec: str, *, pretrained: str | None = None, device=None, **op
     if not isinstance(spec, str):
         raise TypeError(f"backbone spec must be a str, got {type(spec).__name__}")
     prefix, sep, rest = spec.partition(":")
-    if spec == "minilm":
+    if spec in _REGISTERED:
+        backbone = _REGISTERED[spec][0](pretrained=pretrained, **options)
+        if not isinstance(backbone, Backbone):
+            raise TypeError(f"backbone {spec!r}: its factory returned a {type(backbone).__name__}, not a Backbone")
+    elif spec == "minilm":
         from .text import load_minilm
         backbone = load_minilm(spec, pretrained=pretrained, **options)
     elif sep and prefix == "hf":
@@ -50,11 +71,11 @@ def load_backbone(spec: str, *, pretrained: str | None = None, device=None, **op
         from .clip import load_clip
         backbone = load_clip(spec, rest, pretrained=pretrained, **options)
     else:
-        valid = "; ".join(f"{k!r} ({v})" for k, v in _BACKBONES.items())
+        valid = "; ".join(f"{k!r} ({v})" for k, v in list_backbones().items())
         raise ValueError(f"unknown backbone {spec!r}; valid: {valid}")
     if device is not None:
         backbone.to(device)
     return backbone
 
 
-__all__ = ["Backbone", "Head", "GenericBackbone", "load_backbone", "list_backbones"]
+__all__ = ["Backbone", "Head", "GenericBackbone", "load_backbone", "list_backbones", "register_backbone"]

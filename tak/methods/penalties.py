@@ -15,12 +15,15 @@ from .._selection import selects
 
 
 def layer_weights(factors, *, last_layer_weight: float = 1.0, patterns: dict | None = None) -> dict[str, float]:
-    """{layer: w}: ``last_layer_weight`` for the last factored layer (TAK Sec. E uses 0.1), then
-    ``patterns`` ({glob: w}, later patterns win) over the layer names."""
-    names = list(_layers(factors))
+    """{layer: w}: ``last_layer_weight`` for the last factored linear layer (TAK Sec. E uses 0.1; the
+    exact LayerNorm / class-token blocks, listed after the linear layers, are not it), then ``patterns``
+    ({glob: w}, later patterns win) over the layer names."""
+    layers = _layers(factors)
+    names = list(layers)
     weights = {n: 1.0 for n in names}
-    if names:
-        weights[names[-1]] = float(last_layer_weight)
+    linear = [n for n in names if getattr(layers[n], "weight", None) is not None]
+    if linear:
+        weights[linear[-1]] = float(last_layer_weight)
     for pattern, w in (patterns or {}).items():
         hits = [n for n in names if selects(pattern, n)]
         if not hits:
@@ -43,11 +46,12 @@ def _move(factors, device):
 
 class CurvaturePenalty:
     def __init__(self, factors, beta: float, *, weights: dict[str, float] | None = None, every: int = 1,
-                 offload: bool = False, device="cpu"):
+                 offload: bool = False, device=None):
+        """``device``: where the penalty is computed (that of τ); None keeps the factors where they are."""
         if every < 1:
             raise ValueError(f"penalty every={every}: must be ≥ 1")
         self.beta, self.weights, self.every, self.offload, self.device = float(beta), weights, every, offload, device
-        self.factors = factors if offload else _move(factors, device)
+        self.factors = factors if offload or device is None else _move(factors, device)
 
     def active(self, step: int) -> bool:
         return self.beta != 0 and step % self.every == 0
@@ -56,7 +60,7 @@ class CurvaturePenalty:
         """β Σ_l w_l q_l(τ_l) at the steps where the penalty applies, else None."""
         if not self.active(step):
             return None
-        factors = _move(self.factors, self.device) if self.offload else self.factors
+        factors = _move(self.factors, self.device) if self.offload and self.device is not None else self.factors
         return self.beta * factors.quadratic_form(taus, self.weights)
 
 

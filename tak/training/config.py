@@ -67,6 +67,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "factor_examples", "penalty_every", "checkpoint_every", "mc_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("tasks", "reference"):
+            if isinstance(getattr(self, name), str):  # list("a,b") would be its characters
+                raise ValueError(f"TrainConfig.{name} must be a list of task names, got the string "
+                                 f"{getattr(self, name)!r}")
         self.tasks = list(self.tasks)
         self.reference = list(self.reference)
 

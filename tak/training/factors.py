@@ -5,12 +5,14 @@ diagonal GGN of ``backbone.features`` on the first ``n_examples`` of a fixed shu
 training inputs. ``drift_factors`` combines them as the method asks: the other tasks merged (TAK
 Eq. 8) or kept per task (Eq. 7), or the reference set's (DELTA; universal factors).
 """
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
+from ..curvature.layers import find_layers
 from ..curvature.distributed import is_distributed, is_main_rank
 from ..curvature.outputs import to_device
 from ..evaluation import loader
@@ -29,15 +31,21 @@ def fit_inputs(backbone, examples_by_task: list, n_examples: int, device, batch_
 
 
 def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_samples: int, cache: Path | None,
-                 device, progress: bool = True):
-    """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several)."""
+                 device, layers: list[str] | None = None, progress: bool = True):
+    """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several),
+    for the modules named in ``layers`` (None: all)."""
     name = "+".join(t.name for t in tasks)
-    path = None if cache is None else Path(cache) / f"{kind}-{name}-n{n_examples}-mc{mc_samples}.safetensors"
+    if layers is not None and kind == "ekfac":  # EK-FAC has no exact dense blocks: its linear layers only
+        linear = set(find_layers(backbone.model))
+        layers = [n for n in layers if n in linear]
+    which = "all" if layers is None else hashlib.sha256("|".join(sorted(layers)).encode()).hexdigest()[:8]
+    path = None if cache is None else Path(cache) / f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}.safetensors"
     if path is not None and path.exists():
         return _CLASSES[kind].load(path, model=backbone.model, device=device)
     batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)
     fit = {"kfac": fit_kfac, "ekfac": fit_ekfac, "diagonal": fit_diagonal}[kind]
-    factors = fit(backbone.model, batches, output_fn=backbone.features, mc_samples=mc_samples, progress=progress)
+    factors = fit(backbone.model, batches, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
+                  progress=progress)
     factors.meta["task"] = name
     if path is not None and is_main_rank() and not is_distributed():
         factors.save(path)

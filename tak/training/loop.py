@@ -4,7 +4,9 @@ The batch of step s is a function of (seed, s) alone (an epoch-seeded permutatio
 split), the DELTA α too, and a checkpoint holds the trained parameters, the optimizer state and the
 generators: a killed run started again continues where it stopped and ends with the same τ. Under
 ``torchrun`` each of W processes takes every W-th example of the global batch and the gradients are
-averaged, so the task vector equals the one-process one (up to summation order).
+averaged, so the task vector equals the one-process one (up to summation order) for the methods without
+fitted factors; KFAC / EK-FAC / diagonal factors are Monte-Carlo estimates whose probes depend on the
+rank (``tak.curvature.fit_kfac``), so those runs agree with one process only statistically.
 
 Outputs in ``config.run_dir()``: ``task_vector.safetensors`` (``tak.TaskVector``), DELTA's
 ``teacher_task_vector.safetensors``, ``metrics.json``, ``checkpoint.safetensors``, ``config.yaml``.
@@ -25,7 +27,7 @@ from ..curvature.distributed import is_distributed, is_main_rank
 from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import accuracy
-from ..methods import CurvaturePenalty, Objective, TauJpPenalty, get_method, layer_weights
+from ..methods import CurvaturePenalty, Objective, TauJpPenalty, get_method, layer_weights, trainable_names
 from ..task_vector import TaskVector
 from . import checkpoint
 from .config import TrainConfig
@@ -85,14 +87,27 @@ def _task(name: str, config: TrainConfig):
     return get_task(name, root=config.data_root, max_train=config.max_train, max_test=config.max_test)
 
 
+def trained_layers(model, trained: list[str]) -> list[str]:
+    """The linear layers and dense groups (``tak.curvature``) holding a trained parameter: the only ones
+    whose factors a penalty on these τ reads."""
+    from ..curvature.dense import find_dense_groups
+    from ..curvature.layers import find_layers
+
+    known = [*find_layers(model), *find_dense_groups(model)]
+    return sorted(n for n in known if any(p == n or p.startswith(n + ".") for p in trained))
+
+
 def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
     method = get_method(config.method)
     hp = config.hyperparameters(method.defaults)
     others = [_task(t, config) for t in config.tasks if t != config.task]
     reference = [_task(t, config) for t in config.reference]
+    selection = config.trainable if config.trainable is not None else method.trainable
+    trained = trainable_names(backbone.model, selection)
+    layers = trained_layers(backbone.model, trained)
     fit = dict(n_examples=config.factor_examples, mc_samples=config.mc_samples, cache=Path(config.out) / "factors",
-               device=device, progress=config.progress and is_main_rank())
+               device=device, layers=layers, progress=config.progress and is_main_rank())
     penalty = teacher_penalty = tau_jp = None
     if method.penalty in ("kfac", "diagonal", "ekfac"):
         sources = reference if (config.universal or method.penalty == "ekfac") else others

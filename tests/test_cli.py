@@ -1,0 +1,290 @@
+"""The ``tak`` command line end to end, in process (``tak.cli.main``): train two tasks with two methods,
+merge, evaluate (addition with analyses, negation), report, list; wrong names exit non-zero naming the
+valid ones; ``--config`` YAML with flag overrides."""
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from tak.arithmetic import analyses
+from tak.arithmetic.compose import apply
+from tak.arithmetic.merges import MERGES
+from tak.backbones import GenericBackbone, Head, list_backbones, register_backbone
+from tak.cli import main
+from tak.data import Task, list_tasks, register_task
+from tak.methods import METHODS
+from tak.task_vector import TaskVector
+
+TASKS = ["rotten_tomatoes", "subjectivity"]
+SMALL = ["--steps", "2", "--batch-size", "4", "--max-length", "16", "--max-train", "40", "--max-test", "8",
+         "--trainable", "encoder.layer.5.attention.*", "--progress", "false", "--lr", "1e-4",
+         "--eval-batch-size", "64"]
+EVAL_SMALL = ["--max-train", "40", "--max-test", "8", "--alphas", "0,0.5,1"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tak_cli(*argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``tak argv...``; argparse's exits become statuses."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(*argv) -> str:
+    code, out, err = tak_cli(*argv)
+    assert code == 0, f"tak {' '.join(map(str, argv))} exited {code}: {err}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{(method, task): task vector path} of `tak train` for 2 tasks x (nonlinear, linear)."""
+    out = tmp_path_factory.mktemp("cli")
+    paths = {}
+    for method in ("nonlinear", "linear"):
+        for task in TASKS:
+            printed = json.loads(ok("train", "--method", method, "--task", task, "--tasks", ",".join(TASKS),
+                                    "--out", out / "runs", *SMALL))
+            paths[method, task] = Path(printed["task_vector"])
+            assert 0 <= printed["test"] <= 100 and 0 <= printed["val"] <= 100
+    return out, paths
+
+
+def test_train_writes_task_vectors_with_their_metadata(runs):
+    out, paths = runs
+    for (method, task), path in paths.items():
+        assert path == out / "runs" / method / task / "task_vector.safetensors"
+        tv = TaskVector.load(path)
+        assert (tv.meta["method"], tv.task, tv.regime, tv.meta["base_model"]) == (method, task, method, "minilm")
+        assert tv.meta["steps"] == 2 and tv.meta["hparams"]["lr"] == 1e-4
+        assert tv.meta["trainable"] == "encoder.layer.5.attention.*"
+        saved = yaml.safe_load((path.parent / "config.yaml").read_text())
+        assert saved["tasks"] == TASKS and saved["max_length"] == 16 and saved["progress"] is False
+
+
+def test_merge_ties_and_task_arithmetic(runs):
+    out, paths = runs
+    inputs = [paths["nonlinear", t] for t in TASKS]
+    taus = [TaskVector.load(p).tensors for p in inputs]
+
+    assert "wrote" in ok("merge", *inputs, "--method", "task_arithmetic", "--alpha", "0.5",
+                         "--out", out / "ta.safetensors")
+    ta = TaskVector.load(out / "ta.safetensors")
+    assert ta.regime == "nonlinear" and ta.meta["base_model"] == "minilm"
+    assert ta.meta["method"] == "merge:task_arithmetic"
+    assert ta.task == "+".join(TASKS) and ta.meta["merged_from"] == [str(p) for p in inputs]
+    assert set(ta.tensors) == set(taus[0])
+    for k in ta.tensors:
+        torch.testing.assert_close(ta.tensors[k], 0.5 * (taus[0][k] + taus[1][k]))
+
+    ok("merge", *inputs, "--method", "ties", "--k", "0.2", "--out", out / "ties.safetensors")
+    ties = TaskVector.load(out / "ties.safetensors")
+    assert ties.meta["method"] == "merge:ties" and ties.meta["merge_options"] == {"k": 0.2}
+    assert set(ties.tensors) == set(taus[0])
+    kept = sum(int((v != 0).sum()) for v in ties.tensors.values()) / sum(v.numel() for v in ties.tensors.values())
+    assert 0 < kept <= 0.4 + 1e-3  # top 20% of each of two task vectors
+    assert any(not torch.allclose(ties.tensors[k], ta.tensors[k] * 2) for k in ties.tensors)
+
+
+def test_merge_refuses_mixed_regimes_and_unknown_merges(runs):
+    out, paths = runs
+    code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], paths["linear", TASKS[1]], "--out", out / "x.st")
+    assert code == 2 and "differ in regime" in err
+    code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], "--method", "tiez", "--out", out / "x.st")
+    assert code == 2 and "unknown merge 'tiez'" in err and all(name in err for name in MERGES)
+    assert not (out / "x.st").exists()
+
+
+def test_eval_addition_with_analyses_negation_and_report(runs):
+    out, paths = runs
+    added = out / "addition"
+    printed = json.loads(ok("eval", *[paths["nonlinear", t] for t in TASKS], "--analyses", *EVAL_SMALL, "--out", added))
+    results = json.loads((added / "results.json").read_text())
+    assert printed == {k: results[k] for k in ("alpha1", "best")}
+    assert (results["regime"], results["methods"], results["protocol"]) == ("nonlinear", ["nonlinear"], "addition")
+    assert set(results["individual"]) == set(TASKS)
+    assert set(results["alpha1"]) == {"abs", "norm", "per_task"} and set(results["alpha1"]["per_task"]) == set(TASKS)
+    assert results["best"]["alpha"] in (0.0, 0.5, 1.0) and set(results["val_curve"]) == {"0.0", "0.5", "1.0"}
+    assert set(results["analyses"]) == {"disentanglement", "normalcy_auroc", "support_localization",
+                                        "linearization_error"}
+    assert results["analyses"]["disentanglement"]["tasks"] == TASKS
+    pngs = {"alpha_sweep.png", "disentanglement.png", "normalcy.png", "linearization_error.png"}
+    assert {p.name for p in added.glob("*.png")} == pngs
+    assert all((added / p).read_bytes().startswith(PNG) for p in pngs)
+
+    negated = out / "negation"
+    code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", *EVAL_SMALL, "--out", negated)
+    assert code == 2 and "negation needs --control" in err
+    ok("eval", paths["linear", TASKS[0]], "--protocol", "negation", "--control", TASKS[1], *EVAL_SMALL,
+       "--out", negated)
+    negation = json.loads((negated / "results.json").read_text())["negation"]
+    assert (negation["target_task"], negation["control_task"]) == tuple(TASKS) and negation["alpha"] in (0.0, 0.5, 1.0)
+    assert all(0 <= negation[k] <= 100 for k in ("target", "control", "pretrained_target", "pretrained_control"))
+    assert set(negation["val_curve"]) == {"0.0", "0.5", "1.0"}
+    assert (negated / "negation_sweep.png").read_bytes().startswith(PNG)
+
+    report_dir = out / "report"
+    assert "wrote" in ok("report", added, negated, "--out", report_dir)
+    report = (report_dir / "report.md").read_text()
+    copied = sorted(p.name for p in report_dir.glob("*.png"))
+    assert copied == sorted([f"0-{p}" for p in pngs] + ["1-negation_sweep.png"])
+    for name in copied:
+        assert f"]({name})" in report
+    assert "absolute" in report and "normalized" in report
+    negation_table = report[report.index("|  | rotten_tomatoes | subjectivity |"):].splitlines()
+    assert negation_table[2].startswith("| pretrained | ")
+    assert negation_table[3].startswith(f"| θ0 − {negation['alpha']} τ | ")
+    assert negation_table[3].split("|")[2:4] == [f" {negation['target']:.1f} ", f" {negation['control']:.1f} "]
+
+    code, _, err = tak_cli("report", out / "nowhere", "--out", report_dir)
+    assert code == 2 and "no results.json" in err
+
+
+@pytest.mark.parametrize("what, names", [("methods", list(METHODS)), ("tasks", list(list_tasks())),
+                                         ("backbones", list(list_backbones())), ("merges", list(MERGES))])
+def test_list_prints_the_valid_names(what, names):
+    printed = [line.split()[0] for line in ok("list", what).splitlines()]
+    assert printed == names
+
+
+def test_list_of_something_else_is_a_usage_error():
+    code, _, err = tak_cli("list", "models")
+    assert code == 2 and "invalid choice: 'models'" in err and "methods" in err
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--method", "takk", "unknown method 'takk'; valid methods: nonlinear, linear, attn_only, tak"),
+    ("--task", "rotten_tomato", "unknown task 'rotten_tomato'; valid names: "),
+    ("--backbone", "minilm-l12", "unknown backbone 'minilm-l12'; valid: 'minilm'"),
+])
+def test_unknown_names_exit_non_zero_listing_the_valid_ones(tmp_path, flag, value, expected):
+    code, out, err = tak_cli("train", "--method", "nonlinear", "--out", tmp_path, *SMALL, flag, value)
+    assert code == 2 and out == ""
+    assert err.startswith("tak train: error: ") and expected in err
+    if flag == "--task":
+        assert "rotten_tomatoes" in err and "subjectivity" in err
+    assert not (tmp_path / "nonlinear").exists()
+
+
+def test_unknown_train_flag_and_bad_values_are_usage_errors(tmp_path):
+    code, _, err = tak_cli("train", "--out", tmp_path, "--stepz", "2")
+    assert code == 2 and "unrecognized arguments: --stepz" in err
+    code, _, err = tak_cli("train", "--out", tmp_path, "--steps", "two")
+    assert code == 2 and "--steps" in err
+    code, _, err = tak_cli("train", "--out", tmp_path, "--progress", "maybe")
+    assert code == 2 and "expected true/false" in err
+
+
+def test_train_config_file_with_flag_overrides(tmp_path):
+    config = {"method": "nonlinear", "task": "subjectivity", "tasks": TASKS, "steps": 5, "batch_size": 4,
+              "max_length": 16, "max_train": 40, "max_test": 8, "trainable": "encoder.layer.5.attention.*",
+              "progress": False, "lr": 3e-5, "seed": 4, "eval_batch_size": 64, "out": str(tmp_path / "from-yaml")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    printed = json.loads(ok("train", "--config", path, "--steps", "2", "--out", tmp_path / "flags"))
+    tv_path = tmp_path / "flags" / "nonlinear" / "subjectivity" / "task_vector.safetensors"
+    assert Path(printed["task_vector"]) == tv_path and not (tmp_path / "from-yaml").exists()
+    tv = TaskVector.load(tv_path)
+    assert tv.meta["steps"] == 2 and tv.meta["seed"] == 4 and tv.meta["hparams"]["lr"] == 3e-5  # flag > YAML
+    assert tv.meta["trainable"] == "encoder.layer.5.attention.*" and tv.task == "subjectivity"
+    saved = yaml.safe_load((tv_path.parent / "config.yaml").read_text())
+    assert saved == {**saved, **config, "steps": 2, "out": str(tmp_path / "flags")}
+
+    path.write_text(yaml.safe_dump({**config, "stepz": 3}))
+    code, _, err = tak_cli("train", "--config", path)
+    assert code == 2 and "unknown TrainConfig keys ['stepz']" in err
+
+
+def test_train_flags_parse_as_their_config_types(tmp_path):
+    """One name stays a name ("attention" is a selection, not a pattern); commas make lists."""
+    ok("train", "--method", "nonlinear", "--out", tmp_path, *SMALL, "--steps", "1", "--trainable", "attention",
+       "--tasks", "rotten_tomatoes", "--layer-weights", "*.query=0.5", "--compress", "none", "--warmup-steps", "1")
+    saved = yaml.safe_load((tmp_path / "nonlinear" / "rotten_tomatoes" / "config.yaml").read_text())
+    assert saved["trainable"] == "attention" and saved["tasks"] == ["rotten_tomatoes"]
+    assert saved["layer_weights"] == {"*.query": 0.5} and saved["compress"] is None and saved["warmup_steps"] == 1
+    tv = TaskVector.load(tmp_path / "nonlinear" / "rotten_tomatoes" / "task_vector.safetensors")
+    assert len({k.split(".")[2] for k in tv.tensors}) == 6 and all("attention" in k for k in tv.tensors)
+
+    patterns = "encoder.layer.5.attention.self.query.*,encoder.layer.5.attention.self.key.*"
+    ok("train", "--method", "linear", "--out", tmp_path, *SMALL, "--steps", "1", "--trainable", patterns)
+    tv = TaskVector.load(tmp_path / "linear" / "rotten_tomatoes" / "task_vector.safetensors")
+    assert tv.meta["trainable"] == patterns.split(",")
+    assert sorted(tv.tensors) == [f"encoder.layer.5.attention.self.{m}.{p}" for m in ("key", "query")
+                                  for p in ("bias", "weight")]
+
+
+# --- tak eval of a backbone registered by name ---------------------------------------------------------
+
+TOY, TOY_TASKS = "toy-eval-mlp", ["toy-eval-a", "toy-eval-b"]
+
+
+def toy_backbone(pretrained=None, **options):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    heads = {name: Head(torch.randn(3, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64),
+                        normalize=False, scale=1.0) for i, name in enumerate(TOY_TASKS)}
+    return GenericBackbone(model, inputs=torch.stack, heads=heads, name=TOY, modalities=("image",))
+
+
+def toy_task(name, root, seed=0, **options):
+    g = torch.Generator().manual_seed(TOY_TASKS.index(name))
+    xs = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    examples = [(x, int(torch.randint(3, (), generator=g))) for x in xs]
+    return Task(name, ["a", "b", "c"], "image", ["{}"],
+                {"train": lambda: examples[:20], "val": lambda: examples[20:30], "test": lambda: examples[30:]})
+
+
+@pytest.fixture
+def toy_registered():
+    from tak.backbones import _REGISTERED
+    from tak.data.registry import _TASKS
+
+    register_backbone(TOY, toy_backbone, "test: a float64 MLP")
+    for name in TOY_TASKS:
+        register_task(name, lambda root, name=name, **kw: toy_task(name, root, **kw), "test: 3 random classes")
+    yield
+    _REGISTERED.pop(TOY)
+    for name in TOY_TASKS:
+        _TASKS.pop(name)
+
+
+@pytest.mark.parametrize("regime", ["nonlinear", "linear"])
+@pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
+def test_eval_analyses_evaluate_each_task_vector_combination(tmp_path, toy_registered, regime):
+    """ξ(α1, α2) of `tak eval --analyses` equals ξ computed with a network built afresh for every τ."""
+    backbone = toy_backbone()
+    g = torch.Generator().manual_seed(5)
+    paths = []
+    for name in TOY_TASKS:
+        tensors = {k: 0.8 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                   for k, p in backbone.model.named_parameters()}
+        meta = {"base_model": TOY, "fingerprint": backbone.fingerprint, "regime": regime, "task": name,
+                "method": "handmade"}
+        paths.append(tmp_path / f"{name}.safetensors")
+        TaskVector(tensors, meta).save(paths[-1])
+    ok("eval", *paths, "--analyses", "--alphas", "0,1", "--device", "cpu", "--out", tmp_path / "eval")
+    found = json.loads((tmp_path / "eval" / "results.json").read_text())["analyses"]["disentanglement"]
+
+    tvs = [TaskVector.load(p) for p in paths]
+    tasks = [toy_task(name, None) for name in TOY_TASKS]
+
+    def predict(tensors, tagged):
+        name, x = tagged
+        net = backbone.model if tensors is None else apply(backbone, TaskVector(dict(tensors), dict(tvs[0].meta)))
+        with torch.no_grad():
+            return backbone.head(tasks[TOY_TASKS.index(name)])(net(x))
+    batches = [[(t.name, torch.stack([x for x, _ in t.split("val")]))] for t in tasks]
+    xi = analyses.disentanglement_error(predict, tvs[0].tensors, tvs[1].tensors, *batches, found["alphas"],
+                                        found["alphas"])
+    assert xi.max() > 0  # the task vectors interfere: ξ tells the combinations apart
+    assert found["xi"] == xi.tolist()

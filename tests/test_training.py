@@ -1,0 +1,385 @@
+"""tak.train end to end: every method on MiniLM (2 steps, a tiny config), checkpoints and resume,
+config changes and NaN refused, task-vector files checked, batches per (seed, step), and a 2-process
+gloo run equal to a 1-process one (a deterministic toy backbone registered by name)."""
+import functools
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import tak
+from tak.arithmetic.compose import apply, check_backbone, combine
+from tak.backbones import GenericBackbone, Head, list_backbones, register_backbone
+from tak.data import Task, list_tasks, register_task
+from tak.io import read
+from tak.methods import METHODS, Objective
+from tak.task_vector import TaskVector, check_compatible
+from tak.training import TrainConfig, loop
+from tak.training import factors as training_factors
+from tak.training.loop import batch_indices
+
+TRAINABLE = "encoder.layer.5.attention.*"
+LINEAR_METHODS = {"linear", "tak", "diag_ggn", "tau_jp"}
+TEACHER_METHODS = {"delta", "delta_no_ekfac", "delta_lora"}
+
+
+def tiny(out, method="nonlinear", **overrides) -> TrainConfig:
+    """MiniLM, 40 training examples of 16 tokens, the last layer trained: about a second per run."""
+    values = dict(method=method, task="rotten_tomatoes", tasks=["rotten_tomatoes", "20news-part0"],
+                  reference=["subjectivity"], out=str(out), steps=2, batch_size=4, max_length=16, max_train=40,
+                  max_test=8, factor_examples=4, trainable=TRAINABLE, progress=False, lr=1e-4, eval_batch_size=64)
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shared_out(tmp_path_factory):
+    """One output folder (so one factor cache) for the module's MiniLM runs. The factors are fitted on
+    the trained layers only (``layers=`` of the fitting functions): the penalties read no other layer,
+    and an EK-FAC of all 37 layers of MiniLM would take most of this file's time budget on 2 cores."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("fit_kfac", "fit_ekfac", "fit_diagonal"):
+            patch.setattr(training_factors, name, functools.partial(getattr(training_factors, name), layers=TRAINABLE))
+        yield tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def trained(shared_out):
+    """{regime: TrainResult} of a nonlinear and a linear run."""
+    return {"nonlinear": tak.train(tiny(shared_out, "nonlinear")), "linear": tak.train(tiny(shared_out, "linear"))}
+
+
+def minilm(config):
+    """The backbone ``train`` used for ``config`` (its per-process cache)."""
+    return loop._backbone(config, torch.device("cpu"))
+
+
+# --- every method ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_writes_a_loadable_task_vector(method, shared_out):
+    config = tiny(shared_out, method)
+    result = tak.train(config)
+    run_dir = Path(shared_out) / method / "rotten_tomatoes"
+    assert result.path == run_dir / "task_vector.safetensors"
+    fingerprint = minilm(config).fingerprint
+    tv = TaskVector.load(result.path, fingerprint=fingerprint)
+
+    meta = tv.meta
+    assert meta["base_model"] == "minilm" and meta["fingerprint"] == fingerprint
+    assert meta["method"] == method and meta["task"] == "rotten_tomatoes" and meta["seed"] == 0
+    assert meta["regime"] == ("linear" if method in LINEAR_METHODS else "nonlinear")
+    assert meta["trainable"] == TRAINABLE
+    assert meta["hparams"]["lr"] == 1e-4
+    assert set(METHODS[method].defaults) <= set(meta["hparams"])
+    assert set(meta["metrics"]) >= {"val", "test"} and all(0 <= meta["metrics"][k] <= 100 for k in ("val", "test"))
+    assert meta["metrics"] == json.loads((run_dir / "metrics.json").read_text())
+    assert TrainConfig.from_yaml(run_dir / "config.yaml") == config
+
+    assert tv.tensors and set(tv.tensors) == set(result.task_vector.tensors)
+    assert all(k.startswith("encoder.layer.5.attention.") for k in tv.tensors)
+    assert all(torch.equal(v, result.task_vector.tensors[k]) for k, v in tv.tensors.items())
+    assert any(v.abs().sum() > 0 for v in tv.tensors.values()), "two steps of AdamW moved nothing"
+    if METHODS[method].student == "lora":
+        assert all(k.endswith(".weight") for k in tv.tensors)
+
+    teacher_path = run_dir / "teacher_task_vector.safetensors"
+    if method in TEACHER_METHODS:
+        assert "teacher_test" in meta["metrics"]
+        teacher = TaskVector.load(teacher_path, fingerprint=fingerprint)
+        assert teacher.regime == "linear" and teacher.meta["role"] == "teacher" and teacher.task == "rotten_tomatoes"
+        assert any(v.abs().sum() > 0 for v in teacher.tensors.values())
+    else:
+        assert not teacher_path.exists()
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_task_vector(tmp_path, monkeypatch):
+    assert minilm(tiny(tmp_path)).model.config.hidden_dropout_prob > 0  # train mode is random: the RNG must resume
+    reference = tak.train(tiny(tmp_path / "whole", steps=4, checkpoint_every=2))
+
+    config = tiny(tmp_path / "killed", steps=4, checkpoint_every=2)
+    ckpt = config.run_dir() / "checkpoint.safetensors"
+
+    def dies_at_step_2(n, batch_size, seed, step, rank=0, world=1):
+        if step == 2:
+            raise Killed
+        return batch_indices(n, batch_size, seed, step, rank, world)
+
+    monkeypatch.setattr(loop, "batch_indices", dies_at_step_2)
+    with pytest.raises(Killed):
+        tak.train(config)
+    assert read(ckpt)[1]["step"] == 2
+    assert not (config.run_dir() / "task_vector.safetensors").exists()
+
+    # "a new process": a fresh backbone (the per-process cache emptied), another global RNG state,
+    # and nothing of the first run but its files
+    monkeypatch.setattr(loop, "_CACHE", {})
+    torch.manual_seed(1234)
+    steps = []
+
+    def records(n, batch_size, seed, step, rank=0, world=1):
+        steps.append(step)
+        return batch_indices(n, batch_size, seed, step, rank, world)
+
+    monkeypatch.setattr(loop, "batch_indices", records)
+    resumed = tak.train(config)
+    assert steps == [2, 3], "the second run must start from the checkpoint's step"
+    assert read(ckpt)[1]["step"] == 4
+    ref, got = reference.task_vector.tensors, TaskVector.load(resumed.path).tensors
+    assert set(ref) == set(got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path):
+    tak.train(tiny(tmp_path, steps=1))
+    with pytest.raises(ValueError, match=r"another config \(lr: checkpoint 0\.0001, now 0\.0002\)"):
+        tak.train(tiny(tmp_path, steps=1, lr=2e-4))
+    with pytest.raises(ValueError, match=r"max_train: checkpoint 40, now 32"):
+        tak.train(tiny(tmp_path, steps=1, max_train=32))
+    # the keys that do not change the result may differ
+    again = tak.train(tiny(tmp_path, steps=1, eval_batch_size=3, checkpoint_every=7))
+    assert again.metrics["final_loss_terms"] == {}  # resumed at the end: no step left to run
+
+
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+    forward, nan_steps = Objective.forward, {3}
+
+    def nan_at(self, batch, labels, step):
+        loss, terms = forward(self, batch, labels, step)
+        return (loss * float("nan") if step in nan_steps else loss), terms
+
+    monkeypatch.setattr(Objective, "forward", nan_at)
+    config = tiny(tmp_path, steps=5, checkpoint_every=2)
+    ckpt = config.run_dir() / "checkpoint.safetensors"
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3") as e:
+        tak.train(config)
+    assert f"the last good checkpoint is {ckpt}" in str(e.value)
+    assert read(ckpt)[1]["step"] == 2
+    assert not (config.run_dir() / "task_vector.safetensors").exists()
+
+    nan_steps.add(0)
+    with pytest.raises(FloatingPointError, match="at step 0 .*no checkpoint was written yet"):
+        tak.train(tiny(tmp_path / "other", steps=5, checkpoint_every=2))
+
+
+# --- task-vector files and their checks ---------------------------------------------------------------
+
+def test_task_vector_of_another_architecture_is_refused(trained):
+    path = trained["nonlinear"].path
+    with pytest.raises(ValueError, match=r"task vector of architecture '[0-9a-f]{16}' \(base model 'minilm'\); "
+                                         r"the model here is '0000000000000000'"):
+        TaskVector.load(path, fingerprint="0" * 16)
+    tv = TaskVector.load(path)
+    check_backbone(minilm(tiny(path)), [tv])  # its own backbone: accepted
+    toy = toy_backbone()
+    with pytest.raises(ValueError, match=r"task vector 'rotten_tomatoes' \(base model 'minilm'.*does not belong to "
+                                         r"backbone 'toy-mlp'"):
+        check_backbone(toy, [tv])
+    with pytest.raises(ValueError, match="does not belong to backbone 'toy-mlp'"):
+        apply(toy, tv)
+
+
+def test_check_compatible_refuses_mixed_regimes_base_models_and_layers(trained):
+    nonlinear, linear = (TaskVector.load(trained[r].path) for r in ("nonlinear", "linear"))
+    check_compatible([nonlinear, nonlinear.scaled(2.0)])
+    with pytest.raises(ValueError, match=r"differ in regime \(rotten_tomatoes: 'nonlinear', rotten_tomatoes: "
+                                         r"'linear'\); pass allow_mixed_regimes=True"):
+        check_compatible([nonlinear, linear])
+    check_compatible([nonlinear, linear], allow_mixed_regimes=True)
+    with pytest.raises(ValueError, match="differ in regime"):
+        combine([nonlinear, linear])
+
+    other_model = TaskVector(dict(nonlinear.tensors), {**nonlinear.meta, "base_model": "hf:bert-base-uncased"})
+    with pytest.raises(ValueError, match=r"differ in base_model \(rotten_tomatoes: 'minilm', rotten_tomatoes: "
+                                         r"'hf:bert-base-uncased'\)"):
+        check_compatible([nonlinear, other_model])
+    other_arch = TaskVector(dict(nonlinear.tensors), {**nonlinear.meta, "fingerprint": "f" * 16})
+    with pytest.raises(ValueError, match="differ in fingerprint"):
+        check_compatible([nonlinear, other_arch])
+
+    name = next(k for k, v in sorted(nonlinear.tensors.items()) if v.dim() == 2)
+    fewer = TaskVector({k: v for k, v in nonlinear.tensors.items() if k != name}, dict(nonlinear.meta))
+    with pytest.raises(ValueError, match=rf"hold different layers; in one only: \['{name}'\]"):
+        check_compatible([nonlinear, fewer])
+    reshaped = TaskVector({**nonlinear.tensors, name: nonlinear.tensors[name].reshape(-1)}, dict(nonlinear.meta))
+    with pytest.raises(ValueError, match=rf"differ in shape at \['{name}'\]"):
+        check_compatible([nonlinear, reshaped])
+
+
+def test_corrupted_truncated_and_foreign_files_are_refused(trained, tmp_path):
+    data = trained["linear"].path.read_bytes()
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF  # a byte of the last tensor
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        TaskVector.load(tmp_path / "flipped.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        TaskVector.load(tmp_path / "cut.safetensors")
+    checkpoint = trained["linear"].path.with_name("checkpoint.safetensors")
+    with pytest.raises(ValueError, match="not a task vector file"):
+        TaskVector.load(checkpoint)
+    with pytest.raises(FileNotFoundError):
+        TaskVector.load(tmp_path / "missing.safetensors")
+    assert set(TaskVector.load(trained["linear"].path).tensors) == set(trained["linear"].task_vector.tensors)
+
+
+# --- batches ------------------------------------------------------------------------------------------
+
+def test_batch_indices_depend_on_seed_and_step_only_and_ranks_partition_the_batch():
+    n, batch = 23, 6  # 3 full batches per epoch, 5 examples never in an epoch's batches
+    for seed in (0, 1):
+        epoch = [batch_indices(n, batch, seed, step) for step in range(3)]
+        flat = [i for b in epoch for i in b]
+        assert all(len(b) == batch for b in epoch) and len(set(flat)) == 3 * batch and set(flat) <= set(range(n))
+        assert batch_indices(n, batch, seed, 1) == epoch[1]  # a function of (seed, step): the same again
+        assert batch_indices(n, batch, seed, 3) != epoch[0]  # next epoch: another permutation
+        for world in (2, 3):
+            for step in (0, 4):
+                shards = [batch_indices(n, batch, seed, step, rank, world) for rank in range(world)]
+                assert sorted(i for s in shards for i in s) == sorted(batch_indices(n, batch, seed, step))
+                assert all(len(s) == batch // world for s in shards)
+    assert batch_indices(n, batch, 0, 0) != batch_indices(n, batch, 1, 0)
+    assert sorted(batch_indices(4, 10, 0, 5)) == [0, 1, 2, 3]  # batch larger than the data: all of it
+
+
+# --- data parallel --------------------------------------------------------------------------------
+
+TOY_BACKBONE, TOY_TASK = "toy-mlp", "toy-blobs"
+DDP_METHODS = ["nonlinear", "linear", "delta_no_ekfac"]
+
+
+def toy_backbone(pretrained=None, **options) -> GenericBackbone:
+    """A float64 MLP without dropout (its training is deterministic), fixed weights and head."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    head = Head(torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                normalize=False, scale=1.0)
+    return GenericBackbone(model, inputs=torch.stack, heads={TOY_TASK: head}, name=TOY_BACKBONE,
+                           modalities=("image",))
+
+
+def toy_task(root, seed=0, **options) -> Task:
+    """48 points in R^6, 3 classes by a fixed linear rule: 32 train, 8 val, 8 test."""
+    g = torch.Generator().manual_seed(7)
+    xs = torch.randn(48, 6, generator=g, dtype=torch.float64)
+    labels = (xs @ torch.randn(6, 3, generator=g, dtype=torch.float64)).argmax(1)
+    examples = [(x, int(y)) for x, y in zip(xs, labels)]
+    return Task(TOY_TASK, ["a", "b", "c"], "image", ["{}"],
+                {"train": lambda: examples[:32], "val": lambda: examples[32:40], "test": lambda: examples[40:]})
+
+
+def register_toys() -> None:
+    if TOY_BACKBONE not in list_backbones():
+        register_backbone(TOY_BACKBONE, toy_backbone, "test: a float64 MLP without dropout")
+    if TOY_TASK not in list_tasks():
+        register_task(TOY_TASK, toy_task, "test: 3 Gaussian classes in R^6")
+
+
+def toy_config(out, method) -> TrainConfig:
+    return TrainConfig(method=method, task=TOY_TASK, backbone=TOY_BACKBONE, out=str(out), steps=3, batch_size=8,
+                       lr=0.05, checkpoint_every=2, eval_batch_size=16, progress=False)
+
+
+@pytest.fixture
+def toys():
+    """The toy backbone and task registered by name in this process, unregistered afterwards."""
+    from tak.backbones import _REGISTERED
+    from tak.data.registry import _TASKS
+
+    register_toys()
+    yield
+    _REGISTERED.pop(TOY_BACKBONE, None)
+    _TASKS.pop(TOY_TASK, None)
+    for key in [k for k in loop._CACHE if k[0] == TOY_BACKBONE]:
+        del loop._CACHE[key]
+
+
+def _ddp_worker(rank, world, port, out, methods):
+    """One torchrun-like process: the environment torchrun sets, then ``tak.train`` as a user calls it."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    register_toys()
+    try:
+        for method in methods:
+            tak.train(toy_config(out, method))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world())))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, args, nprocs, timeout):
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{nprocs} spawned processes still running after {timeout} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
+def test_two_gloo_processes_train_the_task_vector_of_one(tmp_path, toys):
+    spawn(_ddp_worker, (2, free_port(), str(tmp_path / "ddp"), DDP_METHODS), nprocs=2, timeout=240)
+    assert [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)] == [[0, 2], [1, 2]]
+    for method in DDP_METHODS:
+        one = tak.train(toy_config(tmp_path / "one", method))
+        run_dir = toy_config(tmp_path / "ddp", method).run_dir()
+        files = ["task_vector.safetensors"] + (["teacher_task_vector.safetensors"] if method in TEACHER_METHODS else [])
+        for name in files:
+            single = TaskVector.load(one.path.with_name(name))
+            ddp = TaskVector.load(run_dir / name, fingerprint=toy_backbone().fingerprint)
+            assert ddp.meta["base_model"] == TOY_BACKBONE and ddp.regime == single.regime
+            assert set(ddp.tensors) == set(single.tensors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+            assert max(v.abs().max() for v in single.tensors.values()) > 1e-2  # τ moved
+            for k, v in single.tensors.items():
+                torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12, msg=f"{method} {name} {k}")
+
+
+def test_registered_backbones_load_by_name_and_are_listed(toys):
+    from tak.backbones import load_backbone
+
+    assert list_backbones()[TOY_BACKBONE] == "test: a float64 MLP without dropout"
+    backbone = load_backbone(TOY_BACKBONE, device="cpu", max_length=16)
+    assert backbone.name == TOY_BACKBONE and backbone.fingerprint == toy_backbone().fingerprint
+    with pytest.raises(ValueError, match="backbone 'toy-mlp' is already registered"):
+        register_backbone(TOY_BACKBONE, toy_backbone, "again")
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("minilm", toy_backbone, "shadowing a built-in")
+    with pytest.raises(ValueError, match="without ':'"):
+        register_backbone("hf:mine", toy_backbone, "a prefix of the built-in specs")
+    with pytest.raises(ValueError, match=r"unknown backbone 'toy-mpl'; valid: 'minilm' .*'toy-mlp' \(test: "):
+        load_backbone("toy-mpl")
+
+
+def test_task_lists_given_as_a_string_are_refused():
+    with pytest.raises(ValueError, match="TrainConfig.tasks must be a list of task names, got the string 'a,b'"):
+        TrainConfig(tasks="a,b")
+    with pytest.raises(ValueError, match="TrainConfig.reference must be a list"):
+        TrainConfig.from_dict({"reference": "subjectivity"})
+    assert TrainConfig(tasks=("a", "b")).tasks == ["a", "b"]
