@@ -1,0 +1,58 @@
+"""The protocols' arithmetic: normalized accuracy, α chosen on validation, negation's constraint."""
+import pytest
+import torch
+
+from tak.arithmetic.compose import apply
+from tak.arithmetic.protocols import normalized_accuracy, task_addition, task_negation
+from tak.evaluation import accuracy
+from tak.task_vector import TaskVector
+
+from .test_methods import ToyBackbone, toy_task
+
+
+def test_normalized_accuracy_is_the_mean_ratio_in_percent():
+    assert normalized_accuracy({"a": 40.0, "b": 90.0}, {"a": 80.0, "b": 90.0}) == pytest.approx(75.0)
+    with pytest.raises(ValueError, match="no individual accuracy for"):
+        normalized_accuracy({"a": 1.0, "c": 2.0}, {"a": 1.0})
+    with pytest.raises(ValueError, match="is 0"):
+        normalized_accuracy({"a": 1.0}, {"a": 0.0})
+
+
+def _task_vector(bb, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: scale * torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in bb.model.named_parameters()}
+    return TaskVector(tensors, {**bb.meta(), "regime": "nonlinear", "task": "toy", "method": "test"})
+
+
+def test_negation_keeps_the_control_and_minimizes_the_target_on_validation():
+    bb = ToyBackbone()
+    target, control = toy_task("target", n=40, seed=1), toy_task("control", n=40, classes=4, seed=2)
+    tv = _task_vector(bb, 0.8, seed=3)
+    alphas = [0.0, 0.5, 1.0, 1.5, 2.0]
+    result = task_negation(bb, tv, target, control, alphas=alphas)
+    base = accuracy(bb, bb.model, control, "val")
+    allowed = [a for a in alphas if result.val_curve[a]["control"] >= 0.95 * base]
+    assert result.alpha in allowed
+    assert result.val_curve[result.alpha]["target"] == min(result.val_curve[a]["target"] for a in allowed)
+    negated = apply(bb, TaskVector({k: -v for k, v in tv.tensors.items()}, tv.meta), result.alpha)
+    assert result.target == pytest.approx(accuracy(bb, negated, target, "test"))
+    assert result.control == pytest.approx(accuracy(bb, negated, control, "test"))
+
+
+def test_addition_picks_alpha_on_validation_and_reports_test():
+    bb = ToyBackbone()
+    tasks = [toy_task("t1", n=40, seed=4), toy_task("t2", n=40, classes=4, seed=5)]
+    tvs = [_task_vector(bb, 0.5, seed=6), _task_vector(bb, 0.5, seed=7)]
+    alphas = [0.0, 0.5, 1.0]
+    result = task_addition(bb, tvs, tasks, alphas=alphas)
+    assert result.val_curve[result.best["alpha"]] == max(result.val_curve.values())
+    merged = apply(bb, TaskVector({k: tvs[0].tensors[k] + tvs[1].tensors[k] for k in tvs[0].tensors},
+                                  tvs[0].meta), result.best["alpha"])
+    for t in tasks:
+        assert result.best["per_task"][t.name] == pytest.approx(accuracy(bb, merged, t, "test"))
+    assert result.best["abs"] == pytest.approx(sum(result.best["per_task"].values()) / 2)
+    assert result.alpha1["norm"] == pytest.approx(normalized_accuracy(result.alpha1["per_task"], result.individual))
+    empty = toy_task("empty", n=40, seed=8)
+    empty.loaders["val"] = lambda: []
+    with pytest.raises(ValueError, match="empty"):
+        task_addition(bb, tvs, [tasks[0], empty], alphas=alphas)
