@@ -36,7 +36,7 @@ _TEXT = {"lr": 3e-4, "weight_decay": 0.01, "beta": 20.0, "beta_teacher": 20.0, "
          "last_layer_weight": 1.0}
 
 PROFILES = {
-    "quick": dict(steps=12, batch_size=16, max_length=32, max_train=300, max_test=80, factor_examples=32,
+    "quick": dict(steps=12, batch_size=16, max_length=32, max_train=300, max_test=64, factor_examples=32,
                   trainable=["encoder.layer.4.*", "encoder.layer.5.*"], alphas=[round(0.25 * i, 2) for i in range(9)]),
     "default": dict(steps=60, batch_size=32, max_length=48, max_train=2000, max_test=400, factor_examples=128,
                     trainable=["encoder.layer.3.*", "encoder.layer.4.*", "encoder.layer.5.*"],
@@ -49,7 +49,7 @@ def config_for(method: str, task: str, profile: dict, out: Path, device=None, pr
         method=method, task=task, tasks=TASKS, reference=REFERENCE, backbone="minilm", out=str(out / "runs"),
         steps=profile["steps"], batch_size=profile["batch_size"], max_length=profile["max_length"],
         max_train=profile["max_train"], max_test=profile["max_test"], factor_examples=profile["factor_examples"],
-        trainable=profile["trainable"], checkpoint_every=max(1, profile["steps"] // 2), device=device,
+        trainable=profile["trainable"], checkpoint_every=profile["steps"], device=device,
         progress=progress, **_TEXT)
 
 

@@ -45,6 +45,16 @@ def ok(*argv) -> str:
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Batches of 4 x 16 tokens gain nothing from intra-op threads, and OpenMP threads that spin against
+    other processes on a 2-core machine make these runs several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{(method, task): task vector path} of `tak train` for 2 tasks x (nonlinear, linear)."""
@@ -124,6 +134,10 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     negated = out / "negation"
     code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", *EVAL_SMALL, "--out", negated)
     assert code == 2 and "negation needs --control" in err
+    code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", "--target", TASKS[1],
+                           "--control", TASKS[1], *EVAL_SMALL, "--out", negated)
+    assert code == 2 and f"--target '{TASKS[1]}': none of the task vectors is of that task" in err
+    assert not negated.exists()  # refused before anything was loaded or written
     ok("eval", paths["linear", TASKS[0]], "--protocol", "negation", "--control", TASKS[1], *EVAL_SMALL,
        "--out", negated)
     negation = json.loads((negated / "results.json").read_text())["negation"]

@@ -1,7 +1,6 @@
 """tak.train end to end: every method on MiniLM (2 steps, a tiny config), checkpoints and resume,
 config changes and NaN refused, task-vector files checked, batches per (seed, step), and a 2-process
 gloo run equal to a 1-process one (a deterministic toy backbone registered by name)."""
-import functools
 import json
 import os
 import socket
@@ -21,7 +20,6 @@ from tak.io import read
 from tak.methods import METHODS, Objective
 from tak.task_vector import TaskVector, check_compatible
 from tak.training import TrainConfig, loop
-from tak.training import factors as training_factors
 from tak.training.loop import batch_indices
 
 TRAINABLE = "encoder.layer.5.attention.*"
@@ -37,15 +35,21 @@ def tiny(out, method="nonlinear", **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Batches of 4 x 16 tokens gain nothing from intra-op threads, and OpenMP threads that spin against
+    other processes on a 2-core machine make these runs several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shared_out(tmp_path_factory):
-    """One output folder (so one factor cache) for the module's MiniLM runs. The factors are fitted on
-    the trained layers only (``layers=`` of the fitting functions): the penalties read no other layer,
-    and an EK-FAC of all 37 layers of MiniLM would take most of this file's time budget on 2 cores."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("fit_kfac", "fit_ekfac", "fit_diagonal"):
-            patch.setattr(training_factors, name, functools.partial(getattr(training_factors, name), layers=TRAINABLE))
-        yield tmp_path_factory.mktemp("runs")
+    """One output folder, so one factor cache, for the module's MiniLM runs (the factors are fitted for
+    the trained layers only: those of layer 5's attention here)."""
+    return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +318,7 @@ def _ddp_worker(rank, world, port, out, methods):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on 2 cores
     register_toys()
     try:
         for method in methods:

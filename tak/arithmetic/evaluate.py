@@ -31,6 +31,15 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     """Run ``protocol`` ("addition" or "negation") on the task vectors in ``paths``; write to ``out``."""
     tvs = [TaskVector.load(p) for p in paths]
     check_compatible(tvs)
+    if protocol not in ("addition", "negation"):
+        raise ValueError(f"protocol must be 'addition' or 'negation', got {protocol!r}")
+    if protocol == "negation":  # the arguments are checked before a backbone is loaded
+        if control is None:
+            raise ValueError("negation needs --control (the task whose accuracy must be kept)")
+        tv = tvs[0] if target is None else next((t for t in tvs if t.task == target), None)
+        if tv is None:
+            raise ValueError(f"--target {target!r}: none of the task vectors is of that task "
+                             f"({[t.task for t in tvs]})")
     meta = tvs[0].meta
     source = meta.get("source") or {}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -43,12 +52,6 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     results = {"task_vectors": [str(p) for p in paths], "regime": tvs[0].regime, "base_model": meta["base_model"],
                "methods": sorted({str(tv.meta.get("method")) for tv in tvs}), "protocol": protocol}
     if protocol == "negation":
-        if control is None:
-            raise ValueError("negation needs --control (the task whose accuracy must be kept)")
-        tv = tvs[0] if target is None else next((t for t in tvs if t.task == target), None)
-        if tv is None:
-            raise ValueError(f"--target {target!r}: none of the task vectors is of that task "
-                             f"({[t.task for t in tvs]})")
         result = task_negation(backbone, tv, get(tv.task), get(control), alphas=alphas, **kw)
         # "target" / "control" are the accuracies (NegationResult); the task names get keys of their own
         results["negation"] = {**result.to_dict(), "target_task": tv.task, "control_task": control}
