@@ -139,6 +139,8 @@ def _merge(args) -> int:
 
     tvs = [TaskVector.load(p) for p in args.task_vectors]
     check_compatible(tvs)
+    if args.k is not None and args.method != "ties":
+        raise ValueError(f"--k applies to --method ties only, not {args.method!r}")
     options = {} if args.k is None else {"k": args.k}
     tensors = merge(args.method, [tv.tensors for tv in tvs], **options)
     first = tvs[0].meta

@@ -38,9 +38,8 @@ _TEXT = {"lr": 3e-4, "weight_decay": 0.01, "beta": 20.0, "beta_teacher": 20.0, "
 PROFILES = {
     "quick": dict(steps=12, batch_size=16, max_length=32, max_train=300, max_test=64, factor_examples=32,
                   trainable=["encoder.layer.4.*", "encoder.layer.5.*"], alphas=[round(0.25 * i, 2) for i in range(9)]),
-    "default": dict(steps=60, batch_size=32, max_length=48, max_train=2000, max_test=400, factor_examples=128,
-                    trainable=["encoder.layer.3.*", "encoder.layer.4.*", "encoder.layer.5.*"],
-                    alphas=[round(0.1 * i, 2) for i in range(21)]),
+    "default": dict(steps=30, batch_size=32, max_length=40, max_train=1000, max_test=300, factor_examples=128,
+                    trainable=["encoder.layer.4.*", "encoder.layer.5.*"], alphas=[round(0.2 * i, 2) for i in range(11)]),
 }
 
 

@@ -43,7 +43,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     meta = tvs[0].meta
     source = meta.get("source") or {}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone = load_backbone(meta["base_model"], pretrained=pretrained or source.get("pretrained"), device=device)
+    backbone = load_backbone(meta["base_model"], pretrained=pretrained or source.get("pretrained"), device=device,
+                             **({"max_length": meta["max_length"]} if "max_length" in meta else {}))
     get = lambda name: get_task(name, root=data_root, max_train=max_train, max_test=max_test)  # noqa: E731
     alphas = list(alphas or DEFAULT_ALPHAS)
     out = Path(out)
