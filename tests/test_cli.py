@@ -127,7 +127,8 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     assert set(results["analyses"]) == {"disentanglement", "normalcy_auroc", "support_localization",
                                         "linearization_error"}
     assert results["analyses"]["disentanglement"]["tasks"] == TASKS
-    pngs = {"alpha_sweep.png", "disentanglement.png", "normalcy.png", "linearization_error.png"}
+    pngs = {"alpha_sweep.png", "disentanglement.png", "normalcy.png", "linearization_error.png",
+            "support_localization.png"}
     assert {p.name for p in added.glob("*.png")} == pngs
     assert all((added / p).read_bytes().startswith(PNG) for p in pngs)
 

@@ -85,9 +85,10 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
     def model(tau):
         if tau is None:
             return backbone.model.eval()
-        if built.get("tensors") is not tau.tensors:  # not id(): a freed τ's id is reused by the next one
+        # not id(): a freed τ's id is reused by the next one; the regime picks plain vs linearized network
+        if built.get("tensors") is not tau.tensors or built.get("regime") != tau.regime:
             built.clear()
-            built["net"], built["tensors"] = apply(backbone, tau), tau.tensors
+            built["net"], built["tensors"], built["regime"] = apply(backbone, tau), tau.tensors, tau.regime
         return built["net"]
 
     def feats(tau, batch):
@@ -110,12 +111,13 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
         plots.disentanglement_heatmap(xi, _PAIR_ALPHAS, _PAIR_ALPHAS, out / "disentanglement.png",
                                       title=f"ξ(α1, α2): {t1.name} × {t2.name}")
         found["disentanglement"] = {"tasks": [t1.name, t2.name], "alphas": _PAIR_ALPHAS, "xi": xi.tolist()}
-    normalcy, localization, scores = {}, {}, {}
+    normalcy, localization, scores, edits = {}, {}, {}, {}
     for tv, t in zip(tvs, tasks):
         others = [b for o in tasks if o.name != t.name for b in inputs[o.name]]
         if not others:
             break
-        jvp = lambda tau, batch: feats(tv, batch) - feats(None, batch)  # noqa: E731  (exact for linear τ)
+        tangent = TaskVector(tv.tensors, {**tv.meta, "regime": "linear"})  # f0 + J τ: J τ exactly, any regime
+        jvp = lambda tau, batch: feats(tangent, batch) - feats(None, batch)  # noqa: E731
         inside = analyses.normalcy_scores(jvp, tv.tensors, inputs[t.name])
         outside = analyses.normalcy_scores(jvp, tv.tensors, others)
         normalcy[t.name] = analyses.auroc(inside, outside)
@@ -123,9 +125,13 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
         mse_in, mse_out = analyses.support_localization(lambda tau, b: feats(None if tau is None else tv, b),
                                                         tv.tensors, inputs[t.name], others)
         localization[t.name] = {"in": mse_in.mean().item(), "out": mse_out.mean().item()}
+        edits[f"{t.name} (in)"], edits[f"{t.name} (out)"] = mse_in, mse_out
     if normalcy:
         plots.histograms(scores, out / "normalcy.png", title="normalcy ‖J τ_t x‖²: in-task vs other tasks",
                          xlabel="‖J f(x; θ0) τ_t‖²", log=True)
+        plots.histograms(edits, out / "support_localization.png", log=True,
+                         title="support localization: feature edit distance, in-task vs other tasks",
+                         xlabel="(1/d) ‖f(x; θ0 + τ_t) − f(x; θ0)‖²")
         found["normalcy_auroc"], found["support_localization"] = normalcy, localization
     if len(tvs) >= 2:
         errors = {}
