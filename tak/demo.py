@@ -23,6 +23,7 @@ from .arithmetic.plots import alpha_sweeps, bar_table
 from .arithmetic.protocols import task_addition
 from .arithmetic.report import Report
 from .data import get_task
+from .io import write_text
 from .task_vector import TaskVector
 from .training import TrainConfig, train
 from .training.loop import _backbone
@@ -108,10 +109,7 @@ def table(results: dict) -> str:
 
 
 def _write(out: Path, results: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    write_text(out / "results.json", json.dumps(results, indent=2))
     curves = {m: (list(r["val_curve"]), list(r["val_curve"].values())) for m, r in results["methods"].items()}
     sweep = alpha_sweeps(curves, out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
     bars = bar_table({m: r["per_task"]["alpha1"] for m, r in results["methods"].items()}, out / "merged_per_task.png",

@@ -4,6 +4,7 @@ atomically, read back only when intact. Nothing here ever unpickles.
 A file holds named tensors and one JSON metadata object (in the safetensors header, under the key
 ``tak``), plus a SHA-256 of the tensor bytes that ``read`` checks.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -36,23 +37,39 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``tensors`` and ``meta`` to ``path`` atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path`` (readers never see half a file)."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """``with atomic_file(path) as tmp: <write the file tmp>``: ``tmp`` is a temporary file in ``path``'s
+    folder (created if needed), flushed to disk and renamed over ``path`` only when the block succeeds,
+    so readers never see half a file; on error it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {_KEY: json.dumps({**meta, "sha256": _digest(tensors)}, sort_keys=True)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``tensors`` and ``meta`` to ``path`` atomically (``atomic_file``)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {_KEY: json.dumps({**meta, "sha256": _digest(tensors)}, sort_keys=True)}
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
 
 
 def read(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:

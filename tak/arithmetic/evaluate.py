@@ -16,6 +16,7 @@ from ..backbones import load_backbone
 from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import loader
+from ..io import write_text
 from ..task_vector import TaskVector, check_compatible
 from . import analyses, plots
 from .compose import apply, combine
@@ -68,7 +69,7 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
                            out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
         if run_analyses:
             results["analyses"] = _analyses(backbone, tvs, tasks, out, device)
-    _write_json(out / "results.json", results)
+    write_text(out / "results.json", json.dumps(results, indent=2, default=float))
     return results
 
 
@@ -146,12 +147,6 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
                          xlabel="‖mean_t f(x; θ_t) − f(x; mean θ)‖₁")
         found["linearization_error"] = {k: v.mean().item() for k, v in errors.items()}
     return found
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
 
 
 def render_report(folders, out) -> Path:

@@ -8,13 +8,13 @@ Parent folders are created. Data may be torch tensors, numpy arrays or lists.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..io import atomic_file
 
 __all__ = ["disentanglement_heatmap", "histograms", "alpha_sweeps", "bar_table"]
 
@@ -46,21 +46,9 @@ def _save(fig, path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plots write PNG files; got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         fig.clear()
     return path

@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..io import write_text
 
 __all__ = ["Report", "markdown_table"]
 
@@ -169,20 +170,4 @@ class Report:
         """Write the report to ``path`` atomically (temporary file in the same folder, then
         ``os.replace``); parent folders are created. Returns the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.render(base=path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return path
+        return write_text(path, self.render(base=path.parent))

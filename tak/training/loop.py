@@ -28,6 +28,7 @@ from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import accuracy
 from ..methods import CurvaturePenalty, Objective, TauJpPenalty, get_method, layer_weights, trainable_names
+from ..io import write_text
 from ..task_vector import TaskVector
 from . import checkpoint
 from .config import TrainConfig
@@ -152,7 +153,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         config = TrainConfig.from_yaml(config)
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
-    method = get_method(config.method)
+    get_method(config.method)  # an unknown name fails before anything loads
     rank, world = _world()
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
@@ -232,19 +233,11 @@ def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainR
         if objective.teacher is not None:
             TaskVector(objective.teacher.task_vector(), {**meta, "regime": "linear", "role": "teacher"}).save(
                 run_dir / "teacher_task_vector.safetensors")
-        _write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         import yaml
-        _write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         if writer is not None:
             for k in ("val", "test"):
                 writer.add_scalar(f"accuracy/{k}", metrics[k], config.steps)
             writer.close()
     return TrainResult(tv, path, metrics)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
