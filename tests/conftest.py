@@ -50,3 +50,14 @@ def _highest_precision():
     torch.set_float32_matmul_precision("highest")
     yield
     torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny MiniLM batches gain nothing from threads, and OpenMP threads spinning against other processes
+    on a 2-core machine make such runs several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,6 +20,8 @@ from tak.data import Task, list_tasks, register_task
 from tak.methods import METHODS
 from tak.task_vector import TaskVector
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TASKS = ["rotten_tomatoes", "subjectivity"]
 SMALL = ["--steps", "2", "--batch-size", "4", "--max-length", "16", "--max-train", "40", "--max-test", "8",
          "--trainable", "encoder.layer.5.attention.*", "--progress", "false", "--lr", "1e-4",
@@ -43,16 +45,6 @@ def ok(*argv) -> str:
     code, out, err = tak_cli(*argv)
     assert code == 0, f"tak {' '.join(map(str, argv))} exited {code}: {err}"
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 4 x 16 tokens gain nothing from intra-op threads, and OpenMP threads that spin against
-    other processes on a 2-core machine make these runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

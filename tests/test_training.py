@@ -22,6 +22,8 @@ from tak.task_vector import TaskVector, check_compatible
 from tak.training import TrainConfig, loop
 from tak.training.loop import batch_indices
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TRAINABLE = "encoder.layer.5.attention.*"
 LINEAR_METHODS = {"linear", "tak", "diag_ggn", "tau_jp"}
 TEACHER_METHODS = {"delta", "delta_no_ekfac", "delta_lora"}
@@ -33,16 +35,6 @@ def tiny(out, method="nonlinear", **overrides) -> TrainConfig:
                   reference=["subjectivity"], out=str(out), steps=2, batch_size=4, max_length=16, max_train=40,
                   max_test=8, factor_examples=4, trainable=TRAINABLE, progress=False, lr=1e-4, eval_batch_size=64)
     return TrainConfig(**{**values, **overrides})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 4 x 16 tokens gain nothing from intra-op threads, and OpenMP threads that spin against
-    other processes on a 2-core machine make these runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

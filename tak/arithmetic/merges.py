@@ -242,6 +242,25 @@ def ties(taus, k: float = 0.2) -> dict[str, Tensor]:
     return out
 
 
+def _spectral(taus, matrix_filter: MatrixFilter | None, merge_matrix) -> dict[str, Tensor]:
+    """The per-tensor frame of the SVD-based merges: ``merge_matrix(x)`` for each matrix (``x``: the
+    (T, m, n) stack of the tasks' blocks, m, n > 0); the mean over tasks for other tensors (and for
+    matrices ``matrix_filter(name, tensor)`` rejects); zeros for empty matrices."""
+    maps = _check_taus(taus)
+    is_matrix = _matrix_filter(matrix_filter)
+    out: dict[str, Tensor] = {}
+    for key in maps[0]:
+        ref = maps[0][key]
+        x = _stack(maps, key)
+        if not is_matrix(key, ref):
+            out[key] = _out(x.mean(0), ref)
+        elif min(ref.shape) == 0:
+            out[key] = torch.zeros_like(ref)
+        else:
+            out[key] = _out(merge_matrix(x), ref)
+    return out
+
+
 @torch.no_grad()
 def tsv_m(taus, *, matrix_filter: MatrixFilter | None = None) -> dict[str, Tensor]:
     """TSV-Merge (Gargiulo et al. 2025), see the module docstring.
@@ -251,50 +270,25 @@ def tsv_m(taus, *, matrix_filter: MatrixFilter | None = None) -> dict[str, Tenso
     singular values. Other tensors (and matrices rejected by ``matrix_filter(name, tensor)``):
     mean over tasks.
     """
-    maps = _check_taus(taus)
-    is_matrix = _matrix_filter(matrix_filter)
-    T = len(maps)
-    out: dict[str, Tensor] = {}
-    for key in maps[0]:
-        ref = maps[0][key]
-        x = _stack(maps, key)
-        if not is_matrix(key, ref):
-            out[key] = _out(x.mean(0), ref)
-            continue
-        m, n = ref.shape
-        d = min(m, n)
-        if d == 0:
-            out[key] = torch.zeros_like(ref)
-            continue
-        r = max(1, d // T)
+    def merge_matrix(x):
+        T, m, n = x.shape
+        r = max(1, min(m, n) // T)
         u, s, vh = _svd(x)  # (T, m, d), (T, d), (T, d, n)
         u_cat = u[:, :, :r].transpose(0, 1).reshape(m, T * r)  # task-major column blocks
         s_cat = s[:, :r].reshape(T * r)
         vh_cat = vh[:, :r, :].reshape(T * r, n)
-        merged = (_polar(u_cat) * s_cat) @ _polar(vh_cat)  # polar(V_cat)ᵀ = polar(V_catᵀ)
-        out[key] = _out(merged, ref)
-    return out
+        return (_polar(u_cat) * s_cat) @ _polar(vh_cat)  # polar(V_cat)ᵀ = polar(V_catᵀ)
+    return _spectral(taus, matrix_filter, merge_matrix)
 
 
 @torch.no_grad()
 def iso_c(taus, *, matrix_filter: MatrixFilter | None = None) -> dict[str, Tensor]:
     """Iso-C (Marczak et al. 2025): ``σ̄ U Vᵀ`` of ``M = Σ_t τ_t = U diag(σ) Vᵀ``, ``σ̄ = mean(σ)`` over
     the ``d = min(m, n)`` thin-SVD directions. Other tensors: mean over tasks (the authors' code)."""
-    maps = _check_taus(taus)
-    is_matrix = _matrix_filter(matrix_filter)
-    out: dict[str, Tensor] = {}
-    for key in maps[0]:
-        ref = maps[0][key]
-        x = _stack(maps, key)
-        if not is_matrix(key, ref):
-            out[key] = _out(x.mean(0), ref)
-            continue
-        if min(ref.shape) == 0:
-            out[key] = torch.zeros_like(ref)
-            continue
+    def merge_matrix(x):
         u, s, vh = _svd(x.sum(0))
-        out[key] = _out(s.mean() * (u @ vh), ref)
-    return out
+        return s.mean() * (u @ vh)
+    return _spectral(taus, matrix_filter, merge_matrix)
 
 
 def _cts_sizes(d: int, T: int, frac: Fraction) -> tuple[int, int]:
@@ -321,22 +315,9 @@ def iso_cts(taus, common_fraction: float = 0.8, *, sigma: str = "combined",
     frac = _fraction(common_fraction, "common_fraction", low_open=False)
     if sigma not in ("combined", "sum"):
         raise ValueError(f"sigma must be 'combined' or 'sum', got {sigma!r}")
-    maps = _check_taus(taus)
-    is_matrix = _matrix_filter(matrix_filter)
-    T = len(maps)
-    out: dict[str, Tensor] = {}
-    for key in maps[0]:
-        ref = maps[0][key]
-        x = _stack(maps, key)
-        if not is_matrix(key, ref):
-            out[key] = _out(x.mean(0), ref)
-            continue
-        m, n = ref.shape
-        d = min(m, n)
-        if d == 0:
-            out[key] = torch.zeros_like(ref)
-            continue
-        k, s = _cts_sizes(d, T, frac)
+    def merge_matrix(x):
+        T, m, n = x.shape
+        k, s = _cts_sizes(min(m, n), T, frac)
         u, sv, vh = _svd(x.sum(0))
         u_parts, s_parts, vh_parts = [u[:, :k]], [sv[:k]], [vh[:k]]
         if s > 0:
@@ -347,9 +328,8 @@ def iso_cts(taus, common_fraction: float = 0.8, *, sigma: str = "combined",
             s_parts.append(st[:, :s].reshape(T * s))
             vh_parts.append(vht[:, :s, :].reshape(T * s, n))
         sbar = torch.cat(s_parts).mean() if sigma == "combined" else sv.mean()
-        merged = sbar * (_polar(torch.cat(u_parts, 1)) @ _polar(torch.cat(vh_parts, 0)))
-        out[key] = _out(merged, ref)
-    return out
+        return sbar * (_polar(torch.cat(u_parts, 1)) @ _polar(torch.cat(vh_parts, 0)))
+    return _spectral(taus, matrix_filter, merge_matrix)
 
 
 MERGES: dict[str, Callable[..., dict[str, Tensor]]] = {

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..curvature.outputs import call
-from .base import Backbone, Head, require
-from .text import DEFAULT_MAX_LENGTH, from_pretrained, resolve_hf_source, split_examples
+from .base import Backbone, Head
+from .text import DEFAULT_MAX_LENGTH, load_hf, split_examples
 
 DEFAULT_PAIR_FORMAT = "premise: {premise} hypothesis: {hypothesis}"
 DEFAULT_TEXT_FORMAT = "{text}"
@@ -138,18 +138,7 @@ def load_t5(spec: str, name: str, *, pretrained: str | None = None, tokenizer=No
     """``t5:<name-or-path>``: ``T5ForConditionalGeneration`` / ``AutoTokenizer.from_pretrained(name)``;
     ``pretrained`` is the hub revision; other options as ``T5Backbone``; ``dtype`` converts the model;
     ``model_kwargs`` go to ``from_pretrained``."""
-    transformers = require("transformers", f"backbone {spec!r}")
-    name = resolve_hf_source(name, spec)
-    kwargs = dict(model_kwargs or {})
-    if pretrained is not None:
-        kwargs.setdefault("revision", pretrained)
-    model = from_pretrained(transformers.T5ForConditionalGeneration, name, spec, **kwargs)
-    if tokenizer is None:
-        tok_kwargs = {"revision": pretrained} if pretrained is not None else {}
-        tokenizer = from_pretrained(transformers.AutoTokenizer, name, spec, **tok_kwargs)
-    if dtype is not None:
-        model.to(dtype)
-    source = {"spec": spec, "pretrained": pretrained, "path": name, "library": "transformers",
-              "version": transformers.__version__}
-    return T5Backbone(model.eval(), tokenizer, name=spec, max_length=max_length, prefix=prefix,
+    model, tokenizer, source = load_hf("T5ForConditionalGeneration", spec, name, pretrained=pretrained,
+                                       tokenizer=tokenizer, dtype=dtype, model_kwargs=model_kwargs)
+    return T5Backbone(model, tokenizer, name=spec, max_length=max_length, prefix=prefix,
                       text_format=text_format, pair_format=pair_format, label_words=label_words, source=source)

@@ -133,28 +133,35 @@ def _package_version(dist: str) -> str | None:
         return None
 
 
+def load_hf(model_class: str, spec: str, name: str, *, pretrained: str | None, tokenizer, dtype,
+            model_kwargs: dict | None) -> tuple[nn.Module, object, dict]:
+    """(model in eval mode, tokenizer, source) of ``transformers.<model_class>`` / ``AutoTokenizer``
+    ``.from_pretrained(name)``: ``pretrained`` is the hub revision; ``tokenizer`` replaces the model's
+    own; ``dtype`` converts the model; ``model_kwargs`` go to the model's ``from_pretrained``."""
+    transformers = require("transformers", f"backbone {spec!r}")
+    name = resolve_hf_source(name, spec)
+    revision = {"revision": pretrained} if pretrained is not None else {}
+    model = from_pretrained(getattr(transformers, model_class), name, spec, **{**revision, **(model_kwargs or {})})
+    if tokenizer is None:
+        tokenizer = from_pretrained(transformers.AutoTokenizer, name, spec, **revision)
+    if dtype is not None:
+        model.to(dtype)
+    source = {"spec": spec, "pretrained": pretrained, "path": name, "library": "transformers",
+              "version": transformers.__version__}
+    return model.eval(), tokenizer, source
+
+
 def load_hf_encoder(spec: str, name: str, *, pretrained: str | None = None, tokenizer=None,
                     max_length: int = DEFAULT_MAX_LENGTH, logit_scale: float = DEFAULT_LOGIT_SCALE, dtype=None,
                     model_kwargs: dict | None = None) -> TextEncoderBackbone:
     """``hf:<name-or-path>``: ``AutoModel`` / ``AutoTokenizer.from_pretrained(name)``; ``pretrained`` is the
     hub revision (branch, tag or commit); ``tokenizer`` replaces the model's own; ``dtype`` converts the
     model; ``model_kwargs`` go to ``AutoModel.from_pretrained``."""
-    transformers = require("transformers", f"backbone {spec!r}")
-    name = resolve_hf_source(name, spec)
-    kwargs = dict(model_kwargs or {})
-    if pretrained is not None:
-        kwargs.setdefault("revision", pretrained)
-    model = from_pretrained(transformers.AutoModel, name, spec, **kwargs)
+    model, tokenizer, source = load_hf("AutoModel", spec, name, pretrained=pretrained, tokenizer=tokenizer,
+                                       dtype=dtype, model_kwargs=model_kwargs)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"backbone spec {spec!r}: {type(model).__name__} is an encoder-decoder; use 't5:{name}'")
-    if tokenizer is None:
-        tok_kwargs = {"revision": pretrained} if pretrained is not None else {}
-        tokenizer = from_pretrained(transformers.AutoTokenizer, name, spec, **tok_kwargs)
-    if dtype is not None:
-        model.to(dtype)
-    source = {"spec": spec, "pretrained": pretrained, "path": name, "library": "transformers",
-              "version": transformers.__version__}
-    return TextEncoderBackbone(model.eval(), tokenizer, name=spec, max_length=max_length, logit_scale=logit_scale,
+    return TextEncoderBackbone(model, tokenizer, name=spec, max_length=max_length, logit_scale=logit_scale,
                                source=source)
 
 
