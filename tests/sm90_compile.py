@@ -1,0 +1,155 @@
+"""Compile every Triton kernel of ``kfac_kernels`` for an H100 (sm_90) as the ops launch it, with no GPU.
+
+    python tests/sm90_compile.py            # one line per compiled kernel, then a JSON summary
+
+A stand-in Triton driver answers "CUDA device 0, sm_90" and turns each launch into a no-op after the
+real compiler (Triton's own ptxas included) has built the kernel; the ops run on CPU tensors with
+their GPU tile sizes and launch options (``_backend.interpreting()`` stays False). Results are
+meaningless, compilation is real: what fails here fails on the GPU, whatever the Triton version.
+Checked per kernel: it compiles, and its shared memory fits one H100 SM (227 KiB).
+"""
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.pop("KFAC_KERNELS_BACKEND", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+import kfac_kernels as kk  # noqa: E402
+from kfac_kernels import _backend  # noqa: E402
+
+H100_SHARED = 227 * 1024
+COMPILED = []
+
+
+class _Launcher:
+    """Records the kernel a launch would run, and runs nothing."""
+
+    def __init__(self, src, metadata):
+        COMPILED.append({"name": getattr(src, "name", str(src)), "shared": metadata.shared,
+                         "num_warps": metadata.num_warps, "num_stages": metadata.num_stages})
+
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+class _Utils:
+    def load_binary(self, name, kernel, shared, device):
+        return None, None, 0, 0, 1024  # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": H100_SHARED, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+
+class CompileOnlyDriver:
+    """The parts of a Triton GPU driver that ``JITFunction.run`` and ``CompiledKernel`` touch."""
+
+    launcher_cls = _Launcher
+    utils = _Utils()
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def cases():
+    """(label, thunk) for every op, dtype, factor kind and layout the kernels specialize on."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    def spd(n):
+        x = rand(n, n)
+        return x @ x.T / n + torch.eye(n)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for d_out, d_in in ((768, 3072), (130, 33)):  # aligned (vector copies) and any-stride layouts
+            tau = rand(d_out, d_in, dtype=dtype).requires_grad_()
+            B, A = spd(d_out).to(dtype), spd(d_in).to(dtype)
+            yield f"quadratic_form {dtype} {d_out}x{d_in}", lambda: kk.quadratic_form(tau, B, A).backward()
+    tau = rand(768, 768).requires_grad_()
+    dense = spd(768)
+    factors = {"blockdiag": kk.BlockDiagonalFactor.from_dense(dense, 8),
+               "lowrank": kk.LowRankFactor.from_dense(dense, 64), "int8": kk.Int8Factor.from_dense(dense)}
+    for name, F in factors.items():
+        yield f"quadratic_form {name} factors", lambda F=F: kk.quadratic_form(tau, F, F).backward()
+    for dtype in (torch.float32, torch.bfloat16):
+        t = rand(768, 3072, dtype=dtype).requires_grad_()
+        U_B, U_A = torch.linalg.qr(rand(768, 768))[0].to(dtype), torch.linalg.qr(rand(3072, 3072))[0].to(dtype)
+        S = rand(768, 3072).abs()
+        yield f"eigen_quadratic_form {dtype}", lambda t=t, U_B=U_B, U_A=U_A, S=S: (
+            kk.eigen_quadratic_form(t, U_B, U_A, S).backward())
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (768, 33):
+            X = rand(4096, d, dtype=dtype)
+            for ones, mask in ((False, None), (True, torch.rand(4096, generator=g) > 0.3)):
+                C = torch.zeros(d + ones, d + ones)
+                yield (f"covariance_update_ {dtype} d={d} ones={ones} mask={mask is not None}",
+                       lambda X=X, C=C, ones=ones, mask=mask: kk.covariance_update_(C, X, mask=mask, append_ones=ones))
+    for dtype in (torch.bfloat16, torch.float32):
+        for d_in, d_out in ((768, 2304), (33, 7)):
+            x, dx = rand(8, 197, d_in, dtype=dtype), rand(8, 197, d_in, dtype=dtype).requires_grad_()
+            w, b = rand(d_out, d_in, dtype=dtype), rand(d_out, dtype=dtype)
+            dw, db = rand(d_out, d_in, dtype=dtype).requires_grad_(), rand(d_out, dtype=dtype).requires_grad_()
+
+            def dual_linear(x=x, dx=dx, w=w, dw=dw, b=b, db=db):
+                y, dy = kk.dual_linear(x, dx, w, dw, b, db)
+                dy.float().sum().backward()
+            yield f"dual_linear {dtype} {d_in}->{d_out}", dual_linear
+    for dtype in (torch.bfloat16, torch.float32):
+        for L, D, bias in ((197, 64, False), (50, 64, False), (23, 64, True)):
+            q, k, v = (rand(2, 12, L, D, dtype=dtype) for _ in range(3))
+            dq, dk, dv = (rand(2, 12, L, D, dtype=dtype).requires_grad_() for _ in range(3))
+            mask = torch.rand(2, 1, 1, L, generator=g) > 0.2
+            extra = dict(bias=rand(1, 12, L, L, dtype=dtype), dbias=rand(1, 12, L, L, dtype=dtype).requires_grad_()) \
+                if bias else {}
+
+            def attention(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, mask=mask, extra=extra):
+                o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, **extra)
+                do.float().sum().backward()
+                kk.dual_attention(q, k, v, None, None, None, mask=mask)  # the primal-only forward
+            yield f"dual_attention {dtype} L={L} bias={bias}", attention
+
+
+def main() -> int:
+    driver.set_active(CompileOnlyDriver())
+    _backend.select = lambda op, device, dtypes, **kw: "triton"
+    failures = []
+    for label, run in cases():
+        before = len(COMPILED)
+        try:
+            run()
+        except Exception as e:  # report every case, then fail
+            failures.append(f"{label}: {type(e).__name__}: {e}")
+            print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            continue
+        for k in COMPILED[before:]:
+            print(f"ok   {label}: {k['name']} warps={k['num_warps']} stages={k['num_stages']} "
+                  f"shared={k['shared']}", flush=True)
+    over = [k for k in COMPILED if k["shared"] > H100_SHARED]
+    failures += [f"{k['name']}: {k['shared']} bytes of shared memory > {H100_SHARED}" for k in over]
+    print(json.dumps({"triton": triton.__version__, "kernels": len(COMPILED),
+                      "names": sorted({k["name"] for k in COMPILED}), "failures": failures}))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
