@@ -56,6 +56,8 @@ class _Linearization(nn.Module):
     ``parameters()`` are τ alone, while ``to()`` / ``train()`` reach it), τ by the model's names
     (``_taus()``), and the scale α of ``scaled``."""
 
+    _kept = None  # the KeptPrimal of an active ``keeping_primal`` context
+
     @contextlib.contextmanager
     def scaled(self, alpha: float):
         """Within the context the forward computes f(x; θ0) + α J τ (a scaled task vector)."""
@@ -64,6 +66,23 @@ class _Linearization(nn.Module):
             yield self
         finally:
             self._alpha = before
+
+    @contextlib.contextmanager
+    def keeping_primal(self):
+        """Within the context each forward keeps its output at θ0 (the primal alone, which the forward
+        computes anyway; detached) in the yielded ``KeptPrimal``: calling it returns that output, so
+        ``backbone.features(kept, batch)`` gives f(x; θ0) for the same inputs, dropout masks included."""
+        kept = KeptPrimal()
+        before, self._kept = self._kept, kept
+        try:
+            yield kept
+        finally:
+            self._kept = before
+
+    def _keep(self, leaves: list, spec, primals) -> None:
+        if self._kept is not None:
+            primals = iter(primals)
+            self._kept.output = _primal_plus_tangent(list(leaves), spec, lambda: (next(primals).detach(), None))
 
     def base_parameters(self) -> dict[str, torch.Tensor]:
         """{model parameter name: θ0} for every parameter: the held tensors (detached), not copies."""
@@ -137,6 +156,7 @@ class LinearizedModel(_Linearization):
 
         with math_attention():
             outs, dots = jvp(f, (primals,), (tangents,))
+        self._keep(leaves, spec, outs)
         outs, dots = iter(outs), iter(dots)
         return _primal_plus_tangent(leaves, spec, lambda: (next(outs), next(dots)))
 
@@ -191,6 +211,7 @@ class DualLinearizedModel(_Linearization):
     def forward(self, *args, **kwargs):
         primal, tangent = self.dual(*args, **kwargs)
         leaves, spec = pytree.tree_flatten(primal)
+        self._keep(leaves, spec, (x for x in leaves if isinstance(x, torch.Tensor)))
         pairs = zip((x for x in leaves if isinstance(x, torch.Tensor)),
                     (t for t in pytree.tree_leaves(tangent) if isinstance(t, torch.Tensor)))
 
@@ -214,6 +235,16 @@ class DualLinearizedModel(_Linearization):
         return iter(self.dual.named_taus().items())
 
 
+class KeptPrimal:
+    """The output at θ0 of the last forward inside ``keeping_primal()``; calling it (with any arguments)
+    returns that output."""
+
+    output = None
+
+    def __call__(self, *args, **kwargs):
+        if self.output is None:
+            raise RuntimeError("keeping_primal: no forward ran inside the context yet")
+        return self.output
 
 
 def _primal_plus_tangent(leaves: list, spec, next_pair):

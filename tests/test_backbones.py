@@ -93,6 +93,33 @@ def test_linearized_and_copied_minilm_features_equal_at_zero(minilm):
         assert rel_err(minilm.features(copy.deepcopy(model), batch), f) < 1e-12
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_kept_primal_is_the_forwards_own_output_at_theta0(minilm, fast):
+    """``keeping_primal``: f(x; θ0) of the linearized forward itself, dropout masks included (DELTA's f0)."""
+    model = copy.deepcopy(minilm.model).double()
+    batch = minilm.inputs([TOY[0][0], "ok", TOY[5][0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lin = tak.linearize(model, fast=fast)
+    with torch.no_grad():
+        lin.eval()
+        lin.load_task_vector({n: 0.05 * torch.randn_like(t) for n, t in lin.task_vector().items()})
+        with lin.keeping_primal() as kept:
+            f = minilm.features(lin, batch)
+        f0 = minilm.features(kept, batch)
+        assert rel_err(f0, minilm.features(model, batch)) < 1e-10 and rel_err(f, f0) > 1e-3
+        if not fast:  # the fast path applies no dropout (tak.models); the generic path does, in train mode:
+            lin.train()  # two forwards differ, and the kept primal is its own forward's (τ = 0: f_lin = f0)
+            lin.load_task_vector({n: torch.zeros_like(t) for n, t in lin.task_vector().items()})
+            with lin.keeping_primal() as kept:
+                f = minilm.features(lin, batch)
+            assert rel_err(minilm.features(kept, batch), f) < 1e-12
+            assert rel_err(minilm.features(lin, batch), f) > 1e-3
+    with pytest.raises(RuntimeError, match="no forward ran"):
+        with lin.keeping_primal() as kept:
+            kept(batch)
+
+
 def test_text_pairs_tokenize_as_pairs(minilm, bert_tokenizer):
     batch = minilm.inputs(PAIRS)
     want = bert_tokenizer([p for p, _ in PAIRS], [h for _, h in PAIRS], padding=True, truncation=True,
@@ -161,7 +188,8 @@ def test_t5_head_gives_the_models_next_token_logits(tmp_path, bert_tokenizer, ti
 
 
 def test_t5_linearized_features_with_a_task_vector(tmp_path, bert_tokenizer):
-    """The fast path's features (hook on the dual decoder, α from ``scaled``) equal the generic path's."""
+    """The fast path's features (its decoder_hidden_states, α from ``scaled``) equal the generic path's; the
+    kept primal of either gives the model's own features at θ0."""
     t5 = load_backbone(f"t5:{tiny_t5(tmp_path, bert_tokenizer.vocab_size)}", tokenizer=bert_tokenizer,
                        dtype=torch.float64)
     batch = t5.inputs([text for text, _ in TOY[:3]])
@@ -174,8 +202,11 @@ def test_t5_linearized_features_with_a_task_vector(tmp_path, bert_tokenizer):
     generic.load_task_vector(taus)
     with torch.no_grad():
         f0 = t5.features(t5.model, batch)
-        f1 = t5.features(fast, batch)
-        assert rel_err(f1, t5.features(generic, batch)) < 1e-5 and rel_err(f1, f0) > 1e-3
+        with fast.keeping_primal() as kept_fast, generic.keeping_primal() as kept_generic:
+            f1 = t5.features(fast, batch)
+            assert rel_err(f1, t5.features(generic, batch)) < 1e-5 and rel_err(f1, f0) > 1e-3
+        assert rel_err(t5.features(kept_fast, batch), f0) < 1e-5
+        assert rel_err(t5.features(kept_generic, batch), f0) < 1e-5
         with fast.scaled(0.5):
             assert rel_err(t5.features(fast, batch), (f0 + f1) / 2) < 1e-5
 

@@ -358,6 +358,7 @@ def test_mc_batched_path_and_seed(monkeypatch):
 def attention_calls(t, n, h):
     """(attn_mask, key_padding_mask) combinations, no query attending to nothing."""
     bool_mask = (torch.rand(t, t) > 0.6) & ~torch.eye(t, dtype=torch.bool)
+    bool_mask[:, 0] = False  # key 0, which no padding mask hides: else a padded query's own key may be its last
     kpm = torch.zeros(n, t, dtype=torch.bool)
     kpm[1, t - 2:] = True
     kpm[-1, t - 1] = True

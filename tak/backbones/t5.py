@@ -18,12 +18,10 @@
   model's own next-token logits at the first decoder step restricted to the label tokens. Templates
   are not used. Two classes whose label words start with the same token are refused.
 
-The linearized fast path (``tak.linearize`` → ``tak.models.DualT5ForConditionalGeneration``) returns
-logits only; its decoder output is read by a forward hook on the dual decoder stack (primal + α·tangent,
-α from the linearization's ``scaled`` context). Every other model (the plain model, deep copies, the
-generic ``LinearizedModel``, ``functional_call`` wrappers) is called with ``output_hidden_states=True``.
+Every model (the plain model, deep copies, both paths of ``tak.linearize``, ``functional_call``
+wrappers) is called with ``output_hidden_states=True``; the fast path's dual T5 returns the decoder's
+last hidden state as the one entry of ``decoder_hidden_states``.
 """
-import inspect
 
 import torch
 from torch import nn
@@ -42,20 +40,6 @@ def decoder_output_scale(config) -> float:
     if scaled is None:  # transformers 4.x
         scaled = getattr(config, "tie_word_embeddings", True)
     return config.d_model ** -0.5 if scaled else 1.0
-
-
-def _dual_t5(model):
-    """The ``DualT5ForConditionalGeneration`` inside a fast-path linearization (or a wrapper forwarding
-    attributes to one) that cannot return hidden states itself; else None."""
-    dual = getattr(model, "dual", None)
-    if dual is None:
-        return None
-    from ..models.t5 import DualT5ForConditionalGeneration
-    if not isinstance(dual, DualT5ForConditionalGeneration):
-        return None
-    if "output_hidden_states" in inspect.signature(dual.forward).parameters:
-        return None  # it returns decoder_hidden_states like the Hugging Face model
-    return dual
 
 
 class T5Backbone(Backbone):
@@ -92,23 +76,8 @@ class T5Backbone(Backbone):
         return {"input_ids": ids, "attention_mask": enc["attention_mask"], "decoder_input_ids": start}
 
     def features(self, model, batch) -> torch.Tensor:
-        dual = _dual_t5(model)
-        if dual is None:
-            out = call(model, {**batch, "output_hidden_states": True, "use_cache": False})
-            return out["decoder_hidden_states"][-1][:, 0]
-        captured = []
-
-        def hook(module, args, output):
-            h, dh = output
-            alpha = getattr(model, "_alpha", 1.0)  # read during the call: inside a ``scaled(α)`` context
-            captured.append(h if dh is None else h + (dh if alpha == 1.0 else alpha * dh))
-
-        handle = dual.decoder.register_forward_hook(hook)
-        try:
-            call(model, batch)
-        finally:
-            handle.remove()
-        return captured[-1][:, 0]
+        out = call(model, {**batch, "output_hidden_states": True, "use_cache": False})
+        return out["decoder_hidden_states"][-1][:, 0]
 
     def label_tokens(self, task) -> list[int]:
         """The token id of each class's label word (its first token)."""

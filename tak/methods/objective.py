@@ -5,7 +5,9 @@
 - DELTA (Alg. 1): teacher loss L^T = CE(f_lin(θ0 + τ_T)) + β^T drift(τ_T); student loss
   L^S = CE(f(θ0 + τ_S)) + β^S drift(τ_S) + γ L_KD with the along-path distillation (Eq. 8)
   L_KD = 1/B Σ_i ‖f(x_i; θ0 + α τ_S) − SG[f_lin(x_i; θ0 + α τ_T)]‖², α ~ U(0.5, 1) once per step.
-  The linear teacher needs no second forward: f_lin(θ0 + α τ_T) = f0 + α (f_lin(θ0 + τ_T) − f0).
+  The linear teacher needs no second forward: f_lin(θ0 + α τ_T) = f0 + α (f_lin(θ0 + τ_T) − f0), and
+  f0 is the primal its forward computes anyway (``keeping_primal``: same inputs, same dropout masks).
+  This needs ``Backbone.features`` linear in the model's output (pooling, selection), as all are.
   Teacher and student share no parameters, so one backward of L^T + L^S gives both gradients.
 """
 import torch
@@ -62,7 +64,8 @@ class Objective(nn.Module):
         if self.tau_jp is not None and (drift := self.tau_jp(self.student.at(1.0), self.student.base(), step)) is not None:
             terms["tau_jp"] = drift
         if self.teacher is not None:
-            teacher_loss, teacher_features = self.task_loss(self.teacher.at(1.0), batch, labels)
+            with self.teacher.lin.keeping_primal() as at_theta0:
+                teacher_loss, teacher_features = self.task_loss(self.teacher.at(1.0), batch, labels)
             terms["teacher_task"] = teacher_loss
             if self.teacher_penalty is not None:
                 drift = self.teacher_penalty(self.teacher.taus(), step)
@@ -70,14 +73,15 @@ class Objective(nn.Module):
                     terms["teacher_drift"] = drift
             alpha = along_path_alpha(self.seed, step)
             with torch.no_grad():
-                f0 = self.backbone.features(self.teacher.base(), batch)
+                f0 = self.backbone.features(at_theta0, batch)
                 target = f0 + alpha * (teacher_features - f0)
             gamma = self.hp.get("gamma", 1.0)
             if gamma:
                 student_alpha = self.backbone.features(self.student.at(alpha), batch)
                 terms["distill"] = gamma * distillation_loss(student_alpha, target)
         total = sum(terms.values())
-        return total, {k: float(v.detach()) for k, v in terms.items()}
+        values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one host sync
+        return total, dict(zip(terms, values))
 
     def task_vector(self) -> dict[str, torch.Tensor]:
         return self.student.task_vector()

@@ -117,9 +117,12 @@ class DualT5EncoderModel(DualModel):
 
 class DualT5ForConditionalGeneration(DualModel):
     """forward(input_ids | inputs_embeds, attention_mask=None, decoder_input_ids | decoder_inputs_embeds,
-    decoder_attention_mask=None) -> (y, dy), each a Seq2SeqLMOutput with logits (B, L_dec, vocab) and
-    encoder_last_hidden_state (B, L, d); dy is None outside the "linearized" mode. Teacher forcing only:
-    no cache, no generation, no labels (shift them right yourself)."""
+    decoder_attention_mask=None) -> (y, dy), each a Seq2SeqLMOutput with logits (B, L_dec, vocab),
+    encoder_last_hidden_state (B, L, d) and decoder_hidden_states = (the decoder's last hidden state
+    (B, L_dec, d) after its final RMSNorm,): the last entry of Hugging Face's tuple, the only one kept.
+    dy is None outside the "linearized" mode. Teacher forcing only: no cache, no generation, no labels
+    (shift them right yourself); ``output_hidden_states``, ``use_cache`` and ``return_dict`` are accepted,
+    as Hugging Face callers pass them, and change nothing."""
 
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
@@ -135,7 +138,8 @@ class DualT5ForConditionalGeneration(DualModel):
         self.bind(b, model, trainable)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                inputs_embeds=None, decoder_inputs_embeds=None):
+                inputs_embeds=None, decoder_inputs_embeds=None, output_hidden_states=None, use_cache=None,
+                return_dict=None):
         enc_mask = padding_mask(attention_mask)
         e, de = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), enc_mask)
         x, dx = _embed(self.decoder_embed, decoder_input_ids, decoder_inputs_embeds, "decoder_")
@@ -143,11 +147,13 @@ class DualT5ForConditionalGeneration(DualModel):
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         if decoder_attention_mask is not None:
             mask = mask & padding_mask(decoder_attention_mask)
-        h, dh = self.decoder(x, dx, mask, e, de, enc_mask)
-        h, dh = h * self.output_scale, apply(lambda t: t * self.output_scale, dh)
+        last, dlast = self.decoder(x, dx, mask, e, de, enc_mask)
+        h, dh = last * self.output_scale, apply(lambda t: t * self.output_scale, dlast)
         if self.lm_head is not None:
             logits, dlogits = self.lm_head(h, dh)
         else:
             logits, dlogits = linear(h, dh, *self.decoder_embed.dual("weight"))
-        y = Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=e)
-        return y, None if dlogits is None and de is None else Seq2SeqLMOutput(logits=dlogits, encoder_last_hidden_state=de)
+        y = Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=e, decoder_hidden_states=(last,))
+        if dlogits is None and de is None:
+            return y, None
+        return y, Seq2SeqLMOutput(logits=dlogits, encoder_last_hidden_state=de, decoder_hidden_states=(dlast,))
