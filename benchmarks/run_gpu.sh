@@ -116,7 +116,7 @@ if wants tests; then
     "$PY" -c "import xdist" 2> /dev/null && XDIST=(-n 8)  # Triton compiles in parallel
     step tests "pytest -m gpu" 90 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -m gpu "${XDIST[@]}" tests
     step tests "pytest kernel tests (real Triton)" 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" \
-        tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_tak_nn.py
+        tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py tests/test_tak_nn.py
 fi
 
 # ---------------------------------------------------------------- benchmarks
