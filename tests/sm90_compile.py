@@ -6,10 +6,12 @@ A stand-in Triton driver answers "CUDA device 0, sm_90" and turns each launch in
 real compiler (Triton's own ptxas included) has built the kernel; the ops run on CPU tensors with
 their GPU tile sizes and launch options (``_backend.interpreting()`` stays False). Results are
 meaningless, compilation is real: what fails here fails on the GPU, whatever the Triton version.
-Checked per kernel: it compiles, and its shared memory fits one H100 SM (227 KiB).
+Checked per kernel: it compiles, and its shared memory fits one H100 SM (227 KiB); reported: whether its
+PTX uses warpgroup MMAs (wgmma) and how many 16-byte asynchronous copies (cp.async) feed them.
 """
 import json
 import os
+import re
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -27,12 +29,23 @@ H100_SHARED = 227 * 1024
 COMPILED = []
 
 
+def _recording(compile_fn):
+    """``triton.compiler.compile`` that also records each kernel it builds and what its PTX uses."""
+    def compile(src, *args, **kwargs):
+        kernel = compile_fn(src, *args, **kwargs)
+        ptx, meta = kernel.asm["ptx"], kernel.metadata
+        COMPILED.append({"name": meta.name, "shared": meta.shared, "num_warps": meta.num_warps,
+                         "num_stages": meta.num_stages, "wgmma": "wgmma.mma_async" in ptx,
+                         "cp_async_16B": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx))})
+        return kernel
+    return compile
+
+
 class _Launcher:
-    """Records the kernel a launch would run, and runs nothing."""
+    """A launch that runs nothing."""
 
     def __init__(self, src, metadata):
-        COMPILED.append({"name": getattr(src, "name", str(src)), "shared": metadata.shared,
-                         "num_warps": metadata.num_warps, "num_stages": metadata.num_stages})
+        pass
 
     def __call__(self, *args, **kwargs):
         pass
@@ -131,6 +144,7 @@ def cases():
 
 def main() -> int:
     driver.set_active(CompileOnlyDriver())
+    triton.compiler.compile = _recording(triton.compiler.compile)  # JITFunction looks it up when it first runs
     _backend.select = lambda op, device, dtypes, **kw: "triton"
     failures = []
     for label, run in cases():
@@ -142,12 +156,12 @@ def main() -> int:
             print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
             continue
         for k in COMPILED[before:]:
+            k["case"] = label
             print(f"ok   {label}: {k['name']} warps={k['num_warps']} stages={k['num_stages']} "
-                  f"shared={k['shared']}", flush=True)
+                  f"shared={k['shared']} wgmma={k['wgmma']} cp.async(16 B)={k['cp_async_16B']}", flush=True)
     over = [k for k in COMPILED if k["shared"] > H100_SHARED]
     failures += [f"{k['name']}: {k['shared']} bytes of shared memory > {H100_SHARED}" for k in over]
-    print(json.dumps({"triton": triton.__version__, "kernels": len(COMPILED),
-                      "names": sorted({k["name"] for k in COMPILED}), "failures": failures}))
+    print(json.dumps({"triton": triton.__version__, "kernels": COMPILED, "failures": failures}))
     return 1 if failures else 0
 
 

@@ -21,9 +21,21 @@ def test_every_triton_kernel_compiles_for_sm90():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["failures"] == []
+    kernels = summary["kernels"]
     # the quadratic forms, the covariance (tiles + reduction), dual linear and the three attention kernels
     assert {"_grouped_matmul_kernel", "_syrk_kernel", "_reduce_kernel", "_forward_kernel", "_matmul_kernel",
-            "_dq_kernel", "_dkdv_kernel"} <= set(summary["names"])
+            "_dq_kernel", "_dkdv_kernel"} <= {k["name"] for k in kernels}
+
+    def hot(case_start, name):
+        found = [k for k in kernels if k["case"].startswith(case_start) and k["name"] == name]
+        assert found, (case_start, name)
+        return found
+    # 16-bit inputs at the H100 shapes: warpgroup MMAs fed by 16-byte asynchronous copies
+    for case, name in [("quadratic_form torch.bfloat16 768x3072", "_grouped_matmul_kernel"),
+                       ("covariance_update_ torch.bfloat16 d=768", "_syrk_kernel"),
+                       ("dual_linear torch.bfloat16 768->2304", "_forward_kernel"),
+                       ("dual_attention torch.bfloat16 L=197", "_forward_kernel")]:
+        assert all(k["wgmma"] and k["cp_async_16B"] > 0 for k in hot(case, name)), hot(case, name)
 
 
 def test_cuda_sources_compile_for_sm90(tmp_path):
