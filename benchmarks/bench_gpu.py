@@ -4,8 +4,8 @@
 
 Writes ``bench_gpu.md`` (the markdown table that goes into benchmarks/RESULTS.md) and
 ``bench_gpu.json`` (every number) to DIR: ``--out``, else ``$OUT``, else benchmarks/.
-Sections: quad, compressed, eigen, covariance, dual (each guarded: a failure is recorded and the
-run goes on; so is each single measurement).
+Sections: quad, compressed, eigen, covariance, dual, elementwise, correction (each guarded: a failure is recorded
+and the run goes on; so is each single measurement).
 
 Timing: ``triton.testing.do_bench`` medians (CUDA events; it flushes L2 before every call), after a
 first untimed call that compiles and autotunes. Inputs that fit in L2 come as four copies that the
@@ -532,12 +532,140 @@ def dual_case(n, d_in, d_out):
     row("dual", f"{tag} fwd+bwd (tangent)", plain_label + " + autograd", ours_bwd, plain_bwd)
 
 
+def jvp_layer_norm(x, dx, w, dw, b, db):
+    return torch.func.jvp(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b), (x, w, b), (dx, dw, db))
+
+
+def kk_layer_norm(x, dx, w, dw, b, db):
+    return kk.dual_layer_norm(x, dx, w, dw, b, db)
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+def elementwise_run(fn, backward):
+    """fn's (y, dy) under no_grad, or with the gradients of ⟨g, dy⟩ in the tangents (the last input is g)."""
+    def run(*inputs):
+        *args, g = inputs
+        if not backward:
+            with torch.no_grad():
+                return fn(*args)
+        y, dy = fn(*args)
+        return (y, dy, *torch.autograd.grad(dy, [t for t in args if t.requires_grad], g))
+    return run
+
+
+def exact_elementwise(fn, args, g):
+    """(y, dy, gradients of ⟨g, dy⟩ in the tangents) of ``fn`` in float64 on the same inputs."""
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in args]
+    y, dy = fn(*leaves)
+    return (y.detach(), dy.detach(), *torch.autograd.grad(dy, [t for t in leaves if t.requires_grad], g.double()))
+
+
+def section_elementwise():
+    """kk.dual_layer_norm and kk.dual_activation (primal + tangent, and the tangent's backward) vs
+    torch.func.jvp of F.layer_norm / the activation, bf16, at ViT-B/16 batch-128 shapes; the primal
+    op alone for scale. Memory-bound: the note gives ours in GB/s of the minimal traffic."""
+    n, d = CFG.sizes.tokens, CFG.sizes.d_model
+
+    def layer_norm_inputs(seed):
+        s = 10 * seed
+        return (randn(n, d, seed=s, dtype=BF16), randn(n, d, seed=s + 1, dtype=BF16).requires_grad_(),
+                randn(d, seed=s + 2, dtype=BF16), randn(d, seed=s + 3, dtype=BF16, scale=0.01).requires_grad_(),
+                randn(d, seed=s + 4, dtype=BF16), randn(d, seed=s + 5, dtype=BF16, scale=0.01).requires_grad_(),
+                randn(n, d, seed=s + 6, dtype=BF16))
+    # x, dx, g read and y, dy, grad dx written once (2 bytes each); forward alone: x, dx read, y, dy written
+    elementwise_case(f"LayerNorm {n} × {d} bf16", layer_norm_inputs, kk_layer_norm, jvp_layer_norm,
+                     lambda x, dx, w, dw, b, db: F.layer_norm(x, (d,), w, b), 2 * n * d, "F.layer_norm")
+    free()
+    width = CFG.sizes.widths[-1]
+    for kind, f in (("gelu", F.gelu), ("quick_gelu", quick_gelu)):
+        def activation_inputs(seed, width=width):
+            s = 10 * seed
+            return (randn(n, width, seed=s, dtype=BF16, scale=2.0), randn(n, width, seed=s + 1, dtype=BF16).requires_grad_(),
+                    randn(n, width, seed=s + 2, dtype=BF16))
+        elementwise_case(f"{kind} {n} × {width} bf16", activation_inputs,
+                         lambda x, dx, kind=kind: kk.dual_activation(x, dx, kind),
+                         lambda x, dx, f=f: torch.func.jvp(f, (x,), (dx,)), lambda x, dx, f=f: f(x),
+                         2 * n * width, kind)
+        free()
+
+
+def elementwise_case(tag, make, ours_fn, jvp_fn, primal_fn, elements, primal_name):
+    sets = input_sets(make)
+    *args, g = sets[0]
+    exact = exact_elementwise(jvp_fn, args, g)
+
+    def m(what, fn, backward):
+        return measure(f"elementwise {tag} {what}", elementwise_run(fn, backward), sets,
+                       exact=exact if backward else exact[:2])
+
+    ours, jvp = m("fwd kfac_kernels", ours_fn, False), m("fwd torch.func.jvp", jvp_fn, False)
+    primal = measure(f"elementwise {tag} {primal_name} alone", lambda *inputs: primal_fn(*inputs[:-1]), sets)
+    ours_bwd, jvp_bwd = m("fwd+bwd kfac_kernels", ours_fn, True), m("fwd+bwd torch.func.jvp", jvp_fn, True)
+
+    def gbps(r, tensors):  # tensors of ``elements`` bf16 values each read or written at the least
+        return "" if r.ms is None else f"ours {tensors * elements * 2 / r.ms / 1e6:.0f} GB/s of the minimal traffic"
+    row("elementwise", f"{tag} fwd", "torch.func.jvp", ours, jvp, note=gbps(ours, 4))
+    row("elementwise", f"{tag} fwd", f"{primal_name} alone (the primal, no tangent)", ours, primal)
+    row("elementwise", f"{tag} fwd+bwd (tangent)", "torch.func.jvp + autograd", ours_bwd, jvp_bwd, note=gbps(ours_bwd, 7))
+
+
+def kk_squared(g, a, S):
+    kk.squared_products_update_(S, g, a)
+    return S
+
+
+def bmm_squared_fp32(g, a, S):
+    return S.add_(torch.bmm(g.float().transpose(1, 2), a.float()).square().sum(0))
+
+
+def bmm_squared_bf16(g, a, S):
+    return S.add_(torch.bmm(g.transpose(1, 2), a).square().sum(0).float())
+
+
+def section_correction():
+    """EK-FAC corrected eigenvalues S += Σ_n (g_nᵀ a_n)², g and a bf16, S fp32: kk.squared_products_update_
+    vs torch.bmm(g.transpose(1, 2), a).square().sum(0) (per-example products materialized)."""
+    n, t, shapes = (8, 13, ((32, 32), (128, 32))) if CFG.smoke else (128, 197, ((768, 768), (3072, 768)))
+    for r_B, r_A in shapes:
+        correction_case(n, t, r_B, r_A)
+        free()
+
+
+def correction_case(n, t, r_B, r_A):
+    def make(seed):
+        return randn(n, t, r_B, seed=2 * seed, dtype=BF16), randn(n, t, r_A, seed=2 * seed + 1, dtype=BF16)
+
+    xs = input_sets(make)
+    g, a = (x.double() for x in xs[0])
+    exact = sum(torch.bmm(g[i:i + 8].transpose(1, 2), a[i:i + 8]).square().sum(0) for i in range(0, n, 8))
+    del g, a
+    tag = f"N={n} T={t} {r_B}x{r_A} bf16"
+
+    def m(what, fn, **kw):
+        sets = [(g, a, torch.zeros(r_B, r_A, device=CFG.dev)) for g, a in xs]
+        return measure(f"correction {tag} {what}", fn, sets, flops=2 * n * t * r_B * r_A, exact=exact, **kw)
+
+    ours = m(f"kk.squared_products_update_ [{CFG.backend}]", kk_squared)
+    fp32 = m("bmm(g.float().mT, a.float()).square().sum(0) fp32", bmm_squared_fp32)
+    tf32 = m("bmm(g.float().mT, a.float()).square().sum(0) tf32", bmm_squared_fp32, precision="high")
+    bf16 = m("bmm(g.mT, a).square().sum(0) bf16", bmm_squared_bf16)
+    note = "TFLOP/s: 2·N·T·r_B·r_A"
+    row("correction", tag, "bf16 S.add_(torch.bmm(g.mT, a).square().sum(0).float())", ours, bf16, note=note)
+    row("correction", tag, "fp32 S.add_(torch.bmm(g.float().mT, a.float()).square().sum(0))", ours, fp32, note=note)
+    row("correction", tag, "tf32 S.add_(torch.bmm(g.float().mT, a.float()).square().sum(0))", ours, tf32, note=note)
+
+
 SECTIONS = {
     "quad": ("Quadratic forms: kk.quadratic_forms over all linear layers", section_quad),
     "compressed": ("Compressed factors: kk.quadratic_forms, ViT-B/16 shapes, tf32", section_compressed),
     "eigen": ("EK-FAC form: kk.eigen_quadratic_form(s), ViT-B/16 shapes", section_eigen),
     "covariance": ("Covariance: kk.covariance_update_(C, X), X bf16, C fp32", section_covariance),
     "dual": ("Linearized layer: kk.dual_linear, bf16, with bias", section_dual),
+    "elementwise": ("Linearized norms and activations: kk.dual_layer_norm, kk.dual_activation, bf16", section_elementwise),
+    "correction": ("EK-FAC eigenvalues: kk.squared_products_update_(S, g, a), g and a bf16", section_correction),
 }
 
 

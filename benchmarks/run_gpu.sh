@@ -18,7 +18,7 @@
 #   checks and timings), bench_gpu.log, bench_curvature.log, bench_linearized.log, bench_methods.log:
 #   each step's full output
 # Knobs: RUN_GPU_BUDGET_S; RUN_GPU_STEPS (default "tests bench_gpu curvature linearized methods kernels");
-# BENCH_GPU_SECTIONS (default "quad compressed eigen covariance dual"); PYTHON (default python3).
+# BENCH_GPU_SECTIONS (default "quad compressed eigen covariance dual elementwise correction"); PYTHON (default python3).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -28,7 +28,7 @@ WORK=$(mktemp -d /tmp/run_gpu.XXXXXX)  # the scripts' own outputs; merged into $
 PY=${PYTHON:-python3}
 BUDGET=${RUN_GPU_BUDGET_S:-540}
 STEPS=" ${RUN_GPU_STEPS:-tests bench_gpu curvature linearized methods kernels} "
-BENCH_GPU_SECTIONS=${BENCH_GPU_SECTIONS:-quad compressed eigen covariance dual}
+BENCH_GPU_SECTIONS=${BENCH_GPU_SECTIONS:-quad compressed eigen covariance dual elementwise correction}
 START=$SECONDS
 SUMMARY="$WORK/summary.md"
 printf '| step | status | seconds |\n|---|---|---:|\n' > "$SUMMARY"
@@ -116,7 +116,8 @@ if wants tests; then
     "$PY" -c "import xdist" 2> /dev/null && XDIST=(-n 8)  # Triton compiles in parallel
     step tests "pytest -m gpu" 90 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -m gpu "${XDIST[@]}" tests
     step tests "pytest kernel tests (real Triton)" 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" \
-        tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py tests/test_tak_nn.py
+        tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py tests/test_tak_nn.py \
+        tests/test_dual_elementwise.py tests/test_correction.py
 fi
 
 # ---------------------------------------------------------------- benchmarks

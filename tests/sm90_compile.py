@@ -7,7 +7,8 @@ real compiler (Triton's own ptxas included) has built the kernel; the ops run on
 their GPU tile sizes and launch options (``_backend.interpreting()`` stays False). Results are
 meaningless, compilation is real: what fails here fails on the GPU, whatever the Triton version.
 Checked per kernel: it compiles, and its shared memory fits one H100 SM (227 KiB); reported: whether its
-PTX uses warpgroup MMAs (wgmma) and how many 16-byte asynchronous copies (cp.async) feed them.
+PTX uses warpgroup MMAs (wgmma), how many 16-byte asynchronous copies (cp.async) feed them, and how many
+16-byte vector loads and stores to global memory it has (what memory-bound kernels live on).
 """
 import json
 import os
@@ -36,7 +37,8 @@ def _recording(compile_fn):
         ptx, meta = kernel.asm["ptx"], kernel.metadata
         COMPILED.append({"name": meta.name, "shared": meta.shared, "num_warps": meta.num_warps,
                          "num_stages": meta.num_stages, "wgmma": "wgmma.mma_async" in ptx,
-                         "cp_async_16B": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx))})
+                         "cp_async_16B": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx)),
+                         "vector_16B": len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.[bfu]32\b", ptx))})
         return kernel
     return compile
 
@@ -140,6 +142,29 @@ def cases():
                 do.float().sum().backward()
                 kk.dual_attention(q, k, v, None, None, None, mask=mask)  # the primal-only forward
             yield f"dual_attention {dtype} L={L} bias={bias}", attention
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (768, 33, 4096):
+            x, dx = rand(8, 197, d, dtype=dtype), rand(8, 197, d, dtype=dtype).requires_grad_()
+            w, b = rand(d, dtype=dtype), rand(d, dtype=dtype)
+            dw, db = rand(d, dtype=dtype).requires_grad_(), rand(d, dtype=dtype).requires_grad_()
+
+            def norms(x=x, dx=dx, w=w, b=b, dw=dw, db=db):
+                kk.dual_layer_norm(x, dx, w, dw, b, db)[1].float().sum().backward()
+                kk.dual_layer_norm(x, dx, w, None, b, None)[1].float().sum().backward()  # frozen γ, β: dx only
+                kk.dual_layer_norm(x, None, w, dw, b, db)[1].float().sum().backward()  # tangents of γ, β only
+                kk.dual_rms_norm(x, dx, w, dw)[1].float().sum().backward()
+            yield f"dual_layer_norm/dual_rms_norm {dtype} d={d}", norms
+    for dtype in (torch.bfloat16, torch.float32):
+        x, dx = rand(8, 197, 3072, dtype=dtype), rand(8, 197, 3072, dtype=dtype).requires_grad_()
+        for kind in kk.activation.ACTIVATIONS:
+            yield (f"dual_activation {kind} {dtype}",
+                   lambda x=x, dx=dx, kind=kind: kk.dual_activation(x, dx, kind)[1].float().sum().backward())
+    for dtype in (torch.bfloat16, torch.float32):
+        for N, T, r_B, r_A in ((8, 197, 768, 3072), (7, 33, 130, 33), (50, 1, 768, 3072)):  # tokens, odd, rows
+            gs, xs = rand(N, T, r_B, dtype=dtype), rand(N, T, r_A, dtype=dtype)
+            S = torch.zeros(r_B, r_A)
+            yield (f"squared_products_update_ {dtype} N={N} T={T} {r_B}x{r_A}",
+                   lambda S=S, gs=gs, xs=xs: kk.squared_products_update_(S, gs, xs))
 
 
 def main() -> int:
@@ -158,7 +183,8 @@ def main() -> int:
         for k in COMPILED[before:]:
             k["case"] = label
             print(f"ok   {label}: {k['name']} warps={k['num_warps']} stages={k['num_stages']} "
-                  f"shared={k['shared']} wgmma={k['wgmma']} cp.async(16 B)={k['cp_async_16B']}", flush=True)
+                  f"shared={k['shared']} wgmma={k['wgmma']} cp.async(16 B)={k['cp_async_16B']} "
+                  f"ld/st.global(16 B)={k['vector_16B']}", flush=True)
     over = [k for k in COMPILED if k["shared"] > H100_SHARED]
     failures += [f"{k['name']}: {k['shared']} bytes of shared memory > {H100_SHARED}" for k in over]
     print(json.dumps({"triton": triton.__version__, "kernels": COMPILED, "failures": failures}))

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import kfac_kernels as kk
+from kfac_kernels import correction
 from tak.curvature import EKFAC, KFAC, EigenFactors, LayerFactors, fit_ekfac, fit_kfac
-from tak.curvature import ekfac as ekfac_module
 from tak.curvature.outputs import call
 from tak.curvature.tokens import probes
 
@@ -147,7 +147,7 @@ def test_S_matches_per_example_reference(kind, tokens, mc_samples, exact, chunke
     torch.manual_seed(0)
     model, batches = make(kind)
     if chunked:  # per-example products in chunks of 2 or 3 examples
-        monkeypatch.setattr(ekfac_module, "_CHUNK_ELEMENTS", 64)
+        monkeypatch.setattr(correction, "_CHUNK_ELEMENTS", 64)
     # Random SPD factors: eigenbases far from anything the data would give.
     k = fit_kfac(model, batches, tokens=tokens, dense=False, progress=False)
     k = KFAC({n: replace(lf, A=random_spd(lf.A.shape[0]), B=random_spd(lf.B.shape[0])) for n, lf in k.items()}, k.meta)

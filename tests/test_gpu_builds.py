@@ -34,8 +34,15 @@ def test_every_triton_kernel_compiles_for_sm90():
     for case, name in [("quadratic_form torch.bfloat16 768x3072", "_grouped_matmul_kernel"),
                        ("covariance_update_ torch.bfloat16 d=768", "_syrk_kernel"),
                        ("dual_linear torch.bfloat16 768->2304", "_forward_kernel"),
-                       ("dual_attention torch.bfloat16 L=197", "_forward_kernel")]:
+                       ("dual_attention torch.bfloat16 L=197", "_forward_kernel"),
+                       ("squared_products_update_ torch.bfloat16 N=8 T=197", "_tokens_kernel")]:
         assert all(k["wgmma"] and k["cp_async_16B"] > 0 for k in hot(case, name)), hot(case, name)
+    # the memory-bound dual norms and activations, 16-bit at the H100 shapes: 16-byte global loads and stores
+    for case, name in [("dual_layer_norm/dual_rms_norm torch.bfloat16 d=768", "_forward_kernel"),
+                       ("dual_layer_norm/dual_rms_norm torch.bfloat16 d=768", "_backward_kernel"),
+                       ("dual_activation gelu torch.bfloat16", "_forward_kernel"),
+                       ("dual_activation gelu torch.bfloat16", "_backward_kernel")]:
+        assert all(k["vector_16B"] > 0 for k in hot(case, name)), hot(case, name)
 
 
 def test_cuda_sources_compile_for_sm90(tmp_path):

@@ -1,5 +1,7 @@
 """tak.linearize picks the fast path (tak.models dual layers) for the supported models, and it computes
 the same function, gradients and task vectors as the generic torch.func.jvp path."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -71,3 +73,31 @@ def test_fast_path_module_methods():
     got = outputs(lin.to(torch.float32)(*(a.float() for a in args), **kwargs))[0]
     assert got.dtype == torch.float32 and lin.base_parameters()["proj"].dtype == torch.float32
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("case", list(TOLERANCE))
+def test_fast_path_on_the_kernels_in_float32(case, use_backend):
+    """The fast path in float32 with every kfac_kernels op on its Triton kernel (interpreted on a CPU)
+    against the generic path in float64: outputs and τ-gradients. (MiniLM cut to one layer: interpreted
+    GEMMs are slow.)"""
+    use_backend("triton")
+    model64, inputs, outputs = CASES[case]()
+    if case == "minilm":
+        model64 = copy.deepcopy(model64)
+        model64.encoder.layer = model64.encoder.layer[:1]
+        model64.config.num_hidden_layers = 1
+    fast, generic = tak.linearize(copy.deepcopy(model64).float()), tak.linearize(model64, fast=False)
+    taus = {name: 0.05 * torch.randn_like(t) for name, t in generic.task_vector().items()}
+    generic.load_task_vector(taus)
+    fast.load_task_vector({name: t.float() for name, t in taus.items()})
+    args, kwargs = inputs()
+    args32 = [a.float() if a.is_floating_point() else a for a in args]
+    got, want = outputs(fast(*args32, **kwargs)), outputs(generic(*args, **kwargs))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and rel_err(g, w) < 1e-4
+    sum((g.double() ** 2).sum() for g in got).backward()
+    sum((w ** 2).sum() for w in want).backward()
+    fast_grads = {n: p.grad for n, p in fast.dual.named_taus().items()}
+    names = [name for name, _ in generic._taus()]
+    assert rel_err(torch.cat([fast_grads[n].reshape(-1) for n in names]),
+                   torch.cat([tau.grad.reshape(-1) for _, tau in generic._taus()])) < 1e-3

@@ -148,14 +148,15 @@ class Fn(nn.Module):
         return self.fn(x)
 
 
-@pytest.mark.parametrize("dual, ref", [
-    (tnn.DualGELU(), lambda x: F.gelu(x)),
-    (tnn.DualGELU("tanh"), lambda x: F.gelu(x, approximate="tanh")),
-    (tnn.DualQuickGELU(), lambda x: x * torch.sigmoid(1.702 * x)),
-    (tnn.DualReLU(), F.relu),
-    (tnn.DualTanh(), torch.tanh),
-], ids=["gelu", "gelu_tanh", "quick_gelu", "relu", "tanh"])
-def test_activation(dual, ref):
+@pytest.mark.parametrize("kind, ref", [
+    ("gelu", lambda x: F.gelu(x)),
+    ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")),
+    ("quick_gelu", lambda x: x * torch.sigmoid(1.702 * x)),
+    ("relu", F.relu),
+    ("tanh", torch.tanh),
+])
+def test_activation(kind, ref):
+    dual = tnn.DualActivation(kind)
     x, dx = 3 * rand(4, 9, 7), rand(4, 9, 7).requires_grad_()
     y, dy = dual(x, dx)
     y_ref, dy_ref = jvp(ref, (x,), (dx,))

@@ -30,10 +30,6 @@ from .kfac import FORMAT_VERSION, KFAC, Factors, LayerFactors, check_fit_argumen
 from .layers import Layer, find_layers, selects
 from .tokens import BatchTokens, token_mean, token_sum
 
-# Most elements of per-example products R_n (n, d_out, d_in[+1]) materialized at once.
-_CHUNK_ELEMENTS = 1 << 26
-
-
 @dataclass(frozen=True)
 class EigenFactors:
     """One layer's EK-FAC factors: eigenvectors U_B (d_out × d_out) and U_A (d_in[+1] × d_in[+1]) as
@@ -109,18 +105,8 @@ class EigenAccumulator:
             gi, mask = self.batch.view(gi)
             if gi.dim() == 3 and self.tokens == "reduce":
                 gi = token_sum(gi, mask)
-            self.S[layer.name] += _sum_squared_products(gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B, a)
-
-
-def _sum_squared_products(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Σ_n (g_nᵀ a_n)² (r_B, r_A) for rotated g (N, [T,] r_B) and a (N, [T,] r_A)."""
-    if g.dim() == 2:  # one row per example: (g aᵀ)² = g² (a²)ᵀ, one GEMM
-        return g.square().T @ a.square()
-    out = g.new_zeros(g.shape[-1], a.shape[-1])
-    step = max(1, _CHUNK_ELEMENTS // out.numel())
-    for i in range(0, g.shape[0], step):
-        out += torch.bmm(g[i:i + step].transpose(1, 2), a[i:i + step]).square_().sum(0)
-    return out
+            # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused
+            kk.squared_products_update_(self.S[layer.name], gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B, a)
 
 
 def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=None, mc_samples: int = 1,

@@ -8,18 +8,11 @@ import torch
 from torch import nn
 
 from .._selection import selects
-from ..nn import (DualActivation, DualEmbedding, DualGELU, DualLayerNorm, DualLinear, DualModule, DualQuickGELU,
-                  DualReLU, DualRMSNorm, DualTanh)
+from ..nn import DualActivation, DualEmbedding, DualLayerNorm, DualLinear, DualModule, DualRMSNorm
 
-# Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer.
-_ACTIVATIONS = {
-    "gelu": lambda: DualGELU(),
-    "gelu_new": lambda: DualGELU("tanh"),
-    "gelu_pytorch_tanh": lambda: DualGELU("tanh"),
-    "quick_gelu": DualQuickGELU,
-    "relu": DualReLU,
-    "tanh": DualTanh,
-}
+# Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer, as DualActivation kinds.
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+                "relu": "relu", "tanh": "tanh"}
 
 
 # Activation modules by class name (torch's, open_clip's QuickGELU x·σ(1.702 x)), as names of the above.
@@ -29,12 +22,12 @@ _MODULES = {"ReLU": "relu", "Tanh": "tanh", "QuickGELU": "quick_gelu"}
 def activation(act: str | nn.Module, where: str) -> DualActivation:
     """The dual of an activation: a torch or open_clip module, or a Hugging Face activation name."""
     if isinstance(act, nn.GELU):
-        return DualGELU(act.approximate)
+        return DualActivation("gelu" if act.approximate == "none" else "gelu_tanh")
     name = act if isinstance(act, str) else _MODULES.get(type(act).__name__)
     if name not in _ACTIVATIONS:
         raise NotImplementedError(f"{where}: activation {act!r} has no dual layer; supported: nn.GELU, nn.ReLU, "
                                   f"nn.Tanh, QuickGELU and the names {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    return DualActivation(_ACTIVATIONS[name])
 
 
 class Builder:

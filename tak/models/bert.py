@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..nn import DualAttention, DualTanh
+from ..nn import DualActivation, DualAttention
 from ..nn.base import add, apply
 from .base import Builder, DualModel, activation
 
@@ -58,7 +58,7 @@ class DualBertModel(DualModel):
         self.layers = nn.ModuleList(DualBertLayer(b, layer, c.hidden_act, f"encoder.layer.{i}")
                                     for i, layer in enumerate(model.encoder.layer))
         self.pooler = None if model.pooler is None else b.linear(model.pooler.dense)
-        self.pooler_act = DualTanh()
+        self.pooler_act = DualActivation("tanh")
         self.bind(b, model, trainable)
 
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):

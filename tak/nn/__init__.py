@@ -5,7 +5,7 @@ shapes (``layer.tau``, zeros at start, its only parameters), and maps ``(x, dx=N
 One model definition serves three modes (see ``tak.nn.base``): "linearized" (y = f(x; θ0) and
 dy = J f · (dx, τ)), "primal" (y = f(x; θ0), dy None) and "merged" (y = f(x; θ0 + τ), dy None).
 """
-from .activation import DualActivation, DualGELU, DualQuickGELU, DualReLU, DualTanh
+from .activation import DualActivation
 from .attention import DualAttention, attention, dual_attention
 from .base import MODES, DualModule, set_mode
 from .linear import DualEmbedding, DualLinear, DualPatchEmbedding, linear
@@ -15,6 +15,6 @@ __all__ = [
     "MODES", "DualModule", "set_mode",
     "DualLinear", "DualPatchEmbedding", "DualEmbedding", "linear",
     "DualLayerNorm", "DualRMSNorm", "layer_norm", "rms_norm",
-    "DualActivation", "DualGELU", "DualQuickGELU", "DualReLU", "DualTanh",
+    "DualActivation",
     "DualAttention", "attention", "dual_attention",
 ]
