@@ -161,17 +161,23 @@ DEFINITIONS = {
 
 
 def check_activation(kind, x, dx, tol=None):
+    """Errors relative to the larger of the reference's and the input's norm: f is evaluated to fp32
+    rounding of its argument (|f'| ≤ 1.13), so a lone value deep in a tail (gelu(−6) ≈ 1e-8, from
+    1 + erf(−4.2)) is exact only up to about 1e-7 · |x|, in PyTorch's kernels as in ours."""
     tol = tol or ELEMENTWISE_TOL[x.dtype]
+
+    def err(a, ref, scale):
+        return float((a.double() - ref).norm() / max(ref.norm(), scale.double().norm()))
     dx = dx.detach().requires_grad_()
     y, dy = kk.dual_activation(x, dx, kind)
     assert y.dtype == dy.dtype == x.dtype and y.shape == dy.shape == x.shape and not y.requires_grad
     dx64 = dx.detach().double().requires_grad_()
     y_ref, dy_ref = jvp(DEFINITIONS[kind], (x.double(),), (dx64,))
-    assert rel_err(y, y_ref) <= tol and rel_err(dy, dy_ref) <= tol, (rel_err(y, y_ref), rel_err(dy, dy_ref))
+    assert err(y, y_ref, x) <= tol and err(dy, dy_ref, dx) <= tol, (err(y, y_ref, x), err(dy, dy_ref, dx))
     u = torch.randn_like(dy_ref)
     g, = torch.autograd.grad((dy.double() * u).sum(), dx)
     g_ref, = torch.autograd.grad((dy_ref * u).sum(), dx64)
-    assert g.dtype == dx.dtype and rel_err(g, g_ref) <= tol
+    assert g.dtype == dx.dtype and err(g, g_ref, u) <= tol
 
 
 @pytest.mark.parametrize("kind", list(DEFINITIONS))
