@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels: how tiles are multiplied, and tile sizes."""
+"""Pieces shared by the Triton kernels: how tiles are multiplied, and which output tile a program owns."""
 import torch
 import triton
 import triton.language as tl
@@ -27,3 +27,19 @@ def dot_acc(x, y, acc, DOT: tl.constexpr):
         return tl.dot(x.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision=DOT)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets (int64) of this program's (BLOCK_M, BLOCK_N) tile of an (M, N) output,
+    programs ordered in groups of GROUP_M tile rows for L2 reuse."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_m
+    pid_n = (pid % (GROUP_M * grid_n)) // group_m
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn

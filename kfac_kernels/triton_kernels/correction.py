@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from .common import dot_acc, dot_mode
+from .common import dot_acc, dot_mode, grouped_tile
 
 _WORKSPACE_BYTES = 64 << 20  # bound on the split partials
 
@@ -47,21 +47,6 @@ def _launch_config(length: int, size: int, dot: str) -> dict:
 
 
 @triton.jit
-def _tile(RB, RA, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, GROUP_B: tl.constexpr):
-    """Row (r_B) and column (r_A) offsets (int64) of this program's tile of S, grouped along r_B."""
-    pid = tl.program_id(0)
-    grid_b = tl.cdiv(RB, BLOCK_B)
-    grid_a = tl.cdiv(RA, BLOCK_A)
-    first_b = (pid // (GROUP_B * grid_a)) * GROUP_B
-    group_b = tl.minimum(grid_b - first_b, GROUP_B)
-    pid_b = first_b + (pid % (GROUP_B * grid_a)) % group_b
-    pid_a = (pid % (GROUP_B * grid_a)) // group_b
-    rb = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    ra = pid_a.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
-    return rb, ra
-
-
-@triton.jit
 def _epilogue(S, W, RB, RA, rb, ra, acc, scale, SPLIT: tl.constexpr):
     """Split: store the partial tile to W[split]. Else S[tile] += scale · acc (S contiguous)."""
     mask = (rb[:, None] < RB) & (ra[None, :] < RA)
@@ -81,7 +66,7 @@ def _tokens_kernel(
     BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_B: tl.constexpr,
 ):
     """Program (tile, split): Σ_n (g_n[:, rb]ᵀ a_n[:, ra])² over the split's examples."""
-    rb, ra = _tile(RB, RA, BLOCK_B, BLOCK_A, GROUP_B)
+    rb, ra = grouped_tile(RB, RA, BLOCK_B, BLOCK_A, GROUP_B)
     rt = tl.arange(0, BLOCK_T)
     g_rows = rb[:, None] * s_gb  # the tile of g_n is loaded as (BLOCK_B, BLOCK_T), g_nᵀ
     a_cols = ra[None, :] * s_aa
@@ -113,7 +98,7 @@ def _rows_kernel(
     BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_B: tl.constexpr,
 ):
     """Program (tile, split): Σ_n g_n[rb]² a_n[ra]²ᵀ over the split's rows, BLOCK_T rows a step."""
-    rb, ra = _tile(RB, RA, BLOCK_B, BLOCK_A, GROUP_B)
+    rb, ra = grouped_tile(RB, RA, BLOCK_B, BLOCK_A, GROUP_B)
     rn = tl.arange(0, BLOCK_T)
     g_rows = rb[:, None] * s_gb  # the tile of g is loaded as (BLOCK_B, BLOCK_T), gᵀ
     a_cols = ra[None, :] * s_aa

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from .common import dot_acc, dot_mode
+from .common import dot_acc, dot_mode, grouped_tile
 
 
 def _launch_config(*operands):
@@ -29,28 +29,13 @@ def _launch_config(*operands):
 
 
 @triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Row and column offsets (int64) of this program's output tile, grouped along M for L2 reuse."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_m
-    pid_n = (pid % (GROUP_M * grid_n)) // group_m
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rm, rn
-
-
-@triton.jit
 def _forward_kernel(
     x_ptr, dx_ptr, w_ptr, dw_ptr, b_ptr, db_ptr, y_ptr, dy_ptr, M, N, K,
     s_xm, s_xk, s_dxm, s_dxk, s_wn, s_wk, s_dwn, s_dwk, s_b, s_db, s_ym, s_yn, s_dym, s_dyn,
     HAS_B: tl.constexpr, HAS_DB: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rm, rn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk
     dx_ptrs = dx_ptr + rm[:, None] * s_dxm + rk[None, :] * s_dxk
@@ -89,7 +74,7 @@ def _matmul_kernel(
     TWO: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rm, rn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     a1_ptrs = a1_ptr + rm[:, None] * s_a1m + rk[None, :] * s_a1k
     b1_ptrs = b1_ptr + rk[:, None] * s_b1k + rn[None, :] * s_b1n
