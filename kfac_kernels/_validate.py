@@ -45,3 +45,11 @@ def no_grad_needed(op: str, **named) -> None:
     for name, x in named.items():
         if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{op}: {name} requires grad, but gradients flow only to tau; pass {name}.detach()")
+
+
+def constant_primal(op: str, **named) -> None:
+    """A dual op's primal point is a constant: refuse tensors of it that ask for a gradient."""
+    for name, x in named.items():
+        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: {name} requires grad, but the primal point is a constant; gradients flow "
+                             f"to the tangents only (pass {name}.detach())")

@@ -38,9 +38,7 @@ def dual_activation(x, dx, kind: str):
     if dx.shape != x.shape or dx.dtype != x.dtype:
         raise ValueError(f"{OP}: dx must have the shape and dtype of x, got dx {tuple(dx.shape)} {dx.dtype} "
                          f"and x {tuple(x.shape)} {x.dtype}")
-    if x.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{OP}: x requires grad, but the primal point is a constant; gradients flow to dx only "
-                         "(pass x.detach())")
+    _validate.constant_primal(OP, x=x)
     device = _validate.same_device(OP, x=x, dx=dx)
     backend = _backend.select(OP, device, [x.dtype])
     return _DualActivation.apply(x, dx, kind, backend)

@@ -69,11 +69,7 @@ def _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale):
             raise ValueError(f"{OP}: {name} must be broadcastable to (B, H, Lq, Lk) = {full}, got {tuple(t.shape)}")
     named = dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, mask=mask, bias=bias, dbias=dbias)
     device = _validate.same_device(OP, **named)
-    if torch.is_grad_enabled():
-        for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
-            if t is not None and t.requires_grad:
-                raise ValueError(f"{OP}: {name} requires grad, but the primal point is a constant; "
-                                 f"gradients flow to the tangents only (pass {name}.detach())")
+    _validate.constant_primal(OP, q=q, k=k, v=v, bias=bias)
     scale = D ** -0.5 if scale is None else float(scale)
     ct = _precision.compute_dtype(OP, **{n: t.dtype for n, t in named.items() if t is not None and n != "mask"})
     backend = _backend.select(OP, device, [ct])

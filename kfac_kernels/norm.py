@@ -66,10 +66,7 @@ def _check(op, x, dx, weight, dweight, bias, dbias, eps):
         raise ValueError(f"{op}: needs a tangent: dx, dweight and dbias are all None")
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be ≥ 0, got {eps}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: {name} requires grad, but the primal point is a constant; gradients flow "
-                             f"to the tangents only (pass {name}.detach())")
+    _validate.constant_primal(op, x=x, weight=weight, bias=bias)
     named = {"x": x, "dx": dx, **params}
     device = _validate.same_device(op, **named)
     backend = _backend.select(op, device, [t.dtype for t in named.values() if t is not None])
