@@ -28,19 +28,18 @@ ACTIVATIONS = {
 
 
 def dual_activation(x, dx, kind: str):
-    """(y, dy) = (f(x), f'(x) ⊙ dx) for f = ``ACTIVATIONS[kind]``; x, dx of one shape and dtype, and
-    y, dy too. Differentiable in dx; x must not require grad. f and f' are evaluated in fp32 (float64
-    for float64 x)."""
+    """(y, dy) = (f(x), f'(x) ⊙ dx) for f = ``ACTIVATIONS[kind]``; x, dx of one shape (any float
+    dtypes), y and dy in x's dtype. Differentiable in dx (its gradient in dx's dtype); x must not
+    require grad. f and f' are evaluated in fp32 (float64 when x or dx is)."""
     if kind not in ACTIVATIONS:
         raise ValueError(f"{OP}: unknown kind {kind!r}; expected one of {', '.join(ACTIVATIONS)}")
     _validate.tensor(OP, "x", x)
     _validate.tensor(OP, "dx", dx)
-    if dx.shape != x.shape or dx.dtype != x.dtype:
-        raise ValueError(f"{OP}: dx must have the shape and dtype of x, got dx {tuple(dx.shape)} {dx.dtype} "
-                         f"and x {tuple(x.shape)} {x.dtype}")
+    if dx.shape != x.shape:
+        raise ValueError(f"{OP}: dx must have the shape of x, got dx {tuple(dx.shape)} and x {tuple(x.shape)}")
     _validate.constant_primal(OP, x=x)
     device = _validate.same_device(OP, x=x, dx=dx)
-    backend = _backend.select(OP, device, [x.dtype])
+    backend = _backend.select(OP, device, [x.dtype, dx.dtype])
     return _DualActivation.apply(x, dx, kind, backend)
 
 
@@ -59,19 +58,23 @@ def _torch_slope_times(t, x, kind):
 
 
 def _kernels(backend):
-    """(forward, backward) of ``backend``: (x, dx, kind) -> (y, dy) and (g, x, kind) -> f'(x) ⊙ g."""
+    """(forward, backward) of ``backend``: (x, dx, kind) -> (y, dy) and (g, x, kind, dtype) -> f'(x) ⊙ g."""
     if backend == "torch":
         def forward(x, dx, kind):
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            acc = _acc(x, dx)
             x, dx = x.to(acc), dx.to(acc)
             return ACTIVATIONS[kind](x), _torch_slope_times(dx, x, kind)
 
-        def backward(g, x, kind):
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            return _torch_slope_times(g.to(acc), x.to(acc), kind)
+        def backward(g, x, kind, dtype):
+            acc = _acc(x, g)
+            return _torch_slope_times(g.to(acc), x.to(acc), kind).to(dtype)
         return forward, backward
     from .triton_kernels import activation as tk
     return tk.forward, tk.backward
+
+
+def _acc(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class _DualActivation(torch.autograd.Function):
@@ -82,7 +85,7 @@ class _DualActivation(torch.autograd.Function):
         y, dy = (t.to(x.dtype) for t in _kernels(backend)[0](x, dx, kind))
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(y)
-        ctx.kind, ctx.backend = kind, backend
+        ctx.kind, ctx.backend, ctx.dx_dtype = kind, backend, dx.dtype
         ctx.save_for_backward(x)
         return y, dy
 
@@ -91,4 +94,4 @@ class _DualActivation(torch.autograd.Function):
         if gdy is None or not ctx.needs_input_grad[1]:
             return None, None, None, None
         x, = ctx.saved_tensors
-        return None, _kernels(ctx.backend)[1](gdy, x, ctx.kind).to(x.dtype), None, None
+        return None, _kernels(ctx.backend)[1](gdy, x, ctx.kind, ctx.dx_dtype), None, None

@@ -22,7 +22,7 @@ MAX_TRITON_WIDTH = 16384  # wider rows run the reference backend: a Triton progr
 def dual_layer_norm(x, dx, weight=None, dweight=None, bias=None, dbias=None, *, eps=1e-5):
     """(y, dy) of LayerNorm over the last dim (see the module docstring), both (..., d) in x's dtype.
 
-    x (..., d); dx (shape and dtype of x) or None (zero); weight, bias (d,) or None (no affine part);
+    x (..., d); dx (x's shape, any float dtype; its gradient comes in that dtype) or None (zero); weight, bias (d,) or None (no affine part);
     dweight, dbias (d,) or None (frozen), each needing its parameter. At least one tangent is given.
     Differentiable in dx, dweight, dbias."""
     return _dual_norm("dual_layer_norm", x, dx, weight, dweight, bias, dbias, eps, rms=False)
@@ -51,9 +51,8 @@ def _check(op, x, dx, weight, dweight, bias, dbias, eps):
     d = x.shape[-1]
     if dx is not None:
         _validate.tensor(op, "dx", dx)
-        if dx.shape != x.shape or dx.dtype != x.dtype:
-            raise ValueError(f"{op}: dx must have the shape and dtype of x, got dx {tuple(dx.shape)} {dx.dtype} "
-                             f"and x {tuple(x.shape)} {x.dtype}")
+        if dx.shape != x.shape:
+            raise ValueError(f"{op}: dx must have the shape of x, got dx {tuple(dx.shape)} and x {tuple(x.shape)}")
     params = {"weight": weight, "dweight": dweight, "bias": bias, "dbias": dbias}
     for name, t in params.items():
         if t is not None and _validate.tensor(op, name, t).shape != (d,):
@@ -73,13 +72,13 @@ def _check(op, x, dx, weight, dweight, bias, dbias, eps):
     return "torch" if d > MAX_TRITON_WIDTH else backend
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _acc(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _torch_forward(x, dx, w, dw, b, db, eps, rms):
     """Reference backend: (y, dy, mean, rstd) for x, dx (M, d); mean (M, 1) or None (RMS), rstd (M, 1)."""
-    acc = _acc(x)
+    acc = _acc(x, dx)
     xa, w, dw, b, db = (None if t is None else t.to(acc) for t in (x, w, dw, b, db))
     d = x.shape[-1]
     if rms:
@@ -107,7 +106,7 @@ def _torch_forward(x, dx, w, dw, b, db, eps, rms):
 
 def _torch_backward(g, x, mean, rstd, w, need_dx, need_dw, need_db, rms):
     """Reference backend: (grad dx, grad dγ, grad dβ) in the accumulation dtype; None where not needed."""
-    acc = _acc(x)
+    acc = rstd.dtype  # the forward's
     ga, xa, w = g.to(acc), x.to(acc), None if w is None else w.to(acc)
     gdx = gdw = gdb = None
     if rms:

@@ -74,6 +74,7 @@ def forward(x, dx, kind: str):
                                            torch.empty_like(x, memory_format=torch.contiguous_format)), kind)
 
 
-def backward(g, x, kind: str):
-    """f'(x) ⊙ g, shaped like x, in x's dtype."""
-    return _launch(_backward_kernel, g, x, (torch.empty_like(x, memory_format=torch.contiguous_format),), kind)[0]
+def backward(g, x, kind: str, dtype: torch.dtype):
+    """f'(x) ⊙ g, shaped like x, in ``dtype``."""
+    out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+    return _launch(_backward_kernel, g, x, (out,), kind)[0]
