@@ -1,7 +1,9 @@
-"""``dual_activation``: an elementwise activation and its tangent (JVP) in one op.
+"""``dual_activation``: an elementwise activation, optionally gated, and its tangent (JVP) in one op.
 
-y = f(x), dy = f'(x) ⊙ dx, and for the gradient g of dy, grad dx = f'(x) ⊙ g (x is the constant
-primal point: y carries no gradient). ``ACTIVATIONS`` maps each name to f as plain PyTorch:
+y = f(x) ⊙ h and dy = f'(x) ⊙ dx ⊙ h + f(x) ⊙ dh, with the gate h = 1, dh = 0 when absent (the gated
+form is T5 v1.1's feed-forward, act(x W₀ᵀ) ⊙ (x W₁ᵀ)). For the gradient g of dy: grad dx = f'(x) ⊙ h ⊙ g,
+grad dh = f(x) ⊙ g. x and h are the constant primal point: y carries no gradient. ``ACTIVATIONS`` maps
+each name to f as plain PyTorch:
 
     gelu        f = x Φ(x),                  f' = Φ(x) + x φ(x)
     gelu_tanh   f = ½x(1 + tanh u),          u = √(2/π)(x + 0.044715 x³)
@@ -27,20 +29,29 @@ ACTIVATIONS = {
 }
 
 
-def dual_activation(x, dx, kind: str):
-    """(y, dy) = (f(x), f'(x) ⊙ dx) for f = ``ACTIVATIONS[kind]``; x, dx of one shape (any float
-    dtypes), y and dy in x's dtype. Differentiable in dx (its gradient in dx's dtype); x must not
-    require grad. f and f' are evaluated in fp32 (float64 when x or dx is)."""
+def dual_activation(x, dx, kind: str, *, gate=None, dgate=None):
+    """(y, dy) = (f(x) ⊙ h, f'(x) ⊙ dx ⊙ h + f(x) ⊙ dh) for f = ``ACTIVATIONS[kind]``, h = ``gate``
+    (None: 1) and dh = ``dgate`` (None: 0; needs a gate). x, dx, gate, dgate of one shape, any float
+    dtypes; dx None is a zero tangent (then dgate is needed). y, dy come in x's dtype, and the
+    gradients of dx, dgate in their own. x and gate must not require grad. Evaluated in fp32 (float64
+    when any input is)."""
     if kind not in ACTIVATIONS:
         raise ValueError(f"{OP}: unknown kind {kind!r}; expected one of {', '.join(ACTIVATIONS)}")
-    _validate.tensor(OP, "x", x)
-    _validate.tensor(OP, "dx", dx)
-    if dx.shape != x.shape:
-        raise ValueError(f"{OP}: dx must have the shape of x, got dx {tuple(dx.shape)} and x {tuple(x.shape)}")
-    _validate.constant_primal(OP, x=x)
-    device = _validate.same_device(OP, x=x, dx=dx)
-    backend = _backend.select(OP, device, [x.dtype, dx.dtype])
-    return _DualActivation.apply(x, dx, kind, backend)
+    named = {"x": x, "dx": dx, "gate": gate, "dgate": dgate}
+    for name, t in named.items():
+        if t is not None or name == "x":
+            _validate.tensor(OP, name, t)
+            if t.shape != x.shape:
+                raise ValueError(f"{OP}: {name} must have the shape of x, got {name} {tuple(t.shape)} and x "
+                                 f"{tuple(x.shape)}")
+    if dgate is not None and gate is None:
+        raise ValueError(f"{OP}: dgate needs gate (the tangent of a gate that is not there)")
+    if dx is None and dgate is None:
+        raise ValueError(f"{OP}: needs a tangent: dx and dgate are both None")
+    _validate.constant_primal(OP, x=x, gate=gate)
+    device = _validate.same_device(OP, **named)
+    backend = _backend.select(OP, device, [t.dtype for t in named.values() if t is not None])
+    return _DualActivation.apply(x, dx, gate, dgate, kind, backend)
 
 
 def _torch_slope_times(t, x, kind):
@@ -57,41 +68,55 @@ def _torch_slope_times(t, x, kind):
     return 4 * torch.sigmoid(2 * x) * torch.sigmoid(-2 * x) * t
 
 
-def _kernels(backend):
-    """(forward, backward) of ``backend``: (x, dx, kind) -> (y, dy) and (g, x, kind, dtype) -> f'(x) ⊙ g."""
-    if backend == "torch":
-        def forward(x, dx, kind):
-            acc = _acc(x, dx)
-            x, dx = x.to(acc), dx.to(acc)
-            return ACTIVATIONS[kind](x), _torch_slope_times(dx, x, kind)
+def _torch_forward(x, dx, h, dh, kind):
+    """Reference backend: (y, dy) in the accumulation dtype."""
+    x, dx, h, dh = (None if t is None else t.to(_acc(x, dx, h, dh)) for t in (x, dx, h, dh))
+    fx = ACTIVATIONS[kind](x)
+    dy = None if dx is None else _torch_slope_times(dx if h is None else dx * h, x, kind)
+    if dh is not None:
+        dy = fx * dh if dy is None else dy + fx * dh
+    return fx if h is None else fx * h, dy
 
-        def backward(g, x, kind, dtype):
-            acc = _acc(x, g)
-            return _torch_slope_times(g.to(acc), x.to(acc), kind).to(dtype)
-        return forward, backward
-    from .triton_kernels import activation as tk
-    return tk.forward, tk.backward
+
+def _torch_backward(g, x, h, kind, need_dx, need_dh):
+    """Reference backend: (grad dx, grad dh) in the accumulation dtype; None where not needed."""
+    acc = _acc(g, x, h)
+    g, x, h = (None if t is None else t.to(acc) for t in (g, x, h))
+    return (_torch_slope_times(g if h is None else g * h, x, kind) if need_dx else None,
+            ACTIVATIONS[kind](x) * g if need_dh else None)
 
 
 def _acc(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class _DualActivation(torch.autograd.Function):
-    """(y, dy); saves x, from which the backward recomputes f'(x)."""
+    """(y, dy); saves x and the gate, from which the backward recomputes f(x) and f'(x)."""
 
     @staticmethod
-    def forward(ctx, x, dx, kind, backend):
-        y, dy = (t.to(x.dtype) for t in _kernels(backend)[0](x, dx, kind))
+    def forward(ctx, x, dx, h, dh, kind, backend):
+        if backend == "torch":
+            y, dy = (t.to(x.dtype) for t in _torch_forward(x, dx, h, dh, kind))
+        else:
+            from .triton_kernels import activation as tk
+            y, dy = tk.forward(x, dx, h, dh, kind)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(y)
-        ctx.kind, ctx.backend, ctx.dx_dtype = kind, backend, dx.dtype
-        ctx.save_for_backward(x)
+        ctx.kind, ctx.backend = kind, backend
+        ctx.dtypes = (None if dx is None else dx.dtype, None if dh is None else dh.dtype)
+        ctx.save_for_backward(x, h)
         return y, dy
 
     @staticmethod
     def backward(ctx, gy, gdy):
-        if gdy is None or not ctx.needs_input_grad[1]:
-            return None, None, None, None
-        x, = ctx.saved_tensors
-        return None, _kernels(ctx.backend)[1](gdy, x, ctx.kind, ctx.dx_dtype), None, None
+        need_dx, need_dh = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        if gdy is None or not (need_dx or need_dh):
+            return (None,) * 6
+        x, h = ctx.saved_tensors
+        if ctx.backend == "torch":
+            grads = _torch_backward(gdy, x, h, ctx.kind, need_dx, need_dh)
+        else:
+            from .triton_kernels import activation as tk
+            grads = tk.backward(gdy, x, h, ctx.kind, need_dx, need_dh, ctx.dtypes)
+        gdx, gdh = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
+        return None, gdx, None, gdh, None, None

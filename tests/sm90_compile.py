@@ -159,6 +159,9 @@ def cases():
         for kind in kk.activation.ACTIVATIONS:
             yield (f"dual_activation {kind} {dtype}",
                    lambda x=x, dx=dx, kind=kind: kk.dual_activation(x, dx, kind)[1].float().sum().backward())
+        h, dh = rand(8, 197, 3072, dtype=dtype), rand(8, 197, 3072, dtype=dtype).requires_grad_()
+        yield (f"dual_activation gated gelu_tanh {dtype}", lambda x=x, dx=dx, h=h, dh=dh: (
+            kk.dual_activation(x, dx, "gelu_tanh", gate=h, dgate=dh)[1].float().sum().backward()))
     for dtype in (torch.bfloat16, torch.float32):
         for N, T, r_B, r_A in ((8, 197, 768, 3072), (7, 33, 130, 33), (50, 1, 768, 3072)):  # tokens, odd, rows
             gs, xs = rand(N, T, r_B, dtype=dtype), rand(N, T, r_A, dtype=dtype)

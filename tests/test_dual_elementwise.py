@@ -208,6 +208,28 @@ def test_activation_strided_empty_and_float64(backend):
         check_activation("gelu_tanh", rand(3, 9, dtype=torch.float64, scale=3.0), rand(3, 9, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("kind", list(DEFINITIONS))
+@pytest.mark.parametrize("tangents", ["both", "dx", "dgate"])
+def test_gated_activation(backend, kind, tangents):
+    """y = f(x) ⊙ h (T5 v1.1's gated feed-forward) against jvp of its definition along (dx, dh), and the
+    gradients in dx and dh."""
+    x, h = rand(3, 7, 33, scale=3.0), rand(3, 7, 33)
+    dx = rand(3, 7, 33).requires_grad_() if tangents != "dgate" else None
+    dh = rand(3, 7, 33).requires_grad_() if tangents != "dx" else None
+    y, dy = kk.dual_activation(x, dx, kind, gate=h, dgate=dh)
+    assert not y.requires_grad
+    zero = torch.zeros_like(x, dtype=torch.float64)
+    t64 = [zero if t is None else t.detach().double().requires_grad_() for t in (dx, dh)]
+    y_ref, dy_ref = jvp(lambda x, h: DEFINITIONS[kind](x) * h, (x.double(), h.double()), tuple(t64))
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(dy, dy_ref) <= 1e-5
+    u = torch.randn_like(dy_ref)
+    (dy.double() * u).sum().backward()
+    (dy_ref * u).sum().backward()
+    for t, ref in zip((dx, dh), t64):
+        if t is not None:
+            assert rel_err(t.grad, ref.grad) <= 1e-5
+
+
 def test_activation_tangent_in_another_dtype(backend):
     check_activation("gelu", rand(6, 33, scale=3.0), rand(6, 33, dtype=torch.bfloat16), TOL[torch.bfloat16])
 
@@ -220,8 +242,16 @@ def test_activation_bad_inputs():
         kk.dual_activation(x, dx.T, "gelu")
     with pytest.raises(ValueError, match="x requires grad"):
         kk.dual_activation(x.requires_grad_(), dx, "relu")
-    with pytest.raises(TypeError, match="dx must be a torch.Tensor"):
-        kk.dual_activation(x.detach(), None, "relu")
+    with pytest.raises(ValueError, match="needs a tangent"):
+        kk.dual_activation(x.detach(), None, "relu", gate=dx)
+    with pytest.raises(TypeError, match="dgate must be a torch.Tensor"):
+        kk.dual_activation(x.detach(), dx, "relu", gate=dx, dgate=[1.0])
+    with pytest.raises(ValueError, match="dgate needs gate"):
+        kk.dual_activation(x.detach(), dx, "relu", dgate=dx)
+    with pytest.raises(ValueError, match=r"gate must have the shape of x, got gate \(3, 4\)"):
+        kk.dual_activation(x.detach(), dx, "relu", gate=dx[:, :4])
+    with pytest.raises(ValueError, match="gate requires grad"):
+        kk.dual_activation(x.detach(), dx, "relu", gate=dx.clone().requires_grad_())
 
 
 def test_kernel_backend_refuses_float64(use_backend):

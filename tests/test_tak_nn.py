@@ -9,7 +9,6 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tak.nn as tnn
-from tak.nn.base import mul
 
 from .util import TOL, rel_err
 
@@ -167,14 +166,6 @@ def test_activation(kind, ref):
     g_ref, = torch.autograd.grad((dy_ref * u).sum(), dx)
     assert rel_err(g, g_ref) <= TOL64
     assert dual(x)[1] is None and torch.equal(dual(x)[0], y)
-
-
-def test_product_rule():
-    a, da, b, db = (rand(3, 5) for _ in range(4))
-    y, dy = mul(a, da, b, db)
-    y_ref, dy_ref = jvp(torch.mul, (a, b), (da, db))
-    assert rel_err(y, y_ref) <= TOL64 and rel_err(dy, dy_ref) <= TOL64
-    assert torch.equal(mul(a, None, b, db)[1], a * db) and mul(a, None, b, None)[1] is None
 
 
 def test_modes():

@@ -1,6 +1,6 @@
 """Triton kernels of ``dual_activation`` (math in ``kfac_kernels.activation``): elementwise over the
-flattened tensors, f and f' in fp32. ``forward`` reads x, dx and writes y, dy; ``backward`` reads x, g
-and writes f'(x) ⊙ g."""
+flattened tensors, f and f' in fp32. ``forward`` reads x, dx (and the gate h, dh) and writes y, dy;
+``backward`` reads x, g (and h) and writes f'(x) ⊙ h ⊙ g (and f(x) ⊙ g)."""
 import torch
 import triton
 import triton.language as tl
@@ -37,44 +37,66 @@ def _value_and_slope(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, dx_ptr, y_ptr, dy_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(x_ptr, dx_ptr, h_ptr, dh_ptr, y_ptr, dy_ptr, n, KIND: tl.constexpr, HAS_DX: tl.constexpr,
+                    HAS_H: tl.constexpr, HAS_DH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    dx = tl.load(dx_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     f, slope = _value_and_slope(x, KIND)
+    dy = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_DX:
+        dy = slope * tl.load(dx_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_H:
+        h = tl.load(h_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dy = dy * h
+        if HAS_DH:
+            dy += f * tl.load(dh_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        f = f * h
     tl.store(y_ptr + offs, f.to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(dy_ptr + offs, (slope * dx).to(dy_ptr.dtype.element_ty), mask=ok)
+    tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _backward_kernel(g_ptr, x_ptr, gdx_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _backward_kernel(g_ptr, x_ptr, h_ptr, gdx_ptr, gdh_ptr, n, KIND: tl.constexpr, HAS_H: tl.constexpr,
+                     NEED_DX: tl.constexpr, NEED_DH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    _, slope = _value_and_slope(x, KIND)
-    tl.store(gdx_ptr + offs, (slope * g).to(gdx_ptr.dtype.element_ty), mask=ok)
+    f, slope = _value_and_slope(x, KIND)
+    if NEED_DX:
+        gx = slope * g
+        if HAS_H:
+            gx = gx * tl.load(h_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(gdx_ptr + offs, gx.to(gdx_ptr.dtype.element_ty), mask=ok)
+    if NEED_DH:
+        tl.store(gdh_ptr + offs, (f * g).to(gdh_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(kernel, a, b, outs, kind):
-    """Run ``kernel`` over the flattened a, b (made contiguous) into ``outs`` (new, shaped like a)."""
-    a, b = a.contiguous(), b.contiguous()
-    n = a.numel()
+def _flat(t):
+    return None if t is None else t.contiguous()
+
+
+def _launch(kernel, n, *args, **constexprs):
     if n:
         block = 1024
-        kernel[(triton.cdiv(n, block),)](a, b, *outs, n, KIND=kind, BLOCK=block,
+        kernel[(triton.cdiv(n, block),)](*args, n, BLOCK=block, **constexprs,
                                          **({} if interpreting() else dict(num_warps=4)))
-    return outs
 
 
-def forward(x, dx, kind: str):
-    """(f(x), f'(x) ⊙ dx), both shaped like x, in x's dtype."""
-    return _launch(_forward_kernel, x, dx, (torch.empty_like(x, memory_format=torch.contiguous_format),
-                                           torch.empty_like(x, memory_format=torch.contiguous_format)), kind)
+def forward(x, dx, h, dh, kind: str):
+    """(f(x) ⊙ h, f'(x) ⊙ dx ⊙ h + f(x) ⊙ dh), shaped like x, in x's dtype; dx, h, dh may be None."""
+    x, dx, h, dh = map(_flat, (x, dx, h, dh))
+    y, dy = torch.empty_like(x), torch.empty_like(x)
+    _launch(_forward_kernel, x.numel(), x, *(x if t is None else t for t in (dx, h, dh)), y, dy, KIND=kind,
+            HAS_DX=dx is not None, HAS_H=h is not None, HAS_DH=dh is not None)
+    return y, dy
 
 
-def backward(g, x, kind: str, dtype: torch.dtype):
-    """f'(x) ⊙ g, shaped like x, in ``dtype``."""
-    out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
-    return _launch(_backward_kernel, g, x, (out,), kind)[0]
+def backward(g, x, h, kind: str, need_dx: bool, need_dh: bool, dtypes):
+    """(f'(x) ⊙ h ⊙ g, f(x) ⊙ g) in ``dtypes``, shaped like x; None where not needed."""
+    g, x, h = map(_flat, (g, x, h))
+    gdx, gdh = (torch.empty_like(x, dtype=dtype) if need else None for need, dtype in zip((need_dx, need_dh), dtypes))
+    _launch(_backward_kernel, x.numel(), g, x, *(x if t is None else t for t in (h, gdx, gdh)), KIND=kind,
+            HAS_H=h is not None, NEED_DX=need_dx, NEED_DH=need_dh)
+    return gdx, gdh

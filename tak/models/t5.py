@@ -13,7 +13,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ..nn import DualAttention, linear
-from ..nn.base import add, apply, mul
+from ..nn.base import add, apply
 from .base import Builder, DualModel, activation
 
 
@@ -49,10 +49,8 @@ class DualT5Block(nn.Module):
         self.wo = b.linear(dense.wo)
 
     def feed_forward(self, x, dx):
-        h, dh = self.act(*self.wi(x, dx))
-        if self.gated:
-            h, dh = mul(h, dh, *self.wi_gate(x, dx))
-        return self.wo(h, dh)
+        gate = self.wi_gate(x, dx) if self.gated else (None, None)
+        return self.wo(*self.act(*self.wi(x, dx), *gate))
 
     def forward(self, x, dx, mask, bias, dbias, enc=None, denc=None, enc_mask=None):
         h, dh = self.self_attn(*self.norm_self(x, dx), mask=mask, bias=bias, dbias=dbias)

@@ -1,7 +1,7 @@
-"""Dual elementwise activations: y = f(x), dy = f'(x) ⊙ dx.
+"""Dual elementwise activations, optionally gated: y = f(x) ⊙ h, dy = f'(x) ⊙ dx ⊙ h + f(x) ⊙ dh.
 
 With a tangent this is ``kfac_kernels.dual_activation`` (one fused op on CUDA): y is a constant, and
-only x is kept, from which the backward of dy recomputes f'(x).
+only x and h are kept, from which the backward of dy recomputes f(x) and f'(x).
 """
 from torch import nn
 
@@ -18,10 +18,12 @@ class DualActivation(nn.Module):
             raise ValueError(f"{type(self).__name__}: unknown activation {kind!r}; expected one of {', '.join(ACTIVATIONS)}")
         self.kind = kind
 
-    def forward(self, x, dx=None):
-        if dx is None:
-            return ACTIVATIONS[self.kind](x), None
-        return kk.dual_activation(x, dx, self.kind)
+    def forward(self, x, dx=None, gate=None, dgate=None):
+        """(f(x) ⊙ h, f'(x) ⊙ dx ⊙ h + f(x) ⊙ dh) for an optional gate h (None: 1) and its tangent dh."""
+        if dx is None and dgate is None:
+            y = ACTIVATIONS[self.kind](x)
+            return (y if gate is None else y * gate), None
+        return kk.dual_activation(x, dx, self.kind, gate=gate, dgate=dgate)
 
     def extra_repr(self):
         return f"kind={self.kind!r}"

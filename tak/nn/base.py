@@ -79,11 +79,3 @@ def apply(fn, t: torch.Tensor | None) -> torch.Tensor | None:
     """fn(t) for a linear map fn (reshape, slice, ...) of a tangent; None stays None."""
     return None if t is None else fn(t)
 
-
-def mul(a, da, b, db):
-    """(a ⊙ b, da ⊙ b + a ⊙ db): the product rule. With a tangent, the primal is a constant."""
-    if da is None and db is None:
-        return a * b, None
-    with torch.no_grad():
-        y = a * b
-    return y, add(None if da is None else da * b, None if db is None else a * db)
