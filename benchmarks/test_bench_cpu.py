@@ -139,6 +139,37 @@ def dual_linear_tangent_backward():
             backward_of(lambda: torch.func.jvp(F.linear, (x, W, b), (dx, dW, db))), 1e-5)
 
 
+def tangent_backward(dual, tangents, g):
+    """A callable returning (y, dy, gradients of ⟨g, dy⟩ in the tangents) of dual() -> (y, dy)."""
+    def run():
+        y, dy = dual()
+        return y, dy, torch.autograd.grad(dy, tangents, g)
+    return run
+
+
+def dual_layer_norm():
+    x, dx = randn(2048, 384, seed=0, scale=2.0), randn(2048, 384, seed=1).requires_grad_()
+    w, b = randn(384, seed=2), randn(384, seed=3)
+    dw, db = randn(384, seed=4, scale=0.01).requires_grad_(), randn(384, seed=5, scale=0.01).requires_grad_()
+    g = randn(2048, 384, seed=6)
+    return (tangent_backward(lambda: kk.dual_layer_norm(x, dx, w, dw, b, db), (dx, dw, db), g),
+            tangent_backward(lambda: torch.func.jvp(lambda x, w, b: F.layer_norm(x, (384,), w, b), (x, w, b),
+                                                    (dx, dw, db)), (dx, dw, db), g), 1e-5)
+
+
+def dual_gelu():
+    x, dx, g = randn(2048, 1536, seed=0, scale=2.0), randn(2048, 1536, seed=1).requires_grad_(), randn(2048, 1536, seed=2)
+    return (tangent_backward(lambda: kk.dual_activation(x, dx, "gelu"), (dx,), g),
+            tangent_backward(lambda: torch.func.jvp(F.gelu, (x,), (dx,)), (dx,), g), 1e-5)
+
+
+def squared_products():
+    g, a = randn(64, 50, 96, seed=0), randn(64, 50, 128, seed=1)
+    S, S_ref = torch.zeros(96, 128), torch.zeros(96, 128)
+    return (lambda: kk.squared_products_update_(S.zero_(), g, a),
+            lambda: S_ref.zero_().add_(torch.bmm(g.transpose(1, 2), a).square().sum(0)), 1e-5)
+
+
 CASES = {
     "quadratic_form fwd+bwd": quadratic_form,
     "quadratic_forms fwd+bwd, 8 layers": quadratic_forms,
@@ -152,6 +183,9 @@ CASES = {
     "covariance_update_ append_ones": covariance(torch.float32, append_ones=True),
     "dual_linear fwd": dual_linear,
     "dual_linear fwd+bwd (tangent)": dual_linear_tangent_backward,
+    "dual_layer_norm fwd+bwd (tangent)": dual_layer_norm,
+    "dual_activation gelu fwd+bwd (tangent)": dual_gelu,
+    "squared_products_update_": squared_products,
 }
 
 
