@@ -10,7 +10,7 @@
 #   2. python3 -m pytest -m gpu tests, then the kernel tests under the real Triton compiler
 #   3. benchmarks/bench_gpu.py, one section per call (a timeout loses one section, not all)
 #   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py, benchmarks/bench_methods.py (≤ 60 s)
-#   5. python3 -m kfac_kernels
+#   5. python3 -m kfac_kernels, then benchmarks/saved_activations.py (what a step keeps for its backward)
 # Output, everything under $OUT (8 files, the most the device tool returns):
 #   results.md      summary of the steps, then every benchmark table (paste into benchmarks/RESULTS.md)
 #   results.json    every benchmark JSON, by script and section
@@ -138,6 +138,7 @@ if wants methods; then
 fi
 if wants kernels; then  # into tests.log: $OUT holds at most 8 files
     step kernels "python -m kfac_kernels" 45 "$OUT/tests.log" "$PY" -m kfac_kernels
+    step kernels "saved_activations" 45 "$OUT/tests.log" "$PY" benchmarks/saved_activations.py --layers 12 --batch 128
 fi
 
 # ---------------------------------------------------------------- results.md, results.json
