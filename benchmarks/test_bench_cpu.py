@@ -230,3 +230,22 @@ def test_bench_methods_smoke(tmp_path):
     assert abs(value[0] - value[1]) <= 1e-4 * abs(value[1]), value
     table = (tmp_path / "bench_methods_smoke.md").read_text()
     assert "| tak |" in table and "| delta |" in table
+
+
+def test_saved_activations_runs(tmp_path):
+    """saved_activations.py counts what the plain model and the fast path keep for their backward."""
+    import importlib.util
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("saved_activations.py needs open_clip")
+    script = Path(__file__).resolve().parent / "saved_activations.py"
+    done = subprocess.run([sys.executable, str(script), "--patch", "32", "--attention", "auto"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved = [float(m) for m in re.findall(r"([\d.]+) MiB saved", done.stdout)]
+    assert len(saved) == 2 and all(s > 0 for s in saved)
+    assert "_DualLinearBackward" in done.stdout and "_DualNormBackward" in done.stdout
