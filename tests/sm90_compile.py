@@ -1,6 +1,7 @@
 """Compile every Triton kernel of ``kfac_kernels`` for an H100 (sm_90) as the ops launch it, with no GPU.
 
     python tests/sm90_compile.py            # one line per compiled kernel, then a JSON summary
+    python tests/sm90_compile.py dual_linear  # only the cases whose label contains "dual_linear"
 
 A stand-in Triton driver answers "CUDA device 0, sm_90" and turns each launch into a no-op after the
 real compiler (Triton's own ptxas included) has built the kernel; the ops run on CPU tensors with
@@ -13,7 +14,9 @@ PTX uses warpgroup MMAs (wgmma), how many 16-byte asynchronous copies (cp.async)
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ.pop("KFAC_KERNELS_BACKEND", None)
@@ -30,13 +33,34 @@ H100_SHARED = 227 * 1024
 COMPILED = []
 
 
+def _resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers per thread, local-memory accesses, those inside loops) of a kernel's cubin, read from
+    its SASS by the cuobjdump Triton ships. Local memory is where ptxas spills the registers it runs out
+    of: once in an epilogue it costs little, inside the main loop it costs every iteration. A loop is
+    the span from a backward branch's target to the branch."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = triton.knobs.nvidia.cuobjdump.path
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m[1], 16), at) for at, op in code if (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op))
+             and int(m[1], 16) < at]
+    local = [at for at, op in code if re.search(r"\b(?:LDL|STL)\b", op)]
+    in_loops = [at for at in local if any(start <= at <= end for start, end in loops)]
+    return int(re.search(r"REG:(\d+)", usage)[1]), len(local), len(in_loops)
+
+
 def _recording(compile_fn):
     """``triton.compiler.compile`` that also records each kernel it builds and what its PTX uses."""
     def compile(src, *args, **kwargs):
         kernel = compile_fn(src, *args, **kwargs)
         ptx, meta = kernel.asm["ptx"], kernel.metadata
+        registers, spills, loop_spills = _resources(kernel.asm["cubin"])
         COMPILED.append({"name": meta.name, "shared": meta.shared, "num_warps": meta.num_warps,
-                         "num_stages": meta.num_stages, "wgmma": "wgmma.mma_async" in ptx,
+                         "num_stages": meta.num_stages, "registers": registers, "spills": spills, "loop_spills": loop_spills,
+                         "wgmma": "wgmma.mma_async" in ptx,
                          "cp_async_16B": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx)),
                          "vector_16B": len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.[bfu]32\b", ptx))})
         return kernel
@@ -91,6 +115,9 @@ def cases():
     def rand(*shape, dtype=torch.float32):
         return torch.randn(*shape, generator=g).to(dtype)
 
+    def backward(y):  # a dense gradient, as a loss gives (that of y.sum() would be a stride-0 view)
+        y.backward(rand(*y.shape, dtype=y.dtype))
+
     def spd(n):
         x = rand(n, n)
         return x @ x.T / n + torch.eye(n)
@@ -127,10 +154,10 @@ def cases():
 
             def dual_linear(x=x, dx=dx, w=w, dw=dw, b=b, db=db):
                 y, dy = kk.dual_linear(x, dx, w, dw, b, db)
-                dy.float().sum().backward()
+                backward(dy)
             yield f"dual_linear {dtype} {d_in}->{d_out}", dual_linear
     for dtype in (torch.bfloat16, torch.float32):
-        for L, D, bias in ((197, 64, False), (50, 64, False), (23, 64, True)):
+        for L, D, bias in ((197, 64, False), (50, 64, False), (23, 64, True), (197, 64, True), (257, 80, False), (197, 128, True)):
             q, k, v = (rand(2, 12, L, D, dtype=dtype) for _ in range(3))
             dq, dk, dv = (rand(2, 12, L, D, dtype=dtype).requires_grad_() for _ in range(3))
             mask = torch.rand(2, 1, 1, L, generator=g) > 0.2
@@ -139,9 +166,9 @@ def cases():
 
             def attention(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, mask=mask, extra=extra):
                 o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, **extra)
-                do.float().sum().backward()
+                backward(do)
                 kk.dual_attention(q, k, v, None, None, None, mask=mask)  # the primal-only forward
-            yield f"dual_attention {dtype} L={L} bias={bias}", attention
+            yield f"dual_attention {dtype} L={L} D={D} bias={bias}", attention
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for d in (768, 33, 4096):
             x, dx = rand(8, 197, d, dtype=dtype), rand(8, 197, d, dtype=dtype).requires_grad_()
@@ -149,19 +176,19 @@ def cases():
             dw, db = rand(d, dtype=dtype).requires_grad_(), rand(d, dtype=dtype).requires_grad_()
 
             def norms(x=x, dx=dx, w=w, b=b, dw=dw, db=db):
-                kk.dual_layer_norm(x, dx, w, dw, b, db)[1].float().sum().backward()
-                kk.dual_layer_norm(x, dx, w, None, b, None)[1].float().sum().backward()  # frozen γ, β: dx only
-                kk.dual_layer_norm(x, None, w, dw, b, db)[1].float().sum().backward()  # tangents of γ, β only
-                kk.dual_rms_norm(x, dx, w, dw)[1].float().sum().backward()
+                backward(kk.dual_layer_norm(x, dx, w, dw, b, db)[1])
+                backward(kk.dual_layer_norm(x, dx, w, None, b, None)[1])  # frozen γ, β: dx only
+                backward(kk.dual_layer_norm(x, None, w, dw, b, db)[1])  # tangents of γ, β only
+                backward(kk.dual_rms_norm(x, dx, w, dw)[1])
             yield f"dual_layer_norm/dual_rms_norm {dtype} d={d}", norms
     for dtype in (torch.bfloat16, torch.float32):
         x, dx = rand(8, 197, 3072, dtype=dtype), rand(8, 197, 3072, dtype=dtype).requires_grad_()
         for kind in kk.activation.ACTIVATIONS:
             yield (f"dual_activation {kind} {dtype}",
-                   lambda x=x, dx=dx, kind=kind: kk.dual_activation(x, dx, kind)[1].float().sum().backward())
+                   lambda x=x, dx=dx, kind=kind: backward(kk.dual_activation(x, dx, kind)[1]))
         h, dh = rand(8, 197, 3072, dtype=dtype), rand(8, 197, 3072, dtype=dtype).requires_grad_()
         yield (f"dual_activation gated gelu_tanh {dtype}", lambda x=x, dx=dx, h=h, dh=dh: (
-            kk.dual_activation(x, dx, "gelu_tanh", gate=h, dgate=dh)[1].float().sum().backward()))
+            backward(kk.dual_activation(x, dx, "gelu_tanh", gate=h, dgate=dh)[1])))
     for dtype in (torch.bfloat16, torch.float32):
         for N, T, r_B, r_A in ((8, 197, 768, 3072), (7, 33, 130, 33), (50, 1, 768, 3072)):  # tokens, odd, rows
             gs, xs = rand(N, T, r_B, dtype=dtype), rand(N, T, r_A, dtype=dtype)
@@ -170,14 +197,25 @@ def cases():
                    lambda S=S, gs=gs, xs=xs: kk.squared_products_update_(S, gs, xs))
 
 
+def _with_tf32(labelled):
+    """(label, thunk, fp32 matmul precision): each case at 'highest', fp32 cases also at 'high' (TF32)."""
+    for label, run in labelled:
+        yield label, run, "highest"
+        if "float32" in label:
+            yield label + " tf32", run, "high"
+
+
 def main() -> int:
     driver.set_active(CompileOnlyDriver())
     triton.compiler.compile = _recording(triton.compiler.compile)  # JITFunction looks it up when it first runs
     _backend.select = lambda op, device, dtypes, **kw: "triton"
     failures = []
-    for label, run in cases():
+    for label, run, precision in _with_tf32(cases()):
+        if not all(word in label for word in sys.argv[1:]):
+            continue
         before = len(COMPILED)
         try:
+            torch.set_float32_matmul_precision(precision)
             run()
         except Exception as e:  # report every case, then fail
             failures.append(f"{label}: {type(e).__name__}: {e}")
@@ -186,7 +224,7 @@ def main() -> int:
         for k in COMPILED[before:]:
             k["case"] = label
             print(f"ok   {label}: {k['name']} warps={k['num_warps']} stages={k['num_stages']} "
-                  f"shared={k['shared']} wgmma={k['wgmma']} cp.async(16 B)={k['cp_async_16B']} "
+                  f"shared={k['shared']} registers={k['registers']} spills={k['spills']} (in loops {k['loop_spills']}) wgmma={k['wgmma']} cp.async(16 B)={k['cp_async_16B']} "
                   f"ld/st.global(16 B)={k['vector_16B']}", flush=True)
     over = [k for k in COMPILED if k["shared"] > H100_SHARED]
     failures += [f"{k['name']}: {k['shared']} bytes of shared memory > {H100_SHARED}" for k in over]

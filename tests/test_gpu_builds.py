@@ -34,9 +34,17 @@ def test_every_triton_kernel_compiles_for_sm90():
     for case, name in [("quadratic_form torch.bfloat16 768x3072", "_grouped_matmul_kernel"),
                        ("covariance_update_ torch.bfloat16 d=768", "_syrk_kernel"),
                        ("dual_linear torch.bfloat16 768->2304", "_forward_kernel"),
-                       ("dual_attention torch.bfloat16 L=197", "_forward_kernel"),
+                       ("dual_attention torch.bfloat16 L=197 D=64", "_forward_kernel"),
                        ("squared_products_update_ torch.bfloat16 N=8 T=197", "_tokens_kernel")]:
         assert all(k["wgmma"] and k["cp_async_16B"] > 0 for k in hot(case, name)), hot(case, name)
+    # at the shapes of real models (every case but the odd test shapes), in every dtype and precision:
+    # no register spilled inside a loop (the fp32 dual linear once spilled ~11,600 times per tile);
+    # the attention forwards that still spill at head dims over 64 are listed in dual_attention._config
+    known = r"dual_attention torch.float32 L=\d+ D=(80|128) bias=\w+$|D=128 bias=True"
+    model_shaped = [k for k in kernels if not re.search(r"(\b33\b|130x33|L=23)", k["case"])
+                    and not (k["name"] == "_forward_kernel" and re.search(known, k["case"]))]
+    assert len(model_shaped) > 100
+    assert [k for k in model_shaped if k["loop_spills"]] == []
     # the memory-bound dual norms and activations, 16-bit at the H100 shapes: 16-byte global loads and stores
     for case, name in [("dual_layer_norm/dual_rms_norm torch.bfloat16 d=768", "_forward_kernel"),
                        ("dual_layer_norm/dual_rms_norm torch.bfloat16 d=768", "_backward_kernel"),

@@ -43,3 +43,18 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     return rm, rn
+
+
+def layout(t: torch.Tensor | None) -> int:
+    """LAYOUT of a 2-D view for the kernel: 1 if stride 1 = 1 and stride 0, the address and the extent
+    of dim 1 are multiples of 16 elements; 2 the same with the dims swapped; 0 any strides. Knowing
+    the unit stride and the alignment lets the compiler issue 16-byte asynchronous copies."""
+    if t is None:
+        return 0
+    (n0, n1), (s0, s1) = t.shape, t.stride()
+    aligned = t.data_ptr() % (16 * t.element_size()) == 0
+    if s1 == 1 and s0 % 16 == 0 and n1 % 16 == 0 and aligned:
+        return 1
+    if s0 == 1 and s1 % 16 == 0 and n0 % 16 == 0 and aligned:
+        return 2
+    return 0

@@ -296,22 +296,29 @@ def _dkdv_kernel(
 
 
 def _config(kernel: str, rows: int, d: int, size: int, pairwise: bool, dot: str) -> dict:
-    """Tile sizes and launch options of ``kernel`` ('forward', 'dq' or 'dkdv'), checked offline for sm_90.
+    """Tile sizes and launch options of ``kernel`` ('forward', 'dq' or 'dkdv'), chosen offline for sm_90
+    so that ptxas spills no register inside a loop and the tiles arrive by asynchronous copies
+    (``tests/sm90_compile.py`` reports both).
 
     Under the interpreter: 16 × 16. On a GPU a program owns 128 rows of its sequence (``rows`` long;
     64 when rows ≤ 64, or for 32-bit operands (``size`` bytes) with head dims ``d`` (padded) over 64)
-    and steps 64 along the other (32 for d > 64, 32-bit operands, or a forward with a bias or dbias
-    tile: ``pairwise``; 16 for 32-bit operands with d > 64). 16-bit operands fit 255 registers
-    without spills; 32-bit ones at d = 128 spill up to ~250 bytes in the forward. IEEE fp32
-    ('ieee') multiplies on FMA units, which hold whole operand rows in registers: 16 × 16 tiles,
-    and the forward still spills at d ≥ 64."""
+    and steps 64 along the other (32 for d > 64 or 32-bit operands; 16 for 32-bit operands with
+    d > 64). A forward with a bias or dbias tile (``pairwise``) holds two more score-sized tiles: it
+    owns 64 rows, stepping 64 with 8 warps for 16-bit operands at d ≤ 64, else 16 with 4 warps.
+    IEEE fp32 ('ieee') multiplies on FMA units, which hold whole operand rows in registers: 16 × 16
+    tiles, and 8 warps in the forward. Still spilling in their loops: the 'ieee' forward at d > 64,
+    and the pairwise forward at d = 128 (T5-3B/11B), about 10 values per step; 16-bit operands, or
+    TF32 ('high' precision: spill-free with Triton 3.9, ~10 values per step with 3.6), avoid the first."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16)
     if dot == "ieee":
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if kernel == "forward" else 4, num_stages=2)
+    if kernel == "forward" and pairwise:
+        narrow = size == 2 and d <= 64
+        return dict(BLOCK_M=64, BLOCK_N=64 if narrow else 16, num_warps=8 if narrow else 4, num_stages=2)
     wide = size == 4 and d > 64
     own = 64 if rows <= 64 or wide else 128
-    step = 16 if wide else 32 if d > 64 or size == 4 or (kernel == "forward" and pairwise) else 64
+    step = 16 if wide else 32 if d > 64 or size == 4 else 64
     warps = 8 if own == 128 else 4
     if kernel == "dkdv":
         return dict(BLOCK_M=step, BLOCK_N=own, num_warps=warps, num_stages=2)

@@ -12,20 +12,25 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from .common import dot_acc, dot_mode, grouped_tile
+from .common import dot_acc, dot_mode, grouped_tile, layout
 
 
-def _launch_config(*operands):
+def _launch_config(dot: str, *operands):
     """Tile sizes and launch options: GPU-sized, or small ones for the CPU interpreter.
 
-    Four operand tiles are staged per K step, 32 KiB per stage and operand byte: 3 stages of 16-bit
-    tiles (96 KiB of shared memory), 2 of 32-bit ones (128 KiB, within an A100's 164 KiB), 1 of 64-bit.
+    On tensor cores, 128 × 128 tiles; four operand tiles are staged per K step, 32 KiB per stage and
+    operand byte: 3 stages of 16-bit tiles (96 KiB of shared memory), 2 of 32-bit ones (128 KiB, within
+    an A100's 164 KiB), 1 of 64-bit. Operands with any strides pass through registers on their way to
+    shared memory, and IEEE fp32 ('ieee') multiplies on FMA units with operand rows in registers: both
+    take 64 × 64 tiles (K steps of 16 for 'ieee'), the sizes at which ptxas needs no spills (sm_90).
     """
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
     size = max(t.element_size() for t in operands)
     stages = 3 if size <= 2 else 2 if size == 4 else 1
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=stages)
+    block = 128 if dot != "ieee" and all(layout(t) for t in operands) else 64
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_K=16 if dot == "ieee" else 32, GROUP_M=8,
+                num_warps=8, num_stages=stages)
 
 
 @triton.jit
@@ -112,12 +117,13 @@ def forward(x, dx, w, dw, b, db, ct: torch.dtype):
     dy = x.new_empty((M, N), dtype=ct)
     if y.numel() == 0:
         return y, dy
-    cfg = _launch_config(x, dx, w, dw)
+    dot = dot_mode(ct)
+    cfg = _launch_config(dot, x, dx, w, dw)
     _forward_kernel[_grid(M, N, cfg)](
         x, dx, w, dw, y if b is None else b, y if db is None else db, y, dy, M, N, K,
         *x.stride(), *dx.stride(), *w.stride(), *dw.stride(),
         0 if b is None else b.stride(0), 0 if db is None else db.stride(0), *y.stride(), *dy.stride(),
-        HAS_B=b is not None, HAS_DB=db is not None, DOT=dot_mode(ct), **cfg,
+        HAS_B=b is not None, HAS_DB=db is not None, DOT=dot, **cfg,
     )
     return y, dy
 
@@ -131,10 +137,11 @@ def matmul(pairs, ct: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     c = a1.new_empty((M, N), dtype=out_dtype)
     if c.numel() == 0:
         return c
-    cfg = _launch_config(a1, b1, a2, b2)
+    dot = dot_mode(ct)
+    cfg = _launch_config(dot, a1, b1, a2, b2)
     _matmul_kernel[_grid(M, N, cfg)](
         a1, b1, a2, b2, c, M, N, K,
         *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *c.stride(),
-        TWO=bool(rest), DOT=dot_mode(ct), **cfg,
+        TWO=bool(rest), DOT=dot, **cfg,
     )
     return c

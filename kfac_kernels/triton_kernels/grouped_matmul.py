@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .common import TL_DTYPES, dot_acc
+from .common import TL_DTYPES, dot_acc, layout
 
 # Columns of the per-job int64 table.
 (M, N, K, X_PTR, X_SM, X_SK, F_PTR, F_SK, F_SN, Y_PTR, Y_SM, Y_SN, T_PTR, T_SM, T_SN,
@@ -140,21 +140,6 @@ class Job:
         return (self.dot, *(layout(t) for t in (self.X, self.F, self.Y, self.T)), self.X.dtype, self.F.dtype, None if self.Y is None else self.Y.dtype,
                 None if self.T is None else self.T.dtype, self.kscale is not None, self.nscale is not None,
                 self.Y is not None, self.times_t, self.reduce)
-
-
-def layout(t: torch.Tensor | None) -> int:
-    """LAYOUT of a 2-D view for the kernel: 1 if stride 1 = 1 and stride 0, the address and the extent
-    of dim 1 are multiples of 16 elements; 2 the same with the dims swapped; 0 any strides. Knowing
-    the unit stride and the alignment lets the compiler issue 16-byte asynchronous copies."""
-    if t is None:
-        return 0
-    (n0, n1), (s0, s1) = t.shape, t.stride()
-    aligned = t.data_ptr() % (16 * t.element_size()) == 0
-    if s1 == 1 and s0 % 16 == 0 and n1 % 16 == 0 and aligned:
-        return 1
-    if s0 == 1 and s1 % 16 == 0 and n0 % 16 == 0 and aligned:
-        return 2
-    return 0
 
 
 def _tiles(dot: str) -> tuple[int, int, int, int, int]:
