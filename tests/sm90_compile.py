@@ -8,8 +8,10 @@ real compiler (Triton's own ptxas included) has built the kernel; the ops run on
 their GPU tile sizes and launch options (``_backend.interpreting()`` stays False). Results are
 meaningless, compilation is real: what fails here fails on the GPU, whatever the Triton version.
 Checked per kernel: it compiles, and its shared memory fits one H100 SM (227 KiB); reported: whether its
-PTX uses warpgroup MMAs (wgmma), how many 16-byte asynchronous copies (cp.async) feed them, and how many
-16-byte vector loads and stores to global memory it has (what memory-bound kernels live on).
+PTX uses warpgroup MMAs (wgmma), how many 16-byte asynchronous copies (cp.async) feed them, how many
+16-byte vector loads and stores to global memory it has (what memory-bound kernels live on), and from its
+SASS the registers per thread and the register spills, in loops and in all. fp32 cases compile twice:
+at 'highest' (IEEE, FMA units) and at 'high' (TF32 tensor cores).
 """
 import json
 import os
@@ -59,8 +61,8 @@ def _recording(compile_fn):
         ptx, meta = kernel.asm["ptx"], kernel.metadata
         registers, spills, loop_spills = _resources(kernel.asm["cubin"])
         COMPILED.append({"name": meta.name, "shared": meta.shared, "num_warps": meta.num_warps,
-                         "num_stages": meta.num_stages, "registers": registers, "spills": spills, "loop_spills": loop_spills,
-                         "wgmma": "wgmma.mma_async" in ptx,
+                         "num_stages": meta.num_stages, "registers": registers, "spills": spills,
+                         "loop_spills": loop_spills, "wgmma": "wgmma.mma_async" in ptx,
                          "cp_async_16B": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx)),
                          "vector_16B": len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.[bfu]32\b", ptx))})
         return kernel
@@ -157,7 +159,8 @@ def cases():
                 backward(dy)
             yield f"dual_linear {dtype} {d_in}->{d_out}", dual_linear
     for dtype in (torch.bfloat16, torch.float32):
-        for L, D, bias in ((197, 64, False), (50, 64, False), (23, 64, True), (197, 64, True), (257, 80, False), (197, 128, True)):
+        for L, D, bias in ((197, 64, False), (50, 64, False), (23, 64, True), (197, 64, True), (257, 80, False),
+                           (197, 128, True)):  # ViT, T5 (bias), ViT-H/14 (d = 80), T5-3B (d = 128)
             q, k, v = (rand(2, 12, L, D, dtype=dtype) for _ in range(3))
             dq, dk, dv = (rand(2, 12, L, D, dtype=dtype).requires_grad_() for _ in range(3))
             mask = torch.rand(2, 1, 1, L, generator=g) > 0.2
@@ -224,7 +227,8 @@ def main() -> int:
         for k in COMPILED[before:]:
             k["case"] = label
             print(f"ok   {label}: {k['name']} warps={k['num_warps']} stages={k['num_stages']} "
-                  f"shared={k['shared']} registers={k['registers']} spills={k['spills']} (in loops {k['loop_spills']}) wgmma={k['wgmma']} cp.async(16 B)={k['cp_async_16B']} "
+                  f"shared={k['shared']} registers={k['registers']} spills={k['spills']} (in loops {k['loop_spills']}) "
+                  f"wgmma={k['wgmma']} cp.async(16 B)={k['cp_async_16B']} "
                   f"ld/st.global(16 B)={k['vector_16B']}", flush=True)
     over = [k for k in COMPILED if k["shared"] > H100_SHARED]
     failures += [f"{k['name']}: {k['shared']} bytes of shared memory > {H100_SHARED}" for k in over]
