@@ -3,11 +3,14 @@
 Linearized task vectors evaluate for every α from two feature passes: f_lin(x; θ0 + α τ) =
 f0 + α (f_lin(x; θ0 + τ) − f0), so an α grid costs no more forwards (``linear_path_features``).
 """
+import contextlib
+
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .curvature.outputs import to_device
+from .replay import FrozenPrefix
 
 
 def loader(backbone, examples, batch_size: int, *, shuffle: bool = False, generator=None) -> DataLoader:
@@ -20,15 +23,20 @@ def loader(backbone, examples, batch_size: int, *, shuffle: bool = False, genera
 
 @torch.no_grad()
 def features(backbone, model, examples, *, batch_size: int = 256, device="cpu", progress: bool = False,
-             desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) fp32 on CPU, labels (N,)) of ``model`` (anything ``backbone.features`` takes)."""
+             desc: str = "features", prefix: FrozenPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) fp32 on CPU, labels (N,)) of ``model`` (anything ``backbone.features`` takes).
+    ``prefix``: records and replays the layers ``model`` shares with earlier passes over ``examples``
+    (``tak.replay``)."""
     feats, labels = [], []
     was_training = getattr(model, "training", None)
     if was_training:
         model.eval()
     try:
-        for batch, y in tqdm(loader(backbone, examples, batch_size), desc=desc, disable=not progress, leave=False):
-            feats.append(backbone.features(model, to_device(batch, device)).float().cpu())
+        batches = tqdm(loader(backbone, examples, batch_size), desc=desc, disable=not progress, leave=False)
+        for i, (batch, y) in enumerate(batches):
+            batch = to_device(batch, device)
+            with contextlib.nullcontext() if prefix is None else prefix.batch(model, i, batch):
+                feats.append(backbone.features(model, batch).float().cpu())
             labels.append(y)
     finally:
         if was_training:

@@ -3,7 +3,8 @@
 A non-linear task vector is added to the plain model's parameters; a linear one acts through the
 linearized model, f(x; θ0) + J (Σ_t α_t τ_t) (``tak.linearize``). ``Evaluator`` scores a merged
 task vector for a whole α grid: for linear task vectors from two feature passes per task
-(f_lin(θ0 + α τ) = f0 + α (f_lin(θ0 + τ) − f0)), for non-linear ones from one pass per α.
+(f_lin(θ0 + α τ) = f0 + α (f_lin(θ0 + τ) − f0)), for non-linear ones from one pass per α; the layers
+below the first one τ changes run once per batch and are replayed after that (``tak.replay``).
 """
 import copy
 
@@ -11,6 +12,7 @@ import torch
 
 from ..evaluation import accuracy_of_features, features, linear_path_features
 from ..linearize import linearize
+from ..replay import DEFAULT_MAX_BYTES, FrozenPrefix
 from ..task_vector import TaskVector, check_compatible
 
 
@@ -46,8 +48,9 @@ def check_backbone(backbone, task_vectors: list[TaskVector]) -> None:
 
 
 def apply(backbone, task_vector: TaskVector, alpha: float = 1.0):
-    """The network at θ0 + α τ: a copy of ``backbone.model`` for a non-linear task vector, its
-    linearization for a linear one (``regime`` from the metadata)."""
+    """The network at θ0 + α τ, in eval mode: a copy of ``backbone.model`` for a non-linear task vector,
+    its linearization for a linear one (``regime`` from the metadata). The parameters that τ changes
+    are the ones with ``requires_grad`` (a linearization's parameters are τ alone)."""
     check_backbone(backbone, [task_vector])
     if task_vector.regime == "linear":
         lin = linearize(backbone.model, trainable=list(task_vector.tensors))
@@ -61,31 +64,41 @@ def apply(backbone, task_vector: TaskVector, alpha: float = 1.0):
     with torch.no_grad():
         for k, v in task_vector.tensors.items():
             params[k].add_(v.to(params[k].device, params[k].dtype), alpha=alpha)
+    for k, p in params.items():
+        p.requires_grad_(k in task_vector.tensors)
     return model.eval()
 
 
 class Evaluator:
     """Accuracies of merged task vectors on ``tasks`` (their ``split``), α grids included; θ0's
-    features are computed once per task."""
+    features are computed once per task, and the layers a task vector leaves unchanged once per
+    batch for all the networks that share its changed parameters (``tak.replay.FrozenPrefix``)."""
 
     def __init__(self, backbone, tasks: list, split: str, *, batch_size: int = 256, device="cpu",
-                 progress: bool = False, cache: dict | None = None):
-        """``cache``: a dict shared by evaluators of one backbone to keep θ0's features across them."""
+                 progress: bool = False, cache: dict | None = None, prefix_bytes: int = DEFAULT_MAX_BYTES):
+        """``cache``: a dict shared by evaluators of one backbone to keep θ0's features and the recorded
+        prefixes across them; ``prefix_bytes``: the most each recorded prefix may hold (0: none)."""
         self.backbone, self.tasks, self.split = backbone, list(tasks), split
+        self.batch_size, self.prefix_bytes = batch_size, prefix_bytes
         self.kw = dict(batch_size=batch_size, device=device, progress=progress)
         for t in self.tasks:
             if len(t.split(split)) == 0:
                 raise ValueError(f"task {t.name!r}: its {split!r} split is empty; cannot evaluate on it")
-        self._f0 = {} if cache is None else cache
+        self._cache = {} if cache is None else cache
 
     def _features(self, model, task) -> tuple[torch.Tensor, torch.Tensor]:
-        return features(self.backbone, model, task.split(self.split), desc=task.name, **self.kw)
+        prefix = None
+        if self.prefix_bytes > 0 and model is not self.backbone.model:
+            changed = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+            key = ("prefix", task.name, self.split, self.batch_size, type(model).__qualname__, changed)
+            prefix = self._cache.setdefault(key, FrozenPrefix(self.prefix_bytes))
+        return features(self.backbone, model, task.split(self.split), desc=task.name, prefix=prefix, **self.kw)
 
     def pretrained(self, task) -> tuple[torch.Tensor, torch.Tensor]:
         key = (task.name, self.split)
-        if key not in self._f0:
-            self._f0[key] = self._features(self.backbone.model.eval(), task)
-        return self._f0[key]
+        if key not in self._cache:
+            self._cache[key] = self._features(self.backbone.model.eval(), task)
+        return self._cache[key]
 
     def sweep(self, task_vector: TaskVector | None, alphas, tasks=None) -> dict[float, dict[str, float]]:
         """{α: {task: accuracy (%)}} of θ0 + α τ (τ = None: the pretrained model at every α)."""

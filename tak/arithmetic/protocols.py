@@ -56,6 +56,7 @@ def task_addition(backbone, task_vectors, tasks, *, alphas=DEFAULT_ALPHAS, indiv
     if len(task_vectors) != len(tasks):
         raise ValueError(f"{len(task_vectors)} task vectors for {len(tasks)} tasks")
     check_backbone(backbone, task_vectors)
+    kw.setdefault("cache", {})  # θ0's features and recorded prefixes, shared by the evaluators below
     merged = combine(task_vectors)
     val = Evaluator(backbone, tasks, "val", **kw).sweep(merged, alphas)
     val_curve = {a: mean(accs.values()) for a, accs in val.items()}
@@ -89,6 +90,7 @@ def task_negation(backbone, task_vector, target, control, *, alphas=DEFAULT_ALPH
                   **kw) -> NegationResult:
     """The negation protocol: minimize the target's accuracy, keep ≥ ``keep`` of the control's."""
     check_backbone(backbone, [task_vector])
+    kw.setdefault("cache", {})
     negated = combine([task_vector], -1.0)
     val = Evaluator(backbone, [target, control], "val", **kw)
     base = val.sweep(None, [0.0])[0.0]
