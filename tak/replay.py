@@ -66,11 +66,15 @@ class FrozenPrefix:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
         self.max_bytes = int(max_bytes)
-        self.paths: list[str] | None = None  # the replayed modules; [] when there is nothing to replay
-        self.calls: dict[str, int] = {}  # their calls per forward
+        self.calls: dict[str, int] | None = None  # the replayed modules' calls per forward, by path
         self.records: dict[int, tuple] = {}  # batch index -> (inputs, {path: [outputs, in call order]})
         self.bytes = 0
         self._stand_ins: set[str] = set()  # called ancestors of owners never called, to cut at
+
+    @property
+    def paths(self) -> list[str] | None:
+        """The replayed modules; [] when there is nothing to replay, None before the first forward."""
+        return None if self.calls is None else list(self.calls)
 
     @contextlib.contextmanager
     def batch(self, model: nn.Module, index: int, inputs):
@@ -80,17 +84,17 @@ class FrozenPrefix:
         if model.training:
             yield
             return
-        if self.paths is None:  # the first forward finds the prefix, and records it
+        if self.calls is None:  # the first forward finds the prefix, and records it
             watch = _Watch(model, self._stand_ins)
             with watch:
                 yield
             found, self._stand_ins = watch.result(), watch.stand_ins
             if found is not None:
-                self.paths, self.calls, outputs = found
-                if self.paths:
+                self.calls, outputs = found
+                if self.calls:
                     self._keep(index, inputs, outputs, None)
             return
-        if not self.paths:
+        if not self.calls:
             yield
             return
         record = self.records.get(index)
@@ -118,7 +122,7 @@ class FrozenPrefix:
 
     def drop(self) -> None:
         """Forget the prefix and its recordings; later passes run in full."""
-        self.paths, self.calls, self.records, self.bytes = [], {}, {}, 0
+        self.calls, self.records, self.bytes = {}, {}, 0
 
 
 def _lookup(model: nn.Module, paths: list[str]) -> dict[str, nn.Module] | None:
@@ -146,8 +150,8 @@ def _owners(model: nn.Module) -> dict[int, list[int]] | None:
 
 class _Watch:
     """Hooks on every module of ``model`` for one forward, cut at the first call of an owner or of a
-    module of ``stand_ins`` (paths); ``result()`` gives the replayed modules' paths, their calls per
-    forward and their recorded outputs, or None when the cut came too late: ``stand_ins`` then holds
+    module of ``stand_ins`` (paths); ``result()`` gives the replayed modules' calls per forward and
+    their recorded outputs (by path), or None when the cut came too late: ``stand_ins`` then holds
     the owners' stand-ins to cut at on the next forward."""
 
     def __init__(self, model: nn.Module, stand_ins: set[str]):
@@ -188,14 +192,14 @@ class _Watch:
         for h in self.handles:
             h.remove()
 
-    def result(self) -> tuple[list[str], dict[str, int], dict[str, list]] | None:
+    def result(self) -> tuple[dict[str, int], dict[str, list]] | None:
         if self.owners is None:
-            return [], {}, {}
+            return {}, {}
         cut = self.tick if self.cut is None else self.cut
         for owner, ancestors in self.owners.items():
             called = next((a for a in [owner, *ancestors] if a in self.first), None)
             if called is None:  # a changed parameter used outside any module call (or not at all)
-                return [], {}, {}
+                return {}, {}
             if self.first[called] < cut:  # an owner never called, standing for an ancestor called earlier
                 self.stand_ins.add(self.path_of[called])
         if not self.triggers >= {id(self.model.get_submodule(p)) for p in self.stand_ins}:
@@ -207,7 +211,7 @@ class _Watch:
         # a module also called inside a replayed call would be replayed a different number of times
         calls = {path: len(outs) for path, outs in outputs.items()
                  if len(outs) == self.calls[id(self.model.get_submodule(path))]}
-        return list(calls), calls, {path: outputs[path] for path in calls}
+        return calls, {path: outputs[path] for path in calls}
 
 
 @contextlib.contextmanager
