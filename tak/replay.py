@@ -18,8 +18,9 @@ Assumes deterministic forwards (eval mode, no dropout) and that a parameter is u
 its owner or, for an owner never called, of the owner's innermost called ancestor
 (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``): such an ancestor
 becomes a cut point, found on the first forward and used from the second. A replayed module called
-a different number of times than when it was recorded raises RuntimeError. Recordings are clones, kept on the device they
-were made on, up to ``max_bytes`` (past that the prefix is dropped and passes run in full).
+a different number of times than when it was recorded raises RuntimeError. Recordings are clones,
+kept on the device they were made on, up to ``max_bytes`` (past that the prefix is dropped and passes
+run in full).
 """
 import contextlib
 
@@ -28,7 +29,6 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 DEFAULT_MAX_BYTES = 4 << 30
-_END = object()
 
 
 def _clone(tree):
@@ -227,17 +227,15 @@ def _recording(modules: dict[str, nn.Module], outputs: dict[str, list]):
 
 @contextlib.contextmanager
 def _replaying(modules: dict[str, nn.Module], outputs: dict[str, list]):
-    queues = {path: iter(outs) for path, outs in outputs.items()}
-    left = {path: len(outs) for path, outs in outputs.items()}
+    used = dict.fromkeys(outputs, 0)
 
     def replay(path):
         def forward(*args, **kwargs):
-            left[path] -= 1
-            out = next(queues[path], _END)
-            if out is _END:
+            if used[path] == len(outputs[path]):
                 raise RuntimeError(f"FrozenPrefix: module {path!r} was called more often than when it was "
                                    "recorded (non-deterministic control flow?)")
-            return _clone(out)
+            used[path] += 1
+            return _clone(outputs[path][used[path] - 1])
         return forward
 
     saved = {path: m.__dict__.get("forward") for path, m in modules.items()}
@@ -251,6 +249,6 @@ def _replaying(modules: dict[str, nn.Module], outputs: dict[str, list]):
                 del m.forward
             else:
                 m.forward = saved[path]
-    short = [p for p, n in left.items() if n > 0]
+    short = [p for p, n in used.items() if n < len(outputs[p])]
     if short:
         raise RuntimeError(f"FrozenPrefix: modules {short} were called less often than when they were recorded")

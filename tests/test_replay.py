@@ -12,6 +12,7 @@ from tak.replay import FrozenPrefix
 from tak.task_vector import TaskVector
 
 from .test_methods import ToyBackbone, toy_task
+from .test_tak_models import text_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,14 +80,8 @@ def bert(layers=3):
     return transformers.BertModel(config).eval()
 
 
-def text_batches(vocab, n=2, B=3, L=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        lengths = torch.randint(1, L + 1, (B,), generator=g)
-        mask = (torch.arange(L)[None] < lengths[:, None]).long()
-        out.append({"input_ids": torch.randint(1, vocab, (B, L), generator=g), "attention_mask": mask})
-    return out
+def text_batches(vocab, n=2):
+    return [text_batch(vocab, token_types=False) for _ in range(n)]
 
 
 def test_bert_top_layer_replays_the_embeddings_and_the_layers_below():

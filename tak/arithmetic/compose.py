@@ -79,7 +79,7 @@ class Evaluator:
         """``cache``: a dict shared by evaluators of one backbone to keep θ0's features and the recorded
         prefixes across them; ``prefix_bytes``: the most each recorded prefix may hold (0: none)."""
         self.backbone, self.tasks, self.split = backbone, list(tasks), split
-        self.batch_size, self.prefix_bytes = batch_size, prefix_bytes
+        self.prefix_bytes = prefix_bytes
         self.kw = dict(batch_size=batch_size, device=device, progress=progress)
         for t in self.tasks:
             if len(t.split(split)) == 0:
@@ -90,7 +90,7 @@ class Evaluator:
         prefix = None
         if self.prefix_bytes > 0 and model is not self.backbone.model:
             changed = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-            key = ("prefix", task.name, self.split, self.batch_size, type(model).__qualname__, changed)
+            key = ("prefix", task.name, self.split, self.kw["batch_size"], type(model).__qualname__, changed)
             prefix = self._cache.setdefault(key, FrozenPrefix(self.prefix_bytes))
         return features(self.backbone, model, task.split(self.split), desc=task.name, prefix=prefix, **self.kw)
 
