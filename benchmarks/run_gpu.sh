@@ -11,13 +11,15 @@
 #   3. benchmarks/bench_gpu.py, one section per call (a timeout loses one section, not all)
 #   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py, benchmarks/bench_methods.py (≤ 60 s)
 #   5. python3 -m kfac_kernels, then benchmarks/saved_activations.py (what a step keeps for its backward)
+#   6. python3 -m pytest tests/test_cuda.py: the tak layer on the GPU against the CPU (curvature, training of
+#      every method, evaluation); alone with RUN_GPU_STEPS=tak when the default run left it too little time
 # Output, everything under $OUT (8 files, the most the device tool returns):
 #   results.md      summary of the steps, then every benchmark table (paste into benchmarks/RESULTS.md)
 #   results.json    every benchmark JSON, by script and section
-#   run.log         progress and environment;  tests.log (the tests, then python3 -m kfac_kernels: its
-#   checks and timings), bench_gpu.log, bench_curvature.log, bench_linearized.log, bench_methods.log:
+#   run.log         progress and environment;  tests.log (the tests, python3 -m kfac_kernels: its checks
+#   and timings, then tests/test_cuda.py), bench_gpu.log, bench_curvature.log, bench_linearized.log, bench_methods.log:
 #   each step's full output
-# Knobs: RUN_GPU_BUDGET_S; RUN_GPU_STEPS (default "tests bench_gpu curvature linearized methods kernels");
+# Knobs: RUN_GPU_BUDGET_S; RUN_GPU_STEPS (default "tests bench_gpu curvature linearized methods kernels tak");
 # BENCH_GPU_SECTIONS (default "quad compressed eigen covariance dual elementwise correction"); PYTHON (default python3).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -27,7 +29,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/run_gpu.XXXXXX)  # the scripts' own outputs; merged into $OUT at the end
 PY=${PYTHON:-python3}
 BUDGET=${RUN_GPU_BUDGET_S:-540}
-STEPS=" ${RUN_GPU_STEPS:-tests bench_gpu curvature linearized methods kernels} "
+STEPS=" ${RUN_GPU_STEPS:-tests bench_gpu curvature linearized methods kernels tak} "
 BENCH_GPU_SECTIONS=${BENCH_GPU_SECTIONS:-quad compressed eigen covariance dual elementwise correction}
 START=$SECONDS
 SUMMARY="$WORK/summary.md"
@@ -41,8 +43,8 @@ log() { echo "[run_gpu $((SECONDS - START))s] $*" | tee -a "$OUT/run.log"; }
 wants() { [[ $STEPS == *" $1 "* ]]; }
 
 # Seconds kept for each step while the steps before it run (when that step is wanted).
-ORDER=(tests bench_gpu curvature linearized methods kernels)
-declare -A MINIMUM=([tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [methods]=60 [kernels]=25)
+ORDER=(tests bench_gpu curvature linearized methods kernels tak)
+declare -A MINIMUM=([tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [methods]=60 [kernels]=25 [tak]=45)
 reserved_after() {
     local after=$1 seen=0 sum=0 s
     for s in "${ORDER[@]}"; do
@@ -111,10 +113,11 @@ EOF
 } | tee -a "$OUT/run.log"
 
 # ---------------------------------------------------------------- tests
+XDIST=()
+"$PY" -c "import xdist" 2> /dev/null && XDIST=(-n 8)  # pytest-xdist: Triton compiles in parallel
 if wants tests; then
-    XDIST=()
-    "$PY" -c "import xdist" 2> /dev/null && XDIST=(-n 8)  # Triton compiles in parallel
-    step tests "pytest -m gpu" 90 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -m gpu "${XDIST[@]}" tests
+    step tests "pytest -m gpu" 90 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -m gpu "${XDIST[@]}" \
+        --ignore=tests/test_cuda.py tests  # test_cuda.py: the last step
     step tests "pytest kernel tests (real Triton)" 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" \
         tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py tests/test_tak_nn.py \
         tests/test_dual_elementwise.py tests/test_correction.py
@@ -139,6 +142,9 @@ fi
 if wants kernels; then  # into tests.log: $OUT holds at most 8 files
     step kernels "python -m kfac_kernels" 45 "$OUT/tests.log" "$PY" -m kfac_kernels
     step kernels "saved_activations" 45 "$OUT/tests.log" "$PY" benchmarks/saved_activations.py --layers 12 --batch 128
+fi
+if wants tak; then
+    step tak "pytest tests/test_cuda.py" 240 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" tests/test_cuda.py
 fi
 
 # ---------------------------------------------------------------- results.md, results.json

@@ -75,24 +75,26 @@ def test_fast_path_module_methods():
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(TOLERANCE))
-def test_fast_path_on_the_kernels_in_float32(case, use_backend):
-    """The fast path in float32 with every kfac_kernels op on its Triton kernel (interpreted on a CPU)
-    against the generic path in float64: outputs and τ-gradients. (MiniLM cut to one layer: interpreted
-    GEMMs are slow.)"""
+def test_fast_path_on_the_kernels_in_float32(case, device, use_backend):
+    """The fast path in float32 with every kfac_kernels op on its Triton kernel (interpreted on a CPU,
+    compiled on a GPU) against the generic path in float64 on the CPU: outputs and τ-gradients. (MiniLM
+    cut to one layer: interpreted GEMMs are slow.)"""
     use_backend("triton")
     model64, inputs, outputs = CASES[case]()
     if case == "minilm":
         model64 = copy.deepcopy(model64)
         model64.encoder.layer = model64.encoder.layer[:1]
         model64.config.num_hidden_layers = 1
-    fast, generic = tak.linearize(copy.deepcopy(model64).float()), tak.linearize(model64, fast=False)
+    fast, generic = tak.linearize(copy.deepcopy(model64).float().to(device)), tak.linearize(model64, fast=False)
     taus = {name: 0.05 * torch.randn_like(t) for name, t in generic.task_vector().items()}
     generic.load_task_vector(taus)
     fast.load_task_vector({name: t.float() for name, t in taus.items()})
     args, kwargs = inputs()
-    args32 = [a.float() if a.is_floating_point() else a for a in args]
-    got, want = outputs(fast(*args32, **kwargs)), outputs(generic(*args, **kwargs))
+    args32 = [a.to(device, torch.float32) if a.is_floating_point() else a.to(device) for a in args]
+    kwargs32 = {k: v.to(device) for k, v in kwargs.items()}
+    got, want = outputs(fast(*args32, **kwargs32)), outputs(generic(*args, **kwargs))
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and rel_err(g, w) < 1e-4
     sum((g.double() ** 2).sum() for g in got).backward()
