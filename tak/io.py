@@ -2,7 +2,7 @@
 atomically, read back only when intact. Nothing here ever unpickles.
 
 A file holds named tensors and one JSON metadata object (in the safetensors header, under the key
-``tak``), plus a SHA-256 of the tensor bytes that ``read`` checks.
+``tak``), plus a SHA-256 of the tensor bytes and of the metadata that ``read`` checks.
 """
 import contextlib
 import hashlib
@@ -28,8 +28,9 @@ def architecture_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """SHA-256 of the metadata (canonical JSON) and of every tensor's name, shape, dtype and bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
@@ -67,7 +68,8 @@ def write_text(path, text: str) -> Path:
 def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``tensors`` and ``meta`` to ``path`` atomically (``atomic_file``)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {_KEY: json.dumps({**meta, "sha256": _digest(tensors)}, sort_keys=True)}
+    meta = json.loads(json.dumps(meta))  # as it reads back (tuples become lists), for the checksum
+    header = {_KEY: json.dumps({**meta, "sha256": _digest(tensors, meta)}, sort_keys=True)}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=header)
 
@@ -90,6 +92,6 @@ def read(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads(header[_KEY])
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: its tak metadata is not valid JSON: {e}") from e
-    if meta.pop("sha256", None) != _digest(tensors):
-        raise ValueError(f"{path}: tensor data does not match its checksum (corrupted file)")
+    if meta.pop("sha256", None) != _digest(tensors, meta):
+        raise ValueError(f"{path}: its tensors or metadata do not match its checksum (corrupted file)")
     return {k: v.to(device) for k, v in tensors.items()}, meta

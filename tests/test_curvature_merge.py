@@ -143,6 +143,22 @@ def test_task_factors_by_parameter_name_and_compressed():
         tf.quadratic_form({"nothing": torch.zeros(2)})
 
 
+def test_a_missing_weight_or_bias_counts_as_zero():
+    """τ by parameter name with only some of a layer's parameters (e.g. ``tak.linearize(model,
+    trainable="*.bias")``): the block [W | b] has zeros for the missing ones, against the dense form."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    f = fit_kfac(model, [torch.randn(5, 4)], progress=False, dense=False)
+    params = dict(model.named_parameters())
+    for names in (["0.bias", "2.bias"], ["0.weight", "2.bias"]):
+        taus = {n: torch.randn_like(params[n]) for n in names}
+        want = 0
+        for layer in ("0", "2"):
+            W = taus.get(f"{layer}.weight", torch.zeros_like(params[f"{layer}.weight"]))
+            b = taus.get(f"{layer}.bias", torch.zeros_like(params[f"{layer}.bias"]))
+            want = want + explicit_q(torch.cat([W, b[:, None]], 1), f[layer].B, f[layer].A)
+        assert rel_err(f.quadratic_form(taus), want) < 1e-5, names
+
+
 # ---------------------------------------------------------------- leave-one-out
 
 @pytest.mark.parametrize("t", [0, 2, 3])
@@ -166,6 +182,8 @@ def test_leave_one_out_refuses_bad_indices():
             merge_kfac_except(fs, sizes, t)
     with pytest.raises(ValueError, match="leaves no task"):
         TaskFactors(fs[:1], sizes[:1]).without(0)
+    with pytest.raises(ValueError, match="3 factors but 2 sizes"):  # checked before a task is left out
+        merge_kfac_except(fs + fs[:1], sizes, 2)
 
 
 # ---------------------------------------------------------------- compression
@@ -199,7 +217,7 @@ def test_blockdiag_keeps_the_diagonal_blocks(k):
             assert torch.equal(G.to_dense(), torch.where(block[:, None] == block[None, :], F, 0.0))
     check_report(f, c, report)
     assert report["method"] == "blockdiag" and report["k"] == k
-    assert c.meta["compression"] == {"method": "blockdiag", "which": "both", "k": k}
+    assert c.meta["compression"] == [{"method": "blockdiag", "which": "both", "k": k}]
 
 
 @pytest.mark.parametrize("args", [{"rank": 2}, {"rank": 100}, {"fraction": 0.5}])

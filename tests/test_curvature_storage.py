@@ -66,11 +66,16 @@ def test_round_trip_is_bitwise(path, dtype):
                                          ("prune", {"keep": 0.4})])
 def test_round_trip_of_compressed_factors(path, method, args):
     model = model_of()
-    c, _ = compress(fitted(model), method=method, which="A" if method == "eigen" else "both", **args)
+    which = "A" if method == "eigen" else "both"
+    c, _ = compress(fitted(model), method=method, which=which, **args)
+    steps = [{"method": method, "which": which, **args}]
+    if method == "eigen":  # a second call compresses the other factor: both steps are recorded
+        c, _ = compress(c, method="int8", which="B")
+        steps.append({"method": "int8", "which": "B"})
     c.save(path)
     g = KFAC.load(path, model=model)
     assert_same(c, g)
-    assert g.meta["compression"] == {"method": method, "which": c.meta["compression"]["which"], **args}
+    assert c.meta["compression"] == g.meta["compression"] == steps
     taus = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     assert torch.equal(c.quadratic_form(taus), g.quadratic_form(taus))
 
@@ -99,7 +104,7 @@ def test_refuses_a_model_differing_elsewhere(path):
     fitted(model_of()).save(path)
     other = model_of()
     other.add_module("extra", nn.Embedding(3, 2))  # not a factored layer
-    with pytest.raises(ValueError, match="the factored layers match, other parameters or the class differ"):
+    with pytest.raises(ValueError, match="the factored layers match; other parameters, the parameters' dtypes or the class differ"):
         KFAC.load(path, model=other)
 
 
@@ -117,7 +122,17 @@ def test_refuses_a_flipped_byte(path):
     i = len(data) - 1 - torch.randint(64, ()).item()  # tensor data sits at the end
     data[i] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="does not match its checksum"):
+    with pytest.raises(ValueError, match="do not match its checksum"):
+        KFAC.load(path)
+
+
+def test_refuses_edited_metadata(path):
+    """The checksum covers the metadata too: a convention changed in the header is refused."""
+    fitted(model_of()).save(path)
+    data = path.read_bytes()
+    assert data.count(b'"expand') == 1
+    path.write_bytes(data.replace(b'"expand', b'"reduce'))  # tokens: same length, still valid JSON
+    with pytest.raises(ValueError, match="do not match its checksum"):
         KFAC.load(path)
 
 

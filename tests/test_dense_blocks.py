@@ -50,6 +50,32 @@ def test_layernorm_blocks_equal_the_exact_ggn(tokens):
         assert torch.equal(block.B, block.B.T)
 
 
+class SharedNorm(nn.Module):
+    """One LayerNorm applied twice in a forward: its gradient is the sum over both calls."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc, self.ln, self.out = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, c)
+
+    def forward(self, x):
+        h = self.ln(self.fc(x))
+        return self.out(self.ln(torch.tanh(h) + h))
+
+
+@pytest.mark.parametrize("c", [1, 3], ids=["plain_backward", "batched_probes"])
+def test_layernorm_called_twice_gets_its_exact_block(c):
+    """The block of a LayerNorm used twice has the cross terms of its two calls (one output: the plain
+    backward; three: batched probes); the GGN diagonal is that block's diagonal."""
+    from tak.curvature.diagonal import fit_diagonal
+    model = SharedNorm(c).double()
+    X = torch.randn(6, 4, dtype=torch.float64)
+    block = fit_kfac(model, [X], exact=True, progress=False)["ln"]
+    G = exact_block(model, block.params, X, lambda m, x: m(x))
+    assert rel_err(block.B, G) < 1e-5
+    diagonal = fit_diagonal(model, [X], exact=True, progress=False)["ln"].D.reshape(-1)
+    assert rel_err(diagonal, G.diagonal()) < 1e-5
+
+
 def test_layernorm_on_vectors():
     """A LayerNorm on (N, d) inputs: no token dimension to sum over."""
     model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 2)).double()

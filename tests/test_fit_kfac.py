@@ -605,6 +605,8 @@ def test_bad_input():
     assert seq.training  # restored after the failure
     f = fit(seq, [torch.randn(2, 5, 5)], mc_samples=2)  # Monte-Carlo probes take sequence outputs
     assert f.meta["n_rows"]["inner"] == 10
+    with pytest.raises(TypeError, match="output_fn returned a tuple, not a tensor"):
+        fit(model, [x], output_fn=lambda m, b: (m(b), m(b)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,6 +769,23 @@ def test_t5():
     for name in f:
         assert rel_err(g[name].A, f[name].A) < 1e-6 and rel_err(g[name].B, f[name].B) < 1e-6, name
         assert rel_err(h[name].A, f[name].A) < 1e-5 and rel_err(h[name].B, f[name].B) < 1e-5, name
+
+
+def test_t5_decoder_mask_of_the_encoder_length():
+    """Masks are found by sequence length: a decoder mask of the encoder's length is used when it equals
+    the encoder's and refused, naming both, when it differs."""
+    model = tiny_t5()
+    mask = random_mask(3, 6).long()
+    batch = dict(input_ids=torch.randint(1, 64, (3, 6)).masked_fill(mask == 0, 0), attention_mask=mask,
+                 decoder_input_ids=torch.randint(1, 64, (3, 6)))
+    layer = "decoder.block.0.layer.0.SelfAttention.q"
+    f = fit(model, [{**batch, "decoder_attention_mask": mask}], layers=[layer])
+    assert f.meta["n_rows"][layer] == int(mask.sum())
+    for other in (mask.flip(0), None):  # another decoder mask; no encoder mask (all of it real)
+        bad = {**batch, "decoder_attention_mask": mask.flip(0)} if other is not None else \
+              {**batch, "attention_mask": None, "decoder_attention_mask": mask}
+        with pytest.raises(ValueError, match="decoder_attention_mask and attention_mask .* same length 6"):
+            fit(model, [bad], layers=[layer])
 
 
 def test_t5_exact_probes_batched():

@@ -5,7 +5,8 @@ Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer call
 ``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
 identity whose backward calls ``on_grad(layer, dz)``. Dense groups (``tak.curvature.dense``: the
 LayerNorms and the class token) get taps too, whose gradients become per-example gradient vectors
-for ``on_dense(group, v)``. Every tap also feeds one shared scalar, the
+for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
+LayerNorm is applied more than once). Every tap also feeds one shared scalar, the
 sink, so ``capture.backward(f, s)`` — a VJP of the feature output f with cotangent s, taken with
 respect to the sink alone — runs exactly the backward that reaches the taps: no weight-gradient
 GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output gradients of
@@ -60,6 +61,7 @@ class Capture:
         self.dense, self.on_dense = dense or {}, on_dense
         self.outputs: dict[str, list[torch.Tensor]] = {}
         self.to_vectors: dict[str, list] = {}  # dense group -> per call, dz -> per-example vectors
+        self._dense_sums: dict[str, torch.Tensor] = {}  # dense group -> its vectors summed over calls
         self._handles, self._patched = [], []
         self._batched = False
 
@@ -102,19 +104,32 @@ class Capture:
 
     def _dense_tap(self, group, z, to_vectors):
         callback = None if self.on_dense is None else (
-            lambda dz: None if self._batched else self.on_dense(group, to_vectors(dz)))
+            lambda dz: None if self._batched else self._add_dense(group.name, to_vectors(dz)))
         z = _Tap.apply(z, self.sink.to(z.device), callback)
         self.outputs.setdefault(group.name, []).append(z)
         self.to_vectors.setdefault(group.name, []).append(to_vectors)
         return z
 
+    def _add_dense(self, name: str, v: torch.Tensor) -> None:
+        """Add one call's per-example vectors to the group's sum (the gradient of a parameter used by
+        several calls is the sum of theirs)."""
+        self._dense_sums[name] = v if name not in self._dense_sums else self._dense_sums[name] + v
+
+    def _flush_dense(self) -> None:
+        """``on_dense`` once per group with its summed vectors (after a backward)."""
+        for name, v in self._dense_sums.items():
+            self.on_dense(self.dense[name], v)
+        self._dense_sums = {}
+
     def clear(self):
         """Forget the outputs of the last forward (call before the next batch)."""
-        self.outputs, self.to_vectors = {}, {}
+        self.outputs, self.to_vectors, self._dense_sums = {}, {}, {}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
-        """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz."""
+        """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense
+        group's ``on_dense`` its summed vectors."""
         torch.autograd.grad(f, self.sink, s, retain_graph=retain_graph, allow_unused=True)
+        self._flush_dense()
 
     def probe(self, f: torch.Tensor, S: torch.Tensor, chunk: int) -> None:
         """Feed the gradient callbacks with the output gradients for the cotangents S (m, *f.shape):
@@ -125,16 +140,19 @@ class Capture:
             return
         for i in range(0, len(S), chunk):
             part = S[i:i + chunk]
-            for name, gs in self.batched_grads(f, part, retain_graph=i + chunk < len(S)).items():
-                for call, g in enumerate(gs):
+            for name, calls in self.batched_grads(f, part, retain_graph=i + chunk < len(S)).items():
+                for call, g in calls:
                     if name in self.layers:
                         self.on_grad(self.layers[name], g, samples=len(part))
                     else:
                         to_vectors = self.to_vectors[name][call]
-                        self.on_dense(self.dense[name], torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
+                        self._add_dense(name, torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
+            self._flush_dense()
 
-    def batched_grads(self, f: torch.Tensor, S: torch.Tensor, retain_graph: bool = False) -> dict[str, list[torch.Tensor]]:
-        """{layer: [dz (m, *z.shape) per call of the layer]} for the m cotangents S (m, *f.shape)."""
+    def batched_grads(self, f: torch.Tensor, S: torch.Tensor,
+                      retain_graph: bool = False) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """{layer: [(call, dz (m, *z.shape)) per call of the layer that the output depends on]} for the m
+        cotangents S (m, *f.shape)."""
         names = [(n, i) for n, zs in self.outputs.items() for i in range(len(zs))]
         if not names:
             return {}
@@ -147,7 +165,7 @@ class Capture:
         out: dict[str, list[torch.Tensor]] = {}
         for (n, i), g in zip(names, grads):
             if g is not None:
-                out.setdefault(n, []).append(g)
+                out.setdefault(n, []).append((i, g))
         return out
 
 

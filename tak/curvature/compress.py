@@ -28,7 +28,7 @@ def compress(kfac: KFAC, *, method: str, which: str = "both", k: int | None = No
 
     report: ``bytes_before``, ``bytes_after`` (all factors), ``ratio`` = bytes_before / bytes_after,
     ``layers`` {name: {bytes_before, bytes_after[, nonzeros]}}, and the method and its arguments
-    (also stored as ``meta["compression"]`` of the result)."""
+    (also appended to ``meta["compression"]`` of the result: one entry per compress call, in order)."""
     if method not in _PARAMS:
         raise ValueError(f"compress: method must be one of {list(_PARAMS)}, got {method!r}")
     given = {n: v for n, v in {"k": k, "rank": rank, "fraction": fraction, "keep": keep}.items() if v is not None}
@@ -58,7 +58,7 @@ def compress(kfac: KFAC, *, method: str, which: str = "both", k: int | None = No
     before = sum(e["bytes_before"] for e in layers.values())
     after = sum(e["bytes_after"] for e in layers.values())
     report = {**info, "bytes_before": before, "bytes_after": after, "ratio": before / after, "layers": layers}
-    return KFAC(factors, {**kfac.meta, "compression": info}), report
+    return KFAC(factors, {**kfac.meta, "compression": [*kfac.meta.get("compression", []), info]}), report
 
 
 def prune(F: torch.Tensor, keep: float) -> torch.Tensor:

@@ -29,6 +29,10 @@ class DiagonalFactors:
 
     block = LayerFactors.block
 
+    @property
+    def columns(self) -> int:
+        return self.D.shape[1]
+
 
 @dataclass(frozen=True)
 class DenseDiagonal:

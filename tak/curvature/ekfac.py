@@ -43,6 +43,10 @@ class EigenFactors:
 
     block = LayerFactors.block  # the task-vector block [W | b], found the same way as for KFAC
 
+    @property
+    def columns(self) -> int:
+        return self.U_A.shape[0]
+
 
 class EKFAC(Factors):
     """Per-layer EK-FAC factors ``e[name].U_B``, ``.U_A``, ``.S`` and the metadata that says how they

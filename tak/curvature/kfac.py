@@ -41,16 +41,23 @@ class LayerFactors:
     weight: str
     bias: str | None
 
+    @property
+    def columns(self) -> int:
+        """Columns of the block [W | b]: d_in (+1 with a bias)."""
+        return self.A.shape[0]
+
     def block(self, taus: dict, name: str):
-        """This layer's task-vector block from ``taus`` (by layer name, or by parameter names), or None."""
+        """This layer's task-vector block [W | b] from ``taus`` (by layer name, or by parameter names; a
+        missing W or b counts as zero), or None when ``taus`` has neither."""
         if name in taus:
             return taus[name]
-        if self.weight not in taus:
+        W, b = taus.get(self.weight), taus.get(self.bias) if self.bias is not None else None
+        if W is None and b is None:
             return None
-        W = taus[self.weight]
+        if W is None:
+            W = b.new_zeros(b.shape[0], self.columns - 1)
         if self.bias is None:
             return W
-        b = taus.get(self.bias)
         return torch.cat([W, (torch.zeros_like(W[:, :1]) if b is None else b[:, None].to(W.dtype))], dim=1)
 
 
@@ -225,6 +232,9 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
             acc.start(batch)
             cap.clear()
             f = output_fn(model, batch)
+            if not isinstance(f, torch.Tensor):
+                raise TypeError(f"{desc}: output_fn returned a {type(f).__name__}, not a tensor: pass output_fn= "
+                                "(model, batch) -> the feature tensor whose Jacobian Gramian to approximate")
             if f.requires_grad:  # else f depends on no selected layer: nothing to add
                 cap.probe(f, probes(f, mc_samples, exact, generator, acc.batch.first_mask()), probe_chunk)
             acc.n += acc.batch.n

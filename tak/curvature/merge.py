@@ -93,6 +93,8 @@ def _leave_out(op: str, factors, sizes, t):
         raise ValueError(f"{op}: t must be a task index in [0, {n}), got {t!r}")
     if n < 2:
         raise ValueError(f"{op}: leaving out task {t} of {n} leaves no task")
+    if len(sizes) != n:
+        raise ValueError(f"{op}: {n} factors but {len(sizes)} sizes (one data set size per task)")
     return [f for i, f in enumerate(factors) if i != t], [s for i, s in enumerate(sizes) if i != t]
 
 

@@ -40,14 +40,26 @@ def batch_size(batch) -> int:
 
 
 def token_masks(batch) -> dict[int, torch.Tensor]:
-    """{sequence length: (N, T) bool mask of real tokens} from a Hugging Face batch's attention masks."""
+    """{sequence length: (N, T) bool mask of real tokens} from a Hugging Face batch's attention masks.
+
+    A layer's activations find their mask by their length T, so an encoder and a decoder sequence of
+    one length must have one mask (ValueError otherwise; no encoder mask means all tokens are real)."""
     if not isinstance(batch, dict):
         return {}
+    encoder, decoder = batch.get("attention_mask"), batch.get("decoder_attention_mask")
+    inputs = batch.get("input_ids", batch.get("inputs_embeds"))
+    if encoder is None and decoder is not None and inputs is not None:
+        encoder = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
     masks = {}
-    for key in ("attention_mask", "decoder_attention_mask"):
-        if batch.get(key) is not None:
-            m = batch[key].bool()
-            masks.setdefault(m.shape[1], m)
+    for key, m in (("attention_mask", encoder), ("decoder_attention_mask", decoder)):
+        if m is None:
+            continue
+        m = m.bool()
+        if m.shape[1] in masks and not torch.equal(masks[m.shape[1]], m):
+            raise ValueError(f"decoder_attention_mask and attention_mask (or the encoder inputs) have the same length "
+                             f"{m.shape[1]} but mark different tokens as real: a layer's mask is found by its sequence "
+                             "length, so pad the decoder inputs to another length (or pass equal masks)")
+        masks.setdefault(m.shape[1], m)
     return masks
 
 

@@ -127,8 +127,8 @@ def check_model(meta: dict, model: nn.Module, path="factors") -> None:
     if diffs:
         what = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
     else:
-        what = (f"the factored layers match, other parameters or the class differ (file: {meta.get('model')!r}, "
-                f"model: {type(model).__name__!r})")
+        what = (f"the factored layers match; other parameters, the parameters' dtypes or the class differ "
+                f"(file: {meta.get('model')!r}, model: {type(model).__name__!r})")
     raise ValueError(f"{path}: factors of another architecture: fingerprint {meta.get('fingerprint')!r} in the file, "
                      f"{fingerprint!r} for the model; {what}")
 
