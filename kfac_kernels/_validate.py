@@ -41,9 +41,14 @@ def square(op: str, name: str, x: torch.Tensor, size: int | None = None) -> int:
 
 
 def no_grad_needed(op: str, **named) -> None:
-    """Factors are constants of the ops: refuse ones that ask for a gradient."""
+    """Factors are constants of the ops: refuse ones (dense, or a compressed factor's tensors) that ask for a
+    gradient."""
+    if not torch.is_grad_enabled():
+        return
     for name, x in named.items():
-        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        tensors = [x] if isinstance(x, torch.Tensor) else \
+            [v for v in getattr(x, "__dict__", {}).values() if isinstance(v, torch.Tensor)]
+        if any(t.requires_grad for t in tensors):
             raise ValueError(f"{op}: {name} requires grad, but gradients flow only to tau; pass {name}.detach()")
 
 

@@ -39,7 +39,7 @@ def covariance_update_(C, X, *, scale=1.0, mask=None, append_ones=False):
             raise ValueError(
                 f"{_OP}: mask must have shape X.shape[:-1] = {tuple(X.shape[:-1])}, got {tuple(mask.shape)}"
             )
-    if not isinstance(scale, numbers.Real):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python number, got {_validate.describe(scale)}")
     device = _validate.same_device(_OP, C=C, X=X, mask=mask)
     backend = _backend.select(_OP, device, [X.dtype, C.dtype], has_cuda_kernel=True)

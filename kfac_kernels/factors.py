@@ -23,6 +23,13 @@ def _dense(op: str, name: str, F) -> torch.Tensor:
     return F
 
 
+def _compressible(op: str, F) -> torch.Tensor:
+    """F, a dense square factor with at least one row, for ``from_dense``."""
+    if _dense(op, "F", F).shape[0] == 0:
+        raise ValueError(f"{op}: F is empty (shape {tuple(F.shape)}): nothing to compress")
+    return F
+
+
 @dataclass(frozen=True)
 class BlockDiagonalFactor:
     blocks: torch.Tensor  # (k, b, b)
@@ -38,7 +45,7 @@ class BlockDiagonalFactor:
     @classmethod
     def from_dense(cls, F: torch.Tensor, k: int) -> "BlockDiagonalFactor":
         """Keep the k diagonal blocks of F (n × n), zero elsewhere."""
-        n = _dense("BlockDiagonalFactor.from_dense", "F", F).shape[0]
+        n = _compressible("BlockDiagonalFactor.from_dense", F).shape[0]
         if not 1 <= k <= max(n, 1):
             raise ValueError(f"BlockDiagonalFactor.from_dense: k={k} must be in [1, {n}] for F of shape {tuple(F.shape)}")
         b = -(-n // k)
@@ -89,9 +96,11 @@ class LowRankFactor:
     @classmethod
     def from_dense(cls, F: torch.Tensor, rank: int | None = None, *, fraction: float | None = None) -> "LowRankFactor":
         """Top eigenpairs of symmetric F (float64 eigh): ``rank`` of them, or a ``fraction`` of n."""
-        n = _dense("LowRankFactor.from_dense", "F", F).shape[0]
+        n = _compressible("LowRankFactor.from_dense", F).shape[0]
         if (rank is None) == (fraction is None):
             raise ValueError("LowRankFactor.from_dense: give exactly one of rank= or fraction=")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ValueError(f"LowRankFactor.from_dense: fraction must be in (0, 1], got {fraction!r}")
         r = rank if rank is not None else max(1, round(fraction * n))
         if not 1 <= r <= n:
             raise ValueError(f"LowRankFactor.from_dense: rank {r} must be in [1, {n}] for F of shape {tuple(F.shape)}")
@@ -142,11 +151,11 @@ class Int8Factor:
     @classmethod
     def from_dense(cls, F: torch.Tensor) -> "Int8Factor":
         """Symmetric per-row quantization F ≈ diag(s) Q diag(s) (see module docstring)."""
-        _dense("Int8Factor.from_dense", "F", F)
+        _compressible("Int8Factor.from_dense", F)
         F = F.float()
         peak = F.abs().amax(dim=1)
         s = torch.sqrt(peak / 127.0)
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = torch.where(s == 0, torch.ones_like(s), s)  # all-zero rows; NaN / Inf stay and propagate
         q = torch.round(F / s[:, None] / s[None, :]).clamp_(-127, 127).to(torch.int8)
         return cls(q, s.contiguous())
 

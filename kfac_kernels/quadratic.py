@@ -35,6 +35,11 @@ class _Forms(torch.autograd.Function):
 def _weights(op: str, weights, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
+    if isinstance(weights, torch.Tensor) and (weights.dim() != 1 or weights.requires_grad):
+        raise ValueError(f"{op}: weights must be constants, one per layer: a 1-D tensor without grad or a sequence "
+                         f"of numbers, got a tensor of shape {tuple(weights.shape)} (requires_grad={weights.requires_grad})")
+    if not isinstance(weights, torch.Tensor) and not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{op}: weights must be a sequence of numbers, one per layer, got {type(weights).__name__}")
     w = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
     if len(w) != n:
         raise ValueError(f"{op}: weights has {len(w)} entries for {n} layers")
@@ -132,7 +137,7 @@ def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:
         from .triton_kernels import quadratic
         return quadratic.eigen_backward(Gs, U_Bs, U_As, taus)
 
-    return _apply(op, taus, [U.dtype for U in (*U_Bs, *U_As)],
+    return _apply(op, taus, [U.dtype for U in (*U_Bs, *U_As, *Ss)],
                   lambda want, dtype: reference.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, w, want, dtype),
                   triton_fn, finish_triton)
 

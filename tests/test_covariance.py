@@ -196,8 +196,9 @@ def test_errors(use_backend):
         covariance_update_(C, X, mask=torch.ones(20, dtype=torch.bool), append_ones=True)
     with pytest.raises(TypeError, match="mask must have dtype"):
         covariance_update_(C, X, mask=torch.ones(4, 5), append_ones=True)
-    with pytest.raises(TypeError, match="scale must be a Python number"):
-        covariance_update_(C, X, scale=torch.tensor(2.0), append_ones=True)
+    for scale in (torch.tensor(2.0), True):
+        with pytest.raises(TypeError, match="scale must be a Python number"):
+            covariance_update_(C, X, scale=scale, append_ones=True)
     with pytest.raises(ValueError, match="one device.*X on meta"):
         covariance_update_(C, X.to("meta"), append_ones=True)
     assert torch.equal(C, torch.zeros(8, 8))

@@ -63,7 +63,12 @@ AFFINE = ["trained", "frozen", "none", "tangent_only"]
 def norm_inputs(lead, d, affine, dtype=torch.float32):
     """(x, dx, w, dw, b, db): 'trained' all; 'frozen' γ, β without tangents; 'none' no affine part;
     'tangent_only' no dx, tangents of γ and β only."""
-    x, dx = rand(*lead, d, dtype=dtype, scale=2.0, shift=0.5), rand(*lead, d, dtype=dtype)
+    x, dx = rand(*lead, d, dtype=torch.float64, scale=2.0, shift=0.5), rand(*lead, d, dtype=dtype)
+    # LayerNorm's Jacobian scales with 1/σ of a row: at d = 3 a random row is nearly constant often enough
+    # for fp32 rounding to exceed the tolerance, so rows are spread to σ ≥ 0.5 (fresh values otherwise)
+    mean = x.mean(-1, keepdim=True)
+    sigma = (x - mean).square().mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    x = (mean + (x - mean) * (0.5 / sigma).clamp_min(1.0)).to(dtype)
     w, b = rand(d, dtype=dtype, shift=1.0), rand(d, dtype=dtype)
     dw, db = rand(d, dtype=dtype), rand(d, dtype=dtype)
     return {"trained": (x, dx, w, dw, b, db), "frozen": (x, dx, w, None, b, None),
@@ -74,6 +79,15 @@ def norm_inputs(lead, d, affine, dtype=torch.float32):
 @pytest.mark.parametrize("lead, d", [((3, 7), 33), ((5,), 3), ((2, 3, 1), 130), ((1,), 7)])
 def test_layer_norm(backend, lead, d, affine):
     check_norm(False, *norm_inputs(lead, d, affine))
+
+
+def test_bias_tangent_alone_gives_a_fresh_tangent(backend):
+    """dy = dβ on every row: its own tensor, not a view of dβ that later changes of dβ would change."""
+    x, _, w, _, b, db = norm_inputs((4,), 6, "trained")
+    y, dy = kk.dual_layer_norm(x, None, w, None, b, db)
+    want = db.expand(4, 6).clone()
+    db.add_(1.0)
+    assert torch.equal(dy, want)
 
 
 def test_layer_norm_width_one(backend):
@@ -105,6 +119,9 @@ def test_norm_float64_and_strided_rows(backend):
     dx = rand(33, 6).T  # column stride 6: made contiguous where a kernel needs it
     _, _, w, dw, b, db = norm_inputs((6,), 33, "trained")
     check_norm(False, x, dx, w, dw, b, db)
+    w, dw, b, db = (rand(33, 2)[:, 1] for _ in range(4))  # parameters with stride 2
+    check_norm(False, x, dx, w + 1.0, dw, b, db)
+    check_norm(True, x, dx, w + 1.0, dw, None, None, eps=1e-6)
     if backend == "torch":
         check_norm(False, *norm_inputs((3, 5), 17, "trained", torch.float64))
         check_norm(True, *norm_inputs((3, 5), 17, "trained", torch.float64)[:4], None, None)
@@ -265,5 +282,7 @@ def test_kernel_backend_refuses_float64(use_backend):
 
 def test_relu_matches_pytorch_exactly(backend):
     x, dx = rand(4, 11, scale=3.0), rand(4, 11)
+    x[0, :2] = float("nan")
     y, dy = kk.dual_activation(x, dx, "relu")
-    assert torch.equal(y, F.relu(x)) and torch.equal(dy, dx * (x > 0))
+    assert torch.allclose(y, F.relu(x), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(dy, torch.ops.aten.threshold_backward(dx, x, 0))  # NaN: y NaN, slope 1

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kfac_kernels as kk
+from tests.conftest import KERNEL_BACKENDS
 from tests.util import TOL, rel_err
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (130, 33), (33, 130), (32, 48), (48, 96)]
@@ -165,6 +166,7 @@ def test_nan_propagates(backend):
     assert math.isnan(kk.quadratic_form(tau, B, spd(5)).item())
     tau[0, 0] = float("inf")
     assert not math.isfinite(kk.quadratic_form(tau, spd(7), spd(5)).item())
+    assert math.isnan(kk.quadratic_form(torch.randn(7, 5), spd(7), kk.Int8Factor.from_dense(B[:5, :5])).item())
 
 
 COMPRESSIONS = {
@@ -185,6 +187,16 @@ def test_compressed_factors(backend, b_kind, a_kind):
     q_ref, g_ref = definition(tau, B, A)  # the dense matrix the compressed factor stands for
     assert rel_err(q, q_ref) <= TOL[torch.float32]
     assert rel_err(tau.grad, g_ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("precision,dtype", [("highest", torch.bfloat16), ("medium", torch.float32)])
+def test_int8_factor_in_bf16_products(backend, precision, dtype):
+    """An int8 factor's tiles multiplied as bf16 (bf16 operands, or fp32 at 'medium'), against the dense
+    matrix it stands for."""
+    torch.set_float32_matmul_precision(precision)
+    tau, B = torch.randn(33, 13).to(dtype), spd(33).to(dtype)
+    A = kk.Int8Factor.from_dense(spd(13))
+    assert rel_err(kk.quadratic_form(tau, B, A), definition(tau, B, A)[0]) <= TOL[torch.bfloat16]
 
 
 def test_compressed_factors_approximate_the_dense_ones():
@@ -246,6 +258,8 @@ def test_eigen_forms_many_layers(backend):
     (lambda: (torch.randn(3, 4), spd(3).to(torch.float16), spd(4).bfloat16()), r"cannot mix bfloat16 and float16"),
     (lambda: (torch.randn(3, 4), spd(3).to("meta"), spd(4)), r"one device, got tau on cpu, B on meta, A on cpu"),
     (lambda: (torch.randn(3, 4), kk.LowRankFactor(torch.randn(3, 2), torch.rand(3)), spd(4)), r"needs 2 eigenvalues"),
+    (lambda: (torch.randn(3, 4), kk.LowRankFactor.from_dense(spd(3), rank=2), kk.BlockDiagonalFactor(
+        torch.randn(2, 2, 2, requires_grad=True), 4)), r"A requires grad"),
 ])
 def test_bad_input(backend, args, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -263,6 +277,32 @@ def test_bad_lists():
         kk.quadratic_forms([torch.randn(2, 2), torch.randn(2, 3)], [spd(2)] * 2, [spd(2)] * 2)
     with pytest.raises(ValueError, match=r"S \(5, 5\) do not fit"):
         kk.eigen_quadratic_form(torch.randn(3, 4), torch.eye(3), torch.eye(4), torch.rand(5, 5))
+    layers = ([torch.randn(2, 2)] * 2, [spd(2)] * 2, [spd(2)] * 2)
+    with pytest.raises(TypeError, match="weights must be a sequence of numbers, one per layer, got float"):
+        kk.quadratic_forms(*layers, weights=2.0)
+    for bad in (torch.tensor(2.0), torch.ones(2, requires_grad=True)):
+        with pytest.raises(ValueError, match="weights must be constants, one per layer"):
+            kk.quadratic_forms(*layers, weights=bad)
+    for F, args, match in [(torch.zeros(0, 0), {"k": 1}, "F is empty"), (spd(4), {"rank": None, "fraction": -3.0},
+                                                                        r"fraction must be in \(0, 1\]")]:
+        factor = kk.BlockDiagonalFactor if "k" in args else kk.LowRankFactor
+        with pytest.raises(ValueError, match=match):
+            factor.from_dense(F, **args)
+    with pytest.raises(ValueError, match="F is empty"):
+        kk.Int8Factor.from_dense(torch.zeros(0, 0))
+
+
+def test_eigen_form_with_float64_eigenvalues(use_backend):
+    """S in float64 with fp32 τ and bases: the automatic choice runs the PyTorch backend (as for any
+    float64 input); a forced kernel backend refuses it by dtype."""
+    tau, U_B, U_A = torch.randn(5, 3), torch.linalg.qr(torch.randn(5, 5))[0], torch.linalg.qr(torch.randn(3, 3))[0]
+    S = torch.rand(5, 3, dtype=torch.float64)
+    want = (S * (U_B.double().T @ tau.double() @ U_A.double()) ** 2).sum()
+    assert rel_err(kk.eigen_quadratic_form(tau, U_B, U_A, S), want) <= TOL[torch.float32]
+    for name in KERNEL_BACKENDS:
+        use_backend(name)
+        with pytest.raises(TypeError, match="float16/bfloat16/float32 tensors, got .*float64"):
+            kk.eigen_quadratic_form(tau, U_B, U_A, S)
 
 
 def test_bad_backend_name(monkeypatch):

@@ -31,7 +31,7 @@ def _value_and_slope(x, KIND: tl.constexpr):
         s = tl.sigmoid(1.702 * x)
         return x * s, s + 1.702 * x * s * tl.sigmoid(-1.702 * x)
     elif KIND == "relu":
-        return tl.maximum(x, 0.0), tl.where(x > 0.0, 1.0, 0.0)
+        return tl.where(x <= 0.0, 0.0, x), tl.where(x <= 0.0, 0.0, 1.0)  # NaN: y NaN, slope 1 (as torch)
     else:  # tanh
         return _tanh(x), 4.0 * tl.sigmoid(2.0 * x) * tl.sigmoid(-2.0 * x)
 

@@ -80,6 +80,8 @@ def _grouped_matmul_kernel(
         k_ok = rk < k_size - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         f = tl.load(f_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        if F_DTYPE == tl.int8:  # int8 -> fp32 is exact, and the dot's own cast of it to bf16 then too
+            f = f.to(tl.float32)
         if HAS_KSCALE:
             ks = tl.load(kscale_ptr + k0 + rk, mask=k_ok, other=0.0)
             x = x.to(tl.float32) * ks[None, :]
