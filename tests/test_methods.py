@@ -95,7 +95,7 @@ def test_tau_jp_equals_explicit_jacobian_norm():
             t.copy_(torch.randn_like(t))
     x = torch.randn(4, 7, dtype=torch.float64)
     penalty = TauJpPenalty([x], beta=2.0, features=bb.features)
-    got = penalty(trainee.at(1.0), trainee.base(), step=0)
+    got = penalty(trainee, step=0)
     params = dict(bb.model.named_parameters())
     taus = trainee.task_vector()
     want = 0.0
@@ -104,6 +104,26 @@ def test_tau_jp_equals_explicit_jacobian_norm():
         jt = sum(J[k].reshape(4, -1) @ taus[k].reshape(-1) for k in params)
         want += jt.pow(2).sum() / len(x)
     torch.testing.assert_close(got, 2.0 * want)
+
+
+@pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
+def test_tau_jp_in_train_mode_is_zero_at_theta0_and_takes_its_batch_by_step():
+    """With dropout on, f_lin and f(x; θ0) share one forward's masks, so the penalty is 0 at τ = 0; the
+    k-th application (k = step // every) uses batch k mod len(batches)."""
+    bb = ToyBackbone()
+    bb.model = nn.Sequential(nn.Linear(7, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 4)).double()
+    trainee = make_trainee(get_method("linear"), bb.model, None).train()
+    batches = [torch.randn(6, 7, dtype=torch.float64) for _ in range(3)]
+    seen = []
+    penalty = TauJpPenalty(batches, beta=1.0, features=lambda m, b: seen.append(b) or bb.features(m, b), every=2)
+    assert penalty(trainee, step=0) == 0
+    with torch.no_grad():
+        for t in trainee.taus().values():
+            t.copy_(torch.randn_like(t))
+    seen.clear()
+    values = [penalty(trainee, step) for step in range(8)]
+    assert [v is None for v in values] == [False, True] * 4 and all(v > 0 for v in values[::2])
+    assert [next(i for i, b in enumerate(batches) if b is x) for x in seen[::2]] == [0, 1, 2, 0]
 
 
 def test_along_path_distillation_matches_its_formula_at_fixed_alpha():

@@ -61,7 +61,7 @@ class Objective(nn.Module):
         terms["task"] = loss
         if self.penalty is not None and (drift := self.penalty(self.student.taus(), step)) is not None:
             terms["drift"] = drift
-        if self.tau_jp is not None and (drift := self.tau_jp(self.student.at(1.0), self.student.base(), step)) is not None:
+        if self.tau_jp is not None and (drift := self.tau_jp(self.student, step)) is not None:
             terms["tau_jp"] = drift
         if self.teacher is not None:
             with self.teacher.lin.keeping_primal() as at_theta0:

@@ -5,10 +5,8 @@
 Every ``every`` steps only (TAK Fig. 8), with the factors on the CPU in between when ``offload``.
 
 ``TauJpPenalty``: β · 1/N Σ_n ‖J_θ f(x_n; θ0) τ‖² on batches of the other tasks' inputs, with
-J τ = f_lin(x; θ0 + τ) − f(x; θ0) (Yoshida et al. 2025).
+J τ = f_lin(x; θ0 + τ) − f(x; θ0) (Yoshida et al. 2025), both from one forward (one dropout mask).
 """
-import itertools
-
 import torch
 
 from .._selection import selects
@@ -65,20 +63,26 @@ class CurvaturePenalty:
 
 
 class TauJpPenalty:
-    """``batches``: a re-iterable of model inputs of the other tasks, cycled."""
+    """``batches``: model inputs of the other tasks, taken in turn: the k-th application uses batch
+    k mod len(batches), k = step // every (so a resumed run sees the batches an unbroken one does)."""
 
     def __init__(self, batches, beta: float, features, *, every: int = 1):
         self.beta, self.features, self.every = float(beta), features, every
-        self._batches = itertools.cycle(batches)
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("TauJpPenalty: batches is empty")
 
     def active(self, step: int) -> bool:
         return self.beta != 0 and step % self.every == 0
 
-    def __call__(self, linear_model, base_model, step: int = 0) -> torch.Tensor | None:
-        """β · mean_n ‖f_lin(x_n) − f(x_n; θ0)‖² on the next batch, or None off-schedule."""
+    def __call__(self, trainee, step: int = 0) -> torch.Tensor | None:
+        """β · mean_n ‖f_lin(x_n) − f(x_n; θ0)‖² of a ``LinearTrainee`` on this step's batch, f(x_n; θ0)
+        the primal its forward keeps (same dropout masks: 0 at τ = 0), or None off-schedule."""
         if not self.active(step):
             return None
-        batch = next(self._batches)
+        batch = self.batches[(step // self.every) % len(self.batches)]
+        with trainee.lin.keeping_primal() as at_theta0:
+            f = self.features(trainee.at(1.0), batch)
         with torch.no_grad():
-            f0 = self.features(base_model, batch)
-        return self.beta * (self.features(linear_model, batch) - f0).pow(2).sum(-1).mean()
+            f0 = self.features(at_theta0, batch)
+        return self.beta * (f - f0).pow(2).sum(-1).mean()

@@ -31,15 +31,17 @@ def fit_inputs(backbone, examples_by_task: list, n_examples: int, device, batch_
 
 
 def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_samples: int, cache: Path | None,
-                 device, layers: list[str] | None = None, progress: bool = True):
+                 device, layers: list[str] | None = None, cache_key: str = "", progress: bool = True):
     """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several),
-    for the modules named in ``layers`` (None: all)."""
+    for the modules named in ``layers`` (None: all). The cached file's name holds kind, tasks, n, M, a hash
+    of ``layers`` and ``cache_key`` (what else the factors depend on: backbone, data; see the loop)."""
     name = "+".join(t.name for t in tasks)
     if layers is not None and kind == "ekfac":  # EK-FAC has no exact dense blocks: its linear layers only
         linear = set(find_layers(backbone.model))
         layers = [n for n in layers if n in linear]
     which = "all" if layers is None else hashlib.sha256("|".join(sorted(layers)).encode()).hexdigest()[:8]
-    path = None if cache is None else Path(cache) / f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}.safetensors"
+    stem = f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}" + (f"-{cache_key}" if cache_key else "")
+    path = None if cache is None else Path(cache) / f"{stem}.safetensors"
     if path is not None and path.exists():
         return _CLASSES[kind].load(path, model=backbone.model, device=device)
     batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)

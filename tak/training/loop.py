@@ -11,6 +11,7 @@ rank (``tak.curvature.fit_kfac``), so those runs agree with one process only sta
 Outputs in ``config.run_dir()``: ``task_vector.safetensors`` (``tak.TaskVector``), DELTA's
 ``teacher_task_vector.safetensors``, ``metrics.json``, ``checkpoint.safetensors``, ``config.yaml``.
 """
+import hashlib
 import json
 import math
 import os
@@ -102,13 +103,28 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
     method = get_method(config.method)
     hp = config.hyperparameters(method.defaults)
-    others = [_task(t, config) for t in config.tasks if t != config.task]
-    reference = [_task(t, config) for t in config.reference]
     selection = config.trainable if config.trainable is not None else method.trainable
     trained = trainable_names(backbone.model, selection)
     layers = trained_layers(backbone.model, trained)
     fit = dict(n_examples=config.factor_examples, mc_samples=config.mc_samples, cache=Path(config.out) / "factors",
-               device=device, layers=layers, progress=config.progress and is_main_rank())
+               cache_key=factor_key(config), device=device, layers=layers, progress=config.progress and is_main_rank())
+    with torch.random.fork_rng(devices=[]):  # fitted or loaded, the factors leave the training RNG as it was
+        penalty, teacher_penalty, tau_jp = _penalties(config, method, hp, backbone, device, fit)
+    return Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
+                     tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
+
+
+def factor_key(config: TrainConfig) -> str:
+    """8 hex digits of what the cached factors depend on beyond their file name's fields: the backbone and
+    the data the tasks' training inputs come from."""
+    what = [config.backbone, config.pretrained, config.max_length, config.max_train, config.data_root, config.seed]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
+
+
+def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dict) -> tuple:
+    """(penalty, teacher_penalty, tau_jp) of ``method``; None where it has none."""
+    others = [_task(t, config) for t in config.tasks if t != config.task]
+    reference = [_task(t, config) for t in config.reference]
     penalty = teacher_penalty = tau_jp = None
     if method.penalty in ("kfac", "diagonal", "ekfac"):
         sources = reference if (config.universal or method.penalty == "ekfac") else others
@@ -128,8 +144,7 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
         batches = fit_inputs(backbone, [t.split("train") for t in others], config.factor_examples, device,
                              batch_size=config.batch_size)
         tau_jp = TauJpPenalty(batches, hp["beta"], backbone.features, every=config.penalty_every)
-    return Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
-                     tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
+    return penalty, teacher_penalty, tau_jp
 
 
 def _average_gradients(params: list[torch.Tensor], world: int) -> None:
