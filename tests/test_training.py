@@ -262,6 +262,7 @@ def toy_backbone(pretrained=None, **options) -> GenericBackbone:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    model.register_parameter("unused", nn.Parameter(torch.ones(2, dtype=torch.float64)))  # the loss never reaches it
     head = Head(torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
                 normalize=False, scale=1.0)
     return GenericBackbone(model, inputs=torch.stack, heads={TOY_TASK: head}, name=TOY_BACKBONE,
@@ -352,8 +353,9 @@ def test_two_gloo_processes_train_the_task_vector_of_one(tmp_path, toys):
             single = TaskVector.load(one.path.with_name(name))
             ddp = TaskVector.load(run_dir / name, fingerprint=toy_backbone().fingerprint)
             assert ddp.meta["base_model"] == TOY_BACKBONE and ddp.regime == single.regime
-            assert set(ddp.tensors) == set(single.tensors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+            assert set(ddp.tensors) == set(single.tensors) == {"0.weight", "0.bias", "2.weight", "2.bias", "unused"}
             assert max(v.abs().max() for v in single.tensors.values()) > 1e-2  # τ moved
+            assert not single.tensors["unused"].any()  # no gradient, no weight decay: as with one process
             for k, v in single.tensors.items():
                 torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12, msg=f"{method} {name} {k}")
 

@@ -148,15 +148,20 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
 
 
 def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Each parameter's gradient averaged over the processes; None where no process has one (as with one
+    process, AdamW then leaves the parameter alone: no weight decay on what the loss does not reach)."""
     if world == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
     flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(present)
     dist.all_reduce(flat)
     flat /= world
+    present = present.tolist()
     offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+    for p, g, seen in zip(params, grads, present):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone() if seen else None
         offset += g.numel()
 
 
