@@ -23,7 +23,7 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each co
   * nonlinear: fine-tuning of θ (``NonlinearTrainee``);
   * linear: the linearized model in τ (``LinearTrainee``: ``tak.linearize`` fast path);
   * tak: linear + ``CurvaturePenalty`` (β = 100, ``layer_weights(last_layer_weight=0.1)``, which puts the
-    0.1 on the last entry of the factors: ln_post's exact block, not a linear layer) on KFAC factors merged over two
+    0.1 on the last linear layer the features reach: the last block's mlp.c_proj) on KFAC factors merged over two
     "tasks" (``tak.fit_kfac`` on 16 random images each, ``dense=True`` as the loop fits them: LayerNorm
     and class-token blocks included, then ``tak.merge_kfac``, TAK Eq. 8): the factors of the right
     shapes, fp32, as the loop holds them;

@@ -205,3 +205,15 @@ def test_last_layer_weight_skips_the_exact_dense_blocks():
     weights = layer_weights(factors, last_layer_weight=0.1)
     assert list(factors)[-1] != "2" and weights["2"] == 0.1
     assert all(w == 1.0 for n, w in weights.items() if n != "2")
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "diagonal"])
+def test_last_layer_weight_skips_layers_the_features_do_not_reach(kind):
+    """A linear layer after the features (BERT's pooler under mean pooling) has zero curvature: the 0.1
+    goes to the last layer the features depend on."""
+    from tak.curvature.diagonal import fit_diagonal
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Linear(3, 2)).double()
+    fit = {"kfac": tak.fit_kfac, "ekfac": tak.fit_ekfac, "diagonal": fit_diagonal}[kind]
+    factors = fit(model, [torch.randn(6, 5, dtype=torch.float64)], output_fn=lambda m, x: m[:3](x), progress=False)
+    assert layer_weights(factors, last_layer_weight=0.1) == {"0": 1.0, "2": 0.1, "3": 1.0}

@@ -13,13 +13,14 @@ from .._selection import selects
 
 
 def layer_weights(factors, *, last_layer_weight: float = 1.0, patterns: dict | None = None) -> dict[str, float]:
-    """{layer: w}: ``last_layer_weight`` for the last factored linear layer (TAK Sec. E uses 0.1; the
-    exact LayerNorm / class-token blocks, listed after the linear layers, are not it), then ``patterns``
+    """{layer: w}: ``last_layer_weight`` for the last factored linear layer with non-zero curvature (TAK
+    Sec. E uses 0.1; the exact LayerNorm / class-token blocks, listed after the linear layers, are not it,
+    nor is a layer the features do not reach, e.g. BERT's pooler under mean pooling), then ``patterns``
     ({glob: w}, later patterns win) over the layer names."""
     layers = _layers(factors)
     names = list(layers)
     weights = {n: 1.0 for n in names}
-    linear = [n for n in names if getattr(layers[n], "weight", None) is not None]
+    linear = [n for n in names if getattr(layers[n], "weight", None) is not None and _reached(layers[n])]
     if linear:
         weights[linear[-1]] = float(last_layer_weight)
     for pattern, w in (patterns or {}).items():
@@ -28,6 +29,15 @@ def layer_weights(factors, *, last_layer_weight: float = 1.0, patterns: dict | N
             raise ValueError(f"layer_weights: pattern {pattern!r} matches no factored layer (e.g. {names[:3]})")
         weights.update({n: float(w) for n in hits})
     return weights
+
+
+def _reached(layer_factors) -> bool:
+    """Whether a linear layer's output curvature (KFAC B, EK-FAC S or the diagonal D) has a non-zero entry."""
+    for side in ("B", "S", "D"):
+        F = getattr(layer_factors, side, None)
+        if F is not None:
+            return bool((F if isinstance(F, torch.Tensor) else F.to_dense()).any())
+    return True
 
 
 def _layers(factors):
