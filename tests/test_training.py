@@ -149,6 +149,21 @@ def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path):
     assert again.metrics["final_loss_terms"] == {}  # resumed at the end: no step left to run
 
 
+def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
+    """YAML reads 1e-4 as a string: numbers become their field's kind; what is not one is refused by key;
+    a tuple of patterns is a list (as a checkpoint stores it)."""
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nsteps: '3'\nbeta: 20\n")
+    config = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert (config.lr, config.steps, config.beta) == (1e-4, 3, 20.0) and isinstance(config.beta, float)
+    assert TrainConfig(trainable=("a.*", "b.*")).trainable == ["a.*", "b.*"]
+    for values, match in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
+                          ({"steps": 2.5}, "steps must be an integer, got 2.5"),
+                          ({"seed": True}, "seed must be an integer, got True"),
+                          ({"lora_rank": 0}, "lora_rank must be ≥ 1, got 0")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**values)
+
+
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     forward, nan_steps = Objective.forward, {3}
 

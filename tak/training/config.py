@@ -8,6 +8,27 @@ from pathlib import Path
 
 _FACTOR_MODES = ("merged", "per_task")
 
+_FLOATS = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight")
+_INTS = ("steps", "batch_size", "warmup_steps", "lora_rank", "factor_examples", "mc_samples", "penalty_every",
+         "max_train", "max_test", "max_length", "seed", "checkpoint_every", "eval_batch_size")
+
+
+def _number(name: str, value, kind):
+    """``value`` as a ``kind`` (float, or int holding an integer value: YAML reads 1e-4 as a string); None
+    stays None; ValueError naming the key otherwise."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = kind(value)
+        if kind is int and float(value) != number:
+            raise ValueError
+        return number
+    except (TypeError, ValueError):
+        what = "a number" if kind is float else "an integer"
+        raise ValueError(f"TrainConfig.{name} must be {what}, got {value!r}") from None
+
 
 @dataclass
 class TrainConfig:
@@ -64,9 +85,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.factors not in _FACTOR_MODES:
             raise ValueError(f"TrainConfig.factors must be one of {_FACTOR_MODES}, got {self.factors!r}")
-        for name in ("steps", "batch_size", "factor_examples", "penalty_every", "checkpoint_every", "mc_samples"):
-            if getattr(self, name) < 1:
+        for names, kind in ((_FLOATS, float), (_INTS, int)):
+            for name in names:
+                setattr(self, name, _number(name, getattr(self, name), kind))
+        for name in ("steps", "batch_size", "factor_examples", "penalty_every", "checkpoint_every", "mc_samples",
+                     "lora_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        if isinstance(self.trainable, tuple):
+            self.trainable = list(self.trainable)
         for name in ("tasks", "reference"):
             if isinstance(getattr(self, name), str):  # list("a,b") would be its characters
                 raise ValueError(f"TrainConfig.{name} must be a list of task names, got the string "
