@@ -10,6 +10,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -52,12 +53,18 @@ def _train_parser(sub):
 
 
 def _alphas(text: str) -> list[float]:
-    """"0:2:0.05" (start:stop:step, inclusive) or "0.5,1,1.5"."""
-    if ":" in text:
-        start, stop, step = map(float, text.split(":"))
-        n = int(round((stop - start) / step))
-        return [round(start + i * step, 10) for i in range(n + 1)]
-    return [float(a) for a in text.split(",")]
+    """"0:2:0.05" (start:stop:step, stop included when on the grid) or "0.5,1,1.5"."""
+    try:
+        if ":" in text:
+            start, stop, step = map(float, text.split(":"))
+            if step == 0 or (stop - start) * step < 0:
+                raise ValueError
+            n = math.floor((stop - start) / step + 1e-9)
+            return [round(start + i * step, 10) for i in range(n + 1)]
+        return [float(a) for a in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected start:stop:step (a step towards stop) or a comma-separated "
+                                         "list of numbers") from None
 
 
 def main(argv=None) -> int:
@@ -103,7 +110,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, ImportError) as e:  # bad values, missing files or models, offline hub
         print(f"tak {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -156,6 +156,23 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     assert code == 2 and "no results.json" in err
 
 
+def test_eval_refuses_repeated_tasks_other_weights_and_bad_grids(runs):
+    out, paths = runs
+    tv = paths["nonlinear", TASKS[0]]
+    code, _, err = tak_cli("eval", tv, tv, *EVAL_SMALL, "--out", out / "twice")
+    assert code == 2 and "one task vector per task; tasks repeat" in err
+    loaded = TaskVector.load(tv)
+    tagged = out / "tagged.safetensors"
+    TaskVector(loaded.tensors, {**loaded.meta, "source": {**loaded.meta["source"], "pretrained": "tag-a"}}).save(tagged)
+    code, _, err = tak_cli("eval", tagged, *EVAL_SMALL, "--pretrained", "tag-b", "--out", out / "other")
+    assert code == 2 and "trained on 'minilm' with pretrained='tag-a'; adding them to other weights is refused" in err
+    for grid in ("0:1:0", "2:0:0.5", "0:1:x"):
+        code, _, err = tak_cli("eval", tv, "--alphas", grid, "--out", out / "grid")
+        assert code == 2 and f"'{grid}': expected start:stop:step" in err, grid
+    from tak.cli import _alphas
+    assert _alphas("0:1:0.6") == [0.0, 0.6] and _alphas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
 @pytest.mark.parametrize("what, names", [("methods", list(METHODS)), ("tasks", list(list_tasks())),
                                          ("backbones", list(list_backbones())), ("merges", list(MERGES))])
 def test_list_prints_the_valid_names(what, names):

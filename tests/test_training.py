@@ -200,6 +200,12 @@ def test_task_vector_of_another_architecture_is_refused(trained):
         check_backbone(toy, [tv])
     with pytest.raises(ValueError, match="does not belong to backbone 'toy-mlp'"):
         apply(toy, tv)
+    other_weights = TaskVector(tv.tensors, {**tv.meta, "source": {**tv.meta["source"], "pretrained": "other-tag"}})
+    with pytest.raises(ValueError, match="trained on 'minilm' with pretrained='other-tag'"):
+        check_backbone(minilm(tiny(path)), [other_weights])
+    renamed = TaskVector(tv.tensors, {**tv.meta, "base_model": "hf:elsewhere"})  # same architecture, other model
+    with pytest.raises(ValueError, match="trained on 'hf:elsewhere'"):
+        check_backbone(minilm(tiny(path)), [renamed])
 
 
 def test_check_compatible_refuses_mixed_regimes_base_models_and_layers(trained):

@@ -39,12 +39,18 @@ def negate(task_vector: TaskVector, alpha: float = 1.0) -> TaskVector:
 
 
 def check_backbone(backbone, task_vectors: list[TaskVector]) -> None:
-    """ValueError unless the task vectors were trained on ``backbone``'s architecture."""
+    """ValueError unless the task vectors were trained on ``backbone``: its architecture, and its name and
+    pretrained weights where the task vector records them."""
+    have = (backbone.meta().get("source") or {}).get("pretrained")
     for tv in task_vectors:
-        fp = tv.meta.get("fingerprint")
+        fp, base, source = tv.meta.get("fingerprint"), tv.meta.get("base_model"), tv.meta.get("source") or {}
+        want = source.get("pretrained")
         if fp is not None and fp != backbone.fingerprint:
-            raise ValueError(f"task vector {tv.task!r} (base model {tv.meta.get('base_model')!r}, architecture "
+            raise ValueError(f"task vector {tv.task!r} (base model {base!r}, architecture "
                              f"{fp}) does not belong to backbone {backbone.name!r} (architecture {backbone.fingerprint})")
+        if base is not None and base != backbone.name or "pretrained" in source and want != have:
+            raise ValueError(f"task vector {tv.task!r} was trained on {base!r} with pretrained={want!r}; the backbone "
+                             f"is {backbone.name!r} with pretrained={have!r}")
 
 
 def apply(backbone, task_vector: TaskVector, alpha: float = 1.0):

@@ -42,12 +42,21 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
             raise ValueError(f"--target {target!r}: none of the task vectors is of that task "
                              f"({[t.task for t in tvs]})")
     meta = tvs[0].meta
+    if "base_model" not in meta:
+        raise ValueError(f"{paths[0]}: its metadata names no base_model; it was not written by tak.train")
     source = meta.get("source") or {}
+    if "pretrained" in source:  # recorded (None: the spec's default weights): the flag may only agree
+        if pretrained is not None and pretrained != source["pretrained"]:
+            raise ValueError(f"--pretrained {pretrained!r}: the task vectors were trained on {meta['base_model']!r} "
+                             f"with pretrained={source['pretrained']!r}; adding them to other weights is refused")
+        pretrained = source["pretrained"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone = load_backbone(meta["base_model"], pretrained=pretrained or source.get("pretrained"), device=device,
+    backbone = load_backbone(meta["base_model"], pretrained=pretrained, device=device,
                              **({"max_length": meta["max_length"]} if "max_length" in meta else {}))
     get = lambda name: get_task(name, root=data_root, max_train=max_train, max_test=max_test)  # noqa: E731
-    alphas = list(alphas or DEFAULT_ALPHAS)
+    alphas = list(DEFAULT_ALPHAS if alphas is None else alphas)
+    if not alphas:
+        raise ValueError("alphas is empty")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(device=device)

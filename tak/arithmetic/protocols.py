@@ -55,6 +55,9 @@ def task_addition(backbone, task_vectors, tasks, *, alphas=DEFAULT_ALPHAS, indiv
     """The addition protocol for ``task_vectors`` (one per task of ``tasks``, same order)."""
     if len(task_vectors) != len(tasks):
         raise ValueError(f"{len(task_vectors)} task vectors for {len(tasks)} tasks")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):  # accuracies are kept by task: a repeated one would count once
+        raise ValueError(f"task addition takes one task vector per task; tasks repeat: {names}")
     check_backbone(backbone, task_vectors)
     kw.setdefault("cache", {})  # θ0's features and recorded prefixes, shared by the evaluators below
     merged = combine(task_vectors)
