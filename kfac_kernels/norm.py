@@ -37,7 +37,7 @@ def _dual_norm(op, x, dx, weight, dweight, bias, dbias, eps, *, rms):
     backend = _check(op, x, dx, weight, dweight, bias, dbias, eps)
     d = x.shape[-1]
     rows, drows = (None if t is None else t.reshape(-1, d) for t in (x, dx))
-    if backend == "triton":  # the kernels take any row stride, but unit column stride, and (d,) parameters with unit stride
+    if backend == "triton":  # the kernels take any row stride but unit column stride; parameters: unit stride
         rows, drows = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (rows, drows))
         weight, dweight, bias, dbias = (None if t is None else t.contiguous() for t in (weight, dweight, bias, dbias))
     y, dy = _DualNorm.apply(rows, drows, weight, dweight, bias, dbias, float(eps), rms, backend)
@@ -101,7 +101,7 @@ def _torch_forward(x, dx, w, dw, b, db, eps, rms):
         part = xhat * dw if rms else torch.native_layer_norm(xa, (d,), dw, db, eps)[0]
         dy, db = part if dy is None else dy + part, None
     if db is not None:
-        dy = db.expand_as(xa).contiguous() if dy is None else dy + db  # a fresh tensor, not a view of dβ
+        dy = db.expand_as(xa).contiguous() if dy is None else dy + db  # its own tensor, not a view of dβ
     return y.to(x.dtype), dy.to(x.dtype), mean, rstd
 
 

@@ -36,8 +36,9 @@ def _weights(op: str, weights, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
     if isinstance(weights, torch.Tensor) and (weights.dim() != 1 or weights.requires_grad):
-        raise ValueError(f"{op}: weights must be constants, one per layer: a 1-D tensor without grad or a sequence "
-                         f"of numbers, got a tensor of shape {tuple(weights.shape)} (requires_grad={weights.requires_grad})")
+        raise ValueError(f"{op}: weights must be constants, one per layer: a 1-D tensor without grad or a "
+                         f"sequence of numbers, got a tensor of shape {tuple(weights.shape)} "
+                         f"(requires_grad={weights.requires_grad})")
     if not isinstance(weights, torch.Tensor) and not isinstance(weights, (list, tuple)):
         raise TypeError(f"{op}: weights must be a sequence of numbers, one per layer, got {type(weights).__name__}")
     w = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
