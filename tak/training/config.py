@@ -3,14 +3,19 @@
 Hyperparameters left as None take the method's paper defaults (``tak.methods.registry``).
 """
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 _FACTOR_MODES = ("merged", "per_task")
 
-_FLOATS = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight")
-_INTS = ("steps", "batch_size", "warmup_steps", "lora_rank", "factor_examples", "mc_samples", "penalty_every",
-         "max_train", "max_test", "max_length", "seed", "checkpoint_every", "eval_batch_size")
+
+def _numeric_kind(annotation):
+    """int or float for a field annotated ``int`` / ``float`` (or ``... | None``), else None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(annotation) if union else (annotation,)  # dict[str, float]: not a number
+    return next((k for k in kinds if k in (int, float)), None)
 
 
 def _number(name: str, value, kind):
@@ -85,8 +90,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.factors not in _FACTOR_MODES:
             raise ValueError(f"TrainConfig.factors must be one of {_FACTOR_MODES}, got {self.factors!r}")
-        for names, kind in ((_FLOATS, float), (_INTS, int)):
-            for name in names:
+        for name, annotation in typing.get_type_hints(type(self)).items():
+            if (kind := _numeric_kind(annotation)) is not None:
                 setattr(self, name, _number(name, getattr(self, name), kind))
         for name in ("steps", "batch_size", "factor_examples", "penalty_every", "checkpoint_every", "mc_samples",
                      "lora_rank"):
