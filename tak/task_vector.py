@@ -44,13 +44,17 @@ class TaskVector:
 
     @classmethod
     def load(cls, path, *, fingerprint: str | None = None, device="cpu") -> "TaskVector":
-        """The task vector in ``path``. With ``fingerprint``, refuses one trained on another architecture."""
+        """The task vector in ``path``; refuses non-finite entries and, with ``fingerprint``, one trained on another
+        architecture."""
         tensors, meta = read(path, device=device)
         if meta.pop("kind", None) != _KIND:
             raise ValueError(f"{path}: not a task vector file (kind {meta.get('kind')!r})")
         version = meta.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"{path}: task vector format_version {version!r}; this tak reads {FORMAT_VERSION}")
+        bad = sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
+        if bad:
+            raise ValueError(f"{path}: task vector with NaN or Inf entries in {bad[:8]}{' ...' if len(bad) > 8 else ''}")
         tv = cls(tensors, meta)
         if fingerprint is not None and meta.get("fingerprint") != fingerprint:
             raise ValueError(f"{path}: task vector of architecture {meta.get('fingerprint')!r} "

@@ -164,6 +164,14 @@ def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
             TrainConfig(**values)
 
 
+def test_a_beta_set_alone_sets_the_teachers_too_and_the_paper_defaults_fill_the_rest():
+    delta = METHODS["delta"].defaults
+    assert TrainConfig().hyperparameters(delta) == delta
+    assert TrainConfig(beta=7).hyperparameters(delta) == {**delta, "beta": 7.0, "beta_teacher": 7.0}
+    assert TrainConfig(beta=7, beta_teacher=3).hyperparameters(delta) == {**delta, "beta": 7.0, "beta_teacher": 3.0}
+    assert "beta_teacher" not in TrainConfig(beta=7).hyperparameters(METHODS["tak"].defaults)
+
+
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     forward, nan_steps = Objective.forward, {3}
 
@@ -251,6 +259,11 @@ def test_corrupted_truncated_and_foreign_files_are_refused(trained, tmp_path):
     with pytest.raises(FileNotFoundError):
         TaskVector.load(tmp_path / "missing.safetensors")
     assert set(TaskVector.load(trained["linear"].path).tensors) == set(trained["linear"].task_vector.tensors)
+    tv = trained["linear"].task_vector
+    name = sorted(tv.tensors)[-1]
+    TaskVector({**tv.tensors, name: tv.tensors[name].clone().fill_(float("nan"))}, tv.meta).save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=rf"NaN or Inf entries in \['{name}'\]"):
+        TaskVector.load(tmp_path / "nan.safetensors")
 
 
 # --- batches ------------------------------------------------------------------------------------------

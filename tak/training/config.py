@@ -42,6 +42,7 @@ class TrainConfig:
     whose training inputs form the reference set of EK-FAC (DELTA) and of universal factors
     (``universal=True``: the KFAC / diagonal penalty from the reference set instead of the other tasks).
 
+    beta / beta_teacher: the drift penalty's weight for τ / DELTA's teacher (beta alone sets both).
     factors: "merged" (TAK Eq. 8) or "per_task" (Eq. 7); factor_examples: examples per task for the
     factors; compress: None, "int8", "eigen:<rank>" or "blockdiag:<k>"; penalty_every / offload_factors:
     apply the penalty every N steps, the factors kept on the CPU in between; last_layer_weight: the
@@ -131,6 +132,10 @@ class TrainConfig:
         return Path(self.out) / self.method / self.task
 
     def hyperparameters(self, defaults: dict) -> dict:
-        """The method's ``defaults`` overridden by the values set here."""
+        """The method's ``defaults`` overridden by the values set here. A ``beta`` set without
+        ``beta_teacher`` sets both (DELTA's β^T = β^S) for a method with a teacher."""
         keys = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
-        return {**defaults, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}
+        hp = {**defaults, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}
+        if "beta_teacher" in defaults and self.beta is not None and self.beta_teacher is None:
+            hp["beta_teacher"] = self.beta
+        return hp
