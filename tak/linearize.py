@@ -35,7 +35,8 @@ def linearize(model: nn.Module, *, trainable: Trainable = None, fast: bool | Non
     ``fast=None``: the fast path (``DualLinearizedModel``) for the architectures ``tak.models.to_dual``
     supports, else the generic one (``LinearizedModel``) with a warning naming what has no fast path;
     ``fast=True`` requires the fast path (NotImplementedError otherwise); ``fast=False`` the generic one.
-    Both have the same interface and compute the same function."""
+    Both have the same interface, compute the same function and start in ``model``'s train/eval mode
+    (in train mode, with its dropout)."""
     if fast is False:
         return LinearizedModel(model, trainable=trainable)
     from .models import to_dual
@@ -140,6 +141,7 @@ class LinearizedModel(_Linearization):
         for name in self._names:
             _set_parameter(self.tau, name, nn.Parameter(torch.zeros_like(base.get_parameter(name))))
         self._alpha = 1.0
+        self.train(model.training)
 
     def _taus(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((name, self.tau.get_parameter(name)) for name in self._names)
@@ -207,6 +209,7 @@ class DualLinearizedModel(_Linearization):
         self.__dict__["_base"] = base.requires_grad_(False)  # θ0; not a submodule
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._alpha = 1.0
+        self.train(model.training)
 
     def forward(self, *args, **kwargs):
         primal, tangent = self.dual(*args, **kwargs)

@@ -61,3 +61,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def replayed_dropout(monkeypatch):
+    """Dropout masks from a replayable sequence, shared by ``F.dropout`` (so a reference model under jvp)
+    and tak.nn's dual dropout: ``replay()`` restarts the sequence, so two forwards that drop out the same
+    shapes in the same order draw the same masks. Returns ``replay``; ``replay.masks`` lists the masks drawn."""
+    import importlib
+
+    def mask(like, p):
+        keep = torch.rand(like.shape, generator=replay.generator, dtype=torch.float64) >= p
+        replay.masks.append(keep)
+        return (keep / (1 - p)).to(like.dtype)
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        return x * mask(x, p) if training and p > 0 else x
+
+    def replay():
+        replay.generator, replay.masks = torch.Generator().manual_seed(1234), []
+
+    replay()
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    for module in ("tak.nn.dropout", "tak.nn.attention"):  # tak.nn.attention, the attribute, is a function
+        monkeypatch.setattr(importlib.import_module(module), "dropout_mask", mask)
+    return replay

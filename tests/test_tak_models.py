@@ -170,6 +170,47 @@ def test_t5_for_conditional_generation(ff):
     assert "lm_head.weight" not in dual.task_vector()  # tied to shared.weight: one τ
 
 
+def dropping_models():
+    bert = transformers.BertConfig(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=26, max_position_embeddings=16, hidden_dropout_prob=0.3,
+                                   attention_probs_dropout_prob=0.2, attn_implementation="eager")
+    t5 = tiny_t5_config("gated-gelu")
+    t5.dropout_rate = 0.25
+    t5_model = transformers.T5ForConditionalGeneration(t5).double()
+    t5_model.decoder.config.use_cache = False
+    return {"bert": (transformers.BertModel(bert).double(), text_batch(41), ["last_hidden_state", "pooler_output"]),
+            "t5": (t5_model, {**text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False),
+                              "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}
+
+
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
+    """In train mode the dual model drops out where the source does; with the same masks (replayed), its
+    primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
+    model, batch, keys = dropping_models()[name]
+    dual = to_dual(model.train())
+    assert dual.training
+    taus = randomize(dual)
+    y, dy = dual(**batch)
+    drawn = [m.shape for m in replayed_dropout.masks]
+    assert len(drawn) == {"bert": 1 + 2 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]  # embed, per layer, final
+    replayed_dropout()
+    y_ref, dy_ref, leaves = reference(model, taus, batch)
+    assert [m.shape for m in replayed_dropout.masks] == drawn
+    for k in keys:
+        assert rel_err(y[k], y_ref[k]) <= TOL_T5 and rel_err(dy[k], dy_ref[k]) <= TOL_T5, k
+    us = [torch.randn_like(dy_ref[k]) for k in keys]
+    sum((dy[k] * u).sum() for k, u in zip(keys, us)).backward()
+    sum((dy_ref[k] * u).sum() for k, u in zip(keys, us)).backward()
+    scale = torch.cat([t.grad.flatten() for t in leaves.values()]).norm()
+    for n, tau in dual.named_taus().items():
+        assert (tau.grad - leaves[n].grad).norm() <= TOL_T5 * scale, n
+    with torch.no_grad():
+        replayed_dropout()
+        dual.eval()(**batch)
+        assert not replayed_dropout.masks and not to_dual(model.eval()).training
+
+
 def test_task_vector_round_trip_and_refusals():
     model = tiny_bert()
     a, b = to_dual(model), to_dual(model)

@@ -235,6 +235,54 @@ def test_dual_attention(case, block_size):
         assert g.shape == g_ref.shape and rel_err(g, g_ref) <= TOL64
 
 
+@pytest.mark.parametrize("case", ["full", "mask_bias"])
+def test_dual_attention_dropout_is_one_mask_on_the_weights_of_primal_and_tangent(case, replayed_dropout):
+    B, H, Lq, Lk, D = 2, 3, 5, 7, 4
+    q, k, v = rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, D)
+    dq, dk, dv = (rand(*t.shape).requires_grad_() for t in (q, k, v))
+    mask, bias, dbias = None, torch.zeros((), dtype=q.dtype), None
+    if case == "mask_bias":
+        mask, bias, dbias = padding_mask(B, Lk, [Lk, 3]), rand(1, H, Lq, Lk), rand(1, H, Lq, Lk).requires_grad_()
+    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=0.37, dropout=0.3)
+    assert len(replayed_dropout.masks) == 1 and not replayed_dropout.masks[0].all()
+    replayed_dropout()
+
+    def dropped(q, k, v, b):
+        s = (q @ k.transpose(-1, -2) * 0.37 + b)
+        s = s if mask is None else s.masked_fill(~mask, float("-inf"))
+        return F.dropout(torch.softmax(s, -1), 0.3) @ v
+
+    zero = torch.zeros_like(bias)
+    o_ref, do_ref = jvp(dropped, (q, k, v, bias), (dq, dk, dv, zero if dbias is None else dbias))
+    assert not o.requires_grad and rel_err(o, o_ref) <= TOL64 and rel_err(do, do_ref) <= TOL64
+    u = torch.randn_like(do)
+    leaves = [t for t in (dq, dk, dv, dbias) if t is not None]
+    for g, g_ref in zip(torch.autograd.grad((do * u).sum(), leaves), torch.autograd.grad((do_ref * u).sum(), leaves)):
+        assert rel_err(g, g_ref) <= TOL64
+    layer = tnn.DualAttention(H, tnn.DualLinear(rand(6, 12)), qkv=tnn.DualLinear(rand(36, 6)), dropout=0.3)
+    x = rand(B, Lq, 6)
+    replayed_dropout()
+    layer(x, rand(B, Lq, 6))
+    assert len(replayed_dropout.masks) == 1  # a DualAttention drops out in training only
+    layer.eval()(x, rand(B, Lq, 6))
+    assert len(replayed_dropout.masks) == 1
+
+
+def test_dual_dropout_shares_its_mask_in_training_and_is_the_identity_in_eval():
+    x, dx = rand(200, 7), rand(200, 7).requires_grad_()
+    drop = tnn.DualDropout(0.25)
+    y, dy = drop(x, dx)
+    kept = y != 0
+    assert torch.equal(kept, dy != 0) and 0.6 < kept.double().mean() < 0.9
+    assert torch.allclose(y[kept], x[kept] / 0.75) and torch.allclose(dy[kept], dx[kept] / 0.75)
+    dy.sum().backward()
+    assert torch.equal(dx.grad, kept.double() / 0.75)
+    assert drop.eval()(x, dx) == (x, dx) and tnn.DualDropout(0.0)(x, dx) == (x, dx)
+    assert not tnn.DualDropout(1.0)(x, dx)[1].any()
+    with pytest.raises(ValueError, match=r"DualDropout: p must be in \[0, 1\], got 1.5"):
+        tnn.DualDropout(1.5)
+
+
 def test_dual_attention_fp32_and_primal_path():
     B, H, L, D = 3, 2, 19, 8
     q, k, v, dq, dk, dv = (rand(B, H, L, D) for _ in range(6))

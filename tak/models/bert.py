@@ -2,36 +2,39 @@
 
 Embeddings: word (or inputs_embeds) + token type + absolute position, then LayerNorm. Post-norm
 layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by
-attention_mask (B, L). Pooler (if any): tanh(dense(x[:, 0])). Dropout is not applied.
+attention_mask (B, L). Pooler (if any): tanh(dense(x[:, 0])). In training, dropout as in Hugging Face's
+BertModel: after the embeddings, on the attention weights, and on each sublayer's output before its residual.
 """
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..nn import DualActivation, DualAttention
+from ..nn import DualActivation, DualAttention, DualDropout
 from ..nn.base import add, apply
 from .base import Builder, DualModel, activation
 
 
 class DualBertLayer(nn.Module):
-    """x = LN_a(x + attn(x)); x = LN_o(x + out(act(fc(x)))) on (B, L, d)."""
+    """x = LN_a(x + drop(attn(x))); x = LN_o(x + drop(out(act(fc(x))))) on (B, L, d)."""
 
     def __init__(self, b: Builder, layer: nn.Module, act: str, where: str):
         super().__init__()
         a = layer.attention
         self.attn = DualAttention(a.self.num_attention_heads, b.linear(a.output.dense),
                                   q=b.linear(a.self.query), k=b.linear(a.self.key), v=b.linear(a.self.value),
-                                  scale=a.self.scaling)
+                                  scale=a.self.scaling, dropout=a.self.dropout.p)
+        self.drop_attn = DualDropout(a.output.dropout.p)
         self.ln_attn = b.layer_norm(a.output.LayerNorm)
         self.fc = b.linear(layer.intermediate.dense)
         self.act = activation(act, f"{where}.intermediate")
         self.out = b.linear(layer.output.dense)
+        self.drop_out = DualDropout(layer.output.dropout.p)
         self.ln_out = b.layer_norm(layer.output.LayerNorm)
 
     def forward(self, x, dx, mask):
-        h, dh = self.attn(x, dx, mask=mask)
+        h, dh = self.drop_attn(*self.attn(x, dx, mask=mask))
         x, dx = self.ln_attn(x + h, add(dx, dh))
-        h, dh = self.out(*self.act(*self.fc(x, dx)))
+        h, dh = self.drop_out(*self.out(*self.act(*self.fc(x, dx))))
         return self.ln_out(x + h, add(dx, dh))
 
 
@@ -55,6 +58,7 @@ class DualBertModel(DualModel):
         self.token_type = b.embedding(e.token_type_embeddings)
         self.position = b.embedding(e.position_embeddings)
         self.ln_embed = b.layer_norm(e.LayerNorm)
+        self.drop_embed = DualDropout(e.dropout.p)
         self.layers = nn.ModuleList(DualBertLayer(b, layer, c.hidden_act, f"encoder.layer.{i}")
                                     for i, layer in enumerate(model.encoder.layer))
         self.pooler = None if model.pooler is None else b.linear(model.pooler.dense)
@@ -62,7 +66,7 @@ class DualBertModel(DualModel):
         self.bind(b, model, trainable)
 
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
-        """LN(word + token type + position embeddings) (B, L, d) and its tangent."""
+        """drop(LN(word + token type + position embeddings)) (B, L, d) and its tangent."""
         x, dx = self.word(input_ids) if inputs_embeds is None else (inputs_embeds, None)
         B, L, _ = x.shape
         if token_type_ids is None:
@@ -72,7 +76,7 @@ class DualBertModel(DualModel):
         for table, ids in ((self.token_type, token_type_ids), (self.position, position_ids)):
             e, de = table(ids)
             x, dx = x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
-        return self.ln_embed(x, dx)
+        return self.drop_embed(*self.ln_embed(x, dx))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None):

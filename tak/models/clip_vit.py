@@ -3,8 +3,8 @@
 Tokens: patches of the image through conv1 (stride = kernel: a linear map of patches), the class
 embedding prepended, the positional embedding added; then ln_pre, pre-norm residual blocks
 x + attn(ln_1(x)), x + mlp(ln_2(x)) with a fused q/k/v input projection, pooling ('tok', 'avg' or
-'none'), ln_post (before or after pooling) and pooled @ proj. Dropout and patch dropout are not
-applied (the eval-mode function).
+'none'), ln_post (before or after pooling) and pooled @ proj. In training, the attention weights are
+dropped out as nn.MultiheadAttention's ``dropout`` says; patch dropout is not supported.
 """
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class DualResidualAttentionBlock(nn.Module):
         qkv = b.record(DualLinear(attn.in_proj_weight, attn.in_proj_bias),
                        weight=attn.in_proj_weight, bias=attn.in_proj_bias)
         self.ln_1 = b.layer_norm(block.ln_1)
-        self.attn = DualAttention(attn.num_heads, b.linear(attn.out_proj), qkv=qkv)
+        self.attn = DualAttention(attn.num_heads, b.linear(attn.out_proj), qkv=qkv, dropout=attn.dropout)
         self.ln_2 = b.layer_norm(block.ln_2)
         self.fc = b.linear(block.mlp.c_fc)
         self.act = activation(block.mlp.gelu, f"{where}.mlp.gelu")
@@ -56,6 +56,8 @@ class DualVisionTransformer(DualModel):
         super().__init__()
         if getattr(model, "attn_pool", None) is not None:
             raise _unsupported("attn_pool", "attentional pooling")
+        if not isinstance(getattr(model, "patch_dropout", nn.Identity()), nn.Identity):
+            raise _unsupported("patch_dropout", "patch dropout")
         b = Builder(model)
         self.patch_embed = b.record(DualPatchEmbedding(model.conv1.weight, model.conv1.bias),
                                     weight=model.conv1.weight, bias=model.conv1.bias)

@@ -5,20 +5,23 @@ position bias of the stack's first block, shared by all blocks, with its tangent
 causal, then x + cross-attn(norm(x), encoder output); then x + W_o act(W_i x) or, gated (T5 v1.1),
 x + W_o (act(W_i0 x) ⊙ W_i1 x); a final RMSNorm. The LM head (tied to the shared embedding, or not)
 reads the decoder output scaled by d_model^(-1/2) when config.scale_decoder_outputs. RMSNorm takes its
-statistics in at least fp32 (T5LayerNorm takes them in fp32 even for fp64 inputs). Dropout is not applied.
+statistics in at least fp32 (T5LayerNorm takes them in fp32 even for fp64 inputs). In training, dropout
+(config.dropout_rate) as in Hugging Face's T5: on the embedded tokens, the attention weights, the
+feed-forward's hidden activations, each sublayer's output before its residual, and the final norm's output.
 """
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from ..nn import DualAttention, linear
+from ..nn import DualAttention, DualDropout, linear
 from ..nn.base import add, apply
 from .base import Builder, DualModel, activation
 
 
 def _attention(b: Builder, a: T5Attention) -> DualAttention:
-    return DualAttention(a.n_heads, b.linear(a.o), q=b.linear(a.q), k=b.linear(a.k), v=b.linear(a.v), scale=1.0)
+    return DualAttention(a.n_heads, b.linear(a.o), q=b.linear(a.q), k=b.linear(a.k), v=b.linear(a.v), scale=1.0,
+                         dropout=a.dropout)
 
 
 def _norm(b: Builder, layer: nn.Module):
@@ -36,9 +39,11 @@ class DualT5Block(nn.Module):
     def __init__(self, b: Builder, block: nn.Module, config, decoder: bool):
         super().__init__()
         self.norm_self, self.self_attn = _norm(b, block.layer[0]), _attention(b, block.layer[0].SelfAttention)
-        self.norm_cross = self.cross_attn = None
+        self.drop_self = DualDropout(block.layer[0].dropout.p)
+        self.norm_cross = self.cross_attn = self.drop_cross = None
         if decoder:
             self.norm_cross, self.cross_attn = _norm(b, block.layer[1]), _attention(b, block.layer[1].EncDecAttention)
+            self.drop_cross = DualDropout(block.layer[1].dropout.p)
         ff = block.layer[-1]
         dense = ff.DenseReluDense
         self.norm_ff = _norm(b, ff)
@@ -46,24 +51,26 @@ class DualT5Block(nn.Module):
         self.wi = b.linear(dense.wi_0 if self.gated else dense.wi)
         self.wi_gate = b.linear(dense.wi_1) if self.gated else None
         self.act = activation(config.dense_act_fn, "DenseReluDense")
+        self.drop_hidden = DualDropout(dense.dropout.p)
         self.wo = b.linear(dense.wo)
+        self.drop_ff = DualDropout(ff.dropout.p)
 
     def feed_forward(self, x, dx):
         gate = self.wi_gate(x, dx) if self.gated else (None, None)
-        return self.wo(*self.act(*self.wi(x, dx), *gate))
+        return self.wo(*self.drop_hidden(*self.act(*self.wi(x, dx), *gate)))
 
     def forward(self, x, dx, mask, bias, dbias, enc=None, denc=None, enc_mask=None):
-        h, dh = self.self_attn(*self.norm_self(x, dx), mask=mask, bias=bias, dbias=dbias)
+        h, dh = self.drop_self(*self.self_attn(*self.norm_self(x, dx), mask=mask, bias=bias, dbias=dbias))
         x, dx = x + h, add(dx, dh)
         if self.cross_attn is not None:
-            h, dh = self.cross_attn(*self.norm_cross(x, dx), enc, denc, mask=enc_mask)
+            h, dh = self.drop_cross(*self.cross_attn(*self.norm_cross(x, dx), enc, denc, mask=enc_mask))
             x, dx = x + h, add(dx, dh)
-        h, dh = self.feed_forward(*self.norm_ff(x, dx))
+        h, dh = self.drop_ff(*self.feed_forward(*self.norm_ff(x, dx)))
         return x + h, add(dx, dh)
 
 
 class DualT5Stack(nn.Module):
-    """T5Stack without its embedding: blocks over embedded tokens (B, L, d), then the final RMSNorm."""
+    """T5Stack without its embedding: dropout, blocks over embedded tokens (B, L, d), the final RMSNorm, dropout."""
 
     def __init__(self, b: Builder, stack: nn.Module):
         super().__init__()
@@ -73,6 +80,7 @@ class DualT5Stack(nn.Module):
         self.relative_bias = b.embedding(stack.block[0].layer[0].SelfAttention.relative_attention_bias)
         self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
         self.final_norm = b.rms_norm(stack.final_layer_norm.weight, stack.final_layer_norm.variance_epsilon)
+        self.drop = DualDropout(stack.dropout.p)
 
     def position_bias(self, length, device):
         """Relative position bias (1, H, L, L) of the buckets of key − query positions, and its tangent."""
@@ -86,9 +94,10 @@ class DualT5Stack(nn.Module):
     def forward(self, x, dx, mask=None, enc=None, denc=None, enc_mask=None):
         bias, dbias = self.position_bias(x.shape[1], x.device)
         bias = bias.to(x.dtype)
+        x, dx = self.drop(x, dx)
         for block in self.blocks:
             x, dx = block(x, dx, mask, bias, dbias, enc, denc, enc_mask)
-        return self.final_norm(x, dx)
+        return self.drop(*self.final_norm(x, dx))
 
 
 def _embed(table, input_ids, inputs_embeds, what):

@@ -11,6 +11,9 @@ with G the gradient of Ȯ, P = exp(S − L) recomputed per chunk and Δ = rowsum
     grad K̇ = grad Ṡᵀ Q·scale,  grad ḃias = grad Ṡ summed to ḃias's shape
 
 (the softmax-backward form of FlashAttention, applied to Ṡ). No primal backward is taken.
+
+Attention dropout (training) drops entries of P with one mask M for both: O = (P ⊙ M) V and
+Ȯ = ((P ⊙ Ṡ − rowsum(P ⊙ Ṡ) ⊙ P) ⊙ M) V + (P ⊙ M) V̇, computed with P held for all keys (as math attention does).
 """
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,8 @@ from torch import nn
 
 import kfac_kernels as kk
 
-from .base import apply
+from .base import add, apply
+from .dropout import dropout_mask
 from .linear import DualLinear
 
 BLOCK_SIZE = 256  # keys per chunk of the online softmax
@@ -39,8 +43,9 @@ def _scores(q, k, bias, mask, scale):
     return s
 
 
-def attention(q, k, v, mask=None, bias=None, *, scale=None):
-    """O = softmax(Q Kᵀ·scale + bias) V with masked-out keys removed (plain, differentiable; fused SDPA).
+def attention(q, k, v, mask=None, bias=None, *, scale=None, dropout=0.0):
+    """O = softmax(Q Kᵀ·scale + bias) V with masked-out keys removed (plain, differentiable; fused SDPA),
+    the weights dropped out with probability ``dropout``.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); mask bool, True = attend, and bias float, both
     broadcastable to (B, H, Lq, Lk). A row with every key masked gets uniform weights."""
@@ -50,27 +55,50 @@ def attention(q, k, v, mask=None, bias=None, *, scale=None):
         mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(q.dtype).min)
     elif mask is not None:
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
 
 
-def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, scale=None, block_size=BLOCK_SIZE):
+def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, scale=None, dropout=0.0,
+                   block_size=BLOCK_SIZE):
     """(O, Ȯ) of attention (see ``attention`` for shapes) along tangents dq, dk, dv (shapes of q, k, v)
     and dbias (broadcastable to (B, H, Lq, Lk)); None tangents are zeros, and Ȯ is None when all are.
+    ``dropout`` > 0 drops attention weights with one mask for O and Ȯ (see the module docstring).
 
     With a tangent, q, k, v, bias are the constant primal point and must not require grad; O is a
     constant, Ȯ is differentiable in dq, dk, dv, dbias. Keys are processed ``block_size`` at a time.
     On CUDA this is ``kfac_kernels.dual_attention``'s fused Triton kernel (a query row with no key to
     attend gives 0 there; no model here produces one: padding masks mask keys)."""
     if dq is None and dk is None and dv is None and dbias is None:
-        return attention(q, k, v, mask, bias, scale=scale), None
-    if q.is_cuda:
+        return attention(q, k, v, mask, bias, scale=scale, dropout=dropout), None
+    if q.is_cuda and not dropout:
         return kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, bias=bias, dbias=dbias, scale=scale)
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"dual_attention: {name} requires grad, but the primal point is a constant; "
                              f"gradients flow to the tangents only (pass {name}.detach())")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if dropout:
+        return _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, dropout)
     return _DualAttention.apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block_size)
+
+
+def _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, p):
+    """(O, Ȯ) with the attention weights dropped out (probability p, one mask M), P held for all keys and Ȯ
+    differentiated by autograd: O = (P ⊙ M) V, Ȯ = ((P ⊙ Ṡ − rowsum(P ⊙ Ṡ) ⊙ P) ⊙ M) V + (P ⊙ M) V̇."""
+    dtype = q.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v, dq, dk, dv, bias, dbias = (None if t is None else t.to(acc) for t in (q, k, v, dq, dk, dv, bias, dbias))
+    weights = torch.softmax(_scores(q, k, bias, mask, scale), -1)
+    m = dropout_mask(weights, p)
+    o = (weights * m) @ v
+    do = None
+    ds = _score_tangent(q, k, dq, dk, dbias, scale)
+    if ds is not None:
+        pds = weights * (ds if mask is None else ds.masked_fill(~mask, 0))
+        do = ((pds - pds.sum(-1, keepdim=True) * weights) * m) @ v
+    if dv is not None:
+        do = add(do, (weights * m) @ dv)
+    return o.to(dtype), do.to(dtype)
 
 
 def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
@@ -186,14 +214,16 @@ class DualAttention(nn.Module):
     ``heads`` heads; O = softmax(Q Kᵀ·scale + bias | mask) V per head; output O W_oᵀ + b_o (B, Lq, d_out).
 
     Projections: ``qkv``, one DualLinear whose output is [Q | K | V] (self-attention only), or
-    ``q``, ``k``, ``v``. ``scale`` defaults to head_dim^(-1/2)."""
+    ``q``, ``k``, ``v``. ``scale`` defaults to head_dim^(-1/2); ``dropout``: of the attention weights,
+    in training."""
 
     def __init__(self, heads: int, out: DualLinear, *, qkv: DualLinear | None = None, q: DualLinear | None = None,
-                 k: DualLinear | None = None, v: DualLinear | None = None, scale: float | None = None):
+                 k: DualLinear | None = None, v: DualLinear | None = None, scale: float | None = None,
+                 dropout: float = 0.0):
         super().__init__()
         if (qkv is None) == (q is None or k is None or v is None):
             raise ValueError("DualAttention: pass either qkv, or all of q, k and v")
-        self.heads, self.scale, self.out = heads, scale, out
+        self.heads, self.scale, self.out, self.dropout = heads, scale, out, float(dropout)
         self.qkv, self.q, self.k, self.v = qkv, q, k, v
 
     def project(self, x, dx, kv, dkv):
@@ -213,5 +243,6 @@ class DualAttention(nn.Module):
     def forward(self, x, dx=None, kv=None, dkv=None, *, mask=None, bias=None, dbias=None):
         """(y, dy); mask (bool, True = attend), bias and dbias broadcastable to (B, H, Lq, Lk)."""
         (q, k, v), (dq, dk, dv) = self.project(x, dx, kv, dkv)
-        o, do = dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=self.scale)
+        o, do = dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=self.scale,
+                               dropout=self.dropout if self.training else 0.0)
         return self.out(merge_heads(o), apply(merge_heads, do))
