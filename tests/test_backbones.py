@@ -220,6 +220,12 @@ def test_t5_formats_and_label_words(tmp_path, bert_tokenizer):
     assert t5.label_tokens(sentiment) == [bert_tokenizer.convert_tokens_to_ids(w) for w in ["negative", "positive"]]
     with pytest.raises(ValueError, match="distinct"):
         t5.head(task("same_start", ["entailment", "entail"]))
+    short = load_backbone(t5.name, tokenizer=bert_tokenizer, max_length=20)
+    premise = " ".join(["the committee met again on monday"] * 5)
+    ids = short.inputs([(premise, "the budget was rejected"), ("a", "b")])["input_ids"]
+    assert ids.shape == (2, 20)
+    text = bert_tokenizer.decode(ids[0], skip_special_tokens=True)
+    assert text.startswith("premise : the committee met") and text.endswith("hypothesis : the budget was rejected")
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +303,7 @@ def test_generic_backbone():
     built = GenericBackbone(model, inputs=torch.stack, heads=lambda tk: Head(torch.ones(len(tk.classes), 3)),
                             features=lambda m, b: 2 * m(b))
     assert built.head(task("v", ["a", "b", "c"])).weight.shape == (3, 3)
+    assert built.head(task("v", ["a", "b"])).weight.shape == (2, 3)  # same name, other classes: another head
     assert rel_err(built.features(model, batch), 2 * model(batch)) == 0
     assert backbone.to("cpu") is backbone and backbone.meta()["source"] == {"spec": "mlp", "pretrained": None}
 
@@ -323,3 +330,19 @@ def test_unknown_clip_architecture():
     pytest.importorskip("open_clip")
     with pytest.raises(ValueError, match="unknown open_clip architecture 'ViT-B-33'.*ViT-B-32"):
         load_backbone("clip:ViT-B-33")
+
+
+def test_clip_names_with_a_slash_reach_model_and_tokenizer_as_open_clip_spells_them(tiny_clip, monkeypatch):
+    open_clip = pytest.importorskip("open_clip")
+    asked = []
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda name, **kw: asked.append(name) or (tiny_clip.clip, None, tiny_clip.preprocess))
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: asked.append(name) or tiny_clip.tokenizer)
+    load_backbone("clip:PE-Core-T/16-384", pretrained="x")
+    assert asked == ["PE-Core-T-16-384"] * 2
+
+
+def test_clip_logit_scale_is_read_before_a_cast_to_bf16(tiny_clip):
+    bf16 = load_backbone(tiny_clip.name, dtype=torch.bfloat16)
+    assert bf16.clip.logit_scale.dtype == torch.bfloat16
+    assert bf16.logit_scale == pytest.approx(tiny_clip.logit_scale, rel=1e-12)

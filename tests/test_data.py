@@ -53,7 +53,9 @@ def test_unknown_task_lists_the_valid_names():
         assert name in str(e.value)
 
 
-def test_register_task_passes_root_seed_and_options():
+def test_register_task_passes_root_seed_and_options(monkeypatch):
+    from tak.data import registry
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))  # the registration ends with the test
     seen = {}
 
     def factory(root, seed=0, scale=1):
@@ -117,6 +119,10 @@ def test_subset_classes_by_name_or_index():
     assert all(x.split()[1] == ("2" if y == 0 else "0") for x, y in sub.split("train"))
     with pytest.raises(ValueError):
         subset_classes(task, [1, 1], "dup")
+    assert subset_classes(task, np.array([2, 0]), "np").classes == sub.classes
+    for bad in (["class 9"], [3]):
+        with pytest.raises(ValueError, match=r"distinct classes of task 'toy', as names or indices 0..2"):
+            subset_classes(task, bad, "bad")
 
 
 # --- embedded text tasks -------------------------------------------------------------------------
@@ -233,6 +239,21 @@ def test_nli_glue_fields_and_validation_as_test(tmp_path):
         get_task("sick", root=str(tmp_path)).split("train")
 
 
+def test_nli_jsonl_with_a_byte_order_mark_reads_and_bad_lines_are_named(tmp_path):
+    rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 2} for i in range(20)]
+    (tmp_path / "rte").mkdir()
+    (tmp_path / "rte" / "train.jsonl").write_text("\ufeff" + "".join(json.dumps(r) + "\n\n" for r in rows),
+                                                  encoding="utf-8")
+    write_jsonl(tmp_path / "rte" / "test.jsonl", rows[:2] + [{"premise": "p", "label": 0}])
+    task = get_task("rte", root=str(tmp_path))
+    assert len(task.split("train")) + len(task.split("val")) == 20
+    with pytest.raises(ValueError, match=r"rte/test.jsonl, example 3: NLI example .* has none of the fields"):
+        task.split("test")
+    (tmp_path / "rte" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n\n{oops\n")
+    with pytest.raises(ValueError, match=r"rte/train.jsonl:3: not JSON \(Expecting property name"):
+        get_task("rte", root=str(tmp_path)).split("train")
+
+
 def test_nli_missing_root_names_paths_and_layouts(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         get_task("mnli", root=str(tmp_path / "nowhere"))
@@ -278,11 +299,30 @@ def test_folder_layout_vision_task(tmp_path):
     assert [len(p.split("test")) for p in parts] == [3, 3] and parts[1].split("test").labels == [0, 0, 0]
 
 
+def test_folder_layout_skips_hidden_folders_and_files(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            write_images(tmp_path / split / cls, 2)
+        (tmp_path / split / "cat" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        write_images(tmp_path / split / ".ipynb_checkpoints", 1)
+        write_images(tmp_path / split / "dog" / ".thumbs", 1)
+    task = get_task("resisc45", root=str(tmp_path))
+    assert task.classes == ["cat", "dog"]
+    test = task.split("test")
+    assert test.labels == [0, 0, 1, 1] and all(image.size == (4, 4) for image, _ in test)
+
+
 def test_folder_layout_numbered_classes_get_their_names(tmp_path):
     for cls in ("00000", "00014"):
         write_images(tmp_path / "train" / cls, 2)
         write_images(tmp_path / "test" / cls, 1)
     assert get_task("gtsrb", root=str(tmp_path)).classes == ["speed limit 20 km/h", "stop"]
+
+
+def test_a_torchvision_split_without_labels_is_refused_with_the_files_that_have_them():
+    unlabelled = type("FER2013", (), {"root": "/data", "_samples": [(None, None)]})()
+    with pytest.raises(ValueError, match="FER2013 under /data: this split has no labels.*fer2013.csv"):
+        vision._tv_labels(unlabelled)
 
 
 def test_readable_class_names():

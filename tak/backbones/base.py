@@ -68,15 +68,16 @@ class Backbone:
         raise NotImplementedError
 
     def head(self, task) -> Head:
-        """The frozen zero-shot head of ``task`` (``tak.data.Task``), built once per task name."""
+        """The frozen zero-shot head of ``task`` (``tak.data.Task``), built once per (name, classes, templates)."""
         if task.modality not in self.modalities:
             raise ValueError(f"backbone {self.name!r} takes {self.modalities} inputs; task {task.name!r} is "
                              f"{task.modality!r}")
         heads = self.__dict__.setdefault("_heads", {})
-        if task.name not in heads:
+        key = (task.name, tuple(task.classes), tuple(task.templates))
+        if key not in heads:
             with torch.no_grad():
-                heads[task.name] = self._build_head(task)
-        return heads[task.name]
+                heads[key] = self._build_head(task)
+        return heads[key]
 
     def collate(self, examples: list[tuple]) -> tuple:
         """(model inputs, labels (N,) int64) for a list of (input, label) examples: a DataLoader collate_fn."""

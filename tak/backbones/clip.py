@@ -23,14 +23,16 @@ from .base import Backbone, Head, require
 
 
 class CLIPBackbone(Backbone):
-    """An open_clip CLIP model's image tower (``model``) with its eval preprocess and text tower."""
+    """An open_clip CLIP model's image tower (``model``) with its eval preprocess and text tower; heads scale
+    their logits by ``logit_scale`` (default exp(clip.logit_scale))."""
 
     modalities = ("image",)
 
-    def __init__(self, clip: nn.Module, preprocess, tokenizer, *, name: str, source: dict | None = None):
+    def __init__(self, clip: nn.Module, preprocess, tokenizer, *, name: str, source: dict | None = None,
+                 logit_scale: float | None = None):
         self.name, self.clip, self.model = name, clip, clip.visual
         self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.logit_scale = float(clip.logit_scale.exp().item())
+        self.logit_scale = float(clip.logit_scale.exp().item()) if logit_scale is None else float(logit_scale)
         self.source = source or {"spec": name}
 
     @property
@@ -92,7 +94,8 @@ def load_clip(spec: str, architecture: str, *, pretrained: str | None = None, dt
     schema = next((s for s in ("local-dir:", "hf-hub:") if architecture.startswith(s)), None)
     if schema is None:
         known = open_clip.list_models()
-        if architecture.replace("/", "-") not in known:
+        architecture = architecture.replace("/", "-")  # "ViT-B/32" as open_clip names it, for model and tokenizer
+        if architecture not in known:
             close = difflib.get_close_matches(architecture, known, n=5)
             raise ValueError(f"backbone spec {spec!r}: unknown open_clip architecture {architecture!r}"
                              f"{f'; close: {close}' if close else ''} (all: open_clip.list_models())")
@@ -104,7 +107,8 @@ def load_clip(spec: str, architecture: str, *, pretrained: str | None = None, dt
     clip, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=pretrained,
                                                                 **(model_kwargs or {}))
     tokenizer = open_clip.get_tokenizer(architecture)
+    logit_scale = float(clip.logit_scale.exp().item())  # before a cast to bf16 rounds it (100 -> 99)
     if dtype is not None:
         clip.to(dtype)
     source = {"spec": spec, "pretrained": pretrained, "library": "open_clip", "version": open_clip.__version__}
-    return CLIPBackbone(clip.eval(), preprocess, tokenizer, name=spec, source=source)
+    return CLIPBackbone(clip.eval(), preprocess, tokenizer, name=spec, source=source, logit_scale=logit_scale)

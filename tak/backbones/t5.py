@@ -6,7 +6,8 @@
   ``model(**batch)``. Formats (options): a text ``x`` becomes ``text_format.format(text=x)`` (default
   ``"{text}"``), a pair ``(p, h)`` becomes ``pair_format.format(premise=p, hypothesis=h)`` (default
   ``"premise: {premise} hypothesis: {hypothesis}"``, T5's MNLI / RTE style); a non-empty ``prefix``
-  (``"mnli"``, ``"sst2 sentence"``, ...) is prepended as ``"{prefix}: "``.
+  (``"mnli"``, ``"sst2 sentence"``, ...) is prepended as ``"{prefix}: "``. A pair longer than
+  ``max_length`` tokens loses the end of its premise, so that the hypothesis is kept whole.
 - ``features``: the decoder's last hidden state (after its final RMSNorm) at the first decoder position,
   (N, d_model) — the state that predicts the label word (``tak.curvature.outputs``' default for
   encoder-decoders).
@@ -67,9 +68,22 @@ class T5Backbone(Backbone):
                 else self.pair_format.format(premise=first[0], hypothesis=second[0]))
         return f"{self.prefix}: {text}" if self.prefix else text
 
+    def fitted(self, example) -> str:
+        """``format(example)``, for a pair over ``max_length`` tokens with its premise cut from the end to fit."""
+        text = self.format(example)
+        (premise,), second = split_examples([example], self.name)
+        kept = None
+        while second is not None and (excess := len(self.tokenizer(text)["input_ids"]) - self.max_length) > 0:
+            kept = self.tokenizer(premise, add_special_tokens=False)["input_ids"] if kept is None else kept
+            if not kept:
+                break
+            kept = kept[:max(0, len(kept) - excess)]
+            text = self.format((self.tokenizer.decode(kept), second[0]))
+        return text
+
     def inputs(self, examples: list) -> dict:
         split_examples(examples, self.name)  # all str or all pairs
-        enc = self.tokenizer([self.format(x) for x in examples], padding=True, truncation=True,
+        enc = self.tokenizer([self.fitted(x) for x in examples], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         ids = enc["input_ids"]
         start = torch.full((ids.shape[0], 1), self.model.config.decoder_start_token_id, dtype=ids.dtype)

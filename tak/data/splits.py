@@ -7,6 +7,7 @@ Examples are ``(input, label)`` sequences. A sequence that loads its inputs lazi
 use them when present, so they never load an image.
 """
 import functools
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,10 +83,18 @@ def subsample_task(task: Task, max_train: int | None = None, max_test: int | Non
 def subset_classes(task: Task, classes, name: str) -> Task:
     """The task restricted to ``classes`` (names or label indices, in the order given), relabelled
     ``0..len(classes)-1``; its splits are filtered lazily from ``task``'s."""
-    index = [c if isinstance(c, int) else task.classes.index(c) for c in classes]
+    classes = list(classes)
+
+    def position(c):
+        if isinstance(c, numbers.Integral):  # numpy integers too
+            return int(c) if 0 <= c < len(task.classes) else None
+        return task.classes.index(c) if c in task.classes else None
+
+    index = [position(c) for c in classes]
     new_label = {old: new for new, old in enumerate(index)}
-    if len(new_label) != len(index) or not all(0 <= i < len(task.classes) for i in index):
-        raise ValueError(f"subset_classes: {classes!r} must be distinct classes of task {task.name!r}")
+    if None in new_label or len(new_label) != len(index):
+        raise ValueError(f"subset_classes: {classes!r} must be distinct classes of task {task.name!r}, "
+                         f"as names or indices 0..{len(task.classes) - 1}; its classes: {task.classes}")
 
     def load(split):
         examples = task.split(split)

@@ -230,13 +230,32 @@ def _nli_label(value, classes: list[str]) -> int | None:
     return int(value)
 
 
-def _nli_examples(rows, classes):
+def _nli_examples(rows, classes, where: str):
+    """((premise, hypothesis), label) of the labelled rows; errors name ``where`` and the row (from 1)."""
     examples = []
-    for row in rows:
-        label = _nli_label(next((row[k] for k in _FIELDS["label"] if k in row), None), classes)
-        if label is not None:
-            examples.append(((str(_field(row, "premise")), str(_field(row, "hypothesis"))), label))
+    for i, row in enumerate(rows, 1):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON object expected, got {type(row).__name__}")
+            label = _nli_label(next((row[k] for k in _FIELDS["label"] if k in row), None), classes)
+            if label is not None:
+                examples.append(((str(_field(row, "premise")), str(_field(row, "hypothesis"))), label))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{where}, example {i}: {e.args[0] if e.args else e}") from None
     return examples
+
+
+def _read_jsonl(path: Path) -> list:
+    """The JSON value of each non-blank line (a byte-order mark is allowed); errors name the file and line."""
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno})") from None
+    return rows
 
 
 def _hf_rows(folder: Path):
@@ -266,13 +285,17 @@ def nli_task(name: str, root: str, seed: int = 0):
             "test.jsonl (or validation.jsonl), one object per line with premise/hypothesis/label (or GLUE's "
             "sentence1/sentence2, question/sentence), or a Hugging Face datasets.save_to_disk folder "
             "(dataset_dict.json) with a train split")
-    if (folder / "train.jsonl").is_file():
+    jsonl = (folder / "train.jsonl").is_file()
+
+    def where(split):
+        return f"{title}: {folder / f'{split}.jsonl'}" if jsonl else f"{title}: split {split!r} of {folder}"
+
+    if jsonl:
         def rows(split):
             path = folder / f"{split}.jsonl"
             if not path.is_file():
                 return None
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+            return _read_jsonl(path)
     else:
         if importlib.util.find_spec("datasets") is None:
             raise ModuleNotFoundError(f"{folder} is a Hugging Face save_to_disk folder; reading it needs the "
@@ -286,11 +309,11 @@ def nli_task(name: str, root: str, seed: int = 0):
         train = rows("train")
         if train is None:
             raise FileNotFoundError(f"{title}: {folder} has no train split")
-        return _nli_examples(train, classes)
+        return _nli_examples(train, classes, where("train"))
 
     def load_test():
         for split in _TEST_SPLITS:
-            examples = _nli_examples(rows(split) or [], classes)
+            examples = _nli_examples(rows(split) or [], classes, where(split))
             if examples:
                 return examples
         raise FileNotFoundError(f"{title}: {folder} has no labelled split among {_TEST_SPLITS}")

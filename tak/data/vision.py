@@ -60,10 +60,21 @@ def _open(path):
 
 # --- folder layout -------------------------------------------------------------------------------
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Whether ``path`` or a folder between ``root`` and it is hidden (".ipynb_checkpoints", macOS "._x.jpg")."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The names of ``folder``'s visible subfolders, sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _folder_split(folder: Path, classes: list[str]) -> ImageSplit:
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in (folder / name).rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, folder / name))
         files += found
         labels += [label] * len(found)
     return ImageSplit(_open, files, labels)
@@ -72,9 +83,9 @@ def _folder_split(folder: Path, classes: list[str]) -> ImageSplit:
 def folder_task(name: str, folder: Path, templates: list[str], seed: int = 0, numbered=None):
     """A task from ``folder/{train,test}/{class}/*.<image>``; the classes are train's subfolders in
     sorted order, named ``numbered[int(folder)]`` for numbered folders ("00014") when ``numbered`` is
-    given, else made ``readable``."""
-    folders = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
-    extra = sorted({p.name for p in (folder / "test").iterdir() if p.is_dir()} - set(folders))
+    given, else made ``readable``. Hidden files and folders (a leading ".") are skipped."""
+    folders = _class_folders(folder / "train")
+    extra = sorted(set(_class_folders(folder / "test")) - set(folders))
     if extra:
         raise ValueError(f"{folder}/test has classes missing from {folder}/train: {extra}")
     classes = [numbered[int(f)] if numbered and f.isdigit() and int(f) < len(numbered) else readable(f)
@@ -149,7 +160,7 @@ VISION = {
                     "pcam/camelyonpatch_level_2_split_{train,test}_{x,y}.h5", "a histopathology slide of {}.",
                     ["healthy lymph node tissue", "lymph node tissue with metastatic tumor"]),
     "fer2013": _Vision("FER2013", "FER2013", {"split": "train"}, {"split": "test"},
-                       "fer2013/{fer2013.csv | icml_face_data.csv | train.csv,test.csv}",
+                       "fer2013/{fer2013.csv | icml_face_data.csv}",
                        "a photo of a {} looking face.",
                        ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]),
 }
@@ -162,8 +173,14 @@ def _tv_labels(ds) -> list[int]:
             return f["y"][:, 0, 0, 0].tolist()
     for attr in ("targets", "labels", "_labels"):
         if hasattr(ds, attr):
-            return [int(y) for y in getattr(ds, attr)]
-    return [int(y) for _, y in ds._samples]
+            labels = list(getattr(ds, attr))
+            break
+    else:
+        labels = [y for _, y in ds._samples]
+    if any(y is None for y in labels):  # FER2013's Kaggle test.csv
+        raise ValueError(f"{type(ds).__name__} under {ds.root}: this split has no labels; its test labels come "
+                         "with fer2013.csv or icml_face_data.csv")
+    return [int(y) for y in labels]
 
 
 def _tv_split(ds) -> ImageSplit:
