@@ -457,9 +457,9 @@ def table(info) -> str:
               "- peak GiB: torch.cuda.max_memory_allocated from building the configuration through its last step, "
               "above the resident backbone model and batch: θ / θ0 copies, τ, gradients, AdamW states, activations, "
               "factors on the GPU.",
-              "- tak's layer weights: `tak.methods.layer_weights(K, last_layer_weight=0.1)` as the loop builds them; it "
-              "gives the 0.1 to the last entry of K, ln_post's exact LayerNorm block (factors fitted with dense=True), "
-              "not the last linear layer (timing is unaffected).",
+              "- tak's layer weights: `tak.methods.layer_weights(K, last_layer_weight=0.1)` as the loop builds them: "
+              "0.1 on the last linear layer the features reach (the last block's mlp.c_proj), 1 elsewhere, the exact "
+              "LayerNorm / class-token blocks included.",
               "- The published-code penalty: β Σ_l w_l trace(B_l @ T_l @ A_l @ T_lᵀ), autograd, T_l = [W | b] in fp32, "
               "fp32 factors at 'highest' matmul precision.",
               ""]

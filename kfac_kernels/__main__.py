@@ -1,5 +1,5 @@
-"""``python -m kfac_kernels``: check every op against its float64 definition on each backend this
-machine has, then time the ops against the PyTorch a user would write. Exits 1 if a check fails.
+"""``python -m kfac_kernels``: check every op against its float64 definition on each backend here,
+then time the main ops against the PyTorch a user would write. Exits 1 if a check fails.
 
 Without a GPU the Triton kernels are checked through Triton's interpreter (small shapes).
 """
@@ -56,6 +56,39 @@ def _checks(device):
     y_ref, dy_ref = torch.func.jvp(torch.nn.functional.linear, (x.double(), W.double(), b.double()), (dx.double(), dW.double(), db.double()))
     yield "dual_linear primal", _rel(y, y_ref), 1e-5
     yield "dual_linear tangent", _rel(dy, dy_ref), 1e-5
+    yield from _more_checks(device, tau, t, B64, A64, x, dx)
+
+
+def _more_checks(device, tau, t, B64, A64, x, dx):
+    """The other ops: low-rank factors, the EK-FAC correction, the dual norms, activations and attention
+    (the error of a dual op is the larger of its primal's and its tangent's)."""
+    F = kk.LowRankFactor.from_dense(A64.float(), rank=9)
+    ref = (t * (B64 @ t @ F.to_dense().double())).sum()
+    yield "quadratic_form low-rank", _rel(kk.quadratic_form(tau.detach(), B64.float(), F), ref), 1e-5
+    g, a = torch.randn(6, 5, 13, device=device), torch.randn(6, 5, 11, device=device)
+    S = kk.squared_products_update_(torch.zeros(13, 11, device=device), g, a)
+    yield "squared_products_update_", _rel(S, (torch.einsum("ntb,nta->nba", g.double(), a.double()) ** 2).sum(0)), 1e-5
+    w, dw, b, db = (torch.randn(33, device=device) for _ in range(4))
+    x64, dx64 = x.double(), dx.double()
+    f = torch.nn.functional
+    y, dy = kk.dual_layer_norm(x, dx, w, dw, b, db)
+    ref = torch.func.jvp(lambda x, w, b: f.layer_norm(x, (33,), w, b), (x64, w.double(), b.double()),
+                         (dx64, dw.double(), db.double()))
+    yield "dual_layer_norm", max(_rel(y, ref[0]), _rel(dy, ref[1])), 1e-5
+    y, dy = kk.dual_rms_norm(x, dx, w, dw)
+    ref = torch.func.jvp(lambda x, w: w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6),
+                         (x64, w.double()), (dx64, dw.double()))
+    yield "dual_rms_norm", max(_rel(y, ref[0]), _rel(dy, ref[1])), 1e-5
+    h, dh = torch.randn_like(x), torch.randn_like(x)
+    y, dy = kk.dual_activation(x, dx, "gelu", gate=h, dgate=dh)
+    ref = torch.func.jvp(lambda x, h: f.gelu(x) * h, (x64, h.double()), (dx64, dh.double()))
+    yield "dual_activation (gated gelu)", max(_rel(y, ref[0]), _rel(dy, ref[1])), 1e-5
+    q, k, v, dq, dk, dv = (torch.randn(2, 3, 19, 16, device=device) for _ in range(6))
+    mask = (torch.arange(19, device=device)[None] < torch.tensor([[19], [7]], device=device))[:, None, None, :]
+    o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask)
+    ref = torch.func.jvp(lambda q, k, v: torch.softmax((q @ k.mT / 4).masked_fill(~mask, -torch.inf), -1) @ v,
+                         (q.double(), k.double(), v.double()), (dq.double(), dk.double(), dv.double()))
+    yield "dual_attention (padding mask)", max(_rel(o, ref[0]), _rel(do, ref[1])), 1e-5
 
 
 def _time(fn, device, reps):

@@ -8,7 +8,7 @@ dense tensor, it can be:
 - ``LowRankFactor``: F ≈ U diag(λ) Uᵀ with U (n, r), λ (r,): the top-r eigenpairs.
 - ``Int8Factor``: F ≈ diag(s) Q diag(s) with Q (n, n) int8 symmetric and s (n,) fp32 per-row
   scales; s_i = sqrt(max_j |F_ij| / 127), so |Q_ij| ≤ 127 for any symmetric F whose rows peak on the
-  diagonal (covariances), and F stays exactly symmetric after dequantization.
+  diagonal (covariances); ``to_dense`` gives an exactly symmetric matrix.
 """
 from dataclasses import dataclass
 
@@ -179,7 +179,7 @@ class Int8Factor:
         return Int8Factor(self.q.to(device), self.scale.to(device))
 
     def to_dense(self) -> torch.Tensor:
-        return self.scale[:, None] * self.q.float() * self.scale[None, :]
+        return (self.scale[:, None] * self.scale[None, :]) * self.q.float()  # s_i s_j = s_j s_i: exactly symmetric
 
 
 COMPRESSED = (BlockDiagonalFactor, LowRankFactor, Int8Factor)

@@ -48,6 +48,9 @@ def _weights(op: str, weights, n: int) -> list[float]:
 
 
 def _layers(op: str, **lists) -> int:
+    for name, x in lists.items():
+        if isinstance(x, (torch.Tensor, dict, str)) or not hasattr(x, "__len__"):
+            raise TypeError(f"{op}: {name} must be a list or tuple with one tensor per layer, got {type(x).__name__}")
     lengths = {name: len(x) for name, x in lists.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{op}: needs one entry per layer in each list, got lengths {lengths}")
@@ -88,7 +91,15 @@ def quadratic_forms(taus, Bs, As, weights=None) -> torch.Tensor:
     """Σ_l w_l q_l(τ_l) over many layers in one call (grouped launches).
 
     taus[l] (d_out_l, d_in_l), Bs[l] (d_out_l²), As[l] (d_in_l²); weights: floats (default 1)."""
-    op = "quadratic_forms"
+    return _quadratic_forms("quadratic_forms", taus, Bs, As, weights)
+
+
+def quadratic_form(tau, B, A) -> torch.Tensor:
+    """q = vec(τ)ᵀ (B ⊗ A) vec(τ) = Σ τ ⊙ (B τ A) for τ (d_out, d_in), B (d_out²), A (d_in²) symmetric."""
+    return _quadratic_forms("quadratic_form", [tau], [B], [A], None)
+
+
+def _quadratic_forms(op: str, taus, Bs, As, weights) -> torch.Tensor:
     n = _layers(op, taus=taus, Bs=Bs, As=As)
     for i, (tau, B, A) in enumerate(zip(taus, Bs, As)):
         _check_layer(op, i if n > 1 else None, tau, B, A)
@@ -104,16 +115,20 @@ def quadratic_forms(taus, Bs, As, weights=None) -> torch.Tensor:
                   triton_fn, lambda saved: saved)
 
 
-def quadratic_form(tau, B, A) -> torch.Tensor:
-    """q = vec(τ)ᵀ (B ⊗ A) vec(τ) = Σ τ ⊙ (B τ A) for τ (d_out, d_in), B (d_out²), A (d_in²) symmetric."""
-    return quadratic_forms([tau], [B], [A])
-
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:
     """Σ_l w_l Σ S_l ⊙ (U_B,lᵀ τ_l U_A,l)² (EK-FAC), in one call.
 
     taus[l] (d_out, d_in), U_Bs[l] (d_out, r_B), U_As[l] (d_in, r_A), Ss[l] (r_B, r_A)."""
-    op = "eigen_quadratic_forms"
+    return _eigen_quadratic_forms("eigen_quadratic_forms", taus, U_Bs, U_As, Ss, weights)
+
+
+def eigen_quadratic_form(tau, U_B, U_A, S) -> torch.Tensor:
+    """q = Σ S ⊙ (U_Bᵀ τ U_A)² for τ (d_out, d_in), U_B (d_out, r_B), U_A (d_in, r_A), S (r_B, r_A)."""
+    return _eigen_quadratic_forms("eigen_quadratic_form", [tau], [U_B], [U_A], [S], None)
+
+
+def _eigen_quadratic_forms(op: str, taus, U_Bs, U_As, Ss, weights) -> torch.Tensor:
     n = _layers(op, taus=taus, U_Bs=U_Bs, U_As=U_As, Ss=Ss)
     for i, (tau, U_B, U_A, S) in enumerate(zip(taus, U_Bs, U_As, Ss)):
         tag = "" if n == 1 else f"[{i}]"
@@ -142,7 +157,3 @@ def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:
                   lambda want, dtype: reference.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, w, want, dtype),
                   triton_fn, finish_triton)
 
-
-def eigen_quadratic_form(tau, U_B, U_A, S) -> torch.Tensor:
-    """q = Σ S ⊙ (U_Bᵀ τ U_A)² for τ (d_out, d_in), U_B (d_out, r_B), U_A (d_in, r_A), S (r_B, r_A)."""
-    return eigen_quadratic_forms([tau], [U_B], [U_A], [S])

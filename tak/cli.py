@@ -1,7 +1,7 @@
 """The ``tak`` command line: demo, train, merge, eval, report, list.
 
     tak demo [--quick] [--out DIR]                     the main job (see tak.demo)
-    tak train --method tak --task news-comp --tasks news-comp,news-rec,... [--config run.yaml] [--KEY VALUE ...]
+    tak train --method tak --task 20news-part0 --tasks 20news-part0,20news-part1,... [--config run.yaml] [--KEY VALUE ...]
     tak merge TV.safetensors ... --method ties --out merged.safetensors
     tak eval TV.safetensors ... [--protocol addition|negation --target T --control C] [--analyses] --out DIR
     tak report DIR [DIR ...] --out report_dir
@@ -27,15 +27,41 @@ def _parse_value(text: str, annotation):
         items = [t for t in text.split(",") if t]
         return text if str in kinds and len(items) == 1 else items  # trainable: "all" stays a name
     if dict in {typing.get_origin(k) or k for k in kinds}:
-        return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
-    for kind in (bool, int, float):
+        try:
+            return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected PATTERN=NUMBER,..., got {text!r}") from None
+    if bool in kinds:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    for kind, what in ((int, "an integer"), (float, "a number")):
         if kind in kinds:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-                return text.lower() in ("true", "1", "yes")
-            return kind(text)
+            try:
+                return kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _train_parser(sub):
@@ -83,7 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("task_vectors", nargs="+", type=Path)
     p.add_argument("--method", default="task_arithmetic")
     p.add_argument("--k", type=float, default=None, help="TIES: fraction of entries kept per tensor")
-    p.add_argument("--alpha", type=float, default=1.0, help="scale of the merged task vector")
+    p.add_argument("--alpha", type=_finite, default=1.0, help="scale of the merged task vector")
+    p.add_argument("--allow-mixed-regimes", action="store_true",
+                   help="merge linear (linearized) and non-linear task vectors together")
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("eval", help="task addition / negation protocols and analyses of saved task vectors")
@@ -94,8 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--alphas", type=_alphas, default=None, help="grid, e.g. 0:2:0.05 (the default)")
     p.add_argument("--analyses", action="store_true", help="also disentanglement, normalcy and localization plots")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--max-test", type=int, default=None)
-    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-test", type=_positive_int, default=None, help="test examples per task (a subsample)")
+    p.add_argument("--max-train", type=_positive_int, default=None, help="training examples per task (analyses)")
     p.add_argument("--pretrained", default=None, help="the backbone's pretrained tag, if not in the metadata")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -145,7 +173,7 @@ def _merge(args) -> int:
     from .task_vector import TaskVector, check_compatible
 
     tvs = [TaskVector.load(p) for p in args.task_vectors]
-    check_compatible(tvs)
+    check_compatible(tvs, allow_mixed_regimes=args.allow_mixed_regimes)
     if args.k is not None and args.method != "ties":
         raise ValueError(f"--k applies to --method ties only, not {args.method!r}")
     options = {} if args.k is None else {"k": args.k}
@@ -190,7 +218,7 @@ def _list(args) -> int:
         names = list_backbones()
     else:
         from .arithmetic.merges import MERGES
-        names = {n: (f.__doc__ or "").strip().split("\n")[0] for n, f in MERGES.items()}
+        names = {n: " ".join((f.__doc__ or "").split("\n\n")[0].split()) for n, f in MERGES.items()}
     for name, text in names.items():
         print(f"{name:20s} {text}")
     return 0

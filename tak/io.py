@@ -77,6 +77,8 @@ def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
 def read(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a file written by ``write``; ValueError if it is truncated, corrupted or not ours."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a folder; expected a .safetensors file written by tak")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:

@@ -47,8 +47,9 @@ class TaskVector:
         """The task vector in ``path``; refuses non-finite entries and, with ``fingerprint``, one trained on another
         architecture."""
         tensors, meta = read(path, device=device)
-        if meta.pop("kind", None) != _KIND:
-            raise ValueError(f"{path}: not a task vector file (kind {meta.get('kind')!r})")
+        kind = meta.pop("kind", None)
+        if kind != _KIND:
+            raise ValueError(f"{path}: not a task vector file (kind {kind!r})")
         version = meta.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"{path}: task vector format_version {version!r}; this tak reads {FORMAT_VERSION}")
@@ -77,7 +78,8 @@ def check_compatible(task_vectors: Iterable[TaskVector], *, allow_mixed_regimes:
         if len(values) > 1:
             named = ", ".join(f"{tv.task or i}: {tv.meta.get(key)!r}" for i, tv in enumerate(tvs))
             raise ValueError(f"task vectors differ in {key} ({named})"
-                             + ("; pass allow_mixed_regimes=True to mix them on purpose" if key == "regime" else ""))
+                             + ("; pass allow_mixed_regimes=True (tak merge: --allow-mixed-regimes) to mix them on purpose"
+                                if key == "regime" else ""))
     first = tvs[0]
     for i, tv in enumerate(tvs[1:], 1):
         if set(tv.tensors) != set(first.tensors):

@@ -203,7 +203,22 @@ def test_unknown_train_flag_and_bad_values_are_usage_errors(tmp_path):
     code, _, err = tak_cli("train", "--out", tmp_path, "--stepz", "2")
     assert code == 2 and "unrecognized arguments: --stepz" in err
     code, _, err = tak_cli("train", "--out", tmp_path, "--steps", "two")
-    assert code == 2 and "--steps" in err
+    assert code == 2 and "argument --steps: expected an integer, got 'two'" in err
+    code, _, err = tak_cli("train", "--out", tmp_path, "--layer-weights", "*.query=half")
+    assert code == 2 and "expected PATTERN=NUMBER" in err
+    (tmp_path / "broken.yaml").write_text("steps: [2\n")
+    (tmp_path / "tasks.yaml").write_text("tasks: 5\n")
+    for name, message in (("broken", "broken.yaml: not valid YAML"), ("tasks", "tasks must be a list of task names, got 5")):
+        code, _, err = tak_cli("train", "--config", tmp_path / f"{name}.yaml")
+        assert code == 2 and message in err and "Traceback" not in err, err
+    for args, message in ((("eval", "x.safetensors", "--max-test", "-3"), "--max-test: expected an integer ≥ 1"),
+                          (("merge", "x.safetensors", "--alpha", "nan"), "--alpha: expected a finite number")):
+        code, _, err = tak_cli(*args, "--out", tmp_path / "never")
+        assert code == 2 and message in err, err
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.json").write_text('{"something": 1}')
+    code, _, err = tak_cli("report", tmp_path / "report", "--out", tmp_path / "r")
+    assert code == 2 and "not the results of `tak demo` or `tak eval`" in err
     code, _, err = tak_cli("train", "--out", tmp_path, "--progress", "maybe")
     assert code == 2 and "expected true/false" in err
 

@@ -141,6 +141,12 @@ def test_task_factors_by_parameter_name_and_compressed():
     assert rel_err(tf.quadratic_form(taus), want) < 1e-5
     with pytest.raises(ValueError, match="taus names none of the 2 factored layers"):
         tf.quadratic_form({"nothing": torch.zeros(2)})
+    for bad in ({**taus, "2.bias": torch.zeros(4)}, {"2": torch.zeros(3, 6)}):
+        given = r"\{'2.weight': \(3, 6\), '2.bias': \(4,\)\}" if "2.bias" in bad else r"\{'2': \(3, 6\)\}"
+        with pytest.raises(ValueError, match=rf"layer '2' has factors for a block of shape \(3, 7\); taus gives {given}"):
+            fs[0].quadratic_form(bad)
+    with pytest.raises(TypeError, match="taus must be a mapping"):
+        fs[0].quadratic_form(list(taus.values()))
 
 
 def test_a_missing_weight_or_bias_counts_as_zero():

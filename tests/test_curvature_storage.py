@@ -116,6 +116,13 @@ def test_refuses_a_truncated_file(path):
         KFAC.load(path)
 
 
+def test_a_folder_or_a_missing_file_is_named_as_such(path):
+    with pytest.raises(IsADirectoryError, match="a folder; expected a .safetensors file written by tak"):
+        KFAC.load(path.parent)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        KFAC.load(path)
+
+
 def test_refuses_a_flipped_byte(path):
     fitted(model_of()).save(path)
     data = bytearray(path.read_bytes())

@@ -205,7 +205,7 @@ def test_compressed_factors_approximate_the_dense_ones():
     assert rel_err(kk.LowRankFactor.from_dense(F, rank=130).to_dense(), F) < 1e-5
     assert rel_err(kk.Int8Factor.from_dense(F).to_dense(), F) < 2e-2
     q8 = kk.Int8Factor.from_dense(F)
-    assert torch.equal(q8.q, q8.q.T) and q8.q.abs().max() <= 127
+    assert torch.equal(q8.q, q8.q.T) and q8.q.abs().max() <= 127 and torch.equal(q8.to_dense(), q8.to_dense().T)
     bd = kk.BlockDiagonalFactor.from_dense(F, 8)
     assert bd.nbytes < F.nbytes / 4 and torch.equal(bd.to_dense(), bd.to_dense().T)
 
@@ -262,8 +262,9 @@ def test_eigen_forms_many_layers(backend):
         torch.randn(2, 2, 2, requires_grad=True), 4)), r"A requires grad"),
 ])
 def test_bad_input(backend, args, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError), match=match) as e:
         kk.quadratic_form(*args())
+    assert str(e.value).startswith(("quadratic_form: ", "LowRankFactor: "))  # the op, or the factor built
 
 
 def test_bad_lists():
@@ -275,8 +276,12 @@ def test_bad_lists():
         kk.quadratic_forms([torch.randn(2, 2)] * 2, [spd(2)] * 2, [spd(2)] * 2, weights=[1.0])
     with pytest.raises(ValueError, match=r"tau\[1\] of shape \(2, 3\) needs B\[1\] of size 2"):
         kk.quadratic_forms([torch.randn(2, 2), torch.randn(2, 3)], [spd(2)] * 2, [spd(2)] * 2)
-    with pytest.raises(ValueError, match=r"S \(5, 5\) do not fit"):
+    with pytest.raises(ValueError, match=r"^eigen_quadratic_form: .*S \(5, 5\) do not fit"):
         kk.eigen_quadratic_form(torch.randn(3, 4), torch.eye(3), torch.eye(4), torch.rand(5, 5))
+    for taus in ({"w": torch.randn(2, 2)}, (t for t in [torch.randn(2, 2)]), torch.randn(1, 2, 2)):
+        with pytest.raises(TypeError, match=rf"quadratic_forms: taus must be a list or tuple with one tensor per layer, "
+                                            rf"got {type(taus).__name__}"):
+            kk.quadratic_forms(taus, [spd(2)], [spd(2)])
     layers = ([torch.randn(2, 2)] * 2, [spd(2)] * 2, [spd(2)] * 2)
     with pytest.raises(TypeError, match="weights must be a sequence of numbers, one per layer, got float"):
         kk.quadratic_forms(*layers, weights=2.0)

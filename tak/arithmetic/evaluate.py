@@ -167,7 +167,13 @@ def render_report(folders, out) -> Path:
         path = folder / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no results.json (run `tak demo` or `tak eval --out {folder}` first)")
-        results = json.loads(path.read_text())
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        if not isinstance(results, dict) or not {"zero_shot", "alpha1", "negation", "analyses"} & results.keys():
+            raise ValueError(f"{path}: not the results of `tak demo` or `tak eval` (no zero_shot, alpha1, negation "
+                             "or analyses entry)")
         report.section(f"{folder.name or folder}")
         if "zero_shot" in results:  # a tak demo folder
             from ..demo import table

@@ -6,8 +6,8 @@ For each n × n factor F (A and/or B of every layer):
   fewer blocks when n is not divisible, one per row when n < k), zero elsewhere;
 - ``"eigen"``, ``rank=`` or ``fraction=``: the top-r eigenpairs, r = min(rank, n) or round(fraction·n)
   (``kk.LowRankFactor``);
-- ``"prune"``, ``keep=``: magnitude pruning to round(keep·n²) entries (at least n): the diagonal, then
-  the off-diagonal pairs (F_ij, F_ji) of largest |F_ij|; a dense, symmetric F with zeros elsewhere
+- ``"prune"``, ``keep=``: magnitude pruning to n + 2·⌊(round(keep·n²) − n) / 2⌋ entries (at least n; pairs
+  keep the count's parity): the diagonal, then the off-diagonal pairs (F_ij, F_ji) of largest |F_ij|; a dense, symmetric F with zeros elsewhere
   (no fewer bytes in memory; ``nonzeros`` in the report says what a sparse format would hold);
 - ``"int8"``: F ≈ diag(s) Q diag(s) with int8 Q and per-row scales s (``kk.Int8Factor``).
 """
@@ -62,8 +62,8 @@ def compress(kfac: KFAC, *, method: str, which: str = "both", k: int | None = No
 
 
 def prune(F: torch.Tensor, keep: float) -> torch.Tensor:
-    """F (n × n, symmetric) with round(keep·n²) entries kept (at least the diagonal): the diagonal and
-    the off-diagonal pairs of largest magnitude; zeros elsewhere."""
+    """F (n × n, symmetric) with about round(keep·n²) entries kept (at least the diagonal): the diagonal and
+    the ⌊(round(keep·n²) − n) / 2⌋ off-diagonal pairs of largest magnitude; zeros elsewhere."""
     n = F.shape[0]
     pairs = min(max(round(keep * n * n) - n, 0) // 2, n * (n - 1) // 2)
     i, j = torch.triu_indices(n, n, offset=1, device=F.device)

@@ -47,6 +47,12 @@ class EigenFactors:
     def columns(self) -> int:
         return self.U_A.shape[0]
 
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return self.U_B.shape[0], self.columns
+
+    params = LayerFactors.params
+
 
 class EKFAC(Factors):
     """Per-layer EK-FAC factors ``e[name].U_B``, ``.U_A``, ``.S`` and the metadata that says how they

@@ -46,6 +46,15 @@ class LayerFactors:
         """Columns of the block [W | b]: d_in (+1 with a bias)."""
         return self.A.shape[0]
 
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.columns
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The names of W (and b)."""
+        return tuple(p for p in (self.weight, self.bias) if p is not None)
+
     def block(self, taus: dict, name: str):
         """This layer's task-vector block [W | b] from ``taus`` (by layer name, or by parameter names; a
         missing W or b counts as zero), or None when ``taus`` has neither."""
@@ -70,6 +79,10 @@ class DenseFactors:
     B: object
     params: tuple[str, ...]
     sizes: tuple[int, ...]
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return sum(self.sizes), 1
 
     def block(self, taus: dict, name: str):
         """The group's task vector as a column (Σ sizes, 1) from ``taus`` (by group or parameter names;
@@ -106,17 +119,26 @@ class Factors(Mapping):
         """(names, blocks): the factored layers found in ``taus`` and their task-vector blocks. ``taus``
         is keyed by layer name (blocks [W | b]), or by parameter name as ``tak.linearize(...).task_vector()``
         gives them."""
+        if not isinstance(taus, Mapping):
+            raise TypeError(f"quadratic_form: taus must be a mapping {{layer or parameter name: tensor}}, got "
+                            f"{type(taus).__name__}")
         names, blocks = [], []
         for name, lf in self.factors.items():
-            block = lf.block(taus, name)
+            try:
+                block = lf.block(taus, name)
+            except RuntimeError:  # a W and b that do not fit together
+                block = torch.empty(0)
+            if block is not None and tuple(block.shape) != lf.block_shape:
+                given = {k: tuple(taus[k].shape) for k in (name, *lf.params) if k in taus}
+                raise ValueError(f"quadratic_form: layer {name!r} has factors for a block of shape {lf.block_shape}; "
+                                 f"taus gives {given}")
             if block is not None:
                 names.append(name)
                 blocks.append(block)
         if not names:
             first = next(iter(self.factors.values()))
             raise ValueError(f"quadratic_form: taus names none of the {len(self)} factored layers "
-                             f"(e.g. {next(iter(self.factors))!r} or its parameter "
-                             f"{getattr(first, 'weight', None) or first.params[0]!r})")
+                             f"(e.g. {next(iter(self.factors))!r} or its parameter {first.params[0]!r})")
         return names, blocks
 
     def save(self, path) -> None:

@@ -101,9 +101,11 @@ class TrainConfig:
         if isinstance(self.trainable, tuple):
             self.trainable = list(self.trainable)
         for name in ("tasks", "reference"):
-            if isinstance(getattr(self, name), str):  # list("a,b") would be its characters
-                raise ValueError(f"TrainConfig.{name} must be a list of task names, got the string "
-                                 f"{getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, str):  # list("a,b") would be its characters
+                raise ValueError(f"TrainConfig.{name} must be a list of task names, got the string {value!r}")
+            if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+                raise ValueError(f"TrainConfig.{name} must be a list of task names, got {value!r}")
         self.tasks = list(self.tasks)
         self.reference = list(self.reference)
 
@@ -119,7 +121,10 @@ class TrainConfig:
     def from_yaml(cls, path) -> "TrainConfig":
         import yaml
 
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a YAML mapping of TrainConfig keys expected, got {type(values).__name__}")
         return cls.from_dict(values)
