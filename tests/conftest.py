@@ -45,11 +45,14 @@ def use_backend(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _highest_precision():
-    """Tests compare against float64 at IEEE fp32 unless they set a precision themselves."""
-    before = torch.get_float32_matmul_precision()
+    """Tests compare against float64 at IEEE fp32 unless they set a precision themselves: matrix products,
+    and cuDNN's convolutions (e.g. open_clip's patch embedding), which the matmul precision does not cover."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.set_float32_matmul_precision(before)
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from .test_fit_kfac import random_mask, tiny_clip
 from .test_tak_models import text_batch
 from .util import rel_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("one_thread")]  # under xdist: 8 workers, not 8 × 16 threads
 transformers = pytest.importorskip("transformers")
 
 CUDA = torch.device("cuda")
