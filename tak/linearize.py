@@ -22,7 +22,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from ._selection import check_patterns, selects
+from ._selection import select_parameters
 
 Trainable = None | str | Iterable[str] | Callable[[str], bool]
 
@@ -133,7 +133,7 @@ class LinearizedModel(_Linearization):
 
     def __init__(self, model: nn.Module, *, trainable: Trainable = None):
         super().__init__()
-        self._names = _select(model, trainable)
+        self._names = select_parameters(model, trainable)
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         base = copy.deepcopy(model).requires_grad_(False)
         self.__dict__["_base"] = base  # not a submodule: its parameters are not parameters of self
@@ -212,11 +212,15 @@ class DualLinearizedModel(_Linearization):
         self.train(model.training)
 
     def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in pytree.tree_leaves((args, kwargs))):
+            raise ValueError("tak.linearize's fast path differentiates in τ only, and an input requires grad; "
+                             "for gradients in the inputs use tak.linearize(model, fast=False)")
         primal, tangent = self.dual(*args, **kwargs)
         leaves, spec = pytree.tree_flatten(primal)
         self._keep(leaves, spec, (x for x in leaves if isinstance(x, torch.Tensor)))
         pairs = zip((x for x in leaves if isinstance(x, torch.Tensor)),
-                    (t for t in pytree.tree_leaves(tangent) if isinstance(t, torch.Tensor)))
+                    (t for t in pytree.tree_leaves(_aligned(primal, tangent)) if isinstance(t, torch.Tensor)))
 
         def next_pair():
             out, dot = next(pairs)
@@ -237,6 +241,18 @@ class DualLinearizedModel(_Linearization):
     def _taus(self) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(self.dual.named_taus().items())
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.dual.share_theta0(self._base)  # the dual's θ0 were moved/cast on their own: views of _base's again
+        return self
+
+    def __deepcopy__(self, memo):
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        clone.dual.share_theta0(clone._base)
+        return clone
+
 
 class KeptPrimal:
     """The output at θ0 of the last forward inside ``keeping_primal()``; calling it (with any arguments)
@@ -250,6 +266,19 @@ class KeptPrimal:
         return self.output
 
 
+def _aligned(primal, tangent):
+    """``tangent`` in ``primal``'s structure: where the dual model gives None (no τ reaches that output),
+    zeros, so that the two flatten to matching leaves."""
+    if isinstance(primal, torch.Tensor):
+        return torch.zeros_like(primal) if tangent is None else tangent
+    if isinstance(primal, Mapping):  # dicts, Hugging Face ModelOutputs
+        return type(primal)(**{k: _aligned(v, None if tangent is None else tangent.get(k)) for k, v in primal.items()})
+    if isinstance(primal, (tuple, list)):
+        items = [_aligned(v, None if tangent is None else tangent[i]) for i, v in enumerate(primal)]
+        return type(primal)(*items) if hasattr(primal, "_fields") else type(primal)(items)  # namedtuples too
+    return primal
+
+
 def _primal_plus_tangent(leaves: list, spec, next_pair):
     """The output structure with each floating tensor leaf primal + tangent (``next_pair()`` gives the
     (primal, tangent) of the next tensor leaf), other tensors their primal, Python scalars and strings
@@ -261,26 +290,6 @@ def _primal_plus_tangent(leaves: list, spec, next_pair):
         elif not isinstance(leaf, _PASS_THROUGH):
             leaves[i] = None
     return pytree.tree_unflatten(leaves, spec)
-
-
-def _select(model: nn.Module, trainable: Trainable) -> list[str]:
-    """Names (``named_parameters()``'s) of the parameters that get a τ; tied aliases match too."""
-    params = dict(model.named_parameters())
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    if trainable is None:
-        chosen = [name for name, p in params.items() if p.requires_grad]
-    elif callable(trainable):
-        chosen = [name for name, p in params.items() if any(map(trainable, aliases[id(p)]))]
-    else:
-        check_patterns(trainable, [n for names in aliases.values() for n in names], "trainable",
-                       "parameter of the model")
-        chosen = [name for name, p in params.items() if any(selects(trainable, a) for a in aliases[id(p)])]
-    if not chosen:
-        raise ValueError("no parameter selected for a τ (trainable=None selects the parameters with "
-                         "requires_grad=True; trainable='*' selects all)")
-    return chosen
 
 
 def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:

@@ -276,15 +276,22 @@ def test_trainable_predicate_default_and_refusals():
 
     with pytest.raises(ValueError, match=r"\*nope\*"):
         tak.linearize(model, trainable=["*.weight", "*nope*"], fast=False)
-    with pytest.raises(ValueError, match="no parameter selected"):
+    with pytest.raises(ValueError, match="selects no parameter of"):
         tak.linearize(model.requires_grad_(False), fast=False)
 
 
-def test_trainable_matches_tied_aliases():
+@pytest.mark.parametrize("fast", [False, True])
+def test_trainable_selects_the_same_on_both_paths(fast):
+    """Tied aliases match; a pattern selects frozen parameters too; a pattern matching nothing is refused."""
     model, _, _ = t5_case()
     assert model.lm_head.weight is model.shared.weight
-    lin = tak.linearize(model, trainable=["lm_head.weight"], fast=False)
-    assert list(lin.task_vector()) == ["shared.weight"]
+    lin = tak.linearize(model, trainable=["lm_head.weight"], fast=fast)
+    assert list(lin.task_vector()) == ["shared.weight"] and isinstance(lin, tak.LinearizedModel) != fast
+    model.requires_grad_(False)
+    chosen = tak.linearize(model, trainable="decoder.block.0.layer.0.*", fast=fast).task_vector()
+    assert list(chosen) == [n for n, _ in model.named_parameters() if n.startswith("decoder.block.0.layer.0.")]
+    with pytest.raises(ValueError, match=r"trainable: \['typo\*'\] match no parameter of the model"):
+        tak.linearize(model, trainable=["shared.weight", "typo*"], fast=fast)
 
 
 # ----------------------------------------------------------------------------- task vectors

@@ -41,6 +41,22 @@ def test_fast_path_equals_generic_path(case):
         assert torch.equal(base[name], p)  # θ0 is the model's, held in a private copy
 
 
+@pytest.mark.parametrize("case, trainable", [("minilm", "pooler.*"), ("t5", "decoder.block.*")])
+def test_outputs_no_tau_reaches_pair_with_their_own_primal(case, trainable):
+    """τ of the pooler alone leaves the hidden states without a tangent (the encoder's output, for τ of the
+    decoder): each output is still its own primal (+ its tangent), as on the generic path."""
+    model, inputs, outputs = CASES[case]()
+    fast, generic = tak.linearize(model, trainable=trainable), tak.linearize(model, trainable=trainable, fast=False)
+    taus = {name: 0.05 * torch.randn_like(t) for name, t in generic.task_vector().items()}
+    fast.load_task_vector(taus)
+    generic.load_task_vector(taus)
+    args, kwargs = inputs()
+    got, want = fast(*args, **kwargs), generic(*args, **kwargs)
+    keys = ["last_hidden_state", "pooler_output"] if case == "minilm" else ["logits", "encoder_last_hidden_state"]
+    for k in keys:
+        assert rel_err(got[k], want[k]) < TOLERANCE[case], k
+
+
 def test_fast_path_keeps_theta0_when_the_model_changes():
     model, inputs, outputs = CASES["vit"]()
     lin = tak.linearize(model)
@@ -73,6 +89,12 @@ def test_fast_path_module_methods():
     got = outputs(lin.to(torch.float32)(*(a.float() for a in args), **kwargs))[0]
     assert got.dtype == torch.float32 and lin.base_parameters()["proj"].dtype == torch.float32
     assert rel_err(got, want) < 1e-5
+    for held in (lin, copy.deepcopy(lin)):  # θ0 once: the dual layers' θ0 are views of the private copy's parameters
+        base = {p.untyped_storage().data_ptr() for p in held._base.parameters()}
+        assert all(b.untyped_storage().data_ptr() in base for b in held.dual.buffers())
+    assert list(lin.state_dict()) == [f"dual.{n}" for n, _ in lin.dual.named_parameters()]  # τ alone
+    with pytest.raises(ValueError, match=r"differentiates in τ only, and an input requires grad.*fast=False"):
+        lin(args[0].float().requires_grad_())
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -231,8 +231,10 @@ def test_task_vector_round_trip_and_refusals():
     assert set(only_attention.task_vector()) == {n for n, _ in model.named_parameters() if ".attention." in n}
     with pytest.raises(ValueError, match="not trainable here"):
         only_attention.load_task_vector(taus)
-    with pytest.raises(ValueError, match="selects no parameter"):
+    with pytest.raises(ValueError, match=r"\['nothing\*'\] match no parameter of the model"):
         to_dual(model, trainable="nothing*")
+    with pytest.raises(ValueError, match="selects no parameter of BertModel"):
+        to_dual(model, trainable=lambda name: False)
 
 
 def test_unsupported_models_are_refused_by_name():
@@ -240,5 +242,7 @@ def test_unsupported_models_are_refused_by_name():
         to_dual(nn.Linear(3, 4))
     with pytest.raises(NotImplementedError, match="transformer.resblocks.0.ls_1"):
         to_dual(vit(ls_init_value=0.1))
+    with pytest.raises(NotImplementedError, match="torch.nn.modules.normalization.RMSNorm where an nn.LayerNorm"):
+        to_dual(vit(norm_layer=nn.RMSNorm))
     with pytest.raises(NotImplementedError, match="attn_pool"):
         to_dual(vit(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2))

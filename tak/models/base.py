@@ -7,7 +7,7 @@ source parameter it is (tied parameters are one θ0 with one τ), then calls ``D
 import torch
 from torch import nn
 
-from .._selection import selects
+from .._selection import select_parameters
 from ..nn import DualActivation, DualEmbedding, DualLayerNorm, DualLinear, DualModule, DualRMSNorm
 
 # Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer, as DualActivation kinds.
@@ -56,6 +56,9 @@ class Builder:
         return self.record(DualLinear(m.weight, m.bias), weight=m.weight, bias=m.bias)
 
     def layer_norm(self, m: nn.LayerNorm) -> DualLayerNorm:
+        if not isinstance(m, nn.LayerNorm):
+            raise NotImplementedError(f"{type(m).__module__}.{type(m).__qualname__} where an nn.LayerNorm is "
+                                      "expected has no dual layer")
         if len(m.normalized_shape) != 1:
             raise NotImplementedError(f"LayerNorm over {tuple(m.normalized_shape)}: only the last dimension "
                                       "is supported")
@@ -79,8 +82,8 @@ class DualModel(DualModule):
     ``named_parameters()``), so task vectors are interchangeable with any other linearization of it."""
 
     def bind(self, builder: Builder, source: nn.Module, trainable=None) -> None:
-        """Map source parameter names to (module path, attribute); freeze what is not trainable (a source
-        parameter with requires_grad False, or one ``trainable`` does not select)."""
+        """Map source parameter names to (module path, attribute); freeze what ``trainable`` does not select
+        (``tak._selection.select_parameters``: None selects the parameters with requires_grad=True)."""
         paths = {id(m): p for p, m in self.named_modules()}
         found = {name: (paths[id(layer)], attr) for layer, attr, name in builder.records}
         params = dict(source.named_parameters())
@@ -89,12 +92,16 @@ class DualModel(DualModule):
             raise NotImplementedError(f"{type(source).__name__}: the dual model has no counterpart for parameters "
                                       f"{missing}; its output would differ from the source model's")
         self._sources = {name: found[name] for name in params}
+        chosen = set(select_parameters(source, trainable))
         for name, (path, attr) in self._sources.items():
-            if not (params[name].requires_grad and selects(trainable, name)):
+            if name not in chosen:
                 self.get_submodule(path).freeze(attr)
-        if not self.named_taus():
-            raise ValueError(f"trainable={trainable!r} selects no parameter with requires_grad among the "
-                             f"{len(params)} of {type(source).__name__}")
+
+    def share_theta0(self, source: nn.Module) -> None:
+        """Point every θ0 at ``source``'s parameter of its name (the model this one was converted from, after
+        both were moved or cast: θ0 is then held once)."""
+        for name, (path, attr) in self._sources.items():
+            self.get_submodule(path).register_buffer(attr, source.get_parameter(name).detach(), persistent=False)
 
     def set_mode(self, mode: str) -> "DualModel":
         """Set the mode ("linearized", "primal" or "merged"; see tak.nn.base) of every layer; returns self."""

@@ -38,8 +38,9 @@ class DualModule(nn.Module):
         set_mode(self, mode)
 
     def register_dual(self, name: str, value: torch.Tensor | None) -> None:
-        """Register θ0 = ``value`` (detached, same storage) as buffer ``name`` and τ = 0 as ``tau[name]``."""
-        self.register_buffer(name, None if value is None else value.detach())
+        """Register θ0 = ``value`` (detached, same storage) as buffer ``name`` (not in ``state_dict()``, which
+        holds τ alone: θ0 is the source model's) and τ = 0 as ``tau[name]``."""
+        self.register_buffer(name, None if value is None else value.detach(), persistent=False)
         if value is not None:
             self.tau[name] = nn.Parameter(torch.zeros_like(value))
 
