@@ -63,7 +63,7 @@ FULL = Sizes({"ViT-B/16": vit_shapes(768, 3072, 12), "ViT-L/14": vit_shapes(1024
 SMOKE = Sizes({"ViT-B/16": vit_shapes(32, 128, 2), "ViT-L/14": vit_shapes(48, 192, 2)},
               300, (32, 128), 32, 8, 4)
 
-CFG = SimpleNamespace()  # set in main(): smoke, dev, backend, sizes, l2
+CFG = SimpleNamespace(save=lambda: None)  # set in main(): smoke, dev, backend, sizes, l2, save (writes the outputs)
 RESULTS = []  # every Result, in order
 ROWS = {}  # section -> [Row]
 FAILED_SECTIONS = {}
@@ -173,6 +173,7 @@ def measure(name, fn, sets, *, flops=None, exact=None, backend=None, precision="
 
 def row(section, case, reference, ours, ref, target=None, note=""):
     ROWS.setdefault(section, []).append(Row(case, reference, ours, ref, target, note))
+    CFG.save()  # after every row: a run stopped by a timeout keeps the rows it finished
 
 
 # ---------------------------------------------------------------- inputs
@@ -760,6 +761,10 @@ def main():
 
     info = header()
     print(" · ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_gpu_smoke" if args.smoke else "bench_gpu"
+    CFG.save = lambda: save(out, stem, info)
     start = time.time()
     for key in [args.only] if args.only else SECTIONS:
         t = time.time()
@@ -772,18 +777,19 @@ def main():
             free()
         print(f"-- {key} took {time.time() - t:.0f} s", flush=True)
     info["total seconds"] = round(time.time() - start)
+    print("\n" + save(out, stem, info))
+    print(f"wrote {out / stem}.md and .json")
 
+
+def save(out: Path, stem: str, info: dict) -> str:
+    """Writes <stem>.md (the table, returned) and <stem>.json (every result and row) to ``out``."""
     text = table(info)
-    print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_gpu_smoke" if args.smoke else "bench_gpu"
     (out / f"{stem}.md").write_text(text)
     rows = [dict(section=key, case=r.case, reference=r.reference, ours=r.ours.name, ref=r.ref.name,
                  ratio=r.ratio, target=r.target, note=r.note) for key, rs in ROWS.items() for r in rs]
     data = dict(header=info, results=[asdict(r) for r in RESULTS], rows=rows, failed_sections=FAILED_SECTIONS)
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
-    print(f"wrote {out / stem}.md and .json")
+    return text
 
 
 if __name__ == "__main__":
