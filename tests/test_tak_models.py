@@ -124,6 +124,11 @@ def test_bert(pooler, act):
     model = tiny_bert(pooler, act)
     batch = text_batch(41, token_types=pooler)
     dual = check(model, batch, keys, grads=pooler)
+    with torch.no_grad():  # the options Hugging Face callers pass, at their defaults
+        same = dual(**batch, return_dict=True, output_attentions=False, output_hidden_states=None, head_mask=None)
+        assert torch.equal(same[0].last_hidden_state, dual(**batch)[0].last_hidden_state)
+    with pytest.raises(ValueError, match=r"\{'output_hidden_states': True\} not supported"):
+        dual(**batch, output_hidden_states=True)
     embeds = {"inputs_embeds": torch.randn(3, 9, 20, dtype=torch.float64), "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64

@@ -79,7 +79,15 @@ class DualBertModel(DualModel):
         return self.drop_embed(*self.ln_embed(x, dx))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None):
+                inputs_embeds=None, **options):
+        """``options`` Hugging Face callers pass are accepted at their defaults (return_dict True or None,
+        output_attentions / output_hidden_states False or None, head_mask None); other values are refused."""
+        defaults = {"return_dict": (None, True), "output_attentions": (None, False),
+                    "output_hidden_states": (None, False), "head_mask": (None,)}
+        refused = {k: v for k, v in options.items() if k not in defaults or not any(v is d for d in defaults[k])}
+        if refused:
+            raise ValueError(f"DualBertModel: {refused} not supported (accepted at their defaults: {defaults}); "
+                             "tak.linearize(model, fast=False) takes every argument of the model")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DualBertModel: pass exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and attention_mask.dim() != 2:
