@@ -36,6 +36,7 @@ def select_parameters(model, trainable) -> list[str]:
         chosen = [name for name, p in params.items() if p.requires_grad]
     else:
         if not callable(trainable):
+            trainable = [trainable] if isinstance(trainable, str) else list(trainable)  # an iterator, used twice
             check_patterns(trainable, [n for names in aliases.values() for n in names], "trainable",
                            "parameter of the model")
         chosen = [name for name, p in params.items() if any(selects(trainable, a) for a in aliases[id(p)])]

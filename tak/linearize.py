@@ -35,8 +35,8 @@ def linearize(model: nn.Module, *, trainable: Trainable = None, fast: bool | Non
     ``fast=None``: the fast path (``DualLinearizedModel``) for the architectures ``tak.models.to_dual``
     supports, else the generic one (``LinearizedModel``) with a warning naming what has no fast path;
     ``fast=True`` requires the fast path (NotImplementedError otherwise); ``fast=False`` the generic one.
-    Both have the same interface, compute the same function and start in ``model``'s train/eval mode
-    (in train mode, with its dropout)."""
+    Both have the same interface, compute the same function and start in the train/eval modes of ``model``
+    and its modules (dropout where the model's is in train mode)."""
     if fast is False:
         return LinearizedModel(model, trainable=trainable)
     from .models import to_dual
@@ -141,7 +141,7 @@ class LinearizedModel(_Linearization):
         for name in self._names:
             _set_parameter(self.tau, name, nn.Parameter(torch.zeros_like(base.get_parameter(name))))
         self._alpha = 1.0
-        self.train(model.training)
+        self.training = model.training  # the modules inside keep their own modes (θ0 copies them)
 
     def _taus(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((name, self.tau.get_parameter(name)) for name in self._names)
@@ -209,7 +209,7 @@ class DualLinearizedModel(_Linearization):
         self.__dict__["_base"] = base.requires_grad_(False)  # θ0; not a submodule
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._alpha = 1.0
-        self.train(model.training)
+        self.training = model.training  # the modules inside keep their own modes (θ0 copies them)
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad

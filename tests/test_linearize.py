@@ -292,6 +292,8 @@ def test_trainable_selects_the_same_on_both_paths(fast):
     assert list(chosen) == [n for n, _ in model.named_parameters() if n.startswith("decoder.block.0.layer.0.")]
     with pytest.raises(ValueError, match=r"trainable: \['typo\*'\] match no parameter of the model"):
         tak.linearize(model, trainable=["shared.weight", "typo*"], fast=fast)
+    once = tak.linearize(model, trainable=iter(["decoder.block.0.layer.0.*"]), fast=fast)  # an iterator, read once
+    assert list(once.task_vector()) == list(chosen)
 
 
 # ----------------------------------------------------------------------------- task vectors

@@ -57,6 +57,25 @@ def test_outputs_no_tau_reaches_pair_with_their_own_primal(case, trainable):
         assert rel_err(got[k], want[k]) < TOLERANCE[case], k
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_each_module_keeps_its_train_or_eval_mode(fast):
+    """model.train() with its dropout modules in eval (and no attention dropout): the linearization at τ = 0 is
+    the model's deterministic function, on both paths."""
+    model, inputs, outputs = CASES["minilm"]()
+    model.config.attention_probs_dropout_prob = 0.0
+    for layer in model.encoder.layer:
+        layer.attention.self.dropout.p = 0.0
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    lin = tak.linearize(model, fast=fast)
+    assert lin.training and isinstance(lin, DualLinearizedModel) == fast
+    args, kwargs = inputs()
+    with torch.no_grad():
+        assert rel_err(outputs(lin(*args, **kwargs))[0], outputs(model(*args, **kwargs))[0]) < TOLERANCE["minilm"]
+
+
 def test_fast_path_keeps_theta0_when_the_model_changes():
     model, inputs, outputs = CASES["vit"]()
     lin = tak.linearize(model)

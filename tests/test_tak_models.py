@@ -216,6 +216,21 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
         assert not replayed_dropout.masks and not to_dual(model.eval()).training
 
 
+def test_patch_dropout_keeps_the_sources_tokens_for_primal_and_tangent():
+    model = vit(patch_dropout=0.5).train()
+    x = torch.randn(3, 3, 20, 17, dtype=torch.float64)
+    dual = to_dual(model)
+    taus = randomize(dual)
+    torch.manual_seed(7)
+    y, dy = dual(x)
+    torch.manual_seed(7)  # the source draws its kept tokens the same way
+    y_ref, dy_ref, _ = reference(model, taus, {"x": x})
+    assert rel_err(y, y_ref) <= TOL64 and rel_err(dy, dy_ref) <= TOL64
+    with torch.no_grad():
+        y_eval = to_dual(model.eval()).set_mode("primal")(x)[0]
+        assert rel_err(y_eval, model(x)) <= TOL64 and rel_err(y_eval, y) > 1e-3  # eval: all tokens
+
+
 def test_task_vector_round_trip_and_refusals():
     model = tiny_bert()
     a, b = to_dual(model), to_dual(model)

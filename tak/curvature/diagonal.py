@@ -28,10 +28,15 @@ class DiagonalFactors:
     bias: str | None
 
     block = LayerFactors.block
+    params = LayerFactors.params
 
     @property
     def columns(self) -> int:
         return self.D.shape[1]
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return tuple(self.D.shape)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class DenseDiagonal:
     sizes: tuple[int, ...]
 
     block = DenseFactors.block
+    block_shape = DenseFactors.block_shape
 
 
 class DiagonalGGN(Factors):

@@ -22,13 +22,15 @@ def to_dual(model, *, trainable=None) -> DualModel:
     """The dual model of ``model``. ``trainable`` selects the parameters that get τ, by source parameter
     name (None: all with requires_grad; a glob pattern or a list of them; a predicate name -> bool).
 
-    The dual model starts in ``model``'s train/eval mode. Raises NotImplementedError naming the model class,
+    The dual model and its dropout layers start in the train/eval modes of ``model`` and of their source modules. Raises NotImplementedError naming the model class,
     or the module, that has no fast path."""
     for module, cls, ours, dual in _CONVERTERS:
         source = sys.modules.get(module)  # not imported: the model cannot be an instance of its classes
         if source is not None and isinstance(model, getattr(source, cls)):
             converter = getattr(importlib.import_module(f".{ours}", __name__), dual)
-            return converter(model, trainable=trainable).train(model.training)
+            dual = converter(model, trainable=trainable)
+            dual.training = model.training  # its dropout layers have their source modules' modes
+            return dual
     supported = ", ".join(f"{m}.{c}" for m, c, _, _ in _CONVERTERS)
     name = f"{type(model).__module__}.{type(model).__qualname__}"
     raise NotImplementedError(f"tak.models.to_dual: no fast path for {name}; supported: {supported}")

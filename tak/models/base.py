@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._selection import select_parameters
-from ..nn import DualActivation, DualEmbedding, DualLayerNorm, DualLinear, DualModule, DualRMSNorm
+from ..nn import DualActivation, DualDropout, DualEmbedding, DualLayerNorm, DualLinear, DualModule, DualRMSNorm
 
 # Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer, as DualActivation kinds.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -66,6 +66,10 @@ class Builder:
 
     def rms_norm(self, weight: torch.Tensor, eps: float) -> DualRMSNorm:
         return self.record(DualRMSNorm(weight, eps), weight=weight)
+
+    def dropout(self, m: nn.Module) -> DualDropout:
+        """The dual of an ``nn.Dropout`` ``m``, in ``m``'s train/eval mode."""
+        return DualDropout(m.p).train(m.training)
 
     def embedding(self, m: nn.Embedding) -> DualEmbedding:
         """One DualEmbedding per table: a table tied across modules gets a single θ0 and τ."""

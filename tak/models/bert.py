@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..nn import DualActivation, DualAttention, DualDropout
+from ..nn import DualActivation, DualAttention
 from ..nn.base import add, apply
 from .base import Builder, DualModel, activation
 
@@ -22,13 +22,13 @@ class DualBertLayer(nn.Module):
         a = layer.attention
         self.attn = DualAttention(a.self.num_attention_heads, b.linear(a.output.dense),
                                   q=b.linear(a.self.query), k=b.linear(a.self.key), v=b.linear(a.self.value),
-                                  scale=a.self.scaling, dropout=a.self.dropout.p)
-        self.drop_attn = DualDropout(a.output.dropout.p)
+                                  scale=a.self.scaling, dropout=a.self.dropout.p).train(a.self.training)
+        self.drop_attn = b.dropout(a.output.dropout)
         self.ln_attn = b.layer_norm(a.output.LayerNorm)
         self.fc = b.linear(layer.intermediate.dense)
         self.act = activation(act, f"{where}.intermediate")
         self.out = b.linear(layer.output.dense)
-        self.drop_out = DualDropout(layer.output.dropout.p)
+        self.drop_out = b.dropout(layer.output.dropout)
         self.ln_out = b.layer_norm(layer.output.LayerNorm)
 
     def forward(self, x, dx, mask):
@@ -58,7 +58,7 @@ class DualBertModel(DualModel):
         self.token_type = b.embedding(e.token_type_embeddings)
         self.position = b.embedding(e.position_embeddings)
         self.ln_embed = b.layer_norm(e.LayerNorm)
-        self.drop_embed = DualDropout(e.dropout.p)
+        self.drop_embed = b.dropout(e.dropout)
         self.layers = nn.ModuleList(DualBertLayer(b, layer, c.hidden_act, f"encoder.layer.{i}")
                                     for i, layer in enumerate(model.encoder.layer))
         self.pooler = None if model.pooler is None else b.linear(model.pooler.dense)

@@ -3,13 +3,14 @@
 Tokens: patches of the image through conv1 (stride = kernel: a linear map of patches), the class
 embedding prepended, the positional embedding added; then ln_pre, pre-norm residual blocks
 x + attn(ln_1(x)), x + mlp(ln_2(x)) with a fused q/k/v input projection, pooling ('tok', 'avg' or
-'none'), ln_post (before or after pooling) and pooled @ proj. In training, the attention weights are
-dropped out as nn.MultiheadAttention's ``dropout`` says; patch dropout is not supported.
+'none'), ln_post (before or after pooling) and pooled @ proj. In training, patch dropout (open_clip's
+``patch_dropout``) after the positional embedding, and the attention weights dropped out as nn.MultiheadAttention's
+``dropout`` says.
 """
 import torch
 from torch import nn
 
-from ..nn import DualAttention, DualLinear, DualPatchEmbedding, linear
+from ..nn import DualAttention, DualLinear, DualPatchDropout, DualPatchEmbedding, linear
 from ..nn.base import add, apply
 from .base import Builder, DualModel, activation
 
@@ -36,6 +37,7 @@ class DualResidualAttentionBlock(nn.Module):
                        weight=attn.in_proj_weight, bias=attn.in_proj_bias)
         self.ln_1 = b.layer_norm(block.ln_1)
         self.attn = DualAttention(attn.num_heads, b.linear(attn.out_proj), qkv=qkv, dropout=attn.dropout)
+        self.attn.train(attn.training)
         self.ln_2 = b.layer_norm(block.ln_2)
         self.fc = b.linear(block.mlp.c_fc)
         self.act = activation(block.mlp.gelu, f"{where}.mlp.gelu")
@@ -56,13 +58,15 @@ class DualVisionTransformer(DualModel):
         super().__init__()
         if getattr(model, "attn_pool", None) is not None:
             raise _unsupported("attn_pool", "attentional pooling")
-        if not isinstance(getattr(model, "patch_dropout", nn.Identity()), nn.Identity):
-            raise _unsupported("patch_dropout", "patch dropout")
         b = Builder(model)
         self.patch_embed = b.record(DualPatchEmbedding(model.conv1.weight, model.conv1.bias),
                                     weight=model.conv1.weight, bias=model.conv1.bias)
         b.own(self, class_embedding=model.class_embedding, positional_embedding=model.positional_embedding,
               proj=model.proj)
+        pd = getattr(model, "patch_dropout", None)
+        self.patch_dropout = None
+        if pd is not None and not isinstance(pd, nn.Identity):
+            self.patch_dropout = DualPatchDropout(pd.prob, pd.exclude_first_token).train(pd.training)
         self.ln_pre = None if isinstance(model.ln_pre, nn.Identity) else b.layer_norm(model.ln_pre)
         self.blocks = nn.ModuleList(DualResidualAttentionBlock(b, blk, f"transformer.resblocks.{i}")
                                     for i, blk in enumerate(model.transformer.resblocks))
@@ -95,6 +99,8 @@ class DualVisionTransformer(DualModel):
 
     def forward(self, x):
         x, dx = self.embed(x)
+        if self.patch_dropout is not None:
+            x, dx = self.patch_dropout(x, dx)
         if self.ln_pre is not None:
             x, dx = self.ln_pre(x, dx)
         for block in self.blocks:

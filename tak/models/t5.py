@@ -14,14 +14,14 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from ..nn import DualAttention, DualDropout, linear
+from ..nn import DualAttention, linear
 from ..nn.base import add, apply
 from .base import Builder, DualModel, activation
 
 
 def _attention(b: Builder, a: T5Attention) -> DualAttention:
     return DualAttention(a.n_heads, b.linear(a.o), q=b.linear(a.q), k=b.linear(a.k), v=b.linear(a.v), scale=1.0,
-                         dropout=a.dropout)
+                         dropout=a.dropout).train(a.training)
 
 
 def _norm(b: Builder, layer: nn.Module):
@@ -39,11 +39,11 @@ class DualT5Block(nn.Module):
     def __init__(self, b: Builder, block: nn.Module, config, decoder: bool):
         super().__init__()
         self.norm_self, self.self_attn = _norm(b, block.layer[0]), _attention(b, block.layer[0].SelfAttention)
-        self.drop_self = DualDropout(block.layer[0].dropout.p)
+        self.drop_self = b.dropout(block.layer[0].dropout)
         self.norm_cross = self.cross_attn = self.drop_cross = None
         if decoder:
             self.norm_cross, self.cross_attn = _norm(b, block.layer[1]), _attention(b, block.layer[1].EncDecAttention)
-            self.drop_cross = DualDropout(block.layer[1].dropout.p)
+            self.drop_cross = b.dropout(block.layer[1].dropout)
         ff = block.layer[-1]
         dense = ff.DenseReluDense
         self.norm_ff = _norm(b, ff)
@@ -51,9 +51,9 @@ class DualT5Block(nn.Module):
         self.wi = b.linear(dense.wi_0 if self.gated else dense.wi)
         self.wi_gate = b.linear(dense.wi_1) if self.gated else None
         self.act = activation(config.dense_act_fn, "DenseReluDense")
-        self.drop_hidden = DualDropout(dense.dropout.p)
+        self.drop_hidden = b.dropout(dense.dropout)
         self.wo = b.linear(dense.wo)
-        self.drop_ff = DualDropout(ff.dropout.p)
+        self.drop_ff = b.dropout(ff.dropout)
 
     def feed_forward(self, x, dx):
         gate = self.wi_gate(x, dx) if self.gated else (None, None)
@@ -80,7 +80,7 @@ class DualT5Stack(nn.Module):
         self.relative_bias = b.embedding(stack.block[0].layer[0].SelfAttention.relative_attention_bias)
         self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
         self.final_norm = b.rms_norm(stack.final_layer_norm.weight, stack.final_layer_norm.variance_epsilon)
-        self.drop = DualDropout(stack.dropout.p)
+        self.drop = b.dropout(stack.dropout)
 
     def position_bias(self, length, device):
         """Relative position bias (1, H, L, L) of the buckets of key − query positions, and its tangent."""

@@ -8,7 +8,7 @@ dy = J f · (dx, τ)), "primal" (y = f(x; θ0), dy None) and "merged" (y = f(x; 
 from .activation import DualActivation
 from .attention import DualAttention, attention, dual_attention
 from .base import MODES, DualModule, set_mode
-from .dropout import DualDropout
+from .dropout import DualDropout, DualPatchDropout
 from .linear import DualEmbedding, DualLinear, DualPatchEmbedding, linear
 from .norm import DualLayerNorm, DualRMSNorm, layer_norm, rms_norm
 
@@ -16,6 +16,6 @@ __all__ = [
     "MODES", "DualModule", "set_mode",
     "DualLinear", "DualPatchEmbedding", "DualEmbedding", "linear",
     "DualLayerNorm", "DualRMSNorm", "layer_norm", "rms_norm",
-    "DualActivation", "DualDropout",
+    "DualActivation", "DualDropout", "DualPatchDropout",
     "DualAttention", "attention", "dual_attention",
 ]
