@@ -3,7 +3,7 @@
     tak demo [--quick] [--out DIR]                     the main job (see tak.demo)
     tak train --method tak --task 20news-part0 --tasks 20news-part0,20news-part1,... [--config run.yaml] [--KEY VALUE ...]
     tak merge TV.safetensors ... --method ties --out merged.safetensors
-    tak eval TV.safetensors ... [--protocol addition|negation --target T --control C] [--analyses] --out DIR
+    tak eval TV.safetensors ... [--merge ties] [--protocol addition|negation --target T --control C] [--analyses] --out DIR
     tak report DIR [DIR ...] --out report_dir
     tak list methods|tasks|backbones|merges
 """
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--target", help="negation: the task to forget (default: the task vector's task)")
     p.add_argument("--control", help="negation: the task whose accuracy must be kept")
     p.add_argument("--alphas", type=_alphas, default=None, help="grid, e.g. 0:2:0.05 (the default)")
+    p.add_argument("--merge", default="task_arithmetic", help="addition: how the task vectors are merged before "
+                   "scaling by α (tak list merges)")
+    p.add_argument("--k", type=float, default=None, help="--merge ties: fraction of entries kept per tensor")
     p.add_argument("--analyses", action="store_true", help="also disentanglement, normalcy and localization plots")
     p.add_argument("--data-root", default=None)
     p.add_argument("--max-test", type=_positive_int, default=None, help="test examples per task (a subsample)")
@@ -179,9 +182,13 @@ def _merge(args) -> int:
     options = {} if args.k is None else {"k": args.k}
     tensors = merge(args.method, [tv.tensors for tv in tvs], **options)
     first = tvs[0].meta
-    meta = {**{k: first[k] for k in ("base_model", "fingerprint", "regime", "source") if k in first},
-            "task": "+".join(str(tv.task) for tv in tvs), "method": f"merge:{args.method}",
-            "merged_from": [str(p) for p in args.task_vectors], "merge_options": options}
+    shared = [k for k in ("base_model", "fingerprint", "regime", "source", "trainable")
+              if k in first and all(tv.meta.get(k) == first[k] for tv in tvs)]
+    regimes = sorted({str(tv.regime) for tv in tvs})
+    meta = {**{k: first[k] for k in shared}, **({"mixed_regimes": regimes} if len(regimes) > 1 else {}),
+            "task": "+".join(str(tv.task) for tv in tvs),
+            "method": f"merge:{args.method}", "merged_from": [str(p) for p in args.task_vectors],
+            "merge_options": {**options, "alpha": args.alpha}}
     TaskVector({k: args.alpha * v for k, v in tensors.items()}, meta).save(args.out)
     print(f"wrote {args.out}")
     return 0
@@ -190,10 +197,13 @@ def _merge(args) -> int:
 def _eval(args) -> int:
     from .arithmetic.evaluate import evaluate_files
 
+    if args.k is not None and args.merge != "ties":
+        raise ValueError(f"--k applies to --merge ties only, not {args.merge!r}")
     results = evaluate_files(args.task_vectors, protocol=args.protocol, target=args.target, control=args.control,
                              alphas=args.alphas, run_analyses=args.analyses, data_root=args.data_root,
                              max_train=args.max_train, max_test=args.max_test, pretrained=args.pretrained,
-                             device=args.device, out=args.out)
+                             device=args.device, out=args.out, merge=args.merge,
+                             merge_options=None if args.k is None else {"k": args.k})
     print(json.dumps({k: v for k, v in results.items() if k in ("alpha1", "best", "negation")}, indent=2))
     return 0
 

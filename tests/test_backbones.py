@@ -321,6 +321,9 @@ def test_spec_errors(monkeypatch, tmp_path):
         load_backbone("minilm", pretrained="v2")
     with pytest.raises(TypeError, match="unexpected keyword"):
         load_backbone("minilm", max_lenght=3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda:1', but this torch has no CUDA device"):
+        load_backbone("minilm", device="cuda:1")
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
     with pytest.raises(ImportError, match=r"kfac_kernels\[models\]"):
         load_backbone("clip:ViT-B-32", pretrained="openai")
@@ -340,6 +343,12 @@ def test_clip_names_with_a_slash_reach_model_and_tokenizer_as_open_clip_spells_t
     monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: asked.append(name) or tiny_clip.tokenizer)
     load_backbone("clip:PE-Core-T/16-384", pretrained="x")
     assert asked == ["PE-Core-T-16-384"] * 2
+
+    def offline(name, **kw):
+        raise RuntimeError(f"Failed to download weights for tag {kw['pretrained']!r}")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(OSError, match="could not download the 'openai' weights.*clip:local-dir:"):
+        load_backbone("clip:ViT-B-32", pretrained="openai")
 
 
 def test_clip_logit_scale_is_read_before_a_cast_to_bf16(tiny_clip):

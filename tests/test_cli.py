@@ -82,7 +82,8 @@ def test_merge_ties_and_task_arithmetic(runs):
                          "--out", out / "ta.safetensors")
     ta = TaskVector.load(out / "ta.safetensors")
     assert ta.regime == "nonlinear" and ta.meta["base_model"] == "minilm"
-    assert ta.meta["method"] == "merge:task_arithmetic"
+    assert ta.meta["method"] == "merge:task_arithmetic" and ta.meta["merge_options"] == {"alpha": 0.5}
+    assert ta.meta["trainable"] == TaskVector.load(inputs[0]).meta["trainable"]
     assert ta.task == "+".join(TASKS) and ta.meta["merged_from"] == [str(p) for p in inputs]
     assert set(ta.tensors) == set(taus[0])
     for k in ta.tensors:
@@ -90,7 +91,7 @@ def test_merge_ties_and_task_arithmetic(runs):
 
     ok("merge", *inputs, "--method", "ties", "--k", "0.2", "--out", out / "ties.safetensors")
     ties = TaskVector.load(out / "ties.safetensors")
-    assert ties.meta["method"] == "merge:ties" and ties.meta["merge_options"] == {"k": 0.2}
+    assert ties.meta["method"] == "merge:ties" and ties.meta["merge_options"] == {"k": 0.2, "alpha": 1.0}
     assert set(ties.tensors) == set(taus[0])
     kept = sum(int((v != 0).sum()) for v in ties.tensors.values()) / sum(v.numel() for v in ties.tensors.values())
     assert 0 < kept <= 0.4 + 1e-3  # top 20% of each of two task vectors
@@ -100,7 +101,10 @@ def test_merge_ties_and_task_arithmetic(runs):
 def test_merge_refuses_mixed_regimes_and_unknown_merges(runs):
     out, paths = runs
     code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], paths["linear", TASKS[1]], "--out", out / "x.st")
-    assert code == 2 and "differ in regime" in err
+    assert code == 2 and "differ in regime" in err and "--allow-mixed-regimes" in err
+    ok("merge", paths["nonlinear", TASKS[0]], paths["linear", TASKS[1]], "--allow-mixed-regimes", "--out", out / "mixed.st")
+    mixed = TaskVector.load(out / "mixed.st")
+    assert mixed.regime is None and mixed.meta["mixed_regimes"] == ["linear", "nonlinear"]
     code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], "--method", "tiez", "--out", out / "x.st")
     assert code == 2 and "unknown merge 'tiez'" in err and all(name in err for name in MERGES)
     assert not (out / "x.st").exists()
@@ -123,6 +127,16 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
             "support_localization.png"}
     assert {p.name for p in added.glob("*.png")} == pngs
     assert all((added / p).read_bytes().startswith(PNG) for p in pngs)
+
+    tied = out / "ties"  # a post-hoc merge instead of the sum, then the same α sweep
+    ok("eval", *[paths["nonlinear", t] for t in TASKS], "--merge", "ties", "--k", "0.2", *EVAL_SMALL, "--out", tied)
+    ties = json.loads((tied / "results.json").read_text())
+    assert ties["merge"] == {"method": "ties", "k": 0.2} and ties["individual"] == results["individual"]
+    assert ties["val_curve"]["0.0"] == results["val_curve"]["0.0"] and ties["val_curve"] != results["val_curve"]
+    for args, message in ((["--merge", "tiez"], "unknown merge 'tiez'"), (["--k", "0.2"], "--k applies to --merge ties"),
+                          (["--control", TASKS[1]], "--target and --control apply to the negation protocol only")):
+        code, _, err = tak_cli("eval", *[paths["nonlinear", t] for t in TASKS], *args, *EVAL_SMALL, "--out", out / "x")
+        assert code == 2 and message in err, err
 
     negated = out / "negation"
     code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", *EVAL_SMALL, "--out", negated)

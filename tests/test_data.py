@@ -233,6 +233,11 @@ def test_nli_glue_fields_and_validation_as_test(tmp_path):
     write_jsonl(tmp_path / "rte" / "train.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 0}] * 3)
     write_jsonl(tmp_path / "rte" / "dev.jsonl", [{"sentence1": "c", "sentence2": "d", "label": "NOT_ENTAILMENT"}])
     assert get_task("rte", root=str(tmp_path)).split("test") == [(("c", "d"), 1)]
+    write_jsonl(tmp_path / "mnli" / "train.jsonl",  # SICK's own field names; MNLI's dev_matched as test
+                [{"sentence_A": "a", "sentence_B": "b", "entailment_label": "NEUTRAL"}] * 3)
+    write_jsonl(tmp_path / "mnli" / "dev_matched.jsonl", [{"premise": "c", "hypothesis": "d", "gold_label": "entailment"}])
+    mnli = get_task("mnli", root=str(tmp_path))
+    assert mnli.split("test") == [(("c", "d"), 0)] and {y for _, y in mnli.split("train") + mnli.split("val")} == {1}
     write_jsonl(tmp_path / "sick" / "train.jsonl", [{"sentence_A": "a", "sentence_B": "b", "label": "maybe"}])
     write_jsonl(tmp_path / "sick" / "test.jsonl", [{"sentence_A": "a", "sentence_B": "b", "label": 0}])
     with pytest.raises(ValueError, match="unknown NLI label 'maybe'"):

@@ -191,6 +191,20 @@ def test_trainee_task_vector_is_theta_minus_theta0(name):
         torch.testing.assert_close(bb.features(trainee.at(alpha), x), want)
 
 
+def test_trainable_names_select_as_linearize_does():
+    """Patterns match tied aliases and must each match; "attention" is the q/k/v/o projections, not T5's
+    relative position bias."""
+    from tak.methods.trainees import trainable_names
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=12, num_layers=1, num_heads=2)
+    model = transformers.T5ForConditionalGeneration(config)
+    assert trainable_names(model, ["lm_head.weight"]) == ["shared.weight"]  # tied to the shared embedding
+    with pytest.raises(ValueError, match=r"\['encoder.blok.\*'\] match no parameter of the model"):
+        trainable_names(model, ["decoder.*", "encoder.blok.*"])
+    attention = trainable_names(model, "attention")
+    assert attention and all(n.split(".")[-2] in "qkvo" for n in attention), attention
+
+
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid methods: nonlinear, linear"):
         get_method("takk")

@@ -56,3 +56,25 @@ def test_addition_picks_alpha_on_validation_and_reports_test():
     empty.loaders["val"] = lambda: []
     with pytest.raises(ValueError, match="empty"):
         task_addition(bb, tvs, [tasks[0], empty], alphas=alphas)
+
+
+def test_addition_with_a_post_hoc_merge_evaluates_that_merge():
+    from tak.arithmetic.merges import ties
+    bb = ToyBackbone()
+    tasks = [toy_task("t1", n=40, seed=4), toy_task("t2", n=40, classes=4, seed=5)]
+    tvs = [_task_vector(bb, 0.5, seed=6), _task_vector(bb, 0.5, seed=7)]
+    result = task_addition(bb, tvs, tasks, alphas=[0.5, 1.0], merge="ties", merge_options={"k": 0.3})
+    merged = apply(bb, TaskVector(ties([tv.tensors for tv in tvs], k=0.3), tvs[0].meta), 1.0)
+    for t in tasks:
+        assert result.alpha1["per_task"][t.name] == pytest.approx(accuracy(bb, merged, t, "test"))
+
+
+def test_a_merge_of_linear_and_nonlinear_task_vectors_is_not_evaluated():
+    from tak.arithmetic.compose import combine
+    bb = ToyBackbone()
+    linear = _task_vector(bb, 0.5, seed=6)
+    linear = TaskVector(linear.tensors, {**linear.meta, "regime": "linear", "task": "other"})
+    mixed = combine([_task_vector(bb, 0.5, seed=7), linear], allow_mixed_regimes=True)
+    assert mixed.regime is None and mixed.meta["mixed_regimes"] == ["linear", "nonlinear"]
+    with pytest.raises(ValueError, match="neither the model nor its linearization evaluates it"):
+        apply(bb, mixed)

@@ -416,3 +416,58 @@ def test_task_lists_given_as_a_string_are_refused():
     with pytest.raises(ValueError, match="TrainConfig.reference must be a list"):
         TrainConfig.from_dict({"reference": "subjectivity"})
     assert TrainConfig(tasks=("a", "b")).tasks == ["a", "b"]
+
+
+def test_cached_factors_are_reused_for_the_same_weights_and_data_only(tmp_path, toys, monkeypatch):
+    from tak.training import factors
+    backbone, task = toy_backbone(), toy_task(None)
+    fit = dict(n_examples=16, mc_samples=1, cache=tmp_path, device="cpu", progress=False)
+    first = factors.task_factors("kfac", backbone, [task], **fit)
+    [path] = tmp_path.glob("kfac-*.safetensors")
+    monkeypatch.setattr(factors, "fit_kfac", lambda *a, **k: pytest.fail("fitted again, not loaded"))
+    again = factors.task_factors("kfac", backbone, [task], **fit)
+    assert all(torch.equal(again[n].B, first[n].B) for n in first)
+    monkeypatch.undo()
+    with torch.no_grad():
+        backbone.model[0].weight.add_(0.5)  # other weights: other factors, not the cached ones
+    changed = factors.task_factors("kfac", backbone, [task], **fit)
+    assert len(list(tmp_path.glob("kfac-*.safetensors"))) == 2 and not torch.equal(changed["0"].B, first["0"].B)
+    examples = task.split("train")
+    other_data = Task(task.name, task.classes, task.modality, task.templates,
+                      {**task.loaders, "train": lambda: [(2 * x, y) for x, y in examples]})
+    factors.task_factors("kfac", backbone, [other_data], **fit)
+    assert len(list(tmp_path.glob("kfac-*.safetensors"))) == 3
+
+
+def test_a_task_without_training_examples_or_too_few_for_the_processes_is_refused(tmp_path, toys, monkeypatch):
+    empty = Task(TOY_TASK, ["a", "b", "c"], "image", ["{}"], {s: list for s in ("train", "val", "test")})
+    monkeypatch.setattr(loop, "_task", lambda name, config: empty)
+    with pytest.raises(ValueError, match="has no labelled training examples"):
+        tak.train(toy_config(tmp_path, "nonlinear"))
+    few = toy_task(None)
+    seven = Task(TOY_TASK, few.classes, "image", ["{}"], {**few.loaders, "train": lambda: few.split("train")[:7]})
+    monkeypatch.setattr(loop, "_task", lambda name, config: seven)
+    monkeypatch.setattr(loop, "_world", lambda: (0, 2))
+    with pytest.raises(ValueError, match="has 7 training examples, fewer than batch_size=8: the batch of 7 must be "
+                                         "divisible by the 2 processes"):
+        tak.train(toy_config(tmp_path, "nonlinear"))
+
+
+def test_trained_layers_are_those_holding_a_trained_parameter():
+    """open_clip's fused q/k/v (``attn.in_proj``, parameters ``in_proj_weight`` / ``in_proj_bias``) included."""
+    open_clip_transformer = pytest.importorskip("open_clip.transformer")
+    vit = open_clip_transformer.VisionTransformer(image_size=16, patch_size=8, width=8, layers=2, heads=2, mlp_ratio=2.0,
+                                                  output_dim=4)
+    attention = [n for n, _ in vit.named_parameters() if ".attn." in n]
+    assert loop.trained_layers(vit, attention) == [f"transformer.resblocks.{i}.attn.{p}" for i in (0, 1)
+                                                   for p in ("in_proj", "out_proj")]
+    assert loop.trained_layers(vit, ["ln_post.weight", "class_embedding", "transformer.resblocks.1.mlp.c_fc.bias"]) == \
+        ["class_embedding", "ln_post", "transformer.resblocks.1.mlp.c_fc"]
+
+
+@pytest.mark.parametrize("method, options", [("delta", {"compress": "int8"}), ("diag_ggn", {"factors": "per_task"})])
+def test_kfac_only_factor_options_are_refused_for_other_penalties(tmp_path, toys, method, options):
+    config = toy_config(tmp_path, method)
+    config = TrainConfig.from_dict({**config.to_dict(), **options, "reference": [TOY_TASK], "universal": True})
+    with pytest.raises(ValueError, match=r"apply to KFAC penalties only \(tak, attn_only_tak\)"):
+        tak.train(config)

@@ -27,6 +27,10 @@ def combine(task_vectors: list[TaskVector], alphas=1.0, *, allow_mixed_regimes: 
     tensors = {k: sum(a * tv.tensors[k].float() for a, tv in zip(alphas, task_vectors)).to(v.dtype)
                for k, v in first.tensors.items()}
     meta = {k: first.meta.get(k) for k in ("base_model", "fingerprint", "regime", "source") if k in first.meta}
+    regimes = sorted({str(tv.regime) for tv in task_vectors})
+    if len(regimes) > 1:
+        meta.pop("regime", None)
+        meta["mixed_regimes"] = regimes
     meta.update(task="+".join(str(tv.task) for tv in task_vectors), method="+".join(
         sorted({str(tv.meta.get("method")) for tv in task_vectors})), alphas=alphas)
     return TaskVector(tensors, meta)
@@ -58,6 +62,9 @@ def apply(backbone, task_vector: TaskVector, alpha: float = 1.0):
     its linearization for a linear one (``regime`` from the metadata). The parameters that τ changes
     are the ones with ``requires_grad`` (a linearization's parameters are τ alone)."""
     check_backbone(backbone, [task_vector])
+    if task_vector.meta.get("mixed_regimes"):
+        raise ValueError(f"task vector {task_vector.task!r} adds task vectors of the regimes "
+                         f"{task_vector.meta['mixed_regimes']}: neither the model nor its linearization evaluates it")
     if task_vector.regime == "linear":
         lin = linearize(backbone.model, trainable=list(task_vector.tensors))
         lin.load_task_vector({k: alpha * v for k, v in task_vector.tensors.items()})

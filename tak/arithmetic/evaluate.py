@@ -20,6 +20,7 @@ from ..io import write_text
 from ..task_vector import TaskVector, check_compatible
 from . import analyses, plots
 from .compose import apply, combine
+from .merges import MERGES
 from .protocols import DEFAULT_ALPHAS, task_addition, task_negation
 from .report import Report
 
@@ -28,12 +29,20 @@ _PAIR_ALPHAS = [0.0, 0.5, 1.0, 1.5, 2.0]
 
 
 def evaluate_files(paths, *, protocol="addition", target=None, control=None, alphas=None, run_analyses=False,
-                   data_root=None, max_train=None, max_test=None, pretrained=None, device=None, out) -> dict:
-    """Run ``protocol`` ("addition" or "negation") on the task vectors in ``paths``; write to ``out``."""
+                   data_root=None, max_train=None, max_test=None, pretrained=None, device=None, out,
+                   merge="task_arithmetic", merge_options=None) -> dict:
+    """Run ``protocol`` ("addition" or "negation") on the task vectors in ``paths``; write to ``out``.
+    Addition merges them with ``merge`` (a name of ``tak.arithmetic.merges.MERGES``, ``merge_options``)."""
     tvs = [TaskVector.load(p) for p in paths]
     check_compatible(tvs)
     if protocol not in ("addition", "negation"):
         raise ValueError(f"protocol must be 'addition' or 'negation', got {protocol!r}")
+    if protocol == "negation" and (merge != "task_arithmetic" or merge_options):
+        raise ValueError(f"merge={merge!r} applies to the addition protocol only")
+    if protocol == "addition" and (target is not None or control is not None):
+        raise ValueError("--target and --control apply to the negation protocol only")
+    if merge not in MERGES:
+        raise ValueError(f"unknown merge {merge!r}; valid names: {', '.join(MERGES)}")
     if protocol == "negation":  # the arguments are checked before a backbone is loaded
         if control is None:
             raise ValueError("negation needs --control (the task whose accuracy must be kept)")
@@ -72,8 +81,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
                            mark_best=False)
     else:
         tasks = [get(tv.task) for tv in tvs]
-        result = task_addition(backbone, tvs, tasks, alphas=alphas, **kw)
-        results.update(result.to_dict())
+        result = task_addition(backbone, tvs, tasks, alphas=alphas, merge=merge, merge_options=merge_options, **kw)
+        results.update(result.to_dict(), merge={"method": merge, **(merge_options or {})})
         plots.alpha_sweeps({"+".join(results["methods"]): (list(result.val_curve), list(result.val_curve.values()))},
                            out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
         if run_analyses:

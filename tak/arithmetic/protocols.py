@@ -8,6 +8,8 @@
 """
 from dataclasses import asdict, dataclass
 
+from ..task_vector import TaskVector
+from . import merges
 from .compose import Evaluator, check_backbone, combine
 
 DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(41))  # 0, 0.05, ..., 2
@@ -51,8 +53,10 @@ def individual_accuracies(backbone, task_vectors, tasks, split: str = "test", **
 
 
 def task_addition(backbone, task_vectors, tasks, *, alphas=DEFAULT_ALPHAS, individual=None,
-                  **kw) -> AdditionResult:
-    """The addition protocol for ``task_vectors`` (one per task of ``tasks``, same order)."""
+                  merge: str = "task_arithmetic", merge_options: dict | None = None, **kw) -> AdditionResult:
+    """The addition protocol for ``task_vectors`` (one per task of ``tasks``, same order): θ0 + α τ_merged
+    with τ_merged = Σ_t τ_t, or ``tak.arithmetic.merges.merge(merge, τs, **merge_options)`` (TIES, TSV-M,
+    Iso-C, Iso-CTS), α chosen on validation."""
     if len(task_vectors) != len(tasks):
         raise ValueError(f"{len(task_vectors)} task vectors for {len(tasks)} tasks")
     names = [t.name for t in tasks]
@@ -61,6 +65,9 @@ def task_addition(backbone, task_vectors, tasks, *, alphas=DEFAULT_ALPHAS, indiv
     check_backbone(backbone, task_vectors)
     kw.setdefault("cache", {})  # θ0's features and recorded prefixes, shared by the evaluators below
     merged = combine(task_vectors)
+    if merge != "task_arithmetic" or merge_options:
+        merged = TaskVector(merges.merge(merge, [tv.tensors for tv in task_vectors], **(merge_options or {})),
+                            {**merged.meta, "method": f"merge:{merge}"})
     val = Evaluator(backbone, tasks, "val", **kw).sweep(merged, alphas)
     val_curve = {a: mean(accs.values()) for a, accs in val.items()}
     best_alpha = max(val_curve, key=lambda a: (val_curve[a], -abs(a - 1)))  # ties: the α nearest 1

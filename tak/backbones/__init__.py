@@ -17,6 +17,8 @@ description)`` makes one (or any ``Backbone``) loadable by name, so that ``Train
 ``tak eval`` (which reloads the backbone a task vector names) reach it. Needs ``transformers`` /
 ``open_clip`` (``pip install 'kfac_kernels[models]'``) only for the specs that use them.
 """
+import torch
+
 from .base import Backbone, Head
 from .generic import GenericBackbone
 
@@ -53,6 +55,9 @@ def load_backbone(spec: str, *, pretrained: str | None = None, device=None, **op
     spec's loader (see the module docstring); an unknown option is a TypeError."""
     if not isinstance(spec, str):
         raise TypeError(f"backbone spec must be a str, got {type(spec).__name__}")
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this torch has no CUDA device (torch.cuda.is_available() is "
+                         f"False; torch {torch.__version__})")
     prefix, sep, rest = spec.partition(":")
     if spec in _REGISTERED:
         backbone = _REGISTERED[spec][0](pretrained=pretrained, **options)

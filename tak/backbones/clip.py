@@ -104,8 +104,14 @@ def load_clip(spec: str, architecture: str, *, pretrained: str | None = None, dt
                           f"(tags: open_clip.list_pretrained_tags_by_model({architecture!r}))", stacklevel=3)
     elif pretrained is not None:
         raise ValueError(f"backbone spec {spec!r}: a {schema} model brings its own weights; pretrained must be None")
-    clip, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=pretrained,
-                                                                **(model_kwargs or {}))
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=pretrained,
+                                                                    **(model_kwargs or {}))
+    except RuntimeError as e:
+        if "download" not in str(e).lower():
+            raise
+        raise OSError(f"backbone {spec!r}: open_clip could not download the {pretrained!r} weights ({e}); offline, "
+                      "use clip:local-dir:<folder> with open_clip_config.json and the weights") from e
     tokenizer = open_clip.get_tokenizer(architecture)
     logit_scale = float(clip.logit_scale.exp().item())  # before a cast to bf16 rounds it (100 -> 99)
     if dtype is not None:

@@ -198,9 +198,10 @@ NLI_TASKS = {  # name -> (title, classes, licence)
     "qnli": ("QNLI", _TWO_WAY, "QNLI as in GLUE (Wang et al. 2018), built from SQuAD (CC BY-SA 4.0)"),
 }
 _NLI_TEMPLATES = ["the relation between the two sentences is {}.", "a premise and a hypothesis showing {}."]
-_TEST_SPLITS = ("test", "validation", "validation_matched", "dev", "val")  # the first labelled one is test
-_FIELDS = {"premise": ("premise", "sentence1", "question", "sentence_A"),
-           "hypothesis": ("hypothesis", "sentence2", "sentence", "sentence_B"), "label": ("label", "gold_label")}
+_TEST_SPLITS = ("test", "validation", "validation_matched", "dev", "dev_matched", "val")  # the first labelled one is test
+_FIELDS = {"premise": ("premise", "sentence1", "question", "sentence_A"),  # SICK's release: sentence_A/B, entailment_label
+           "hypothesis": ("hypothesis", "sentence2", "sentence", "sentence_B"),
+           "label": ("label", "gold_label", "entailment_label")}
 
 
 def _field(row: dict, key: str):
@@ -274,7 +275,7 @@ def _hf_rows(folder: Path):
 
 def nli_task(name: str, root: str, seed: int = 0):
     """The NLI task ``name`` from ``{root}/{name}`` or ``{root}``: ``train.jsonl`` and ``test.jsonl``
-    (else the first of validation / validation_matched / dev / val with labels), or a Hugging Face
+    (else the first of validation / validation_matched / dev / dev_matched / val with labels), or a Hugging Face
     ``save_to_disk`` folder with those splits."""
     title, classes, licence = NLI_TASKS[name]
     folders = [Path(root) / name, Path(root)]

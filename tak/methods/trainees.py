@@ -18,31 +18,26 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .._selection import selects
+from .._selection import select_parameters
 from ..linearize import linearize
 
 
 def attention_only(name: str) -> bool:
-    """The attention projections (q, k, v, out) of open_clip, BERT-like and T5 models, not their norms."""
+    """The attention projections (q, k, v, out) of open_clip, BERT-like and T5 models, not their norms nor
+    T5's relative position bias."""
     lowered = name.lower()
-    return ("attn" in lowered or "attention" in lowered) and "norm" not in lowered
+    return ("attn" in lowered or "attention" in lowered) and "norm" not in lowered and "relative_attention_bias" not in lowered
 
 
 def trainable_names(model: nn.Module, trainable) -> list[str]:
     """Names of the parameters ``trainable`` selects: None or "all" (those with requires_grad),
-    "attention" (``attention_only``), glob patterns, or a predicate."""
-    params = dict(model.named_parameters())
+    "attention" (``attention_only``), or glob patterns / a predicate as ``tak.linearize`` takes them
+    (``tak._selection.select_parameters``: tied aliases match, each pattern must match)."""
     if trainable in (None, "all"):
-        names = [n for n, p in params.items() if p.requires_grad]
+        trainable = None
     elif trainable == "attention":
-        names = [n for n in params if attention_only(n)]
-    elif callable(trainable):
-        names = [n for n in params if trainable(n)]
-    else:
-        names = [n for n in params if selects(trainable, n)]
-    if not names:
-        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}")
-    return names
+        trainable = attention_only
+    return select_parameters(model, trainable)
 
 
 class _At:

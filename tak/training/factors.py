@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
 from ..curvature.layers import find_layers
@@ -34,17 +35,19 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
                  device, layers: list[str] | None = None, cache_key: str = "", progress: bool = True):
     """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several),
     for the modules named in ``layers`` (None: all). The cached file's name holds kind, tasks, n, M, a hash
-    of ``layers`` and ``cache_key`` (what else the factors depend on: backbone, data; see the loop)."""
+    of ``layers``, ``content_digest`` of the model and the inputs, and ``cache_key`` (what else the factors
+    depend on; see the loop)."""
     name = "+".join(t.name for t in tasks)
     if layers is not None and kind == "ekfac":  # EK-FAC has no exact dense blocks: its linear layers only
         linear = set(find_layers(backbone.model))
         layers = [n for n in layers if n in linear]
     which = "all" if layers is None else hashlib.sha256("|".join(sorted(layers)).encode()).hexdigest()[:8]
-    stem = f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}" + (f"-{cache_key}" if cache_key else "")
+    batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)
+    content = content_digest(backbone.model, batches)
+    stem = f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}-{content}" + (f"-{cache_key}" if cache_key else "")
     path = None if cache is None else Path(cache) / f"{stem}.safetensors"
     if path is not None and path.exists():
         return _CLASSES[kind].load(path, model=backbone.model, device=device)
-    batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)
     fit = {"kfac": fit_kfac, "ekfac": fit_ekfac, "diagonal": fit_diagonal}[kind]
     factors = fit(backbone.model, batches, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
                   progress=progress)
@@ -52,6 +55,18 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     if path is not None and is_main_rank() and not is_distributed():
         factors.save(path)
     return factors
+
+
+def content_digest(model, batches) -> str:
+    """8 hex digits of the model's parameters and buffers and of the inputs the factors are fitted on: a cached
+    file is reused only for the same θ0 and the same data."""
+    h = hashlib.sha256()
+    tensors = [t for _, t in sorted(model.state_dict().items())]
+    tensors += [t for batch in batches for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()[:8]
 
 
 def parse_compression(spec: str | None) -> dict | None:
@@ -77,10 +92,14 @@ def merge_diagonal(parts: list[DiagonalGGN], sizes: list[int]) -> DiagonalGGN:
 def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", compression: str | None = None,
                   **fit):
     """The penalty's factors from the tasks ``others`` (each a ``tak.data.Task``): KFAC merged (Eq. 8) or
-    per task (Eq. 7), optionally compressed; diagonal GGN λ-averaged; EK-FAC of all of them as one set."""
+    per task (Eq. 7), optionally compressed; diagonal GGN λ-averaged; EK-FAC of all of them as one set
+    (compression and per-task factors are refused for those two)."""
     if not others:
         raise ValueError(f"a {kind} penalty needs factors of other tasks or a reference set; none given "
                          "(set tasks=[...] with more than the trained task, or reference=[...])")
+    if kind != "kfac" and (compression is not None or mode != "merged"):
+        raise ValueError(f"compress={compression!r} and factors={mode!r} apply to KFAC penalties only (tak, "
+                         f"attn_only_tak); the {kind} penalty takes neither")
     if kind == "ekfac":
         return task_factors("ekfac", backbone, others, **fit)
     parts = [task_factors(kind, backbone, [t], **fit) for t in others]

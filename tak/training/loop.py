@@ -95,8 +95,10 @@ def trained_layers(model, trained: list[str]) -> list[str]:
     from ..curvature.dense import find_dense_groups
     from ..curvature.layers import find_layers
 
-    known = [*find_layers(model), *find_dense_groups(model)]
-    return sorted(n for n in known if any(p == n or p.startswith(n + ".") for p in trained))
+    params = {name: {layer.weight, layer.bias} for name, layer in find_layers(model).items()}
+    params |= {name: set(group.params) for name, group in find_dense_groups(model).items()}
+    trained = set(trained)
+    return sorted(name for name, owned in params.items() if owned & trained)
 
 
 def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
@@ -191,6 +193,11 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     step = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else 0
     writer = _tensorboard(config, run_dir) if is_main_rank() else None
     examples = task.split("train")
+    if not examples:
+        raise ValueError(f"task {task.name!r} has no labelled training examples (check its data and label field)")
+    if min(config.batch_size, len(examples)) % world:
+        raise ValueError(f"task {task.name!r} has {len(examples)} training examples, fewer than batch_size="
+                         f"{config.batch_size}: the batch of {len(examples)} must be divisible by the {world} processes")
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
                disable=not (config.progress and is_main_rank()))
