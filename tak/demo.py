@@ -32,10 +32,6 @@ TASKS = ["rotten_tomatoes", "20news-part0", "20news-part1", "reuters_r8"]
 REFERENCE = ["subjectivity", "20news-part3"]
 METHODS = ["nonlinear", "linear", "tak", "delta"]
 
-# The papers' text settings (TAK / DELTA, T5: weight decay 0.01, β = 20, γ = 0.01) at TAK's learning rate.
-_TEXT = {"lr": 3e-4, "weight_decay": 0.01, "beta": 20.0, "beta_teacher": 20.0, "gamma": 0.01,
-         "last_layer_weight": 1.0}
-
 PROFILES = {
     "quick": dict(steps=12, batch_size=16, max_length=32, max_train=300, max_test=64, factor_examples=32,
                   trainable=["encoder.layer.4.*", "encoder.layer.5.*"], alphas=[round(0.25 * i, 2) for i in range(9)]),
@@ -50,7 +46,7 @@ def config_for(method: str, task: str, profile: dict, out: Path, device=None, pr
         steps=profile["steps"], batch_size=profile["batch_size"], max_length=profile["max_length"],
         max_train=profile["max_train"], max_test=profile["max_test"], factor_examples=profile["factor_examples"],
         trainable=profile["trainable"], checkpoint_every=profile["steps"], device=device,
-        progress=progress, **_TEXT)
+        progress=progress)  # hyperparameters: the papers' text settings (tak.methods.hyperparameter_defaults)
 
 
 def run(out="tak-demo", *, quick: bool = False, device=None, progress: bool = True, methods=None) -> dict:

@@ -134,9 +134,13 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     assert ties["merge"] == {"method": "ties", "k": 0.2} and ties["individual"] == results["individual"]
     assert ties["val_curve"]["0.0"] == results["val_curve"]["0.0"] and ties["val_curve"] != results["val_curve"]
     for args, message in ((["--merge", "tiez"], "unknown merge 'tiez'"), (["--k", "0.2"], "--k applies to --merge ties"),
-                          (["--control", TASKS[1]], "--target and --control apply to the negation protocol only")):
+                          (["--control", TASKS[1]], "--target and --control apply to the negation protocol only"),
+                          (["--analyses", "--protocol", "negation", "--control", TASKS[1]], "need the addition protocol"),
+                          (["--protocol", "negation", "--control", TASKS[0]], f"--control '{TASKS[0]}' is the task negated")):
         code, _, err = tak_cli("eval", *[paths["nonlinear", t] for t in TASKS], *args, *EVAL_SMALL, "--out", out / "x")
         assert code == 2 and message in err, err
+    code, _, err = tak_cli("eval", paths["nonlinear", TASKS[0]], "--analyses", *EVAL_SMALL, "--out", out / "x")
+    assert code == 2 and "at least two" in err
 
     negated = out / "negation"
     code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", *EVAL_SMALL, "--out", negated)
@@ -154,7 +158,7 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     assert (negated / "negation_sweep.png").read_bytes().startswith(PNG)
 
     report_dir = out / "report"
-    assert "wrote" in ok("report", added, negated, "--out", report_dir)
+    assert "wrote" in ok("report", added, negated / "results.json", "--out", report_dir)  # a folder or its results.json
     report = (report_dir / "report.md").read_text()
     copied = sorted(p.name for p in report_dir.glob("*.png"))
     assert copied == sorted([f"0-{p}" for p in pngs] + ["1-negation_sweep.png"])

@@ -71,8 +71,7 @@ def test_every_method_writes_a_loadable_task_vector(method, shared_out):
     assert meta["method"] == method and meta["task"] == "rotten_tomatoes" and meta["seed"] == 0
     assert meta["regime"] == ("linear" if method in LINEAR_METHODS else "nonlinear")
     assert meta["trainable"] == TRAINABLE
-    assert meta["hparams"]["lr"] == 1e-4
-    assert set(METHODS[method].defaults) <= set(meta["hparams"])
+    assert meta["hparams"] == {**METHODS[method].defaults, **METHODS[method].text_defaults, "lr": 1e-4}  # MiniLM: text
     assert set(meta["metrics"]) >= {"val", "test"} and all(0 <= meta["metrics"][k] <= 100 for k in ("val", "test"))
     assert meta["metrics"] == json.loads((run_dir / "metrics.json").read_text())
     assert TrainConfig.from_yaml(run_dir / "config.yaml") == config
@@ -162,6 +161,17 @@ def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
                           ({"lora_rank": 0}, "lora_rank must be ≥ 1, got 0")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**values)
+
+
+def test_paper_defaults_by_modality():
+    """TAK App. E / DELTA App. B: language task vectors at lr 3e-4, weight decay 0.01, KFAC β 20, DELTA γ 0.01."""
+    from tak.methods import hyperparameter_defaults
+    assert hyperparameter_defaults(METHODS["tak"], ("image",)) == METHODS["tak"].defaults
+    assert hyperparameter_defaults(METHODS["tak"], ("text",)) == {"lr": 3e-4, "weight_decay": 0.01, "beta": 20.0,
+                                                                   "last_layer_weight": 1.0}
+    delta = hyperparameter_defaults(METHODS["delta"], ("text", "text-pair"))
+    assert (delta["beta"], delta["beta_teacher"], delta["gamma"], delta["lr"]) == (20.0, 20.0, 0.01, 3e-4)
+    assert hyperparameter_defaults(METHODS["diag_ggn"], ("text-pair",))["beta"] == 0.1
 
 
 def test_a_beta_set_alone_sets_the_teachers_too_and_the_paper_defaults_fill_the_rest():
@@ -442,7 +452,7 @@ def test_cached_factors_are_reused_for_the_same_weights_and_data_only(tmp_path, 
 def test_a_task_without_training_examples_or_too_few_for_the_processes_is_refused(tmp_path, toys, monkeypatch):
     empty = Task(TOY_TASK, ["a", "b", "c"], "image", ["{}"], {s: list for s in ("train", "val", "test")})
     monkeypatch.setattr(loop, "_task", lambda name, config: empty)
-    with pytest.raises(ValueError, match="has no labelled training examples"):
+    with pytest.raises(ValueError, match="has 0 labelled training examples and 0 for validation"):
         tak.train(toy_config(tmp_path, "nonlinear"))
     few = toy_task(None)
     seven = Task(TOY_TASK, few.classes, "image", ["{}"], {**few.loaders, "train": lambda: few.split("train")[:7]})

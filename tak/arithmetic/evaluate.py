@@ -41,6 +41,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
         raise ValueError(f"merge={merge!r} applies to the addition protocol only")
     if protocol == "addition" and (target is not None or control is not None):
         raise ValueError("--target and --control apply to the negation protocol only")
+    if run_analyses and (protocol != "addition" or len(tvs) < 2):
+        raise ValueError("the analyses compare task vectors: they need the addition protocol and at least two")
     if merge not in MERGES:
         raise ValueError(f"unknown merge {merge!r}; valid names: {', '.join(MERGES)}")
     if protocol == "negation":  # the arguments are checked before a backbone is loaded
@@ -50,6 +52,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
         if tv is None:
             raise ValueError(f"--target {target!r}: none of the task vectors is of that task "
                              f"({[t.task for t in tvs]})")
+        if control == tv.task:
+            raise ValueError(f"--control {control!r} is the task negated; name another task to keep")
     meta = tvs[0].meta
     if "base_model" not in meta:
         raise ValueError(f"{paths[0]}: its metadata names no base_model; it was not written by tak.train")
@@ -173,6 +177,7 @@ def render_report(folders, out) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     report = Report("Task arithmetic report")
     for i, folder in enumerate(map(Path, folders)):
+        folder = folder.parent if folder.name == "results.json" else folder
         path = folder / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no results.json (run `tak demo` or `tak eval --out {folder}` first)")
@@ -183,17 +188,17 @@ def render_report(folders, out) -> Path:
         if not isinstance(results, dict) or not {"zero_shot", "alpha1", "negation", "analyses"} & results.keys():
             raise ValueError(f"{path}: not the results of `tak demo` or `tak eval` (no zero_shot, alpha1, negation "
                              "or analyses entry)")
-        report.section(f"{folder.name or folder}")
+        report.section(str(folder))
         if "zero_shot" in results:  # a tak demo folder
             from ..demo import table
             report.text(table(results))
         if "alpha1" in results:
             report.table([{"task": t, "individual": results["individual"][t],
                            "merged (α=1)": results["alpha1"]["per_task"][t],
-                           f"merged (α={results['best']['alpha']})": results["best"]["per_task"][t]}
+                           f"merged (best α = {results['best']['alpha']:g})": results["best"]["per_task"][t]}
                           for t in results["individual"]])
             report.table([{"": name, "absolute": results[key]["abs"], "normalized": results[key]["norm"]}
-                          for name, key in (("α = 1", "alpha1"), (f"best α = {results['best']['alpha']}", "best"))])
+                          for name, key in (("α = 1", "alpha1"), (f"best α = {results['best']['alpha']:g}", "best"))])
         if "negation" in results:
             n = results["negation"]
             target, control = n["target_task"], n["control_task"]

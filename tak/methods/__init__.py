@@ -2,9 +2,9 @@
 penalties and the per-batch objective."""
 from .objective import Objective, along_path_alpha, distillation_loss, make_trainee
 from .penalties import CurvaturePenalty, TauJpPenalty, layer_weights
-from .registry import METHODS, Method, get_method
+from .registry import METHODS, Method, get_method, hyperparameter_defaults
 from .trainees import LinearTrainee, LoRATrainee, NonlinearTrainee, attention_only, trainable_names
 
-__all__ = ["METHODS", "Method", "get_method", "Objective", "CurvaturePenalty", "TauJpPenalty", "layer_weights",
+__all__ = ["METHODS", "Method", "get_method", "hyperparameter_defaults", "Objective", "CurvaturePenalty", "TauJpPenalty", "layer_weights",
            "along_path_alpha", "distillation_loss", "make_trainee", "LinearTrainee", "NonlinearTrainee",
            "LoRATrainee", "attention_only", "trainable_names"]

@@ -8,6 +8,11 @@ Sources of the defaults (stated per method in ``Method.source``):
   AdamW, lr 1e-5, weight decay 0.1, cosine, batch 128.
 - DELTA (Sommariva et al.), App. B: vision lr 1e-5, wd 0.1, β^T = β^S = 500, γ = 1;
   text lr 3e-4, wd 0.01, β = 20, γ = 0.01; α ~ U(0.5, 1) per step; EK-FAC on a reference set.
+
+``Method.defaults`` are the vision settings; ``Method.text_defaults`` override them for text backbones
+(TAK App. E and DELTA App. B, language task vectors: every method at lr 3e-4 and weight decay 0.01; KFAC β = 20,
+diagonal β = 0.1, DELTA β^T = β^S = 20 and γ = 0.01; the last layer's 0.1 is for the CLIP visual encoder only).
+``hyperparameter_defaults(method, modalities)`` picks them by the backbone's input modalities.
 """
 from dataclasses import dataclass, field
 
@@ -18,7 +23,8 @@ class Method:
     "attention" (attention projections only, Jin et al. 2025); penalty: None, "kfac" (merged factors of
     the other tasks, TAK Eq. 8, or per task, Eq. 7), "diagonal" (diagonal GGN), "ekfac" (reference
     set, DELTA Eq. 6), "tau_jp" (‖J τ‖² on the other tasks' inputs); teacher: DELTA's linearized
-    teacher with along-path distillation; student: "full" or "lora"; defaults: hyperparameters."""
+    teacher with along-path distillation; student: "full" or "lora"; defaults: hyperparameters (vision),
+    text_defaults: what differs for text backbones."""
 
     name: str
     description: str
@@ -29,36 +35,48 @@ class Method:
     student: str = "full"
     defaults: dict = field(default_factory=dict)
     source: str = ""
+    text_defaults: dict = field(default_factory=dict)
 
 
 _BASELINE = {"lr": 1e-5, "weight_decay": 0.1}
 _TAK = {"lr": 3e-4, "weight_decay": 0.1, "beta": 100.0, "last_layer_weight": 0.1}
 _DELTA = {"lr": 1e-5, "weight_decay": 0.1, "beta": 500.0, "beta_teacher": 500.0, "gamma": 1.0}
+_TEXT = {"lr": 3e-4, "weight_decay": 0.01}
+_TAK_TEXT = {**_TEXT, "beta": 20.0, "last_layer_weight": 1.0}
+_DELTA_TEXT = {**_TEXT, "beta": 20.0, "beta_teacher": 20.0, "gamma": 0.01}
 
 METHODS = {m.name: m for m in [
     Method("nonlinear", "standard fine-tuning of all parameters", "nonlinear", defaults=_BASELINE,
-           source="Ilharco et al. 2022"),
+           source="Ilharco et al. 2022", text_defaults=_TEXT),
     Method("linear", "fine-tuning in the tangent space (linearized model)", "linear", defaults=_BASELINE,
-           source="Ortiz-Jiménez et al. 2023"),
+           source="Ortiz-Jiménez et al. 2023", text_defaults=_TEXT),
     Method("attn_only", "fine-tuning of the attention projections only", "nonlinear", trainable="attention",
-           defaults=_BASELINE, source="Jin et al. 2025"),
+           defaults=_BASELINE, source="Jin et al. 2025", text_defaults=_TEXT),
     Method("tak", "linearized + KFAC drift penalty from the other tasks' factors", "linear", penalty="kfac",
-           defaults=_TAK, source="TAK Eq. 7/8, Sec. E"),
+           defaults=_TAK, source="TAK Eq. 7/8, Sec. E", text_defaults=_TAK_TEXT),
     Method("attn_only_tak", "attention-only + KFAC drift penalty", "nonlinear", trainable="attention",
-           penalty="kfac", defaults=_TAK, source="TAK Sec. 5 (non-linear regime)"),
+           penalty="kfac", defaults=_TAK, source="TAK Sec. 5 (non-linear regime)", text_defaults=_TAK_TEXT),
     Method("diag_ggn", "linearized + diagonal GGN drift penalty", "linear", penalty="diagonal",
-           defaults={**_TAK, "beta": 0.1}, source="TAK Sec. E (T5: λ = 0.1)"),
+           defaults={**_TAK, "beta": 0.1}, source="TAK Sec. E (T5: λ = 0.1)", text_defaults={**_TAK_TEXT, "beta": 0.1}),
     Method("tau_jp", "linearized + ‖J τ x‖² on the other tasks' data", "linear", penalty="tau_jp",
-           defaults={**_TAK, "beta": 1.0}, source="Yoshida et al. 2025 (τJp)"),
+           defaults={**_TAK, "beta": 1.0}, source="Yoshida et al. 2025 (τJp)", text_defaults={**_TAK_TEXT, "beta": 1.0}),
     Method("delta", "non-linear student distilled along the path from a linearized EK-FAC teacher", "nonlinear",
-           penalty="ekfac", teacher=True, defaults=_DELTA, source="DELTA Alg. 1, App. B"),
+           penalty="ekfac", teacher=True, defaults=_DELTA, source="DELTA Alg. 1, App. B", text_defaults=_DELTA_TEXT),
     Method("delta_no_teacher", "DELTA ablation: student with EK-FAC penalty, no teacher", "nonlinear",
-           penalty="ekfac", defaults=_DELTA, source="DELTA Sec. 5 ablations"),
+           penalty="ekfac", defaults=_DELTA, source="DELTA Sec. 5 ablations", text_defaults=_DELTA_TEXT),
     Method("delta_no_ekfac", "DELTA ablation: along-path distillation without curvature penalties", "nonlinear",
-           teacher=True, defaults={**_DELTA, "beta": 0.0, "beta_teacher": 0.0}, source="DELTA Sec. 5 ablations"),
+           teacher=True, defaults={**_DELTA, "beta": 0.0, "beta_teacher": 0.0}, source="DELTA Sec. 5 ablations",
+           text_defaults={**_DELTA_TEXT, "beta": 0.0, "beta_teacher": 0.0}),
     Method("delta_lora", "DELTA with a LoRA student", "nonlinear", penalty="ekfac", teacher=True, student="lora",
-           defaults={**_DELTA, "lr": 3e-4, "lora_rank": 16}, source="DELTA App. A (PEFT)"),
+           defaults={**_DELTA, "lr": 3e-4, "lora_rank": 16}, source="DELTA App. A (PEFT)", text_defaults=_DELTA_TEXT),
 ]}
+
+
+def hyperparameter_defaults(method: Method, modalities) -> dict:
+    """The paper defaults of ``method`` for a backbone of these input modalities: ``text_defaults`` over
+    ``defaults`` when any is text ("text", "text-pair"), else ``defaults``."""
+    text = any(m.startswith("text") for m in modalities)
+    return {**method.defaults, **method.text_defaults} if text else dict(method.defaults)
 
 
 def get_method(name: str) -> Method:

@@ -28,7 +28,8 @@ from ..curvature.distributed import is_distributed, is_main_rank
 from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import accuracy
-from ..methods import CurvaturePenalty, Objective, TauJpPenalty, get_method, layer_weights, trainable_names
+from ..methods import (CurvaturePenalty, Objective, TauJpPenalty, get_method, hyperparameter_defaults, layer_weights,
+                       trainable_names)
 from ..io import write_text
 from ..task_vector import TaskVector
 from . import checkpoint
@@ -104,7 +105,7 @@ def trained_layers(model, trained: list[str]) -> list[str]:
 def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
     method = get_method(config.method)
-    hp = config.hyperparameters(method.defaults)
+    hp = config.hyperparameters(hyperparameter_defaults(method, backbone.modalities))
     selection = config.trainable if config.trainable is not None else method.trainable
     trained = trainable_names(backbone.model, selection)
     layers = trained_layers(backbone.model, trained)
@@ -183,6 +184,13 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     device = _device(config)
     backbone = _backbone(config, device)
     task = _task(config.task, config)
+    examples = task.split("train")
+    if not examples or not task.split("val"):
+        raise ValueError(f"task {task.name!r} has {len(examples)} labelled training examples and "
+                         f"{len(task.split('val'))} for validation (drawn from train: 10%); both are needed")
+    if min(config.batch_size, len(examples)) % world:
+        raise ValueError(f"task {task.name!r} has {len(examples)} training examples, fewer than batch_size="
+                         f"{config.batch_size}: the batch of {len(examples)} must be divisible by the {world} processes")
     objective = build_objective(config, backbone, task, device)
     params = [p for p in objective.parameters() if p.requires_grad]
     hp = objective.hp
@@ -192,12 +200,6 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     saved = config.to_dict()
     step = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else 0
     writer = _tensorboard(config, run_dir) if is_main_rank() else None
-    examples = task.split("train")
-    if not examples:
-        raise ValueError(f"task {task.name!r} has no labelled training examples (check its data and label field)")
-    if min(config.batch_size, len(examples)) % world:
-        raise ValueError(f"task {task.name!r} has {len(examples)} training examples, fewer than batch_size="
-                         f"{config.batch_size}: the batch of {len(examples)} must be divisible by the {world} processes")
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
                disable=not (config.progress and is_main_rank()))
