@@ -175,6 +175,11 @@ def _merge(args) -> int:
     from .arithmetic.merges import merge
     from .task_vector import TaskVector, check_compatible
 
+    repeated = sorted({str(p) for p in args.task_vectors if args.task_vectors.count(p) > 1})
+    if repeated:
+        raise ValueError(f"task vectors given more than once: {repeated}")
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out}: a folder; name the merged task vector's file (e.g. merged.safetensors)")
     tvs = [TaskVector.load(p) for p in args.task_vectors]
     check_compatible(tvs, allow_mixed_regimes=args.allow_mixed_regimes)
     if args.k is not None and args.method != "ties":

@@ -105,6 +105,10 @@ def test_merge_refuses_mixed_regimes_and_unknown_merges(runs):
     ok("merge", paths["nonlinear", TASKS[0]], paths["linear", TASKS[1]], "--allow-mixed-regimes", "--out", out / "mixed.st")
     mixed = TaskVector.load(out / "mixed.st")
     assert mixed.regime is None and mixed.meta["mixed_regimes"] == ["linear", "nonlinear"]
+    code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], paths["nonlinear", TASKS[0]], "--out", out / "x.st")
+    assert code == 2 and "given more than once" in err
+    code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], paths["nonlinear", TASKS[1]], "--out", out)
+    assert code == 2 and "a folder; name the merged task vector's file" in err
     code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], "--method", "tiez", "--out", out / "x.st")
     assert code == 2 and "unknown merge 'tiez'" in err and all(name in err for name in MERGES)
     assert not (out / "x.st").exists()

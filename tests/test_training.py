@@ -70,7 +70,7 @@ def test_every_method_writes_a_loadable_task_vector(method, shared_out):
     assert meta["base_model"] == "minilm" and meta["fingerprint"] == fingerprint
     assert meta["method"] == method and meta["task"] == "rotten_tomatoes" and meta["seed"] == 0
     assert meta["regime"] == ("linear" if method in LINEAR_METHODS else "nonlinear")
-    assert meta["trainable"] == TRAINABLE
+    assert meta["trainable"] == TRAINABLE and meta["data_root"] is None  # tak eval reads the data from there
     assert meta["hparams"] == {**METHODS[method].defaults, **METHODS[method].text_defaults, "lr": 1e-4}  # MiniLM: text
     assert set(meta["metrics"]) >= {"val", "test"} and all(0 <= meta["metrics"][k] <= 100 for k in ("val", "test"))
     assert meta["metrics"] == json.loads((run_dir / "metrics.json").read_text())
@@ -151,14 +151,16 @@ def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path):
 def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
     """YAML reads 1e-4 as a string: numbers become their field's kind; what is not one is refused by key;
     a tuple of patterns is a list (as a checkpoint stores it)."""
-    (tmp_path / "c.yaml").write_text("lr: 1e-4\nsteps: '3'\nbeta: 20\n")
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nsteps: '3'\nbeta: 20\ncheckpoint_every: 1e3\n")
     config = TrainConfig.from_yaml(tmp_path / "c.yaml")
     assert (config.lr, config.steps, config.beta) == (1e-4, 3, 20.0) and isinstance(config.beta, float)
+    assert config.checkpoint_every == 1000 and TrainConfig(seed=2**60 + 1).seed == 2**60 + 1
     assert TrainConfig(trainable=("a.*", "b.*")).trainable == ["a.*", "b.*"]
     for values, match in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
                           ({"steps": 2.5}, "steps must be an integer, got 2.5"),
                           ({"seed": True}, "seed must be an integer, got True"),
-                          ({"lora_rank": 0}, "lora_rank must be ≥ 1, got 0")]:
+                          ({"lora_rank": 0}, "lora_rank must be ≥ 1, got 0"),
+                          ({"beta": -1}, "beta must be ≥ 0, got -1.0"), ({"lr": float("nan")}, "lr must be ≥ 0, got nan")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**values)
 

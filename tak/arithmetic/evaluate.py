@@ -66,6 +66,7 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = load_backbone(meta["base_model"], pretrained=pretrained, device=device,
                              **({"max_length": meta["max_length"]} if "max_length" in meta else {}))
+    data_root = data_root if data_root is not None else meta.get("data_root")  # where the training read its data
     get = lambda name: get_task(name, root=data_root, max_train=max_train, max_test=max_test)  # noqa: E731
     alphas = list(DEFAULT_ALPHAS if alphas is None else alphas)
     if not alphas:

@@ -18,6 +18,12 @@ def _numeric_kind(annotation):
     return next((k for k in kinds if k in (int, float)), None)
 
 
+def _exact_int(x: float) -> int:
+    if not float(x).is_integer():
+        raise ValueError
+    return int(x)
+
+
 def _number(name: str, value, kind):
     """``value`` as a ``kind`` (float, or int holding an integer value: YAML reads 1e-4 as a string); None
     stays None; ValueError naming the key otherwise."""
@@ -26,10 +32,12 @@ def _number(name: str, value, kind):
     try:
         if isinstance(value, bool):
             raise TypeError
-        number = kind(value)
-        if kind is int and float(value) != number:
-            raise ValueError
-        return number
+        if kind is float:
+            return float(value)
+        try:
+            return int(value) if isinstance(value, (int, str)) else _exact_int(value)
+        except ValueError:
+            return _exact_int(float(value))  # "1e3": YAML reads it as a string
     except (TypeError, ValueError):
         what = "a number" if kind is float else "an integer"
         raise ValueError(f"TrainConfig.{name} must be {what}, got {value!r}") from None
@@ -98,6 +106,9 @@ class TrainConfig:
                      "lora_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "warmup_steps"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:  # NaN too
+                raise ValueError(f"TrainConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if isinstance(self.trainable, tuple):
             self.trainable = list(self.trainable)
         for name in ("tasks", "reference"):

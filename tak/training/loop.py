@@ -253,7 +253,7 @@ def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainR
     meta = {**backbone.meta(), "method": method.name, "task": task.name, "regime": objective.student.regime,
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
-            "metrics": metrics}
+            "data_root": config.data_root, "metrics": metrics}
     tv = TaskVector(objective.task_vector(), meta)
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
