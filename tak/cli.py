@@ -26,7 +26,16 @@ def _parse_value(text: str, annotation):
     if list in {typing.get_origin(k) or k for k in kinds}:
         items = [t for t in text.split(",") if t]
         return text if str in kinds and len(items) == 1 else items  # trainable: "all" stays a name
-    if dict in {typing.get_origin(k) or k for k in kinds}:
+    mapping = next((k for k in kinds if typing.get_origin(k) is dict), None)
+    if mapping is not None and typing.get_args(mapping)[1] is not float:  # backbone_options: a JSON object
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"prefix\": \"mnli\"}}', got {text!r}")
+        return value
+    if mapping is not None:
         try:
             return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
         except ValueError:

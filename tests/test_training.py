@@ -483,3 +483,26 @@ def test_kfac_only_factor_options_are_refused_for_other_penalties(tmp_path, toys
     config = TrainConfig.from_dict({**config.to_dict(), **options, "reference": [TOY_TASK], "universal": True})
     with pytest.raises(ValueError, match=r"apply to KFAC penalties only \(tak, attn_only_tak\)"):
         tak.train(config)
+
+
+def test_backbone_options_reach_the_loader_and_the_task_vector_for_tak_eval(tmp_path, toys, monkeypatch):
+    from tak.arithmetic import evaluate
+    from tak.cli import _parse_value
+    seen = []
+    monkeypatch.setattr(loop, "load_backbone", lambda spec, **kw: seen.append(kw) or toy_backbone())
+    config = TrainConfig.from_dict({**toy_config(tmp_path, "nonlinear").to_dict(), "backbone_options": {"width": 3}})
+    result = tak.train(config)
+    assert seen[0]["width"] == 3 and result.task_vector.meta["backbone_options"] == {"width": 3}
+    monkeypatch.setattr(evaluate, "load_backbone", lambda spec, **kw: seen.append(kw) or toy_backbone())
+    class Reached(Exception):
+        """The protocol was reached: the backbone was loaded."""
+
+    def protocol(*args, **kwargs):
+        raise Reached
+    monkeypatch.setattr(evaluate, "task_addition", protocol)
+    with pytest.raises(Reached):
+        evaluate.evaluate_files([result.path], out=tmp_path / "eval")
+    assert seen[1]["width"] == 3
+    assert _parse_value('{"prefix": "mnli"}', dict[str, object]) == {"prefix": "mnli"}
+    with pytest.raises(ValueError, match=r"\['max_length'\] are TrainConfig keys of their own"):
+        TrainConfig(backbone_options={"max_length": 3})

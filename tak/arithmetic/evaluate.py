@@ -65,7 +65,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
         pretrained = source["pretrained"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = load_backbone(meta["base_model"], pretrained=pretrained, device=device,
-                             **({"max_length": meta["max_length"]} if "max_length" in meta else {}))
+                             **({"max_length": meta["max_length"]} if "max_length" in meta else {}),
+                             **meta.get("backbone_options", {}))  # as the training loaded it
     data_root = data_root if data_root is not None else meta.get("data_root")  # where the training read its data
     get = lambda name: get_task(name, root=data_root, max_train=max_train, max_test=max_test)  # noqa: E731
     alphas = list(DEFAULT_ALPHAS if alphas is None else alphas)

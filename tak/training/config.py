@@ -56,6 +56,8 @@ class TrainConfig:
     apply the penalty every N steps, the factors kept on the CPU in between; last_layer_weight: the
     last factored layer's penalty weight (TAK Sec. E: 0.1); layer_weights: {glob: weight}.
 
+    backbone_options: the backbone loader's options beyond pretrained and max_length (T5: prefix, label_words,
+    pair_format, ...; see ``tak.backbones``), recorded in the task vector for ``tak eval``.
     trainable: None (the method's), "all", "attention", or glob patterns of parameter names.
     checkpoint_every: steps between checkpoints (a killed run resumes from the last one)."""
 
@@ -65,6 +67,7 @@ class TrainConfig:
     reference: list[str] = field(default_factory=list)
     backbone: str = "minilm"
     pretrained: str | None = None
+    backbone_options: dict[str, object] = field(default_factory=dict)
     data_root: str | None = None
     out: str = "runs"
     steps: int = 2000
@@ -119,6 +122,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a list of task names, got {value!r}")
         self.tasks = list(self.tasks)
         self.reference = list(self.reference)
+        if not isinstance(self.backbone_options, dict):
+            raise ValueError(f"TrainConfig.backbone_options must be a mapping of option names, got {self.backbone_options!r}")
+        taken = sorted({"pretrained", "max_length", "device"} & set(self.backbone_options))
+        if taken:
+            raise ValueError(f"TrainConfig.backbone_options: {taken} are TrainConfig keys of their own; set them there")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -79,10 +79,16 @@ def _device(config: TrainConfig) -> torch.device:
 
 def _backbone(config: TrainConfig, device):
     """One backbone per (spec, pretrained, max_length, device) per process: runs of one demo share it."""
-    key = (config.backbone, config.pretrained, config.max_length, str(device))
+    key = (config.backbone, config.pretrained, config.max_length, str(device),
+           json.dumps(config.backbone_options, sort_keys=True))
     if key not in _CACHE:
-        _CACHE[key] = load_backbone(config.backbone, pretrained=config.pretrained, device=device,
-                                    max_length=config.max_length)
+        try:
+            _CACHE[key] = load_backbone(config.backbone, pretrained=config.pretrained, device=device,
+                                        max_length=config.max_length, **config.backbone_options)
+        except TypeError as e:
+            if "unexpected keyword argument" not in str(e):
+                raise
+            raise ValueError(f"TrainConfig.backbone_options {config.backbone_options}: {e}") from None
     return _CACHE[key]
 
 
@@ -120,7 +126,8 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
 def factor_key(config: TrainConfig) -> str:
     """8 hex digits of what the cached factors depend on beyond their file name's fields: the backbone and
     the data the tasks' training inputs come from."""
-    what = [config.backbone, config.pretrained, config.max_length, config.max_train, config.data_root, config.seed]
+    what = [config.backbone, config.pretrained, config.max_length, config.max_train, config.data_root, config.seed,
+            config.backbone_options]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
 
 
@@ -253,7 +260,7 @@ def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainR
     meta = {**backbone.meta(), "method": method.name, "task": task.name, "regime": objective.student.regime,
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
-            "data_root": config.data_root, "metrics": metrics}
+            "data_root": config.data_root, "backbone_options": config.backbone_options, "metrics": metrics}
     tv = TaskVector(objective.task_vector(), meta)
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
