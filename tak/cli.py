@@ -176,7 +176,9 @@ def _train(args) -> int:
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     config = TrainConfig.from_dict({**config.to_dict(), **values})
     result = train(config)
-    print(json.dumps({"task_vector": str(result.path), **{k: result.metrics[k] for k in ("val", "test")}}))
+    from .curvature.distributed import is_main_rank
+    if is_main_rank():  # under torchrun: one line, not one per process
+        print(json.dumps({"task_vector": str(result.path), **{k: result.metrics[k] for k in ("val", "test")}}))
     return 0
 
 

@@ -351,7 +351,7 @@ def toys():
         del loop._CACHE[key]
 
 
-def _ddp_worker(rank, world, port, out, methods):
+def _ddp_worker(rank, world, port, out, methods, overrides=None):
     """One torchrun-like process: the environment torchrun sets, then ``tak.train`` as a user calls it."""
     import torch.distributed as dist
 
@@ -361,7 +361,7 @@ def _ddp_worker(rank, world, port, out, methods):
     register_toys()
     try:
         for method in methods:
-            tak.train(toy_config(out, method))
+            tak.train(TrainConfig.from_dict({**toy_config(out, method).to_dict(), **(overrides or {})}))
         Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world())))
     finally:
         if dist.is_initialized():
@@ -506,3 +506,19 @@ def test_backbone_options_reach_the_loader_and_the_task_vector_for_tak_eval(tmp_
     assert _parse_value('{"prefix": "mnli"}', dict[str, object]) == {"prefix": "mnli"}
     with pytest.raises(ValueError, match=r"\['max_length'\] are TrainConfig keys of their own"):
         TrainConfig(backbone_options={"max_length": 3})
+
+
+def test_two_gloo_processes_fit_the_factors_of_one_and_rank_0_caches_them(tmp_path, toys):
+    """One batch of factor inputs: rank 0 fits it (its probes are the one process's), rank 1 an empty shard;
+    the sums are added, the file is written once, and the task vector equals one process's."""
+    universal = {"universal": True, "reference": [TOY_TASK]}
+    spawn(_ddp_worker, (2, free_port(), str(tmp_path / "ddp"), ["tak"], universal), nprocs=2, timeout=240)
+    one = tak.train(TrainConfig.from_dict({**toy_config(tmp_path / "one", "tak").to_dict(), **universal}))
+    [ddp_file] = (tmp_path / "ddp" / "factors").glob("kfac-*.safetensors")
+    [one_file] = (tmp_path / "one" / "factors").glob("kfac-*.safetensors")
+    ddp_factors, one_factors = tak.KFAC.load(ddp_file), tak.KFAC.load(one_file)
+    assert ddp_factors.meta["n_examples"] == one_factors.meta["n_examples"] == 32
+    assert all(torch.equal(ddp_factors[n].B, one_factors[n].B) for n in one_factors)
+    ddp = TaskVector.load(toy_config(tmp_path / "ddp", "tak").run_dir() / "task_vector.safetensors")
+    for k, v in one.task_vector.tensors.items():
+        torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12)

@@ -13,6 +13,11 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def world_size() -> int:
+    """The number of processes (1 without torch.distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def is_main_rank() -> bool:
     """True on rank 0, or without torch.distributed: the process that writes files."""
     return not is_distributed() or dist.get_rank() == 0
@@ -30,3 +35,12 @@ def all_reduce_sums(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def on_every_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself without torch.distributed): one all-reduce."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

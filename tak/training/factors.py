@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
 from ..curvature.layers import find_layers
-from ..curvature.distributed import is_distributed, is_main_rank
+from ..curvature.distributed import is_main_rank, on_every_rank, rank, world_size
 from ..curvature.outputs import to_device
 from ..evaluation import loader
 
@@ -34,7 +34,7 @@ def fit_inputs(backbone, examples_by_task: list, n_examples: int, device, batch_
 def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_samples: int, cache: Path | None,
                  device, layers: list[str] | None = None, cache_key: str = "", progress: bool = True):
     """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several),
-    for the modules named in ``layers`` (None: all). The cached file's name holds kind, tasks, n, M, a hash
+    for the modules named in ``layers`` (None: all); under torchrun each rank fits every world-th batch. The cached file's name holds kind, tasks, n, M, a hash
     of ``layers``, ``content_digest`` of the model and the inputs, and ``cache_key`` (what else the factors
     depend on; see the loop)."""
     name = "+".join(t.name for t in tasks)
@@ -46,13 +46,14 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     content = content_digest(backbone.model, batches)
     stem = f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}-{content}" + (f"-{cache_key}" if cache_key else "")
     path = None if cache is None else Path(cache) / f"{stem}.safetensors"
-    if path is not None and path.exists():
+    if path is not None and on_every_rank(path.exists(), device):  # a rank that lacks the file fits with the others
         return _CLASSES[kind].load(path, model=backbone.model, device=device)
     fit = {"kfac": fit_kfac, "ekfac": fit_ekfac, "diagonal": fit_diagonal}[kind]
-    factors = fit(backbone.model, batches, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
+    shard = batches[rank()::world_size()]  # under torchrun each rank fits its shard; the fit adds them up
+    factors = fit(backbone.model, shard, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
                   progress=progress)
     factors.meta["task"] = name
-    if path is not None and is_main_rank() and not is_distributed():
+    if path is not None and is_main_rank():  # every rank holds the same factors: rank 0 writes them
         factors.save(path)
     return factors
 
