@@ -78,7 +78,7 @@ def _device(config: TrainConfig) -> torch.device:
 
 
 def _backbone(config: TrainConfig, device):
-    """One backbone per (spec, pretrained, max_length, device) per process: runs of one demo share it."""
+    """One backbone per (spec, pretrained, max_length, device, options) per process: runs of one demo share it."""
     key = (config.backbone, config.pretrained, config.max_length, str(device),
            json.dumps(config.backbone_options, sort_keys=True))
     if key not in _CACHE:
