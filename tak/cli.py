@@ -198,7 +198,7 @@ def _merge(args) -> int:
     options = {} if args.k is None else {"k": args.k}
     tensors = merge(args.method, [tv.tensors for tv in tvs], **options)
     first = tvs[0].meta
-    shared = [k for k in ("base_model", "fingerprint", "regime", "source", "trainable")
+    shared = [k for k in ("base_model", "fingerprint", "regime", "source", "trainable", "max_length", "backbone_options")
               if k in first and all(tv.meta.get(k) == first[k] for tv in tvs)]
     regimes = sorted({str(tv.regime) for tv in tvs})
     meta = {**{k: first[k] for k in shared}, **({"mixed_regimes": regimes} if len(regimes) > 1 else {}),

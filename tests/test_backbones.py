@@ -321,6 +321,9 @@ def test_spec_errors(monkeypatch, tmp_path):
         load_backbone("minilm", pretrained="v2")
     with pytest.raises(TypeError, match="unexpected keyword"):
         load_backbone("minilm", max_lenght=3)
+    with pytest.raises(ValueError, match="dtype='bfloat17' is not a torch dtype name"):
+        load_backbone("minilm", dtype="bfloat17")
+    assert next(load_backbone("minilm", dtype="float64").model.parameters()).dtype == torch.float64  # JSON spelling
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"device='cuda:1', but this torch has no CUDA device"):
         load_backbone("minilm", device="cuda:1")

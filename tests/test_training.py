@@ -19,7 +19,7 @@ from tak.data import Task, list_tasks, register_task
 from tak.io import read
 from tak.methods import METHODS, Objective
 from tak.task_vector import TaskVector, check_compatible
-from tak.training import TrainConfig, loop
+from tak.training import TrainConfig, checkpoint, loop
 from tak.training.loop import batch_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -503,6 +503,10 @@ def test_backbone_options_reach_the_loader_and_the_task_vector_for_tak_eval(tmp_
     with pytest.raises(Reached):
         evaluate.evaluate_files([result.path], out=tmp_path / "eval")
     assert seen[1]["width"] == 3
+    other = result.task_vector
+    TaskVector(other.tensors, {**other.meta, "task": "other", "backbone_options": {"width": 4}}).save(tmp_path / "o.st")
+    with pytest.raises(ValueError, match="trained with different backbone_options"):
+        evaluate.evaluate_files([result.path, tmp_path / "o.st"], out=tmp_path / "eval")
     assert _parse_value('{"prefix": "mnli"}', dict[str, object]) == {"prefix": "mnli"}
     with pytest.raises(ValueError, match=r"\['max_length'\] are TrainConfig keys of their own"):
         TrainConfig(backbone_options={"max_length": 3})
@@ -522,3 +526,26 @@ def test_two_gloo_processes_fit_the_factors_of_one_and_rank_0_caches_them(tmp_pa
     ddp = TaskVector.load(toy_config(tmp_path / "ddp", "tak").run_dir() / "task_vector.safetensors")
     for k, v in one.task_vector.tensors.items():
         torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12)
+
+
+def test_defaults_follow_the_trained_tasks_modality(tmp_path, toys, monkeypatch):
+    """A backbone that takes every modality (GenericBackbone's default) training an image task: vision defaults."""
+    backbone = toy_backbone()
+    backbone.modalities = ("text", "text-pair", "image")
+    monkeypatch.setattr(loop, "load_backbone", lambda spec, **kw: backbone)
+    config = TrainConfig.from_dict({**toy_config(tmp_path, "tak").to_dict(), "universal": True, "reference": [TOY_TASK]})
+    hp = tak.train(config).task_vector.meta["hparams"]
+    assert (hp["beta"], hp["last_layer_weight"], hp["weight_decay"]) == (100.0, 0.1, 0.1)
+
+
+def test_a_checkpoint_resumes_across_new_config_keys_but_not_other_hyperparameters(tmp_path):
+    module = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = {**TrainConfig(lr=None).to_dict(), "hparams": {"lr": 3e-4, "weight_decay": 0.01}}
+    older = {k: v for k, v in config.items() if k not in ("backbone_options", "hparams")}  # an older tak wrote it
+    older["lr"] = 3e-4  # set explicitly then, the default now: the same run
+    checkpoint.save(tmp_path / "c.safetensors", module, optimizer, 5, older)
+    assert checkpoint.load(tmp_path / "c.safetensors", module, optimizer, config) == 5
+    changed = {**config, "hparams": {"lr": 1e-5, "weight_decay": 0.01}}  # a default that moved
+    with pytest.raises(ValueError, match=r"another config \(lr: checkpoint 0.0003, now 1e-05\)"):
+        checkpoint.load(tmp_path / "c.safetensors", module, optimizer, changed)

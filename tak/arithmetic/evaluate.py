@@ -55,6 +55,10 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
         if control == tv.task:
             raise ValueError(f"--control {control!r} is the task negated; name another task to keep")
     meta = tvs[0].meta
+    for key in ("backbone_options", "max_length"):  # one backbone serves them all
+        if len({json.dumps(tv.meta.get(key), sort_keys=True, default=str) for tv in tvs}) > 1:
+            raise ValueError(f"the task vectors were trained with different {key}: "
+                             f"{ {str(tv.task): tv.meta.get(key) for tv in tvs} }; evaluate them separately")
     if "base_model" not in meta:
         raise ValueError(f"{paths[0]}: its metadata names no base_model; it was not written by tak.train")
     source = meta.get("source") or {}
@@ -67,8 +71,11 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     backbone = load_backbone(meta["base_model"], pretrained=pretrained, device=device,
                              **({"max_length": meta["max_length"]} if "max_length" in meta else {}),
                              **meta.get("backbone_options", {}))  # as the training loaded it
-    data_root = data_root if data_root is not None else meta.get("data_root")  # where the training read its data
-    get = lambda name: get_task(name, root=data_root, max_train=max_train, max_test=max_test)  # noqa: E731
+    roots = {tv.task: data_root if data_root is not None else tv.meta.get("data_root") for tv in tvs}  # as trained
+
+    def get(name):
+        return get_task(name, root=roots.get(name, data_root if data_root is not None else meta.get("data_root")),
+                        max_train=max_train, max_test=max_test)
     alphas = list(DEFAULT_ALPHAS if alphas is None else alphas)
     if not alphas:
         raise ValueError("alphas is empty")

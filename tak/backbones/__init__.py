@@ -58,6 +58,11 @@ def load_backbone(spec: str, *, pretrained: str | None = None, device=None, **op
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}, but this torch has no CUDA device (torch.cuda.is_available() is "
                          f"False; torch {torch.__version__})")
+    if isinstance(options.get("dtype"), str):  # "bfloat16", as JSON options (TrainConfig.backbone_options) spell it
+        dtype = getattr(torch, options["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype={options['dtype']!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
+        options = {**options, "dtype": dtype}
     prefix, sep, rest = spec.partition(":")
     if spec in _REGISTERED:
         backbone = _REGISTERED[spec][0](pretrained=pretrained, **options)

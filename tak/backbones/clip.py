@@ -108,7 +108,7 @@ def load_clip(spec: str, architecture: str, *, pretrained: str | None = None, dt
         clip, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=pretrained,
                                                                     **(model_kwargs or {}))
     except RuntimeError as e:
-        if "download" not in str(e).lower():
+        if "failed to download" not in str(e).lower():
             raise
         raise OSError(f"backbone {spec!r}: open_clip could not download the {pretrained!r} weights ({e}); offline, "
                       "use clip:local-dir:<folder> with open_clip_config.json and the weights") from e

@@ -12,7 +12,7 @@ Sources of the defaults (stated per method in ``Method.source``):
 ``Method.defaults`` are the vision settings; ``Method.text_defaults`` override them for text backbones
 (TAK App. E and DELTA App. B, language task vectors: every method at lr 3e-4 and weight decay 0.01; KFAC β = 20,
 diagonal β = 0.1, DELTA β^T = β^S = 20 and γ = 0.01; the last layer's 0.1 is for the CLIP visual encoder only).
-``hyperparameter_defaults(method, modalities)`` picks them by the backbone's input modalities.
+``hyperparameter_defaults(method, modalities)`` picks them by the trained task's modality.
 """
 from dataclasses import dataclass, field
 
@@ -73,8 +73,8 @@ METHODS = {m.name: m for m in [
 
 
 def hyperparameter_defaults(method: Method, modalities) -> dict:
-    """The paper defaults of ``method`` for a backbone of these input modalities: ``text_defaults`` over
-    ``defaults`` when any is text ("text", "text-pair"), else ``defaults``."""
+    """The paper defaults of ``method`` for tasks of these input modalities (the trained task's): ``text_defaults``
+    over ``defaults`` when any is text ("text", "text-pair"), else ``defaults``."""
     text = any(m.startswith("text") for m in modalities)
     return {**method.defaults, **method.text_defaults} if text else dict(method.defaults)
 

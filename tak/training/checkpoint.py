@@ -2,15 +2,19 @@
 
 Tensors: ``param/<name>`` (the trained parameters), ``optim/<name>/<key>`` (the optimizer's
 per-parameter state), ``rng/cpu`` and ``rng/cuda`` (generator states). Metadata: the step reached
-and the run's config, which a resume must match (except the keys in ``_MAY_DIFFER``).
+and the run's config, which a resume must match (except the keys in ``_MAY_DIFFER``): its keys as set, a key
+the checkpoint lacks (written by an older tak) at its default, and the hyperparameters as resolved (``hparams``:
+the method's defaults under the values set), so a changed default cannot slip into a resumed run.
 """
 import torch
 from torch import nn
 
 from ..io import read, write
+from .config import TrainConfig
 
 _KIND = "checkpoint"
 _MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "device")
+_HPARAMS = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
 
 
 def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -36,11 +40,14 @@ def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict
     tensors, meta = read(path)
     if meta.get("kind") != _KIND:
         raise ValueError(f"{path}: not a training checkpoint")
-    saved = meta["config"]
-    differ = sorted(k for k in set(saved) | set(config)
-                    if k not in _MAY_DIFFER and saved.get(k) != config.get(k))
-    if differ:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
+    saved, defaults = meta["config"], TrainConfig().to_dict()
+    resolved = saved.get("hparams") or {k: v for k, v in saved.items() if k in _HPARAMS and v is not None}
+    differ = sorted(k for k in set(saved) | set(config) if k not in (*_MAY_DIFFER, *_HPARAMS, "hparams")
+                    and saved.get(k, defaults.get(k)) != config.get(k))
+    changed_hp = sorted(k for k, v in resolved.items() if v != config["hparams"].get(k))  # named as the keys set them
+    if differ or changed_hp:
+        detail = "; ".join([*(f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {config.get(k)!r}" for k in differ),
+                            *(f"{k}: checkpoint {resolved[k]!r}, now {config['hparams'].get(k)!r}" for k in changed_hp)])
         raise ValueError(f"{path}: checkpoint of a run with another config ({detail}); use another --out "
                          "or delete the checkpoint to start over")
     params = trained_parameters(module)

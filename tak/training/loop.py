@@ -80,7 +80,7 @@ def _device(config: TrainConfig) -> torch.device:
 def _backbone(config: TrainConfig, device):
     """One backbone per (spec, pretrained, max_length, device, options) per process: runs of one demo share it."""
     key = (config.backbone, config.pretrained, config.max_length, str(device),
-           json.dumps(config.backbone_options, sort_keys=True))
+           json.dumps(config.backbone_options, sort_keys=True, default=str))
     if key not in _CACHE:
         try:
             _CACHE[key] = load_backbone(config.backbone, pretrained=config.pretrained, device=device,
@@ -111,7 +111,7 @@ def trained_layers(model, trained: list[str]) -> list[str]:
 def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
     method = get_method(config.method)
-    hp = config.hyperparameters(hyperparameter_defaults(method, backbone.modalities))
+    hp = config.hyperparameters(hyperparameter_defaults(method, [task.modality]))
     selection = config.trainable if config.trainable is not None else method.trainable
     trained = trainable_names(backbone.model, selection)
     layers = trained_layers(backbone.model, trained)
@@ -128,7 +128,7 @@ def factor_key(config: TrainConfig) -> str:
     the data the tasks' training inputs come from."""
     what = [config.backbone, config.pretrained, config.max_length, config.max_train, config.data_root, config.seed,
             config.backbone_options]
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dict) -> tuple:
@@ -204,7 +204,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
     run_dir = config.run_dir()
     ckpt = run_dir / "checkpoint.safetensors"
-    saved = config.to_dict()
+    saved = {**config.to_dict(), "hparams": hp}
     step = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else 0
     writer = _tensorboard(config, run_dir) if is_main_rank() else None
     objective.train()
@@ -260,7 +260,8 @@ def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainR
     meta = {**backbone.meta(), "method": method.name, "task": task.name, "regime": objective.student.regime,
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
-            "data_root": config.data_root, "backbone_options": config.backbone_options, "metrics": metrics}
+            "data_root": None if config.data_root is None else str(Path(config.data_root).resolve()),
+            "backbone_options": config.backbone_options, "metrics": metrics}
     tv = TaskVector(objective.task_vector(), meta)
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
