@@ -193,9 +193,7 @@ def _merge(args) -> int:
         raise ValueError(f"--out {args.out}: a folder; name the merged task vector's file (e.g. merged.safetensors)")
     tvs = [TaskVector.load(p) for p in args.task_vectors]
     check_compatible(tvs, allow_mixed_regimes=args.allow_mixed_regimes)
-    if args.k is not None and args.method != "ties":
-        raise ValueError(f"--k applies to --method ties only, not {args.method!r}")
-    options = {} if args.k is None else {"k": args.k}
+    options = _merge_options("--method", args.method, args.k)
     tensors = merge(args.method, [tv.tensors for tv in tvs], **options)
     first = tvs[0].meta
     shared = [k for k in ("base_model", "fingerprint", "regime", "source", "trainable", "max_length", "backbone_options")
@@ -210,16 +208,22 @@ def _merge(args) -> int:
     return 0
 
 
+def _merge_options(flag: str, method: str, k: float | None) -> dict:
+    """The merge's options from the flags: ``--k`` is TIES's alone."""
+    if k is not None and method != "ties":
+        raise ValueError(f"--k applies to {flag} ties only, not {method!r}")
+    return {} if k is None else {"k": k}
+
+
 def _eval(args) -> int:
     from .arithmetic.evaluate import evaluate_files
 
-    if args.k is not None and args.merge != "ties":
-        raise ValueError(f"--k applies to --merge ties only, not {args.merge!r}")
+    options = _merge_options("--merge", args.merge, args.k)
     results = evaluate_files(args.task_vectors, protocol=args.protocol, target=args.target, control=args.control,
                              alphas=args.alphas, run_analyses=args.analyses, data_root=args.data_root,
                              max_train=args.max_train, max_test=args.max_test, pretrained=args.pretrained,
                              device=args.device, out=args.out, merge=args.merge,
-                             merge_options=None if args.k is None else {"k": args.k})
+                             merge_options=options)
     print(json.dumps({k: v for k, v in results.items() if k in ("alpha1", "best", "negation")}, indent=2))
     return 0
 

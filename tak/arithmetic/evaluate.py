@@ -71,11 +71,10 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     backbone = load_backbone(meta["base_model"], pretrained=pretrained, device=device,
                              **({"max_length": meta["max_length"]} if "max_length" in meta else {}),
                              **meta.get("backbone_options", {}))  # as the training loaded it
-    roots = {tv.task: data_root if data_root is not None else tv.meta.get("data_root") for tv in tvs}  # as trained
+    roots = {tv.task: tv.meta.get("data_root") if data_root is None else data_root for tv in tvs}  # as trained
 
-    def get(name):
-        return get_task(name, root=roots.get(name, data_root if data_root is not None else meta.get("data_root")),
-                        max_train=max_train, max_test=max_test)
+    def get(name):  # a task no task vector is of (negation's control): the first one's root
+        return get_task(name, root=roots.get(name, roots[tvs[0].task]), max_train=max_train, max_test=max_test)
     alphas = list(DEFAULT_ALPHAS if alphas is None else alphas)
     if not alphas:
         raise ValueError("alphas is empty")

@@ -7,8 +7,9 @@ For each n × n factor F (A and/or B of every layer):
 - ``"eigen"``, ``rank=`` or ``fraction=``: the top-r eigenpairs, r = min(rank, n) or round(fraction·n)
   (``kk.LowRankFactor``);
 - ``"prune"``, ``keep=``: magnitude pruning to n + 2·⌊(round(keep·n²) − n) / 2⌋ entries (at least n; pairs
-  keep the count's parity): the diagonal, then the off-diagonal pairs (F_ij, F_ji) of largest |F_ij|; a dense, symmetric F with zeros elsewhere
-  (no fewer bytes in memory; ``nonzeros`` in the report says what a sparse format would hold);
+  keep the count's parity): the diagonal, then the off-diagonal pairs (F_ij, F_ji) of largest |F_ij|; a
+  dense, symmetric F with zeros elsewhere (no fewer bytes in memory; ``nonzeros`` in the report says what a
+  sparse format would hold);
 - ``"int8"``: F ≈ diag(s) Q diag(s) with int8 Q and per-row scales s (``kk.Int8Factor``).
 """
 from dataclasses import replace
