@@ -176,6 +176,17 @@ def test_paper_defaults_by_modality():
     assert hyperparameter_defaults(METHODS["diag_ggn"], ("text-pair",))["beta"] == 0.1
 
 
+def test_the_kfac_penalty_weight_follows_the_clip_architecture():
+    """TAK Sec. E.1: β = 100 for ViT-B/32, 500 for ViT-B/16, 2000 for ViT-L/14; DELTA keeps 500 on every ViT."""
+    from tak.methods import hyperparameter_defaults
+    betas = {arch: hyperparameter_defaults(METHODS[m], ("image",), f"clip:{arch}")["beta"]
+             for m in ("tak", "attn_only_tak") for arch in ("ViT-B-32", "ViT-B-16-quickgelu", "ViT-L-14-336")}
+    assert betas == {"ViT-B-32": 100.0, "ViT-B-16-quickgelu": 500.0, "ViT-L-14-336": 2000.0}
+    assert hyperparameter_defaults(METHODS["delta"], ("image",), "clip:ViT-L-14")["beta"] == 500.0
+    assert hyperparameter_defaults(METHODS["diag_ggn"], ("image",), "clip:ViT-L-14")["beta"] == 0.1
+    assert hyperparameter_defaults(METHODS["tak"], ("text",), "clip:ViT-L-14")["beta"] == 20.0
+
+
 def test_a_beta_set_alone_sets_the_teachers_too_and_the_paper_defaults_fill_the_rest():
     delta = METHODS["delta"].defaults
     assert TrainConfig().hyperparameters(delta) == delta

@@ -12,7 +12,8 @@ Sources of the defaults (stated per method in ``Method.source``):
 ``Method.defaults`` are the vision settings; ``Method.text_defaults`` override them for text backbones
 (TAK App. E and DELTA App. B, language task vectors: every method at lr 3e-4 and weight decay 0.01; KFAC β = 20,
 diagonal β = 0.1, DELTA β^T = β^S = 20 and γ = 0.01; the last layer's 0.1 is for the CLIP visual encoder only).
-``hyperparameter_defaults(method, modalities)`` picks them by the trained task's modality.
+``hyperparameter_defaults(method, modalities, backbone)`` picks them by the trained task's modality and, for
+the KFAC methods on CLIP, by the vision transformer (β = 500 for ViT-B/16 and 2000 for ViT-L/14 architectures).
 """
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class Method:
 
 _BASELINE = {"lr": 1e-5, "weight_decay": 0.1}
 _TAK = {"lr": 3e-4, "weight_decay": 0.1, "beta": 100.0, "last_layer_weight": 0.1}
+_TAK_VIT_BETA = {"ViT-B-16": 500.0, "ViT-L-14": 2000.0}  # TAK Sec. E.1; any other (ViT-B/32): 100
 _DELTA = {"lr": 1e-5, "weight_decay": 0.1, "beta": 500.0, "beta_teacher": 500.0, "gamma": 1.0}
 _TEXT = {"lr": 3e-4, "weight_decay": 0.01}
 _TAK_TEXT = {**_TEXT, "beta": 20.0, "last_layer_weight": 1.0}
@@ -72,11 +74,18 @@ METHODS = {m.name: m for m in [
 ]}
 
 
-def hyperparameter_defaults(method: Method, modalities) -> dict:
+def hyperparameter_defaults(method: Method, modalities, backbone: str = "") -> dict:
     """The paper defaults of ``method`` for tasks of these input modalities (the trained task's): ``text_defaults``
-    over ``defaults`` when any is text ("text", "text-pair"), else ``defaults``."""
-    text = any(m.startswith("text") for m in modalities)
-    return {**method.defaults, **method.text_defaults} if text else dict(method.defaults)
+    over ``defaults`` when any is text ("text", "text-pair"), else ``defaults``, with the KFAC penalty's β of
+    the CLIP architecture in ``backbone`` (a backbone spec, e.g. "clip:ViT-B-16")."""
+    if any(m.startswith("text") for m in modalities):
+        return {**method.defaults, **method.text_defaults}
+    defaults = dict(method.defaults)
+    if method.penalty == "kfac" and backbone.startswith("clip:"):
+        architecture = backbone.removeprefix("clip:")
+        defaults.update(beta=next((b for arch, b in _TAK_VIT_BETA.items() if architecture.startswith(arch)),
+                                  defaults["beta"]))
+    return defaults
 
 
 def get_method(name: str) -> Method:

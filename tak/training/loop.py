@@ -111,7 +111,7 @@ def trained_layers(model, trained: list[str]) -> list[str]:
 def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
     method = get_method(config.method)
-    hp = config.hyperparameters(hyperparameter_defaults(method, [task.modality]))
+    hp = config.hyperparameters(hyperparameter_defaults(method, [task.modality], config.backbone))
     selection = config.trainable if config.trainable is not None else method.trainable
     trained = trainable_names(backbone.model, selection)
     layers = trained_layers(backbone.model, trained)
