@@ -99,7 +99,7 @@ def test_merge_refuses_what_cannot_be_merged():
             merge_kfac([fs[0], random_kfac(**{key: value})], sizes)
     renamed = random_kfac()
     renamed.factors["enc"] = LayerFactors(renamed["enc"].A, renamed["enc"].B, "enc.weight", "enc.bias")
-    with pytest.raises(ValueError, match=r"'enc' is \('LayerFactors', 'enc.weight', 'enc.bias'\) in factors\[1\]"):
+    with pytest.raises(ValueError, match=r"'enc' is \('LayerFactors', 'enc.weight', 'enc.bias', 'linear'\) in factors\[1\]"):
         merge_kfac([fs[0], renamed], sizes)
     compressed, _ = compress(fs[1], method="int8", which="B")
     with pytest.raises(ValueError, match=r"enc.B of factors\[1\] is a Int8Factor; merge dense factors"):
@@ -143,7 +143,8 @@ def test_task_factors_by_parameter_name_and_compressed():
         tf.quadratic_form({"nothing": torch.zeros(2)})
     for bad in ({**taus, "2.bias": torch.zeros(4)}, {"2": torch.zeros(3, 6)}):
         given = r"\{'2.weight': \(3, 6\), '2.bias': \(4,\)\}" if "2.bias" in bad else r"\{'2': \(3, 6\)\}"
-        with pytest.raises(ValueError, match=rf"layer '2' has factors for a block of shape \(3, 7\); taus gives {given}"):
+        with pytest.raises(ValueError, match=rf"layer '2' has factors for a block of shape \(3, 7\): W \(3, 6\) and b \(3,\); "
+                                             rf"taus gives {given}"):
             fs[0].quadratic_form(bad)
     with pytest.raises(TypeError, match="taus must be a mapping"):
         fs[0].quadratic_form(list(taus.values()))

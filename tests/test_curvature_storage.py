@@ -90,7 +90,8 @@ def test_load_moves_to_device(path):
 def test_refuses_a_model_of_other_widths(path):
     fitted(model_of(7)).save(path)
     with pytest.raises(ValueError, match=r"fingerprint '[0-9a-f]{16}' in the file, '[0-9a-f]{16}' for the model; "
-                                         r"'0' is \(d_out, d_in, bias\) = \(7, 5, True\) in the file, \(8, 5, True\)"):
+                                         r"'0' is \(d_out, d_in, bias, layout\) = \(7, 5, True, 'linear'\) in the file, "
+                                         r"\(8, 5, True, 'linear'\)"):
         KFAC.load(path, model=model_of(8))
 
 

@@ -50,6 +50,28 @@ def test_layernorm_blocks_equal_the_exact_ggn(tokens):
         assert torch.equal(block.B, block.B.T)
 
 
+class SequenceFirst(nn.Module):
+    """A PyTorch encoder layer on (T, N, d) activations (batch_first=False), batch-first in and out."""
+
+    def __init__(self, d=8, c=3):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(d, 2, dim_feedforward=12, dropout=0.0)
+        self.head = nn.Linear(d, c)
+
+    def forward(self, x):  # x (N, T, d)
+        return self.head(self.enc(x.transpose(0, 1)).mean(0))
+
+
+def test_layernorm_blocks_of_sequence_first_activations():
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    X = torch.randn(3, 5, 8, dtype=torch.float64)  # T != N: the layout is known
+    f = fit_kfac(model, [X], exact=True, progress=False)
+    for name in ("enc.norm1", "enc.norm2"):
+        G = exact_block(model, f[name].params, X, lambda m, x: m(x))
+        assert rel_err(f[name].B, G) < 1e-5, name
+
+
 class SharedNorm(nn.Module):
     """One LayerNorm applied twice in a forward: its gradient is the sum over both calls."""
 

@@ -322,3 +322,39 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(ValueError, match="not KFAC"):
         KFAC.load(tmp_path / "e.safetensors")
 
+
+
+class NormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.norm, self.head = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.l1(x))))
+
+
+def test_exact_blocks_of_the_kfac_pass_join_the_eigen_form(tmp_path):
+    """With ``dense`` (the default) the LayerNorm's exact GGN block of the KFAC pass is kept, and the form
+    adds its τᵀ G τ to the EK-FAC terms; the block survives a save and load."""
+    torch.manual_seed(5)
+    model, batches = NormNet(), mlp_batches()
+    k = fit_kfac(model, batches, progress=False)
+    e = fit_ekfac(model, batches, progress=False)
+    assert list(e) == ["l1", "head", "norm"] and e.meta["dense"] == k.meta["dense"]
+    assert torch.equal(e["norm"].B, k["norm"].B)
+    assert list(fit_ekfac(model, batches, dense=False, progress=False)) == ["l1", "head"]
+    taus = {n: 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    weights = {"head": 0.1, "norm": 3.0}
+    G = k["norm"].B.double()
+    v = torch.cat([taus["norm.weight"], taus["norm.bias"]]).double()
+    expected = 3.0 * v @ G @ v
+    for name, w in (("l1", 1.0), ("head", 0.1)):
+        ef = e[name]
+        block = torch.cat([taus[ef.weight], taus[ef.bias][:, None]], 1).double()
+        expected += w * (ef.S.double() * (ef.U_B.double().T @ block @ ef.U_A.double()) ** 2).sum()
+    assert rel_err(e.quadratic_form(taus, weights), expected) < 1e-5
+    assert rel_err(e.to(dtype=torch.float64).quadratic_form({n: t.double() for n, t in taus.items()}, weights),
+                   expected) < 1e-5
+    e.save(tmp_path / "e.safetensors")
+    back = EKFAC.load(tmp_path / "e.safetensors", model=model)
+    assert rel_err(back.quadratic_form(taus, weights), expected) < 1e-6

@@ -641,13 +641,15 @@ def test_open_clip_vit():
     f = fit_kfac(model, images, exact=True, progress=False)  # dense blocks on (the default)
     layers = find_layers(model)
     vision = {n: l for n, l in layers.items() if n.startswith("visual.")}
-    assert len(vision) == 8 and {"visual.transformer.resblocks.0.attn.in_proj",
-                                 "visual.transformer.resblocks.1.attn.in_proj"} <= set(vision)
+    assert len(vision) == 10 and {"visual.transformer.resblocks.0.attn.in_proj", "visual.conv1",
+                                  "visual.transformer.resblocks.1.attn.in_proj"} <= set(vision)
+    assert list(vision)[-1] == "visual.proj"  # the tower's last layer, applied after its modules
     assert f["visual.transformer.resblocks.0.attn.in_proj"].B.shape == (96, 96)
+    assert (f["visual.conv1"].layout, f["visual.proj"].layout) == ("conv", "transposed")
     check_factors(f, layers)
     tokens = 1 + (32 // 8) ** 2
-    for name in vision:
-        assert f.meta["n_rows"][name] == 5 * tokens, name
+    for name in vision:  # patches at the convolution, one pooled token at the projection
+        assert f.meta["n_rows"][name] == 5 * {"visual.conv1": tokens - 1, "visual.proj": 1}.get(name, tokens), name
         assert f[name].B.norm() > 0 and f[name].A.norm() > 0, name
     for name in set(layers) - set(vision):  # the text tower: not on the path of the image embedding
         assert torch.count_nonzero(f[name].B) == 0, name
@@ -678,6 +680,76 @@ def test_open_clip_vit():
     # Monte-Carlo probes (batched) through open_clip's attention
     mc = fit_kfac(model, images, mc_samples=3, progress=False)
     check_factors(mc, layers)
+
+
+class ConvNet(nn.Module):
+    """A padded, strided, dilated convolution and a head; ``explicit``: the same convolution written as
+    an nn.Linear over the unfolded patches (named alike), whose factors the convolution's must equal."""
+
+    def __init__(self, explicit=False):
+        super().__init__()
+        self.explicit = explicit
+        self.conv = nn.Linear(12, 3) if explicit else nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+        self.head = nn.Linear(3 * 3 * 5, 4)
+
+    def unfolded(self):
+        explicit = ConvNet(explicit=True).to(self.head.weight.dtype)
+        explicit.load_state_dict({k: v.reshape(3, -1) if k == "conv.weight" else v for k, v in self.state_dict().items()})
+        return explicit
+
+    def forward(self, x):  # x (N, 2, 5, 7) -> conv output (N, 3, 3, 5)
+        if self.explicit:
+            patches = nn.functional.unfold(x, (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1))
+            z = self.conv(patches.transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], 3, 3, 5)
+        else:
+            z = self.conv(x)
+        return self.head(torch.tanh(z).flatten(1))
+
+
+@pytest.mark.parametrize("tokens", ["expand", "reduce"])
+def test_conv_factors_are_those_of_its_unfolded_linear_map(tokens):
+    from tak.curvature import fit_diagonal, fit_ekfac
+    torch.manual_seed(0)
+    conv = ConvNet().double()
+    explicit = conv.unfolded()
+    batches = [torch.randn(3, 2, 5, 7, dtype=torch.float64), torch.randn(2, 2, 5, 7, dtype=torch.float64)]
+    with torch.no_grad():
+        assert rel_err(conv(batches[0]), explicit(batches[0])) < 1e-12
+    a, b = fit(conv, batches, exact=True, tokens=tokens), fit(explicit, batches, exact=True, tokens=tokens)
+    assert a["conv"].layout == "conv" and a["conv"].A.shape == (13, 13) and a.meta["n_rows"]["conv"] == 5 * (15 if tokens == "expand" else 1)
+    for name in ("conv", "head"):
+        assert rel_err(a[name].A, b[name].A) < EXACT and rel_err(a[name].B, b[name].B) < EXACT, name
+    ea = fit_ekfac(conv, batches, exact=True, tokens=tokens, progress=False)
+    eb = fit_ekfac(explicit, batches, exact=True, tokens=tokens, progress=False)
+    da = fit_diagonal(conv, batches, exact=True, tokens=tokens, progress=False)
+    db = fit_diagonal(explicit, batches, exact=True, tokens=tokens, progress=False)
+    assert rel_err(ea["conv"].S, eb["conv"].S) < 1e-4 and rel_err(da["conv"].D, db["conv"].D) < EXACT
+    tau = {"conv.weight": torch.randn(3, 2, 3, 2), "conv.bias": torch.randn(3)}  # the convolution's shapes
+    flat = {"conv.weight": tau["conv.weight"].reshape(3, -1), "conv.bias": tau["conv.bias"]}
+    for fa, fb in ((a, b), (ea, eb), (da, db)):
+        assert rel_err(fa.quadratic_form(tau), fb.quadratic_form(flat)) < 1e-4
+
+
+def test_open_clip_projection_is_exact_for_one_example():
+    """z = pooled @ proj: one token per example, so with exact probes and one example KFAC and EK-FAC
+    are the Gramian of ``proj``; task vectors come in the parameter's (d_in, d_out) layout."""
+    from tak.curvature import fit_ekfac
+    torch.manual_seed(0)
+    model = tiny_clip().double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    params = {n: p.detach() for n, p in model.visual.named_parameters()}
+    J = jacrev(lambda p: functional_call(model.visual, {**params, "proj": p}, (x,))[0])(params["proj"])  # (C, d_in, d_out)
+    tau = torch.randn(params["proj"].shape, dtype=torch.float64)
+    exact = ((J * tau).sum((1, 2)) ** 2).sum()
+    f = fit(model, [x], exact=True, layers="visual.proj")
+    e = fit_ekfac(model, [x], exact=True, layers="visual.proj", progress=False)
+    assert f["visual.proj"].A.shape == (32, 32) and f["visual.proj"].B.shape == (12, 12)
+    for factors in (f, e):
+        assert rel_err(factors.quadratic_form({"visual.proj": tau}), exact) < 1e-5
+    with torch.no_grad():  # the hooks are gone, and the tower computes what it did
+        assert rel_err(model.encode_image(x), (model.visual._pool(model.visual.transformer(
+            model.visual._embeds(x)))[0]) @ model.visual.proj) < 1e-12
+    assert "_pool" not in vars(model.visual)
 
 
 @pytest.fixture(scope="module")
@@ -786,6 +858,12 @@ def test_t5_decoder_mask_of_the_encoder_length():
               {**batch, "attention_mask": None, "decoder_attention_mask": mask}
         with pytest.raises(ValueError, match="decoder_attention_mask and attention_mask .* same length 6"):
             fit(model, [bad], layers=[layer])
+    # Decoder inputs without their mask are all real: of another length they count fully, of the padded
+    # encoder's length they are refused (their mask would be the encoder's)
+    longer = {**batch, "decoder_input_ids": torch.randint(1, 64, (3, 7))}
+    assert fit(model, [longer], layers=[layer]).meta["n_rows"][layer] == 21
+    with pytest.raises(ValueError, match="decoder_attention_mask and attention_mask .* same length 6"):
+        fit(model, [batch], layers=[layer])
 
 
 def test_t5_exact_probes_batched():

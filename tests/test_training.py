@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,7 @@ def test_every_method_writes_a_loadable_task_vector(method, shared_out):
     assert meta["metrics"] == json.loads((run_dir / "metrics.json").read_text())
     assert TrainConfig.from_yaml(run_dir / "config.yaml") == config
 
+    assert meta["unpenalized"] == []  # layer 5's attention: linear layers and a LayerNorm, all with curvature
     assert tv.tensors and set(tv.tensors) == set(result.task_vector.tensors)
     assert all(k.startswith("encoder.layer.5.attention.") for k in tv.tensors)
     assert all(torch.equal(v, result.task_vector.tensors[k]) for k, v in tv.tensors.items())
@@ -474,6 +476,19 @@ def test_a_task_without_training_examples_or_too_few_for_the_processes_is_refuse
     with pytest.raises(ValueError, match="has 7 training examples, fewer than batch_size=8: the batch of 7 must be "
                                          "divisible by the 2 processes"):
         tak.train(toy_config(tmp_path, "nonlinear"))
+
+
+def test_trained_parameters_without_curvature_are_named_in_a_warning():
+    from tak.curvature import fit_kfac
+    model = toy_backbone().model
+    factors = fit_kfac(model, [torch.randn(4, 6, dtype=torch.float64)], progress=False, layers="0")
+    trained = [n for n, _ in model.named_parameters()]
+    with pytest.warns(UserWarning, match=r"method 'tak': 3 trained parameters \(38 of the 94 trained values, 40.4%\) "
+                                         r"have no curvature block.*\['2.bias', '2.weight', 'unused'\]"):
+        assert loop.unpenalized(model, trained, factors, "tak") == ["2.bias", "2.weight", "unused"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loop.unpenalized(model, ["0.weight", "0.bias"], factors, "tak") == []
 
 
 def test_trained_layers_are_those_holding_a_trained_parameter():

@@ -3,7 +3,9 @@ backward that computes nothing else.
 
 Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer calls
 ``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
-identity whose backward calls ``on_grad(layer, dz)``. Dense groups (``tak.curvature.dense``: the
+identity whose backward calls ``on_grad(layer, dz)``. A convolution's a and z are its unfolded patches
+(N, L, C·kh·kw) and outputs (N, L, d_out) over the L output positions; open_clip's output projection
+is seen through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups (``tak.curvature.dense``: the
 LayerNorms and the class token) get taps too, whose gradients become per-example gradient vectors
 for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
 LayerNorm is applied more than once). Every tap also feeds one shared scalar, the
@@ -64,6 +66,7 @@ class Capture:
         self._dense_sums: dict[str, torch.Tensor] = {}  # dense group -> its vectors summed over calls
         self._handles, self._patched = [], []
         self._batched = False
+        self.batch_size = None
 
     def __enter__(self):
         self.sink = torch.zeros((), requires_grad=True)
@@ -71,6 +74,10 @@ class Capture:
         for layer in self.layers.values():
             if isinstance(layer.module, nn.MultiheadAttention):
                 attentions[id(layer.module)] = (layer.module, layer)
+            elif layer.layout == "conv":
+                self._handles.append(layer.module.register_forward_hook(self._conv_hook(layer)))
+            elif layer.layout == "transposed":
+                self._handles.append(layer.module.register_forward_hook(self._projection_hook(layer)))
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
                 if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
@@ -79,19 +86,45 @@ class Capture:
             mha.forward = _self_attention_forward(mha, in_proj, self)
             self._patched.append(mha)
         for group in self.dense.values():
-            self._handles.append(dense_groups.install(group, self._dense_tap))
+            self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch_size))
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         for module in self._patched:
-            del module.forward  # back to the class's forward
+            module.__dict__.pop("forward", None)  # back to the class's methods
+            module.__dict__.pop("_pool", None)
         self._handles, self._patched, self.outputs, self.to_vectors = [], [], {}, {}
 
     def _linear_hook(self, layer):
         def hook(module, inputs, output):
             return self.tap(layer, inputs[0], output)
+        return hook
+
+    def _conv_hook(self, layer):
+        def hook(conv, inputs, output):
+            x = inputs[0] if inputs[0].dim() == 4 else inputs[0].unsqueeze(0)
+            a = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
+            z = output if output.dim() == 4 else output.unsqueeze(0)
+            z = self.tap(layer, a, z.flatten(2).transpose(1, 2))  # (N, L, d_out)
+            return z.transpose(1, 2).reshape(output.shape)
+        return hook
+
+    def _projection_hook(self, layer):
+        """Hooks for z = pooled @ proj: ``_pool`` keeps the pooled features, the tower's output is tapped."""
+        tower, pool, pooled = layer.module, layer.module._pool, []
+
+        def keep_pooled(x):
+            out = pool(x)
+            pooled.append(out[0])
+            return out
+        tower._pool = keep_pooled
+        self._patched.append(tower)
+
+        def hook(module, inputs, output):
+            z = self.tap(layer, pooled.pop(), output[0] if isinstance(output, tuple) else output)
+            return (z, *output[1:]) if isinstance(output, tuple) else z
         return hook
 
     def tap(self, layer: Layer, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -121,9 +154,10 @@ class Capture:
             self.on_dense(self.dense[name], v)
         self._dense_sums = {}
 
-    def clear(self):
-        """Forget the outputs of the last forward (call before the next batch)."""
+    def clear(self, batch_size: int | None = None):
+        """Forget the outputs of the last forward (call before the next batch, of ``batch_size`` examples)."""
         self.outputs, self.to_vectors, self._dense_sums = {}, {}, {}
+        self.batch_size = batch_size
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense

@@ -26,6 +26,7 @@ class DiagonalFactors:
     D: torch.Tensor
     weight: str
     bias: str | None
+    layout: str = "linear"
 
     block = LayerFactors.block
     params = LayerFactors.params
@@ -93,7 +94,7 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
     if n == 0:
         raise ValueError("fit_diagonal: batches is empty")
     scale = n * (1 if exact else mc_samples)
-    factors = {name: DiagonalFactors(acc.S[name] / scale, layer.weight, layer.bias) for name, layer in found.items()}
+    factors = {name: DiagonalFactors(acc.S[name] / scale, layer.weight, layer.bias, layer.layout) for name, layer in found.items()}
     params = dict(model.named_parameters())
     for name, group in groups.items():
         factors[name] = DenseDiagonal((squares[name] / scale).reshape(-1, 1), group.params,
@@ -102,7 +103,7 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
         "kind": "diagonal", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
         "tokens": tokens, "exact": exact, "mc_samples": mc_samples, "seed": seed, "n_examples": n,
         "scale": "D = sum(per-example gradient^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact)",
-        "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in} for name, l in found.items()},
+        "layers": {name: layer.meta() for name, layer in found.items()},
         "dense": {name: {"params": list(g.params), "kind": g.kind, "size": g.size} for name, g in groups.items()},
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
     }

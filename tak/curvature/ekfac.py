@@ -9,7 +9,8 @@ with the per-example pseudo-gradient of probe m, G_{n,m} = Σ_t g_{n,t} ã_{n,t}
 (tokens="expand"), or ĝ_n ā_nᵀ (tokens="reduce": ĝ token sum, ā token mean); M Monte-Carlo
 probes averaged, or the C unit probes summed (``exact``, 1/N). The layer's GGN block is
 ≈ (U_B ⊗ U_A) diag(vec S) (U_B ⊗ U_A)ᵀ, so q(τ) = Σ S ⊙ (U_Bᵀ τ U_A)²; with S = λ_B λ_Aᵀ this is KFAC's
-form. Only linear layers get EK-FAC factors (DELTA's drift penalty); dense KFAC blocks are left out.
+form. Linear layers get EK-FAC factors; the exact GGN blocks of the small parameters (LayerNorms,
+class token: ``DenseFactors`` of the KFAC pass) are kept as they are, so DELTA's drift penalty reaches them too.
 
 The pass computes rotated products R_n = Σ_t (U_Bᵀ g_t)(U_Aᵀ ã_t)ᵀ: ã is rotated at the forward,
 g at the backward, then R_n² is summed over the batch, so no more than one batch of per-example
@@ -26,7 +27,7 @@ import kfac_kernels as kk
 from ..io import architecture_fingerprint
 from .capture import Capture
 from .distributed import all_reduce_sums
-from .kfac import FORMAT_VERSION, KFAC, Factors, LayerFactors, check_fit_arguments, fit_kfac, fit_pass
+from .kfac import FORMAT_VERSION, KFAC, DenseFactors, Factors, LayerFactors, check_fit_arguments, fit_kfac, fit_pass
 from .layers import Layer, find_layers, selects
 from .tokens import BatchTokens, token_mean, token_sum
 
@@ -40,6 +41,7 @@ class EigenFactors:
     S: torch.Tensor
     weight: str
     bias: str | None
+    layout: str = "linear"
 
     block = LayerFactors.block  # the task-vector block [W | b], found the same way as for KFAC
 
@@ -60,19 +62,34 @@ class EKFAC(Factors):
 
     def quadratic_form(self, taus: dict, weights=None) -> torch.Tensor:
         """Σ_l w_l Σ S_l ⊙ (U_B,lᵀ τ_l U_A,l)² over the layers found in ``taus`` (keyed by layer name with
-        blocks [W | b], or by parameter name), in one ``kfac_kernels.eigen_quadratic_forms`` call;
-        differentiable in τ. ``weights``: {layer: w} (default 1)."""
+        blocks [W | b], or by parameter name), in one ``kfac_kernels.eigen_quadratic_forms`` call, plus
+        the exact blocks' w τᵀ G τ in one ``quadratic_forms`` call; differentiable in τ. ``weights``:
+        {layer: w} (default 1)."""
         names, blocks = self.blocks(taus)
-        fs = [self.factors[n] for n in names]
-        w = None if weights is None else [float(weights.get(n, 1.0)) for n in names]
-        return kk.eigen_quadratic_forms(blocks, [f.U_B for f in fs], [f.U_A for f in fs], [f.S for f in fs], weights=w)
+        weight = [1.0 if weights is None else float(weights.get(n, 1.0)) for n in names]
+        eigen = [i for i, n in enumerate(names) if isinstance(self.factors[n], EigenFactors)]
+        dense = [i for i in range(len(names)) if i not in eigen]
+        total = 0
+        if eigen:
+            fs = [self.factors[names[i]] for i in eigen]
+            total = kk.eigen_quadratic_forms([blocks[i] for i in eigen], [f.U_B for f in fs], [f.U_A for f in fs],
+                                             [f.S for f in fs], weights=[weight[i] for i in eigen])
+        if dense:
+            fs = [self.factors[names[i]] for i in dense]
+            total = total + kk.quadratic_forms([blocks[i] for i in dense], [f.B for f in fs], [f.A for f in fs],
+                                               weights=[weight[i] for i in dense])
+        return total
 
     def to(self, device=None, dtype=None) -> "EKFAC":
         """A copy with every factor moved/cast."""
         def move(t):
             return t.to(device=device, dtype=dtype)
-        return type(self)({n: replace(ef, U_B=move(ef.U_B), U_A=move(ef.U_A), S=move(ef.S))
-                           for n, ef in self.factors.items()}, self.meta)
+
+        def moved(f):
+            if isinstance(f, EigenFactors):
+                return replace(f, U_B=move(f.U_B), U_A=move(f.U_A), S=move(f.S))
+            return replace(f, A=move(f.A), B=move(f.B))
+        return type(self)({n: moved(f) for n, f in self.factors.items()}, self.meta)
 
 
 class EigenAccumulator:
@@ -120,10 +137,11 @@ class EigenAccumulator:
 
 
 def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=None, mc_samples: int = 1,
-              exact: bool = False, tokens: str = "expand", layers=None, probe_chunk: int = 16, seed: int = 0,
-              progress: bool = True) -> EKFAC:
+              exact: bool = False, tokens: str = "expand", layers=None, dense: bool = True, probe_chunk: int = 16,
+              seed: int = 0, progress: bool = True) -> EKFAC:
     """EK-FAC factors (fp32) of the Jacobian Gramian of ``output_fn(model, batch)`` for the linear
-    layers of ``model`` (those ``layers`` selects, see ``find_layers``; with ``kfac``, among its layers).
+    layers of ``model`` (those ``layers`` selects, see ``find_layers``; with ``kfac``, among its layers)
+    and, with ``dense``, the exact blocks of the LayerNorms and class token (``kfac``'s, or fitted).
 
     The eigenbases come from ``kfac`` (dense factors), or from ``fit_kfac`` on the same ``batches``
     first (then ``batches`` must be re-iterable: a list or a DataLoader, not an iterator). A second
@@ -139,7 +157,7 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
             raise TypeError("fit_ekfac: batches is a one-shot iterator, but fitting the KFAC eigenbasis first needs "
                             "a second pass over the same batches; pass a list or a DataLoader, or pass kfac=")
         kfac = fit_kfac(model, batches, output_fn=output_fn, mc_samples=mc_samples, exact=exact, tokens=tokens,
-                        layers=layers, dense=False, probe_chunk=probe_chunk, seed=seed, progress=progress)
+                        layers=layers, dense=dense, probe_chunk=probe_chunk, seed=seed, progress=progress)
         expected_n = kfac.meta["n_examples"]
     found = _layers_of(model, kfac, layers, tokens)
     device = next(model.parameters()).device
@@ -148,7 +166,9 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
     fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad), acc, output_fn=output_fn,
              mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
              desc="EK-FAC eigenvalues")
-    return _finish(acc, kfac, model, expected_n, tokens=tokens, mc_samples=mc_samples, exact=exact, seed=seed)
+    exact_blocks = {n: f for n, f in kfac.items() if dense and isinstance(f, DenseFactors) and selects(layers, n)}
+    return _finish(acc, kfac, exact_blocks, model, expected_n, tokens=tokens, mc_samples=mc_samples, exact=exact,
+                   seed=seed)
 
 
 def _eigenvectors(F) -> torch.Tensor:
@@ -183,9 +203,9 @@ def _layers_of(model: nn.Module, kfac: KFAC, layers, tokens: str) -> dict[str, L
     return found
 
 
-def _finish(acc: EigenAccumulator, kfac: KFAC, model, expected_n: int | None, **how) -> EKFAC:
-    """Sums over all ranks, normalized as the module docstring says; ``expected_n``: the examples
-    of the KFAC pass over the same batches, if there was one."""
+def _finish(acc: EigenAccumulator, kfac: KFAC, exact_blocks: dict, model, expected_n: int | None, **how) -> EKFAC:
+    """Sums over all ranks, normalized as the module docstring says, with ``exact_blocks`` (``kfac``'s
+    dense blocks) added; ``expected_n``: the examples of the KFAC pass over the same batches, if there was one."""
     all_reduce_sums(list(acc.S.values()))
     counts = torch.stack([acc.n, *acc.rows.values()])
     all_reduce_sums([counts])
@@ -197,17 +217,17 @@ def _finish(acc: EigenAccumulator, kfac: KFAC, model, expected_n: int | None, **
                          "in the eigenvalue pass; it must give the same batches each time it is iterated")
     probes = 1 if how["exact"] else how["mc_samples"]
     factors = {name: EigenFactors(U_B=acc.bases[name][0], U_A=acc.bases[name][1], S=acc.S[name] / (n * probes),
-                                  weight=layer.weight, bias=layer.bias)
+                                  weight=layer.weight, bias=layer.bias, layout=layer.layout)
                for name, layer in acc.layers.items()}
+    factors.update(exact_blocks)
     meta = {
         "kind": "ekfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
         "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"], "seed": how["seed"],
         "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
         "scale": "S = sum((U_B^T G U_A)^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact), "
                  "G = sum_t g a^T; U_A, U_B: eigenvectors (float64 eigh) of the KFAC factors A, B",
-        "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in}
-                   for name, l in acc.layers.items()},
-        "dense": {},
+        "layers": {name: layer.meta() for name, layer in acc.layers.items()},
+        "dense": {n: kfac.meta.get("dense", {}).get(n) for n in exact_blocks},
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
         "kfac": {k: kfac.meta.get(k) for k in ("tokens", "exact", "mc_samples", "n_examples", "scale")},
     }

@@ -24,22 +24,24 @@ from .capture import Capture, fitting_mode
 from .dense import DenseGroup, find_dense_groups
 from .distributed import all_reduce_sums, rank
 from .._selection import check_patterns, selects
-from .layers import Layer, find_layers
+from .layers import Layer, as_matrix, find_layers
 from .outputs import default_output_fn, to_device
 from .tokens import BatchTokens, probes, token_mean, token_sum
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 files are all linear
 
 
 @dataclass(frozen=True)
 class LayerFactors:
     """B (d_out × d_out) and A (d_in[+1] × d_in[+1]) of one layer, dense or compressed, and the
-    parameters [W | b] they belong to."""
+    parameters [W | b] they belong to (W the ``weight`` parameter seen through ``layout``, see
+    ``tak.curvature.layers.as_matrix``)."""
 
     A: object
     B: object
     weight: str
     bias: str | None
+    layout: str = "linear"
 
     @property
     def columns(self) -> int:
@@ -58,11 +60,13 @@ class LayerFactors:
     def block(self, taus: dict, name: str):
         """This layer's task-vector block [W | b] from ``taus`` (by layer name, or by parameter names; a
         missing W or b counts as zero), or None when ``taus`` has neither."""
-        if name in taus:
+        if name in taus and name not in self.params:  # open_clip's proj: the layer is named as its parameter
             return taus[name]
         W, b = taus.get(self.weight), taus.get(self.bias) if self.bias is not None else None
         if W is None and b is None:
             return None
+        if W is not None:
+            W = as_matrix(W, self.layout)
         if W is None:
             W = b.new_zeros(b.shape[0], self.columns - 1)
         if self.bias is None:
@@ -130,8 +134,8 @@ class Factors(Mapping):
                 block = torch.empty(0)
             if block is not None and tuple(block.shape) != lf.block_shape:
                 given = {k: tuple(taus[k].shape) for k in (name, *lf.params) if k in taus}
-                raise ValueError(f"quadratic_form: layer {name!r} has factors for a block of shape {lf.block_shape}; "
-                                 f"taus gives {given}")
+                raise ValueError(f"quadratic_form: layer {name!r} has factors for a block of shape {lf.block_shape}"
+                                 f"{_parts(lf)}; taus gives {given}")
             if block is not None:
                 names.append(name)
                 blocks.append(block)
@@ -154,6 +158,15 @@ class Factors(Mapping):
         if not isinstance(obj, cls):
             raise ValueError(f"{path}: holds {type(obj).__name__} factors, not {cls.__name__}")
         return obj
+
+
+def _parts(lf) -> str:
+    """What a layer's block [W | b] is made of, for error messages ("" for an exact block's column)."""
+    if not hasattr(lf, "weight"):
+        return ""
+    rows, cols = lf.block_shape
+    parts = f": W {(rows, cols - 1)} and b ({rows},)" if lf.bias is not None else f": W {(rows, cols)}"
+    return parts + (f", W the {lf.layout} weight as a matrix" if lf.layout != "linear" else "")
 
 
 class KFAC(Factors):
@@ -252,7 +265,7 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             batch = to_device(batch, device)
             acc.start(batch)
-            cap.clear()
+            cap.clear(acc.batch.n)
             f = output_fn(model, batch)
             if not isinstance(f, torch.Tensor):
                 raise TypeError(f"{desc}: output_fn returned a {type(f).__name__}, not a tensor: pass output_fn= "
@@ -284,7 +297,7 @@ def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
         raise ValueError("fit_kfac: batches is empty")
     probes = 1 if how["exact"] else how["mc_samples"]
     factors = {name: LayerFactors(A=acc.A[name] / max(rows[name], 1.0), B=acc.B[name] / (n * probes),
-                                  weight=layer.weight, bias=layer.bias)
+                                  weight=layer.weight, bias=layer.bias, layout=layer.layout)
                for name, layer in found.items()}
     params = dict(model.named_parameters())
     for name, group in groups.items():
@@ -295,8 +308,7 @@ def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
         "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"], "seed": how["seed"],
         "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
         "scale": "A = sum(a a^T)/rows; B = sum(g g^T)/(N * probes), probes = mc_samples (1 if exact)",
-        "layers": {name: {"weight": l.weight, "bias": l.bias, "d_out": l.d_out, "d_in": l.d_in}
-                   for name, l in found.items()},
+        "layers": {name: layer.meta() for name, layer in found.items()},
         "dense": {name: {"params": list(g.params), "kind": g.kind, "size": g.size} for name, g in groups.items()},
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
     }

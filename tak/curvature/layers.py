@@ -1,6 +1,9 @@
 """The linear maps of a model that get Kronecker factors.
 
-Every ``nn.Linear`` (including ``nn.MultiheadAttention.out_proj``), and the fused q/k/v input
+Every ``nn.Linear`` (including ``nn.MultiheadAttention.out_proj``); every ``nn.Conv2d`` (groups 1,
+numeric zero padding) as the linear map of its unfolded patches (Grosse & Martens 2016): W (d_out,
+C·kh·kw) the flattened kernel, the output positions its tokens; the output projection of open_clip's
+vision transformer, z = pooled @ ``proj`` (W = ``proj``ᵀ); and the fused q/k/v input
 projection of a self-attention ``nn.MultiheadAttention`` (open_clip's attention): z = x W_inᵀ + b_in
 with W_in = ``in_proj_weight`` (3d × d). The projection is treated as ONE linear layer named
 ``<module>.in_proj``: its B (3d × 3d) keeps the cross-covariances of the q, k and v gradients.
@@ -17,11 +20,22 @@ from torch import nn
 from .._selection import check_patterns, selects
 
 
+LAYOUTS = ("linear", "conv", "transposed")
+
+
+def as_matrix(weight, layout: str):
+    """The (d_out, d_in) matrix W of a layer's weight parameter (or task vector) of this layout:
+    "linear" W itself, "conv" (d_out, C, kh, kw) flattened to (d_out, C·kh·kw), "transposed" (d_in, d_out)."""
+    if layout == "conv":
+        return weight.reshape(weight.shape[0], -1)
+    return weight.T if layout == "transposed" else weight
+
+
 @dataclass(frozen=True)
 class Layer:
-    """z = a Wᵀ + b with W (d_out, d_in) the model parameter ``weight`` and b the parameter ``bias``.
-    ``attention``: for the ``out_proj`` of an ``nn.MultiheadAttention``, that module (its forward must
-    be replaced for the out_proj call to be seen)."""
+    """z = a Wᵀ + b with W (d_out, d_in) the model parameter ``weight`` seen through ``layout`` (see
+    ``as_matrix``) and b the parameter ``bias``. ``attention``: for the ``out_proj`` of an
+    ``nn.MultiheadAttention``, that module (its forward must be replaced for the out_proj call to be seen)."""
 
     name: str
     module: nn.Module
@@ -30,21 +44,42 @@ class Layer:
     d_out: int
     d_in: int
     attention: nn.Module | None = None
+    layout: str = "linear"
 
     @property
     def block_shape(self) -> tuple[int, int]:
         """Shape of the task-vector block [W | b]: (d_out, d_in + 1 with a bias)."""
         return self.d_out, self.d_in + (self.bias is not None)
 
+    def meta(self) -> dict:
+        """What a factor file records of the layer."""
+        return {"weight": self.weight, "bias": self.bias, "d_out": self.d_out, "d_in": self.d_in,
+                "layout": self.layout}
+
 
 def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
     """The model's linear layers, in module order; ``layers`` selects by name or glob pattern
     (a string or a list of them) or by a predicate ``layers(name) -> bool``."""
-    found = {}
+    found, order = {}, {}  # order: a layer's place, after the modules it follows in the forward
     out_projs = {}  # id(out_proj) -> its nn.MultiheadAttention, or None when that one cannot be seen
-    for path, module in model.named_modules():
+    modules = list(model.named_modules())
+    for index, (path, module) in enumerate(modules):
         prefix = f"{path}." if path else ""
-        if isinstance(module, nn.Linear):
+        order[path] = index
+        if _is_vision_projection(module):  # applied after the tower's last module
+            name = prefix + "proj"
+            order[name] = max(i for i, (p, _) in enumerate(modules) if p == path or p.startswith(prefix)) + 0.5
+            found[name] = Layer(name, module, name, None, module.proj.shape[1], module.proj.shape[0],
+                                layout="transposed")
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+                warnings.warn(f"{path}: nn.Conv2d with groups={module.groups}, padding={module.padding!r}, "
+                              f"padding_mode={module.padding_mode!r} gets no Kronecker factors (groups 1 and numeric "
+                              "zero padding only)", stacklevel=2)
+                continue
+            found[path] = Layer(path, module, prefix + "weight", prefix + "bias" if module.bias is not None else None,
+                                module.out_channels, module.weight[0].numel(), layout="conv")
+        elif isinstance(module, nn.Linear):
             if id(module) in out_projs and out_projs[id(module)] is None:
                 continue  # the out_proj of an attention module Capture cannot replace: never called as a module
             found[path] = Layer(path, module, prefix + "weight", prefix + "bias" if module.bias is not None else None,
@@ -58,11 +93,20 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
                 continue
             out_projs[id(module.out_proj)] = module
             name = prefix + "in_proj"
+            order[name] = index
             found[name] = Layer(name, module, prefix + "in_proj_weight",
                                 prefix + "in_proj_bias" if module.in_proj_bias is not None else None,
                                 3 * module.embed_dim, module.embed_dim)
+    found = dict(sorted(found.items(), key=lambda item: order[item[0]]))
     check_patterns(layers, found, "layers", "linear layer of the model")
     selected = {n: layer for n, layer in found.items() if selects(layers, n)}
     if not selected:
         raise ValueError(f"layers: no linear layer selected among the model's {len(found)}")
     return selected
+
+
+def _is_vision_projection(module: nn.Module) -> bool:
+    """An open_clip vision transformer with an output projection ``pooled @ proj`` after ``_pool``."""
+    proj = getattr(module, "proj", None)
+    return isinstance(proj, nn.Parameter) and proj.dim() == 2 and callable(getattr(module, "_pool", None)) \
+        and isinstance(getattr(module, "ln_post", None), nn.Module)

@@ -48,8 +48,11 @@ def token_masks(batch) -> dict[int, torch.Tensor]:
         return {}
     encoder, decoder = batch.get("attention_mask"), batch.get("decoder_attention_mask")
     inputs = batch.get("input_ids", batch.get("inputs_embeds"))
+    decoder_inputs = batch.get("decoder_input_ids", batch.get("decoder_inputs_embeds"))
     if encoder is None and decoder is not None and inputs is not None:
         encoder = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
+    if decoder is None and encoder is not None and decoder_inputs is not None:  # every decoder token is real
+        decoder = torch.ones(decoder_inputs.shape[:2], dtype=torch.bool, device=decoder_inputs.device)
     masks = {}
     for key, m in (("attention_mask", encoder), ("decoder_attention_mask", decoder)):
         if m is None:

@@ -2,7 +2,7 @@
 never unpickled), for any factor container whose ``meta["kind"]`` is registered in ``KINDS``.
 
 A container maps layer names to per-layer dataclasses of the classes its kind allows
-(``LayerFactors`` and ``DenseFactors`` for KFAC, ``EigenFactors`` for EK-FAC). Each field of layer
+(``LayerFactors`` and ``DenseFactors`` for KFAC, ``EigenFactors`` and ``DenseFactors`` for EK-FAC). Each field of layer
 ``L`` is stored by its type:
 
 - a tensor: the tensor ``"L/field"``;
@@ -23,12 +23,12 @@ import kfac_kernels as kk
 
 from ..io import architecture_fingerprint, read, write
 from .kfac import FORMAT_VERSION
-from .layers import find_layers
+from .layers import LAYOUTS, find_layers
 
 # kind -> (module, container class, per-layer classes); modules are imported when a file needs them.
 KINDS = {
     "kfac": ("tak.curvature.kfac", "KFAC", ("LayerFactors", "DenseFactors")),
-    "ekfac": ("tak.curvature.ekfac", "EKFAC", ("EigenFactors",)),
+    "ekfac": ("tak.curvature.ekfac", "EKFAC", ("EigenFactors", "DenseFactors")),
     "diagonal": ("tak.curvature.diagonal", "DiagonalGGN", ("DiagonalFactors", "DenseDiagonal")),
 }
 # Compressed factors a file may hold, by type tag (nothing else is ever constructed from a file).
@@ -86,10 +86,13 @@ def load(path, model: nn.Module | None = None, device=None, kind: str | None = N
                              f"{[c for c in layer_classes if hasattr(module, c)]}")
         layer_cls = getattr(module, cls_name)
         expected = {f.name for f in dataclasses.fields(layer_cls)}
-        if set(fields) != expected:
+        required = {f.name for f in dataclasses.fields(layer_cls) if f.default is dataclasses.MISSING}
+        if not required <= set(fields) <= expected:  # a field with a default may be absent (older versions)
             raise ValueError(f"{path}: layer {name!r} has fields {sorted(fields)}, {cls_name} needs {sorted(expected)}")
         factors[name] = layer_cls(**{f: _decode(f"{name}/{f}", spec, tensors, used, path)
                                      for f, spec in fields.items()})
+        if getattr(factors[name], "layout", "linear") not in LAYOUTS:
+            raise ValueError(f"{path}: layer {name!r} has layout {factors[name].layout!r}, not one of {LAYOUTS}")
     container = getattr(module, container_name)
     extra = sorted(set(tensors) - used)
     if extra:
@@ -114,10 +117,10 @@ def check_model(meta: dict, model: nn.Module, path="factors") -> None:
         if layer is None:
             diffs.append(f"{name!r} is not a linear layer of the model")
             continue
-        want = (info.get("d_out"), info.get("d_in"), info.get("bias") is not None)
-        have = (layer.d_out, layer.d_in, layer.bias is not None)
+        want = (info.get("d_out"), info.get("d_in"), info.get("bias") is not None, info.get("layout", "linear"))
+        have = (layer.d_out, layer.d_in, layer.bias is not None, layer.layout)
         if want != have:
-            diffs.append(f"{name!r} is (d_out, d_in, bias) = {want} in the file, {have} in the model")
+            diffs.append(f"{name!r} is (d_out, d_in, bias, layout) = {want} in the file, {have} in the model")
     params = dict(model.named_parameters())
     for name, info in meta.get("dense", {}).items():
         sizes = [params[p].numel() if p in params else None for p in info.get("params", ())]

@@ -31,6 +31,11 @@ def layer_weights(factors, *, last_layer_weight: float = 1.0, patterns: dict | N
     return weights
 
 
+def penalized_parameters(factors) -> set[str]:
+    """The parameter names that ``factors`` (any container, or per-task ``TaskFactors``) has curvature for."""
+    return {p for lf in _layers(factors).values() for p in lf.params}
+
+
 def _reached(layer_factors) -> bool:
     """Whether a linear layer's output curvature (KFAC B, EK-FAC S or the diagonal D) has a non-zero entry."""
     for side in ("B", "S", "D"):

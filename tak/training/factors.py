@@ -13,7 +13,6 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
-from ..curvature.layers import find_layers
 from ..curvature.distributed import is_main_rank, on_every_rank, rank, world_size
 from ..curvature.outputs import to_device
 from ..evaluation import loader
@@ -38,9 +37,6 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     of ``layers``, ``content_digest`` of the model and the inputs, and ``cache_key`` (what else the factors
     depend on; see the loop)."""
     name = "+".join(t.name for t in tasks)
-    if layers is not None and kind == "ekfac":  # EK-FAC has no exact dense blocks: its linear layers only
-        linear = set(find_layers(backbone.model))
-        layers = [n for n in layers if n in linear]
     which = "all" if layers is None else hashlib.sha256("|".join(sorted(layers)).encode()).hexdigest()[:8]
     batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)
     content = content_digest(backbone.model, batches)

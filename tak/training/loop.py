@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import accuracy
 from ..methods import (CurvaturePenalty, Objective, TauJpPenalty, get_method, hyperparameter_defaults, layer_weights,
+                       penalized_parameters,
                        trainable_names)
 from ..io import write_text
 from ..task_vector import TaskVector
@@ -119,8 +121,25 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
                cache_key=factor_key(config), device=device, layers=layers, progress=config.progress and is_main_rank())
     with torch.random.fork_rng(devices=[]):  # fitted or loaded, the factors leave the training RNG as it was
         penalty, teacher_penalty, tau_jp = _penalties(config, method, hp, backbone, device, fit)
-    return Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
-                     tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
+    objective = Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
+                          tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
+    objective.unpenalized = [] if penalty is None else unpenalized(backbone.model, trained, penalty.factors, method.name)
+    return objective
+
+
+def unpenalized(model, trained: list[str], factors, method: str) -> list[str]:
+    """The trained parameters without curvature in ``factors`` (embeddings, open_clip's positional
+    embedding, T5's RMSNorms and relative position bias, ...), with a warning that says how much of τ
+    the drift penalty leaves free."""
+    missing = sorted(set(trained) - penalized_parameters(factors))
+    if missing:
+        params = dict(model.named_parameters())
+        free, total = sum(params[n].numel() for n in missing), sum(params[n].numel() for n in trained)
+        warnings.warn(f"method {method!r}: {len(missing)} trained parameters ({free:,} of the {total:,} trained values, "
+                      f"{100 * free / total:.1f}%) have no curvature block, so its drift penalty leaves them free: "
+                      f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; select what to train with trainable=[patterns] "
+                      "to exclude them", stacklevel=2)
+    return missing
 
 
 def factor_key(config: TrainConfig) -> str:
@@ -261,7 +280,7 @@ def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainR
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
             "data_root": None if config.data_root is None else str(Path(config.data_root).resolve()),
-            "backbone_options": config.backbone_options, "metrics": metrics}
+            "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics}
     tv = TaskVector(objective.task_vector(), meta)
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
