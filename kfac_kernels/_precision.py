@@ -3,22 +3,43 @@
 Operands are multiplied in the narrowest input dtype: bfloat16 or float16 if any operand has it,
 else float32, whose mode follows ``torch.get_float32_matmul_precision()``:
 'highest' -> IEEE fp32, 'high' -> tf32, 'medium' -> bf16. Accumulation is always fp32.
+
+One exception, for the quadratic forms (``keep_fp32=True``): a float32 factor is never rounded to
+float16. Factors are second moments (A ~ x²) whose entries overflow float16's range (65504), so
+float16 τ with a float32 factor is multiplied as float32 (in the matmul precision's mode above:
+tf32 at 'high'). bfloat16 has float32's range, so bfloat16 τ with float32 factors stays bfloat16.
+
+The PyTorch reference backends run with autocast disabled (``no_autocast``): they choose their
+dtypes themselves, so an enclosing ``torch.autocast`` does not turn their fp32 accumulation into
+bf16/fp16 products.
 """
+import contextlib
+
 import torch
 
 _FP32_MODES = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
-def compute_dtype(op: str, **named: torch.dtype) -> torch.dtype:
-    """The dtype the operands named in ``named`` are multiplied in (see module docstring)."""
+def compute_dtype(op: str, *, keep_fp32: bool = False, **named: torch.dtype) -> torch.dtype:
+    """The dtype the operands named in ``named`` are multiplied in (see module docstring); with
+    ``keep_fp32``, float16 meeting float32 gives float32 (an fp32 operand is never rounded to fp16)."""
     kinds = set(named.values())
     if torch.bfloat16 in kinds and torch.float16 in kinds:
         listing = ", ".join(f"{k}={v}" for k, v in named.items())
         raise TypeError(f"{op}: cannot mix bfloat16 and float16 operands ({listing})")
+    if keep_fp32 and torch.float16 in kinds and torch.float32 in kinds:
+        return torch.float32
     for half in (torch.bfloat16, torch.float16):
         if half in kinds:
             return half
     return torch.float64 if kinds == {torch.float64} else torch.float32
+
+
+def no_autocast(device: torch.device):
+    """A context disabling autocast for ``device``'s type (a null context where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def dot_mode(dtype: torch.dtype) -> str:

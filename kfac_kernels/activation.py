@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _validate
+from . import _autograd, _backend, _validate
 
 OP = "dual_activation"
 
@@ -109,14 +109,24 @@ class _DualActivation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gdy):
-        need_dx, need_dh = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        if gdy is None or not (need_dx or need_dh):
-            return (None,) * 6
-        x, h = ctx.saved_tensors
-        if ctx.backend == "torch":
-            grads = _torch_backward(gdy, x, h, ctx.kind, need_dx, need_dh)
-        else:
-            from .triton_kernels import activation as tk
-            grads = tk.backward(gdy, x, h, ctx.kind, need_dx, need_dh, ctx.dtypes)
-        gdx, gdh = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
-        return None, gdx, None, gdh, None, None
+        # The reference backward is PyTorch ops, which autograd differentiates again (create_graph; except
+        # quick_gelu's silu_backward, which raises); the kernels' is not: there, a second derivative raises.
+        return (_backward if ctx.backend == "torch" else _backward_once)(ctx, gy, gdy)
+
+
+def _backward(ctx, gy, gdy):
+    """Gradients of dx and dgate for the output gradient gdy (see the module docstring)."""
+    need_dx, need_dh = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    if gdy is None or not (need_dx or need_dh):
+        return (None,) * 6
+    x, h = ctx.saved_tensors
+    if ctx.backend == "torch":
+        grads = _torch_backward(gdy, x, h, ctx.kind, need_dx, need_dh)
+    else:
+        from .triton_kernels import activation as tk
+        grads = tk.backward(gdy, x, h, ctx.kind, need_dx, need_dh, ctx.dtypes)
+    gdx, gdh = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
+    return None, gdx, None, gdh, None, None
+
+
+_backward_once = _autograd.once_differentiable(OP)(_backward)

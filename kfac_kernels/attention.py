@@ -81,24 +81,26 @@ def _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale):
 
 def _reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):
     """PyTorch backend: the math above with P formed, in fp32 (fp64 for fp64 inputs); (o, do) in ``ct``.
-    Plain autograd gives the tangents' gradients (the primal inputs do not require grad)."""
-    acc = torch.float64 if ct == torch.float64 else torch.float32
-    q, k, v, dq, dk, dv, bias, dbias = (None if t is None else t.to(acc) for t in (q, k, v, dq, dk, dv, bias, dbias))
-    s = (q @ k.mT) * scale
-    if bias is not None:
-        s = s + bias
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, -1).masked_fill(torch.isneginf(s).all(-1, keepdim=True), 0.0)
-    o = p @ v
-    terms = [t for t in (None if dq is None else (dq @ k.mT) * scale,
-                         None if dk is None else (q @ dk.mT) * scale, dbias) if t is not None]
-    if not terms and dv is None:
-        return o.to(ct), None
-    do = torch.zeros_like(o)
-    if terms:
-        psd = p * sum(terms)
-        do = psd @ v - psd.sum(-1, keepdim=True) * o
-    if dv is not None:
-        do = do + p @ dv
-    return o.to(ct), do.to(ct)
+    Plain autograd gives the tangents' gradients (the primal inputs do not require grad). Autocast is off:
+    an enclosing ``torch.autocast`` does not turn the fp32 products into bf16/fp16 ones."""
+    with _precision.no_autocast(q.device):
+        acc = torch.float64 if ct == torch.float64 else torch.float32
+        q, k, v, dq, dk, dv, bias, dbias = (None if t is None else t.to(acc) for t in (q, k, v, dq, dk, dv, bias, dbias))
+        s = (q @ k.mT) * scale
+        if bias is not None:
+            s = s + bias
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, -1).masked_fill(torch.isneginf(s).all(-1, keepdim=True), 0.0)
+        o = p @ v
+        terms = [t for t in (None if dq is None else (dq @ k.mT) * scale,
+                             None if dk is None else (q @ dk.mT) * scale, dbias) if t is not None]
+        if not terms and dv is None:
+            return o.to(ct), None
+        do = torch.zeros_like(o)
+        if terms:
+            psd = p * sum(terms)
+            do = psd @ v - psd.sum(-1, keepdim=True) * o
+        if dv is not None:
+            do = do + p @ dv
+        return o.to(ct), do.to(ct)

@@ -78,14 +78,16 @@ def _check(S, g, a, scale):
 @torch.no_grad()
 def _torch_update(S, g, a, scale, ct):
     """Reference: operands rounded to the compute dtype, then products in fp32 (float64 if any of S, g,
-    a is), per-example products built by ``torch.bmm`` in chunks of examples."""
+    a is), per-example products built by ``torch.bmm`` in chunks of examples; autocast off (an
+    enclosing ``torch.autocast`` would multiply in bf16/fp16)."""
     acc = torch.float64 if torch.float64 in (S.dtype, g.dtype, a.dtype) else torch.float32
-    g, a = g.to(ct).to(acc), a.to(ct).to(acc)
-    if g.dim() == 2:
-        S.add_((g.square().T @ a.square()).to(S.dtype), alpha=scale)
-        return
-    total = torch.zeros(S.shape, dtype=acc, device=S.device)
-    step = max(1, _CHUNK_ELEMENTS // math.prod(S.shape))
-    for i in range(0, g.shape[0], step):
-        total += torch.bmm(g[i:i + step].transpose(1, 2), a[i:i + step]).square_().sum(0)
-    S.add_(total.to(S.dtype), alpha=scale)
+    with _precision.no_autocast(S.device):
+        g, a = g.to(ct).to(acc), a.to(ct).to(acc)
+        if g.dim() == 2:
+            S.add_((g.square().T @ a.square()).to(S.dtype), alpha=scale)
+            return
+        total = torch.zeros(S.shape, dtype=acc, device=S.device)
+        step = max(1, _CHUNK_ELEMENTS // math.prod(S.shape))
+        for i in range(0, g.shape[0], step):
+            total += torch.bmm(g[i:i + step].transpose(1, 2), a[i:i + step]).square_().sum(0)
+        S.add_(total.to(S.dtype), alpha=scale)

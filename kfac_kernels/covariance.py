@@ -4,7 +4,7 @@ import numbers
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _precision, _validate
 
 _OP = "covariance_update_"
 
@@ -64,14 +64,16 @@ def covariance_update_(C, X, *, scale=1.0, mask=None, append_ones=False):
 
 @torch.no_grad()
 def _torch_update(C, X, mask, append_ones, scale):
-    """Reference: X̃ built explicitly in fp32 (float64 if C or X is), lower triangle mirrored."""
+    """Reference: X̃ built explicitly in fp32 (float64 if C or X is), lower triangle mirrored; autocast off
+    (an enclosing ``torch.autocast`` would multiply in bf16/fp16)."""
     dtype = torch.float64 if torch.float64 in (C.dtype, X.dtype) else torch.float32
-    X = X.to(dtype)
-    if mask is not None:
-        X = torch.where(mask[:, None], X, 0)
-    if append_ones:
-        ones = X.new_ones(X.shape[0], 1) if mask is None else mask[:, None].to(dtype)
-        X = torch.cat([X, ones], dim=1)
-    G = (X.T @ X).tril()
-    G += G.tril(-1).T
-    C.add_(G.to(C.dtype), alpha=scale)
+    with _precision.no_autocast(C.device):
+        X = X.to(dtype)
+        if mask is not None:
+            X = torch.where(mask[:, None], X, 0)
+        if append_ones:
+            ones = X.new_ones(X.shape[0], 1) if mask is None else mask[:, None].to(dtype)
+            X = torch.cat([X, ones], dim=1)
+        G = (X.T @ X).tril()
+        G += G.tril(-1).T
+        C.add_(G.to(C.dtype), alpha=scale)

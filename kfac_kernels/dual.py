@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _precision, _validate
+from . import _autograd, _backend, _precision, _validate
 
 OP = "dual_linear"
 
@@ -60,15 +60,18 @@ def _check(x, dx, weight, dweight, bias, dbias):
 
 
 def _torch_forward(x, dx, w, dw, b, db, ct):
-    """Reference backend of the forward: (y, dy) in ``ct`` for x, dx (M, K), w, dw (N, K)."""
-    x, dx, w, dw = (t.to(ct) for t in (x, dx, w, dw))
-    b, db = (None if t is None else t.to(ct) for t in (b, db))
-    return F.linear(x, w, b), F.linear(dx, w, db) + F.linear(x, dw)
+    """Reference backend of the forward: (y, dy) in ``ct`` for x, dx (M, K), w, dw (N, K); autocast off,
+    so y, dy have the dtype of the Triton backend under ``torch.autocast`` too."""
+    with _precision.no_autocast(x.device):
+        x, dx, w, dw = (t.to(ct) for t in (x, dx, w, dw))
+        b, db = (None if t is None else t.to(ct) for t in (b, db))
+        return F.linear(x, w, b), F.linear(dx, w, db) + F.linear(x, dw)
 
 
 def _torch_matmul(pairs, ct, out_dtype):
-    """Reference backend of the backward GEMMs: Σ a @ b over ``pairs``, multiplied in ``ct``."""
-    return sum(a.to(ct) @ b.to(ct) for a, b in pairs).to(out_dtype)
+    """Reference backend of the backward GEMMs: Σ a @ b over ``pairs``, multiplied in ``ct`` (autocast off)."""
+    with _precision.no_autocast(pairs[0][0].device):
+        return sum(a.to(ct) @ b.to(ct) for a, b in pairs).to(out_dtype)
 
 
 def _kernels(backend):
@@ -94,20 +97,30 @@ class _DualLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gdy):
-        w, dw, x, dx = ctx.saved_tensors
-        need = ctx.needs_input_grad[:6]
-        matmul = _kernels(ctx.backend)[1]
-        acc = torch.float64 if ctx.ct == torch.float64 else torch.float32
+        # The reference backward is PyTorch ops of the saved inputs, so autograd differentiates it again
+        # (create_graph); the kernels' is not: there, a second derivative raises instead of coming out wrong.
+        return (_backward if ctx.backend == "torch" else _backward_once)(ctx, gy, gdy)
 
-        def gemm(i, *pairs):  # Σ g @ m over the pairs whose output gradient g exists
-            pairs = [(g, m) for g, m in pairs if g is not None]
-            return matmul(pairs, ctx.ct, ctx.dtypes[i]) if need[i] and pairs else None
 
-        def rowsum(i, g):
-            return g.sum(0, dtype=acc).to(ctx.dtypes[i]) if need[i] and g is not None else None
+def _backward(ctx, gy, gdy):
+    """Gradients of the inputs for output gradients gy, gdy (see ``dual_linear``)."""
+    w, dw, x, dx = ctx.saved_tensors
+    need = ctx.needs_input_grad[:6]
+    matmul = _kernels(ctx.backend)[1]
+    acc = torch.float64 if ctx.ct == torch.float64 else torch.float32
 
-        return (gemm(0, (gy, w), (gdy, dw)),
-                gemm(1, (gdy, w)),
-                gemm(2, (None if gy is None else gy.T, x), (None if gdy is None else gdy.T, dx)),
-                gemm(3, (None if gdy is None else gdy.T, x)),
-                rowsum(4, gy), rowsum(5, gdy), None, None)
+    def gemm(i, *pairs):  # Σ g @ m over the pairs whose output gradient g exists
+        pairs = [(g, m) for g, m in pairs if g is not None]
+        return matmul(pairs, ctx.ct, ctx.dtypes[i]) if need[i] and pairs else None
+
+    def rowsum(i, g):
+        return g.sum(0, dtype=acc).to(ctx.dtypes[i]) if need[i] and g is not None else None
+
+    return (gemm(0, (gy, w), (gdy, dw)),
+            gemm(1, (gdy, w)),
+            gemm(2, (None if gy is None else gy.T, x), (None if gdy is None else gdy.T, dx)),
+            gemm(3, (None if gdy is None else gdy.T, x)),
+            rowsum(4, gy), rowsum(5, gdy), None, None)
+
+
+_backward_once = _autograd.once_differentiable(OP)(_backward)

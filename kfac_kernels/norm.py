@@ -14,7 +14,7 @@ for float64 x); y and dy come out in x's dtype.
 """
 import torch
 
-from . import _backend, _validate
+from . import _autograd, _backend, _validate
 
 MAX_TRITON_WIDTH = 16384  # wider rows run the reference backend: a Triton program holds a whole row
 
@@ -144,14 +144,24 @@ class _DualNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gdy):
-        need_dx, need_dw, need_db = (ctx.needs_input_grad[i] for i in (1, 3, 5))
-        if gdy is None or not (need_dx or need_dw or need_db):
-            return (None,) * 9
-        x, mean, rstd, w = ctx.saved_tensors
-        if ctx.backend == "torch":
-            grads = _torch_backward(gdy, x, mean, rstd, w, need_dx, need_dw, need_db, ctx.rms)
-        else:
-            from .triton_kernels import norm as tk
-            grads = tk.backward(gdy, x, mean, rstd, w, need_dx, need_dw, need_db, ctx.rms, ctx.dtypes[0])
-        gdx, gdw, gdb = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
-        return None, gdx, None, gdw, None, gdb, None, None, None
+        # The reference backward is PyTorch ops, which autograd differentiates again (create_graph); the
+        # kernels' is not: there, a second derivative raises instead of coming out wrong.
+        return (_backward if ctx.backend == "torch" else _backward_once)(ctx, gy, gdy)
+
+
+def _backward(ctx, gy, gdy):
+    """Gradients of dx, dγ, dβ for the output gradient gdy (see the module docstring)."""
+    need_dx, need_dw, need_db = (ctx.needs_input_grad[i] for i in (1, 3, 5))
+    if gdy is None or not (need_dx or need_dw or need_db):
+        return (None,) * 9
+    x, mean, rstd, w = ctx.saved_tensors
+    if ctx.backend == "torch":
+        grads = _torch_backward(gdy, x, mean, rstd, w, need_dx, need_dw, need_db, ctx.rms)
+    else:
+        from .triton_kernels import norm as tk
+        grads = tk.backward(gdy, x, mean, rstd, w, need_dx, need_dw, need_db, ctx.rms, ctx.dtypes[0])
+    gdx, gdw, gdb = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
+    return None, gdx, None, gdw, None, gdb, None, None, None
+
+
+_backward_once = _autograd.once_differentiable("dual_layer_norm / dual_rms_norm")(_backward)

@@ -6,7 +6,14 @@
 τ is (d_out, d_in); B (d_out × d_out) and A (d_in × d_in) are symmetric: dense tensors or the
 compressed factors of ``kfac_kernels.factors``. The result is a 0-dim fp32 tensor (fp64 when every
 input is fp64), differentiable in τ; factors are constants. The gradient is the forward's own
-product B τ A, saved by the forward, so the backward does no matrix work.
+product B τ A, saved by the forward, so the backward does no matrix work. Under
+``create_graph=True`` the backward instead recomputes the gradient from τ (which the forward keeps)
+with the PyTorch reference ops, so second derivatives (Hessian-vector products 2 B v A) are exact.
+
+Each layer is multiplied in ``_precision.compute_dtype`` of its own τ and factors, with
+``keep_fp32``: float16 τ with a float32 factor multiplies in float32 (the factor's entries can
+exceed float16's range), bfloat16 with float32 in bfloat16. bfloat16 and float16 cannot meet within a
+layer, but layers of a grouped call may each use their own half dtype.
 """
 import torch
 
@@ -15,21 +22,27 @@ from .factors import factor_size
 
 
 class _Forms(torch.autograd.Function):
-    """Runs ``compute() -> (total, saved)`` and, for the backward, ``finish(saved) -> grads``."""
+    """Runs ``compute() -> (total, saved)`` and, for the backward, ``finish(saved) -> grads``; under
+    ``create_graph`` the backward takes ``differentiable(taus) -> grads`` instead (PyTorch ops of τ, so
+    autograd differentiates the gradient again)."""
 
     @staticmethod
-    def forward(ctx, compute, finish, *taus):
+    def forward(ctx, compute, finish, differentiable, *taus):
         total, saved = compute()
-        ctx.finish = finish
+        ctx.finish, ctx.differentiable = finish, differentiable
         ctx.needs = [t.requires_grad for t in taus]
-        if saved is not None:
-            ctx.save_for_backward(*saved)
+        ctx.n_saved = 0 if saved is None else len(saved)
+        ctx.save_for_backward(*(saved or ()), *taus)
         return total
 
     @staticmethod
     def backward(ctx, g):
-        grads = torch._foreach_mul(ctx.finish(list(ctx.saved_tensors)), g)
-        return None, None, *(gr if need else None for gr, need in zip(grads, ctx.needs))
+        saved = list(ctx.saved_tensors)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient as a differentiable function of τ
+            grads = [gr * g for gr in ctx.differentiable(saved[ctx.n_saved:])]
+        else:
+            grads = torch._foreach_mul(ctx.finish(saved[:ctx.n_saved]), g)
+        return None, None, None, *(gr if need else None for gr, need in zip(grads, ctx.needs))
 
 
 def _weights(op: str, weights, n: int) -> list[float]:
@@ -42,6 +55,10 @@ def _weights(op: str, weights, n: int) -> list[float]:
     if not isinstance(weights, torch.Tensor) and not isinstance(weights, (list, tuple)):
         raise TypeError(f"{op}: weights must be a sequence of numbers, one per layer, got {type(weights).__name__}")
     w = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    for i, x in enumerate(w):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            raise ValueError(f"{op}: weights must be constants, one per layer, but weights[{i}] is a tensor that "
+                             f"requires grad (its gradient would be dropped); pass weights[{i}].detach() or a number")
     if len(w) != n:
         raise ValueError(f"{op}: weights has {len(w)} entries for {n} layers")
     return [float(x) for x in w]
@@ -60,7 +77,8 @@ def _layers(op: str, **lists) -> int:
     return n
 
 
-def _check_layer(op: str, i: int, tau, B, A) -> None:
+def _check_layer(op: str, i: int, tau, B, A) -> torch.dtype:
+    """Checks layer i (None: the only one); returns the dtype it is multiplied in."""
     tag = "" if i is None else f"[{i}]"
     _validate.tensor(op, f"tau{tag}", tau, ndim=2)
     nb = factor_size(op, f"B{tag}", B)
@@ -70,21 +88,23 @@ def _check_layer(op: str, i: int, tau, B, A) -> None:
                          f"A{tag} of size {tau.shape[1]}, got B{tag} {tuple(B.shape)} and A{tag} {tuple(A.shape)}")
     _validate.same_device(op, **{f"tau{tag}": tau, f"B{tag}": B, f"A{tag}": A})
     _validate.no_grad_needed(op, **{f"B{tag}": B, f"A{tag}": A})
+    return _precision.compute_dtype(op, keep_fp32=True, **{f"tau{tag}": tau.dtype, f"B{tag}": B.dtype,
+                                                           f"A{tag}": A.dtype})
 
 
-def _apply(op, taus, factor_dtypes, torch_fn, triton_fn, triton_finish):
-    """Chooses the backend and runs the forms through ``_Forms``."""
+def _apply(op, taus, factor_dtypes, compute_dtypes, torch_fn, triton_fn, triton_finish):
+    """Chooses the backend and runs the forms through ``_Forms``; ``compute_dtypes``: one per layer.
+    ``torch_fn(taus, want, dtype)`` is the PyTorch reference, also the gradient under create_graph."""
     device = _validate.same_device(op, **{f"tau[{i}]": t for i, t in enumerate(taus)})
     dtypes = [t.dtype for t in taus] + factor_dtypes
-    compute_dtypes = {_precision.compute_dtype(op, **{f"x{i}": d for i, d in enumerate(dtypes)})}
     backend = _backend.select(op, device, dtypes)
     want = torch.is_grad_enabled() and any(t.requires_grad for t in taus)
+    dtype = torch.float64 if set(compute_dtypes) == {torch.float64} else torch.float32
     if backend == "torch":
-        dtype = torch.float64 if compute_dtypes == {torch.float64} else torch.float32
-        compute, finish = (lambda: torch_fn(want, dtype)), (lambda saved: saved)
+        compute, finish = (lambda: torch_fn(taus, want, dtype)), (lambda saved: saved)
     else:
         compute, finish = (lambda: triton_fn(want)), triton_finish
-    return _Forms.apply(compute, finish, *taus)
+    return _Forms.apply(compute, finish, lambda ts: torch_fn(ts, True, dtype)[1], *taus)
 
 
 def quadratic_forms(taus, Bs, As, weights=None) -> torch.Tensor:
@@ -101,8 +121,7 @@ def quadratic_form(tau, B, A) -> torch.Tensor:
 
 def _quadratic_forms(op: str, taus, Bs, As, weights) -> torch.Tensor:
     n = _layers(op, taus=taus, Bs=Bs, As=As)
-    for i, (tau, B, A) in enumerate(zip(taus, Bs, As)):
-        _check_layer(op, i if n > 1 else None, tau, B, A)
+    cts = [_check_layer(op, i if n > 1 else None, tau, B, A) for i, (tau, B, A) in enumerate(zip(taus, Bs, As))]
     w = _weights(op, weights, n)
     taus = list(taus)
 
@@ -110,10 +129,9 @@ def _quadratic_forms(op: str, taus, Bs, As, weights) -> torch.Tensor:
         from .triton_kernels import quadratic
         return quadratic.quadratic_forms(taus, Bs, As, w, want)
 
-    return _apply(op, taus, [F.dtype for F in (*Bs, *As)],
-                  lambda want, dtype: reference.quadratic_forms(taus, Bs, As, w, want, dtype),
+    return _apply(op, taus, [F.dtype for F in (*Bs, *As)], cts,
+                  lambda ts, want, dtype: reference.quadratic_forms(ts, Bs, As, w, want, dtype),
                   triton_fn, lambda saved: saved)
-
 
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:
@@ -130,6 +148,7 @@ def eigen_quadratic_form(tau, U_B, U_A, S) -> torch.Tensor:
 
 def _eigen_quadratic_forms(op: str, taus, U_Bs, U_As, Ss, weights) -> torch.Tensor:
     n = _layers(op, taus=taus, U_Bs=U_Bs, U_As=U_As, Ss=Ss)
+    cts = []
     for i, (tau, U_B, U_A, S) in enumerate(zip(taus, U_Bs, U_As, Ss)):
         tag = "" if n == 1 else f"[{i}]"
         _validate.tensor(op, f"tau{tag}", tau, ndim=2)
@@ -142,6 +161,8 @@ def _eigen_quadratic_forms(op: str, taus, U_Bs, U_As, Ss, weights) -> torch.Tens
                              f"U_A (d_in, r_A), S (r_B, r_A) for tau (d_out, d_in)")
         _validate.same_device(op, **{f"tau{tag}": tau, f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
         _validate.no_grad_needed(op, **{f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
+        cts.append(_precision.compute_dtype(op, keep_fp32=True, **{f"tau{tag}": tau.dtype, f"U_B{tag}": U_B.dtype,
+                                                                   f"U_A{tag}": U_A.dtype, f"S{tag}": S.dtype}))
     w = _weights(op, weights, n)
     taus = list(taus)
 
@@ -153,7 +174,7 @@ def _eigen_quadratic_forms(op: str, taus, U_Bs, U_As, Ss, weights) -> torch.Tens
         from .triton_kernels import quadratic
         return quadratic.eigen_backward(Gs, U_Bs, U_As, taus)
 
-    return _apply(op, taus, [U.dtype for U in (*U_Bs, *U_As, *Ss)],
-                  lambda want, dtype: reference.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, w, want, dtype),
+    return _apply(op, taus, [U.dtype for U in (*U_Bs, *U_As, *Ss)], cts,
+                  lambda ts, want, dtype: reference.eigen_quadratic_forms(ts, U_Bs, U_As, Ss, w, want, dtype),
                   triton_fn, finish_triton)
 

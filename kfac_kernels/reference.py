@@ -1,10 +1,13 @@
 """PyTorch backend of the quadratic forms: the CPU path and the oracle for the kernels.
 
 Factors act as linear operators: ``right(X, F) = X F`` and ``left(F, X) = F X = (Xᵀ F)ᵀ`` (F
-symmetric). Compressed factors are applied in their compressed form.
+symmetric). Compressed factors are applied in their compressed form; a block-diagonal factor's
+padding (the last block beyond n) is never read. Autocast is disabled here: the products are in the
+dtype asked for (fp32 or fp64), whatever ``torch.autocast`` encloses the call.
 """
 import torch
 
+from ._precision import no_autocast
 from .factors import BlockDiagonalFactor, Int8Factor, LowRankFactor
 
 
@@ -13,8 +16,11 @@ def right(X: torch.Tensor, F) -> torch.Tensor:
     if isinstance(F, BlockDiagonalFactor):
         k, b, _ = F.blocks.shape
         m, n = X.shape
-        Xp = torch.nn.functional.pad(X, (0, k * b - n)).reshape(m, k, b).transpose(0, 1)
-        return torch.bmm(Xp, F.blocks.to(X.dtype)).transpose(0, 1).reshape(m, k * b)[:, :n]
+        full = (k - 1) * b  # columns of the k − 1 full blocks; the last block keeps n − full of its b rows
+        blocks = F.blocks.to(X.dtype)
+        head = torch.bmm(X[:, :full].reshape(m, k - 1, b).transpose(0, 1), blocks[:-1])
+        tail = X[:, full:] @ blocks[-1, : n - full, : n - full]
+        return torch.cat([head.transpose(0, 1).reshape(m, full), tail], dim=1)
     if isinstance(F, LowRankFactor):
         U = F.U.to(X.dtype)
         return ((X @ U) * F.eigenvalues.to(X.dtype)) @ U.T
@@ -33,12 +39,13 @@ def quadratic_forms(taus, Bs, As, weights, want_grad, dtype):
     """(Σ_l w_l ⟨τ_l, B_l τ_l A_l⟩, [2 w_l B_l τ_l A_l] or None), multiplied in ``dtype`` (fp32 or fp64)."""
     total = torch.zeros((), dtype=dtype, device=taus[0].device)
     grads = []
-    for tau, B, A, w in zip(taus, Bs, As, weights):
-        t = tau.to(dtype)
-        P = left(B, right(t, A))
-        total = total + w * torch.sum(t * P)
-        if want_grad:
-            grads.append((2 * w * P).to(tau.dtype))
+    with no_autocast(taus[0].device):
+        for tau, B, A, w in zip(taus, Bs, As, weights):
+            t = tau.to(dtype)
+            P = left(B, right(t, A))
+            total = total + w * torch.sum(t * P)
+            if want_grad:
+                grads.append((2 * w * P).to(tau.dtype))
     return total, (grads if want_grad else None)
 
 
@@ -46,11 +53,12 @@ def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad, dtype):
     """(Σ_l w_l Σ S_l ⊙ (U_Bᵀ τ_l U_A)², [2 w_l U_B (S_l ⊙ M_l) U_Aᵀ] or None), M_l = U_Bᵀ τ_l U_A."""
     total = torch.zeros((), dtype=dtype, device=taus[0].device)
     grads = []
-    for tau, U_B, U_A, S, w in zip(taus, U_Bs, U_As, Ss, weights):
-        U_B, U_A, S = U_B.to(dtype), U_A.to(dtype), S.to(dtype)
-        M = U_B.T @ tau.to(dtype) @ U_A
-        SM = S * M
-        total = total + w * torch.sum(SM * M)
-        if want_grad:
-            grads.append((2 * w * (U_B @ SM @ U_A.T)).to(tau.dtype))
+    with no_autocast(taus[0].device):
+        for tau, U_B, U_A, S, w in zip(taus, U_Bs, U_As, Ss, weights):
+            U_B, U_A, S = U_B.to(dtype), U_A.to(dtype), S.to(dtype)
+            M = U_B.T @ tau.to(dtype) @ U_A
+            SM = S * M
+            total = total + w * torch.sum(SM * M)
+            if want_grad:
+                grads.append((2 * w * (U_B @ SM @ U_A.T)).to(tau.dtype))
     return total, (grads if want_grad else None)

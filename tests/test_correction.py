@@ -81,6 +81,17 @@ def test_scale_and_accumulation_into_nonzero_S(backend, gen, scale):
     assert rel_err(S, reference(reference(S0, g, a, scale), g2, a2)) <= TOL[torch.float32]
 
 
+def test_autocast_keeps_fp32_products(backend, gen):
+    """Under torch.autocast (bf16) fp32 g and a still multiply in fp32, in the 3-D and the 2-D form."""
+    g, a = randn(4, 7, 3, gen=gen) * 5 + 2, randn(4, 7, 5, gen=gen) * 5 + 2
+    S, S2 = torch.zeros(3, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        squared_products_update_(S, g, a)
+        squared_products_update_(S2, g[:, 0], a[:, 0])
+    assert rel_err(S, reference(torch.zeros(3, 5), g, a)) <= TOL[torch.float32]
+    assert rel_err(S2, reference(torch.zeros(3, 5), g[:, 0], a[:, 0])) <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize("N,r_B,r_A,dtype", [
     (1, 1, 1, torch.float32), (7, 130, 33, torch.float32), (50, 7, 130, torch.bfloat16), (33, 33, 33, torch.float16),
 ])

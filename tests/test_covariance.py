@@ -85,6 +85,17 @@ def test_non_contiguous(backend, gen, layout):
     assert torch.equal(C, C.T)
 
 
+def test_autocast_keeps_fp32_accumulation(backend, gen):
+    """Under torch.autocast (bf16) fp32 rows still multiply in fp32 (autocast would round X to bf16 for XᵀX)."""
+    X = randn(5, 13, 9, gen=gen) * 10 + 3
+    mask = ragged_mask((5, 13), gen)
+    C = torch.zeros(10, 10, device=DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        covariance_update_(C, X, mask=mask, append_ones=True, scale=0.5)
+    assert C.dtype == torch.float32 and torch.equal(C, C.T)
+    assert rel_err(C, reference(torch.zeros(10, 10), X, mask, True, 0.5)) <= 1e-5
+
+
 def test_repeated_updates_stay_symmetric(backend, gen):
     C = torch.zeros(34, 34, device=DEVICE)
     expected = C.double().cpu()

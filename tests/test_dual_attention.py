@@ -166,6 +166,49 @@ def test_no_keys(backend):
     assert not x["dq"].grad.any()
 
 
+def test_autocast_keeps_the_compute_dtype(backend):
+    """Under torch.autocast (bf16) fp32 inputs still multiply in fp32 (the reference's products would be bf16)."""
+    x = make_inputs(2, 2, 7, 33, 16, 16, mask="padding", bias="shared")
+    x["dq"].requires_grad_()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        o, do = dual_attention(**x)
+    leaves = {n: None if x[n] is None else x[n].detach().double().cpu().requires_grad_() for n in TANGENTS}
+    o_ref, do_ref = reference(*(x[n].cpu() for n in ("q", "k", "v")), *(leaves[n] for n in ("dq", "dk", "dv")),
+                              x["mask"].cpu(), x["bias"].cpu(), leaves["dbias"], 16 ** -0.5)
+    assert o.dtype == do.dtype == torch.float32
+    assert rel_err(o, o_ref) <= TOL[torch.float32] and rel_err(do, do_ref) <= TOL[torch.float32]
+    G = torch.randn_like(do_ref)  # the backward outside autocast, as PyTorch recommends
+    g, = torch.autograd.grad((do * G.to(do)).sum(), x["dq"])
+    assert rel_err(g, torch.autograd.grad((do_ref * G).sum(), leaves["dq"])[0]) <= TOL[torch.float32]
+
+
+def test_second_derivatives(backend):
+    """A loss quadratic in Ȯ, differentiated twice in the tangents: the reference (plain autograd) matches
+    torch.func (forward-over-reverse) of the float64 jvp; the kernels' backward raises instead of dropping terms."""
+    x = make_inputs(1, 2, 5, 7, 8, 8, mask="padding", bias="shared")
+    primal = [x[n].double().cpu() for n in ("q", "k", "v")]
+    G = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    vs = [torch.randn_like(x[n]) for n in TANGENTS]
+
+    def loss64(*tangents):
+        do = reference(*primal, *tangents[:3], x["mask"].cpu(), x["bias"].double().cpu(), tangents[3], 0.5)[1]
+        return (do ** 2 * G).sum()
+
+    leaves = [x[n].requires_grad_() for n in TANGENTS]
+    do = dual_attention(x["q"], x["k"], x["v"], *leaves[:3], mask=x["mask"], bias=x["bias"], dbias=leaves[3], scale=0.5)[1]
+    grads = torch.autograd.grad((do ** 2 * G.to(do)).sum(), leaves, create_graph=True)
+    second = sum((g * v).sum() for g, v in zip(grads, vs))
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="dual_attention: its Triton backward cannot be differentiated again"):
+            torch.autograd.grad(second, leaves)
+        return
+    hvp = torch.autograd.grad(second, leaves)
+    _, hvp_ref = torch.func.jvp(torch.func.grad(loss64, argnums=(0, 1, 2, 3)),
+                                tuple(t.detach().double().cpu() for t in leaves), tuple(v.double().cpu() for v in vs))
+    for h, ref in zip(hvp, hvp_ref):
+        assert rel_err(h, ref) <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(k=torch.zeros(2, 2, 7, 8)), "k must have shape"),
     (dict(v=torch.zeros(2, 2, 6, 16)), "v must have shape"),

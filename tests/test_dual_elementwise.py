@@ -286,3 +286,38 @@ def test_relu_matches_pytorch_exactly(backend):
     y, dy = kk.dual_activation(x, dx, "relu")
     assert torch.allclose(y, F.relu(x), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(dy, torch.ops.aten.threshold_backward(dx, x, 0))  # NaN: y NaN, slope 1
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "gelu", "tanh"])
+def test_second_derivatives(backend, op):
+    """Hessian-vector products of a loss quadratic in dy, in the tangents: the reference backward is
+    differentiated again and matches torch.func (forward-over-reverse) of the float64 definitions; the kernels'
+    backward raises instead of dropping the terms."""
+    x, w, b, h, u = rand(3, 9, scale=2.0), rand(9), rand(9), rand(3, 9), rand(3, 9)
+    tangents = [rand(3, 9), rand(9) if "norm" in op else rand(3, 9)]  # (dx, dweight) or (dx, dgate)
+    vs = [torch.randn_like(t) for t in tangents]
+    if op == "layer_norm":
+        dual, definition, second_primal = (lambda dx, dw: kk.dual_layer_norm(x, dx, w, dw, b, None)[1],
+                                           lambda x, w: layer_norm_def(x, w, b.double(), 1e-5), w)
+    elif op == "rms_norm":
+        dual, definition, second_primal = (lambda dx, dw: kk.dual_rms_norm(x, dx, w, dw)[1],
+                                           lambda x, w: rms_norm_def(x, w, None, 1e-6), w)
+    else:  # gated activation
+        dual, definition, second_primal = (lambda dx, dh: kk.dual_activation(x, dx, op, gate=h, dgate=dh)[1],
+                                           lambda x, h: DEFINITIONS[op](x) * h, h)
+
+    def loss64(*ts):
+        return (jvp(definition, (x.double(), second_primal.double()), ts)[1] ** 2 * u.double()).sum()
+
+    leaves = [t.requires_grad_() for t in tangents]
+    grads = torch.autograd.grad((dual(*leaves) ** 2 * u).sum(), leaves, create_graph=True)
+    second = sum((g * v).sum() for g, v in zip(grads, vs))
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="its Triton backward cannot be differentiated again"):
+            torch.autograd.grad(second, leaves)
+        return
+    hvp = torch.autograd.grad(second, leaves)
+    _, hvp_ref = jvp(torch.func.grad(loss64, argnums=(0, 1)), tuple(t.detach().double() for t in tangents),
+                     tuple(v.double() for v in vs))
+    for g, ref in zip(hvp, hvp_ref):
+        assert rel_err(g, ref) <= 1e-5

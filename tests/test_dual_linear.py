@@ -167,6 +167,47 @@ def test_float64_runs_the_reference(monkeypatch):
     check_gradients(inputs, TOL[torch.float64])
 
 
+def test_autocast_keeps_the_compute_dtype(backend):
+    """Under torch.autocast (bf16) fp32 inputs still multiply in fp32 and come out fp32 on every backend."""
+    inputs = [t.requires_grad_() for t in make_inputs((3, 5), 33, 7, device=DEVICE)]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y, dy = dual_linear(*inputs)
+        check_gradients(inputs, TOL[torch.float32])  # the backward under autocast too
+    y_ref, dy_ref = reference(*inputs)
+    assert y.dtype == dy.dtype == torch.float32
+    assert rel_err(y, y_ref) <= TOL[torch.float32] and rel_err(dy, dy_ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("loss", ["square", "linear"])
+def test_second_derivatives(backend, loss):
+    """Hessian-vector products in (x, dW): the reference backward is differentiated again and matches
+    torch.func (forward-over-reverse) of the float64 jvp; the kernels' backward raises instead of dropping
+    terms, also when the output gradient is a constant (the linear loss: only the saved x, dW carry them)."""
+    x, dx, w, dw, b, db = make_inputs((7,), 5, 3, device=DEVICE)
+    u = torch.randn(7, 3, device=DEVICE)
+    vx, vdw = torch.randn_like(x), torch.randn_like(dw)
+
+    def objective(dual):
+        def f(x, dw):
+            y, dy = dual(x, dx, w, dw, b, db)
+            return (dy ** 2).sum() + (y * u).sum() if loss == "square" else (dy * u).sum()
+        return f
+
+    x, dw = x.requires_grad_(), dw.requires_grad_()
+    grads = torch.autograd.grad(objective(dual_linear)(x, dw), (x, dw), create_graph=True)
+    second = (grads[0] * vx).sum() + (grads[1] * vdw).sum()
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="dual_linear: its Triton backward cannot be differentiated again"):
+            torch.autograd.grad(second, (x, dw))
+        return
+    hvp = torch.autograd.grad(second, (x, dw))
+    f64 = objective(lambda *args: reference(*(None if t is None else t.double() for t in args)))
+    _, hvp_ref = torch.func.jvp(torch.func.grad(f64, argnums=(0, 1)), (x.detach().double(), dw.detach().double()),
+                                (vx.double(), vdw.double()))
+    for h, ref in zip(hvp, hvp_ref):
+        assert rel_err(h, ref) <= TOL[torch.float32]
+
+
 def _bad(**changes):
     x, dx, w, dw, b, db = make_inputs((7,), 5, 3)
     args = dict(x=x, dx=dx, weight=w, dweight=dw, bias=b, dbias=db)

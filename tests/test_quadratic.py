@@ -248,6 +248,130 @@ def test_eigen_forms_many_layers(backend):
     assert rel_err(q, ref) <= TOL[torch.float32]
 
 
+def test_strided_eigenvalues_and_scales(backend):
+    """A low-rank factor's eigenvalues and an int8 factor's scales as strided views (λ = diagonal of Uᵀ F U)."""
+    F = spd(13)
+    U = torch.linalg.eigh(F)[1][:, -4:].contiguous()
+    lowrank = kk.LowRankFactor(U, (U.T @ F @ U).diagonal())
+    i8 = kk.Int8Factor.from_dense(F)
+    i8 = kk.Int8Factor(i8.q, torch.stack([i8.scale, torch.full_like(i8.scale, 1e3)], 1)[:, 0])
+    assert not lowrank.eigenvalues.is_contiguous() and not i8.scale.is_contiguous()
+    for A in (lowrank, i8):
+        tau = torch.randn(5, 13, requires_grad=True)
+        B = spd(5)
+        q = kk.quadratic_form(tau, B, A)
+        q.backward()
+        q_ref, g_ref = definition(tau, B, A)
+        assert rel_err(q, q_ref) <= TOL[torch.float32]
+        assert rel_err(tau.grad, g_ref) <= TOL[torch.float32]
+        tau = torch.randn(13, 5, requires_grad=True)  # the factor as B
+        q = kk.quadratic_form(tau, A, B)
+        assert rel_err(q, definition(tau, A, B)[0]) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank", "int8"])
+def test_float16_tau_never_rounds_float32_factors(backend, kind):
+    """fp16 τ with fp32 factors beyond fp16's range (A ~ x² of an outlier feature) multiplies in fp32."""
+    X = torch.randn(64, 8, dtype=torch.float64)
+    X[:, 0] *= 400.0
+    A = (X.T @ X / 64).float()
+    assert A.max() > 65504
+    A = {"dense": lambda F: F, "lowrank": lambda F: kk.LowRankFactor.from_dense(F, rank=8),
+         "int8": kk.Int8Factor.from_dense}[kind](A)
+    tau = (1e-3 * torch.randn(6, 8)).half().requires_grad_()
+    B = spd(6)
+    q = kk.quadratic_form(tau, B, A)
+    q.backward()
+    q_ref, g_ref = definition(tau, B, A)
+    assert q.dtype == torch.float32 and tau.grad.dtype == torch.float16
+    assert rel_err(q, q_ref) <= TOL[torch.float32]
+    assert rel_err(tau.grad, g_ref) <= TOL[torch.float16]
+
+
+def test_each_layer_in_its_own_half_dtype(backend):
+    """Layers are multiplied independently: a float16 layer next to a bfloat16 one is fine; the mix within
+    one layer is refused, naming that layer's arguments."""
+    taus = [torch.randn(7, 5).half().requires_grad_(), torch.randn(4, 9).bfloat16().requires_grad_()]
+    Bs, As = [spd(7, torch.float16), spd(4, torch.bfloat16)], [spd(5, torch.float16), spd(9, torch.bfloat16)]
+    q = kk.quadratic_forms(taus, Bs, As, weights=[0.5, 2.0])
+    q.backward()
+    refs = [definition(t, B, A) for t, B, A in zip(taus, Bs, As)]
+    assert rel_err(q, 0.5 * refs[0][0] + 2.0 * refs[1][0]) <= TOL[torch.bfloat16]
+    assert taus[0].grad.dtype == torch.float16 and taus[1].grad.dtype == torch.bfloat16
+    assert rel_err(taus[0].grad, 0.5 * refs[0][1]) <= TOL[torch.float16]
+    assert rel_err(taus[1].grad, 2.0 * refs[1][1]) <= TOL[torch.bfloat16]
+    with pytest.raises(TypeError, match=r"^quadratic_forms: cannot mix bfloat16 and float16 operands "
+                                        r"\(tau\[1\]=torch.float16, B\[1\]=torch.bfloat16, A\[1\]=torch.float32\)"):
+        kk.quadratic_forms([taus[0], taus[0].detach()[:4, :4]], [Bs[0], Bs[1][:4, :4]], [As[0], spd(4)])
+
+
+def test_block_diagonal_padding_is_never_read(backend):
+    """NaN in the unused padding of the last block (7 = 3 + 3 + 1 of b = 3) does not reach q or its gradient."""
+    F = spd(7)
+    clean = kk.BlockDiagonalFactor.from_dense(F, 3)
+    blocks = clean.blocks.clone()
+    blocks[-1, 1:, :] = float("nan")
+    blocks[-1, :, 1:] = float("nan")
+    padded = kk.BlockDiagonalFactor(blocks, 7)
+    for tau, B, A in [(torch.randn(4, 7), spd(4), padded), (torch.randn(7, 4), padded, spd(4))]:
+        tau.requires_grad_()
+        q = kk.quadratic_form(tau, B, A)
+        q.backward()
+        q_ref, g_ref = definition(tau, *((B, clean) if A is padded else (clean, A)))
+        assert rel_err(q, q_ref) <= TOL[torch.float32]
+        assert rel_err(tau.grad, g_ref) <= TOL[torch.float32]
+
+
+def test_second_derivatives(backend):
+    """create_graph=True gives a gradient that autograd differentiates again: Hessian-vector products of the
+    forms match torch.func (forward-over-reverse) of the float64 definitions."""
+    shapes = [(7, 5), (4, 9)]
+    taus = [torch.randn(s, requires_grad=True) for s in shapes]
+    vs = [torch.randn(s) for s in shapes]
+    Bs = [spd(7), kk.BlockDiagonalFactor.from_dense(spd(4), 2)]
+    As = [kk.LowRankFactor.from_dense(spd(5), rank=3), spd(9)]
+    U_B, U_A, S = torch.linalg.qr(torch.randn(7, 7))[0], torch.linalg.qr(torch.randn(5, 5))[0][:, :3], torch.rand(7, 3)
+    w = [0.5, 2.0]
+
+    def forms(kfac, eigen):
+        return lambda ts: kfac(ts, Bs, As, w) + eigen(ts[0], U_B, U_A, S)
+
+    def kfac64(ts, Bs, As, w):
+        return sum(wi * (t * (dense(B) @ t @ dense(A))).sum() for wi, t, B, A in zip(w, ts, Bs, As))
+
+    def eigen64(t, U_B, U_A, S):
+        return (S.double() * (U_B.double().T @ t @ U_A.double()) ** 2).sum()
+
+    grads = torch.autograd.grad(forms(kk.quadratic_forms, kk.eigen_quadratic_form)(taus), taus, create_graph=True)
+    hvps = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), taus)
+    t64, v64 = [t.detach().double() for t in taus], [v.double() for v in vs]
+    g_ref, hvp_ref = torch.func.jvp(torch.func.grad(forms(kfac64, eigen64)), (t64,), (v64,))
+    for g, h, gr, hr in zip(grads, hvps, g_ref, hvp_ref):
+        assert rel_err(g, gr) <= TOL[torch.float32]
+        assert rel_err(h, hr) <= TOL[torch.float32]
+
+
+def test_weight_tensors_requiring_grad_are_refused(backend):
+    """A weight given as a tensor that requires grad would silently get no gradient: refused, by its index."""
+    layers = ([torch.randn(2, 3)] * 2, [spd(2)] * 2, [spd(3)] * 2)
+    with pytest.raises(ValueError, match=r"^quadratic_forms: .*weights\[1\] is a tensor that requires grad"):
+        kk.quadratic_forms(*layers, weights=[1.0, torch.tensor(0.5, requires_grad=True)])
+    q = kk.quadratic_forms(*layers, weights=[torch.tensor(2.0), 0.5])  # constant 0-d tensors are numbers
+    assert rel_err(q, 2.5 * definition(layers[0][0], layers[1][0], layers[2][0])[0]) <= TOL[torch.float32]
+
+
+def test_autocast_does_not_lower_the_precision(backend):
+    """Under torch.autocast the forms still multiply fp32 inputs in fp32 (autocast would use bf16)."""
+    tau, B, A = torch.randn(5, 7), spd(5), spd(7)
+    U_B, U_A, S = torch.linalg.qr(torch.randn(5, 5))[0], torch.linalg.qr(torch.randn(7, 7))[0], torch.rand(5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = kk.quadratic_form(tau, B, A)
+        e = kk.eigen_quadratic_form(tau, U_B, U_A, S)
+    assert q.dtype == e.dtype == torch.float32
+    assert rel_err(q, definition(tau, B, A)[0]) <= TOL[torch.float32]
+    assert rel_err(e, (S.double() * (U_B.double().T @ tau.double() @ U_A.double()) ** 2).sum()) <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize("args,match", [
     (lambda: (torch.randn(3, 4), spd(4), spd(4)), r"tau of shape \(3, 4\) needs B of size 3"),
     (lambda: (torch.randn(3, 4), spd(3), torch.randn(4, 5)), r"A must be a square matrix, got shape \(4, 5\)"),
@@ -255,7 +379,8 @@ def test_eigen_forms_many_layers(backend):
     (lambda: (torch.ones(3, 4, dtype=torch.int64), spd(3), spd(4)), r"tau must have dtype"),
     (lambda: ([[1.0]], spd(1), spd(1)), r"tau must be a torch.Tensor, got list"),
     (lambda: (torch.randn(3, 4), spd(3).requires_grad_(), spd(4)), r"B requires grad"),
-    (lambda: (torch.randn(3, 4), spd(3).to(torch.float16), spd(4).bfloat16()), r"cannot mix bfloat16 and float16"),
+    (lambda: (torch.randn(3, 4), spd(3).to(torch.float16), spd(4).bfloat16()),
+     r"cannot mix bfloat16 and float16 operands \(tau=torch.float32, B=torch.float16, A=torch.bfloat16\)"),
     (lambda: (torch.randn(3, 4), spd(3).to("meta"), spd(4)), r"one device, got tau on cpu, B on meta, A on cpu"),
     (lambda: (torch.randn(3, 4), kk.LowRankFactor(torch.randn(3, 2), torch.rand(3)), spd(4)), r"needs 2 eigenvalues"),
     (lambda: (torch.randn(3, 4), kk.LowRankFactor.from_dense(spd(3), rank=2), kk.BlockDiagonalFactor(

@@ -235,6 +235,26 @@ def test_dual_attention(case, block_size):
         assert g.shape == g_ref.shape and rel_err(g, g_ref) <= TOL64
 
 
+@pytest.mark.parametrize("block_size", [2, 256])
+def test_dual_attention_left_padding_as_minus_inf_bias(block_size):
+    """Left padding as an additive −∞ bias: with 2-key chunks a row's first chunks hold only −∞ scores, which
+    must give no NaN (exp(−∞ − (−∞))); O, Ȯ and the tangents' gradients match float64 math attention's jvp."""
+    B, H, Lq, Lk, D = 2, 2, 5, 7, 4
+    q, k, v = rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, D)
+    dq, dk, dv = (rand(*t.shape).requires_grad_() for t in (q, k, v))
+    bias = torch.zeros(B, 1, 1, Lk, dtype=torch.float64)
+    bias[0, ..., :3] = float("-inf")  # example 0: three padding keys on the left
+    dbias = rand(B, 1, 1, Lk).requires_grad_()
+    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, None, bias, dbias, scale=0.37, block_size=block_size)
+    o_ref, do_ref = jvp(lambda q, k, v, b: math_attention(q, k, v, None, b, 0.37), (q, k, v, bias), (dq, dk, dv, dbias))
+    assert torch.isfinite(o).all() and torch.isfinite(do).all()
+    assert rel_err(o, o_ref) <= TOL64 and rel_err(do, do_ref) <= TOL64
+    u = torch.randn_like(do)
+    leaves = [dq, dk, dv, dbias]
+    for g, g_ref in zip(torch.autograd.grad((do * u).sum(), leaves), torch.autograd.grad((do_ref * u).sum(), leaves)):
+        assert rel_err(g, g_ref) <= TOL64
+
+
 @pytest.mark.parametrize("case", ["full", "mask_bias"])
 def test_dual_attention_dropout_is_one_mask_on_the_weights_of_primal_and_tangent(case, replayed_dropout):
     B, H, Lq, Lk, D = 2, 3, 5, 7, 4

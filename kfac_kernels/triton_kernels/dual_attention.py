@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _autograd
 from .._backend import interpreting
 from .common import dot_acc, dot_mode
 
@@ -441,6 +442,7 @@ class DualAttention(torch.autograd.Function):
         return o, do
 
     @staticmethod
+    @_autograd.once_differentiable("dual_attention")
     def backward(ctx, _, g):
         if g is None or all(t is None for t in ctx.like):
             return (None,) * 11

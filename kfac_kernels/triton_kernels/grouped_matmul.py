@@ -124,6 +124,7 @@ def _grouped_matmul_kernel(
 class Job:
     """Y[M×N] = ((X · diag(kscale)) F) · diag(nscale), then the epilogue (see module docstring).
 
+    X, F, Y, T are any-stride views; the scales (fp32 vectors) are made contiguous here.
     ``reduce_scale`` (r) weights the reduction, ``y_scale`` (y) the written output."""
 
     X: torch.Tensor
@@ -137,6 +138,11 @@ class Job:
     reduce_scale: float = 1.0
     y_scale: float = 1.0
     dot: str = "ieee"
+
+    def __post_init__(self):
+        # The kernel reads the scales at ptr + index (no stride): make strided views (λ = M.diagonal()) dense.
+        self.kscale = None if self.kscale is None else self.kscale.contiguous()
+        self.nscale = None if self.nscale is None else self.nscale.contiguous()
 
     def kind(self) -> tuple:
         return (self.dot, *(layout(t) for t in (self.X, self.F, self.Y, self.T)), self.X.dtype, self.F.dtype, None if self.Y is None else self.Y.dtype,

@@ -41,8 +41,10 @@ def _product(X, F, Y, dot, **epilogue) -> list[list[Job]]:
 
 
 def _intermediate(*dtypes) -> torch.dtype:
-    """Products between stages are stored in the half dtype being multiplied in, else fp32."""
-    dtype = _precision.compute_dtype("quadratic_forms", **{f"x{i}": d for i, d in enumerate(dtypes)})
+    """The dtype operands of ``dtypes`` are multiplied in (``_precision.compute_dtype`` with ``keep_fp32``:
+    fp16 τ with an fp32 factor multiplies in fp32) and products between stages are stored in: the half
+    dtype being multiplied in, else fp32. The front end has refused bf16 with fp16 within a layer."""
+    dtype = _precision.compute_dtype("quadratic_forms", keep_fp32=True, **{f"x{i}": d for i, d in enumerate(dtypes)})
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 

@@ -105,7 +105,9 @@ def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
     """Online pass over key chunks: returns O, Ȯ and the log-sum-exp L (B, H, Lq, 1), in the accumulation dtype.
 
     Running per row: max m, l = Σ exp(S − m), o = Σ exp(S − m) V, r = Σ exp(S − m) Ṡ and
-    do = Σ exp(S − m)(Ṡ V + V̇); each chunk rescales them by exp(m_old − m_new)."""
+    do = Σ exp(S − m)(Ṡ V + V̇); each chunk rescales them by exp(m_old − m_new). While a row has seen only
+    −∞ scores (a chunk of keys all biased −∞), its reference max is 0 instead of −∞, so its sums stay 0
+    rather than exp(−∞ − (−∞)) = NaN (as the Triton kernel does)."""
     lead, Lk = q.shape[:-1], k.shape[-2]
     m = torch.full((*lead, 1), float("-inf"), dtype=q.dtype, device=q.device)
     l, r = torch.zeros_like(m), torch.zeros_like(m)
@@ -116,8 +118,9 @@ def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
         kj, vj, maskj = k[..., j0:j1, :], v[..., j0:j1, :], _chunk(mask, j0, j1)
         s = _scores(q, kj, _chunk(bias, j0, j1), maskj, scale)
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        alpha = torch.exp(m - m_new)
-        p = torch.exp(s - m_new)
+        m_ref = torch.where(torch.isneginf(m_new), 0.0, m_new)  # rows with no key yet (−∞ bias): p = 0, no NaN
+        alpha = torch.exp(m - m_ref)
+        p = torch.exp(s - m_ref)
         l = alpha * l + p.sum(-1, keepdim=True)
         o = alpha * o + p @ vj
         do = alpha * do
