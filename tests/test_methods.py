@@ -191,6 +191,34 @@ def test_trainee_task_vector_is_theta_minus_theta0(name):
         torch.testing.assert_close(bb.features(trainee.at(alpha), x), want)
 
 
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_lora_adapts_the_fused_qkv_projection_of_multihead_attention():
+    """open_clip keeps q/k/v in nn.MultiheadAttention.in_proj_weight: the LoRA student adapts it as the
+    weight matrix (3d, d) it is, so it evaluates θ0 + α τ with τ = (scale/r) B A."""
+    from tak.methods.trainees import LoRATrainee
+    torch.manual_seed(0)
+    model = SelfAttention().double()
+    trainee = LoRATrainee(model, "attention", rank=3)
+    assert trainee.names == ["attn.in_proj_weight", "attn.out_proj.weight"]
+    with torch.no_grad():
+        for B in trainee.B:
+            B.normal_()
+    taus = trainee.task_vector()
+    assert taus["attn.in_proj_weight"].shape == (24, 8) and torch.linalg.matrix_rank(taus["attn.in_proj_weight"]) == 3
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    theta0 = dict(model.named_parameters())
+    want = functional_call(model, {k: v + 0.7 * taus.get(k, torch.zeros_like(v)) for k, v in theta0.items()}, (x,))
+    torch.testing.assert_close(trainee.at(0.7)(x), want)
+
+
 def test_trainable_names_select_as_linearize_does():
     """Patterns match tied aliases and must each match; "attention" is the q/k/v/o projections, not T5's
     relative position bias."""

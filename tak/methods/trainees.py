@@ -121,31 +121,37 @@ class NonlinearTrainee(nn.Module):
 
 
 class LoRATrainee(nn.Module):
+    """τ_W = (scale / rank) B A for every selected weight matrix W (d_out, d_in) of an ``nn.Linear`` and
+    every fused q/k/v ``in_proj_weight`` (3d, d) of an ``nn.MultiheadAttention`` (Hu et al. 2022)."""
+
     regime = "nonlinear"
 
     def __init__(self, model: nn.Module, trainable=None, rank: int = 16, scale: float = 16.0):
         super().__init__()
         self.model = copy.deepcopy(model).requires_grad_(False)
         chosen = set(trainable_names(model, trainable))
-        self.layers = {f"{m}.weight": mod for m, mod in self.model.named_modules()
-                       if isinstance(mod, nn.Linear) and f"{m}.weight" in chosen}
-        if not self.layers:
-            raise ValueError(f"LoRA: trainable={trainable!r} selects no nn.Linear weight")
-        self.names = list(self.layers)
+        matrices = {f"{m}.weight" for m, mod in self.model.named_modules() if isinstance(mod, nn.Linear)}
+        matrices |= {f"{m}.in_proj_weight" for m, mod in self.model.named_modules()
+                     if isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None}
+        self.weights = {n: p for n, p in self.model.named_parameters() if n in chosen and n in matrices}
+        if not self.weights:
+            raise ValueError(f"LoRA: trainable={trainable!r} selects no nn.Linear weight or nn.MultiheadAttention "
+                             "in_proj_weight")
+        self.names = list(self.weights)
         self.scale = scale / rank
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
-        for mod in self.layers.values():
-            a = torch.empty(rank, mod.in_features, dtype=mod.weight.dtype)
+        for W in self.weights.values():
+            a = torch.empty(rank, W.shape[1], dtype=W.dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.A.append(nn.Parameter(a))
-            self.B.append(nn.Parameter(torch.zeros(mod.out_features, rank, dtype=mod.weight.dtype)))
+            self.B.append(nn.Parameter(torch.zeros(W.shape[0], rank, dtype=W.dtype)))
 
     def taus(self) -> dict[str, torch.Tensor]:
         return {n: self.scale * B @ A for n, A, B in zip(self.names, self.A, self.B)}
 
     def at(self, alpha: float = 1.0):
-        return _At(self.model, lambda: {n: self.layers[n].weight + alpha * t for n, t in self.taus().items()})
+        return _At(self.model, lambda: {n: self.weights[n] + alpha * t for n, t in self.taus().items()})
 
     def base(self) -> nn.Module:
         return self.model
