@@ -177,8 +177,8 @@ def setup() -> Setup:
     free()
     n_dense = sum(1 for f in Setup.kfac.values() if not hasattr(f, "weight"))
     INFO["factors"] = (f"KFAC: {len(Setup.kfac) - n_dense} linear layers + {n_dense} exact blocks, merged over 2 "
-                       f"fits of {fit_n} images ({kfac_mib(Setup.kfac):.0f} MiB); EK-FAC: {len(Setup.ekfac)} layers, "
-                       f"random bases ({kfac_mib(Setup.ekfac):.0f} MiB)")
+                       f"fits of {fit_n} images ({kfac_mib(Setup.kfac):.0f} MiB); EK-FAC: {len(Setup.ekfac) - n_dense} layers with "
+                       f"random bases + the exact blocks ({kfac_mib(Setup.ekfac):.0f} MiB)")
     print(f"  factors in {time.time() - t:.1f} s: {INFO['factors']}", flush=True)
     return Setup
 
@@ -194,7 +194,8 @@ def kfac_mib(factors) -> float:
 
 
 def random_ekfac(kfac):
-    """EK-FAC factors of ``kfac``'s linear layers: random orthogonal bases (one per size), random positive S."""
+    """EK-FAC factors of ``kfac``'s linear layers (random orthogonal bases, one per size, random positive S)
+    and its exact blocks."""
     from tak.curvature import EKFAC, EigenFactors
     bases = {}
 
@@ -205,12 +206,13 @@ def random_ekfac(kfac):
 
     factors = {}
     for name, lf in kfac.items():
-        if not hasattr(lf, "weight"):  # exact blocks: EK-FAC covers the linear layers only
+        if not hasattr(lf, "weight"):  # an exact block, kept as fit_ekfac keeps it
+            factors[name] = lf
             continue
         d_out, d_in = lf.B.shape[0], lf.A.shape[0]
         S = torch.rand(d_out, d_in, generator=bg.gen(d_out * d_in), device=CFG.dev) + 0.1
         factors[name] = EigenFactors(U_B=basis(d_out).clone(), U_A=basis(d_in).clone(), S=S, weight=lf.weight,
-                                     bias=lf.bias)
+                                     bias=lf.bias, layout=lf.layout)
     return EKFAC(factors, {"kind": "ekfac", "tokens": "expand", "note": "random bases and eigenvalues (timing)"})
 
 
