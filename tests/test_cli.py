@@ -96,6 +96,8 @@ def test_merge_ties_and_task_arithmetic(runs):
     kept = sum(int((v != 0).sum()) for v in ties.tensors.values()) / sum(v.numel() for v in ties.tensors.values())
     assert 0 < kept <= 0.4 + 1e-3  # top 20% of each of two task vectors
     assert any(not torch.allclose(ties.tensors[k], ta.tensors[k] * 2) for k in ties.tensors)
+    code, _, err = tak_cli("eval", out / "ta.safetensors", "--out", out / "eval-merged")
+    assert code == 2 and "merged task vectors (tak merge)" in err and "--merge" in err
 
 
 def test_merge_refuses_mixed_regimes_and_unknown_merges(runs):

@@ -139,14 +139,15 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_task_vector(tmp_path
         assert torch.equal(ref[k], got[k]), k
 
 
-def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path):
+def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path, monkeypatch):
     tak.train(tiny(tmp_path, steps=1))
     with pytest.raises(ValueError, match=r"another config \(lr: checkpoint 0\.0001, now 0\.0002\)"):
         tak.train(tiny(tmp_path, steps=1, lr=2e-4))
     with pytest.raises(ValueError, match=r"max_train: checkpoint 40, now 32"):
         tak.train(tiny(tmp_path, steps=1, max_train=32))
-    # the keys that do not change the result may differ
-    again = tak.train(tiny(tmp_path, steps=1, eval_batch_size=3, checkpoint_every=7))
+    # the keys that do not change the result may differ, and the run folder may be spelled otherwise
+    monkeypatch.chdir(tmp_path)
+    again = tak.train(tiny(".", steps=1, eval_batch_size=3, checkpoint_every=7))
     assert again.metrics["final_loss_terms"] == {}  # resumed at the end: no step left to run
 
 
@@ -187,6 +188,24 @@ def test_the_kfac_penalty_weight_follows_the_clip_architecture():
     assert hyperparameter_defaults(METHODS["delta"], ("image",), "clip:ViT-L-14")["beta"] == 500.0
     assert hyperparameter_defaults(METHODS["diag_ggn"], ("image",), "clip:ViT-L-14")["beta"] == 0.1
     assert hyperparameter_defaults(METHODS["tak"], ("text",), "clip:ViT-L-14")["beta"] == 20.0
+
+
+def test_values_a_method_does_not_use_are_refused_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "_backbone", lambda *a: pytest.fail("loaded a backbone"))
+    for method, values, match in [
+            ("nonlinear", {"beta": 5.0, "gamma": 2.0}, r"beta=5.0, gamma=2.0: method 'nonlinear' does not use them"),
+            ("tak", {"lora_rank": 4}, r"lora_rank=4: method 'tak' does not use it \(its hyperparameters: \['beta', "),
+            ("delta", {"lora_rank": 4}, "lora_rank=4: method 'delta' does not use it")]:
+        with pytest.raises(ValueError, match=match):
+            tak.train(tiny(tmp_path, method, **values))
+    assert TrainConfig(method="delta", last_layer_weight=0.5).hyperparameters(METHODS["delta"].defaults)[
+        "last_layer_weight"] == 0.5  # DELTA's EK-FAC penalty weighs its layers too, so a resume compares it
+
+
+def test_curvature_options_of_a_method_without_curvature_are_refused(tmp_path):
+    for method, values in [("nonlinear", {"compress": "int8"}), ("tau_jp", {"factors": "per_task", "universal": True})]:
+        with pytest.raises(ValueError, match=f"method '{method}' has no curvature penalty, so .* would do nothing"):
+            tak.train(tiny(tmp_path, method, **values))
 
 
 def test_a_beta_set_alone_sets_the_teachers_too_and_the_paper_defaults_fill_the_rest():
@@ -507,7 +526,8 @@ def test_trained_layers_are_those_holding_a_trained_parameter():
 def test_kfac_only_factor_options_are_refused_for_other_penalties(tmp_path, toys, method, options):
     config = toy_config(tmp_path, method)
     config = TrainConfig.from_dict({**config.to_dict(), **options, "reference": [TOY_TASK], "universal": True})
-    with pytest.raises(ValueError, match=r"apply to KFAC penalties only \(tak, attn_only_tak\)"):
+    given = " and ".join(f"{k}={v!r}" for k, v in options.items())
+    with pytest.raises(ValueError, match=rf"^{given}: for KFAC penalties only \(tak, attn_only_tak\)"):
         tak.train(config)
 
 

@@ -34,6 +34,10 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     """Run ``protocol`` ("addition" or "negation") on the task vectors in ``paths``; write to ``out``.
     Addition merges them with ``merge`` (a name of ``tak.arithmetic.merges.MERGES``, ``merge_options``)."""
     tvs = [TaskVector.load(p) for p in paths]
+    merged = [str(p) for p, tv in zip(paths, tvs) if "merged_from" in tv.meta]
+    if merged:
+        raise ValueError(f"{merged}: merged task vectors (tak merge); evaluate the task vectors they were merged from "
+                         "(tak eval <files> --merge <method> merges and evaluates them on each of their tasks)")
     check_compatible(tvs)
     if protocol not in ("addition", "negation"):
         raise ValueError(f"protocol must be 'addition' or 'negation', got {protocol!r}")

@@ -42,7 +42,7 @@ class Method:
 _BASELINE = {"lr": 1e-5, "weight_decay": 0.1}
 _TAK = {"lr": 3e-4, "weight_decay": 0.1, "beta": 100.0, "last_layer_weight": 0.1}
 _TAK_VIT_BETA = {"ViT-B-16": 500.0, "ViT-L-14": 2000.0}  # TAK Sec. E.1; any other (ViT-B/32): 100
-_DELTA = {"lr": 1e-5, "weight_decay": 0.1, "beta": 500.0, "beta_teacher": 500.0, "gamma": 1.0}
+_DELTA = {"lr": 1e-5, "weight_decay": 0.1, "beta": 500.0, "beta_teacher": 500.0, "gamma": 1.0, "last_layer_weight": 1.0}
 _TEXT = {"lr": 3e-4, "weight_decay": 0.01}
 _TAK_TEXT = {**_TEXT, "beta": 20.0, "last_layer_weight": 1.0}
 _DELTA_TEXT = {**_TEXT, "beta": 20.0, "beta_teacher": 20.0, "gamma": 0.01}

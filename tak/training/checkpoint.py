@@ -6,6 +6,8 @@ and the run's config, which a resume must match (except the keys in ``_MAY_DIFFE
 the checkpoint lacks (written by an older tak) at its default, and the hyperparameters as resolved (``hparams``:
 the method's defaults under the values set), so a changed default cannot slip into a resumed run.
 """
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -13,8 +15,14 @@ from ..io import read, write
 from .config import TrainConfig
 
 _KIND = "checkpoint"
-_MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "device")
+_MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "device",
+               "out")  # the checkpoint's own place names the run, however its folder is spelled
 _HPARAMS = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
+
+
+def _same_place(key: str, value):
+    """A data root as the folder it names (``data`` and ``./data`` are one)."""
+    return str(Path(value).resolve()) if key == "data_root" and value is not None else value
 
 
 def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -43,7 +51,7 @@ def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict
     saved, defaults = meta["config"], TrainConfig().to_dict()
     resolved = saved.get("hparams") or {k: v for k, v in saved.items() if k in _HPARAMS and v is not None}
     differ = sorted(k for k in set(saved) | set(config) if k not in (*_MAY_DIFFER, *_HPARAMS, "hparams")
-                    and saved.get(k, defaults.get(k)) != config.get(k))
+                    and _same_place(k, saved.get(k, defaults.get(k))) != _same_place(k, config.get(k)))
     changed_hp = sorted(k for k, v in resolved.items() if v != config["hparams"].get(k))  # named as the keys set them
     if differ or changed_hp:
         detail = "; ".join([*(f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {config.get(k)!r}" for k in differ),

@@ -95,8 +95,10 @@ def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", co
         raise ValueError(f"a {kind} penalty needs factors of other tasks or a reference set; none given "
                          "(set tasks=[...] with more than the trained task, or reference=[...])")
     if kind != "kfac" and (compression is not None or mode != "merged"):
-        raise ValueError(f"compress={compression!r} and factors={mode!r} apply to KFAC penalties only (tak, "
-                         f"attn_only_tak); the {kind} penalty takes neither")
+        given = [f"{k}={v!r}" for k, v, on in (("compress", compression, compression is not None),
+                                               ("factors", mode, mode != "merged")) if on]
+        raise ValueError(f"{' and '.join(given)}: for KFAC penalties only (tak, attn_only_tak); the {kind} penalty "
+                         "takes neither compressed nor per-task factors")
     if kind == "ekfac":
         return task_factors("ekfac", backbone, others, **fit)
     parts = [task_factors(kind, backbone, [t], **fit) for t in others]

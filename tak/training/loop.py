@@ -155,6 +155,12 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
     others = [_task(t, config) for t in config.tasks if t != config.task]
     reference = [_task(t, config) for t in config.reference]
     penalty = teacher_penalty = tau_jp = None
+    factor_options = {"universal": config.universal, "factors": config.factors != "merged",
+                      "compress": config.compress is not None, "layer_weights": bool(config.layer_weights),
+                      "offload_factors": config.offload_factors}
+    if method.penalty not in ("kfac", "diagonal", "ekfac") and any(factor_options.values()):
+        raise ValueError(f"method {method.name!r} has no curvature penalty, so "
+                         f"{', '.join(f'{k}={getattr(config, k)!r}' for k, v in factor_options.items() if v)} would do nothing")
     if method.penalty in ("kfac", "diagonal", "ekfac"):
         sources = reference if (config.universal or method.penalty == "ekfac") else others
         if method.penalty == "ekfac" and not reference:
@@ -202,10 +208,11 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         config = TrainConfig.from_yaml(config)
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
-    get_method(config.method)  # an unknown name fails before anything loads
+    config.hyperparameters(get_method(config.method).defaults)  # an unknown method or unused value fails before loading
     rank, world = _world()
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
+    writer = _tensorboard(config, config.run_dir()) if is_main_rank() else None  # a missing package fails early
     torch.manual_seed(config.seed)
     device = _device(config)
     backbone = _backbone(config, device)
@@ -225,7 +232,6 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     ckpt = run_dir / "checkpoint.safetensors"
     saved = {**config.to_dict(), "hparams": hp}
     step = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else 0
-    writer = _tensorboard(config, run_dir) if is_main_rank() else None
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
                disable=not (config.progress and is_main_rank()))
