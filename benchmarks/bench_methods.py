@@ -23,7 +23,7 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each co
   * nonlinear: fine-tuning of θ (``NonlinearTrainee``);
   * linear: the linearized model in τ (``LinearTrainee``: ``tak.linearize`` fast path);
   * tak: linear + ``CurvaturePenalty`` (β = 100, ``layer_weights(last_layer_weight=0.1)``, which puts the
-    0.1 on the last linear layer the features reach: the last block's mlp.c_proj) on KFAC factors merged over two
+    0.1 on the last linear layer the features reach: the tower's output projection proj) on KFAC factors merged over two
     "tasks" (``tak.fit_kfac`` on 16 random images each, ``dense=True`` as the loop fits them: LayerNorm
     and class-token blocks included, then ``tak.merge_kfac``, TAK Eq. 8): the factors of the right
     shapes, fp32, as the loop holds them;
@@ -460,7 +460,7 @@ def table(info) -> str:
               "above the resident backbone model and batch: θ / θ0 copies, τ, gradients, AdamW states, activations, "
               "factors on the GPU.",
               "- tak's layer weights: `tak.methods.layer_weights(K, last_layer_weight=0.1)` as the loop builds them: "
-              "0.1 on the last linear layer the features reach (the last block's mlp.c_proj), 1 elsewhere, the exact "
+              "0.1 on the last linear layer the features reach (the tower's output projection proj), 1 elsewhere, the exact "
               "LayerNorm / class-token blocks included.",
               "- The published-code penalty: β Σ_l w_l trace(B_l @ T_l @ A_l @ T_lᵀ), autograd, T_l = [W | b] in fp32, "
               "fp32 factors at 'highest' matmul precision.",

@@ -7,8 +7,9 @@
 compressed factors of ``kfac_kernels.factors``. The result is a 0-dim fp32 tensor (fp64 when every
 input is fp64), differentiable in τ; factors are constants. The gradient is the forward's own
 product B τ A, saved by the forward, so the backward does no matrix work. Under
-``create_graph=True`` the backward instead recomputes the gradient from τ (which the forward keeps)
-with the PyTorch reference ops, so second derivatives (Hessian-vector products 2 B v A) are exact.
+``create_graph=True`` the backward instead recomputes the gradient from τ (kept by the forward when
+it is a leaf tensor) with the PyTorch reference ops, so second derivatives (Hessian-vector products
+2 B v A) are exact; a τ computed by an op gets a clear error there.
 
 Each layer is multiplied in ``_precision.compute_dtype`` of its own τ and factors, with
 ``keep_fp32``: float16 τ with a float32 factor multiplies in float32 (the factor's entries can
@@ -24,7 +25,8 @@ from .factors import factor_size
 class _Forms(torch.autograd.Function):
     """Runs ``compute() -> (total, saved)`` and, for the backward, ``finish(saved) -> grads``; under
     ``create_graph`` the backward takes ``differentiable(taus) -> grads`` instead (PyTorch ops of τ, so
-    autograd differentiates the gradient again)."""
+    autograd differentiates the gradient again). Only leaf τ (parameters, alive anyway) are kept for
+    that: keeping a τ built by an op (a [W | b] concatenation) would hold a copy until the backward."""
 
     @staticmethod
     def forward(ctx, compute, finish, differentiable, *taus):
@@ -32,13 +34,16 @@ class _Forms(torch.autograd.Function):
         ctx.finish, ctx.differentiable = finish, differentiable
         ctx.needs = [t.requires_grad for t in taus]
         ctx.n_saved = 0 if saved is None else len(saved)
-        ctx.save_for_backward(*(saved or ()), *taus)
+        ctx.save_for_backward(*(saved or ()), *(t if t.is_leaf else None for t in taus))
         return total
 
     @staticmethod
     def backward(ctx, g):
         saved = list(ctx.saved_tensors)
         if torch.is_grad_enabled():  # create_graph=True: the gradient as a differentiable function of τ
+            if any(t is None for t in saved[ctx.n_saved:]):
+                raise RuntimeError("quadratic forms: second derivatives (create_graph=True) need every τ to be a leaf "
+                                   "tensor (e.g. a parameter); a τ computed by an op is not kept for them")
             grads = [gr * g for gr in ctx.differentiable(saved[ctx.n_saved:])]
         else:
             grads = torch._foreach_mul(ctx.finish(saved[:ctx.n_saved]), g)

@@ -752,6 +752,23 @@ def test_open_clip_projection_is_exact_for_one_example():
     assert "_pool" not in vars(model.visual)
 
 
+def test_capture_restores_what_it_patched_even_when_entering_fails(monkeypatch):
+    from tak.curvature import capture, find_dense_groups
+    model = tiny_clip().eval()
+    model.visual._pool = pooled = model.visual._pool  # an instance attribute of the user's: it must come back
+    layers = find_layers(model, ["visual.proj", "visual.transformer.resblocks.0.attn.in_proj"])
+    with Capture(layers, lambda *a: None):
+        assert model.visual._pool is not pooled
+    assert vars(model.visual)["_pool"] is pooled
+    monkeypatch.setattr(capture.dense_groups, "install", lambda *a: 1 / 0)  # fails after the patches
+    with pytest.raises(ZeroDivisionError):
+        with Capture(layers, lambda *a: None, None, find_dense_groups(model), lambda *a: None):
+            pass
+    attention = model.visual.transformer.resblocks[0].attn
+    assert vars(model.visual)["_pool"] is pooled and "forward" not in vars(attention)
+    assert not model.visual._forward_hooks
+
+
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("transformers")

@@ -349,6 +349,11 @@ def test_second_derivatives(backend):
     for g, h, gr, hr in zip(grads, hvps, g_ref, hvp_ref):
         assert rel_err(g, gr) <= TOL[torch.float32]
         assert rel_err(h, hr) <= TOL[torch.float32]
+    computed = taus[0] * 1.0  # not a leaf: not kept by the forward (no copy held until the backward)
+    with pytest.raises(RuntimeError, match="second derivatives .* need every τ to be a leaf tensor"):
+        torch.autograd.grad(kk.quadratic_form(computed, Bs[0], As[0]), taus[0], create_graph=True)
+    first, = torch.autograd.grad(kk.quadratic_form(computed, Bs[0], As[0]), taus[0])  # first order: as before
+    assert rel_err(first, 2 * dense(Bs[0]) @ taus[0].detach().double() @ dense(As[0])) <= TOL[torch.float32]
 
 
 def test_weight_tensors_requiring_grad_are_refused(backend):

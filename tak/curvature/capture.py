@@ -69,6 +69,13 @@ class Capture:
         self.batch_size = None
 
     def __enter__(self):
+        try:
+            return self._install()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _install(self):
         self.sink = torch.zeros((), requires_grad=True)
         attentions = {}  # id -> (nn.MultiheadAttention, its in_proj Layer or None when only out_proj is factored)
         for layer in self.layers.values():
@@ -83,8 +90,7 @@ class Capture:
                 if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
                     attentions.setdefault(id(layer.attention), (layer.attention, None))
         for mha, in_proj in attentions.values():
-            mha.forward = _self_attention_forward(mha, in_proj, self)
-            self._patched.append(mha)
+            self._patch(mha, "forward", _self_attention_forward(mha, in_proj, self))
         for group in self.dense.values():
             self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch_size))
         return self
@@ -92,15 +98,22 @@ class Capture:
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
-        for module in self._patched:
-            module.__dict__.pop("forward", None)  # back to the class's methods
-            module.__dict__.pop("_pool", None)
+        for module, name, before in reversed(self._patched):  # back to what the instance had
+            if before is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = before
         self._handles, self._patched, self.outputs, self.to_vectors = [], [], {}, {}
 
     def _linear_hook(self, layer):
         def hook(module, inputs, output):
             return self.tap(layer, inputs[0], output)
         return hook
+
+    def _patch(self, module: nn.Module, name: str, method) -> None:
+        """Set an instance attribute, remembering the one it shadows (restored on exit)."""
+        self._patched.append((module, name, module.__dict__.get(name)))
+        setattr(module, name, method)
 
     def _conv_hook(self, layer):
         def hook(conv, inputs, output):
@@ -119,8 +132,7 @@ class Capture:
             out = pool(x)
             pooled.append(out[0])
             return out
-        tower._pool = keep_pooled
-        self._patched.append(tower)
+        self._patch(tower, "_pool", keep_pooled)
 
         def hook(module, inputs, output):
             z = self.tap(layer, pooled.pop(), output[0] if isinstance(output, tuple) else output)

@@ -141,7 +141,7 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
               seed: int = 0, progress: bool = True) -> EKFAC:
     """EK-FAC factors (fp32) of the Jacobian Gramian of ``output_fn(model, batch)`` for the linear
     layers of ``model`` (those ``layers`` selects, see ``find_layers``; with ``kfac``, among its layers)
-    and, with ``dense``, the exact blocks of the LayerNorms and class token (``kfac``'s, or fitted).
+    and, with ``dense`` and no ``kfac`` given, the exact blocks of the LayerNorms and class token.
 
     The eigenbases come from ``kfac`` (dense factors), or from ``fit_kfac`` on the same ``batches``
     first (then ``batches`` must be re-iterable: a list or a DataLoader, not an iterator). A second
@@ -166,7 +166,8 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
     fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad), acc, output_fn=output_fn,
              mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
              desc="EK-FAC eigenvalues")
-    exact_blocks = {n: f for n, f in kfac.items() if dense and isinstance(f, DenseFactors) and selects(layers, n)}
+    exact_blocks = {n: f for n, f in kfac.items()  # a given kfac's blocks may be of other data: fitted ones only
+                    if expected_n is not None and isinstance(f, DenseFactors) and selects(layers, n)}
     return _finish(acc, kfac, exact_blocks, model, expected_n, tokens=tokens, mc_samples=mc_samples, exact=exact,
                    seed=seed)
 

@@ -41,7 +41,8 @@ class Method:
 
 _BASELINE = {"lr": 1e-5, "weight_decay": 0.1}
 _TAK = {"lr": 3e-4, "weight_decay": 0.1, "beta": 100.0, "last_layer_weight": 0.1}
-_TAK_VIT_BETA = {"ViT-B-16": 500.0, "ViT-L-14": 2000.0}  # TAK Sec. E.1; any other (ViT-B/32): 100
+_TAK_VIT_BETA = {**dict.fromkeys(["ViT-B-16", "ViT-B-16-quickgelu"], 500.0),  # TAK Sec. E.1; others (B/32): 100
+                 **dict.fromkeys(["ViT-L-14", "ViT-L-14-quickgelu", "ViT-L-14-336", "ViT-L-14-336-quickgelu"], 2000.0)}
 _DELTA = {"lr": 1e-5, "weight_decay": 0.1, "beta": 500.0, "beta_teacher": 500.0, "gamma": 1.0, "last_layer_weight": 1.0}
 _TEXT = {"lr": 3e-4, "weight_decay": 0.01}
 _TAK_TEXT = {**_TEXT, "beta": 20.0, "last_layer_weight": 1.0}
@@ -82,9 +83,7 @@ def hyperparameter_defaults(method: Method, modalities, backbone: str = "") -> d
         return {**method.defaults, **method.text_defaults}
     defaults = dict(method.defaults)
     if method.penalty == "kfac" and backbone.startswith("clip:"):
-        architecture = backbone.removeprefix("clip:")
-        defaults.update(beta=next((b for arch, b in _TAK_VIT_BETA.items() if architecture.startswith(arch)),
-                                  defaults["beta"]))
+        defaults["beta"] = _TAK_VIT_BETA.get(backbone.removeprefix("clip:"), defaults["beta"])
     return defaults
 
 
