@@ -270,10 +270,12 @@ def test_train_config_file_with_flag_overrides(tmp_path):
 def test_train_flags_parse_as_their_config_types(tmp_path):
     """One name stays a name ("attention" is a selection, not a pattern); commas make lists."""
     ok("train", "--method", "nonlinear", "--out", tmp_path, *SMALL, "--steps", "1", "--trainable", "attention",
-       "--tasks", "rotten_tomatoes", "--layer-weights", "*.query=0.5", "--compress", "none", "--warmup-steps", "1")
+       "--tasks", "rotten_tomatoes", "--compress", "none", "--warmup-steps", "1")
     saved = yaml.safe_load((tmp_path / "nonlinear" / "rotten_tomatoes" / "config.yaml").read_text())
     assert saved["trainable"] == "attention" and saved["tasks"] == ["rotten_tomatoes"]
-    assert saved["layer_weights"] == {"*.query": 0.5} and saved["compress"] is None and saved["warmup_steps"] == 1
+    assert saved["compress"] is None and saved["warmup_steps"] == 1
+    code, _, err = tak_cli("train", "--method", "nonlinear", "--out", tmp_path / "w", *SMALL, "--layer-weights", "*.query=0.5")
+    assert code == 2 and "layer_weights={'*.query': 0.5} would do nothing" in err  # parsed, then refused: no penalty
     tv = TaskVector.load(tmp_path / "nonlinear" / "rotten_tomatoes" / "task_vector.safetensors")
     assert len({k.split(".")[2] for k in tv.tensors}) == 6 and all("attention" in k for k in tv.tensors)
 
