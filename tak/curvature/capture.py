@@ -5,7 +5,8 @@ Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer call
 ``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
 identity whose backward calls ``on_grad(layer, dz)``. A convolution's a and z are its unfolded patches
 (N, L, C·kh·kw) and outputs (N, L, d_out) over the L output positions; open_clip's output projection
-is seen through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups (``tak.curvature.dense``: the
+is seen through its tower's ``_pool`` (a = the pooled features) and its tower's output (z).
+Dense groups (``tak.curvature.dense``: the
 LayerNorms and the class token) get taps too, whose gradients become per-example gradient vectors
 for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
 LayerNorm is applied more than once). Every tap also feeds one shared scalar, the

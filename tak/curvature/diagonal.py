@@ -94,7 +94,8 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
     if n == 0:
         raise ValueError("fit_diagonal: batches is empty")
     scale = n * (1 if exact else mc_samples)
-    factors = {name: DiagonalFactors(acc.S[name] / scale, layer.weight, layer.bias, layer.layout) for name, layer in found.items()}
+    factors = {name: DiagonalFactors(acc.S[name] / scale, layer.weight, layer.bias, layer.layout)
+               for name, layer in found.items()}
     params = dict(model.named_parameters())
     for name, group in groups.items():
         factors[name] = DenseDiagonal((squares[name] / scale).reshape(-1, 1), group.params,

@@ -5,6 +5,7 @@ from .penalties import CurvaturePenalty, TauJpPenalty, layer_weights, penalized_
 from .registry import METHODS, Method, get_method, hyperparameter_defaults
 from .trainees import LinearTrainee, LoRATrainee, NonlinearTrainee, attention_only, trainable_names
 
-__all__ = ["METHODS", "Method", "get_method", "hyperparameter_defaults", "Objective", "CurvaturePenalty", "TauJpPenalty",
-           "layer_weights", "penalized_parameters", "along_path_alpha", "distillation_loss", "make_trainee", "LinearTrainee", "NonlinearTrainee",
+__all__ = ["METHODS", "Method", "get_method", "hyperparameter_defaults", "Objective", "CurvaturePenalty",
+           "TauJpPenalty", "layer_weights", "penalized_parameters", "along_path_alpha", "distillation_loss",
+           "make_trainee", "LinearTrainee", "NonlinearTrainee",
            "LoRATrainee", "attention_only", "trainable_names"]

@@ -160,11 +160,11 @@ class TrainConfig:
         method does not have (β of ``nonlinear``, ``lora_rank`` of ``tak``, ...) is refused. A ``beta`` set
         without ``beta_teacher`` sets both (DELTA's β^T = β^S) for a method with a teacher."""
         keys = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
-        unused = [k for k in keys if getattr(self, k) is not None and k not in defaults and k not in ("lr", "weight_decay")]
+        unused = [k for k in keys if getattr(self, k) is not None and k not in defaults]
         if unused:
-            raise ValueError(f"TrainConfig {', '.join(f'{k}={getattr(self, k)!r}' for k in unused)}: method "
-                             f"{self.method!r} does not use {'it' if len(unused) == 1 else 'them'} (its hyperparameters: "
-                             f"{sorted(defaults)})")
+            given = ", ".join(f"{k}={getattr(self, k)!r}" for k in unused)
+            raise ValueError(f"TrainConfig {given}: method {self.method!r} does not use "
+                             f"{'it' if len(unused) == 1 else 'them'} (its hyperparameters: {sorted(defaults)})")
         hp = {**defaults, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}
         if "beta_teacher" in defaults and self.beta is not None and self.beta_teacher is None:
             hp["beta_teacher"] = self.beta

@@ -123,7 +123,8 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
         penalty, teacher_penalty, tau_jp = _penalties(config, method, hp, backbone, device, fit)
     objective = Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
                           tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
-    objective.unpenalized = [] if penalty is None else unpenalized(backbone.model, trained, penalty.factors, method.name)
+    objective.unpenalized = [] if penalty is None else unpenalized(backbone.model, trained, penalty.factors,
+                                                                  method.name)
     return objective
 
 
@@ -135,10 +136,10 @@ def unpenalized(model, trained: list[str], factors, method: str) -> list[str]:
     if missing:
         params = dict(model.named_parameters())
         free, total = sum(params[n].numel() for n in missing), sum(params[n].numel() for n in trained)
-        warnings.warn(f"method {method!r}: {len(missing)} trained parameters ({free:,} of the {total:,} trained values, "
-                      f"{100 * free / total:.1f}%) have no curvature block, so its drift penalty leaves them free: "
-                      f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; select what to train with trainable=[patterns] "
-                      "to exclude them", stacklevel=2)
+        shown = f"{missing[:6]}{' ...' if len(missing) > 6 else ''}"
+        warnings.warn(f"method {method!r}: {len(missing)} trained parameters ({free:,} of the {total:,} trained "
+                      f"values, {100 * free / total:.1f}%) have no curvature block, so its drift penalty leaves them "
+                      f"free: {shown}; select what to train with trainable=[patterns] to exclude them", stacklevel=2)
     return missing
 
 
@@ -159,8 +160,8 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
                       "compress": config.compress is not None, "layer_weights": bool(config.layer_weights),
                       "offload_factors": config.offload_factors}
     if method.penalty not in ("kfac", "diagonal", "ekfac") and any(factor_options.values()):
-        raise ValueError(f"method {method.name!r} has no curvature penalty, so "
-                         f"{', '.join(f'{k}={getattr(config, k)!r}' for k, v in factor_options.items() if v)} would do nothing")
+        given = ", ".join(f"{k}={getattr(config, k)!r}" for k, on in factor_options.items() if on)
+        raise ValueError(f"method {method.name!r} has no curvature penalty, so {given} would do nothing")
     if method.penalty in ("kfac", "diagonal", "ekfac"):
         sources = reference if (config.universal or method.penalty == "ekfac") else others
         if method.penalty == "ekfac" and not reference:
