@@ -1,8 +1,9 @@
 """Resumable training state in one safetensors file (atomic, checksummed; see ``tak.io``).
 
 Tensors: ``param/<name>`` (the trained parameters), ``optim/<name>/<key>`` (the optimizer's
-per-parameter state), ``rng/cpu`` and ``rng/cuda`` (generator states). Metadata: the step reached
-and the run's config, which a resume must match (except the keys in ``_MAY_DIFFER``): its keys as set, a key
+per-parameter state), ``rng/cpu`` and ``rng/cuda`` (generator states). Metadata: the step reached,
+the run's progress (``terms``: the last step's loss terms, ``seconds``: training time so far, so a
+finished run started again reports what its training did) and the run's config, which a resume must match (except the keys in ``_MAY_DIFFER``): its keys as set, a key
 the checkpoint lacks (written by an older tak) at its default, and the hyperparameters as resolved (``hparams``:
 the method's defaults under the values set), so a changed default cannot slip into a resumed run.
 """
@@ -29,7 +30,9 @@ def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save(path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: dict) -> None:
+def save(path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: dict,
+         progress: dict | None = None) -> None:
+    """Write the training state at ``step``; ``progress``: {"terms": {name: float}, "seconds": float}."""
     params = trained_parameters(module)
     names = {id(p): n for n, p in params.items()}
     tensors = {f"param/{n}": p.detach() for n, p in params.items()}
@@ -39,12 +42,13 @@ def save(path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, c
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    write(path, tensors, {"kind": _KIND, "step": step, "config": config})
+    write(path, tensors, {"kind": _KIND, "step": step, "config": config,
+                          "progress": progress or {"terms": {}, "seconds": 0.0}})
 
 
-def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> int:
-    """Restores parameters, optimizer state and generators from ``path``; returns the step reached.
-    Refuses (ValueError naming the keys) a checkpoint of a run with another config."""
+def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> tuple[int, dict]:
+    """Restores parameters, optimizer state and generators from ``path``; returns the step reached and the
+    progress saved with it (no terms and 0 seconds from a checkpoint of an older tak). Refuses (ValueError naming the keys) a checkpoint of a run with another config."""
     tensors, meta = read(path)
     if meta.get("kind") != _KIND:
         raise ValueError(f"{path}: not a training checkpoint")
@@ -75,4 +79,4 @@ def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict
     torch.set_rng_state(tensors["rng/cpu"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("progress") or {"terms": {}, "seconds": 0.0}

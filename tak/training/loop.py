@@ -232,11 +232,12 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     run_dir = config.run_dir()
     ckpt = run_dir / "checkpoint.safetensors"
     saved = {**config.to_dict(), "hparams": hp}
-    step = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else 0
+    step, progress = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else (0, {})
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
                disable=not (config.progress and is_main_rank()))
-    started, terms = time.time(), {}
+    terms, seconds = progress.get("terms", {}), progress.get("seconds", 0.0)  # as the last run left them
+    started = time.time() - seconds
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = hp["lr"] * cosine_schedule(step, config.steps, config.warmup_steps)
@@ -252,15 +253,16 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         _average_gradients(params, world)
         optimizer.step()
         step += 1
+        seconds = time.time() - started  # training time, over every run that reached this step
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
         if writer is not None:
             for k, v in terms.items():
                 writer.add_scalar(f"loss/{k}", v, step)
         if is_main_rank() and (step % config.checkpoint_every == 0 or step == config.steps):
-            checkpoint.save(ckpt, objective, optimizer, step, saved)
+            checkpoint.save(ckpt, objective, optimizer, step, saved, {"terms": terms, "seconds": seconds})
     bar.close()
-    return _finish(config, backbone, task, objective, terms, time.time() - started, writer)
+    return _finish(config, backbone, task, objective, terms, seconds, writer)
 
 
 def _tensorboard(config: TrainConfig, run_dir: Path):
