@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tak.data import (Task, get_task, list_tasks, partition_classes, register_task, stratified_subsample,
-                      subset_classes, validation_split)
+from tak.data import (Task, class_partitions, get_task, joint_task, list_tasks, partition_classes, register_task,
+                      stratified_subsample, subset_classes, validation_split)
 from tak.data import text, vision
 
 EMBEDDED_TEXT = ["rotten_tomatoes", "subjectivity", "20news", "20news-part0", "20news-part1", "20news-part2",
@@ -96,7 +96,8 @@ def test_stratified_subsample_keeps_class_shares_and_is_deterministic():
 def test_partition_classes_disjoint_covering_and_relabelled():
     task = toy_task(counts=(8, 9, 10, 11, 12, 13, 14))
     parts = partition_classes(task, 3, seed=0)
-    assert [p.name for p in parts] == ["toy-part0", "toy-part1", "toy-part2"]
+    assert [p.name for p in parts] == ["toy-part0of3", "toy-part1of3", "toy-part2of3"]
+    assert {p.parent for p in parts} == {"toy"} and task.parent is None
     assert sorted(len(p.classes) for p in parts) == [2, 2, 3]
     assert sorted(c for p in parts for c in p.classes) == sorted(task.classes)
     for p in parts:
@@ -109,6 +110,30 @@ def test_partition_classes_disjoint_covering_and_relabelled():
     assert [p.classes for p in partition_classes(task, 3, seed=1)] != [p.classes for p in parts]
     with pytest.raises(ValueError):
         partition_classes(task, 8)
+
+
+def test_joint_task_joins_disjoint_parts_with_offset_labels():
+    task = toy_task(counts=(8, 9, 10, 11, 12, 13, 14))
+    parts = partition_classes(task, 3, seed=0)
+    other = toy_task(name="other")
+    assert [[p.name for p in g] for g in class_partitions([parts[2], other, parts[0], task])] == [
+        ["toy-part2of3", "toy-part0of3"]]  # a task of its own is no part; one part alone has no joint problem
+    assert class_partitions([parts[1], other]) == []
+    joint = joint_task([parts[2], parts[0]])
+    assert joint.name == "toy-joint" and joint.parent is None and joint.classes == parts[2].classes + parts[0].classes
+    original = {s: dict(task.split(s)) for s in ("train", "val", "test")}
+    for split in ("train", "val", "test"):
+        got = joint.split(split)
+        want = {x for x, y in original[split].items() if task.classes[y] in joint.classes}
+        assert sorted(x for x, _ in got) == sorted(want)  # every example of the parts' classes, once
+        assert all(joint.classes[y] == task.classes[original[split][x]] for x, y in got)
+        assert got.labels == [y for _, y in got]
+    small = stratified_subsample(joint.split("test"), 5, seed=0)
+    assert len(small) == 5 and all(joint.classes[y] == task.classes[original["test"][x]] for x, y in small)
+    with pytest.raises(ValueError, match=r"are not disjoint"):
+        joint_task([parts[0], subset_classes(task, parts[0].classes[:1], "again")])
+    with pytest.raises(ValueError, match=r"differ from 'toy-part0of3' in modality or prompt templates"):
+        joint_task([parts[0], Task("x", ["new"], "text", ["other {}."], other.loaders)])
 
 
 def test_subset_classes_by_name_or_index():
@@ -169,6 +194,23 @@ def test_newsgroups_parts_are_the_class_partition_of_20news():
         test = p.split("test")
         assert all(p.classes[y] == news.classes[label[x]] for x, y in test)
     assert sum(len(p.split("test")) for p in parts) == len(news.split("test"))
+
+
+def test_any_task_is_cut_into_parts_by_name():
+    """``<name>-part<k>of<n>``: the class-partition protocol of any registered task, named so that the
+    task vectors' metadata finds it again; the 20 Newsgroups parts are those of 4 parts, seed 0."""
+    part = get_task("20news-part1of4", max_train=40, max_test=20)
+    assert part.name == "20news-part1of4" and part.parent == "20news" and len(part.split("test")) == 20
+    assert part.classes == get_task("20news-part1").classes
+    named = get_task("20news-part1")
+    assert named.parent == "20news" and dict(get_task("20news-part1of4").split("test")) == dict(named.split("test"))
+    assert get_task("reuters_r8-part2of3").classes == partition_classes(get_task("reuters_r8"), 3)[2].classes
+    with pytest.raises(ValueError, match=r"part 4 of 4 does not exist \(parts are numbered 0..3\)"):
+        get_task("20news-part4of4")
+    with pytest.raises(ValueError, match=r"n_parts must be in 1..8 \(the classes of 'reuters_r8'\), got 9"):
+        get_task("reuters_r8-part0of9")
+    with pytest.raises(ValueError, match=r"unknown task 'nosuch-part0of2'.*<name>-part<k>of<n>"):
+        get_task("nosuch-part0of2")
 
 
 def test_text_val_split_follows_the_seed_and_test_does_not():
@@ -302,6 +344,9 @@ def test_folder_layout_vision_task(tmp_path):
     assert small.split("test").labels == [0, 1]
     parts = partition_classes(task, 2)
     assert [len(p.split("test")) for p in parts] == [3, 3] and parts[1].split("test").labels == [0, 0, 0]
+    joint = joint_task(parts[::-1])  # the images of the joint problem load on access too
+    assert joint.classes == ["sea lake", "basketball court"] and joint.split("test").labels == [0, 0, 0, 1, 1, 1]
+    assert joint.split("test")[4][0].mode == "RGB" and joint.split("test")[1:3].labels == [0, 0]
 
 
 def test_folder_layout_skips_hidden_folders_and_files(tmp_path):

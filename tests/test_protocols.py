@@ -4,6 +4,7 @@ import torch
 
 from tak.arithmetic.compose import apply
 from tak.arithmetic.protocols import normalized_accuracy, task_addition, task_negation
+from tak.data import Task, joint_task, partition_classes
 from tak.evaluation import accuracy
 from tak.task_vector import TaskVector
 
@@ -18,10 +19,10 @@ def test_normalized_accuracy_is_the_mean_ratio_in_percent():
         normalized_accuracy({"a": 1.0}, {"a": 0.0})
 
 
-def _task_vector(bb, scale, seed):
+def _task_vector(bb, scale, seed, regime="nonlinear"):
     g = torch.Generator().manual_seed(seed)
     tensors = {n: scale * torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in bb.model.named_parameters()}
-    return TaskVector(tensors, {**bb.meta(), "regime": "nonlinear", "task": "toy", "method": "test"})
+    return TaskVector(tensors, {**bb.meta(), "regime": regime, "task": "toy", "method": "test"})
 
 
 def test_negation_keeps_the_control_and_minimizes_the_target_on_validation():
@@ -56,6 +57,35 @@ def test_addition_picks_alpha_on_validation_and_reports_test():
     empty.loaders["val"] = lambda: []
     with pytest.raises(ValueError, match="empty"):
         task_addition(bb, tvs, [tasks[0], empty], alphas=alphas)
+
+
+@pytest.mark.parametrize("regime", ["nonlinear", "linear"])
+def test_addition_scores_the_joint_problem_of_class_partition_tasks(regime):
+    """Parts of one task (TAK Sec. F.7) are also scored together, all their classes at once, with the
+    joint problem's own α chosen on its validation split: as evaluating the joint task directly."""
+    bb = ToyBackbone()
+    g = torch.Generator().manual_seed(11)
+    xs, ys = torch.randn(150, 7, generator=g, dtype=torch.float64), torch.randint(7, (150,), generator=g)
+    examples = [(x, int(y)) for x, y in zip(xs, ys)]
+    parent = Task("parent", [f"c{i}" for i in range(7)], "image", ["{}"],
+                  {"train": lambda: examples[:50], "val": lambda: examples[50:100], "test": lambda: examples[100:]})
+    parts = partition_classes(parent, 3)
+    tasks = [parts[2], toy_task("other", n=40, seed=4), parts[0]]  # a task of its own between two parts
+    tvs = [_task_vector(bb, 0.5, seed=s, regime=regime) for s in (6, 7, 8)]
+    alphas = [0.0, 0.5, 1.0, 1.5]
+    result = task_addition(bb, tvs, tasks, alphas=alphas)
+    joint = joint_task([parts[2], parts[0]])
+    assert set(result.joint) == {"parent-joint"} and set(result.alpha1["per_task"]) == {t.name for t in tasks}
+    found = result.joint["parent-joint"]
+    assert found["parts"] == ["parent-part2of3", "parent-part0of3"] and found["classes"] == len(joint.classes) == 5
+    summed = TaskVector({k: sum(tv.tensors[k] for tv in tvs) for k in tvs[0].tensors}, tvs[0].meta)
+    for a in alphas:
+        assert found["val_curve"][a] == pytest.approx(accuracy(bb, apply(bb, summed, a), joint, "val"))
+    best = max(alphas, key=lambda a: (found["val_curve"][a], -abs(a - 1)))
+    assert found["best"]["alpha"] == best
+    assert found["best"]["acc"] == pytest.approx(accuracy(bb, apply(bb, summed, best), joint, "test"))
+    assert found["alpha1"] == pytest.approx(accuracy(bb, apply(bb, summed, 1.0), joint, "test"))
+    assert task_addition(bb, tvs[:2], tasks[:2], alphas=alphas).joint == {}  # one part: no joint problem
 
 
 def test_addition_with_a_post_hoc_merge_evaluates_that_merge():

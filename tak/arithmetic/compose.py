@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from ..data.splits import class_partitions, joint_task
 from ..evaluation import accuracy_of_features, features, linear_path_features
 from ..linearize import linearize
 from ..replay import DEFAULT_MAX_BYTES, FrozenPrefix
@@ -88,10 +89,14 @@ class Evaluator:
     batch for all the networks that share its changed parameters (``tak.replay.FrozenPrefix``)."""
 
     def __init__(self, backbone, tasks: list, split: str, *, batch_size: int = 256, device="cpu",
-                 progress: bool = False, cache: dict | None = None, prefix_bytes: int = DEFAULT_MAX_BYTES):
+                 progress: bool = False, cache: dict | None = None, prefix_bytes: int = DEFAULT_MAX_BYTES,
+                 joint: bool = False):
         """``cache``: a dict shared by evaluators of one backbone to keep θ0's features and the recorded
-        prefixes across them; ``prefix_bytes``: the most each recorded prefix may hold (0: none)."""
+        prefixes across them; ``prefix_bytes``: the most each recorded prefix may hold (0: none);
+        ``joint``: also score the joint problem of each group of class-partition tasks among ``tasks``
+        (``tak.data.class_partitions``; TAK Sec. F.7), from the features of its parts."""
         self.backbone, self.tasks, self.split = backbone, list(tasks), split
+        self.joints = [(joint_task(parts), parts) for parts in class_partitions(self.tasks)] if joint else []
         self.prefix_bytes = prefix_bytes
         self.kw = dict(batch_size=batch_size, device=device, progress=progress)
         for t in self.tasks:
@@ -114,24 +119,28 @@ class Evaluator:
         return self._cache[key]
 
     def sweep(self, task_vector: TaskVector | None, alphas, tasks=None) -> dict[float, dict[str, float]]:
-        """{α: {task: accuracy (%)}} of θ0 + α τ (τ = None: the pretrained model at every α)."""
+        """{α: {task: accuracy (%)}} of θ0 + α τ (τ = None: the pretrained model at every α); with ``joint``
+        and the evaluator's own tasks, also {joint task: accuracy} for each joint problem, from the same features."""
+        joints = self.joints if tasks is None else []
         tasks = self.tasks if tasks is None else tasks
         alphas = [float(a) for a in alphas]
         if not alphas:
             raise ValueError("alphas: empty grid")
-        out = {a: {} for a in alphas}
-        if task_vector is not None and task_vector.regime == "linear":
+        linear = task_vector is not None and task_vector.regime == "linear"
+        if linear:
             model = apply(self.backbone, task_vector, 1.0)
-            for t in tasks:
-                f0, labels = self.pretrained(t)
-                f1, _ = self._features(model, t)
-                head = self.backbone.head(t)
-                for a in alphas:
-                    out[a][t.name] = accuracy_of_features(head, linear_path_features(f0, f1, a), labels)
-            return out
+            ends = {t.name: (self.pretrained(t), self._features(model, t)[0]) for t in tasks}
+        out = {}
         for a in alphas:
-            model = None if task_vector is None or a == 0 else apply(self.backbone, task_vector, a)
-            for t in tasks:
-                feats, labels = self.pretrained(t) if model is None else self._features(model, t)
-                out[a][t.name] = accuracy_of_features(self.backbone.head(t), feats, labels)
+            if linear:
+                found = {name: (linear_path_features(f0, f1, a), labels) for name, ((f0, labels), f1) in ends.items()}
+            else:
+                model = None if task_vector is None or a == 0 else apply(self.backbone, task_vector, a)
+                found = {t.name: self.pretrained(t) if model is None else self._features(model, t) for t in tasks}
+            out[a] = {t.name: accuracy_of_features(self.backbone.head(t), *found[t.name]) for t in tasks}
+            for joint, parts in joints:
+                offsets = torch.tensor([0] + [len(p.classes) for p in parts[:-1]]).cumsum(0)
+                feats = torch.cat([found[p.name][0] for p in parts])
+                labels = torch.cat([found[p.name][1] + o for p, o in zip(parts, offsets)])
+                out[a][joint.name] = accuracy_of_features(self.backbone.head(joint), feats, labels)
         return out

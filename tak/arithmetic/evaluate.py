@@ -99,8 +99,10 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
         tasks = [get(tv.task) for tv in tvs]
         result = task_addition(backbone, tvs, tasks, alphas=alphas, merge=merge, merge_options=merge_options, **kw)
         results.update(result.to_dict(), merge={"method": merge, **(merge_options or {})})
-        plots.alpha_sweeps({"+".join(results["methods"]): (list(result.val_curve), list(result.val_curve.values()))},
-                           out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
+        curves = {"+".join(results["methods"]): (list(result.val_curve), list(result.val_curve.values())),
+                  **{f"{name} (joint)": (list(j["val_curve"]), list(j["val_curve"].values()))
+                     for name, j in result.joint.items()}}
+        plots.alpha_sweeps(curves, out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
         if run_analyses:
             results["analyses"] = _analyses(backbone, tvs, tasks, out, device)
     write_text(out / "results.json", json.dumps(results, indent=2, default=float))
@@ -211,6 +213,10 @@ def render_report(folders, out) -> Path:
                           for t in results["individual"]])
             report.table([{"": name, "absolute": results[key]["abs"], "normalized": results[key]["norm"]}
                           for name, key in (("α = 1", "alpha1"), (f"best α = {results['best']['alpha']:g}", "best"))])
+        if results.get("joint"):
+            report.table([{"joint problem (class partition)": f"{name} = {' + '.join(j['parts'])}",
+                           "classes": j["classes"], "merged (α = 1)": j["alpha1"], "merged (best α)": j["best"]["acc"],
+                           "best α": f"{j['best']['alpha']:g}"} for name, j in results["joint"].items()])
         if "negation" in results:
             n = results["negation"]
             target, control = n["target_task"], n["control_task"]

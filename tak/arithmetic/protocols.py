@@ -2,11 +2,13 @@
 
 - ``task_addition``: θ0 + α Σ_t τ_t at α = 1 and at the α of the grid with the best mean validation
   accuracy; absolute accuracy (mean over tasks) and normalized accuracy (mean over tasks of merged
-  accuracy / the task's individual accuracy, θ0 + τ_t alone, in the same regime), on test.
+  accuracy / the task's individual accuracy, θ0 + τ_t alone, in the same regime), on test. Tasks that
+  are parts of one task of disjoint classes (the class-partition protocol, TAK Sec. F.7) are also
+  scored on their joint problem, all their classes together, its α chosen on the joint validation split.
 - ``task_negation``: θ0 − α τ_target at the α minimizing the target's validation accuracy subject to
   the control task keeping ≥ ``keep`` (95%) of the pretrained model's control validation accuracy.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..task_vector import TaskVector
 from . import merges
@@ -35,12 +37,14 @@ def mean(values) -> float:
 class AdditionResult:
     """Accuracies in percent. ``alpha1`` / ``best``: {"abs", "norm", "per_task"} on test (``best`` also
     has "alpha"); ``individual``: task -> test accuracy of its own τ; ``val_curve``: α -> mean
-    validation accuracy over tasks (what chose α)."""
+    validation accuracy over tasks (what chose α); ``joint``: joint task -> {"parts", "classes",
+    "alpha1", "best": {"alpha", "acc"}, "val_curve"} for each class-partition group among the tasks."""
 
     individual: dict
     alpha1: dict
     best: dict
     val_curve: dict
+    joint: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,17 +72,30 @@ def task_addition(backbone, task_vectors, tasks, *, alphas=DEFAULT_ALPHAS, indiv
     if merge != "task_arithmetic" or merge_options:
         merged = TaskVector(merges.merge(merge, [tv.tensors for tv in task_vectors], **(merge_options or {})),
                             {**merged.meta, "method": f"merge:{merge}"})
-    val = Evaluator(backbone, tasks, "val", **kw).sweep(merged, alphas)
-    val_curve = {a: mean(accs.values()) for a, accs in val.items()}
-    best_alpha = max(val_curve, key=lambda a: (val_curve[a], -abs(a - 1)))  # ties: the α nearest 1
-    test = Evaluator(backbone, tasks, "test", **kw).sweep(merged, sorted({1.0, best_alpha}))
+    val_evaluator = Evaluator(backbone, tasks, "val", joint=True, **kw)
+    val = val_evaluator.sweep(merged, alphas)
+    val_curve = {a: mean(accs[t] for t in names) for a, accs in val.items()}
+    best_alpha = best_of(val_curve)
+    joints = {j.name: (parts, {a: accs[j.name] for a, accs in val.items()}) for j, parts in val_evaluator.joints}
+    joint_alphas = {name: best_of(curve) for name, (_, curve) in joints.items()}
+    test = Evaluator(backbone, tasks, "test", joint=True, **kw).sweep(
+        merged, sorted({1.0, best_alpha, *joint_alphas.values()}))
     if individual is None:
         individual = individual_accuracies(backbone, task_vectors, tasks, **kw)
 
     def summary(a):
-        return {"abs": mean(test[a].values()), "norm": normalized_accuracy(test[a], individual), "per_task": test[a]}
+        per_task = {t: test[a][t] for t in names}
+        return {"abs": mean(per_task.values()), "norm": normalized_accuracy(per_task, individual), "per_task": per_task}
+    joint = {name: {"parts": [p.name for p in parts], "classes": sum(len(p.classes) for p in parts),
+                    "alpha1": test[1.0][name], "best": {"alpha": joint_alphas[name], "acc": test[joint_alphas[name]][name]},
+                    "val_curve": curve} for name, (parts, curve) in joints.items()}
     return AdditionResult(individual=individual, alpha1=summary(1.0), best={"alpha": best_alpha, **summary(best_alpha)},
-                          val_curve=val_curve)
+                          val_curve=val_curve, joint=joint)
+
+
+def best_of(val_curve: dict[float, float]) -> float:
+    """The α of the best validation accuracy; ties: the α nearest 1."""
+    return max(val_curve, key=lambda a: (val_curve[a], -abs(a - 1)))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Deterministic splits of a task's examples: the validation split drawn from train, class-stratified
 subsamples, and the class-partition protocol (TAK Sec. F.7: one dataset split into tasks whose class
-sets are disjoint; the merged model is then evaluated on the original task, all classes together).
+sets are disjoint; the merged model is then evaluated on the joint problem, all their classes together).
 
 Examples are ``(input, label)`` sequences. A sequence that loads its inputs lazily (images) may offer
 ``labels`` (all labels, without loading inputs) and ``subset(indices, labels=None)``; these functions
@@ -77,12 +77,13 @@ def subsample_task(task: Task, max_train: int | None = None, max_test: int | Non
         return stratified_subsample(task.split(split), n, split_seed)
 
     loaders = {s: functools.partial(load, s) for s in SPLITS}
-    return Task(task.name, task.classes, task.modality, task.templates, loaders, task.licence)
+    return Task(task.name, task.classes, task.modality, task.templates, loaders, task.licence, task.parent)
 
 
 def subset_classes(task: Task, classes, name: str) -> Task:
     """The task restricted to ``classes`` (names or label indices, in the order given), relabelled
-    ``0..len(classes)-1``; its splits are filtered lazily from ``task``'s."""
+    ``0..len(classes)-1``; its splits are filtered lazily from ``task``'s, and its parent is ``task``
+    (or ``task``'s parent)."""
     classes = list(classes)
 
     def position(c):
@@ -103,16 +104,78 @@ def subset_classes(task: Task, classes, name: str) -> Task:
         return take(examples, keep, [new_label[labels[i]] for i in keep])
 
     loaders = {s: functools.partial(load, s) for s in SPLITS}
-    return Task(name, [task.classes[i] for i in index], task.modality, task.templates, loaders, task.licence)
+    return Task(name, [task.classes[i] for i in index], task.modality, task.templates, loaders, task.licence,
+                task.parent or task.name)
 
 
-def partition_classes(task: Task, n_parts: int, seed: int = 0) -> list[Task]:
+def partition_classes(task: Task, n_parts: int, seed: int = 0, name: str = "{task}-part{k}of{n}") -> list[Task]:
     """The class-partition protocol: the classes of ``task``, shuffled with ``seed``, cut into
-    ``n_parts`` disjoint groups of (nearly) equal size; part ``k`` is the task
-    ``f"{task.name}-part{k}"`` with that group's classes (in their original order) relabelled from 0.
-    Each split of a part is the same split of ``task`` filtered, so ``task``'s val (used on the joint
-    problem) never holds a part's train example."""
+    ``n_parts`` disjoint groups of (nearly) equal size; part ``k`` is the task named ``name`` (formatted
+    with ``task``, ``k``, ``n``) with that group's classes (in their original order) relabelled from 0.
+    Each split of a part is the same split of ``task`` filtered, so a part's val never holds another
+    part's train example. The default names are the ones ``tak.data.get_task`` resolves."""
     if not 1 <= n_parts <= len(task.classes):
-        raise ValueError(f"partition_classes: n_parts must be in 1..{len(task.classes)}, got {n_parts}")
+        raise ValueError(f"partition_classes: n_parts must be in 1..{len(task.classes)} (the classes of "
+                         f"{task.name!r}), got {n_parts}")
     groups = np.array_split(np.random.default_rng(seed).permutation(len(task.classes)), n_parts)
-    return [subset_classes(task, sorted(int(c) for c in g), f"{task.name}-part{k}") for k, g in enumerate(groups)]
+    return [subset_classes(task, sorted(int(c) for c in g), name.format(task=task.name, k=k, n=n_parts))
+            for k, g in enumerate(groups)]
+
+
+class Joined(Sequence):
+    """Examples of several sequences, relabelled, loading an input only when it is accessed:
+    ``index[i] = (j, k)`` is example ``k`` of ``sources[j]``, with label ``labels[i]``."""
+
+    def __init__(self, sources: list[Sequence], index: list[tuple[int, int]], labels: list[int]):
+        self.sources, self.index, self.labels = sources, list(index), [int(y) for y in labels]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.subset(range(len(self))[i])
+        j, k = self.index[i]
+        return self.sources[j][k][0], self.labels[i]
+
+    def subset(self, indices, labels=None):
+        indices = list(indices)
+        return Joined(self.sources, [self.index[i] for i in indices],
+                      [self.labels[i] for i in indices] if labels is None else labels)
+
+
+def joint_task(parts: list[Task]) -> Task:
+    """The joint problem of tasks of disjoint classes (TAK Sec. F.7): every class of ``parts``, part after
+    part (part ``i``'s label ``y`` is ``y + `` the class count of the parts before it), each split the
+    parts' splits together. Named ``{parent}-joint`` when the parts share a parent."""
+    if not parts:
+        raise ValueError("joint_task: no parts")
+    names = [c for p in parts for c in p.classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"joint_task: the classes of {[p.name for p in parts]} are not disjoint")
+    first = parts[0]
+    odd = [p.name for p in parts if (p.modality, p.templates) != (first.modality, first.templates)]
+    if odd:
+        raise ValueError(f"joint_task: {odd} differ from {first.name!r} in modality or prompt templates")
+    offsets = np.cumsum([0] + [len(p.classes) for p in parts])
+
+    def load(split):
+        splits = [p.split(split) for p in parts]
+        return Joined(splits, [(j, i) for j, examples in enumerate(splits) for i in range(len(examples))],
+                      [y + int(o) for examples, o in zip(splits, offsets) for y in labels_of(examples)])
+
+    parent = {p.parent for p in parts}
+    name = f"{parent.pop()}-joint" if len(parent) == 1 and None not in parent else "+".join(p.name for p in parts)
+    return Task(name, names, first.modality, first.templates, {s: functools.partial(load, s) for s in SPLITS},
+                "; ".join(dict.fromkeys(p.licence for p in parts)))
+
+
+def class_partitions(tasks: list[Task]) -> list[list[Task]]:
+    """The groups of two or more ``tasks`` that are parts of one parent with disjoint classes (in the
+    order of ``tasks``): the joint problems the class-partition protocol evaluates."""
+    groups = {}
+    for t in tasks:
+        if t.parent is not None:
+            groups.setdefault(t.parent, []).append(t)
+    return [g for g in groups.values()
+            if len(g) >= 2 and sum(len(t.classes) for t in g) == len({c for t in g for c in t.classes})]

@@ -16,7 +16,9 @@ class Task:
     """name: registry name; classes: class names (label i is ``classes[i]``); modality: one of
     ``MODALITIES``; templates: prompts with one ``{}`` for a class name (the zero-shot head averages
     their embeddings); loaders: split name -> function returning that split's examples;
-    licence: where the data comes from and under which licence (reports quote it)."""
+    licence: where the data comes from and under which licence (reports quote it); parent: the task
+    whose classes this one's are a subset of (``subset_classes``, the class-partition protocol), None
+    for a task of its own."""
 
     name: str
     classes: list[str]
@@ -24,6 +26,7 @@ class Task:
     templates: list[str]
     loaders: dict[str, Callable[[], Sequence]]
     licence: str = ""
+    parent: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

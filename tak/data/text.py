@@ -182,7 +182,7 @@ def reuters_r8(root=None, seed=0):
 
 def _newsgroups_part(k):
     """Part ``k`` of 20 Newsgroups cut into 4 tasks of 5 groups (the class-partition protocol, seed 0)."""
-    return lambda root=None, seed=0: partition_classes(newsgroups(root, seed), 4, seed=0)[k]
+    return lambda root=None, seed=0: partition_classes(newsgroups(root, seed), 4, seed=0, name="{task}-part{k}")[k]
 
 
 # --- 6-NLI, from local files ---------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Image tasks: the 14-Vision datasets from local roots, and two embedded ones (``digits`` from
-scikit-learn, ``fashion_mnist`` from the Debian package ``dataset-fashion-mnist``).
+"""Image tasks: the 14-Vision datasets and ImageNet-R from local roots, and two embedded ones
+(``digits`` from scikit-learn, ``fashion_mnist`` from the Debian package ``dataset-fashion-mnist``).
 
 A 14-Vision dataset is read from the folder layout ``{root}/{name}/{train,test}/{class}/*.jpg`` (or
 ``{root}/{train,test}/...``) when it exists, else with its torchvision class (``download=False``) under
-``root``. Images load lazily, as RGB PIL images; CLIP preprocessing is the backbone's job.
+``root``. ImageNet-R (``imagenet_r``, used for the class-partition protocol of TAK Sec. F.7) is read
+from its official tarball's layout ``{root}/imagenet-r/{wnid}/*.jpg``, a fixed 20% (seed 0) held out
+as test, or from the folder layout; its classes get CLIP's ImageNet class names. Images load lazily,
+as RGB PIL images; CLIP preprocessing is the backbone's job.
 """
 import functools
 import gzip
+import importlib.util
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,15 +84,29 @@ def _folder_split(folder: Path, classes: list[str]) -> ImageSplit:
     return ImageSplit(_open, files, labels)
 
 
-def folder_task(name: str, folder: Path, templates: list[str], seed: int = 0, numbered=None):
+def _has_splits(folder: Path) -> bool:
+    """Whether ``folder`` holds the folder layout's ``train/`` and ``test/`` folders."""
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def _held_out_test(load_all):
+    """``(load_train, load_test)`` for a dataset without a test split: a fixed 20% (seed 0) of
+    ``load_all()``'s examples is test, the rest train."""
+    data = functools.cache(lambda: validation_split(load_all(), 0.2, None, seed=0))
+    return (lambda: data()[0]), (lambda: data()[1])
+
+
+def folder_task(name: str, folder: Path, templates: list[str], seed: int = 0, numbered=None, class_name=None):
     """A task from ``folder/{train,test}/{class}/*.<image>``; the classes are train's subfolders in
     sorted order, named ``numbered[int(folder)]`` for numbered folders ("00014") when ``numbered`` is
-    given, else made ``readable``. Hidden files and folders (a leading ".") are skipped."""
+    given, else ``class_name(folder)`` (default ``readable``). Hidden files and folders (a leading
+    ".") are skipped."""
     folders = _class_folders(folder / "train")
     extra = sorted(set(_class_folders(folder / "test")) - set(folders))
     if extra:
         raise ValueError(f"{folder}/test has classes missing from {folder}/train: {extra}")
-    classes = [numbered[int(f)] if numbered and f.isdigit() and int(f) < len(numbered) else readable(f)
+    class_name = class_name or readable
+    classes = [numbered[int(f)] if numbered and f.isdigit() and int(f) < len(numbered) else class_name(f)
                for f in folders]
     return task_from_splits(name, classes, "image", templates, lambda: _folder_split(folder / "train", folders),
                             lambda: _folder_split(folder / "test", folders), f"local copy in {folder}; the "
@@ -112,10 +130,11 @@ _GTSRB = [  # the meaning of GTSRB's class ids 0..42
 
 
 class _Vision(NamedTuple):
-    """How to read one 14-Vision dataset: its title; torchvision's class for it (None: folder layout
-    only); that class's arguments for the train and test splits (test None: a fixed 20% of the data,
-    seed 0, is test); the files it expects under root; a dataset-specific prompt template; class names
-    when the dataset has none (label i is ``classes[i]``)."""
+    """How to read one local image dataset (a 14-Vision one, ImageNet-R): its title; torchvision's
+    class for it (None: folder layout only); that class's arguments for the train and test splits
+    (test None: a fixed 20% of the data, seed 0, is test); the files it expects under root; a
+    dataset-specific prompt template; class names when the dataset has none (label i is
+    ``classes[i]``)."""
 
     title: str
     tv_class: str | None
@@ -199,8 +218,7 @@ def torchvision_task(name: str, root: str, seed: int = 0):
     no_download = {} if spec.tv_class == "FER2013" else {"download": False}  # FER2013 never downloads
     train = cls(root, **spec.train, **no_download)
     if spec.test is None:
-        data = functools.cache(lambda: validation_split(_tv_split(train), 0.2, None, seed=0))
-        load_train, load_test = (lambda: data()[0]), (lambda: data()[1])
+        load_train, load_test = _held_out_test(lambda: _tv_split(train))
     else:
         load_train, load_test = (lambda: _tv_split(train)), (lambda: _tv_split(cls(root, **spec.test, **no_download)))
     classes = spec.classes or [readable(c) for c in train.classes]
@@ -213,7 +231,7 @@ def vision_task(name: str, root: str, seed: int = 0):
     """A 14-Vision task: the folder layout under ``{root}/{name}`` or ``root`` if there, else torchvision's."""
     spec = VISION[name]
     for folder in (Path(root) / name, Path(root)):
-        if (folder / "train").is_dir() and (folder / "test").is_dir():
+        if _has_splits(folder):
             return folder_task(name, folder, spec.templates, seed, spec.classes)
     expected = (f"{spec.title}: no data found. Expected the folder layout {Path(root) / name}/{{train,test}}/"
                 "{class}/*.jpg")
@@ -224,6 +242,86 @@ def vision_task(name: str, root: str, seed: int = 0):
     except RuntimeError as e:  # torchvision's "Dataset not found"
         raise FileNotFoundError(f"{expected}, or torchvision's {spec.tv_class} layout {Path(root) / spec.layout} "
                                 f"(torchvision said: {e})") from None
+
+
+# --- ImageNet-R ----------------------------------------------------------------------------------
+
+IMAGENET_R = _Vision("ImageNet-R", None, None, None, "imagenet-r/{wnid}/*.jpg",
+                     "a {} in a rendition such as art, cartoons or sculpture.")
+_WNID = re.compile(r"n\d{8}")
+_MODELS_HINT = "pip install 'kfac_kernels[models]'"
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """The file ``relative`` of the installed package ``package``, found without importing it
+    (importing timm fails where torchvision's operators are missing, see ``tak._compat``)."""
+    spec = importlib.util.find_spec(package)
+    folders = [Path(f) for f in (spec.submodule_search_locations or [])] if spec else []
+    for folder in folders:
+        if (folder / relative).is_file():
+            return folder / relative
+    if not folders:
+        raise FileNotFoundError(f"ImageNet class names need {relative} from the {package!r} package, which is not "
+                                f"installed ({_MODELS_HINT} installs it)")
+    raise FileNotFoundError(f"ImageNet class names: no file {' or '.join(str(f / relative) for f in folders)}; it "
+                            f"comes with {package} ({_MODELS_HINT} installs it)")
+
+
+@functools.cache
+def imagenet_class_names() -> dict[str, str]:
+    """WordNet id -> CLIP's class name, for the 1000 ImageNet-1k classes ("n01443537" -> "goldfish").
+
+    CLIP's names (open_clip's ``IMAGENET_CLASSNAMES``) are in ImageNet-1k's standard label order, which
+    is the sorted order of the classes' WordNet ids, read from timm's ``imagenet_synsets.txt``."""
+    path = _package_file("timm", "data/_info/imagenet_synsets.txt")
+    wnids = path.read_text().split()
+    from tak._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    try:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    except ImportError as e:
+        raise ImportError(f"ImageNet class names are CLIP's, from open_clip ({e}); install it with "
+                          f"{_MODELS_HINT}") from e
+    if len(wnids) != 1000 or wnids != sorted(wnids) or len(IMAGENET_CLASSNAMES) != 1000:
+        raise ValueError(f"ImageNet class names: expected 1000 sorted WordNet ids in {path} and 1000 names in "
+                         f"open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES, got {len(wnids)} ids "
+                         f"({'' if wnids == sorted(wnids) else 'not '}sorted) and {len(IMAGENET_CLASSNAMES)} names")
+    return dict(zip(wnids, IMAGENET_CLASSNAMES))
+
+
+def imagenet_class_name(folder: str) -> str:
+    """CLIP's name of the ImageNet-1k class whose WordNet id is ``folder``; ``readable(folder)`` for a
+    folder that is not one (the class names are loaded only when some folder looks like a WordNet id)."""
+    if _WNID.fullmatch(folder):
+        name = imagenet_class_names().get(folder)
+        if name is not None:
+            return name
+    return readable(folder)
+
+
+def imagenet_r(root: str, seed: int = 0):
+    """ImageNet-R: renditions (art, cartoons, sculptures, ...) of 200 ImageNet classes. Read from, in
+    this order: the folder layout ``{root}/imagenet_r/{train,test}/{class}/``; the official tarball's
+    layout ``{root}/imagenet-r/{wnid}/*.jpg`` (or ``{root}/imagenet_r/{wnid}/``), which has no test
+    split, so a fixed 20% (seed 0) of its images is test; the folder layout ``{root}/{train,test}/``.
+    Classes are the class folders in sorted order, named by ``imagenet_class_name``."""
+    spec, root = IMAGENET_R, Path(root)
+    if _has_splits(root / "imagenet_r"):
+        return folder_task("imagenet_r", root / "imagenet_r", spec.templates, seed, class_name=imagenet_class_name)
+    for folder in (root / "imagenet-r", root / "imagenet_r"):
+        folders = _class_folders(folder) if folder.is_dir() else []
+        if folders and not {"train", "test"} & set(folders):  # not an incomplete folder layout
+            load_train, load_test = _held_out_test(lambda: _folder_split(folder, folders))
+            return task_from_splits("imagenet_r", [imagenet_class_name(f) for f in folders], "image",
+                                    spec.templates, load_train, load_test,
+                                    f"{spec.title}: local copy in {folder} (official layout, a fixed 20% held out "
+                                    "as test); the dataset's own terms apply", seed)
+    if _has_splits(root):
+        return folder_task("imagenet_r", root, spec.templates, seed, class_name=imagenet_class_name)
+    raise FileNotFoundError(f"{spec.title}: no data found. Expected the official tarball's layout "
+                            f"{root / spec.layout} (or {root}/imagenet_r/{{wnid}}/*.jpg), or the folder layout "
+                            f"{root / 'imagenet_r'}/{{train,test}}/{{class}}/*.jpg")
 
 
 # --- embedded image tasks ------------------------------------------------------------------------
@@ -281,5 +379,7 @@ def fashion_mnist(root=None, seed=0):
 for _name, _spec in VISION.items():
     register_task(_name, functools.partial(vision_task, _name), f"{_spec.title} (local: folder layout"
                   + (f" or torchvision {_spec.tv_class})" if _spec.tv_class else ")"))
+register_task("imagenet_r", imagenet_r, "ImageNet-R, 200 classes (local: the official imagenet-r/{wnid}/ layout "
+              "with a fixed 20% test, or folder layout)")
 register_task("digits", digits, "scikit-learn 8x8 handwritten digits, 10 classes (embedded)")
 register_task("fashion_mnist", fashion_mnist, "Fashion-MNIST, 10 classes (Debian package dataset-fashion-mnist)")
