@@ -20,11 +20,25 @@ _KEY = "tak"
 
 
 def architecture_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) of the model class and its parameters' names, shapes and dtypes: equal for
-    two models of one architecture, whatever their weights."""
+    """SHA-256 (16 hex digits) of the model class and its parameters' names and shapes: equal for two models
+    of one architecture, whatever their weights, dtype or device."""
+    return _fingerprint(model, lambda p: "")
+
+
+def architecture_fingerprints(model: nn.Module) -> set[str]:
+    """The fingerprints that a file fitted or trained on ``model``'s architecture may carry: today's
+    (``architecture_fingerprint``) and the legacy ones of files written before it left dtypes out, which hashed
+    ``name:shape:dtype;`` (dtypes as the model has them, or all floating parameters in one floating dtype)."""
+    legacy = [lambda p: f":{p.dtype}"] + [lambda p, d=d: f":{d if p.is_floating_point() else p.dtype}"
+                                          for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    return {architecture_fingerprint(model), *(_fingerprint(model, suffix) for suffix in legacy)}
+
+
+def _fingerprint(model: nn.Module, suffix) -> str:
+    """SHA-256 (16 hex digits) of the class name and ``name:shape<suffix(p)>;`` per parameter."""
     h = hashlib.sha256(type(model).__name__.encode())
     for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        h.update(f"{name}:{tuple(p.shape)}{suffix(p)};".encode())
     return h.hexdigest()[:16]
 
 

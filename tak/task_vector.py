@@ -1,7 +1,8 @@
 """Task vectors τ = θ_t − θ0 as files: {model parameter name: tensor} plus JSON metadata.
 
 Metadata (``TaskVector.meta``): ``base_model`` (backbone name), ``fingerprint``
-(``tak.io.architecture_fingerprint`` of the trained module), ``method``, ``task``, ``regime``
+(``tak.io.architecture_fingerprint`` of the trained module: class, parameter names and shapes; files of earlier
+versions hold a legacy one that hashed dtypes too, see ``TaskVector.load``), ``method``, ``task``, ``regime``
 ("linear": τ is a direction of the linearized model f(θ0) + Jτ; "nonlinear": of the model itself),
 ``trainable`` (the selection), ``hparams``, ``seed``, ``metrics``. Files go through ``tak.io``: atomic
 writes, checksummed reads, no pickles.
@@ -10,8 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from .io import read, write
+from .io import architecture_fingerprint, architecture_fingerprints, read, write
 
 FORMAT_VERSION = 1
 REGIMES = ("linear", "nonlinear")
@@ -43,9 +45,12 @@ class TaskVector:
         write(path, self.tensors, {**self.meta, "kind": _KIND, "format_version": FORMAT_VERSION})
 
     @classmethod
-    def load(cls, path, *, fingerprint: str | None = None, device="cpu") -> "TaskVector":
-        """The task vector in ``path``; refuses non-finite entries and, with ``fingerprint``, one trained on another
-        architecture."""
+    def load(cls, path, *, fingerprint: str | None = None, model: nn.Module | None = None,
+             device="cpu") -> "TaskVector":
+        """The task vector in ``path``; refuses non-finite entries and one trained on another architecture than
+        ``fingerprint`` (``architecture_fingerprint``) or ``model`` (in any dtype). With ``model`` a file of an
+        earlier tak (legacy fingerprint, ``tak.io.architecture_fingerprints``) is accepted too, and its meta then
+        holds today's fingerprint, so it compares equal to newer files in ``check_compatible``."""
         tensors, meta = read(path, device=device)
         kind = meta.pop("kind", None)
         if kind != _KIND:
@@ -56,11 +61,18 @@ class TaskVector:
         bad = sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
         if bad:
             raise ValueError(f"{path}: task vector with NaN or Inf entries in {bad[:8]}{' ...' if len(bad) > 8 else ''}")
-        tv = cls(tensors, meta)
-        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-            raise ValueError(f"{path}: task vector of architecture {meta.get('fingerprint')!r} "
-                             f"(base model {meta.get('base_model')!r}); the model here is {fingerprint!r}")
-        return tv
+        if fingerprint is not None or model is not None:
+            if fingerprint is not None and model is not None:
+                raise TypeError("TaskVector.load: pass fingerprint= or model=, not both")
+            here = fingerprint if model is None else architecture_fingerprint(model)
+            stored, base = meta.get("fingerprint"), meta.get("base_model")
+            if stored not in ({fingerprint} if model is None else architecture_fingerprints(model)):
+                raise ValueError(f"{path}: task vector of architecture {stored!r} (base model {base!r}); the model "
+                                 f"here is {here!r}: check that it is the base model {base!r}, unmodified (parameter "
+                                 "names and shapes as in training)" + ("" if model is not None else
+                                 "; a file of an earlier tak, whose fingerprint hashed dtypes too, loads with model="))
+            meta["fingerprint"] = here
+        return cls(tensors, meta)
 
     def scaled(self, alpha: float) -> "TaskVector":
         """α τ, with the same metadata."""
@@ -69,7 +81,8 @@ class TaskVector:
 
 def check_compatible(task_vectors: Iterable[TaskVector], *, allow_mixed_regimes: bool = False) -> None:
     """ValueError unless all task vectors share a base model, an architecture, a regime (unless
-    ``allow_mixed_regimes``) and the same parameter names and shapes."""
+    ``allow_mixed_regimes``) and the same parameter names and shapes. Fingerprints must be equal: load files of an
+    earlier tak (legacy fingerprints, which hashed dtypes too) with ``TaskVector.load(path, model=...)`` to compare."""
     tvs = list(task_vectors)
     if not tvs:
         raise ValueError("no task vectors given")
@@ -79,7 +92,10 @@ def check_compatible(task_vectors: Iterable[TaskVector], *, allow_mixed_regimes:
             named = ", ".join(f"{tv.task or i}: {tv.meta.get(key)!r}" for i, tv in enumerate(tvs))
             raise ValueError(f"task vectors differ in {key} ({named})"
                              + ("; pass allow_mixed_regimes=True (tak merge: --allow-mixed-regimes) to mix them on purpose"
-                                if key == "regime" else ""))
+                                if key == "regime" else "")
+                             + ("; check that all were trained on one base model, unmodified (a file of an earlier tak "
+                                "has a legacy fingerprint: TaskVector.load(path, model=base model) gives today's)"
+                                if key == "fingerprint" else ""))
     first = tvs[0]
     for i, tv in enumerate(tvs[1:], 1):
         if set(tv.tensors) != set(first.tensors):

@@ -1,6 +1,7 @@
 """tak.backbones: loading through the libraries' loaders (shipped MiniLM, tiny random T5 / BERT / CLIP saved to
 temporary folders), zero-shot heads, features of the model, of its linearization and of copies, errors."""
 import copy
+import hashlib
 import json
 import sys
 import warnings
@@ -10,8 +11,10 @@ import torch
 from torch import nn
 
 import tak
+from tak.arithmetic.compose import apply, check_backbone
 from tak.backbones import GenericBackbone, Head, list_backbones, load_backbone
 from tak.data.task import Task
+from tak.task_vector import TaskVector, check_compatible
 
 from .util import rel_err
 
@@ -306,6 +309,54 @@ def test_generic_backbone():
     assert built.head(task("v", ["a", "b"])).weight.shape == (2, 3)  # same name, other classes: another head
     assert rel_err(built.features(model, batch), 2 * model(batch)) == 0
     assert backbone.to("cpu") is backbone and backbone.meta()["source"] == {"spec": "mlp", "pretrained": None}
+
+
+def legacy_fingerprint(model):
+    """The fingerprint task vector files of earlier versions carry: class name and ``name:shape:dtype;`` per parameter."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("regime", ["nonlinear", "linear"])
+def test_task_vector_of_fp32_minilm_applies_to_minilm_in_bf16(minilm, tmp_path, regime):
+    bf16 = load_backbone("minilm", dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16 and bf16.fingerprint == minilm.fingerprint
+    params = dict(minilm.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    tau = {k: 0.05 * torch.randn(params[k].shape, generator=g) for k in params if k.startswith("encoder.layer.5.")}
+    path = tmp_path / "tv.safetensors"
+    TaskVector(tau, {**minilm.meta(), "regime": regime, "task": "t"}).save(path)
+    tv = TaskVector.load(path, model=bf16.model)
+    assert TaskVector.load(path, fingerprint=bf16.fingerprint).meta == tv.meta
+    check_backbone(bf16, [tv])
+    batch = minilm.inputs([text for text, _ in TOY[:3]])
+    with torch.no_grad():
+        ref, at0 = minilm.features(apply(minilm, tv, 0.5), batch), minilm.features(minilm.model, batch)
+        got = bf16.features(apply(bf16, tv, 0.5), batch)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(ref, at0) > 0.2 and rel_err(got, ref) < 3e-2  # τ moves the features; bf16 follows fp32
+
+    # a file of an earlier version: its fingerprint hashed the fp32 dtypes; accepted with the model, in any dtype
+    legacy = tmp_path / "legacy.safetensors"
+    TaskVector(tau, {**tv.meta, "fingerprint": legacy_fingerprint(minilm.model)}).save(legacy)
+    with pytest.raises(ValueError, match=r"check that it is the base model 'minilm'.*loads with model="):
+        TaskVector.load(legacy, fingerprint=minilm.fingerprint)
+    with pytest.raises(ValueError, match="differ in fingerprint"):
+        check_compatible([TaskVector.load(legacy), tv])
+    for backbone in (minilm, bf16):
+        check_backbone(backbone, [TaskVector.load(legacy)])  # tak eval's check takes it as it is
+        old = TaskVector.load(legacy, model=backbone.model)
+        assert old.meta["fingerprint"] == minilm.fingerprint
+        check_compatible([old, tv])
+
+    # another architecture is refused, naming the base model to check
+    mlp = nn.Sequential(nn.Linear(5, 4))
+    for file in (path, legacy):
+        with pytest.raises(ValueError, match=r"task vector of architecture '[0-9a-f]{16}' \(base model 'minilm'\); "
+                                             r"the model here is '[0-9a-f]{16}': check that it is the base model 'minilm'"):
+            TaskVector.load(file, model=mlp)
 
 
 def test_spec_errors(monkeypatch, tmp_path):

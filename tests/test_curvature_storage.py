@@ -1,13 +1,16 @@
 """Factor files (tak.curvature.storage): bitwise round trips, and refusal of what does not fit."""
+import copy
 import dataclasses
+import hashlib
 import os
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
 import tak.io
-from tak.curvature import KFAC, LayerFactors, compress, fit_kfac, storage
+from tak.curvature import KFAC, LayerFactors, compress, fit_kfac, merge_kfac, storage
 
 
 class TokenMean(nn.Module):
@@ -105,8 +108,78 @@ def test_refuses_a_model_differing_elsewhere(path):
     fitted(model_of()).save(path)
     other = model_of()
     other.add_module("extra", nn.Embedding(3, 2))  # not a factored layer
-    with pytest.raises(ValueError, match="the factored layers match; other parameters, the parameters' dtypes or the class differ"):
+    with pytest.raises(ValueError, match=r"the factored layers match; the class or other parameters \(names or shapes\) "
+                                         r"differ\. Check that the model is the one the factors were fitted on \(class "
+                                         r"'Sequential'; the model is a 'Sequential'\)"):
         KFAC.load(path, model=other)
+
+
+def legacy_fingerprint(model):
+    """The fingerprint files of earlier versions carry: class name and ``name:shape:dtype;`` per parameter."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def test_fingerprint_ignores_dtype_but_not_names_or_shapes():
+    model = model_of()
+    fp = tak.io.architecture_fingerprint(model)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    for dtype in (torch.bfloat16, torch.float64):
+        assert tak.io.architecture_fingerprint(copy.deepcopy(model).to(dtype)) == fp
+    assert tak.io.architecture_fingerprint(model_of(8)) != fp  # shapes
+    renamed = nn.Sequential(OrderedDict(zip("abcde", model_of())))  # same shapes and dtypes, other names
+    assert [p.shape for p in renamed.parameters()] == [p.shape for p in model.parameters()]
+    assert tak.io.architecture_fingerprint(renamed) != fp
+    assert legacy_fingerprint(model) != fp  # the legacy value differs: files carry one or the other
+    assert {fp, legacy_fingerprint(model), legacy_fingerprint(model.to(torch.bfloat16))} <= \
+        tak.io.architecture_fingerprints(model)
+    assert legacy_fingerprint(model_of(8)) not in tak.io.architecture_fingerprints(model)
+
+
+def test_factors_of_fp32_load_and_apply_on_the_model_in_bf16_and_float64(path):
+    model = model_of()
+    f = fitted(model)
+    f.save(path)
+    taus = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    ref = f.quadratic_form(taus).item()
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float64, 1e-6)):
+        cast = copy.deepcopy(model).to(dtype)
+        g = KFAC.load(path, model=cast)
+        assert g.meta == f.meta and all(lf.A.dtype == torch.float32 for lf in g.values())
+        got = g.quadratic_form({n: t.to(dtype) for n, t in taus.items()}).item()
+        assert abs(got - ref) <= tol * abs(ref), (dtype, got, ref)
+
+
+def test_factors_with_a_legacy_fingerprint_load_and_merge_with_new_ones(path):
+    model = model_of()
+    old = fitted(model)
+    old.meta["fingerprint"] = legacy_fingerprint(model)  # as an earlier version wrote it (fp32 model)
+    old.save(path)
+    new = fitted(model)
+    with pytest.raises(ValueError, match="has fingerprint="):  # without a model, the two fingerprints differ
+        merge_kfac([storage.load(path), new], [1, 1])
+    for cast in (model, copy.deepcopy(model).to(torch.bfloat16)):
+        g = KFAC.load(path, model=cast)
+        assert g.meta["fingerprint"] == new.meta["fingerprint"] == tak.io.architecture_fingerprint(cast)
+    merge_kfac([g, new], [1, 1])
+    with pytest.raises(ValueError, match=r"fingerprint '[0-9a-f]{16}' in the file.*'0' is \(d_out, d_in, bias, layout\) "
+                                         r"= \(7, 5, True, 'linear'\) in the file, \(8, 5, True, 'linear'\)"):
+        KFAC.load(path, model=model_of(8))
+
+
+def test_refusal_names_the_base_model_and_the_first_differing_layer(path):
+    f = fitted(model_of())
+    f.meta["base_model"] = "toy-mlp"
+    f.save(path)
+    with pytest.raises(ValueError, match=r"; '0' is \(d_out, d_in, bias, layout\) = \(7, 5, True, 'linear'\) in the file, "
+                                         r"\(8, 5, True, 'linear'\) in the model; '3' is .*Check that the model is the "
+                                         r"one the factors were fitted on \(base model 'toy-mlp', class 'Sequential'"):
+        KFAC.load(path, model=model_of(8))
+    renamed = nn.Sequential(OrderedDict(zip("abcde", model_of())))
+    with pytest.raises(ValueError, match=r"'0' is not a linear layer of the model"):
+        KFAC.load(path, model=renamed)
 
 
 def test_refuses_a_truncated_file(path):

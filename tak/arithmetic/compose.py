@@ -12,6 +12,7 @@ import torch
 
 from ..data.splits import class_partitions, joint_task
 from ..evaluation import accuracy_of_features, features, linear_path_features
+from ..io import architecture_fingerprints
 from ..linearize import linearize
 from ..replay import DEFAULT_MAX_BYTES, FrozenPrefix
 from ..task_vector import TaskVector, check_compatible
@@ -50,7 +51,7 @@ def check_backbone(backbone, task_vectors: list[TaskVector]) -> None:
     for tv in task_vectors:
         fp, base, source = tv.meta.get("fingerprint"), tv.meta.get("base_model"), tv.meta.get("source") or {}
         want = source.get("pretrained")
-        if fp is not None and fp != backbone.fingerprint:
+        if fp is not None and fp not in architecture_fingerprints(backbone.model):  # legacy files' too
             raise ValueError(f"task vector {tv.task!r} (base model {base!r}, architecture "
                              f"{fp}) does not belong to backbone {backbone.name!r} (architecture {backbone.fingerprint})")
         if base is not None and base != backbone.name or "pretrained" in source and want != have:

@@ -21,7 +21,7 @@ from torch import nn
 
 import kfac_kernels as kk
 
-from ..io import architecture_fingerprint, read, write
+from ..io import architecture_fingerprint, architecture_fingerprints, read, write
 from .kfac import FORMAT_VERSION
 from .layers import LAYOUTS, find_layers
 
@@ -57,7 +57,8 @@ def load(path, model: nn.Module | None = None, device=None, kind: str | None = N
 
     Refuses (ValueError, saying what differs) a truncated or corrupted file, an unknown or newer
     ``format_version``, a ``kind`` other than the one asked for, missing or mismatched tensors, and,
-    with ``model``, factors of another architecture (``tak.io.architecture_fingerprint``)."""
+    with ``model``, factors of another architecture (``tak.io.architecture_fingerprint``; any dtype, and the legacy
+    fingerprints of earlier files, ``tak.io.architecture_fingerprints``: the meta then holds today's)."""
     tensors, meta = read(path, device=device or "cpu")
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
@@ -70,6 +71,7 @@ def load(path, model: nn.Module | None = None, device=None, kind: str | None = N
         raise ValueError(f"{path}: holds {file_kind!r} factors, not {kind!r}")
     if model is not None:
         check_model(meta, model, path)
+        meta["fingerprint"] = architecture_fingerprint(model)  # a legacy file's, in today's form (merges compare it)
     storage = meta.pop("storage", None)
     if not isinstance(storage, dict) or not isinstance(storage.get("layers"), list):
         raise ValueError(f"{path}: its metadata has no 'storage' layer list")
@@ -101,10 +103,9 @@ def load(path, model: nn.Module | None = None, device=None, kind: str | None = N
 
 
 def check_model(meta: dict, model: nn.Module, path="factors") -> None:
-    """ValueError unless ``model`` has the architecture the factors in ``meta`` were fitted on; the
-    message names both fingerprints and the layers that are missing or of another shape."""
-    fingerprint = architecture_fingerprint(model)
-    if meta.get("fingerprint") == fingerprint:
+    """ValueError unless ``model`` has the architecture the factors in ``meta`` were fitted on (in any dtype); the
+    message names both fingerprints, the layers that are missing or of another shape, and what to check."""
+    if meta.get("fingerprint") in architecture_fingerprints(model):
         return
     stored = meta.get("layers", {})
     try:
@@ -130,10 +131,12 @@ def check_model(meta: dict, model: nn.Module, path="factors") -> None:
     if diffs:
         what = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
     else:
-        what = (f"the factored layers match; other parameters, the parameters' dtypes or the class differ "
-                f"(file: {meta.get('model')!r}, model: {type(model).__name__!r})")
+        what = "the factored layers match; the class or other parameters (names or shapes) differ"
+    base = f"base model {meta['base_model']!r}, " if meta.get("base_model") else ""
     raise ValueError(f"{path}: factors of another architecture: fingerprint {meta.get('fingerprint')!r} in the file, "
-                     f"{fingerprint!r} for the model; {what}")
+                     f"{architecture_fingerprint(model)!r} for the model; {what}. Check that the model is the one the "
+                     f"factors were fitted on ({base}class {meta.get('model')!r}; the model is a "
+                     f"{type(model).__name__!r}) and that its layers have their names and shapes")
 
 
 def _encode(key: str, value, tensors: dict) -> dict:

@@ -48,7 +48,7 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     shard = batches[rank()::world_size()]  # under torchrun each rank fits its shard; the fit adds them up
     factors = fit(backbone.model, shard, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
                   progress=progress)
-    factors.meta["task"] = name
+    factors.meta.update(task=name, base_model=backbone.name)  # the base model, for the message if a model is refused
     if path is not None and is_main_rank():  # every rank holds the same factors: rank 0 writes them
         factors.save(path)
     return factors
