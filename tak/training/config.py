@@ -51,7 +51,9 @@ class TrainConfig:
     (``universal=True``: the KFAC / diagonal penalty from the reference set instead of the other tasks).
 
     beta / beta_teacher: the drift penalty's weight for τ / DELTA's teacher (beta alone sets both).
-    factors: "merged" (TAK Eq. 8) or "per_task" (Eq. 7); factor_examples: examples per task for the
+    factors: "merged" (TAK Eq. 8: (Σ_t B_t) ⊗ (Σ_t λ_t A_t)) or "per_task" (Eq. 7: Σ_t λ_t B_t ⊗ A_t, λ
+    summing to 1), both as the paper writes them, so at one β the merged penalty is about K times the
+    per-task one for K other tasks (scale β by 1/K to compare); factor_examples: examples per task for the
     factors; compress: None, "int8", "eigen:<rank>" or "blockdiag:<k>"; penalty_every / offload_factors:
     apply the penalty every N steps, the factors kept on the CPU in between; last_layer_weight: the
     last factored layer's penalty weight (TAK Sec. E: 0.1); layer_weights: {glob: weight}.
