@@ -576,6 +576,14 @@ def test_two_gloo_processes_fit_the_factors_of_one_and_rank_0_caches_them(tmp_pa
         torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12)
 
 
+def test_config_expands_all_parts_of_a_class_partition():
+    config = TrainConfig(task="digits-part1of3", tasks=["digits-part*of3", "rotten_tomatoes"],
+                         reference=["20news-part*of2"])
+    assert config.tasks == ["digits-part0of3", "digits-part1of3", "digits-part2of3", "rotten_tomatoes"]
+    assert config.reference == ["20news-part0of2", "20news-part1of2"]
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
 def test_defaults_follow_the_trained_tasks_modality(tmp_path, toys, monkeypatch):
     """A backbone that takes every modality (GenericBackbone's default) training an image task: vision defaults."""
     backbone = toy_backbone()

@@ -3,7 +3,7 @@ one-line description. ``tak.data.text`` and ``tak.data.vision`` register the bui
 
 ``{name}-part{k}of{n}`` names part ``k`` of the registered task ``name`` cut into ``n`` tasks of
 disjoint classes (``partition_classes``, seed 0; TAK Sec. F.7 cuts ImageNet-R into 10 parts, RESISC45
-into 9 and EuroSAT into 5)."""
+into 9 and EuroSAT into 5); ``expand_parts`` turns ``{name}-part*of{n}`` into all ``n`` of them."""
 import os
 import re
 from collections.abc import Callable
@@ -12,6 +12,7 @@ from .splits import partition_classes, subsample_task
 from .task import Task
 
 _PART = re.compile(r"(?P<name>.+)-part(?P<k>\d+)of(?P<n>\d+)")
+_ALL_PARTS = re.compile(r"(?P<name>.+)-part\*of(?P<n>\d+)")
 
 _TASKS: dict[str, tuple[Callable[..., Task], str]] = {}
 
@@ -26,6 +27,16 @@ def register_task(name: str, factory: Callable[..., Task], description: str) -> 
 def list_tasks() -> dict[str, str]:
     """Every registered task name (sorted) with its one-line description."""
     return {name: _TASKS[name][1] for name in sorted(_TASKS)}
+
+
+def expand_parts(names: list[str]) -> list[str]:
+    """``names`` with each ``{name}-part*of{n}`` replaced by its ``n`` parts ``{name}-part0of{n}``, ...,
+    ``{name}-part{n-1}of{n}`` (a list of tasks written once for the class-partition protocol)."""
+    out = []
+    for name in names:
+        every = _ALL_PARTS.fullmatch(name)
+        out += [f"{every['name']}-part{k}of{every['n']}" for k in range(int(every["n"]))] if every else [name]
+    return out
 
 
 def data_root(root: str | None) -> str:

@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.registry import expand_parts
+
 _FACTOR_MODES = ("merged", "per_task")
 
 
@@ -46,7 +48,8 @@ def _number(name: str, value, kind):
 @dataclass
 class TrainConfig:
     """method: a name of ``tak.methods.METHODS``; task: the task trained; tasks: all tasks that will be
-    merged (their other members give ``tak`` its factors and ``tau_jp`` its data); reference: tasks
+    merged (their other members give ``tak`` its factors and ``tau_jp`` its data; ``resisc45-part*of9``
+    stands for the 9 parts of the class-partition protocol, ``tak.data.registry.expand_parts``); reference: tasks
     whose training inputs form the reference set of EK-FAC (DELTA) and of universal factors
     (``universal=True``: the KFAC / diagonal penalty from the reference set instead of the other tasks).
 
@@ -122,8 +125,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a list of task names, got the string {value!r}")
             if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
                 raise ValueError(f"TrainConfig.{name} must be a list of task names, got {value!r}")
-        self.tasks = list(self.tasks)
-        self.reference = list(self.reference)
+        self.tasks = expand_parts(self.tasks)
+        self.reference = expand_parts(self.reference)
         if not isinstance(self.backbone_options, dict):
             raise ValueError(f"TrainConfig.backbone_options must be a mapping of option names, got {self.backbone_options!r}")
         taken = sorted({"pretrained", "max_length", "device"} & set(self.backbone_options))
