@@ -576,6 +576,13 @@ def test_two_gloo_processes_fit_the_factors_of_one_and_rank_0_caches_them(tmp_pa
         torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12)
 
 
+def test_each_step_and_rank_draws_its_own_dropout_masks():
+    """The seed of a step's draws depends on (seed, step, rank) alone: resumable, independent across ranks."""
+    seeds = [loop.step_seed(seed, step, rank) for seed in (0, 1) for step in (0, 1, 2) for rank in (0, 1)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    assert loop.step_seed(1, 2, 1) == loop.step_seed(1, 2, 1) == seeds[-1]
+
+
 def test_config_expands_all_parts_of_a_class_partition():
     config = TrainConfig(task="digits-part1of3", tasks=["digits-part*of3", "rotten_tomatoes"],
                          reference=["20news-part*of2"])

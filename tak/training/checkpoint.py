@@ -1,7 +1,8 @@
 """Resumable training state in one safetensors file (atomic, checksummed; see ``tak.io``).
 
 Tensors: ``param/<name>`` (the trained parameters), ``optim/<name>/<key>`` (the optimizer's
-per-parameter state), ``rng/cpu`` and ``rng/cuda`` (generator states). Metadata: the step reached,
+per-parameter state); no generator states: a step's random draws are seeded by the step itself
+(``tak.training.loop.step_seed``), and those of older checkpoints are ignored. Metadata: the step reached,
 the run's progress (``terms``: the last step's loss terms, ``seconds``: training time so far, so a
 finished run started again reports what its training did) and the run's config, which a resume must match (except the keys in ``_MAY_DIFFER``): its keys as set, a key
 the checkpoint lacks (written by an older tak) at its default, and the hyperparameters as resolved (``hparams``:
@@ -39,15 +40,12 @@ def save(path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, c
     for p, state in optimizer.state.items():
         for key, value in state.items():
             tensors[f"optim/{names[id(p)]}/{key}"] = torch.as_tensor(value)
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     write(path, tensors, {"kind": _KIND, "step": step, "config": config,
                           "progress": progress or {"terms": {}, "seconds": 0.0}})
 
 
 def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> tuple[int, dict]:
-    """Restores parameters, optimizer state and generators from ``path``; returns the step reached and the
+    """Restores parameters and optimizer state from ``path``; returns the step reached and the
     progress saved with it (no terms and 0 seconds from a checkpoint of an older tak). Refuses (ValueError naming the keys) a checkpoint of a run with another config."""
     tensors, meta = read(path)
     if meta.get("kind") != _KIND:
@@ -76,7 +74,4 @@ def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict
             name, field = key[len("optim/"):].rsplit("/", 1)
             p = by_name[name]
             optimizer.state[p][field] = value.to(device) if field != "step" else value
-    torch.set_rng_state(tensors["rng/cpu"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
     return int(meta["step"]), meta.get("progress") or {"terms": {}, "seconds": 0.0}

@@ -1,12 +1,13 @@
 """``train(config)``: one task vector by one method, resumable, reproducible, data-parallel under torchrun.
 
 The batch of step s is a function of (seed, s) alone (an epoch-seeded permutation of the training
-split), the DELTA α too, and a checkpoint holds the trained parameters, the optimizer state and the
-generators: a killed run started again continues where it stopped and ends with the same τ. Under
-``torchrun`` each of W processes takes every W-th example of the global batch and the gradients are
-averaged, so the task vector equals the one-process one (up to summation order) for the methods without
-fitted factors; KFAC / EK-FAC / diagonal factors are Monte-Carlo estimates whose probes depend on the
-rank (``tak.curvature.fit_kfac``), so those runs agree with one process only statistically.
+split), the DELTA α too, its random draws (dropout masks) of (seed, s, rank) (``step_seed``), and a
+checkpoint holds the trained parameters and the optimizer state: a killed run started again continues
+where it stopped and ends with the same τ. Under ``torchrun`` each of W processes takes every W-th
+example of the global batch, with dropout masks of its own, and the gradients are averaged, so the task
+vector equals the one-process one (up to summation order) for the methods without fitted factors and a
+model without dropout; KFAC / EK-FAC / diagonal factors are Monte-Carlo estimates whose probes depend on
+the rank (``tak.curvature.fit_kfac``), so those runs agree with one process only statistically.
 
 Outputs in ``config.run_dir()``: ``task_vector.safetensors`` (``tak.TaskVector``), DELTA's
 ``teacher_task_vector.safetensors``, ``metrics.json``, ``checkpoint.safetensors``, ``config.yaml``.
@@ -54,6 +55,12 @@ def _world() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of step ``step``'s random draws (dropout masks) on rank ``rank``: a function of these alone,
+    so a resumed run draws what the uninterrupted one did, and ranks draw masks of their own."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -239,6 +246,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     terms, seconds = progress.get("terms", {}), progress.get("seconds", 0.0)  # as the last run left them
     started = time.time() - seconds
     while step < config.steps:
+        torch.manual_seed(step_seed(config.seed, step, rank))
         for group in optimizer.param_groups:
             group["lr"] = hp["lr"] * cosine_schedule(step, config.steps, config.warmup_steps)
         chosen = [examples[i] for i in batch_indices(len(examples), config.batch_size, config.seed, step, rank, world)]
