@@ -224,7 +224,10 @@ def _eval(args) -> int:
                              max_train=args.max_train, max_test=args.max_test, pretrained=args.pretrained,
                              device=args.device, out=args.out, merge=args.merge,
                              merge_options=options)
-    print(json.dumps({k: v for k, v in results.items() if k in ("alpha1", "best", "negation")}, indent=2))
+    shown = {k: v for k, v in results.items() if k in ("alpha1", "best", "negation")}
+    if results.get("joint"):  # the joint problems of class-partition tasks, without their α curves
+        shown["joint"] = {name: {k: v for k, v in j.items() if k != "val_curve"} for name, j in results["joint"].items()}
+    print(json.dumps(shown, indent=2))
     return 0
 
 

@@ -103,7 +103,7 @@ def table(results: dict) -> str:
         lines.append(f"| {name} | {r['alpha1']['abs']:.1f} | {r['alpha1']['norm']:.1f} | {r['best']['abs']:.1f} | "
                      f"{r['best']['norm']:.1f} | {r['best']['alpha']:.2f} | "
                      + " | ".join(f"{r['individual'][t]:.1f}" for t in results["tasks"]) + " |")
-    joint = [{"method": "zero-shot", "joint problem": name, "acc. (α=1)": acc}
+    joint = [{"method": "zero-shot (θ0)", "joint problem": name, "acc. (α=1)": acc}
              for name, acc in results.get("zero_shot_joint", {}).items()]
     joint += [{"method": method, "joint problem": f"{name} = {' + '.join(j['parts'])} ({j['classes']} classes)",
                "acc. (α=1)": j["alpha1"], "acc. (best α)": j["best"]["acc"], "best α": f"{j['best']['alpha']:g}"}

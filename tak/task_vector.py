@@ -51,6 +51,8 @@ class TaskVector:
         ``fingerprint`` (``architecture_fingerprint``) or ``model`` (in any dtype). With ``model`` a file of an
         earlier tak (legacy fingerprint, ``tak.io.architecture_fingerprints``) is accepted too, and its meta then
         holds today's fingerprint, so it compares equal to newer files in ``check_compatible``."""
+        if fingerprint is not None and model is not None:
+            raise TypeError("TaskVector.load: pass fingerprint= or model=, not both")
         tensors, meta = read(path, device=device)
         kind = meta.pop("kind", None)
         if kind != _KIND:
@@ -62,8 +64,6 @@ class TaskVector:
         if bad:
             raise ValueError(f"{path}: task vector with NaN or Inf entries in {bad[:8]}{' ...' if len(bad) > 8 else ''}")
         if fingerprint is not None or model is not None:
-            if fingerprint is not None and model is not None:
-                raise TypeError("TaskVector.load: pass fingerprint= or model=, not both")
             here = fingerprint if model is None else architecture_fingerprint(model)
             stored, base = meta.get("fingerprint"), meta.get("base_model")
             if stored not in ({fingerprint} if model is None else architecture_fingerprints(model)):

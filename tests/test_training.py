@@ -17,7 +17,7 @@ import tak
 from tak.arithmetic.compose import apply, check_backbone, combine
 from tak.backbones import GenericBackbone, Head, list_backbones, register_backbone
 from tak.data import Task, list_tasks, register_task
-from tak.io import read
+from tak.io import read, write
 from tak.methods import METHODS, Objective
 from tak.task_vector import TaskVector, check_compatible
 from tak.training import TrainConfig, checkpoint, loop
@@ -607,7 +607,11 @@ def test_a_checkpoint_resumes_across_new_config_keys_but_not_other_hyperparamete
     config = {**TrainConfig(lr=None).to_dict(), "hparams": {"lr": 3e-4, "weight_decay": 0.01}}
     older = {k: v for k, v in config.items() if k not in ("backbone_options", "hparams")}  # an older tak wrote it
     older["lr"] = 3e-4  # set explicitly then, the default now: the same run
-    checkpoint.save(tmp_path / "c.safetensors", module, optimizer, 5, older)
+    checkpoint.save(tmp_path / "c.safetensors", module, optimizer, 5, older, {"terms": {"task": 0.5}, "seconds": 3.0})
+    assert checkpoint.load(tmp_path / "c.safetensors", module, optimizer, config) == (5, {"terms": {"task": 0.5},
+                                                                                          "seconds": 3.0})
+    tensors, meta = read(tmp_path / "c.safetensors")
+    write(tmp_path / "c.safetensors", tensors, {k: v for k, v in meta.items() if k != "progress"})  # no progress kept
     assert checkpoint.load(tmp_path / "c.safetensors", module, optimizer, config) == (5, {"terms": {}, "seconds": 0.0})
     changed = {**config, "hparams": {"lr": 1e-5, "weight_decay": 0.01}}  # a default that moved
     with pytest.raises(ValueError, match=r"another config \(lr: checkpoint 0.0003, now 1e-05\)"):

@@ -1,4 +1,6 @@
 """Helpers shared by the tests."""
+import hashlib
+
 import torch
 
 
@@ -12,3 +14,11 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 # Tolerances on rel_err by compute dtype: IEEE fp32, tf32, bf16 and fp16 operands.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, "tf32": 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def legacy_fingerprint(model) -> str:
+    """The fingerprint files of earlier versions carry: class name and ``name:shape:dtype;`` per parameter."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()[:16]

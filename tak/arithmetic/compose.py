@@ -45,13 +45,17 @@ def negate(task_vector: TaskVector, alpha: float = 1.0) -> TaskVector:
 
 
 def check_backbone(backbone, task_vectors: list[TaskVector]) -> None:
-    """ValueError unless the task vectors were trained on ``backbone``: its architecture, and its name and
-    pretrained weights where the task vector records them."""
+    """ValueError unless the task vectors were trained on ``backbone``: its architecture (in any dtype), and its
+    name and pretrained weights where the task vector records them. A fingerprint of an earlier tak's file
+    (``tak.io.architecture_fingerprints``) is accepted and replaced by today's, so the task vectors compare equal."""
     have = (backbone.meta().get("source") or {}).get("pretrained")
+    known = architecture_fingerprints(backbone.model)
     for tv in task_vectors:
         fp, base, source = tv.meta.get("fingerprint"), tv.meta.get("base_model"), tv.meta.get("source") or {}
         want = source.get("pretrained")
-        if fp is not None and fp not in architecture_fingerprints(backbone.model):  # legacy files' too
+        if fp in known:
+            tv.meta["fingerprint"] = backbone.fingerprint
+        elif fp is not None:
             raise ValueError(f"task vector {tv.task!r} (base model {base!r}, architecture "
                              f"{fp}) does not belong to backbone {backbone.name!r} (architecture {backbone.fingerprint})")
         if base is not None and base != backbone.name or "pretrained" in source and want != have:

@@ -19,7 +19,7 @@ from ..evaluation import loader
 from ..io import write_text
 from ..task_vector import TaskVector, check_compatible
 from . import analyses, plots
-from .compose import apply, combine
+from .compose import apply, check_backbone, combine
 from .merges import MERGES
 from .protocols import DEFAULT_ALPHAS, task_addition, task_negation
 from .report import Report
@@ -38,7 +38,6 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     if merged:
         raise ValueError(f"{merged}: merged task vectors (tak merge); evaluate the task vectors they were merged from "
                          "(tak eval <files> --merge <method> merges and evaluates them on each of their tasks)")
-    check_compatible(tvs)
     if protocol not in ("addition", "negation"):
         raise ValueError(f"protocol must be 'addition' or 'negation', got {protocol!r}")
     if protocol == "negation" and (merge != "task_arithmetic" or merge_options):
@@ -75,6 +74,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     backbone = load_backbone(meta["base_model"], pretrained=pretrained, device=device,
                              **({"max_length": meta["max_length"]} if "max_length" in meta else {}),
                              **meta.get("backbone_options", {}))  # as the training loaded it
+    check_backbone(backbone, tvs)  # (files of an earlier tak get today's fingerprint)
+    check_compatible(tvs)
     roots = {tv.task: tv.meta.get("data_root") if data_root is None else data_root for tv in tvs}  # as trained
 
     def get(name):  # a task no task vector is of (negation's control): the first one's root

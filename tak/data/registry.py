@@ -11,8 +11,9 @@ from collections.abc import Callable
 from .splits import partition_classes, subsample_task
 from .task import Task
 
-_PART = re.compile(r"(?P<name>.+)-part(?P<k>\d+)of(?P<n>\d+)")
-_ALL_PARTS = re.compile(r"(?P<name>.+)-part\*of(?P<n>\d+)")
+_NUMBER = r"(?:0|[1-9]\d*)"  # no leading zeros: one name per part
+_PART = re.compile(rf"(?P<name>.+)-part(?P<k>{_NUMBER})of(?P<n>{_NUMBER})")
+_ALL_PARTS = re.compile(rf"(?P<name>.+)-part\*of(?P<n>{_NUMBER})")
 
 _TASKS: dict[str, tuple[Callable[..., Task], str]] = {}
 

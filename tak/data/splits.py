@@ -8,6 +8,7 @@ use them when present, so they never load an image.
 """
 import functools
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -172,10 +173,17 @@ def joint_task(parts: list[Task]) -> Task:
 
 def class_partitions(tasks: list[Task]) -> list[list[Task]]:
     """The groups of two or more ``tasks`` that are parts of one parent with disjoint classes (in the
-    order of ``tasks``): the joint problems the class-partition protocol evaluates."""
+    order of ``tasks``): the joint problems the class-partition protocol evaluates. A group whose
+    classes overlap has none (a warning names it)."""
     groups = {}
     for t in tasks:
         if t.parent is not None:
             groups.setdefault(t.parent, []).append(t)
-    return [g for g in groups.values()
-            if len(g) >= 2 and sum(len(t.classes) for t in g) == len({c for t in g for c in t.classes})]
+    found = []
+    for g in (g for g in groups.values() if len(g) >= 2):
+        if sum(len(t.classes) for t in g) == len({c for t in g for c in t.classes}):
+            found.append(g)
+        else:
+            warnings.warn(f"{[t.name for t in g]} are subsets of {g[0].parent!r} whose classes overlap: they have "
+                          "no joint problem (the class-partition protocol needs disjoint classes)", stacklevel=2)
+    return found
