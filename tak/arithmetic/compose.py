@@ -7,6 +7,7 @@ task vector for a whole α grid: for linear task vectors from two feature passes
 below the first one τ changes run once per batch and are replayed after that (``tak.replay``).
 """
 import copy
+import itertools
 
 import torch
 
@@ -143,8 +144,8 @@ class Evaluator:
                 model = None if task_vector is None or a == 0 else apply(self.backbone, task_vector, a)
                 found = {t.name: self.pretrained(t) if model is None else self._features(model, t) for t in tasks}
             out[a] = {t.name: accuracy_of_features(self.backbone.head(t), *found[t.name]) for t in tasks}
-            for joint, parts in joints:
-                offsets = torch.tensor([0] + [len(p.classes) for p in parts[:-1]]).cumsum(0)
+            for joint, parts in joints:  # part i's labels follow the classes of the parts before it
+                offsets = itertools.accumulate([0] + [len(p.classes) for p in parts[:-1]])
                 feats = torch.cat([found[p.name][0] for p in parts])
                 labels = torch.cat([found[p.name][1] + o for p, o in zip(parts, offsets)])
                 out[a][joint.name] = accuracy_of_features(self.backbone.head(joint), feats, labels)
