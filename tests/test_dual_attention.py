@@ -10,7 +10,7 @@ import torch
 from kfac_kernels.attention import dual_attention
 
 from .conftest import DEVICE
-from .util import TOL, rel_err
+from .util import TOL, check_hvp, rel_err
 
 TANGENTS = ("dq", "dk", "dv", "dbias")
 
@@ -196,17 +196,8 @@ def test_second_derivatives(backend):
 
     leaves = [x[n].requires_grad_() for n in TANGENTS]
     do = dual_attention(x["q"], x["k"], x["v"], *leaves[:3], mask=x["mask"], bias=x["bias"], dbias=leaves[3], scale=0.5)[1]
-    grads = torch.autograd.grad((do ** 2 * G.to(do)).sum(), leaves, create_graph=True)
-    second = sum((g * v).sum() for g, v in zip(grads, vs))
-    if backend != "torch":
-        with pytest.raises(RuntimeError, match="dual_attention: its Triton backward cannot be differentiated again"):
-            torch.autograd.grad(second, leaves)
-        return
-    hvp = torch.autograd.grad(second, leaves)
-    _, hvp_ref = torch.func.jvp(torch.func.grad(loss64, argnums=(0, 1, 2, 3)),
-                                tuple(t.detach().double().cpu() for t in leaves), tuple(v.double().cpu() for v in vs))
-    for h, ref in zip(hvp, hvp_ref):
-        assert rel_err(h, ref) <= TOL[torch.float32]
+    check_hvp((do ** 2 * G.to(do)).sum(), leaves, vs, loss64, backend, TOL[torch.float32],
+              "dual_attention: its Triton backward cannot be differentiated again")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -9,7 +9,7 @@ import kfac_kernels as kk
 from kfac_kernels import norm
 
 from .conftest import DEVICE
-from .util import TOL, rel_err
+from .util import TOL, check_hvp, rel_err
 
 ELEMENTWISE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
@@ -310,14 +310,5 @@ def test_second_derivatives(backend, op):
         return (jvp(definition, (x.double(), second_primal.double()), ts)[1] ** 2 * u.double()).sum()
 
     leaves = [t.requires_grad_() for t in tangents]
-    grads = torch.autograd.grad((dual(*leaves) ** 2 * u).sum(), leaves, create_graph=True)
-    second = sum((g * v).sum() for g, v in zip(grads, vs))
-    if backend != "torch":
-        with pytest.raises(RuntimeError, match="its Triton backward cannot be differentiated again"):
-            torch.autograd.grad(second, leaves)
-        return
-    hvp = torch.autograd.grad(second, leaves)
-    _, hvp_ref = jvp(torch.func.grad(loss64, argnums=(0, 1)), tuple(t.detach().double() for t in tangents),
-                     tuple(v.double() for v in vs))
-    for g, ref in zip(hvp, hvp_ref):
-        assert rel_err(g, ref) <= 1e-5
+    check_hvp((dual(*leaves) ** 2 * u).sum(), leaves, vs, loss64, backend, 1e-5,
+              "its Triton backward cannot be differentiated again")

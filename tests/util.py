@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 import hashlib
 
+import pytest
 import torch
 
 
@@ -22,3 +23,20 @@ def legacy_fingerprint(model) -> str:
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     return h.hexdigest()[:16]
+
+
+def check_hvp(loss, leaves, vs, loss64, backend: str, tol: float, refused: str) -> None:
+    """Hessian-vector products of ``loss`` (a scalar of ``leaves``) along ``vs`` equal torch.func's
+    forward-over-reverse of the float64 ``loss64`` (of the leaves, in order) within ``tol`` (rel_err) on the
+    "torch" backend; any other backend's second backward raises a RuntimeError matching ``refused``."""
+    grads = torch.autograd.grad(loss, leaves, create_graph=True)
+    second = sum((g * v).sum() for g, v in zip(grads, vs))
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match=refused):
+            torch.autograd.grad(second, leaves)
+        return
+    hvp = torch.autograd.grad(second, leaves)
+    _, hvp_ref = torch.func.jvp(torch.func.grad(loss64, argnums=tuple(range(len(leaves)))),
+                                tuple(t.detach().double().cpu() for t in leaves), tuple(v.double().cpu() for v in vs))
+    for h, ref in zip(hvp, hvp_ref):
+        assert rel_err(h, ref) <= tol
