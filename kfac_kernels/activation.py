@@ -124,8 +124,9 @@ def _backward(ctx, gy, gdy):
         grads = _torch_backward(gdy, x, h, ctx.kind, need_dx, need_dh)
     else:
         from .triton_kernels import activation as tk
-        grads = tk.backward(gdy, x, h, ctx.kind, need_dx, need_dh, ctx.dtypes)
-    gdx, gdh = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
+        wanted = (dt if need else None for dt, need in zip(ctx.dtypes, (need_dx, need_dh)))
+        grads = tk.backward(gdy, x, h, ctx.kind, *wanted)
+    gdx, gdh = (t.to(dtype) if need else None for t, dtype, need in zip(grads, ctx.dtypes, (need_dx, need_dh)))
     return None, gdx, None, gdh, None, None
 
 

@@ -34,22 +34,27 @@ def squared_products_update_(S, g, a, *, scale=1.0):
     chunks of at most ``_CHUNK_ELEMENTS`` elements. Not differentiable: S, g and a are read as
     constants and S gets no autograd history (like ``covariance_update_``).
     """
-    ct, backend = _check(S, g, a, scale)
+    ct = _check(S, g, a, scale)
     if g.dim() == 3 and g.shape[1] == 1:  # one token per example: the 2-D form
         g, a = g[:, 0], a[:, 0]
     if g.shape[0] == 0 or (g.dim() == 3 and g.shape[1] == 0) or S.numel() == 0:
         return S
-    if backend == "torch":
-        _torch_update(S, g, a, float(scale), ct)
-    else:
-        from .triton_kernels.correction import squared_products_update_ as triton_update
-
-        triton_update(S, g, a, float(scale), ct)
+    _update(S, g, a, float(scale), ct)
     return S
 
 
+@torch.library.custom_op("kfac_kernels::squared_products_update", mutates_args=("S",))
+def _update(S: torch.Tensor, g: torch.Tensor, a: torch.Tensor, scale: float, ct: torch.dtype) -> None:
+    """S += scale · Σ_n (g_nᵀ a_n)² in place, products in ``ct`` (see ``squared_products_update_``)."""
+    if _backend.select(_OP, S.device, [g.dtype, a.dtype, S.dtype]) == "torch":
+        _torch_update(S, g, a, scale, ct)
+    else:
+        from .triton_kernels.correction import squared_products_update_ as triton_update
+        triton_update(S, g, a, scale, ct)
+
+
 def _check(S, g, a, scale):
-    """Validate the arguments; return the compute dtype and the backend."""
+    """Validate the arguments; return the compute dtype."""
     _validate.tensor(_OP, "S", S, ndim=2, dtypes=(torch.float32, torch.float64))
     _validate.tensor(_OP, "g", g)
     _validate.tensor(_OP, "a", a)
@@ -70,9 +75,8 @@ def _check(S, g, a, scale):
         raise ValueError(f"{_OP}: S must be contiguous (it is updated in place), got strides {S.stride()}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python number, got {_validate.describe(scale)}")
-    device = _validate.same_device(_OP, S=S, g=g, a=a)
-    ct = _precision.compute_dtype(_OP, g=g.dtype, a=a.dtype)
-    return ct, _backend.select(_OP, device, [g.dtype, a.dtype, S.dtype])
+    _validate.same_device(_OP, S=S, g=g, a=a)
+    return _precision.compute_dtype(_OP, g=g.dtype, a=a.dtype)
 
 
 @torch.no_grad()

@@ -41,25 +41,26 @@ def covariance_update_(C, X, *, scale=1.0, mask=None, append_ones=False):
             )
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python number, got {_validate.describe(scale)}")
-    device = _validate.same_device(_OP, C=C, X=X, mask=mask)
-    backend = _backend.select(_OP, device, [X.dtype, C.dtype], has_cuda_kernel=True)
+    _validate.same_device(_OP, C=C, X=X, mask=mask)
     N = math.prod(X.shape[:-1])
     if N == 0 or E == 0:
         return C
-    X = X.reshape(N, D)
-    if mask is not None:
-        mask = mask.reshape(N)
+    _update(C, X.reshape(N, D), None if mask is None else mask.reshape(N), append_ones, float(scale))
+    return C
+
+
+@torch.library.custom_op("kfac_kernels::covariance_update", mutates_args=("C",))
+def _update(C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None, append_ones: bool, scale: float) -> None:
+    """C += scale · X̃ᵀ X̃ in place for rows X (N, D) and mask (N,) or None (see ``covariance_update_``)."""
+    backend = _backend.select(_OP, C.device, [X.dtype, C.dtype], has_cuda_kernel=True)
     if backend == "torch":
         _torch_update(C, X, mask, append_ones, scale)
     elif backend == "triton":
         from .triton_kernels.covariance import covariance_update_ as triton_update
-
-        triton_update(C, X, mask, append_ones, float(scale))
+        triton_update(C, X, mask, append_ones, scale)
     else:
         from . import cuda_ext
-
-        cuda_ext.load().covariance_update(C, X, mask, append_ones, float(scale))
-    return C
+        cuda_ext.load().covariance_update(C, X, mask, append_ones, scale)
 
 
 @torch.no_grad()

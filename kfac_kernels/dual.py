@@ -68,10 +68,10 @@ def _torch_forward(x, dx, w, dw, b, db, ct):
         return F.linear(x, w, b), F.linear(dx, w, db) + F.linear(x, dw)
 
 
-def _torch_matmul(pairs, ct, out_dtype):
-    """Reference backend of the backward GEMMs: Σ a @ b over ``pairs``, multiplied in ``ct`` (autocast off)."""
-    with _precision.no_autocast(pairs[0][0].device):
-        return sum(a.to(ct) @ b.to(ct) for a, b in pairs).to(out_dtype)
+def _torch_matmul(a, b, ct, out_dtype):
+    """Reference backend of the backward GEMMs: Σ_i a[i] @ b[i], multiplied in ``ct`` (autocast off)."""
+    with _precision.no_autocast(a[0].device):
+        return sum(x.to(ct) @ y.to(ct) for x, y in zip(a, b)).to(out_dtype)
 
 
 def _kernels(backend):
@@ -111,7 +111,7 @@ def _backward(ctx, gy, gdy):
 
     def gemm(i, *pairs):  # Σ g @ m over the pairs whose output gradient g exists
         pairs = [(g, m) for g, m in pairs if g is not None]
-        return matmul(pairs, ctx.ct, ctx.dtypes[i]) if need[i] and pairs else None
+        return matmul(*map(list, zip(*pairs)), ctx.ct, ctx.dtypes[i]) if need[i] and pairs else None
 
     def rowsum(i, g):
         return g.sum(0, dtype=acc).to(ctx.dtypes[i]) if need[i] and g is not None else None

@@ -183,6 +183,39 @@ class Int8Factor:
 
 
 COMPRESSED = (BlockDiagonalFactor, LowRankFactor, Int8Factor)
+_KIND = {torch.Tensor: 0, BlockDiagonalFactor: 1, LowRankFactor: 2, Int8Factor: 3}
+
+
+def flatten(factors) -> tuple[list[torch.Tensor], list[int]]:
+    """The tensors of ``factors`` (dense or compressed) and two codes per factor, its kind and its size n:
+    the form a ``torch.library`` op takes them in. ``unflatten`` inverts it."""
+    tensors, codes = [], []
+    for F in factors:
+        if isinstance(F, torch.Tensor):
+            tensors.append(F)
+        elif isinstance(F, BlockDiagonalFactor):
+            tensors.append(F.blocks)
+        elif isinstance(F, LowRankFactor):
+            tensors += [F.U, F.eigenvalues]
+        else:
+            tensors += [F.q, F.scale]
+        codes += [_KIND[torch.Tensor if isinstance(F, torch.Tensor) else type(F)], F.shape[0]]
+    return tensors, codes
+
+
+def unflatten(tensors, codes) -> list:
+    """The factors that ``flatten`` gave ``tensors`` and ``codes`` for."""
+    parts, factors = iter(tensors), []
+    for kind, n in zip(codes[::2], codes[1::2]):
+        if kind == _KIND[torch.Tensor]:
+            factors.append(next(parts))
+        elif kind == _KIND[BlockDiagonalFactor]:
+            factors.append(BlockDiagonalFactor(next(parts), n))
+        elif kind == _KIND[LowRankFactor]:
+            factors.append(LowRankFactor(next(parts), next(parts)))
+        else:
+            factors.append(Int8Factor(next(parts), next(parts)))
+    return factors
 
 
 def factor_size(op: str, name: str, F) -> int:

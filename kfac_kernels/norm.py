@@ -159,8 +159,9 @@ def _backward(ctx, gy, gdy):
         grads = _torch_backward(gdy, x, mean, rstd, w, need_dx, need_dw, need_db, ctx.rms)
     else:
         from .triton_kernels import norm as tk
-        grads = tk.backward(gdy, x, mean, rstd, w, need_dx, need_dw, need_db, ctx.rms, ctx.dtypes[0])
-    gdx, gdw, gdb = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
+        grads = tk.backward(gdy, x, mean, rstd, w, need_dx, need_dw, need_db, ctx.rms, ctx.dtypes[0] or x.dtype)
+    gdx, gdw, gdb = (t.to(dtype) if need else None
+                     for t, dtype, need in zip(grads, ctx.dtypes, (need_dx, need_dw, need_db)))
     return None, gdx, None, gdw, None, gdb, None, None, None
 
 

@@ -15,39 +15,136 @@ Each layer is multiplied in ``_precision.compute_dtype`` of its own τ and facto
 ``keep_fp32``: float16 τ with a float32 factor multiplies in float32 (the factor's entries can
 exceed float16's range), bfloat16 with float32 in bfloat16. bfloat16 and float16 cannot meet within a
 layer, but layers of a grouped call may each use their own half dtype.
+
+The forms are ``torch.library`` ops (``torch.ops.kfac_kernels.quadratic_forms``, ...): ``torch.compile``
+traces them as opaque calls, with their shapes from the fake implementations below. Compressed factors
+travel through them flattened (``factors.flatten``).
 """
 import torch
+from torch import Tensor
 
 from . import _backend, _precision, _validate, reference
-from .factors import factor_size
+from .factors import factor_size, flatten, unflatten
 
 
-class _Forms(torch.autograd.Function):
-    """Runs ``compute() -> (total, saved)`` and, for the backward, ``finish(saved) -> grads``; under
-    ``create_graph`` the backward takes ``differentiable(taus) -> grads`` instead (PyTorch ops of τ, so
-    autograd differentiates the gradient again). Only leaf τ (parameters, alive anyway) are kept for
-    that: keeping a τ built by an op (a [W | b] concatenation) would hold a copy until the backward."""
+@torch.library.custom_op("kfac_kernels::quadratic_forms", mutates_args=())
+def _forms(taus: list[Tensor], factors: list[Tensor], codes: list[int], weights: list[float], want_grad: bool,
+           dtype: torch.dtype, op: str) -> tuple[Tensor, list[Tensor]]:
+    """(Σ_l w_l ⟨τ_l, B_l τ_l A_l⟩ in ``dtype``, [2 w_l B_l τ_l A_l] in τ_l's layout if ``want_grad`` else []);
+    ``factors, codes = flatten(Bs + As)``."""
+    Fs = unflatten(factors, codes)
+    Bs, As = Fs[:len(taus)], Fs[len(taus):]
+    if _backend.select(op, taus[0].device, [t.dtype for t in (*taus, *Fs)]) == "torch":
+        total, grads = reference.quadratic_forms(taus, Bs, As, weights, want_grad, dtype)
+        grads = grads and [torch.empty_like(t).copy_(g) for t, g in zip(taus, grads)]
+    else:
+        from .triton_kernels import quadratic
+        total, grads = quadratic.quadratic_forms(taus, Bs, As, weights, want_grad)
+    return total, grads or []
 
-    @staticmethod
-    def forward(ctx, compute, finish, differentiable, *taus):
-        total, saved = compute()
-        ctx.finish, ctx.differentiable = finish, differentiable
-        ctx.needs = [t.requires_grad for t in taus]
-        ctx.n_saved = 0 if saved is None else len(saved)
-        ctx.save_for_backward(*(saved or ()), *(t if t.is_leaf else None for t in taus))
-        return total
 
-    @staticmethod
-    def backward(ctx, g):
-        saved = list(ctx.saved_tensors)
-        if torch.is_grad_enabled():  # create_graph=True: the gradient as a differentiable function of τ
-            if any(t is None for t in saved[ctx.n_saved:]):
-                raise RuntimeError("quadratic forms: second derivatives (create_graph=True) need every τ to be a leaf "
-                                   "tensor (e.g. a parameter); a τ computed by an op is not kept for them")
-            grads = [gr * g for gr in ctx.differentiable(saved[ctx.n_saved:])]
-        else:
-            grads = torch._foreach_mul(ctx.finish(saved[:ctx.n_saved]), g)
-        return None, None, None, *(gr if need else None for gr, need in zip(grads, ctx.needs))
+@_forms.register_fake
+def _(taus, factors, codes, weights, want_grad, dtype, op):
+    return taus[0].new_empty((), dtype=dtype), [torch.empty_like(t) for t in taus] if want_grad else []
+
+
+@torch.library.custom_op("kfac_kernels::eigen_quadratic_forms", mutates_args=())
+def _eigen_forms(taus: list[Tensor], U_Bs: list[Tensor], U_As: list[Tensor], Ss: list[Tensor], weights: list[float],
+                 want_grad: bool, dtype: torch.dtype, op: str) -> tuple[Tensor, list[Tensor]]:
+    """(Σ_l w_l Σ S_l ⊙ M_l² in ``dtype``, [G_l = 2 w_l S_l ⊙ M_l] in ``dtype`` if ``want_grad`` else []),
+    M_l = U_B,lᵀ τ_l U_A,l; ``_eigen_gradients`` turns G_l into the gradient U_B,l G_l U_A,lᵀ."""
+    if _backend.select(op, taus[0].device, [t.dtype for t in (*taus, *U_Bs, *U_As, *Ss)]) == "torch":
+        total, Gs = reference.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad, dtype)
+    else:
+        from .triton_kernels import quadratic
+        total, Gs = quadratic.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad)
+    return total, Gs or []
+
+
+@_eigen_forms.register_fake
+def _(taus, U_Bs, U_As, Ss, weights, want_grad, dtype, op):
+    return taus[0].new_empty((), dtype=dtype), [S.new_empty(S.shape, dtype=dtype) for S in Ss] if want_grad else []
+
+
+@torch.library.custom_op("kfac_kernels::eigen_gradients", mutates_args=("grads",))
+def _eigen_gradients(Gs: list[Tensor], U_Bs: list[Tensor], U_As: list[Tensor], grads: list[Tensor], op: str) -> None:
+    """grads[l] = U_B,l G_l U_A,lᵀ (d_out, d_in), in place, in grads[l]'s dtype."""
+    if _backend.select(op, Gs[0].device, [t.dtype for t in (*Gs, *U_Bs, *U_As, *grads)]) == "torch":
+        for out, g in zip(grads, reference.eigen_gradients(Gs, U_Bs, U_As, [t.dtype for t in grads])):
+            out.copy_(g)
+    else:
+        from .triton_kernels import quadratic
+        quadratic.eigen_gradients(Gs, U_Bs, U_As, grads)
+
+
+def _save(ctx, output, taus, constants, weights, want_grad, dtype, op):
+    """Saves what the backward multiplies by the output gradient (the forward's products), the op's
+    constant inputs (lists of tensors) and, for second derivatives, the τ that are leaves (kept alive
+    anyway): keeping a τ built by an op (a [W | b] concatenation) would hold a copy until the backward."""
+    ctx.weights, ctx.dtype, ctx.op = weights, dtype, op
+    ctx.sizes = [len(c) for c in constants]
+    ctx.taus = [(t.shape, t.dtype) for t in taus]
+    ctx.mark_non_differentiable(*output[1])
+    ctx.save_for_backward(*output[1], *(t for c in constants for t in c), *(t if t.is_leaf else None for t in taus))
+
+
+def _setup_forms(ctx, inputs, output):
+    taus, factors, ctx.codes, *rest = inputs
+    _save(ctx, output, taus, [factors], *rest)
+
+
+def _setup_eigen(ctx, inputs, output):
+    taus, U_Bs, U_As, Ss, *rest = inputs
+    _save(ctx, output, taus, [U_Bs, U_As, Ss], *rest)
+
+
+def _unpack(ctx):
+    """(products, constant lists, τ leaves or None) saved by ``_save``."""
+    saved, n = list(ctx.saved_tensors), len(ctx.taus)
+    products, rest, constants = saved[:n], saved[n:], []
+    for size in ctx.sizes:
+        constants.append(rest[:size])
+        rest = rest[size:]
+    return products, constants, rest
+
+
+def _second_order(ctx, taus):
+    if any(t is None for t in taus):
+        raise RuntimeError(f"{ctx.op}: second derivatives (create_graph=True) need every τ to be a leaf tensor "
+                           "(e.g. a parameter); a τ computed by an op is not kept for them")
+
+
+def _forms_backward(ctx, g, _):
+    products, (factors,), taus = _unpack(ctx)
+    if torch.is_grad_enabled():  # create_graph=True: the gradient as a differentiable function of τ
+        _second_order(ctx, taus)
+        Fs = unflatten(factors, ctx.codes)
+        grads = [gr * g for gr in reference.quadratic_forms(taus, Fs[:len(taus)], Fs[len(taus):], ctx.weights, True,
+                                                            ctx.dtype)[1]]
+    else:
+        grads = torch._foreach_mul(products, g)
+    return _needed(ctx, grads), [None] * len(factors), None, None, None, None, None
+
+
+def _eigen_backward(ctx, g, _):
+    Gs, (U_Bs, U_As, Ss), taus = _unpack(ctx)
+    if torch.is_grad_enabled():
+        _second_order(ctx, taus)
+        Gs = reference.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, ctx.weights, True, ctx.dtype)[1]
+        grads = [gr * g for gr in reference.eigen_gradients(Gs, U_Bs, U_As, [dt for _, dt in ctx.taus])]
+    else:
+        grads = [Gs[0].new_empty(shape, dtype=dt) for shape, dt in ctx.taus]
+        _eigen_gradients(Gs, U_Bs, U_As, grads, ctx.op)
+        grads = torch._foreach_mul(grads, g)
+    return _needed(ctx, grads), *([None] * len(c) for c in (U_Bs, U_As, Ss)), None, None, None, None
+
+
+def _needed(ctx, grads):
+    return [gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[0])]
+
+
+_forms.register_autograd(_forms_backward, setup_context=_setup_forms)
+_eigen_forms.register_autograd(_eigen_backward, setup_context=_setup_eigen)
 
 
 def _weights(op: str, weights, n: int) -> list[float]:
@@ -97,19 +194,13 @@ def _check_layer(op: str, i: int, tau, B, A) -> torch.dtype:
                                                            f"A{tag}": A.dtype})
 
 
-def _apply(op, taus, factor_dtypes, compute_dtypes, torch_fn, triton_fn, triton_finish):
-    """Chooses the backend and runs the forms through ``_Forms``; ``compute_dtypes``: one per layer.
-    ``torch_fn(taus, want, dtype)`` is the PyTorch reference, also the gradient under create_graph."""
-    device = _validate.same_device(op, **{f"tau[{i}]": t for i, t in enumerate(taus)})
-    dtypes = [t.dtype for t in taus] + factor_dtypes
-    backend = _backend.select(op, device, dtypes)
+def _call(op, forms, taus, compute_dtypes, *args):
+    """Σ_l w_l q_l by the torch.library op ``forms``; ``compute_dtypes``: one per layer (fp64 when all are)."""
+    taus = list(taus)
+    _validate.same_device(op, **{f"tau[{i}]": t for i, t in enumerate(taus)})
     want = torch.is_grad_enabled() and any(t.requires_grad for t in taus)
     dtype = torch.float64 if set(compute_dtypes) == {torch.float64} else torch.float32
-    if backend == "torch":
-        compute, finish = (lambda: torch_fn(taus, want, dtype)), (lambda saved: saved)
-    else:
-        compute, finish = (lambda: triton_fn(want)), triton_finish
-    return _Forms.apply(compute, finish, lambda ts: torch_fn(ts, True, dtype)[1], *taus)
+    return forms(taus, *args, want, dtype, op)[0]
 
 
 def quadratic_forms(taus, Bs, As, weights=None) -> torch.Tensor:
@@ -127,16 +218,7 @@ def quadratic_form(tau, B, A) -> torch.Tensor:
 def _quadratic_forms(op: str, taus, Bs, As, weights) -> torch.Tensor:
     n = _layers(op, taus=taus, Bs=Bs, As=As)
     cts = [_check_layer(op, i if n > 1 else None, tau, B, A) for i, (tau, B, A) in enumerate(zip(taus, Bs, As))]
-    w = _weights(op, weights, n)
-    taus = list(taus)
-
-    def triton_fn(want):
-        from .triton_kernels import quadratic
-        return quadratic.quadratic_forms(taus, Bs, As, w, want)
-
-    return _apply(op, taus, [F.dtype for F in (*Bs, *As)], cts,
-                  lambda ts, want, dtype: reference.quadratic_forms(ts, Bs, As, w, want, dtype),
-                  triton_fn, lambda saved: saved)
+    return _call(op, _forms, taus, cts, *flatten([*Bs, *As]), _weights(op, weights, n))
 
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:
@@ -168,18 +250,4 @@ def _eigen_quadratic_forms(op: str, taus, U_Bs, U_As, Ss, weights) -> torch.Tens
         _validate.no_grad_needed(op, **{f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
         cts.append(_precision.compute_dtype(op, keep_fp32=True, **{f"tau{tag}": tau.dtype, f"U_B{tag}": U_B.dtype,
                                                                    f"U_A{tag}": U_A.dtype, f"S{tag}": S.dtype}))
-    w = _weights(op, weights, n)
-    taus = list(taus)
-
-    def triton_fn(want):
-        from .triton_kernels import quadratic
-        return quadratic.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, w, want)
-
-    def finish_triton(Gs):
-        from .triton_kernels import quadratic
-        return quadratic.eigen_backward(Gs, U_Bs, U_As, taus)
-
-    return _apply(op, taus, [U.dtype for U in (*U_Bs, *U_As, *Ss)], cts,
-                  lambda ts, want, dtype: reference.eigen_quadratic_forms(ts, U_Bs, U_As, Ss, w, want, dtype),
-                  triton_fn, finish_triton)
-
+    return _call(op, _eigen_forms, taus, cts, list(U_Bs), list(U_As), list(Ss), _weights(op, weights, n))

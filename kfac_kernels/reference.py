@@ -50,15 +50,21 @@ def quadratic_forms(taus, Bs, As, weights, want_grad, dtype):
 
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad, dtype):
-    """(Σ_l w_l Σ S_l ⊙ (U_Bᵀ τ_l U_A)², [2 w_l U_B (S_l ⊙ M_l) U_Aᵀ] or None), M_l = U_Bᵀ τ_l U_A."""
+    """(Σ_l w_l Σ S_l ⊙ M_l², [G_l = 2 w_l S_l ⊙ M_l] or None) with M_l = U_B,lᵀ τ_l U_A,l (r_B × r_A),
+    multiplied in ``dtype``; ``eigen_gradients`` turns G_l into the gradient."""
     total = torch.zeros((), dtype=dtype, device=taus[0].device)
-    grads = []
+    Gs = []
     with no_autocast(taus[0].device):
         for tau, U_B, U_A, S, w in zip(taus, U_Bs, U_As, Ss, weights):
-            U_B, U_A, S = U_B.to(dtype), U_A.to(dtype), S.to(dtype)
-            M = U_B.T @ tau.to(dtype) @ U_A
-            SM = S * M
+            M = U_B.to(dtype).T @ tau.to(dtype) @ U_A.to(dtype)
+            SM = S.to(dtype) * M
             total = total + w * torch.sum(SM * M)
             if want_grad:
-                grads.append((2 * w * (U_B @ SM @ U_A.T)).to(tau.dtype))
-    return total, (grads if want_grad else None)
+                Gs.append(2 * w * SM)
+    return total, (Gs if want_grad else None)
+
+
+def eigen_gradients(Gs, U_Bs, U_As, dtypes):
+    """[U_B,l G_l U_A,lᵀ] per layer (d_out, d_in), in ``dtypes[l]``; products in G_l's dtype."""
+    with no_autocast(Gs[0].device):
+        return [(U_B.to(G.dtype) @ G @ U_A.to(G.dtype).T).to(dt) for G, U_B, U_A, dt in zip(Gs, U_Bs, U_As, dtypes)]

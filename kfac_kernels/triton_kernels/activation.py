@@ -1,9 +1,12 @@
 """Triton kernels of ``dual_activation`` (math in ``kfac_kernels.activation``): elementwise over the
 flattened tensors, f and f' in fp32. ``forward`` reads x, dx (and the gate h, dh) and writes y, dy;
 ``backward`` reads x, g (and h) and writes f'(x) ⊙ h ⊙ g (and f(x) ⊙ g)."""
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .._backend import interpreting
 
@@ -84,7 +87,9 @@ def _launch(kernel, n, *args, **constexprs):
                                          **({} if interpreting() else dict(num_warps=4)))
 
 
-def forward(x, dx, h, dh, kind: str):
+@torch.library.custom_op("kfac_kernels::triton_dual_activation", mutates_args=())
+def forward(x: Tensor, dx: Optional[Tensor], h: Optional[Tensor], dh: Optional[Tensor],
+            kind: str) -> tuple[Tensor, Tensor]:
     """(f(x) ⊙ h, f'(x) ⊙ dx ⊙ h + f(x) ⊙ dh), shaped like x, in x's dtype; dx, h, dh may be None."""
     x, dx, h, dh = map(_flat, (x, dx, h, dh))
     y, dy = torch.empty_like(x), torch.empty_like(x)
@@ -93,10 +98,27 @@ def forward(x, dx, h, dh, kind: str):
     return y, dy
 
 
-def backward(g, x, h, kind: str, need_dx: bool, need_dh: bool, dtypes):
-    """(f'(x) ⊙ h ⊙ g, f(x) ⊙ g) in ``dtypes``, shaped like x; None where not needed."""
+@forward.register_fake
+def _(x, dx, h, dh, kind):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("kfac_kernels::triton_dual_activation_backward", mutates_args=())
+def backward(g: Tensor, x: Tensor, h: Optional[Tensor], kind: str, dx_dtype: Optional[torch.dtype],
+             dh_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+    """(f'(x) ⊙ h ⊙ g in ``dx_dtype``, f(x) ⊙ g in ``dh_dtype``), shaped like x; a dtype of None: that gradient
+    is not needed, and an empty tensor stands for it."""
     g, x, h = map(_flat, (g, x, h))
-    gdx, gdh = (torch.empty_like(x, dtype=dtype) if need else None for need, dtype in zip((need_dx, need_dh), dtypes))
+    gdx, gdh = _gradients(x, dx_dtype, dh_dtype)
     _launch(_backward_kernel, x.numel(), g, x, *(x if t is None else t for t in (h, gdx, gdh)), KIND=kind,
-            HAS_H=h is not None, NEED_DX=need_dx, NEED_DH=need_dh)
-    return gdx, gdh
+            HAS_H=h is not None, NEED_DX=dx_dtype is not None, NEED_DH=dh_dtype is not None)
+    return tuple(x.new_empty(0) if t is None else t for t in (gdx, gdh))
+
+
+@backward.register_fake
+def _(g, x, h, kind, dx_dtype, dh_dtype):
+    return tuple(x.new_empty(0) if t is None else t for t in _gradients(x, dx_dtype, dh_dtype))
+
+
+def _gradients(x, *dtypes):
+    return (None if dtype is None else torch.empty(x.shape, dtype=dtype, device=x.device) for dtype in dtypes)

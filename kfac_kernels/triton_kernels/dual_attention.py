@@ -32,9 +32,12 @@ mean of V still costs accuracy in the gradients.
 All tensors are (B, H, L, ·) views with any strides; mask and bias are broadcast views of
 (B, H, Lq, Lk). Tiles are multiplied as ``common.dot_mode`` says; accumulation is fp32.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .. import _autograd
 from .._backend import interpreting
@@ -353,17 +356,18 @@ def _pairwise(q, k, mask, bias, dbias):
     return mask, bias, dbias, kind
 
 
-def forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale: float, ct: torch.dtype):
-    """O (B, H, Lq, Dv), Ȯ (same; None when there is no tangent) in ``ct`` and L (B, H, Lq) fp32.
+@torch.library.custom_op("kfac_kernels::triton_dual_attention", mutates_args=())
+def forward(q: Tensor, k: Tensor, v: Tensor, dq: Optional[Tensor], dk: Optional[Tensor], dv: Optional[Tensor],
+            mask: Optional[Tensor], bias: Optional[Tensor], dbias: Optional[Tensor], scale: float,
+            ct: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """O (B, H, Lq, Dv), Ȯ (same; empty when there is no tangent) in ``ct`` and L (B, H, Lq) fp32.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), tangents of the same shapes or None; mask bool,
     bias and dbias broadcastable to (B, H, Lq, Lk) or None."""
     B, H, Lq, D = q.shape
     Lk, Dv = v.shape[2:]
     tangent = any(t is not None for t in (dq, dk, dv, dbias))
-    o = _heads_like((B, H, Lq, Dv), ct, q.device)
-    do = _heads_like((B, H, Lq, Dv), ct, q.device) if tangent else None
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    o, do, lse = _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct)
     if B * H * Lq == 0:
         return o, do, lse
     mask4, bias4, dbias4, mask_kind = _pairwise(q, k, mask, bias, dbias)
@@ -372,10 +376,9 @@ def forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale: float, ct: torch.dtyp
     cfg = _config("forward", Lq, max(_pad(D), _pad(Dv)), size, bias is not None or dbias is not None, dot)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), H, B)
     _forward_kernel[grid](
-        q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o,
-        o if do is None else do, lse,
+        q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o, do, lse,
         *q.stride(), *k.stride(), *v.stride(), *_strides(dq), *_strides(dk), *_strides(dv),
-        *_strides(mask4), *_strides(bias4), *_strides(dbias4), *o.stride(), *_strides(do),
+        *_strides(mask4), *_strides(bias4), *_strides(dbias4), *o.stride(), *_strides(do if tangent else None),
         H, Lq, Lk, D, Dv, scale,
         HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_DBIAS=dbias is not None,
         HAS_BIAS=bias is not None, MASK=mask_kind, DOT=dot,
@@ -384,15 +387,29 @@ def forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale: float, ct: torch.dtyp
     return o, do, lse
 
 
-def backward(g, q, k, v, mask, bias, o, lse, scale: float, ct: torch.dtype, like):
-    """Gradients (grad Q̇, grad K̇, grad V̇, grad ḃias) of Ȯ for its output gradient g (B, H, Lq, Dv).
-    ``like`` holds (shape, dtype) of each tangent whose gradient is needed, None for the others."""
+@forward.register_fake
+def _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):
+    shape = (*q.shape[:3], v.shape[3])
+    tangent = any(t is not None for t in (dq, dk, dv, dbias))
+    return (_heads_like(shape, ct, q.device), _heads_like(shape, ct, q.device) if tangent else q.new_empty(0, dtype=ct),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+@torch.library.custom_op("kfac_kernels::triton_dual_attention_backward", mutates_args=())
+def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optional[Tensor], o: Tensor,
+             lse: Tensor, scale: float, ct: torch.dtype, dq_dtype: Optional[torch.dtype],
+             dk_dtype: Optional[torch.dtype], dv_dtype: Optional[torch.dtype], dbias_dtype: Optional[torch.dtype],
+             dbias_shape: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (grad Q̇, grad K̇, grad V̇, grad ḃias) of Ȯ for its output gradient g (B, H, Lq, Dv), the
+    tangents' shapes being q's, k's, v's and ``dbias_shape``; a dtype of None: that gradient is not
+    needed, and an empty tensor stands for it."""
     B, H, Lq, D = q.shape
     Lk, Dv = v.shape[2:]
-    gdq, gdk, gdv = (None if t is None else _heads_like(*t, q.device) for t in like[:3])
+    gdq, gdk, gdv = (None if dt is None else _heads_like(t.shape, dt, q.device)
+                     for t, dt in ((q, dq_dtype), (k, dk_dtype), (v, dv_dtype)))
     gdb, atomic = None, False
-    if like[3] is not None:  # fp32 over every (query, key) pair, with dbias's batch and head dims
-        db_shape = (1,) * (4 - len(like[3][0])) + tuple(like[3][0])
+    if dbias_dtype is not None:  # fp32 over every (query, key) pair, with dbias's batch and head dims
+        db_shape = (1,) * (4 - len(dbias_shape)) + tuple(dbias_shape)
         atomic = db_shape[0] < B or db_shape[1] < H
         gdb = (torch.zeros if atomic else torch.empty)(*db_shape[:2], Lq, Lk, dtype=torch.float32, device=q.device)
     mask4, bias4, _, mask_kind = _pairwise(q, k, mask, bias, None)
@@ -420,9 +437,15 @@ def backward(g, q, k, v, mask, bias, o, lse, scale: float, ct: torch.dtype, like
             H, Lq, Lk, D, Dv, scale, NEED_DK=gdk is not None, NEED_DV=gdv is not None, **common, **cfg,
         )
     if gdb is not None:
-        shape, dtype = like[3]
-        gdb = gdb.sum_to_size(db_shape).reshape(shape).to(dtype)
-    return gdq, gdk, gdv, gdb
+        gdb = gdb.sum_to_size(db_shape).reshape(dbias_shape).to(dbias_dtype, copy=True)
+    return tuple(q.new_empty(0) if t is None else t for t in (gdq, gdk, gdv, gdb))
+
+
+@backward.register_fake
+def _(g, q, k, v, mask, bias, o, lse, scale, ct, dq_dtype, dk_dtype, dv_dtype, dbias_dtype, dbias_shape):
+    return (*(q.new_empty(0) if dt is None else _heads_like(t.shape, dt, q.device)
+              for t, dt in ((q, dq_dtype), (k, dk_dtype), (v, dv_dtype))),
+            q.new_empty(0) if dbias_dtype is None else q.new_empty(dbias_shape, dtype=dbias_dtype))
 
 
 class DualAttention(torch.autograd.Function):
@@ -435,8 +458,9 @@ class DualAttention(torch.autograd.Function):
         o, do, lse = forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct)
         ctx.save_for_backward(q, k, v, mask, bias, o, lse)
         ctx.scale, ctx.ct = scale, ct
-        ctx.like = tuple(None if t is None or not need else (t.shape, t.dtype)
-                         for t, need in zip((dq, dk, dv, dbias), ctx.needs_input_grad[3:6] + ctx.needs_input_grad[8:9]))
+        needs = ctx.needs_input_grad[3:6] + ctx.needs_input_grad[8:9]
+        ctx.dtypes = tuple(t.dtype if t is not None and need else None for t, need in zip((dq, dk, dv, dbias), needs))
+        ctx.dbias_shape = [] if dbias is None else list(dbias.shape)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(o)
         return o, do
@@ -444,8 +468,9 @@ class DualAttention(torch.autograd.Function):
     @staticmethod
     @_autograd.once_differentiable("dual_attention")
     def backward(ctx, _, g):
-        if g is None or all(t is None for t in ctx.like):
+        if g is None or all(dt is None for dt in ctx.dtypes):
             return (None,) * 11
         q, k, v, mask, bias, o, lse = ctx.saved_tensors
-        gdq, gdk, gdv, gdb = backward(g, q, k, v, mask, bias, o, lse, ctx.scale, ctx.ct, ctx.like)
+        grads = backward(g, q, k, v, mask, bias, o, lse, ctx.scale, ctx.ct, *ctx.dtypes, ctx.dbias_shape)
+        gdq, gdk, gdv, gdb = (None if dt is None else t for t, dt in zip(grads, ctx.dtypes))
         return None, None, None, gdq, gdk, gdv, None, None, gdb, None, None

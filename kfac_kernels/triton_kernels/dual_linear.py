@@ -5,9 +5,12 @@ owns one (BLOCK_M, BLOCK_N) tile of both outputs: per K step it loads the tiles 
 and feeds two fp32 accumulators; the epilogue adds the biases and stores y and dy.
 ``matmul``: C = Σ_i A_i B_i over one or two products (A_i (M, K), B_i (K, N)) in one fp32 accumulator.
 Both are stride-generic (transposed views cost nothing) and multiply tiles as ``common.dot_mode``
-says for the compute dtype.
+says for the compute dtype. Both are ``torch.library`` ops, opaque to ``torch.compile``.
 """
+from typing import Optional
+
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -109,7 +112,9 @@ def _grid(M, N, cfg):
     return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
 
-def forward(x, dx, w, dw, b, db, ct: torch.dtype):
+@torch.library.custom_op("kfac_kernels::triton_dual_linear", mutates_args=())
+def forward(x: Tensor, dx: Tensor, w: Tensor, dw: Tensor, b: Optional[Tensor], db: Optional[Tensor],
+            ct: torch.dtype) -> tuple[Tensor, Tensor]:
     """(y, dy) in ``ct``: x, dx (M, K); w, dw (N, K); b, db (N,) or None."""
     M, K = x.shape
     N = w.shape[0]
@@ -128,10 +133,16 @@ def forward(x, dx, w, dw, b, db, ct: torch.dtype):
     return y, dy
 
 
-def matmul(pairs, ct: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
-    """Σ a @ b over the one or two (a (M, K), b (K, N)) in ``pairs``, multiplied in ``ct``."""
-    (a1, b1), *rest = pairs
-    a2, b2 = rest[0] if rest else (a1, b1)
+@forward.register_fake
+def _(x, dx, w, dw, b, db, ct):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=ct), x.new_empty((x.shape[0], w.shape[0]), dtype=ct)
+
+
+@torch.library.custom_op("kfac_kernels::triton_matmul", mutates_args=())
+def matmul(a: list[Tensor], b: list[Tensor], ct: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+    """Σ_i a[i] @ b[i] over one or two products (a[i] (M, K), b[i] (K, N)), multiplied in ``ct``."""
+    (a1, *rest_a), (b1, *rest_b) = a, b
+    a2, b2 = (rest_a[0], rest_b[0]) if rest_a else (a1, b1)
     M, K = a1.shape
     N = b1.shape[1]
     c = a1.new_empty((M, N), dtype=out_dtype)
@@ -142,6 +153,11 @@ def matmul(pairs, ct: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     _matmul_kernel[_grid(M, N, cfg)](
         a1, b1, a2, b2, c, M, N, K,
         *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *c.stride(),
-        TWO=bool(rest), DOT=dot, **cfg,
+        TWO=bool(rest_a), DOT=dot, **cfg,
     )
     return c
+
+
+@matmul.register_fake
+def _(a, b, ct, out_dtype):
+    return a[0].new_empty((a[0].shape[0], b[0].shape[1]), dtype=out_dtype)

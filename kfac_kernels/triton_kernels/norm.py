@@ -6,9 +6,12 @@ x and dx, one write of y and dy, and the statistics μ, r (fp32, one per row) fo
 fp32 partial sums, one row of partials per program (programs stride over the row tiles), summed after.
 Rows may have any stride; columns must be unit-stride.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .._backend import interpreting
 
@@ -112,12 +115,12 @@ def _backward_kernel(
         tl.store(pb_ptr + pid * D + cols, acc_b, mask=col_ok)
 
 
-def forward(x, dx, w, dw, b, db, eps: float, rms: bool):
-    """(y, dy, mean, rstd): y, dy (M, d) in x's dtype; mean (M,) fp32 or None (RMS), rstd (M,) fp32."""
+@torch.library.custom_op("kfac_kernels::triton_dual_norm", mutates_args=())
+def forward(x: Tensor, dx: Optional[Tensor], w: Optional[Tensor], dw: Optional[Tensor], b: Optional[Tensor],
+            db: Optional[Tensor], eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, dy, mean, rstd): y, dy (M, d) in x's dtype; mean (M,) fp32 (empty for RMS), rstd (M,) fp32."""
     M, d = x.shape
-    y, dy = torch.empty_like(x), torch.empty_like(x)
-    mean = None if rms else x.new_empty(M, dtype=torch.float32)
-    rstd = x.new_empty(M, dtype=torch.float32)
+    y, dy, mean, rstd = _forward_fake(x, dx, w, dw, b, db, eps, rms)
     if M == 0:
         return y, dy, mean, rstd
     cfg = _launch_config(d)
@@ -131,6 +134,13 @@ def forward(x, dx, w, dw, b, db, eps: float, rms: bool):
     return y, dy, mean, rstd
 
 
+@forward.register_fake
+def _forward_fake(x, dx, w, dw, b, db, eps, rms):
+    M = x.shape[0]
+    y, dy = torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, dy, x.new_empty(0 if rms else M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+
+
 def _programs(tiles: int, device: torch.device) -> int:
     """Programs for a backward that sums over rows: a few per SM, each striding over the row tiles."""
     if interpreting() or device.type != "cuda":
@@ -138,8 +148,11 @@ def _programs(tiles: int, device: torch.device) -> int:
     return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def backward(g, x, mean, rstd, w, need_dx: bool, need_dw: bool, need_db: bool, rms: bool, dx_dtype):
-    """(grad dx in ``dx_dtype``, grad dγ fp32, grad dβ fp32) for g, x (M, d); None where not needed."""
+@torch.library.custom_op("kfac_kernels::triton_dual_norm_backward", mutates_args=())
+def backward(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, w: Optional[Tensor], need_dx: bool, need_dw: bool,
+             need_db: bool, rms: bool, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad dx in ``dx_dtype``, grad dγ fp32, grad dβ fp32) for g, x (M, d); an empty tensor where not needed.
+    ``mean`` is not read for RMS."""
     M, d = x.shape
     if g.stride(-1) != 1:
         g = g.contiguous()
@@ -150,8 +163,16 @@ def backward(g, x, mean, rstd, w, need_dx: bool, need_dw: bool, need_db: bool, r
     pw, pb = (x.new_zeros((max(programs, 1), d), dtype=torch.float32) if need else None for need in (need_dw, need_db))
     if M > 0:
         _backward_kernel[(programs,)](
-            g, x, *(rstd if t is None else t for t in (mean, rstd, w, gdx, pw, pb)),
+            g, x, *(rstd if t is None else t for t in (None if rms else mean, rstd, w, gdx, pw, pb)),
             M, d, g.stride(0), x.stride(0), 0 if gdx is None else gdx.stride(0),
             RMS=rms, HAS_W=w is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, **cfg,
         )
-    return gdx, None if pw is None else pw.sum(0), None if pb is None else pb.sum(0)
+    return tuple(x.new_empty(0) if t is None else t for t in (gdx, None if pw is None else pw.sum(0),
+                                                              None if pb is None else pb.sum(0)))
+
+
+@backward.register_fake
+def _(g, x, mean, rstd, w, need_dx, need_dw, need_db, rms, dx_dtype):
+    M, d = x.shape
+    return (x.new_empty((M, d) if need_dx else 0, dtype=dx_dtype if need_dx else x.dtype),
+            *(x.new_empty(d if need else 0, dtype=torch.float32 if need else x.dtype) for need in (need_dw, need_db)))

@@ -88,14 +88,11 @@ def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad):
     return _run_stages(chains), (Gs if want_grad else None)
 
 
-def eigen_backward(Gs, U_Bs, U_As, taus):
-    """[U_B G U_Aᵀ] per layer, in τ's dtype."""
-    chains, grads = [], []
-    for G, U_B, U_A, tau in zip(Gs, U_Bs, U_As, taus):
-        dot = dot_mode(_intermediate(tau.dtype, U_B.dtype, U_A.dtype))
+def eigen_gradients(Gs, U_Bs, U_As, outs):
+    """outs[l] = U_B,l G_l U_A,lᵀ, written in place in outs[l]'s dtype."""
+    chains = []
+    for G, U_B, U_A, out in zip(Gs, U_Bs, U_As, outs):
+        dot = dot_mode(_intermediate(out.dtype, U_B.dtype, U_A.dtype))
         Z = torch.empty(G.shape[0], U_A.shape[0], dtype=torch.float32, device=G.device)
-        out = torch.empty_like(tau)
         chains.append([[Job(G, U_A.T, Z, dot=dot)], [Job(U_B, Z, out, dot=dot)]])
-        grads.append(out)
     _run_stages(chains)
-    return grads
