@@ -46,7 +46,7 @@ def squared_products_update_(S, g, a, *, scale=1.0):
 @torch.library.custom_op("kfac_kernels::squared_products_update", mutates_args=("S",))
 def _update(S: torch.Tensor, g: torch.Tensor, a: torch.Tensor, scale: float, ct: torch.dtype) -> None:
     """S += scale · Σ_n (g_nᵀ a_n)² in place, products in ``ct`` (see ``squared_products_update_``)."""
-    if _backend.select(_OP, S.device, [g.dtype, a.dtype, S.dtype]) == "torch":
+    if _select(S.device, S, g, a) == "torch":
         _torch_update(S, g, a, scale, ct)
     else:
         from .triton_kernels.correction import squared_products_update_ as triton_update
@@ -54,7 +54,7 @@ def _update(S: torch.Tensor, g: torch.Tensor, a: torch.Tensor, scale: float, ct:
 
 
 def _check(S, g, a, scale):
-    """Validate the arguments; return the compute dtype."""
+    """Validate the arguments (and the backend); return the compute dtype."""
     _validate.tensor(_OP, "S", S, ndim=2, dtypes=(torch.float32, torch.float64))
     _validate.tensor(_OP, "g", g)
     _validate.tensor(_OP, "a", a)
@@ -75,8 +75,12 @@ def _check(S, g, a, scale):
         raise ValueError(f"{_OP}: S must be contiguous (it is updated in place), got strides {S.stride()}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python number, got {_validate.describe(scale)}")
-    _validate.same_device(_OP, S=S, g=g, a=a)
+    _select(_validate.same_device(_OP, S=S, g=g, a=a), S, g, a)
     return _precision.compute_dtype(_OP, g=g.dtype, a=a.dtype)
+
+
+def _select(device, S, g, a) -> str:
+    return _backend.select(_OP, device, [g.dtype, a.dtype, S.dtype])
 
 
 @torch.no_grad()

@@ -41,7 +41,8 @@ def covariance_update_(C, X, *, scale=1.0, mask=None, append_ones=False):
             )
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python number, got {_validate.describe(scale)}")
-    _validate.same_device(_OP, C=C, X=X, mask=mask)
+    device = _validate.same_device(_OP, C=C, X=X, mask=mask)
+    _select(device, X, C)
     N = math.prod(X.shape[:-1])
     if N == 0 or E == 0:
         return C
@@ -52,7 +53,7 @@ def covariance_update_(C, X, *, scale=1.0, mask=None, append_ones=False):
 @torch.library.custom_op("kfac_kernels::covariance_update", mutates_args=("C",))
 def _update(C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None, append_ones: bool, scale: float) -> None:
     """C += scale · X̃ᵀ X̃ in place for rows X (N, D) and mask (N,) or None (see ``covariance_update_``)."""
-    backend = _backend.select(_OP, C.device, [X.dtype, C.dtype], has_cuda_kernel=True)
+    backend = _select(C.device, X, C)
     if backend == "torch":
         _torch_update(C, X, mask, append_ones, scale)
     elif backend == "triton":
@@ -61,6 +62,10 @@ def _update(C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None, append_
     else:
         from . import cuda_ext
         cuda_ext.load().covariance_update(C, X, mask, append_ones, scale)
+
+
+def _select(device, X, C) -> str:
+    return _backend.select(_OP, device, [X.dtype, C.dtype], has_cuda_kernel=True)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ layer, but layers of a grouped call may each use their own half dtype.
 
 The forms are ``torch.library`` ops (``torch.ops.kfac_kernels.quadratic_forms``, ...): ``torch.compile``
 traces them as opaque calls, with their shapes from the fake implementations below. Compressed factors
-travel through them flattened (``factors.flatten``).
+travel through them flattened (``factors.flatten``); the weights are constants of a compiled graph (a
+list of numbers: new values recompile it).
 """
 import torch
 from torch import Tensor
@@ -27,7 +28,11 @@ from . import _backend, _precision, _validate, reference
 from .factors import factor_size, flatten, unflatten
 
 
-@torch.library.custom_op("kfac_kernels::quadratic_forms", mutates_args=())
+# The grouped launches copy their job tables to the device: no CUDA graph capture of the forms.
+_CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("kfac_kernels::quadratic_forms", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
 def _forms(taus: list[Tensor], factors: list[Tensor], codes: list[int], weights: list[float], want_grad: bool,
            dtype: torch.dtype, op: str) -> tuple[Tensor, list[Tensor]]:
     """(Σ_l w_l ⟨τ_l, B_l τ_l A_l⟩ in ``dtype``, [2 w_l B_l τ_l A_l] in τ_l's layout if ``want_grad`` else []);
@@ -48,7 +53,7 @@ def _(taus, factors, codes, weights, want_grad, dtype, op):
     return taus[0].new_empty((), dtype=dtype), [torch.empty_like(t) for t in taus] if want_grad else []
 
 
-@torch.library.custom_op("kfac_kernels::eigen_quadratic_forms", mutates_args=())
+@torch.library.custom_op("kfac_kernels::eigen_quadratic_forms", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
 def _eigen_forms(taus: list[Tensor], U_Bs: list[Tensor], U_As: list[Tensor], Ss: list[Tensor], weights: list[float],
                  want_grad: bool, dtype: torch.dtype, op: str) -> tuple[Tensor, list[Tensor]]:
     """(Σ_l w_l Σ S_l ⊙ M_l² in ``dtype``, [G_l = 2 w_l S_l ⊙ M_l] in ``dtype`` if ``want_grad`` else []),
@@ -66,7 +71,7 @@ def _(taus, U_Bs, U_As, Ss, weights, want_grad, dtype, op):
     return taus[0].new_empty((), dtype=dtype), [S.new_empty(S.shape, dtype=dtype) for S in Ss] if want_grad else []
 
 
-@torch.library.custom_op("kfac_kernels::eigen_gradients", mutates_args=("grads",))
+@torch.library.custom_op("kfac_kernels::eigen_gradients", mutates_args=("grads",), tags=_CUDAGRAPH_UNSAFE)
 def _eigen_gradients(Gs: list[Tensor], U_Bs: list[Tensor], U_As: list[Tensor], grads: list[Tensor], op: str) -> None:
     """grads[l] = U_B,l G_l U_A,lᵀ (d_out, d_in), in place, in grads[l]'s dtype."""
     if _backend.select(op, Gs[0].device, [t.dtype for t in (*Gs, *U_Bs, *U_As, *grads)]) == "torch":

@@ -60,7 +60,7 @@ def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad, dtype):
             SM = S.to(dtype) * M
             total = total + w * torch.sum(SM * M)
             if want_grad:
-                Gs.append(2 * w * SM)
+                Gs.append((2 * w * SM).contiguous())  # in S's layout otherwise
     return total, (Gs if want_grad else None)
 
 

@@ -50,7 +50,7 @@ def _front_cases():
                               kk.LowRankFactor.from_dense(_factor(3, 2), rank=2),
                               kk.Int8Factor.from_dense(_factor(2, 3))])
     U_Bs, U_As = [torch.linalg.qr(r(5, 5))[0], torch.linalg.qr(r(4, 3))[0]], [torch.linalg.qr(r(3, 2))[0], r(2, 2)]
-    Ss = [torch.rand(5, 2), torch.rand(3, 2)]
+    Ss = [torch.rand(2, 5).T, torch.rand(3, 2)]  # a transposed S: G comes out contiguous, as its fake says
     f32 = torch.float32
     return {
         "quadratic_forms": (quadratic._forms, (taus, factors, codes, [1.0, 0.5], True, f32, "quadratic_forms")),
