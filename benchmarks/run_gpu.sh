@@ -12,7 +12,8 @@
 #   1. installs the carried wheels (.whl/, open_clip and what it needs) into /tmp/site
 #   build: the CUDA C++ extension of csrc/ (JIT, ninja), alone: a build killed by a step's timeout would
 #      leave torch's lock file and hang every later load (stale locks are removed after each step)
-#   2. python3 -m pytest -m gpu tests, then the kernel tests (not marked gpu) under the real Triton compiler
+#   2. python3 -m pytest -m gpu tests, then the kernel tests (not marked gpu) under the real Triton compiler, then
+#      tests/test_compile.py (torch.compile through the ops on CUDA)
 #   3. benchmarks/bench_gpu.py, one section per call (a timeout loses one section, not all)
 #   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py, benchmarks/bench_methods.py (≤ 60 s)
 #   5. python3 -m kfac_kernels, then benchmarks/saved_activations.py (what a step keeps for its backward)
@@ -135,6 +136,8 @@ if wants tests; then
     step tests "pytest kernel tests (real Triton)" 150 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" -m "not gpu" \
         tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py tests/test_tak_nn.py \
         tests/test_dual_elementwise.py tests/test_correction.py
+    step tests "pytest tests/test_compile.py (torch.compile, CUDA)" 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q \
+        tests/test_compile.py
 fi
 
 # ---------------------------------------------------------------- benchmarks

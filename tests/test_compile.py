@@ -1,12 +1,14 @@
 """kfac_kernels under torch.compile: every op is a torch.library op (the Triton kernels behind opaque
 ops), so a training step with the penalty, the covariance updates and a linearized model compile with
-fullgraph=True on every backend and compute what eager mode computes."""
+fullgraph=True on every backend and compute what eager mode computes. On a GPU machine everything runs on
+CUDA (the real Triton compiler), elsewhere on the CPU (Triton's interpreter)."""
 import pytest
 import torch
 
 import kfac_kernels as kk
 import tak
 from kfac_kernels.factors import flatten
+from tests.conftest import DEVICE
 from tests.test_linearize import CASES
 from tests.util import rel_err
 
@@ -16,15 +18,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def _factor(n, seed):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(2 * n + 1, n, generator=g)
-    return X.T @ X / n
+    return (X.T @ X / n).to(DEVICE)
 
 
 def _triton_cases():
     from kfac_kernels.triton_kernels import activation, dual_attention, dual_linear, norm
-    r = torch.randn
+
+    def r(*shape):
+        return torch.randn(*shape, device=DEVICE)
     x, dx, w, dw, b = r(7, 5), r(7, 5), r(3, 5), r(3, 5), r(3)
     q, k, v = r(2, 3, 5, 4), r(2, 3, 6, 4), r(2, 3, 6, 4)
-    mask, bias = torch.rand(2, 1, 1, 6) > 0.3, r(1, 3, 5, 6)
+    mask, bias = r(2, 1, 1, 6) > -0.5, r(1, 3, 5, 6)
     o, _, lse = dual_attention.forward(q, k, v, r(2, 3, 5, 4), None, None, mask, bias, None, 0.5, torch.float32)
     f32 = torch.float32
     return {
@@ -33,7 +37,7 @@ def _triton_cases():
         "triton_dual_activation": (activation.forward, (x, dx, r(7, 5), None, "gelu")),
         "triton_dual_activation_backward": (activation.backward, (r(7, 5), x, None, "quick_gelu", f32, None)),
         "triton_dual_norm": (norm.forward, (x, dx, r(5), r(5), r(5), None, 1e-5, False)),
-        "triton_dual_norm_backward": (norm.backward, (r(7, 5), x, r(7), torch.rand(7) + 1, r(5), True, True, False,
+        "triton_dual_norm_backward": (norm.backward, (r(7, 5), x, r(7), r(7).abs() + 1, r(5), True, True, False,
                                                       True, torch.bfloat16)),
         "triton_dual_attention": (dual_attention.forward, (q, k, v, r(2, 3, 5, 4), None, r(2, 3, 6, 4), mask, bias,
                                                            r(1, 3, 5, 6), 0.5, f32)),
@@ -44,20 +48,23 @@ def _triton_cases():
 
 def _front_cases():
     from kfac_kernels import correction, covariance, quadratic
-    r = torch.randn
-    taus = [r(5, 3, requires_grad=True), r(4, 2, requires_grad=True)]
+
+    def r(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    taus = [r(5, 3).requires_grad_(), r(4, 2).requires_grad_()]
     factors, codes = flatten([_factor(5, 0), kk.BlockDiagonalFactor.from_dense(_factor(4, 1), 2),
                               kk.LowRankFactor.from_dense(_factor(3, 2), rank=2),
                               kk.Int8Factor.from_dense(_factor(2, 3))])
     U_Bs, U_As = [torch.linalg.qr(r(5, 5))[0], torch.linalg.qr(r(4, 3))[0]], [torch.linalg.qr(r(3, 2))[0], r(2, 2)]
-    Ss = [torch.rand(2, 5).T, torch.rand(3, 2)]  # a transposed S: G comes out contiguous, as its fake says
+    Ss = [r(2, 5).abs().T, r(3, 2).abs()]  # a transposed S: G comes out contiguous, as its fake says
     f32 = torch.float32
     return {
         "quadratic_forms": (quadratic._forms, (taus, factors, codes, [1.0, 0.5], True, f32, "quadratic_forms")),
         "eigen_quadratic_forms": (quadratic._eigen_forms, (taus, U_Bs, U_As, Ss, [1.0, 2.0], True, f32, "eigen")),
         "eigen_gradients": (quadratic._eigen_gradients, ([r(5, 2), r(3, 2)], U_Bs, U_As, [r(5, 3), r(4, 2)], "eigen")),
-        "covariance_update": (covariance._update, (torch.zeros(6, 6), r(9, 5), torch.rand(9) > 0.4, True, 0.5)),
-        "squared_products_update": (correction._update, (torch.zeros(3, 4), r(5, 2, 3), r(5, 2, 4), 2.0, f32)),
+        "covariance_update": (covariance._update, (r(6, 6), r(9, 5), r(9) > 0, True, 0.5)),
+        "squared_products_update": (correction._update, (r(3, 4), r(5, 2, 3), r(5, 2, 4), 2.0, f32)),
     }
 
 
@@ -85,11 +92,13 @@ def test_penalty_compiles_with_fullgraph(backend):
     """The penalty in a compiled step (one graph: fullgraph=True) equals the eager step, value and gradients,
     and its no-grad evaluation too."""
     torch.manual_seed(0)
-    W, x = torch.randn(7, 5), torch.randn(4, 5)
-    taus = [torch.zeros(7, 5).normal_(std=0.1).requires_grad_(), torch.randn(6, 3).requires_grad_()]
+    W, x = torch.randn(7, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
+    taus = [torch.zeros(7, 5, device=DEVICE).normal_(std=0.1).requires_grad_(),
+            torch.randn(6, 3, device=DEVICE).requires_grad_()]
     Bs = [_factor(7, 1), kk.BlockDiagonalFactor.from_dense(_factor(6, 2), 2)]
     As = [kk.Int8Factor.from_dense(_factor(5, 3)), kk.LowRankFactor.from_dense(_factor(3, 4), rank=2)]
-    U_B, U_A, S = torch.linalg.qr(torch.randn(6, 6))[0], torch.linalg.qr(torch.randn(3, 3))[0], torch.rand(6, 3)
+    U_B, U_A = (torch.linalg.qr(torch.randn(n, n, device=DEVICE))[0] for n in (6, 3))
+    S = torch.rand(6, 3, device=DEVICE)
     args = (W, taus, x, Bs, As, U_B, U_A, S)
     want = _penalty_step(*args)
     want_grads = torch.autograd.grad(want, taus)
@@ -107,17 +116,17 @@ def test_curvature_updates_compile_with_fullgraph(backend):
     """covariance_update_ (mask, ones column) and squared_products_update_ in one compiled function update
     their accumulators in place as eagerly."""
     torch.manual_seed(0)
-    X, mask = torch.randn(3, 7, 5), torch.rand(3, 7) > 0.3
-    g, a = torch.randn(4, 3, 6), torch.randn(4, 3, 5)
+    X, mask = torch.randn(3, 7, 5, device=DEVICE), torch.rand(3, 7, device=DEVICE) > 0.3
+    g, a = torch.randn(4, 3, 6, device=DEVICE), torch.randn(4, 3, 5, device=DEVICE)
 
     def update(C, S):
         kk.covariance_update_(C, X, scale=0.5, mask=mask, append_ones=True)
         kk.squared_products_update_(S, g, a, scale=0.25)
         return C.trace() + S.sum()
 
-    C, S = torch.eye(6), torch.ones(6, 5)
+    C, S = torch.eye(6, device=DEVICE), torch.ones(6, 5, device=DEVICE)
+    C2, S2 = C.clone(), S.clone()
     want = update(C, S)
-    C2, S2 = torch.eye(6), torch.ones(6, 5)
     got = torch.compile(update, fullgraph=True)(C2, S2)
     assert rel_err(got, want) < 1e-6 and rel_err(C2, C) < 1e-6 and rel_err(S2, S) < 1e-6
     assert torch.equal(C2, C2.T)
@@ -127,10 +136,10 @@ def test_linearized_model_compiles_with_fullgraph(backend):
     """A linearized open_clip ViT on the fast path (every dual layer a kfac_kernels op) compiled as one
     graph: outputs and τ-gradients equal eager mode's."""
     model, inputs, outputs = CASES["vit"]()
-    lin = tak.linearize(model.float())
+    lin = tak.linearize(model.float().to(DEVICE))
     lin.load_task_vector({name: 0.05 * torch.randn_like(t) for name, t in lin.task_vector().items()})
     args, kwargs = inputs()
-    args = [a.float() for a in args]
+    args = [a.float().to(DEVICE) for a in args]
     want = outputs(lin(*args, **kwargs))[0]
     taus = list(lin.dual.named_taus().values())
     want_grads = torch.autograd.grad(want.square().sum(), taus)
