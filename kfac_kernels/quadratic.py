@@ -82,11 +82,11 @@ def _eigen_gradients(Gs: list[Tensor], U_Bs: list[Tensor], U_As: list[Tensor], g
         quadratic.eigen_gradients(Gs, U_Bs, U_As, grads)
 
 
-def _save(ctx, output, taus, constants, weights, want_grad, dtype, op):
+def _save(ctx, output, taus, constants, options):
     """Saves what the backward multiplies by the output gradient (the forward's products), the op's
     constant inputs (lists of tensors) and, for second derivatives, the τ that are leaves (kept alive
     anyway): keeping a τ built by an op (a [W | b] concatenation) would hold a copy until the backward."""
-    ctx.weights, ctx.dtype, ctx.op = weights, dtype, op
+    ctx.weights, _, ctx.dtype, ctx.op = options  # (weights, want_grad, dtype, op)
     ctx.sizes = [len(c) for c in constants]
     ctx.taus = [(t.shape, t.dtype) for t in taus]
     ctx.mark_non_differentiable(*output[1])
@@ -94,13 +94,13 @@ def _save(ctx, output, taus, constants, weights, want_grad, dtype, op):
 
 
 def _setup_forms(ctx, inputs, output):
-    taus, factors, ctx.codes, *rest = inputs
-    _save(ctx, output, taus, [factors], *rest)
+    taus, factors, ctx.codes, *options = inputs
+    _save(ctx, output, taus, [factors], options)
 
 
 def _setup_eigen(ctx, inputs, output):
-    taus, U_Bs, U_As, Ss, *rest = inputs
-    _save(ctx, output, taus, [U_Bs, U_As, Ss], *rest)
+    taus, U_Bs, U_As, Ss, *options = inputs
+    _save(ctx, output, taus, [U_Bs, U_As, Ss], options)
 
 
 def _unpack(ctx):

@@ -9,6 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import interpreting
+from .common import or_empty
 
 @triton.jit
 def _tanh(x):
@@ -112,12 +113,12 @@ def backward(g: Tensor, x: Tensor, h: Optional[Tensor], kind: str, dx_dtype: Opt
     gdx, gdh = _gradients(x, dx_dtype, dh_dtype)
     _launch(_backward_kernel, x.numel(), g, x, *(x if t is None else t for t in (h, gdx, gdh)), KIND=kind,
             HAS_H=h is not None, NEED_DX=dx_dtype is not None, NEED_DH=dh_dtype is not None)
-    return tuple(x.new_empty(0) if t is None else t for t in (gdx, gdh))
+    return or_empty(x, gdx, gdh)
 
 
 @backward.register_fake
 def _(g, x, h, kind, dx_dtype, dh_dtype):
-    return tuple(x.new_empty(0) if t is None else t for t in _gradients(x, dx_dtype, dh_dtype))
+    return or_empty(x, *_gradients(x, dx_dtype, dh_dtype))
 
 
 def _gradients(x, *dtypes):

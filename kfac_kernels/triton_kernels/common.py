@@ -45,6 +45,12 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return rm, rn
 
 
+def or_empty(like: torch.Tensor, *tensors) -> tuple[torch.Tensor, ...]:
+    """``tensors`` with each None replaced by an empty tensor like ``like``: the outputs of an op that a
+    ``torch.library`` op can return (it cannot return None)."""
+    return tuple(like.new_empty(0) if t is None else t for t in tensors)
+
+
 def layout(t: torch.Tensor | None) -> int:
     """LAYOUT of a 2-D view for the kernel: 1 if stride 1 = 1 and stride 0, the address and the extent
     of dim 1 are multiples of 16 elements; 2 the same with the dims swapped; 0 any strides. Knowing

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import _autograd
 from .._backend import interpreting
-from .common import dot_acc, dot_mode
+from .common import dot_acc, dot_mode, or_empty
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -438,14 +438,14 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         )
     if gdb is not None:
         gdb = gdb.sum_to_size(db_shape).reshape(dbias_shape).to(dbias_dtype, copy=True)
-    return tuple(q.new_empty(0) if t is None else t for t in (gdq, gdk, gdv, gdb))
+    return or_empty(q, gdq, gdk, gdv, gdb)
 
 
 @backward.register_fake
 def _(g, q, k, v, mask, bias, o, lse, scale, ct, dq_dtype, dk_dtype, dv_dtype, dbias_dtype, dbias_shape):
-    return (*(q.new_empty(0) if dt is None else _heads_like(t.shape, dt, q.device)
-              for t, dt in ((q, dq_dtype), (k, dk_dtype), (v, dv_dtype))),
-            q.new_empty(0) if dbias_dtype is None else q.new_empty(dbias_shape, dtype=dbias_dtype))
+    return or_empty(q, *(None if dt is None else _heads_like(t.shape, dt, q.device)
+                         for t, dt in ((q, dq_dtype), (k, dk_dtype), (v, dv_dtype))),
+                    None if dbias_dtype is None else q.new_empty(dbias_shape, dtype=dbias_dtype))
 
 
 class DualAttention(torch.autograd.Function):

@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import interpreting
+from .common import or_empty
 
 
 def _launch_config(d: int) -> dict:
@@ -167,8 +168,7 @@ def backward(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, w: Optional[Tenso
             M, d, g.stride(0), x.stride(0), 0 if gdx is None else gdx.stride(0),
             RMS=rms, HAS_W=w is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, **cfg,
         )
-    return tuple(x.new_empty(0) if t is None else t for t in (gdx, None if pw is None else pw.sum(0),
-                                                              None if pb is None else pb.sum(0)))
+    return or_empty(x, gdx, *(None if t is None else t.sum(0) for t in (pw, pb)))
 
 
 @backward.register_fake
