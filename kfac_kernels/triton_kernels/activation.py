@@ -9,7 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import interpreting
-from .common import or_empty
+from .common import on_input_device, or_empty
 
 @triton.jit
 def _tanh(x):
@@ -89,6 +89,7 @@ def _launch(kernel, n, *args, **constexprs):
 
 
 @torch.library.custom_op("kfac_kernels::triton_dual_activation", mutates_args=())
+@on_input_device
 def forward(x: Tensor, dx: Optional[Tensor], h: Optional[Tensor], dh: Optional[Tensor],
             kind: str) -> tuple[Tensor, Tensor]:
     """(f(x) ⊙ h, f'(x) ⊙ dx ⊙ h + f(x) ⊙ dh), shaped like x, in x's dtype; dx, h, dh may be None."""
@@ -105,6 +106,7 @@ def _(x, dx, h, dh, kind):
 
 
 @torch.library.custom_op("kfac_kernels::triton_dual_activation_backward", mutates_args=())
+@on_input_device
 def backward(g: Tensor, x: Tensor, h: Optional[Tensor], kind: str, dx_dtype: Optional[torch.dtype],
              dh_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
     """(f'(x) ⊙ h ⊙ g in ``dx_dtype``, f(x) ⊙ g in ``dh_dtype``), shaped like x; a dtype of None: that gradient

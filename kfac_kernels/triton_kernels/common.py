@@ -1,4 +1,7 @@
-"""Pieces shared by the Triton kernels: how tiles are multiplied, and which output tile a program owns."""
+"""Pieces shared by the Triton kernels: how tiles are multiplied, which output tile a program owns, and on
+which GPU a launch runs."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +46,19 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     return rm, rn
+
+
+def on_input_device(launcher):
+    """``launcher`` run with the current CUDA device set to that of its first argument (a tensor, or a list
+    whose first item is one). Triton launches on the current device and stream, so without this a model on
+    ``cuda:1`` would have its kernels run on ``cuda:0``, reading memory of another GPU."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        with torch.cuda.device_of(first[0] if isinstance(first, (list, tuple)) else first):
+            return launcher(first, *args, **kwargs)
+
+    return launch
 
 
 def or_empty(like: torch.Tensor, *tensors) -> tuple[torch.Tensor, ...]:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from .common import dot_acc, dot_mode, grouped_tile
+from .common import dot_acc, dot_mode, grouped_tile, on_input_device
 
 _WORKSPACE_BYTES = 64 << 20  # bound on the split partials
 
@@ -142,6 +142,7 @@ def num_splits(n_tiles: int, n_units: int, unit_steps: int, n_sm: int, max_split
     return best
 
 
+@on_input_device
 def squared_products_update_(S, g, a, scale: float, ct: torch.dtype, splits: int | None = None):
     """S += scale · Σ_n (g_nᵀ a_n)² in place (module docstring). g (N, T, r_B), a (N, T, r_A) with T > 1,
     or g (N, r_B), a (N, r_A); S (r_B, r_A) fp32 contiguous; tiles multiplied as ``dot_mode(ct)``.

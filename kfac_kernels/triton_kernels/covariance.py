@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .common import dot_acc, dot_mode
+from .common import dot_acc, dot_mode, on_input_device
 
 
 @triton.jit
@@ -173,6 +173,7 @@ def num_splits(n_pairs: int, n_chunks: int, n_sm: int, max_tiles: int) -> int:
     return best
 
 
+@on_input_device
 def covariance_update_(C, X, mask, append_ones: bool, scale: float, splits: int | None = None):
     """C += scale · X̃ᵀX̃ in place (see the module docstring); X (N, D), mask (N,) bool or None.
 

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import _autograd
 from .._backend import interpreting
-from .common import dot_acc, dot_mode, or_empty
+from .common import dot_acc, dot_mode, on_input_device, or_empty
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -357,6 +357,7 @@ def _pairwise(q, k, mask, bias, dbias):
 
 
 @torch.library.custom_op("kfac_kernels::triton_dual_attention", mutates_args=())
+@on_input_device
 def forward(q: Tensor, k: Tensor, v: Tensor, dq: Optional[Tensor], dk: Optional[Tensor], dv: Optional[Tensor],
             mask: Optional[Tensor], bias: Optional[Tensor], dbias: Optional[Tensor], scale: float,
             ct: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -396,6 +397,7 @@ def _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):
 
 
 @torch.library.custom_op("kfac_kernels::triton_dual_attention_backward", mutates_args=())
+@on_input_device
 def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optional[Tensor], o: Tensor,
              lse: Tensor, scale: float, ct: torch.dtype, dq_dtype: Optional[torch.dtype],
              dk_dtype: Optional[torch.dtype], dv_dtype: Optional[torch.dtype], dbias_dtype: Optional[torch.dtype],

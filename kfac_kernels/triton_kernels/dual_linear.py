@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from .common import dot_acc, dot_mode, grouped_tile, layout
+from .common import dot_acc, dot_mode, grouped_tile, layout, on_input_device
 
 
 def _launch_config(dot: str, *operands):
@@ -113,6 +113,7 @@ def _grid(M, N, cfg):
 
 
 @torch.library.custom_op("kfac_kernels::triton_dual_linear", mutates_args=())
+@on_input_device
 def forward(x: Tensor, dx: Tensor, w: Tensor, dw: Tensor, b: Optional[Tensor], db: Optional[Tensor],
             ct: torch.dtype) -> tuple[Tensor, Tensor]:
     """(y, dy) in ``ct``: x, dx (M, K); w, dw (N, K); b, db (N,) or None."""
@@ -139,6 +140,7 @@ def _(x, dx, w, dw, b, db, ct):
 
 
 @torch.library.custom_op("kfac_kernels::triton_matmul", mutates_args=())
+@on_input_device
 def matmul(a: list[Tensor], b: list[Tensor], ct: torch.dtype, out_dtype: torch.dtype) -> Tensor:
     """Σ_i a[i] @ b[i] over one or two products (a[i] (M, K), b[i] (K, N)), multiplied in ``ct``."""
     (a1, *rest_a), (b1, *rest_b) = a, b

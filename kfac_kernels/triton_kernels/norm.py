@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import interpreting
-from .common import or_empty
+from .common import on_input_device, or_empty
 
 
 def _launch_config(d: int) -> dict:
@@ -117,6 +117,7 @@ def _backward_kernel(
 
 
 @torch.library.custom_op("kfac_kernels::triton_dual_norm", mutates_args=())
+@on_input_device
 def forward(x: Tensor, dx: Optional[Tensor], w: Optional[Tensor], dw: Optional[Tensor], b: Optional[Tensor],
             db: Optional[Tensor], eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, dy, mean, rstd): y, dy (M, d) in x's dtype; mean (M,) fp32 (empty for RMS), rstd (M,) fp32."""
@@ -150,6 +151,7 @@ def _programs(tiles: int, device: torch.device) -> int:
 
 
 @torch.library.custom_op("kfac_kernels::triton_dual_norm_backward", mutates_args=())
+@on_input_device
 def backward(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, w: Optional[Tensor], need_dx: bool, need_dw: bool,
              need_db: bool, rms: bool, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(grad dx in ``dx_dtype``, grad dγ fp32, grad dβ fp32) for g, x (M, d); an empty tensor where not needed.

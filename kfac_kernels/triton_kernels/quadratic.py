@@ -12,7 +12,7 @@ import torch
 
 from .. import _precision
 from ..factors import BlockDiagonalFactor, Int8Factor, LowRankFactor
-from .common import dot_mode
+from .common import dot_mode, on_input_device
 from .grouped_matmul import Job, run
 
 
@@ -60,6 +60,7 @@ def _run_stages(chains) -> torch.Tensor:
     return total
 
 
+@on_input_device
 def quadratic_forms(taus, Bs, As, weights, want_grad):
     """(Σ_l w_l ⟨τ_l, B_l τ_l A_l⟩ as 0-dim fp32, [2 w_l B_l τ_l A_l] in τ's dtype or None)."""
     chains, grads = [], []
@@ -74,6 +75,7 @@ def quadratic_forms(taus, Bs, As, weights, want_grad):
     return _run_stages(chains), (grads if want_grad else None)
 
 
+@on_input_device
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad):
     """(Σ_l w_l Σ S_l ⊙ M_l², [G_l = 2 w_l S_l ⊙ M_l] or None) with M_l = U_Bᵀ τ_l U_A (r_B × r_A)."""
     chains, Gs = [], []
@@ -88,6 +90,7 @@ def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad):
     return _run_stages(chains), (Gs if want_grad else None)
 
 
+@on_input_device
 def eigen_gradients(Gs, U_Bs, U_As, outs):
     """outs[l] = U_B,l G_l U_A,lᵀ, written in place in outs[l]'s dtype."""
     chains = []
