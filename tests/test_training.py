@@ -1,6 +1,7 @@
 """tak.train end to end: every method on MiniLM (2 steps, a tiny config), checkpoints and resume,
 config changes and NaN refused, task-vector files checked, batches per (seed, step), and a 2-process
 gloo run equal to a 1-process one (a deterministic toy backbone registered by name)."""
+import dataclasses
 import json
 import os
 import socket
@@ -395,8 +396,8 @@ def _ddp_worker(rank, world, port, out, methods, overrides=None):
     register_toys()
     try:
         for method in methods:
-            tak.train(TrainConfig.from_dict({**toy_config(out, method).to_dict(), **(overrides or {})}))
-        Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world())))
+            tak.train(TrainConfig.from_dict({**toy_config(out, method).to_dict(), "device": "cpu", **(overrides or {})}))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world(torch.device("cpu")))))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -426,7 +427,7 @@ def test_two_gloo_processes_train_the_task_vector_of_one(tmp_path, toys):
     spawn(_ddp_worker, (2, free_port(), str(tmp_path / "ddp"), DDP_METHODS), nprocs=2, timeout=240)
     assert [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)] == [[0, 2], [1, 2]]
     for method in DDP_METHODS:
-        one = tak.train(toy_config(tmp_path / "one", method))
+        one = tak.train(dataclasses.replace(toy_config(tmp_path / "one", method), device="cpu"))
         run_dir = toy_config(tmp_path / "ddp", method).run_dir()
         files = ["task_vector.safetensors"] + (["teacher_task_vector.safetensors"] if method in TEACHER_METHODS else [])
         for name in files:
@@ -565,7 +566,7 @@ def test_two_gloo_processes_fit_the_factors_of_one_and_rank_0_caches_them(tmp_pa
     the sums are added, the file is written once, and the task vector equals one process's."""
     universal = {"universal": True, "reference": [TOY_TASK]}
     spawn(_ddp_worker, (2, free_port(), str(tmp_path / "ddp"), ["tak"], universal), nprocs=2, timeout=240)
-    one = tak.train(TrainConfig.from_dict({**toy_config(tmp_path / "one", "tak").to_dict(), **universal}))
+    one = tak.train(TrainConfig.from_dict({**toy_config(tmp_path / "one", "tak").to_dict(), "device": "cpu", **universal}))
     [ddp_file] = (tmp_path / "ddp" / "factors").glob("kfac-*.safetensors")
     [one_file] = (tmp_path / "one" / "factors").glob("kfac-*.safetensors")
     ddp_factors, one_factors = tak.KFAC.load(ddp_file), tak.KFAC.load(one_file)

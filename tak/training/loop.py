@@ -49,11 +49,14 @@ class TrainResult:
     metrics: dict
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size), starting torch.distributed when launched by torchrun."""
+def _world(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), starting torch.distributed when launched by torchrun (NCCL on this process's
+    GPU ``device``, made the current one, gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
@@ -217,12 +220,12 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     config.hyperparameters(get_method(config.method).defaults)  # an unknown method or unused value fails before loading
-    rank, world = _world()
+    device = _device(config)
+    rank, world = _world(device)
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
     writer = _tensorboard(config, config.run_dir()) if is_main_rank() else None  # a missing package fails early
     torch.manual_seed(config.seed)
-    device = _device(config)
     backbone = _backbone(config, device)
     task = _task(config.task, config)
     examples = task.split("train")
