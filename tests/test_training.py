@@ -494,7 +494,7 @@ def test_a_task_without_training_examples_or_too_few_for_the_processes_is_refuse
     few = toy_task(None)
     seven = Task(TOY_TASK, few.classes, "image", ["{}"], {**few.loaders, "train": lambda: few.split("train")[:7]})
     monkeypatch.setattr(loop, "_task", lambda name, config: seven)
-    monkeypatch.setattr(loop, "_world", lambda: (0, 2))
+    monkeypatch.setattr(loop, "_world", lambda device: (0, 2))
     with pytest.raises(ValueError, match="has 7 training examples, fewer than batch_size=8: the batch of 7 must be "
                                          "divisible by the 2 processes"):
         tak.train(toy_config(tmp_path, "nonlinear"))
