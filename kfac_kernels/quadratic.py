@@ -84,13 +84,19 @@ def _eigen_gradients(Gs: list[Tensor], U_Bs: list[Tensor], U_As: list[Tensor], g
 
 def _save(ctx, output, taus, constants, options):
     """Saves what the backward multiplies by the output gradient (the forward's products), the op's
-    constant inputs (lists of tensors) and, for second derivatives, the τ that are leaves (kept alive
-    anyway): keeping a τ built by an op (a [W | b] concatenation) would hold a copy until the backward."""
+    constant inputs (lists of tensors) and, for second derivatives, the τ that are leaves or views of
+    leaves (kept alive anyway): keeping a τ built by another op (a [W | b] concatenation) would hold a
+    copy until the backward."""
     ctx.weights, _, ctx.dtype, ctx.op = options  # (weights, want_grad, dtype, op)
     ctx.sizes = [len(c) for c in constants]
     ctx.taus = [(t.shape, t.dtype) for t in taus]
     ctx.mark_non_differentiable(*output[1])
-    ctx.save_for_backward(*output[1], *(t for c in constants for t in c), *(t if t.is_leaf else None for t in taus))
+    ctx.save_for_backward(*output[1], *(t for c in constants for t in c), *(t if _of_leaf(t) else None for t in taus))
+
+
+def _of_leaf(t: Tensor) -> bool:
+    """A leaf, or a view of one (τ reshaped or transposed), which holds no memory of its own."""
+    return t.is_leaf or (t._base is not None and t._base.is_leaf)
 
 
 def _setup_forms(ctx, inputs, output):
@@ -116,7 +122,8 @@ def _unpack(ctx):
 def _second_order(ctx, taus):
     if any(t is None for t in taus):
         raise RuntimeError(f"{ctx.op}: second derivatives (create_graph=True) need every τ to be a leaf tensor "
-                           "(e.g. a parameter); a τ computed by an op is not kept for them")
+                           "(e.g. a parameter) or a view of one; a τ computed by another op (e.g. a [W | b] "
+                           "concatenation) is not kept for them")
 
 
 def _forms_backward(ctx, g, _):

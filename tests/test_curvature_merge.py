@@ -131,6 +131,22 @@ def test_task_factors_sum_the_per_task_forms(monkeypatch, backend):
     assert all(rel_err(g, w) < 1e-5 for g, w in zip(grads, want))
 
 
+def test_weights_name_factored_layers_and_are_constants():
+    """A weights key that names no factored layer (a typo, a parameter name) would silently weigh nothing,
+    and a weight that requires grad would get none: both refused, for KFAC and the per-task factors."""
+    f, taus = random_kfac(), random_taus()
+    for factors in (f, TaskFactors([f, random_kfac()], [1, 3])):
+        with pytest.raises(ValueError, match=r"weights names 2 keys that are not factored layers: \['head.weight', "
+                                             r"'hed'\]; parameter 'head.weight' is in layer 'head'"):
+            factors.quadratic_form(taus, weights={"enc": 0.5, "head.weight": 0.1, "hed": 0.0})
+        with pytest.raises(ValueError, match=r"weights must be constants; \['head'\] require grad"):
+            factors.quadratic_form(taus, weights={"head": torch.tensor(0.1, requires_grad=True)})
+        with pytest.raises(TypeError, match="weights must be a mapping"):
+            factors.quadratic_form(taus, weights=[0.1, 1.0, 1.0])
+    want = sum(w * explicit_q(taus[n], f[n].B, f[n].A) for n, w in (("enc", 0.5), ("head", 0.1), ("one", 1.0)))
+    assert rel_err(f.quadratic_form(taus, weights={"enc": 0.5, "head": torch.tensor(0.1)}), want) < 1e-5
+
+
 def test_task_factors_by_parameter_name_and_compressed():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     fs = [fit_kfac(model, [torch.randn(5, 4)], progress=False, dense=False) for _ in range(2)]

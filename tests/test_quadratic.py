@@ -349,6 +349,10 @@ def test_second_derivatives(backend):
     for g, h, gr, hr in zip(grads, hvps, g_ref, hvp_ref):
         assert rel_err(g, gr) <= TOL[torch.float32]
         assert rel_err(h, hr) <= TOL[torch.float32]
+    column, G = taus[1].reshape(-1, 1), spd(36)  # a view of a leaf (an exact block's column): kept
+    g, = torch.autograd.grad(kk.quadratic_form(column, G, torch.ones(1, 1)), taus[1], create_graph=True)
+    h, = torch.autograd.grad((g * vs[1]).sum(), taus[1])
+    assert rel_err(h, (2 * G.double() @ vs[1].double().reshape(-1, 1)).reshape(4, 9)) <= TOL[torch.float32]
     computed = taus[0] * 1.0  # not a leaf: not kept by the forward (no copy held until the backward)
     with pytest.raises(RuntimeError, match="second derivatives .* need every τ to be a leaf tensor"):
         torch.autograd.grad(kk.quadratic_form(computed, Bs[0], As[0]), taus[0], create_graph=True)

@@ -59,8 +59,7 @@ class DiagonalGGN(Factors):
         """Σ_l w_l Σ D_l ⊙ τ_l² over the layers found in ``taus`` (see ``KFAC.blocks``); differentiable in τ."""
         names, blocks = self.blocks(taus)
         total = torch.zeros((), dtype=torch.float32, device=blocks[0].device)
-        for name, block in zip(names, blocks):
-            w = 1.0 if weights is None else float(weights.get(name, 1.0))
+        for block, w, name in zip(blocks, self.layer_weights(weights, names), names):
             total = total + w * (self.factors[name].D * block.float().square()).sum()
         return total
 

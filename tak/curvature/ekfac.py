@@ -66,7 +66,7 @@ class EKFAC(Factors):
         the exact blocks' w τᵀ G τ in one ``quadratic_forms`` call; differentiable in τ. ``weights``:
         {layer: w} (default 1)."""
         names, blocks = self.blocks(taus)
-        weight = [1.0 if weights is None else float(weights.get(n, 1.0)) for n in names]
+        weight = self.layer_weights(weights, names)
         eigen = [i for i, n in enumerate(names) if isinstance(self.factors[n], EigenFactors)]
         dense = [i for i in range(len(names)) if i not in eigen]
         total = 0

@@ -145,6 +145,25 @@ class Factors(Mapping):
                              f"(e.g. {next(iter(self.factors))!r} or its parameter {first.params[0]!r})")
         return names, blocks
 
+    def layer_weights(self, weights, names: list[str]) -> list[float]:
+        """[w_l] of the layers ``names`` from ``weights`` {layer name: number} (None: all 1; missing: 1).
+        Names of no factored layer are refused (a parameter name is told its layer's), and so are
+        weights that require grad: the kernels take constants."""
+        if weights is None:
+            return [1.0] * len(names)
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"quadratic_form: weights must be a mapping {{layer name: number}}, got {type(weights).__name__}")
+        unknown = [k for k in weights if k not in self.factors]
+        if unknown:
+            owners = {p: n for n, f in self.factors.items() for p in f.params}
+            hints = "".join(f"; parameter {k!r} is in layer {owners[k]!r}" for k in unknown if k in owners)
+            raise ValueError(f"quadratic_form: weights names {len(unknown)} keys that are not factored layers: "
+                             f"{unknown[:5]}{hints} (weights are keyed by layer name, e.g. {next(iter(self.factors))!r})")
+        learnable = [k for k, w in weights.items() if isinstance(w, torch.Tensor) and w.requires_grad]
+        if learnable:
+            raise ValueError(f"quadratic_form: weights must be constants; {learnable[:5]} require grad")
+        return [float(weights.get(n, 1.0)) for n in names]
+
     def save(self, path) -> None:
         """Write safetensors + JSON metadata atomically (see ``tak.curvature.storage``)."""
         from .storage import save
@@ -175,10 +194,10 @@ class KFAC(Factors):
 
     def quadratic_form(self, taus: dict, weights=None) -> torch.Tensor:
         """Σ_l w_l vec(τ_l)ᵀ (B_l ⊗ A_l) vec(τ_l) over the layers found in ``taus`` (see ``blocks``), in one
-        ``kfac_kernels.quadratic_forms`` call; differentiable in τ. ``weights``: {layer: w} (default 1)."""
+        ``kfac_kernels.quadratic_forms`` call; differentiable in τ. ``weights``: {layer: w} (see ``layer_weights``)."""
         names, blocks = self.blocks(taus)
-        w = None if weights is None else [float(weights.get(n, 1.0)) for n in names]
-        return kk.quadratic_forms(blocks, [self.factors[n].B for n in names], [self.factors[n].A for n in names], weights=w)
+        return kk.quadratic_forms(blocks, [self.factors[n].B for n in names], [self.factors[n].A for n in names],
+                                  weights=self.layer_weights(weights, names))
 
     def to(self, device=None, dtype=None) -> "KFAC":
         """A copy with dense factors moved/cast (compressed ones are moved)."""

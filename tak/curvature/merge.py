@@ -72,7 +72,7 @@ class TaskFactors:
         keys as ``KFAC.quadratic_form``), in one ``kfac_kernels.quadratic_forms`` call over tasks ×
         layers; differentiable in τ. ``weights``: {layer: w}."""
         names, blocks = self.tasks[0].blocks(taus)
-        w = [1.0 if weights is None else float(weights.get(n, 1.0)) for n in names]
+        w = self.tasks[0].layer_weights(weights, names)
         all_taus, Bs, As, ws = [], [], [], []
         for lam, f in zip(self.lambdas, self.tasks):
             for name, block, wl in zip(names, blocks, w):
