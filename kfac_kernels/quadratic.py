@@ -162,6 +162,9 @@ _eigen_forms.register_autograd(_eigen_backward, setup_context=_setup_eigen)
 def _weights(op: str, weights, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
+    if isinstance(weights, torch.Tensor) and torch.compiler.is_compiling():
+        raise TypeError(f"{op}: under torch.compile, weights must be a list of numbers (constants of the graph), "
+                        "not a tensor")
     if isinstance(weights, torch.Tensor) and (weights.dim() != 1 or weights.requires_grad):
         raise ValueError(f"{op}: weights must be constants, one per layer: a 1-D tensor without grad or a "
                          f"sequence of numbers, got a tensor of shape {tuple(weights.shape)} "
@@ -218,7 +221,8 @@ def _call(op, forms, taus, compute_dtypes, *args):
 def quadratic_forms(taus, Bs, As, weights=None) -> torch.Tensor:
     """Σ_l w_l q_l(τ_l) over many layers in one call (grouped launches).
 
-    taus[l] (d_out_l, d_in_l), Bs[l] (d_out_l²), As[l] (d_in_l²); weights: floats (default 1)."""
+    taus[l] (d_out_l, d_in_l), Bs[l] (d_out_l²), As[l] (d_in_l²); weights: numbers (default 1), or a 1-D
+    tensor without grad in eager mode (under ``torch.compile`` a list: constants of the graph)."""
     return _quadratic_forms("quadratic_forms", taus, Bs, As, weights)
 
 

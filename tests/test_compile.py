@@ -110,6 +110,9 @@ def test_penalty_compiles_with_fullgraph(backend):
         assert rel_err(g, w) < 1e-6
     with torch.no_grad():
         assert rel_err(step(*args), want) < 1e-6
+    tensor_weights = torch.compile(lambda t: kk.quadratic_forms(t, Bs, As, weights=torch.ones(2)), fullgraph=True)
+    with pytest.raises(Exception, match="under torch.compile, weights must be a list of numbers"):
+        tensor_weights(taus)
 
 
 def test_curvature_updates_compile_with_fullgraph(backend):
