@@ -130,6 +130,35 @@ def test_exact_gauss_newton_of_nonlinear_last_layer():
     assert rel_err(f["2"].B, torch.eye(4)) < 1e-6
 
 
+class TiedLinears(nn.Module):
+    """c's weight is b's (as an LM head is tied to its embedding): named_parameters knows it as b.weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+        self.c.weight = self.b.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + self.c(torch.sin(h))
+
+
+def test_a_tied_weight_is_read_by_each_of_its_layers():
+    """Each layer of a tied weight reads its one τ (by the name task vectors and optimizers know), so the
+    penalty covers every use of the weight instead of seeing a zero W in all but the first layer."""
+    model = TiedLinears().double()
+    f = fit(model, [torch.randn(6, 5, dtype=torch.float64)], exact=True)
+    assert [(n, lf.weight, lf.bias) for n, lf in f.items()] == [("a", "a.weight", "a.bias"), ("b", "b.weight", "b.bias"),
+                                                                ("c", "b.weight", "c.bias")]
+    taus = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
+    assert set(taus) == {"a.weight", "a.bias", "b.weight", "b.bias", "c.bias"}
+    names, blocks = f.blocks(taus)
+    assert names == ["a", "b", "c"]
+    assert torch.equal(blocks[2], torch.cat([taus["b.weight"], taus["c.bias"][:, None]], dim=1))
+    want = sum(blk.double().reshape(-1) @ kron(f[n]) @ blk.double().reshape(-1) for n, blk in zip(names, blocks))
+    assert rel_err(f.quadratic_form(taus), want) < 1e-5
+
+
 def test_low_precision_model_gives_fp32_factors():
     """A bf16 model: activations and output gradients go to fp32 accumulators; the factors are those of
     the fp32 model up to bf16 rounding of the inputs."""

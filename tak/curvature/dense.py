@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import parameter_names
+
 
 @dataclass(frozen=True)
 class DenseGroup:
@@ -30,16 +32,17 @@ class DenseGroup:
 
 def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
     """Every affine nn.LayerNorm, and the class token of open_clip vision transformers."""
-    groups = {}
+    groups, named = {}, parameter_names(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-            params = tuple(prefix + n for n, p in (("weight", module.weight), ("bias", module.bias)) if p is not None)
+            params = tuple(named.get(id(p), prefix + n) for n, p in (("weight", module.weight), ("bias", module.bias))
+                           if p is not None)
             groups[path] = DenseGroup(path, module, params, "layernorm", sum(p.numel() for p in module.parameters(recurse=False)))
         token = getattr(module, "class_embedding", None)
         if isinstance(token, nn.Parameter) and isinstance(getattr(module, "ln_pre", None), nn.Module):
             name = prefix + "class_embedding"
-            groups[name] = DenseGroup(name, module, (name,), "class_token", token.numel())
+            groups[name] = DenseGroup(name, module, (named.get(id(token), name),), "class_token", token.numel())
     return {n: g for n, g in groups.items() if n not in exclude}
 
 

@@ -59,17 +59,23 @@ class Layer:
 
 def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
     """The model's linear layers, in module order; ``layers`` selects by name or glob pattern
-    (a string or a list of them) or by a predicate ``layers(name) -> bool``."""
+    (a string or a list of them) or by a predicate ``layers(name) -> bool``. A layer's parameters are
+    named as ``model.named_parameters()`` names them: the layers of a tied weight all read its one τ."""
     found, order = {}, {}  # order: a layer's place, after the modules it follows in the forward
     out_projs = {}  # id(out_proj) -> its nn.MultiheadAttention, or None when that one cannot be seen
     modules = list(model.named_modules())
+    named = parameter_names(model)
     for index, (path, module) in enumerate(modules):
         prefix = f"{path}." if path else ""
+
+        def param(attr):  # the model's name of the module's parameter (the first one when tied), or None
+            p = getattr(module, attr, None)
+            return None if p is None else named.get(id(p), prefix + attr)
         order[path] = index
         if _is_vision_projection(module):  # applied after the tower's last module
             name = prefix + "proj"
             order[name] = max(i for i, (p, _) in enumerate(modules) if p == path or p.startswith(prefix)) + 0.5
-            found[name] = Layer(name, module, name, None, module.proj.shape[1], module.proj.shape[0],
+            found[name] = Layer(name, module, param("proj"), None, module.proj.shape[1], module.proj.shape[0],
                                 layout="transposed")
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
@@ -77,13 +83,13 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
                               f"padding_mode={module.padding_mode!r} gets no Kronecker factors (groups 1 and numeric "
                               "zero padding only)", stacklevel=2)
                 continue
-            found[path] = Layer(path, module, prefix + "weight", prefix + "bias" if module.bias is not None else None,
-                                module.out_channels, module.weight[0].numel(), layout="conv")
+            found[path] = Layer(path, module, param("weight"), param("bias"), module.out_channels,
+                                module.weight[0].numel(), layout="conv")
         elif isinstance(module, nn.Linear):
             if id(module) in out_projs and out_projs[id(module)] is None:
                 continue  # the out_proj of an attention module Capture cannot replace: never called as a module
-            found[path] = Layer(path, module, prefix + "weight", prefix + "bias" if module.bias is not None else None,
-                                module.out_features, module.in_features, attention=out_projs.get(id(module)))
+            found[path] = Layer(path, module, param("weight"), param("bias"), module.out_features, module.in_features,
+                                attention=out_projs.get(id(module)))
         elif isinstance(module, nn.MultiheadAttention):
             if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
                 out_projs[id(module.out_proj)] = None
@@ -94,15 +100,20 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             out_projs[id(module.out_proj)] = module
             name = prefix + "in_proj"
             order[name] = index
-            found[name] = Layer(name, module, prefix + "in_proj_weight",
-                                prefix + "in_proj_bias" if module.in_proj_bias is not None else None,
-                                3 * module.embed_dim, module.embed_dim)
+            found[name] = Layer(name, module, param("in_proj_weight"), param("in_proj_bias"), 3 * module.embed_dim,
+                                module.embed_dim)
     found = dict(sorted(found.items(), key=lambda item: order[item[0]]))
     check_patterns(layers, found, "layers", "linear layer of the model")
     selected = {n: layer for n, layer in found.items() if selects(layers, n)}
     if not selected:
         raise ValueError(f"layers: no linear layer selected among the model's {len(found)}")
     return selected
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """{id(parameter): its name in ``model.named_parameters()``}: a parameter tied to several modules (an
+    LM head tied to the embedding) has the one name task vectors and optimizers know it by, the first."""
+    return {id(p): name for name, p in model.named_parameters()}
 
 
 def _is_vision_projection(module: nn.Module) -> bool:
