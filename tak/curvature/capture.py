@@ -67,7 +67,7 @@ class Capture:
         self._dense_sums: dict[str, torch.Tensor] = {}  # dense group -> its vectors summed over calls
         self._handles, self._patched = [], []
         self._batched = False
-        self.batch_size = None
+        self.batch = None  # the current batch's BatchTokens
 
     def __enter__(self):
         try:
@@ -93,7 +93,7 @@ class Capture:
         for mha, in_proj in attentions.values():
             self._patch(mha, "forward", _self_attention_forward(mha, in_proj, self))
         for group in self.dense.values():
-            self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch_size))
+            self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch))
         return self
 
     def __exit__(self, *exc):
@@ -167,10 +167,17 @@ class Capture:
             self.on_dense(self.dense[name], v)
         self._dense_sums = {}
 
-    def clear(self, batch_size: int | None = None):
-        """Forget the outputs of the last forward (call before the next batch, of ``batch_size`` examples)."""
+    def clear(self, batch=None):
+        """Forget the outputs of the last forward (call before the next batch, with its ``BatchTokens``)."""
         self.outputs, self.to_vectors, self._dense_sums = {}, {}, {}
-        self.batch_size = batch_size
+        self.batch = batch
+
+    def model_fed_modules(self) -> dict[str, nn.Module]:
+        """{name: module} of the linear layers and LayerNorms whose inputs come as the model passes them (the
+        others' are rearranged here: batch-first), for ``tokens.measure_layouts``."""
+        linear = {n: l.module for n, l in self.layers.items()
+                  if isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
+        return linear | {n: g.module for n, g in self.dense.items() if g.kind == "layernorm"}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense

@@ -46,17 +46,18 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
     return {n: g for n, g in groups.items() if n not in exclude}
 
 
-def install(group: DenseGroup, tap, batch_size):
+def install(group: DenseGroup, tap, batch):
     """Register the hooks that tap ``group``'s tensor; ``tap(group, z, to_vectors)`` returns z behind a
-    tap whose gradient ``to_vectors`` turns into per-example gradient vectors (N, size); ``batch_size()``
-    is the current batch's N (a sequence-first (T, N, ...) LayerNorm input is recognized by it). Returns the handle."""
+    tap whose gradient ``to_vectors`` turns into per-example gradient vectors (N, size); ``batch()`` is the
+    current batch's ``BatchTokens`` (which says whether a LayerNorm input is sequence-first (T, N, ...)).
+    Returns the handle."""
     if group.kind == "layernorm":
         ln = group.module
 
         def hook(module, inputs, output):
             x_hat = F.layer_norm(inputs[0].detach(), ln.normalized_shape, eps=ln.eps)
             lead = x_hat.dim() - len(ln.normalized_shape)  # the dims before the normalized ones
-            sequence_first = lead == 2 and x_hat.shape[0] != batch_size() and x_hat.shape[1] == batch_size()
+            sequence_first = lead == 2 and batch().sequence_first(group.name, x_hat)
             tokens = tuple(range(1, lead))  # dims between N and the normalized ones
 
             def per_example(t):  # (N, ..., *normalized_shape) -> (N, numel(normalized_shape))

@@ -104,15 +104,15 @@ class EigenAccumulator:
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
 
-    def start(self, batch) -> None:
-        self.batch, self.inputs = BatchTokens(batch), {}
+    def start(self, batch, layouts: dict[str, str]) -> None:
+        self.batch, self.inputs = BatchTokens(batch, layouts), {}
 
     def on_input(self, layer: Layer, a: torch.Tensor):
         """Stash U_Aᵀ ã: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input or token mean)."""
         if layer.name in self.inputs:
             raise ValueError(f"layer {layer.name!r} runs more than once per forward; per-example gradients of its "
                              "calls would need to be summed, which is not supported (leave it out with layers=)")
-        a, mask = self.batch.view(a.detach())
+        a, mask = self.batch.view(a.detach(), layer.name)
         if a.dim() == 3 and self.tokens == "reduce":
             a, mask = token_mean(a, mask), None
         self.rows[layer.name] += a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
@@ -129,7 +129,7 @@ class EigenAccumulator:
         """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them."""
         a, U_B = self.inputs[layer.name], self.bases[layer.name][0]
         for gi in g.detach().unbind(0) if samples else [g.detach()]:
-            gi, mask = self.batch.view(gi)
+            gi, mask = self.batch.view(gi, layer.name)
             if gi.dim() == 3 and self.tokens == "reduce":
                 gi = token_sum(gi, mask)
             # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused

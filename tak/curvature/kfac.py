@@ -10,6 +10,7 @@ For a linear layer z = a Wᵀ + b with input a and pseudo-gradient g = (J_z f)�
 masks) are left out; N counts examples, T real tokens. The layer's GGN block is ≈ B ⊗ A for the
 row-major vec of [W | b] (DESIGN.md conventions).
 """
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -26,7 +27,7 @@ from .distributed import all_reduce_sums, rank
 from .._selection import check_patterns, selects
 from .layers import Layer, as_matrix, find_layers
 from .outputs import default_output_fn, to_device
-from .tokens import BatchTokens, probes, token_mean, token_sum
+from .tokens import BatchTokens, measure_layouts, probes, token_mean, token_sum
 
 FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 files are all linear
 
@@ -219,11 +220,11 @@ class _Accumulator:
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
 
-    def start(self, batch) -> None:
-        self.batch = BatchTokens(batch)
+    def start(self, batch, layouts: dict[str, str]) -> None:
+        self.batch = BatchTokens(batch, layouts)
 
     def on_input(self, layer: Layer, a: torch.Tensor):
-        a, mask = self.batch.view(a.detach())
+        a, mask = self.batch.view(a.detach(), layer.name)
         if a.dim() == 3 and self.tokens == "reduce":
             a, mask = token_mean(a, mask), None
         kk.covariance_update_(self.A[layer.name], a, mask=mask, append_ones=layer.bias is not None)
@@ -231,7 +232,7 @@ class _Accumulator:
 
     def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0):
         """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them."""
-        views = [self.batch.view(gi) for gi in (g.detach().unbind(0) if samples else [g.detach()])]
+        views = [self.batch.view(gi, layer.name) for gi in (g.detach().unbind(0) if samples else [g.detach()])]
         mask = views[0][1]
         if views[0][0].dim() == 3 and self.tokens == "reduce":
             views, mask = [(token_sum(gi, mask), None) for gi, _ in views], None
@@ -274,24 +275,33 @@ def check_fit_arguments(tokens: str, mc_samples: int, probe_chunk: int) -> None:
 
 
 def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, exact, probe_chunk, seed, progress, desc):
-    """One pass over ``batches``: per batch, ``acc.start(batch)``, a forward that feeds ``capture``'s
-    input callbacks, and a backward of the probes that feeds its gradient callbacks; ``acc.n`` counts
-    the examples. Probes are seeded with ``seed`` + rank (independent on each rank)."""
+    """One pass over ``batches``: per batch, ``acc.start(batch, layouts)``, a forward that feeds
+    ``capture``'s input callbacks, and a backward of the probes that feeds its gradient callbacks;
+    ``acc.n`` counts the examples. The layouts of the layers' inputs are measured on the first batch
+    (``measure_layouts``). Probes are seeded with ``seed`` + rank (independent on each rank)."""
     output_fn = output_fn or default_output_fn(model)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + rank())
-    with fitting_mode(model), torch.enable_grad(), capture as cap:
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            batch = to_device(batch, device)
-            acc.start(batch)
-            cap.clear(acc.batch.n)
-            f = output_fn(model, batch)
-            if not isinstance(f, torch.Tensor):
-                raise TypeError(f"{desc}: output_fn returned a {type(f).__name__}, not a tensor: pass output_fn= "
-                                "(model, batch) -> the feature tensor whose Jacobian Gramian to approximate")
-            if f.requires_grad:  # else f depends on no selected layer: nothing to add
-                cap.probe(f, probes(f, mc_samples, exact, generator, acc.batch.first_mask()), probe_chunk)
-            acc.n += acc.batch.n
+    total = len(batches) if hasattr(batches, "__len__") else None
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is not None:
+        first = to_device(first, device)
+        batches = itertools.chain([first], batches)
+    with fitting_mode(model), torch.enable_grad():
+        layouts = {} if first is None else measure_layouts(model, first, output_fn, capture.model_fed_modules())
+        with capture as cap:
+            for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+                batch = to_device(batch, device)
+                acc.start(batch, layouts)
+                cap.clear(acc.batch)
+                f = output_fn(model, batch)
+                if not isinstance(f, torch.Tensor):
+                    raise TypeError(f"{desc}: output_fn returned a {type(f).__name__}, not a tensor: pass output_fn= "
+                                    "(model, batch) -> the feature tensor whose Jacobian Gramian to approximate")
+                if f.requires_grad:  # else f depends on no selected layer: nothing to add
+                    cap.probe(f, probes(f, mc_samples, exact, generator, acc.batch.first_mask()), probe_chunk)
+                acc.n += acc.batch.n
 
 
 def select_targets(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[str, DenseGroup]]:

@@ -1,26 +1,101 @@
 """Token handling shared by the fitting passes: layer tensors as (N, T, d) with their real-token
-masks, token means and sums, and the probe cotangents of the feature output."""
-import torch
+masks, token means and sums, and the probe cotangents of the feature output.
 
-from .outputs import batch_size, token_masks
+How a layer's input holds the batch's N examples is measured once per pass (``measure_layouts``):
+batch-first (N, T, d) or sequence-first (T, N, d) (PyTorch's ``nn.Transformer*`` default), and for 2-D
+inputs of flattened tokens, (N·T, d) example by example or (T·N, d) token by token. Shapes alone cannot
+tell them apart when T = N, nor the two flattenings ever."""
+import warnings
+
+import torch
+from torch import nn
+
+from .outputs import batch_size, first_examples, token_masks
+
+BATCH_FIRST, SEQUENCE_FIRST = "batch_first", "sequence_first"
+
+
+def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """{name: BATCH_FIRST or SEQUENCE_FIRST} of the ``modules``' inputs, from forwards (no grad) of the
+    batch's first example and of its first two: the dim that grows from 1 to 2 holds the examples; for
+    flattened tokens, whether the first example's rows are the first T rows of two or every other row.
+    Modules not called, and inputs that do not tell (one token), are left out (``BatchTokens`` goes by
+    the shapes); so is everything when the batch cannot be cut (with a warning)."""
+    if batch_size(batch) < 2 or not modules:
+        return {}
+
+    def recorder(inputs: dict, name: str):
+        def hook(module, args):  # values for 2-D inputs (compared below), shapes for the others
+            if args and isinstance(args[0], torch.Tensor) and name not in inputs:
+                x = args[0]
+                inputs[name] = x.detach().clone() if x.dim() == 2 else torch.empty(x.shape, device="meta")
+        return hook
+
+    seen = ({}, {})
+    for k, inputs in enumerate(seen):
+        handles = [m.register_forward_pre_hook(recorder(inputs, name)) for name, m in modules.items()]
+        try:
+            with torch.no_grad():
+                output_fn(model, first_examples(batch, k + 1))
+        except Exception as e:  # noqa: BLE001 - an output_fn that needs whole batches: fall back to the shapes
+            warnings.warn(f"could not run the model on the first example(s) of a batch to see how its layers hold "
+                          f"tokens ({type(e).__name__}: {e}); inputs of shape (N, N, d) are taken as batch-first",
+                          stacklevel=3)
+            return {}
+        finally:
+            for h in handles:
+                h.remove()
+    layouts = {name: _layout(one, seen[1][name]) for name, one in seen[0].items() if name in seen[1]}
+    return {name: layout for name, layout in layouts.items() if layout is not None}
+
+
+def _layout(one: torch.Tensor, two: torch.Tensor) -> str | None:
+    """The layout of a module's input ``one`` for one example and ``two`` for two, or None if they do not tell."""
+    if one.dim() >= 3 and one.dim() == two.dim():
+        if one.shape[0] == 1 and two.shape[0] == 2:
+            return BATCH_FIRST
+        return SEQUENCE_FIRST if one.shape[1] == 1 and two.shape[1] == 2 else None
+    if one.dim() == two.dim() == 2 and two.shape[0] == 2 * one.shape[0]:
+        t = one.shape[0]  # one row per example, or flattened tokens: example 0's rows first, or every other row
+        if t == 1:
+            return BATCH_FIRST
+        by_example, by_token = (two[:t] - one).abs().max(), (two[0::2] - one).abs().max()
+        return BATCH_FIRST if by_example <= by_token else SEQUENCE_FIRST
+    return None
 
 
 class BatchTokens:
-    """What a pass knows of the current batch: N and the (N, T) real-token masks by length T."""
+    """What a pass knows of the current batch: N, the (N, T) real-token masks by length T, and the
+    measured layouts of the layers' inputs (``measure_layouts``)."""
 
-    def __init__(self, batch):
+    def __init__(self, batch, layouts: dict[str, str] | None = None):
         self.n = batch_size(batch)
         self.masks = token_masks(batch)
+        self.layouts = layouts or {}
 
-    def view(self, x: torch.Tensor):
-        """(x as (N, T, d), its real-token mask or None), or (x, None) for a 2-D x (N, d).
+    def sequence_first(self, name: str, x: torch.Tensor) -> bool:
+        """Whether layer ``name``'s tensor x (≥ 3-D) holds the examples in dim 1: as measured, else when dim
+        0 is not N and dim 1 is."""
+        if name in self.layouts:
+            return self.layouts[name] == SEQUENCE_FIRST
+        return x.shape[0] != self.n and x.shape[1] == self.n
 
-        Sequence-first layouts (T, N, d) are recognized by N and transposed."""
+    def view(self, x: torch.Tensor, name: str):
+        """(layer ``name``'s input or output gradient x as (N, T, d), its real-token mask or None), or
+        (x, None) for a 2-D x (N, d). Sequence-first layouts are transposed, flattened tokens unflattened."""
         if x.dim() == 2:
-            return x, None
+            if x.shape[0] == self.n:
+                return x, None
+            if x.shape[0] % self.n:
+                raise ValueError(f"layer {name!r}: a 2-D input of {x.shape[0]} rows for a batch of {self.n} examples "
+                                 "is neither one row per example nor flattened tokens of each")
+            t = x.shape[0] // self.n
+            flat_by_token = self.layouts.get(name) == SEQUENCE_FIRST
+            x = x.reshape(t, self.n, -1).transpose(0, 1) if flat_by_token else x.reshape(self.n, t, -1)
+            return x, self.masks.get(t)
         if x.dim() != 3:
             x = x.reshape(x.shape[0], -1, x.shape[-1])
-        if x.shape[0] != self.n and x.shape[1] == self.n:
+        if self.sequence_first(name, x):
             x = x.transpose(0, 1)
         return x, self.masks.get(x.shape[1])
 

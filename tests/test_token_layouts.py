@@ -1,0 +1,117 @@
+"""How a layer's input holds the batch's examples is measured, not guessed from shapes: sequence-first
+layers (T, N, d) give the factors of their batch-first twins even when T = N, and 2-D inputs of flattened
+tokens, (N·T, d) or (T·N, d), are grouped by example (which per-example sums, EK-FAC and tokens="reduce"
+need). Fits with exact probes in float64 on both layouts must agree to rounding."""
+import pytest
+import torch
+from torch import nn
+
+from tak.curvature import fit_diagonal, fit_ekfac, fit_kfac
+from tests.util import rel_err
+
+D = 8
+
+
+class Encoder(nn.Module):
+    """A transformer encoder layer (sequence-first when not ``batch_first``, as PyTorch's default) and a
+    mean-pooled head; the input is batch-first either way."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(D, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        h = self.enc(x) if self.batch_first else self.enc(x.transpose(0, 1)).transpose(0, 1)
+        return self.head(h).mean(1)
+
+
+class TokenMLP(nn.Module):
+    """A token-wise MLP on (N, T, 4) inputs, run on the tokens as they come or flattened to 2-D rows
+    example by example ("example": (N·T, 4)) or token by token ("token": (T·N, 4))."""
+
+    def __init__(self, flatten: str | None):
+        super().__init__()
+        self.a, self.b, self.flatten = nn.Linear(4, 6), nn.Linear(6, 3), flatten
+
+    def forward(self, x):
+        n, t, d = x.shape
+        if self.flatten is None:
+            return self.b(torch.tanh(self.a(x))).mean(1)
+        rows = x.reshape(n * t, d) if self.flatten == "example" else x.transpose(0, 1).reshape(t * n, d)
+        y = self.b(torch.tanh(self.a(rows)))
+        y = y.reshape(n, t, 3) if self.flatten == "example" else y.reshape(t, n, 3).transpose(0, 1)
+        return y.mean(1)
+
+
+def twins(make, *variants):
+    torch.manual_seed(0)
+    models = [make(v).double() for v in variants]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    return models
+
+
+def assert_same_factors(f, g, *attrs):
+    assert list(f) == list(g)
+    for name in f:
+        for attr in attrs:
+            if hasattr(f[name], attr):
+                assert rel_err(getattr(f[name], attr), getattr(g[name], attr)) < 1e-6, (name, attr)
+
+
+@pytest.mark.parametrize("tokens", [4, 5])
+def test_sequence_first_layers_give_the_factors_of_their_batch_first_twins(tokens):
+    """N = 4 examples of T = 5 tokens, and T = N = 4, where a (4, 4, d) input looks the same both ways."""
+    seq, batch = twins(Encoder, False, True)
+    x = [torch.randn(4, tokens, D, dtype=torch.float64), torch.randn(3, tokens, D, dtype=torch.float64)]
+    for how in ("expand", "reduce"):  # expand: with the LayerNorms' exact blocks
+        assert_same_factors(fit_kfac(seq, x, exact=True, tokens=how, progress=False),
+                            fit_kfac(batch, x, exact=True, tokens=how, progress=False), "A", "B")
+    assert_same_factors(fit_ekfac(seq, x, exact=True, progress=False),
+                        fit_ekfac(batch, x, exact=True, progress=False), "S", "B")
+
+
+@pytest.mark.parametrize("order", ["example", "token"])
+def test_flattened_tokens_are_grouped_by_example(order):
+    flat, tokens = twins(TokenMLP, order, None)
+    x = [torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)]
+    for how in ("expand", "reduce"):
+        f = fit_kfac(flat, x, exact=True, tokens=how, progress=False)
+        g = fit_kfac(tokens, x, exact=True, tokens=how, progress=False)
+        assert_same_factors(f, g, "A", "B")
+        assert f.meta["n_rows"] == g.meta["n_rows"] == ({"a": 25, "b": 25} if how == "expand" else {"a": 5, "b": 5})
+    assert_same_factors(fit_ekfac(flat, x, exact=True, progress=False),
+                        fit_ekfac(tokens, x, exact=True, progress=False), "S")
+    assert_same_factors(fit_diagonal(flat, x, exact=True, progress=False),
+                        fit_diagonal(tokens, x, exact=True, progress=False), "D")
+
+
+def test_rows_that_are_not_whole_examples_are_refused():
+    class ExtraRow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):  # (N, 4) plus one learned-looking row: N + 1 rows
+            return self.lin(torch.cat([x, x.mean(0, keepdim=True)]))[:-1]
+
+    with pytest.raises(ValueError, match=r"layer 'lin': a 2-D input of 4 rows for a batch of 3 examples"):
+        fit_kfac(ExtraRow(), [torch.randn(3, 4)], exact=True, progress=False)
+
+
+def test_a_model_that_needs_whole_batches_falls_back_to_the_shapes():
+    """An output_fn that cannot run on the first examples alone: a warning, and the shapes decide (here
+    unambiguously, T = 5 tokens for N = 4 examples)."""
+    seq, batch = twins(Encoder, False, True)
+    x = [torch.randn(4, 5, D, dtype=torch.float64)]
+
+    def whole_batches(model, x):
+        if x.shape[0] != 4:
+            raise RuntimeError("this output_fn takes batches of 4")
+        return model(x)
+
+    with pytest.warns(UserWarning, match="could not run the model on the first example.*takes batches of 4"):
+        f = fit_kfac(seq, x, exact=True, output_fn=whole_batches, progress=False)
+    assert_same_factors(f, fit_kfac(batch, x, exact=True, progress=False), "A", "B")
