@@ -148,8 +148,8 @@ def test_a_tied_weight_is_read_by_each_of_its_layers():
     penalty covers every use of the weight instead of seeing a zero W in all but the first layer."""
     model = TiedLinears().double()
     f = fit(model, [torch.randn(6, 5, dtype=torch.float64)], exact=True)
-    assert [(n, lf.weight, lf.bias) for n, lf in f.items()] == [("a", "a.weight", "a.bias"), ("b", "b.weight", "b.bias"),
-                                                                ("c", "b.weight", "c.bias")]
+    assert [(n, lf.weight, lf.bias) for n, lf in f.items()] == [
+        ("a", "a.weight", "a.bias"), ("b", "b.weight", "b.bias"), ("c", "b.weight", "c.bias")]
     taus = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
     assert set(taus) == {"a.weight", "a.bias", "b.weight", "b.bias", "c.bias"}
     names, blocks = f.blocks(taus)

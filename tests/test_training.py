@@ -396,7 +396,8 @@ def _ddp_worker(rank, world, port, out, methods, overrides=None):
     register_toys()
     try:
         for method in methods:
-            tak.train(TrainConfig.from_dict({**toy_config(out, method).to_dict(), "device": "cpu", **(overrides or {})}))
+            config = {**toy_config(out, method).to_dict(), "device": "cpu", **(overrides or {})}
+            tak.train(TrainConfig.from_dict(config))
         Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world(torch.device("cpu")))))
     finally:
         if dist.is_initialized():
@@ -566,7 +567,8 @@ def test_two_gloo_processes_fit_the_factors_of_one_and_rank_0_caches_them(tmp_pa
     the sums are added, the file is written once, and the task vector equals one process's."""
     universal = {"universal": True, "reference": [TOY_TASK]}
     spawn(_ddp_worker, (2, free_port(), str(tmp_path / "ddp"), ["tak"], universal), nprocs=2, timeout=240)
-    one = tak.train(TrainConfig.from_dict({**toy_config(tmp_path / "one", "tak").to_dict(), "device": "cpu", **universal}))
+    one = tak.train(TrainConfig.from_dict({**toy_config(tmp_path / "one", "tak").to_dict(), "device": "cpu",
+                                           **universal}))
     [ddp_file] = (tmp_path / "ddp" / "factors").glob("kfac-*.safetensors")
     [one_file] = (tmp_path / "one" / "factors").glob("kfac-*.safetensors")
     ddp_factors, one_factors = tak.KFAC.load(ddp_file), tak.KFAC.load(one_file)

@@ -153,13 +153,15 @@ class Factors(Mapping):
         if weights is None:
             return [1.0] * len(names)
         if not isinstance(weights, Mapping):
-            raise TypeError(f"quadratic_form: weights must be a mapping {{layer name: number}}, got {type(weights).__name__}")
+            raise TypeError("quadratic_form: weights must be a mapping {layer name: number}, got "
+                            f"{type(weights).__name__}")
         unknown = [k for k in weights if k not in self.factors]
         if unknown:
             owners = {p: n for n, f in self.factors.items() for p in f.params}
             hints = "".join(f"; parameter {k!r} is in layer {owners[k]!r}" for k in unknown if k in owners)
             raise ValueError(f"quadratic_form: weights names {len(unknown)} keys that are not factored layers: "
-                             f"{unknown[:5]}{hints} (weights are keyed by layer name, e.g. {next(iter(self.factors))!r})")
+                             f"{unknown[:5]}{hints} (weights are keyed by layer name, e.g. "
+                             f"{next(iter(self.factors))!r})")
         learnable = [k for k, w in weights.items() if isinstance(w, torch.Tensor) and w.requires_grad]
         if learnable:
             raise ValueError(f"quadratic_form: weights must be constants; {learnable[:5]} require grad")
