@@ -90,16 +90,19 @@ def _train_parser(sub):
 def _alphas(text: str) -> list[float]:
     """"0:2:0.05" (start:stop:step, stop included when on the grid) or "0.5,1,1.5"."""
     try:
-        if ":" in text:
-            start, stop, step = map(float, text.split(":"))
-            if step == 0 or (stop - start) * step < 0:
-                raise ValueError
-            n = math.floor((stop - start) / step + 1e-9)
-            return [round(start + i * step, 10) for i in range(n + 1)]
-        return [float(a) for a in text.split(",")]
+        numbers = [float(a) for a in text.split(":" if ":" in text else ",")]
+        if not all(math.isfinite(a) for a in numbers):
+            raise ValueError
+        if ":" not in text:
+            return numbers
+        start, stop, step = numbers
+        if step == 0 or (stop - start) * step < 0:
+            raise ValueError
+        n = math.floor((stop - start) / step + 1e-9)
+        return [round(start + i * step, 10) for i in range(n + 1)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected start:stop:step (a step towards stop) or a comma-separated "
-                                         "list of numbers") from None
+                                         "list of finite numbers") from None
 
 
 def main(argv=None) -> int:
@@ -135,7 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--analyses", action="store_true", help="also disentanglement, normalcy and localization plots")
     p.add_argument("--data-root", default=None)
     p.add_argument("--max-test", type=_positive_int, default=None, help="test examples per task (a subsample)")
-    p.add_argument("--max-train", type=_positive_int, default=None, help="training examples per task (analyses)")
+    p.add_argument("--max-train", type=_positive_int, default=None,
+                   help="training examples per task (a subsample; the validation split that picks α is drawn from "
+                        "it, and the analyses use it)")
     p.add_argument("--pretrained", default=None, help="the backbone's pretrained tag, if not in the metadata")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, OSError, ImportError) as e:  # bad values, missing files or models, offline hub
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:  # bad input, missing files, no hub, NaN loss
         print(f"tak {args.command}: error: {e}", file=sys.stderr)
         return 2
 

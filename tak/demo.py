@@ -53,6 +53,7 @@ def config_for(method: str, task: str, profile: dict, out: Path, device=None, pr
 def run(out="tak-demo", *, quick: bool = False, device=None, progress: bool = True, methods=None) -> dict:
     """Train, merge and evaluate; returns the results written to ``{out}/results.json``."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # an out that is a file fails before any work
     profile = PROFILES["quick" if quick else "default"]
     methods = methods or METHODS
     started = time.time()

@@ -91,7 +91,8 @@ def check_compatible(task_vectors: Iterable[TaskVector], *, allow_mixed_regimes:
         if len(values) > 1:
             named = ", ".join(f"{tv.task or i}: {tv.meta.get(key)!r}" for i, tv in enumerate(tvs))
             raise ValueError(f"task vectors differ in {key} ({named})"
-                             + ("; pass allow_mixed_regimes=True (tak merge: --allow-mixed-regimes) to mix them on purpose"
+                             + ("; to merge them on purpose: allow_mixed_regimes=True (tak merge "
+                                "--allow-mixed-regimes), though neither model evaluates the result"
                                 if key == "regime" else "")
                              + ("; check that all were trained on one base model, unmodified (a file of an earlier tak "
                                 "has a legacy fingerprint: TaskVector.load(path, model=base model) gives today's)"

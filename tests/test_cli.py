@@ -213,7 +213,7 @@ def test_eval_refuses_repeated_tasks_other_weights_and_bad_grids(runs):
     TaskVector(loaded.tensors, {**loaded.meta, "source": {**loaded.meta["source"], "pretrained": "tag-a"}}).save(tagged)
     code, _, err = tak_cli("eval", tagged, *EVAL_SMALL, "--pretrained", "tag-b", "--out", out / "other")
     assert code == 2 and "trained on 'minilm' with pretrained='tag-a'; adding them to other weights is refused" in err
-    for grid in ("0:1:0", "2:0:0.5", "0:1:x"):
+    for grid in ("0:1:0", "2:0:0.5", "0:1:x", "nan,1", "0,inf", "0:inf:1"):
         code, _, err = tak_cli("eval", tv, "--alphas", grid, "--out", out / "grid")
         assert code == 2 and f"'{grid}': expected start:stop:step" in err, grid
     from tak.cli import _alphas
@@ -268,6 +268,11 @@ def test_unknown_train_flag_and_bad_values_are_usage_errors(tmp_path):
     assert code == 2 and "not the results of `tak demo` or `tak eval`" in err
     code, _, err = tak_cli("train", "--out", tmp_path, "--progress", "maybe")
     assert code == 2 and "expected true/false" in err
+    (tmp_path / "afile").write_text("")
+    code, _, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path / "afile")
+    assert code == 2 and "afile/nonlinear" in err and "Traceback" not in err, err  # before training, not at a checkpoint
+    code, _, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path, "--max-test", "0")
+    assert code == 2 and "TrainConfig.max_test must be ≥ 1, got 0" in err, err
 
 
 def test_train_config_file_with_flag_overrides(tmp_path):

@@ -162,11 +162,27 @@ def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
     assert (config.lr, config.steps, config.beta) == (1e-4, 3, 20.0) and isinstance(config.beta, float)
     assert config.checkpoint_every == 1000 and TrainConfig(seed=2**60 + 1).seed == 2**60 + 1
     assert TrainConfig(trainable=("a.*", "b.*")).trainable == ["a.*", "b.*"]
-    for values, match in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
+    (tmp_path / "b.yaml").write_text("tensorboard: 'false'\nuniversal: 'no'\nprogress: 1\n")
+    config = TrainConfig.from_yaml(tmp_path / "b.yaml")
+    assert (config.tensorboard, config.universal, config.progress) == (False, False, True)
+    assert TrainConfig(out=tmp_path, data_root=tmp_path).out == str(tmp_path)  # a Path is its string (JSON)
+    assert TrainConfig(layer_weights={"enc.*": "0.5"}).layer_weights == {"enc.*": 0.5}
+    for values, match in [({"lr": "fast"}, "lr must be a finite number, got 'fast'"),
                           ({"steps": 2.5}, "steps must be an integer, got 2.5"),
                           ({"seed": True}, "seed must be an integer, got True"),
                           ({"lora_rank": 0}, "lora_rank must be ≥ 1, got 0"),
-                          ({"beta": -1}, "beta must be ≥ 0, got -1.0"), ({"lr": float("nan")}, "lr must be ≥ 0, got nan")]:
+                          ({"beta": -1}, "beta must be ≥ 0, got -1.0"),
+                          ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+                          ({"beta": "inf"}, "beta must be a finite number, got 'inf'"),
+                          ({"max_test": 0}, "max_test must be ≥ 1, got 0"),
+                          ({"eval_batch_size": 0}, "eval_batch_size must be ≥ 1, got 0"),
+                          ({"tensorboard": "maybe"}, "tensorboard must be true or false, got 'maybe'"),
+                          ({"method": 5}, "method must be a string, got 5"),
+                          ({"trainable": 5}, "trainable must be None, 'all', 'attention' or a list"),
+                          ({"layer_weights": 3}, r"layer_weights must be a mapping \{layer pattern: weight\}, got 3"),
+                          ({"layer_weights": {"a": "x"}}, r"layer_weights\['a'\] must be a finite number, got 'x'"),
+                          ({"compress": "blockdiag:0"}, r"compress='blockdiag:0': expected 'int8', 'eigen:<rank>'"),
+                          ({"device": "gpu0"}, "TrainConfig.device='gpu0': ")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**values)
 

@@ -72,15 +72,20 @@ def apply(backbone, task_vector: TaskVector, alpha: float = 1.0):
     if task_vector.meta.get("mixed_regimes"):
         raise ValueError(f"task vector {task_vector.task!r} adds task vectors of the regimes "
                          f"{task_vector.meta['mixed_regimes']}: neither the model nor its linearization evaluates it")
+    params = dict(backbone.model.named_parameters())
+    unknown = sorted(set(task_vector.tensors) - set(params))
+    if unknown:
+        raise ValueError(f"task vector {task_vector.task!r} has entries the model lacks: {unknown[:5]}")
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(params[k].shape)}" for k, v in task_vector.tensors.items()
+             if v.shape != params[k].shape]
+    if wrong:
+        raise ValueError(f"task vector {task_vector.task!r} has entries of other shapes than the model's: {wrong[:5]}")
     if task_vector.regime == "linear":
         lin = linearize(backbone.model, trainable=list(task_vector.tensors))
         lin.load_task_vector({k: alpha * v for k, v in task_vector.tensors.items()})
         return lin.eval()
     model = copy.deepcopy(backbone.model)
     params = dict(model.named_parameters())
-    unknown = sorted(set(task_vector.tensors) - set(params))
-    if unknown:
-        raise ValueError(f"task vector {task_vector.task!r} has entries the model lacks: {unknown[:5]}")
     with torch.no_grad():
         for k, v in task_vector.tensors.items():
             params[k].add_(v.to(params[k].device, params[k].dtype), alpha=alpha)

@@ -17,7 +17,7 @@ from ..io import read, write
 from .config import TrainConfig
 
 _KIND = "checkpoint"
-_MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "device",
+_MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "max_test", "device",
                "out")  # the checkpoint's own place names the run, however its folder is spelled
 _HPARAMS = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
 

@@ -3,21 +3,58 @@
 Hyperparameters left as None take the method's paper defaults (``tak.methods.registry``).
 """
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..data.registry import expand_parts
 
 _FACTOR_MODES = ("merged", "per_task")
 
 
-def _numeric_kind(annotation):
-    """int or float for a field annotated ``int`` / ``float`` (or ``... | None``), else None."""
+def _kinds(annotation) -> tuple:
+    """The types a field annotated ``annotation`` takes: (int,), (str, NoneType), (dict[str, float],), ..."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    kinds = typing.get_args(annotation) if union else (annotation,)  # dict[str, float]: not a number
-    return next((k for k in kinds if k in (int, float)), None)
+    return typing.get_args(annotation) if union else (annotation,)
+
+
+def _boolean(name: str, value) -> bool:
+    """A bool, or the words a YAML file or the command line may give for one ("false", "no", "1", ...)."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if isinstance(value, (str, int)) and str(value).strip().lower() in words:
+        return words[str(value).strip().lower()]
+    raise ValueError(f"TrainConfig.{name} must be true or false, got {value!r}")
+
+
+def _text(name: str, value, optional: bool):
+    """A string (a path given as a ``Path`` becomes its string); None where the field allows it."""
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if not isinstance(value, str):
+        raise ValueError(f"TrainConfig.{name} must be a string{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def parse_compression(spec: str | None) -> dict | None:
+    """"int8", "eigen:<rank>", "blockdiag:<k>" -> ``tak.compress`` arguments."""
+    if spec is None:
+        return None
+    method, _, arg = spec.partition(":")
+    if method == "int8" and not arg:
+        return {"method": "int8"}
+    if method in ("eigen", "blockdiag") and arg.isdigit() and int(arg) >= 1:
+        return {"method": method, ("rank" if method == "eigen" else "k"): int(arg)}
+    raise ValueError(f"TrainConfig.compress={spec!r}: expected 'int8', 'eigen:<rank>' or 'blockdiag:<k>' (rank, "
+                     "k ≥ 1)")
 
 
 def _exact_int(x: float) -> int:
@@ -35,13 +72,15 @@ def _number(name: str, value, kind):
         if isinstance(value, bool):
             raise TypeError
         if kind is float:
+            if not math.isfinite(float(value)):
+                raise ValueError
             return float(value)
         try:
             return int(value) if isinstance(value, (int, str)) else _exact_int(value)
         except ValueError:
             return _exact_int(float(value))  # "1e3": YAML reads it as a string
     except (TypeError, ValueError):
-        what = "a number" if kind is float else "an integer"
+        what = "a finite number" if kind is float else "an integer"
         raise ValueError(f"TrainConfig.{name} must be {what}, got {value!r}") from None
 
 
@@ -108,17 +147,36 @@ class TrainConfig:
         if self.factors not in _FACTOR_MODES:
             raise ValueError(f"TrainConfig.factors must be one of {_FACTOR_MODES}, got {self.factors!r}")
         for name, annotation in typing.get_type_hints(type(self)).items():
-            if (kind := _numeric_kind(annotation)) is not None:
-                setattr(self, name, _number(name, getattr(self, name), kind))
+            kinds, value = _kinds(annotation), getattr(self, name)
+            if (kind := next((k for k in kinds if k in (int, float)), None)) is not None:
+                setattr(self, name, _number(name, value, kind))
+            elif bool in kinds:
+                setattr(self, name, _boolean(name, value))
+            elif str in kinds and len(kinds) <= 2 and name != "trainable":
+                setattr(self, name, _text(name, value, optional=type(None) in kinds))
         for name in ("steps", "batch_size", "factor_examples", "penalty_every", "checkpoint_every", "mc_samples",
-                     "lora_rank"):
+                     "lora_rank", "max_train", "max_test", "max_length", "eval_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "warmup_steps"):
-            if getattr(self, name) is not None and not getattr(self, name) >= 0:  # NaN too
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if isinstance(self.trainable, tuple):
             self.trainable = list(self.trainable)
+        if not (self.trainable is None or isinstance(self.trainable, str)
+                or isinstance(self.trainable, list) and all(isinstance(t, str) for t in self.trainable)):
+            raise ValueError(f"TrainConfig.trainable must be None, 'all', 'attention' or a list of parameter name "
+                             f"patterns, got {self.trainable!r}")
+        if not isinstance(self.layer_weights, dict):
+            raise ValueError(f"TrainConfig.layer_weights must be a mapping {{layer pattern: weight}}, got "
+                             f"{self.layer_weights!r}")
+        self.layer_weights = {str(k): _number(f"layer_weights[{k!r}]", w, float) for k, w in self.layer_weights.items()}
+        parse_compression(self.compress)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"TrainConfig.device={self.device!r}: {e}") from None
         for name in ("tasks", "reference"):
             value = getattr(self, name)
             if isinstance(value, str):  # list("a,b") would be its characters

@@ -16,6 +16,7 @@ from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_dia
 from ..curvature.distributed import is_main_rank, on_every_rank, rank, world_size
 from ..curvature.outputs import to_device
 from ..evaluation import loader
+from .config import parse_compression
 
 _CLASSES = {"kfac": KFAC, "ekfac": EKFAC, "diagonal": DiagonalGGN}
 
@@ -64,18 +65,6 @@ def content_digest(model, batches) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()[:8]
-
-
-def parse_compression(spec: str | None) -> dict | None:
-    """"int8", "eigen:<rank>", "blockdiag:<k>" -> ``tak.compress`` arguments."""
-    if spec is None:
-        return None
-    method, _, arg = spec.partition(":")
-    if method == "int8" and not arg:
-        return {"method": "int8"}
-    if method in ("eigen", "blockdiag") and arg.isdigit():
-        return {"method": method, ("rank" if method == "eigen" else "k"): int(arg)}
-    raise ValueError(f"compress={spec!r}: expected 'int8', 'eigen:<rank>' or 'blockdiag:<k>'")
 
 
 def merge_diagonal(parts: list[DiagonalGGN], sizes: list[int]) -> DiagonalGGN:

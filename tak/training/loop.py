@@ -228,6 +228,8 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     torch.manual_seed(config.seed)
     backbone = _backbone(config, device)
     task = _task(config.task, config)
+    if is_main_rank():
+        config.run_dir().mkdir(parents=True, exist_ok=True)  # an --out that is a file fails now, not at a checkpoint
     examples = task.split("train")
     if not examples or not task.split("val"):
         raise ValueError(f"task {task.name!r} has {len(examples)} labelled training examples and "
