@@ -270,7 +270,7 @@ def test_unknown_train_flag_and_bad_values_are_usage_errors(tmp_path):
     assert code == 2 and "expected true/false" in err
     (tmp_path / "afile").write_text("")
     code, _, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path / "afile")
-    assert code == 2 and "afile/nonlinear" in err and "Traceback" not in err, err  # before training, not at a checkpoint
+    assert code == 2 and "afile/nonlinear" in err and "Traceback" not in err, err  # before training
     code, _, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path, "--max-test", "0")
     assert code == 2 and "TrainConfig.max_test must be ≥ 1, got 0" in err, err
 
