@@ -142,11 +142,18 @@ class LinearizedModel(_Linearization):
             _set_parameter(self.tau, name, nn.Parameter(torch.zeros_like(base.get_parameter(name))))
         self._alpha = 1.0
         self.training = model.training  # the modules inside keep their own modes (θ0 copies them)
+        self._batch_norms = [(n, m) for n, m in base.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
     def _taus(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((name, self.tau.get_parameter(name)) for name in self._names)
 
     def forward(self, *args, **kwargs):
+        updating = [n for n, m in self._batch_norms if m.training]
+        if updating:
+            raise ValueError(f"tak.linearize: BatchNorm {updating[:3]} in train mode would update its running "
+                             "statistics inside torch.func.jvp, which cannot mutate them: call .eval() on it (the "
+                             "linearization at θ0 then uses θ0's statistics) or build it with track_running_stats=False")
         primals = {name: self._base.get_parameter(name) for name in self._names}
         tangents = {name: tau if self._alpha == 1.0 else self._alpha * tau for name, tau in self._taus()}
         spec, leaves = None, []

@@ -108,16 +108,6 @@ def check_compatible(task_vectors: Iterable[TaskVector], *, allow_mixed_regimes:
             raise ValueError(f"task vectors {first.task or 0!r} and {tv.task or i!r} differ in shape at {wrong[:8]}")
 
 
-def weighted_sum(task_vectors: Iterable[TaskVector], alphas: Iterable[float] | float = 1.0) -> dict[str, torch.Tensor]:
-    """Σ_t α_t τ_t (tensors), after ``check_compatible``."""
-    tvs = list(task_vectors)
-    check_compatible(tvs)
-    alphas = [alphas] * len(tvs) if isinstance(alphas, (int, float)) else list(alphas)
-    if len(alphas) != len(tvs):
-        raise ValueError(f"alphas: {len(alphas)} values for {len(tvs)} task vectors")
-    return {k: sum(a * tv.tensors[k].float() for a, tv in zip(alphas, tvs)) for k in tvs[0].tensors}
-
-
 def as_tensors(taus: "TaskVector | Mapping[str, torch.Tensor]") -> dict[str, torch.Tensor]:
     """The tensors of a TaskVector, or the mapping itself as a dict."""
     return dict(taus.tensors if isinstance(taus, TaskVector) else taus)

@@ -388,3 +388,16 @@ def test_to_moves_theta0_and_tau():
     assert all(p.dtype == F64 for p in lin.base_parameters().values())
     assert lin(torch.randn(2, 7, dtype=F64)).dtype == F64
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_batch_norm_in_train_mode_is_refused_with_the_way_out():
+    """torch.func.jvp cannot update BatchNorm's running statistics: refused by name, with .eval() as the way
+    out, after which the linearization at θ0 uses θ0's statistics (equal to the model at τ = 0)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).double().train()
+    lin = tak.linearize(model, fast=False)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"BatchNorm \['1'\] in train mode would update its running statistics.*"
+                                         r"call .eval\(\)"):
+        lin(x)
+    lin.eval()
+    assert rel_err(lin(x), model.eval()(x)) < 1e-12

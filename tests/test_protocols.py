@@ -108,3 +108,20 @@ def test_a_merge_of_linear_and_nonlinear_task_vectors_is_not_evaluated():
     assert mixed.regime is None and mixed.meta["mixed_regimes"] == ["linear", "nonlinear"]
     with pytest.raises(ValueError, match="neither the model nor its linearization evaluates it"):
         apply(bb, mixed)
+
+
+def test_combine_adds_in_the_task_vectors_precision_with_any_real_alpha():
+    """Σ α_t τ_t: float64 task vectors are added in float64 (fp32 would lose a 1e-9 difference), lower
+    precisions in fp32 and returned in their own dtype; α may be any real scalar (numpy, 0-d tensor)."""
+    import numpy as np
+    from tak.arithmetic.compose import combine
+    meta = {"regime": "linear", "base_model": "m", "fingerprint": "f"}
+    a = TaskVector({"w": torch.tensor([1 + 1e-9], dtype=torch.float64), "h": torch.tensor([0.5], dtype=torch.bfloat16)},
+                   {**meta, "task": "a"})
+    b = TaskVector({"w": torch.tensor([1.0], dtype=torch.float64), "h": torch.tensor([0.25], dtype=torch.bfloat16)},
+                   {**meta, "task": "b"})
+    diff = combine([a, b], [1, -1])
+    assert diff.tensors["w"].dtype == torch.float64 and diff.tensors["w"].item() == pytest.approx(1e-9, rel=1e-6)
+    assert diff.tensors["h"].dtype == torch.bfloat16 and diff.tensors["h"].item() == 0.25
+    for alpha in (np.float32(0.5), torch.tensor(0.5), 0.5):
+        assert combine([a, b], alpha).tensors["h"].item() == 0.375 and combine([a, b], alpha).meta["alphas"] == [0.5] * 2

@@ -8,6 +8,7 @@ below the first one τ changes run once per batch and are replayed after that (`
 """
 import copy
 import itertools
+import numbers
 
 import torch
 
@@ -23,12 +24,16 @@ def combine(task_vectors: list[TaskVector], alphas=1.0, *, allow_mixed_regimes: 
     """Σ_t α_t τ_t as a TaskVector (``alphas``: one value or one per task vector), after checking that
     the task vectors share base model, architecture and regime."""
     check_compatible(task_vectors, allow_mixed_regimes=allow_mixed_regimes)
-    alphas = [float(alphas)] * len(task_vectors) if isinstance(alphas, (int, float)) else [float(a) for a in alphas]
+    scalar = isinstance(alphas, numbers.Real) or isinstance(alphas, torch.Tensor) and alphas.dim() == 0
+    alphas = [float(alphas)] * len(task_vectors) if scalar else [float(a) for a in alphas]
     if len(alphas) != len(task_vectors):
         raise ValueError(f"alphas: {len(alphas)} values for {len(task_vectors)} task vectors")
     first = task_vectors[0]
-    tensors = {k: sum(a * tv.tensors[k].float() for a, tv in zip(alphas, task_vectors)).to(v.dtype)
-               for k, v in first.tensors.items()}
+
+    def weighted_sum(k, dtype):  # in fp32, or float64 when the task vectors are
+        acc = torch.promote_types(dtype, torch.float32)
+        return sum(a * tv.tensors[k].to(acc) for a, tv in zip(alphas, task_vectors)).to(dtype)
+    tensors = {k: weighted_sum(k, v.dtype) for k, v in first.tensors.items()}
     meta = {k: first.meta.get(k) for k in ("base_model", "fingerprint", "regime", "source") if k in first.meta}
     regimes = sorted({str(tv.regime) for tv in task_vectors})
     if len(regimes) > 1:
