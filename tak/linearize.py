@@ -153,7 +153,8 @@ class LinearizedModel(_Linearization):
         if updating:
             raise ValueError(f"tak.linearize: BatchNorm {updating[:3]} in train mode would update its running "
                              "statistics inside torch.func.jvp, which cannot mutate them: call .eval() on it (the "
-                             "linearization at θ0 then uses θ0's statistics) or build it with track_running_stats=False")
+                             "linearization at θ0 then uses θ0's statistics) or build it with "
+                             "track_running_stats=False")
         primals = {name: self._base.get_parameter(name) for name in self._names}
         tangents = {name: tau if self._alpha == 1.0 else self._alpha * tau for name, tau in self._taus()}
         spec, leaves = None, []

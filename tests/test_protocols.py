@@ -124,4 +124,5 @@ def test_combine_adds_in_the_task_vectors_precision_with_any_real_alpha():
     assert diff.tensors["w"].dtype == torch.float64 and diff.tensors["w"].item() == pytest.approx(1e-9, rel=1e-6)
     assert diff.tensors["h"].dtype == torch.bfloat16 and diff.tensors["h"].item() == 0.25
     for alpha in (np.float32(0.5), torch.tensor(0.5), 0.5):
-        assert combine([a, b], alpha).tensors["h"].item() == 0.375 and combine([a, b], alpha).meta["alphas"] == [0.5] * 2
+        merged = combine([a, b], alpha)
+        assert merged.tensors["h"].item() == 0.375 and merged.meta["alphas"] == [0.5] * 2

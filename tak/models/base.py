@@ -128,7 +128,7 @@ class DualModel(DualModule):
 
     def load_task_vector(self, taus: dict[str, torch.Tensor]) -> None:
         """Copy ``taus`` into τ; its keys must be exactly the trainable parameters' names, with their shapes."""
-        own, taus = self.named_taus(), {n: torch.as_tensor(v) for n, v in taus.items()}  # lists too, as the generic path
+        own, taus = self.named_taus(), {n: torch.as_tensor(v) for n, v in taus.items()}  # lists too, as generic
         shapes = [f"{n} {tuple(taus[n].shape)} != {tuple(t.shape)}" for n, t in own.items()
                   if n in taus and taus[n].shape != t.shape]
         checks = (("missing", sorted(own.keys() - taus.keys())),
