@@ -283,7 +283,7 @@ def test_check_compatible_refuses_mixed_regimes_base_models_and_layers(trained):
     nonlinear, linear = (TaskVector.load(trained[r].path) for r in ("nonlinear", "linear"))
     check_compatible([nonlinear, nonlinear.scaled(2.0)])
     with pytest.raises(ValueError, match=r"differ in regime \(rotten_tomatoes: 'nonlinear', rotten_tomatoes: "
-                                         r"'linear'\); pass allow_mixed_regimes=True"):
+                                         r"'linear'\); to merge them on purpose: allow_mixed_regimes=True"):
         check_compatible([nonlinear, linear])
     check_compatible([nonlinear, linear], allow_mixed_regimes=True)
     with pytest.raises(ValueError, match="differ in regime"):
