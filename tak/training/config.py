@@ -152,7 +152,7 @@ class TrainConfig:
                 setattr(self, name, _number(name, value, kind))
             elif bool in kinds:
                 setattr(self, name, _boolean(name, value))
-            elif str in kinds and len(kinds) <= 2 and name != "trainable":
+            elif str in kinds and len(kinds) <= 2:  # str or str | None (trainable, a list too, is checked below)
                 setattr(self, name, _text(name, value, optional=type(None) in kinds))
         for name in ("steps", "batch_size", "factor_examples", "penalty_every", "checkpoint_every", "mc_samples",
                      "lora_rank", "max_train", "max_test", "max_length", "eval_batch_size"):
