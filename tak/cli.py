@@ -80,10 +80,12 @@ def _train_parser(sub):
                        description="Keys of TrainConfig as --key value (lists comma-separated); --config YAML "
                                    "sets defaults that the flags override.")
     p.add_argument("--config", type=Path, help="YAML file of TrainConfig keys")
-    hints = typing.get_type_hints(TrainConfig)
+    hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig().to_dict()
     for f in dataclasses.fields(TrainConfig):
+        default = f" [default: {defaults[f.name]}]" if defaults[f.name] not in (None, [], {}) else ""
+        text = (f.metadata["help"] + default).replace("%", "%%")
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
-                       type=lambda text, a=hints[f.name]: _parse_value(text, a))
+                       type=lambda text, a=hints[f.name]: _parse_value(text, a), help=text)
     return p
 
 
@@ -111,24 +113,26 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("demo", help="the main job: train, merge and evaluate on MiniLM + embedded text tasks")
     p.add_argument("--quick", action="store_true", help="the ≤ 3 minute profile (2 CPU cores)")
-    p.add_argument("--out", type=Path, default=Path("tak-demo"))
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=Path("tak-demo"),
+                   help="folder of results.json, report.md, plots and the runs (default: tak-demo)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
 
     _train_parser(sub)
 
     p = sub.add_parser("merge", help="merge task vectors into one (task arithmetic, TIES, TSV-M, Iso-C, Iso-CTS)")
-    p.add_argument("task_vectors", nargs="+", type=Path)
-    p.add_argument("--method", default="task_arithmetic")
+    p.add_argument("task_vectors", nargs="+", type=Path, help="task vector files (.safetensors) of one base model")
+    p.add_argument("--method", default="task_arithmetic", help="tak list merges (default: task_arithmetic)")
     p.add_argument("--k", type=float, default=None, help="TIES: fraction of entries kept per tensor")
     p.add_argument("--alpha", type=_finite, default=1.0, help="scale of the merged task vector")
     p.add_argument("--allow-mixed-regimes", action="store_true",
                    help="merge linear (linearized) and non-linear task vectors together")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the merged task vector's file")
 
     p = sub.add_parser("eval", help="task addition / negation protocols and analyses of saved task vectors")
-    p.add_argument("task_vectors", nargs="+", type=Path)
-    p.add_argument("--protocol", choices=["addition", "negation"], default="addition")
+    p.add_argument("task_vectors", nargs="+", type=Path, help="task vector files (.safetensors) of one base model")
+    p.add_argument("--protocol", choices=["addition", "negation"], default="addition",
+                   help="addition: merged accuracy over α (default); negation: forget --target, keep --control")
     p.add_argument("--target", help="negation: the task to forget (default: the task vector's task)")
     p.add_argument("--control", help="negation: the task whose accuracy must be kept")
     p.add_argument("--alphas", type=_alphas, default=None, help="grid, e.g. 0:2:0.05 (the default)")
@@ -136,18 +140,18 @@ def main(argv=None) -> int:
                    "scaling by α (tak list merges)")
     p.add_argument("--k", type=float, default=None, help="--merge ties: fraction of entries kept per tensor")
     p.add_argument("--analyses", action="store_true", help="also disentanglement, normalcy and localization plots")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", default=None, help="where datasets are looked up (default: $TAK_DATA_ROOT, else ./data)")
     p.add_argument("--max-test", type=_positive_int, default=None, help="test examples per task (a subsample)")
     p.add_argument("--max-train", type=_positive_int, default=None,
                    help="training examples per task (a subsample; the validation split that picks α is drawn from "
                         "it, and the analyses use it)")
     p.add_argument("--pretrained", default=None, help="the backbone's pretrained tag, if not in the metadata")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
+    p.add_argument("--out", type=Path, required=True, help="folder of results.json and plots")
 
     p = sub.add_parser("report", help="a markdown report (tables and plots) of demo / eval results")
     p.add_argument("results", nargs="+", type=Path, help="folders holding results.json")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder of report.md and its images")
 
     p = sub.add_parser("list", help="list the valid names")
     p.add_argument("what", choices=["methods", "tasks", "backbones", "merges"])

@@ -4,6 +4,7 @@ valid ones; ``--config`` YAML with flag overrides."""
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,30 @@ def test_eval_refuses_repeated_tasks_other_weights_and_bad_grids(runs):
 def test_list_prints_the_valid_names(what, names):
     printed = [line.split()[0] for line in ok("list", what).splitlines()]
     assert printed == names
+
+
+def test_every_command_option_has_a_help_line():
+    """``tak train --help`` gives each TrainConfig key its field's help line and the default it has."""
+    import dataclasses
+
+    from tak.training import TrainConfig
+
+    code, text, _ = tak_cli("train", "--help")
+    assert code == 0
+    text = " ".join(text.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag, help_line = f"--{f.name.replace('_', '-')} VALUE", " ".join(f.metadata["help"].split())
+        assert help_line and f"{flag} {help_line}" in text, f.name
+    assert "--steps VALUE optimizer steps [default: 2000]" in text and "(the 10% validation" in text
+    assert "--tasks VALUE all tasks that will be merged" in text and "[default: []]" not in text
+    for command in ("demo", "merge", "eval", "report"):
+        code, text, _ = tak_cli(command, "--help")
+        listed = [line for line in text.split("\n\n", 1)[1].splitlines() if line.startswith("  ")]  # past the usage
+        entries = re.split(r"\n  (?=\S)", "\n" + "\n".join(listed))[1:]  # one per argument
+        assert code == 0 and len(entries) >= 3, command
+        for entry in entries:
+            signature, *described = re.split(r"\s{2,}", entry.strip(), maxsplit=1)
+            assert described, (command, signature)
 
 
 def test_list_of_something_else_is_a_usage_error():

@@ -84,64 +84,75 @@ def _number(name: str, value, kind):
         raise ValueError(f"TrainConfig.{name} must be {what}, got {value!r}") from None
 
 
+def _key(default, help: str, *, factory=None):
+    """A TrainConfig field with its help line (``tak train --help`` prints it)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+_PAPER = "None: the method's paper default (tak list methods)"
+
+
 @dataclass
 class TrainConfig:
-    """method: a name of ``tak.methods.METHODS``; task: the task trained; tasks: all tasks that will be
-    merged (their other members give ``tak`` its factors and ``tau_jp`` its data; ``resisc45-part*of9``
-    stands for the 9 parts of the class-partition protocol, ``tak.data.registry.expand_parts``); reference: tasks
-    whose training inputs form the reference set of EK-FAC (DELTA) and of universal factors
-    (``universal=True``: the KFAC / diagonal penalty from the reference set instead of the other tasks).
+    """Everything a run depends on; each key's help line is its field's ``metadata["help"]``.
 
-    beta / beta_teacher: the drift penalty's weight for τ / DELTA's teacher (beta alone sets both).
-    factors: "merged" (TAK Eq. 8: (Σ_t B_t) ⊗ (Σ_t λ_t A_t)) or "per_task" (Eq. 7: Σ_t λ_t B_t ⊗ A_t, λ
-    summing to 1), both as the paper writes them, so at one β the merged penalty is about K times the
-    per-task one for K other tasks (scale β by 1/K to compare); factor_examples: examples per task for the
-    factors; compress: None, "int8", "eigen:<rank>" or "blockdiag:<k>"; penalty_every / offload_factors:
-    apply the penalty every N steps, the factors kept on the CPU in between; last_layer_weight: the
-    last factored layer's penalty weight (TAK Sec. E: 0.1); layer_weights: {glob: weight}.
+    factors: "merged" (TAK Eq. 8: (Σ_t B_t) ⊗ (Σ_t λ_t A_t)) or "per_task" (Eq. 7: Σ_t λ_t B_t ⊗ A_t, λ summing
+    to 1), both as the paper writes them, so at one β the merged penalty is about K times the per-task one for K
+    other tasks (scale β by 1/K to compare)."""
 
-    backbone_options: the backbone loader's options beyond pretrained and max_length (T5: prefix, label_words,
-    pair_format, ...; see ``tak.backbones``), recorded in the task vector for ``tak eval``.
-    trainable: None (the method's), "all", "attention", or glob patterns of parameter names.
-    checkpoint_every: steps between checkpoints (a killed run resumes from the last one)."""
-
-    method: str = "tak"
-    task: str = "rotten_tomatoes"
-    tasks: list[str] = field(default_factory=list)
-    reference: list[str] = field(default_factory=list)
-    backbone: str = "minilm"
-    pretrained: str | None = None
-    backbone_options: dict[str, object] = field(default_factory=dict)
-    data_root: str | None = None
-    out: str = "runs"
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float | None = None
-    weight_decay: float | None = None
-    warmup_steps: int = 0
-    beta: float | None = None
-    beta_teacher: float | None = None
-    gamma: float | None = None
-    last_layer_weight: float | None = None
-    layer_weights: dict[str, float] = field(default_factory=dict)
-    lora_rank: int | None = None
-    trainable: str | list[str] | None = None
-    universal: bool = False
-    factors: str = "merged"
-    factor_examples: int = 256
-    mc_samples: int = 1
-    compress: str | None = None
-    penalty_every: int = 1
-    offload_factors: bool = False
-    max_train: int | None = None
-    max_test: int | None = None
-    max_length: int = 128
-    seed: int = 0
-    device: str | None = None
-    checkpoint_every: int = 200
-    eval_batch_size: int = 256
-    tensorboard: bool = False
-    progress: bool = True
+    method: str = _key("tak", "the method (tak list methods)")
+    task: str = _key("rotten_tomatoes", "the task trained (tak list tasks; <name>-part<k>of<n>: part k of a task cut "
+                     "into n tasks of disjoint classes)")
+    tasks: list[str] = _key(None, "all tasks that will be merged: the others give tak its factors and tau_jp its data "
+                            "('resisc45-part*of9' stands for the 9 parts)", factory=list)
+    reference: list[str] = _key(None, "tasks whose training inputs are the reference set of EK-FAC (delta) and of "
+                                "universal factors", factory=list)
+    backbone: str = _key("minilm", "the pretrained model (tak list backbones): minilm, hf:<name-or-path>, "
+                         "t5:<name-or-path>, clip:<arch>")
+    pretrained: str | None = _key(None, "the backbone's pretrained weights (open_clip tag, or a local path)")
+    backbone_options: dict[str, object] = _key(None, "the backbone loader's other options as a JSON object (T5: prefix, "
+                                               "label_words, pair_format, ...), recorded in the task vector",
+                                               factory=dict)
+    data_root: str | None = _key(None, "where datasets are looked up (None: $TAK_DATA_ROOT, else ./data); embedded "
+                                 "tasks need none")
+    out: str = _key("runs", "output folder; the run writes to {out}/{method}/{task}, factors are cached in "
+                    "{out}/factors")
+    steps: int = _key(2000, "optimizer steps")
+    batch_size: int = _key(128, "examples per step (all processes together)")
+    lr: float | None = _key(None, f"AdamW learning rate, cosine schedule to 0; {_PAPER}")
+    weight_decay: float | None = _key(None, f"AdamW weight decay; {_PAPER}")
+    warmup_steps: int = _key(0, "steps of linear learning-rate warm-up before the cosine schedule")
+    beta: float | None = _key(None, f"weight β of the drift penalty on τ (for delta, on the student; alone it sets "
+                              f"beta_teacher too); {_PAPER}")
+    beta_teacher: float | None = _key(None, f"delta: weight β^T of the teacher's EK-FAC penalty; {_PAPER}")
+    gamma: float | None = _key(None, f"delta: weight γ of the along-path distillation; {_PAPER}")
+    last_layer_weight: float | None = _key(None, f"penalty weight of the last factored layer (TAK Sec. E: 0.1 on "
+                                           f"CLIP); {_PAPER}")
+    layer_weights: dict[str, float] = _key(None, "penalty weights of layers by name pattern, PATTERN=WEIGHT,...",
+                                           factory=dict)
+    lora_rank: int | None = _key(None, f"delta_lora: rank of the LoRA student; {_PAPER}")
+    trainable: str | list[str] | None = _key(None, "what is trained: 'all', 'attention', or parameter name patterns "
+                                             "(None: the method's)")
+    universal: bool = _key(False, "the KFAC / diagonal penalty from the reference tasks' factors instead of the "
+                           "other tasks'")
+    factors: str = _key("merged", "tak: 'merged' (TAK Eq. 8) or 'per_task' (Eq. 7) factors of the other tasks")
+    factor_examples: int = _key(256, "training examples per task that the factors are fitted on")
+    mc_samples: int = _key(1, "Monte-Carlo probes per example when fitting the factors")
+    compress: str | None = _key(None, "compressed factors: 'int8', 'eigen:<rank>' or 'blockdiag:<k>'")
+    penalty_every: int = _key(1, "apply the penalty at every N-th step only (TAK Fig. 8)")
+    offload_factors: bool = _key(False, "keep the factors on the CPU between penalty steps")
+    max_train: int | None = _key(None, "training examples per task, a class-stratified subsample (the 10% "
+                                 "validation split is drawn from it)")
+    max_test: int | None = _key(None, "test examples per task, a class-stratified subsample")
+    max_length: int = _key(128, "text backbones: tokens per example")
+    seed: int = _key(0, "seed of the training batches and dropout masks")
+    device: str | None = _key(None, "cpu, cuda, cuda:1, ... (None: the process's GPU when there is one, else cpu)")
+    checkpoint_every: int = _key(200, "steps between checkpoints (a killed run resumes from the last one)")
+    eval_batch_size: int = _key(256, "examples per batch when evaluating")
+    tensorboard: bool = _key(False, "write TensorBoard logs to {out}/{method}/{task}/tensorboard")
+    progress: bool = _key(True, "show progress bars")
 
     def __post_init__(self):
         if self.factors not in _FACTOR_MODES:
