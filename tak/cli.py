@@ -251,7 +251,7 @@ def _report(args) -> int:
 def _list(args) -> int:
     if args.what == "methods":
         from .methods import METHODS
-        names = {n: m.description for n, m in METHODS.items()}
+        names = {n: f"{m.description}\n{_method_defaults(m)}" for n, m in METHODS.items()}
     elif args.what == "tasks":
         from .data import list_tasks
         names = list_tasks()
@@ -262,8 +262,22 @@ def _list(args) -> int:
         from .arithmetic.merges import MERGES
         names = {n: " ".join((f.__doc__ or "").split("\n\n")[0].split()) for n, f in MERGES.items()}
     for name, text in names.items():
-        print(f"{name:20s} {text}")
+        print(f"{name:20s} " + text.replace("\n", "\n" + " " * 21))
     return 0
+
+
+def _method_defaults(method) -> str:
+    """The paper defaults of ``method`` as ``tak list methods`` shows them: vision, then what differs for text and
+    for the larger CLIP towers."""
+    from .methods.registry import hyperparameter_defaults
+
+    vision = hyperparameter_defaults(method, ["image"])
+    line = f"defaults [{method.source}]: " + " ".join(f"{k}={v:g}" for k, v in vision.items())
+    for what, modality, backbone in (("text", "text", ""), ("clip:ViT-B-16", "image", "clip:ViT-B-16"),
+                                     ("clip:ViT-L-14", "image", "clip:ViT-L-14")):
+        differs = {k: v for k, v in hyperparameter_defaults(method, [modality], backbone).items() if vision.get(k) != v}
+        line += f"; {what}: " + " ".join(f"{k}={v:g}" for k, v in differs.items()) if differs else ""
+    return line
 
 
 _COMMANDS = {"demo": _demo, "train": _train, "merge": _merge, "eval": _eval, "report": _report, "list": _list}
