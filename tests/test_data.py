@@ -298,6 +298,40 @@ def test_nli_glue_fields_and_validation_as_test(tmp_path):
         get_task("sick", root=str(tmp_path)).split("train")
 
 
+def test_nli_from_a_save_to_disk_folder(tmp_path):
+    """A Hugging Face ``save_to_disk`` folder as GLUE ships it: ClassLabel ints read as their names, the
+    unlabelled test split (-1) skipped for the labelled validation split; MNLI's validation_matched."""
+    import datasets
+
+    features = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["not_entailment", "entailment"])})
+    rows = lambda prefix, n, label: {"sentence1": [f"{prefix}p{i}" for i in range(n)],  # noqa: E731
+                                     "sentence2": [f"{prefix}h{i}" for i in range(n)],
+                                     "label": [label(i) for i in range(n)]}
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(rows("", 30, lambda i: i % 2), features=features),
+        "validation": datasets.Dataset.from_dict(rows("v", 5, lambda i: 0), features=features),
+        "test": datasets.Dataset.from_dict(rows("t", 4, lambda i: -1), features=features),
+    }).save_to_disk(str(tmp_path / "rte"))
+    rte = get_task("rte", root=str(tmp_path))
+    data = splits(rte)
+    assert rte.classes == ["entailment", "not entailment"] and len(data["train"]) + len(data["val"]) == 30
+    assert all(y == (0 if int(p[1:]) % 2 else 1) for (p, h), y in data["train"] + data["val"])  # by name, not int
+    assert data["test"] == [((f"vp{i}", f"vh{i}"), 1) for i in range(5)]
+
+    three = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"premise": ["a", "b", "c"], "hypothesis": ["x", "y", "z"],
+                                             "label": [2, 1, 0]}, features=three),
+        "validation_matched": datasets.Dataset.from_dict({"premise": ["m"], "hypothesis": ["n"], "label": [2]},
+                                                         features=three),
+    }).save_to_disk(str(tmp_path / "mnli"))
+    mnli = get_task("mnli", root=str(tmp_path))
+    assert sorted(mnli.split("train") + mnli.split("val")) == [(("a", "x"), 2), (("b", "y"), 1), (("c", "z"), 0)]
+    assert mnli.split("test") == [(("m", "n"), 2)]
+
+
 def test_nli_jsonl_with_a_byte_order_mark_reads_and_bad_lines_are_named(tmp_path):
     rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 2} for i in range(20)]
     (tmp_path / "rte").mkdir()
