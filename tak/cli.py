@@ -1,7 +1,8 @@
-"""The ``tak`` command line: demo, train, merge, eval, report, list.
+"""The ``tak`` command line: demo, train, fit, merge, eval, report, list.
 
     tak demo [--quick] [--out DIR]                     the main job (see tak.demo)
     tak train --method tak --task 20news-part0 --tasks 20news-part0,20news-part1,... [--config run.yaml] [--KEY VALUE ...]
+    tak fit --kind kfac --task 20news-part1 --out 20news-part1.kfac.safetensors   (then: tak train --factor-files ...)
     tak merge TV.safetensors ... --method ties --out merged.safetensors
     tak eval TV.safetensors ... [--merge ties] [--protocol addition|negation --target T --control C] [--analyses] --out DIR
     tak report DIR [DIR ...] --out report_dir
@@ -73,20 +74,31 @@ def _finite(text: str) -> float:
     return value
 
 
-def _train_parser(sub):
+# The TrainConfig keys `tak fit` takes (what the factors of a task depend on), with what they mean there.
+_FIT_KEYS = {"task": "the task whose training inputs the factors are fitted on",
+             "reference": "the reference set, fitted as one: that of --kind ekfac, and of kfac / diagonal with "
+                          "--universal true",
+             "universal": "fit kfac / diagonal factors on the reference set (universal factors) in place of --task",
+             "trainable": "the layers fitted: those holding these parameters ('all', 'attention' or name patterns; "
+                          "None: all layers)",
+             **dict.fromkeys(("backbone", "pretrained", "backbone_options", "data_root", "factor_examples",
+                              "mc_samples", "max_train", "max_length", "seed", "device", "progress"))}
+
+
+def _config_flags(p, keys: dict | None = None):
+    """``--key VALUE`` for the TrainConfig keys ``keys`` (None: all), each with its help line (``keys[key]`` or the
+    field's) and default."""
     from .training import TrainConfig
 
-    p = sub.add_parser("train", help="train one task vector (tak.train)",
-                       description="Keys of TrainConfig as --key value (lists comma-separated); --config YAML "
-                                   "sets defaults that the flags override.")
     p.add_argument("--config", type=Path, help="YAML file of TrainConfig keys")
     hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig().to_dict()
     for f in dataclasses.fields(TrainConfig):
+        if keys is not None and f.name not in keys:
+            continue
         default = f" [default: {defaults[f.name]}]" if defaults[f.name] not in (None, [], {}) else ""
-        text = (f.metadata["help"] + default).replace("%", "%%")
+        text = (((keys or {}).get(f.name) or f.metadata["help"]) + default).replace("%", "%%")
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
                        type=lambda text, a=hints[f.name]: _parse_value(text, a), help=text)
-    return p
 
 
 def _alphas(text: str) -> list[float]:
@@ -118,7 +130,19 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
 
-    _train_parser(sub)
+    p = sub.add_parser("train", help="train one task vector (tak.train)",
+                       description="Keys of TrainConfig as --key value (lists comma-separated); --config YAML "
+                                   "sets defaults that the flags override.")
+    _config_flags(p)
+
+    p = sub.add_parser("fit", help="fit a task's curvature factors into a file others train with (factor_files)",
+                       description="The factors a tak / diag_ggn / delta run would fit on this task's data (or on a "
+                                   "reference set), written to one file that is shared in place of the data: "
+                                   "tak train --factor-files FILE,... Keys of TrainConfig as --key value.")
+    p.add_argument("--kind", choices=["kfac", "ekfac", "diagonal"], default="kfac",
+                   help="kfac (tak, attn_only_tak), diagonal (diag_ggn) or ekfac (delta) (default: kfac)")
+    p.add_argument("--out", type=Path, required=True, help="the factor file (.safetensors)")
+    _config_flags(p, _FIT_KEYS)
 
     p = sub.add_parser("merge", help="merge task vectors into one (task arithmetic, TIES, TSV-M, Iso-C, Iso-CTS)")
     p.add_argument("task_vectors", nargs="+", type=Path, help="task vector files (.safetensors) of one base model")
@@ -143,8 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None, help="where datasets are looked up (default: $TAK_DATA_ROOT, else ./data)")
     p.add_argument("--max-test", type=_positive_int, default=None, help="test examples per task (a subsample)")
     p.add_argument("--max-train", type=_positive_int, default=None,
-                   help="training examples per task (a subsample; the validation split that picks α is drawn from "
-                        "it, and the analyses use it)")
+                   help="training examples per task, a subsample the analyses use (the validation split that "
+                        "picks α keeps max_train // 9)")
     p.add_argument("--pretrained", default=None, help="the backbone's pretrained tag, if not in the metadata")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
     p.add_argument("--out", type=Path, required=True, help="folder of results.json and plots")
@@ -178,16 +202,32 @@ def _demo(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    from .training import TrainConfig, train
+def _config(args, skip=()):
+    """The TrainConfig of ``--config`` (YAML) overridden by the ``--key`` flags given."""
+    from .training import TrainConfig
 
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", *skip)}
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    config = TrainConfig.from_dict({**config.to_dict(), **values})
-    result = train(config)
+    return TrainConfig.from_dict({**config.to_dict(), **values})
+
+
+def _train(args) -> int:
+    from .training import train
+
+    result = train(_config(args))
     from .curvature.distributed import is_main_rank
     if is_main_rank():  # under torchrun: one line, not one per process
         print(json.dumps({"task_vector": str(result.path), **{k: result.metrics[k] for k in ("val", "test")}}))
+    return 0
+
+
+def _fit(args) -> int:
+    from .curvature.distributed import is_main_rank
+    from .training import fit
+
+    path = fit(_config(args, skip=("kind", "out")), args.kind, args.out)
+    if is_main_rank():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -280,7 +320,7 @@ def _method_defaults(method) -> str:
     return line
 
 
-_COMMANDS = {"demo": _demo, "train": _train, "merge": _merge, "eval": _eval, "report": _report, "list": _list}
+_COMMANDS = {"demo": _demo, "train": _train, "fit": _fit, "merge": _merge, "eval": _eval, "report": _report, "list": _list}
 
 if __name__ == "__main__":
     sys.exit(main())

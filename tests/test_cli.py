@@ -245,9 +245,9 @@ def test_every_command_option_has_a_help_line():
     for f in dataclasses.fields(TrainConfig):
         flag, help_line = f"--{f.name.replace('_', '-')} VALUE", " ".join(f.metadata["help"].split())
         assert help_line and f"{flag} {help_line}" in text, f.name
-    assert "--steps VALUE optimizer steps [default: 2000]" in text and "(the 10% validation" in text
+    assert "--steps VALUE optimizer steps [default: 2000]" in text and "(validation keeps max_train // 9)" in text
     assert "--tasks VALUE all tasks that will be merged" in text and "[default: []]" not in text
-    for command in ("demo", "merge", "eval", "report"):
+    for command in ("demo", "fit", "merge", "eval", "report"):
         code, text, _ = tak_cli(command, "--help")
         listed = [line for line in text.split("\n\n", 1)[1].splitlines() if line.startswith("  ")]  # past the usage
         entries = re.split(r"\n  (?=\S)", "\n" + "\n".join(listed))[1:]  # one per argument

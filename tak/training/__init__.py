@@ -1,5 +1,6 @@
-"""Training runs: ``train(config)`` (exported as ``tak.train``) and its ``TrainConfig``."""
+"""Training runs: ``train(config)`` (exported as ``tak.train``) and its ``TrainConfig``; ``fit(config, kind, path)``:
+a task's factor file, shared in place of its data."""
 from .config import TrainConfig
-from .loop import TrainResult, train
+from .loop import TrainResult, fit, train
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "fit", "train"]

@@ -135,6 +135,9 @@ class TrainConfig:
     lora_rank: int | None = _key(None, f"delta_lora: rank of the LoRA student; {_PAPER}")
     trainable: str | list[str] | None = _key(None, "what is trained: 'all', 'attention', or parameter name patterns "
                                              "(None: the method's)")
+    factor_files: list[str] = _key(None, "factor files of other tasks (tak fit), shared in place of their data: KFAC "
+                                   "files join the tasks' factors of tak, diagonal ones diag_ggn's; one EK-FAC file "
+                                   "is delta's reference set", factory=list)
     universal: bool = _key(False, "the KFAC / diagonal penalty from the reference tasks' factors instead of the "
                            "other tasks'")
     factors: str = _key("merged", "tak: 'merged' (TAK Eq. 8) or 'per_task' (Eq. 7) factors of the other tasks")
@@ -143,11 +146,11 @@ class TrainConfig:
     compress: str | None = _key(None, "compressed factors: 'int8', 'eigen:<rank>' or 'blockdiag:<k>'")
     penalty_every: int = _key(1, "apply the penalty at every N-th step only (TAK Fig. 8)")
     offload_factors: bool = _key(False, "keep the factors on the CPU between penalty steps")
-    max_train: int | None = _key(None, "training examples per task, a class-stratified subsample (the 10% "
-                                 "validation split is drawn from it)")
+    max_train: int | None = _key(None, "training examples per task, a class-stratified subsample (validation keeps "
+                                 "max_train // 9)")
     max_test: int | None = _key(None, "test examples per task, a class-stratified subsample")
     max_length: int = _key(128, "text backbones: tokens per example")
-    seed: int = _key(0, "seed of the training batches and dropout masks")
+    seed: int = _key(0, "seed of the training batches, the dropout masks and the factors' Monte-Carlo probes")
     device: str | None = _key(None, "cpu, cuda, cuda:1, ... (None: the process's GPU when there is one, else cpu)")
     checkpoint_every: int = _key(200, "steps between checkpoints (a killed run resumes from the last one)")
     eval_batch_size: int = _key(256, "examples per batch when evaluating")
@@ -194,6 +197,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a list of task names, got the string {value!r}")
             if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
                 raise ValueError(f"TrainConfig.{name} must be a list of task names, got {value!r}")
+        if not isinstance(self.factor_files, (list, tuple)):  # a string too: "a,b" is no list
+            raise ValueError(f"TrainConfig.factor_files must be a list of paths, got {self.factor_files!r}")
+        self.factor_files = [_text(f"factor_files[{i}]", f, optional=False) for i, f in enumerate(self.factor_files)]
         self.tasks = expand_parts(self.tasks)
         self.reference = expand_parts(self.reference)
         if not isinstance(self.backbone_options, dict):

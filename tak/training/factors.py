@@ -19,6 +19,7 @@ from ..evaluation import loader
 from .config import parse_compression
 
 _CLASSES = {"kfac": KFAC, "ekfac": EKFAC, "diagonal": DiagonalGGN}
+FACTOR_KINDS = tuple(_CLASSES)
 
 
 def fit_inputs(backbone, examples_by_task: list, n_examples: int, device, batch_size: int = 32) -> list:
@@ -49,7 +50,8 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     shard = batches[rank()::world_size()]  # under torchrun each rank fits its shard; the fit adds them up
     factors = fit(backbone.model, shard, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
                   progress=progress)
-    factors.meta.update(task=name, base_model=backbone.name)  # the base model, for the message if a model is refused
+    factors.meta.update(task=name, **backbone.meta(),  # the base model, checked where a file is shared
+                        train_examples=sum(len(t.split("train")) for t in tasks))  # its λ in a merge (TAK Eq. 7/8)
     if path is not None and is_main_rank():  # every rank holds the same factors: rank 0 writes them
         factors.save(path)
     return factors
@@ -67,6 +69,44 @@ def content_digest(model, batches) -> str:
     return h.hexdigest()[:8]
 
 
+def load_factor_files(kind: str, paths: list, backbone, layers: list[str] | None, device, task: str) -> list:
+    """[(factors, training-set size)] of the factor files ``paths`` (``tak fit``: another task's factors, shared in
+    place of its data) for a run that trains ``task`` on ``backbone``: ``kind`` files of its base model (architecture,
+    spec and pretrained weights), cut to ``layers`` (None: all), each of a task other than ``task``."""
+    loaded = []
+    for path in paths:
+        factors = _CLASSES[kind].load(path, model=backbone.model, device=device)
+        meta, mine = factors.meta, backbone.meta()
+        theirs = {"base_model": meta.get("base_model"), "pretrained": (meta.get("source") or {}).get("pretrained")}
+        for key, value in (("base_model", mine["base_model"]), ("pretrained", mine["source"].get("pretrained"))):
+            if theirs[key] is not None and theirs[key] != value:
+                raise ValueError(f"factor file {path}: fitted on {key} {theirs[key]!r}, this run's is {value!r}")
+        if meta.get("task") == task:
+            raise ValueError(f"factor file {path}: holds the factors of {task!r}, the task this run trains; the drift "
+                             "penalty takes the other tasks' factors")
+        if not isinstance(meta.get("train_examples"), int):
+            raise ValueError(f"factor file {path}: its metadata has no 'train_examples' (the size of the training "
+                             "set the factors come from: its weight λ in the merge, TAK Eq. 7/8); write it with "
+                             "`tak fit`, or set factors.meta['train_examples'] before factors.save(path)")
+        missing = sorted(set(layers or ()) - set(factors))
+        if missing:
+            raise ValueError(f"factor file {path}: has no factors for {len(missing)} layers this run trains: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; fit it for them (tak fit --trainable "
+                             "as this run's, or all layers)")
+        kept = factors if layers is None else {n: lf for n, lf in factors.items() if n in layers}
+        loaded.append((type(factors)(kept, meta), meta["train_examples"]))
+    return loaded
+
+
+def file_digests(paths: list) -> list[dict]:
+    """[{"path": absolute path, "sha256": of its bytes}] of files."""
+    digests = []
+    for path in paths:
+        with open(path, "rb") as f:
+            digests.append({"path": str(Path(path).resolve()), "sha256": hashlib.file_digest(f, "sha256").hexdigest()})
+    return digests
+
+
 def merge_diagonal(parts: list[DiagonalGGN], sizes: list[int]) -> DiagonalGGN:
     """Σ_t λ_t D_t, λ_t = |D_t| / Σ |D_s| (the diagonal analogue of TAK Eq. 7)."""
     total = float(sum(sizes))
@@ -76,22 +116,26 @@ def merge_diagonal(parts: list[DiagonalGGN], sizes: list[int]) -> DiagonalGGN:
 
 
 def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", compression: str | None = None,
-                  **fit):
-    """The penalty's factors from the tasks ``others`` (each a ``tak.data.Task``): KFAC merged (Eq. 8) or
-    per task (Eq. 7), optionally compressed; diagonal GGN λ-averaged; EK-FAC of all of them as one set
-    (compression and per-task factors are refused for those two)."""
-    if not others:
+                  shared: list = (), **fit):
+    """The penalty's factors from the tasks ``others`` (each a ``tak.data.Task``) and the ``shared`` (factors, size)
+    of ``load_factor_files``: KFAC merged (Eq. 8) or per task (Eq. 7), optionally compressed; diagonal GGN
+    λ-averaged; EK-FAC of one set: the tasks ``others`` together, or one shared file (compression and per-task
+    factors are refused for those two)."""
+    if not others and not shared:
         raise ValueError(f"a {kind} penalty needs factors of other tasks or a reference set; none given "
-                         "(set tasks=[...] with more than the trained task, or reference=[...])")
+                         "(set tasks=[...] with more than the trained task, reference=[...], or factor_files=[...])")
     if kind != "kfac" and (compression is not None or mode != "merged"):
         given = [f"{k}={v!r}" for k, v, on in (("compress", compression, compression is not None),
                                                ("factors", mode, mode != "merged")) if on]
         raise ValueError(f"{' and '.join(given)}: for KFAC penalties only (tak, attn_only_tak); the {kind} penalty "
                          "takes neither compressed nor per-task factors")
     if kind == "ekfac":
-        return task_factors("ekfac", backbone, others, **fit)
-    parts = [task_factors(kind, backbone, [t], **fit) for t in others]
-    sizes = [len(t.split("train")) for t in others]
+        if len(shared) + bool(others) > 1:
+            raise ValueError("EK-FAC factors of several sets do not merge (each has its own eigenbasis): give one "
+                             "factor file or a reference set, fitted on all its tasks together")
+        return shared[0][0] if shared else task_factors("ekfac", backbone, others, **fit)
+    parts = [task_factors(kind, backbone, [t], **fit) for t in others] + [f for f, _ in shared]
+    sizes = [len(t.split("train")) for t in others] + [n for _, n in shared]
     if kind == "diagonal":
         return merge_diagonal(parts, sizes)
     options = parse_compression(compression)

@@ -12,6 +12,7 @@ the rank (``tak.curvature.fit_kfac``), so those runs agree with one process only
 Outputs in ``config.run_dir()``: ``task_vector.safetensors`` (``tak.TaskVector``), DELTA's
 ``teacher_task_vector.safetensors``, ``metrics.json``, ``checkpoint.safetensors``, ``config.yaml``.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ from ..io import write_text
 from ..task_vector import TaskVector
 from . import checkpoint
 from .config import TrainConfig
-from .factors import drift_factors, fit_inputs
+from .factors import FACTOR_KINDS, drift_factors, file_digests, fit_inputs, load_factor_files, task_factors
 
 _CACHE = {}
 
@@ -95,13 +96,33 @@ def _backbone(config: TrainConfig, device):
            json.dumps(config.backbone_options, sort_keys=True, default=str))
     if key not in _CACHE:
         try:
-            _CACHE[key] = load_backbone(config.backbone, pretrained=config.pretrained, device=device,
-                                        max_length=config.max_length, **config.backbone_options)
+            with _library_bars(config.progress):
+                _CACHE[key] = load_backbone(config.backbone, pretrained=config.pretrained, device=device,
+                                            max_length=config.max_length, **config.backbone_options)
         except TypeError as e:
             if "unexpected keyword argument" not in str(e):
                 raise
             raise ValueError(f"TrainConfig.backbone_options {config.backbone_options}: {e}") from None
     return _CACHE[key]
+
+
+@contextlib.contextmanager
+def _library_bars(show: bool):
+    """Hugging Face's loading bars off in the block unless ``show`` (``progress=False``: no bars at all)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # a registered backbone, without transformers installed: no such bars
+        show = True
+    if show:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _task(name: str, config: TrainConfig):
@@ -130,6 +151,7 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     fit = dict(n_examples=config.factor_examples, mc_samples=config.mc_samples, cache=Path(config.out) / "factors",
                cache_key=factor_key(config), device=device, layers=layers, progress=config.progress and is_main_rank())
     with torch.random.fork_rng(devices=[]):  # fitted or loaded, the factors leave the training RNG as it was
+        torch.manual_seed(config.seed)  # the probes of `tak fit` with this seed
         penalty, teacher_penalty, tau_jp = _penalties(config, method, hp, backbone, device, fit)
     objective = Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
                           tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
@@ -168,16 +190,18 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
     penalty = teacher_penalty = tau_jp = None
     factor_options = {"universal": config.universal, "factors": config.factors != "merged",
                       "compress": config.compress is not None, "layer_weights": bool(config.layer_weights),
-                      "offload_factors": config.offload_factors}
+                      "offload_factors": config.offload_factors, "factor_files": bool(config.factor_files)}
     if method.penalty not in ("kfac", "diagonal", "ekfac") and any(factor_options.values()):
         given = ", ".join(f"{k}={getattr(config, k)!r}" for k, on in factor_options.items() if on)
         raise ValueError(f"method {method.name!r} has no curvature penalty, so {given} would do nothing")
     if method.penalty in ("kfac", "diagonal", "ekfac"):
         sources = reference if (config.universal or method.penalty == "ekfac") else others
-        if method.penalty == "ekfac" and not reference:
-            raise ValueError(f"method {method.name!r} needs a reference set: set reference=[task names]")
+        if method.penalty == "ekfac" and not reference and not config.factor_files:
+            raise ValueError(f"method {method.name!r} needs a reference set: set reference=[task names], or "
+                             "factor_files=[an EK-FAC file of one (tak fit --kind ekfac)]")
+        shared = load_factor_files(method.penalty, config.factor_files, backbone, fit["layers"], device, config.task)
         factors = drift_factors(method.penalty, backbone, sources, mode=config.factors,
-                                compression=config.compress, **fit)
+                                compression=config.compress, shared=shared, **fit)
         weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
                                 patterns=config.layer_weights)
         make = lambda beta: CurvaturePenalty(factors, beta, weights=weights, every=config.penalty_every,  # noqa: E731
@@ -211,14 +235,18 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
         offset += g.numel()
 
 
+def _as_config(config: TrainConfig | dict | str) -> TrainConfig:
+    """A TrainConfig, from itself, a dict of its keys or the path of a YAML file."""
+    if isinstance(config, (str, Path)):
+        return TrainConfig.from_yaml(config)
+    return TrainConfig.from_dict(config) if isinstance(config, dict) else config
+
+
 def train(config: TrainConfig | dict | str) -> TrainResult:
     """Train ``config.task``'s task vector with ``config.method``; returns it with its path and metrics.
 
     ``config``: a ``TrainConfig``, a dict of its keys, or the path of a YAML file."""
-    if isinstance(config, (str, Path)):
-        config = TrainConfig.from_yaml(config)
-    elif isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
+    config = _as_config(config)
     config.hyperparameters(get_method(config.method).defaults)  # an unknown method or unused value fails before loading
     device = _device(config)
     rank, world = _world(device)
@@ -243,7 +271,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
     run_dir = config.run_dir()
     ckpt = run_dir / "checkpoint.safetensors"
-    saved = {**config.to_dict(), "hparams": hp}
+    saved = {**config.to_dict(), "hparams": hp, **_shared_factors(config)}  # resumes with the same files only
     step, progress = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else (0, {})
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
@@ -278,6 +306,42 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     return _finish(config, backbone, task, objective, terms, seconds, writer)
 
 
+def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
+    """Fit ``kind`` factors ("kfac", "ekfac" or "diagonal") of ``config.backbone`` as a training run fits them, on
+    the training inputs of ``config.task``, or of the reference set ``config.reference`` for EK-FAC and universal
+    factors (``config.universal``), for the layers ``config.trainable`` trains (None: all); write them to ``path``:
+    the file another run's ``factor_files`` takes in place of this data. Its metadata records the base model and
+    ``train_examples`` (the size of the training set, the factors' weight λ in a merge)."""
+    config = _as_config(config)
+    if kind not in FACTOR_KINDS:
+        raise ValueError(f"unknown factor kind {kind!r}; valid kinds: {', '.join(FACTOR_KINDS)}")
+    device = _device(config)
+    _world(device)
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; name the factor file (e.g. {config.task}.{kind}.safetensors)")
+    of_reference = config.universal or kind == "ekfac"
+    if of_reference and not config.reference:
+        raise ValueError(f"{'universal' if config.universal else 'EK-FAC'} factors are fitted on a reference set: set "
+                         "reference=[task names]")
+    backbone = _backbone(config, device)
+    tasks = [_task(t, config) for t in (config.reference if of_reference else [config.task])]
+    layers = None if config.trainable is None else trained_layers(backbone.model, trainable_names(
+        backbone.model, config.trainable))
+    torch.manual_seed(config.seed)  # the probes a training run with this seed draws
+    factors = task_factors(kind, backbone, tasks, n_examples=config.factor_examples, mc_samples=config.mc_samples,
+                           cache=None, device=device, layers=layers, progress=config.progress and is_main_rank())
+    if is_main_rank():
+        factors.save(path)
+    return path
+
+
+def _shared_factors(config: TrainConfig) -> dict:
+    """{"factor_files": [{path, sha256}]} of a run with factor files (its task vector's provenance, and what a
+    resumed run must use again); {} without."""
+    return {"factor_files": file_digests(config.factor_files)} if config.factor_files else {}
+
+
 def _tensorboard(config: TrainConfig, run_dir: Path):
     if not config.tensorboard:
         return None
@@ -302,7 +366,8 @@ def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainR
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
             "data_root": None if config.data_root is None else str(Path(config.data_root).resolve()),
-            "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics}
+            "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics,
+            **_shared_factors(config)}
     tv = TaskVector(objective.task_vector(), meta)
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
