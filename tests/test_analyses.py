@@ -58,6 +58,17 @@ def test_combine_sums_and_handles_none_and_missing_names():
         A.combine([], [])
 
 
+def test_combine_of_bf16_task_vectors_rounds_once():
+    """Σ_t α_t τ_t of bf16 τ is summed in float32 and rounded to bf16 once: within half a bf16 ulp of the exact
+    mean (a bf16 sum rounds at every step)."""
+    g = torch.Generator().manual_seed(3)
+    taus = [{"w": torch.randn(64, 33, generator=g).bfloat16()} for _ in range(5)]
+    mean = A.combine(taus, [1 / 5] * 5)["w"]
+    exact = sum(t["w"].double() for t in taus) / 5
+    assert mean.dtype == torch.bfloat16
+    assert ((mean.double() - exact).abs() <= 2 ** -8 * 1.001 * exact.abs()).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # disentanglement error
 # ----------------------------------------------------------------------------------------------

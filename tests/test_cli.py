@@ -351,13 +351,16 @@ def test_train_flags_parse_as_their_config_types(tmp_path):
 TOY, TOY_TASKS = "toy-eval-mlp", ["toy-eval-a", "toy-eval-b"]
 
 
-def toy_backbone(pretrained=None, **options):
+def toy_backbone(pretrained=None, dtype=torch.float64, bf16_weights=False):
+    """A float64 MLP, or one in ``dtype``; ``bf16_weights``: its weights rounded to bf16 (kept in ``dtype``)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    model.to(torch.bfloat16 if bf16_weights else dtype).to(dtype)
     heads = {name: Head(torch.randn(3, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64),
                         normalize=False, scale=1.0) for i, name in enumerate(TOY_TASKS)}
-    return GenericBackbone(model, inputs=torch.stack, heads=heads, name=TOY, modalities=("image",))
+    inputs = lambda xs: torch.stack(xs).to(next(model.parameters()).dtype)  # noqa: E731  (as CLIP's do)
+    return GenericBackbone(model, inputs=inputs, heads=heads, name=TOY, modalities=("image",))
 
 
 def toy_task(name, root, seed=0, **options):
@@ -412,3 +415,31 @@ def test_eval_analyses_evaluate_each_task_vector_combination(tmp_path, toy_regis
                                         found["alphas"])
     assert xi.max() > 0  # the task vectors interfere: ξ tells the combinations apart
     assert found["xi"] == xi.tolist()
+
+
+@pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
+def test_eval_analyses_of_a_bf16_backbone_are_those_of_its_weights_in_float(tmp_path, toy_registered):
+    """A bf16 backbone's analyses run in float32: its J τ, edits and linearization error are those of the same
+    (bf16-rounded) weights in float64, not bf16 rounding noise (τ is small against the features)."""
+    backbone = toy_backbone()
+    g = torch.Generator().manual_seed(7)
+    found = {}
+    for dtype, rounded in (("bfloat16", False), ("float64", True)):
+        paths = []
+        for name in TOY_TASKS:
+            tensors = {k: 1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                       for k, p in backbone.model.named_parameters()}
+            meta = {"base_model": TOY, "fingerprint": backbone.fingerprint, "regime": "linear", "task": name,
+                    "method": "handmade", "backbone_options": {"dtype": dtype, "bf16_weights": rounded}}
+            paths.append(tmp_path / dtype / f"{name}.safetensors")
+            TaskVector(tensors, meta).save(paths[-1])
+        g = torch.Generator().manual_seed(7)  # the same τ for both
+        ok("eval", *paths, "--analyses", "--alphas", "0,1", "--device", "cpu", "--out", tmp_path / dtype / "eval")
+        found[dtype] = json.loads((tmp_path / dtype / "eval" / "results.json").read_text())["analyses"]
+    bf16, exact = found["bfloat16"], found["float64"]
+    for name in TOY_TASKS:
+        for where in ("in", "out"):
+            assert bf16["support_localization"][name][where] == pytest.approx(
+                exact["support_localization"][name][where], rel=1e-3)
+        assert bf16["linearization_error"][name] == pytest.approx(exact["linearization_error"][name], rel=1e-3, abs=1e-6)
+    assert bf16["normalcy_auroc"] == exact["normalcy_auroc"]

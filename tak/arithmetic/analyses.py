@@ -79,7 +79,8 @@ def combine(taus: Sequence[TaskVectorLike], alphas: Sequence[float]) -> Optional
     ``None`` entries are θ0 (τ = 0) and contribute nothing. A name missing from some task vectors
     counts as zero there (the union of names is returned); the same name must have the same shape
     everywhere. Returns ``None`` when every τ is ``None`` (the combination is θ0 itself). The
-    inputs are never modified.
+    inputs are never modified; sums run in float32 at least (float64 for float64), and each result has its
+    name's dtype in the first task vector holding it.
     """
     taus = list(taus)
     alphas = [float(a) for a in alphas]
@@ -88,6 +89,7 @@ def combine(taus: Sequence[TaskVectorLike], alphas: Sequence[float]) -> Optional
     if not taus:
         raise ValueError("combine: no task vectors given")
     out: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     any_tau = False
     for i, (tau, alpha) in enumerate(zip(taus, alphas)):
         tensors = _tensors(tau)
@@ -101,10 +103,11 @@ def combine(taus: Sequence[TaskVectorLike], alphas: Sequence[float]) -> Optional
                 if out[name].shape != value.shape:
                     raise ValueError(f"combine: {name!r} has shape {tuple(out[name].shape)} in an earlier task "
                                      f"vector but {tuple(value.shape)} in task vector {i}")
-                out[name] = out[name] + alpha * value
+                out[name] = out[name] + alpha * value.to(out[name].dtype)
             else:
-                out[name] = alpha * value
-    return out if any_tau else None
+                dtypes[name] = value.dtype
+                out[name] = alpha * value.to(torch.promote_types(value.dtype, torch.float32))
+    return {k: v.to(dtypes[k]) for k, v in out.items()} if any_tau else None
 
 
 def _batch_list(batches: Iterable, what: str) -> list:
@@ -250,9 +253,7 @@ def linearization_error(
         raise ValueError(f"{what}: no task vectors given")
     batches = _batch_list(batches, what)
     T = len(taus)
-    mean_tau = combine(taus, [1.0] * T)
-    if mean_tau is not None:
-        mean_tau = {k: v / T for k, v in mean_tau.items()}
+    mean_tau = combine(taus, [1.0 / T] * T)
     errors = []
     with torch.no_grad():
         for k, batch in enumerate(batches):

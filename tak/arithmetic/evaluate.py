@@ -116,7 +116,11 @@ def _inputs(backbone, task, device, n=_ANALYSIS_EXAMPLES) -> list:
 
 
 def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
-    """Disentanglement (first pair), normalcy AUROC, linearization error and support localization."""
+    """Disentanglement (first pair), normalcy AUROC, linearization error and support localization, in float32 at
+    least: a bf16 / fp16 backbone is cast (in place: the analyses come last), since they take differences of
+    features (J τ = f_lin − f0, feature edits, the linearization error) that bf16 rounding of f would swamp."""
+    if any(p.is_floating_point() and torch.finfo(p.dtype).bits < 32 for p in backbone.model.parameters()):
+        backbone.to(torch.float32)
     inputs = {t.name: _inputs(backbone, t, device) for t in tasks}
     built = {}  # one network θ0 + τ at a time: its τ's tensors (kept, so that `is` is exact) and itself
 
@@ -172,14 +176,13 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
                          xlabel="(1/d) ‖f(x; θ0 + τ_t) − f(x; θ0)‖²")
         found["normalcy_auroc"], found["support_localization"] = normalcy, localization
     if len(tvs) >= 2:
+        batches = [(t.name, b) for t in tasks for b in inputs[t.name]]
+        outputs = [[feats(tv, b) for _, b in batches] for tv in (*tvs, combine(tvs, 1.0 / len(tvs)))]  # a net each
         errors = {}
-        for t in tasks:
-            mean_tv = combine(tvs, 1.0 / len(tvs))
-            err = []
-            for batch in inputs[t.name]:
-                each = torch.stack([feats(tv, batch) for tv in tvs]).mean(0)
-                err.append((each - feats(mean_tv, batch)).abs().sum(-1).cpu())
-            errors[t.name] = torch.cat(err)
+        for i, (name, _) in enumerate(batches):
+            each = torch.stack([per_tv[i] for per_tv in outputs[:-1]]).mean(0)
+            errors.setdefault(name, []).append((each - outputs[-1][i]).abs().sum(-1).cpu())
+        errors = {name: torch.cat(err) for name, err in errors.items()}
         plots.histograms(errors, out / "linearization_error.png", title="linearization error per task",
                          xlabel="‖mean_t f(x; θ_t) − f(x; mean θ)‖₁")
         found["linearization_error"] = {k: v.mean().item() for k, v in errors.items()}

@@ -18,9 +18,12 @@ Conventions
   ``U`` m×d, ``V`` n×d, σ descending.
 - The *polar factor* of a matrix ``A = P S Qᵀ`` (thin SVD) is ``P Qᵀ``: the closest matrix with
   orthonormal columns (rows, when ``A`` is wide). It is invariant to the sign/rotation ambiguity of
-  the SVD when ``A`` has full rank; for a rank-deficient ``A`` it is not unique (any completion of
-  the null space), which in the merges below only ever meets directions whose weight is zero or
-  that carry no information (all-zero task vectors).
+  the SVD when ``A`` has full rank; for a rank-deficient ``A`` it is not unique: the SVD's arbitrary
+  completion of the null space decides it. TSV-M meets this when a task's matrix has fewer nonzero
+  singular values than the directions it keeps (a zero task among others, low-rank or duplicate
+  tasks), Iso-CTS when a projected task does; those arbitrary directions then enter the merge with
+  nonzero weight, so on such inputs it depends on round-off (Iso-CTS also on the task order), as
+  the authors' code does. All-zero task vectors merge to 0.
 
 Merges (``MERGES``; ``merge(name, taus, **options)`` dispatches by name)
 -----------------------------------------------------------------------
@@ -174,14 +177,18 @@ def _matrix_filter(matrix_filter: MatrixFilter | None) -> MatrixFilter:
 
 
 def _fraction(value, name: str, *, low_open: bool) -> Fraction:
-    """``value`` as an exact fraction (of its shortest decimal repr) after a range check."""
+    """``value`` as an exact fraction (of its shortest decimal repr in its own precision: a numpy float32 0.2 is
+    1/5, not the double nearest it) after a range check."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)
     if not ok:
         raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
-    return Fraction(repr(v))
+    try:
+        return Fraction(str(value))
+    except ValueError:  # a Real whose str is no decimal
+        return Fraction(repr(v))
 
 
 # ----------------------------------------------------------------------------------------------
