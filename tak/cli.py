@@ -25,7 +25,7 @@ def _parse_value(text: str, annotation):
     if text.lower() in ("none", "null") and type(None) in kinds:
         return None
     if list in {typing.get_origin(k) or k for k in kinds}:
-        items = [t for t in text.split(",") if t]
+        items = [t.strip() for t in text.split(",") if t.strip()]
         return text if str in kinds and len(items) == 1 else items  # trainable: "all" stays a name
     mapping = next((k for k in kinds if typing.get_origin(k) is dict), None)
     if mapping is not None and typing.get_args(mapping)[1] is not float:  # backbone_options: a JSON object
@@ -222,10 +222,16 @@ def _train(args) -> int:
 
 
 def _fit(args) -> int:
+    import yaml
+
     from .curvature.distributed import is_main_rank
     from .training import fit
 
-    path = fit(_config(args, skip=("kind", "out")), args.kind, args.out)
+    config = _config(args, skip=("kind", "out"))
+    given = set(vars(args)) | set(yaml.safe_load(args.config.read_text()) if args.config else ())
+    if not (config.universal or args.kind == "ekfac") and "task" not in given:
+        raise ValueError("--task: name the task whose factors are fitted (tak list tasks)")
+    path = fit(config, args.kind, args.out)
     if is_main_rank():
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0

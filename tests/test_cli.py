@@ -338,10 +338,10 @@ def test_train_flags_parse_as_their_config_types(tmp_path):
     tv = TaskVector.load(tmp_path / "nonlinear" / "rotten_tomatoes" / "task_vector.safetensors")
     assert len({k.split(".")[2] for k in tv.tensors}) == 6 and all("attention" in k for k in tv.tensors)
 
-    patterns = "encoder.layer.5.attention.self.query.*,encoder.layer.5.attention.self.key.*"
+    patterns = "encoder.layer.5.attention.self.query.*, encoder.layer.5.attention.self.key.*"  # spaces are dropped
     ok("train", "--method", "linear", "--out", tmp_path, *SMALL, "--steps", "1", "--trainable", patterns)
     tv = TaskVector.load(tmp_path / "linear" / "rotten_tomatoes" / "task_vector.safetensors")
-    assert tv.meta["trainable"] == patterns.split(",")
+    assert tv.meta["trainable"] == patterns.replace(" ", "").split(",")
     assert sorted(tv.tensors) == [f"encoder.layer.5.attention.self.{m}.{p}" for m in ("key", "query")
                                   for p in ("bias", "weight")]
 
@@ -427,8 +427,8 @@ def test_eval_analyses_of_a_bf16_backbone_are_those_of_its_weights_in_float(tmp_
     for dtype, rounded in (("bfloat16", False), ("float64", True)):
         paths = []
         for name in TOY_TASKS:
-            tensors = {k: 1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype)
-                       for k, p in backbone.model.named_parameters()}
+            tensors = {k: (1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype)).bfloat16().to(getattr(torch, dtype))
+                       for k, p in backbone.model.named_parameters()}  # bf16 τ, as a bf16 run trains them
             meta = {"base_model": TOY, "fingerprint": backbone.fingerprint, "regime": "linear", "task": name,
                     "method": "handmade", "backbone_options": {"dtype": dtype, "bf16_weights": rounded}}
             paths.append(tmp_path / dtype / f"{name}.safetensors")

@@ -117,10 +117,13 @@ def _inputs(backbone, task, device, n=_ANALYSIS_EXAMPLES) -> list:
 
 def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
     """Disentanglement (first pair), normalcy AUROC, linearization error and support localization, in float32 at
-    least: a bf16 / fp16 backbone is cast (in place: the analyses come last), since they take differences of
-    features (J τ = f_lin − f0, feature edits, the linearization error) that bf16 rounding of f would swamp."""
+    least: a bf16 / fp16 backbone is cast (in place: the analyses come last), and so are bf16 / fp16 task vectors,
+    since the analyses take differences of features (J τ = f_lin − f0, feature edits, the linearization error)
+    and means of τ that bf16 rounding would swamp."""
     if any(p.is_floating_point() and torch.finfo(p.dtype).bits < 32 for p in backbone.model.parameters()):
         backbone.to(torch.float32)
+    tvs = [TaskVector({k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in tv.tensors.items()}, tv.meta)
+           for tv in tvs]
     inputs = {t.name: _inputs(backbone, t, device) for t in tasks}
     built = {}  # one network θ0 + τ at a time: its τ's tensors (kept, so that `is` is exact) and itself
 

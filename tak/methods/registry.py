@@ -62,7 +62,8 @@ METHODS = {m.name: m for m in [
     Method("diag_ggn", "linearized + diagonal GGN drift penalty", "linear", penalty="diagonal",
            defaults={**_TAK, "beta": 0.1}, source="TAK Sec. E (T5: λ = 0.1)", text_defaults={**_TAK_TEXT, "beta": 0.1}),
     Method("tau_jp", "linearized + ‖J τ x‖² on the other tasks' data", "linear", penalty="tau_jp",
-           defaults={**_TAK, "beta": 1.0}, source="Yoshida et al. 2025 (τJp)", text_defaults={**_TAK_TEXT, "beta": 1.0}),
+           defaults={"lr": 3e-4, "weight_decay": 0.1, "beta": 1.0}, source="Yoshida et al. 2025 (τJp)",
+           text_defaults={**_TEXT, "beta": 1.0}),  # no curvature: no last-layer weight
     Method("delta", "non-linear student distilled along the path from a linearized EK-FAC teacher", "nonlinear",
            penalty="ekfac", teacher=True, defaults=_DELTA, source="DELTA Alg. 1, App. B", text_defaults=_DELTA_TEXT),
     Method("delta_no_teacher", "DELTA ablation: student with EK-FAC penalty, no teacher", "nonlinear",

@@ -18,7 +18,8 @@ from .config import TrainConfig
 
 _KIND = "checkpoint"
 _MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "max_test", "device",
-               "out")  # the checkpoint's own place names the run, however its folder is spelled
+               "out",  # the checkpoint's own place names the run, however its folder is spelled
+               "factor_files")  # the files' contents count, compared as "factor_digests"
 _HPARAMS = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
 
 

@@ -84,10 +84,11 @@ def _number(name: str, value, kind):
         raise ValueError(f"TrainConfig.{name} must be {what}, got {value!r}") from None
 
 
-def _key(default, help: str, *, factory=None):
-    """A TrainConfig field with its help line (``tak train --help`` prints it)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
+def _key(default, help: str):
+    """A TrainConfig field with its help line (``tak train --help`` prints it); an empty list or dict default is a
+    new one for each config."""
+    if isinstance(default, (list, dict)) and not default:
+        return field(default_factory=type(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -105,16 +106,15 @@ class TrainConfig:
     method: str = _key("tak", "the method (tak list methods)")
     task: str = _key("rotten_tomatoes", "the task trained (tak list tasks; <name>-part<k>of<n>: part k of a task cut "
                      "into n tasks of disjoint classes)")
-    tasks: list[str] = _key(None, "all tasks that will be merged: the others give tak its factors and tau_jp its data "
-                            "('resisc45-part*of9' stands for the 9 parts)", factory=list)
-    reference: list[str] = _key(None, "tasks whose training inputs are the reference set of EK-FAC (delta) and of "
-                                "universal factors", factory=list)
+    tasks: list[str] = _key([], "all tasks that will be merged: the others give tak its factors and tau_jp its data "
+                            "('resisc45-part*of9' stands for the 9 parts)")
+    reference: list[str] = _key([], "tasks whose training inputs are the reference set of EK-FAC (delta) and of "
+                                "universal factors")
     backbone: str = _key("minilm", "the pretrained model (tak list backbones): minilm, hf:<name-or-path>, "
                          "t5:<name-or-path>, clip:<arch>")
     pretrained: str | None = _key(None, "the backbone's pretrained weights (open_clip tag, or a local path)")
-    backbone_options: dict[str, object] = _key(None, "the backbone loader's other options as a JSON object (T5: prefix, "
-                                               "label_words, pair_format, ...), recorded in the task vector",
-                                               factory=dict)
+    backbone_options: dict[str, object] = _key({}, "the backbone loader's other options as a JSON object (T5: prefix, "
+                                               "label_words, pair_format, ...), recorded in the task vector")
     data_root: str | None = _key(None, "where datasets are looked up (None: $TAK_DATA_ROOT, else ./data); embedded "
                                  "tasks need none")
     out: str = _key("runs", "output folder; the run writes to {out}/{method}/{task}, factors are cached in "
@@ -130,14 +130,13 @@ class TrainConfig:
     gamma: float | None = _key(None, f"delta: weight γ of the along-path distillation; {_PAPER}")
     last_layer_weight: float | None = _key(None, f"penalty weight of the last factored layer (TAK Sec. E: 0.1 on "
                                            f"CLIP); {_PAPER}")
-    layer_weights: dict[str, float] = _key(None, "penalty weights of layers by name pattern, PATTERN=WEIGHT,...",
-                                           factory=dict)
+    layer_weights: dict[str, float] = _key({}, "penalty weights of layers by name pattern, PATTERN=WEIGHT,...")
     lora_rank: int | None = _key(None, f"delta_lora: rank of the LoRA student; {_PAPER}")
     trainable: str | list[str] | None = _key(None, "what is trained: 'all', 'attention', or parameter name patterns "
                                              "(None: the method's)")
-    factor_files: list[str] = _key(None, "factor files of other tasks (tak fit), shared in place of their data: KFAC "
+    factor_files: list[str] = _key([], "factor files of other tasks (tak fit), shared in place of their data: KFAC "
                                    "files join the tasks' factors of tak, diagonal ones diag_ggn's; one EK-FAC file "
-                                   "is delta's reference set", factory=list)
+                                   "is delta's reference set")
     universal: bool = _key(False, "the KFAC / diagonal penalty from the reference tasks' factors instead of the "
                            "other tasks'")
     factors: str = _key("merged", "tak: 'merged' (TAK Eq. 8) or 'per_task' (Eq. 7) factors of the other tasks")
@@ -200,6 +199,8 @@ class TrainConfig:
         if not isinstance(self.factor_files, (list, tuple)):  # a string too: "a,b" is no list
             raise ValueError(f"TrainConfig.factor_files must be a list of paths, got {self.factor_files!r}")
         self.factor_files = [_text(f"factor_files[{i}]", f, optional=False) for i, f in enumerate(self.factor_files)]
+        if "" in self.factor_files:
+            raise ValueError(f"TrainConfig.factor_files: an empty path in {self.factor_files!r}")
         self.tasks = expand_parts(self.tasks)
         self.reference = expand_parts(self.reference)
         if not isinstance(self.backbone_options, dict):

@@ -13,6 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
+from ..curvature import storage
 from ..curvature.distributed import is_main_rank, on_every_rank, rank, world_size
 from ..curvature.outputs import to_device
 from ..evaluation import loader
@@ -33,11 +34,12 @@ def fit_inputs(backbone, examples_by_task: list, n_examples: int, device, batch_
 
 
 def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_samples: int, cache: Path | None,
-                 device, layers: list[str] | None = None, cache_key: str = "", progress: bool = True):
+                 device, layers: list[str] | None = None, cache_key: str = "", seed: int = 0, progress: bool = True):
     """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several),
-    for the modules named in ``layers`` (None: all); under torchrun each rank fits every world-th batch. The cached file's name holds kind, tasks, n, M, a hash
-    of ``layers``, ``content_digest`` of the model and the inputs, and ``cache_key`` (what else the factors
-    depend on; see the loop)."""
+    for the modules named in ``layers`` (None: all), Monte-Carlo probes seeded by ``seed``; under torchrun each rank
+    fits every world-th batch. The cached file's name holds kind, tasks, n, M, a hash of ``layers``,
+    ``content_digest`` of the model and the inputs, and ``cache_key`` (what else the factors depend on, the seed
+    among them; see the loop)."""
     name = "+".join(t.name for t in tasks)
     which = "all" if layers is None else hashlib.sha256("|".join(sorted(layers)).encode()).hexdigest()[:8]
     batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)
@@ -49,9 +51,8 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     fit = {"kfac": fit_kfac, "ekfac": fit_ekfac, "diagonal": fit_diagonal}[kind]
     shard = batches[rank()::world_size()]  # under torchrun each rank fits its shard; the fit adds them up
     factors = fit(backbone.model, shard, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
-                  progress=progress)
-    factors.meta.update(task=name, **backbone.meta(),  # the base model, checked where a file is shared
-                        train_examples=sum(len(t.split("train")) for t in tasks))  # its λ in a merge (TAK Eq. 7/8)
+                  seed=seed, progress=progress)
+    factors.meta.update(task=name, base_model=backbone.name)  # the base model, for the message if a model is refused
     if path is not None and is_main_rank():  # every rank holds the same factors: rank 0 writes them
         factors.save(path)
     return factors
@@ -69,41 +70,61 @@ def content_digest(model, batches) -> str:
     return h.hexdigest()[:8]
 
 
-def load_factor_files(kind: str, paths: list, backbone, layers: list[str] | None, device, task: str) -> list:
-    """[(factors, training-set size)] of the factor files ``paths`` (``tak fit``: another task's factors, shared in
-    place of its data) for a run that trains ``task`` on ``backbone``: ``kind`` files of its base model (architecture,
-    spec and pretrained weights), cut to ``layers`` (None: all), each of a task other than ``task``."""
-    loaded = []
+def load_factor_files(kind: str, paths: list, backbone, layers: list[str], device, *, trained: str | None,
+                      fitted: list[str]) -> list:
+    """[(factors, training-set size)] of the factor files ``paths`` (``tak fit``: factors shared in place of the
+    data) for a run on ``backbone`` that trains ``layers`` and fits factors of the tasks ``fitted`` from their data:
+    ``kind`` files of its architecture and, where a file records them, its base model and pretrained tag; cut to
+    ``layers``; of tasks other than ``trained`` (None: any) and ``fitted``, each task once."""
+    loaded, seen = [], {}
     for path in paths:
-        factors = _CLASSES[kind].load(path, model=backbone.model, device=device)
+        try:
+            factors = storage.load(path, model=backbone.model, kind=kind)  # on the CPU until cut to ``layers``
+        except (ValueError, OSError) as e:
+            hint = f" (this run's method penalizes with {kind!r} factors: tak fit --kind {kind})" if (
+                "factors, not" in str(e)) else ""
+            raise ValueError(f"factor_files: {e}{hint}") from None
         meta, mine = factors.meta, backbone.meta()
-        theirs = {"base_model": meta.get("base_model"), "pretrained": (meta.get("source") or {}).get("pretrained")}
-        for key, value in (("base_model", mine["base_model"]), ("pretrained", mine["source"].get("pretrained"))):
-            if theirs[key] is not None and theirs[key] != value:
-                raise ValueError(f"factor file {path}: fitted on {key} {theirs[key]!r}, this run's is {value!r}")
-        if meta.get("task") == task:
-            raise ValueError(f"factor file {path}: holds the factors of {task!r}, the task this run trains; the drift "
-                             "penalty takes the other tasks' factors")
-        if not isinstance(meta.get("train_examples"), int):
-            raise ValueError(f"factor file {path}: its metadata has no 'train_examples' (the size of the training "
-                             "set the factors come from: its weight λ in the merge, TAK Eq. 7/8); write it with "
-                             "`tak fit`, or set factors.meta['train_examples'] before factors.save(path)")
-        missing = sorted(set(layers or ()) - set(factors))
+        for key, theirs, value in (("base_model", meta.get("base_model"), mine["base_model"]),
+                                   ("pretrained", (meta.get("source") or {}).get("pretrained"),
+                                    mine["source"].get("pretrained"))):
+            if theirs is not None and theirs != value:
+                raise ValueError(f"factor file {path}: fitted on {key} {theirs!r}, this run's is {value!r}")
+        tasks = str(meta.get("task", "")).split("+")
+        if trained in tasks:
+            raise ValueError(f"factor file {path}: holds the factors of {trained!r}, the task this run trains; the "
+                             "drift penalty takes the other tasks' factors")
+        for t in tasks:
+            if t in fitted or t in seen:
+                raise ValueError(f"factor file {path}: holds the factors of {t!r}, which "
+                                 + (f"{seen[t]} holds too" if t in seen else "this run fits from its data")
+                                 + "; a task's factors count once")
+            seen[t] = str(path)
+        size = meta.get("train_examples")
+        if kind != "ekfac" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"factor file {path}: train_examples={size!r} in its metadata; expected the size of the "
+                             "training set the factors come from, a positive integer (their weight λ in the merge, "
+                             "TAK Eq. 7/8): write it with `tak fit`, or set factors.meta['train_examples'] before "
+                             "factors.save(path)")
+        missing = sorted(set(layers) - set(factors))
         if missing:
             raise ValueError(f"factor file {path}: has no factors for {len(missing)} layers this run trains: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; fit it for them (tak fit --trainable "
                              "as this run's, or all layers)")
-        kept = factors if layers is None else {n: lf for n, lf in factors.items() if n in layers}
-        loaded.append((type(factors)(kept, meta), meta["train_examples"]))
+        kept = type(factors)({n: lf for n, lf in factors.items() if n in layers}, meta)
+        loaded.append((kept.to(device), size))
     return loaded
 
 
-def file_digests(paths: list) -> list[dict]:
-    """[{"path": absolute path, "sha256": of its bytes}] of files."""
+def file_digests(paths: list) -> list[str]:
+    """The SHA-256 of each file's bytes."""
     digests = []
     for path in paths:
+        h = hashlib.sha256()
         with open(path, "rb") as f:
-            digests.append({"path": str(Path(path).resolve()), "sha256": hashlib.file_digest(f, "sha256").hexdigest()})
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        digests.append(h.hexdigest())
     return digests
 
 

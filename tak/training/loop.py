@@ -38,7 +38,7 @@ from ..io import write_text
 from ..task_vector import TaskVector
 from . import checkpoint
 from .config import TrainConfig
-from .factors import FACTOR_KINDS, drift_factors, file_digests, fit_inputs, load_factor_files, task_factors
+from .factors import FACTOR_KINDS, drift_factors, file_digests, fit_inputs, load_factor_files
 
 _CACHE = {}
 
@@ -147,11 +147,8 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     hp = config.hyperparameters(hyperparameter_defaults(method, [task.modality], config.backbone))
     selection = config.trainable if config.trainable is not None else method.trainable
     trained = trainable_names(backbone.model, selection)
-    layers = trained_layers(backbone.model, trained)
-    fit = dict(n_examples=config.factor_examples, mc_samples=config.mc_samples, cache=Path(config.out) / "factors",
-               cache_key=factor_key(config), device=device, layers=layers, progress=config.progress and is_main_rank())
+    fit = _fit_options(config, device, trained_layers(backbone.model, trained), cache=Path(config.out) / "factors")
     with torch.random.fork_rng(devices=[]):  # fitted or loaded, the factors leave the training RNG as it was
-        torch.manual_seed(config.seed)  # the probes of `tak fit` with this seed
         penalty, teacher_penalty, tau_jp = _penalties(config, method, hp, backbone, device, fit)
     objective = Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
                           tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
@@ -175,6 +172,12 @@ def unpenalized(model, trained: list[str], factors, method: str) -> list[str]:
     return missing
 
 
+def _fit_options(config: TrainConfig, device, layers: list[str] | None, cache: Path | None) -> dict:
+    """``task_factors``' options for this run: its examples, probes and their seed, the ``layers`` it penalizes."""
+    return dict(n_examples=config.factor_examples, mc_samples=config.mc_samples, seed=config.seed, cache=cache,
+                cache_key=factor_key(config), device=device, layers=layers, progress=config.progress and is_main_rank())
+
+
 def factor_key(config: TrainConfig) -> str:
     """8 hex digits of what the cached factors depend on beyond their file name's fields: the backbone and
     the data the tasks' training inputs come from."""
@@ -195,11 +198,13 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
         given = ", ".join(f"{k}={getattr(config, k)!r}" for k, on in factor_options.items() if on)
         raise ValueError(f"method {method.name!r} has no curvature penalty, so {given} would do nothing")
     if method.penalty in ("kfac", "diagonal", "ekfac"):
-        sources = reference if (config.universal or method.penalty == "ekfac") else others
+        of_reference = config.universal or method.penalty == "ekfac"
+        sources = reference if of_reference else others
         if method.penalty == "ekfac" and not reference and not config.factor_files:
             raise ValueError(f"method {method.name!r} needs a reference set: set reference=[task names], or "
                              "factor_files=[an EK-FAC file of one (tak fit --kind ekfac)]")
-        shared = load_factor_files(method.penalty, config.factor_files, backbone, fit["layers"], device, config.task)
+        shared = load_factor_files(method.penalty, config.factor_files, backbone, fit["layers"], device,
+                                   trained=None if of_reference else config.task, fitted=[t.name for t in sources])
         factors = drift_factors(method.penalty, backbone, sources, mode=config.factors,
                                 compression=config.compress, shared=shared, **fit)
         weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
@@ -271,7 +276,8 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
     run_dir = config.run_dir()
     ckpt = run_dir / "checkpoint.safetensors"
-    saved = {**config.to_dict(), "hparams": hp, **_shared_factors(config)}  # resumes with the same files only
+    digests = file_digests(config.factor_files)  # once: what the run was given, as it read them
+    saved = {**config.to_dict(), "hparams": hp, **({"factor_digests": digests} if digests else {})}  # same files only
     step, progress = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else (0, {})
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
@@ -303,43 +309,43 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         if is_main_rank() and (step % config.checkpoint_every == 0 or step == config.steps):
             checkpoint.save(ckpt, objective, optimizer, step, saved, {"terms": terms, "seconds": seconds})
     bar.close()
-    return _finish(config, backbone, task, objective, terms, seconds, writer)
+    return _finish(config, backbone, task, objective, terms, seconds, writer, digests)
 
 
 def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
-    """Fit ``kind`` factors ("kfac", "ekfac" or "diagonal") of ``config.backbone`` as a training run fits them, on
-    the training inputs of ``config.task``, or of the reference set ``config.reference`` for EK-FAC and universal
-    factors (``config.universal``), for the layers ``config.trainable`` trains (None: all); write them to ``path``:
-    the file another run's ``factor_files`` takes in place of this data. Its metadata records the base model and
-    ``train_examples`` (the size of the training set, the factors' weight λ in a merge)."""
+    """Fit ``kind`` factors ("kfac", "ekfac" or "diagonal") of ``config.backbone`` as a training run fits a penalty's:
+    of ``config.task``, or of the reference set ``config.reference`` for EK-FAC and universal factors
+    (``config.universal``: the tasks' KFACs merged by TAK Eq. 8), for the layers ``config.trainable`` trains
+    (None: all); write them to ``path``: the file another run's ``factor_files`` takes in place of this data. Its
+    metadata records the base model, ``train_examples`` (the training set's size: the factors' λ in a merge) and
+    the fit's settings."""
     config = _as_config(config)
     if kind not in FACTOR_KINDS:
         raise ValueError(f"unknown factor kind {kind!r}; valid kinds: {', '.join(FACTOR_KINDS)}")
-    device = _device(config)
-    _world(device)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: a folder; name the factor file (e.g. {config.task}.{kind}.safetensors)")
     of_reference = config.universal or kind == "ekfac"
     if of_reference and not config.reference:
         raise ValueError(f"{'universal' if config.universal else 'EK-FAC'} factors are fitted on a reference set: set "
-                         "reference=[task names]")
+                         "reference=[task names] (tak fit --reference)")
+    device = _device(config)
+    _world(device)
     backbone = _backbone(config, device)
     tasks = [_task(t, config) for t in (config.reference if of_reference else [config.task])]
     layers = None if config.trainable is None else trained_layers(backbone.model, trainable_names(
         backbone.model, config.trainable))
-    torch.manual_seed(config.seed)  # the probes a training run with this seed draws
-    factors = task_factors(kind, backbone, tasks, n_examples=config.factor_examples, mc_samples=config.mc_samples,
-                           cache=None, device=device, layers=layers, progress=config.progress and is_main_rank())
+    factors = drift_factors(kind, backbone, tasks, **_fit_options(config, device, layers, cache=None))
+    source = {k: v for k, v in backbone.meta()["source"].items() if k != "path"}  # no local paths in a shared file
+    factors.meta.update(task="+".join(t.name for t in tasks), base_model=backbone.name, source=source,
+                        train_examples=sum(len(t.split("train")) for t in tasks),
+                        fit={k: getattr(config, k) for k in ("factor_examples", "mc_samples", "seed", "max_train",
+                                                              "max_length", "backbone_options")})
     if is_main_rank():
         factors.save(path)
+    if is_distributed():
+        dist.barrier()  # every process may read the file once this returns
     return path
-
-
-def _shared_factors(config: TrainConfig) -> dict:
-    """{"factor_files": [{path, sha256}]} of a run with factor files (its task vector's provenance, and what a
-    resumed run must use again); {} without."""
-    return {"factor_files": file_digests(config.factor_files)} if config.factor_files else {}
 
 
 def _tensorboard(config: TrainConfig, run_dir: Path):
@@ -352,7 +358,7 @@ def _tensorboard(config: TrainConfig, run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainResult:
+def _finish(config, backbone, task, objective, terms, seconds, writer, digests) -> TrainResult:
     """Evaluate the trained τ on the task's val and test splits and write the outputs (rank 0)."""
     objective.eval()
     method = objective.method
@@ -366,8 +372,9 @@ def _finish(config, backbone, task, objective, terms, seconds, writer) -> TrainR
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
             "data_root": None if config.data_root is None else str(Path(config.data_root).resolve()),
-            "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics,
-            **_shared_factors(config)}
+            "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics}
+    if digests:
+        meta["factor_files"] = [{"path": str(Path(f).resolve()), "sha256": d} for f, d in zip(config.factor_files, digests)]
     tv = TaskVector(objective.task_vector(), meta)
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
