@@ -78,6 +78,27 @@ def test_penalty_every_n_steps_and_offloaded_factors_give_the_same_value():
     torch.testing.assert_close(every(taus, 3), plain(taus, 0))
 
 
+class Placed:
+    """A stand-in for factors that says where it was moved (``device``) and computes only there."""
+
+    def __init__(self, device="cuda:1"):
+        self.device = str(device)
+
+    def to(self, device):
+        return Placed(device)
+
+    def quadratic_form(self, taus, weights=None):
+        return torch.tensor(float(self.device == "cuda:0"))
+
+
+def test_offloaded_factors_live_on_the_cpu_and_visit_the_device_at_penalty_steps():
+    """Factors fitted on a GPU are moved to the CPU by offload (before, they stayed where they were fitted)."""
+    penalty = CurvaturePenalty(Placed("cuda:0"), 1.0, offload=True, device="cuda:0")
+    assert penalty.factors.device == "cpu" and penalty({}, step=0).item() == 1.0
+    assert CurvaturePenalty(Placed("cuda:1"), 1.0, device="cuda:0").factors.device == "cuda:0"
+    assert CurvaturePenalty(Placed("cuda:1"), 1.0).factors.device == "cuda:1"
+
+
 def test_layer_weights_patterns_must_match():
     bb = ToyBackbone()
     factors = tak.fit_kfac(bb.model, [torch.randn(4, 7, dtype=torch.float64)], output_fn=bb.features,

@@ -60,11 +60,13 @@ def _move(factors, device):
 class CurvaturePenalty:
     def __init__(self, factors, beta: float, *, weights: dict[str, float] | None = None, every: int = 1,
                  offload: bool = False, device=None):
-        """``device``: where the penalty is computed (that of τ); None keeps the factors where they are."""
+        """``device``: where the penalty is computed (that of τ); None keeps the factors where they are.
+        ``offload``: the factors live on the CPU and visit ``device`` at the steps the penalty applies."""
         if every < 1:
             raise ValueError(f"penalty every={every}: must be ≥ 1")
         self.beta, self.weights, self.every, self.offload, self.device = float(beta), weights, every, offload, device
-        self.factors = factors if offload or device is None else _move(factors, device)
+        home = torch.device("cpu") if offload else device
+        self.factors = factors if home is None else _move(factors, home)
 
     def active(self, step: int) -> bool:
         return self.beta != 0 and step % self.every == 0
