@@ -12,6 +12,7 @@ so that both devices compute the same function up to rounding (sums in another o
 forms agree to 1e-4); nothing beyond open_clip and transformers is needed.
 """
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -209,6 +210,23 @@ def test_training_on_cuda_equals_cpu(backbone, method, specs, registered, tmp_pa
         assert abs(metrics_gpu[key] - metrics[key]) <= 100 / 16 + 1e-9, key
     for key, value in metrics["final_loss_terms"].items():
         assert metrics_gpu["final_loss_terms"][key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+
+
+def test_offloaded_factors_and_factor_files_on_cuda(specs, registered, tmp_path):
+    """offload_factors keeps a CUDA run's factors on the CPU between penalty steps and trains the τ of a run that
+    does not; a factor file (read on the CPU, cut to the trained layers, moved) trains the τ of the data."""
+    base = config(specs["bert"], "tak", tmp_path / "plain", "cuda")
+    plain = tak.train(base).task_vector.tensors
+    offloaded = dataclasses.replace(base, out=str(tmp_path / "offloaded"), offload_factors=True)
+    backbone = loop._backbone(offloaded, CUDA)
+    objective = loop.build_objective(offloaded, backbone, loop._task(offloaded.task, offloaded), CUDA)
+    factors = objective.penalty.factors
+    assert all(t.device.type == "cpu" for name in factors for t in (factors[name].A, factors[name].B))
+    path = tak.training.fit(dataclasses.replace(base, task=TEXT_TASKS[1]), "kfac", tmp_path / "other.safetensors")
+    for run in (offloaded, dataclasses.replace(base, out=str(tmp_path / "file"), tasks=[TEXT_TASKS[0]],
+                                               factor_files=[str(path)])):
+        tensors = tak.train(run).task_vector.tensors
+        assert tensors.keys() == plain.keys() and all(rel_err(tensors[k], plain[k]) < 1e-5 for k in plain)
 
 
 def test_evaluation_replays_the_frozen_layers_on_cuda(specs, registered):
