@@ -134,7 +134,7 @@ if wants tests; then
     step tests "pytest -m gpu" 150 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -m gpu "${XDIST[@]}" \
         --ignore=tests/test_cuda.py tests  # test_cuda.py: the last step
     step tests "pytest kernel tests (real Triton)" 150 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" -m "not gpu" \
-        tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py tests/test_tak_nn.py \
+        tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py \
         tests/test_dual_elementwise.py tests/test_correction.py
     step tests "pytest tests/test_compile.py (torch.compile, CUDA)" 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q \
         tests/test_compile.py

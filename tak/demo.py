@@ -27,7 +27,7 @@ from .data import get_task
 from .io import write_text
 from .task_vector import TaskVector
 from .training import TrainConfig, train
-from .training.loop import _backbone
+from .training.loop import _backbone, _device
 
 TASKS = ["rotten_tomatoes", "20news-part0", "20news-part1", "reuters_r8"]
 REFERENCE = ["subjectivity", "20news-part3"]
@@ -59,9 +59,9 @@ def run(out="tak-demo", *, quick: bool = False, device=None, progress: bool = Tr
     started = time.time()
     torch.manual_seed(0)
     first = config_for(methods[0], TASKS[0], profile, out, device, progress)
-    backbone = _backbone(first, torch.device(device) if device else _default_device())
+    backbone = _backbone(first, _device(first))  # the backbone the runs use: one load
     tasks = [get_task(t, max_train=profile["max_train"], max_test=profile["max_test"]) for t in TASKS]
-    kw = dict(batch_size=256, device=backbone_device(backbone), cache={})
+    kw = dict(batch_size=256, device=backbone.device, cache={})
     zero_shot = Evaluator(backbone, tasks, "test", joint=True, **kw).sweep(None, [0.0])[0.0]
     results = {"profile": "quick" if quick else "default", "tasks": TASKS, "reference": REFERENCE,
                "zero_shot": {t: zero_shot.pop(t) for t in TASKS}, "zero_shot_joint": zero_shot, "methods": {}}
@@ -82,14 +82,6 @@ def run(out="tak-demo", *, quick: bool = False, device=None, progress: bool = Tr
     results["seconds"] = round(time.time() - started, 1)
     _write(out, results)
     return results
-
-
-def _default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def backbone_device(backbone):
-    return next(backbone.model.parameters()).device
 
 
 def table(results: dict) -> str:

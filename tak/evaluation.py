@@ -22,11 +22,12 @@ def loader(backbone, examples, batch_size: int, *, shuffle: bool = False, genera
 
 
 @torch.no_grad()
-def features(backbone, model, examples, *, batch_size: int = 256, device="cpu", progress: bool = False,
+def features(backbone, model, examples, *, batch_size: int = 256, device=None, progress: bool = False,
              desc: str = "features", prefix: FrozenPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) fp32 on CPU, labels (N,)) of ``model`` (anything ``backbone.features`` takes).
-    ``prefix``: records and replays the layers ``model`` shares with earlier passes over ``examples``
-    (``tak.replay``)."""
+    """(features (N, D) fp32 on CPU, labels (N,)) of ``model`` (anything ``backbone.features`` takes), its inputs
+    on ``device`` (None: the backbone's). ``prefix``: records and replays the layers ``model`` shares with earlier
+    passes over ``examples`` (``tak.replay``)."""
+    device = backbone.device if device is None else device
     feats, labels = [], []
     was_training = getattr(model, "training", None)
     if was_training:

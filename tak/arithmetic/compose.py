@@ -104,10 +104,11 @@ class Evaluator:
     features are computed once per task, and the layers a task vector leaves unchanged once per
     batch for all the networks that share its changed parameters (``tak.replay.FrozenPrefix``)."""
 
-    def __init__(self, backbone, tasks: list, split: str, *, batch_size: int = 256, device="cpu",
+    def __init__(self, backbone, tasks: list, split: str, *, batch_size: int = 256, device=None,
                  progress: bool = False, cache: dict | None = None, prefix_bytes: int = DEFAULT_MAX_BYTES,
                  joint: bool = False):
-        """``cache``: a dict shared by evaluators of one backbone to keep θ0's features and the recorded
+        """``device``: where the inputs go (None: the backbone's).
+        ``cache``: a dict shared by evaluators of one backbone to keep θ0's features and the recorded
         prefixes across them; ``prefix_bytes``: the most each recorded prefix may hold (0: none);
         ``joint``: also score the joint problem of each group of class-partition tasks among ``tasks``
         (``tak.data.class_partitions``; TAK Sec. F.7), from the features of its parts."""

@@ -85,9 +85,13 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 
 def _device(config: TrainConfig) -> torch.device:
-    if config.device:
-        return torch.device(config.device)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    """``config.device``, or a GPU when there is one, else the CPU; a GPU named without an index is this process's
+    (``cuda:$LOCAL_RANK`` under torchrun, modulo the GPUs it sees; else ``cuda:0``), so one device has one
+    spelling."""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count()))
+    return device
 
 
 def _backbone(config: TrainConfig, device):
@@ -375,13 +379,14 @@ def _finish(config, backbone, task, objective, terms, seconds, writer, digests) 
             "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics}
     if digests:
         meta["factor_files"] = [{"path": str(Path(f).resolve()), "sha256": d} for f, d in zip(config.factor_files, digests)]
-    tv = TaskVector(objective.task_vector(), meta)
+    tv = TaskVector({k: v.cpu() for k, v in objective.task_vector().items()}, meta)  # not kept on the GPU
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
     if is_main_rank():
         tv.save(path)
         if objective.teacher is not None:
-            TaskVector(objective.teacher.task_vector(), {**meta, "regime": "linear", "role": "teacher"}).save(
+            TaskVector({k: v.cpu() for k, v in objective.teacher.task_vector().items()},
+                       {**meta, "regime": "linear", "role": "teacher"}).save(
                 run_dir / "teacher_task_vector.safetensors")
         write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         import yaml
