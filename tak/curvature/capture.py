@@ -9,9 +9,9 @@ is seen through its tower's ``_pool`` (a = the pooled features) and its tower's 
 Dense groups (``tak.curvature.dense``: the
 LayerNorms and the class token) get taps too, whose gradients become per-example gradient vectors
 for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
-LayerNorm is applied more than once). Every tap also feeds one shared scalar, the
-sink, so ``capture.backward(f, s)`` — a VJP of the feature output f with cotangent s, taken with
-respect to the sink alone — runs exactly the backward that reaches the taps: no weight-gradient
+LayerNorm is applied more than once). Every tap also feeds a shared scalar, the
+sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the feature output f with cotangent
+s, taken with respect to the sinks alone — runs exactly the backward that reaches the taps: no weight-gradient
 GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output gradients of
 every layer for a batch of cotangents S (m, *f.shape) in one vmapped backward.
 """
@@ -77,7 +77,7 @@ class Capture:
             raise
 
     def _install(self):
-        self.sink = torch.zeros((), requires_grad=True)
+        self._sinks = {}  # device -> the leaf the taps there hang on (made once: no host copy per tap)
         attentions = {}  # id -> (nn.MultiheadAttention, its in_proj Layer or None when only out_proj is factored)
         for layer in self.layers.values():
             if isinstance(layer.module, nn.MultiheadAttention):
@@ -144,17 +144,22 @@ class Capture:
         """Report the input a of ``layer``; return its output z behind a tap."""
         self.on_input(layer, a)
         callback = None if self.on_grad is None else (lambda dz: None if self._batched else self.on_grad(layer, dz))
-        z = _Tap.apply(z, self.sink.to(z.device), callback)
+        z = _Tap.apply(z, self._sink(z.device), callback)
         self.outputs.setdefault(layer.name, []).append(z)
         return z
 
     def _dense_tap(self, group, z, to_vectors):
         callback = None if self.on_dense is None else (
             lambda dz: None if self._batched else self._add_dense(group.name, to_vectors(dz)))
-        z = _Tap.apply(z, self.sink.to(z.device), callback)
+        z = _Tap.apply(z, self._sink(z.device), callback)
         self.outputs.setdefault(group.name, []).append(z)
         self.to_vectors.setdefault(group.name, []).append(to_vectors)
         return z
+
+    def _sink(self, device: torch.device) -> torch.Tensor:
+        if device not in self._sinks:
+            self._sinks[device] = torch.zeros((), requires_grad=True, device=device)
+        return self._sinks[device]
 
     def _add_dense(self, name: str, v: torch.Tensor) -> None:
         """Add one call's per-example vectors to the group's sum (the gradient of a parameter used by
@@ -182,7 +187,7 @@ class Capture:
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense
         group's ``on_dense`` its summed vectors."""
-        torch.autograd.grad(f, self.sink, s, retain_graph=retain_graph, allow_unused=True)
+        torch.autograd.grad(f, list(self._sinks.values()), s, retain_graph=retain_graph, allow_unused=True)
         self._flush_dense()
 
     def probe(self, f: torch.Tensor, S: torch.Tensor, chunk: int) -> None:
