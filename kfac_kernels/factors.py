@@ -128,7 +128,8 @@ class LowRankFactor:
         return self.U.nbytes + self.eigenvalues.nbytes
 
     def to(self, *args, **kwargs) -> "LowRankFactor":
-        return LowRankFactor(self.U.to(*args, **kwargs), self.eigenvalues.to(device=self.U.to(*args, **kwargs).device))
+        U = self.U.to(*args, **kwargs)  # once: U is the factor's bulk
+        return LowRankFactor(U, self.eigenvalues.to(device=U.device))
 
     def to_dense(self) -> torch.Tensor:
         return (self.U * self.eigenvalues.to(self.U.dtype)) @ self.U.T

@@ -34,10 +34,12 @@ def fit_inputs(backbone, examples_by_task: list, n_examples: int, device, batch_
 
 
 def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_samples: int, cache: Path | None,
-                 device, layers: list[str] | None = None, cache_key: str = "", seed: int = 0, progress: bool = True):
+                 device, layers: list[str] | None = None, cache_key: str = "", seed: int = 0, progress: bool = True,
+                 home=None):
     """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several),
-    for the modules named in ``layers`` (None: all), Monte-Carlo probes seeded by ``seed``; under torchrun each rank
-    fits every world-th batch. The cached file's name holds kind, tasks, n, M, a hash of ``layers``,
+    for the modules named in ``layers`` (None: all), Monte-Carlo probes seeded by ``seed``, fitted on ``device`` and
+    kept on ``home`` (None: ``device``); under torchrun each rank fits every world-th batch. The cached file's name
+    holds kind, tasks, n, M, a hash of ``layers``,
     ``content_digest`` of the model and the inputs, and ``cache_key`` (what else the factors depend on, the seed
     among them; see the loop)."""
     name = "+".join(t.name for t in tasks)
@@ -47,7 +49,7 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     stem = f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}-{content}" + (f"-{cache_key}" if cache_key else "")
     path = None if cache is None else Path(cache) / f"{stem}.safetensors"
     if path is not None and on_every_rank(path.exists(), device):  # a rank that lacks the file fits with the others
-        return _CLASSES[kind].load(path, model=backbone.model, device=device)
+        return _CLASSES[kind].load(path, model=backbone.model, device=home or device)
     fit = {"kfac": fit_kfac, "ekfac": fit_ekfac, "diagonal": fit_diagonal}[kind]
     shard = batches[rank()::world_size()]  # under torchrun each rank fits its shard; the fit adds them up
     factors = fit(backbone.model, shard, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
@@ -55,7 +57,7 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     factors.meta.update(task=name, base_model=backbone.name)  # the base model, for the message if a model is refused
     if path is not None and is_main_rank():  # every rank holds the same factors: rank 0 writes them
         factors.save(path)
-    return factors
+    return factors if home is None else factors.to(home)
 
 
 def content_digest(model, batches) -> str:

@@ -207,10 +207,11 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
         if method.penalty == "ekfac" and not reference and not config.factor_files:
             raise ValueError(f"method {method.name!r} needs a reference set: set reference=[task names], or "
                              "factor_files=[an EK-FAC file of one (tak fit --kind ekfac)]")
-        shared = load_factor_files(method.penalty, config.factor_files, backbone, fit["layers"], device,
+        home = torch.device("cpu") if config.offload_factors else device  # offloaded: never all on the GPU at once
+        shared = load_factor_files(method.penalty, config.factor_files, backbone, fit["layers"], home,
                                    trained=None if of_reference else config.task, fitted=[t.name for t in sources])
         factors = drift_factors(method.penalty, backbone, sources, mode=config.factors,
-                                compression=config.compress, shared=shared, **fit)
+                                compression=config.compress, shared=shared, home=home, **fit)
         weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
                                 patterns=config.layer_weights)
         make = lambda beta: CurvaturePenalty(factors, beta, weights=weights, every=config.penalty_every,  # noqa: E731
