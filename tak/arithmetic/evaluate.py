@@ -136,9 +136,12 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
             built["net"], built["tensors"], built["regime"] = apply(backbone, tau), tau.tensors, tau.regime
         return built["net"]
 
-    def feats(tau, batch):
+    def feats_of(net, batch):
         with torch.no_grad():
-            return backbone.features(model(tau), batch)
+            return backbone.features(net, batch)
+
+    def feats(tau, batch):
+        return feats_of(model(tau), batch)
 
     found = {}
     as_tv = lambda tensors: None if tensors is None else TaskVector(tensors, dict(tvs[0].meta))  # noqa: E731
@@ -162,7 +165,10 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
         if not others:
             break
         tangent = TaskVector(tv.tensors, {**tv.meta, "regime": "linear"})  # f0 + J τ: J τ exactly, any regime
-        jvp = lambda tau, batch: feats(tangent, batch) - feats(None, batch)  # noqa: E731
+
+        def jvp(tau, batch):  # f_lin − f0 with f0 from the same forward (one precision: cuDNN's TF32 convs aside)
+            with model(tangent).keeping_primal() as at_theta0:
+                return feats(tangent, batch) - feats_of(at_theta0, batch)
         inside = analyses.normalcy_scores(jvp, tv.tensors, inputs[t.name])
         outside = analyses.normalcy_scores(jvp, tv.tensors, others)
         normalcy[t.name] = analyses.auroc(inside, outside)
