@@ -19,8 +19,8 @@ its owner or, for an owner never called, of the owner's innermost called ancesto
 (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``): such an ancestor
 becomes a cut point, found on the first forward and used from the second. A replayed module called
 a different number of times than when it was recorded raises RuntimeError. Recordings are clones,
-kept on the device they were made on, up to ``max_bytes`` (past that the prefix is dropped and passes
-run in full).
+kept on the device they were made on, within a ``ByteBudget`` that several prefixes may share (past it the
+prefix recording then is dropped and its passes run in full).
 """
 import contextlib
 
@@ -29,6 +29,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 DEFAULT_MAX_BYTES = 4 << 30
+
+
+class ByteBudget:
+    """The bytes that the recordings (inputs and outputs) of the prefixes sharing it may hold together."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_BYTES):
+        self.limit, self.used = int(limit), 0
 
 
 def _clone(tree):
@@ -64,8 +71,9 @@ class FrozenPrefix:
     θ0 + α τ over an α grid, or task vectors of one trainable set), not mixed regimes: the replayed
     modules are found on the first network and looked up by path in the others."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.max_bytes = int(max_bytes)
+    def __init__(self, max_bytes: "int | ByteBudget" = DEFAULT_MAX_BYTES):
+        """``max_bytes``: a budget of its own (int) or one shared with other prefixes."""
+        self.budget = max_bytes if isinstance(max_bytes, ByteBudget) else ByteBudget(max_bytes)
         self.calls: dict[str, int] | None = None  # the replayed modules' calls per forward, by path
         self.records: dict[int, tuple] = {}  # batch index -> (inputs, {path: [outputs, in call order]})
         self.bytes = 0
@@ -115,13 +123,17 @@ class FrozenPrefix:
             self._keep(index, inputs, outputs, record)
 
     def _keep(self, index: int, inputs, outputs: dict, replaced) -> None:
-        self.bytes += _nbytes(outputs) - (0 if replaced is None else _nbytes(replaced[1]))
-        self.records[index] = (_clone(inputs), outputs)
-        if self.bytes > self.max_bytes:
+        record = (_clone(inputs), outputs)
+        added = _nbytes(record) - (0 if replaced is None else _nbytes(replaced))
+        self.bytes += added
+        self.budget.used += added
+        self.records[index] = record
+        if self.budget.used > self.budget.limit:
             self.drop()
 
     def drop(self) -> None:
-        """Forget the prefix and its recordings; later passes run in full."""
+        """Forget the prefix and its recordings (their bytes go back to the budget); later passes run in full."""
+        self.budget.used -= self.bytes
         self.calls, self.records, self.bytes = {}, {}, 0
 
 

@@ -8,7 +8,7 @@ from torch.utils import _pytree as pytree
 
 import tak
 from tak.arithmetic.compose import Evaluator, apply
-from tak.replay import FrozenPrefix
+from tak.replay import ByteBudget, FrozenPrefix
 from tak.task_vector import TaskVector
 
 from .test_methods import ToyBackbone, toy_task
@@ -231,6 +231,21 @@ def test_budget_training_mode_and_unowned_parameters_run_in_full():
     check_replay(model, batches, [], None)
     model = toy(changed="none").eval()  # nothing changes: the whole forward is replayed
     check_replay(model, batches, [""], None)
+
+
+def test_prefixes_sharing_a_budget_hold_their_recordings_together():
+    """Recorded inputs and outputs count; the prefix whose recording passes the shared budget is dropped (its bytes
+    back to the budget), the others keep theirs."""
+    batches = [torch.randn(4, 5, dtype=torch.float64) for _ in range(2)]
+    one = 3 * 8 * 4 * 5  # a batch's inputs and the outputs of a and b recorded for it
+    budget = ByteBudget(3 * one)
+    first, second = FrozenPrefix(budget), FrozenPrefix(budget)
+    model = toy()
+    assert_equal(run(model, batches, first), run(model, batches))
+    assert first.bytes == budget.used == 2 * one and sorted(first.records) == [0, 1]
+    assert_equal(run(model, batches, second), run(model, batches))  # its second record passes 3 batches' worth
+    assert second.paths == [] and second.bytes == 0 and budget.used == 2 * one and sorted(first.records) == [0, 1]
+    assert_equal(run(model, batches, first), run(model, batches))  # still replayed
 
 
 def test_evaluator_replays_the_frozen_layers_with_the_same_accuracies():

@@ -16,7 +16,7 @@ from ..data.splits import class_partitions, joint_task
 from ..evaluation import accuracy_of_features, features, linear_path_features
 from ..io import architecture_fingerprints
 from ..linearize import linearize
-from ..replay import DEFAULT_MAX_BYTES, FrozenPrefix
+from ..replay import DEFAULT_MAX_BYTES, ByteBudget, FrozenPrefix
 from ..task_vector import TaskVector, check_compatible
 
 
@@ -109,7 +109,8 @@ class Evaluator:
                  joint: bool = False):
         """``device``: where the inputs go (None: the backbone's).
         ``cache``: a dict shared by evaluators of one backbone to keep θ0's features and the recorded
-        prefixes across them; ``prefix_bytes``: the most each recorded prefix may hold (0: none);
+        prefixes across them; ``prefix_bytes``: the most the recorded prefixes of the cache may hold together
+        (0: none; the first evaluator's value sets it);
         ``joint``: also score the joint problem of each group of class-partition tasks among ``tasks``
         (``tak.data.class_partitions``; TAK Sec. F.7), from the features of its parts."""
         self.backbone, self.tasks, self.split = backbone, list(tasks), split
@@ -126,7 +127,8 @@ class Evaluator:
         if self.prefix_bytes > 0 and model is not self.backbone.model:
             changed = tuple(n for n, p in model.named_parameters() if p.requires_grad)
             key = ("prefix", task.name, self.split, self.kw["batch_size"], type(model).__qualname__, changed)
-            prefix = self._cache.setdefault(key, FrozenPrefix(self.prefix_bytes))
+            budget = self._cache.setdefault("prefix budget", ByteBudget(self.prefix_bytes))  # all prefixes together
+            prefix = self._cache.setdefault(key, FrozenPrefix(budget))
         return features(self.backbone, model, task.split(self.split), desc=task.name, prefix=prefix, **self.kw)
 
     def pretrained(self, task) -> tuple[torch.Tensor, torch.Tensor]:
