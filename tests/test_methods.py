@@ -79,13 +79,15 @@ def test_penalty_every_n_steps_and_offloaded_factors_give_the_same_value():
 
 
 class Placed:
-    """A stand-in for factors that says where it was moved (``device``) and computes only there."""
+    """A stand-in for factors that says where it was moved (``device``) and computes only there; ``moves`` lists
+    the devices its copies were moved to."""
 
-    def __init__(self, device="cuda:1"):
-        self.device = str(device)
+    def __init__(self, device="cuda:1", moves=None):
+        self.device, self.moves = str(device), [] if moves is None else moves
 
     def to(self, device):
-        return Placed(device)
+        self.moves.append(str(device))
+        return Placed(device, self.moves)
 
     def quadratic_form(self, taus, weights=None):
         return torch.tensor(float(self.device == "cuda:0"))
@@ -97,6 +99,21 @@ def test_offloaded_factors_live_on_the_cpu_and_visit_the_device_at_penalty_steps
     assert penalty.factors.device == "cpu" and penalty({}, step=0).item() == 1.0
     assert CurvaturePenalty(Placed("cuda:1"), 1.0, device="cuda:0").factors.device == "cuda:0"
     assert CurvaturePenalty(Placed("cuda:1"), 1.0).factors.device == "cuda:1"
+
+
+@pytest.mark.parametrize("teacher_beta", [2.0, 0.0])
+def test_delta_s_two_penalties_share_one_device_copy_of_offloaded_factors(teacher_beta):
+    factors = Placed("cuda:0")
+    student = CurvaturePenalty(factors, 1.0, offload=True, device="cuda:0", every=2)
+    teacher = student.with_beta(teacher_beta)
+    for step in range(4):
+        del factors.moves[:]
+        drifts = [student({}, step), teacher({}, step)]
+        if step % 2:
+            assert drifts == [None, None] and factors.moves == []
+        else:
+            assert drifts[0].item() == 1.0 and (drifts[1] is None if teacher_beta == 0 else drifts[1].item() == 2.0)
+            assert factors.moves == ["cuda:0"] and student._visits.copy is None  # one copy, not kept after
 
 
 def test_layer_weights_patterns_must_match():

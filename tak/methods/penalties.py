@@ -7,6 +7,8 @@ Every ``every`` steps only (TAK Fig. 8), with the factors on the CPU in between 
 ``TauJpPenalty``: β · 1/N Σ_n ‖J_θ f(x_n; θ0) τ‖² on batches of the other tasks' inputs, with
 J τ = f_lin(x; θ0 + τ) − f(x; θ0) (Yoshida et al. 2025), both from one forward (one dropout mask).
 """
+import copy
+
 import torch
 
 from .._selection import selects
@@ -67,6 +69,15 @@ class CurvaturePenalty:
         self.beta, self.weights, self.every, self.offload, self.device = float(beta), weights, every, offload, device
         home = torch.device("cpu") if offload else device
         self.factors = factors if home is None else _move(factors, home)
+        self._visits = _Visits(self.factors, takers=int(self.beta != 0))
+
+    def with_beta(self, beta: float) -> "CurvaturePenalty":
+        """The same penalty at weight ``beta`` (DELTA's teacher's), sharing the factors and, offloaded, their
+        copy on the device at each step: one copy for both, not two."""
+        other = copy.copy(self)
+        other.beta = float(beta)
+        self._visits.takers += int(other.beta != 0)
+        return other
 
     def active(self, step: int) -> bool:
         return self.beta != 0 and step % self.every == 0
@@ -75,8 +86,24 @@ class CurvaturePenalty:
         """β Σ_l w_l q_l(τ_l) at the steps where the penalty applies, else None."""
         if not self.active(step):
             return None
-        factors = _move(self.factors, self.device) if self.offload and self.device is not None else self.factors
+        factors = self._visits.at(self.device, step) if self.offload and self.device is not None else self.factors
         return self.beta * factors.quadratic_form(taus, self.weights)
+
+
+class _Visits:
+    """Offloaded factors' copy on the device for one step: made by the first of the ``takers`` penalties that apply
+    at that step, handed to the others, then forgotten (the forms hold it until their backward, nothing longer)."""
+
+    def __init__(self, factors, takers: int):
+        self.factors, self.takers, self.step, self.copy, self.left = factors, takers, None, None, 0
+
+    def at(self, device, step: int):
+        if self.step != step or self.left == 0:
+            self.copy, self.step, self.left = _move(self.factors, device), step, self.takers
+        copy_, self.left = self.copy, self.left - 1
+        if self.left <= 0:
+            self.copy = None
+        return copy_
 
 
 class TauJpPenalty:

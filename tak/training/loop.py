@@ -214,10 +214,9 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
                                 compression=config.compress, shared=shared, home=home, **fit)
         weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
                                 patterns=config.layer_weights)
-        make = lambda beta: CurvaturePenalty(factors, beta, weights=weights, every=config.penalty_every,  # noqa: E731
-                                             offload=config.offload_factors, device=device)
-        penalty = make(hp["beta"])
-        teacher_penalty = make(hp.get("beta_teacher", hp["beta"])) if method.teacher else None
+        penalty = CurvaturePenalty(factors, hp["beta"], weights=weights, every=config.penalty_every,
+                                   offload=config.offload_factors, device=device)
+        teacher_penalty = penalty.with_beta(hp.get("beta_teacher", hp["beta"])) if method.teacher else None
     elif method.penalty == "tau_jp":
         if not others:
             raise ValueError("method 'tau_jp' needs the other tasks' data: set tasks=[...] with more than the trained task")
