@@ -112,6 +112,18 @@ def test_kfac_and_ekfac_on_cuda_equal_cpu(case):
     check_forms(ekfac, ekfac_gpu, model)
 
 
+@pytest.mark.parametrize("options", [{"mc_samples": 3}, {"exact": True}], ids=["mc3", "exact"])
+def test_batched_probes_on_cuda_equal_cpu(options):
+    """Several cotangents per example go through one vmapped backward, here through CUDA's attention kernels."""
+    model, batches = bert_case()
+    kfac = fit_kfac(model, batches, seed=1, progress=False, **options)
+    kfac_gpu = fit_kfac(copy.deepcopy(model).to(CUDA), batches, seed=1, progress=False, **options)
+    assert list(kfac_gpu) == list(kfac)
+    for name in kfac:
+        for side in ("A", "B"):
+            assert rel_err(getattr(kfac_gpu[name], side), getattr(kfac[name], side)) < 1e-4, (name, side)
+
+
 # --- training and evaluation ------------------------------------------------------------------------------
 
 TEXT_TASKS = ["cuda-text-a", "cuda-text-b", "cuda-text-ref"]
@@ -218,8 +230,9 @@ def test_offloaded_factors_and_factor_files_on_cuda(specs, registered, tmp_path)
     base = config(specs["bert"], "tak", tmp_path / "plain", "cuda")
     plain = tak.train(base).task_vector.tensors
     offloaded = dataclasses.replace(base, out=str(tmp_path / "offloaded"), offload_factors=True)
-    backbone = loop._backbone(offloaded, CUDA)
-    objective = loop.build_objective(offloaded, backbone, loop._task(offloaded.task, offloaded), CUDA)
+    device = loop._device(offloaded)  # cuda:0, as the runs spell it: the backbone they loaded
+    backbone = loop._backbone(offloaded, device)
+    objective = loop.build_objective(offloaded, backbone, loop._task(offloaded.task, offloaded), device)
     factors = objective.penalty.factors
     assert all(t.device.type == "cpu" for name in factors for t in (factors[name].A, factors[name].B))
     path = tak.training.fit(dataclasses.replace(base, task=TEXT_TASKS[1]), "kfac", tmp_path / "other.safetensors")
