@@ -19,8 +19,8 @@ its owner or, for an owner never called, of the owner's innermost called ancesto
 (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``): such an ancestor
 becomes a cut point, found on the first forward and used from the second. A replayed module called
 a different number of times than when it was recorded raises RuntimeError. Recordings are clones,
-kept on the device they were made on, within a ``ByteBudget`` that several prefixes may share (past it the
-prefix recording then is dropped and its passes run in full).
+kept on the device they were made on, within a ``ByteBudget`` that several prefixes may share: the prefix whose
+recording passes it is dropped, and its passes run in full.
 """
 import contextlib
 

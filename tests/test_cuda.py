@@ -27,7 +27,8 @@ from tak.data import Task, register_task
 from tak.data.registry import _TASKS
 from tak.methods import METHODS
 from tak.task_vector import TaskVector
-from tak.training import TrainConfig, loop
+from tak.training import TrainConfig, fit, loop
+from tak.training import factors as training_factors
 
 from .test_fit_kfac import random_mask, tiny_clip
 from .test_tak_models import text_batch
@@ -224,18 +225,24 @@ def test_training_on_cuda_equals_cpu(backbone, method, specs, registered, tmp_pa
         assert metrics_gpu["final_loss_terms"][key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
 
 
-def test_offloaded_factors_and_factor_files_on_cuda(specs, registered, tmp_path):
-    """offload_factors keeps a CUDA run's factors on the CPU between penalty steps and trains the τ of a run that
-    does not; a factor file (read on the CPU, cut to the trained layers, moved) trains the τ of the data."""
+def test_offloaded_factors_and_factor_files_on_cuda(specs, registered, tmp_path, monkeypatch):
+    """offload_factors keeps a CUDA run's factors on the CPU, from the moment each is fitted, between penalty steps,
+    and trains the τ of a run that does not; a factor file (read on the CPU, cut to the trained layers, moved) trains
+    the τ of the data."""
     base = config(specs["bert"], "tak", tmp_path / "plain", "cuda")
     plain = tak.train(base).task_vector.tensors
     offloaded = dataclasses.replace(base, out=str(tmp_path / "offloaded"), offload_factors=True)
     device = loop._device(offloaded)  # cuda:0, as the runs spell it: the backbone they loaded
     backbone = loop._backbone(offloaded, device)
+    merged_on = []
+    merge = training_factors.merge_kfac
+    monkeypatch.setattr(training_factors, "merge_kfac", lambda parts, sizes: merged_on.extend(
+        p[n].A.device.type for p in parts for n in p) or merge(parts, sizes))
     objective = loop.build_objective(offloaded, backbone, loop._task(offloaded.task, offloaded), device)
     factors = objective.penalty.factors
+    assert merged_on and set(merged_on) == {"cpu"}  # each task's factors left the GPU as soon as fitted
     assert all(t.device.type == "cpu" for name in factors for t in (factors[name].A, factors[name].B))
-    path = tak.training.fit(dataclasses.replace(base, task=TEXT_TASKS[1]), "kfac", tmp_path / "other.safetensors")
+    path = fit(dataclasses.replace(base, task=TEXT_TASKS[1]), "kfac", tmp_path / "other.safetensors")
     for run in (offloaded, dataclasses.replace(base, out=str(tmp_path / "file"), tasks=[TEXT_TASKS[0]],
                                                factor_files=[str(path)])):
         tensors = tak.train(run).task_vector.tensors

@@ -609,6 +609,9 @@ def test_frozen_model_and_unreached_layers():
     f = fit(model, batches, exact=True)
     assert torch.equal(f["a"].B, ref["a"].B) and torch.equal(f["a"].A, ref["a"].A)
     assert all(p.grad is None for p in model.parameters())
+    model.requires_grad_(True)  # f requires grad, yet reaches no selected layer: no tap in the backward
+    for kw in [dict(exact=True), dict(mc_samples=1), dict(mc_samples=3)]:
+        assert torch.count_nonzero(fit(model, batches, layers="unused", **kw)["unused"].B) == 0
 
 
 def test_bad_input():

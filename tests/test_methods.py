@@ -99,6 +99,7 @@ def test_offloaded_factors_live_on_the_cpu_and_visit_the_device_at_penalty_steps
     assert penalty.factors.device == "cpu" and penalty({}, step=0).item() == 1.0
     assert CurvaturePenalty(Placed("cuda:1"), 1.0, device="cuda:0").factors.device == "cuda:0"
     assert CurvaturePenalty(Placed("cuda:1"), 1.0).factors.device == "cuda:1"
+    assert CurvaturePenalty(Placed("cuda:1"), 1.0, offload=True).factors.device == "cuda:1"  # no device: stays
 
 
 @pytest.mark.parametrize("teacher_beta", [2.0, 0.0])

@@ -110,7 +110,7 @@ class Evaluator:
         """``device``: where the inputs go (None: the backbone's).
         ``cache``: a dict shared by evaluators of one backbone to keep θ0's features and the recorded
         prefixes across them; ``prefix_bytes``: the most the recorded prefixes of the cache may hold together
-        (0: none; the first evaluator's value sets it);
+        (0: none; set by the first evaluator of the cache that records one);
         ``joint``: also score the joint problem of each group of class-partition tasks among ``tasks``
         (``tak.data.class_partitions``; TAK Sec. F.7), from the features of its parts."""
         self.backbone, self.tasks, self.split = backbone, list(tasks), split

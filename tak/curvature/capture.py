@@ -187,7 +187,8 @@ class Capture:
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense
         group's ``on_dense`` its summed vectors."""
-        torch.autograd.grad(f, list(self._sinks.values()), s, retain_graph=retain_graph, allow_unused=True)
+        if self._sinks:  # none when the output reached no tap
+            torch.autograd.grad(f, list(self._sinks.values()), s, retain_graph=retain_graph, allow_unused=True)
         self._flush_dense()
 
     def probe(self, f: torch.Tensor, S: torch.Tensor, chunk: int) -> None:

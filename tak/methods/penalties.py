@@ -63,11 +63,12 @@ class CurvaturePenalty:
     def __init__(self, factors, beta: float, *, weights: dict[str, float] | None = None, every: int = 1,
                  offload: bool = False, device=None):
         """``device``: where the penalty is computed (that of τ); None keeps the factors where they are.
-        ``offload``: the factors live on the CPU and visit ``device`` at the steps the penalty applies."""
+        ``offload`` (with a ``device``): the factors live on the CPU and visit ``device`` at the steps the penalty
+        applies."""
         if every < 1:
             raise ValueError(f"penalty every={every}: must be ≥ 1")
         self.beta, self.weights, self.every, self.offload, self.device = float(beta), weights, every, offload, device
-        home = torch.device("cpu") if offload else device
+        home = torch.device("cpu") if offload and device is not None else device
         self.factors = factors if home is None else _move(factors, home)
         self._visits = _Visits(self.factors, takers=int(self.beta != 0))
 

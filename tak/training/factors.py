@@ -162,7 +162,8 @@ def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", co
     if kind == "diagonal":
         return merge_diagonal(parts, sizes)
     options = parse_compression(compression)
-    shrink = (lambda f: compress(f, **options)[0]) if options else (lambda f: f)
+    device, home = fit["device"], fit.get("home") or fit["device"]  # compressed where fitted, kept at home
+    shrink = (lambda f: compress(f.to(device), **options)[0].to(home)) if options else (lambda f: f)
     if mode == "per_task":
         return TaskFactors([shrink(p) for p in parts], sizes)
     return shrink(merge_kfac(parts, sizes))

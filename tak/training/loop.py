@@ -86,11 +86,13 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 def _device(config: TrainConfig) -> torch.device:
     """``config.device``, or a GPU when there is one, else the CPU; a GPU named without an index is this process's
-    (``cuda:$LOCAL_RANK`` under torchrun, modulo the GPUs it sees; else ``cuda:0``), so one device has one
+    (``cuda:$LOCAL_RANK`` under torchrun, modulo the GPUs it sees; else the current one), so one device has one
     spelling."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count()))
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK")
+        device = torch.device("cuda", torch.cuda.current_device() if local is None
+                              else int(local) % torch.cuda.device_count())
     return device
 
 
