@@ -14,8 +14,8 @@ weights (10 classes, cosine logits, scale 100); random images (batch 128, 224²)
 data loading: what is timed is exactly the per-step cost. Objectives are built with
 ``tak.methods.Objective`` and each method's paper hyperparameters (``tak.methods.get_method(...).defaults``)
 the way ``tak.training.loop.build_objective`` builds them, and a step is the loop's step:
-``loss, terms = objective(x, y, step)``, the loop's ``torch.isfinite(loss)`` check,
-``zero_grad(set_to_none=True)``, ``loss.backward()``, ``AdamW(lr, weight_decay).step()``.
+``loss, terms = objective(x, y, step)``, ``zero_grad(set_to_none=True)``, ``loss.backward()``, the loop's one host
+sync (the loss and its terms as numbers, its finiteness check), ``AdamW(lr, weight_decay).step()``.
 
 Sections (each guarded: a failure is recorded and the run goes on; so is each configuration):
 
@@ -62,6 +62,7 @@ bench_methods_smoke.md/.json instead).
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -336,12 +337,13 @@ def training_step(method_name: str, *, penalty=None, teacher_penalty=None):
 
         def step(i):
             loss, terms = objective(s.x, s.y, i)
-            if not torch.isfinite(loss):  # the loop's check (a host sync, as there)
-                raise FloatingPointError(f"{method_name}: loss {loss.item()} at step {i} ({terms})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            value, *values = torch.stack([loss.detach().float(), *terms.values()]).tolist()  # the loop's one sync
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{method_name}: loss {value} at step {i} ({dict(zip(terms, values))})")
             optimizer.step()
-            last.update(terms)
+            last.update(zip(terms, values))
 
         def done():
             paths = {who: type(getattr(t, "lin", t)).__name__ for who, t in

@@ -38,7 +38,8 @@ def distillation_loss(student_features: torch.Tensor, teacher_features: torch.Te
 
 
 class Objective(nn.Module):
-    """``forward(batch, labels, step) -> (loss, terms)``: the method's loss and its terms as floats.
+    """``forward(batch, labels, step) -> (loss, terms)``: the method's loss and its terms as detached fp32 0-d tensors
+    (read them after the backward is queued: reading is a host sync).
     ``student`` is the trainee whose τ the run saves; ``teacher`` DELTA's linearized teacher."""
 
     def __init__(self, method: Method, backbone, head, hp: dict, *, penalty=None, teacher_penalty=None,
@@ -79,9 +80,7 @@ class Objective(nn.Module):
             if gamma:
                 student_alpha = self.backbone.features(self.student.at(alpha), batch)
                 terms["distill"] = gamma * distillation_loss(student_alpha, target)
-        total = sum(terms.values())
-        values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one host sync
-        return total, dict(zip(terms, values))
+        return sum(terms.values()), {k: v.detach().float() for k, v in terms.items()}
 
     def task_vector(self) -> dict[str, torch.Tensor]:
         return self.student.task_vector()

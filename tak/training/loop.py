@@ -297,12 +297,15 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         chosen = [examples[i] for i in batch_indices(len(examples), config.batch_size, config.seed, step, rank, world)]
         inputs, labels = backbone.collate(chosen)
         loss, terms = objective(to_device(inputs, device), labels.to(device), step)
-        if not torch.isfinite(loss):
-            last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
-            raise FloatingPointError(f"{config.method}/{config.task}: loss is {loss.item()} at step {step} "
-                                     f"(terms {terms}); {last}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # the step's one host sync, once the backward is queued: the loss and its terms as numbers
+        value, *values = torch.stack([loss.detach().float(), *terms.values()]).tolist()
+        terms = dict(zip(terms, values))
+        if not math.isfinite(value):
+            last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+            raise FloatingPointError(f"{config.method}/{config.task}: loss is {value} at step {step} "
+                                     f"(terms {terms}); {last}")
         _average_gradients(params, world)
         optimizer.step()
         step += 1
