@@ -75,10 +75,11 @@ def _finite(text: str) -> float:
 
 
 # The TrainConfig keys `tak fit` takes (what the factors of a task depend on), with what they mean there.
-_FIT_KEYS = {"task": "the task whose training inputs the factors are fitted on",
-             "reference": "the reference set, fitted as one: that of --kind ekfac, and of kfac / diagonal with "
-                          "--universal true",
-             "universal": "fit kfac / diagonal factors on the reference set (universal factors) in place of --task",
+_FIT_KEYS = {"task": "the task whose training inputs the factors are fitted on (required, but with --reference)",
+             "reference": "the reference set: what --kind ekfac fits (as one set), and kfac / diagonal with "
+                          "--universal true (each task's, merged as in training)",
+             "universal": "true: fit kfac / diagonal factors on the reference set (universal factors) in place of "
+                          "--task (default: false)",
              "trainable": "the layers fitted: those holding these parameters ('all', 'attention' or name patterns; "
                           "None: all layers)",
              **dict.fromkeys(("backbone", "pretrained", "backbone_options", "data_root", "factor_examples",
@@ -95,8 +96,9 @@ def _config_flags(p, keys: dict | None = None):
     for f in dataclasses.fields(TrainConfig):
         if keys is not None and f.name not in keys:
             continue
-        default = f" [default: {defaults[f.name]}]" if defaults[f.name] not in (None, [], {}) else ""
-        text = (((keys or {}).get(f.name) or f.metadata["help"]) + default).replace("%", "%%")
+        own = (keys or {}).get(f.name)  # a help line of this command's own, which says the default if there is one
+        default = f" [default: {defaults[f.name]}]" if defaults[f.name] not in (None, [], {}) and not own else ""
+        text = ((own or f.metadata["help"]) + default).replace("%", "%%")
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
                        type=lambda text, a=hints[f.name]: _parse_value(text, a), help=text)
 
