@@ -204,19 +204,20 @@ def _demo(args) -> int:
     return 0
 
 
-def _config(args, skip=()):
-    """The TrainConfig of ``--config`` (YAML) overridden by the ``--key`` flags given."""
+def _config(args, skip=()) -> tuple:
+    """(the TrainConfig of ``--config`` (YAML) overridden by the ``--key`` flags given, the keys given)."""
     from .training import TrainConfig
+    from .training.config import read_yaml
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", *skip)}
-    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    return TrainConfig.from_dict({**config.to_dict(), **values})
+    given = {**(read_yaml(args.config) if args.config else {}), **values}
+    return TrainConfig.from_dict(given), set(given)
 
 
 def _train(args) -> int:
     from .training import train
 
-    result = train(_config(args))
+    result = train(_config(args)[0])
     from .curvature.distributed import is_main_rank
     if is_main_rank():  # under torchrun: one line, not one per process
         print(json.dumps({"task_vector": str(result.path), **{k: result.metrics[k] for k in ("val", "test")}}))
@@ -224,13 +225,10 @@ def _train(args) -> int:
 
 
 def _fit(args) -> int:
-    import yaml
-
     from .curvature.distributed import is_main_rank
     from .training import fit
 
-    config = _config(args, skip=("kind", "out"))
-    given = set(vars(args)) | set(yaml.safe_load(args.config.read_text()) if args.config else ())
+    config, given = _config(args, skip=("kind", "out"))
     if not (config.universal or args.kind == "ekfac") and "task" not in given:
         raise ValueError("--task: name the task whose factors are fitted (tak list tasks)")
     path = fit(config, args.kind, args.out)
@@ -319,12 +317,15 @@ def _method_defaults(method) -> str:
     for the larger CLIP towers."""
     from .methods.registry import hyperparameter_defaults
 
+    def shown(values: dict) -> str:
+        return " ".join(f"{k}={v:g}" for k, v in values.items())
+
     vision = hyperparameter_defaults(method, ["image"])
-    line = f"defaults [{method.source}]: " + " ".join(f"{k}={v:g}" for k, v in vision.items())
+    line = f"defaults [{method.source}]: {shown(vision)}"
     for what, modality, backbone in (("text", "text", ""), ("clip:ViT-B-16", "image", "clip:ViT-B-16"),
                                      ("clip:ViT-L-14", "image", "clip:ViT-L-14")):
         differs = {k: v for k, v in hyperparameter_defaults(method, [modality], backbone).items() if vision.get(k) != v}
-        line += f"; {what}: " + " ".join(f"{k}={v:g}" for k, v in differs.items()) if differs else ""
+        line += f"; {what}: {shown(differs)}" if differs else ""
     return line
 
 

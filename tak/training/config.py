@@ -57,6 +57,19 @@ def parse_compression(spec: str | None) -> dict | None:
                      "k ≥ 1)")
 
 
+def read_yaml(path) -> dict:
+    """The mapping of TrainConfig keys in the YAML file ``path`` (unchecked; ``TrainConfig.from_dict`` checks)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a YAML mapping of TrainConfig keys expected, got {type(values).__name__}")
+    return values
+
+
 def _exact_int(x: float) -> int:
     if not float(x).is_integer():
         raise ValueError
@@ -219,15 +232,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "TrainConfig":
-        import yaml
-
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a YAML mapping of TrainConfig keys expected, got {type(values).__name__}")
-        return cls.from_dict(values)
+        return cls.from_dict(read_yaml(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
