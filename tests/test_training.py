@@ -635,3 +635,20 @@ def test_a_checkpoint_resumes_across_new_config_keys_but_not_other_hyperparamete
     changed = {**config, "hparams": {"lr": 1e-5, "weight_decay": 0.01}}  # a default that moved
     with pytest.raises(ValueError, match=r"another config \(lr: checkpoint 0.0003, now 1e-05\)"):
         checkpoint.load(tmp_path / "c.safetensors", module, optimizer, changed)
+
+
+def test_each_torchrun_process_takes_its_own_gpu_and_another_ones_index_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "6")  # a second node's third GPU
+
+    def device(name):
+        return loop._device(TrainConfig(task="t", device=name))
+
+    assert device("cuda") == torch.device("cuda", 2) == device("cuda:2") == device(None)
+    assert device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device='cuda:0'.*LOCAL_RANK=6.*cuda:2"):
+        device("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU it names
+    assert device("cuda:0") == torch.device("cuda", 0)

@@ -87,12 +87,18 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 def _device(config: TrainConfig) -> torch.device:
     """``config.device``, or a GPU when there is one, else the CPU; a GPU named without an index is this process's
     (``cuda:$LOCAL_RANK`` under torchrun, modulo the GPUs it sees; else the current one), so one device has one
-    spelling."""
+    spelling. Under torchrun a GPU named with another process's index is refused (two ranks on one GPU)."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        local = os.environ.get("LOCAL_RANK")
-        device = torch.device("cuda", torch.cuda.current_device() if local is None
-                              else int(local) % torch.cuda.device_count())
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return device
+    local = os.environ.get("LOCAL_RANK")
+    mine = torch.cuda.current_device() if local is None else int(local) % torch.cuda.device_count()
+    if device.index is None:
+        return torch.device("cuda", mine)
+    if local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index != mine:
+        raise ValueError(f"device={config.device!r}: under torchrun each process trains on its own GPU, and this one "
+                         f"(LOCAL_RANK={local}, {torch.cuda.device_count()} GPUs visible) has cuda:{mine}; "
+                         "give device='cuda' (or leave it unset)")
     return device
 
 
