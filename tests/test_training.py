@@ -4,6 +4,7 @@ gloo run equal to a 1-process one (a deterministic toy backbone registered by na
 import dataclasses
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -402,19 +403,47 @@ def toys():
         del loop._CACHE[key]
 
 
-def _ddp_worker(rank, world, port, out, methods, overrides=None):
-    """One torchrun-like process: the environment torchrun sets, then ``tak.train`` as a user calls it."""
-    import torch.distributed as dist
-
+def _as_torchrun_process(rank, world, port) -> None:
+    """The environment torchrun sets, one thread (two processes on 2 cores), the toys registered."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)  # two processes on 2 cores
+    torch.set_num_threads(1)
     register_toys()
+
+
+def _ddp_worker(rank, world, port, out, methods, overrides=None):
+    """One torchrun-like process: ``tak.train`` as a user calls it."""
+    import torch.distributed as dist
+
+    _as_torchrun_process(rank, world, port)
     try:
         for method in methods:
             config = {**toy_config(out, method).to_dict(), "device": "cpu", **(overrides or {})}
             tak.train(TrainConfig.from_dict(config))
         Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world(torch.device("cpu")))))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _stopping_worker(rank, world, port, out, case):
+    """A torchrun-like process of a run that must stop on every rank: "nan" poisons rank 1's loss at step 1; "resume"
+    gives each rank an --out of its own (storage the nodes do not share). Each rank writes what stopped it."""
+    import torch.distributed as dist
+
+    _as_torchrun_process(rank, world, port)
+    if case == "nan" and rank == 1:
+        forward = Objective.forward
+
+        def poisoned(self, batch, labels, step):
+            loss, terms = forward(self, batch, labels, step)
+            return (loss * float("nan") if step == 1 else loss), terms
+        Objective.forward = poisoned
+    config = toy_config(Path(out, f"rank{rank}") if case == "resume" else out, "linear")
+    try:
+        tak.train(dataclasses.replace(config, device="cpu"))
+    except (FloatingPointError, ValueError) as e:
+        Path(out, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -456,6 +485,19 @@ def test_two_gloo_processes_train_the_task_vector_of_one(tmp_path, toys):
             assert not single.tensors["unused"].any()  # no gradient, no weight decay: as with one process
             for k, v in single.tensors.items():
                 torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12, msg=f"{method} {name} {k}")
+
+
+@pytest.mark.parametrize("case", ["nan", "resume"])
+def test_a_run_that_stops_on_one_process_stops_on_every_process(tmp_path, toys, case):
+    if case == "resume":  # rank 0's --out holds a finished run's checkpoint, rank 1's none
+        with pytest.warns(UserWarning, match="generic torch.func.jvp path"):
+            tak.train(dataclasses.replace(toy_config(tmp_path / "rank0", "linear"), device="cpu"))
+    spawn(_stopping_worker, (2, free_port(), str(tmp_path), case), nprocs=2, timeout=120)
+    stopped = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    expected = ("FloatingPointError: linear/toy-blobs: loss is nan at step 1" if case == "nan" else
+                "ValueError: .*checkpoint.safetensors: the processes resume at steps 0 to 3")
+    for rank, text in enumerate(stopped):
+        assert re.match(expected, text), (rank, text)
 
 
 def test_registered_backbones_load_by_name_and_are_listed(toys):
@@ -637,18 +679,55 @@ def test_a_checkpoint_resumes_across_new_config_keys_but_not_other_hyperparamete
         checkpoint.load(tmp_path / "c.safetensors", module, optimizer, changed)
 
 
-def test_each_torchrun_process_takes_its_own_gpu_and_another_ones_index_is_refused(monkeypatch):
+def test_each_torchrun_process_takes_its_own_gpu_and_two_on_one_are_refused(monkeypatch):
+    count = 4
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("LOCAL_RANK", "6")  # a second node's third GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # two nodes of 4 processes
+    monkeypatch.setenv("LOCAL_RANK", "2")
 
     def device(name):
         return loop._device(TrainConfig(task="t", device=name))
 
     assert device("cuda") == torch.device("cuda", 2) == device("cuda:2") == device(None)
     assert device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match=r"device='cuda:0'.*LOCAL_RANK=6.*cuda:2"):
+    with pytest.raises(ValueError, match=r"device='cuda:0'.*LOCAL_RANK=2.*cuda:2"):
         device("cuda:0")
-    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU it names
-    assert device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "5")  # 6 processes on a node of 4 GPUs
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=5.*4 GPUs.*at most 4 processes"):
+        device("cuda")
+    count = 1  # CUDA_VISIBLE_DEVICES gave each process its GPU
+    assert device("cuda") == torch.device("cuda", 0) == device("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    count = 4  # one process: any GPU it names
+    assert device("cuda:3") == torch.device("cuda", 3)
+
+
+def test_gradients_of_parameters_of_several_dtypes_are_averaged_each_in_its_dtype(tmp_path):
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(3, 5, generator=g).to(dtype)) for dtype in (torch.bfloat16, torch.float32,
+                                                                                     torch.float64, torch.float32)]
+    for p in params[:3]:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    expected = [p.grad / 2 for p in params[:3]]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:  # a group of one process reduces to itself: the average over "2" halves each gradient
+        loop._average_gradients(params, world=2)
+    finally:
+        dist.destroy_process_group()
+    for p, e in zip(params, expected):
+        assert p.grad.dtype == p.dtype
+        assert torch.equal(p.grad, e)
+    assert params[3].grad is None  # no process has its gradient
+
+
+def test_a_run_resumed_by_another_number_of_processes_is_warned(tmp_path):
+    with pytest.warns(UserWarning, match=r"resumed at step 4 by 1 processes, saved by 2.*τ will differ"):
+        loop._check_resumed(tmp_path / "checkpoint.safetensors", 4, 2, 0, 1, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop._check_resumed(tmp_path / "checkpoint.safetensors", 4, 1, 0, 1, torch.device("cpu"))
+        loop._check_resumed(tmp_path / "checkpoint.safetensors", 0, 2, 0, 1, torch.device("cpu"))  # a fresh start

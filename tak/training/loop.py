@@ -2,9 +2,9 @@
 
 The batch of step s is a function of (seed, s) alone (an epoch-seeded permutation of the training
 split), the DELTA α too, its random draws (dropout masks) of (seed, s, rank) (``step_seed``), and a
-checkpoint holds the trained parameters and the optimizer state: a killed run started again continues
-where it stopped and ends with the same τ. Under ``torchrun`` each of W processes takes every W-th
-example of the global batch, with dropout masks of its own, and the gradients are averaged, so the task
+checkpoint holds the trained parameters and the optimizer state: a killed run started again (by as many
+processes) continues where it stopped and ends with the same τ. Under ``torchrun`` each of W processes takes
+every W-th example of the global batch, with dropout masks of its own, and the gradients are averaged, so the task
 vector equals the one-process one (up to summation order) for the methods without fitted factors and a
 model without dropout; KFAC / EK-FAC / diagonal factors are Monte-Carlo estimates whose probes depend on
 the rank (``tak.curvature.fit_kfac``), so those runs agree with one process only statistically.
@@ -12,6 +12,7 @@ the rank (``tak.curvature.fit_kfac``), so those runs agree with one process only
 Outputs in ``config.run_dir()``: ``task_vector.safetensors`` (``tak.TaskVector``), DELTA's
 ``teacher_task_vector.safetensors``, ``metrics.json``, ``checkpoint.safetensors``, ``config.yaml``.
 """
+import atexit
 import contextlib
 import hashlib
 import json
@@ -58,7 +59,13 @@ def _world(device: torch.device) -> tuple[int, int]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -86,18 +93,22 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 def _device(config: TrainConfig) -> torch.device:
     """``config.device``, or a GPU when there is one, else the CPU; a GPU named without an index is this process's
-    (``cuda:$LOCAL_RANK`` under torchrun, modulo the GPUs it sees; else the current one), so one device has one
-    spelling. Under torchrun a GPU named with another process's index is refused (two ranks on one GPU)."""
+    (``cuda:$LOCAL_RANK`` under torchrun, or cuda:0 where each process sees one GPU; else the current one), so one
+    device has one spelling. Two processes of a node on one GPU are refused: more processes than GPUs, or a GPU
+    named with another process's index."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" or not torch.cuda.is_available():
         return device
-    local = os.environ.get("LOCAL_RANK")
-    mine = torch.cuda.current_device() if local is None else int(local) % torch.cuda.device_count()
+    local, count = os.environ.get("LOCAL_RANK"), torch.cuda.device_count()
+    if local is not None and int(local) >= count > 1:
+        raise ValueError(f"LOCAL_RANK={local}, but this node's processes see {count} GPUs: two processes would train "
+                         f"on one GPU; start at most {count} processes per node (torchrun --nproc-per-node {count})")
+    mine = torch.cuda.current_device() if local is None else int(local) if count > 1 else 0
     if device.index is None:
         return torch.device("cuda", mine)
     if local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index != mine:
         raise ValueError(f"device={config.device!r}: under torchrun each process trains on its own GPU, and this one "
-                         f"(LOCAL_RANK={local}, {torch.cuda.device_count()} GPUs visible) has cuda:{mine}; "
+                         f"(LOCAL_RANK={local}, {count} GPUs visible) has cuda:{mine}; "
                          "give device='cuda' (or leave it unset)")
     return device
 
@@ -241,15 +252,33 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     present = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
-    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(present)
-    dist.all_reduce(flat)
-    flat /= world
     present = present.tolist()
-    offset = 0
-    for p, g, seen in zip(params, grads, present):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone() if seen else None
-        offset += g.numel()
+    for dtype in dict.fromkeys(g.dtype for g in grads):  # one all-reduce per dtype (T5 keeps its wo in fp32)
+        group = [i for i, g in enumerate(grads) if g.dtype == dtype]
+        flat = torch.cat([grads[i].reshape(-1) for i in group])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for i in group:
+            g = grads[i]
+            params[i].grad = g.copy_(flat[offset:offset + g.numel()].view_as(g)) if present[i] else None
+            offset += g.numel()
+
+
+def _check_resumed(ckpt: Path, step: int, saved_world: int, rank: int, world: int, device) -> None:
+    """Every process resumes at one step (a checkpoint folder shared by the nodes), else all of them stop; a run
+    resumed with another number of processes is warned that its τ will differ from an unbroken run's."""
+    if world > 1:
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        first, last = steps[0].item(), -steps[1].item()
+        if first != last:
+            raise ValueError(f"{ckpt}: the processes resume at steps {first} to {last} (this one, rank {rank}, at "
+                             f"{step}); all must read the same checkpoint: put --out on storage every node shares")
+    if step and saved_world != world:
+        warnings.warn(f"{ckpt}: resumed at step {step} by {world} processes, saved by {saved_world}: the batches' "
+                      "split and dropout masks change, so τ will differ from an unbroken run's", stacklevel=3)
 
 
 def _as_config(config: TrainConfig | dict | str) -> TrainConfig:
@@ -269,12 +298,11 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     rank, world = _world(device)
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
-    writer = _tensorboard(config, config.run_dir()) if is_main_rank() else None  # a missing package fails early
+    writer = _tensorboard(config, config.run_dir(), write=is_main_rank())  # a missing package fails early, everywhere
     torch.manual_seed(config.seed)
     backbone = _backbone(config, device)
     task = _task(config.task, config)
-    if is_main_rank():
-        config.run_dir().mkdir(parents=True, exist_ok=True)  # an --out that is a file fails now, not at a checkpoint
+    config.run_dir().mkdir(parents=True, exist_ok=True)  # an --out that is a file fails now (every rank), not later
     examples = task.split("train")
     if not examples or not task.split("val"):
         raise ValueError(f"task {task.name!r} has {len(examples)} labelled training examples and "
@@ -291,6 +319,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     digests = file_digests(config.factor_files)  # once: what the run was given, as it read them
     saved = {**config.to_dict(), "hparams": hp, **({"factor_digests": digests} if digests else {})}  # same files only
     step, progress = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else (0, {})
+    _check_resumed(ckpt, step, progress.get("world", world), rank, world, device)
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
                disable=not (config.progress and is_main_rank()))
@@ -305,8 +334,13 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         loss, terms = objective(to_device(inputs, device), labels.to(device), step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # the step's one host sync, once the backward is queued: the loss and its terms as numbers
-        value, *values = torch.stack([loss.detach().float(), *terms.values()]).tolist()
+        # the step's one host sync, once the backward is queued: the loss and its terms as numbers, averaged over
+        # the processes (every one sees a NaN of any and stops with it)
+        numbers = torch.stack([loss.detach().float(), *terms.values()])
+        if world > 1:
+            dist.all_reduce(numbers)
+            numbers /= world
+        value, *values = numbers.tolist()
         terms = dict(zip(terms, values))
         if not math.isfinite(value):
             last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
@@ -322,7 +356,8 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
             for k, v in terms.items():
                 writer.add_scalar(f"loss/{k}", v, step)
         if is_main_rank() and (step % config.checkpoint_every == 0 or step == config.steps):
-            checkpoint.save(ckpt, objective, optimizer, step, saved, {"terms": terms, "seconds": seconds})
+            checkpoint.save(ckpt, objective, optimizer, step, saved,
+                            {"terms": terms, "seconds": seconds, "world": world})
     bar.close()
     return _finish(config, backbone, task, objective, terms, seconds, writer, digests)
 
@@ -363,14 +398,15 @@ def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
     return path
 
 
-def _tensorboard(config: TrainConfig, run_dir: Path):
+def _tensorboard(config: TrainConfig, run_dir: Path, write: bool):
+    """The run's TensorBoard writer where ``write`` (rank 0), else None; a missing package is refused everywhere."""
     if not config.tensorboard:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard")) if write else None
 
 
 def _finish(config, backbone, task, objective, terms, seconds, writer, digests) -> TrainResult:
