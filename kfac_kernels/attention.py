@@ -73,10 +73,29 @@ def _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale):
     scale = D ** -0.5 if scale is None else float(scale)
     ct = _precision.compute_dtype(OP, **{n: t.dtype for n, t in named.items() if t is not None and n != "mask"})
     backend = _backend.select(OP, device, [ct])
-    if backend == "triton" and max(D, v.shape[3]) > MAX_HEAD_DIM:
-        raise ValueError(f"{OP}: the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D={D}, "
-                         f"Dv={v.shape[3]} (KFAC_KERNELS_BACKEND=torch runs the PyTorch reference)")
+    if backend == "triton":
+        if max(D, v.shape[3]) > MAX_HEAD_DIM:
+            raise ValueError(f"{OP}: the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D={D}, "
+                             f"Dv={v.shape[3]} (KFAC_KERNELS_BACKEND=torch runs the PyTorch reference)")
+        _check_offsets(named, full, max(D, v.shape[3]))
     return ct, backend, scale
+
+
+def _check_offsets(named: dict, full: tuple, width: int) -> None:
+    """The Triton kernels address within one (batch, head) slice in int32: refuse a slice of an input, of the
+    (B, H, Lq, Lk) broadcast of mask, bias and dbias, or of an output (laid out (B, L, H, ``width``)) that
+    reaches 2³¹ elements."""
+    B, H, Lq, Lk = full
+    reach = {"the outputs": (max(Lq, Lk) - 1) * H * width + width - 1}
+    for name, t in named.items():
+        if t is not None:
+            t = torch.broadcast_to(t, full) if name in ("mask", "bias", "dbias") else t
+            reach[name] = sum((n - 1) * s for n, s in zip(t.shape[2:], t.stride()[2:]))
+    name, largest = max(reach.items(), key=lambda item: item[1])
+    if largest >= 2**31:
+        raise ValueError(f"{OP}: one (batch, head) slice of {name} spans {largest + 1} elements, beyond the 2^31 "
+                         "that the Triton kernels' int32 offsets reach (shorter sequences, or the mask and bias "
+                         "as (B, 1, 1, Lk) key masks)")
 
 
 def _reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):

@@ -160,7 +160,8 @@ def cases():
             yield f"dual_linear {dtype} {d_in}->{d_out}", dual_linear
     for dtype in (torch.bfloat16, torch.float32):
         for L, D, bias in ((197, 64, False), (50, 64, False), (23, 64, True), (197, 64, True), (257, 80, False),
-                           (197, 128, True)):  # ViT, T5 (bias), ViT-H/14 (d = 80), T5-3B (d = 128)
+                           (197, 128, True), (77, 256, True)):  # ViT, T5 (bias), ViT-H/14
+            # (d = 80), T5-3B (d = 128), the largest head dim the kernels take
             q, k, v = (rand(2, 12, L, D, dtype=dtype) for _ in range(3))
             dq, dk, dv = (rand(2, 12, L, D, dtype=dtype).requires_grad_() for _ in range(3))
             mask = torch.rand(2, 1, 1, L, generator=g) > 0.2

@@ -219,6 +219,16 @@ def test_bad_input(change, message):
         dual_attention(**x, **kwargs)
 
 
+def test_slices_beyond_the_kernels_int32_offsets_are_refused(use_backend):
+    use_backend("triton")
+    L = 46_341  # L² > 2^31
+    q = torch.randn(1, 1, L, 16, device=DEVICE)
+    mask = torch.empty(L, L, dtype=torch.bool, device=DEVICE)  # never touched: refused before any launch
+    with pytest.raises(ValueError, match=f"one .batch, head. slice of mask spans {L * L} elements, beyond the 2"):
+        dual_attention(q, q, q, q, None, None, mask=mask)
+    dual_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], None, None, None, mask=mask[:5, :5])  # a view of it
+
+
 _PTX_PROBE = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -269,3 +279,23 @@ def test_gpu_vit_shapes(L, bias, dtype, use_backend):
     tol = TOL[dtype]
     assert rel_err(o, o_ref) <= tol and rel_err(do, do_ref) <= tol
     assert all(rel_err(g, r) <= tol for g, r in zip(grads, refs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["batch x heads over 65,535", "head dim 256 bf16", "head dim 256 tf32",
+                                  "fp64 primal, fp32 tangents"])
+def test_gpu_shapes_at_the_kernels_limits(case):
+    """One grid axis for B·H (CUDA's second and third stop at 65,535), the largest head dim (tiles that fit in
+    shared memory) and fp64 primal inputs with fp32 tangents (tiled as fp32), against the float64 jvp."""
+    if case.startswith("batch"):
+        x, tol = make_inputs(70_000, 1, 5, 5, 16, 16, mask="padding"), TOL[torch.float32]
+    elif case.startswith("head dim"):
+        dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
+        torch.set_float32_matmul_precision("high")
+        x = make_inputs(2, 4, 77, 77, 256, 256, mask="padding", bias="shared", dtype=dtype)
+        tol = TOL[torch.bfloat16] if dtype == torch.bfloat16 else TOL["tf32"]
+    else:
+        torch.set_float32_matmul_precision("high")
+        x, tol = make_inputs(2, 12, 197, 197, 128, 128, mask="padding"), TOL["tf32"]
+        x.update({n: x[n].double() for n in ("q", "k", "v")})
+    check(x, tol)

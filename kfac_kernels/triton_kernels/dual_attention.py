@@ -55,6 +55,16 @@ def _tile(ptr, rows, cols, s_r, s_c, n_r, n_c):
 
 
 @triton.jit
+def _program(L, H, BLOCK: tl.constexpr):
+    """(b, h, b·H + h) as int64 and the first of the BLOCK rows (of L) of this program: the grid is one axis
+    (axes 1 and 2 stop at 65,535), blocks of one (batch, head) in consecutive programs, which share its K, V."""
+    blocks = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    bh = (pid // blocks).to(tl.int64)
+    return bh // H, bh % H, bh, (pid % blocks) * BLOCK
+
+
+@triton.jit
 def _operand(x, DOT: tl.constexpr):
     """x (fp32) with the values a tile product in mode DOT multiplies: rounded to bf16 or fp16 (tf32 and
     IEEE as is). Row sums of it make the sums of rounding errors cancel against the means of V and K."""
@@ -108,10 +118,8 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * H + h
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, bh, first = _program(Lq, H, BLOCK_M)
+    rm = first + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     rdv = tl.arange(0, BLOCK_DV)
     k += b * s_kb + h * s_kh
@@ -201,10 +209,8 @@ def _dq_kernel(
     HAS_BIAS: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * H + h
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, bh, first = _program(Lq, H, BLOCK_M)
+    rm = first + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     rdv = tl.arange(0, BLOCK_DV)
     g_t = _tile(g + b * s_gb + h * s_gh, rm, rdv, s_gl, s_gd, Lq, DV)
@@ -260,10 +266,8 @@ def _dkdv_kernel(
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * H + h
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, h, bh, first = _program(Lk, H, BLOCK_N)
+    rn = first + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
     rdv = tl.arange(0, BLOCK_DV)
     q += b * s_qb + h * s_qh
@@ -312,17 +316,24 @@ def _config(kernel: str, rows: int, d: int, size: int, pairwise: bool, dot: str)
     IEEE fp32 ('ieee') multiplies on FMA units, which hold whole operand rows in registers: 16 × 16
     tiles, and 8 warps in the forward. Still spilling in their loops: the 'ieee' forward at d > 64,
     and the pairwise forward at d = 128 (T5-3B/11B), about 10 values per step; 16-bit operands, or
-    TF32 ('high' precision: spill-free with Triton 3.9, ~10 values per step with 3.6), avoid the first."""
+    TF32 ('high' precision: spill-free with Triton 3.9, ~10 values per step with 3.6), avoid the first.
+    Head dims over 128 (up to 256): 8 warps on 64 × 16 tiles in the backward and 32 × 16 in the forward (halved
+    for 32-bit operands), so that the tangents' tiles fit in shared memory; that forward spills about 100 values
+    per step. fp64 inputs with 32-bit or 16-bit tangents (``size`` 8) tile as 32-bit ones."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16)
     if dot == "ieee":
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if kernel == "forward" else 4, num_stages=2)
+    if d > 128:
+        own = (64 if size == 2 else 32) // (2 if kernel == "forward" else 1)
+        tiles = dict(BLOCK_M=16, BLOCK_N=own) if kernel == "dkdv" else dict(BLOCK_M=own, BLOCK_N=16)
+        return dict(**tiles, num_warps=8, num_stages=2)
     if kernel == "forward" and pairwise:
         narrow = size == 2 and d <= 64
         return dict(BLOCK_M=64, BLOCK_N=64 if narrow else 16, num_warps=8 if narrow else 4, num_stages=2)
-    wide = size == 4 and d > 64
+    wide = size >= 4 and d > 64
     own = 64 if rows <= 64 or wide else 128
-    step = 16 if wide else 32 if d > 64 or size == 4 else 64
+    step = 16 if wide else 32 if d > 64 or size >= 4 else 64
     warps = 8 if own == 128 else 4
     if kernel == "dkdv":
         return dict(BLOCK_M=step, BLOCK_N=own, num_warps=warps, num_stages=2)
@@ -375,8 +386,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, dq: Optional[Tensor], dk: Optional[
     size = max(t.element_size() for t in (q, k, v, dq, dk, dv) if t is not None)
     dot = dot_mode(ct)
     cfg = _config("forward", Lq, max(_pad(D), _pad(Dv)), size, bias is not None or dbias is not None, dot)
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), H, B)
-    _forward_kernel[grid](
+    _forward_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,)](
         q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o, do, lse,
         *q.stride(), *k.stride(), *v.stride(), *_strides(dq), *_strides(dk), *_strides(dv),
         *_strides(mask4), *_strides(bias4), *_strides(dbias4), *o.stride(), *_strides(do if tangent else None),
@@ -424,7 +434,7 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     if B * H * Lq:
         cfg = _config("dq", Lq, pads, size, bias is not None, dot)
         gdb_strides = _strides(None) if gdb is None else [s if n > 1 else 0 for s, n in zip(gdb.stride(), gdb.shape)]
-        _dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]), H, B)](
+        _dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,)](
             q, k, v, *pair_args, o, g, lse, delta, lse if gdq is None else k.sum(2, dtype=torch.float32) / max(Lk, 1),
             q if gdq is None else gdq, lse if gdb is None else gdb,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *o.stride(), *g.stride(),
@@ -433,7 +443,7 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         )
     if B * H * Lk and (gdk is not None or gdv is not None):
         cfg = _config("dkdv", Lk, pads, size, bias is not None, dot)
-        _dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]), H, B)](
+        _dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]) * H * B,)](
             q, k, v, *pair_args, g, lse, delta, q if gdk is None else gdk, q if gdv is None else gdv,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *g.stride(), *_strides(gdk), *_strides(gdv),
             H, Lq, Lk, D, Dv, scale, NEED_DK=gdk is not None, NEED_DV=gdv is not None, **common, **cfg,
