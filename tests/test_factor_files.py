@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import io
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -175,3 +176,14 @@ def test_a_run_resumes_only_with_files_of_the_contents_it_started_with(tmp_path)
     fit(tiny(tmp_path, task="subjectivity"), "kfac", path)  # another task's factors under the same name
     with pytest.raises(ValueError, match="checkpoint of a run with another config .*factor_digests"):
         tak.train(config)
+
+
+def test_a_file_fitted_on_features_computed_otherwise_is_used_with_a_warning(tmp_path):
+    path = fit(tiny(tmp_path, task="20news-part0"), "kfac", tmp_path / "20news.kfac.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the run's own settings: silent
+        tak.train(tiny(tmp_path / "same", "tak", tasks=["rotten_tomatoes"], factor_files=[str(path)]))
+    with pytest.warns(UserWarning, match=r"20news.kfac.safetensors: fitted with max_length=16 \(this run: 12\), "
+                                         r"backbone_options=\{\} \(this run: \{'logit_scale': 50.0\}\); its curvature"):
+        tak.train(tiny(tmp_path / "other", "tak", tasks=["rotten_tomatoes"], factor_files=[str(path)], max_length=12,
+                       backbone_options={"logit_scale": 50.0}))

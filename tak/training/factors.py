@@ -6,6 +6,8 @@ training inputs. ``drift_factors`` combines them as the method asks: the other t
 Eq. 8) or kept per task (Eq. 7), or the reference set's (DELTA; universal factors).
 """
 import hashlib
+import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,11 +75,13 @@ def content_digest(model, batches) -> str:
 
 
 def load_factor_files(kind: str, paths: list, backbone, layers: list[str], device, *, trained: str | None,
-                      fitted: list[str]) -> list:
+                      fitted: list[str], features: dict | None = None) -> list:
     """[(factors, training-set size)] of the factor files ``paths`` (``tak fit``: factors shared in place of the
     data) for a run on ``backbone`` that trains ``layers`` and fits factors of the tasks ``fitted`` from their data:
     ``kind`` files of its architecture and, where a file records them, its base model and pretrained tag; cut to
-    ``layers``; of tasks other than ``trained`` (None: any) and ``fitted``, each task once."""
+    ``layers``; of tasks other than ``trained`` (None: any) and ``fitted``, each task once. A file whose fit
+    recorded other ``features`` settings ({"max_length": ..., "backbone_options": ...}: how inputs become the
+    features whose curvature it holds) is used with a warning that names them."""
     loaded, seen = [], {}
     for path in paths:
         try:
@@ -113,9 +117,19 @@ def load_factor_files(kind: str, paths: list, backbone, layers: list[str], devic
             raise ValueError(f"factor file {path}: has no factors for {len(missing)} layers this run trains: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; fit it for them (tak fit --trainable "
                              "as this run's, or all layers)")
+        _warn_other_features(path, meta.get("fit") or {}, features or {})
         kept = type(factors)({n: lf for n, lf in factors.items() if n in layers}, meta)
         loaded.append((kept.to(device), size))
     return loaded
+
+
+def _warn_other_features(path, fit: dict, features: dict) -> None:
+    def same(a, b):
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    differ = [f"{k}={fit[k]!r} (this run: {v!r})" for k, v in features.items() if k in fit and not same(fit[k], v)]
+    if differ:
+        warnings.warn(f"factor file {path}: fitted with {', '.join(differ)}; its curvature is of features computed "
+                      "otherwise than this run's (fit it again with the run's settings to match them)", stacklevel=4)
 
 
 def file_digests(paths: list) -> list[str]:

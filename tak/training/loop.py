@@ -228,7 +228,8 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
                              "factor_files=[an EK-FAC file of one (tak fit --kind ekfac)]")
         home = torch.device("cpu") if config.offload_factors else device  # offloaded: never all on the GPU at once
         shared = load_factor_files(method.penalty, config.factor_files, backbone, fit["layers"], home,
-                                   trained=None if of_reference else config.task, fitted=[t.name for t in sources])
+                                   trained=None if of_reference else config.task, fitted=[t.name for t in sources],
+                                   features={k: getattr(config, k) for k in ("max_length", "backbone_options")})
         factors = drift_factors(method.penalty, backbone, sources, mode=config.factors,
                                 compression=config.compress, shared=shared, home=home, **fit)
         weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
