@@ -85,7 +85,7 @@ def _check_offsets(named: dict, full: tuple, width: int) -> None:
     """The Triton kernels address within one (batch, head) slice in int32: refuse a slice of an input, of the
     (B, H, Lq, Lk) broadcast of mask, bias and dbias, or of an output (laid out (B, L, H, ``width``)) that
     reaches 2³¹ elements."""
-    B, H, Lq, Lk = full
+    _, H, Lq, Lk = full
     reach = {"the outputs": (max(Lq, Lk) - 1) * H * width + width - 1}
     for name, t in named.items():
         if t is not None:
