@@ -1,10 +1,16 @@
 """Backward passes that autograd cannot differentiate again (the Triton kernels'): a second derivative
-through one raises a clear error instead of silently dropping terms.
+through one raises a clear error instead of silently dropping terms. ``output`` casts what a forward returns.
 """
 import functools
 
 import torch
 from torch._C import _functions
+
+
+def output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` as an ``autograd.Function.forward`` returns it: ``t`` itself when it has that dtype
+    (torch 2.11's ``torch.compile`` drops the gradients of an output returned through a no-op ``.to``)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def once_differentiable(op: str):

@@ -6,7 +6,6 @@ Auto: Triton for CUDA tensors of 16/32-bit floats when Triton is installed, PyTo
 CUDA C++ kernel (``covariance_update_``); the others run their Triton kernel under it.
 Nothing here imports Triton or touches CUDA.
 """
-import functools
 import importlib.util
 import os
 
@@ -16,9 +15,11 @@ BACKENDS = ("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None  # once, at import (torch.compile cannot trace find_spec)
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def interpreting() -> bool:

@@ -1,4 +1,6 @@
 """Argument checks shared by the ops: errors name the argument and its shape, dtype or device."""
+import dataclasses
+
 import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,8 +48,8 @@ def no_grad_needed(op: str, **named) -> None:
     if not torch.is_grad_enabled():
         return
     for name, x in named.items():
-        tensors = [x] if isinstance(x, torch.Tensor) else \
-            [v for v in getattr(x, "__dict__", {}).values() if isinstance(v, torch.Tensor)]
+        fields = [getattr(x, f.name) for f in dataclasses.fields(x)] if dataclasses.is_dataclass(x) else []
+        tensors = [x] if isinstance(x, torch.Tensor) else [v for v in fields if isinstance(v, torch.Tensor)]
         if any(t.requires_grad for t in tensors):
             raise ValueError(f"{op}: {name} requires grad, but gradients flow only to tau; pass {name}.detach()")
 

@@ -96,7 +96,7 @@ class _DualActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dx, h, dh, kind, backend):
         if backend == "torch":
-            y, dy = (t.to(x.dtype) for t in _torch_forward(x, dx, h, dh, kind))
+            y, dy = (_autograd.output(t, x.dtype) for t in _torch_forward(x, dx, h, dh, kind))
         else:
             from .triton_kernels import activation as tk
             y, dy = tk.forward(x, dx, h, dh, kind)

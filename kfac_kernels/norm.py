@@ -102,7 +102,7 @@ def _torch_forward(x, dx, w, dw, b, db, eps, rms):
         dy, db = part if dy is None else dy + part, None
     if db is not None:
         dy = db.expand_as(xa).contiguous() if dy is None else dy + db  # its own tensor, not a view of dβ
-    return y.to(x.dtype), dy.to(x.dtype), mean, rstd
+    return _autograd.output(y, x.dtype), _autograd.output(dy, x.dtype), mean, rstd
 
 
 def _torch_backward(g, x, mean, rstd, w, need_dx, need_dw, need_db, rms):

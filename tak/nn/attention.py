@@ -163,9 +163,9 @@ class _DualAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse, mask, bias)
         ctx.scale, ctx.block, ctx.dtypes = scale, block, [None if t is None else t.dtype for t in (dq, dk, dv, dbias)]
         ctx.dbias_shape = None if dbias is None else dbias.shape
-        o = o.to(dtype)
+        o, do = (t if t.dtype == dtype else t.to(dtype) for t in (o, do))  # no no-op .to: see _autograd.output
         ctx.mark_non_differentiable(o)
-        return o, do.to(dtype)
+        return o, do
 
     @staticmethod
     def backward(ctx, _, g):
