@@ -428,7 +428,8 @@ def _ddp_worker(rank, world, port, out, methods, overrides=None):
 
 def _stopping_worker(rank, world, port, out, case):
     """A torchrun-like process of a run that must stop on every rank: "nan" poisons rank 1's loss at step 1; "resume"
-    gives each rank an --out of its own (storage the nodes do not share). Each rank writes what stopped it."""
+    gives each rank an --out of its own (storage the nodes do not share); "disk full" fails rank 0's first
+    checkpoint. Each rank writes what stopped it."""
     import torch.distributed as dist
 
     _as_torchrun_process(rank, world, port)
@@ -439,10 +440,14 @@ def _stopping_worker(rank, world, port, out, case):
             loss, terms = forward(self, batch, labels, step)
             return (loss * float("nan") if step == 1 else loss), terms
         Objective.forward = poisoned
+    if case == "disk full" and rank == 0:
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        checkpoint.save = full
     config = toy_config(Path(out, f"rank{rank}") if case == "resume" else out, "linear")
     try:
         tak.train(dataclasses.replace(config, device="cpu"))
-    except (FloatingPointError, ValueError) as e:
+    except (FloatingPointError, ValueError, OSError) as e:
         Path(out, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
     finally:
         if dist.is_initialized():
@@ -487,17 +492,19 @@ def test_two_gloo_processes_train_the_task_vector_of_one(tmp_path, toys):
                 torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12, msg=f"{method} {name} {k}")
 
 
-@pytest.mark.parametrize("case", ["nan", "resume"])
+@pytest.mark.parametrize("case", ["nan", "resume", "disk full"])
 def test_a_run_that_stops_on_one_process_stops_on_every_process(tmp_path, toys, case):
     if case == "resume":  # rank 0's --out holds a finished run's checkpoint, rank 1's none
         with pytest.warns(UserWarning, match="generic torch.func.jvp path"):
             tak.train(dataclasses.replace(toy_config(tmp_path / "rank0", "linear"), device="cpu"))
     spawn(_stopping_worker, (2, free_port(), str(tmp_path), case), nprocs=2, timeout=120)
     stopped = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    expected = ("FloatingPointError: linear/toy-blobs: loss is nan at step 1" if case == "nan" else
-                "ValueError: .*checkpoint.safetensors: the processes resume at steps 0 to 3")
-    for rank, text in enumerate(stopped):
-        assert re.match(expected, text), (rank, text)
+    expected = {"nan": ["FloatingPointError: linear/toy-blobs: loss is nan at step 1"] * 2,
+                "resume": ["ValueError: .*checkpoint.safetensors: the processes resume at steps 0 to 3"] * 2,
+                "disk full": [r"OSError: \[Errno 28\] No space left on device",
+                              r"OSError: rank 0 failed to write its files"]}[case]
+    for rank, (pattern, text) in enumerate(zip(expected, stopped)):
+        assert re.match(pattern, text), (rank, text)
 
 
 def test_registered_backbones_load_by_name_and_are_listed(toys):

@@ -37,6 +37,19 @@ def all_reduce_sums(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def on_main_rank(write, device) -> None:
+    """``write()`` on rank 0 (the one process without torch.distributed), the others waiting for it; where it raises
+    there, every rank raises (the others an OSError naming rank 0), so none is left waiting in a collective."""
+    error = None
+    if is_main_rank():
+        try:
+            write()
+        except Exception as e:  # re-raised below, once the other ranks have heard of it
+            error = e
+    if not on_every_rank(error is None, device):
+        raise error if error is not None else OSError("rank 0 failed to write its files (its error says why)")
+
+
 def on_every_rank(flag: bool, device) -> bool:
     """Whether ``flag`` holds on every rank (``flag`` itself without torch.distributed): one all-reduce."""
     if not is_distributed():

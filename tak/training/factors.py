@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
 from ..curvature import storage
-from ..curvature.distributed import is_main_rank, on_every_rank, rank, world_size
+from ..curvature.distributed import on_every_rank, on_main_rank, rank, world_size
 from ..curvature.outputs import to_device
 from ..evaluation import loader
 from .config import parse_compression
@@ -57,8 +57,8 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     factors = fit(backbone.model, shard, output_fn=backbone.features, mc_samples=mc_samples, layers=layers,
                   seed=seed, progress=progress)
     factors.meta.update(task=name, base_model=backbone.name)  # the base model, for the message if a model is refused
-    if path is not None and is_main_rank():  # every rank holds the same factors: rank 0 writes them
-        factors.save(path)
+    if path is not None:  # every rank holds the same factors: rank 0 writes them
+        on_main_rank(lambda: factors.save(path), device)
     return factors if home is None else factors.to(home)
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..backbones import load_backbone
-from ..curvature.distributed import is_distributed, is_main_rank
+from ..curvature.distributed import is_distributed, is_main_rank, on_main_rank
 from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import accuracy
@@ -356,9 +356,9 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         if writer is not None:
             for k, v in terms.items():
                 writer.add_scalar(f"loss/{k}", v, step)
-        if is_main_rank() and (step % config.checkpoint_every == 0 or step == config.steps):
-            checkpoint.save(ckpt, objective, optimizer, step, saved,
-                            {"terms": terms, "seconds": seconds, "world": world})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            on_main_rank(lambda: checkpoint.save(ckpt, objective, optimizer, step, saved,
+                                                 {"terms": terms, "seconds": seconds, "world": world}), device)
     bar.close()
     return _finish(config, backbone, task, objective, terms, seconds, writer, digests)
 
@@ -392,10 +392,7 @@ def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
                         train_examples=sum(len(t.split("train")) for t in tasks),
                         fit={k: getattr(config, k) for k in ("factor_examples", "mc_samples", "seed", "max_train",
                                                               "max_length", "backbone_options")})
-    if is_main_rank():
-        factors.save(path)
-    if is_distributed():
-        dist.barrier()  # every process may read the file once this returns
+    on_main_rank(lambda: factors.save(path), device)  # every process may read the file once this returns
     return path
 
 
@@ -430,7 +427,8 @@ def _finish(config, backbone, task, objective, terms, seconds, writer, digests) 
     tv = TaskVector({k: v.cpu() for k, v in objective.task_vector().items()}, meta)  # not kept on the GPU
     run_dir = config.run_dir()
     path = run_dir / "task_vector.safetensors"
-    if is_main_rank():
+
+    def write():
         tv.save(path)
         if objective.teacher is not None:
             TaskVector({k: v.cpu() for k, v in objective.teacher.task_vector().items()},
@@ -443,4 +441,5 @@ def _finish(config, backbone, task, objective, terms, seconds, writer, digests) 
             for k in ("val", "test"):
                 writer.add_scalar(f"accuracy/{k}", metrics[k], config.steps)
             writer.close()
+    on_main_rank(write, kw["device"])
     return TrainResult(tv, path, metrics)
