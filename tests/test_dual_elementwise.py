@@ -298,7 +298,7 @@ def test_second_derivatives(backend, op):
     vs = [torch.randn_like(t) for t in tangents]
     if op == "layer_norm":
         dual, definition, second_primal = (lambda dx, dw: kk.dual_layer_norm(x, dx, w, dw, b, None)[1],
-                                           lambda x, w: layer_norm_def(x, w, b.double(), 1e-5), w)
+                                           lambda x, w: layer_norm_def(x, w, b.double().cpu(), 1e-5), w)
     elif op == "rms_norm":
         dual, definition, second_primal = (lambda dx, dw: kk.dual_rms_norm(x, dx, w, dw)[1],
                                            lambda x, w: rms_norm_def(x, w, None, 1e-6), w)
@@ -306,8 +306,9 @@ def test_second_derivatives(backend, op):
         dual, definition, second_primal = (lambda dx, dh: kk.dual_activation(x, dx, op, gate=h, dgate=dh)[1],
                                            lambda x, h: DEFINITIONS[op](x) * h, h)
 
-    def loss64(*ts):
-        return (jvp(definition, (x.double(), second_primal.double()), ts)[1] ** 2 * u.double()).sum()
+    def loss64(*ts):  # on the CPU, as check_hvp's float64 leaves
+        primals = (x.double().cpu(), second_primal.double().cpu())
+        return (jvp(definition, primals, ts)[1] ** 2 * u.double().cpu()).sum()
 
     leaves = [t.requires_grad_() for t in tangents]
     check_hvp((dual(*leaves) ** 2 * u).sum(), leaves, vs, loss64, backend, 1e-5,

@@ -13,8 +13,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-# Tolerances on rel_err by compute dtype: IEEE fp32, tf32, bf16 and fp16 operands.
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, "tf32": 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Tolerances on rel_err by compute dtype: IEEE fp32, tf32, bf16 and fp16 operands. tf32 keeps 10 mantissa bits, and
+# Triton's tf32 products truncate fp32 operands to them (cuBLAS rounds): about 2^-10 per operand, hence 4e-3.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, "tf32": 4e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def legacy_fingerprint(model) -> str:
