@@ -429,9 +429,8 @@ def _ddp_worker(rank, world, port, out, methods, overrides=None):
 def _stopping_worker(rank, world, port, out, case):
     """A torchrun-like process of a run that must stop on every rank: "nan" poisons rank 1's loss at step 1; "resume"
     gives each rank an --out of its own (storage the nodes do not share); "disk full" fails rank 0's first
-    checkpoint. Each rank writes what stopped it."""
-    import torch.distributed as dist
-
+    checkpoint. Each rank writes what stopped it, then leaves at once: the stop came after its last collective, and
+    tearing the process group down with a peer already gone can abort gloo's threads."""
     _as_torchrun_process(rank, world, port)
     if case == "nan" and rank == 1:
         forward = Objective.forward
@@ -449,9 +448,7 @@ def _stopping_worker(rank, world, port, out, case):
         tak.train(dataclasses.replace(config, device="cpu"))
     except (FloatingPointError, ValueError, OSError) as e:
         Path(out, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        os._exit(0)
 
 
 def free_port() -> int:
