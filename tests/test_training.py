@@ -412,25 +412,19 @@ def _as_torchrun_process(rank, world, port) -> None:
 
 
 def _ddp_worker(rank, world, port, out, methods, overrides=None):
-    """One torchrun-like process: ``tak.train`` as a user calls it."""
-    import torch.distributed as dist
-
+    """One torchrun-like process: ``tak.train`` as a user calls it; it leaves at once when done (see below)."""
     _as_torchrun_process(rank, world, port)
-    try:
-        for method in methods:
-            config = {**toy_config(out, method).to_dict(), "device": "cpu", **(overrides or {})}
-            tak.train(TrainConfig.from_dict(config))
-        Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world(torch.device("cpu")))))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for method in methods:
+        config = {**toy_config(out, method).to_dict(), "device": "cpu", **(overrides or {})}
+        tak.train(TrainConfig.from_dict(config))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(list(loop._world(torch.device("cpu")))))
+    os._exit(0)  # no process-group teardown: gloo's, with both ranks tearing down at once, can abort (SIGABRT)
 
 
 def _stopping_worker(rank, world, port, out, case):
     """A torchrun-like process of a run that must stop on every rank: "nan" poisons rank 1's loss at step 1; "resume"
     gives each rank an --out of its own (storage the nodes do not share); "disk full" fails rank 0's first
-    checkpoint. Each rank writes what stopped it, then leaves at once: the stop came after its last collective, and
-    tearing the process group down with a peer already gone can abort gloo's threads."""
+    checkpoint. Each rank writes what stopped it, then leaves at once (after its last collective; see _ddp_worker)."""
     _as_torchrun_process(rank, world, port)
     if case == "nan" and rank == 1:
         forward = Objective.forward
