@@ -199,6 +199,9 @@ def _demo(args) -> int:
         if unknown:
             raise ValueError(f"--methods: {unknown} not in the demo's methods {demo.METHODS}")
     results = demo.run(args.out, quick=args.quick, device=args.device, methods=methods)
+    from .curvature.distributed import is_main_rank
+    if not is_main_rank():  # under torchrun: one table, not one per process
+        return 0
     print(demo.table(results))
     print(f"\nwrote {args.out / 'results.json'}, {args.out / 'report.md'} and plots ({results['seconds']} s)")
     return 0

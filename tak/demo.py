@@ -23,6 +23,7 @@ from .arithmetic.compose import Evaluator
 from .arithmetic.plots import alpha_sweeps, bar_table
 from .arithmetic.protocols import task_addition
 from .arithmetic.report import Report, markdown_table
+from .curvature.distributed import on_main_rank
 from .data import get_task
 from .io import write_text
 from .task_vector import TaskVector
@@ -80,7 +81,7 @@ def run(out="tak-demo", *, quick: bool = False, device=None, progress: bool = Tr
             "joint": addition.joint,
         }
     results["seconds"] = round(time.time() - started, 1)
-    _write(out, results)
+    on_main_rank(lambda: _write(out, results), backbone.device)  # under torchrun: one writer, the others wait
     return results
 
 
