@@ -119,6 +119,24 @@ def test_merge_refuses_mixed_regimes_and_unknown_merges(runs):
     assert not (out / "x.st").exists()
 
 
+def test_eval_refuses_a_control_read_from_the_targets_own_files(runs, monkeypatch, tmp_path):
+    """A data root that is one dataset's folder serves any task name: the control would be scored on the target's
+    data."""
+    out, paths = runs
+    from tak.arithmetic import evaluate
+    real = evaluate.get_task
+
+    def from_one_folder(name, **kwargs):
+        task = real(name, **kwargs)
+        task.source = str(tmp_path / "eurosat")
+        return task
+    monkeypatch.setattr(evaluate, "get_task", from_one_folder)
+    code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", "--control", TASKS[1],
+                           *EVAL_SMALL, "--out", tmp_path / "negation")
+    assert code == 2 and f"--control '{TASKS[1]}' would be read from {TASKS[0]}'s own files" in err
+    assert "--data-root" in err and not (tmp_path / "negation").exists()
+
+
 def test_eval_addition_with_analyses_negation_and_report(runs):
     out, paths = runs
     added = out / "addition"

@@ -395,6 +395,35 @@ def test_folder_layout_vision_task(tmp_path):
     assert joint.split("test")[4][0].mode == "RGB" and joint.split("test")[1:3].labels == [0, 0]
 
 
+@pytest.mark.parametrize("split_files", [True, False])
+def test_resisc45_in_torchgeos_layout(tmp_path, split_files):
+    """The official archive's NWPU-RESISC45/{class}/ with torchgeo's resisc45-{train,val,test}.txt (the split files of
+    the task-arithmetic code), or without them a fixed 20% held out as test."""
+    images = tmp_path / "resisc45" / "NWPU-RESISC45"
+    for cls in ("airplane", "sea_ice"):
+        folder = images / cls
+        folder.mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (4, 4), i).save(folder / f"{cls}_{i:03d}.jpg")
+    test = {"airplane_001.jpg", "airplane_007.jpg", "sea_ice_004.jpg"}
+    if split_files:
+        every = {p.name for p in images.rglob("*.jpg")}
+        (tmp_path / "resisc45" / "resisc45-test.txt").write_text("\n".join(sorted(test)) + "\n")
+        (tmp_path / "resisc45" / "resisc45-val.txt").write_text("sea_ice_009.jpg\n")  # unused: val comes from train
+        (tmp_path / "resisc45" / "resisc45-train.txt").write_text("\n".join(sorted(every - test - {"sea_ice_009.jpg"})))
+    task = get_task("resisc45", root=str(tmp_path))
+    data = splits(task)
+    assert task.classes == ["airplane", "sea ice"] and task.source == str(images)
+    names = {s: {path.name for path in data[s].keys} for s in data}
+    assert not (names["train"] & names["val"]) and not ((names["train"] | names["val"]) & names["test"])
+    if split_files:
+        assert names["test"] == test and len(names["train"] | names["val"]) == 16
+        assert data["test"].labels == [0, 0, 1]
+    else:
+        assert len(names["test"]) == 4 and len(names["train"] | names["val"]) == 16
+    assert all(data["test"][i][1] == (path.parent.name == "sea_ice") for i, path in enumerate(data["test"].keys))
+
+
 def test_folder_layout_skips_hidden_folders_and_files(tmp_path):
     for split in ("train", "test"):
         for cls in ("cat", "dog"):
@@ -419,6 +448,44 @@ def test_a_torchvision_split_without_labels_is_refused_with_the_files_that_have_
     unlabelled = type("FER2013", (), {"root": "/data", "_samples": [(None, None)]})()
     with pytest.raises(ValueError, match="FER2013 under /data: this split has no labels.*fer2013.csv"):
         vision._tv_labels(unlabelled)
+
+
+def test_a_torchvision_split_is_in_the_sorted_order_of_its_files():
+    """SUN397 lists its images by a directory walk, in the filesystem's order: the split sorts them, so a seed
+    draws the same val/test on every copy of the data."""
+    files = [f"/d/{c}/{i}.jpg" for c, i in (("b", 2), ("a", 1), ("b", 0), ("a", 3))]
+    walked = type("SUN397", (), {"_image_files": files, "_labels": [1, 0, 1, 0], "__len__": lambda self: 4,
+                                 "__getitem__": lambda self, i: (self._image_files[i], self._labels[i])})()
+    split = vision._tv_split(walked)
+    assert [walked[k][0] for k in split.keys] == sorted(files) and split.labels == [0, 0, 1, 1]
+    assert [walked[k][1] for k in split.keys] == split.labels
+
+
+def test_missing_torchvision_names_the_layouts(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(tmp_path / 'cifar-100-python'))}.*needs torchvision"):
+        get_task("cifar100", root=str(tmp_path))
+
+
+def test_missing_test_files_are_named_when_the_task_is_made(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "train-images-idx3-ubyte", np.zeros((3, 28, 28)))
+    write_idx(raw / "train-labels-idx1-ubyte", np.zeros(3))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "MNIST/raw/*-ubyte"))):
+        get_task("mnist", root=str(tmp_path))  # not at the first evaluation, after training
+
+
+def test_sources_name_the_files_a_task_reads(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            write_images(tmp_path / "pets" / split / cls, 2)
+    bare = str(tmp_path / "pets")  # one dataset's folder: any vision task name finds it
+    assert get_task("dtd", root=bare).source == get_task("eurosat", root=bare, max_train=2).source == bare
+    part = get_task("dtd-part1of2", root=bare)
+    assert (part.source, part.parent) == (bare, "dtd")
+    assert joint_task(partition_classes(get_task("dtd", root=bare), 2)).source == bare
+    assert get_task("rotten_tomatoes").source is None
 
 
 def test_readable_class_names():

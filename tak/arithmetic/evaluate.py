@@ -80,6 +80,13 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
 
     def get(name):  # a task no task vector is of (negation's control): the first one's root
         return get_task(name, root=roots.get(name, roots[tvs[0].task]), max_train=max_train, max_test=max_test)
+    if protocol == "negation":
+        target_task, control_task = get(tv.task), get(control)
+        datasets = {t.parent or t.name for t in (target_task, control_task)}  # parts of one dataset share files
+        if control_task.source is not None and control_task.source == target_task.source and len(datasets) == 2:
+            raise ValueError(f"--control {control!r} would be read from {tv.task}'s own files ({target_task.source}, a "
+                             f"dataset's folder, which any task name finds); pass --data-root with the folder that "
+                             f"holds {control}/")
     alphas = list(DEFAULT_ALPHAS if alphas is None else alphas)
     if not alphas:
         raise ValueError("alphas is empty")
@@ -89,7 +96,7 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     results = {"task_vectors": [str(p) for p in paths], "regime": tvs[0].regime, "base_model": meta["base_model"],
                "methods": sorted({str(tv.meta.get("method")) for tv in tvs}), "protocol": protocol}
     if protocol == "negation":
-        result = task_negation(backbone, tv, get(tv.task), get(control), alphas=alphas, **kw)
+        result = task_negation(backbone, tv, target_task, control_task, alphas=alphas, **kw)
         # "target" / "control" are the accuracies (NegationResult); the task names get keys of their own
         results["negation"] = {**result.to_dict(), "target_task": tv.task, "control_task": control}
         curves = {"target": (list(result.val_curve), [v["target"] for v in result.val_curve.values()]),

@@ -59,11 +59,11 @@ def stratified_subsample(examples: Sequence, n: int | None, seed: int = 0) -> Se
 
 
 def task_from_splits(name: str, classes: list[str], modality: str, templates: list[str], load_train, load_test,
-                     licence: str = "", seed: int = 0) -> Task:
+                     licence: str = "", seed: int = 0, source: str | None = None) -> Task:
     """A task whose val split is ``validation_split(load_train(), seed=seed)`` and train the rest."""
     train_val = functools.cache(lambda: validation_split(load_train(), seed=seed))
     loaders = {"train": lambda: train_val()[0], "val": lambda: train_val()[1], "test": load_test}
-    return Task(name, list(classes), modality, list(templates), loaders, licence)
+    return Task(name, list(classes), modality, list(templates), loaders, licence, source=source)
 
 
 def subsample_task(task: Task, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> Task:
@@ -78,7 +78,7 @@ def subsample_task(task: Task, max_train: int | None = None, max_test: int | Non
         return stratified_subsample(task.split(split), n, split_seed)
 
     loaders = {s: functools.partial(load, s) for s in SPLITS}
-    return Task(task.name, task.classes, task.modality, task.templates, loaders, task.licence, task.parent)
+    return Task(task.name, task.classes, task.modality, task.templates, loaders, task.licence, task.parent, task.source)
 
 
 def subset_classes(task: Task, classes, name: str) -> Task:
@@ -106,7 +106,7 @@ def subset_classes(task: Task, classes, name: str) -> Task:
 
     loaders = {s: functools.partial(load, s) for s in SPLITS}
     return Task(name, [task.classes[i] for i in index], task.modality, task.templates, loaders, task.licence,
-                task.parent or task.name)
+                task.parent or task.name, task.source)
 
 
 def partition_classes(task: Task, n_parts: int, seed: int = 0, name: str = "{task}-part{k}of{n}") -> list[Task]:
@@ -167,8 +167,9 @@ def joint_task(parts: list[Task]) -> Task:
 
     parent = {p.parent for p in parts}
     name = f"{parent.pop()}-joint" if len(parent) == 1 and None not in parent else "+".join(p.name for p in parts)
+    sources = {p.source for p in parts}
     return Task(name, names, first.modality, first.templates, {s: functools.partial(load, s) for s in SPLITS},
-                "; ".join(dict.fromkeys(p.licence for p in parts)))
+                "; ".join(dict.fromkeys(p.licence for p in parts)), source=sources.pop() if len(sources) == 1 else None)
 
 
 def class_partitions(tasks: list[Task]) -> list[list[Task]]:

@@ -18,7 +18,8 @@ class Task:
     their embeddings); loaders: split name -> function returning that split's examples;
     licence: where the data comes from and under which licence (reports quote it); parent: the task
     whose classes this one's are a subset of (``subset_classes``, the class-partition protocol), None
-    for a task of its own."""
+    for a task of its own; source: where its files were read (a folder, with the torchvision class that read it
+    if one did), None for data that packages ship: two tasks of one source read the same files."""
 
     name: str
     classes: list[str]
@@ -27,6 +28,7 @@ class Task:
     loaders: dict[str, Callable[[], Sequence]]
     licence: str = ""
     parent: str | None = None
+    source: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

@@ -320,7 +320,7 @@ def nli_task(name: str, root: str, seed: int = 0):
         raise FileNotFoundError(f"{title}: {folder} has no labelled split among {_TEST_SPLITS}")
 
     return task_from_splits(name, classes, "text-pair", _NLI_TEMPLATES, load_train, load_test,
-                            f"{licence}; local copy in {folder}", seed)
+                            f"{licence}; local copy in {folder}", seed, str(folder))
 
 
 register_task("rotten_tomatoes", rotten_tomatoes, "Rotten Tomatoes review sentiment, negative/positive (embedded, "

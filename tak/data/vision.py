@@ -110,7 +110,7 @@ def folder_task(name: str, folder: Path, templates: list[str], seed: int = 0, nu
                for f in folders]
     return task_from_splits(name, classes, "image", templates, lambda: _folder_split(folder / "train", folders),
                             lambda: _folder_split(folder / "test", folders), f"local copy in {folder}; the "
-                            "dataset's own terms apply", seed)
+                            "dataset's own terms apply", seed, str(folder))
 
 
 # --- the 14-Vision datasets ----------------------------------------------------------------------
@@ -162,7 +162,8 @@ VISION = {
                      'a zoomed in photo of a "{}" traffic sign.', _GTSRB),
     "mnist": _Vision("MNIST", "MNIST", {"train": True}, {"train": False}, "MNIST/raw/*-ubyte",
                      'a photo of the number "{}".', _DIGITS),
-    "resisc45": _Vision("RESISC45", None, None, None, "", "satellite imagery of {}."),
+    "resisc45": _Vision("RESISC45", None, None, None, "resisc45/{NWPU-RESISC45/{class}/*.jpg,resisc45-{train,test}.txt}",
+                        "satellite imagery of {}."),
     "sun397": _Vision("SUN397", "SUN397", {}, None, "SUN397/{ClassName.txt,a/abbey/sun_*.jpg,...}",
                       "a photo of a {}, a type of place."),
     "svhn": _Vision("SVHN", "SVHN", {"split": "train"}, {"split": "test"}, "{train,test}_32x32.mat",
@@ -203,7 +204,12 @@ def _tv_labels(ds) -> list[int]:
 
 
 def _tv_split(ds) -> ImageSplit:
-    return ImageSplit(lambda i: ds[i][0], range(len(ds)), _tv_labels(ds))
+    """The dataset's examples, in the sorted order of their files where the class lists them from a directory
+    walk (SUN397's ``rglob``: the filesystem's order), so a seed draws the same val/test on every copy."""
+    labels = _tv_labels(ds)
+    files = getattr(ds, "_image_files", None)
+    order = sorted(range(len(ds)), key=lambda i: str(files[i])) if files is not None else range(len(ds))
+    return ImageSplit(lambda i: ds[i][0], order, [labels[i] for i in order])
 
 
 def torchvision_task(name: str, root: str, seed: int = 0):
@@ -219,29 +225,62 @@ def torchvision_task(name: str, root: str, seed: int = 0):
     train = cls(root, **spec.train, **no_download)
     if spec.test is None:
         load_train, load_test = _held_out_test(lambda: _tv_split(train))
-    else:
-        load_train, load_test = (lambda: _tv_split(train)), (lambda: _tv_split(cls(root, **spec.test, **no_download)))
+    else:  # the test files are found now, not at the first evaluation after training
+        test = cls(root, **spec.test, **no_download)
+        load_train, load_test = (lambda: _tv_split(train)), (lambda: _tv_split(test))
     classes = spec.classes or [readable(c) for c in train.classes]
     return task_from_splits(name, classes, "image", spec.templates, load_train, load_test,
                             f"{spec.title}: local copy under {root} (torchvision layout); the dataset's own terms "
-                            "apply", seed)
+                            "apply", seed, f"{root} ({spec.tv_class})")
+
+
+def resisc45_files(folder: Path, seed: int = 0):
+    """RESISC45 as torchgeo and the task-arithmetic code keep it: the images ``{folder}/NWPU-RESISC45/{class}/*.jpg``
+    (the official archive), the file names of each split in ``{folder}/resisc45-{train,test}.txt`` (their val split
+    is not used: val is drawn from train); without those files, a fixed 20% (seed 0) of the images is test. None
+    where ``folder`` holds no ``NWPU-RESISC45/``."""
+    images = folder / "NWPU-RESISC45"
+    classes = _class_folders(images) if images.is_dir() else []
+    if not classes:
+        return None
+    spec, lists = VISION["resisc45"], [folder / f"resisc45-{split}.txt" for split in ("train", "test")]
+    if all(f.is_file() for f in lists):
+        def load(names: Path):
+            keep = set(names.read_text().split())
+            every = _folder_split(images, classes)
+            return every.subset([i for i, path in enumerate(every.keys) if path.name in keep])
+        load_train, load_test, held_out = (lambda: load(lists[0])), (lambda: load(lists[1])), "torchgeo's splits"
+    else:
+        load_train, load_test = _held_out_test(lambda: _folder_split(images, classes))
+        held_out = "no split files: a fixed 20% held out as test"
+    return task_from_splits("resisc45", [readable(c) for c in classes], "image", spec.templates, load_train, load_test,
+                            f"{spec.title}: local copy in {images} ({held_out}); the dataset's own terms apply", seed,
+                            str(images))
 
 
 def vision_task(name: str, root: str, seed: int = 0):
-    """A 14-Vision task: the folder layout under ``{root}/{name}`` or ``root`` if there, else torchvision's."""
+    """A 14-Vision task: the folder layout under ``{root}/{name}`` or ``root`` if there, else torchvision's (for
+    RESISC45, which torchvision lacks: torchgeo's, ``resisc45_files``)."""
     spec = VISION[name]
     for folder in (Path(root) / name, Path(root)):
         if _has_splits(folder):
             return folder_task(name, folder, spec.templates, seed, spec.classes)
     expected = (f"{spec.title}: no data found. Expected the folder layout {Path(root) / name}/{{train,test}}/"
                 "{class}/*.jpg")
-    if spec.tv_class is None:
-        raise FileNotFoundError(expected)
+    if name == "resisc45":
+        for folder in (Path(root) / name, Path(root)):
+            task = resisc45_files(folder, seed)
+            if task is not None:
+                return task
+        raise FileNotFoundError(f"{expected}, or torchgeo's layout {Path(root) / spec.layout}")
     try:
         return torchvision_task(name, root, seed)
     except RuntimeError as e:  # torchvision's "Dataset not found"
         raise FileNotFoundError(f"{expected}, or torchvision's {spec.tv_class} layout {Path(root) / spec.layout} "
                                 f"(torchvision said: {e})") from None
+    except ImportError as e:
+        raise FileNotFoundError(f"{expected}, or torchvision's {spec.tv_class} layout {Path(root) / spec.layout}, "
+                                f"which needs torchvision ({e})") from None
 
 
 # --- ImageNet-R ----------------------------------------------------------------------------------
@@ -316,7 +355,7 @@ def imagenet_r(root: str, seed: int = 0):
             return task_from_splits("imagenet_r", [imagenet_class_name(f) for f in folders], "image",
                                     spec.templates, load_train, load_test,
                                     f"{spec.title}: local copy in {folder} (official layout, a fixed 20% held out "
-                                    "as test); the dataset's own terms apply", seed)
+                                    "as test); the dataset's own terms apply", seed, str(folder))
     if _has_splits(root):
         return folder_task("imagenet_r", root, spec.templates, seed, class_name=imagenet_class_name)
     raise FileNotFoundError(f"{spec.title}: no data found. Expected the official tarball's layout "
@@ -378,7 +417,7 @@ def fashion_mnist(root=None, seed=0):
 
 for _name, _spec in VISION.items():
     register_task(_name, functools.partial(vision_task, _name), f"{_spec.title} (local: folder layout"
-                  + (f" or torchvision {_spec.tv_class})" if _spec.tv_class else ")"))
+                  + (f" or torchvision {_spec.tv_class})" if _spec.tv_class else " or torchgeo's NWPU-RESISC45/)"))
 register_task("imagenet_r", imagenet_r, "ImageNet-R, 200 classes (local: the official imagenet-r/{wnid}/ layout "
               "with a fixed 20% test, or folder layout)")
 register_task("digits", digits, "scikit-learn 8x8 handwritten digits, 10 classes (embedded)")
