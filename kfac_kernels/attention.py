@@ -70,7 +70,7 @@ def _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale):
     named = dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, mask=mask, bias=bias, dbias=dbias)
     device = _validate.same_device(OP, **named)
     _validate.constant_primal(OP, q=q, k=k, v=v, bias=bias)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = (D ** -0.5 if D else 1.0) if scale is None else float(scale)  # D = 0: every score is 0 anyway
     ct = _precision.compute_dtype(OP, **{n: t.dtype for n, t in named.items() if t is not None and n != "mask"})
     backend = _backend.select(OP, device, [ct])
     if backend == "triton":

@@ -93,7 +93,10 @@ class _DualLinear(torch.autograd.Function):
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, dx, w, dw, b, db))
         ctx.save_for_backward(w if need_x or need_dx else None, dw if need_x else None,
                               x if need_w or need_dw else None, dx if need_w else None)
-        return _kernels(backend)[0](x, dx, w, dw, b, db, ct)
+        y, dy = _kernels(backend)[0](x, dx, w, dw, b, db, ct)
+        if not (need_x or need_w or ctx.needs_input_grad[4]):  # a constant primal: the next dual op takes y as it is
+            ctx.mark_non_differentiable(y)
+        return y, dy
 
     @staticmethod
     def backward(ctx, gy, gdy):

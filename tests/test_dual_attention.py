@@ -166,6 +166,14 @@ def test_no_keys(backend):
     assert not x["dq"].grad.any()
 
 
+def test_no_head_dim(backend):
+    """D = 0 (default scale): every score is 0, so each query weighs the keys equally."""
+    x = make_inputs(2, 1, 5, 7, 0, 16)
+    o, do = dual_attention(**x)
+    mean = {n: x[n].mean(-2, keepdim=True).expand_as(o) for n in ("v", "dv")}
+    assert rel_err(o, mean["v"]) <= TOL[torch.float32] and rel_err(do, mean["dv"]) <= TOL[torch.float32]
+
+
 def test_autocast_keeps_the_compute_dtype(backend):
     """Under torch.autocast (bf16) fp32 inputs still multiply in fp32 (the reference's products would be bf16)."""
     x = make_inputs(2, 2, 7, 33, 16, 16, mask="padding", bias="shared")

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kfac_kernels as kk
 from kfac_kernels import dual
 from kfac_kernels.dual import dual_linear
 
@@ -103,6 +104,23 @@ def test_linearized_training_case(backend, monkeypatch, rows):
     assert products == [1, 1]  # grad_dx = gdy W and grad_dW = gdyᵀ x, nothing of the primal
     assert sorted(t.data_ptr() for t in saved) == sorted([x.data_ptr(), w.data_ptr()])
     assert x.grad is None and w.grad is None and b.grad is None
+
+
+def test_a_constant_primal_output_feeds_the_next_dual_op(backend):
+    """Only the tangents require grad: y is a constant (as the other dual ops' primal outputs), so a linearized
+    chain passes it on as it is; the chain's gradient in dW is that of the float64 jvp."""
+    x, dx, w, dw, b, db = make_inputs((5,), 33, 7, device=DEVICE)
+    dw.requires_grad_()
+    y, dy = dual_linear(x, dx, w, dw, b, db)
+    assert not y.requires_grad and dy.requires_grad
+    h, dh = kk.dual_activation(y, dy, "gelu")
+    leaf = dw.detach().double().requires_grad_()
+    ref = torch.func.jvp(lambda x, w, b: F.gelu(F.linear(x, w, b)), (x.double(), w.double(), b.double()),
+                         (dx.double(), leaf, db.double()))
+    assert rel_err(h, ref[0]) <= TOL[torch.float32] and rel_err(dh, ref[1]) <= TOL[torch.float32]
+    dh.square().sum().backward()
+    ref[1].square().sum().backward()
+    assert rel_err(dw.grad, leaf.grad) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
