@@ -274,6 +274,8 @@ def test_clip_zero_shot_head_and_features(tiny_clip):
     with pytest.raises(ValueError, match="takes \\('image',\\) inputs"):
         clip.head(task("txt", ["a", "b"]))
     assert clip.meta()["source"]["library"] == "open_clip"
+    from tak.curvature.layers import find_layers
+    assert clip.last_layer == "proj" == list(find_layers(clip.model))[-1]  # TAK Sec. E's last layer
 
 
 def test_clip_release_text_tower(tiny_clip):

@@ -288,6 +288,16 @@ def test_last_layer_weight_skips_the_exact_dense_blocks():
     assert all(w == 1.0 for n, w in weights.items() if n != "2")
 
 
+def test_last_layer_weight_goes_to_the_backbones_last_layer_or_to_none():
+    """The layer a backbone names (CLIP's proj) gets the weight; where it is not factored (attn_only_tak trains no
+    proj), no layer does: the last trained attention layer is not the model's last layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    factors = tak.fit_kfac(model, [torch.randn(6, 5, dtype=torch.float64)], progress=False)
+    assert layer_weights(factors, last_layer_weight=0.1, last_layer="0") == {"0": 0.1, "2": 1.0}
+    assert layer_weights(factors, last_layer_weight=0.1, last_layer="proj") == {"0": 1.0, "2": 1.0}
+
+
 @pytest.mark.parametrize("kind", ["kfac", "ekfac", "diagonal"])
 def test_last_layer_weight_skips_layers_the_features_do_not_reach(kind):
     """A linear layer after the features (BERT's pooler under mean pooling) has zero curvature: the 0.1

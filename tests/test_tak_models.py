@@ -1,6 +1,8 @@
 """Converted dual models against their sources: same primal outputs, tangent = torch.func.jvp of the source
 w.r.t. its parameters along τ (float64, tiny configs with random weights), τ-gradients = autograd of
 that jvp; task-vector naming; MiniLM (shipped weights) with padding in fp32."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -173,6 +175,28 @@ def test_t5_for_conditional_generation(ff):
     batch["decoder_attention_mask"] = (torch.arange(6)[None] < torch.tensor([[6], [3]])).long()
     dual = check(model, batch, ["logits", "encoder_last_hidden_state"], tol=TOL_T5, grads=ff == "gated-gelu")
     assert "lm_head.weight" not in dual.task_vector()  # tied to shared.weight: one τ
+
+
+@pytest.mark.parametrize("trainable", [None, ["*SelfAttention*"]])
+def test_t5_in_16_bits_with_wo_in_fp32(trainable):
+    """from_pretrained(dtype=float16) keeps DenseReluDense.wo in fp32 (_keep_in_fp32_modules): the residual stream
+    turns fp32 after it and the 16-bit RMSNorms bring it back, in the dual model as in the source; its outputs are
+    the fp16 model's and its tangent the float64 jvp's, to fp16 precision, with a frozen wo too."""
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(tiny_t5_config("gated-gelu")).half().eval()
+    for block in [*model.encoder.block, *model.decoder.block]:
+        block.layer[-1].DenseReluDense.wo.float()
+    model.decoder.config.use_cache = False
+    batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
+    batch["decoder_input_ids"] = torch.randint(0, 37, (2, 6))
+    dual = to_dual(model, trainable=trainable)
+    taus = randomize(dual, std=0.02)
+    y, dy = dual(**batch)
+    with torch.no_grad():
+        plain = model(**batch).logits
+    y_ref, dy_ref, _ = reference(copy.deepcopy(model).double(), {n: t.double() for n, t in taus.items()}, batch)
+    assert y.logits.dtype == plain.dtype == torch.float16 and rel_err(y.logits, plain) <= 2e-3
+    assert rel_err(y.logits, y_ref.logits) <= 1e-2 and rel_err(dy.logits, dy_ref.logits) <= 1e-2
 
 
 def dropping_models():

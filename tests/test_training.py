@@ -188,6 +188,24 @@ def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
             TrainConfig(**values)
 
 
+def test_every_compression_of_tak_sec_f6_is_a_config_value():
+    """int8, truncated eigendecompositions by rank or by the fraction of the rank kept, block-diagonal, magnitude
+    pruning: each spelling gives tak.compress's arguments; fractions outside (0, 1) are refused."""
+    from tak.training.config import parse_compression
+    assert [parse_compression(s) for s in ("int8", "eigen:3", "eigen:0.25", "blockdiag:4", "prune:0.3")] == [
+        {"method": "int8"}, {"method": "eigen", "rank": 3}, {"method": "eigen", "fraction": 0.25},
+        {"method": "blockdiag", "k": 4}, {"method": "prune", "keep": 0.3}]
+    for spec in ("prune:1", "prune:0", "eigen:1.5", "eigen:-0.5", "prune:x", "blockdiag:0.5", "int8:2"):
+        with pytest.raises(ValueError, match=f"compress={spec!r}: expected"):
+            parse_compression(spec)
+
+
+@pytest.mark.parametrize("spec", ["eigen:0.5", "prune:0.3"])
+def test_tak_trains_with_pruned_or_fraction_truncated_factors(shared_out, spec):
+    result = tak.train(tiny(shared_out / spec.replace(":", "-"), "tak", compress=spec))
+    assert result.task_vector.meta["config"]["compress"] == spec and result.metrics["test"] >= 0
+
+
 def test_paper_defaults_by_modality():
     """TAK App. E / DELTA App. B: language task vectors at lr 3e-4, weight decay 0.01, KFAC β 20, DELTA γ 0.01."""
     from tak.methods import hyperparameter_defaults

@@ -55,6 +55,7 @@ class Backbone:
     model: nn.Module
     modalities: tuple[str, ...]
     source: dict | None = None
+    last_layer: str | None = None  # the model's last layer (TAK's last-layer weight), None: see methods.layer_weights
 
     def inputs(self, examples: list):
         """Model inputs (a tensor or a dict of tensors) for a list of raw inputs (str, (str, str), PIL)."""

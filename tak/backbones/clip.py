@@ -31,6 +31,7 @@ class CLIPBackbone(Backbone):
     def __init__(self, clip: nn.Module, preprocess, tokenizer, *, name: str, source: dict | None = None,
                  logit_scale: float | None = None):
         self.name, self.clip, self.model = name, clip, clip.visual
+        self.last_layer = "proj" if isinstance(getattr(clip.visual, "proj", None), nn.Parameter) else None
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.logit_scale = float(clip.logit_scale.exp().item()) if logit_scale is None else float(logit_scale)
         self.source = source or {"spec": name}

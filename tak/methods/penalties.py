@@ -14,17 +14,20 @@ import torch
 from .._selection import selects
 
 
-def layer_weights(factors, *, last_layer_weight: float = 1.0, patterns: dict | None = None) -> dict[str, float]:
-    """{layer: w}: ``last_layer_weight`` for the last factored linear layer with non-zero curvature (TAK
-    Sec. E uses 0.1; the exact LayerNorm / class-token blocks, listed after the linear layers, are not it,
-    nor is a layer the features do not reach, e.g. BERT's pooler under mean pooling), then ``patterns``
-    ({glob: w}, later patterns win) over the layer names."""
+def layer_weights(factors, *, last_layer_weight: float = 1.0, patterns: dict | None = None,
+                  last_layer: str | None = None) -> dict[str, float]:
+    """{layer: w}: ``last_layer_weight`` for the model's last layer (TAK Sec. E: 0.1 on CLIP's ``proj``), then
+    ``patterns`` ({glob: w}, later patterns win) over the layer names. The last layer is ``last_layer`` where the
+    backbone names it (``Backbone.last_layer``; not factored, e.g. untrained: no layer gets the weight), else the
+    last factored linear layer with non-zero curvature (the exact LayerNorm / class-token blocks, listed after the
+    linear layers, are not it, nor is a layer the features do not reach, e.g. BERT's pooler under mean pooling)."""
     layers = _layers(factors)
     names = list(layers)
     weights = {n: 1.0 for n in names}
     linear = [n for n in names if getattr(layers[n], "weight", None) is not None and _reached(layers[n])]
-    if linear:
-        weights[linear[-1]] = float(last_layer_weight)
+    last = (linear[-1:] if last_layer is None else [last_layer] if last_layer in layers else [])
+    for n in last:
+        weights[n] = float(last_layer_weight)
     for pattern, w in (patterns or {}).items():
         hits = [n for n in names if selects(pattern, n)]
         if not hits:

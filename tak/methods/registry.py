@@ -48,6 +48,11 @@ _TEXT = {"lr": 3e-4, "weight_decay": 0.01}
 _TAK_TEXT = {**_TEXT, "beta": 20.0, "last_layer_weight": 1.0}
 _DELTA_TEXT = {**_TEXT, "beta": 20.0, "beta_teacher": 20.0, "gamma": 0.01}
 
+
+def _without(defaults: dict, *keys: str) -> dict:
+    """``defaults`` less the hyperparameters an ablation does not have (so a value set for one is refused)."""
+    return {k: v for k, v in defaults.items() if k not in keys}
+
 METHODS = {m.name: m for m in [
     Method("nonlinear", "standard fine-tuning of all parameters", "nonlinear", defaults=_BASELINE,
            source="Ilharco et al. 2022", text_defaults=_TEXT),
@@ -67,12 +72,14 @@ METHODS = {m.name: m for m in [
     Method("delta", "non-linear student distilled along the path from a linearized EK-FAC teacher", "nonlinear",
            penalty="ekfac", teacher=True, defaults=_DELTA, source="DELTA Alg. 1, App. B", text_defaults=_DELTA_TEXT),
     Method("delta_no_teacher", "DELTA ablation: student with EK-FAC penalty, no teacher", "nonlinear",
-           penalty="ekfac", defaults=_DELTA, source="DELTA Sec. 5 ablations", text_defaults=_DELTA_TEXT),
+           penalty="ekfac", defaults=_without(_DELTA, "beta_teacher", "gamma"), source="DELTA Sec. 5 ablations",
+           text_defaults=_without(_DELTA_TEXT, "beta_teacher", "gamma")),
     Method("delta_no_ekfac", "DELTA ablation: along-path distillation without curvature penalties", "nonlinear",
-           teacher=True, defaults={**_DELTA, "beta": 0.0, "beta_teacher": 0.0}, source="DELTA Sec. 5 ablations",
-           text_defaults={**_DELTA_TEXT, "beta": 0.0, "beta_teacher": 0.0}),
+           teacher=True, defaults=_without(_DELTA, "beta", "beta_teacher", "last_layer_weight"),
+           source="DELTA Sec. 5 ablations", text_defaults=_without(_DELTA_TEXT, "beta", "beta_teacher")),
     Method("delta_lora", "DELTA with a LoRA student", "nonlinear", penalty="ekfac", teacher=True, student="lora",
-           defaults={**_DELTA, "lr": 3e-4, "lora_rank": 16}, source="DELTA App. A (PEFT)", text_defaults=_DELTA_TEXT),
+           defaults={**_DELTA, "lr": 3e-4, "lora_rank": 16}, text_defaults=_DELTA_TEXT,
+           source="DELTA App. A names PEFT (LoRA) without settings; lr 3e-4 and rank 16 are ours, LoRA's usual ones"),
 ]}
 
 

@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ..nn import DualAttention, linear
-from ..nn.base import add, apply
+from ..nn.base import add, apply, cast
 from .base import Builder, DualModel, activation
 
 
@@ -57,7 +57,9 @@ class DualT5Block(nn.Module):
 
     def feed_forward(self, x, dx):
         gate = self.wi_gate(x, dx) if self.gated else (None, None)
-        return self.wo(*self.drop_hidden(*self.act(*self.wi(x, dx), *gate)))
+        h, dh = self.drop_hidden(*self.act(*self.wi(x, dx), *gate))
+        dtype = self.wo.weight.dtype  # a 16-bit T5 keeps wo in fp32 (_keep_in_fp32_modules): HF casts to it
+        return self.wo(cast(h, dtype), cast(dh, dtype))
 
     def forward(self, x, dx, mask, bias, dbias, enc=None, denc=None, enc_mask=None):
         h, dh = self.drop_self(*self.self_attn(*self.norm_self(x, dx), mask=mask, bias=bias, dbias=dbias))

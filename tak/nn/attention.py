@@ -21,7 +21,7 @@ from torch import nn
 
 import kfac_kernels as kk
 
-from .base import add, apply
+from .base import add, apply, cast
 from .dropout import dropout_mask
 from .linear import DualLinear
 
@@ -163,7 +163,7 @@ class _DualAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse, mask, bias)
         ctx.scale, ctx.block, ctx.dtypes = scale, block, [None if t is None else t.dtype for t in (dq, dk, dv, dbias)]
         ctx.dbias_shape = None if dbias is None else dbias.shape
-        o, do = (t if t.dtype == dtype else t.to(dtype) for t in (o, do))  # no no-op .to: see _autograd.output
+        o, do = cast(o, dtype), cast(do, dtype)
         ctx.mark_non_differentiable(o)
         return o, do
 

@@ -80,3 +80,8 @@ def apply(fn, t: torch.Tensor | None) -> torch.Tensor | None:
     """fn(t) for a linear map fn (reshape, slice, ...) of a tangent; None stays None."""
     return None if t is None else fn(t)
 
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype``; ``t`` itself where it has it (no ``.to`` that torch 2.11's compile could drop
+    gradients through, see ``kfac_kernels._autograd.output``), None for None."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kfac_kernels as kk
 
-from .base import DualModule
+from .base import DualModule, cast
 
 
 def layer_norm(x, dx, weight, dweight, bias, dbias, eps):
@@ -22,12 +22,19 @@ def layer_norm(x, dx, weight, dweight, bias, dbias, eps):
 
 def rms_norm(x, dx, weight, dweight, eps):
     """(y, dy) of y = γ x̂, x̂ = x r, r = (mean(x²) + eps)^(-1/2), over the last dim of x (..., d):
-    dy = γ r (dx − x̂ mean(x̂ ⊙ dx)) + dγ x̂. γ (d,) or None. Statistics in fp32 for 16-bit x."""
+    dy = γ r (dx − x̂ mean(x̂ ⊙ dx)) + dγ x̂. γ (d,) or None. Statistics in fp32 for 16-bit x; y, dy in
+    T5LayerNorm's dtype: a 16-bit γ's, else x's promoted with γ's (a 16-bit T5 keeps ``wo`` in fp32, so its
+    residual stream turns fp32 and its norms bring it back to 16 bits)."""
+    half = (torch.float16, torch.bfloat16)
+    out = weight.dtype if weight is not None and weight.dtype in half else \
+        x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
     if dx is None and dweight is None:
-        xa = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xa = x.float() if x.dtype in half else x
         y = xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps)
-        return (y if weight is None else y * weight).to(x.dtype), None
-    return kk.dual_rms_norm(x, dx, weight, dweight, eps=eps)
+        return (y if weight is None else y * weight).to(out), None
+    y, dy = kk.dual_rms_norm(x, dx, weight, dweight, eps=eps)
+    return cast(y, out), cast(dy, out)
+
 
 
 class DualLayerNorm(DualModule):

@@ -45,7 +45,8 @@ def _text(name: str, value, optional: bool):
 
 
 def parse_compression(spec: str | None) -> dict | None:
-    """"int8", "eigen:<rank>", "blockdiag:<k>" -> ``tak.compress`` arguments."""
+    """"int8", "eigen:<rank>", "eigen:<fraction>", "blockdiag:<k>", "prune:<keep>" -> ``tak.compress`` arguments
+    (TAK Sec. F.6: truncated eigendecompositions keeping a fraction of the rank, magnitude pruning)."""
     if spec is None:
         return None
     method, _, arg = spec.partition(":")
@@ -53,8 +54,21 @@ def parse_compression(spec: str | None) -> dict | None:
         return {"method": "int8"}
     if method in ("eigen", "blockdiag") and arg.isdigit() and int(arg) >= 1:
         return {"method": method, ("rank" if method == "eigen" else "k"): int(arg)}
-    raise ValueError(f"TrainConfig.compress={spec!r}: expected 'int8', 'eigen:<rank>' or 'blockdiag:<k>' (rank, "
-                     "k ≥ 1)")
+    share = _fraction(arg)
+    if method in ("eigen", "prune") and share is not None:
+        return {"method": method, ("fraction" if method == "eigen" else "keep"): share}
+    raise ValueError(f"TrainConfig.compress={spec!r}: expected 'int8', 'eigen:<rank>' (rank ≥ 1), 'eigen:<fraction>' "
+                     "(of each factor's rank), 'blockdiag:<k>' (k ≥ 1) or 'prune:<keep>' (the share of entries kept); "
+                     "fractions in (0, 1)")
+
+
+def _fraction(text: str) -> float | None:
+    """``text`` as a number in (0, 1), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < 1 else None
 
 
 def read_yaml(path) -> dict:
@@ -141,8 +155,8 @@ class TrainConfig:
                               f"beta_teacher too); {_PAPER}")
     beta_teacher: float | None = _key(None, f"delta: weight β^T of the teacher's EK-FAC penalty; {_PAPER}")
     gamma: float | None = _key(None, f"delta: weight γ of the along-path distillation; {_PAPER}")
-    last_layer_weight: float | None = _key(None, f"penalty weight of the last factored layer (TAK Sec. E: 0.1 on "
-                                           f"CLIP); {_PAPER}")
+    last_layer_weight: float | None = _key(None, f"penalty weight of the model's last layer (TAK Sec. E: 0.1 on "
+                                           f"CLIP's proj; none where it is not trained); {_PAPER}")
     layer_weights: dict[str, float] = _key({}, "penalty weights of layers by name pattern, PATTERN=WEIGHT,...")
     lora_rank: int | None = _key(None, f"delta_lora: rank of the LoRA student; {_PAPER}")
     trainable: str | list[str] | None = _key(None, "what is trained: 'all', 'attention', or parameter name patterns "
@@ -155,7 +169,8 @@ class TrainConfig:
     factors: str = _key("merged", "tak: 'merged' (TAK Eq. 8) or 'per_task' (Eq. 7) factors of the other tasks")
     factor_examples: int = _key(256, "training examples per task that the factors are fitted on")
     mc_samples: int = _key(1, "Monte-Carlo probes per example when fitting the factors")
-    compress: str | None = _key(None, "compressed factors: 'int8', 'eigen:<rank>' or 'blockdiag:<k>'")
+    compress: str | None = _key(None, "compressed factors: 'int8', 'eigen:<rank>', 'eigen:<fraction>', "
+                                "'blockdiag:<k>' or 'prune:<keep>' (fractions in (0, 1))")
     penalty_every: int = _key(1, "apply the penalty at every N-th step only (TAK Fig. 8)")
     offload_factors: bool = _key(False, "keep the factors on the CPU between penalty steps")
     max_train: int | None = _key(None, "training examples per task, a class-stratified subsample (validation keeps "

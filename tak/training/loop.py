@@ -235,7 +235,7 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
         factors = drift_factors(method.penalty, backbone, sources, mode=config.factors,
                                 compression=config.compress, shared=shared, home=home, **fit)
         weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
-                                patterns=config.layer_weights)
+                                patterns=config.layer_weights, last_layer=backbone.last_layer)
         penalty = CurvaturePenalty(factors, hp["beta"], weights=weights, every=config.penalty_every,
                                    offload=config.offload_factors, device=device)
         teacher_penalty = penalty.with_beta(hp.get("beta_teacher", hp["beta"])) if method.teacher else None
@@ -423,7 +423,8 @@ def _finish(config, backbone, task, objective, terms, seconds, writer, digests) 
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
             "data_root": None if config.data_root is None else str(Path(config.data_root).resolve()),
-            "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics}
+            "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics,
+            "config": config.to_dict()}  # the whole run (penalty options, tasks, compression, ...), as config.yaml
     if digests:
         meta["factor_files"] = [{"path": str(Path(f).resolve()), "sha256": d} for f, d in zip(config.factor_files, digests)]
     tv = TaskVector({k: v.cpu() for k, v in objective.task_vector().items()}, meta)  # not kept on the GPU
