@@ -7,8 +7,8 @@ test accuracy (and each task's individual accuracy), and the merged model's accu
 problem of the two 20 Newsgroups parts (10 topics together: the class-partition protocol of TAK
 Sec. F.7). Writes ``results.json``, plots and ``report.md`` to ``--out``.
 
-The profiles trade fidelity for time: the papers fine-tune every layer for 2,000 steps of batch
-128; the demo fine-tunes the top encoder layers (the rest of the network still runs forward, and the
+The profiles trade fidelity for time: the task-arithmetic setup the papers build on (Ilharco et al. 2023)
+fine-tunes every layer for 2,000 steps of batch 128; the demo fine-tunes the top encoder layers (the rest of the network still runs forward, and the
 penalties and linearization act on the trained layers) for tens of steps at one learning rate for
 all methods (3e-4, TAK's). The other hyperparameters are the papers' text settings (T5: weight
 decay 0.01, β = 20, γ = 0.01).

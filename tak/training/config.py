@@ -146,7 +146,7 @@ class TrainConfig:
                                  "tasks need none")
     out: str = _key("runs", "output folder; the run writes to {out}/{method}/{task}, factors are cached in "
                     "{out}/factors")
-    steps: int = _key(2000, "optimizer steps")
+    steps: int = _key(2000, "optimizer steps (2,000 at batch 128: the task-arithmetic setup of Ilharco et al. 2023)")
     batch_size: int = _key(128, "examples per step (all processes together)")
     lr: float | None = _key(None, f"AdamW learning rate, cosine schedule to 0; {_PAPER}")
     weight_decay: float | None = _key(None, f"AdamW weight decay; {_PAPER}")
