@@ -244,7 +244,8 @@ def _merge(args) -> int:
     from .arithmetic.merges import merge
     from .task_vector import TaskVector, check_compatible
 
-    repeated = sorted({str(p) for p in args.task_vectors if args.task_vectors.count(p) > 1})
+    resolved = [p.resolve() for p in args.task_vectors]  # one file however it is spelled
+    repeated = sorted({str(p) for p, r in zip(args.task_vectors, resolved) if resolved.count(r) > 1})
     if repeated:
         raise ValueError(f"task vectors given more than once: {repeated}")
     if args.out.is_dir():

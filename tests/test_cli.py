@@ -4,6 +4,7 @@ valid ones; ``--config`` YAML with flag overrides."""
 import contextlib
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def test_merge_refuses_mixed_regimes_and_unknown_merges(runs):
     assert mixed.regime is None and mixed.meta["mixed_regimes"] == ["linear", "nonlinear"]
     code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], paths["nonlinear", TASKS[0]], "--out", out / "x.st")
     assert code == 2 and "given more than once" in err
+    spelled = Path(os.path.relpath(paths["nonlinear", TASKS[0]]))  # the same file, another spelling
+    code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]].resolve(), spelled, "--out", out / "x.st")
+    assert code == 2 and "given more than once" in err
     code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], paths["nonlinear", TASKS[1]], "--out", out)
     assert code == 2 and "a folder; name the merged task vector's file" in err
     code, _, err = tak_cli("merge", paths["nonlinear", TASKS[0]], "--method", "tiez", "--out", out / "x.st")
@@ -163,7 +167,8 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     for args, message in ((["--merge", "tiez"], "unknown merge 'tiez'"), (["--k", "0.2"], "--k applies to --merge ties"),
                           (["--control", TASKS[1]], "--target and --control apply to the negation protocol only"),
                           (["--analyses", "--protocol", "negation", "--control", TASKS[1]], "need the addition protocol"),
-                          (["--protocol", "negation", "--control", TASKS[0]], f"--control '{TASKS[0]}' is the task negated")):
+                          (["--protocol", "negation", "--target", TASKS[0], "--control", TASKS[0]],
+                           f"--control '{TASKS[0]}' is the task negated")):
         code, _, err = tak_cli("eval", *[paths["nonlinear", t] for t in TASKS], *args, *EVAL_SMALL, "--out", out / "x")
         assert code == 2 and message in err, err
     code, _, err = tak_cli("eval", paths["nonlinear", TASKS[0]], "--analyses", *EVAL_SMALL, "--out", out / "x")
@@ -172,6 +177,9 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     negated = out / "negation"
     code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", *EVAL_SMALL, "--out", negated)
     assert code == 2 and "negation needs --control" in err
+    code, _, err = tak_cli("eval", paths["linear", TASKS[0]], paths["linear", TASKS[1]], "--protocol", "negation",
+                           "--control", "20news-part0", *EVAL_SMALL, "--out", negated)
+    assert code == 2 and "negation negates one task vector, got 2" in err and "--target" in err
     code, _, err = tak_cli("eval", paths["linear", TASKS[0]], "--protocol", "negation", "--target", TASKS[1],
                            "--control", TASKS[1], *EVAL_SMALL, "--out", negated)
     assert code == 2 and f"--target '{TASKS[1]}': none of the task vectors is of that task" in err
@@ -263,7 +271,7 @@ def test_every_command_option_has_a_help_line():
     for f in dataclasses.fields(TrainConfig):
         flag, help_line = f"--{f.name.replace('_', '-')} VALUE", " ".join(f.metadata["help"].split())
         assert help_line and f"{flag} {help_line}" in text, f.name
-    assert "--steps VALUE optimizer steps [default: 2000]" in text and "(validation keeps max_train // 9)" in text
+    assert "--steps VALUE optimizer steps (2,000 at batch 128" in text and "[default: 2000]" in text and "(validation keeps max_train // 9)" in text
     assert "--tasks VALUE all tasks that will be merged" in text and "[default: []]" not in text
     for command in ("demo", "fit", "merge", "eval", "report"):
         code, text, _ = tak_cli(command, "--help")

@@ -233,7 +233,9 @@ def test_values_a_method_does_not_use_are_refused_before_anything_loads(tmp_path
     for method, values, match in [
             ("nonlinear", {"beta": 5.0, "gamma": 2.0}, r"beta=5.0, gamma=2.0: method 'nonlinear' does not use them"),
             ("tak", {"lora_rank": 4}, r"lora_rank=4: method 'tak' does not use it \(its hyperparameters: \['beta', "),
-            ("delta", {"lora_rank": 4}, "lora_rank=4: method 'delta' does not use it")]:
+            ("delta", {"lora_rank": 4}, "lora_rank=4: method 'delta' does not use it"),
+            ("delta_no_ekfac", {"beta": 50.0}, "beta=50.0: method 'delta_no_ekfac' does not use it"),
+            ("delta_no_teacher", {"gamma": 3.0}, "gamma=3.0: method 'delta_no_teacher' does not use it")]:
         with pytest.raises(ValueError, match=match):
             tak.train(tiny(tmp_path, method, **values))
     assert TrainConfig(method="delta", last_layer_weight=0.5).hyperparameters(METHODS["delta"].defaults)[
@@ -241,9 +243,30 @@ def test_values_a_method_does_not_use_are_refused_before_anything_loads(tmp_path
 
 
 def test_curvature_options_of_a_method_without_curvature_are_refused(tmp_path):
-    for method, values in [("nonlinear", {"compress": "int8"}), ("tau_jp", {"factors": "per_task", "universal": True})]:
+    for method, values in [("nonlinear", {"compress": "int8"}), ("tau_jp", {"factors": "per_task", "universal": True}),
+                           ("tau_jp", {"mc_samples": 4})]:
         with pytest.raises(ValueError, match=f"method '{method}' has no curvature penalty, so .* would do nothing"):
             tak.train(tiny(tmp_path, method, **values))
+    for method in ("nonlinear", "delta_no_ekfac"):
+        with pytest.raises(ValueError, match=f"method '{method}' has no penalty, so penalty_every=5 would do nothing"):
+            tak.train(tiny(tmp_path, method, penalty_every=5))
+
+
+def test_tasks_whose_inputs_the_backbone_does_not_take_are_refused(tmp_path):
+    for key, method in (("tasks", "tak"), ("reference", "delta")):
+        with pytest.raises(ValueError, match=rf"TrainConfig.{key}: backbone 'minilm' takes .* not those of "
+                                             r"\['digits \(image\)'\]"):
+            tak.train(tiny(tmp_path, method, **{key: ["rotten_tomatoes", "digits"]}))
+
+
+def test_a_task_listed_twice_and_fields_set_after_the_config_was_made_are_refused(tmp_path):
+    for key in ("tasks", "reference"):
+        with pytest.raises(ValueError, match=rf"TrainConfig.{key}: \['a'\] listed more than once"):
+            TrainConfig(**{key: ["a", "b", "a"]})
+    config = tiny(tmp_path)
+    config.steps = 0  # tak.train checks the fields again
+    with pytest.raises(ValueError, match="steps must be ≥ 1, got 0"):
+        tak.train(config)
 
 
 def test_a_beta_set_alone_sets_the_teachers_too_and_the_paper_defaults_fill_the_rest():

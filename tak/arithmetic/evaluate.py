@@ -51,6 +51,9 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     if protocol == "negation":  # the arguments are checked before a backbone is loaded
         if control is None:
             raise ValueError("negation needs --control (the task whose accuracy must be kept)")
+        if target is None and len(tvs) > 1:
+            raise ValueError(f"negation negates one task vector, got {len(tvs)} ({[t.task for t in tvs]}): give one "
+                             "file, or --target <task> to pick one")
         tv = tvs[0] if target is None else next((t for t in tvs if t.task == target), None)
         if tv is None:
             raise ValueError(f"--target {target!r}: none of the task vectors is of that task "

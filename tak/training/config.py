@@ -146,7 +146,7 @@ class TrainConfig:
                                  "tasks need none")
     out: str = _key("runs", "output folder; the run writes to {out}/{method}/{task}, factors are cached in "
                     "{out}/factors")
-    steps: int = _key(2000, "optimizer steps (2,000 at batch 128: the task-arithmetic setup of Ilharco et al. 2023)")
+    steps: int = _key(2000, "optimizer steps (2,000 at batch 128: the task arithmetic setup of Ilharco et al. 2023)")
     batch_size: int = _key(128, "examples per step (all processes together)")
     lr: float | None = _key(None, f"AdamW learning rate, cosine schedule to 0; {_PAPER}")
     weight_decay: float | None = _key(None, f"AdamW weight decay; {_PAPER}")
@@ -231,6 +231,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.factor_files: an empty path in {self.factor_files!r}")
         self.tasks = expand_parts(self.tasks)
         self.reference = expand_parts(self.reference)
+        for name in ("tasks", "reference"):  # twice would count a task's factors twice in the merge
+            twice = sorted({t for t in getattr(self, name) if getattr(self, name).count(t) > 1})
+            if twice:
+                raise ValueError(f"TrainConfig.{name}: {twice} listed more than once")
         if not isinstance(self.backbone_options, dict):
             raise ValueError(f"TrainConfig.backbone_options must be a mapping of option names, got {self.backbone_options!r}")
         taken = sorted({"pretrained", "max_length", "device"} & set(self.backbone_options))

@@ -14,6 +14,7 @@ Outputs in ``config.run_dir()``: ``task_vector.safetensors`` (``tak.TaskVector``
 """
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -154,6 +155,15 @@ def _task(name: str, config: TrainConfig):
     return get_task(name, root=config.data_root, max_train=config.max_train, max_test=config.max_test)
 
 
+def _inputs_of(backbone, tasks: list, key: str) -> list:
+    """``tasks``, whose inputs the factors or τJp read, once the backbone is known to take their modality."""
+    wrong = [f"{t.name} ({t.modality})" for t in tasks if t.modality not in backbone.modalities]
+    if wrong:
+        raise ValueError(f"TrainConfig.{key}: backbone {backbone.name!r} takes {backbone.modalities} inputs, not "
+                         f"those of {wrong}")
+    return tasks
+
+
 def trained_layers(model, trained: list[str]) -> list[str]:
     """The linear layers and dense groups (``tak.curvature``) holding a trained parameter: the only ones
     whose factors a penalty on these τ reads."""
@@ -213,15 +223,19 @@ def factor_key(config: TrainConfig) -> str:
 
 def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dict) -> tuple:
     """(penalty, teacher_penalty, tau_jp) of ``method``; None where it has none."""
-    others = [_task(t, config) for t in config.tasks if t != config.task]
-    reference = [_task(t, config) for t in config.reference]
+    others = _inputs_of(backbone, [_task(t, config) for t in config.tasks if t != config.task], "tasks")
+    reference = _inputs_of(backbone, [_task(t, config) for t in config.reference], "reference")
     penalty = teacher_penalty = tau_jp = None
     factor_options = {"universal": config.universal, "factors": config.factors != "merged",
                       "compress": config.compress is not None, "layer_weights": bool(config.layer_weights),
-                      "offload_factors": config.offload_factors, "factor_files": bool(config.factor_files)}
+                      "offload_factors": config.offload_factors, "factor_files": bool(config.factor_files),
+                      "mc_samples": config.mc_samples != 1}
     if method.penalty not in ("kfac", "diagonal", "ekfac") and any(factor_options.values()):
         given = ", ".join(f"{k}={getattr(config, k)!r}" for k, on in factor_options.items() if on)
         raise ValueError(f"method {method.name!r} has no curvature penalty, so {given} would do nothing")
+    if method.penalty is None and config.penalty_every != 1:
+        raise ValueError(f"method {method.name!r} has no penalty, so penalty_every={config.penalty_every} would do "
+                         "nothing")
     if method.penalty in ("kfac", "diagonal", "ekfac"):
         of_reference = config.universal or method.penalty == "ekfac"
         sources = reference if of_reference else others
@@ -288,7 +302,9 @@ def _as_config(config: TrainConfig | dict | str) -> TrainConfig:
     """A TrainConfig, from itself, a dict of its keys or the path of a YAML file."""
     if isinstance(config, (str, Path)):
         return TrainConfig.from_yaml(config)
-    return TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    if isinstance(config, dict):
+        return TrainConfig.from_dict(config)
+    return dataclasses.replace(config)  # checked again: fields may have been set after it was made
 
 
 def train(config: TrainConfig | dict | str) -> TrainResult:
@@ -385,7 +401,8 @@ def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
     device = _device(config)
     _world(device)
     backbone = _backbone(config, device)
-    tasks = [_task(t, config) for t in (config.reference if of_reference else [config.task])]
+    tasks = _inputs_of(backbone, [_task(t, config) for t in (config.reference if of_reference else [config.task])],
+                       "reference" if of_reference else "task")
     layers = None if config.trainable is None else trained_layers(backbone.model, trainable_names(
         backbone.model, config.trainable))
     factors = drift_factors(kind, backbone, tasks, **_fit_options(config, device, layers, cache=None))
