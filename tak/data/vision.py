@@ -245,10 +245,11 @@ def resisc45_files(folder: Path, seed: int = 0):
         return None
     spec, lists = VISION["resisc45"], [folder / f"resisc45-{split}.txt" for split in ("train", "test")]
     if all(f.is_file() for f in lists):
+        every = functools.cache(lambda: _folder_split(images, classes))  # one walk of the images for both splits
+
         def load(names: Path):
             keep = set(names.read_text().split())
-            every = _folder_split(images, classes)
-            return every.subset([i for i, path in enumerate(every.keys) if path.name in keep])
+            return every().subset([i for i, path in enumerate(every().keys) if path.name in keep])
         load_train, load_test, held_out = (lambda: load(lists[0])), (lambda: load(lists[1])), "torchgeo's splits"
     else:
         load_train, load_test = _held_out_test(lambda: _folder_split(images, classes))

@@ -26,8 +26,10 @@ def rms_norm(x, dx, weight, dweight, eps):
     T5LayerNorm's dtype: a 16-bit γ's, else x's promoted with γ's (a 16-bit T5 keeps ``wo`` in fp32, so its
     residual stream turns fp32 and its norms bring it back to 16 bits)."""
     half = (torch.float16, torch.bfloat16)
-    out = weight.dtype if weight is not None and weight.dtype in half else \
-        x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+    if weight is None:
+        out = x.dtype
+    else:
+        out = weight.dtype if weight.dtype in half else torch.promote_types(x.dtype, weight.dtype)
     if dx is None and dweight is None:
         xa = x.float() if x.dtype in half else x
         y = xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps)

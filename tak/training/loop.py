@@ -441,7 +441,7 @@ def _finish(config, backbone, task, objective, terms, seconds, writer, digests) 
             "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
             "data_root": None if config.data_root is None else str(Path(config.data_root).resolve()),
             "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics,
-            "config": config.to_dict()}  # the whole run (penalty options, tasks, compression, ...), as config.yaml
+            "config": config.to_dict()}  # the whole run (penalty options, tasks, compression, ...): config.yaml
     if digests:
         meta["factor_files"] = [{"path": str(Path(f).resolve()), "sha256": d} for f, d in zip(config.factor_files, digests)]
     tv = TaskVector({k: v.cpu() for k, v in objective.task_vector().items()}, meta)  # not kept on the GPU
@@ -456,7 +456,7 @@ def _finish(config, backbone, task, objective, terms, seconds, writer, digests) 
                 run_dir / "teacher_task_vector.safetensors")
         write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         import yaml
-        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(meta["config"], sort_keys=False))
         if writer is not None:
             for k in ("val", "test"):
                 writer.add_scalar(f"accuracy/{k}", metrics[k], config.steps)
