@@ -188,6 +188,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError, FloatingPointError) as e:  # bad input, missing files, no hub, NaN loss
         print(f"tak {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C; a training run says where its checkpoint is (TrainingInterrupted)
+        print(f"tak {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 def _demo(args) -> int:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from tak.cli import main
 from tak.data import Task, list_tasks, register_task
 from tak.methods import METHODS
 from tak.task_vector import TaskVector
+from tak.training.loop import batch_indices
 
 from .util import legacy_fingerprint
 
@@ -330,6 +332,24 @@ def test_unknown_train_flag_and_bad_values_are_usage_errors(tmp_path):
     assert code == 2 and "afile/nonlinear" in err and "Traceback" not in err, err  # before training
     code, _, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path, "--max-test", "0")
     assert code == 2 and "TrainConfig.max_test must be ≥ 1, got 0" in err, err
+
+
+def test_ctrl_c_exits_130_saying_where_the_checkpoint_is(tmp_path, monkeypatch):
+    from tak.training import loop
+
+    def ctrl_c(*args):
+        signal.raise_signal(signal.SIGINT)
+        return batch_indices(*args)
+    monkeypatch.setattr(loop, "batch_indices", ctrl_c)
+    code, out, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path)
+    ckpt = tmp_path / "nonlinear" / "rotten_tomatoes" / "checkpoint.safetensors"
+    assert code == 130 and out == "" and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"tak train: nonlinear/rotten_tomatoes: stopped by a signal at step 1 of 2; its "
+                                    f"checkpoint is {ckpt}: start the same run again to continue")
+
+    monkeypatch.setattr(loop, "_backbone", lambda *args: signal.raise_signal(signal.SIGINT))  # before training
+    code, out, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path / "other")
+    assert (code, out, err.splitlines()[-1]) == (130, "", "tak train: interrupted")
 
 
 def test_train_config_file_with_flag_overrides(tmp_path):

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import time
 import warnings
@@ -139,6 +140,68 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_task_vector(tmp_path
     assert set(ref) == set(got)
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+@pytest.fixture
+def sigterm_raises():
+    """SIGTERM raises ``Killed`` here (its default would end pytest); put back afterwards."""
+    def killed(signum, frame):
+        raise Killed
+    previous = signal.signal(signal.SIGTERM, killed)
+    yield killed
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _signals_at_step(monkeypatch, at: int, signals: list) -> None:
+    """The process receives ``signals`` while step ``at`` is under way (as its batch is drawn)."""
+    def signalled(n, batch_size, seed, step, rank=0, world=1):
+        if step == at:
+            for sig in signals:
+                signal.raise_signal(sig)
+        return batch_indices(n, batch_size, seed, step, rank, world)
+    monkeypatch.setattr(loop, "batch_indices", signalled)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_it_resumes_from(tmp_path, monkeypatch, sig, capsys,
+                                                                                 sigterm_raises):
+    reference = tak.train(tiny(tmp_path / "whole", steps=4))
+    config = tiny(tmp_path / "stopped", steps=4, checkpoint_every=100, progress=True)
+    ckpt = config.run_dir() / "checkpoint.safetensors"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _signals_at_step(monkeypatch, 1, [sig])
+    with pytest.raises(tak.training.TrainingInterrupted, match=f"stopped by a signal at step 2 of 4; its checkpoint "
+                                                               f"is {re.escape(str(ckpt))}: start the same run again"):
+        tak.train(config)
+    assert f"{signal.Signals(sig).name}: stopping once this step is done" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "the handlers must be put back"
+    assert read(ckpt)[1]["step"] == 2  # the step under way was done, and its state written
+    assert not (config.run_dir() / "task_vector.safetensors").exists()
+
+    monkeypatch.setattr(loop, "batch_indices", batch_indices)
+    resumed = tak.train(config)
+    ref, got = reference.task_vector.tensors, resumed.task_vector.tensors
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_a_second_signal_stops_at_once_and_an_ignored_one_is_ignored(tmp_path, monkeypatch, sigterm_raises):
+    config = tiny(tmp_path, steps=4, checkpoint_every=100)
+    _signals_at_step(monkeypatch, 1, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt) as e:
+        tak.train(config)
+    assert not isinstance(e.value, tak.training.TrainingInterrupted)
+    assert not (config.run_dir() / "checkpoint.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    _signals_at_step(monkeypatch, 1, [signal.SIGTERM, signal.SIGTERM])
+    with pytest.raises(Killed):  # the handler the process had gets the second
+        tak.train(config)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_raises
+
+    _signals_at_step(monkeypatch, 1, [signal.SIGTERM])
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as under nohup: a signal the process ignores changes nothing
+    result = tak.train(config)
+    assert result.path.exists() and read(config.run_dir() / "checkpoint.safetensors")[1]["step"] == 4
 
 
 def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path, monkeypatch):
@@ -465,7 +528,7 @@ def _ddp_worker(rank, world, port, out, methods, overrides=None):
 def _stopping_worker(rank, world, port, out, case):
     """A torchrun-like process of a run that must stop on every rank: "nan" poisons rank 1's loss at step 1; "resume"
     gives each rank an --out of its own (storage the nodes do not share); "disk full" fails rank 0's first
-    checkpoint. Each rank writes what stopped it, then leaves at once (after its last collective; see _ddp_worker)."""
+    checkpoint; "signal": rank 1 alone gets a Ctrl-C during step 1. Each rank writes what stopped it, then leaves at once (after its last collective; see _ddp_worker)."""
     _as_torchrun_process(rank, world, port)
     if case == "nan" and rank == 1:
         forward = Objective.forward
@@ -478,10 +541,16 @@ def _stopping_worker(rank, world, port, out, case):
         def full(*args, **kwargs):
             raise OSError(28, "No space left on device")
         checkpoint.save = full
+    if case == "signal" and rank == 1:
+        def signalled(n, batch_size, seed, step, rank=0, world=1):
+            if step == 1:
+                signal.raise_signal(signal.SIGINT)
+            return batch_indices(n, batch_size, seed, step, rank, world)
+        loop.batch_indices = signalled
     config = toy_config(Path(out, f"rank{rank}") if case == "resume" else out, "linear")
     try:
         tak.train(dataclasses.replace(config, device="cpu"))
-    except (FloatingPointError, ValueError, OSError) as e:
+    except (FloatingPointError, ValueError, OSError, tak.training.TrainingInterrupted) as e:
         Path(out, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
         os._exit(0)
 
@@ -524,7 +593,7 @@ def test_two_gloo_processes_train_the_task_vector_of_one(tmp_path, toys):
                 torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12, msg=f"{method} {name} {k}")
 
 
-@pytest.mark.parametrize("case", ["nan", "resume", "disk full"])
+@pytest.mark.parametrize("case", ["nan", "resume", "disk full", "signal"])
 def test_a_run_that_stops_on_one_process_stops_on_every_process(tmp_path, toys, case):
     if case == "resume":  # rank 0's --out holds a finished run's checkpoint, rank 1's none
         with pytest.warns(UserWarning, match="generic torch.func.jvp path"):
@@ -534,9 +603,12 @@ def test_a_run_that_stops_on_one_process_stops_on_every_process(tmp_path, toys, 
     expected = {"nan": ["FloatingPointError: linear/toy-blobs: loss is nan at step 1"] * 2,
                 "resume": ["ValueError: .*checkpoint.safetensors: the processes resume at steps 0 to 3"] * 2,
                 "disk full": [r"OSError: \[Errno 28\] No space left on device",
-                              r"OSError: rank 0 failed to write its files"]}[case]
+                              r"OSError: rank 0 failed to write its files"],
+                "signal": ["TrainingInterrupted: linear/toy-blobs: stopped by a signal at step 2 of"] * 2}[case]
     for rank, (pattern, text) in enumerate(zip(expected, stopped)):
         assert re.match(pattern, text), (rank, text)
+    if case == "signal":  # rank 0 wrote the checkpoint of the step both stopped after
+        assert read(toy_config(tmp_path, "linear").run_dir() / "checkpoint.safetensors")[1]["step"] == 2
 
 
 def test_registered_backbones_load_by_name_and_are_listed(toys):

@@ -2,5 +2,6 @@
 a task's factor file, shared in place of its data."""
 from .config import TrainConfig
 from .loop import TrainResult, fit, train
+from .signals import TrainingInterrupted
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "fit", "train"]

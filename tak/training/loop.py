@@ -3,7 +3,8 @@
 The batch of step s is a function of (seed, s) alone (an epoch-seeded permutation of the training
 split), the DELTA α too, its random draws (dropout masks) of (seed, s, rank) (``step_seed``), and a
 checkpoint holds the trained parameters and the optimizer state: a killed run started again (by as many
-processes) continues where it stopped and ends with the same τ. Under ``torchrun`` each of W processes takes
+processes) continues where it stopped and ends with the same τ. Ctrl-C or SIGTERM stops a run once the step under way
+is done, with a checkpoint of that step (``tak.training.signals``). Under ``torchrun`` each of W processes takes
 every W-th example of the global batch, with dropout masks of its own, and the gradients are averaged, so the task
 vector equals the one-process one (up to summation order) for the methods without fitted factors and a
 model without dropout; KFAC / EK-FAC / diagonal factors are Monte-Carlo estimates whose probes depend on
@@ -19,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..backbones import load_backbone
-from ..curvature.distributed import is_distributed, is_main_rank, on_main_rank
+from ..curvature.distributed import is_distributed, is_main_rank, on_every_rank, on_main_rank
 from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import accuracy
@@ -41,6 +43,7 @@ from ..task_vector import TaskVector
 from . import checkpoint
 from .config import TrainConfig
 from .factors import FACTOR_KINDS, drift_factors, file_digests, fit_inputs, load_factor_files
+from .signals import HeldSignals, TrainingInterrupted
 
 _CACHE = {}
 
@@ -344,40 +347,58 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
                disable=not (config.progress and is_main_rank()))
     terms, seconds = progress.get("terms", {}), progress.get("seconds", 0.0)  # as the last run left them
     started = time.time() - seconds
-    while step < config.steps:
-        torch.manual_seed(step_seed(config.seed, step, rank))
-        for group in optimizer.param_groups:
-            group["lr"] = hp["lr"] * cosine_schedule(step, config.steps, config.warmup_steps)
-        chosen = [examples[i] for i in batch_indices(len(examples), config.batch_size, config.seed, step, rank, world)]
-        inputs, labels = backbone.collate(chosen)
-        loss, terms = objective(to_device(inputs, device), labels.to(device), step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # the step's one host sync, once the backward is queued: the loss and its terms as numbers, averaged over
-        # the processes (every one sees a NaN of any and stops with it)
-        numbers = torch.stack([loss.detach().float(), *terms.values()])
-        if world > 1:
-            dist.all_reduce(numbers)
-            numbers /= world
-        value, *values = numbers.tolist()
-        terms = dict(zip(terms, values))
-        if not math.isfinite(value):
-            last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
-            raise FloatingPointError(f"{config.method}/{config.task}: loss is {value} at step {step} "
-                                     f"(terms {terms}); {last}")
-        _average_gradients(params, world)
-        optimizer.step()
-        step += 1
-        seconds = time.time() - started  # training time, over every run that reached this step
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
-        if writer is not None:
-            for k, v in terms.items():
-                writer.add_scalar(f"loss/{k}", v, step)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            on_main_rank(lambda: checkpoint.save(ckpt, objective, optimizer, step, saved,
-                                                 {"terms": terms, "seconds": seconds, "world": world}), device)
+
+    def save(step, terms, seconds):
+        on_main_rank(lambda: checkpoint.save(ckpt, objective, optimizer, step, saved,
+                                             {"terms": terms, "seconds": seconds, "world": world}), device)
+
+    def notice(name):
+        if is_main_rank():
+            tqdm.write(f"tak: {name}: stopping once this step is done and its checkpoint is written "
+                       "(a second signal stops at once)", file=sys.stderr)
+
+    with HeldSignals(notice) as held:
+        while step < config.steps:
+            torch.manual_seed(step_seed(config.seed, step, rank))
+            for group in optimizer.param_groups:
+                group["lr"] = hp["lr"] * cosine_schedule(step, config.steps, config.warmup_steps)
+            chosen = [examples[i] for i in batch_indices(len(examples), config.batch_size, config.seed, step, rank,
+                                                         world)]
+            inputs, labels = backbone.collate(chosen)
+            loss, terms = objective(to_device(inputs, device), labels.to(device), step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # the step's one host sync, once the backward is queued: the loss and its terms as numbers, averaged
+            # over the processes (every one sees a NaN of any and stops with it), and whether a signal asks any
+            # process to stop (every one stops after this step)
+            numbers = torch.stack([loss.detach().float(), *terms.values(),
+                                   torch.tensor(float(held.requested is not None), device=device)])
+            if world > 1:
+                dist.all_reduce(numbers)
+                numbers /= world
+            value, *values, stopping = numbers.tolist()
+            terms = dict(zip(terms, values))
+            if not math.isfinite(value):
+                last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+                raise FloatingPointError(f"{config.method}/{config.task}: loss is {value} at step {step} "
+                                         f"(terms {terms}); {last}")
+            _average_gradients(params, world)
+            optimizer.step()
+            step += 1
+            seconds = time.time() - started  # training time, over every run that reached this step
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
+            if writer is not None:
+                for k, v in terms.items():
+                    writer.add_scalar(f"loss/{k}", v, step)
+            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                save(step, terms, seconds)
+            if stopping:
+                break
     bar.close()
+    if not on_every_rank(held.requested is None, device):  # a signal during the last step stops before evaluating
+        raise TrainingInterrupted(f"{config.method}/{config.task}: stopped by a signal at step {step} of "
+                                  f"{config.steps}; its checkpoint is {ckpt}: start the same run again to continue")
     return _finish(config, backbone, task, objective, terms, seconds, writer, digests)
 
 
