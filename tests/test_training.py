@@ -278,6 +278,18 @@ def test_paper_defaults_by_modality():
     delta = hyperparameter_defaults(METHODS["delta"], ("text", "text-pair"))
     assert (delta["beta"], delta["beta_teacher"], delta["gamma"], delta["lr"]) == (20.0, 20.0, 0.01, 3e-4)
     assert hyperparameter_defaults(METHODS["diag_ggn"], ("text-pair",))["beta"] == 0.1
+    lora = hyperparameter_defaults(METHODS["delta_lora"], ("image",))  # the fully fine-tuned teacher at DELTA's lr
+    assert (lora["lr"], lora["lora_lr"], lora["weight_decay"]) == (1e-5, 3e-4, 0.1)
+
+
+def test_delta_lora_trains_its_teacher_at_lr_and_its_lora_student_at_lora_lr(tmp_path):
+    """lr = 0 leaves a τ at its zero start, weight decay included (AdamW decays by lr · wd)."""
+    def taus(**lrs):
+        result = tak.train(tiny(tmp_path / "-".join(lrs), "delta_lora", **lrs))
+        teacher = TaskVector.load(result.path.with_name("teacher_task_vector.safetensors"))
+        return [any(v.any() for v in tv.tensors.values()) for tv in (result.task_vector, teacher)]
+    assert taus(lora_lr=0.0) == [False, True]  # student still, teacher moved
+    assert taus(lr=0.0) == [True, False]
 
 
 def test_the_kfac_penalty_weight_follows_the_clip_architecture():
@@ -297,6 +309,7 @@ def test_values_a_method_does_not_use_are_refused_before_anything_loads(tmp_path
             ("nonlinear", {"beta": 5.0, "gamma": 2.0}, r"beta=5.0, gamma=2.0: method 'nonlinear' does not use them"),
             ("tak", {"lora_rank": 4}, r"lora_rank=4: method 'tak' does not use it \(its hyperparameters: \['beta', "),
             ("delta", {"lora_rank": 4}, "lora_rank=4: method 'delta' does not use it"),
+            ("delta", {"lora_lr": 1e-3}, "lora_lr=0.001: method 'delta' does not use it"),
             ("delta_no_ekfac", {"beta": 50.0}, "beta=50.0: method 'delta_no_ekfac' does not use it"),
             ("delta_no_teacher", {"gamma": 3.0}, "gamma=3.0: method 'delta_no_teacher' does not use it")]:
         with pytest.raises(ValueError, match=match):

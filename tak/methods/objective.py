@@ -51,6 +51,16 @@ class Objective(nn.Module):
         self.teacher = LinearTrainee(backbone.model, selection) if method.teacher else None
         self.penalty, self.teacher_penalty, self.tau_jp = penalty, teacher_penalty, tau_jp
 
+    def param_groups(self) -> list[dict]:
+        """AdamW's parameter groups, each with its ``base_lr`` (the peak of the schedule): a LoRA student at
+        ``hp["lora_lr"]``, all else (a full student, DELTA's teacher) at ``hp["lr"]``."""
+        trained = [p for p in self.parameters() if p.requires_grad]
+        if "lora_lr" not in self.hp:
+            return [{"params": trained, "base_lr": self.hp["lr"]}]
+        student = {id(p) for p in self.student.parameters()}
+        return [{"params": [p for p in trained if id(p) not in student], "base_lr": self.hp["lr"]},
+                {"params": [p for p in trained if id(p) in student], "base_lr": self.hp["lora_lr"]}]
+
     def task_loss(self, model, batch, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy, features) of ``model`` on the batch."""
         features = self.backbone.features(model, batch)

@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from ..io import read, write
-from .config import TrainConfig
+from .config import HYPERPARAMETERS, TrainConfig
 
 _KIND = "checkpoint"
 _MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "max_test", "device",
                "out",  # the checkpoint's own place names the run, however its folder is spelled
                "factor_files")  # the files' contents count, compared as "factor_digests"
-_HPARAMS = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
 
 
 def _same_place(key: str, value):
@@ -52,8 +51,8 @@ def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict
     if meta.get("kind") != _KIND:
         raise ValueError(f"{path}: not a training checkpoint")
     saved, defaults = meta["config"], TrainConfig().to_dict()
-    resolved = saved.get("hparams") or {k: v for k, v in saved.items() if k in _HPARAMS and v is not None}
-    differ = sorted(k for k in set(saved) | set(config) if k not in (*_MAY_DIFFER, *_HPARAMS, "hparams")
+    resolved = saved.get("hparams") or {k: v for k, v in saved.items() if k in HYPERPARAMETERS and v is not None}
+    differ = sorted(k for k in set(saved) | set(config) if k not in (*_MAY_DIFFER, *HYPERPARAMETERS, "hparams")
                     and _same_place(k, saved.get(k, defaults.get(k))) != _same_place(k, config.get(k)))
     changed_hp = sorted(k for k, v in resolved.items() if v != config["hparams"].get(k))  # named as the keys set them
     if differ or changed_hp:

@@ -15,6 +15,8 @@ import torch
 from ..data.registry import expand_parts
 
 _FACTOR_MODES = ("merged", "per_task")
+HYPERPARAMETERS = ("lr", "lora_lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight",
+                   "lora_rank")  # the keys whose None is the method's default
 
 
 def _kinds(annotation) -> tuple:
@@ -159,6 +161,8 @@ class TrainConfig:
                                            f"CLIP's proj; none where it is not trained); {_PAPER}")
     layer_weights: dict[str, float] = _key({}, "penalty weights of layers by name pattern, PATTERN=WEIGHT,...")
     lora_rank: int | None = _key(None, f"delta_lora: rank of the LoRA student; {_PAPER}")
+    lora_lr: float | None = _key(None, f"delta_lora: AdamW learning rate of the LoRA student (lr is the teacher's); "
+                                 f"{_PAPER}")
     trainable: str | list[str] | None = _key(None, "what is trained: 'all', 'attention', or parameter name patterns "
                                              "(None: the method's)")
     factor_files: list[str] = _key([], "factor files of other tasks (tak fit), shared in place of their data: KFAC "
@@ -199,7 +203,8 @@ class TrainConfig:
                      "lora_rank", "max_train", "max_test", "max_length", "eval_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "warmup_steps"):
+        for name in ("lr", "lora_lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight",
+                     "warmup_steps"):
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if isinstance(self.trainable, tuple):
@@ -264,13 +269,12 @@ class TrainConfig:
         """The method's ``defaults`` overridden by the values set here; a value set for a hyperparameter the
         method does not have (β of ``nonlinear``, ``lora_rank`` of ``tak``, ...) is refused. A ``beta`` set
         without ``beta_teacher`` sets both (DELTA's β^T = β^S) for a method with a teacher."""
-        keys = ("lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight", "lora_rank")
-        unused = [k for k in keys if getattr(self, k) is not None and k not in defaults]
+        unused = [k for k in HYPERPARAMETERS if getattr(self, k) is not None and k not in defaults]
         if unused:
             given = ", ".join(f"{k}={getattr(self, k)!r}" for k in unused)
             raise ValueError(f"TrainConfig {given}: method {self.method!r} does not use "
                              f"{'it' if len(unused) == 1 else 'them'} (its hyperparameters: {sorted(defaults)})")
-        hp = {**defaults, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}
+        hp = {**defaults, **{k: getattr(self, k) for k in HYPERPARAMETERS if getattr(self, k) is not None}}
         if "beta_teacher" in defaults and self.beta is not None and self.beta_teacher is None:
             hp["beta_teacher"] = self.beta
         return hp

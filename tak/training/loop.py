@@ -335,7 +335,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     objective = build_objective(config, backbone, task, device)
     params = [p for p in objective.parameters() if p.requires_grad]
     hp = objective.hp
-    optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    optimizer = torch.optim.AdamW(objective.param_groups(), weight_decay=hp["weight_decay"])
     run_dir = config.run_dir()
     ckpt = run_dir / "checkpoint.safetensors"
     digests = file_digests(config.factor_files)  # once: what the run was given, as it read them
@@ -361,7 +361,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         while step < config.steps:
             torch.manual_seed(step_seed(config.seed, step, rank))
             for group in optimizer.param_groups:
-                group["lr"] = hp["lr"] * cosine_schedule(step, config.steps, config.warmup_steps)
+                group["lr"] = group["base_lr"] * cosine_schedule(step, config.steps, config.warmup_steps)
             chosen = [examples[i] for i in batch_indices(len(examples), config.batch_size, config.seed, step, rank,
                                                          world)]
             inputs, labels = backbone.collate(chosen)
