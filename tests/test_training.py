@@ -681,6 +681,11 @@ def test_a_task_without_training_examples_or_too_few_for_the_processes_is_refuse
     with pytest.raises(ValueError, match="has 7 training examples, fewer than batch_size=8: the batch of 7 must be "
                                          "divisible by the 2 processes"):
         tak.train(toy_config(tmp_path, "nonlinear"))
+    monkeypatch.setattr(loop, "_world", lambda device: (0, 1))
+    with pytest.warns(UserWarning, match="has 7 training examples, fewer than batch_size=8: every step takes all of "
+                                         "them"):
+        result = tak.train(toy_config(tmp_path, "nonlinear"))
+    assert result.task_vector.meta["batch_size"] == 7 and result.task_vector.meta["config"]["batch_size"] == 8
 
 
 def test_trained_parameters_without_curvature_are_named_in_a_warning():

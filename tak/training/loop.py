@@ -332,6 +332,10 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     if min(config.batch_size, len(examples)) % world:
         raise ValueError(f"task {task.name!r} has {len(examples)} training examples, fewer than batch_size="
                          f"{config.batch_size}: the batch of {len(examples)} must be divisible by the {world} processes")
+    if config.batch_size > len(examples):
+        warnings.warn(f"task {task.name!r} has {len(examples)} training examples, fewer than batch_size="
+                      f"{config.batch_size}: every step takes all of them (the task vector records batch_size="
+                      f"{len(examples)})", stacklevel=2)
     objective = build_objective(config, backbone, task, device)
     params = [p for p in objective.parameters() if p.requires_grad]
     hp = objective.hp
@@ -459,7 +463,8 @@ def _finish(config, backbone, task, objective, terms, seconds, writer, digests) 
         metrics["teacher_test"] = accuracy(backbone, objective.teacher.at(1.0), task, "test", **kw)
     meta = {**backbone.meta(), "method": method.name, "task": task.name, "regime": objective.student.regime,
             "trainable": config.trainable or method.trainable, "hparams": objective.hp, "seed": config.seed,
-            "steps": config.steps, "batch_size": config.batch_size, "max_length": config.max_length,
+            "steps": config.steps, "batch_size": min(config.batch_size, len(task.split("train"))),  # as trained
+            "max_length": config.max_length,
             "data_root": None if config.data_root is None else str(Path(config.data_root).resolve()),
             "backbone_options": config.backbone_options, "unpenalized": objective.unpenalized, "metrics": metrics,
             "config": config.to_dict()}  # the whole run (penalty options, tasks, compression, ...): config.yaml
