@@ -1,4 +1,4 @@
-"""Exact GGN blocks of LayerNorm parameters and the class token against torch.func.jacrev."""
+"""Exact GGN blocks of LayerNorm and RMSNorm parameters and the class token against torch.func.jacrev."""
 import pytest
 import torch
 from torch import nn
@@ -9,17 +9,18 @@ from tests.util import rel_err
 
 
 def exact_block(model, params, X, output):
-    """1/N Σ_n J_nᵀ J_n for the flattened, concatenated ``params`` (float64 model)."""
+    """1/N Σ_n J_nᵀ J_n for the flattened, concatenated ``params`` (float64 model); ``output(m, X)``: f of the
+    model ``m`` on the batch ``X`` (N examples)."""
     named = dict(model.named_parameters())
     sizes = [named[p].numel() for p in params]
 
     def f(flat):
         chunks = dict(zip(params, [c.view_as(named[p]) for c, p in zip(flat.split(sizes), params)]))
-        return output(lambda x: functional_call(model, {**named, **chunks}, (x,)), X)
+        return output(lambda *args, **kwargs: functional_call(model, {**named, **chunks}, args, kwargs), X)
 
     flat = torch.cat([named[p].detach().reshape(-1) for p in params])
     J = jacrev(f)(flat)  # (N, C, P)
-    return torch.einsum("ncp,ncq->pq", J, J) / X.shape[0]
+    return torch.einsum("ncp,ncq->pq", J, J) / J.shape[0]
 
 
 class TokenNet(nn.Module):
@@ -48,6 +49,60 @@ def test_layernorm_blocks_equal_the_exact_ggn(tokens):
         G = exact_block(model, block.params, X, lambda m, x: m(x))
         assert rel_err(block.B, G) < 1e-5
         assert torch.equal(block.B, block.B.T)
+
+
+class RMSNet(nn.Module):
+    """x (N, T, d) -> nn.RMSNorm -> Linear -> GELU -> T5LayerNorm -> mean over tokens: (N, C)."""
+
+    def __init__(self, d=6, c=4, eps=None):
+        from transformers.models.t5.modeling_t5 import T5LayerNorm
+        super().__init__()
+        self.rms, self.fc, self.t5 = nn.RMSNorm(d, eps=eps), nn.Linear(d, c), T5LayerNorm(c, eps=0.1)
+
+    def forward(self, x):
+        return self.t5(torch.nn.functional.gelu(self.fc(self.rms(x)))).mean(1)
+
+
+@pytest.mark.parametrize("eps", [None, 0.2])
+def test_rmsnorm_blocks_equal_the_exact_ggn(eps):
+    pytest.importorskip("transformers")
+    model = RMSNet(eps=eps).double()
+    with torch.no_grad():
+        for norm in (model.rms, model.t5):
+            norm.weight.uniform_(0.5, 1.5)
+    X = 0.3 * torch.randn(7, 5, 6, dtype=torch.float64)  # small: ε matters
+    f = fit_kfac(model, [X[:3], X[3:]], exact=True, progress=False)
+    for name, param in (("rms", "rms.weight"), ("t5", "t5.weight")):
+        block = f[name]
+        assert isinstance(block, DenseFactors) and block.params == (param,) and f.meta["dense"][name]["kind"] == "rmsnorm"
+        assert rel_err(block.B, exact_block(model, block.params, X, lambda m, x: m(x))) < 1e-5, name
+
+
+def test_rmsnorm_blocks_of_t5_equal_the_exact_ggn():
+    """T5's layer norms (T5LayerNorm) on padded text, f its decoder state at the start token."""
+    transformers = pytest.importorskip("transformers")
+    from tak.curvature.outputs import default_output_fn
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=8, d_kv=4, d_ff=12, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager")
+    model = transformers.T5ForConditionalGeneration(config).double().eval()  # eager: jacrev through the masks
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.uniform_(0.5, 1.5)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+    batch = dict(input_ids=torch.randint(1, 64, (3, 6)).masked_fill(mask == 0, 0), attention_mask=mask)
+    norms = ["encoder.block.0.layer.0.layer_norm", "encoder.final_layer_norm", "decoder.block.0.layer.1.layer_norm",
+             "decoder.final_layer_norm"]
+    f = fit_kfac(model, [batch], exact=True, layers=norms, progress=False)
+    assert set(f) == set(norms)
+    output = default_output_fn(model)
+    for name in norms:
+        G = exact_block(model, f[name].params, batch, output)
+        assert f[name].params == (f"{name}.weight",) and G.norm() > 0
+        assert rel_err(f[name].B, G) < 1e-5, name
+    grouped = {p for group in find_dense_groups(model).values() for p in group.params}
+    assert grouped == {n for n, _ in model.named_parameters() if "layer_norm" in n}  # all 5 of them
 
 
 class SequenceFirst(nn.Module):

@@ -1,11 +1,14 @@
-"""Exact GGN blocks of the small parameters (TAK Sec. E): each LayerNorm's (weight, bias) and
-open_clip's class token, whose sizes grow linearly with the width, get their dense GGN block instead
-of a Kronecker approximation.
+"""Exact GGN blocks of the small parameters (TAK Sec. E): each LayerNorm's (weight, bias), each RMSNorm's
+weight (T5's "layer norms") and open_clip's class token, whose sizes grow linearly with the width, get their
+dense GGN block instead of a Kronecker approximation.
 
 For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)ᵀ s, the block is
 G_p = 1/(N·M) Σ_{n,m} v vᵀ (Σ_c over unit probes when exact), from the same probes as the Kronecker
 factors. Per-example gradients come from a tap on one tensor per group:
-- LayerNorm y = x̂ ⊙ γ + β: tap y, and v = [Σ_t dy ⊙ x̂, Σ_t dy] over the example's tokens.
+- LayerNorm y = x̂ ⊙ γ + β, x̂ = (x − μ) r: tap y, and v = [Σ_t dy ⊙ x̂, Σ_t dy] over the example's tokens.
+- RMSNorm y = γ ⊙ x̂, x̂ = x (mean(x²) + ε)^(-1/2): the same, v = Σ_t dy ⊙ x̂. These are ``nn.RMSNorm`` and the
+  Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
+  whose statistics are taken in fp32 as theirs are.
 - class token c (concatenated as token 0 before ``ln_pre``): tap ln_pre's input x, and v = dx[:, 0].
 A block is stored like a layer with B = G_p and A = [[1]], so q(τ_p) = τ_pᵀ G_p τ_p is the same
 Kronecker quadratic form (τ_p flattened into a column).
@@ -26,19 +29,45 @@ class DenseGroup:
     name: str
     module: nn.Module
     params: tuple[str, ...]
-    kind: str  # "layernorm" | "class_token"
+    kind: str  # "layernorm" | "rmsnorm" | "class_token"
     size: int
 
 
+def _norm_kind(module: nn.Module) -> str | None:
+    """"layernorm" for an affine nn.LayerNorm, "rmsnorm" for an affine nn.RMSNorm or a Hugging Face RMSNorm
+    (``variance_epsilon``, a vector weight, no bias), else None."""
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm" if module.elementwise_affine else None
+    if isinstance(module, nn.RMSNorm):
+        return "rmsnorm" if module.weight is not None else None
+    weight = getattr(module, "weight", None)
+    if (hasattr(module, "variance_epsilon") and isinstance(weight, nn.Parameter) and weight.dim() == 1
+            and getattr(module, "bias", None) is None):
+        return "rmsnorm"
+    return None
+
+
+def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂ of the norm ``module`` (a LayerNorm's (x − μ) r or an RMSNorm's x r) over the trailing dims its weight has."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    dims = tuple(range(-module.weight.dim(), 0))
+    if isinstance(module, nn.RMSNorm):
+        eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
+        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + module.variance_epsilon)
+
+
 def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
-    """Every affine nn.LayerNorm, and the class token of open_clip vision transformers."""
+    """Every affine LayerNorm and RMSNorm, and the class token of open_clip vision transformers."""
     groups, named = {}, parameter_names(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
-        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-            params = tuple(named.get(id(p), prefix + n) for n, p in (("weight", module.weight), ("bias", module.bias))
-                           if p is not None)
-            groups[path] = DenseGroup(path, module, params, "layernorm", sum(p.numel() for p in module.parameters(recurse=False)))
+        if (kind := _norm_kind(module)) is not None:
+            own = [(n, p) for n, p in (("weight", module.weight), ("bias", getattr(module, "bias", None)))
+                   if p is not None]
+            groups[path] = DenseGroup(path, module, tuple(named.get(id(p), prefix + n) for n, p in own), kind,
+                                      sum(p.numel() for _, p in own))
         token = getattr(module, "class_embedding", None)
         if isinstance(token, nn.Parameter) and isinstance(getattr(module, "ln_pre", None), nn.Module):
             name = prefix + "class_embedding"
@@ -51,12 +80,12 @@ def install(group: DenseGroup, tap, batch):
     tap whose gradient ``to_vectors`` turns into per-example gradient vectors (N, size); ``batch()`` is the
     current batch's ``BatchTokens`` (which says whether a LayerNorm input is sequence-first (T, N, ...)).
     Returns the handle."""
-    if group.kind == "layernorm":
-        ln = group.module
+    if group.kind in ("layernorm", "rmsnorm"):
+        norm = group.module
 
         def hook(module, inputs, output):
-            x_hat = F.layer_norm(inputs[0].detach(), ln.normalized_shape, eps=ln.eps)
-            lead = x_hat.dim() - len(ln.normalized_shape)  # the dims before the normalized ones
+            x_hat = _normalized(norm, inputs[0].detach())
+            lead = x_hat.dim() - norm.weight.dim()  # the dims before the normalized ones
             sequence_first = lead == 2 and batch().sequence_first(group.name, x_hat)
             tokens = tuple(range(1, lead))  # dims between N and the normalized ones
 
@@ -65,11 +94,10 @@ def install(group: DenseGroup, tap, batch):
                 return (t.sum(tokens) if tokens else t).reshape(t.shape[0], -1)
 
             def to_vectors(dy):
-                parts = ([per_example(dy * x_hat)] if ln.weight is not None else []) + \
-                        ([per_example(dy)] if ln.bias is not None else [])
-                return torch.cat(parts, dim=1)
+                bias = getattr(norm, "bias", None) is not None
+                return torch.cat([per_example(dy * x_hat)] + ([per_example(dy)] if bias else []), dim=1)
             return tap(group, output, to_vectors)
-        return ln.register_forward_hook(hook)
+        return norm.register_forward_hook(hook)
 
     def pre_hook(module, args):
         return (tap(group, args[0], lambda dx: dx[:, 0]),) + tuple(args[1:])
