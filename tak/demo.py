@@ -33,6 +33,7 @@ from .training.loop import _backbone, _device
 TASKS = ["rotten_tomatoes", "20news-part0", "20news-part1", "reuters_r8"]
 REFERENCE = ["subjectivity", "20news-part3"]
 METHODS = ["nonlinear", "linear", "tak", "delta"]
+PLOTS = ("alpha_sweep.png", "merged_per_task.png")  # written by the demo next to results.json
 
 PROFILES = {
     "quick": dict(steps=12, batch_size=16, max_length=32, max_train=300, max_test=64, factor_examples=32,
@@ -81,6 +82,7 @@ def run(out="tak-demo", *, quick: bool = False, device=None, progress: bool = Tr
             "joint": addition.joint,
         }
     results["seconds"] = round(time.time() - started, 1)
+    results["plots"] = list(PLOTS)  # for tak report: this run's, whatever else the folder holds
     on_main_rank(lambda: _write(out, results), backbone.device)  # under torchrun: one writer, the others wait
     return results
 
@@ -93,9 +95,11 @@ def table(results: dict) -> str:
     zs = results["zero_shot"]
     lines.append(f"| zero-shot | {sum(zs.values()) / len(zs):.1f} | | | | | "
                  + " | ".join(f"{zs[t]:.1f}" for t in results["tasks"]) + " |")
+    def pct(value):  # a normalized accuracy is None where an individual accuracy is 0
+        return "–" if value is None else f"{value:.1f}"
     for name, r in results["methods"].items():
-        lines.append(f"| {name} | {r['alpha1']['abs']:.1f} | {r['alpha1']['norm']:.1f} | {r['best']['abs']:.1f} | "
-                     f"{r['best']['norm']:.1f} | {r['best']['alpha']:.2f} | "
+        lines.append(f"| {name} | {r['alpha1']['abs']:.1f} | {pct(r['alpha1']['norm'])} | {r['best']['abs']:.1f} | "
+                     f"{pct(r['best']['norm'])} | {r['best']['alpha']:.2f} | "
                      + " | ".join(f"{r['individual'][t]:.1f}" for t in results["tasks"]) + " |")
     joint = [{"method": "zero-shot (θ0)", "joint problem": name, "acc. (α=1)": acc}
              for name, acc in results.get("zero_shot_joint", {}).items()]
@@ -106,16 +110,17 @@ def table(results: dict) -> str:
 
 
 def _write(out: Path, results: dict) -> None:
-    write_text(out / "results.json", json.dumps(results, indent=2))
     curves = {m: (list(r["val_curve"]), list(r["val_curve"].values())) for m, r in results["methods"].items()}
-    sweep = alpha_sweeps(curves, out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
-    bars = bar_table({m: r["per_task"]["alpha1"] for m, r in results["methods"].items()}, out / "merged_per_task.png",
+    sweep = alpha_sweeps(curves, out / PLOTS[0], marks={m: r["best"]["alpha"] for m, r in results["methods"].items()},
+                         title="task addition on validation: mean normalized accuracy vs α")
+    bars = bar_table({m: r["per_task"]["alpha1"] for m, r in results["methods"].items()}, out / PLOTS[1],
                      title="merged model (α = 1): test accuracy per task")
+    write_text(out / "results.json", json.dumps(results, indent=2))
     report = Report("tak demo: task addition on MiniLM")
     report.section("Setup", f"Tasks: {', '.join(results['tasks'])}; DELTA reference set: "
                    f"{', '.join(results['reference'])}; profile {results['profile']}; {results['seconds']} s.")
     report.section("Merged accuracy (test, %)", table(results))
-    report.image(sweep, "Mean validation accuracy of θ0 + α Σ τ_t (α picked here, never on test).")
+    report.image(sweep, "Mean normalized validation accuracy of θ0 + α Σ τ_t (α picked here, never on test).")
     report.image(bars, "Test accuracy per task of the merged model at α = 1.")
     report.write(out / "report.md")
 

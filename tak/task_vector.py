@@ -7,6 +7,7 @@ versions hold a legacy one that hashed dtypes too, see ``TaskVector.load``), ``m
 ``trainable`` (the selection), ``hparams``, ``seed``, ``metrics``. Files go through ``tak.io``: atomic
 writes, checksummed reads, no pickles.
 """
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -79,14 +80,38 @@ class TaskVector:
         return TaskVector({k: alpha * v for k, v in self.tensors.items()}, dict(self.meta))
 
 
+BACKBONE_KEYS = ("base_model", "pretrained", "max_length", "backbone_options")
+
+
+def backbone_setting(tv: TaskVector, key: str):
+    """One of ``BACKBONE_KEYS`` as ``tak.train`` recorded it (the pretrained weights under ``source``); ``...`` where
+    the file does not record it."""
+    return (tv.meta.get("source") or {}).get(key, ...) if key == "pretrained" else tv.meta.get(key, ...)
+
+
+def check_same_backbone(task_vectors: Iterable[TaskVector]) -> None:
+    """ValueError unless all task vectors were trained on one backbone as loaded: the same base model, and the same
+    pretrained weights, ``max_length`` and loader options where their files record them."""
+    tvs = list(task_vectors)
+    for key in BACKBONE_KEYS:
+        values = [backbone_setting(tv, key) for tv in tvs]
+        recorded = {json.dumps(v, sort_keys=True, default=str) for v in values if v is not ... or key == "base_model"}
+        if len(recorded) > 1:
+            named = ", ".join(f"{tv.task or i}: {None if v is ... else v!r}" for i, (tv, v) in enumerate(zip(tvs, values)))
+            raise ValueError(f"task vectors differ in {key} ({named}): they were trained on different backbones; "
+                             "merge or evaluate them separately")
+
+
 def check_compatible(task_vectors: Iterable[TaskVector], *, allow_mixed_regimes: bool = False) -> None:
-    """ValueError unless all task vectors share a base model, an architecture, a regime (unless
-    ``allow_mixed_regimes``) and the same parameter names and shapes. Fingerprints must be equal: load files of an
-    earlier tak (legacy fingerprints, which hashed dtypes too) with ``TaskVector.load(path, model=...)`` to compare."""
+    """ValueError unless all task vectors share a backbone (``check_same_backbone``), an architecture, a regime
+    (unless ``allow_mixed_regimes``) and the same parameter names and shapes. Fingerprints must be equal: load files
+    of an earlier tak (legacy fingerprints, which hashed dtypes too) with ``TaskVector.load(path, model=...)`` to
+    compare."""
     tvs = list(task_vectors)
     if not tvs:
         raise ValueError("no task vectors given")
-    for key in ("base_model", "fingerprint") + (() if allow_mixed_regimes else ("regime",)):
+    check_same_backbone(tvs)
+    for key in ("fingerprint",) + (() if allow_mixed_regimes else ("regime",)):
         values = {tv.meta.get(key) for tv in tvs}
         if len(values) > 1:
             named = ", ".join(f"{tv.task or i}: {tv.meta.get(key)!r}" for i, tv in enumerate(tvs))

@@ -359,6 +359,18 @@ def test_plots_write_pngs(tmp_path):
     assert_png(P.alpha_sweeps({"TA": (alphas, alphas)}, out / "sweep.png", title="again"), out)
 
 
+def test_alpha_sweeps_star_the_chosen_alpha_of_each_curve(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(P, "_save", lambda fig, path: saved.append([(line.get_xdata().tolist(), line.get_marker())
+                                                                      for line in fig.axes[0].lines]))
+    flat = [0.0, 0.5, 1.0, 1.5]
+    P.alpha_sweeps({"TA": (flat, [80, 80, 80, 70]), "TAK": (flat, [1, 2, 3, 4])}, tmp_path / "s.png", title="t",
+                   marks={"TA": 1.0})  # a tie: the protocol chose 1.0, not the first maximum
+    assert [(x, m) for x, m in saved[0] if m == "*"] == [([1.0], "*")]
+    with pytest.raises(ValueError, match=r"marks\['TA'\] = 0.7 is not among the curve's alphas"):
+        P.alpha_sweeps({"TA": (flat, flat)}, tmp_path / "s.png", title="t", marks={"TA": 0.7})
+
+
 def test_plots_reject_bad_data(tmp_path):
     with pytest.raises(ValueError, match="expected"):
         P.disentanglement_heatmap(torch.zeros(2, 2), [0, 1, 2], [0, 1], tmp_path / "x.png")

@@ -158,8 +158,9 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     assert results["analyses"]["disentanglement"]["tasks"] == TASKS
     pngs = {"alpha_sweep.png", "disentanglement.png", "normalcy.png", "linearization_error.png",
             "support_localization.png"}
-    assert {p.name for p in added.glob("*.png")} == pngs
+    assert {p.name for p in added.glob("*.png")} == set(results["plots"]) == pngs
     assert all((added / p).read_bytes().startswith(PNG) for p in pngs)
+    assert results["alphas"] == [0.0, 0.5, 1.0] and set(results["individual_val"]) == set(TASKS)
 
     tied = out / "ties"  # a post-hoc merge instead of the sum, then the same α sweep
     ok("eval", *[paths["nonlinear", t] for t in TASKS], "--merge", "ties", "--k", "0.2", *EVAL_SMALL, "--out", tied)
@@ -207,8 +208,22 @@ def test_eval_addition_with_analyses_negation_and_report(runs):
     assert negation_table[3].startswith(f"| θ0 − {negation['alpha']} τ | ")
     assert negation_table[3].split("|")[2:4] == [f" {negation['target']:.1f} ", f" {negation['control']:.1f} "]
 
+    assert "addition of 2 task vector(s) of nonlinear (nonlinear) on minilm; merged by task_arithmetic; α grid 0 to 1 " \
+           "(3 values)." in report
+
     code, _, err = tak_cli("report", out / "nowhere", "--out", report_dir)
     assert code == 2 and "no results.json" in err
+
+    # the addition's folder reused by a negation of one of two files: its results and report are the negation's
+    ok("eval", paths["linear", TASKS[0]], paths["linear", TASKS[1]], "--protocol", "negation", "--target", TASKS[1],
+       "--control", TASKS[0], *EVAL_SMALL, "--out", added)
+    again = json.loads((added / "results.json").read_text())
+    assert again["task_vectors"] == [str(paths["linear", TASKS[1]])] and again["plots"] == ["negation_sweep.png"]
+    for _ in range(2):  # in place: nothing copied, the analyses' plots left there are not this run's
+        ok("report", added, "--out", added)
+        report = (added / "report.md").read_text()
+        assert re.findall(r"\]\(([^)]+\.png)\)", report) == ["negation_sweep.png"]
+        assert not list(added.glob("0-*")) and "negation of 1 task vector(s) of linear (linear)" in report
 
 
 def test_eval_of_class_partition_parts_reports_their_joint_problem(tmp_path):

@@ -15,14 +15,51 @@ def test_normalized_accuracy_is_the_mean_ratio_in_percent():
     assert normalized_accuracy({"a": 40.0, "b": 90.0}, {"a": 80.0, "b": 90.0}) == pytest.approx(75.0)
     with pytest.raises(ValueError, match="no individual accuracy for"):
         normalized_accuracy({"a": 1.0, "c": 2.0}, {"a": 1.0})
-    with pytest.raises(ValueError, match="is 0"):
-        normalized_accuracy({"a": 1.0}, {"a": 0.0})
+    with pytest.warns(UserWarning, match=r"individual accuracy of \['a'\] is 0, so the normalized accuracy has no value"):
+        assert normalized_accuracy({"a": 1.0, "b": 2.0}, {"a": 0.0, "b": 4.0}) is None
 
 
-def _task_vector(bb, scale, seed, regime="nonlinear"):
+def _task_vector(bb, scale, seed, regime="nonlinear", task=None):
     g = torch.Generator().manual_seed(seed)
     tensors = {n: scale * torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in bb.model.named_parameters()}
-    return TaskVector(tensors, {**bb.meta(), "regime": regime, "task": "toy", "method": "test"})
+    return TaskVector(tensors, {**bb.meta(), "regime": regime, "task": task, "method": "test"})
+
+
+def _stub_sweeps(monkeypatch, accuracies):
+    """Evaluator.sweep gives ``accuracies[split][key][task]``, key: "own" for a task's τ alone (one task), else α."""
+    from tak.arithmetic.compose import Evaluator
+
+    def sweep(self, tv, alphas, tasks=None):
+        tasks = self.tasks if tasks is None else tasks
+        key = (lambda a: "own") if len(tasks) == 1 and tv is not None and "+" not in str(tv.task) else float
+        return {float(a): {t.name: accuracies[self.split][key(a)][t.name] for t in tasks} for a in alphas}
+    monkeypatch.setattr(Evaluator, "sweep", sweep)
+
+
+def test_addition_picks_alpha_by_the_mean_normalized_validation_accuracy(monkeypatch):
+    """Ortiz-Jiménez et al. 2023 (followed by TAK and DELTA) pick α by merged / individual accuracy on validation:
+    here α = 1 (normalized 80 against 75), where the mean absolute accuracy would pick 0.5 (60 against 57.5)."""
+    bb = ToyBackbone()
+    tasks = [toy_task("A", n=40, seed=1), toy_task("B", n=40, classes=4, seed=2)]
+    tvs = [_task_vector(bb, 0.1, 3, task="A"), _task_vector(bb, 0.1, 4, task="B")]
+    val = {0.5: {"A": 90.0, "B": 30.0}, 1.0: {"A": 70.0, "B": 45.0}, "own": {"A": 100.0, "B": 50.0}}
+    test = {0.5: {"A": 80.0, "B": 20.0}, 1.0: {"A": 60.0, "B": 40.0}, "own": {"A": 90.0, "B": 0.0}}
+    _stub_sweeps(monkeypatch, {"val": val, "test": test})
+    with pytest.warns(UserWarning, match=r"individual accuracy of \['B'\] is 0"):
+        result = task_addition(bb, tvs, tasks, alphas=[0.5, 1.0])
+    assert result.individual_val == val["own"] and result.val_curve == {0.5: 75.0, 1.0: 80.0}
+    assert result.best["alpha"] == 1.0 and result.best["abs"] == 50.0
+    assert result.best["norm"] is None  # B's own τ scores 0 on test: no ratio, the absolute accuracy stands
+
+    val["own"]["B"] = 0.0  # B has no ratio on validation either: α by A's alone
+    with pytest.warns(UserWarning, match=r"\['B'\] is 0, so it is left out of the mean normalized accuracy"):
+        assert task_addition(bb, tvs, tasks, alphas=[0.5, 1.0]).val_curve == {0.5: 90.0, 1.0: 70.0}
+    val["own"]["A"] = 0.0
+    with pytest.warns(UserWarning, match="α is chosen by the mean accuracy instead"):
+        assert task_addition(bb, tvs, tasks, alphas=[0.5, 1.0]).val_curve == {0.5: 60.0, 1.0: 57.5}
+    with pytest.raises(ValueError, match=r"paired by position, and these pairs differ: τ of 'B' with task 'A', τ of "
+                                         r"'A' with task 'B'"):
+        task_addition(bb, tvs[::-1], tasks, alphas=[0.5, 1.0])
 
 
 def test_negation_keeps_the_control_and_minimizes_the_target_on_validation():
@@ -38,12 +75,24 @@ def test_negation_keeps_the_control_and_minimizes_the_target_on_validation():
     negated = apply(bb, TaskVector({k: -v for k, v in tv.tensors.items()}, tv.meta), result.alpha)
     assert result.target == pytest.approx(accuracy(bb, negated, target, "test"))
     assert result.control == pytest.approx(accuracy(bb, negated, control, "test"))
+    assert result.constraint_met
+
+
+def test_negation_says_when_no_alpha_keeps_the_control(monkeypatch):
+    bb = ToyBackbone()
+    target, control = toy_task("target", n=40, seed=1), toy_task("control", n=40, classes=4, seed=2)
+    val = {0.0: {"target": 60.0, "control": 50.0}, 0.5: {"target": 40.0, "control": 30.0}}
+    _stub_sweeps(monkeypatch, {"val": val, "test": val})
+    with pytest.warns(UserWarning, match=r"no α of the grid keeps control's validation accuracy ≥ 95% of θ0's "
+                                         r"\(50.0%\), so α = 0 \(θ0 itself\) is reported"):
+        result = task_negation(bb, _task_vector(bb, 0.8, seed=3), target, control, alphas=[0.5])
+    assert (result.alpha, result.constraint_met, result.target, result.control) == (0.0, False, 60.0, 50.0)
 
 
 def test_addition_picks_alpha_on_validation_and_reports_test():
     bb = ToyBackbone()
     tasks = [toy_task("t1", n=40, seed=4), toy_task("t2", n=40, classes=4, seed=5)]
-    tvs = [_task_vector(bb, 0.5, seed=6), _task_vector(bb, 0.5, seed=7)]
+    tvs = [_task_vector(bb, 0.5, seed=6, task="t1"), _task_vector(bb, 0.5, seed=7, task="t2")]
     alphas = [0.0, 0.5, 1.0]
     result = task_addition(bb, tvs, tasks, alphas=alphas)
     assert result.val_curve[result.best["alpha"]] == max(result.val_curve.values())
@@ -92,7 +141,7 @@ def test_addition_with_a_post_hoc_merge_evaluates_that_merge():
     from tak.arithmetic.merges import ties
     bb = ToyBackbone()
     tasks = [toy_task("t1", n=40, seed=4), toy_task("t2", n=40, classes=4, seed=5)]
-    tvs = [_task_vector(bb, 0.5, seed=6), _task_vector(bb, 0.5, seed=7)]
+    tvs = [_task_vector(bb, 0.5, seed=6, task="t1"), _task_vector(bb, 0.5, seed=7, task="t2")]
     result = task_addition(bb, tvs, tasks, alphas=[0.5, 1.0], merge="ties", merge_options={"k": 0.3})
     merged = apply(bb, TaskVector(ties([tv.tensors for tv in tvs], k=0.3), tvs[0].meta), 1.0)
     for t in tasks:

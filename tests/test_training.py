@@ -414,6 +414,16 @@ def test_check_compatible_refuses_mixed_regimes_base_models_and_layers(trained):
     other_arch = TaskVector(dict(nonlinear.tensors), {**nonlinear.meta, "fingerprint": "f" * 16})
     with pytest.raises(ValueError, match="differ in fingerprint"):
         check_compatible([nonlinear, other_arch])
+    # one architecture, but other weights or inputs: the sum belongs to no backbone
+    other_weights = TaskVector(dict(nonlinear.tensors), {**nonlinear.meta, "source": {"pretrained": "/other/minilm"}})
+    with pytest.raises(ValueError, match=r"differ in pretrained \(rotten_tomatoes: None, rotten_tomatoes: "
+                                         r"'/other/minilm'\): they were trained on different backbones"):
+        combine([nonlinear, other_weights])
+    with pytest.raises(ValueError, match=r"differ in max_length \(rotten_tomatoes: 16, rotten_tomatoes: 64\)"):
+        check_compatible([nonlinear, TaskVector(dict(nonlinear.tensors), {**nonlinear.meta, "max_length": 64})])
+    unrecorded = TaskVector(dict(nonlinear.tensors), {k: v for k, v in nonlinear.meta.items() if k != "max_length"})
+    summed = combine([nonlinear, unrecorded])  # a file of an earlier tak, without the key, is taken as it is
+    assert (summed.meta["max_length"], summed.meta["backbone_options"]) == (16, {})
 
     name = next(k for k, v in sorted(nonlinear.tensors.items()) if v.dim() == 2)
     fewer = TaskVector({k: v for k, v in nonlinear.tensors.items() if k != name}, dict(nonlinear.meta))
@@ -742,7 +752,8 @@ def test_backbone_options_reach_the_loader_and_the_task_vector_for_tak_eval(tmp_
     assert seen[1]["width"] == 3
     other = result.task_vector
     TaskVector(other.tensors, {**other.meta, "task": "other", "backbone_options": {"width": 4}}).save(tmp_path / "o.st")
-    with pytest.raises(ValueError, match="trained with different backbone_options"):
+    with pytest.raises(ValueError, match=r"differ in backbone_options \(toy-blobs: \{'width': 3\}, other: "
+                                         r"\{'width': 4\}\): they were trained on different backbones"):
         evaluate.evaluate_files([result.path, tmp_path / "o.st"], out=tmp_path / "eval")
     assert _parse_value('{"prefix": "mnli"}', dict[str, object]) == {"prefix": "mnli"}
     with pytest.raises(ValueError, match=r"\['max_length'\] are TrainConfig keys of their own"):

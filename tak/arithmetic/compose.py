@@ -34,7 +34,8 @@ def combine(task_vectors: list[TaskVector], alphas=1.0, *, allow_mixed_regimes: 
         acc = torch.promote_types(dtype, torch.float32)
         return sum(a * tv.tensors[k].to(acc) for a, tv in zip(alphas, task_vectors)).to(dtype)
     tensors = {k: weighted_sum(k, v.dtype) for k, v in first.tensors.items()}
-    meta = {k: first.meta.get(k) for k in ("base_model", "fingerprint", "regime", "source") if k in first.meta}
+    meta = {k: first.meta.get(k) for k in ("base_model", "fingerprint", "regime", "source", "max_length",
+                                           "backbone_options") if k in first.meta}  # one backbone's: checked
     regimes = sorted({str(tv.regime) for tv in task_vectors})
     if len(regimes) > 1:
         meta.pop("regime", None)

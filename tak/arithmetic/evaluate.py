@@ -16,8 +16,8 @@ from ..backbones import load_backbone
 from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import loader
-from ..io import write_text
-from ..task_vector import TaskVector, check_compatible
+from ..io import atomic_file, write_text
+from ..task_vector import TaskVector, check_compatible, check_same_backbone
 from . import analyses, plots
 from .compose import apply, check_backbone, combine
 from .merges import MERGES
@@ -25,6 +25,7 @@ from .protocols import DEFAULT_ALPHAS, task_addition, task_negation
 from .report import Report
 
 _ANALYSIS_EXAMPLES = 64
+ADDITION_SWEEP_TITLE = "task addition on validation: mean normalized accuracy (joint problems: accuracy) vs α"
 _PAIR_ALPHAS = [0.0, 0.5, 1.0, 1.5, 2.0]
 
 
@@ -61,10 +62,7 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
         if control == tv.task:
             raise ValueError(f"--control {control!r} is the task negated; name another task to keep")
     meta = tvs[0].meta
-    for key in ("backbone_options", "max_length"):  # one backbone serves them all
-        if len({json.dumps(tv.meta.get(key), sort_keys=True, default=str) for tv in tvs}) > 1:
-            raise ValueError(f"the task vectors were trained with different {key}: "
-                             f"{ {str(tv.task): tv.meta.get(key) for tv in tvs} }; evaluate them separately")
+    check_same_backbone(tvs)  # one backbone serves them all
     if "base_model" not in meta:
         raise ValueError(f"{paths[0]}: its metadata names no base_model; it was not written by tak.train")
     source = meta.get("source") or {}
@@ -96,26 +94,32 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(device=device)
-    results = {"task_vectors": [str(p) for p in paths], "regime": tvs[0].regime, "base_model": meta["base_model"],
-               "methods": sorted({str(tv.meta.get("method")) for tv in tvs}), "protocol": protocol}
+    used = [(p, t) for p, t in zip(paths, tvs) if protocol == "addition" or t is tv]  # negation: the negated one
+    results = {"task_vectors": [str(p) for p, _ in used], "regime": tvs[0].regime, "base_model": meta["base_model"],
+               "methods": sorted({str(t.meta.get("method")) for _, t in used}), "protocol": protocol, "alphas": alphas}
     if protocol == "negation":
         result = task_negation(backbone, tv, target_task, control_task, alphas=alphas, **kw)
         # "target" / "control" are the accuracies (NegationResult); the task names get keys of their own
         results["negation"] = {**result.to_dict(), "target_task": tv.task, "control_task": control}
         curves = {"target": (list(result.val_curve), [v["target"] for v in result.val_curve.values()]),
                   "control": (list(result.val_curve), [v["control"] for v in result.val_curve.values()])}
-        plots.alpha_sweeps(curves, out / "negation_sweep.png", title=f"negating {tv.task}: validation accuracy vs α",
-                           mark_best=False)
+        written = [plots.alpha_sweeps(curves, out / "negation_sweep.png", marks=dict.fromkeys(curves, result.alpha)
+                                      if result.constraint_met else None,
+                                      title=f"negating {tv.task}: validation accuracy vs α")]
     else:
         tasks = [get(tv.task) for tv in tvs]
         result = task_addition(backbone, tvs, tasks, alphas=alphas, merge=merge, merge_options=merge_options, **kw)
         results.update(result.to_dict(), merge={"method": merge, **(merge_options or {})})
-        curves = {"+".join(results["methods"]): (list(result.val_curve), list(result.val_curve.values())),
-                  **{f"{name} (joint)": (list(j["val_curve"]), list(j["val_curve"].values()))
-                     for name, j in result.joint.items()}}
-        plots.alpha_sweeps(curves, out / "alpha_sweep.png", title="task addition: mean validation accuracy vs α")
+        name = "+".join(results["methods"])
+        curves = {name: (list(result.val_curve), list(result.val_curve.values())),
+                  **{f"{joint} (joint)": (list(j["val_curve"]), list(j["val_curve"].values()))
+                     for joint, j in result.joint.items()}}
+        marks = {name: result.best["alpha"], **{f"{joint} (joint)": j["best"]["alpha"] for joint, j in result.joint.items()}}
+        written = [plots.alpha_sweeps(curves, out / "alpha_sweep.png", marks=marks, title=ADDITION_SWEEP_TITLE)]
         if run_analyses:
-            results["analyses"] = _analyses(backbone, tvs, tasks, out, device)
+            results["analyses"], figures = _analyses(backbone, tvs, tasks, out, device)
+            written += figures
+    results["plots"] = [p.name for p in written]  # this run's, whatever else the folder holds
     write_text(out / "results.json", json.dumps(results, indent=2, default=float))
     return results
 
@@ -125,11 +129,11 @@ def _inputs(backbone, task, device, n=_ANALYSIS_EXAMPLES) -> list:
     return [to_device(x, device) for x, _ in loader(backbone, examples, 32)]
 
 
-def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
+def _analyses(backbone, tvs, tasks, out: Path, device) -> tuple[dict, list[Path]]:
     """Disentanglement (first pair), normalcy AUROC, linearization error and support localization, in float32 at
     least: a bf16 / fp16 backbone is cast (in place: the analyses come last), and so are bf16 / fp16 task vectors,
     since the analyses take differences of features (J τ = f_lin − f0, feature edits, the linearization error)
-    and means of τ that bf16 rounding would swamp."""
+    and means of τ that bf16 rounding would swamp. Returns (the results, the plots written)."""
     if any(p.is_floating_point() and torch.finfo(p.dtype).bits < 32 for p in backbone.model.parameters()):
         backbone.to(torch.float32)
     tvs = [TaskVector({k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in tv.tensors.items()}, tv.meta)
@@ -153,7 +157,7 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
     def feats(tau, batch):
         return feats_of(model(tau), batch)
 
-    found = {}
+    found, written = {}, []
     as_tv = lambda tensors: None if tensors is None else TaskVector(tensors, dict(tvs[0].meta))  # noqa: E731
     if len(tvs) >= 2:
         t1, t2 = tasks[0], tasks[1]
@@ -166,8 +170,8 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
             return heads[name](feats(as_tv(analyses._tensors(tau)) if tau is not None else None, batch))
         xi = analyses.disentanglement_error(predict, tvs[0].tensors, tvs[1].tensors, tagged1, tagged2,
                                             _PAIR_ALPHAS, _PAIR_ALPHAS)
-        plots.disentanglement_heatmap(xi, _PAIR_ALPHAS, _PAIR_ALPHAS, out / "disentanglement.png",
-                                      title=f"ξ(α1, α2): {t1.name} × {t2.name}")
+        written.append(plots.disentanglement_heatmap(xi, _PAIR_ALPHAS, _PAIR_ALPHAS, out / "disentanglement.png",
+                                                     title=f"ξ(α1, α2): {t1.name} × {t2.name}"))
         found["disentanglement"] = {"tasks": [t1.name, t2.name], "alphas": _PAIR_ALPHAS, "xi": xi.tolist()}
     normalcy, localization, scores, edits = {}, {}, {}, {}
     for tv, t in zip(tvs, tasks):
@@ -188,11 +192,11 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
         localization[t.name] = {"in": mse_in.mean().item(), "out": mse_out.mean().item()}
         edits[f"{t.name} (in)"], edits[f"{t.name} (out)"] = mse_in, mse_out
     if normalcy:
-        plots.histograms(scores, out / "normalcy.png", title="normalcy ‖J τ_t x‖²: in-task vs other tasks",
-                         xlabel="‖J f(x; θ0) τ_t‖²", log=True)
-        plots.histograms(edits, out / "support_localization.png", log=True,
-                         title="support localization: feature edit distance, in-task vs other tasks",
-                         xlabel="(1/d) ‖f(x; θ0 + τ_t) − f(x; θ0)‖²")
+        written.append(plots.histograms(scores, out / "normalcy.png", xlabel="‖J f(x; θ0) τ_t‖²", log=True,
+                                        title="normalcy ‖J τ_t x‖²: in-task vs other tasks"))
+        written.append(plots.histograms(edits, out / "support_localization.png", log=True,
+                                        title="support localization: feature edit distance, in-task vs other tasks",
+                                        xlabel="(1/d) ‖f(x; θ0 + τ_t) − f(x; θ0)‖²"))
         found["normalcy_auroc"], found["support_localization"] = normalcy, localization
     if len(tvs) >= 2:
         batches = [(t.name, b) for t in tasks for b in inputs[t.name]]
@@ -202,10 +206,10 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> dict:
             each = torch.stack([per_tv[i] for per_tv in outputs[:-1]]).mean(0)
             errors.setdefault(name, []).append((each - outputs[-1][i]).abs().sum(-1).cpu())
         errors = {name: torch.cat(err) for name, err in errors.items()}
-        plots.histograms(errors, out / "linearization_error.png", title="linearization error per task",
-                         xlabel="‖mean_t f(x; θ_t) − f(x; mean θ)‖₁")
+        written.append(plots.histograms(errors, out / "linearization_error.png", title="linearization error per task",
+                                        xlabel="‖mean_t f(x; θ_t) − f(x; mean θ)‖₁"))
         found["linearization_error"] = {k: v.mean().item() for k, v in errors.items()}
-    return found
+    return found, written
 
 
 def render_report(folders, out) -> Path:
@@ -225,7 +229,7 @@ def render_report(folders, out) -> Path:
         if not isinstance(results, dict) or not {"zero_shot", "alpha1", "negation", "analyses"} & results.keys():
             raise ValueError(f"{path}: not the results of `tak demo` or `tak eval` (no zero_shot, alpha1, negation "
                              "or analyses entry)")
-        report.section(str(folder))
+        report.section(str(folder), _setup(results))
         if "zero_shot" in results:  # a tak demo folder
             from ..demo import table
             report.text(table(results))
@@ -251,8 +255,26 @@ def render_report(folders, out) -> Path:
                            "edit distance in-domain": found["support_localization"][t]["in"],
                            "edit distance out-of-domain": found["support_localization"][t]["out"]}
                           for t in found["normalcy_auroc"]], floatfmt=".4g")
-        for png in sorted(folder.glob("*.png")):
-            target = out / f"{i}-{png.name}"
-            shutil.copyfile(png, target)
+        listed = results.get("plots")  # None: results of an earlier tak, which did not list them
+        for png in sorted(folder.glob("*.png")) if listed is None else [folder / name for name in listed]:
+            if not png.is_file():
+                raise FileNotFoundError(f"{png}: a plot {path} lists is missing")
+            target = png if folder.resolve() == out.resolve() else out / f"{i}-{png.name}"
+            if target != png:
+                with atomic_file(target) as tmp:
+                    shutil.copyfile(png, tmp)
             report.image(target, png.stem.replace("_", " "))
     return report.write(out / "report.md")
+
+
+def _setup(results: dict) -> str:
+    """What a ``tak eval`` folder evaluated, in a line ("" for a demo's, whose table says it)."""
+    if "protocol" not in results:
+        return ""
+    merge = results.get("merge") or {}
+    merged = ", ".join([merge.get("method", "task_arithmetic")] + [f"{k}={v}" for k, v in merge.items() if k != "method"])
+    alphas = results.get("alphas")
+    grid = f"; α grid {min(alphas):g} to {max(alphas):g} ({len(alphas)} values)" if alphas else ""
+    return (f"{results['protocol']} of {len(results['task_vectors'])} task vector(s) of {', '.join(results['methods'])} "
+            f"({results['regime']}) on {results['base_model']}"
+            + (f"; merged by {merged}" if results["protocol"] == "addition" else "") + grid + ".")

@@ -155,10 +155,10 @@ def histograms(groups: Mapping[str, Any], path, title: str, xlabel: str, log: bo
 
 
 def alpha_sweeps(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, title: str,
-                 ylabel: str = "accuracy (%)", *, xlabel: str = "α", mark_best: bool = True) -> Path:
+                 ylabel: str = "accuracy (%)", *, xlabel: str = "α", marks: Mapping[str, float] | None = None) -> Path:
     """One line per method of a score against the scaling coefficient α (TAK Fig. 4a, 11, 12).
 
-    ``curves = {method: (alphas, values)}``. With ``mark_best`` each curve's maximum is starred.
+    ``curves = {method: (alphas, values)}``; ``marks = {method: α}`` stars the point of that α (the one chosen).
     """
     if not curves:
         raise ValueError("alpha_sweeps: no curves given")
@@ -173,9 +173,11 @@ def alpha_sweeps(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
             raise ValueError(f"alpha_sweeps: curve {name!r} has {x.size} alphas but {y.size} values")
         order = np.argsort(x, kind="stable")
         (line,) = ax.plot(x[order], y[order], marker="o", ms=3, label=str(name))
-        if mark_best and np.isfinite(y).any():
-            k = int(np.nanargmax(y))
-            ax.plot([x[k]], [y[k]], marker="*", ms=12, color=line.get_color(), mec="black", mew=0.5)
+        if marks and name in marks:
+            at = np.flatnonzero(x == marks[name])
+            if not at.size:
+                raise ValueError(f"alpha_sweeps: marks[{name!r}] = {marks[name]} is not among the curve's alphas")
+            ax.plot([x[at[0]]], [y[at[0]]], marker="*", ms=12, color=line.get_color(), mec="black", mew=0.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
