@@ -7,8 +7,12 @@ dense tensor, it can be:
   last block is cut to n − (k−1)·b rows and columns (its padding is ignored).
 - ``LowRankFactor``: F ≈ U diag(λ) Uᵀ with U (n, r), λ (r,): the top-r eigenpairs.
 - ``Int8Factor``: F ≈ diag(s) Q diag(s) with Q (n, n) int8 symmetric and s (n,) fp32 per-row
-  scales; s_i = sqrt(max_j |F_ij| / 127), so |Q_ij| ≤ 127 for any symmetric F whose rows peak on the
-  diagonal (covariances); ``to_dense`` gives an exactly symmetric matrix.
+  scales; s_i = sqrt(F_ii / 127), so Q_ii = 127 and, as |F_ij| ≤ sqrt(F_ii F_jj) for a positive
+  semi-definite F (a covariance), |Q_ij| ≤ 127: Q is F's correlation matrix × 127, rounded, whose
+  entries all keep the same absolute precision (scales of the row's peak would round a small-variance row
+  that is correlated with a large one coarsely, enough to make F indefinite). A row whose diagonal is not
+  positive is scaled by its peak, and entries beyond 127 (F not PSD) are clamped. ``to_dense`` gives an
+  exactly symmetric matrix.
 """
 from dataclasses import dataclass
 
@@ -154,8 +158,8 @@ class Int8Factor:
         """Symmetric per-row quantization F ≈ diag(s) Q diag(s) (see module docstring)."""
         _compressible("Int8Factor.from_dense", F)
         F = F.float()
-        peak = F.abs().amax(dim=1)
-        s = torch.sqrt(peak / 127.0)
+        diagonal = F.diagonal()
+        s = torch.sqrt(torch.where(diagonal > 0, diagonal, F.abs().amax(dim=1)) / 127.0)
         s = torch.where(s == 0, torch.ones_like(s), s)  # all-zero rows; NaN / Inf stay and propagate
         q = torch.round(F / s[:, None] / s[None, :]).clamp_(-127, 127).to(torch.int8)
         return cls(q, s.contiguous())
