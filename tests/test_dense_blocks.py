@@ -78,6 +78,35 @@ def test_rmsnorm_blocks_equal_the_exact_ggn(eps):
         assert rel_err(block.B, exact_block(model, block.params, X, lambda m, x: m(x))) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_rmsnorm_normalizes_as_pytorch_does(dtype):
+    """nn.RMSNorm(eps=None) takes ε of its compute type (fp32 for 16-bit inputs), not of the input's."""
+    from tak.curvature.dense import _normalized
+    norm = nn.RMSNorm(8).to(dtype)
+    x = (0.05 * torch.randn(4, 3, 8)).to(dtype)  # small: ε matters
+    assert rel_err(_normalized(norm, x).to(dtype), norm(x)) < 1e-2
+
+
+class SequenceFirstRMS(nn.Module):
+    """x (N, T, d) -> (T, N, d) -> nn.RMSNorm -> Linear -> mean over tokens: (N, C)."""
+
+    def __init__(self, d=6, c=3):
+        super().__init__()
+        self.rms, self.fc = nn.RMSNorm(d), nn.Linear(d, c)
+
+    def forward(self, x):
+        return self.fc(self.rms(x.transpose(0, 1))).mean(0)
+
+
+def test_rmsnorm_block_of_sequence_first_activations_with_as_many_tokens_as_examples():
+    model = SequenceFirstRMS().double()
+    with torch.no_grad():
+        model.rms.weight.uniform_(0.5, 1.5)
+    X = torch.randn(5, 5, 6, dtype=torch.float64)  # T = N: only the measured layout tells
+    f = fit_kfac(model, [X], exact=True, progress=False)
+    assert rel_err(f["rms"].B, exact_block(model, f["rms"].params, X, lambda m, x: m(x))) < 1e-5
+
+
 def test_rmsnorm_blocks_of_t5_equal_the_exact_ggn():
     """T5's layer norms (T5LayerNorm) on padded text, f its decoder state at the start token."""
     transformers = pytest.importorskip("transformers")

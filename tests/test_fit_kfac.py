@@ -892,6 +892,24 @@ def test_t5():
         assert rel_err(h[name].A, f[name].A) < 1e-5 and rel_err(h[name].B, f[name].B) < 1e-5, name
 
 
+def test_t5_decoder_states_as_the_output_are_probed_on_real_decoder_tokens_only():
+    """f = the decoder's states (N, T_dec, d), its padding given by decoder_attention_mask (not the encoder's
+    mask, of another length): the probes leave padded positions out, as zeroing f there does."""
+    model = tiny_t5()
+    enc, dec = random_mask(3, 7), random_mask(3, 4)
+    batch = dict(input_ids=torch.randint(1, 64, (3, 7)).masked_fill(~enc, 0), attention_mask=enc.long(),
+                 decoder_input_ids=torch.randint(1, 64, (3, 4)), decoder_attention_mask=dec.long())
+
+    def states(m, b):
+        return m(**b, output_hidden_states=True, return_dict=True).decoder_hidden_states[-1]
+    f = fit(model, [batch], mc_samples=2, output_fn=states, seed=3)
+    g = fit(model, [batch], mc_samples=2, seed=3,
+            output_fn=lambda m, b: states(m, b) * b["decoder_attention_mask"][..., None])
+    for name in f:
+        assert name == "lm_head" or f[name].B.norm() > 0, name  # the LM head is past the states
+        assert rel_err(f[name].B, g[name].B) < 1e-10, name
+
+
 def test_t5_decoder_mask_of_the_encoder_length():
     """Masks are found by sequence length: a decoder mask of the encoder's length is used when it equals
     the encoder's and refused, naming both, when it differs."""

@@ -178,11 +178,11 @@ class Capture:
         self.batch = batch
 
     def model_fed_modules(self) -> dict[str, nn.Module]:
-        """{name: module} of the linear layers and LayerNorms whose inputs come as the model passes them (the
+        """{name: module} of the linear layers and norms whose inputs come as the model passes them (the
         others' are rearranged here: batch-first), for ``tokens.measure_layouts``."""
         linear = {n: l.module for n, l in self.layers.items()
                   if isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
-        return linear | {n: g.module for n, g in self.dense.items() if g.kind == "layernorm"}
+        return linear | {n: g.module for n, g in self.dense.items() if g.kind in ("layernorm", "rmsnorm")}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense

@@ -52,7 +52,8 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
     dims = tuple(range(-module.weight.dim(), 0))
-    if isinstance(module, nn.RMSNorm):
+    if isinstance(module, nn.RMSNorm):  # as PyTorch computes it: in at least fp32, ε of that type by default
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
         return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
     return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + module.variance_epsilon)

@@ -302,7 +302,7 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
                     raise TypeError(f"{desc}: output_fn returned a {type(f).__name__}, not a tensor: pass output_fn= "
                                     "(model, batch) -> the feature tensor whose Jacobian Gramian to approximate")
                 if f.requires_grad:  # else f depends on no selected layer: nothing to add
-                    cap.probe(f, probes(f, mc_samples, exact, generator, acc.batch.first_mask()), probe_chunk)
+                    cap.probe(f, probes(f, mc_samples, exact, generator, acc.batch.mask_of(f)), probe_chunk)
                 acc.n += acc.batch.n
 
 

@@ -99,8 +99,10 @@ class BatchTokens:
             x = x.transpose(0, 1)
         return x, self.masks.get(x.shape[1])
 
-    def first_mask(self):
-        return next(iter(self.masks.values()), None)
+    def mask_of(self, f: torch.Tensor):
+        """The real-token mask (N, T) of a batch-first sequence output f (N, T, C): the batch's mask of f's length
+        (an encoder-decoder's decoder mask for decoder states), or None."""
+        return self.masks.get(f.shape[1]) if f.dim() == 3 and f.shape[0] == self.n else None
 
 
 def token_mean(x: torch.Tensor, mask) -> torch.Tensor:
