@@ -79,6 +79,16 @@ def test_files_and_data_merge_with_their_training_set_sizes(tmp_path):
     assert merged.meta["merge"]["lambdas"] == pytest.approx([2 / 3, 1 / 3])
 
 
+def test_factor_files_that_name_no_task_are_each_taken(tmp_path):
+    """Files made by hand (KFAC.save with train_examples set, no task named) are not one task listed twice."""
+    tensors, meta = read(fit(tiny(tmp_path, task="20news-part0"), "kfac", tmp_path / "20news.kfac.safetensors"))
+    files = [str(tmp_path / f"user{i}.safetensors") for i in range(2)]
+    for path in files:
+        write(path, tensors, {k: v for k, v in meta.items() if k != "task"})
+    result = tak.train(tiny(tmp_path / "runs", "tak", tasks=["rotten_tomatoes"], factor_files=files))
+    assert [f["path"] for f in result.task_vector.meta["factor_files"]] == files
+
+
 def test_the_seed_draws_the_probes_of_the_file(tmp_path):
     a = read(fit(tiny(tmp_path, task="20news-part0"), "kfac", tmp_path / "a.safetensors"))[0]
     b = read(fit(tiny(tmp_path, task="20news-part0", seed=1), "kfac", tmp_path / "b.safetensors"))[0]

@@ -96,7 +96,7 @@ def load_factor_files(kind: str, paths: list, backbone, layers: list[str], devic
                                     mine["source"].get("pretrained"))):
             if theirs is not None and theirs != value:
                 raise ValueError(f"factor file {path}: fitted on {key} {theirs!r}, this run's is {value!r}")
-        tasks = str(meta.get("task", "")).split("+")
+        tasks = [t for t in str(meta.get("task") or "").split("+") if t]  # none named: a file of one's own making
         if trained in tasks:
             raise ValueError(f"factor file {path}: holds the factors of {trained!r}, the task this run trains; the "
                              "drift penalty takes the other tasks' factors")
