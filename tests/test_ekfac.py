@@ -100,9 +100,10 @@ def per_example(model, batch, names):
     return inputs, J
 
 
-def reference_S(model, batches, factors, *, tokens, mc_samples, exact, seed=0):
-    """S = 1/(N·M) Σ_{n,m} (U_Bᵀ G U_A)² in float64 with G built per example and probe by hand, from
-    the same probe draws as the fit (``tokens.probes`` with the same seed)."""
+def reference_S(model, batches, factors, *, mc_samples, exact, seed=0):
+    """S = 1/(N·M) Σ_{n,m} (U_Bᵀ G U_A)² in float64 with G, the example's gradient Σ_t g ãᵀ (whatever token
+    convention gave the eigenbasis), built per example and probe by hand from the same probe draws as the fit
+    (``tokens.probes`` with the same seed)."""
     model = copy.deepcopy(model).double()
     gen = torch.Generator().manual_seed(seed)
     S = {n: torch.zeros(ef.S.shape, dtype=torch.float64) for n, ef in factors.items()}
@@ -125,11 +126,7 @@ def reference_S(model, batches, factors, *, tokens, mc_samples, exact, seed=0):
                     if g.dim() == 1:
                         G = torch.outer(g, a)
                     else:
-                        m = mask[i].double()[:, None]
-                        if tokens == "expand":
-                            G = (g * m).T @ a
-                        else:
-                            G = torch.outer((g * m).sum(0), (a * m).sum(0) / m.sum())
+                        G = (g * mask[i].double()[:, None]).T @ a
                     S[name] += (ef.U_B.double().T @ G @ ef.U_A.double()) ** 2
         N += n_b
     return {n: s / (N * (1 if exact else mc_samples)) for n, s in S.items()}
@@ -160,7 +157,7 @@ def test_S_matches_per_example_reference(kind, tokens, mc_samples, exact, chunke
             D = U.double().T @ F.double() @ U.double()
             lam = torch.linalg.eigvalsh(F.double())
             assert rel_err(D, torch.diag(lam)) < 1e-5
-    ref = reference_S(model, batches, e, tokens=tokens, mc_samples=mc_samples, exact=exact, seed=7)
+    ref = reference_S(model, batches, e, mc_samples=mc_samples, exact=exact, seed=7)
     for name, ef in e.items():
         assert ef.S.dtype == torch.float32 and ef.S.shape == ef.U_B.shape[:1] + ef.U_A.shape[:1]
         assert rel_err(ef.S, ref[name]) < 1e-5, name

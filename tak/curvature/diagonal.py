@@ -68,16 +68,15 @@ class DiagonalGGN(Factors):
                           self.meta)
 
 
-def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: bool = False, tokens: str = "expand",
-                 layers=None, dense: bool = True, probe_chunk: int = 16, seed: int = 0,
-                 progress: bool = True) -> DiagonalGGN:
+def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: bool = False, layers=None,
+                 dense: bool = True, probe_chunk: int = 16, seed: int = 0, progress: bool = True) -> DiagonalGGN:
     """The GGN diagonal of ``output_fn(model, batch)`` for the linear layers (and, with ``dense``, the
-    LayerNorms and class token) that ``layers`` selects, in one pass with the probes, token
-    conventions and model handling of ``fit_kfac``."""
-    check_fit_arguments(tokens, mc_samples, probe_chunk)
+    norms and class token) that ``layers`` selects, in one pass with the probes and model handling of
+    ``fit_kfac``. It has no token convention: D squares each example's whole gradient (summed over tokens)."""
+    check_fit_arguments("expand", mc_samples, probe_chunk)
     found, groups = select_targets(model, layers, dense)
     device = next(model.parameters()).device
-    acc = EigenAccumulator(found, {n: (None, None) for n in found}, tokens, device)
+    acc = EigenAccumulator(found, {n: (None, None) for n in found}, device)
     squares = {n: torch.zeros(g.size, device=device) for n, g in groups.items()}
 
     def on_dense(group, v):
@@ -101,7 +100,8 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
                                       tuple(params[p].numel() for p in group.params))
     meta = {
         "kind": "diagonal", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
-        "tokens": tokens, "exact": exact, "mc_samples": mc_samples, "seed": seed, "n_examples": n,
+        "tokens": "expand",  # the per-example gradient G = Σ_t g ãᵀ, as "expand" sums it
+        "exact": exact, "mc_samples": mc_samples, "seed": seed, "n_examples": n,
         "scale": "D = sum(per-example gradient^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact)",
         "layers": {name: layer.meta() for name, layer in found.items()},
         "dense": {name: {"params": list(g.params), "kind": g.kind, "size": g.size} for name, g in groups.items()},

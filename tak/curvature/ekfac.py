@@ -6,8 +6,9 @@ corrected eigenvalues are
     S = 1/(N·M) Σ_{n,m} (U_Bᵀ G_{n,m} U_A)²      (elementwise square; S is d_out × d_in[+1])
 
 with the per-example pseudo-gradient of probe m, G_{n,m} = Σ_t g_{n,t} ã_{n,t}ᵀ over the real tokens
-(tokens="expand"), or ĝ_n ā_nᵀ (tokens="reduce": ĝ token sum, ā token mean); M Monte-Carlo
-probes averaged, or the C unit probes summed (``exact``, 1/N). The layer's GGN block is
+(the example's gradient whatever ``tokens`` is: that convention shapes the KFAC factors, so the
+eigenbasis, and S corrects its eigenvalues to the true gradients' second moments, George et al. 2018);
+M Monte-Carlo probes averaged, or the C unit probes summed (``exact``, 1/N). The layer's GGN block is
 ≈ (U_B ⊗ U_A) diag(vec S) (U_B ⊗ U_A)ᵀ, so q(τ) = Σ S ⊙ (U_Bᵀ τ U_A)²; with S = λ_B λ_Aᵀ this is KFAC's
 form. Linear layers get EK-FAC factors; the exact GGN blocks of the small parameters (LayerNorms,
 class token: ``DenseFactors`` of the KFAC pass) are kept as they are, so DELTA's drift penalty reaches them too.
@@ -29,7 +30,7 @@ from .capture import Capture
 from .distributed import all_reduce_sums
 from .kfac import FORMAT_VERSION, KFAC, DenseFactors, Factors, LayerFactors, check_fit_arguments, fit_kfac, fit_pass
 from .layers import Layer, find_layers, selects
-from .tokens import BatchTokens, token_mean, token_sum
+from .tokens import BatchTokens
 
 @dataclass(frozen=True)
 class EigenFactors:
@@ -96,8 +97,8 @@ class EigenAccumulator:
     """Σ_{n,m} (U_Bᵀ G_{n,m} U_A)² per layer (fp32, on the model's device), with row counts. A basis
     that is None is the identity (no rotation): then S holds the squared per-example gradients."""
 
-    def __init__(self, layers: dict[str, Layer], bases: dict[str, tuple], tokens: str, device):
-        self.layers, self.bases, self.tokens = layers, bases, tokens
+    def __init__(self, layers: dict[str, Layer], bases: dict[str, tuple], device):
+        self.layers, self.bases = layers, bases
         self.S = {n: torch.zeros(l.d_out if bases[n][0] is None else bases[n][0].shape[1],
                                  l.d_in + (l.bias is not None) if bases[n][1] is None else bases[n][1].shape[1],
                                  device=device) for n, l in layers.items()}
@@ -108,13 +109,11 @@ class EigenAccumulator:
         self.batch, self.inputs = BatchTokens(batch, layouts), {}
 
     def on_input(self, layer: Layer, a: torch.Tensor):
-        """Stash U_Aᵀ ã: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input or token mean)."""
+        """Stash U_Aᵀ ã: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input)."""
         if layer.name in self.inputs:
             raise ValueError(f"layer {layer.name!r} runs more than once per forward; per-example gradients of its "
                              "calls would need to be summed, which is not supported (leave it out with layers=)")
         a, mask = self.batch.view(a.detach(), layer.name)
-        if a.dim() == 3 and self.tokens == "reduce":
-            a, mask = token_mean(a, mask), None
         self.rows[layer.name] += a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
         U_A = self.bases[layer.name][1]
         if U_A is None:
@@ -129,9 +128,7 @@ class EigenAccumulator:
         """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them."""
         a, U_B = self.inputs[layer.name], self.bases[layer.name][0]
         for gi in g.detach().unbind(0) if samples else [g.detach()]:
-            gi, mask = self.batch.view(gi, layer.name)
-            if gi.dim() == 3 and self.tokens == "reduce":
-                gi = token_sum(gi, mask)
+            gi = self.batch.view(gi, layer.name)[0]
             # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused
             kk.squared_products_update_(self.S[layer.name], gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B, a)
 
@@ -162,7 +159,7 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
     found = _layers_of(model, kfac, layers, tokens)
     device = next(model.parameters()).device
     bases = {n: (_eigenvectors(kfac[n].B).to(device), _eigenvectors(kfac[n].A).to(device)) for n in found}
-    acc = EigenAccumulator(found, bases, tokens, device)
+    acc = EigenAccumulator(found, bases, device)
     fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad), acc, output_fn=output_fn,
              mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
              desc="EK-FAC eigenvalues")
