@@ -182,6 +182,30 @@ def test_layernorm_called_twice_gets_its_exact_block(c):
     assert rel_err(diagonal, G.diagonal()) < 1e-5
 
 
+class FlatTokens(nn.Module):
+    """x (N, T, d) flattened to tokens as rows (N·T, d) or (T·N, d) -> LayerNorm -> Linear -> mean over tokens."""
+
+    def __init__(self, by_token: bool, d=6, c=3):
+        super().__init__()
+        self.by_token, self.ln, self.fc = by_token, nn.LayerNorm(d), nn.Linear(d, c)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        rows = x.transpose(0, 1).reshape(t * n, d) if self.by_token else x.reshape(n * t, d)
+        y = self.fc(self.ln(rows))
+        return (y.reshape(t, n, -1).transpose(0, 1) if self.by_token else y.reshape(n, t, -1)).mean(1)
+
+
+@pytest.mark.parametrize("by_token", [False, True])
+def test_layernorm_on_flattened_tokens_sums_each_examples_tokens(by_token):
+    model = FlatTokens(by_token).double()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+    X = torch.randn(4, 3, 6, dtype=torch.float64)
+    block = fit_kfac(model, [X], exact=True, progress=False)["ln"]
+    assert rel_err(block.B, exact_block(model, block.params, X, lambda m, x: m(x))) < 1e-5
+
+
 def test_layernorm_on_vectors():
     """A LayerNorm on (N, d) inputs: no token dimension to sum over."""
     model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 2)).double()

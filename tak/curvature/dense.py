@@ -89,8 +89,11 @@ def install(group: DenseGroup, tap, batch):
             lead = x_hat.dim() - norm.weight.dim()  # the dims before the normalized ones
             sequence_first = lead == 2 and batch().sequence_first(group.name, x_hat)
             tokens = tuple(range(1, lead))  # dims between N and the normalized ones
+            flattened = lead == 1 and x_hat.shape[0] != batch().n  # tokens as rows (N·T, d), as measured
 
             def per_example(t):  # (N, ..., *normalized_shape) -> (N, numel(normalized_shape))
+                if flattened:
+                    return batch().view(t, group.name)[0].sum(1)
                 t = t.transpose(0, 1) if sequence_first else t
                 return (t.sum(tokens) if tokens else t).reshape(t.shape[0], -1)
 
