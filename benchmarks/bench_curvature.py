@@ -404,9 +404,9 @@ def section_ekfac():
         return tak.fit_ekfac(model, [x], kfac=K, progress=False)
 
     with cached_eigenvectors() as cached:
-        corr = measure(f"ekfac {tag} tak.fit_ekfac(kfac=K), eigenbases cached", ekfac)  # 1st call fills the cache
-    # after the kernels were compiled above: the eigendecompositions and one pass
-    whole = measure(f"ekfac {tag} tak.fit_ekfac(kfac=K) incl. fp64 eigh, one call", ekfac, once=True)
+        # after the kernels were compiled above: the eigendecompositions and one pass, which fills the cache
+        whole = measure(f"ekfac {tag} tak.fit_ekfac(kfac=K) incl. fp64 eigh, one call", ekfac, once=True)
+        corr = measure(f"ekfac {tag} tak.fit_ekfac(kfac=K), eigenbases cached", ekfac)
     note = "" if cached else "tak.curvature.ekfac._eigenvectors not found: eigendecompositions included"
     row("ekfac", f"{tag}: EK-FAC correction pass (eigenbases given)", "the KFAC pass (tak.fit_kfac, MC=1)",
         corr, kfac_pass, 2.0, note=note, images=n)

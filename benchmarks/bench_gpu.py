@@ -397,7 +397,9 @@ def section_compressed():
     low_rank = {}  # one eigendecomposition per size, shared by the layers (eigh of every factor takes minutes)
 
     def lr(F):
-        return low_rank.setdefault(F.shape[0], kk.LowRankFactor.from_dense(F, r))
+        if F.shape[0] not in low_rank:
+            low_rank[F.shape[0]] = kk.LowRankFactor.from_dense(F, r)
+        return low_rank[F.shape[0]]
 
     def block(n):  # block size of an n × n factor
         return -(-n // k)

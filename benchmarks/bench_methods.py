@@ -313,6 +313,7 @@ def measure(section, name, build, *, reference=None, note="", warmup=3, lo=5, hi
     fn = done = None
     free()
     RESULTS.append(r)
+    CFG.save()  # after every measurement: a run stopped by a timeout keeps the ones it finished
     shown = f"{r.ms:10.2f} ms" if r.ms is not None else "    FAILED  " + bg.one_line(r.error, 200)
     mem = "" if r.peak_gib is None else f"  peak {r.peak_gib:6.2f} GiB"
     print(f"  {name:55s} {shown}{mem}", flush=True)
@@ -508,6 +509,7 @@ def main():
     stem = "bench_methods_smoke" if args.smoke else "bench_methods"
     start = time.time()
     keys = [args.only] if args.only else list(SECTIONS)
+    CFG.save = lambda: write(out, stem, info)
     text = ""
     for i, key in enumerate(keys):
         t = time.time()

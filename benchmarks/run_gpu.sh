@@ -4,22 +4,25 @@
 #
 #   run(command="RUN_GPU_STEPS='build tests tak' bash benchmarks/run_gpu.sh", carry=[".whl"])    # correctness
 #   run(command="RUN_GPU_STEPS='build bench_gpu' bash benchmarks/run_gpu.sh", carry=[".whl"])    # issue 2's tables
-#   run(command="RUN_GPU_STEPS='curvature linearized methods kernels' bash benchmarks/run_gpu.sh", carry=[".whl"])
+#   run(command="RUN_GPU_STEPS='curvature linearized methods kernels' RUN_GPU_BUDGET_S=<budget_left_s - 60> bash benchmarks/run_gpu.sh", carry=[".whl"])
 #
+# (the session's device time counts the machine's start and the gaps too: give the last call the budget that
+# `status` says is left, less a minute, so that the script's own budget, not the tool, ends it)
 # Within RUN_GPU_BUDGET_S seconds (default 540, i.e. 9 minutes). Every step has its own timeout, cut
 # to what is left of the budget after the minimum kept for the later steps (MINIMUM below), and a
 # step with under 10 s left is skipped:
 #   1. installs the carried wheels (.whl/, open_clip and what it needs) into /tmp/site
 #   build: the CUDA C++ extension of csrc/ (JIT, ninja), alone: a build killed by a step's timeout would
 #      leave torch's lock file and hang every later load (stale locks are removed after each step)
-#   2. python3 -m pytest -m gpu tests, then the kernel tests (not marked gpu) under the real Triton compiler, then
-#      tests/test_compile.py (torch.compile through the ops on CUDA)
+#   2. python3 -m pytest -m gpu tests, then the kernel tests (not marked gpu) under the real Triton compiler
 #   3. benchmarks/bench_gpu.py, one section per call (a timeout loses one section, not all)
 #   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py, benchmarks/bench_methods.py (≤ 60 s)
-#   5. python3 -m kfac_kernels, then benchmarks/saved_activations.py (what a step keeps for its backward)
+#   5. python3 -m kfac_kernels, benchmarks/saved_activations.py (what a step keeps for its backward), then
+#      tests/test_compile.py (torch.compile through the ops on CUDA)
 #   6. python3 -m pytest tests/test_cuda.py: the tak layer on the GPU against the CPU (curvature, training of
 #      every method, evaluation); alone with RUN_GPU_STEPS=tak when the default run left it too little time
-# Output, everything under $OUT (8 files, the most the device tool returns):
+# Output, everything under $OUT (8 files, the most the device tool returns); results.md and results.json are
+# merged again after every step, so a call cut short keeps what it finished:
 #   results.md      summary of the steps, then every benchmark table (paste into benchmarks/RESULTS.md)
 #   results.json    every benchmark JSON, by script and section
 #   run.log         progress and environment;  tests.log (the tests, python3 -m kfac_kernels: its checks
@@ -33,7 +36,7 @@ cd "$(dirname "$0")/.." || exit 1
 
 OUT=${OUT:-/tmp/run_gpu_out}
 mkdir -p "$OUT"
-WORK=$(mktemp -d /tmp/run_gpu.XXXXXX)  # the scripts' own outputs; merged into $OUT at the end
+WORK=$(mktemp -d /tmp/run_gpu.XXXXXX)  # the scripts' own outputs; merged into $OUT after every step
 PY=${PYTHON:-python3}
 BUDGET=${RUN_GPU_BUDGET_S:-540}
 STEPS=" ${RUN_GPU_STEPS:-build tests bench_gpu curvature linearized methods kernels tak} "
@@ -52,7 +55,7 @@ wants() { [[ $STEPS == *" $1 "* ]]; }
 
 # Seconds kept for each step while the steps before it run (when that step is wanted).
 ORDER=(build tests bench_gpu curvature linearized methods kernels tak)
-declare -A MINIMUM=([build]=120 [tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [methods]=60 [kernels]=25 [tak]=120)
+declare -A MINIMUM=([build]=120 [tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [methods]=60 [kernels]=60 [tak]=120)
 reserved_after() {
     local after=$1 seen=0 sum=0 s
     for s in "${ORDER[@]}"; do
@@ -88,6 +91,39 @@ step() {
     rm -f "$TORCH_EXTENSIONS_DIR"/*/lock  # a build killed by the timeout leaves it; steps run one at a time
     log "END $name: $status ($((SECONDS - t0))s)"
     echo "| $name | $status | $((SECONDS - t0)) |" >> "$SUMMARY"
+    merge > /dev/null  # a call cut short keeps what it finished
+}
+
+# merge: the tables and JSON of $WORK written so far into $OUT/results.md and $OUT/results.json
+merge() {
+    WORK="$WORK" OUT="$OUT" SECTIONS="$BENCH_GPU_SECTIONS" STEPS="$STEPS" "$PY" - << 'EOF' 2>&1 | tee -a "$OUT/run.log"
+import json, os
+from pathlib import Path
+
+work, out = Path(os.environ["WORK"]), Path(os.environ["OUT"])
+steps = os.environ["STEPS"].split()
+parts = [("bench_gpu", f"bench_gpu_{s}", "bench_gpu", s) for s in os.environ["SECTIONS"].split()] * ("bench_gpu" in steps)
+parts += [(f"bench_{step}", step, f"bench_{step}", None) for step in ("curvature", "linearized", "methods") if step in steps]
+md = ["# GPU run (benchmarks/run_gpu.sh)", "", (work / "summary.md").read_text(), ""]
+data = {}
+for script, folder, stem, section in parts:
+    what = script + (f" --only {section}" if section else "")
+    path = work / folder / f"{stem}.md"
+    if path.exists():
+        md += [path.read_text(), ""]
+    else:
+        md += [f"**{what}: no table** (failed, timed out, skipped or not run yet; see {script}.log)", ""]
+    js = work / folder / f"{stem}.json"
+    if js.exists():
+        entry = json.loads(js.read_text())
+        if section:
+            data.setdefault(script, {})[section] = entry
+        else:
+            data[script] = entry
+(out / "results.md").write_text("\n".join(md))
+(out / "results.json").write_text(json.dumps(data, indent=1))
+print(f"results.md: {sum(1 for _ in (out / 'results.md').open())} lines; results.json: {sorted(data)}")
+EOF
 }
 
 # ---------------------------------------------------------------- environment
@@ -136,8 +172,6 @@ if wants tests; then
     step tests "pytest kernel tests (real Triton)" 150 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" -m "not gpu" \
         tests/test_quadratic.py tests/test_covariance.py tests/test_dual_linear.py tests/test_dual_attention.py \
         tests/test_dual_elementwise.py tests/test_correction.py
-    step tests "pytest tests/test_compile.py (torch.compile, CUDA)" 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q \
-        tests/test_compile.py
 fi
 
 # ---------------------------------------------------------------- benchmarks
@@ -159,6 +193,8 @@ fi
 if wants kernels; then  # into tests.log: $OUT holds at most 8 files
     step kernels "python -m kfac_kernels" 45 "$OUT/tests.log" "$PY" -m kfac_kernels
     step kernels "saved_activations" 45 "$OUT/tests.log" "$PY" benchmarks/saved_activations.py --layers 12 --batch 128
+    step kernels "pytest tests/test_compile.py (torch.compile, CUDA)" 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q \
+        tests/test_compile.py
 fi
 if wants tak; then
     step tak "pytest tests/test_cuda.py" 240 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q "${XDIST[@]}" tests/test_cuda.py
@@ -166,33 +202,6 @@ fi
 
 # ---------------------------------------------------------------- results.md, results.json
 log "merging the outputs into $OUT/results.md and $OUT/results.json"
-WORK="$WORK" OUT="$OUT" SECTIONS="$BENCH_GPU_SECTIONS" STEPS="$STEPS" "$PY" - << 'EOF' 2>&1 | tee -a "$OUT/run.log"
-import json, os
-from pathlib import Path
-
-work, out = Path(os.environ["WORK"]), Path(os.environ["OUT"])
-steps = os.environ["STEPS"].split()
-parts = [("bench_gpu", f"bench_gpu_{s}", "bench_gpu", s) for s in os.environ["SECTIONS"].split()] * ("bench_gpu" in steps)
-parts += [(f"bench_{step}", step, f"bench_{step}", None) for step in ("curvature", "linearized", "methods") if step in steps]
-md = ["# GPU run (benchmarks/run_gpu.sh)", "", (work / "summary.md").read_text(), ""]
-data = {}
-for script, folder, stem, section in parts:
-    what = script + (f" --only {section}" if section else "")
-    path = work / folder / f"{stem}.md"
-    if path.exists():
-        md += [path.read_text(), ""]
-    else:
-        md += [f"**{what}: no table** (failed, timed out or skipped; see {script}.log)", ""]
-    js = work / folder / f"{stem}.json"
-    if js.exists():
-        entry = json.loads(js.read_text())
-        if section:
-            data.setdefault(script, {})[section] = entry
-        else:
-            data[script] = entry
-(out / "results.md").write_text("\n".join(md))
-(out / "results.json").write_text(json.dumps(data, indent=1))
-print(f"results.md: {sum(1 for _ in (out / 'results.md').open())} lines; results.json: {sorted(data)}")
-EOF
+merge
 rm -rf "$WORK"
 log "done in $((SECONDS - START))s; files in \$OUT: $(cd "$OUT" && echo *)"

@@ -2,7 +2,6 @@
 ``KFAC_KERNELS_PREBUILD=1``, else a JIT build with ninja (cached by torch) on first use.
 Nothing happens at import time.
 """
-import functools
 from pathlib import Path
 
 import torch
@@ -17,9 +16,23 @@ def _source_dir() -> Path | None:
     return None
 
 
-@functools.cache
+_OUTCOME = {}  # "module" or "error": the first load's, kept for the process
+
+
 def load():
-    """The compiled extension module (functions: ``covariance_update``)."""
+    """The compiled extension module (functions: ``covariance_update``). A failed build raises its error again on
+    every later call without building again (each try would cost a compile)."""
+    if not _OUTCOME:
+        try:
+            _OUTCOME["module"] = _build()
+        except Exception as e:  # noqa: BLE001 - kept, and raised to every caller
+            _OUTCOME["error"] = e
+    if "error" in _OUTCOME:
+        raise _OUTCOME["error"]
+    return _OUTCOME["module"]
+
+
+def _build():
     if not torch.cuda.is_available():
         raise RuntimeError("kfac_kernels CUDA backend: CUDA is not available (torch.cuda.is_available() is False)")
     try:

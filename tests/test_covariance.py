@@ -270,3 +270,19 @@ def test_cuda_non_contiguous(use_backend, gen):
     C = covariance_update_(C0.clone(), X, mask=mask, append_ones=True, scale=2.0)
     assert torch.equal(C, C.T)
     assert rel_err(C, reference(C0, X, mask, True, 2.0)) <= 1e-5
+
+
+def test_a_failed_cuda_build_is_not_tried_again(monkeypatch):
+    """Each try would cost a compile: the first failure is raised to every later caller."""
+    from kfac_kernels import cuda_ext
+    builds = []
+
+    def failing_build():
+        builds.append(1)
+        raise RuntimeError("nvcc: error")
+    monkeypatch.setattr(cuda_ext, "_OUTCOME", {})
+    monkeypatch.setattr(cuda_ext, "_build", failing_build)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="nvcc: error"):
+            cuda_ext.load()
+    assert builds == [1]

@@ -210,16 +210,16 @@ def test_int8_factor_in_bf16_products(backend, precision, dtype):
 def test_int8_factor_of_a_covariance_stays_positive_semidefinite():
     """A small-variance input correlated 0.98 with a large one (TAK F.6's per-row scales): its variance and the
     factor's smallest eigenvalue survive quantization, where scales of the rows' peaks make the factor indefinite."""
-    g = torch.Generator().manual_seed(0)
-    z, w = torch.randn(2, 4000, generator=g, dtype=torch.float64)
-    X = torch.stack([60 * z, 0.98 * z + 0.2 * w, *torch.randn(5, 4000, generator=g, dtype=torch.float64)], 1)
-    F = (X.T @ X / X.shape[0]).float()
+    g = torch.Generator().manual_seed(0)  # a CPU generator: CPU tensors, moved
+    z, w = torch.randn(2, 4000, generator=g, dtype=torch.float64, device="cpu")
+    X = torch.stack([60 * z, 0.98 * z + 0.2 * w, *torch.randn(5, 4000, generator=g, dtype=torch.float64, device="cpu")], 1)
+    F = (X.T @ X / X.shape[0]).float().to(DEVICE)
     q8 = kk.Int8Factor.from_dense(F)
     assert torch.all(q8.q.diagonal() == 127) and q8.q.abs().max() <= 127
     assert rel_err(q8.to_dense().diagonal(), F.diagonal()) < 1e-6
     smallest = torch.linalg.eigvalsh(F.double())[0]
     assert torch.linalg.eigvalsh(q8.to_dense().double())[0] > 0.5 * smallest > 0
-    tau = torch.randn(3, 7, generator=g)
+    tau = torch.randn(3, 7, generator=g, device="cpu").to(DEVICE)
     assert kk.quadratic_form(tau, torch.eye(3), q8) > 0
 
 
