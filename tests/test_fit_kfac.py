@@ -753,8 +753,8 @@ def test_conv_factors_are_those_of_its_unfolded_linear_map(tokens):
         assert rel_err(a[name].A, b[name].A) < EXACT and rel_err(a[name].B, b[name].B) < EXACT, name
     ea = fit_ekfac(conv, batches, exact=True, tokens=tokens, progress=False)
     eb = fit_ekfac(explicit, batches, exact=True, tokens=tokens, progress=False)
-    da = fit_diagonal(conv, batches, exact=True, tokens=tokens, progress=False)
-    db = fit_diagonal(explicit, batches, exact=True, tokens=tokens, progress=False)
+    da = fit_diagonal(conv, batches, exact=True, progress=False)
+    db = fit_diagonal(explicit, batches, exact=True, progress=False)
     assert rel_err(ea["conv"].S, eb["conv"].S) < 1e-4 and rel_err(da["conv"].D, db["conv"].D) < EXACT
     tau = {"conv.weight": torch.randn(3, 2, 3, 2), "conv.bias": torch.randn(3)}  # the convolution's shapes
     flat = {"conv.weight": tau["conv.weight"].reshape(3, -1), "conv.bias": tau["conv.bias"]}

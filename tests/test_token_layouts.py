@@ -73,6 +73,19 @@ def test_sequence_first_layers_give_the_factors_of_their_batch_first_twins(token
                         fit_ekfac(batch, x, exact=True, progress=False), "S", "B")
 
 
+def test_layouts_are_measured_on_the_first_batch_of_two_examples_or_more():
+    """A first batch of one example cannot show where the examples are: the layouts come from the next one, and
+    the measuring forwards feed no factor."""
+    seq, batch = twins(Encoder, False, True)
+    x = [torch.randn(1, 4, D, dtype=torch.float64), torch.randn(4, 4, D, dtype=torch.float64)]  # then T = N = 4
+    for how in ("expand", "reduce"):
+        f, g = (fit_kfac(m, x, exact=True, tokens=how, progress=False) for m in (seq, batch))
+        assert_same_factors(f, g, "A", "B")
+        assert f.meta["n_examples"] == 5 and f.meta["n_rows"]["head"] == (5 * 4 if how == "expand" else 5)
+    assert_same_factors(fit_ekfac(seq, x, exact=True, progress=False),
+                        fit_ekfac(batch, x, exact=True, progress=False), "S", "B")
+
+
 @pytest.mark.parametrize("order", ["example", "token"])
 def test_flattened_tokens_are_grouped_by_example(order):
     flat, tokens = twins(TokenMLP, order, None)

@@ -106,6 +106,15 @@ class Capture:
                 module.__dict__[name] = before
         self._handles, self._patched, self.outputs, self.to_vectors = [], [], {}, {}
 
+    @contextlib.contextmanager
+    def paused(self):
+        """The model without the capture's hooks and patches inside the block."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self._install()
+
     def _linear_hook(self, layer):
         def hook(module, inputs, output):
             return self.tap(layer, inputs[0], output)

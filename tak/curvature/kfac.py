@@ -10,7 +10,6 @@ For a linear layer z = a Wᵀ + b with input a and pseudo-gradient g = (J_z f)�
 masks) are left out; N counts examples, T real tokens. The layer's GGN block is ≈ B ⊗ A for the
 row-major vec of [W | b] (DESIGN.md conventions).
 """
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -26,7 +25,7 @@ from .dense import DenseGroup, find_dense_groups
 from .distributed import all_reduce_sums, rank
 from .._selection import check_patterns, selects
 from .layers import Layer, as_matrix, find_layers
-from .outputs import default_output_fn, to_device
+from .outputs import batch_size, default_output_fn, to_device
 from .tokens import BatchTokens, measure_layouts, probes, token_mean, token_sum
 
 FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 files are all linear
@@ -279,22 +278,22 @@ def check_fit_arguments(tokens: str, mc_samples: int, probe_chunk: int) -> None:
 def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, exact, probe_chunk, seed, progress, desc):
     """One pass over ``batches``: per batch, ``acc.start(batch, layouts)``, a forward that feeds
     ``capture``'s input callbacks, and a backward of the probes that feeds its gradient callbacks;
-    ``acc.n`` counts the examples. The layouts of the layers' inputs are measured on the first batch
-    (``measure_layouts``). Probes are seeded with ``seed`` + rank (independent on each rank)."""
+    ``acc.n`` counts the examples. The layouts of the layers' inputs are measured on the first batch of two
+    examples or more (``measure_layouts``; a batch of one holds its example the same way in every layout).
+    Probes are seeded with ``seed`` + rank (independent on each rank)."""
     output_fn = output_fn or default_output_fn(model)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + rank())
     total = len(batches) if hasattr(batches, "__len__") else None
-    batches = iter(batches)
-    first = next(batches, None)
-    if first is not None:
-        first = to_device(first, device)
-        batches = itertools.chain([first], batches)
+    layouts, measured = {}, False
     with fitting_mode(model), torch.enable_grad():
-        layouts = {} if first is None else measure_layouts(model, first, output_fn, capture.model_fed_modules())
         with capture as cap:
             for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
                 batch = to_device(batch, device)
+                if not measured and batch_size(batch) >= 2:
+                    with cap.paused():  # the measuring forwards feed no factor
+                        layouts.update(measure_layouts(model, batch, output_fn, capture.model_fed_modules()))
+                    measured = True
                 acc.start(batch, layouts)
                 cap.clear(acc.batch)
                 f = output_fn(model, batch)
