@@ -939,3 +939,21 @@ def test_t5_exact_probes_batched():
     f = fit(model, [dict(input_ids=ids, attention_mask=torch.ones_like(ids))], exact=True)
     check_factors(f, find_layers(model))
     assert f["decoder.block.1.layer.1.EncDecAttention.v"].B.norm() > 0
+
+
+def test_cross_attention_is_refused_naming_the_way_around_it():
+    """nn.MultiheadAttention's fused q/k/v projection is one linear map of one input only in self-attention."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            return self.dec(x, x[:, :2]).mean(1)
+    model = Decoder().double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dec.multihead_attn.*this call passes different tensors \(cross-attention\): "
+                                         r"select the layers to fit without this attention's projections \(layers="):
+        fit(model, [x])
+    f = fit(model, [x], layers=["dec.self_attn*", "dec.linear*"])
+    assert set(f) == {"dec.self_attn.in_proj", "dec.self_attn.out_proj", "dec.linear1", "dec.linear2"}

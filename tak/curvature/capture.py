@@ -255,7 +255,8 @@ def _self_attention_forward(mha: nn.MultiheadAttention, layer: Layer | None, cap
         if not (query is key and key is value):
             what = layer.name if layer is not None else "nn.MultiheadAttention (out_proj)"
             raise ValueError(f"{what}: Kronecker factors of nn.MultiheadAttention cover self-attention "
-                             "(query is key is value); this call passes different tensors")
+                             "(query is key is value); this call passes different tensors (cross-attention): "
+                             "select the layers to fit without this attention's projections (layers=[patterns])")
         x = query if mha.batch_first or query.dim() == 2 else query.transpose(0, 1)
         unbatched = x.dim() == 2
         if unbatched:
