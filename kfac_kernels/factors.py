@@ -11,7 +11,8 @@ dense tensor, it can be:
   semi-definite F (a covariance), |Q_ij| ≤ 127: Q is F's correlation matrix × 127, rounded, whose
   entries all keep the same absolute precision (scales of the row's peak would round a small-variance row
   that is correlated with a large one coarsely, enough to make F indefinite). A row whose diagonal is not
-  positive is scaled by its peak, and entries beyond 127 (F not PSD) are clamped. ``to_dense`` gives an
+  positive, or that holds a NaN / Inf (which then propagates), is scaled by its peak, and entries beyond 127
+  (F not PSD) are clamped. ``to_dense`` gives an
   exactly symmetric matrix.
 """
 from dataclasses import dataclass
@@ -158,8 +159,8 @@ class Int8Factor:
         """Symmetric per-row quantization F ≈ diag(s) Q diag(s) (see module docstring)."""
         _compressible("Int8Factor.from_dense", F)
         F = F.float()
-        diagonal = F.diagonal()
-        s = torch.sqrt(torch.where(diagonal > 0, diagonal, F.abs().amax(dim=1)) / 127.0)
+        diagonal, peak = F.diagonal(), F.abs().amax(dim=1)  # a row's peak is NaN / Inf where it holds one
+        s = torch.sqrt(torch.where((diagonal > 0) & peak.isfinite(), diagonal, peak) / 127.0)
         s = torch.where(s == 0, torch.ones_like(s), s)  # all-zero rows; NaN / Inf stay and propagate
         q = torch.round(F / s[:, None] / s[None, :]).clamp_(-127, 127).to(torch.int8)
         return cls(q, s.contiguous())
