@@ -73,7 +73,7 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
     """The GGN diagonal of ``output_fn(model, batch)`` for the linear layers (and, with ``dense``, the
     norms and class token) that ``layers`` selects, in one pass with the probes and model handling of
     ``fit_kfac``. It has no token convention: D squares each example's whole gradient (summed over tokens)."""
-    check_fit_arguments("expand", mc_samples, probe_chunk)
+    check_fit_arguments(mc_samples, probe_chunk)
     found, groups = select_targets(model, layers, dense)
     device = next(model.parameters()).device
     acc = EigenAccumulator(found, {n: (None, None) for n in found}, device)

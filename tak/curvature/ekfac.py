@@ -147,7 +147,7 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
     runs as in ``fit_kfac`` (``fitting_mode``); its parameters, flags and ``.grad`` are untouched.
     Under ``torch.distributed`` each rank passes its own shard of the batches and gets the factors
     of all of them."""
-    check_fit_arguments(tokens, mc_samples, probe_chunk)
+    check_fit_arguments(mc_samples, probe_chunk, tokens)
     expected_n = None
     if kfac is None:
         if isinstance(batches, Iterator):

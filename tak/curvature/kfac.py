@@ -257,7 +257,7 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
     with in-place activations made out of place (``fitting_mode``); its parameters, training flags and
     ``.grad`` are untouched. ``seed`` seeds the Monte-Carlo probes (seed + rank on each rank of a
     ``torch.distributed`` fit, whose factors are those of all ranks' batches)."""
-    check_fit_arguments(tokens, mc_samples, probe_chunk)
+    check_fit_arguments(mc_samples, probe_chunk, tokens)
     found, groups = select_targets(model, layers, dense)
     acc = _Accumulator(found, tokens, next(model.parameters()).device, dense=groups)
     capture = Capture(found, acc.on_input, acc.on_grad, groups, acc.on_dense)
@@ -266,7 +266,7 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
     return _finish(acc, found, groups, model, tokens=tokens, mc_samples=mc_samples, exact=exact, seed=seed)
 
 
-def check_fit_arguments(tokens: str, mc_samples: int, probe_chunk: int) -> None:
+def check_fit_arguments(mc_samples: int, probe_chunk: int, tokens: str = "expand") -> None:
     if tokens not in ("expand", "reduce"):
         raise ValueError(f"tokens must be 'expand' or 'reduce', got {tokens!r}")
     if not isinstance(mc_samples, int) or mc_samples < 1:
