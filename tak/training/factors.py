@@ -133,13 +133,16 @@ def _warn_other_features(path, fit: dict, features: dict) -> None:
 
 
 def file_digests(paths: list) -> list[str]:
-    """The SHA-256 of each file's bytes."""
+    """The SHA-256 of each file's bytes (ValueError naming ``factor_files`` for one that cannot be read)."""
     digests = []
     for path in paths:
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        except OSError as e:
+            raise ValueError(f"factor_files: {path}: {'no such file' if isinstance(e, FileNotFoundError) else e}") from None
         digests.append(h.hexdigest())
     return digests
 

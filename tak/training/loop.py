@@ -179,10 +179,20 @@ def trained_layers(model, trained: list[str]) -> list[str]:
     return sorted(name for name, owned in params.items() if owned & trained)
 
 
+def hyperparameters(config: TrainConfig, task) -> dict:
+    """The run's hyperparameters: its method's paper defaults for ``task``'s modality and the backbone, under the
+    values ``config`` sets."""
+    return config.hyperparameters(hyperparameter_defaults(get_method(config.method), [task.modality], config.backbone))
+
+
 def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
     method = get_method(config.method)
-    hp = config.hyperparameters(hyperparameter_defaults(method, [task.modality], config.backbone))
+    hp = hyperparameters(config, task)
+    if method.penalty == "kfac" and config.beta is None and config.backbone.startswith(("clip:local-dir:", "clip:hf-hub:")):
+        warnings.warn(f"backbone {config.backbone!r} names no open_clip architecture, so the KFAC penalty takes "
+                      f"beta={hp['beta']:g} (TAK Sec. E.1's for ViT-B/32; 500 for ViT-B/16, 2000 for ViT-L/14): set "
+                      "beta for this architecture", stacklevel=2)
     selection = config.trainable if config.trainable is not None else method.trainable
     trained = trainable_names(backbone.model, selection)
     fit = _fit_options(config, device, trained_layers(backbone.model, trained), cache=Path(config.out) / "factors")
@@ -225,9 +235,14 @@ def factor_key(config: TrainConfig) -> str:
 
 
 def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dict) -> tuple:
-    """(penalty, teacher_penalty, tau_jp) of ``method``; None where it has none."""
-    others = _inputs_of(backbone, [_task(t, config) for t in config.tasks if t != config.task], "tasks")
-    reference = _inputs_of(backbone, [_task(t, config) for t in config.reference], "reference")
+    """(penalty, teacher_penalty, tau_jp) of ``method``; None where it has none. The other tasks and the reference
+    set are loaded only where the penalty reads them (a machine may hold the trained task's data alone)."""
+    def others():
+        return _inputs_of(backbone, [_task(t, config) for t in config.tasks if t != config.task], "tasks")
+
+    def reference():
+        return _inputs_of(backbone, [_task(t, config) for t in config.reference], "reference")
+
     penalty = teacher_penalty = tau_jp = None
     factor_options = {"universal": config.universal, "factors": config.factors != "merged",
                       "compress": config.compress is not None, "layer_weights": bool(config.layer_weights),
@@ -241,8 +256,8 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
                          "nothing")
     if method.penalty in ("kfac", "diagonal", "ekfac"):
         of_reference = config.universal or method.penalty == "ekfac"
-        sources = reference if of_reference else others
-        if method.penalty == "ekfac" and not reference and not config.factor_files:
+        sources = reference() if of_reference else others()
+        if method.penalty == "ekfac" and not sources and not config.factor_files:
             raise ValueError(f"method {method.name!r} needs a reference set: set reference=[task names], or "
                              "factor_files=[an EK-FAC file of one (tak fit --kind ekfac)]")
         home = torch.device("cpu") if config.offload_factors else device  # offloaded: never all on the GPU at once
@@ -257,9 +272,10 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
                                    offload=config.offload_factors, device=device)
         teacher_penalty = penalty.with_beta(hp.get("beta_teacher", hp["beta"])) if method.teacher else None
     elif method.penalty == "tau_jp":
-        if not others:
+        data = others()
+        if not data:
             raise ValueError("method 'tau_jp' needs the other tasks' data: set tasks=[...] with more than the trained task")
-        batches = fit_inputs(backbone, [t.split("train") for t in others], config.factor_examples, device,
+        batches = fit_inputs(backbone, [t.split("train") for t in data], config.factor_examples, device,
                              batch_size=config.batch_size)
         tau_jp = TauJpPenalty(batches, hp["beta"], backbone.features, every=config.penalty_every)
     return penalty, teacher_penalty, tau_jp
@@ -336,15 +352,15 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
         warnings.warn(f"task {task.name!r} has {len(examples)} training examples, fewer than batch_size="
                       f"{config.batch_size}: every step takes all of them (the task vector records batch_size="
                       f"{len(examples)})", stacklevel=2)
-    objective = build_objective(config, backbone, task, device)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    hp = objective.hp
-    optimizer = torch.optim.AdamW(objective.param_groups(), weight_decay=hp["weight_decay"])
-    run_dir = config.run_dir()
-    ckpt = run_dir / "checkpoint.safetensors"
+    hp = hyperparameters(config, task)
+    ckpt = config.run_dir() / "checkpoint.safetensors"
     digests = file_digests(config.factor_files)  # once: what the run was given, as it read them
     saved = {**config.to_dict(), "hparams": hp, **({"factor_digests": digests} if digests else {})}  # same files only
-    step, progress = checkpoint.load(ckpt, objective, optimizer, saved) if ckpt.exists() else (0, {})
+    resumed = checkpoint.read_matching(ckpt, saved) if ckpt.exists() else None  # another run's: refused before fitting
+    objective = build_objective(config, backbone, task, device)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(objective.param_groups(), weight_decay=hp["weight_decay"])
+    step, progress = checkpoint.restore(ckpt, resumed, objective, optimizer) if resumed else (0, {})
     _check_resumed(ckpt, step, progress.get("world", world), rank, world, device)
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
