@@ -270,6 +270,11 @@ def test_trainable_names_select_as_linearize_does():
         trainable_names(model, ["decoder.*", "encoder.blok.*"])
     attention = trainable_names(model, "attention")
     assert attention and all(n.split(".")[-2] in "qkvo" for n in attention), attention
+    from tak.methods.trainees import attention_only
+    open_clip_names = ["transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.attn.out_proj.bias",
+                       "transformer.resblocks.0.ln_attn.weight", "transformer.resblocks.0.attn.ln_inner.bias",
+                       "transformer.resblocks.0.ln_1.weight", "encoder.layer.0.attention.output.LayerNorm.weight"]
+    assert [attention_only(n) for n in open_clip_names] == [True, True, False, False, False, False]
 
 
 def test_unknown_method_lists_the_valid_ones():

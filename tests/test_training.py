@@ -240,6 +240,10 @@ def test_config_values_are_numbers_of_their_kind_or_refused_by_name(tmp_path):
                           ({"seed": True}, "seed must be an integer, got True"),
                           ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\), got 4294967296"),
                           ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
+                          ({"seed": None}, "seed must be an integer, got None"),
+                          ({"warmup_steps": None}, "warmup_steps must be an integer, got None"),
+                          ({"warmup_steps": 11, "steps": 10}, "warmup_steps=11 exceeds steps=10: the learning rate "
+                                                              "would never reach lr"),
                           ({"layer_weights": {"*": -1}}, r"layer_weights must be ≥ 0, got \{'\*': -1.0\}"),
                           ({"backbone_options": {"cache": object()}}, r"backbone_options\['cache'\]=<object .* cannot be "
                                                                      "recorded as JSON"),
@@ -349,7 +353,10 @@ def test_tasks_a_method_does_not_read_need_no_data(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_task", lambda name, config: loaded.append(name) or task(name, config))
     tak.train(tiny(tmp_path / "n", "nonlinear", steps=1))
     tak.train(tiny(tmp_path / "t", "tak", steps=1))
-    assert loaded == ["rotten_tomatoes", "rotten_tomatoes", "20news-part0"]
+    assert loaded == ["rotten_tomatoes", "rotten_tomatoes", "rotten_tomatoes", "20news-part0"]
+    with pytest.raises(ValueError, match=r"TrainConfig.tasks: \['20news-part0of4'\] is the trained task '20news-part0' "
+                                         "under another name"):
+        tak.train(tiny(tmp_path / "a", "tak", task="20news-part0", tasks=["20news-part0", "20news-part0of4"]))
 
 
 def test_tasks_whose_inputs_the_backbone_does_not_take_are_refused(tmp_path):
@@ -750,10 +757,15 @@ def test_trained_layers_are_those_holding_a_trained_parameter():
 @pytest.mark.parametrize("method, options", [("delta", {"compress": "int8"}), ("diag_ggn", {"factors": "per_task"})])
 def test_kfac_only_factor_options_are_refused_for_other_penalties(tmp_path, toys, method, options):
     config = toy_config(tmp_path, method)
-    config = TrainConfig.from_dict({**config.to_dict(), **options, "reference": [TOY_TASK], "universal": True})
+    config = TrainConfig.from_dict({**config.to_dict(), **options, "reference": [TOY_TASK],
+                                    "universal": method != "delta"})  # delta's EK-FAC is the reference set's already
     given = " and ".join(f"{k}={v!r}" for k, v in options.items())
     with pytest.raises(ValueError, match=rf"^{given}: for KFAC penalties only \(tak, attn_only_tak\)"):
         tak.train(config)
+    with pytest.raises(ValueError, match="method 'delta' penalizes with the reference set's EK-FAC already, so "
+                                         "universal=True would do nothing"):
+        tak.train(TrainConfig.from_dict({**toy_config(tmp_path, "delta").to_dict(), "reference": [TOY_TASK],
+                                         "universal": True}))
 
 
 def test_backbone_options_reach_the_loader_and_the_task_vector_for_tak_eval(tmp_path, toys, monkeypatch):

@@ -23,10 +23,11 @@ from ..linearize import linearize
 
 
 def attention_only(name: str) -> bool:
-    """The attention projections (q, k, v, out) of open_clip, BERT-like and T5 models, not their norms nor
-    T5's relative position bias."""
+    """The attention projections (q, k, v, out) of open_clip, BERT-like and T5 models, not their norms (BERT's
+    LayerNorm, open_clip's ``ln_attn`` and ``attn.ln_inner``) nor T5's relative position bias."""
     lowered = name.lower()
-    return ("attn" in lowered or "attention" in lowered) and "norm" not in lowered and "relative_attention_bias" not in lowered
+    norm = "norm" in lowered or any(part.startswith("ln_") for part in lowered.split("."))
+    return ("attn" in lowered or "attention" in lowered) and not norm and "relative_attention_bias" not in lowered
 
 
 def trainable_names(model: nn.Module, trainable) -> list[str]:

@@ -224,6 +224,9 @@ class TrainConfig:
         for name, annotation in typing.get_type_hints(type(self)).items():
             kinds, value = _kinds(annotation), getattr(self, name)
             if (kind := next((k for k in kinds if k in (int, float)), None)) is not None:
+                if value is None and type(None) not in kinds:
+                    raise ValueError(f"TrainConfig.{name} must be {'an integer' if kind is int else 'a number'}, "
+                                     "got None")
                 setattr(self, name, _number(name, value, kind))
             elif bool in kinds:
                 setattr(self, name, _boolean(name, value))
@@ -233,7 +236,10 @@ class TrainConfig:
                      "lora_rank", "max_train", "max_test", "max_length", "eval_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
-        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):  # the step, epoch and probe seeds derived from it stay within int64
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} exceeds steps={self.steps}: the learning "
+                             "rate would never reach lr")
+        if not 0 <= self.seed < 2**32:  # the step, epoch and probe seeds derived from it stay within int64
             raise ValueError(f"TrainConfig.seed must be in [0, 2**32), got {self.seed}")
         for name in ("lr", "lora_lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight",
                      "warmup_steps"):

@@ -238,7 +238,11 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
     """(penalty, teacher_penalty, tau_jp) of ``method``; None where it has none. The other tasks and the reference
     set are loaded only where the penalty reads them (a machine may hold the trained task's data alone)."""
     def others():
-        return _inputs_of(backbone, [_task(t, config) for t in config.tasks if t != config.task], "tasks")
+        trained, tasks = _task(config.task, config), [_task(t, config) for t in config.tasks if t != config.task]
+        alias = [t.name for t in tasks if t.parent is not None and (t.parent, t.classes) == (trained.parent, trained.classes)]
+        if alias:  # its own factors would join the penalty on its τ
+            raise ValueError(f"TrainConfig.tasks: {alias} is the trained task {config.task!r} under another name")
+        return _inputs_of(backbone, tasks, "tasks")
 
     def reference():
         return _inputs_of(backbone, [_task(t, config) for t in config.reference], "reference")
@@ -251,6 +255,9 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dic
     if method.penalty not in ("kfac", "diagonal", "ekfac") and any(factor_options.values()):
         given = ", ".join(f"{k}={getattr(config, k)!r}" for k, on in factor_options.items() if on)
         raise ValueError(f"method {method.name!r} has no curvature penalty, so {given} would do nothing")
+    if method.penalty == "ekfac" and config.universal:
+        raise ValueError(f"method {method.name!r} penalizes with the reference set's EK-FAC already, so universal=True "
+                         "would do nothing")
     if method.penalty is None and config.penalty_every != 1:
         raise ValueError(f"method {method.name!r} has no penalty, so penalty_every={config.penalty_every} would do "
                          "nothing")
