@@ -15,7 +15,7 @@ data loading: what is timed is exactly the per-step cost. Objectives are built w
 ``tak.methods.Objective`` and each method's paper hyperparameters (``tak.methods.get_method(...).defaults``)
 the way ``tak.training.loop.build_objective`` builds them, and a step is the loop's step:
 ``loss, terms = objective(x, y, step)``, ``zero_grad(set_to_none=True)``, ``loss.backward()``, the loop's one host
-sync (the loss and its terms as numbers, its finiteness check), ``AdamW(lr, weight_decay).step()``.
+sync (the loss, its terms and the gradients' norm as numbers, their finiteness check), ``AdamW(lr, weight_decay).step()``.
 
 Sections (each guarded: a failure is recorded and the run goes on; so is each configuration):
 
@@ -340,8 +340,9 @@ def training_step(method_name: str, *, penalty=None, teacher_penalty=None):
             loss, terms = objective(s.x, s.y, i)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            value, *values = torch.stack([loss.detach().float(), *terms.values()]).tolist()  # the loop's one sync
-            if not math.isfinite(value):
+            grad_norm = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None]).float()
+            value, *values, norm = torch.stack([loss.detach().float(), *terms.values(), grad_norm]).tolist()  # one sync
+            if not math.isfinite(value + norm):
                 raise FloatingPointError(f"{method_name}: loss {value} at step {i} ({dict(zip(terms, values))})")
             optimizer.step()
             last.update(zip(terms, values))

@@ -404,6 +404,21 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, m
     with pytest.raises(FloatingPointError, match="at step 0 .*no checkpoint was written yet"):
         tak.train(tiny(tmp_path / "other", steps=5, checkpoint_every=2))
 
+    class NanGradient(torch.autograd.Function):
+        """The loss as it is, its gradient NaN (as an overflow in a half-precision backward gives)."""
+        forward = staticmethod(lambda ctx, x: x.clone())
+        backward = staticmethod(lambda ctx, g: g * float("nan"))
+
+    def nan_gradient_at(self, batch, labels, step):
+        loss, terms = forward(self, batch, labels, step)
+        return (NanGradient.apply(loss) if step == 3 else loss), terms
+
+    monkeypatch.setattr(Objective, "forward", nan_gradient_at)
+    config = tiny(tmp_path / "gradient", steps=5, checkpoint_every=2)
+    with pytest.raises(FloatingPointError, match=r"the gradients' norm is nan at step 3 \(terms \{'task': [0-9.]+\}\)"):
+        tak.train(config)
+    assert read(config.run_dir() / "checkpoint.safetensors")[1]["step"] == 2
+
 
 # --- task-vector files and their checks ---------------------------------------------------------------
 

@@ -398,17 +398,23 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
             # the step's one host sync, once the backward is queued: the loss and its terms as numbers, averaged
             # over the processes (every one sees a NaN of any and stops with it), and whether a signal asks any
             # process to stop (every one stops after this step)
+            # (and the gradients' norm: a finite loss can have non-finite gradients, which the step would write
+            # into τ and the next checkpoint)
+            grads = [p.grad for p in params if p.grad is not None]
             numbers = torch.stack([loss.detach().float(), *terms.values(),
+                                   torch.nn.utils.get_total_norm(grads).float().to(device) if grads
+                                   else torch.zeros((), device=device),
                                    torch.tensor(float(held.requested is not None), device=device)])
             if world > 1:
                 dist.all_reduce(numbers)
                 numbers /= world
-            value, *values, stopping = numbers.tolist()
+            value, *values, grad_norm, stopping = numbers.tolist()
             terms = dict(zip(terms, values))
-            if not math.isfinite(value):
+            if not math.isfinite(value + grad_norm):
                 last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
-                raise FloatingPointError(f"{config.method}/{config.task}: loss is {value} at step {step} "
-                                         f"(terms {terms}); {last}")
+                what = f"loss is {value}" if not math.isfinite(value) else f"the gradients' norm is {grad_norm}"
+                raise FloatingPointError(f"{config.method}/{config.task}: {what} at step {step} (terms {terms}); "
+                                         f"{last}")
             _average_gradients(params, world)
             optimizer.step()
             step += 1
