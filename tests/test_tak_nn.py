@@ -1,5 +1,6 @@
 """tak.nn dual layers against torch.func.jvp of the PyTorch reference layers in float64 (odd shapes),
 and their τ-gradients against autograd of that jvp."""
+import importlib
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tak.nn as tnn
 
+from .conftest import KERNEL_BACKENDS
 from .util import TOL, rel_err
 
 TOL64 = 1e-10
@@ -253,6 +255,33 @@ def test_dual_attention_left_padding_as_minus_inf_bias(block_size):
     leaves = [dq, dk, dv, dbias]
     for g, g_ref in zip(torch.autograd.grad((do * u).sum(), leaves), torch.autograd.grad((do_ref * u).sum(), leaves)):
         assert rel_err(g, g_ref) <= TOL64
+
+
+@pytest.mark.parametrize("fused", [False, *(["kernel"] if KERNEL_BACKENDS else [])])
+def test_a_query_row_with_no_key_attends_to_all_as_the_models_additive_masks_do(fused, use_backend, monkeypatch):
+    """A row that the mask leaves no key (an all-zero attention_mask row; a left-padded decoder's causal rows): O is
+    the average of V and Ȯ that of V̇, as the original models' finfo.min masks give it (equal scores, whatever Q and
+    K), on the online path and the fused kernel's (its 0 for such rows replaced); other rows as math attention."""
+    if fused:
+        use_backend("triton")
+        monkeypatch.setattr(importlib.import_module("tak.nn.attention"), "_fused", lambda q, dropout: True)
+    dtype = torch.float32 if fused else torch.float64
+    B, H, Lq, Lk, D = 2, 2, 5, 7, 4
+    q, k, v = (rand(B, H, n, D, dtype=dtype) for n in (Lq, Lk, Lk))
+    dq, dk, dv = (rand(*t.shape, dtype=dtype).requires_grad_() for t in (q, k, v))
+    mask = padding_mask(B, Lk, [Lk, 0]) & torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)  # example 1: no key
+    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, mask, scale=0.37)
+    none = ~mask.any(-1, keepdim=True)
+    o_ref, do_ref = jvp(lambda q, k, v: torch.where(none, v.mean(-2, keepdim=True),
+                                                    math_attention(q, k, v, mask | none, None, 0.37)),
+                        tuple(t.double() for t in (q, k, v)), tuple(t.double() for t in (dq, dk, dv)))
+    tol = TOL64 if dtype == torch.float64 else 1e-5
+    assert rel_err(o[1], v[1].mean(-2, keepdim=True).expand_as(o[1])) <= tol
+    assert rel_err(o, o_ref) <= tol and rel_err(do, do_ref) <= tol
+    u = torch.randn_like(do_ref)
+    for g, g_ref in zip(torch.autograd.grad((do * u.to(dtype)).sum(), [dq, dk, dv]),
+                        torch.autograd.grad((do_ref * u).sum(), [dq, dk, dv])):
+        assert rel_err(g, g_ref) <= tol
 
 
 @pytest.mark.parametrize("case", ["full", "mask_bias"])

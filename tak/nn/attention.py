@@ -2,9 +2,10 @@
 
     Ȯ = (P ⊙ Ṡ) V − rowsum(P ⊙ Ṡ) ⊙ O + P V̇,  Ṡ = (Q̇ Kᵀ + Q K̇ᵀ)·scale + ḃias,  P = softmax(S).
 
-``dual_attention`` is the seam for a fused kernel: today an online (FlashAttention-style) PyTorch
-formulation, chunked over keys with a running max and log-sum-exp, so P is never held for all keys.
-Its backward is the VJP of Ȯ at the frozen primal point, from the saved O and log-sum-exp L:
+``dual_attention`` runs the fused Triton kernel of ``kfac_kernels.dual_attention`` on CUDA and, elsewhere, an
+online (FlashAttention-style) PyTorch formulation, chunked over keys with a running max and log-sum-exp, so P is
+never held for all keys. Its backward is the VJP of Ȯ at the frozen primal point, from the saved O and
+log-sum-exp L (kept as its max and log-sum, which a masked row's dtype minimum would otherwise swallow):
 with G the gradient of Ȯ, P = exp(S − L) recomputed per chunk and Δ = rowsum(G ⊙ O),
 
     grad Ṡ = P ⊙ (G Vᵀ − Δ),  grad V̇ = Pᵀ G,  grad Q̇ = grad Ṡ K·scale,
@@ -66,12 +67,14 @@ def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, sca
 
     With a tangent, q, k, v, bias are the constant primal point and must not require grad; O is a
     constant, Ȯ is differentiable in dq, dk, dv, dbias. Keys are processed ``block_size`` at a time.
-    On CUDA this is ``kfac_kernels.dual_attention``'s fused Triton kernel (a query row with no key to
-    attend gives 0 there; no model here produces one: padding masks mask keys)."""
+    On CUDA this is ``kfac_kernels.dual_attention``'s fused Triton kernel. A query row that ``mask`` leaves no
+    key to attend (BERT's all-zero ``attention_mask`` row, a left-padded T5 decoder's causal rows) gets the
+    average of V (and Ȯ that of V̇), as the original models' additive masks (equal scores) give it."""
     if dq is None and dk is None and dv is None and dbias is None:
         return attention(q, k, v, mask, bias, scale=scale, dropout=dropout), None
-    if q.is_cuda and not dropout:
-        return kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, bias=bias, dbias=dbias, scale=scale)
+    if _fused(q, dropout):
+        o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, bias=bias, dbias=dbias, scale=scale)
+        return _averaged_where_no_key(o, do, v, dv, mask)
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"dual_attention: {name} requires grad, but the primal point is a constant; "
@@ -80,6 +83,22 @@ def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, sca
     if dropout:
         return _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, dropout)
     return _DualAttention.apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block_size)
+
+
+def _fused(q, dropout) -> bool:
+    """Whether ``dual_attention`` runs the fused kernel (CUDA, no dropout)."""
+    return q.is_cuda and not dropout
+
+
+def _averaged_where_no_key(o, do, v, dv, mask):
+    """(O, Ȯ) of the fused kernel, which gives 0 to a row with no key, with such rows the average of V (V̇)."""
+    if mask is None:
+        return o, do
+    none = ~mask.any(-1, keepdim=True)
+    o = torch.where(none, v.mean(-2, keepdim=True).to(o.dtype), o)
+    if do is not None and dv is not None:
+        do = torch.where(none, dv.mean(-2, keepdim=True).to(do.dtype), do)
+    return o, do
 
 
 def _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, p):
@@ -102,7 +121,8 @@ def _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, p):
 
 
 def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
-    """Online pass over key chunks: returns O, Ȯ and the log-sum-exp L (B, H, Lq, 1), in the accumulation dtype.
+    """Online pass over key chunks: returns O, Ȯ and the log-sum-exp as (m, log l) (B, H, Lq, 1 each; m + log l
+    would round log l away where m is the dtype's minimum: a row with no key), in the accumulation dtype.
 
     Running per row: max m, l = Σ exp(S − m), o = Σ exp(S − m) V, r = Σ exp(S − m) Ṡ and
     do = Σ exp(S − m)(Ṡ V + V̇); each chunk rescales them by exp(m_old − m_new). While a row has seen only
@@ -133,7 +153,7 @@ def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
             do = do + p @ dv[..., j0:j1, :]
         m = m_new
     o = o / l
-    return o, do / l - (r / l) * o, m + torch.log(l)
+    return o, do / l - (r / l) * o, (m, torch.log(l))
 
 
 def _score_tangent(q, kj, dq, dkj, dbiasj, scale):
@@ -159,8 +179,8 @@ class _DualAttention(torch.autograd.Function):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         q, k, v, dq, dk, dv, bias, dbias = (None if t is None else t.to(acc)
                                             for t in (q, k, v, dq, dk, dv, bias, dbias))
-        o, do, lse = _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block)
-        ctx.save_for_backward(q, k, v, o, lse, mask, bias)
+        o, do, (m, log_l) = _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block)
+        ctx.save_for_backward(q, k, v, o, m, log_l, mask, bias)
         ctx.scale, ctx.block, ctx.dtypes = scale, block, [None if t is None else t.dtype for t in (dq, dk, dv, dbias)]
         ctx.dbias_shape = None if dbias is None else dbias.shape
         o, do = cast(o, dtype), cast(do, dtype)
@@ -169,7 +189,7 @@ class _DualAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _, g):
-        q, k, v, o, lse, mask, bias = ctx.saved_tensors
+        q, k, v, o, m, log_l, mask, bias = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[3:6]
         need_dbias = ctx.needs_input_grad[8]
         g = g.to(o.dtype)
@@ -182,7 +202,7 @@ class _DualAttention(torch.autograd.Function):
         for j0 in range(0, Lk, ctx.block):
             j1 = min(j0 + ctx.block, Lk)
             kj, vj, maskj = k[..., j0:j1, :], v[..., j0:j1, :], _chunk(mask, j0, j1)
-            p = torch.exp(_scores(q, kj, _chunk(bias, j0, j1), maskj, ctx.scale) - lse)
+            p = torch.exp(_scores(q, kj, _chunk(bias, j0, j1), maskj, ctx.scale) - m - log_l)
             if need_dv:
                 gdv[..., j0:j1, :] = p.transpose(-1, -2) @ g
             gds = p * (g @ vj.transpose(-1, -2) - delta)
