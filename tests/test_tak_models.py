@@ -44,7 +44,7 @@ def outputs(out, keys):
     """The tensors of a model output (tensor, tuple or ModelOutput) at ``keys`` (None: the output itself)."""
     if keys is None:
         return list(out) if isinstance(out, tuple) else [out]
-    return [out[k] for k in keys]
+    return [t for k in keys for t in (out[k] if isinstance(out[k], tuple) else (out[k],))]  # hidden_states: each
 
 
 def check(model, kwargs, keys=None, tol=TOL64, grads=True, trainable=None):
@@ -56,6 +56,7 @@ def check(model, kwargs, keys=None, tol=TOL64, grads=True, trainable=None):
     taus = randomize(dual)
     y, dy = dual(**kwargs)
     y_ref, dy_ref, leaves = reference(model, taus, kwargs)
+    assert len(outputs(y, keys)) == len(outputs(y_ref, keys)) and len(outputs(dy, keys)) == len(outputs(dy_ref, keys))
     for a, b in zip(outputs(y, keys), outputs(y_ref, keys)):
         assert not a.requires_grad and rel_err(a, b) <= tol
     for a, b in zip(outputs(dy, keys), outputs(dy_ref, keys)):
@@ -164,6 +165,7 @@ def test_t5_encoder(ff):
     model = transformers.T5EncoderModel(tiny_t5_config(ff)).double().eval()
     batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
     check(model, batch, ["last_hidden_state"], tol=TOL_T5, grads=ff == "relu")
+    check(model, {**batch, "output_hidden_states": True}, ["hidden_states"], tol=TOL_T5, grads=False)
 
 
 @pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
@@ -175,6 +177,12 @@ def test_t5_for_conditional_generation(ff):
     batch["decoder_attention_mask"] = (torch.arange(6)[None] < torch.tensor([[6], [3]])).long()
     dual = check(model, batch, ["logits", "encoder_last_hidden_state"], tol=TOL_T5, grads=ff == "gated-gelu")
     assert "lm_head.weight" not in dual.task_vector()  # tied to shared.weight: one τ
+    assert dual(**batch)[0].decoder_hidden_states is None  # as Hugging Face: only when asked for
+    check(model, {**batch, "output_hidden_states": True}, ["encoder_hidden_states", "decoder_hidden_states"],
+          tol=TOL_T5, grads=False, trainable=[n for n, _ in model.named_parameters() if n.startswith("decoder.block.1")])
+    for refused in ({"return_dict": False}, {"use_cache": True}, {"output_attentions": True}):
+        with pytest.raises(ValueError, match=rf"DualT5ForConditionalGeneration: {refused} not supported .*fast=False"):
+            dual(**batch, **refused)
 
 
 @pytest.mark.parametrize("trainable", [None, ["*SelfAttention*"]])

@@ -20,8 +20,8 @@
   are not used. Two classes whose label words start with the same token are refused.
 
 Every model (the plain model, deep copies, both paths of ``tak.linearize``, ``functional_call``
-wrappers) is called with ``output_hidden_states=True``; the fast path's dual T5 returns the decoder's
-last hidden state as the one entry of ``decoder_hidden_states``.
+wrappers) is called with ``output_hidden_states=True`` and reads the decoder's last hidden state,
+``decoder_hidden_states[-1]``.
 """
 
 import torch

@@ -30,6 +30,16 @@ def activation(act: str | nn.Module, where: str) -> DualActivation:
     return DualActivation(_ACTIVATIONS[name])
 
 
+def hf_options(owner: str, options: dict, accepted: dict) -> dict:
+    """``options`` that Hugging Face callers pass, each at one of its ``accepted`` values ({name: (values)}); any
+    other is refused (ValueError naming it), pointing to the generic path, which takes them all."""
+    refused = {k: v for k, v in options.items() if k not in accepted or not any(v is a for a in accepted[k])}
+    if refused:
+        raise ValueError(f"{owner}: {refused} not supported (accepted: {accepted}); tak.linearize(model, fast=False) "
+                         "takes every argument of the model")
+    return options
+
+
 class Builder:
     """Makes dual layers from a source model's modules; ``records`` holds (dual module, attribute, source
     parameter name) for every θ0."""

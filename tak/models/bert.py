@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..nn import DualActivation, DualAttention
 from ..nn.base import add, apply
-from .base import Builder, DualModel, activation
+from .base import Builder, DualModel, activation, hf_options
 
 
 class DualBertLayer(nn.Module):
@@ -82,12 +82,8 @@ class DualBertModel(DualModel):
                 inputs_embeds=None, **options):
         """``options`` Hugging Face callers pass are accepted at their defaults (return_dict True or None,
         output_attentions / output_hidden_states False or None, head_mask None); other values are refused."""
-        defaults = {"return_dict": (None, True), "output_attentions": (None, False),
-                    "output_hidden_states": (None, False), "head_mask": (None,)}
-        refused = {k: v for k, v in options.items() if k not in defaults or not any(v is d for d in defaults[k])}
-        if refused:
-            raise ValueError(f"DualBertModel: {refused} not supported (accepted at their defaults: {defaults}); "
-                             "tak.linearize(model, fast=False) takes every argument of the model")
+        hf_options("DualBertModel", options, {"return_dict": (None, True), "output_attentions": (None, False),
+                                              "output_hidden_states": (None, False), "head_mask": (None,)})
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DualBertModel: pass exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and attention_mask.dim() != 2:

@@ -16,7 +16,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from ..nn import DualAttention, linear
 from ..nn.base import add, apply, cast
-from .base import Builder, DualModel, activation
+from .base import Builder, DualModel, activation, hf_options
 
 
 def _attention(b: Builder, a: T5Attention) -> DualAttention:
@@ -94,12 +94,17 @@ class DualT5Stack(nn.Module):
         return heads_first(bias), apply(heads_first, dbias)
 
     def forward(self, x, dx, mask=None, enc=None, denc=None, enc_mask=None):
+        """(states, dstates): Hugging Face's ``hidden_states``, each block's input then the stack's output (the last
+        hidden state, states[-1]), and their tangents (zeros before the first trained block; None when no tangent)."""
         bias, dbias = self.position_bias(x.shape[1], x.device)
         bias = bias.to(x.dtype)
-        x, dx = self.drop(x, dx)
+        states = [self.drop(x, dx)]
         for block in self.blocks:
-            x, dx = block(x, dx, mask, bias, dbias, enc, denc, enc_mask)
-        return self.drop(*self.final_norm(x, dx))
+            states.append(block(*states[-1], mask, bias, dbias, enc, denc, enc_mask))
+        states[-1] = self.drop(*self.final_norm(*states[-1]))
+        if states[-1][1] is None:
+            return tuple(x for x, _ in states), None
+        return tuple(x for x, _ in states), tuple(torch.zeros_like(x) if dx is None else dx for x, dx in states)
 
 
 def _embed(table, input_ids, inputs_embeds, what):
@@ -108,9 +113,18 @@ def _embed(table, input_ids, inputs_embeds, what):
     return table(input_ids) if inputs_embeds is None else (inputs_embeds, None)
 
 
+_OPTIONS = {"return_dict": (None, True), "output_hidden_states": (None, False, True), "output_attentions": (None, False)}
+
+
+def _hidden_states(states, wanted):
+    """``states`` as Hugging Face returns them: when ``output_hidden_states`` asks for them."""
+    return states if wanted and states is not None else None
+
+
 class DualT5EncoderModel(DualModel):
-    """forward(input_ids | inputs_embeds, attention_mask=None) -> (y, dy), each a BaseModelOutput with
-    last_hidden_state (B, L, d); dy is None outside the "linearized" mode."""
+    """forward(input_ids | inputs_embeds, attention_mask=None, output_hidden_states=None) -> (y, dy), each a
+    BaseModelOutput with last_hidden_state (B, L, d) and, when asked for, hidden_states as Hugging Face's; dy is
+    None outside the "linearized" mode."""
 
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
@@ -119,19 +133,21 @@ class DualT5EncoderModel(DualModel):
         self.encoder = DualT5Stack(b, model.encoder)
         self.bind(b, model, trainable)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
-        x, dx = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), padding_mask(attention_mask))
-        return BaseModelOutput(last_hidden_state=x), apply(lambda t: BaseModelOutput(last_hidden_state=t), dx)
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **options):
+        wanted = hf_options("DualT5EncoderModel", options, _OPTIONS).get("output_hidden_states")
+        states, dstates = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), padding_mask(attention_mask))
+        y = BaseModelOutput(last_hidden_state=states[-1], hidden_states=_hidden_states(states, wanted))
+        return y, apply(lambda d: BaseModelOutput(last_hidden_state=d[-1], hidden_states=_hidden_states(d, wanted)),
+                        dstates)
 
 
 class DualT5ForConditionalGeneration(DualModel):
     """forward(input_ids | inputs_embeds, attention_mask=None, decoder_input_ids | decoder_inputs_embeds,
-    decoder_attention_mask=None) -> (y, dy), each a Seq2SeqLMOutput with logits (B, L_dec, vocab),
-    encoder_last_hidden_state (B, L, d) and decoder_hidden_states = (the decoder's last hidden state
-    (B, L_dec, d) after its final RMSNorm,): the last entry of Hugging Face's tuple, the only one kept.
-    dy is None outside the "linearized" mode. Teacher forcing only: no cache, no generation, no labels
-    (shift them right yourself); ``output_hidden_states``, ``use_cache`` and ``return_dict`` are accepted,
-    as Hugging Face callers pass them, and change nothing."""
+    decoder_attention_mask=None, output_hidden_states=None) -> (y, dy), each a Seq2SeqLMOutput with logits
+    (B, L_dec, vocab), encoder_last_hidden_state (B, L, d) and, when asked for, encoder_hidden_states and
+    decoder_hidden_states as Hugging Face's (the decoder's last hidden state, after its final RMSNorm, is
+    decoder_hidden_states[-1]). dy is None outside the "linearized" mode. Teacher forcing only: no cache
+    (``use_cache`` None or False), no generation, no labels (shift them right yourself)."""
 
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
@@ -147,22 +163,30 @@ class DualT5ForConditionalGeneration(DualModel):
         self.bind(b, model, trainable)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                inputs_embeds=None, decoder_inputs_embeds=None, output_hidden_states=None, use_cache=None,
-                return_dict=None):
+                inputs_embeds=None, decoder_inputs_embeds=None, **options):
+        wanted = hf_options("DualT5ForConditionalGeneration", options, {**_OPTIONS, "use_cache": (None, False)}).get(
+            "output_hidden_states")
         enc_mask = padding_mask(attention_mask)
-        e, de = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), enc_mask)
+        encoded, dencoded = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), enc_mask)
+        e, de = encoded[-1], apply(lambda d: d[-1], dencoded)
         x, dx = _embed(self.decoder_embed, decoder_input_ids, decoder_inputs_embeds, "decoder_")
         L = x.shape[1]
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         if decoder_attention_mask is not None:
             mask = mask & padding_mask(decoder_attention_mask)
-        last, dlast = self.decoder(x, dx, mask, e, de, enc_mask)
-        h, dh = last * self.output_scale, apply(lambda t: t * self.output_scale, dlast)
+        decoded, ddecoded = self.decoder(x, dx, mask, e, de, enc_mask)
+        h, dh = decoded[-1] * self.output_scale, apply(lambda d: d[-1] * self.output_scale, ddecoded)
         if self.lm_head is not None:
             logits, dlogits = self.lm_head(h, dh)
         else:
             logits, dlogits = linear(h, dh, *self.decoder_embed.dual("weight"))
-        y = Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=e, decoder_hidden_states=(last,))
+
+        def output(logits, encoded, decoded):
+            return Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=encoded[-1],
+                                   encoder_hidden_states=_hidden_states(encoded, wanted),
+                                   decoder_hidden_states=_hidden_states(decoded, wanted))
+        y = output(logits, encoded, decoded)
         if dlogits is None and de is None:
             return y, None
-        return y, Seq2SeqLMOutput(logits=dlogits, encoder_last_hidden_state=de, decoder_hidden_states=(dlast,))
+        zeros = lambda states: tuple(torch.zeros_like(t) for t in states)  # noqa: E731 (no tangent on that side)
+        return y, output(dlogits, dencoded or zeros(encoded), ddecoded or zeros(decoded))
