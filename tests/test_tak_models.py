@@ -185,6 +185,25 @@ def test_t5_for_conditional_generation(ff):
             dual(**batch, **refused)
 
 
+def test_t5_in_float16_clamps_its_hidden_states_as_hugging_face_does():
+    """A float16 T5 whose feed-forward overflows: Hugging Face clamps the hidden states after each sublayer to finite
+    values, and so does the dual model (its tangent zero where it clamps), so neither gives inf or NaN."""
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(tiny_t5_config("relu")).half().eval()
+    with torch.no_grad():
+        model.encoder.block[0].layer[-1].DenseReluDense.wo.weight.mul_(4e4)  # block 0's output overflows
+    batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
+    dual = to_dual(model)
+    randomize(dual, std=0.02)
+    y, dy = dual(**batch)
+    with torch.no_grad():
+        plain = model(**batch).last_hidden_state
+        states = model(**batch, output_hidden_states=True).hidden_states
+    assert torch.isinf(states[1].float()).sum() == 0 and states[1].abs().max() >= 6e4  # clamped, not inf
+    assert torch.isfinite(plain).all() and torch.isfinite(y.last_hidden_state).all() and torch.isfinite(dy.last_hidden_state).all()
+    assert rel_err(y.last_hidden_state, plain) <= 2e-2
+
+
 @pytest.mark.parametrize("trainable", [None, ["*SelfAttention*"]])
 def test_t5_in_16_bits_with_wo_in_fp32(trainable):
     """from_pretrained(dtype=float16) keeps DenseReluDense.wo in fp32 (_keep_in_fp32_modules): the residual stream

@@ -63,12 +63,22 @@ class DualT5Block(nn.Module):
 
     def forward(self, x, dx, mask, bias, dbias, enc=None, denc=None, enc_mask=None):
         h, dh = self.drop_self(*self.self_attn(*self.norm_self(x, dx), mask=mask, bias=bias, dbias=dbias))
-        x, dx = x + h, add(dx, dh)
+        x, dx = _clamped(x + h, add(dx, dh))
         if self.cross_attn is not None:
             h, dh = self.drop_cross(*self.cross_attn(*self.norm_cross(x, dx), enc, denc, mask=enc_mask))
-            x, dx = x + h, add(dx, dh)
+            x, dx = _clamped(x + h, add(dx, dh))
         h, dh = self.drop_ff(*self.feed_forward(*self.norm_ff(x, dx)))
-        return x + h, add(dx, dh)
+        return _clamped(x + h, add(dx, dh))
+
+
+def _clamped(x, dx):
+    """Hugging Face T5's clamp of float16 hidden states after each sublayer (to ± the largest float16, less 1000
+    where one is infinite), the tangent zero where it clamps; other dtypes as they are."""
+    if x.dtype != torch.float16:
+        return x, dx
+    top = torch.finfo(x.dtype).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return torch.clamp(x, min=-limit, max=limit), apply(lambda d: torch.where(x.abs() <= limit, d, 0), dx)
 
 
 class DualT5Stack(nn.Module):
