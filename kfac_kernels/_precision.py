@@ -4,10 +4,10 @@ Operands are multiplied in the narrowest input dtype: bfloat16 or float16 if any
 else float32, whose mode follows ``torch.get_float32_matmul_precision()``:
 'highest' -> IEEE fp32, 'high' -> tf32, 'medium' -> bf16. Accumulation is always fp32.
 
-One exception, for the quadratic forms (``keep_fp32=True``): a float32 factor is never rounded to
-float16. Factors are second moments (A ~ x²) whose entries overflow float16's range (65504), so
-float16 τ with a float32 factor is multiplied as float32 (in the matmul precision's mode above:
-tf32 at 'high'). bfloat16 has float32's range, so bfloat16 τ with float32 factors stays bfloat16.
+One exception, for the quadratic forms (``float16_in_fp32=True``): float16 operands are multiplied as
+float32 (in the matmul precision's mode above: tf32 at 'high'). Factors are second moments (A ~ x²):
+their entries, and the products τ A, (X U)·λ, S ⊙ M of the forms even more, overflow float16's range
+(65504). bfloat16 has float32's range, so bfloat16 τ, with bfloat16 or float32 factors, stays bfloat16.
 
 The PyTorch reference backends run with autocast disabled (``no_autocast``): they choose their
 dtypes themselves, so an enclosing ``torch.autocast`` does not turn their fp32 accumulation into
@@ -20,14 +20,14 @@ import torch
 _FP32_MODES = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
-def compute_dtype(op: str, *, keep_fp32: bool = False, **named: torch.dtype) -> torch.dtype:
+def compute_dtype(op: str, *, float16_in_fp32: bool = False, **named: torch.dtype) -> torch.dtype:
     """The dtype the operands named in ``named`` are multiplied in (see module docstring); with
-    ``keep_fp32``, float16 meeting float32 gives float32 (an fp32 operand is never rounded to fp16)."""
+    ``float16_in_fp32``, float16 operands give float32."""
     kinds = set(named.values())
     if torch.bfloat16 in kinds and torch.float16 in kinds:
         listing = ", ".join(f"{k}={v}" for k, v in named.items())
         raise TypeError(f"{op}: cannot mix bfloat16 and float16 operands ({listing})")
-    if keep_fp32 and torch.float16 in kinds and torch.float32 in kinds:
+    if float16_in_fp32 and torch.float16 in kinds:
         return torch.float32
     for half in (torch.bfloat16, torch.float16):
         if half in kinds:

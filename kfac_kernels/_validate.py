@@ -42,6 +42,14 @@ def square(op: str, name: str, x: torch.Tensor, size: int | None = None) -> int:
     return x.shape[0]
 
 
+def accumulator(op: str, name: str, t: torch.Tensor) -> None:
+    """An in-place accumulator of an op outside autograd: refuse one that requires grad (its update would carry no
+    history, and a leaf's in-place update is an autograd error)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {name} requires grad, but it is updated in place outside autograd (its inputs are "
+                         f"read as constants); pass a {name} that does not require grad")
+
+
 def no_grad_needed(op: str, **named) -> None:
     """Factors are constants of the ops: refuse ones (dense, or a compressed factor's tensors) that ask for a
     gradient."""

@@ -31,8 +31,8 @@ def squared_products_update_(S, g, a, *, scale=1.0):
     squares as fp32 (the matmul precision). ``scale`` is a Python number. N = 0 or T = 0 leaves S as is.
 
     The Triton kernel never materializes a per-example product; the torch backend builds them in
-    chunks of at most ``_CHUNK_ELEMENTS`` elements. Not differentiable: S, g and a are read as
-    constants and S gets no autograd history (like ``covariance_update_``).
+    chunks of at most ``_CHUNK_ELEMENTS`` elements. Not differentiable: g and a are read as constants and
+    S, which must not require grad, gets no autograd history (like ``covariance_update_``).
     """
     ct = _check(S, g, a, scale)
     if g.dim() == 3 and g.shape[1] == 1:  # one token per example: the 2-D form
@@ -56,6 +56,7 @@ def _update(S: torch.Tensor, g: torch.Tensor, a: torch.Tensor, scale: float, ct:
 def _check(S, g, a, scale):
     """Validate the arguments (and the backend); return the compute dtype."""
     _validate.tensor(_OP, "S", S, ndim=2, dtypes=(torch.float32, torch.float64))
+    _validate.accumulator(_OP, "S", S)
     _validate.tensor(_OP, "g", g)
     _validate.tensor(_OP, "a", a)
     if g.dim() not in (2, 3):

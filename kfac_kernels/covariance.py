@@ -18,9 +18,11 @@ def covariance_update_(C, X, *, scale=1.0, mask=None, append_ones=False):
     contiguous; X is float16/bfloat16/float32 (float64 on the torch backend), read in its dtype
     and accumulated in fp32; fp32 X follows ``torch.get_float32_matmul_precision()``. Each
     off-diagonal value is computed once and written to (i, j) and (j, i), so a symmetric C stays
-    exactly symmetric. ``scale`` is a Python number.
+    exactly symmetric. ``scale`` is a Python number. Not differentiable: X is read as a constant (no gradient
+    reaches it) and C, which must not require grad, gets no autograd history.
     """
     _validate.tensor(_OP, "C", C, ndim=2, dtypes=(torch.float32, torch.float64))
+    _validate.accumulator(_OP, "C", C)
     _validate.tensor(_OP, "X", X)
     if X.dim() == 0:
         raise ValueError(f"{_OP}: X must have at least 1 dimension (..., D), got a 0-dim tensor")

@@ -43,9 +43,9 @@ class BlockDiagonalFactor:
     def __post_init__(self):
         _validate.tensor("BlockDiagonalFactor", "blocks", self.blocks, ndim=3)
         k, b, b2 = self.blocks.shape
-        if b != b2 or not (k - 1) * b < self.size <= k * b:
+        if b != b2 or k < 1 or not (k - 1) * b < self.size <= k * b:
             raise ValueError(f"BlockDiagonalFactor: blocks of shape {tuple(self.blocks.shape)} cannot make a "
-                             f"{self.size} × {self.size} factor (need square blocks with (k−1)·b < size ≤ k·b)")
+                             f"{self.size} × {self.size} factor (need k ≥ 1 square blocks with (k−1)·b < size ≤ k·b)")
 
     @classmethod
     def from_dense(cls, F: torch.Tensor, k: int) -> "BlockDiagonalFactor":
@@ -137,7 +137,9 @@ class LowRankFactor:
         return LowRankFactor(U, self.eigenvalues.to(device=U.device))
 
     def to_dense(self) -> torch.Tensor:
-        return (self.U * self.eigenvalues.to(self.U.dtype)) @ self.U.T
+        """U diag(λ) Uᵀ in the promoted dtype of U and λ (fp32 for fp16 U: λ may exceed fp16's range)."""
+        U = self.U.to(torch.promote_types(self.U.dtype, self.eigenvalues.dtype))
+        return (U * self.eigenvalues.to(U.dtype)) @ U.T
 
 
 @dataclass(frozen=True)

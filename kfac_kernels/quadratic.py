@@ -12,9 +12,11 @@ it is a leaf tensor) with the PyTorch reference ops, so second derivatives (Hess
 2 B v A) are exact; a τ computed by an op gets a clear error there.
 
 Each layer is multiplied in ``_precision.compute_dtype`` of its own τ and factors, with
-``keep_fp32``: float16 τ with a float32 factor multiplies in float32 (the factor's entries can
-exceed float16's range), bfloat16 with float32 in bfloat16. bfloat16 and float16 cannot meet within a
-layer, but layers of a grouped call may each use their own half dtype.
+``float16_in_fp32``: bfloat16 in bfloat16 (also with float32 factors), else in float32 (tf32 at 'high'),
+float16 layers included: factors are second moments (A ~ x²), and τ A, the low-rank (X U)·λ and the
+eigen form's S ⊙ M leave float16's range (65504) long before τ or the factors do; float16 operands are
+read as they are stored. bfloat16 and float16 cannot meet within a layer, but layers of a grouped call
+may each use their own half dtype.
 
 The forms are ``torch.library`` ops (``torch.ops.kfac_kernels.quadratic_forms``, ...): ``torch.compile``
 traces them as opaque calls, with their shapes from the fake implementations below. Compressed factors
@@ -205,7 +207,7 @@ def _check_layer(op: str, i: int, tau, B, A) -> torch.dtype:
                          f"A{tag} of size {tau.shape[1]}, got B{tag} {tuple(B.shape)} and A{tag} {tuple(A.shape)}")
     _validate.same_device(op, **{f"tau{tag}": tau, f"B{tag}": B, f"A{tag}": A})
     _validate.no_grad_needed(op, **{f"B{tag}": B, f"A{tag}": A})
-    return _precision.compute_dtype(op, keep_fp32=True, **{f"tau{tag}": tau.dtype, f"B{tag}": B.dtype,
+    return _precision.compute_dtype(op, float16_in_fp32=True, **{f"tau{tag}": tau.dtype, f"B{tag}": B.dtype,
                                                            f"A{tag}": A.dtype})
 
 
@@ -264,6 +266,6 @@ def _eigen_quadratic_forms(op: str, taus, U_Bs, U_As, Ss, weights) -> torch.Tens
                              f"U_A (d_in, r_A), S (r_B, r_A) for tau (d_out, d_in)")
         _validate.same_device(op, **{f"tau{tag}": tau, f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
         _validate.no_grad_needed(op, **{f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
-        cts.append(_precision.compute_dtype(op, keep_fp32=True, **{f"tau{tag}": tau.dtype, f"U_B{tag}": U_B.dtype,
+        cts.append(_precision.compute_dtype(op, float16_in_fp32=True, **{f"tau{tag}": tau.dtype, f"U_B{tag}": U_B.dtype,
                                                                    f"U_A{tag}": U_A.dtype, f"S{tag}": S.dtype}))
     return _call(op, _eigen_forms, taus, cts, list(U_Bs), list(U_As), list(Ss), _weights(op, weights, n))

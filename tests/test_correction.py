@@ -207,6 +207,8 @@ def test_errors(use_backend):
         squared_products_update_(S.bfloat16(), g, a)
     with pytest.raises(ValueError, match="S must be contiguous"):
         squared_products_update_(torch.zeros(4, 7).T, g, a)
+    with pytest.raises(ValueError, match="S requires grad, but it is updated in place outside autograd"):
+        squared_products_update_(S.clone().requires_grad_(), g, a)
     with pytest.raises(ValueError, match=r"g must be 3-D \(N, T, r_B\) or 2-D \(N, r_B\), got shape \(7,\)"):
         squared_products_update_(S, g[0, 0], a[0, 0])
     with pytest.raises(ValueError, match=r"a must be 3-D like g.*\(3, 4\)"):

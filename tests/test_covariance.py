@@ -212,7 +212,11 @@ def test_errors(use_backend):
             covariance_update_(C, X, scale=scale, append_ones=True)
     with pytest.raises(ValueError, match="one device.*X on meta"):
         covariance_update_(C, X.to("meta"), append_ones=True)
+    with pytest.raises(ValueError, match="C requires grad, but it is updated in place outside autograd"):
+        covariance_update_(C.clone().requires_grad_(), X, append_ones=True)
     assert torch.equal(C, torch.zeros(8, 8))
+    with torch.no_grad():  # as an optimizer's state: no autograd anyway
+        covariance_update_(torch.zeros(8, 8, requires_grad=True), X, append_ones=True)
 
 
 @needs_triton

@@ -312,6 +312,48 @@ def test_float16_tau_never_rounds_float32_factors(backend, kind):
     assert rel_err(tau.grad, g_ref) <= TOL[torch.float16]
 
 
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_float16_layers_whose_products_leave_float16s_range(backend, kind):
+    """All-fp16 operands within float16's range whose products are not: τ A ~ 1e5 (dense A with entries ~ 2000,
+    or a low-rank A of eigenvalue 2e5): the forms multiply float16 as float32, so q and ∇q are finite and right."""
+    A = 1500.0 + 500.0 * torch.rand(40, 40, dtype=torch.float64)
+    A = (A + A.T) / 2 if kind == "dense" else kk.LowRankFactor.from_dense(torch.ones(40, 40, dtype=torch.float64) * 5e3, rank=1)
+    A = A.half() if kind == "dense" else kk.LowRankFactor(A.U.half(), A.eigenvalues)
+    tau = (1 + torch.rand(6, 40)).half().requires_grad_()
+    B = (1e-4 * torch.eye(6)).half()
+    q = kk.quadratic_form(tau, B, A)
+    q.backward()
+    q_ref, g_ref = definition(tau, B, A)
+    assert (tau.detach().double() @ dense(A)).max() > 65504 and (kind == "dense" or A.eigenvalues.max() > 65504)
+    assert rel_err(q, q_ref) <= TOL[torch.float16] and rel_err(tau.grad, g_ref) <= TOL[torch.float16]
+
+
+def test_float16_eigen_form_whose_gradient_factor_leaves_float16s_range(backend):
+    """G = 2 S ⊙ M beyond float16's range in one entry, the gradient U_B G U_Aᵀ within it (bases whose first
+    vectors are flat spread that entry over the gradient): finite and right."""
+    def basis(n):
+        X = torch.randn(n, n, dtype=torch.float64)
+        X[:, 0] = 1.0
+        return torch.linalg.qr(X)[0]  # first column ±1/√n
+    U_B, U_A = basis(5), basis(9)
+    t = 0.01 * torch.randn(5, 9, dtype=torch.float64) + 0.1 * U_B[:, :1] @ U_A[:, :1].T
+    tau = t.half().requires_grad_()
+    M = U_B.T @ tau.detach().double() @ U_A
+    S = torch.ones(5, 9, dtype=torch.float64)
+    S[0, 0] = 6e4 / M[0, 0].abs()
+    kk.eigen_quadratic_form(tau, U_B.half(), U_A.half(), S.float()).backward()
+    G = 2 * S * M
+    assert G.abs().max() > 65504 and (U_B @ G @ U_A.T).abs().max() < 3e4
+    assert rel_err(tau.grad, U_B @ G @ U_A.T) <= TOL[torch.float16]
+
+
+def test_an_infinite_entry_gives_an_infinite_form_not_nan(backend):
+    """τ, B, A positive and A[0, 0] = Inf: every term of q is positive, so q = Inf (tile padding must add nothing)."""
+    tau, B, A = torch.rand(7, 5) + 0.1, spd(7).abs() + 0.1, spd(5).abs() + 0.1
+    A[0, 0] = float("inf")
+    assert kk.quadratic_form(tau, B, A).item() == float("inf")
+
+
 def test_each_layer_in_its_own_half_dtype(backend):
     """Layers are multiplied independently: a float16 layer next to a bfloat16 one is fine; the mix within
     one layer is refused, naming that layer's arguments."""
@@ -453,6 +495,8 @@ def test_bad_lists():
             factor.from_dense(F, **args)
     with pytest.raises(ValueError, match="F is empty"):
         kk.Int8Factor.from_dense(torch.zeros(0, 0))
+    with pytest.raises(ValueError, match=r"blocks of shape \(0, 3, 3\) cannot make a 0 × 0 factor \(need k ≥ 1"):
+        kk.BlockDiagonalFactor(torch.zeros(0, 3, 3), 0)
 
 
 def test_eigen_form_with_float64_eigenvalues(use_backend):

@@ -102,10 +102,10 @@ def _grouped_matmul_kernel(
         elif T_LAYOUT == 2:
             t_ptr, t_sm, t_sn = tl.multiple_of(t_ptr, 16), 1, tl.multiple_of(t_sn, 16)
         t = tl.load(t_ptr + rm[:, None] * t_sm + rn[None, :] * t_sn, mask=out_ok, other=0.0).to(tl.float32)
-    if REDUCE == "dot":
-        tl.store(partials + pid, tl.load(scales + 2 * job) * tl.sum(t * acc))
+    if REDUCE == "dot":  # (outside the job, acc can be 0·Inf = NaN where T is 0: left out, not multiplied)
+        tl.store(partials + pid, tl.load(scales + 2 * job) * tl.sum(tl.where(out_ok, t * acc, 0.0)))
     elif REDUCE == "sqdot":
-        tl.store(partials + pid, tl.load(scales + 2 * job) * tl.sum(t * acc * acc))
+        tl.store(partials + pid, tl.load(scales + 2 * job) * tl.sum(tl.where(out_ok, t * acc * acc, 0.0)))
     if WRITE_Y:
         y = acc * tl.load(scales + 2 * job + 1)
         if TIMES_T:

@@ -41,11 +41,11 @@ def _product(X, F, Y, dot, **epilogue) -> list[list[Job]]:
 
 
 def _intermediate(*dtypes) -> torch.dtype:
-    """The dtype operands of ``dtypes`` are multiplied in (``_precision.compute_dtype`` with ``keep_fp32``:
-    fp16 τ with an fp32 factor multiplies in fp32) and products between stages are stored in: the half
-    dtype being multiplied in, else fp32. The front end has refused bf16 with fp16 within a layer."""
-    dtype = _precision.compute_dtype("quadratic_forms", keep_fp32=True, **{f"x{i}": d for i, d in enumerate(dtypes)})
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """The dtype operands of ``dtypes`` are multiplied in and products between stages are stored in: bfloat16
+    where ``_precision.compute_dtype`` gives it, else fp32 (see ``kfac_kernels.quadratic``: float16 products of
+    second-moment factors leave its range). The front end has refused bf16 with fp16 within a layer."""
+    dtype = _precision.compute_dtype("quadratic_forms", float16_in_fp32=True, **{f"x{i}": d for i, d in enumerate(dtypes)})
+    return dtype if dtype == torch.bfloat16 else torch.float32  # (fp64 layers: the PyTorch backend)
 
 
 def _run_stages(chains) -> torch.Tensor:
