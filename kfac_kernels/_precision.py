@@ -5,9 +5,12 @@ else float32, whose mode follows ``torch.get_float32_matmul_precision()``:
 'highest' -> IEEE fp32, 'high' -> tf32, 'medium' -> bf16. Accumulation is always fp32.
 
 One exception, for the quadratic forms (``float16_in_fp32=True``): float16 operands are multiplied as
-float32 (in the matmul precision's mode above: tf32 at 'high'). Factors are second moments (A ~ x²):
-their entries, and the products τ A, (X U)·λ, S ⊙ M of the forms even more, overflow float16's range
-(65504). bfloat16 has float32's range, so bfloat16 τ, with bfloat16 or float32 factors, stays bfloat16.
+float32, their products kept in float32. Factors are second moments (A ~ x²): their entries, and the
+products τ A, (X U)·λ, S ⊙ M of the forms even more, overflow float16's range (65504). A layer of
+float16 operands alone is multiplied as tf32, which holds every float16 value exactly (float16's
+precision on the tensor cores, with float32's range); one that meets float32 operands, in the matmul
+precision's mode above. bfloat16 has float32's range, so bfloat16 τ, with bfloat16 or float32
+factors, stays bfloat16.
 
 The PyTorch reference backends run with autocast disabled (``no_autocast``): they choose their
 dtypes themselves, so an enclosing ``torch.autocast`` does not turn their fp32 accumulation into

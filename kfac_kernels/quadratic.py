@@ -13,10 +13,10 @@ it is a leaf tensor) with the PyTorch reference ops, so second derivatives (Hess
 
 Each layer is multiplied in ``_precision.compute_dtype`` of its own τ and factors, with
 ``float16_in_fp32``: bfloat16 in bfloat16 (also with float32 factors), else in float32 (tf32 at 'high'),
-float16 layers included: factors are second moments (A ~ x²), and τ A, the low-rank (X U)·λ and the
-eigen form's S ⊙ M leave float16's range (65504) long before τ or the factors do; float16 operands are
-read as they are stored. bfloat16 and float16 cannot meet within a layer, but layers of a grouped call
-may each use their own half dtype.
+float16 layers included (as tf32 on the GPU, exact for float16 values): factors are second moments
+(A ~ x²), and τ A, the low-rank (X U)·λ and the eigen form's S ⊙ M leave float16's range (65504) long
+before τ or the factors do. bfloat16 and float16 cannot meet within a layer, but layers of a grouped
+call may each use their own half dtype.
 
 The forms are ``torch.library`` ops (``torch.ops.kfac_kernels.quadratic_forms``, ...): ``torch.compile``
 traces them as opaque calls, with their shapes from the fake implementations below. Compressed factors

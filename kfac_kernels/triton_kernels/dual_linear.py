@@ -44,7 +44,8 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rk = tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)  # offsets in int64, as rm and rn: a K stride may be ≥ 2³¹ / BLOCK_K
+    k_step = tl.full((), BLOCK_K, tl.int64)
     x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk
     dx_ptrs = dx_ptr + rm[:, None] * s_dxm + rk[None, :] * s_dxk
     w_ptrs = w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn  # a (BLOCK_K, BLOCK_N) tile of Wᵀ
@@ -62,10 +63,10 @@ def _forward_kernel(
         acc_y = dot_acc(x, w, acc_y, DOT)
         acc_dy = dot_acc(dx, w, acc_dy, DOT)
         acc_dy = dot_acc(x, dw, acc_dy, DOT)
-        x_ptrs += BLOCK_K * s_xk
-        dx_ptrs += BLOCK_K * s_dxk
-        w_ptrs += BLOCK_K * s_wk
-        dw_ptrs += BLOCK_K * s_dwk
+        x_ptrs += k_step * s_xk
+        dx_ptrs += k_step * s_dxk
+        w_ptrs += k_step * s_wk
+        dw_ptrs += k_step * s_dwk
     if HAS_B:
         acc_y += tl.load(b_ptr + rn * s_b, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_DB:
@@ -83,7 +84,8 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rk = tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)  # offsets in int64, as rm and rn: a K stride may be ≥ 2³¹ / BLOCK_K
+    k_step = tl.full((), BLOCK_K, tl.int64)
     a1_ptrs = a1_ptr + rm[:, None] * s_a1m + rk[None, :] * s_a1k
     b1_ptrs = b1_ptr + rk[:, None] * s_b1k + rn[None, :] * s_b1n
     a2_ptrs = a2_ptr + rm[:, None] * s_a2m + rk[None, :] * s_a2k
@@ -96,14 +98,14 @@ def _matmul_kernel(
         a1 = tl.load(a1_ptrs, mask=a_mask, other=0.0)
         b1 = tl.load(b1_ptrs, mask=b_mask, other=0.0)
         acc = dot_acc(a1, b1, acc, DOT)
-        a1_ptrs += BLOCK_K * s_a1k
-        b1_ptrs += BLOCK_K * s_b1k
+        a1_ptrs += k_step * s_a1k
+        b1_ptrs += k_step * s_b1k
         if TWO:
             a2 = tl.load(a2_ptrs, mask=a_mask, other=0.0)
             b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
             acc = dot_acc(a2, b2, acc, DOT)
-            a2_ptrs += BLOCK_K * s_a2k
-            b2_ptrs += BLOCK_K * s_b2k
+            a2_ptrs += k_step * s_a2k
+            b2_ptrs += k_step * s_b2k
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 

@@ -48,6 +48,13 @@ def _intermediate(*dtypes) -> torch.dtype:
     return dtype if dtype == torch.bfloat16 else torch.float32  # (fp64 layers: the PyTorch backend)
 
 
+def _dot(*dtypes) -> str:
+    """How a layer whose operands have ``dtypes`` is multiplied: float16 alone as tf32 (which holds every float16
+    value exactly, and float32's range: the tensor cores without the overflow), else ``dot_mode`` of its
+    ``_intermediate`` dtype."""
+    return "tf32" if set(dtypes) == {torch.float16} else dot_mode(_intermediate(*dtypes))
+
+
 def _run_stages(chains) -> torch.Tensor:
     stages = defaultdict(list)
     for chain in chains:
@@ -65,7 +72,7 @@ def quadratic_forms(taus, Bs, As, weights, want_grad):
     """(Σ_l w_l ⟨τ_l, B_l τ_l A_l⟩ as 0-dim fp32, [2 w_l B_l τ_l A_l] in τ's dtype or None)."""
     chains, grads = [], []
     for tau, B, A, w in zip(taus, Bs, As, weights):
-        dot = dot_mode(_intermediate(tau.dtype, B.dtype, A.dtype))
+        dot = _dot(tau.dtype, B.dtype, A.dtype)
         X = torch.empty(tau.shape, dtype=_intermediate(tau.dtype, B.dtype, A.dtype), device=tau.device)
         P = torch.empty_like(tau) if want_grad else None
         chains.append(_product(tau, A, X, dot)
@@ -80,7 +87,7 @@ def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad):
     """(Σ_l w_l Σ S_l ⊙ M_l², [G_l = 2 w_l S_l ⊙ M_l] or None) with M_l = U_Bᵀ τ_l U_A (r_B × r_A)."""
     chains, Gs = [], []
     for tau, U_B, U_A, S, w in zip(taus, U_Bs, U_As, Ss, weights):
-        dot = dot_mode(_intermediate(tau.dtype, U_B.dtype, U_A.dtype))
+        dot = _dot(tau.dtype, U_B.dtype, U_A.dtype)
         X = torch.empty(tau.shape[0], U_A.shape[1], dtype=_intermediate(tau.dtype, U_A.dtype), device=tau.device)
         G = torch.empty(S.shape, dtype=torch.float32, device=tau.device) if want_grad else None
         chains.append([[Job(tau, U_A, X, dot=dot)],
@@ -95,7 +102,7 @@ def eigen_gradients(Gs, U_Bs, U_As, outs):
     """outs[l] = U_B,l G_l U_A,lᵀ, written in place in outs[l]'s dtype."""
     chains = []
     for G, U_B, U_A, out in zip(Gs, U_Bs, U_As, outs):
-        dot = dot_mode(_intermediate(out.dtype, U_B.dtype, U_A.dtype))
+        dot = _dot(G.dtype, U_B.dtype, U_A.dtype)
         Z = torch.empty(G.shape[0], U_A.shape[0], dtype=torch.float32, device=G.device)
         chains.append([[Job(G, U_A.T, Z, dot=dot)], [Job(U_B, Z, out, dot=dot)]])
     _run_stages(chains)
