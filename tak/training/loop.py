@@ -395,11 +395,10 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
             loss, terms = objective(to_device(inputs, device), labels.to(device), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # the step's one host sync, once the backward is queued: the loss and its terms as numbers, averaged
-            # over the processes (every one sees a NaN of any and stops with it), and whether a signal asks any
-            # process to stop (every one stops after this step)
-            # (and the gradients' norm: a finite loss can have non-finite gradients, which the step would write
-            # into τ and the next checkpoint)
+            # the step's one host sync, once the backward is queued: the loss, its terms and the gradients' norm as
+            # numbers, averaged over the processes (every one sees a NaN of any and stops with it: a finite loss can
+            # have non-finite gradients, which the step would write into τ and the next checkpoint), and whether a
+            # signal asks any process to stop (every one stops after this step)
             grads = [p.grad for p in params if p.grad is not None]
             numbers = torch.stack([loss.detach().float(), *terms.values(),
                                    torch.nn.utils.get_total_norm(grads).float().to(device) if grads
