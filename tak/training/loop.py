@@ -197,7 +197,7 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     trained = trainable_names(backbone.model, selection)
     fit = _fit_options(config, device, trained_layers(backbone.model, trained), cache=Path(config.out) / "factors")
     with torch.random.fork_rng(devices=[]):  # fitted or loaded, the factors leave the training RNG as it was
-        penalty, teacher_penalty, tau_jp = _penalties(config, method, hp, backbone, device, fit)
+        penalty, teacher_penalty, tau_jp = _penalties(config, method, hp, backbone, task, device, fit)
     objective = Objective(method, backbone, backbone.head(task), hp, penalty=penalty, teacher_penalty=teacher_penalty,
                           tau_jp=tau_jp, trainable=config.trainable, seed=config.seed).to(device)
     objective.unpenalized = [] if penalty is None else unpenalized(backbone.model, trained, penalty.factors,
@@ -234,11 +234,12 @@ def factor_key(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _penalties(config: TrainConfig, method, hp: dict, backbone, device, fit: dict) -> tuple:
-    """(penalty, teacher_penalty, tau_jp) of ``method``; None where it has none. The other tasks and the reference
-    set are loaded only where the penalty reads them (a machine may hold the trained task's data alone)."""
+def _penalties(config: TrainConfig, method, hp: dict, backbone, trained, device, fit: dict) -> tuple:
+    """(penalty, teacher_penalty, tau_jp) of ``method`` training the task ``trained``; None where it has none. The
+    other tasks and the reference set are loaded only where the penalty reads them (a machine may hold the trained
+    task's data alone)."""
     def others():
-        trained, tasks = _task(config.task, config), [_task(t, config) for t in config.tasks if t != config.task]
+        tasks = [_task(t, config) for t in config.tasks if t != config.task]
         alias = [t.name for t in tasks if t.parent is not None and (t.parent, t.classes) == (trained.parent, trained.classes)]
         if alias:  # its own factors would join the penalty on its τ
             raise ValueError(f"TrainConfig.tasks: {alias} is the trained task {config.task!r} under another name")
