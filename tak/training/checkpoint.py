@@ -22,9 +22,14 @@ _MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size",
                "factor_files")  # the files' contents count, compared as "factor_digests"
 
 
-def _same_place(key: str, value):
-    """A data root as the folder it names (``data`` and ``./data`` are one)."""
-    return str(Path(value).resolve()) if key == "data_root" and value is not None else value
+def _canonical(key: str, value):
+    """A config value as what it means for the run: a data root as the folder it names (``data`` and ``./data`` are
+    one), one trainable pattern as the list of it ("enc.*" and ["enc.*"] select alike)."""
+    if key == "data_root" and value is not None:
+        return str(Path(value).resolve())
+    if key == "trainable" and isinstance(value, str) and value not in ("all", "attention"):
+        return [value]
+    return value
 
 
 def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -53,7 +58,7 @@ def read_matching(path, config: dict) -> tuple[dict, dict]:
     saved, defaults = meta["config"], TrainConfig().to_dict()
     resolved = saved.get("hparams") or {k: v for k, v in saved.items() if k in HYPERPARAMETERS and v is not None}
     differ = sorted(k for k in set(saved) | set(config) if k not in (*_MAY_DIFFER, *HYPERPARAMETERS, "hparams")
-                    and _same_place(k, saved.get(k, defaults.get(k))) != _same_place(k, config.get(k)))
+                    and _canonical(k, saved.get(k, defaults.get(k))) != _canonical(k, config.get(k)))
     changed_hp = sorted(k for k, v in resolved.items() if v != config["hparams"].get(k))  # named as the keys set them
     if differ or changed_hp:
         detail = "; ".join([*(f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {config.get(k)!r}" for k in differ),
