@@ -80,9 +80,15 @@ def write_text(path, text: str) -> Path:
 
 
 def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``tensors`` and ``meta`` to ``path`` atomically (``atomic_file``)."""
+    """Write ``tensors`` and ``meta`` (JSON; its key "sha256" is the file's own) to ``path`` atomically
+    (``atomic_file``)."""
+    if "sha256" in meta:
+        raise ValueError(f"{path}: metadata key 'sha256' is reserved for the file's checksum")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = json.loads(json.dumps(meta))  # as it reads back (tuples become lists), for the checksum
+    try:
+        meta = json.loads(json.dumps(meta))  # as it reads back (tuples become lists), for the checksum
+    except TypeError as e:
+        raise ValueError(f"{path}: metadata must be JSON ({e})") from None
     header = {_KEY: json.dumps({**meta, "sha256": _digest(tensors, meta)}, sort_keys=True)}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=header)

@@ -200,6 +200,15 @@ def test_refuses_a_flipped_byte(path):
         KFAC.load(path)
 
 
+def test_metadata_that_could_not_be_read_back_is_refused_when_written(path):
+    from tak.io import write
+    with pytest.raises(ValueError, match="metadata key 'sha256' is reserved for the file's checksum"):
+        write(path, {"a": torch.zeros(2)}, {"sha256": "x"})
+    with pytest.raises(ValueError, match="metadata must be JSON .*Tensor is not JSON serializable"):
+        write(path, {"a": torch.zeros(2)}, {"scale": torch.ones(1)})
+    assert not path.exists()
+
+
 def test_refuses_edited_metadata(path):
     """The checksum covers the metadata too: a convention changed in the header is refused."""
     fitted(model_of()).save(path)

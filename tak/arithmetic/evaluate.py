@@ -229,42 +229,53 @@ def render_report(folders, out) -> Path:
         if not isinstance(results, dict) or not {"zero_shot", "alpha1", "negation", "analyses"} & results.keys():
             raise ValueError(f"{path}: not the results of `tak demo` or `tak eval` (no zero_shot, alpha1, negation "
                              "or analyses entry)")
-        report.section(str(folder), _setup(results))
-        if "zero_shot" in results:  # a tak demo folder
-            from ..demo import table
-            report.text(table(results))
-        if "alpha1" in results:
-            report.table([{"task": t, "individual": results["individual"][t],
-                           "merged (α=1)": results["alpha1"]["per_task"][t],
-                           f"merged (best α = {results['best']['alpha']:g})": results["best"]["per_task"][t]}
-                          for t in results["individual"]])
-            report.table([{"": name, "absolute": results[key]["abs"], "normalized": results[key]["norm"]}
-                          for name, key in (("α = 1", "alpha1"), (f"best α = {results['best']['alpha']:g}", "best"))])
-        if results.get("joint"):
-            report.table([{"joint problem (class partition)": f"{name} = {' + '.join(j['parts'])}",
-                           "classes": j["classes"], "merged (α = 1)": j["alpha1"], "merged (best α)": j["best"]["acc"],
-                           "best α": f"{j['best']['alpha']:g}"} for name, j in results["joint"].items()])
-        if "negation" in results:
-            n = results["negation"]
-            target, control = n["target_task"], n["control_task"]
-            report.table([{"": "pretrained", target: n["pretrained_target"], control: n["pretrained_control"]},
-                          {"": f"θ0 − {n['alpha']} τ", target: n["target"], control: n["control"]}])
-        found = results.get("analyses", {})
-        if "normalcy_auroc" in found:
-            report.table([{"task": t, "normalcy AUROC": found["normalcy_auroc"][t],
-                           "edit distance in-domain": found["support_localization"][t]["in"],
-                           "edit distance out-of-domain": found["support_localization"][t]["out"]}
-                          for t in found["normalcy_auroc"]], floatfmt=".4g")
-        listed = results.get("plots")  # None: results of an earlier tak, which did not list them
-        for png in sorted(folder.glob("*.png")) if listed is None else [folder / name for name in listed]:
-            if not png.is_file():
-                raise FileNotFoundError(f"{png}: a plot {path} lists is missing")
-            target = png if folder.resolve() == out.resolve() else out / f"{i}-{png.name}"
-            if target != png:
-                with atomic_file(target) as tmp:
-                    shutil.copyfile(png, tmp)
-            report.image(target, png.stem.replace("_", " "))
+        try:
+            _render(report, results, folder, path, out, f"{i}-")
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"{path}: not as `tak demo` or `tak eval` writes results.json ({type(e).__name__}: {e})") from None
     return report.write(out / "report.md")
+
+
+def _render(report: Report, results: dict, folder: Path, path: Path, out: Path, prefix: str) -> None:
+    """The section of the results ``path`` of ``folder``; its plots are copied to ``out/{prefix}{name}`` (unless
+    ``out`` is ``folder``)."""
+    report.section(str(folder), _setup(results))
+    if "zero_shot" in results:  # a tak demo folder
+        from ..demo import table
+        report.text(table(results))
+    if "alpha1" in results:
+        report.table([{"task": t, "individual": results["individual"][t],
+                       "merged (α=1)": results["alpha1"]["per_task"][t],
+                       f"merged (best α = {results['best']['alpha']:g})": results["best"]["per_task"][t]}
+                      for t in results["individual"]])
+        report.table([{"": name, "absolute": results[key]["abs"], "normalized": results[key]["norm"]}
+                      for name, key in (("α = 1", "alpha1"), (f"best α = {results['best']['alpha']:g}", "best"))])
+    if results.get("joint"):
+        report.table([{"joint problem (class partition)": f"{name} = {' + '.join(j['parts'])}",
+                       "classes": j["classes"], "merged (α = 1)": j["alpha1"], "merged (best α)": j["best"]["acc"],
+                       "best α": f"{j['best']['alpha']:g}"} for name, j in results["joint"].items()])
+    if "negation" in results:
+        n = results["negation"]
+        target, control = n["target_task"], n["control_task"]
+        report.table([{"": "pretrained", target: n["pretrained_target"], control: n["pretrained_control"]},
+                      {"": f"θ0 − {n['alpha']} τ", target: n["target"], control: n["control"]}])
+    found = results.get("analyses", {})
+    if "normalcy_auroc" in found:
+        report.table([{"task": t, "normalcy AUROC": found["normalcy_auroc"][t],
+                       "edit distance in-domain": found["support_localization"][t]["in"],
+                       "edit distance out-of-domain": found["support_localization"][t]["out"]}
+                      for t in found["normalcy_auroc"]], floatfmt=".4g")
+    listed = results.get("plots")  # None: results of an earlier tak, which did not list them
+    if listed is not None and any(Path(name).name != name for name in listed):
+        raise ValueError(f"{path}: plots {listed} must name files of its folder")
+    for png in sorted(folder.glob("*.png")) if listed is None else [folder / name for name in listed]:
+        if not png.is_file():
+            raise FileNotFoundError(f"{png}: a plot {path} lists is missing")
+        target = png if folder.resolve() == out.resolve() else out / f"{prefix}{png.name}"
+        if target != png:
+            with atomic_file(target) as tmp:
+                shutil.copyfile(png, tmp)
+        report.image(target, png.stem.replace("_", " "))
 
 
 def _setup(results: dict) -> str:
