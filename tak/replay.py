@@ -14,7 +14,8 @@ The owner of a changed parameter is the innermost module holding it that has a `
 before the first call of an owner starts, of modules not called again after that. They are found
 (and recorded) on the first forward, by hooks on every module, with no data or model knowledge.
 
-Assumes deterministic forwards (eval mode, no dropout) and that a parameter is used within a call of
+Assumes deterministic forwards (eval mode, no dropout), replayed modules that do not modify their inputs in
+place (their side effects are not replayed: only their outputs are), and that a parameter is used within a call of
 its owner or, for an owner never called, of the owner's innermost called ancestor
 (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``): such an ancestor
 becomes a cut point, found on the first forward and used from the second. A replayed module called

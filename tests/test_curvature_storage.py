@@ -226,7 +226,7 @@ def rewrite(path, edit):
     tak.io.write(path, tensors, meta)
 
 
-@pytest.mark.parametrize("version", [storage.FORMAT_VERSION + 1, 0, "1", None])
+@pytest.mark.parametrize("version", [storage.FORMAT_VERSION + 1, 0, "1", None, True])
 def test_refuses_unknown_format_versions(path, version):
     fitted(model_of()).save(path)
     rewrite(path, lambda t, m: m.update(format_version=version))

@@ -61,7 +61,7 @@ def load(path, model: nn.Module | None = None, device=None, kind: str | None = N
     fingerprints of earlier files, ``tak.io.architecture_fingerprints``: the meta then holds today's)."""
     tensors, meta = read(path, device=device or "cpu")
     version = meta.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is unknown to this tak (it reads versions 1 to "
                          f"{FORMAT_VERSION}); a newer tak wrote it?")
     file_kind = meta.get("kind")
