@@ -105,16 +105,15 @@ class DualT5Stack(nn.Module):
 
     def forward(self, x, dx, mask=None, enc=None, denc=None, enc_mask=None):
         """(states, dstates): Hugging Face's ``hidden_states``, each block's input then the stack's output (the last
-        hidden state, states[-1]), and their tangents (zeros before the first trained block; None when no tangent)."""
+        hidden state, states[-1]), and their tangents (None before the first trained block; dstates None when no
+        tangent reaches the output)."""
         bias, dbias = self.position_bias(x.shape[1], x.device)
         bias = bias.to(x.dtype)
         states = [self.drop(x, dx)]
         for block in self.blocks:
             states.append(block(*states[-1], mask, bias, dbias, enc, denc, enc_mask))
         states[-1] = self.drop(*self.final_norm(*states[-1]))
-        if states[-1][1] is None:
-            return tuple(x for x, _ in states), None
-        return tuple(x for x, _ in states), tuple(torch.zeros_like(x) if dx is None else dx for x, dx in states)
+        return tuple(x for x, _ in states), None if states[-1][1] is None else tuple(dx for _, dx in states)
 
 
 def _embed(table, input_ids, inputs_embeds, what):
@@ -126,9 +125,12 @@ def _embed(table, input_ids, inputs_embeds, what):
 _OPTIONS = {"return_dict": (None, True), "output_hidden_states": (None, False, True), "output_attentions": (None, False)}
 
 
-def _hidden_states(states, wanted):
-    """``states`` as Hugging Face returns them: when ``output_hidden_states`` asks for them."""
-    return states if wanted and states is not None else None
+def _hidden_states(states, wanted, primals=None):
+    """``states`` when ``output_hidden_states`` asks for them, else None (nothing made). Tangent states (with their
+    ``primals``) get zeros where no tangent reaches: before the first trained block, or a stack with none."""
+    if not wanted or primals is None:
+        return states if wanted else None
+    return tuple(torch.zeros_like(x) if d is None else d for x, d in zip(primals, states or (None,) * len(primals)))
 
 
 class DualT5EncoderModel(DualModel):
@@ -147,8 +149,8 @@ class DualT5EncoderModel(DualModel):
         wanted = hf_options("DualT5EncoderModel", options, _OPTIONS).get("output_hidden_states")
         states, dstates = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), padding_mask(attention_mask))
         y = BaseModelOutput(last_hidden_state=states[-1], hidden_states=_hidden_states(states, wanted))
-        return y, apply(lambda d: BaseModelOutput(last_hidden_state=d[-1], hidden_states=_hidden_states(d, wanted)),
-                        dstates)
+        return y, apply(lambda d: BaseModelOutput(last_hidden_state=d[-1],
+                                                  hidden_states=_hidden_states(d, wanted, states)), dstates)
 
 
 class DualT5ForConditionalGeneration(DualModel):
@@ -190,13 +192,9 @@ class DualT5ForConditionalGeneration(DualModel):
             logits, dlogits = self.lm_head(h, dh)
         else:
             logits, dlogits = linear(h, dh, *self.decoder_embed.dual("weight"))
-
-        def output(logits, encoded, decoded):
-            return Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=encoded[-1],
-                                   encoder_hidden_states=_hidden_states(encoded, wanted),
-                                   decoder_hidden_states=_hidden_states(decoded, wanted))
-        y = output(logits, encoded, decoded)
+        y = Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=e, encoder_hidden_states=_hidden_states(
+            encoded, wanted), decoder_hidden_states=_hidden_states(decoded, wanted))
         if dlogits is None and de is None:
             return y, None
-        zeros = lambda states: tuple(torch.zeros_like(t) for t in states)  # noqa: E731 (no tangent on that side)
-        return y, output(dlogits, dencoded or zeros(encoded), ddecoded or zeros(decoded))
+        return y, Seq2SeqLMOutput(logits=dlogits, encoder_last_hidden_state=de, encoder_hidden_states=_hidden_states(
+            dencoded, wanted, encoded), decoder_hidden_states=_hidden_states(ddecoded, wanted, decoded))
