@@ -339,13 +339,14 @@ def test_unknown_train_flag_and_bad_values_are_usage_errors(tmp_path):
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "results.json").write_text('{"something": 1}')
     code, _, err = tak_cli("report", tmp_path / "report", "--out", tmp_path / "r")
-    assert code == 2 and "not the results of `tak demo` or `tak eval`" in err
+    assert code == 2 and "not the results of `tak demo` or `tak eval`" in err and not (tmp_path / "r").exists()
     for results, message in (('{"alpha1": {"abs": 1}}', "not as `tak demo` or `tak eval` writes results.json "
                                                        "(KeyError: 'individual')"),
                              ('{"analyses": {}, "plots": ["../x.png"]}', r"plots ['../x.png'] must name files of its folder")):
         (tmp_path / "report" / "results.json").write_text(results)
         code, _, err = tak_cli("report", tmp_path / "report", "--out", tmp_path / "r")
         assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "r").exists()  # a failed report leaves no folder behind
     code, _, err = tak_cli("train", "--out", tmp_path, "--progress", "maybe")
     assert code == 2 and "expected true/false" in err
     (tmp_path / "afile").write_text("")

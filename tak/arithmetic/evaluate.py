@@ -213,27 +213,41 @@ def _analyses(backbone, tvs, tasks, out: Path, device) -> tuple[dict, list[Path]
 
 
 def render_report(folders, out) -> Path:
-    """``out/report.md`` from the ``results.json`` (and PNGs) of each folder in ``folders``."""
+    """``out/report.md`` from the ``results.json`` (and PNGs) of each folder in ``folders``. Every results.json is
+    read before ``out`` is made, and an ``out`` this call made is removed again when rendering fails."""
     out = Path(out)
+    runs = [_read_results(Path(folder)) for folder in folders]
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     report = Report("Task arithmetic report")
-    for i, folder in enumerate(map(Path, folders)):
-        folder = folder.parent if folder.name == "results.json" else folder
-        path = folder / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no results.json (run `tak demo` or `tak eval --out {folder}` first)")
-        try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
-        if not isinstance(results, dict) or not {"zero_shot", "alpha1", "negation", "analyses"} & results.keys():
-            raise ValueError(f"{path}: not the results of `tak demo` or `tak eval` (no zero_shot, alpha1, negation "
-                             "or analyses entry)")
-        try:
-            _render(report, results, folder, path, out, f"{i}-")
-        except (KeyError, TypeError, IndexError, AttributeError) as e:
-            raise ValueError(f"{path}: not as `tak demo` or `tak eval` writes results.json ({type(e).__name__}: {e})") from None
-    return report.write(out / "report.md")
+    try:
+        for i, (folder, path, results) in enumerate(runs):
+            try:
+                _render(report, results, folder, path, out, f"{i}-")
+            except (KeyError, TypeError, IndexError, AttributeError) as e:
+                raise ValueError(f"{path}: not as `tak demo` or `tak eval` writes results.json "
+                                 f"({type(e).__name__}: {e})") from None
+        return report.write(out / "report.md")
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _read_results(folder: Path) -> tuple[Path, Path, dict]:
+    """(folder, its results.json, the results) of a ``tak demo`` / ``tak eval`` folder (or its results.json)."""
+    folder = folder.parent if folder.name == "results.json" else folder
+    path = folder / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results.json (run `tak demo` or `tak eval --out {folder}` first)")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(results, dict) or not {"zero_shot", "alpha1", "negation", "analyses"} & results.keys():
+        raise ValueError(f"{path}: not the results of `tak demo` or `tak eval` (no zero_shot, alpha1, negation "
+                         "or analyses entry)")
+    return folder, path, results
 
 
 def _render(report: Report, results: dict, folder: Path, path: Path, out: Path, prefix: str) -> None:
