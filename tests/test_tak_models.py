@@ -183,6 +183,11 @@ def test_t5_for_conditional_generation(ff):
     for refused in ({"return_dict": False}, {"use_cache": True}, {"output_attentions": True}):
         with pytest.raises(ValueError, match=rf"DualT5ForConditionalGeneration: {refused} not supported .*fast=False"):
             dual(**batch, **refused)
+    for name in ("attention_mask", "decoder_attention_mask"):  # Hugging Face's 3-D masks: the generic path's
+        mask = batch[name][:, None, :].expand(-1, batch[name].shape[1], -1)
+        with pytest.raises(ValueError, match=rf"DualT5ForConditionalGeneration: {name} must be \(batch, length\), "
+                                             rf"got \(2, {mask.shape[1]}, {mask.shape[2]}\).*fast=False"):
+            dual(**{**batch, name: mask})
 
 
 def test_t5_in_float16_clamps_its_hidden_states_as_hugging_face_does():

@@ -40,6 +40,17 @@ def hf_options(owner: str, options: dict, accepted: dict) -> dict:
     return options
 
 
+def padding_mask(owner: str, name: str, attention_mask):
+    """``attention_mask`` (B, Lk) of 1 = token, 0 = padding -> bool (B, 1, 1, Lk), True = attend; None stays None.
+    Other shapes (HF's 3-D/4-D masks) are refused naming ``owner`` and ``name``."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"{owner}: {name} must be (batch, length), got {tuple(attention_mask.shape)}; "
+                         "tak.linearize(model, fast=False) takes every argument of the model")
+    return attention_mask.bool()[:, None, None, :]
+
+
 class Builder:
     """Makes dual layers from a source model's modules; ``records`` holds (dual module, attribute, source
     parameter name) for every θ0."""

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..nn import DualActivation, DualAttention
 from ..nn.base import add, apply
-from .base import Builder, DualModel, activation, hf_options
+from .base import Builder, DualModel, activation, hf_options, padding_mask
 
 
 class DualBertLayer(nn.Module):
@@ -86,10 +86,7 @@ class DualBertModel(DualModel):
                                               "output_hidden_states": (None, False), "head_mask": (None,)})
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DualBertModel: pass exactly one of input_ids and inputs_embeds")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("DualBertModel: attention_mask must be (batch, length), "
-                             f"got {tuple(attention_mask.shape)}")
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        mask = padding_mask("DualBertModel", "attention_mask", attention_mask)
         x, dx = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         for layer in self.layers:
             x, dx = layer(x, dx, mask)

@@ -16,7 +16,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from ..nn import DualAttention, linear
 from ..nn.base import add, apply, cast
-from .base import Builder, DualModel, activation, hf_options
+from .base import Builder, DualModel, activation, hf_options, padding_mask
 
 
 def _attention(b: Builder, a: T5Attention) -> DualAttention:
@@ -26,11 +26,6 @@ def _attention(b: Builder, a: T5Attention) -> DualAttention:
 
 def _norm(b: Builder, layer: nn.Module):
     return b.rms_norm(layer.layer_norm.weight, layer.layer_norm.variance_epsilon)
-
-
-def padding_mask(attention_mask):
-    """(B, Lk) of 1 = token, 0 = padding -> bool (B, 1, 1, Lk), True = attend; None stays None."""
-    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
 
 class DualT5Block(nn.Module):
@@ -147,7 +142,8 @@ class DualT5EncoderModel(DualModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **options):
         wanted = hf_options("DualT5EncoderModel", options, _OPTIONS).get("output_hidden_states")
-        states, dstates = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), padding_mask(attention_mask))
+        mask = padding_mask("DualT5EncoderModel", "attention_mask", attention_mask)
+        states, dstates = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), mask)
         y = BaseModelOutput(last_hidden_state=states[-1], hidden_states=_hidden_states(states, wanted))
         return y, apply(lambda d: BaseModelOutput(last_hidden_state=d[-1],
                                                   hidden_states=_hidden_states(d, wanted, states)), dstates)
@@ -178,14 +174,15 @@ class DualT5ForConditionalGeneration(DualModel):
                 inputs_embeds=None, decoder_inputs_embeds=None, **options):
         wanted = hf_options("DualT5ForConditionalGeneration", options, {**_OPTIONS, "use_cache": (None, False)}).get(
             "output_hidden_states")
-        enc_mask = padding_mask(attention_mask)
+        enc_mask = padding_mask("DualT5ForConditionalGeneration", "attention_mask", attention_mask)
         encoded, dencoded = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), enc_mask)
         e, de = encoded[-1], apply(lambda d: d[-1], dencoded)
         x, dx = _embed(self.decoder_embed, decoder_input_ids, decoder_inputs_embeds, "decoder_")
         L = x.shape[1]
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         if decoder_attention_mask is not None:
-            mask = mask & padding_mask(decoder_attention_mask)
+            mask = mask & padding_mask("DualT5ForConditionalGeneration", "decoder_attention_mask",
+                                        decoder_attention_mask)
         decoded, ddecoded = self.decoder(x, dx, mask, e, de, enc_mask)
         h, dh = decoded[-1] * self.output_scale, apply(lambda d: d[-1] * self.output_scale, ddecoded)
         if self.lm_head is not None:
