@@ -314,8 +314,13 @@ def test_save_load_round_trip(tmp_path):
     assert isinstance(back, EKFAC) and list(back) == list(e)
     assert back.meta["kind"] == "ekfac" and back.meta["tokens"] == "reduce"
     for n in e:
-        assert all(torch.equal(getattr(back[n], f), getattr(e[n], f)) for f in ("U_B", "U_A", "S"))
+        for f in ("U_B", "U_A", "S"):
+            assert torch.equal(getattr(back[n], f), getattr(e[n], f))
+            assert getattr(back[n], f).stride() == getattr(e[n], f).stride()  # one layout: one matmul path
         assert (back[n].weight, back[n].bias) == (e[n].weight, e[n].bias)
+    taus = {n: torch.randn_like(p, requires_grad=True) for n, p in model.named_parameters()}
+    fitted, loaded = (torch.autograd.grad(f.quadratic_form(taus), list(taus.values())) for f in (e, back))
+    assert all(torch.equal(a, b) for a, b in zip(fitted, loaded))  # a resumed run's penalty is the unbroken one's
     with pytest.raises(ValueError, match="not KFAC"):
         KFAC.load(tmp_path / "e.safetensors")
 

@@ -170,8 +170,9 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
 
 
 def _eigenvectors(F) -> torch.Tensor:
-    """Eigenvectors (columns, ascending eigenvalues) of a symmetric factor, from a float64 eigh, as fp32."""
-    return torch.linalg.eigh(F.double()).eigenvectors.float()
+    """Eigenvectors (columns, ascending eigenvalues) of a symmetric factor, from a float64 eigh, as contiguous fp32:
+    the layout a factor file gives back, so fitted and loaded factors give bit-equal forms (a resumed run's)."""
+    return torch.linalg.eigh(F.double()).eigenvectors.float().contiguous()
 
 
 def _layers_of(model: nn.Module, kfac: KFAC, layers, tokens: str) -> dict[str, Layer]:
