@@ -8,9 +8,11 @@
 // p = i(i+1)/2 + j. Kernel 1 computes, for each (row split, pair), the partial tile over the
 // split's rows: X is read in its dtype, converted to the multiply dtype in shared memory
 // (fp16/bf16 -> WMMA tensor cores; fp32 -> FMA at 'highest', tf32 WMMA at 'high', bf16 WMMA at
-// 'medium', following torch.get_float32_matmul_precision()), accumulated in fp32, and stored to a
-// workspace. Kernel 2 sums the splits in a fixed order (deterministic), adds scale * sum to the
-// lower triangle of C and writes each value to (r, c) and (c, r): exact symmetry.
+// 'medium', following torch.get_float32_matmul_precision(); before sm_80, which has no bf16 or
+// tf32 WMMA, bf16 and those fp32 modes use FMA), accumulated in fp32, and stored to a workspace of
+// at most 64 MiB: when the partial tiles do not fit, the pairs go in batches, two launches each.
+// Kernel 2 sums the splits in a fixed order (deterministic), adds scale * sum to the lower
+// triangle of C and writes each value to (r, c) and (c, r): exact symmetry.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
@@ -36,6 +38,18 @@ constexpr int kSub = 32;                             // side of a transpose sub-
 constexpr int64_t kWorkspaceBytes = int64_t(64) << 20;
 
 enum class Mode { kWmma16, kWmmaTf32, kFma };
+
+// tf32 WMMA (and bf16's) is sm_80's: device code for older GPUs compiles without it, and the host
+// never launches those modes there.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define KK_SM80 1
+template <typename TS, Mode M>
+using WmmaOperand = std::conditional_t<M == Mode::kWmmaTf32, wmma::precision::tf32, TS>;
+#else
+#define KK_SM80 0
+template <typename TS, Mode M>
+using WmmaOperand = TS;
+#endif
 
 __device__ inline float to_float(float x) { return x; }
 __device__ inline float to_float(__half x) { return __half2float(x); }
@@ -63,9 +77,14 @@ struct Args {
   const void* x;
   const bool* mask;  // nullptr: keep all rows
   float* ws;         // (splits, n_pairs, kTile, kTile)
-  int64_t n, d, stride_n, stride_d, stride_m, n_pairs, rows_per_split;
+  int64_t n, d, stride_n, stride_d, stride_m;
+  int64_t pair0, n_pairs;  // this launch's pairs: pair0 + [0, n_pairs)
+  int64_t rows_per_split;
   bool append_ones;
 };
+
+template <typename TS, Mode M>
+constexpr bool kNeedsSm80 = M == Mode::kWmmaTf32 || (M == Mode::kWmma16 && std::is_same_v<TS, __nv_bfloat16>);
 
 // One column of X~ as seen by a thread: X's column `col`, the ones column, or zero padding.
 template <typename TIn>
@@ -83,7 +102,9 @@ struct Column {
   template <typename TS, Mode M>
   __device__ TS at(const Args& a, int64_t row, bool keep) const {
     float v = !keep ? 0.f : in_x ? to_float(x[row * a.stride_n]) : fill;
+#if KK_SM80
     if constexpr (M == Mode::kWmmaTf32) v = wmma::__float_to_tf32(v);
+#endif
     return from_float<TS>(v);
   }
 };
@@ -92,7 +113,7 @@ struct Column {
 template <typename TS, Mode M>
 struct WmmaTile {
   static constexpr int kK = M == Mode::kWmmaTf32 ? 8 : 16;
-  using Op = std::conditional_t<M == Mode::kWmmaTf32, wmma::precision::tf32, TS>;
+  using Op = WmmaOperand<TS, M>;
   wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[4][2];
   int wm = threadIdx.x / 32 / 4, wn = threadIdx.x / 32 % 4;
 
@@ -152,13 +173,12 @@ struct FmaTile {
   }
 };
 
-// Block (split s, pair p) = blockIdx.x = s * n_pairs + p: partial tile over the split's rows.
 template <typename TIn, typename TS, Mode M>
-__global__ void __launch_bounds__(kThreads) partial_tiles_kernel(Args a) {
+__device__ void partial_tile(const Args& a) {
   __shared__ __align__(32) TS As[kChunk][kLd];
   __shared__ __align__(32) TS Bs[kChunk][kLd];
   int64_t ti, tj;
-  pair_of(blockIdx.x % a.n_pairs, ti, tj);
+  pair_of(a.pair0 + blockIdx.x % a.n_pairs, ti, tj);
   const bool diag = ti == tj;  // then B = A: load it once
   const TS (*Bp)[kLd] = diag ? As : Bs;
   const int64_t start = blockIdx.x / a.n_pairs * a.rows_per_split;
@@ -195,14 +215,28 @@ __global__ void __launch_bounds__(kThreads) partial_tiles_kernel(Args a) {
   tile.store(a.ws + int64_t(blockIdx.x) * kTile * kTile);
 }
 
-// Block (pair, sub-tile): C[r, c] += scale * sum_s ws[s, pair, r, c] for r >= c, in split order,
-// then C[c, r] = C[r, c] for r > c through a shared transpose (coalesced both ways).
+// Block (split s, pair p) = blockIdx.x = s * n_pairs + p: partial tile of pair pair0 + p over the
+// split's rows.
+template <typename TIn, typename TS, Mode M>
+__global__ void __launch_bounds__(kThreads) partial_tiles_kernel(Args a) {
+#if !KK_SM80
+  if constexpr (kNeedsSm80<TS, M>) {
+    __trap();
+  } else
+#endif
+  {
+    partial_tile<TIn, TS, M>(a);
+  }
+}
+
+// Block (pair p, sub-tile): C[r, c] += scale * sum_s ws[s, p, r, c] for r >= c of pair pair0 + p,
+// in split order, then C[c, r] = C[r, c] for r > c through a shared transpose (coalesced both ways).
 __global__ void __launch_bounds__(kSub * 8) reduce_mirror_kernel(const float* ws, float* C, int64_t e,
-                                                                 int64_t n_pairs, int64_t n_splits,
-                                                                 float scale) {
+                                                                 int64_t pair0, int64_t n_pairs,
+                                                                 int64_t n_splits, float scale) {
   __shared__ float t[kSub][kSub + 1];
   int64_t ti, tj;
-  pair_of(blockIdx.x, ti, tj);
+  pair_of(pair0 + blockIdx.x, ti, tj);
   const int r0 = blockIdx.y / (kTile / kSub) * kSub, c0 = blockIdx.y % (kTile / kSub) * kSub;
   const int tx = threadIdx.x, ty = threadIdx.y;
   for (int r = ty; r < kSub; r += 8) {
@@ -270,12 +304,18 @@ at::Tensor covariance_update(at::Tensor C, const at::Tensor& X, const std::optio
   const c10::cuda::CUDAGuard guard(C.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_tiles = cdiv(e, kTile), n_pairs = n_tiles * (n_tiles + 1) / 2, n_chunks = cdiv(n, kChunk);
-  int n_sm = 0;
+  int n_sm = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, C.get_device()));
-  int64_t splits = num_splits(n_pairs, n_chunks, n_sm, kWorkspaceBytes / (4 * kTile * kTile));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, C.get_device()));
+  const int64_t max_tiles = kWorkspaceBytes / (4 * kTile * kTile);
+  int64_t splits = num_splits(n_pairs, n_chunks, n_sm, max_tiles);
   const int64_t rows_per_split = cdiv(n_chunks, splits) * kChunk;
   splits = cdiv(n, rows_per_split);
-  const at::Tensor ws = at::empty({splits, n_pairs, kTile, kTile}, C.options());
+  // Pairs per launch: all of them where their partial tiles fit the workspace (always when split),
+  // else batches of a multiple of the SM count (whole waves).
+  int64_t batch = std::min(n_pairs, std::max<int64_t>(1, max_tiles / splits));
+  if (batch < n_pairs && batch >= n_sm) batch -= batch % n_sm;
+  const at::Tensor ws = at::empty({splits, batch, kTile, kTile}, C.options());
 
   Args a{X.data_ptr(),
          mask.has_value() ? mask->data_ptr<bool>() : nullptr,
@@ -285,30 +325,32 @@ at::Tensor covariance_update(at::Tensor C, const at::Tensor& X, const std::optio
          X.stride(0),
          X.stride(1),
          mask.has_value() ? mask->stride(0) : 0,
-         n_pairs,
+         0,
+         0,
          rows_per_split,
          append_ones};
-  const int64_t blocks = splits * n_pairs;
-  if (dtype == at::kHalf) {
-    launch_partial<__half, __half, Mode::kWmma16>(a, blocks, stream);
-  } else if (dtype == at::kBFloat16) {
-    launch_partial<__nv_bfloat16, __nv_bfloat16, Mode::kWmma16>(a, blocks, stream);
-  } else {
-    switch (at::globalContext().float32MatmulPrecision()) {
-      case at::Float32MatmulPrecision::HIGHEST:
-        launch_partial<float, float, Mode::kFma>(a, blocks, stream);
-        break;
-      case at::Float32MatmulPrecision::HIGH:
-        launch_partial<float, float, Mode::kWmmaTf32>(a, blocks, stream);
-        break;
-      case at::Float32MatmulPrecision::MEDIUM:
-        launch_partial<float, __nv_bfloat16, Mode::kWmma16>(a, blocks, stream);
-        break;
+  const bool sm80 = major >= 8;  // bf16 and tf32 WMMA: else FMA, exact fp32 products
+  const auto precision = at::globalContext().float32MatmulPrecision();
+  for (int64_t p0 = 0; p0 < n_pairs; p0 += batch) {
+    a.pair0 = p0;
+    a.n_pairs = std::min(batch, n_pairs - p0);
+    const int64_t blocks = splits * a.n_pairs;
+    if (dtype == at::kHalf) {
+      launch_partial<__half, __half, Mode::kWmma16>(a, blocks, stream);
+    } else if (dtype == at::kBFloat16) {
+      if (sm80) launch_partial<__nv_bfloat16, __nv_bfloat16, Mode::kWmma16>(a, blocks, stream);
+      else launch_partial<__nv_bfloat16, float, Mode::kFma>(a, blocks, stream);
+    } else if (precision == at::Float32MatmulPrecision::HIGHEST || !sm80) {
+      launch_partial<float, float, Mode::kFma>(a, blocks, stream);
+    } else if (precision == at::Float32MatmulPrecision::HIGH) {
+      launch_partial<float, float, Mode::kWmmaTf32>(a, blocks, stream);
+    } else {
+      launch_partial<float, __nv_bfloat16, Mode::kWmma16>(a, blocks, stream);
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reduce_mirror_kernel<<<dim3(a.n_pairs, (kTile / kSub) * (kTile / kSub)), dim3(kSub, 8), 0, stream>>>(
+        ws.data_ptr<float>(), C.data_ptr<float>(), e, p0, a.n_pairs, splits, static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_mirror_kernel<<<dim3(n_pairs, (kTile / kSub) * (kTile / kSub)), dim3(kSub, 8), 0, stream>>>(
-      ws.data_ptr<float>(), C.data_ptr<float>(), e, n_pairs, splits, static_cast<float>(scale));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return C;
 }

@@ -49,4 +49,4 @@ def _build():
 
     sources = sorted(str(p) for p in (*src.glob("*.cpp"), *src.glob("*.cu")))
     return jit_load(name="kfac_kernels_cuda", sources=sources, extra_cflags=["-O3"],
-                    extra_cuda_cflags=["-O3", "-lineinfo"], verbose=False)
+                    extra_cuda_cflags=["-O3", "-lineinfo"], verbose=False)  # as setup.py's prebuild

@@ -231,7 +231,8 @@ def test_kernel_backends_refuse_float64(use_backend):
     (torch.bfloat16, "highest", 1e-5), (torch.float16, "highest", 1e-5), (torch.float32, "highest", 1e-5),
     (torch.float32, "high", TOL["tf32"]), (torch.float32, "medium", 2e-2),
 ])
-@pytest.mark.parametrize("shape", [(2, 333, 77), (4100, 300), (6000, 768)])
+@pytest.mark.parametrize("shape", [(2, 333, 77), (4100, 300), (6000, 768),
+                                   (40, 5900)])  # 1,128 tile pairs: over the workspace's 1,024, in batches
 def test_cuda_matches_triton_and_reference(use_backend, gen, dtype, precision, tol, shape):
     torch.set_float32_matmul_precision(precision)
     X = randn(*shape, gen=gen, dtype=dtype)

@@ -56,8 +56,9 @@ def test_every_triton_kernel_compiles_for_sm90():
         assert all(k["vector_16B"] > 0 for k in hot(case, name)), hot(case, name)
 
 
-def test_cuda_sources_compile_for_sm90(tmp_path):
-    """nvcc builds ``csrc/*.cu`` for sm_90 with torch's headers and flags, with no register spills.
+@pytest.mark.parametrize("arch", ["75", "90"])  # Turing, the oldest GPU CUDA 13 builds for (no bf16/tf32 WMMA); H100
+def test_cuda_sources_compile(tmp_path, arch):
+    """nvcc builds ``csrc/*.cu`` for sm_75 and sm_90 with torch's headers and flags, with no register spills.
     The CPU wheel of torch lacks one generated CUDA header (c10/cuda/impl/cuda_cmake_macros.h): a
     stand-in declares the shared-library build, as the CUDA wheels' copy does."""
     nvcc = shutil.which("nvcc")
@@ -73,7 +74,7 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
     includes = [tmp_path, *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     for source in sorted((ROOT / "csrc").glob("*.cu")):
         cmd = [nvcc, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"), "-std=c++17", "-O3",
-               "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=kfac_kernels_cuda",
+               "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=kfac_kernels_cuda",
                *cpp_extension.COMMON_NVCC_FLAGS, *(f"-I{p}" for p in includes)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-4000:]
