@@ -51,3 +51,38 @@ def test_every_launch_runs_on_its_inputs_device(launches, use_backend):
         device = args[0][0].device if isinstance(args[0], list) else args[0].device
         wrong = [(kernel, d) for kernel, d in launches if d != device]
         assert not wrong, f"{name}: launched outside a device guard for {device}: {wrong}"
+
+
+def test_launches_take_fewer_pipeline_stages_where_the_gpu_has_less_shared_memory(monkeypatch):
+    """A GPU of 99 KiB per block (sm_86/89/120) cannot hold the stages an H100 takes: the launch retries with fewer,
+    remembers what fitted, and raises what fewer stages cannot fix."""
+    from triton.runtime.errors import OutOfResources
+
+    from kfac_kernels.triton_kernels.common import launch_fitting
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # no GPU here: device -1 in the memo
+    calls = []
+
+    class Kernel:  # a JIT function's launch, needing 64 KiB of shared memory per stage of a 99 KiB GPU
+        def __init__(self, fails=None):
+            self.fails = fails
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **constexprs):
+                calls.append((grid, args, num_stages, constexprs))
+                if self.fails:
+                    raise self.fails
+                if num_stages * 65536 > 101376:
+                    raise OutOfResources(num_stages * 65536, 101376, "shared memory")
+            return run
+
+    kernel = Kernel()
+    launch_fitting(kernel, (4,), "x", 7, num_stages=3, DOT="tf32")
+    assert [c[2] for c in calls] == [3, 2, 1] and calls[-1] == ((4,), ("x", 7), 1, {"DOT": "tf32"})
+    launch_fitting(kernel, (2,), "y", 1, num_stages=3, DOT="tf32")
+    assert [c[2] for c in calls] == [3, 2, 1, 1]  # remembered
+    launch_fitting(kernel, (2,), "y", 1, num_stages=3, DOT="bf16")  # other constexprs: tried afresh
+    assert [c[2] for c in calls] == [3, 2, 1, 1, 3, 2, 1]
+    for error in (OutOfResources(2048, 1024, "threads"), OutOfResources(200000, 101376, "shared memory")):
+        with pytest.raises(OutOfResources, match=error.name):  # fewer stages do not help, or none are left
+            launch_fitting(Kernel(fails=error), (1,), num_stages=2 if error.name == "threads" else 1)

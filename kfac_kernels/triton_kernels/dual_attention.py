@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import _autograd
 from .._backend import interpreting
-from .common import dot_acc, dot_mode, on_input_device, or_empty
+from .common import dot_acc, dot_mode, launch_fitting, on_input_device, or_empty
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -243,7 +243,7 @@ def _dq_kernel(
                 gs_sum += tl.sum(gs_k, 1)
                 acc = dot_acc(gs_k, k_t, acc, DOT)
             if NEED_DB:
-                ptrs = gdb + rm[:, None] * s_gbq + rn[None, :] * s_gbk
+                ptrs = gdb + rm.to(tl.int64)[:, None] * s_gbq + rn[None, :] * s_gbk  # Lq·Lk may pass 2³¹
                 inside = (rm[:, None] < Lq) & (rn[None, :] < Lk)
                 if ATOMIC_DB:
                     tl.atomic_add(ptrs, gs, mask=inside, sem="relaxed")
@@ -319,9 +319,10 @@ def _config(kernel: str, rows: int, d: int, size: int, pairwise: bool, dot: str)
     TF32 ('high' precision: spill-free with Triton 3.9, ~10 values per step with 3.6), avoid the first.
     Head dims over 128 (up to 256): 8 warps on 64 × 16 tiles in the backward and 32 × 16 in the forward (halved
     for 32-bit operands), so that the tangents' tiles fit in shared memory; that forward spills about 100 values
-    per step. fp64 inputs with 32-bit or 16-bit tangents (``size`` 8) tile as 32-bit ones."""
+    per step. fp64 inputs with 32-bit or 16-bit tangents (``size`` 8) tile as 32-bit ones. Two stages; one
+    where the GPU has less shared memory than an H100 or A100 (``launch_fitting``)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_stages=1)
     if dot == "ieee":
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if kernel == "forward" else 4, num_stages=2)
     if d > 128:
@@ -386,8 +387,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, dq: Optional[Tensor], dk: Optional[
     size = max(t.element_size() for t in (q, k, v, dq, dk, dv) if t is not None)
     dot = dot_mode(ct)
     cfg = _config("forward", Lq, max(_pad(D), _pad(Dv)), size, bias is not None or dbias is not None, dot)
-    _forward_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,)](
-        q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o, do, lse,
+    launch_fitting(
+        _forward_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,), q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o, do, lse,
         *q.stride(), *k.stride(), *v.stride(), *_strides(dq), *_strides(dk), *_strides(dv),
         *_strides(mask4), *_strides(bias4), *_strides(dbias4), *o.stride(), *_strides(do if tangent else None),
         H, Lq, Lk, D, Dv, scale,
@@ -434,8 +435,8 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     if B * H * Lq:
         cfg = _config("dq", Lq, pads, size, bias is not None, dot)
         gdb_strides = _strides(None) if gdb is None else [s if n > 1 else 0 for s, n in zip(gdb.stride(), gdb.shape)]
-        _dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,)](
-            q, k, v, *pair_args, o, g, lse, delta, lse if gdq is None else k.sum(2, dtype=torch.float32) / max(Lk, 1),
+        launch_fitting(
+            _dq_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,), q, k, v, *pair_args, o, g, lse, delta, lse if gdq is None else k.sum(2, dtype=torch.float32) / max(Lk, 1),
             q if gdq is None else gdq, lse if gdb is None else gdb,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *o.stride(), *g.stride(),
             *_strides(gdq), *gdb_strides, H, Lq, Lk, D, Dv, scale,
@@ -443,8 +444,8 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         )
     if B * H * Lk and (gdk is not None or gdv is not None):
         cfg = _config("dkdv", Lk, pads, size, bias is not None, dot)
-        _dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]) * H * B,)](
-            q, k, v, *pair_args, g, lse, delta, q if gdk is None else gdk, q if gdv is None else gdv,
+        launch_fitting(
+            _dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]) * H * B,), q, k, v, *pair_args, g, lse, delta, q if gdk is None else gdk, q if gdv is None else gdv,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *g.stride(), *_strides(gdk), *_strides(gdv),
             H, Lq, Lk, D, Dv, scale, NEED_DK=gdk is not None, NEED_DV=gdv is not None, **common, **cfg,
         )

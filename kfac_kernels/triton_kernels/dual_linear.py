@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from .common import dot_acc, dot_mode, grouped_tile, layout, on_input_device
+from .common import dot_acc, dot_mode, grouped_tile, launch_fitting, layout, on_input_device
 
 
 def _launch_config(dot: str, *operands):
@@ -23,12 +23,12 @@ def _launch_config(dot: str, *operands):
 
     On tensor cores, 128 × 128 tiles; four operand tiles are staged per K step, 32 KiB per stage and
     operand byte: 3 stages of 16-bit tiles (96 KiB of shared memory), 2 of 32-bit ones (128 KiB, within
-    an A100's 164 KiB), 1 of 64-bit. Operands with any strides pass through registers on their way to
+    an A100's 164 KiB; ``launch_fitting`` takes fewer where the GPU has less), 1 of 64-bit. Operands with any strides pass through registers on their way to
     shared memory, and IEEE fp32 ('ieee') multiplies on FMA units with operand rows in registers: both
     take 64 × 64 tiles (K steps of 16 for 'ieee'), the sizes at which ptxas needs no spills (sm_90).
     """
     if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_stages=1)
     size = max(t.element_size() for t in operands)
     stages = 3 if size <= 2 else 2 if size == 4 else 1
     block = 128 if dot != "ieee" and all(layout(t) for t in operands) else 64
@@ -127,8 +127,8 @@ def forward(x: Tensor, dx: Tensor, w: Tensor, dw: Tensor, b: Optional[Tensor], d
         return y, dy
     dot = dot_mode(ct)
     cfg = _launch_config(dot, x, dx, w, dw)
-    _forward_kernel[_grid(M, N, cfg)](
-        x, dx, w, dw, y if b is None else b, y if db is None else db, y, dy, M, N, K,
+    launch_fitting(
+        _forward_kernel, _grid(M, N, cfg), x, dx, w, dw, y if b is None else b, y if db is None else db, y, dy, M, N, K,
         *x.stride(), *dx.stride(), *w.stride(), *dw.stride(),
         0 if b is None else b.stride(0), 0 if db is None else db.stride(0), *y.stride(), *dy.stride(),
         HAS_B=b is not None, HAS_DB=db is not None, DOT=dot, **cfg,
@@ -154,8 +154,8 @@ def matmul(a: list[Tensor], b: list[Tensor], ct: torch.dtype, out_dtype: torch.d
         return c
     dot = dot_mode(ct)
     cfg = _launch_config(dot, a1, b1, a2, b2)
-    _matmul_kernel[_grid(M, N, cfg)](
-        a1, b1, a2, b2, c, M, N, K,
+    launch_fitting(
+        _matmul_kernel, _grid(M, N, cfg), a1, b1, a2, b2, c, M, N, K,
         *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *c.stride(),
         TWO=bool(rest_a), DOT=dot, **cfg,
     )

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .common import TL_DTYPES, dot_acc, layout
+from .common import TL_DTYPES, dot_acc, launch_fitting, layout
 
 # Columns of the per-job int64 table.
 (M, N, K, X_PTR, X_SM, X_SK, F_PTR, F_SK, F_SN, Y_PTR, Y_SM, Y_SN, T_PTR, T_SM, T_SN,
@@ -202,8 +202,8 @@ def _launch(group: list[Job], device) -> torch.Tensor:
     n_tiles = int(counts.sum())
     table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     partials = torch.empty(n_tiles if group[0].reduce != "none" else 1, dtype=torch.float32, device=device)
-    _grouped_matmul_kernel[(n_tiles,)](
-        table, tile_job.to(device, non_blocking=True), first.to(device, non_blocking=True),
+    launch_fitting(
+        _grouped_matmul_kernel, (n_tiles,), table, tile_job.to(device, non_blocking=True), first.to(device, non_blocking=True),
         torch.tensor(scales, dtype=torch.float32).to(device, non_blocking=True), partials,
         X_DTYPE=TL_DTYPES[j.X.dtype], F_DTYPE=TL_DTYPES[j.F.dtype],
         Y_DTYPE=TL_DTYPES[j.Y.dtype] if j.Y is not None else tl.float32,
