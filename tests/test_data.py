@@ -68,6 +68,15 @@ def test_register_task_passes_root_seed_and_options(monkeypatch):
     assert task.name == "toy_registered" and len(task.split("train")) == 6
     with pytest.raises(ValueError, match="already registered"):
         register_task("toy_registered", factory, "again")
+    with pytest.raises(TypeError, match=r"register_task\('toy_5'\): factory must be callable .* got 5"):
+        register_task("toy_5", 5, "not a factory")
+    for bad, error in ((-1, ValueError), (0, ValueError), (2.5, TypeError), ("100", TypeError), (True, TypeError)):
+        with pytest.raises(error, match=f"task 'toy_registered': max_train must be .*got {re.escape(repr(bad))}"):
+            get_task("toy_registered", max_train=bad)
+        with pytest.raises(error, match=f"task 'toy_registered': max_test must be .*got {re.escape(repr(bad))}"):
+            get_task("toy_registered", max_test=bad)
+    with pytest.raises(ValueError, match="get_task: seed must be ≥ 0, got -1"):
+        get_task("toy_registered", seed=-1)
 
 
 # --- splits --------------------------------------------------------------------------------------
@@ -80,6 +89,14 @@ def test_validation_split_is_a_fixed_seed_partition():
     assert validation_split(items, seed=1)[1] != val
     assert len(validation_split(list(range(60000)))[1]) == 5000
     assert len(validation_split(list(range(60000)), 0.2, None)[1]) == 12000
+    assert validation_split(items, 0.0) == (items, []) and validation_split(items, max_size=0) == (items, [])
+    for fraction in (-0.1, 1, 1.5, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match=rf"fraction must be a number in \[0, 1\), got {re.escape(repr(fraction))}"):
+            validation_split(items, fraction)
+    with pytest.raises(ValueError, match="max_size must be ≥ 0 or None, got -3"):
+        validation_split(items, max_size=-3)
+    with pytest.raises(TypeError, match="max_size must be an int or None, got 2.5"):
+        validation_split(items, max_size=2.5)
 
 
 def test_stratified_subsample_keeps_class_shares_and_is_deterministic():
@@ -91,6 +108,22 @@ def test_stratified_subsample_keeps_class_shares_and_is_deterministic():
     odd = collections.Counter(y for _, y in stratified_subsample(examples, 7))
     assert sum(odd.values()) == 7 and odd[0] == 4
     assert stratified_subsample(examples, None) is examples
+    with pytest.raises(ValueError, match="n must be ≥ 0 or None, got -1"):
+        stratified_subsample(examples, -1)
+    with pytest.raises(TypeError, match="n must be an int or None, got 2.5"):
+        stratified_subsample(examples, 2.5)
+
+
+def test_task_templates_need_one_placeholder():
+    loaders = toy_task().loaders
+    assert Task("ok", ["a"], "text", ["{} {{literal}}", "a {!s:>3}."], loaders).templates[0].format("x") == "x {literal}"
+    for template in ("a text about a topic.", "a text about {topic}.", "a {} and {}.", "a {0}.", "a {"):
+        with pytest.raises(ValueError, match=rf"Task 'bad': template {re.escape(repr(template))} .*must contain \{{\}}"):
+            Task("bad", ["a"], "text", ["{}", template], loaders)
+    with pytest.raises(TypeError, match="Task 'bad': templates must be a list of str"):
+        Task("bad", ["a"], "text", "a {}.", loaders)
+    with pytest.raises(TypeError, match="Task 'bad': template must be a str, got None"):
+        Task("bad", ["a"], "text", [None], loaders)
 
 
 def test_partition_classes_disjoint_covering_and_relabelled():
@@ -303,8 +336,52 @@ def test_nli_glue_fields_and_validation_as_test(tmp_path):
     assert mnli.split("test") == [(("c", "d"), 0)] and {y for _, y in mnli.split("train") + mnli.split("val")} == {1}
     write_jsonl(tmp_path / "sick" / "train.jsonl", [{"sentence_A": "a", "sentence_B": "b", "label": "maybe"}])
     write_jsonl(tmp_path / "sick" / "test.jsonl", [{"sentence_A": "a", "sentence_B": "b", "label": 0}])
-    with pytest.raises(ValueError, match="unknown NLI label 'maybe'"):
+    with pytest.raises(ValueError, match="unknown NLI label 'maybe' in field 'label'"):
         get_task("sick", root=str(tmp_path)).split("train")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"premise": "p", "hypothesis": "h"}, r"NLI example .* has none of the fields \('label', 'gold_label', "
+                                          r"'entailment_label'\)"),
+    ({"premise": "p", "hypothesis": "h", "labels": 0}, r"NLI example .* has none of the fields \('label'"),
+    ({"premise": "p", "hypothesis": "h", "label": 1.7}, r"NLI label 1.7 in field 'label': expected one of"),
+    ({"premise": "p", "hypothesis": "h", "label": -1.0}, r"NLI label -1.0 in field 'label'"),
+    ({"premise": "p", "hypothesis": "h", "gold_label": True}, r"NLI label True in field 'gold_label'"),
+    ({"premise": "p", "hypothesis": "h", "label": {"x": 1}}, r"NLI label \{'x': 1\} in field 'label'"),
+    ({"premise": "p", "hypothesis": "h", "label": [0]}, r"NLI label \[0\] in field 'label'"),
+    ({"premise": "p", "hypothesis": "h", "label": 3}, r"NLI label 3 in field 'label' out of range"),
+    ({"premise": None, "hypothesis": "h", "label": 0}, r"field 'premise' must be a string, got None"),
+    ({"sentence1": "p", "sentence2": 5, "label": 0}, r"field 'sentence2' must be a string, got 5"),
+])
+def test_nli_refuses_rows_it_cannot_read(tmp_path, row, message):
+    """Only -1, "-", "" and null mark an unlabelled row; any other label that is not a class name or an int
+    index, a missing label field, or a text that is not a string is an error naming the file, row and field."""
+    good = {"premise": "p", "hypothesis": "h", "label": 0}
+    write_jsonl(tmp_path / "snli" / "train.jsonl", [good, {**good, "label": "-"}, {**good, "label": ""},
+                                                    {**good, "label": None}, {**good, "label": -1}, row])
+    write_jsonl(tmp_path / "snli" / "test.jsonl", [good])
+    with pytest.raises(ValueError, match=rf"snli/train.jsonl, example 6: {message}"):
+        get_task("snli", root=str(tmp_path)).split("train")
+
+
+def test_nli_train_without_labelled_examples_is_refused(tmp_path):
+    write_jsonl(tmp_path / "mnli" / "train.jsonl", [{"sentence1": "a", "sentence2": "b", "gold_label": "-"}] * 3)
+    write_jsonl(tmp_path / "mnli" / "test.jsonl", [{"sentence1": "a", "sentence2": "b", "gold_label": 0}])
+    with pytest.raises(ValueError, match=r"MultiNLI: .*mnli/train.jsonl: no labelled example \(labels are read "
+                                         r"from the fields \('label', 'gold_label', 'entailment_label'\)"):
+        get_task("mnli", root=str(tmp_path)).split("train")
+    write_jsonl(tmp_path / "mnli" / "train.jsonl", [{"sentence1": "a", "sentence2": "b", "labels": 0}] * 3)
+    with pytest.raises(ValueError, match=r"mnli/train.jsonl: no labelled example"):  # a misnamed label field
+        get_task("mnli", root=str(tmp_path)).split("train")
+
+
+def test_nli_test_split_without_label_fields_falls_back_to_validation(tmp_path):
+    """GLUE's test split has no labels at all: it is skipped for validation.jsonl, not refused."""
+    write_jsonl(tmp_path / "rte" / "train.jsonl", [{"sentence1": f"a{i}", "sentence2": "b", "label": i % 2}
+                                                  for i in range(20)])
+    write_jsonl(tmp_path / "rte" / "test.jsonl", [{"sentence1": "t", "sentence2": "u"}] * 2)
+    write_jsonl(tmp_path / "rte" / "validation.jsonl", [{"sentence1": "v", "sentence2": "w", "label": 1}])
+    assert get_task("rte", root=str(tmp_path)).split("test") == [(("v", "w"), 1)]
 
 
 def test_nli_from_a_save_to_disk_folder(tmp_path):
@@ -331,8 +408,8 @@ def test_nli_from_a_save_to_disk_folder(tmp_path):
     three = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
                                "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
     datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"premise": ["a", "b", "c"], "hypothesis": ["x", "y", "z"],
-                                             "label": [2, 1, 0]}, features=three),
+        "train": datasets.Dataset.from_dict({"premise": ["a", "b", "c", "d"], "hypothesis": ["x", "y", "z", "w"],
+                                             "label": [2, 1, 0, None]}, features=three),  # None: unlabelled
         "validation_matched": datasets.Dataset.from_dict({"premise": ["m"], "hypothesis": ["n"], "label": [2]},
                                                          features=three),
     }).save_to_disk(str(tmp_path / "mnli"))
@@ -353,6 +430,10 @@ def test_nli_jsonl_with_a_byte_order_mark_reads_and_bad_lines_are_named(tmp_path
         task.split("test")
     (tmp_path / "rte" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n\n{oops\n")
     with pytest.raises(ValueError, match=r"rte/train.jsonl:3: not JSON \(Expecting property name"):
+        get_task("rte", root=str(tmp_path)).split("train")
+    (tmp_path / "rte" / "train.jsonl").write_bytes(b'{"premise": "a", "hypothesis": "b", "label": 0}\n'
+                                                   b'{"premise": "caf\xe9", "hypothesis": "b", "label": 0}\n')
+    with pytest.raises(ValueError, match=r"rte/train.jsonl:2: not UTF-8 \(byte 0xe9\)"):
         get_task("rte", root=str(tmp_path)).split("train")
 
 

@@ -25,6 +25,7 @@ class GenericBackbone(Backbone):
             raise TypeError("GenericBackbone: inputs must be a function list -> batch")
         if not (callable(heads) or isinstance(heads, Mapping)):
             raise TypeError("GenericBackbone: heads must be a {task name: Head} mapping or a function task -> Head")
+        modalities = (modalities,) if isinstance(modalities, str) else modalities
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown:
             raise ValueError(f"GenericBackbone: unknown modalities {unknown}; valid: {MODALITIES}")

@@ -17,7 +17,8 @@
   checkpoint's config says ``tie_word_embeddings: false``, as T5 v1.1's do; transformers 4.x:
   ``config.tie_word_embeddings``). ``Head(W, normalize=False, scale=1.0)``, so ``head(features)`` is the
   model's own next-token logits at the first decoder step restricted to the label tokens. Templates
-  are not used. Two classes whose label words start with the same token are refused.
+  are not used. Two classes whose label words start with the same token are refused. ``label_words`` may
+  name the classes of several tasks (one backbone evaluates every task of a merge).
 
 Every model (the plain model, deep copies, both paths of ``tak.linearize``, ``functional_call``
 wrappers) is called with ``output_hidden_states=True`` and reads the decoder's last hidden state,
@@ -28,8 +29,9 @@ import torch
 from torch import nn
 
 from ..curvature.outputs import call
+from ..data.task import check_format
 from .base import Backbone, Head
-from .text import DEFAULT_MAX_LENGTH, load_hf, split_examples
+from .text import DEFAULT_MAX_LENGTH, check_max_length, load_hf, split_examples
 
 DEFAULT_PAIR_FORMAT = "premise: {premise} hypothesis: {hypothesis}"
 DEFAULT_TEXT_FORMAT = "{text}"
@@ -55,8 +57,10 @@ class T5Backbone(Backbone):
             raise ValueError(f"backbone {name!r}: {type(model).__name__} is not an encoder-decoder")
         if model.config.decoder_start_token_id is None:
             raise ValueError(f"backbone {name!r}: config.decoder_start_token_id is None")
+        check_format(text_format, ("text",), f"backbone {name!r}: text_format")
+        check_format(pair_format, ("premise", "hypothesis"), f"backbone {name!r}: pair_format")
         self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.max_length, self.prefix = int(max_length), prefix
+        self.max_length, self.prefix = check_max_length(max_length, model, name), prefix
         self.text_format, self.pair_format = text_format, pair_format
         self.label_words = dict(label_words or {})
         self.source = source or {"spec": name}

@@ -16,6 +16,8 @@
 Heads are built from ``model`` when first requested for a task: request them (``backbone.head(task)``)
 before changing ``model``'s weights in place, or they are built at those weights rather than at θ0.
 """
+import math
+import numbers
 import os
 from importlib import metadata
 from pathlib import Path
@@ -67,6 +69,20 @@ def hidden_states(out) -> torch.Tensor:
     return out[0] if h is None else h
 
 
+def check_max_length(max_length, model: nn.Module, who: str) -> int:
+    """``max_length`` as an int from 2 to the model's position limit (``config.max_position_embeddings``, where
+    the config has one); ``who`` names the backbone in errors."""
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        raise TypeError(f"backbone {who!r}: max_length must be an int, got {max_length!r}")
+    if max_length < 2:
+        raise ValueError(f"backbone {who!r}: max_length must be at least 2, got {max_length}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"backbone {who!r}: max_length={max_length} exceeds the model's position limit {limit} "
+                         "(config.max_position_embeddings)")
+    return int(max_length)
+
+
 def split_examples(examples: list, who: str) -> tuple[list, list | None]:
     """(first texts, second texts or None) of a list of str or of (str, str) pairs; TypeError if mixed."""
     if len(examples) == 0:
@@ -91,10 +107,10 @@ class TextEncoderBackbone(Backbone):
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str, max_length: int = DEFAULT_MAX_LENGTH,
                  logit_scale: float = DEFAULT_LOGIT_SCALE, source: dict | None = None):
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not 0 < logit_scale < math.inf:
+            raise ValueError(f"backbone {name!r}: logit_scale must be a finite number > 0, got {logit_scale!r}")
         self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.max_length, self.logit_scale = int(max_length), float(logit_scale)
+        self.max_length, self.logit_scale = check_max_length(max_length, model, name), float(logit_scale)
         self.source = source or {"spec": name}
 
     def inputs(self, examples: list) -> dict:

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Callable
 
-from .splits import partition_classes, subsample_task
+from .splits import check_int, partition_classes, subsample_task
 from .task import Task
 
 _NUMBER = r"(?:0|[1-9]\d*)"  # no leading zeros: one name per part
@@ -22,6 +22,9 @@ def register_task(name: str, factory: Callable[..., Task], description: str) -> 
     """Register ``factory(root, seed=0, **options) -> Task`` under ``name``."""
     if name in _TASKS:
         raise ValueError(f"task {name!r} is already registered")
+    if not callable(factory):
+        raise TypeError(f"register_task({name!r}): factory must be callable (root, seed=0, **options) -> Task, "
+                        f"got {factory!r}")
     _TASKS[name] = (factory, description)
 
 
@@ -52,6 +55,7 @@ def get_task(name: str, root: str | None = None, *, max_train: int | None = None
     ``seed`` draws the val split from train; ``max_train`` / ``max_test`` keep deterministic
     class-stratified subsamples (train with ``seed``, test with seed 0); other options go to the
     factory."""
+    check_int(seed, "get_task: seed", 0)
     part = _PART.fullmatch(name)
     if part and name not in _TASKS and part["name"] in _TASKS:
         k, n = int(part["k"]), int(part["n"])

@@ -16,6 +16,16 @@ import numpy as np
 from .task import SPLITS, Task
 
 
+def check_int(value, name: str, minimum: int, optional: bool = False) -> None:
+    """Refuse ``value`` (the argument ``name``) unless it is an int ≥ ``minimum`` (or None, when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers too
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
 def labels_of(examples: Sequence) -> list[int]:
     """The label of every example, in order."""
     labels = getattr(examples, "labels", None)
@@ -36,6 +46,10 @@ def validation_split(examples: Sequence, fraction: float = 0.1, max_size: int | 
                      seed: int = 0) -> tuple[Sequence, Sequence]:
     """Split off ``floor(fraction * len)`` examples (at most ``max_size``), chosen at random with
     ``seed``: returns ``(rest, held_out)``, both in their original order."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction < 1:
+        raise ValueError(f"validation_split: fraction must be a number in [0, 1), got {fraction!r}")
+    check_int(max_size, "validation_split: max_size", 0, optional=True)
+    check_int(seed, "validation_split: seed", 0)
     n = len(examples)
     size = int(fraction * n) if max_size is None else min(int(fraction * n), max_size)
     held = np.zeros(n, dtype=bool)
@@ -46,6 +60,7 @@ def validation_split(examples: Sequence, fraction: float = 0.1, max_size: int | 
 def stratified_subsample(examples: Sequence, n: int | None, seed: int = 0) -> Sequence:
     """At most ``n`` examples, each class keeping its share (largest remainders round), chosen at
     random with ``seed`` and kept in their original order; all of them if ``n`` is None or large."""
+    check_int(n, "stratified_subsample: n", 0, optional=True)
     if n is None or n >= len(examples):
         return examples
     labels = np.asarray(labels_of(examples))
@@ -70,6 +85,8 @@ def subsample_task(task: Task, max_train: int | None = None, max_test: int | Non
     """``task`` with class-stratified subsamples: train to ``max_train`` (with ``seed``), val to
     ``max_train // 9`` (so it stays at most 10% of train and val together), test to ``max_test`` (with
     seed 0, so every seed is evaluated on the same examples)."""
+    check_int(max_train, f"task {task.name!r}: max_train", 1, optional=True)
+    check_int(max_test, f"task {task.name!r}: max_test", 1, optional=True)
     sizes = {"train": (max_train, seed), "val": (None if max_train is None else max(1, max_train // 9), seed),
              "test": (max_test, 0)}
 

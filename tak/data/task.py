@@ -4,11 +4,26 @@ An example is ``(input, label)``: ``input`` is a ``str`` (text), a ``(str, str)`
 hypothesis) or a PIL image; ``label`` an ``int`` indexing ``classes``. Splits load lazily (on first
 use) and are plain sequences, so ``torch.utils.data.DataLoader`` takes them as datasets.
 """
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "val", "test")
 MODALITIES = ("text", "text-pair", "image")
+
+
+def check_format(fmt: str, fields: tuple[str, ...], who: str) -> None:
+    """Refuse a ``str.format`` string ``fmt`` (``who`` names it) unless its replacement fields are ``fields``,
+    each once (``""`` is ``{}``)."""
+    if not isinstance(fmt, str):
+        raise TypeError(f"{who} must be a str, got {fmt!r}")
+    want = " and ".join("{" + f + "}" for f in fields)
+    try:
+        found = sorted(name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None)
+    except ValueError as e:
+        raise ValueError(f"{who} {fmt!r} is not a format string ({e}); it must contain {want}") from None
+    if found != sorted(fields):
+        raise ValueError(f"{who} {fmt!r} must contain {want} exactly once and no other replacement field")
 
 
 @dataclass
@@ -37,6 +52,10 @@ class Task:
         missing = [s for s in SPLITS if s not in self.loaders]
         if missing:
             raise ValueError(f"Task {self.name!r}: no loader for split(s) {missing}")
+        if isinstance(self.templates, str):
+            raise TypeError(f"Task {self.name!r}: templates must be a list of str, got the str {self.templates!r}")
+        for template in self.templates:
+            check_format(template, ("",), f"Task {self.name!r}: template")
 
     def split(self, name: str) -> Sequence:
         """The examples of split ``name`` ("train", "val" or "test"), loaded once."""

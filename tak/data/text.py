@@ -10,6 +10,7 @@ import csv
 import functools
 import importlib.metadata
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
@@ -210,16 +211,21 @@ _FIELDS = {"premise": ("premise", "sentence1", "question", "sentence_A"),  # SIC
            "label": ("label", "gold_label", "entailment_label")}
 
 
-def _field(row: dict, key: str):
+def _has(row: dict, key: str) -> bool:
+    return any(name in row for name in _FIELDS[key])
+
+
+def _field(row: dict, key: str) -> tuple[str, object]:
+    """``(field name, value)`` of the first of the fields ``_FIELDS[key]`` in ``row``."""
     for name in _FIELDS[key]:
         if name in row:
-            return row[name]
+            return name, row[name]
     raise KeyError(f"NLI example {row!r} has none of the fields {_FIELDS[key]}")
 
 
-def _nli_label(value, classes: list[str]) -> int | None:
-    """A label index from an int or a class name (any case, "_" for " ", "entails" for "entailment");
-    None for unlabelled examples (-1, "-", missing)."""
+def _nli_label(field: str, value, classes: list[str]) -> int | None:
+    """A label index from an int or a class name (any case, "_" for " ", "entails" for "entailment") or
+    the digits of an index; None for the unlabelled markers -1, "-", "" and null."""
     if isinstance(value, str):
         name = " ".join(value.strip().lower().replace("_", " ").split())
         name = {"entails": "entailment"}.get(name, name)
@@ -228,25 +234,35 @@ def _nli_label(value, classes: list[str]) -> int | None:
         if name in ("", "-"):
             return None
         if not name.lstrip("-").isdigit():
-            raise ValueError(f"unknown NLI label {value!r}; expected one of {classes} or an index")
+            raise ValueError(f"unknown NLI label {value!r} in field {field!r}; expected one of {classes} or an index")
         value = int(name)
-    if value is None or value == -1:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"NLI label {value!r} in field {field!r}: expected one of {classes} or an int index")
+    if value == -1:
         return None
     if not 0 <= value < len(classes):
-        raise ValueError(f"NLI label {value} out of range for classes {classes}")
-    return int(value)
+        raise ValueError(f"NLI label {value} in field {field!r} out of range for classes {classes}")
+    return value
 
 
 def _nli_examples(rows, classes, where: str):
-    """((premise, hypothesis), label) of the labelled rows; errors name ``where`` and the row (from 1)."""
+    """((premise, hypothesis), label) of the labelled rows; errors name ``where`` and the row (from 1). A split
+    with no label field in any row (GLUE's test) is unlabelled; in any other, each row needs one."""
     examples = []
+    labelled = any(isinstance(row, dict) and _has(row, "label") for row in rows)
     for i, row in enumerate(rows, 1):
         try:
             if not isinstance(row, dict):
                 raise ValueError(f"a JSON object expected, got {type(row).__name__}")
-            label = _nli_label(next((row[k] for k in _FIELDS["label"] if k in row), None), classes)
+            label = _nli_label(*_field(row, "label"), classes) if labelled else None
             if label is not None:
-                examples.append(((str(_field(row, "premise")), str(_field(row, "hypothesis"))), label))
+                texts = dict(_field(row, key) for key in ("premise", "hypothesis"))  # field name -> text
+                for name, text in texts.items():
+                    if not isinstance(text, str):
+                        raise ValueError(f"field {name!r} must be a string, got {text!r}")
+                examples.append((tuple(texts.values()), label))
         except (KeyError, ValueError) as e:
             raise ValueError(f"{where}, example {i}: {e.args[0] if e.args else e}") from None
     return examples
@@ -254,14 +270,19 @@ def _nli_examples(rows, classes, where: str):
 
 def _read_jsonl(path: Path) -> list:
     """The JSON value of each non-blank line (a byte-order mark is allowed); errors name the file and line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno})") from None
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg}, column {e.colno})") from None
     return rows
 
 
@@ -275,7 +296,8 @@ def _hf_rows(folder: Path):
         rows[split] = ds.to_list()
         if names:
             for r in rows[split]:
-                r["label"] = names[r["label"]] if r["label"] >= 0 else None
+                if r["label"] is not None and r["label"] >= 0:  # -1 and None stay unlabelled
+                    r["label"] = names[r["label"]]
     return rows
 
 
@@ -316,7 +338,11 @@ def nli_task(name: str, root: str, seed: int = 0):
         train = rows("train")
         if train is None:
             raise FileNotFoundError(f"{title}: {folder} has no train split")
-        return _nli_examples(train, classes, where("train"))
+        examples = _nli_examples(train, classes, where("train"))
+        if not examples:
+            raise ValueError(f"{where('train')}: no labelled example (labels are read from the fields "
+                             f"{_FIELDS['label']}; -1, '-', '' and null mark unlabelled ones)")
+        return examples
 
     def load_test():
         for split in _TEST_SPLITS:
