@@ -255,6 +255,10 @@ def test_any_task_is_cut_into_parts_by_name():
         get_task("20news-part4of4")
     with pytest.raises(ValueError, match=r"n_parts must be in 1..8 \(the classes of 'reuters_r8'\), got 9"):
         get_task("reuters_r8-part0of9")
+    with pytest.raises(TypeError, match=r"partition_classes: n_parts must be an int, got 2.0"):
+        partition_classes(get_task("reuters_r8"), 2.0)  # its parts were named part0of2.0
+    with pytest.raises(TypeError, match=r"get_task: name must be a task name \(str\), got None"):
+        get_task(None)
     for name in ("nosuch-part0of2", "20news-part01of4", "20news-part1of04"):  # one name per part: no leading zeros
         with pytest.raises(ValueError, match=rf"unknown task '{name}'.*<name>-part<k>of<n>"):
             get_task(name)

@@ -55,6 +55,8 @@ def get_task(name: str, root: str | None = None, *, max_train: int | None = None
     ``seed`` draws the val split from train; ``max_train`` / ``max_test`` keep deterministic
     class-stratified subsamples (train with ``seed``, test with seed 0); other options go to the
     factory."""
+    if not isinstance(name, str):
+        raise TypeError(f"get_task: name must be a task name (str), got {name!r}")
     check_int(seed, "get_task: seed", 0)
     part = _PART.fullmatch(name)
     if part and name not in _TASKS and part["name"] in _TASKS:

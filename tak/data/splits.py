@@ -132,6 +132,7 @@ def partition_classes(task: Task, n_parts: int, seed: int = 0, name: str = "{tas
     with ``task``, ``k``, ``n``) with that group's classes (in their original order) relabelled from 0.
     Each split of a part is the same split of ``task`` filtered, so a part's val never holds another
     part's train example. The default names are the ones ``tak.data.get_task`` resolves."""
+    check_int(n_parts, "partition_classes: n_parts", 1)
     if not 1 <= n_parts <= len(task.classes):
         raise ValueError(f"partition_classes: n_parts must be in 1..{len(task.classes)} (the classes of "
                          f"{task.name!r}), got {n_parts}")
