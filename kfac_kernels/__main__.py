@@ -130,7 +130,8 @@ def _timings(device, reps):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kfac_kernels", description=__doc__.splitlines()[0])
+    summary = __doc__.split("\n\n")[0].replace("\n", " ")  # the docstring's first paragraph
+    parser = argparse.ArgumentParser(prog="python -m kfac_kernels", description=summary)
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per op (median reported)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -143,14 +144,14 @@ def main(argv=None) -> int:
                                    "tak train --factor-files FILE,... Keys of TrainConfig as --key value.")
     p.add_argument("--kind", choices=["kfac", "ekfac", "diagonal"], default="kfac",
                    help="kfac (tak, attn_only_tak), diagonal (diag_ggn) or ekfac (delta) (default: kfac)")
-    p.add_argument("--out", type=Path, required=True, help="the factor file (.safetensors)")
+    p.add_argument("--out", required=True, help="the factor file (.safetensors)")
     _config_flags(p, _FIT_KEYS)
 
     p = sub.add_parser("merge", help="merge task vectors into one (task arithmetic, TIES, TSV-M, Iso-C, Iso-CTS)")
     p.add_argument("task_vectors", nargs="+", type=Path, help="task vector files (.safetensors) of one base model")
     p.add_argument("--method", default="task_arithmetic", help="tak list merges (default: task_arithmetic)")
-    p.add_argument("--k", type=float, default=None, help="TIES: fraction of entries kept per tensor")
-    p.add_argument("--alpha", type=_finite, default=1.0, help="scale of the merged task vector")
+    p.add_argument("--k", type=float, default=None, help="TIES: fraction of entries kept per tensor (default: 0.2)")
+    p.add_argument("--alpha", type=_finite, default=1.0, help="scale of the merged task vector (default: 1.0)")
     p.add_argument("--allow-mixed-regimes", action="store_true",
                    help="merge linear (linearized) and non-linear task vectors together")
     p.add_argument("--out", type=Path, required=True, help="the merged task vector's file")
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--alphas", type=_alphas, default=None, help="grid, e.g. 0:2:0.05 (the default)")
     p.add_argument("--merge", default="task_arithmetic", help="addition: how the task vectors are merged before "
                    "scaling by α (tak list merges)")
-    p.add_argument("--k", type=float, default=None, help="--merge ties: fraction of entries kept per tensor")
+    p.add_argument("--k", type=float, default=None, help="--merge ties: fraction of entries kept per tensor (default: 0.2)")
     p.add_argument("--analyses", action="store_true", help="also disentanglement, normalcy and localization plots")
     p.add_argument("--data-root", default=None, help="where datasets are looked up (default: $TAK_DATA_ROOT, else ./data)")
     p.add_argument("--max-test", type=_positive_int, default=None, help="test examples per task (a subsample)")
@@ -234,10 +235,12 @@ def _fit(args) -> int:
     from .curvature.distributed import is_main_rank
     from .training import fit
 
+    if args.out.endswith(("/", os.sep)):  # Path would drop the slash and write a file of that name
+        raise ValueError(f"--out {args.out}: a folder; name the factor file (e.g. task.{args.kind}.safetensors)")
     config, given = _config(args, skip=("kind", "out"))
     if not (config.universal or args.kind == "ekfac") and "task" not in given:
         raise ValueError("--task: name the task whose factors are fitted (tak list tasks)")
-    path = fit(config, args.kind, args.out)
+    path = fit(config, args.kind, Path(args.out))
     if is_main_rank():
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0

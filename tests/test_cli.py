@@ -349,6 +349,17 @@ def test_unknown_train_flag_and_bad_values_are_usage_errors(tmp_path):
         assert not (tmp_path / "r").exists()  # a failed report leaves no folder behind
     code, _, err = tak_cli("train", "--out", tmp_path, "--progress", "maybe")
     assert code == 2 and "expected true/false" in err
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "afile.txt").write_text("")
+    for args, message in ((("train", "--config", tmp_path / "afolder"), "afolder: a folder; expected a YAML file"),
+                          (("train", "--factor-files", tmp_path / "afolder", "--out", tmp_path),
+                           "factor_files: {}: a folder; expected a factor file".format(tmp_path / "afolder")),
+                          (("eval", "x.safetensors", "--out", tmp_path / "afile.txt"), "afile.txt: a file; name a folder"),
+                          (("fit", "--task", "rotten_tomatoes", "--out", f"{tmp_path}/fitdir/"),
+                           "fitdir/: a folder; name the factor file")):
+        code, _, err = tak_cli(*args)
+        assert code == 2 and message in err and "Errno" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "fitdir").exists()
     (tmp_path / "afile").write_text("")
     code, _, err = tak_cli("train", "--method", "nonlinear", *SMALL, "--out", tmp_path / "afile")
     assert code == 2 and "afile/nonlinear" in err and "Traceback" not in err, err  # before training

@@ -621,6 +621,10 @@ def test_bad_input():
         fit(model, [])
     with pytest.raises(ValueError, match="empty"):
         fit(model, iter(()))
+    for one in (x, {"x": x}):  # one batch, not an iterable of them
+        with pytest.raises(TypeError, match=rf"batches: an iterable of batches, got one {type(one).__name__}; "
+                                            r"pass \[batch\]"):
+            fit(model, one)
     with pytest.raises(ValueError, match="tokens"):
         fit(model, [x], tokens="mean")
     for bad in (0, -2, 1.5, "3", None):

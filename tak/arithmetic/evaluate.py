@@ -34,6 +34,8 @@ def evaluate_files(paths, *, protocol="addition", target=None, control=None, alp
                    merge="task_arithmetic", merge_options=None) -> dict:
     """Run ``protocol`` ("addition" or "negation") on the task vectors in ``paths``; write to ``out``.
     Addition merges them with ``merge`` (a name of ``tak.arithmetic.merges.MERGES``, ``merge_options``)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: a file; name a folder for results.json and the plots")
     tvs = [TaskVector.load(p) for p in paths]
     merged = [str(p) for p, tv in zip(paths, tvs) if "merged_from" in tv.meta]
     if merged:

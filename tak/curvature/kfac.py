@@ -281,6 +281,9 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
     ``acc.n`` counts the examples. The layouts of the layers' inputs are measured on the first batch of two
     examples or more (``measure_layouts``; a batch of one holds its example the same way in every layout).
     Probes are seeded with ``seed`` + rank (independent on each rank)."""
+    if isinstance(batches, (torch.Tensor, dict)):
+        raise TypeError(f"batches: an iterable of batches, got one {type(batches).__name__}; pass [batch] for one "
+                        "batch (iterating a tensor would give single examples without their batch dim)")
     output_fn = output_fn or default_output_fn(model)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + rank())

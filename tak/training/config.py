@@ -78,6 +78,8 @@ def read_yaml(path) -> dict:
     """The mapping of TrainConfig keys in the YAML file ``path`` (unchecked; ``TrainConfig.from_dict`` checks)."""
     import yaml
 
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: a folder; expected a YAML file of TrainConfig keys (a run's config.yaml)")
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:

@@ -142,7 +142,9 @@ def file_digests(paths: list) -> list[str]:
                 while chunk := f.read(1 << 24):
                     h.update(chunk)
         except OSError as e:
-            raise ValueError(f"factor_files: {path}: {'no such file' if isinstance(e, FileNotFoundError) else e}") from None
+            why = {FileNotFoundError: "no such file", IsADirectoryError: "a folder; expected a factor file (tak fit "
+                   "--out FILE.safetensors)"}.get(type(e), e)
+            raise ValueError(f"factor_files: {path}: {why}") from None
         digests.append(h.hexdigest())
     return digests
 
@@ -163,7 +165,8 @@ def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", co
     factors are refused for those two)."""
     if not others and not shared:
         raise ValueError(f"a {kind} penalty needs factors of other tasks or a reference set; none given "
-                         "(set tasks=[...] with more than the trained task, reference=[...], or factor_files=[...])")
+                         "(--tasks A,B,... with more than the trained task, --reference, or --factor-files; in Python tasks=[...], "
+                         "reference=[...], factor_files=[...])")
     if kind != "kfac" and (compression is not None or mode != "merged"):
         given = [f"{k}={v!r}" for k, v, on in (("compress", compression, compression is not None),
                                                ("factors", mode, mode != "merged")) if on]

@@ -216,7 +216,7 @@ def unpenalized(model, trained: list[str], factors, method: str) -> list[str]:
         shown = f"{missing[:6]}{' ...' if len(missing) > 6 else ''}"
         warnings.warn(f"method {method!r}: {len(missing)} trained parameters ({free:,} of the {total:,} trained "
                       f"values, {100 * free / total:.1f}%) have no curvature block, so its drift penalty leaves them "
-                      f"free: {shown}; select what to train with trainable=[patterns] to exclude them", stacklevel=2)
+                      f"free: {shown}; select what to train with --trainable PATTERNS (trainable=[...]) to exclude them", stacklevel=2)
     return missing
 
 
@@ -282,7 +282,7 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, trained, device,
     elif method.penalty == "tau_jp":
         data = others()
         if not data:
-            raise ValueError("method 'tau_jp' needs the other tasks' data: set tasks=[...] with more than the trained task")
+            raise ValueError("method 'tau_jp' needs the other tasks' data: --tasks A,B,... (tasks=[...]) with more than the trained task")
         batches = fit_inputs(backbone, [t.split("train") for t in data], config.factor_examples, device,
                              batch_size=config.batch_size)
         tau_jp = TauJpPenalty(batches, hp["beta"], backbone.features, every=config.penalty_every)
