@@ -148,8 +148,7 @@ def test_max_length_truncates():
 
 
 @pytest.mark.parametrize("options, error, message", [
-    ({"max_length": 513}, ValueError, r"max_length=513 exceeds the model's position limit 512 "
-                                      r"\(config.max_position_embeddings\)"),
+    ({"max_length": 513}, ValueError, r"max_length=513 exceeds the 512 positions the model can embed"),
     ({"max_length": 1}, ValueError, "max_length must be at least 2, got 1"),
     ({"max_length": "64"}, TypeError, "max_length must be an int, got '64'"),
     ({"max_length": True}, TypeError, "max_length must be an int, got True"),
@@ -162,6 +161,20 @@ def test_text_encoder_refuses_bad_options(minilm, options, error, message):
     with pytest.raises(error, match=rf"backbone 'enc': {message}"):
         TextEncoderBackbone(minilm.model, minilm.tokenizer, name="enc", **options)
     assert TextEncoderBackbone(minilm.model, minilm.tokenizer, name="enc", max_length=512).max_length == 512
+
+
+def test_roberta_position_limit_leaves_out_its_padding_offset(minilm):
+    """RoBERTa's positions start at padding_idx + 1: of 20 position embeddings it can embed 18 tokens."""
+    config = transformers.RobertaConfig(vocab_size=minilm.tokenizer.vocab_size, hidden_size=8, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=16, max_position_embeddings=20)
+    roberta = transformers.RobertaModel(config)
+    backbone = TextEncoderBackbone(roberta, minilm.tokenizer, name="enc", max_length=18)
+    with torch.no_grad():
+        assert backbone.embed(["word " * 40]).shape == (1, 8)  # truncated to 18 tokens
+        with pytest.raises((IndexError, RuntimeError), match="out of bounds|out of range"):
+            roberta(input_ids=torch.full((1, 19), 5))
+    with pytest.raises(ValueError, match="max_length=19 exceeds the 18 positions the model can embed"):
+        TextEncoderBackbone(roberta, minilm.tokenizer, name="enc", max_length=19)
 
 
 def test_hf_spec_loads_a_local_folder(minilm):

@@ -69,17 +69,29 @@ def hidden_states(out) -> torch.Tensor:
     return out[0] if h is None else h
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """How many tokens ``model`` can embed: ``config.max_position_embeddings``, less the offset of RoBERTa-like
+    position embeddings (their positions start at ``padding_idx + 1``); None where the config has no limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is None:
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return limit - module.padding_idx - 1
+    return limit
+
+
 def check_max_length(max_length, model: nn.Module, who: str) -> int:
-    """``max_length`` as an int from 2 to the model's position limit (``config.max_position_embeddings``, where
-    the config has one); ``who`` names the backbone in errors."""
+    """``max_length`` as an int from 2 to the model's position limit (``position_limit``); ``who`` names the
+    backbone in errors."""
     if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
         raise TypeError(f"backbone {who!r}: max_length must be an int, got {max_length!r}")
     if max_length < 2:
         raise ValueError(f"backbone {who!r}: max_length must be at least 2, got {max_length}")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = position_limit(model)
     if limit is not None and max_length > limit:
-        raise ValueError(f"backbone {who!r}: max_length={max_length} exceeds the model's position limit {limit} "
-                         "(config.max_position_embeddings)")
+        raise ValueError(f"backbone {who!r}: max_length={max_length} exceeds the {limit} positions the model can "
+                         "embed (config.max_position_embeddings, less a padding offset for RoBERTa-like models)")
     return int(max_length)
 
 
