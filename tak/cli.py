@@ -183,7 +183,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("list", help="list the valid names")
     p.add_argument("what", choices=["methods", "tasks", "backbones", "merges"])
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not tak's
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:  # bad input, missing files, no hub, NaN loss
@@ -316,7 +318,7 @@ def _list(args) -> int:
         names = list_backbones()
     else:
         from .arithmetic.merges import MERGES
-        names = {n: " ".join((f.__doc__ or "").split("\n\n")[0].split()) for n, f in MERGES.items()}
+        names = {n: " ".join((f.__doc__ or "").split("\n\n")[0].replace("``", "").split()) for n, f in MERGES.items()}
     for name, text in names.items():
         print(f"{name:20s} " + text.replace("\n", "\n" + " " * 21))
     return 0

@@ -219,11 +219,11 @@ def task_arithmetic(taus) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def ties(taus, k: float = 0.2) -> dict[str, Tensor]:
-    """TIES-Merging (Yadav et al. 2023) with a per-tensor top-``k`` trim (see the module docstring).
+    """TIES-Merging (Yadav et al. 2023): per tensor, each task keeps its top-``k`` fraction of entries by magnitude
+    (default 0.2), each entry's sign is elected by total mass, and the tasks that agree are averaged.
 
-    ``k`` in (0, 1] is the fraction of each task's entries kept per tensor: the entries with
-    magnitude ``≥`` the ``ceil(k·numel)``-th largest magnitude (ties at the threshold are all kept).
-    Then sign election by total mass and the disjoint mean. One task gives its trimmed ``τ``.
+    ``k`` in (0, 1]: the kept entries have magnitude ``≥`` the ``ceil(k·numel)``-th largest magnitude (ties at the
+    threshold are all kept). One task gives its trimmed ``τ``.
     """
     frac = _fraction(k, "k", low_open=True)
     maps = _check_taus(taus)
@@ -270,7 +270,8 @@ def _spectral(taus, matrix_filter: MatrixFilter | None, merge_matrix) -> dict[st
 
 @torch.no_grad()
 def tsv_m(taus, *, matrix_filter: MatrixFilter | None = None) -> dict[str, Tensor]:
-    """TSV-Merge (Gargiulo et al. 2025), see the module docstring.
+    """TSV-Merge (Gargiulo et al. 2025): per matrix, each task keeps its top ``⌊d/T⌋`` singular directions, and the
+    concatenated singular vectors are orthogonalized (polar factors). Other tensors: mean over tasks.
 
     Matrices: each task keeps ``max(1, ⌊d/T⌋)`` singular triplets; the concatenated left and right
     singular vectors are replaced by their polar factors and recombined with the concatenated
@@ -310,9 +311,8 @@ def _cts_sizes(d: int, T: int, frac: Fraction) -> tuple[int, int]:
 @torch.no_grad()
 def iso_cts(taus, common_fraction: float = 0.8, *, sigma: str = "combined",
             matrix_filter: MatrixFilter | None = None) -> dict[str, Tensor]:
-    """Iso-CTS (Marczak et al. 2025): isotropic merge of a common subspace (top left singular vectors
-    of ``Σ_t τ_t``) and task-specific subspaces (top directions of each ``τ_t`` projected off the
-    common one), see the module docstring.
+    """Iso-CTS (Marczak et al. 2025): Iso-C over a common subspace (the top singular directions of
+    ``Σ_t τ_t``) and each task's top directions off it, with a flat spectrum. Other tensors: mean over tasks.
 
     ``common_fraction`` in [0, 1]: nominal share of the ``d`` directions taken by the common subspace.
     ``sigma``: ``"combined"`` (default, the authors' code) sets every singular value to the mean of
