@@ -86,3 +86,21 @@ def test_launches_take_fewer_pipeline_stages_where_the_gpu_has_less_shared_memor
     for error in (OutOfResources(2048, 1024, "threads"), OutOfResources(200000, 101376, "shared memory")):
         with pytest.raises(OutOfResources, match=error.name):  # fewer stages do not help, or none are left
             launch_fitting(Kernel(fails=error), (1,), num_stages=2 if error.name == "threads" else 1)
+
+    class Tiled:  # 4 KiB of shared memory per row of its tile and stage: 32 rows fit no stage, 16 rows fit one
+        def __getitem__(self, grid):
+            def run(*args, num_stages, BLOCK_N):
+                calls.append((grid({"BLOCK_N": BLOCK_N}), num_stages, BLOCK_N))
+                if num_stages * BLOCK_N * 4096 > 101376:
+                    raise OutOfResources(num_stages * BLOCK_N * 4096, 101376, "shared memory")
+            return run
+
+    calls.clear()
+    tiled, grid = Tiled(), lambda meta: (-(-100 // meta["BLOCK_N"]),)  # the grid of the tiles launched
+    with pytest.raises(OutOfResources, match="shared memory"):
+        launch_fitting(tiled, grid, num_stages=2, BLOCK_N=32)
+    calls.clear()
+    launch_fitting(tiled, grid, num_stages=2, smaller={"BLOCK_N": 16}, BLOCK_N=32)
+    assert calls == [((4,), 2, 32), ((4,), 1, 32), ((7,), 2, 16), ((7,), 1, 16)]
+    launch_fitting(tiled, grid, num_stages=2, smaller={"BLOCK_N": 16}, BLOCK_N=32)
+    assert calls[4:] == [((7,), 1, 16)]  # remembered

@@ -341,6 +341,13 @@ def _config(kernel: str, rows: int, d: int, size: int, pairwise: bool, dot: str)
     return dict(BLOCK_M=own, BLOCK_N=step, num_warps=warps, num_stages=2)
 
 
+def _smaller(kernel: str, cfg: dict) -> dict | None:
+    """Half the rows a program of ``kernel`` owns in ``cfg`` (not under 16): its tiles where ``cfg``'s do not fit
+    the GPU's shared memory even at one stage (a 99 KiB GPU, fp32 at head dim 256; ``launch_fitting``)."""
+    owned = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+    return {owned: cfg[owned] // 2} if cfg[owned] > 16 else None
+
+
 def _pad(d: int) -> int:
     """A head dim padded to a power of two, at least 16 (the smallest tile a product takes)."""
     return max(16, triton.next_power_of_2(d))
@@ -388,13 +395,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, dq: Optional[Tensor], dk: Optional[
     dot = dot_mode(ct)
     cfg = _config("forward", Lq, max(_pad(D), _pad(Dv)), size, bias is not None or dbias is not None, dot)
     launch_fitting(
-        _forward_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,), q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o, do, lse,
+        _forward_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * H * B,), q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o, do, lse,
         *q.stride(), *k.stride(), *v.stride(), *_strides(dq), *_strides(dk), *_strides(dv),
         *_strides(mask4), *_strides(bias4), *_strides(dbias4), *o.stride(), *_strides(do if tangent else None),
         H, Lq, Lk, D, Dv, scale,
         HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_DBIAS=dbias is not None,
         HAS_BIAS=bias is not None, MASK=mask_kind, DOT=dot,
-        BLOCK_D=_pad(D), BLOCK_DV=_pad(Dv), **cfg,
+        BLOCK_D=_pad(D), BLOCK_DV=_pad(Dv), smaller=_smaller("forward", cfg), **cfg,
     )
     return o, do, lse
 
@@ -436,18 +443,20 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         cfg = _config("dq", Lq, pads, size, bias is not None, dot)
         gdb_strides = _strides(None) if gdb is None else [s if n > 1 else 0 for s, n in zip(gdb.stride(), gdb.shape)]
         launch_fitting(
-            _dq_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]) * H * B,), q, k, v, *pair_args, o, g, lse, delta, lse if gdq is None else k.sum(2, dtype=torch.float32) / max(Lk, 1),
+            _dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * H * B,), q, k, v, *pair_args, o, g, lse, delta, lse if gdq is None else k.sum(2, dtype=torch.float32) / max(Lk, 1),
             q if gdq is None else gdq, lse if gdb is None else gdb,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *o.stride(), *g.stride(),
             *_strides(gdq), *gdb_strides, H, Lq, Lk, D, Dv, scale,
-            NEED_DQ=gdq is not None, NEED_DB=gdb is not None, ATOMIC_DB=atomic, **common, **cfg,
+            NEED_DQ=gdq is not None, NEED_DB=gdb is not None, ATOMIC_DB=atomic, smaller=_smaller("dq", cfg), **common,
+            **cfg,
         )
     if B * H * Lk and (gdk is not None or gdv is not None):
         cfg = _config("dkdv", Lk, pads, size, bias is not None, dot)
         launch_fitting(
-            _dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]) * H * B,), q, k, v, *pair_args, g, lse, delta, q if gdk is None else gdk, q if gdv is None else gdv,
+            _dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * H * B,), q, k, v, *pair_args, g, lse, delta, q if gdk is None else gdk, q if gdv is None else gdv,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *g.stride(), *_strides(gdk), *_strides(gdv),
-            H, Lq, Lk, D, Dv, scale, NEED_DK=gdk is not None, NEED_DV=gdv is not None, **common, **cfg,
+            H, Lq, Lk, D, Dv, scale, NEED_DK=gdk is not None, NEED_DV=gdv is not None, smaller=_smaller("dkdv", cfg),
+            **common, **cfg,
         )
     if gdb is not None:
         gdb = gdb.sum_to_size(db_shape).reshape(dbias_shape).to(dbias_dtype, copy=True)
