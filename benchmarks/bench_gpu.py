@@ -39,6 +39,7 @@ import kfac_kernels as kk  # noqa: E402
 BF16 = torch.bfloat16
 # (label, dtype of τ and factors, torch.set_float32_matmul_precision)
 PRECISIONS = [("fp32", torch.float32, "highest"), ("tf32", torch.float32, "high"), ("bf16", BF16, "highest")]
+ACCURACY = {"fp32": 1e-5, "tf32": 1e-3}  # issue 2's bounds on the rel. error vs float64 ('highest', 'high')
 HIGHEST_NOTE = ("3× is not physically possible at IEEE fp32: the two-GEMM floor is only 2.1× below "
                 "autograd; the target here is ≤1.3× the floor")
 
@@ -88,6 +89,7 @@ class Row:
     ref: Result
     target: float | None = None  # upper bound on ours.ms / ref.ms
     note: str = ""
+    tol: float | None = None  # upper bound on ours.rel_err
 
     @property
     def ratio(self):
@@ -171,8 +173,8 @@ def measure(name, fn, sets, *, flops=None, exact=None, backend=None, precision="
     return r
 
 
-def row(section, case, reference, ours, ref, target=None, note=""):
-    ROWS.setdefault(section, []).append(Row(case, reference, ours, ref, target, note))
+def row(section, case, reference, ours, ref, target=None, note="", tol=None):
+    ROWS.setdefault(section, []).append(Row(case, reference, ours, ref, target, note, tol))
     CFG.save()  # after every row: a run stopped by a timeout keeps the rows it finished
 
 
@@ -303,7 +305,8 @@ def kk_cov_ones(X, C):
 
 
 def addmm(X, C):
-    return C.addmm_(X.float().T, X.float())
+    Xf = X.float()
+    return C.addmm_(Xf.T, Xf)
 
 
 def gram(X, C):
@@ -362,11 +365,11 @@ def section_quad():
     """kk.quadratic_forms over all linear layers vs autograd of the torch expressions."""
     for model, shapes in CFG.sizes.models.items():
         for prec, dtype, mode in PRECISIONS:
-            quad_case(f"{model} {prec}", shapes, dtype, mode, HIGHEST_NOTE if prec == "fp32" else "")
+            quad_case(f"{model} {prec}", shapes, dtype, mode, HIGHEST_NOTE if prec == "fp32" else "", ACCURACY.get(prec))
             free()
 
 
-def quad_case(tag, shapes, dtype, mode, note):
+def quad_case(tag, shapes, dtype, mode, note, tol):
     sets = [quad_inputs(shapes, dtype)]
     q, grads = exact_quad(*sets[0])
 
@@ -379,10 +382,10 @@ def quad_case(tag, shapes, dtype, mode, note):
     floor = m("(B@T)@A per layer, no grad", two_gemms)
     ours_fwd = m("fwd kk.quadratic_forms", forward(kk_quad), q)
     ref_fwd = m("fwd ((B@T@A)*T).sum()", forward(sum_form), q)
-    row("quad", f"{tag} fwd+bwd", "autograd ((B@T@A)*T).sum()", ours, ref, 1 / 3, note)
+    row("quad", f"{tag} fwd+bwd", "autograd ((B@T@A)*T).sum()", ours, ref, 1 / 3, note, tol)
     row("quad", f"{tag} fwd+bwd", "autograd trace(B@T@A@T.T)", ours, trace)
     row("quad", f"{tag} fwd+bwd", "two GEMMs per layer (B@T)@A", ours, floor, 1.3)
-    row("quad", f"{tag} fwd", "((B@T@A)*T).sum(), no grad", ours_fwd, ref_fwd)
+    row("quad", f"{tag} fwd", "((B@T@A)*T).sum(), no grad", ours_fwd, ref_fwd, tol=tol)
     row("quad", f"{tag} fwd", "two GEMMs per layer (B@T)@A", ours_fwd, floor)
 
 
@@ -459,12 +462,12 @@ def eigen_case(tag, shapes, dtype, mode):
 
 def section_covariance():
     """C += XᵀX for bf16 X into fp32 C: kk.covariance_update_ (triton and cuda) vs torch."""
-    for d, target in zip(CFG.sizes.widths, (0.7, 0.6)):
-        covariance_case(CFG.sizes.tokens, d, target)
+    for d in CFG.sizes.widths:
+        covariance_case(CFG.sizes.tokens, d)
         free()
 
 
-def covariance_case(n, d, target):
+def covariance_case(n, d):
     xs = input_sets(lambda seed: (randn(n, d, seed=seed, dtype=BF16),))
     mask = torch.rand(n, generator=gen(99), device=CFG.dev) < 0.9
     X = xs[0][0].double()
@@ -487,8 +490,11 @@ def covariance_case(n, d, target):
     ours_ones = m(f"kk.covariance_update_ append_ones [{CFG.backend}]", kk_cov_ones, exact_ones, cols=d + 1)
     ref_ones = m("Xa = cat([X, 1]); C.add_((Xa.T @ Xa).float())", gram_add_ones, exact_ones, cols=d + 1)
     case = f"{n} × {d} bf16"
+    tile = 128  # a triangle-only kernel computes t(t + 1)/2 of the t² tiles of 128 × 128
+    t = -(-d // tile)
+    share = f"the triangle is {t * (t + 1) / 2 / t**2:.2f} of the tiles"
     for label, r in ((CFG.backend, ours), ("cuda", cuda)):
-        row("covariance", f"{case} [{label}]", "bf16 X.T @ X", r, bf16, target)
+        row("covariance", f"{case} [{label}]", "bf16 X.T @ X", r, bf16, 0.6, share, tol=1e-5)
         row("covariance", f"{case} [{label}]", "fp32 C.addmm_(X.float().T, X.float())", r, fp32, 0.1)
     row("covariance", f"{case} [cuda]", f"kk.covariance_update_ [{CFG.backend}]", cuda, ours)
     row("covariance", f"{case} [{CFG.backend}]", "tf32 C.addmm_(X.float().T, X.float())", ours, tf32)
@@ -580,7 +586,7 @@ def section_elementwise():
                 randn(n, d, seed=s + 6, dtype=BF16))
     # x, dx, g read and y, dy, grad dx written once (2 bytes each); forward alone: x, dx read, y, dy written
     elementwise_case(f"LayerNorm {n} × {d} bf16", layer_norm_inputs, kk_layer_norm, jvp_layer_norm,
-                     lambda x, dx, w, dw, b, db: F.layer_norm(x, (d,), w, b), 2 * n * d, "F.layer_norm")
+                     lambda x, dx, w, dw, b, db: F.layer_norm(x, (d,), w, b), n * d, "F.layer_norm")
     free()
     width = CFG.sizes.widths[-1]
     for kind, f in (("gelu", F.gelu), ("quick_gelu", quick_gelu)):
@@ -591,7 +597,7 @@ def section_elementwise():
         elementwise_case(f"{kind} {n} × {width} bf16", activation_inputs,
                          lambda x, dx, kind=kind: kk.dual_activation(x, dx, kind),
                          lambda x, dx, f=f: torch.func.jvp(f, (x,), (dx,)), lambda x, dx, f=f: f(x),
-                         2 * n * width, kind)
+                         n * width, kind)
         free()
 
 
@@ -696,11 +702,13 @@ def header():
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = os.environ.get("RUN_GPU_COMMIT")  # the device tool's copy of the tree has no .git: run_gpu.sh passes it
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown (set RUN_GPU_COMMIT)"
     return {
         "device": torch.cuda.get_device_name() if CFG.dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda, "commit": commit,
@@ -725,10 +733,13 @@ def table(info) -> str:
                 target += " ✓" if ratio <= r.target else " ✗"
             notes = [r.note] + [f"{who} failed: {one_line(x.error, 200)}" for who, x in (("ours", r.ours), ("ref", r.ref))
                                 if x.error]
+            err = pair(r.ours.rel_err, r.ref.rel_err, ".1e")
+            if r.tol is not None and r.ours.rel_err is not None:
+                err += f" (≤ {r.tol:.0e} {'✓' if r.ours.rel_err <= r.tol else '✗'})"
             lines.append(" | ".join([
                 f"| {r.case}", r.reference, fmt(r.ours.ms, ".3f"), fmt(r.ref.ms, ".3f"), fmt(ratio, ".2f"), target,
                 pair(r.ours.tflops, r.ref.tflops, ".1f"), pair(r.ours.peak_mib, r.ref.peak_mib, ".0f"),
-                pair(r.ours.rel_err, r.ref.rel_err, ".1e"), "; ".join(n for n in notes if n)]) + " |")
+                err, "; ".join(n for n in notes if n)]) + " |")
         lines.append("")
     for key, error in FAILED_SECTIONS.items():
         lines.append(f"**Section {key} failed**: {one_line(error, 300)}")
@@ -740,7 +751,7 @@ def table(info) -> str:
               "(the symmetric kernels do about half); dual_linear 3 (fwd) or 5 (fwd+bwd) GEMMs of 2·n·d_in·d_out.",
               "- peak MiB: allocated at the peak of one call above the resident inputs (outputs and gradients included).",
               "- rel. err: max over the outputs (value, gradients) of ‖out − exact‖ / ‖exact‖, exact in float64 from the "
-              "same inputs (compressed: the same compressed factors).",
+              "same inputs (compressed: the same compressed factors); (≤ bound ✓/✗): the issue's bound on ours.",
               "- Low-rank factors share one eigendecomposition per size across layers (timing is unaffected).", ""]
     return "\n".join(lines)
 
@@ -788,7 +799,7 @@ def save(out: Path, stem: str, info: dict) -> str:
     text = table(info)
     (out / f"{stem}.md").write_text(text)
     rows = [dict(section=key, case=r.case, reference=r.reference, ours=r.ours.name, ref=r.ref.name,
-                 ratio=r.ratio, target=r.target, note=r.note) for key, rs in ROWS.items() for r in rs]
+                 ratio=r.ratio, target=r.target, tol=r.tol, note=r.note) for key, rs in ROWS.items() for r in rs]
     data = dict(header=info, results=[asdict(r) for r in RESULTS], rows=rows, failed_sections=FAILED_SECTIONS)
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     return text

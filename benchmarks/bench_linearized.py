@@ -17,8 +17,8 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each si
   (target ≤ 2×, peak memory ≤ 1.3×); also vs the generic path, and the plain model the way
   DESIGN.md's reference figures ran it (fp32 weights under bf16 autocast).
 - attention: dual attention alone, (O, Ȯ) for random bf16 q, k, v and tangents, 12 heads of 64:
-  ``tak.nn.attention.dual_attention`` (and ``kfac_kernels.dual_attention`` when it exists, called
-  as ``(q, k, v, dq, dk, dv) -> (O, Ȯ)``) vs ``torch.func.jvp`` of math attention, forward and
+  ``kfac_kernels.dual_attention`` (what ``tak.nn.attention.dual_attention`` calls on CUDA,
+  ``(q, k, v, dq, dk, dv) -> (O, Ȯ)``) vs ``torch.func.jvp`` of math attention, forward and
   forward+backward through the tangent (gradients of ⟨G, Ȯ⟩ in dq, dk, dv), at sequence lengths
   50 and 197 (batch 128) and 1024 (batch 32: about as many tokens); fused SDPA of the primal alone
   for scale. Rel. error against float64 ``torch.func.jvp`` on the same inputs.
@@ -199,24 +199,10 @@ def attention_shapes():
     return [(50, 128, 12, 64), (197, 128, 12, 64), (1024, 32, 12, 64)]
 
 
-def tak_dual(q, k, v, dq, dk, dv):
-    from tak.nn.attention import dual_attention
-    return dual_attention(q, k, v, dq, dk, dv)
-
-
-def kk_dual_attention():
-    """kfac_kernels.dual_attention, if this checkout has it (exported, or only in its module so far)."""
-    if hasattr(kk, "dual_attention"):
-        return kk.dual_attention
-    try:
-        from kfac_kernels.attention import dual_attention
-        return dual_attention
-    except ImportError:
-        return None
-
-
 def kk_dual(q, k, v, dq, dk, dv):
-    return kk_dual_attention()(q, k, v, dq, dk, dv)
+    """kfac_kernels.dual_attention: what tak.nn.attention.dual_attention calls on CUDA (on the CPU it runs the
+    op's PyTorch backend)."""
+    return kk.dual_attention(q, k, v, dq, dk, dv)
 
 
 def jvp_math(q, k, v, dq, dk, dv):
@@ -270,9 +256,6 @@ def attention_case(L, b, h, d):
     sets = [(q, k, v, dq, dk, dv, g)]
     exact = exact_attention(*sets[0])
     tag = f"L={L}, batch {b}, {h}×{d}"
-    duals = [("tak.nn.attention.dual_attention", tak_dual)]
-    if kk_dual_attention() is not None:
-        duals.append(("kfac_kernels.dual_attention", kk_dual))
 
     def m(what, fn, ex):
         return bg.measure(f"attention {tag} {what}", fn, sets, exact=ex)
@@ -280,13 +263,13 @@ def attention_case(L, b, h, d):
     jvp_fwd = m("fwd torch.func.jvp, math attention", forward_of(jvp_math), exact[:2])
     jvp_bwd = m("fwd+bwd torch.func.jvp, math attention", fwd_bwd_of(jvp_math), exact)
     primal = m("fwd fused SDPA, primal only", fused_primal, exact[0])
-    for label, dual in duals:
-        fwd = m(f"fwd {label}", forward_of(dual), exact[:2])
-        bwd = m(f"fwd+bwd {label}", fwd_bwd_of(dual), exact)
-        row("attention", f"{tag}: (O, Ȯ) fwd, {label}", "torch.func.jvp of math attention", fwd, jvp_fwd)
-        row("attention", f"{tag}: fwd + bwd through Ȯ, {label}", "torch.func.jvp of math attention + autograd",
-            bwd, jvp_bwd)
-        row("attention", f"{tag}: (O, Ȯ) fwd, {label}", "fused SDPA, primal O only", fwd, primal)
+    label = "kfac_kernels.dual_attention"
+    fwd = m(f"fwd {label}", forward_of(kk_dual), exact[:2])
+    bwd = m(f"fwd+bwd {label}", fwd_bwd_of(kk_dual), exact)
+    row("attention", f"{tag}: (O, Ȯ) fwd, {label}", "torch.func.jvp of math attention", fwd, jvp_fwd)
+    row("attention", f"{tag}: fwd + bwd through Ȯ, {label}", "torch.func.jvp of math attention + autograd",
+        bwd, jvp_bwd)
+    row("attention", f"{tag}: (O, Ȯ) fwd, {label}", "fused SDPA, primal O only", fwd, primal)
     del exact
 
 

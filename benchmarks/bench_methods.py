@@ -32,7 +32,8 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each co
   * delta: DELTA (Alg. 1): linearized teacher + non-linear student, each with an EK-FAC penalty
     (β^T = β^S = 500; ``EKFAC`` factors built from random orthogonal bases and random positive
     eigenvalues of the layers' shapes: timing does not depend on their values) and the along-path
-    distillation (γ = 1).
+    distillation (γ = 1);
+  * linear, timed again: its ratio to the first linear step is the run-to-run spread, the noise in tak's 1.05.
   Ratios: tak / linear (target ≤ 1.05), tak published / linear (published code: about 1.35), delta /
   nonlinear (target ≤ 3), linear / nonlinear; peak memory each / its plain reference.
 - penalty: the TAK penalty alone, forward + backward in τ over all the model's parameters:
@@ -365,6 +366,8 @@ def section_steps():
             note="CurvaturePenalty(merged KFAC), kfac_kernels.quadratic_forms, bf16 τ")
     measure(steps, "tak, published-code penalty", training_step("tak", penalty=lambda: penalties("published", 100.0)),
             reference="linear", note="Σ_l trace(B @ T @ A @ T.T), autograd, fp32")
+    measure(steps, "linear, timed again", training_step("linear"), reference="linear",
+            note="the run-to-run spread of a step: the noise in tak's ≤ 1.05× of linear")
     measure(steps, "delta", training_step("delta", penalty=lambda: penalties("ekfac", 500.0, teacher=True)),
             reference="nonlinear", note="teacher + student, EK-FAC penalties (kfac_kernels.eigen_quadratic_forms), "
                                         "along-path distillation; matrix-work floor ≈ 11/3 of nonlinear "

@@ -2,13 +2,14 @@
 # The command for the GPU machine (the device tool's `run`), from the repository root. Everything does not
 # fit in one call of 9 minutes; three calls, back to back while the machine is warm (.whl: benchmarks/README.md):
 #
-#   run(command="RUN_GPU_STEPS='build tests tak' bash benchmarks/run_gpu.sh", carry=[".whl"])    # correctness
-#   run(command="RUN_GPU_STEPS='build bench_gpu' bash benchmarks/run_gpu.sh", carry=[".whl"])    # issue 2's tables
-#   run(command="RUN_GPU_STEPS='curvature linearized methods kernels' RUN_GPU_BUDGET_S=<budget_left_s - 60> bash benchmarks/run_gpu.sh", carry=[".whl"])
+#   run(command="RUN_GPU_COMMIT=<commit> RUN_GPU_STEPS='build tests tak' bash benchmarks/run_gpu.sh", carry=[".whl"])    # correctness
+#   run(command="RUN_GPU_COMMIT=<commit> RUN_GPU_STEPS='build bench_gpu' bash benchmarks/run_gpu.sh", carry=[".whl"])    # issue 2's tables
+#   run(command="RUN_GPU_COMMIT=<commit> RUN_GPU_STEPS='curvature linearized methods kernels' RUN_GPU_BUDGET_S=<min(540, budget_left_s - 60)> bash benchmarks/run_gpu.sh", carry=[".whl"])
 #
-# (the session's device time counts the machine's start and the gaps too: give the last call the budget that
-# `status` says is left, less a minute, so that the script's own budget, not the tool, ends it)
-# Within RUN_GPU_BUDGET_S seconds (default 540, i.e. 9 minutes). Every step has its own timeout, cut
+# (<commit>: `git rev-parse --short HEAD` of the committed tree; the tool's copy has no .git. The session's device
+# time counts the machine's start and the gaps too: give the last call the budget that `status` says is left, less
+# a minute, at most 540 s, so that the script's own budget, not the tool, ends it)
+# Within RUN_GPU_BUDGET_S seconds (default 540, i.e. 9 minutes; at most 570, under the tool's 600). Every step has its own timeout, cut
 # to what is left of the budget after the minimum kept for the later steps (MINIMUM below), and a
 # step with under 10 s left is skipped:
 #   1. installs the carried wheels (.whl/, open_clip and what it needs) into /tmp/site
@@ -38,7 +39,7 @@ OUT=${OUT:-/tmp/run_gpu_out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/run_gpu.XXXXXX)  # the scripts' own outputs; merged into $OUT after every step
 PY=${PYTHON:-python3}
-BUDGET=${RUN_GPU_BUDGET_S:-540}
+BUDGET=$(( ${RUN_GPU_BUDGET_S:-540} < 570 ? ${RUN_GPU_BUDGET_S:-540} : 570 ))
 STEPS=" ${RUN_GPU_STEPS:-build tests bench_gpu curvature linearized methods kernels tak} "
 BENCH_GPU_SECTIONS=${BENCH_GPU_SECTIONS:-quad compressed eigen covariance dual elementwise correction}
 START=$SECONDS
@@ -55,7 +56,8 @@ wants() { [[ $STEPS == *" $1 "* ]]; }
 
 # Seconds kept for each step while the steps before it run (when that step is wanted).
 ORDER=(build tests bench_gpu curvature linearized methods kernels tak)
-declare -A MINIMUM=([build]=120 [tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [methods]=60 [kernels]=60 [tak]=120)
+# kernels measures no target: it gets what the others leave
+declare -A MINIMUM=([build]=120 [tests]=60 [bench_gpu]=100 [curvature]=75 [linearized]=120 [methods]=60 [kernels]=0 [tak]=120)
 reserved_after() {
     local after=$1 seen=0 sum=0 s
     for s in "${ORDER[@]}"; do
@@ -154,7 +156,7 @@ for name in ("triton", "timm", "transformers", "open_clip"):
     except Exception as e:
         print(f"{name}: NOT importable ({type(e).__name__}: {e})")
 EOF
-    git rev-parse --short HEAD 2> /dev/null || echo "commit: unknown (no .git here)"
+    echo "commit: ${RUN_GPU_COMMIT:-$(git rev-parse --short HEAD 2> /dev/null || echo "unknown (no .git here; set RUN_GPU_COMMIT)")}"
 } | tee -a "$OUT/run.log"
 
 # ---------------------------------------------------------------- the CUDA extension
@@ -182,7 +184,7 @@ if wants bench_gpu; then
     done
 fi
 if wants curvature; then
-    step curvature "bench_curvature" 90 "$OUT/bench_curvature.log" "$PY" benchmarks/bench_curvature.py --out "$WORK/curvature"
+    step curvature "bench_curvature" 120 "$OUT/bench_curvature.log" "$PY" benchmarks/bench_curvature.py --out "$WORK/curvature"
 fi
 if wants linearized; then
     step linearized "bench_linearized" 150 "$OUT/bench_linearized.log" "$PY" benchmarks/bench_linearized.py --out "$WORK/linearized"
