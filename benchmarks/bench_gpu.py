@@ -490,11 +490,13 @@ def covariance_case(n, d):
     ours_ones = m(f"kk.covariance_update_ append_ones [{CFG.backend}]", kk_cov_ones, exact_ones, cols=d + 1)
     ref_ones = m("Xa = cat([X, 1]); C.add_((Xa.T @ Xa).float())", gram_add_ones, exact_ones, cols=d + 1)
     case = f"{n} × {d} bf16"
-    tile = 128  # a triangle-only kernel computes t(t + 1)/2 of the t² tiles of 128 × 128
-    t = -(-d // tile)
-    share = f"the triangle is {t * (t + 1) / 2 / t**2:.2f} of the tiles"
+    t = -(-d // 128)  # a triangle-only kernel computes t(t + 1)/2 of the t² tiles of 128 × 128
+    share = t * (t + 1) / 2 / t**2
+    # issue 2: ≤ 0.6×; DESIGN.md: ≤ 0.7× where the triangle is over 0.55 of the tiles (0.58 at d = 768)
+    target, note = (0.7, f"the triangle is {share:.2f} of the tiles: DESIGN's 0.7×, the issue's 0.6×") if share > 0.55 \
+        else (0.6, f"the triangle is {share:.2f} of the tiles")
     for label, r in ((CFG.backend, ours), ("cuda", cuda)):
-        row("covariance", f"{case} [{label}]", "bf16 X.T @ X", r, bf16, 0.6, share, tol=1e-5)
+        row("covariance", f"{case} [{label}]", "bf16 X.T @ X", r, bf16, target, note, tol=1e-5)
         row("covariance", f"{case} [{label}]", "fp32 C.addmm_(X.float().T, X.float())", r, fp32, 0.1)
     row("covariance", f"{case} [cuda]", f"kk.covariance_update_ [{CFG.backend}]", cuda, ours)
     row("covariance", f"{case} [{CFG.backend}]", "tf32 C.addmm_(X.float().T, X.float())", ours, tf32)

@@ -127,6 +127,16 @@ def test_norm_float64_and_strided_rows(backend):
         check_norm(True, *norm_inputs((3, 5), 17, "trained", torch.float64)[:4], None, None)
 
 
+@pytest.mark.parametrize("eps", [1e-2, 0.0])
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_uses_the_eps_it_is_given(backend, rms, eps):
+    """Rows of scale 1e-3 (variance ~1e-6): eps = 1e-2 dominates the variance and eps = 0 leaves it alone,
+    so a kernel with another eps misses the float64 definition by far."""
+    torch.manual_seed(11)
+    x, dx, w, dw, b, db = norm_inputs((3, 5), 33, "trained")
+    check_norm(rms, 1e-3 * x, dx, w, dw, None if rms else b, None if rms else db, eps=eps)
+
+
 @pytest.mark.parametrize("rms", [False, True])
 def test_norm_tangent_in_another_dtype(backend, rms):
     """fp32 x with a bf16 tangent (say τ kept in bf16): y and dy in x's dtype, the gradient in dx's."""

@@ -175,6 +175,23 @@ def test_non_contiguous_inputs(backend):
         check_gradients([t.detach().requires_grad_() for t in inputs], TOL[torch.float32], kind)
 
 
+def test_backward_with_differently_strided_output_gradients(backend):
+    """gy row-major and gdy a transposed view: the backward's two-product GEMMs (grad x = gy W + gdy dW,
+    grad W = gyᵀ x + gdyᵀ dx) step each product along K by its own strides, over several K tiles."""
+    torch.manual_seed(3)
+    rows, d_in, d_out = 37, 7, 35
+    inputs = [t.requires_grad_() for t in make_inputs((rows,), d_in, d_out, device=DEVICE)]
+    gy = torch.randn(rows, d_out, device=DEVICE)
+    gdy = torch.randn(d_out, rows, device=DEVICE).T
+    assert gy.stride() != gdy.stride()
+    y, dy = dual_linear(*inputs)
+    grads = torch.autograd.grad((y, dy), inputs, (gy, gdy))
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    refs = torch.autograd.grad(reference(*leaves), leaves, (gy.double(), gdy.double()))
+    for name, g, ref in zip(["x", "dx", "weight", "dweight", "bias", "dbias"], grads, refs):
+        assert rel_err(g, ref) <= TOL[torch.float32], name
+
+
 def test_float64_runs_the_reference(monkeypatch):
     monkeypatch.delenv("KFAC_KERNELS_BACKEND", raising=False)
     inputs = [t.requires_grad_() for t in make_inputs((3, 5), 7, 33, dtype=torch.float64, device=DEVICE)]

@@ -126,6 +126,24 @@ def test_layer_weights_patterns_must_match():
         layer_weights(factors, patterns={"nope*": 2.0})
 
 
+def test_later_layer_weight_patterns_win():
+    """patterns apply in order, a later glob overriding an earlier one on the layers both match."""
+    bb = ToyBackbone()
+    factors = tak.fit_kfac(bb.model, [torch.randn(4, 7, generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64)], output_fn=bb.features, progress=False, dense=False)
+    assert layer_weights(factors, patterns={"*": 2.0, "2": 5.0}) == {"0": 2.0, "2": 5.0}
+    assert layer_weights(factors, patterns={"2": 5.0, "*": 2.0}) == {"0": 2.0, "2": 2.0}
+
+
+def test_along_path_alpha_is_uniform_on_half_to_one_and_a_function_of_seed_and_step():
+    """DELTA's α ~ U(0.5, 1): 2000 draws lie in [0.5, 1] and fill it; (seed, step) alone fixes each."""
+    alphas = [along_path_alpha(3, step) for step in range(2000)]
+    assert all(0.5 <= a <= 1.0 for a in alphas)
+    assert min(alphas) < 0.55 and max(alphas) > 0.95
+    assert [along_path_alpha(3, step) for step in (0, 17, 1999)] == [alphas[0], alphas[17], alphas[1999]]
+    assert along_path_alpha(4, 17) != alphas[17]
+
+
 def test_tau_jp_equals_explicit_jacobian_norm():
     bb = ToyBackbone()
     trainee = make_trainee(get_method("linear"), bb.model, None)

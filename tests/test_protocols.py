@@ -89,6 +89,37 @@ def test_negation_says_when_no_alpha_keeps_the_control(monkeypatch):
     assert (result.alpha, result.constraint_met, result.target, result.control) == (0.0, False, 60.0, 50.0)
 
 
+def test_negation_limits_the_control_by_thetas_accuracy_and_breaks_ties_toward_the_smaller_alpha(monkeypatch):
+    """The control must keep ≥ 95% of its θ0 validation accuracy (50 → 47.5): α = 1 (target 20, control 30) is
+    out, α = 0.5 (target 40, control 48) in; among allowed α of equal target accuracy, the smaller one."""
+    bb = ToyBackbone()
+    target, control = toy_task("target", n=40, seed=1), toy_task("control", n=40, classes=4, seed=2)
+    tv = _task_vector(bb, 0.8, seed=3)
+    val = {0.0: {"target": 60.0, "control": 50.0}, 0.5: {"target": 40.0, "control": 48.0},
+           1.0: {"target": 20.0, "control": 30.0}}
+    test = {0.0: {"target": 61.0, "control": 51.0}, 0.5: {"target": 41.0, "control": 49.0},
+            1.0: {"target": 21.0, "control": 31.0}}
+    _stub_sweeps(monkeypatch, {"val": val, "test": test})
+    result = task_negation(bb, tv, target, control, alphas=[0.5, 1.0])
+    assert (result.alpha, result.constraint_met, result.target, result.control) == (0.5, True, 41.0, 49.0)
+    assert (result.pretrained_target, result.pretrained_control) == (61.0, 51.0)
+    val[1.0] = {"target": 40.0, "control": 49.0}  # both allowed, the same target accuracy
+    assert task_negation(bb, tv, target, control, alphas=[1.0, 0.5]).alpha == 0.5
+
+
+def test_negate_scales_every_tensor_by_minus_alpha_and_keeps_the_metadata():
+    """negate(τ, α) = −α τ key by key, its metadata τ's plus ``negated: α``."""
+    from tak.arithmetic.compose import negate
+    bb = ToyBackbone()
+    tv = _task_vector(bb, 0.8, seed=3, task="target")
+    negated = negate(tv, 0.3)
+    assert negated.tensors.keys() == tv.tensors.keys()
+    for k, v in tv.tensors.items():
+        assert negated.tensors[k].dtype == v.dtype
+        torch.testing.assert_close(negated.tensors[k], -0.3 * v, rtol=0, atol=0)
+    assert negated.meta == {**tv.meta, "negated": 0.3}
+
+
 def test_addition_picks_alpha_on_validation_and_reports_test():
     bb = ToyBackbone()
     tasks = [toy_task("t1", n=40, seed=4), toy_task("t2", n=40, classes=4, seed=5)]

@@ -426,6 +426,35 @@ def test_second_derivatives(backend):
     assert rel_err(first, 2 * dense(Bs[0]) @ taus[0].detach().double() @ dense(As[0])) <= TOL[torch.float32]
 
 
+def test_second_derivatives_of_a_scaled_weighted_sum(backend):
+    """Under create_graph the backward multiplies by the incoming gradient (2.5) and by each layer's weight, for
+    both forms over two weighted layers: gradients and Hessian-vector products vs torch.func of float64."""
+    torch.manual_seed(7)
+    shapes, w = [(7, 5), (4, 9)], [0.5, 2.0]
+    taus = [torch.randn(s, requires_grad=True) for s in shapes]
+    vs = [torch.randn(s) for s in shapes]
+    Bs, As = [spd(7), spd(4)], [spd(5), spd(9)]
+    U_Bs = [torch.linalg.qr(torch.randn(o, o))[0][:, :r] for (o, _), r in zip(shapes, (6, 3))]
+    U_As = [torch.linalg.qr(torch.randn(i, i))[0][:, :r] for (_, i), r in zip(shapes, (3, 9))]
+    Ss = [torch.rand(U_B.shape[1], U_A.shape[1]) for U_B, U_A in zip(U_Bs, U_As)]
+
+    def kfac64(ts):
+        return 2.5 * sum(wi * (t * (B.double() @ t @ A.double())).sum() for wi, t, B, A in zip(w, ts, Bs, As))
+
+    def eigen64(ts):
+        return 2.5 * sum(wi * (S.double() * (U_B.double().T @ t @ U_A.double()) ** 2).sum()
+                         for wi, t, U_B, U_A, S in zip(w, ts, U_Bs, U_As, Ss))
+
+    for q, f64 in ((kk.quadratic_forms(taus, Bs, As, weights=w), kfac64),
+                   (kk.eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=w), eigen64)):
+        grads = torch.autograd.grad(2.5 * q, taus, create_graph=True)
+        hvps = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), taus)
+        g_ref, hvp_ref = torch.func.jvp(torch.func.grad(f64), ([t.detach().double() for t in taus],),
+                                        ([v.double() for v in vs],))
+        for g, h, gr, hr in zip(grads, hvps, g_ref, hvp_ref):
+            assert rel_err(g, gr) <= TOL[torch.float32] and rel_err(h, hr) <= TOL[torch.float32]
+
+
 def test_weight_tensors_requiring_grad_are_refused(backend):
     """A weight given as a tensor that requires grad would silently get no gradient: refused, by its index."""
     layers = ([torch.randn(2, 3)] * 2, [spd(2)] * 2, [spd(3)] * 2)

@@ -525,6 +525,25 @@ def test_batch_indices_depend_on_seed_and_step_only_and_ranks_partition_the_batc
     assert sorted(batch_indices(4, 10, 0, 5)) == [0, 1, 2, 3]  # batch larger than the data: all of it
 
 
+def test_cosine_schedule_warms_up_from_its_first_step_and_anneals_to_zero(tmp_path, monkeypatch, toys):
+    """Warm-up (step + 1) / warmup, so step 0 already trains, then 0.5 (1 + cos(π (step − warmup) / (total −
+    warmup))); a run applies it to each step's learning rate."""
+    import math
+    want = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 7: 0.5, 9: 0.5 * (1 + math.cos(5 * math.pi / 6)), 10: 0.0}
+    for step, factor in want.items():
+        assert loop.cosine_schedule(step, 10, 4) == pytest.approx(factor, abs=1e-15)
+    assert loop.cosine_schedule(0, 10, 0) == 1.0
+    factors, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        factors.append([g["lr"] / g["base_lr"] for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    tak.train(dataclasses.replace(toy_config(tmp_path, "nonlinear"), steps=3, warmup_steps=2))
+    assert factors == [[0.5], [1.0], [1.0]]
+
+
 # --- data parallel --------------------------------------------------------------------------------
 
 TOY_BACKBONE, TOY_TASK = "toy-mlp", "toy-blobs"

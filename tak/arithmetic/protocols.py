@@ -144,7 +144,8 @@ class NegationResult:
 
 def task_negation(backbone, task_vector, target, control, *, alphas=DEFAULT_ALPHAS, keep: float = 0.95,
                   **kw) -> NegationResult:
-    """The negation protocol: minimize the target's accuracy, keep ≥ ``keep`` of the control's."""
+    """The negation protocol: the α of θ0 − α τ with the lowest target validation accuracy (the smaller α on ties)
+    among those that keep the control's ≥ ``keep`` of its θ0 validation accuracy; test accuracies at that α."""
     check_backbone(backbone, [task_vector])
     kw.setdefault("cache", {})
     negated = combine([task_vector], -1.0)
