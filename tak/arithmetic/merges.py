@@ -273,10 +273,9 @@ def tsv_m(taus, *, matrix_filter: MatrixFilter | None = None) -> dict[str, Tenso
     """TSV-Merge (Gargiulo et al. 2025): per matrix, each task keeps its top ``⌊d/T⌋`` singular directions, and the
     concatenated singular vectors are orthogonalized (polar factors). Other tensors: mean over tasks.
 
-    Matrices: each task keeps ``max(1, ⌊d/T⌋)`` singular triplets; the concatenated left and right
-    singular vectors are replaced by their polar factors and recombined with the concatenated
-    singular values. Other tensors (and matrices rejected by ``matrix_filter(name, tensor)``):
-    mean over tasks.
+    Each task keeps ``max(1, ⌊d/T⌋)`` singular triplets; the polar factors of the concatenated left and right
+    singular vectors are recombined with the concatenated singular values. Matrices rejected by
+    ``matrix_filter(name, tensor)``: mean over tasks.
     """
     def merge_matrix(x):
         T, m, n = x.shape
