@@ -500,6 +500,35 @@ def test_eval_analyses_evaluate_each_task_vector_combination(tmp_path, toy_regis
 
 
 @pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
+def test_eval_analyses_linearization_error_is_against_the_mean_task_vector(tmp_path, toy_registered):
+    """`tak eval --analyses`' linearization error of a task: the mean over its inputs of
+    ‖mean_t f(x; θ0 + τ_t) − f(x; θ0 + mean_t τ_t)‖₁, networks built afresh."""
+    backbone = toy_backbone()
+    g = torch.Generator().manual_seed(11)
+    paths = []
+    for name in TOY_TASKS:
+        tensors = {k: 0.8 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                   for k, p in backbone.model.named_parameters()}
+        meta = {"base_model": TOY, "fingerprint": backbone.fingerprint, "regime": "nonlinear", "task": name,
+                "method": "handmade"}
+        paths.append(tmp_path / f"{name}.safetensors")
+        TaskVector(tensors, meta).save(paths[-1])
+    ok("eval", *paths, "--analyses", "--alphas", "0,1", "--device", "cpu", "--out", tmp_path / "eval")
+    found = json.loads((tmp_path / "eval" / "results.json").read_text())["analyses"]["linearization_error"]
+
+    tvs = [TaskVector.load(p) for p in paths]
+
+    def outputs(tensors, x):
+        with torch.no_grad():
+            return backbone.model(x) if tensors is None else apply(
+                backbone, TaskVector(dict(tensors), dict(tvs[0].meta)))(x)
+    for name in TOY_TASKS:
+        x = torch.stack([x for x, _ in toy_task(name, None).split("val")])
+        errors = analyses.linearization_error(outputs, [tv.tensors for tv in tvs], [x])
+        assert errors.min() > 0 and found[name] == pytest.approx(errors.mean().item(), rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
 def test_eval_analyses_of_a_bf16_backbone_are_those_of_its_weights_in_float(tmp_path, toy_registered):
     """A bf16 backbone's analyses run in float32: its J τ, edits and linearization error are those of the same
     (bf16-rounded) weights in float64, not bf16 rounding noise (τ is small against the features)."""

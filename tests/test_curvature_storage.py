@@ -105,6 +105,16 @@ def test_refuses_a_model_without_the_dense_parameters(path):
         KFAC.load(path, model=model_of(affine=False))
 
 
+def test_refuses_a_dense_group_of_another_size(path):
+    """A norm whose parameters exist under the same names but with another total size is named in the refusal."""
+    fitted(model_of()).save(path)
+    other = model_of()
+    other[1].weight = nn.Parameter(torch.ones(8))  # the linear layers still match
+    with pytest.raises(ValueError, match=r"dense group '1': parameters \['1.weight', '1.bias'\] of total size 14 in "
+                                         r"the file, sizes \[8, 7\] in the model"):
+        KFAC.load(path, model=other)
+
+
 def test_refuses_a_model_differing_elsewhere(path):
     fitted(model_of()).save(path)
     other = model_of()
@@ -219,6 +229,18 @@ def test_refuses_edited_metadata(path):
         KFAC.load(path)
 
 
+def test_refuses_a_renamed_tensor(path):
+    """The checksum covers the tensor names: a name edited in the header (same bytes, same order) is refused."""
+    g = torch.Generator().manual_seed(0)
+    tak.io.write(path, {"alpha_w": torch.randn(3, 5, generator=g), "omega_w": torch.randn(3, 5, generator=g)},
+                 {"kind": "test"})
+    data = path.read_bytes()
+    assert data.count(b'"omega_w"') == 1
+    path.write_bytes(data.replace(b'"omega_w"', b'"omega_v"'))  # still valid, still sorted after alpha_w
+    with pytest.raises(ValueError, match="do not match its checksum"):
+        tak.io.read(path)
+
+
 def rewrite(path, edit):
     """Rewrite a valid file after ``edit(tensors, meta)``, with a fresh, valid checksum."""
     tensors, meta = tak.io.read(path)
@@ -241,6 +263,19 @@ def test_refuses_the_wrong_kind(path):
     rewrite(path, lambda t, m: m.update(kind="shampoo"))
     with pytest.raises(ValueError, match="unknown kind 'shampoo'"):
         KFAC.load(path)
+
+
+def test_refuses_a_layer_with_fields_its_class_does_not_have(path):
+    """A layer entry of the metadata with a field its dataclass lacks is refused with a ValueError naming the fields."""
+    fitted(model_of()).save(path)
+
+    def add_field(t, m):
+        fields = m["storage"]["layers"][0]["fields"]
+        fields["scale"] = dict(fields["layout"])
+    rewrite(path, add_field)
+    with pytest.raises(Exception) as e:
+        KFAC.load(path)
+    assert e.type is ValueError and "layer '0' has fields" in str(e.value) and "'scale'" in str(e.value)
 
 
 def test_refuses_missing_extra_and_reshaped_tensors(path):

@@ -114,6 +114,21 @@ def test_stratified_subsample_keeps_class_shares_and_is_deterministic():
         stratified_subsample(examples, 2.5)
 
 
+def test_stratified_subsample_gives_the_leftover_slots_to_the_largest_remainders():
+    """The slots left after flooring each class's quota go to the classes with the largest remainders."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        counts = rng.integers(1, 40, size=int(rng.integers(2, 7)))
+        examples = [(i, c) for c, n in enumerate(counts) for i in range(n)]
+        n = int(rng.integers(1, len(examples)))
+        quota = [n * c / sum(counts) for c in counts]
+        expected = {c: int(q) for c, q in enumerate(quota)}
+        for c in sorted(range(len(counts)), key=lambda c: -(quota[c] - int(quota[c])))[: n - sum(expected.values())]:
+            expected[c] += 1
+        got = collections.Counter(y for _, y in stratified_subsample(examples, n, seed=1))
+        assert {c: got[c] for c in expected} == expected
+
+
 def test_task_templates_need_one_placeholder():
     loaders = toy_task().loaders
     assert Task("ok", ["a"], "text", ["{} {{literal}}", "a {!s:>3}."], loaders).templates[0].format("x") == "x {literal}"
@@ -143,6 +158,17 @@ def test_partition_classes_disjoint_covering_and_relabelled():
     assert [p.classes for p in partition_classes(task, 3, seed=1)] != [p.classes for p in parts]
     with pytest.raises(ValueError):
         partition_classes(task, 8)
+
+
+def test_partition_classes_keep_each_groups_classes_in_their_original_order():
+    """A part's classes (and so its labels) follow the order of the task's classes, not the shuffle."""
+    task = toy_task(counts=tuple(range(3, 14)))
+    for seed in range(4):
+        for p in partition_classes(task, 3, seed=seed):
+            index = [task.classes.index(c) for c in p.classes]
+            assert index == sorted(index)
+            original = dict(task.split("train"))
+            assert all(y == index.index(original[x]) for x, y in p.split("train"))
 
 
 def test_joint_task_joins_disjoint_parts_with_offset_labels():

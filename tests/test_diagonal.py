@@ -65,3 +65,15 @@ def test_monte_carlo_converges_to_exact():
     errors = [rel_err(fit_diagonal(model, [x], mc_samples=m, seed=1, progress=False)["0"].D, exact) for m in (4, 1024)]
     assert errors[1] < 0.1 and errors[1] < errors[0] / 3
     assert tak.fit_diagonal is fit_diagonal
+
+
+def test_monte_carlo_dense_blocks_are_averaged_over_probes_and_converge_to_exact():
+    """A LayerNorm's Monte-Carlo diagonal is divided by N·probes, as a linear layer's, and converges to exact."""
+    torch.manual_seed(0)
+    model = TokenNet().double()
+    batch = {"x": torch.randn(8, 4, 5, dtype=torch.float64), "attention_mask": torch.ones(8, 4, dtype=torch.long)}
+    batch["attention_mask"][2, 3:] = 0
+    exact = fit_diagonal(model, [batch], exact=True, progress=False)["ln"].D
+    errors = [rel_err(fit_diagonal(model, [batch], mc_samples=m, seed=1, progress=False)["ln"].D, exact)
+              for m in (4, 1024)]
+    assert errors[1] < 0.1 and errors[1] < errors[0] / 3

@@ -217,6 +217,27 @@ def test_new_inputs_at_an_index_are_recorded_again_and_control_flow_changes_are_
     assert_equal(run(model, other, prefix), run(model, other))  # the recording is intact
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x, y):
+        return self.head(torch.tanh(self.b(self.a(x) - y)))
+
+
+def test_inputs_with_the_same_tensors_in_another_structure_are_recorded_again():
+    """A batch whose tensors equal the recorded ones leaf by leaf but sit under other keys is not replayed."""
+    torch.manual_seed(0)
+    model = change(TwoInputs().double(), "head")
+    t, u = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    prefix = FrozenPrefix()
+    run(model, [{"x": t, "y": u}], prefix)
+    assert prefix.paths == ["a", "b"]
+    swapped = [{"y": t, "x": u}]  # the same leaves in the same order, other keys
+    assert_equal(run(model, swapped, prefix), run(model, swapped))
+
+
 def test_budget_training_mode_and_unowned_parameters_run_in_full():
     batches = [torch.randn(4, 5, dtype=torch.float64) for _ in range(2)]
     small = FrozenPrefix(max_bytes=8 * 4 * 5)  # one recorded output's worth

@@ -140,6 +140,19 @@ def test_rms_norm():
     check(layer, ref, rand(1, 11))
 
 
+@pytest.mark.parametrize("eps", [1e-6, 0.3])
+def test_rms_norm_without_tangents_uses_its_eps(eps):
+    """The primal-only path (no dx, no dγ) of rms_norm normalizes with the eps it is given, with and without γ."""
+    from tak.nn.norm import rms_norm
+    torch.manual_seed(0)
+    x, weight = rand(3, 4, 9) * 0.2, rand(9)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    y, dy = rms_norm(x, None, weight, None, eps)
+    assert dy is None and rel_err(y, weight * ref) <= TOL64
+    y, _ = rms_norm(x, None, None, None, eps)
+    assert rel_err(y, ref) <= TOL64
+
+
 class Fn(nn.Module):
     def __init__(self, fn):
         super().__init__()

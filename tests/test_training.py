@@ -483,6 +483,17 @@ def test_check_compatible_refuses_mixed_regimes_base_models_and_layers(trained):
         check_compatible([nonlinear, reshaped])
 
 
+def test_check_compatible_refuses_a_base_model_recorded_in_one_file_only():
+    """base_model must agree even where a file lacks it; max_length and the like only where both record them."""
+    tau = {"w": torch.zeros(2, 3)}
+    meta = {"base_model": "minilm", "fingerprint": "a" * 16, "regime": "nonlinear", "task": "a", "max_length": 16}
+    recorded = TaskVector(dict(tau), meta)
+    no_base = TaskVector(dict(tau), {**{k: v for k, v in meta.items() if k != "base_model"}, "task": "b"})
+    with pytest.raises(ValueError, match=r"differ in base_model \(a: 'minilm', b: None\)"):
+        check_compatible([recorded, no_base])
+    check_compatible([recorded, TaskVector(dict(tau), {k: v for k, v in meta.items() if k != "max_length"})])
+
+
 def test_corrupted_truncated_and_foreign_files_are_refused(trained, tmp_path):
     data = trained["linear"].path.read_bytes()
     flipped = bytearray(data)
