@@ -87,7 +87,7 @@ def test_launches_take_fewer_pipeline_stages_where_the_gpu_has_less_shared_memor
         with pytest.raises(OutOfResources, match=error.name):  # fewer stages do not help, or none are left
             launch_fitting(Kernel(fails=error), (1,), num_stages=2 if error.name == "threads" else 1)
 
-    class Tiled:  # 4 KiB of shared memory per row of its tile and stage: 32 rows fit no stage, 16 rows fit one
+    class Tiled:  # 4 KiB of shared memory per row of its tile and stage: 32 rows or more fit no stage, 16 rows one
         def __getitem__(self, grid):
             def run(*args, num_stages, BLOCK_N):
                 calls.append((grid({"BLOCK_N": BLOCK_N}), num_stages, BLOCK_N))
@@ -98,9 +98,9 @@ def test_launches_take_fewer_pipeline_stages_where_the_gpu_has_less_shared_memor
     calls.clear()
     tiled, grid = Tiled(), lambda meta: (-(-100 // meta["BLOCK_N"]),)  # the grid of the tiles launched
     with pytest.raises(OutOfResources, match="shared memory"):
-        launch_fitting(tiled, grid, num_stages=2, BLOCK_N=32)
+        launch_fitting(tiled, grid, num_stages=2, smaller=({"BLOCK_N": 32},), BLOCK_N=64)
     calls.clear()
-    launch_fitting(tiled, grid, num_stages=2, smaller={"BLOCK_N": 16}, BLOCK_N=32)
-    assert calls == [((4,), 2, 32), ((4,), 1, 32), ((7,), 2, 16), ((7,), 1, 16)]
-    launch_fitting(tiled, grid, num_stages=2, smaller={"BLOCK_N": 16}, BLOCK_N=32)
-    assert calls[4:] == [((7,), 1, 16)]  # remembered
+    launch_fitting(tiled, grid, num_stages=2, smaller=({"BLOCK_N": 32}, {"BLOCK_N": 16}), BLOCK_N=64)
+    assert calls == [((2,), 2, 64), ((2,), 1, 64), ((4,), 2, 32), ((4,), 1, 32), ((7,), 2, 16), ((7,), 1, 16)]
+    launch_fitting(tiled, grid, num_stages=2, smaller=({"BLOCK_N": 32}, {"BLOCK_N": 16}), BLOCK_N=64)
+    assert calls[6:] == [((7,), 1, 16)]  # remembered

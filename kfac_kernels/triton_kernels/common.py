@@ -64,19 +64,20 @@ def on_input_device(launcher):
 _FITTED: dict = {}  # (kernel, device, num_stages, constexprs) -> (stages, constexprs) that fit its GPU
 
 
-def launch_fitting(kernel, grid, *args, num_stages: int, smaller: dict | None = None, **constexprs) -> None:
+def launch_fitting(kernel, grid, *args, num_stages: int, smaller: tuple[dict, ...] = (), **constexprs) -> None:
     """``kernel[grid](*args, num_stages=s, **constexprs)`` with the most software-pipelining stages s ≤
     ``num_stages`` whose shared memory the GPU has: an H100 (227 KiB per block) or A100 takes them all, a GPU of
-    99 KiB (sm_86/89/120: A10G, L4, L40S, RTX) fewer. Where one stage does not fit either, the constexprs of
-    ``smaller`` (smaller tiles) replace theirs and the stages are tried again; ``grid`` is then a callable of the
-    launch's arguments by name, as Triton's. What fits is remembered per kernel, device and constexprs."""
+    99 KiB (sm_86/89/120: A10G, L4, L40S, RTX) or 64 KiB (T4) fewer. Where one stage does not fit either, the
+    constexprs of each dict of ``smaller`` in turn (smaller tiles) replace theirs and the stages are tried again;
+    ``grid`` is then a callable of the launch's arguments by name, as Triton's. What fits is remembered per kernel,
+    device and constexprs."""
     device = -1 if _backend.interpreting() else triton.runtime.driver.active.get_current_device()
     key = (kernel, device, num_stages, tuple(constexprs.items()))  # < 1 µs: launches are on the hot path
     if key in _FITTED:
         stages, fitted = _FITTED[key]
         kernel[grid](*args, num_stages=stages, **fitted)
         return
-    for tiles in (constexprs, {**constexprs, **smaller}) if smaller else (constexprs,):
+    for tiles in (constexprs, *({**constexprs, **fewer} for fewer in smaller)):
         for stages in range(num_stages, 0, -1):
             try:
                 kernel[grid](*args, num_stages=stages, **tiles)

@@ -341,11 +341,12 @@ def _config(kernel: str, rows: int, d: int, size: int, pairwise: bool, dot: str)
     return dict(BLOCK_M=own, BLOCK_N=step, num_warps=warps, num_stages=2)
 
 
-def _smaller(kernel: str, cfg: dict) -> dict | None:
-    """Half the rows a program of ``kernel`` owns in ``cfg`` (not under 16): its tiles where ``cfg``'s do not fit
-    the GPU's shared memory even at one stage (a 99 KiB GPU, fp32 at head dim 256; ``launch_fitting``)."""
+def _smaller(kernel: str, cfg: dict) -> tuple[dict, ...]:
+    """Half, a quarter, ... of the rows a program of ``kernel`` owns in ``cfg``, down to 16: its tiles where
+    ``cfg``'s do not fit the GPU's shared memory even at one stage (``launch_fitting``: fp32 at head dim 256 on a
+    99 KiB GPU, head dims over 64 on a T4's 64 KiB)."""
     owned = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
-    return {owned: cfg[owned] // 2} if cfg[owned] > 16 else None
+    return tuple({owned: rows} for rows in (cfg[owned] // 2**i for i in range(1, 4)) if rows >= 16)
 
 
 def _pad(d: int) -> int:
