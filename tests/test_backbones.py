@@ -339,6 +339,27 @@ def test_clip_release_text_tower(tiny_clip):
     clip.to("cpu")
 
 
+def test_head_logits_are_scaled_cosines_or_scaled_products():
+    """Head: scale · cos(f, W_c) with normalize=True (features and rows unit-normed), scale · f Wᵀ without, float64."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 7, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1, 2, 3, 4.0]).double()[:, None]
+    f = torch.randn(6, 7, generator=g, dtype=torch.float64) * torch.arange(1, 7).double()[:, None]
+    cos = (f @ W.T) / f.norm(dim=1, keepdim=True) / W.norm(dim=1)
+    assert torch.allclose(Head(W, normalize=True, scale=20.0)(f), 20.0 * cos, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(Head(W, normalize=False, scale=0.5)(f), 0.5 * f @ W.T, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(Head(W)(f), 100.0 * cos, rtol=1e-12, atol=1e-12)  # CLIP's default scale
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_generic_head_with_another_number_of_rows_than_classes_is_refused(rows):
+    """GenericBackbone refuses a head with fewer or more rows than the task has classes, naming both counts."""
+    model = nn.Linear(5, 3).double()
+    backbone = GenericBackbone(model, inputs=torch.stack, heads={"t": Head(torch.randn(rows, 3, dtype=torch.float64))},
+                               modalities=("image",))
+    with pytest.raises(ValueError, match=rf"the head of task 't' has {rows} rows for 2 classes"):
+        backbone.head(task("t", ["a", "b"], "image"))
+
+
 def test_generic_backbone():
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     heads = {"t": Head(torch.randn(2, 3, dtype=torch.float64), normalize=False, scale=1.0)}

@@ -414,6 +414,24 @@ def test_nli_test_split_without_label_fields_falls_back_to_validation(tmp_path):
     assert get_task("rte", root=str(tmp_path)).split("test") == [(("v", "w"), 1)]
 
 
+def test_nli_labelled_test_split_wins_over_validation_and_entails_means_entailment(tmp_path):
+    """A labelled test.jsonl is the test split even beside a labelled validation.jsonl; "entails" is entailment."""
+    read = {}
+    for word in ("entails", " Entails ", "ENTAILMENT", "neutral", "-"):
+        try:
+            read[word] = text._nli_label("label", word, ["entailment", "neutral"])
+        except ValueError as e:
+            read[word] = type(e).__name__
+    assert read == {"entails": 0, " Entails ": 0, "ENTAILMENT": 0, "neutral": 1, "-": None}
+    write_jsonl(tmp_path / "scitail" / "train.jsonl", [{"premise": f"p{i}", "hypothesis": "h",
+                                                       "label": ["entails", "neutral"][i % 2]} for i in range(20)])
+    write_jsonl(tmp_path / "scitail" / "test.jsonl", [{"premise": "t", "hypothesis": "u", "label": "Entails"}])
+    write_jsonl(tmp_path / "scitail" / "validation.jsonl", [{"premise": "v", "hypothesis": "w", "label": 1}])
+    task = get_task("scitail", root=str(tmp_path))
+    assert task.split("test") == [(("t", "u"), 0)]
+    assert all(y == int(p[1:]) % 2 for (p, _), y in task.split("train") + task.split("val"))
+
+
 def test_nli_from_a_save_to_disk_folder(tmp_path):
     """A Hugging Face ``save_to_disk`` folder as GLUE ships it: ClassLabel ints read as their names, the
     unlabelled test split (-1) skipped for the labelled validation split; MNLI's validation_matched."""

@@ -194,6 +194,21 @@ class TokenModel(nn.Module):
         return self.head(masked_mean(z, attention_mask))
 
 
+def test_token_sum_and_mean_run_over_the_real_tokens_only():
+    """tokens.token_sum / token_mean: (N, T, d) -> (N, d) sum and mean over the mask's real tokens (all tokens
+    without a mask), against float64 loops; padded entries hold large garbage."""
+    from tak.curvature.tokens import token_mean, token_sum
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 7, 3, generator=g, dtype=torch.float64)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 1, 4, 3, 6])[:, None]
+    x = torch.where(mask[..., None], x, 1e3)
+    want_sum = torch.stack([x[n, mask[n]].sum(0) for n in range(5)])
+    want_mean = torch.stack([x[n, mask[n]].mean(0) for n in range(5)])
+    assert torch.allclose(token_sum(x, mask), want_sum, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(token_mean(x, mask), want_mean, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(token_sum(x, None), x.sum(1)) and torch.allclose(token_mean(x, None), x.mean(1))
+
+
 @pytest.mark.parametrize("padding", [False, True])
 def test_mean_pooled_token_layer_reduce_is_exact(padding):
     model = TokenModel().double()

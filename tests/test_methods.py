@@ -224,6 +224,44 @@ def test_distillation_gradient_reaches_the_student_only():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.student.parameters())
 
 
+def test_delta_penalizes_the_teachers_tau_with_the_teacher_penalty_and_the_students_with_its_own():
+    """DELTA's terms: drift = penalty(τ_S), teacher_drift = teacher_penalty(τ_T), each on its own trainee's τ."""
+    bb = ToyBackbone()
+    task = toy_task()
+    method = get_method("delta")
+
+    def squares(weight):
+        return lambda taus, step: weight * sum(t.double().pow(2).sum() for t in taus.values())
+
+    obj = Objective(method, bb, bb.head(task), {**method.defaults, "gamma": 0.5}, penalty=squares(3.0),
+                    teacher_penalty=squares(7.0), seed=1)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for scale, trainee in ((0.1, obj.student), (0.9, obj.teacher)):
+            for p in trainee.parameters():
+                if p.requires_grad:
+                    p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.stack([e[0] for e in task.split("train")[:5]])
+    y = torch.tensor([e[1] for e in task.split("train")[:5]])
+    _, terms = obj(x, y, step=2)
+    student = sum(t.double().pow(2).sum() for t in obj.student.task_vector().values())
+    teacher = sum(t.double().pow(2).sum() for t in obj.teacher.task_vector().values())
+    assert abs(student - teacher) > 0.1 * teacher
+    torch.testing.assert_close(terms["drift"].double(), 3.0 * student, rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["teacher_drift"].double(), 7.0 * teacher, rtol=1e-6, atol=0)
+
+
+def test_lora_student_takes_the_runs_rank_and_the_teacher_the_runs_trainable_selection():
+    """delta_lora's student has LoRA factors of hp["lora_rank"]; teacher and student train what ``trainable`` selects."""
+    bb = ToyBackbone()
+    task = toy_task()
+    method = get_method("delta_lora")
+    obj = Objective(method, bb, bb.head(task), {**method.defaults, "lora_rank": 3}, trainable=["2.*"])
+    assert [tuple(a.shape) for a in obj.student.A] == [(3, 5)] and [tuple(b.shape) for b in obj.student.B] == [(4, 3)]
+    assert set(obj.student.taus()) == {"2.weight"} and set(obj.teacher.taus()) == {"2.weight", "2.bias"}
+    assert tuple(make_trainee(method, bb.model, "all", lora_rank=2).A[0].shape) == (2, 7)
+
+
 @pytest.mark.parametrize("name", ["nonlinear", "linear", "attn_only", "delta_lora"])
 def test_trainee_task_vector_is_theta_minus_theta0(name):
     bb = ToyBackbone()

@@ -206,3 +206,18 @@ def test_combine_adds_in_the_task_vectors_precision_with_any_real_alpha():
     for alpha in (np.float32(0.5), torch.tensor(0.5), 0.5):
         merged = combine([a, b], alpha)
         assert merged.tensors["h"].item() == 0.375 and merged.meta["alphas"] == [0.5] * 2
+
+
+def test_features_run_the_model_in_eval_mode_and_give_its_train_mode_back():
+    """``evaluation.features`` evaluates a model in train mode without dropout, in batches, then leaves it training."""
+    from torch import nn
+    from tak.evaluation import features
+    bb = ToyBackbone()
+    model = nn.Sequential(nn.Dropout(0.5), bb.model).train()
+    examples = toy_task(n=13).split("train")
+    feats, labels = features(bb, model, examples, batch_size=5)
+    with torch.no_grad():
+        expected = bb.model(torch.stack([x for x, _ in examples]))
+    assert model.training and model[0].training
+    assert feats.dtype == torch.float32 and torch.allclose(feats, expected.float(), rtol=1e-6, atol=1e-6)
+    assert labels.tolist() == [y for _, y in examples]

@@ -234,6 +234,62 @@ def test_compressed_factors_approximate_the_dense_ones():
     assert bd.nbytes < F.nbytes / 4 and torch.equal(bd.to_dense(), bd.to_dense().T)
 
 
+def test_compute_dtype_is_the_narrowest_operand_with_float16_as_float32_in_the_forms():
+    """_precision.compute_dtype: bf16/fp16 if any operand has it, float64 only when all are, fp32 otherwise;
+    float16_in_fp32 turns float16 (alone or with float32) into float32 but leaves bfloat16 as is."""
+    from kfac_kernels._precision import compute_dtype
+    h, b, f, d = torch.float16, torch.bfloat16, torch.float32, torch.float64
+    cases = {(h, f): (h, f), (b, f): (b, b), (h, h): (h, f), (f, d): (f, f), (d, d): (d, d), (b, d): (b, b),
+             (f, f): (f, f), (h, d): (h, f)}
+    for (x, y), (plain, forms) in cases.items():
+        assert compute_dtype("op", x=x, y=y) == plain, (x, y)
+        assert compute_dtype("op", float16_in_fp32=True, x=x, y=y) == forms, (x, y)
+    with pytest.raises(TypeError, match="cannot mix bfloat16 and float16"):
+        compute_dtype("op", float16_in_fp32=True, x=h, y=b)
+
+
+@pytest.mark.parametrize("n,k,blocks", [(7, 2, (2, 4)), (10, 3, (3, 4)), (9, 4, (3, 3)), (5, 5, (5, 1))])
+def test_block_diagonal_from_dense_keeps_ceil_sized_diagonal_blocks(n, k, blocks):
+    """BlockDiagonalFactor.from_dense(F, k): blocks of b = ⌈n / k⌉ rows (⌈n / b⌉ of them), F's entries inside, 0 outside."""
+    F = spd(n, torch.float64)
+    bd = kk.BlockDiagonalFactor.from_dense(F, k)
+    count, b = blocks
+    assert tuple(bd.blocks.shape) == (count, b, b) and bd.shape == (n, n)
+    i = torch.arange(n, device=F.device)
+    assert torch.equal(bd.to_dense(), torch.where(i[:, None] // b == i[None, :] // b, F, torch.zeros_like(F)))
+
+
+@pytest.mark.parametrize("k,b,size", [(3, 2, 4), (2, 3, 7), (2, 3, 3), (1, 2, 0)])
+def test_block_diagonal_factor_refuses_sizes_its_blocks_do_not_make(k, b, size):
+    """BlockDiagonalFactor needs (k − 1)·b < size ≤ k·b: no block wholly padding, no rows beyond the blocks."""
+    with pytest.raises(ValueError, match=rf"cannot make a {size} × {size} factor"):
+        kk.BlockDiagonalFactor(torch.zeros(k, b, b), size)
+    assert kk.BlockDiagonalFactor(torch.zeros(k, b, b), (k - 1) * b + 1).shape == ((k - 1) * b + 1,) * 2
+
+
+def test_compressed_factors_refuse_tensors_with_extra_dimensions():
+    """LowRankFactor / Int8Factor / BlockDiagonalFactor check the number of dimensions of each tensor, not a lower bound."""
+    with pytest.raises(ValueError, match=r"eigenvalues must be 1-D, got shape \(2, 1\)"):
+        kk.LowRankFactor(torch.randn(3, 2), torch.rand(2, 1))
+    with pytest.raises(ValueError, match=r"scale must be 1-D, got shape \(3, 1\)"):
+        kk.Int8Factor(torch.zeros(3, 3, dtype=torch.int8), torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"blocks must be 3-D, got shape \(1, 2, 2, 2\)"):
+        kk.BlockDiagonalFactor(torch.zeros(1, 2, 2, 2), 2)
+
+
+@pytest.mark.parametrize("n,fraction,rank", [(7, 0.5, 4), (9, 0.3, 3), (11, 0.95, 10), (5, 0.05, 1)])
+def test_low_rank_fraction_rounds_to_the_nearest_rank_and_keeps_the_top_eigenpairs(n, fraction, rank):
+    """LowRankFactor.from_dense(fraction=f) keeps round(f · n) (at least 1) of the largest eigenpairs, in float64."""
+    F = spd(n, torch.float64)
+    low = kk.LowRankFactor.from_dense(F, fraction=fraction)
+    assert low.rank == rank
+    lam, U = torch.linalg.eigh(F)
+    top = lam.flip(0)[:rank]
+    assert torch.allclose(low.eigenvalues.double(), top, rtol=1e-6)
+    reference = (U[:, -rank:] * lam[-rank:]) @ U[:, -rank:].T
+    assert rel_err(low.to_dense(), reference) < 1e-6  # λ is kept in float32
+
+
 @pytest.mark.parametrize("shape,ranks", [((1, 1), (1, 1)), ((7, 33), (7, 33)), ((33, 7), (5, 3)), ((130, 33), (17, 33))])
 def test_eigen_quadratic_form(backend, shape, ranks):
     o, i = shape

@@ -555,6 +555,55 @@ def test_cosine_schedule_warms_up_from_its_first_step_and_anneals_to_zero(tmp_pa
     assert factors == [[0.5], [1.0], [1.0]]
 
 
+def test_config_defaults_are_the_documented_ones():
+    """TrainConfig's defaults: TAK on MiniLM, 2,000 steps at batch 128, factors merged from 256 examples with one probe
+    each, checkpoints every 200 steps, 128 tokens, evaluation batches of 256, seed 0, paper hyperparameters (None)."""
+    c = TrainConfig()
+    assert (c.method, c.task, c.backbone, c.out) == ("tak", "rotten_tomatoes", "minilm", "runs")
+    assert (c.steps, c.batch_size, c.warmup_steps, c.checkpoint_every, c.eval_batch_size) == (2000, 128, 0, 200, 256)
+    assert (c.factors, c.factor_examples, c.mc_samples, c.penalty_every, c.compress) == ("merged", 256, 1, 1, None)
+    assert (c.max_length, c.seed, c.max_train, c.max_test, c.device) == (128, 0, None, None, None)
+    assert all(getattr(c, k) is None for k in ("lr", "weight_decay", "beta", "beta_teacher", "gamma",
+                                               "last_layer_weight", "lora_rank", "lora_lr"))
+    assert (c.tasks, c.reference, c.factor_files, c.layer_weights, c.backbone_options) == ([], [], [], {}, {})
+    assert not (c.universal or c.offload_factors or c.tensorboard) and c.progress and c.trainable is None
+
+
+def test_adamw_takes_the_runs_weight_decay(tmp_path, monkeypatch, toys):
+    """The optimizer decays with the run's weight_decay: the method's paper default (0.1), or the value the config sets."""
+    decays, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        decays.append([g["weight_decay"] for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    tak.train(dataclasses.replace(toy_config(tmp_path / "default", "nonlinear"), steps=1))
+    tak.train(dataclasses.replace(toy_config(tmp_path / "set", "nonlinear"), steps=1, weight_decay=0.37))
+    assert decays == [[0.1], [0.37]]
+
+
+def test_metrics_are_the_trained_models_accuracies_on_val_and_test(tmp_path, toys):
+    """metrics["val"] / ["test"] (returned and in metrics.json) are the accuracies of θ0 + τ on those splits."""
+    result = tak.train(toy_config(tmp_path, "nonlinear"))
+    backbone, task = toy_backbone(), toy_task(None)
+    with torch.no_grad():
+        for name, p in backbone.model.named_parameters():
+            p.add_(result.task_vector.tensors[name].to(p.dtype))
+
+    def percent(split):
+        x = torch.stack([x for x, _ in task.split(split)])
+        y = torch.tensor([y for _, y in task.split(split)])
+        with torch.no_grad():
+            return 100.0 * (backbone.head(task)(backbone.model(x)).argmax(-1) == y).double().mean().item()
+
+    want = {"val": percent("val"), "test": percent("test")}
+    assert want["val"] != want["test"]  # the splits tell apart which one was evaluated
+    written = json.loads((result.path.parent / "metrics.json").read_text())
+    for metrics in (result.metrics, written):
+        assert {k: metrics[k] for k in want} == pytest.approx(want, abs=1e-9)
+
+
 # --- data parallel --------------------------------------------------------------------------------
 
 TOY_BACKBONE, TOY_TASK = "toy-mlp", "toy-blobs"
@@ -693,6 +742,11 @@ def test_two_gloo_processes_train_the_task_vector_of_one(tmp_path, toys):
             assert not single.tensors["unused"].any()  # no gradient, no weight decay: as with one process
             for k, v in single.tensors.items():
                 torch.testing.assert_close(ddp.tensors[k], v, rtol=1e-9, atol=1e-12, msg=f"{method} {name} {k}")
+        # the last step's loss terms are averaged over the processes: those of the whole batch, as with one process
+        terms = json.loads((run_dir / "metrics.json").read_text())["final_loss_terms"]
+        assert terms.keys() == one.metrics["final_loss_terms"].keys()
+        for k, v in one.metrics["final_loss_terms"].items():
+            assert terms[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (method, k)
 
 
 @pytest.mark.parametrize("case", ["nan", "resume", "disk full", "signal"])
