@@ -34,6 +34,20 @@ def architecture_fingerprints(model: nn.Module) -> set[str]:
     return {architecture_fingerprint(model), *(_fingerprint(model, suffix) for suffix in legacy)}
 
 
+def weights_record(model: nn.Module) -> dict:
+    """``{"digest": SHA-256 (16 hex digits) of model's state (parameters and persistent buffers: names, shapes, dtypes,
+    bytes), "dtypes": its floating dtypes}``: equal for the same weights in the same dtypes on any device. Records
+    are compared only where their dtypes agree: a copy in another precision holds other values."""
+    h, dtypes = hashlib.sha256(), set()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        if t.is_floating_point():
+            dtypes.add(str(t.dtype).removeprefix("torch."))
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return {"digest": h.hexdigest()[:16], "dtypes": sorted(dtypes)}
+
+
 def _fingerprint(model: nn.Module, suffix) -> str:
     """SHA-256 (16 hex digits) of the class name and ``name:shape<suffix(p)>;`` per parameter."""
     h = hashlib.sha256(type(model).__name__.encode())

@@ -80,7 +80,7 @@ class TaskVector:
         return TaskVector({k: alpha * v for k, v in self.tensors.items()}, dict(self.meta))
 
 
-BACKBONE_KEYS = ("base_model", "pretrained", "max_length", "backbone_options")
+BACKBONE_KEYS = ("base_model", "pretrained", "max_length", "backbone_options", "weights")
 
 
 def backbone_setting(tv: TaskVector, key: str):
@@ -91,7 +91,7 @@ def backbone_setting(tv: TaskVector, key: str):
 
 def check_same_backbone(task_vectors: Iterable[TaskVector]) -> None:
     """ValueError unless all task vectors were trained on one backbone as loaded: the same base model, and the same
-    pretrained weights, ``max_length`` and loader options where their files record them."""
+    pretrained weights (source and digest), ``max_length`` and loader options where their files record them."""
     tvs = list(task_vectors)
     for key in BACKBONE_KEYS:
         values = [backbone_setting(tv, key) for tv in tvs]

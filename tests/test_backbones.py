@@ -15,6 +15,7 @@ from tak.backbones import GenericBackbone, Head, list_backbones, load_backbone
 from tak.backbones.t5 import T5Backbone
 from tak.backbones.text import TextEncoderBackbone
 from tak.data.task import Task
+from tak.io import weights_record
 from tak.task_vector import TaskVector, check_compatible
 
 from .util import legacy_fingerprint, rel_err
@@ -429,6 +430,27 @@ def test_task_vector_of_fp32_minilm_applies_to_minilm_in_bf16(minilm, tmp_path, 
         with pytest.raises(ValueError, match=r"task vector of architecture '[0-9a-f]{16}' \(base model 'minilm'\); "
                                              r"the model here is '[0-9a-f]{16}': check that it is the base model 'minilm'"):
             TaskVector.load(file, model=mlp)
+
+
+def test_a_backbone_records_its_weights_and_refuses_task_vectors_of_another_theta0(minilm):
+    """Same weights in the same dtypes: one digest; one changed value: another; another dtype: not compared."""
+    record = minilm.weights
+    assert record == weights_record(copy.deepcopy(minilm.model)) and record["dtypes"] == ["float32"]
+    assert minilm.meta()["weights"] == record and minilm.holds_weights(record) and minilm.holds_weights(None)
+    other = copy.deepcopy(minilm)
+    with torch.no_grad():
+        other.model.encoder.layer[3].output.dense.bias[7] += 1e-6
+    other.__dict__.pop("_weights")  # (weights are never changed in place but here: forget the digest)
+    assert other.weights["digest"] != record["digest"] and not minilm.holds_weights(other.weights)
+    assert minilm.holds_weights({**other.weights, "dtypes": ["bfloat16"]})  # another precision: no digest can tell
+    tv = TaskVector({"pooler.dense.bias": torch.zeros(384)}, {**minilm.meta(), "regime": "nonlinear", "task": "t"})
+    check_backbone(minilm, [tv])
+    with pytest.raises(ValueError, match=r"task vector 't' was trained from base weights \{'digest': '[0-9a-f]{16}', "
+                                         r"'dtypes': \['float32'\]\}; backbone 'minilm' \(pretrained=None\) as loaded "
+                                         r"here has .*another θ0"):
+        apply(other, tv)
+    other.to(torch.float64)  # ``to`` records the weights again
+    assert other.weights["dtypes"] == ["float64"] and other.holds_weights(tv.meta["weights"])
 
 
 def test_spec_errors(monkeypatch, tmp_path):

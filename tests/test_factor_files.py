@@ -126,6 +126,7 @@ def test_factor_files_that_do_not_fit_the_run_are_refused_naming_why(tmp_path):
     own = fit(tiny(tmp_path, task="rotten_tomatoes"), "kfac", tmp_path / "own.kfac.safetensors")
     tensors, meta = read(kfac)
     write(tmp_path / "bert.safetensors", tensors, {**meta, "base_model": "hf:bert-base-uncased"})
+    write(tmp_path / "theta.safetensors", tensors, {**meta, "weights": {**meta["weights"], "digest": "0" * 16}})
     for name, size in (("sizeless", None), ("empty", 0), ("boolean", True), ("text", "40")):
         write(tmp_path / f"{name}.safetensors", tensors, {**meta, "train_examples": size})
 
@@ -146,6 +147,9 @@ def test_factor_files_that_do_not_fit_the_run_are_refused_naming_why(tmp_path):
             trainable="encoder.layer.4.attention.*")
     refused("fitted on base_model 'hf:bert-base-uncased', this run's is 'minilm'",
             factor_files=[str(tmp_path / "bert.safetensors")])
+    refused(r"theta.safetensors: fitted on base weights \{'digest': '0000000000000000', 'dtypes': \['float32'\]\}; "
+            r"this run's are \{'digest': '[0-9a-f]{16}'.*another θ0 in the same dtypes",
+            factor_files=[str(tmp_path / "theta.safetensors")])
     for name, size in (("sizeless", None), ("empty", 0), ("boolean", True), ("text", "'40'")):
         refused(f"{name}.safetensors: train_examples={size} in its metadata; expected .* a positive integer",
                 factor_files=[str(tmp_path / f"{name}.safetensors")])

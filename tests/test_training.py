@@ -1,6 +1,7 @@
 """tak.train end to end: every method on MiniLM (2 steps, a tiny config), checkpoints and resume,
 config changes and NaN refused, task-vector files checked, batches per (seed, step), and a 2-process
 gloo run equal to a 1-process one (a deterministic toy backbone registered by name)."""
+import copy
 import dataclasses
 import json
 import os
@@ -468,6 +469,11 @@ def test_check_compatible_refuses_mixed_regimes_base_models_and_layers(trained):
     with pytest.raises(ValueError, match=r"differ in pretrained \(rotten_tomatoes: None, rotten_tomatoes: "
                                          r"'/other/minilm'\): they were trained on different backbones"):
         combine([nonlinear, other_weights])
+    other_theta0 = TaskVector(dict(nonlinear.tensors), {**nonlinear.meta, "weights": {
+        **nonlinear.meta["weights"], "digest": "0" * 16}})
+    with pytest.raises(ValueError, match=r"differ in weights \(rotten_tomatoes: \{'digest': '[0-9a-f]{16}'.*"
+                                         r"rotten_tomatoes: \{'digest': '0000000000000000'"):
+        combine([nonlinear, other_theta0])
     with pytest.raises(ValueError, match=r"differ in max_length \(rotten_tomatoes: 16, rotten_tomatoes: 64\)"):
         check_compatible([nonlinear, TaskVector(dict(nonlinear.tensors), {**nonlinear.meta, "max_length": 64})])
     unrecorded = TaskVector(dict(nonlinear.tensors), {k: v for k, v in nonlinear.meta.items() if k != "max_length"})
@@ -951,6 +957,25 @@ def test_a_clip_model_that_names_no_architecture_is_warned_of_its_default_beta(t
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*names no open_clip architecture")
         tak.train(TrainConfig.from_dict({**values, "beta": 500.0, "out": str(tmp_path / "set")}))
+
+
+def test_a_run_resumes_only_from_the_base_weights_it_started_from(tmp_path, monkeypatch):
+    config = tiny(tmp_path, steps=1)
+    first = tak.train(config)
+    backbone = loop._backbone(config, loop._device(config))
+    assert first.task_vector.meta["weights"] == backbone.weights
+    other = copy.deepcopy(backbone)  # the same spec, other values: a local folder whose files changed
+    with torch.no_grad():
+        other.model.embeddings.word_embeddings.weight[5, 0] += 1e-3
+    other.__dict__.pop("_weights")
+    monkeypatch.setitem(loop._CACHE, next(k for k, b in loop._CACHE.items() if b is backbone), other)
+    with pytest.raises(ValueError, match=r"another config \(weights: checkpoint \{'digest': '[0-9a-f]{16}', 'dtypes': "
+                                         r"\['float32'\]\}, now"):
+        tak.train(config)
+    path = config.run_dir() / "checkpoint.safetensors"
+    tensors, meta = read(path)  # a checkpoint of an earlier tak records no weights: it resumes
+    write(path, tensors, {**meta, "config": {k: v for k, v in meta["config"].items() if k != "weights"}})
+    assert tak.train(config).task_vector.meta["weights"] == other.weights
 
 
 def test_a_checkpoint_resumes_across_new_config_keys_but_not_other_hyperparameters(tmp_path):

@@ -53,8 +53,9 @@ def negate(task_vector: TaskVector, alpha: float = 1.0) -> TaskVector:
 
 def check_backbone(backbone, task_vectors: list[TaskVector]) -> None:
     """ValueError unless the task vectors were trained on ``backbone``: its architecture (in any dtype), and its
-    name and pretrained weights where the task vector records them. A fingerprint of an earlier tak's file
-    (``tak.io.architecture_fingerprints``) is accepted and replaced by today's, so the task vectors compare equal."""
+    name, pretrained weights and their digest (``Backbone.holds_weights``) where the task vector records them. A
+    fingerprint of an earlier tak's file (``tak.io.architecture_fingerprints``) is accepted and replaced by today's,
+    so the task vectors compare equal."""
     have = (backbone.meta().get("source") or {}).get("pretrained")
     known = architecture_fingerprints(backbone.model)
     for tv in task_vectors:
@@ -68,6 +69,11 @@ def check_backbone(backbone, task_vectors: list[TaskVector]) -> None:
         if base is not None and base != backbone.name or "pretrained" in source and want != have:
             raise ValueError(f"task vector {tv.task!r} was trained on {base!r} with pretrained={want!r}; the backbone "
                              f"is {backbone.name!r} with pretrained={have!r}")
+        if not backbone.holds_weights(tv.meta.get("weights")):
+            raise ValueError(f"task vector {tv.task!r} was trained from base weights {tv.meta['weights']}; backbone "
+                             f"{backbone.name!r} (pretrained={have!r}) as loaded here has {backbone.weights}: other "
+                             "values in the same dtypes are another θ0 (changed files, another checkpoint), and "
+                             "θ0 + τ would be meaningless")
 
 
 def apply(backbone, task_vector: TaskVector, alpha: float = 1.0):

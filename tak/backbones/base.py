@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compat import ensure_torchvision_importable
-from ..io import architecture_fingerprint
+from ..io import architecture_fingerprint, weights_record
 
 INSTALL_HINT = "pip install 'kfac_kernels[models]'"
 
@@ -97,6 +97,7 @@ class Backbone:
         """``model.to(*args, **kwargs)``; the heads built so far follow to the device (keeping their dtype:
         ``Head`` casts its weight to the features' dtype). Returns self."""
         self.model.to(*args, **kwargs)
+        self.__dict__.pop("_weights", None)  # a dtype rounds them
         device = torch._C._nn._parse_to(*args, **kwargs)[0]
         if device is not None:
             for head in self.__dict__.get("_heads", {}).values():
@@ -107,7 +108,21 @@ class Backbone:
     def fingerprint(self) -> str:
         return architecture_fingerprint(self.model)
 
+    @property
+    def weights(self) -> dict:
+        """``tak.io.weights_record`` of ``model``, θ0: computed once (``to`` computes it again), for ``model`` is never
+        trained in place."""
+        if "_weights" not in self.__dict__:
+            self._weights = weights_record(self.model)
+        return self._weights
+
+    def holds_weights(self, recorded: dict | None) -> bool:
+        """Whether ``model`` may hold the θ0 of a file's ``weights`` record: the same digest, or other dtypes (the
+        same weights in another precision, which no digest can tell), or no record (a file of an earlier tak)."""
+        mine = self.weights
+        return not recorded or recorded.get("dtypes") != mine["dtypes"] or recorded.get("digest") == mine["digest"]
+
     def meta(self) -> dict:
         """What task vector and factor files record about the backbone."""
-        return {"base_model": self.name, "fingerprint": self.fingerprint,
+        return {"base_model": self.name, "fingerprint": self.fingerprint, "weights": self.weights,
                 "source": dict(self.source or {"spec": self.name})}

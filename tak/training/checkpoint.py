@@ -4,9 +4,10 @@ Tensors: ``param/<name>`` (the trained parameters), ``optim/<name>/<key>`` (the 
 per-parameter state); no generator states: a step's random draws are seeded by the step itself
 (``tak.training.loop.step_seed``), and those of older checkpoints are ignored. Metadata: the step reached,
 the run's progress (``terms``: the last step's loss terms, ``seconds``: training time so far, so a
-finished run started again reports what its training did) and the run's config, which a resume must match (except the keys in ``_MAY_DIFFER``): its keys as set, a key
-the checkpoint lacks (written by an older tak) at its default, and the hyperparameters as resolved (``hparams``:
-the method's defaults under the values set), so a changed default cannot slip into a resumed run.
+finished run started again reports what its training did) and the run's config, which a resume must match (except
+the keys in ``_MAY_DIFFER``): its keys as set, a key the checkpoint lacks (written by an older tak) at its default,
+θ0's ``weights`` record where the checkpoint has one, and the hyperparameters as resolved (``hparams``: the
+method's defaults under the values set), so a changed default or other base weights cannot slip into a resumed run.
 """
 from pathlib import Path
 
@@ -20,6 +21,7 @@ _KIND = "checkpoint"
 _MAY_DIFFER = ("progress", "tensorboard", "checkpoint_every", "eval_batch_size", "max_test", "device",
                "out",  # the checkpoint's own place names the run, however its folder is spelled
                "factor_files")  # the files' contents count, compared as "factor_digests"
+_IF_RECORDED = ("weights",)  # θ0's (tak.io.weights_record): checkpoints of an earlier tak lack it
 
 
 def _canonical(key: str, value):
@@ -58,6 +60,7 @@ def read_matching(path, config: dict) -> tuple[dict, dict]:
     saved, defaults = meta["config"], TrainConfig().to_dict()
     resolved = saved.get("hparams") or {k: v for k, v in saved.items() if k in HYPERPARAMETERS and v is not None}
     differ = sorted(k for k in set(saved) | set(config) if k not in (*_MAY_DIFFER, *HYPERPARAMETERS, "hparams")
+                    and (k in saved or k not in _IF_RECORDED)
                     and _canonical(k, saved.get(k, defaults.get(k))) != _canonical(k, config.get(k)))
     changed_hp = sorted(k for k, v in resolved.items() if v != config["hparams"].get(k))  # named as the keys set them
     if differ or changed_hp:

@@ -78,10 +78,10 @@ def load_factor_files(kind: str, paths: list, backbone, layers: list[str], devic
                       fitted: list[str], features: dict | None = None) -> list:
     """[(factors, training-set size)] of the factor files ``paths`` (``tak fit``: factors shared in place of the
     data) for a run on ``backbone`` that trains ``layers`` and fits factors of the tasks ``fitted`` from their data:
-    ``kind`` files of its architecture and, where a file records them, its base model and pretrained tag; cut to
-    ``layers``; of tasks other than ``trained`` (None: any) and ``fitted``, each task once. A file whose fit
-    recorded other ``features`` settings ({"max_length": ..., "backbone_options": ...}: how inputs become the
-    features whose curvature it holds) is used with a warning that names them."""
+    ``kind`` files of its architecture and, where a file records them, its base model, pretrained tag and weights
+    (``Backbone.holds_weights``); cut to ``layers``; of tasks other than ``trained`` (None: any) and ``fitted``, each
+    task once. A file whose fit recorded other ``features`` settings ({"max_length": ..., "backbone_options": ...}:
+    how inputs become the features whose curvature it holds) is used with a warning that names them."""
     loaded, seen = [], {}
     for path in paths:
         try:
@@ -96,6 +96,9 @@ def load_factor_files(kind: str, paths: list, backbone, layers: list[str], devic
                                     mine["source"].get("pretrained"))):
             if theirs is not None and theirs != value:
                 raise ValueError(f"factor file {path}: fitted on {key} {theirs!r}, this run's is {value!r}")
+        if not backbone.holds_weights(meta.get("weights")):
+            raise ValueError(f"factor file {path}: fitted on base weights {meta['weights']}; this run's are "
+                             f"{backbone.weights}: another θ0 in the same dtypes")
         tasks = [t for t in str(meta.get("task") or "").split("+") if t]  # none named: a file of one's own making
         if trained in tasks:
             raise ValueError(f"factor file {path}: holds the factors of {trained!r}, the task this run trains; the "

@@ -363,7 +363,8 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     hp = hyperparameters(config, task)
     ckpt = config.run_dir() / "checkpoint.safetensors"
     digests = file_digests(config.factor_files)  # once: what the run was given, as it read them
-    saved = {**config.to_dict(), "hparams": hp, **({"factor_digests": digests} if digests else {})}  # same files only
+    saved = {**config.to_dict(), "hparams": hp, "weights": backbone.weights,  # the same θ0
+             **({"factor_digests": digests} if digests else {})}  # and the same factor files only
     resumed = checkpoint.read_matching(ckpt, saved) if ckpt.exists() else None  # another run's: refused before fitting
     objective = build_objective(config, backbone, task, device)
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -462,6 +463,7 @@ def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
     factors = drift_factors(kind, backbone, tasks, **_fit_options(config, device, layers, cache=None))
     source = {k: v for k, v in backbone.meta()["source"].items() if k != "path"}  # no local paths in a shared file
     factors.meta.update(task="+".join(t.name for t in tasks), base_model=backbone.name, source=source,
+                        weights=backbone.weights,
                         train_examples=sum(len(t.split("train")) for t in tasks),
                         fit={k: getattr(config, k) for k in ("factor_examples", "mc_samples", "seed", "max_train",
                                                               "max_length", "backbone_options")})
