@@ -467,20 +467,26 @@ def toy_registered():
         _TASKS.pop(name)
 
 
-@pytest.mark.parametrize("regime", ["nonlinear", "linear"])
-@pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
-def test_eval_analyses_evaluate_each_task_vector_combination(tmp_path, toy_registered, regime):
-    """ξ(α1, α2) of `tak eval --analyses` equals ξ computed with a network built afresh for every τ."""
-    backbone = toy_backbone()
-    g = torch.Generator().manual_seed(5)
+def _handmade_task_vectors(folder, backbone, regime, seed) -> list:
+    """The paths of one random τ (entries ~ 0.8 N(0, 1)) per toy task, for ``backbone``'s parameters, in ``folder``."""
+    g = torch.Generator().manual_seed(seed)
     paths = []
     for name in TOY_TASKS:
         tensors = {k: 0.8 * torch.randn(p.shape, generator=g, dtype=p.dtype)
                    for k, p in backbone.model.named_parameters()}
         meta = {"base_model": TOY, "fingerprint": backbone.fingerprint, "regime": regime, "task": name,
                 "method": "handmade"}
-        paths.append(tmp_path / f"{name}.safetensors")
+        paths.append(folder / f"{name}.safetensors")
         TaskVector(tensors, meta).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("regime", ["nonlinear", "linear"])
+@pytest.mark.filterwarnings("ignore:tak.linearize. generic torch.func.jvp path")
+def test_eval_analyses_evaluate_each_task_vector_combination(tmp_path, toy_registered, regime):
+    """ξ(α1, α2) of `tak eval --analyses` equals ξ computed with a network built afresh for every τ."""
+    backbone = toy_backbone()
+    paths = _handmade_task_vectors(tmp_path, backbone, regime, seed=5)
     ok("eval", *paths, "--analyses", "--alphas", "0,1", "--device", "cpu", "--out", tmp_path / "eval")
     found = json.loads((tmp_path / "eval" / "results.json").read_text())["analyses"]["disentanglement"]
 
@@ -504,15 +510,7 @@ def test_eval_analyses_linearization_error_is_against_the_mean_task_vector(tmp_p
     """`tak eval --analyses`' linearization error of a task: the mean over its inputs of
     ‖mean_t f(x; θ0 + τ_t) − f(x; θ0 + mean_t τ_t)‖₁, networks built afresh."""
     backbone = toy_backbone()
-    g = torch.Generator().manual_seed(11)
-    paths = []
-    for name in TOY_TASKS:
-        tensors = {k: 0.8 * torch.randn(p.shape, generator=g, dtype=p.dtype)
-                   for k, p in backbone.model.named_parameters()}
-        meta = {"base_model": TOY, "fingerprint": backbone.fingerprint, "regime": "nonlinear", "task": name,
-                "method": "handmade"}
-        paths.append(tmp_path / f"{name}.safetensors")
-        TaskVector(tensors, meta).save(paths[-1])
+    paths = _handmade_task_vectors(tmp_path, backbone, "nonlinear", seed=11)
     ok("eval", *paths, "--analyses", "--alphas", "0,1", "--device", "cpu", "--out", tmp_path / "eval")
     found = json.loads((tmp_path / "eval" / "results.json").read_text())["analyses"]["linearization_error"]
 
