@@ -97,7 +97,7 @@ class Backbone:
         """``model.to(*args, **kwargs)``; the heads built so far follow to the device (keeping their dtype:
         ``Head`` casts its weight to the features' dtype). Returns self."""
         self.model.to(*args, **kwargs)
-        self.__dict__.pop("_weights", None)  # a dtype rounds them
+        self.__dict__.pop("_weights_of", None)  # a dtype rounds them (and memory may be reused)
         device = torch._C._nn._parse_to(*args, **kwargs)[0]
         if device is not None:
             for head in self.__dict__.get("_heads", {}).values():
@@ -110,10 +110,11 @@ class Backbone:
 
     @property
     def weights(self) -> dict:
-        """``tak.io.weights_record`` of ``model``, θ0: computed once (``to`` computes it again), for ``model`` is never
-        trained in place."""
-        if "_weights" not in self.__dict__:
-            self._weights = weights_record(self.model)
+        """``tak.io.weights_record`` of ``model``, θ0: computed again only once a tensor of its state has been
+        replaced or changed in place (torch's version counters) or ``to`` has moved it."""
+        state = [(t.data_ptr(), None if t.is_inference() else t._version) for t in self.model.state_dict().values()]
+        if self.__dict__.get("_weights_of") != state:
+            self._weights, self._weights_of = weights_record(self.model), state
         return self._weights
 
     def holds_weights(self, recorded: dict | None) -> bool:

@@ -41,13 +41,12 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     """Factors of ``kind`` on the training inputs of ``tasks`` (one task, or a reference set of several),
     for the modules named in ``layers`` (None: all), Monte-Carlo probes seeded by ``seed``, fitted on ``device`` and
     kept on ``home`` (None: ``device``); under torchrun each rank fits every world-th batch. The cached file's name
-    holds kind, tasks, n, M, a hash of ``layers``,
-    ``content_digest`` of the model and the inputs, and ``cache_key`` (what else the factors depend on, the seed
-    among them; see the loop)."""
+    holds kind, tasks, n, M, a hash of ``layers``, ``content_digest`` of θ0 and the inputs, and ``cache_key`` (what
+    else the factors depend on, the seed among them; see the loop)."""
     name = "+".join(t.name for t in tasks)
     which = "all" if layers is None else hashlib.sha256("|".join(sorted(layers)).encode()).hexdigest()[:8]
     batches = fit_inputs(backbone, [t.split("train") for t in tasks], n_examples, device)
-    content = content_digest(backbone.model, batches)
+    content = content_digest(backbone.weights["digest"], batches)
     stem = f"{kind}-{name}-n{n_examples}-mc{mc_samples}-{which}-{content}" + (f"-{cache_key}" if cache_key else "")
     path = None if cache is None else Path(cache) / f"{stem}.safetensors"
     if path is not None and on_every_rank(path.exists(), device):  # a rank that lacks the file fits with the others
@@ -62,13 +61,11 @@ def task_factors(kind: str, backbone, tasks: list, *, n_examples: int, mc_sample
     return factors if home is None else factors.to(home)
 
 
-def content_digest(model, batches) -> str:
-    """8 hex digits of the model's parameters and buffers and of the inputs the factors are fitted on: a cached
-    file is reused only for the same θ0 and the same data."""
-    h = hashlib.sha256()
-    tensors = [t for _, t in sorted(model.state_dict().items())]
-    tensors += [t for batch in batches for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-    for t in tensors:
+def content_digest(weights_digest: str, batches) -> str:
+    """8 hex digits of θ0 (its ``tak.io.weights_record`` digest: every value, in its dtype) and of the inputs the
+    factors are fitted on: a cached file is reused only for the same θ0 and the same data."""
+    h = hashlib.sha256(weights_digest.encode())
+    for t in [t for batch in batches for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()[:8]
