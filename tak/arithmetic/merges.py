@@ -270,12 +270,11 @@ def _spectral(taus, matrix_filter: MatrixFilter | None, merge_matrix) -> dict[st
 
 @torch.no_grad()
 def tsv_m(taus, *, matrix_filter: MatrixFilter | None = None) -> dict[str, Tensor]:
-    """TSV-Merge (Gargiulo et al. 2025): per matrix, each task keeps its top ``⌊d/T⌋`` singular directions, and the
-    concatenated singular vectors are orthogonalized (polar factors). Other tensors: mean over tasks.
+    """TSV-Merge (Gargiulo et al. 2025): per matrix, each task keeps its top ``max(1, ⌊d/T⌋)`` singular triplets;
+    the polar factors of the concatenated left and right singular vectors are recombined with the concatenated
+    singular values. Other tensors: mean over tasks.
 
-    Each task keeps ``max(1, ⌊d/T⌋)`` singular triplets; the polar factors of the concatenated left and right
-    singular vectors are recombined with the concatenated singular values. Matrices rejected by
-    ``matrix_filter(name, tensor)``: mean over tasks.
+    Matrices rejected by ``matrix_filter(name, tensor)`` count as other tensors.
     """
     def merge_matrix(x):
         T, m, n = x.shape
