@@ -33,6 +33,8 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each co
     (β^T = β^S = 500; ``EKFAC`` factors built from random orthogonal bases and random positive
     eigenvalues of the layers' shapes: timing does not depend on their values) and the along-path
     distillation (γ = 1);
+  * tak, factors offloaded: the same step with ``offload_factors`` (the factors on the CPU in pinned memory, copied
+    to the GPU on a side stream at every step: the worst case of ``penalty_every=1``), against tak;
   * linear, timed again: its ratio to the first linear step is the run-to-run spread, the noise in tak's 1.05.
   Ratios: tak / linear (target ≤ 1.05), tak published / linear (published code: about 1.35), delta /
   nonlinear (target ≤ 3), linear / nonlinear; peak memory each / its plain reference.
@@ -236,17 +238,19 @@ class PublishedPenalty:
         return self.beta * total
 
 
-def penalties(kind: str, beta: float, *, teacher: bool = False):
+def penalties(kind: str, beta: float, *, teacher: bool = False, offload: bool = False):
     """(penalty, teacher_penalty) of ``kind`` ("kfac", "published" or "ekfac"), their factors moved to the
-    device once and shared, as ``build_objective`` does (the move is counted in the configuration's memory)."""
+    device once and shared, as ``build_objective`` does (the move is counted in the configuration's memory);
+    ``offload``: kept on the CPU (pinned) and copied to the device at every step instead."""
     from tak.methods import CurvaturePenalty, layer_weights
-    factors = (Setup.ekfac if kind == "ekfac" else Setup.kfac).to(CFG.dev)
+    factors = Setup.ekfac if kind == "ekfac" else Setup.kfac
+    factors = factors if offload else factors.to(CFG.dev)
     weights = layer_weights(factors, last_layer_weight=0.1 if kind != "ekfac" else 1.0)
     if kind == "published":
         return PublishedPenalty(factors, beta, weights), None
 
     def make(b):
-        return CurvaturePenalty(factors, b, weights=weights, device=CFG.dev)
+        return CurvaturePenalty(factors, b, weights=weights, device=CFG.dev, offload=offload)
     return make(beta), (make(beta) if teacher else None)
 
 
@@ -366,6 +370,9 @@ def section_steps():
             note="CurvaturePenalty(merged KFAC), kfac_kernels.quadratic_forms, bf16 τ")
     measure(steps, "tak, published-code penalty", training_step("tak", penalty=lambda: penalties("published", 100.0)),
             reference="linear", note="Σ_l trace(B @ T @ A @ T.T), autograd, fp32")
+    measure(steps, "tak, factors offloaded",
+            training_step("tak", penalty=lambda: penalties("kfac", 100.0, offload=True)), reference="tak", note="offload_factors: the factors copied from pinned CPU memory at every step (the worst "
+                                  "case; penalty_every=N copies every N-th), on a side stream beside the forward")
     measure(steps, "linear, timed again", training_step("linear"), reference="linear",
             note="the run-to-run spread of a step: the noise in tak's ≤ 1.05× of linear")
     measure(steps, "delta", training_step("delta", penalty=lambda: penalties("ekfac", 500.0, teacher=True)),

@@ -55,7 +55,7 @@ def test_bench_methods_smoke(tmp_path):
         pytest.skip("bench_methods.py needs open_clip")
     data = smoke("bench_methods", tmp_path)
     results = {r["name"]: r for r in data["results"]}
-    for name in ("nonlinear", "linear", "tak", "tak, published-code penalty", "delta"):
+    for name in ("nonlinear", "linear", "tak", "tak, published-code penalty", "tak, factors offloaded", "delta"):
         assert results[name]["ms"] > 0 and results[name]["iterations"] == 2, name
     assert results["tak"]["ratio"] is not None and results["delta"]["ratio"] is not None
     assert results["linear"]["terms"]["student"] == "DualLinearizedModel"  # the fast path ran

@@ -25,12 +25,13 @@ from tak.backbones import load_backbone
 from tak.curvature import fit_ekfac, fit_kfac
 from tak.data import Task, register_task
 from tak.data.registry import _TASKS
-from tak.methods import METHODS
+from tak.methods import METHODS, CurvaturePenalty
 from tak.task_vector import TaskVector
 from tak.training import TrainConfig, fit, loop
 from tak.training import factors as training_factors
 
 from .test_fit_kfac import random_mask, tiny_clip
+from .test_methods import factor_tensors, toy_factor_kinds
 from .test_tak_models import text_batch
 from .util import rel_err
 
@@ -225,6 +226,27 @@ def test_training_on_cuda_equals_cpu(backbone, method, specs, registered, tmp_pa
         assert metrics_gpu["final_loss_terms"][key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
 
 
+def test_offloaded_factors_are_pinned_and_their_copies_equal_the_resident_factors():
+    """Offloaded factors wait in pinned memory; each penalty step copies them on a stream of their own, which the
+    penalty's kernels wait for: every kind gives the value and τ-gradient of factors resident on the GPU, step after
+    step, with nothing queued before it to hide a copy still in flight."""
+    kinds, taus = toy_factor_kinds()
+    taus = {n: t.to(CUDA).requires_grad_() for n, t in taus.items()}
+    for kind, factors in kinds.items():
+        offloaded = CurvaturePenalty(factors, 3.0, offload=True, device=CUDA)
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in factor_tensors(offloaded.factors)), kind
+        resident = CurvaturePenalty(factors, 3.0, device=CUDA)
+        want = resident(taus)
+        grads = torch.autograd.grad(want, list(taus.values()), allow_unused=True)
+        for step in range(3):
+            got = offloaded(taus, step)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=kind)
+            for g, w in zip(torch.autograd.grad(got, list(taus.values()), allow_unused=True), grads):
+                assert (g is None) == (w is None), kind
+                if g is not None:
+                    torch.testing.assert_close(g, w, rtol=1e-6, atol=0, msg=kind)
+
+
 def test_offloaded_factors_and_factor_files_on_cuda(specs, registered, tmp_path, monkeypatch):
     """offload_factors keeps a CUDA run's factors on the CPU, from the moment each is fitted, between penalty steps,
     and trains the τ of a run that does not; a factor file (read on the CPU, cut to the trained layers, moved) trains
@@ -241,7 +263,8 @@ def test_offloaded_factors_and_factor_files_on_cuda(specs, registered, tmp_path,
     objective = loop.build_objective(offloaded, backbone, loop._task(offloaded.task, offloaded), device)
     factors = objective.penalty.factors
     assert merged_on and set(merged_on) == {"cpu"}  # each task's factors left the GPU as soon as fitted
-    assert all(t.device.type == "cpu" for name in factors for t in (factors[name].A, factors[name].B))
+    assert all(t.device.type == "cpu" and t.is_pinned()
+               for name in factors for t in (factors[name].A, factors[name].B))
     path = fit(dataclasses.replace(base, task=TEXT_TASKS[1]), "kfac", tmp_path / "other.safetensors")
     for run in (offloaded, dataclasses.replace(base, out=str(tmp_path / "file"), tasks=[TEXT_TASKS[0]],
                                                factor_files=[str(path)])):

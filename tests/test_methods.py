@@ -1,14 +1,17 @@
 """Each loss term of the methods equals its definition (float64 references on a toy model)."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+import kfac_kernels as kk
 import tak
 from tak.backbones.base import Backbone, Head
 from tak.data.task import Task
 from tak.methods import (METHODS, CurvaturePenalty, Objective, TauJpPenalty, along_path_alpha, distillation_loss,
-                         get_method, layer_weights, make_trainee)
+                         get_method, layer_weights, make_trainee, penalties)
 
 
 class ToyBackbone(Backbone):
@@ -78,43 +81,75 @@ def test_penalty_every_n_steps_and_offloaded_factors_give_the_same_value():
     torch.testing.assert_close(every(taus, 3), plain(taus, 0))
 
 
-class Placed:
-    """A stand-in for factors that says where it was moved (``device``) and computes only there; ``moves`` lists
-    the devices its copies were moved to."""
+def factor_tensors(factors) -> list[torch.Tensor]:
+    """Every tensor that a factor container holds, gathered by the penalty's own map."""
+    found = []
+    penalties._map_tensors(factors, lambda t: found.append(t) or t)
+    return found
 
-    def __init__(self, device="cuda:1", moves=None):
-        self.device, self.moves = str(device), [] if moves is None else moves
 
-    def to(self, device):
-        self.moves.append(str(device))
-        return Placed(device, self.moves)
+def toy_factor_kinds():
+    """A KFAC with dense and compressed (int8, low-rank, block-diagonal) factors, an EK-FAC, a GGN diagonal and
+    per-task factors of the toy model, with τ for it."""
+    bb = ToyBackbone(dtype=torch.float32)
+    batches = [torch.randn(6, 7)]
+    kfac = tak.fit_kfac(bb.model, batches, output_fn=bb.features, progress=False, dense=False)
+    mixed = type(kfac)({"0": dataclasses.replace(kfac["0"], A=kk.Int8Factor.from_dense(kfac["0"].A),
+                                                 B=kk.LowRankFactor.from_dense(kfac["0"].B, rank=2)),
+                        "2": dataclasses.replace(kfac["2"], B=kk.BlockDiagonalFactor.from_dense(kfac["2"].B, k=2))},
+                       kfac.meta)
+    kinds = {"kfac": mixed, "ekfac": tak.fit_ekfac(bb.model, batches, output_fn=bb.features, progress=False),
+             "diagonal": tak.fit_diagonal(bb.model, batches, output_fn=bb.features, progress=False),
+             "per_task": tak.TaskFactors([kfac, mixed], [10, 30])}
+    return kinds, {n: torch.randn_like(p) for n, p in bb.model.named_parameters()}
 
-    def quadratic_form(self, taus, weights=None):
-        return torch.tensor(float(self.device == "cuda:0"))
+
+def test_factors_are_copied_tensor_by_tensor_whatever_their_kind():
+    """The map the penalty moves and pins factors with rebuilds every kind of container, compressed factors
+    included, with all its tensors: the copy gives the same penalty and shares no tensor with the original."""
+    kinds, taus = toy_factor_kinds()
+    for kind, factors in kinds.items():
+        copied = penalties._map_tensors(factors, torch.clone)
+        assert type(copied) is type(factors) and repr(copied) == repr(factors), kind
+        originals, copies = factor_tensors(factors), factor_tensors(copied)
+        assert len(copies) == len(originals) >= 2, kind
+        assert all(type(c) is type(o) and torch.equal(c, o) and c.data_ptr() != o.data_ptr()
+                   for c, o in zip(copies, originals)), kind
+        assert torch.equal(copied.quadratic_form(taus), factors.quadratic_form(taus)), kind
 
 
 def test_offloaded_factors_live_on_the_cpu_and_visit_the_device_at_penalty_steps():
-    """Factors fitted on a GPU are moved to the CPU by offload (before, they stayed where they were fitted)."""
-    penalty = CurvaturePenalty(Placed("cuda:0"), 1.0, offload=True, device="cuda:0")
-    assert penalty.factors.device == "cpu" and penalty({}, step=0).item() == 1.0
-    assert CurvaturePenalty(Placed("cuda:1"), 1.0, device="cuda:0").factors.device == "cuda:0"
-    assert CurvaturePenalty(Placed("cuda:1"), 1.0).factors.device == "cuda:1"
-    assert CurvaturePenalty(Placed("cuda:1"), 1.0, offload=True).factors.device == "cuda:1"  # no device: stays
+    """With a device (here "meta", standing in for a GPU), resident factors move there once; offloaded ones stay on
+    the CPU and each penalty step computes on a copy there; without a device the factors stay where they are."""
+    kinds, taus = toy_factor_kinds()
+    on_device = {n: t.to("meta") for n, t in taus.items()}
+    for kind, factors in kinds.items():
+        resident = CurvaturePenalty(factors, 1.0, device="meta")
+        assert {t.device.type for t in factor_tensors(resident.factors)} == {"meta"}, kind
+        offloaded = CurvaturePenalty(factors, 1.0, offload=True, device="meta")
+        assert {t.device.type for t in factor_tensors(offloaded.factors)} == {"cpu"}, kind
+        assert offloaded(on_device, step=0).device.type == "meta" and offloaded._visits.copy is None, kind
+        assert CurvaturePenalty(factors, 1.0, offload=True).factors is factors, kind  # no device: stays
 
 
 @pytest.mark.parametrize("teacher_beta", [2.0, 0.0])
-def test_delta_s_two_penalties_share_one_device_copy_of_offloaded_factors(teacher_beta):
-    factors = Placed("cuda:0")
-    student = CurvaturePenalty(factors, 1.0, offload=True, device="cuda:0", every=2)
+def test_delta_s_two_penalties_share_one_device_copy_of_offloaded_factors(teacher_beta, monkeypatch):
+    kinds, taus = toy_factor_kinds()
+    on_device = {n: t.to("meta") for n, t in taus.items()}
+    copies = []
+    visit = penalties._Visits._visit
+    monkeypatch.setattr(penalties._Visits, "_visit", lambda self, device: copies.append(visit(self, device))
+                        or copies[-1])
+    student = CurvaturePenalty(kinds["ekfac"], 1.0, offload=True, device="meta", every=2)
     teacher = student.with_beta(teacher_beta)
     for step in range(4):
-        del factors.moves[:]
-        drifts = [student({}, step), teacher({}, step)]
+        del copies[:]
+        drifts = [student(on_device, step), teacher(on_device, step)]
         if step % 2:
-            assert drifts == [None, None] and factors.moves == []
+            assert drifts == [None, None] and copies == []
         else:
-            assert drifts[0].item() == 1.0 and (drifts[1] is None if teacher_beta == 0 else drifts[1].item() == 2.0)
-            assert factors.moves == ["cuda:0"] and student._visits.copy is None  # one copy, not kept after
+            assert drifts[0].device.type == "meta" and (drifts[1] is None) == (teacher_beta == 0)
+            assert len(copies) == 1 and student._visits.copy is None  # one copy, not kept after
 
 
 def test_layer_weights_patterns_must_match():

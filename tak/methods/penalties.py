@@ -8,6 +8,7 @@ Every ``every`` steps only (TAK Fig. 8), with the factors on the CPU in between 
 J τ = f_lin(x; θ0 + τ) − f(x; θ0) (Yoshida et al. 2025), both from one forward (one dropout mask).
 """
 import copy
+import dataclasses
 
 import torch
 
@@ -54,12 +55,21 @@ def _layers(factors):
     return factors.tasks[0] if hasattr(factors, "tasks") else factors
 
 
-def _move(factors, device):
+def _map_tensors(factors, fn):
+    """A copy of ``factors`` (a factor container, per-task ``TaskFactors`` of them, a per-layer dataclass, a
+    compressed factor) with ``fn`` applied to each tensor it holds; names, shapes and metadata as they are."""
+    if isinstance(factors, torch.Tensor):
+        return fn(factors)
+    if dataclasses.is_dataclass(factors):
+        return dataclasses.replace(factors, **{f.name: _map_tensors(getattr(factors, f.name), fn)
+                                               for f in dataclasses.fields(factors)})
     if hasattr(factors, "tasks"):
-        moved = type(factors).__new__(type(factors))
-        moved.__dict__.update(factors.__dict__, tasks=[f.to(device) for f in factors.tasks])
-        return moved
-    return factors.to(device)
+        mapped = type(factors).__new__(type(factors))
+        mapped.__dict__.update(factors.__dict__, tasks=[_map_tensors(f, fn) for f in factors.tasks])
+        return mapped
+    if hasattr(factors, "meta"):
+        return type(factors)({n: _map_tensors(f, fn) for n, f in factors.items()}, factors.meta)
+    return factors  # parameter names, layouts, sizes
 
 
 class CurvaturePenalty:
@@ -72,7 +82,9 @@ class CurvaturePenalty:
             raise ValueError(f"penalty every={every}: must be ≥ 1")
         self.beta, self.weights, self.every, self.offload, self.device = float(beta), weights, every, offload, device
         home = torch.device("cpu") if offload and device is not None else device
-        self.factors = factors if home is None else _move(factors, home)
+        self.factors = factors if home is None else _map_tensors(factors, lambda t: t.to(home))
+        if offload and device is not None and torch.device(device).type == "cuda":
+            self.factors = _map_tensors(self.factors, torch.Tensor.pin_memory)  # so that visits copy asynchronously
         self._visits = _Visits(self.factors, takers=int(self.beta != 0))
 
     def with_beta(self, beta: float) -> "CurvaturePenalty":
@@ -96,17 +108,37 @@ class CurvaturePenalty:
 
 class _Visits:
     """Offloaded factors' copy on the device for one step: made by the first of the ``takers`` penalties that apply
-    at that step, handed to the others, then forgotten (the forms hold it until their backward, nothing longer)."""
+    at that step, handed to the others, then forgotten (the forms hold it until their backward, nothing longer).
+    On a GPU the copies run on a stream of their own from pinned memory, beside the kernels queued before them (the
+    step's forward); the stream that computes the penalty waits for them."""
 
     def __init__(self, factors, takers: int):
         self.factors, self.takers, self.step, self.copy, self.left = factors, takers, None, None, 0
+        self.streams = {}  # device -> the stream copies run on
 
     def at(self, device, step: int):
         if self.step != step or self.left == 0:
-            self.copy, self.step, self.left = _move(self.factors, device), step, self.takers
+            self.copy, self.step, self.left = self._visit(torch.device(device)), step, self.takers
         copy_, self.left = self.copy, self.left - 1
         if self.left <= 0:
             self.copy = None
+        return copy_
+
+    def _visit(self, device: torch.device):
+        if device.type != "cuda":
+            return _map_tensors(self.factors, lambda t: t.to(device))
+        computing = torch.cuda.current_stream(device)
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        copying = self.streams[device]
+
+        def copied(t):
+            t = t.to(device, non_blocking=True)
+            t.record_stream(computing)  # its memory is not reused for copies before the penalty's kernels are done
+            return t
+        with torch.cuda.stream(copying):
+            copy_ = _map_tensors(self.factors, copied)
+        computing.wait_stream(copying)
         return copy_
 
 

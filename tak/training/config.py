@@ -208,7 +208,8 @@ class TrainConfig:
     compress: str | None = _key(None, "compressed factors: 'int8', 'eigen:<rank>', 'eigen:<fraction>', "
                                 "'blockdiag:<k>' or 'prune:<keep>' (fractions in (0, 1))")
     penalty_every: int = _key(1, "apply the penalty at every N-th step only (TAK Fig. 8)")
-    offload_factors: bool = _key(False, "keep the factors on the CPU between penalty steps")
+    offload_factors: bool = _key(False, "keep the factors on the CPU between penalty steps (pinned, copied to the "
+                                  "GPU beside the step's forward)")
     max_train: int | None = _key(None, "training examples per task, a class-stratified subsample (validation keeps "
                                  "max_train // 9)")
     max_test: int | None = _key(None, "test examples per task, a class-stratified subsample")
