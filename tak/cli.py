@@ -78,7 +78,7 @@ def _finite(text: str) -> float:
 # The TrainConfig keys `tak fit` takes (what the factors of a task depend on), with what they mean there.
 _FIT_KEYS = {"task": "the task whose training inputs the factors are fitted on (required, but with --reference)",
              "reference": "the reference set: what --kind ekfac fits (as one set), and kfac / diagonal with "
-                          "--universal true (each task's, merged as in training)",
+                          "--universal true (each task's, pooled as in training)",
              "universal": "true: fit kfac / diagonal factors on the reference set (universal factors) in place of "
                           "--task (default: false)",
              "trainable": "the layers fitted: those holding these parameters ('all', 'attention' or name patterns; "

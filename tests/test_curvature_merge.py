@@ -8,7 +8,7 @@ from torch import nn
 
 import kfac_kernels as kk
 from tak.curvature import KFAC, DenseFactors, LayerFactors, TaskFactors, compress, fit_kfac, merge, merge_kfac, \
-    merge_kfac_except
+    merge_kfac_except, pool_kfac
 from tests.util import rel_err
 
 SHAPES = {"enc": (7, 6), "head": (3, 9), "one": (1, 5)}  # layer: (d_out, d_in), odd sizes
@@ -77,6 +77,26 @@ def test_merge_of_fitted_factors_keeps_dense_blocks_by_the_same_rule():
     assert torch.allclose(m["1"].A, torch.ones(1, 1)) and torch.allclose(m["1"].B, fs[0]["1"].B + fs[1]["1"].B)
     assert torch.allclose(m["0"].A, (3 * fs[0]["0"].A + 5 * fs[1]["0"].A) / 8, atol=1e-7)
     assert [p["n_examples"] for p in m.meta["merge"]["parts"]] == [3, 5] and m.meta["n_examples"] == 8
+
+
+def test_pooling_per_task_fits_equals_one_fit_over_all_their_examples():
+    """pool_kfac with the examples each fit saw: the KFAC of all of them at once (exact probes, so both see the same
+    probes; factors are fp32), exact LayerNorm blocks included; Eq. 8's merge has the same A and Σ_t B_t."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    batches = [[torch.randn(n, 4, dtype=torch.float64)] for n in (3, 7)]
+    parts = [fit_kfac(model, b, exact=True, progress=False) for b in batches]
+    pooled, joint = pool_kfac(parts, [3, 7]), fit_kfac(model, batches[0] + batches[1], exact=True, progress=False)
+    merged = merge_kfac(parts, [3, 7])
+    assert list(pooled) == list(joint) == ["0", "3", "1"]
+    for name in joint:
+        for side in ("A", "B"):
+            torch.testing.assert_close(getattr(pooled[name], side), getattr(joint[name], side), rtol=1e-6, atol=0)
+        assert torch.equal(pooled[name].A, merged[name].A)
+        torch.testing.assert_close(merged[name].B, parts[0][name].B + parts[1][name].B, rtol=1e-6, atol=0)
+    assert pooled.meta["n_examples"] == 10 and pooled.meta["scale"].startswith("pooled: B = sum_t lambda_t B_t")
+    with pytest.raises(ValueError, match=r"pool_kfac: 2 factors but 1 sizes"):
+        pool_kfac(parts, [3])
 
 
 def test_merge_refuses_what_cannot_be_merged():

@@ -12,7 +12,7 @@ import torch
 
 import tak
 from tak.cli import main
-from tak.curvature import KFAC, merge_kfac
+from tak.curvature import KFAC, merge_kfac, pool_kfac
 from tak.io import read, write
 from tak.methods import trainable_names
 from tak.training import fit, loop
@@ -53,11 +53,23 @@ def test_a_factor_file_trains_the_task_vector_its_data_does(tmp_path, method, ki
 
 
 def test_universal_factors_from_a_file_train_the_task_vector_of_the_reference_data(tmp_path):
-    """TAK Sec. F.4: the reference tasks' KFACs merged by Eq. 8, in one shared file."""
+    """TAK Sec. F.4: the reference set's KFAC, its tasks pooled (B and A λ-averaged: one fit's scale, not Eq. 8's
+    sum of B), in one shared file."""
     reference = ["subjectivity", "20news-part1"]
-    path = fit(tiny(tmp_path, universal=True, reference=reference), "kfac", tmp_path / "universal.kfac.safetensors")
+    config = tiny(tmp_path / "data", "tak", universal=True, reference=reference)
+    path = fit(config, "kfac", tmp_path / "universal.kfac.safetensors")
     assert read(path)[1]["train_examples"] == 80 and read(path)[1]["task"] == "subjectivity+20news-part1"
-    with_data = tak.train(tiny(tmp_path / "data", "tak", universal=True, reference=reference))
+    backbone, cpu = minilm(config), torch.device("cpu")
+    layers = loop.trained_layers(backbone.model, trainable_names(backbone.model, TRAINABLE))
+    parts = [task_factors("kfac", backbone, [loop._task(t, config)], **loop._fit_options(config, cpu, layers, None))
+             for t in reference]
+    pooled = loop.build_objective(config, backbone, loop._task(config.task, config), cpu).penalty.factors
+    expected = pool_kfac(parts, [40, 40])
+    assert list(pooled) == list(expected)
+    for name in expected:
+        assert torch.equal(pooled[name].A, expected[name].A) and torch.equal(pooled[name].B, expected[name].B)
+        assert torch.allclose(2 * pooled[name].B, parts[0][name].B + parts[1][name].B, rtol=1e-5, atol=0)
+    with_data = tak.train(config)
     with_file = tak.train(tiny(tmp_path / "file", "tak", universal=True, reference=[], factor_files=[str(path)]))
     assert same_task_vector(with_data.task_vector.tensors, with_file.task_vector.tensors)
 

@@ -5,8 +5,8 @@ from .diagonal import DiagonalGGN, fit_diagonal
 from .ekfac import EKFAC, EigenFactors, fit_ekfac
 from .kfac import KFAC, DenseFactors, LayerFactors, fit_kfac
 from .layers import Layer, find_layers
-from .merge import TaskFactors, merge_kfac, merge_kfac_except
+from .merge import TaskFactors, merge_kfac, merge_kfac_except, pool_kfac
 
 __all__ = ["DiagonalGGN", "fit_diagonal", "KFAC", "LayerFactors", "DenseFactors", "fit_kfac", "EKFAC", "EigenFactors", "fit_ekfac",
            "find_dense_groups", "Layer", "find_layers",
-           "merge_kfac", "merge_kfac_except", "TaskFactors", "compress"]
+           "merge_kfac", "merge_kfac_except", "pool_kfac", "TaskFactors", "compress"]

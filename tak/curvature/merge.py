@@ -3,6 +3,8 @@
 With λ_t = |D_t| / Σ_s |D_s| (``sizes`` = |D_t|, the tasks' data set sizes):
 
 - TAK Eq. 8 (``merge_kfac``): one KFAC with B = Σ_t B_t, A = Σ_t λ_t A_t per layer;
+- pooled (``pool_kfac``): B = Σ_t λ_t B_t, A = Σ_t λ_t A_t, the KFAC of the tasks' data taken together (what one fit
+  over their union estimates): a reference set of several tasks (universal factors, TAK Sec. F.4), at one fit's scale;
 - TAK Eq. 7 (``TaskFactors``): the per-task factors kept apart, q(τ) = Σ_t λ_t vec(τ)ᵀ(B_t ⊗ A_t)vec(τ),
   T times the cost of one quadratic form, still one ``kfac_kernels.quadratic_forms`` call.
 
@@ -29,15 +31,29 @@ def merge_kfac(factors: list[KFAC], sizes: list) -> KFAC:
     with the same ``tokens`` and ``exact`` conventions. Exact blocks (``DenseFactors``, A = [[1]])
     merge by the same rule to B = Σ_t G_t: the scale Eq. 8 gives every block, (Σ_t B_t) ⊗ (Σ_t λ_t A_t)
     ≈ Σ_t B_t ⊗ A_t (TAK App. C)."""
-    sizes, lambdas = _check("merge_kfac", factors, sizes, dense=True)
+    return _combine("merge_kfac", factors, sizes, pooled=False)
+
+
+def pool_kfac(factors: list[KFAC], sizes: list) -> KFAC:
+    """The KFAC of the tasks' data pooled: per layer B = Σ_t λ_t B_t and A = Σ_t λ_t A_t, λ_t = sizes[t] / Σ sizes
+    (exact blocks: G = Σ_t λ_t G_t). Factors are means over examples, so with ``sizes`` the examples each was fitted
+    on this is the fit over all of them at once; with data set sizes, its estimate. Universal factors of a
+    reference set of several tasks are this: one fit's scale however the set is cut into tasks (Eq. 8's B grows
+    with their number). Same requirements as ``merge_kfac``."""
+    return _combine("pool_kfac", factors, sizes, pooled=True)
+
+
+def _combine(op: str, factors, sizes, pooled: bool) -> KFAC:
+    sizes, lambdas = _check(op, factors, sizes, dense=True)
     merged = {}
     for name, lf in factors[0].items():
-        B = sum(f[name].B.double() for f in factors)
+        B = sum((lam if pooled else 1.0) * f[name].B.double() for lam, f in zip(lambdas, factors))
         A = sum(lam * f[name].A.double() for lam, f in zip(lambdas, factors))
         merged[name] = dataclasses.replace(lf, A=A.to(lf.A.dtype), B=B.to(lf.B.dtype))
     parts = [f.meta for f in factors]
     meta = {k: v for k, v in parts[0].items() if k not in _PER_TASK}
-    meta["scale"] = ("TAK Eq. 8 merge: B = sum_t B_t, A = sum_t lambda_t A_t, lambda_t = sizes[t] / sum(sizes); "
+    rule = "pooled: B = sum_t lambda_t B_t" if pooled else "TAK Eq. 8 merge: B = sum_t B_t"
+    meta["scale"] = (f"{rule}, A = sum_t lambda_t A_t, lambda_t = sizes[t] / sum(sizes); "
                      f"per task: {parts[0].get('scale')}")
     if all("n_examples" in p for p in parts):
         meta["n_examples"] = sum(p["n_examples"] for p in parts)

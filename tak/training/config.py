@@ -200,8 +200,8 @@ class TrainConfig:
     factor_files: list[str] = _key([], "factor files of other tasks (tak fit), shared in place of their data: KFAC "
                                    "files join the tasks' factors of tak, diagonal ones diag_ggn's; one EK-FAC file "
                                    "is delta's reference set")
-    universal: bool = _key(False, "the KFAC / diagonal penalty from the reference tasks' factors instead of the "
-                           "other tasks'")
+    universal: bool = _key(False, "the KFAC / diagonal penalty from the reference set's factors (TAK Sec. F.4: its "
+                           "tasks' pooled, one fit's scale) instead of the other tasks'")
     factors: str = _key("merged", "tak: 'merged' (TAK Eq. 8) or 'per_task' (Eq. 7) factors of the other tasks")
     factor_examples: int = _key(256, "training examples per task that the factors are fitted on")
     mc_samples: int = _key(1, "Monte-Carlo probes per example when fitting the factors")

@@ -3,7 +3,7 @@
 ``task_factors(kind, backbone, task, ...)`` fits (or loads from ``cache``) the KFAC / EK-FAC /
 diagonal GGN of ``backbone.features`` on the first ``n_examples`` of a fixed shuffle of the task's
 training inputs. ``drift_factors`` combines them as the method asks: the other tasks merged (TAK
-Eq. 8) or kept per task (Eq. 7), or the reference set's (DELTA; universal factors).
+Eq. 8) or kept per task (Eq. 7), or the reference set's (DELTA; universal factors: its tasks pooled).
 """
 import hashlib
 import json
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from ..curvature import EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac
+from ..curvature import (EKFAC, KFAC, DiagonalGGN, TaskFactors, compress, fit_diagonal, fit_ekfac, fit_kfac, merge_kfac,
+                         pool_kfac)
 from ..curvature import storage
 from ..curvature.distributed import on_every_rank, on_main_rank, rank, world_size
 from ..curvature.outputs import to_device
@@ -157,12 +158,12 @@ def merge_diagonal(parts: list[DiagonalGGN], sizes: list[int]) -> DiagonalGGN:
     return DiagonalGGN(merged, {**first.meta, "task": "+".join(p.meta.get("task", "?") for p in parts)})
 
 
-def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", compression: str | None = None,
-                  shared: list = (), **fit):
+def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", pooled: bool = False,
+                  compression: str | None = None, shared: list = (), **fit):
     """The penalty's factors from the tasks ``others`` (each a ``tak.data.Task``) and the ``shared`` (factors, size)
-    of ``load_factor_files``: KFAC merged (Eq. 8) or per task (Eq. 7), optionally compressed; diagonal GGN
-    λ-averaged; EK-FAC of one set: the tasks ``others`` together, or one shared file (compression and per-task
-    factors are refused for those two)."""
+    of ``load_factor_files``: KFAC merged (Eq. 8; ``pooled``, the tasks of one reference set: ``pool_kfac``, one
+    fit's scale) or per task (Eq. 7), optionally compressed; diagonal GGN λ-averaged; EK-FAC of one set: the tasks
+    ``others`` together, or one shared file (compression and per-task factors are refused for those two)."""
     if not others and not shared:
         raise ValueError(f"a {kind} penalty needs factors of other tasks or a reference set; none given "
                          "(--tasks A,B,... with more than the trained task, --reference, or --factor-files; in Python tasks=[...], "
@@ -186,4 +187,4 @@ def drift_factors(kind: str, backbone, others: list, *, mode: str = "merged", co
     shrink = (lambda f: compress(f.to(device), **options)[0].to(home)) if options else (lambda f: f)
     if mode == "per_task":
         return TaskFactors([shrink(p) for p in parts], sizes)
-    return shrink(merge_kfac(parts, sizes))
+    return shrink((pool_kfac if pooled else merge_kfac)(parts, sizes))

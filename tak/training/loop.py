@@ -272,7 +272,7 @@ def _penalties(config: TrainConfig, method, hp: dict, backbone, trained, device,
         shared = load_factor_files(method.penalty, config.factor_files, backbone, fit["layers"], home,
                                    trained=None if of_reference else config.task, fitted=[t.name for t in sources],
                                    features={k: getattr(config, k) for k in ("max_length", "backbone_options")})
-        factors = drift_factors(method.penalty, backbone, sources, mode=config.factors,
+        factors = drift_factors(method.penalty, backbone, sources, mode=config.factors, pooled=of_reference,
                                 compression=config.compress, shared=shared, home=home, **fit)
         weights = layer_weights(factors, last_layer_weight=hp.get("last_layer_weight", 1.0),
                                 patterns=config.layer_weights, last_layer=backbone.last_layer)
@@ -439,7 +439,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
 def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
     """Fit ``kind`` factors ("kfac", "ekfac" or "diagonal") of ``config.backbone`` as a training run fits a penalty's:
     of ``config.task``, or of the reference set ``config.reference`` for EK-FAC and universal factors
-    (``config.universal``: the tasks' KFACs merged by TAK Eq. 8), for the layers ``config.trainable`` trains
+    (``config.universal``: the tasks' KFACs pooled, ``pool_kfac``), for the layers ``config.trainable`` trains
     (None: all); write them to ``path``: the file another run's ``factor_files`` takes in place of this data. Its
     metadata records the base model, ``train_examples`` (the training set's size: the factors' λ in a merge) and
     the fit's settings."""
@@ -460,7 +460,8 @@ def fit(config: TrainConfig | dict | str, kind: str, path) -> Path:
                        "reference" if of_reference else "task")
     layers = None if config.trainable is None else trained_layers(backbone.model, trainable_names(
         backbone.model, config.trainable))
-    factors = drift_factors(kind, backbone, tasks, **_fit_options(config, device, layers, cache=None))
+    factors = drift_factors(kind, backbone, tasks, pooled=of_reference,
+                            **_fit_options(config, device, layers, cache=None))
     source = {k: v for k, v in backbone.meta()["source"].items() if k != "path"}  # no local paths in a shared file
     factors.meta.update(task="+".join(t.name for t in tasks), base_model=backbone.name, source=source,
                         weights=backbone.weights,
