@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 import tak
 from tak.arithmetic.compose import Evaluator
 from tak.backbones import load_backbone
-from tak.curvature import fit_ekfac, fit_kfac
+from tak.curvature import KFAC, LayerFactors, fit_ekfac, fit_kfac
 from tak.data import Task, register_task
 from tak.data.registry import _TASKS
 from tak.methods import METHODS, CurvaturePenalty
@@ -229,8 +229,14 @@ def test_training_on_cuda_equals_cpu(backbone, method, specs, registered, tmp_pa
 def test_offloaded_factors_are_pinned_and_their_copies_equal_the_resident_factors():
     """Offloaded factors wait in pinned memory; each penalty step copies them on a stream of their own, which the
     penalty's kernels wait for: every kind gives the value and τ-gradient of factors resident on the GPU, step after
-    step, with nothing queued before it to hide a copy still in flight."""
+    step, with nothing queued before it to hide a copy still in flight (the 2048² layer's factors take about a
+    millisecond to copy: a penalty that did not wait would read them half copied)."""
     kinds, taus = toy_factor_kinds()
+    g = torch.Generator().manual_seed(5)
+    gram = [x @ x.T / 2048 for x in torch.randn(2, 2048, 2048, generator=g)]
+    kinds["large"] = KFAC({"large": LayerFactors(A=gram[0], B=gram[1], weight="large.weight", bias=None)},
+                          {"kind": "kfac"})
+    taus["large.weight"] = torch.randn(2048, 2048, generator=g)
     taus = {n: t.to(CUDA).requires_grad_() for n, t in taus.items()}
     for kind, factors in kinds.items():
         offloaded = CurvaturePenalty(factors, 3.0, offload=True, device=CUDA)
