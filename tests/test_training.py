@@ -663,6 +663,39 @@ def test_16_bit_weights_whose_adamw_steps_round_away_are_warned_of(recwarn):
     assert not [w for w in recwarn if "round" in str(w.message)]
 
 
+def test_a_run_warns_once_when_its_16_bit_tau_grows_into_sizes_whose_steps_round_away(tmp_path, monkeypatch, toys):
+    """τ starts at 0, where every step lands; a bfloat16 linearized run asks again at every checkpoint, warns at the
+    first where τ has grown (here: every step also scales τ by 10³) and not again; a run resumed with such τ warns at
+    its start, a finished run started again does not."""
+    config = dataclasses.replace(toy_config(tmp_path, "linear"), steps=5, backbone_options={"dtype": "bfloat16"})
+    step = torch.optim.AdamW.step
+
+    def growing(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(1e3)
+
+    def rounding_warnings(run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        return [w for w in caught if "rounds back to the weight" in str(w.message)]
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", growing)
+    checks = []
+    monkeypatch.setattr(loop, "warn_if_steps_round_away", lambda o, check=loop.warn_if_steps_round_away:
+                        checks.append(None) or check(o))
+    assert len(rounding_warnings(lambda: tak.train(config))) == 1 and len(checks) == 2  # at step 0, at step 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert not rounding_warnings(lambda: tak.train(config))  # finished
+    ckpt = config.run_dir() / "checkpoint.safetensors"
+    tensors, meta = read(ckpt)
+    write(ckpt, tensors, {**meta, "step": 4})
+    assert len(rounding_warnings(lambda: tak.train(config))) == 1
+
+
 def test_the_matmul_precision_holds_for_the_run_and_the_processs_comes_back(tmp_path, monkeypatch, toys):
     """A run's steps and a factor fit see ``matmul_precision``; the process's setting is back afterwards, after a
     failure too; None leaves it alone; an unknown value is refused, naming the valid ones."""
@@ -722,16 +755,16 @@ TOY_BACKBONE, TOY_TASK = "toy-mlp", "toy-blobs"
 DDP_METHODS = ["nonlinear", "linear", "delta_no_ekfac"]
 
 
-def toy_backbone(pretrained=None, **options) -> GenericBackbone:
-    """A float64 MLP without dropout (its training is deterministic), fixed weights and head."""
+def toy_backbone(pretrained=None, dtype=torch.float64, **options) -> GenericBackbone:
+    """An MLP without dropout (its training is deterministic), fixed weights and head, in float64 by default."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double().to(dtype)
     model.register_parameter("unused", nn.Parameter(torch.ones(2, dtype=torch.float64)))  # the loss never reaches it
     head = Head(torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
                 normalize=False, scale=1.0)
-    return GenericBackbone(model, inputs=torch.stack, heads={TOY_TASK: head}, name=TOY_BACKBONE,
-                           modalities=("image",))
+    return GenericBackbone(model, inputs=lambda xs: torch.stack(xs).to(dtype), heads={TOY_TASK: head},
+                           name=TOY_BACKBONE, modalities=("image",))
 
 
 def toy_task(root, seed=0, **options) -> Task:

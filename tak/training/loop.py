@@ -330,11 +330,12 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
 
 
 @torch.no_grad()
-def warn_if_steps_round_away(optimizer: torch.optim.Optimizer) -> None:
-    """A warning where many trained weights are 16-bit and so large that an AdamW step (at most about the group's
-    peak lr, ``base_lr``, per weight) is under half their spacing 2^(e−1)·eps (|w| in [2^(e−1), 2^e)): w + step
-    rounds back to w, so those weights never train (lr 1e-5 in bfloat16 stops every |w| ≥ 2⁻⁸ ≈ 0.004). A
-    linearized model's τ and a LoRA student's B start at 0, where every step lands."""
+def warn_if_steps_round_away(optimizer: torch.optim.Optimizer) -> bool:
+    """Warns (and returns True) where many trained weights are 16-bit and so large that an AdamW step (at most about
+    the group's peak lr, ``base_lr``, per weight) is under half their spacing 2^(e−1)·eps (|w| in [2^(e−1), 2^e)):
+    w + step rounds back to w, so those weights do not train (lr 1e-5 in bfloat16 stops every |w| ≥ 2⁻⁸ ≈ 0.004). A
+    linearized model's τ and a LoRA student's B start at 0, where every step lands, and may grow into such sizes:
+    ``train`` asks again at every checkpoint until it has warned."""
     stuck, total, kinds = 0, 0, set()
     for group in optimizer.param_groups:
         for w in group["params"]:
@@ -342,14 +343,17 @@ def warn_if_steps_round_away(optimizer: torch.optim.Optimizer) -> None:
             if w.dtype in (torch.bfloat16, torch.float16):
                 _, exponent = torch.frexp(w.float())
                 half_spacing = torch.exp2(exponent.float()) * (torch.finfo(w.dtype).eps / 4)
-                stuck += ((w != 0) & (half_spacing > group["base_lr"])).sum().item()
+                stuck = stuck + ((w != 0) & (half_spacing > group["base_lr"])).sum()
                 kinds.add(str(w.dtype).removeprefix("torch."))
-    if total and stuck >= 0.01 * total:
-        rates = ", ".join(f"{g['base_lr']:g}" for g in optimizer.param_groups)
-        warnings.warn(f"{100 * stuck / total:.0f}% of the trained weights ({', '.join(sorted(kinds))}) are so large that "
-                      f"an AdamW step of the learning rate ({rates}) is under half their spacing and rounds back to the "
-                      "weight: they will not train; train in float32 (the backbones' default) or with a larger lr",
-                      stacklevel=3)
+    stuck = int(stuck)  # one host sync
+    if not total or stuck < 0.01 * total:
+        return False
+    rates = ", ".join(f"{g['base_lr']:g}" for g in optimizer.param_groups)
+    warnings.warn(f"{100 * stuck / total:.0f}% of the trained weights ({', '.join(sorted(kinds))}) are so large that "
+                  f"an AdamW step of the learning rate ({rates}) is under half their spacing and rounds back to the "
+                  "weight: they do not train; train in float32 (the backbones' default) or with a larger lr",
+                  stacklevel=3)
+    return True
 
 
 @torch.no_grad()
@@ -426,8 +430,12 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(objective.param_groups(), weight_decay=hp["weight_decay"])
     anchors = objective.decay_anchors(config.decay_to)
-    warn_if_steps_round_away(optimizer)
     step, progress = checkpoint.restore(ckpt, resumed, objective, optimizer) if resumed else (0, {})
+
+    def rounding_checked(step):  # asked until it has warned (τ grows), on the main process, while steps remain
+        return step == config.steps or not is_main_rank() or warn_if_steps_round_away(optimizer)
+
+    warned = rounding_checked(step)  # of the weights this run goes on from
     _check_resumed(ckpt, step, progress.get("world", world), rank, world, device)
     objective.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.method}/{config.task}",
@@ -486,6 +494,7 @@ def train(config: TrainConfig | dict | str) -> TrainResult:
                     writer.add_scalar(f"loss/{k}", v, step)
             if step % config.checkpoint_every == 0 or step == config.steps or stopping:
                 save(step, terms, seconds)
+                warned = warned or rounding_checked(step)
             if stopping:
                 break
     bar.close()
