@@ -124,6 +124,8 @@ def _alphas(text: str) -> list[float]:
 
 
 def main(argv=None) -> int:
+    from .training.config import MATMUL_PRECISIONS
+
     parser = argparse.ArgumentParser(prog="tak", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -175,6 +177,9 @@ def main(argv=None) -> int:
                         "picks α keeps max_train // 9)")
     p.add_argument("--pretrained", default=None, help="the backbone's pretrained tag, if not in the metadata")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default=None,
+                   help="fp32 matrix products: highest (IEEE), high (tf32), medium (bf16) (default: the process's, "
+                        "'highest')")
     p.add_argument("--out", type=Path, required=True, help="folder of results.json and plots")
 
     p = sub.add_parser("report", help="a markdown report (tables and plots) of demo / eval results")
@@ -285,13 +290,15 @@ def _merge_options(flag: str, method: str, k: float | None) -> dict:
 
 def _eval(args) -> int:
     from .arithmetic.evaluate import evaluate_files
+    from .training.loop import matmul_precision
 
     options = _merge_options("--merge", args.merge, args.k)
-    results = evaluate_files(args.task_vectors, protocol=args.protocol, target=args.target, control=args.control,
-                             alphas=args.alphas, run_analyses=args.analyses, data_root=args.data_root,
-                             max_train=args.max_train, max_test=args.max_test, pretrained=args.pretrained,
-                             device=args.device, out=args.out, merge=args.merge,
-                             merge_options=options)
+    with matmul_precision(args.matmul_precision):
+        results = evaluate_files(args.task_vectors, protocol=args.protocol, target=args.target, control=args.control,
+                                 alphas=args.alphas, run_analyses=args.analyses, data_root=args.data_root,
+                                 max_train=args.max_train, max_test=args.max_test, pretrained=args.pretrained,
+                                 device=args.device, out=args.out, merge=args.merge,
+                                 merge_options=options)
     shown = {k: v for k, v in results.items() if k in ("alpha1", "best", "negation")}
     if results.get("joint"):  # the joint problems of class-partition tasks, without their α curves
         shown["joint"] = {name: {k: v for k, v in j.items() if k != "val_curve"} for name, j in results["joint"].items()}

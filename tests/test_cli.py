@@ -143,6 +143,19 @@ def test_eval_refuses_a_control_read_from_the_targets_own_files(runs, monkeypatc
     assert "--data-root" in err and not (tmp_path / "negation").exists()
 
 
+def test_eval_runs_in_the_matmul_precision_asked_for_and_gives_the_process_its_own_back(monkeypatch, tmp_path):
+    from tak.arithmetic import evaluate
+
+    seen, before = [], torch.get_float32_matmul_precision()
+    monkeypatch.setattr(evaluate, "evaluate_files", lambda *a, **k: seen.append(torch.get_float32_matmul_precision())
+                        or {})
+    for flags in (["--matmul-precision", "medium"], []):
+        ok("eval", tmp_path / "tv.safetensors", *flags, "--out", tmp_path / "eval")
+    assert seen == ["medium", before] and torch.get_float32_matmul_precision() == before
+    code, _, err = tak_cli("eval", tmp_path / "tv.safetensors", "--matmul-precision", "low", "--out", tmp_path)
+    assert code == 2 and "invalid choice: 'low'" in err and "'highest', 'high', 'medium'" in err
+
+
 def test_eval_addition_with_analyses_negation_and_report(runs):
     out, paths = runs
     added = out / "addition"

@@ -17,7 +17,7 @@ from ..data.registry import expand_parts
 from ..methods.trainees import DECAY_TARGETS
 
 _FACTOR_MODES = ("merged", "per_task")
-_MATMUL_PRECISIONS = ("highest", "high", "medium")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 HYPERPARAMETERS = ("lr", "lora_lr", "weight_decay", "beta", "beta_teacher", "gamma", "last_layer_weight",
                    "lora_rank")  # the keys whose None is the method's default
 
@@ -233,8 +233,8 @@ class TrainConfig:
         for name, valid in (("factors", _FACTOR_MODES), ("decay_to", DECAY_TARGETS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"TrainConfig.{name} must be one of {valid}, got {getattr(self, name)!r}")
-        if self.matmul_precision not in (None, *_MATMUL_PRECISIONS):
-            raise ValueError(f"TrainConfig.matmul_precision must be None or one of {_MATMUL_PRECISIONS}, got "
+        if self.matmul_precision not in (None, *MATMUL_PRECISIONS):
+            raise ValueError(f"TrainConfig.matmul_precision must be None or one of {MATMUL_PRECISIONS}, got "
                              f"{self.matmul_precision!r}")
         for name, annotation in typing.get_type_hints(type(self)).items():
             kinds, value = _kinds(annotation), getattr(self, name)

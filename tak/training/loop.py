@@ -136,20 +136,27 @@ def _backbone(config: TrainConfig, device):
     return _CACHE[key]
 
 
+@contextlib.contextmanager
+def matmul_precision(value: str | None):
+    """Torch's fp32 matmul precision (which the kernels follow too) set to ``value`` in the block (None: left as it
+    is), and the process's setting restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    if value is not None:
+        torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _in_matmul_precision(run):
-    """``run(config, ...)``, its ``config`` read as a TrainConfig (``_as_config``), with torch's fp32 matmul
-    precision (which the kernels follow too) set to ``config.matmul_precision`` where that is set, and the process's
-    setting restored afterwards."""
+    """``run(config, ...)``, its ``config`` read as a TrainConfig (``_as_config``), in ``matmul_precision(config.
+    matmul_precision)``."""
     @functools.wraps(run)
     def wrapped(config, *args, **kwargs):
         config = _as_config(config)
-        before = torch.get_float32_matmul_precision()
-        if config.matmul_precision is not None:
-            torch.set_float32_matmul_precision(config.matmul_precision)
-        try:
+        with matmul_precision(config.matmul_precision):
             return run(config, *args, **kwargs)
-        finally:
-            torch.set_float32_matmul_precision(before)
 
     return wrapped
 
