@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from tak.curvature import KFAC, LayerFactors, find_layers, fit_kfac
+from tak.curvature import KFAC, LayerFactors, find_layers, fit_diagonal, fit_ekfac, fit_kfac
 from tak.curvature.capture import Capture
 from tak.curvature.outputs import default_output_fn
 from tests.util import rel_err
@@ -658,6 +658,26 @@ def test_bad_input():
     assert f.meta["n_rows"]["inner"] == 10
     with pytest.raises(TypeError, match="output_fn returned a tuple, not a tensor"):
         fit(model, [x], output_fn=lambda m, b: (m(b), m(b)))
+
+
+def test_non_finite_sums_are_refused_naming_their_layers():
+    """A NaN in one batch's inputs reaches every layer; an infinite weight of the last layer only the gradients of
+    the layers below it (its own inputs and probes stay finite): each fit refuses, naming those layers. EK-FAC from
+    finite KFAC factors checks its own eigenvalue sums."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    xs = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
+    nan = [xs[0], xs[1] * math.nan]
+    kfac = fit(model, xs, exact=True)
+    for fitter, options in ((fit_kfac, {}), (fit_diagonal, {}), (fit_ekfac, {"kfac": kfac})):
+        with pytest.raises(ValueError, match=rf"^{fitter.__name__}: the sums of 2 of 2 layers have NaN or infinite "
+                                             r"entries \('0', '2'\): some batch"):
+            fitter(model, nan, exact=True, progress=False, **options)
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    for fitter, options in ((fit_kfac, {}), (fit_diagonal, {}), (fit_ekfac, {"kfac": kfac})):
+        with pytest.raises(ValueError, match=rf"^{fitter.__name__}: the sums of 1 of 2 layers .* \('0'\)"):
+            fitter(model, xs, exact=True, progress=False, **options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from ..io import architecture_fingerprint
 from .capture import Capture
 from .distributed import all_reduce_sums
 from .ekfac import EigenAccumulator
-from .kfac import FORMAT_VERSION, DenseFactors, Factors, LayerFactors, check_fit_arguments, select_targets, fit_pass
+from .kfac import (FORMAT_VERSION, DenseFactors, Factors, LayerFactors, check_finite, check_fit_arguments,
+                   fit_pass, select_targets)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
     n = int(counts[0])
     if n == 0:
         raise ValueError("fit_diagonal: batches is empty")
+    check_finite("fit_diagonal", {**{name: [acc.S[name]] for name in found},
+                                  **{name: [squares[name]] for name in groups}})
     scale = n * (1 if exact else mc_samples)
     factors = {name: DiagonalFactors(acc.S[name] / scale, layer.weight, layer.bias, layer.layout)
                for name, layer in found.items()}

@@ -28,7 +28,8 @@ import kfac_kernels as kk
 from ..io import architecture_fingerprint
 from .capture import Capture
 from .distributed import all_reduce_sums
-from .kfac import FORMAT_VERSION, KFAC, DenseFactors, Factors, LayerFactors, check_fit_arguments, fit_kfac, fit_pass
+from .kfac import (FORMAT_VERSION, KFAC, DenseFactors, Factors, LayerFactors, check_finite, check_fit_arguments,
+                   fit_kfac, fit_pass)
 from .layers import Layer, find_layers, selects
 from .tokens import BatchTokens
 
@@ -211,6 +212,7 @@ def _finish(acc: EigenAccumulator, kfac: KFAC, exact_blocks: dict, model, expect
     n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
     if n == 0:
         raise ValueError("fit_ekfac: batches yielded no examples in the eigenvalue pass")
+    check_finite("fit_ekfac", {name: [S] for name, S in acc.S.items()})
     if expected_n is not None and n != expected_n:
         raise ValueError(f"fit_ekfac: batches yielded {expected_n} examples in the KFAC pass and {n} "
                          "in the eigenvalue pass; it must give the same batches each time it is iterated")

@@ -308,6 +308,17 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
                 acc.n += acc.batch.n
 
 
+def check_finite(what: str, sums: dict[str, list[torch.Tensor]]) -> None:
+    """Refuses sums with NaN or infinite entries (``sums``: layer -> its tensors), naming the layers: some batch gave
+    a non-finite input, activation or output there, and every form on such factors would be NaN."""
+    finite = torch.stack([torch.stack([t.isfinite().all() for t in ts]).all() for ts in sums.values()]).tolist()
+    bad = [name for name, ok in zip(sums, finite) if not ok]  # one host sync
+    if bad:
+        raise ValueError(f"{what}: the sums of {len(bad)} of {len(sums)} layers have NaN or infinite entries "
+                         f"({', '.join(map(repr, bad[:5]))}{', ...' if len(bad) > 5 else ''}): some batch gave a "
+                         "non-finite input, activation or output there (in 16-bit: an overflow?); nothing was fitted")
+
+
 def select_targets(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[str, DenseGroup]]:
     """The linear layers and (with ``dense``) dense groups that ``layers`` selects (see ``tak._selection``)."""
     found = find_layers(model)
@@ -328,6 +339,8 @@ def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
     n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
     if n == 0:
         raise ValueError("fit_kfac: batches is empty")
+    check_finite("fit_kfac", {**{name: [acc.A[name], acc.B[name]] for name in found},
+                              **{name: [acc.G[name]] for name in groups}})
     probes = 1 if how["exact"] else how["mc_samples"]
     factors = {name: LayerFactors(A=acc.A[name] / max(rows[name], 1.0), B=acc.B[name] / (n * probes),
                                   weight=layer.weight, bias=layer.bias, layout=layer.layout)
