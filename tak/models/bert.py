@@ -1,9 +1,12 @@
-"""Hugging Face BertModel (encoder only, e.g. MiniLM) as a dual model.
+"""Hugging Face BERT-like encoders as dual models: BertModel (e.g. MiniLM), the RoBERTa family (RobertaModel,
+XLMRobertaModel, CamembertModel) and ElectraModel.
 
-Embeddings: word (or inputs_embeds) + token type + absolute position, then LayerNorm. Post-norm
-layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by
-attention_mask (B, L). Pooler (if any): tanh(dense(x[:, 0])). In training, dropout as in Hugging Face's
-BertModel: after the embeddings, on the attention weights, and on each sublayer's output before its residual.
+Embeddings: word (or inputs_embeds) + token type + absolute position, then LayerNorm; ELECTRA then projects them
+to the hidden size (``embeddings_project``, where embedding_size ≠ hidden_size). Positions count from 0, or, where
+the position table has a ``padding_idx`` p (RoBERTa), from p + 1 over the non-padding tokens (padding at p). Post-norm
+layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by attention_mask (B, L).
+Pooler (if any): tanh(dense(x[:, 0])). In training, dropout as in Hugging Face's models: after the embeddings, on
+the attention weights, and on each sublayer's output before its residual.
 """
 import torch
 from torch import nn
@@ -45,38 +48,55 @@ class DualBertModel(DualModel):
 
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
-        c = model.config
+        c, kind = model.config, type(model).__name__
         for flag in ("is_decoder", "add_cross_attention"):
             if getattr(c, flag, False):
-                raise NotImplementedError(f"BertModel with config.{flag}=True: only encoders are supported")
+                raise NotImplementedError(f"{kind} with config.{flag}=True: only encoders are supported")
         if getattr(c, "position_embedding_type", "absolute") != "absolute":
-            raise NotImplementedError(f"BertModel: position_embedding_type={c.position_embedding_type!r} "
+            raise NotImplementedError(f"{kind}: position_embedding_type={c.position_embedding_type!r} "
                                       "(only 'absolute' is supported)")
         b = Builder(model)
         e = model.embeddings
         self.word = b.embedding(e.word_embeddings)
         self.token_type = b.embedding(e.token_type_embeddings)
         self.position = b.embedding(e.position_embeddings)
+        self.position_padding = e.position_embeddings.padding_idx  # RoBERTa's positions start after it
         self.ln_embed = b.layer_norm(e.LayerNorm)
         self.drop_embed = b.dropout(e.dropout)
+        project = getattr(model, "embeddings_project", None)  # ELECTRA's, where embedding_size ≠ hidden_size
+        self.project = None if project is None else b.linear(project)
         self.layers = nn.ModuleList(DualBertLayer(b, layer, c.hidden_act, f"encoder.layer.{i}")
                                     for i, layer in enumerate(model.encoder.layer))
-        self.pooler = None if model.pooler is None else b.linear(model.pooler.dense)
+        pooler = getattr(model, "pooler", None)  # ELECTRA has none
+        self.pooler = None if pooler is None else b.linear(pooler.dense)
         self.pooler_act = DualActivation("tanh")
         self.bind(b, model, trainable)
 
+    def positions(self, input_ids, L: int, device) -> torch.Tensor:
+        """The default position ids: 0, ..., L − 1 (1, L); with a position padding index p (RoBERTa), p + 1, p + 2, ...
+        over the non-padding tokens of ``input_ids`` (B, L) and p at padding (p + 1, ..., p + L without ids)."""
+        p = self.position_padding
+        if p is None:
+            return torch.arange(L, device=device)[None]
+        if input_ids is None:
+            return torch.arange(p + 1, p + 1 + L, device=device)[None]
+        tokens = input_ids.ne(p).long()
+        return tokens.cumsum(1) * tokens + p
+
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
-        """drop(LN(word + token type + position embeddings)) (B, L, d) and its tangent."""
+        """drop(LN(word + token type + position embeddings)) (B, L, d), projected where the model does, and its
+        tangent."""
         x, dx = self.word(input_ids) if inputs_embeds is None else (inputs_embeds, None)
         B, L, _ = x.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros(B, L, dtype=torch.long, device=x.device)
         if position_ids is None:
-            position_ids = torch.arange(L, device=x.device)[None]
+            position_ids = self.positions(input_ids, L, x.device)
         for table, ids in ((self.token_type, token_type_ids), (self.position, position_ids)):
             e, de = table(ids)
             x, dx = x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
-        return self.drop_embed(*self.ln_embed(x, dx))
+        x, dx = self.drop_embed(*self.ln_embed(x, dx))
+        return (x, dx) if self.project is None else self.project(x, dx)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, **options):
