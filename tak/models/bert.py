@@ -1,18 +1,19 @@
 """Hugging Face BERT-like encoders as dual models: BertModel (e.g. MiniLM), the RoBERTa family (RobertaModel,
-XLMRobertaModel, CamembertModel) and ElectraModel.
+XLMRobertaModel, CamembertModel), ElectraModel and DistilBertModel.
 
-Embeddings: word (or inputs_embeds) + token type + absolute position, then LayerNorm; ELECTRA then projects them
-to the hidden size (``embeddings_project``, where embedding_size ≠ hidden_size). Positions count from 0, or, where
-the position table has a ``padding_idx`` p (RoBERTa), from p + 1 over the non-padding tokens (padding at p). Post-norm
-layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by attention_mask (B, L).
-Pooler (if any): tanh(dense(x[:, 0])). In training, dropout as in Hugging Face's models: after the embeddings, on
-the attention weights, and on each sublayer's output before its residual.
+Embeddings: word (or inputs_embeds) + token type (not DistilBERT) + absolute position, then LayerNorm; ELECTRA then
+projects them to the hidden size (``embeddings_project``, where embedding_size ≠ hidden_size). Positions count from
+0, or, where the position table has a ``padding_idx`` p (RoBERTa), from p + 1 over the non-padding tokens (padding at
+p). Post-norm layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by
+attention_mask (B, L). Pooler (if any): tanh(dense(x[:, 0])). In training, dropout as in Hugging Face's models: after
+the embeddings, on the attention weights, and on each sublayer's output before its residual (DistilBERT: the
+feed-forward's only).
 """
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
-from ..nn import DualActivation, DualAttention
+from ..nn import DualActivation, DualAttention, DualDropout
 from ..nn.base import add, apply
 from .base import Builder, DualModel, activation, hf_options, padding_mask
 
@@ -20,25 +21,43 @@ from .base import Builder, DualModel, activation, hf_options, padding_mask
 class DualBertLayer(nn.Module):
     """x = LN_a(x + drop(attn(x))); x = LN_o(x + drop(out(act(fc(x))))) on (B, L, d)."""
 
-    def __init__(self, b: Builder, layer: nn.Module, act: str, where: str):
+    def __init__(self, attn: DualAttention, drop_attn, ln_attn, fc, act, out, drop_out, ln_out):
         super().__init__()
+        self.attn, self.drop_attn, self.ln_attn = attn, drop_attn, ln_attn
+        self.fc, self.act, self.out, self.drop_out, self.ln_out = fc, act, out, drop_out, ln_out
+
+    @classmethod
+    def of_bert(cls, b: Builder, layer: nn.Module, act: str, where: str) -> "DualBertLayer":
+        """BertLayer and its copies (RoBERTa, ELECTRA, ...)."""
         a = layer.attention
-        self.attn = DualAttention(a.self.num_attention_heads, b.linear(a.output.dense),
-                                  q=b.linear(a.self.query), k=b.linear(a.self.key), v=b.linear(a.self.value),
-                                  scale=a.self.scaling, dropout=a.self.dropout.p).train(a.self.training)
-        self.drop_attn = b.dropout(a.output.dropout)
-        self.ln_attn = b.layer_norm(a.output.LayerNorm)
-        self.fc = b.linear(layer.intermediate.dense)
-        self.act = activation(act, f"{where}.intermediate")
-        self.out = b.linear(layer.output.dense)
-        self.drop_out = b.dropout(layer.output.dropout)
-        self.ln_out = b.layer_norm(layer.output.LayerNorm)
+        return cls(DualAttention(a.self.num_attention_heads, b.linear(a.output.dense), q=b.linear(a.self.query),
+                                 k=b.linear(a.self.key), v=b.linear(a.self.value), scale=a.self.scaling,
+                                 dropout=a.self.dropout.p).train(a.self.training),
+                   b.dropout(a.output.dropout), b.layer_norm(a.output.LayerNorm), b.linear(layer.intermediate.dense),
+                   activation(act, f"{where}.intermediate"), b.linear(layer.output.dense),
+                   b.dropout(layer.output.dropout), b.layer_norm(layer.output.LayerNorm))
+
+    @classmethod
+    def of_distilbert(cls, b: Builder, layer: nn.Module, act: str, where: str) -> "DualBertLayer":
+        """DistilBERT's TransformerBlock: no dropout between the attention and its residual."""
+        a, ffn = layer.attention, layer.ffn
+        return cls(DualAttention(a.n_heads, b.linear(a.out_lin), q=b.linear(a.q_lin), k=b.linear(a.k_lin),
+                                 v=b.linear(a.v_lin), scale=a.scaling, dropout=a.dropout.p).train(a.training),
+                   DualDropout(0.0), b.layer_norm(layer.sa_layer_norm), b.linear(ffn.lin1),
+                   activation(act, f"{where}.ffn"), b.linear(ffn.lin2), b.dropout(ffn.dropout),
+                   b.layer_norm(layer.output_layer_norm))
 
     def forward(self, x, dx, mask):
         h, dh = self.drop_attn(*self.attn(x, dx, mask=mask))
         x, dx = self.ln_attn(x + h, add(dx, dh))
         h, dh = self.drop_out(*self.out(*self.act(*self.fc(x, dx))))
         return self.ln_out(x + h, add(dx, dh))
+
+
+def _encoder_only(kind: str, config) -> None:
+    for flag in ("is_decoder", "add_cross_attention"):
+        if getattr(config, flag, False):
+            raise NotImplementedError(f"{kind} with config.{flag}=True: only encoders are supported")
 
 
 class DualBertModel(DualModel):
@@ -49,9 +68,7 @@ class DualBertModel(DualModel):
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
         c, kind = model.config, type(model).__name__
-        for flag in ("is_decoder", "add_cross_attention"):
-            if getattr(c, flag, False):
-                raise NotImplementedError(f"{kind} with config.{flag}=True: only encoders are supported")
+        _encoder_only(kind, c)
         if getattr(c, "position_embedding_type", "absolute") != "absolute":
             raise NotImplementedError(f"{kind}: position_embedding_type={c.position_embedding_type!r} "
                                       "(only 'absolute' is supported)")
@@ -65,7 +82,7 @@ class DualBertModel(DualModel):
         self.drop_embed = b.dropout(e.dropout)
         project = getattr(model, "embeddings_project", None)  # ELECTRA's, where embedding_size ≠ hidden_size
         self.project = None if project is None else b.linear(project)
-        self.layers = nn.ModuleList(DualBertLayer(b, layer, c.hidden_act, f"encoder.layer.{i}")
+        self.layers = nn.ModuleList(DualBertLayer.of_bert(b, layer, c.hidden_act, f"encoder.layer.{i}")
                                     for i, layer in enumerate(model.encoder.layer))
         pooler = getattr(model, "pooler", None)  # ELECTRA has none
         self.pooler = None if pooler is None else b.linear(pooler.dense)
@@ -115,3 +132,37 @@ class DualBertModel(DualModel):
             p, dp = self.pooler_act(*self.pooler(x[:, 0], apply(lambda t: t[:, 0], dx)))
         y = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=p)
         return y, None if dx is None and dp is None else BaseModelOutputWithPooling(last_hidden_state=dx, pooler_output=dp)
+
+
+class DualDistilBertModel(DualModel):
+    """DistilBertModel: forward(input_ids | inputs_embeds, attention_mask=None, position_ids=None) -> (y, dy), each a
+    BaseModelOutput (last_hidden_state (B, L, d)); dy is None outside the "linearized" mode. Embeddings: word +
+    position, LayerNorm, dropout; no token types, no pooler."""
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        _encoder_only("DistilBertModel", model.config)
+        b = Builder(model)
+        e = model.embeddings
+        self.word = b.embedding(e.word_embeddings)
+        self.position = b.embedding(e.position_embeddings)
+        self.ln_embed = b.layer_norm(e.LayerNorm)
+        self.drop_embed = b.dropout(e.dropout)
+        self.layers = nn.ModuleList(DualBertLayer.of_distilbert(b, layer, model.config.activation,
+                                                                f"transformer.layer.{i}")
+                                    for i, layer in enumerate(model.transformer.layer))
+        self.bind(b, model, trainable)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **options):
+        """``options`` as ``DualBertModel.forward`` accepts them."""
+        hf_options("DualDistilBertModel", options, {"return_dict": (None, True), "output_attentions": (None, False),
+                                                    "output_hidden_states": (None, False), "head_mask": (None,)})
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DualDistilBertModel: pass exactly one of input_ids and inputs_embeds")
+        mask = padding_mask("DualDistilBertModel", "attention_mask", attention_mask)
+        x, dx = self.word(input_ids) if inputs_embeds is None else (inputs_embeds, None)
+        e, de = self.position(torch.arange(x.shape[1], device=x.device)[None] if position_ids is None else position_ids)
+        x, dx = self.drop_embed(*self.ln_embed(x + e, add(dx, apply(lambda t: t.expand(x.shape), de))))
+        for layer in self.layers:
+            x, dx = layer(x, dx, mask)
+        return BaseModelOutput(last_hidden_state=x), None if dx is None else BaseModelOutput(last_hidden_state=dx)
