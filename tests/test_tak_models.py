@@ -189,23 +189,27 @@ def test_minilm_with_padding_fp32():
         assert rel_err(dy[k], dy_ref[k]) <= 1e-4, k
 
 
-def tiny_t5_config(ff):
-    return transformers.T5Config(vocab_size=37, d_model=16, d_kv=5, d_ff=22, num_layers=2, num_decoder_layers=3,
+def tiny_t5_config(ff, family="T5"):
+    return getattr(transformers, f"{family}Config")(vocab_size=37, d_model=16, d_kv=5, d_ff=22, num_layers=2, num_decoder_layers=3,
                                  num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                                  feed_forward_proj=ff, attn_implementation="eager")
 
 
-@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
-def test_t5_encoder(ff):
-    model = transformers.T5EncoderModel(tiny_t5_config(ff)).double().eval()
+# mT5: T5 v1.1's layers in classes of its own, and from transformers 5 on an unscaled decoder output before its head
+T5_CASES = [("relu", "T5"), ("gated-gelu", "T5"), ("gated-gelu", "MT5")]
+
+
+@pytest.mark.parametrize("ff, family", T5_CASES)
+def test_t5_encoder(ff, family):
+    model = getattr(transformers, f"{family}EncoderModel")(tiny_t5_config(ff, family)).double().eval()
     batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
     check(model, batch, ["last_hidden_state"], tol=TOL_T5, grads=ff == "relu")
     check(model, {**batch, "output_hidden_states": True}, ["hidden_states"], tol=TOL_T5, grads=False)
 
 
-@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
-def test_t5_for_conditional_generation(ff):
-    model = transformers.T5ForConditionalGeneration(tiny_t5_config(ff)).double().eval()
+@pytest.mark.parametrize("ff, family", T5_CASES)
+def test_t5_for_conditional_generation(ff, family):
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(tiny_t5_config(ff, family)).double().eval()
     model.decoder.config.use_cache = False  # the reference's output then holds tensors only
     batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
     batch["decoder_input_ids"] = torch.randint(0, 37, (2, 6))

@@ -20,6 +20,8 @@ _CONVERTERS = [
     ("transformers.models.distilbert.modeling_distilbert", "DistilBertModel", "bert", "DualDistilBertModel"),
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
+    ("transformers.models.mt5.modeling_mt5", "MT5EncoderModel", "t5", "DualT5EncoderModel"),
+    ("transformers.models.mt5.modeling_mt5", "MT5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
 ]
 
 

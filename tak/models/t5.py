@@ -1,4 +1,4 @@
-"""Hugging Face T5 (T5EncoderModel, T5ForConditionalGeneration) as dual models.
+"""Hugging Face T5 and mT5 (T5EncoderModel, T5ForConditionalGeneration and their MT5 twins) as dual models.
 
 Pre-norm blocks with RMSNorm: x + attn(norm(x)) (self-attention, unscaled scores plus the relative
 position bias of the stack's first block, shared by all blocks, with its tangent), in the decoder
@@ -10,6 +10,7 @@ statistics in at least fp32 (T5LayerNorm takes them in fp32 even for fp64 inputs
 feed-forward's hidden activations, each sublayer's output before its residual, and the final norm's output.
 """
 import torch
+import transformers
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5Attention
@@ -149,6 +150,18 @@ class DualT5EncoderModel(DualModel):
                                                   hidden_states=_hidden_states(d, wanted, states)), dstates)
 
 
+def _decoder_output_scale(model: nn.Module) -> float:
+    """d_model^-0.5 where Hugging Face scales the decoder's output before the head, else 1: T5 with tied embeddings
+    (``config.scale_decoder_outputs`` from transformers 5 on, ``config.tie_word_embeddings`` before); mT5 likewise
+    before transformers 5, never from 5 on (whose MT5Config always says tied)."""
+    c = model.config
+    if type(model).__name__ == "MT5ForConditionalGeneration":
+        scaled = c.tie_word_embeddings and int(transformers.__version__.split(".")[0]) < 5
+    else:
+        scaled = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)
+    return c.d_model ** -0.5 if scaled else 1.0
+
+
 class DualT5ForConditionalGeneration(DualModel):
     """forward(input_ids | inputs_embeds, attention_mask=None, decoder_input_ids | decoder_inputs_embeds,
     decoder_attention_mask=None, output_hidden_states=None) -> (y, dy), each a Seq2SeqLMOutput with logits
@@ -166,8 +179,7 @@ class DualT5ForConditionalGeneration(DualModel):
         self.decoder = DualT5Stack(b, model.decoder)
         tied = model.lm_head.weight is model.decoder.embed_tokens.weight
         self.lm_head = None if tied else b.linear(model.lm_head)
-        c = model.config
-        self.output_scale = c.d_model ** -0.5 if getattr(c, "scale_decoder_outputs", c.tie_word_embeddings) else 1.0
+        self.output_scale = _decoder_output_scale(model)
         self.bind(b, model, trainable)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
