@@ -18,6 +18,11 @@ from ..nn.base import add, apply
 from .base import Builder, DualModel, activation, hf_options, padding_mask
 
 
+# The options Hugging Face callers pass, at the values the dual models take (the model's defaults).
+_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
+            "head_mask": (None,)}
+
+
 class DualBertLayer(nn.Module):
     """x = LN_a(x + drop(attn(x))); x = LN_o(x + drop(out(act(fc(x))))) on (B, L, d)."""
 
@@ -119,8 +124,7 @@ class DualBertModel(DualModel):
                 inputs_embeds=None, **options):
         """``options`` Hugging Face callers pass are accepted at their defaults (return_dict True or None,
         output_attentions / output_hidden_states False or None, head_mask None); other values are refused."""
-        hf_options("DualBertModel", options, {"return_dict": (None, True), "output_attentions": (None, False),
-                                              "output_hidden_states": (None, False), "head_mask": (None,)})
+        hf_options("DualBertModel", options, _OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DualBertModel: pass exactly one of input_ids and inputs_embeds")
         mask = padding_mask("DualBertModel", "attention_mask", attention_mask)
@@ -155,8 +159,7 @@ class DualDistilBertModel(DualModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **options):
         """``options`` as ``DualBertModel.forward`` accepts them."""
-        hf_options("DualDistilBertModel", options, {"return_dict": (None, True), "output_attentions": (None, False),
-                                                    "output_hidden_states": (None, False), "head_mask": (None,)})
+        hf_options("DualDistilBertModel", options, _OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DualDistilBertModel: pass exactly one of input_ids and inputs_embeds")
         mask = padding_mask("DualDistilBertModel", "attention_mask", attention_mask)
