@@ -190,9 +190,10 @@ def test_minilm_with_padding_fp32():
 
 
 def tiny_t5_config(ff, family="T5"):
-    return getattr(transformers, f"{family}Config")(vocab_size=37, d_model=16, d_kv=5, d_ff=22, num_layers=2, num_decoder_layers=3,
-                                 num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                                 feed_forward_proj=ff, attn_implementation="eager")
+    return getattr(transformers, f"{family}Config")(
+        vocab_size=37, d_model=16, d_kv=5, d_ff=22, num_layers=2, num_decoder_layers=3, num_heads=3,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj=ff,
+        attn_implementation="eager")
 
 
 # mT5: T5 v1.1's layers in classes of its own, and from transformers 5 on an unscaled decoder output before its head

@@ -59,6 +59,12 @@ class DualBertLayer(nn.Module):
         return self.ln_out(x + h, add(dx, dh))
 
 
+def _plus_rows(x, dx, table, ids):
+    """x + table(ids) (B, L, d) and its tangent; ids (B, L) or (1, L), whose rows every example shares."""
+    e, de = table(ids)
+    return x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
+
+
 def _encoder_only(kind: str, config) -> None:
     for flag in ("is_decoder", "add_cross_attention"):
         if getattr(config, flag, False):
@@ -115,8 +121,7 @@ class DualBertModel(DualModel):
         if position_ids is None:
             position_ids = self.positions(input_ids, L, x.device)
         for table, ids in ((self.token_type, token_type_ids), (self.position, position_ids)):
-            e, de = table(ids)
-            x, dx = x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
+            x, dx = _plus_rows(x, dx, table, ids)
         x, dx = self.drop_embed(*self.ln_embed(x, dx))
         return (x, dx) if self.project is None else self.project(x, dx)
 
@@ -164,8 +169,8 @@ class DualDistilBertModel(DualModel):
             raise ValueError("DualDistilBertModel: pass exactly one of input_ids and inputs_embeds")
         mask = padding_mask("DualDistilBertModel", "attention_mask", attention_mask)
         x, dx = self.word(input_ids) if inputs_embeds is None else (inputs_embeds, None)
-        e, de = self.position(torch.arange(x.shape[1], device=x.device)[None] if position_ids is None else position_ids)
-        x, dx = self.drop_embed(*self.ln_embed(x + e, add(dx, apply(lambda t: t.expand(x.shape), de))))
+        positions = torch.arange(x.shape[1], device=x.device)[None] if position_ids is None else position_ids
+        x, dx = self.drop_embed(*self.ln_embed(*_plus_rows(x, dx, self.position, positions)))
         for layer in self.layers:
             x, dx = layer(x, dx, mask)
         return BaseModelOutput(last_hidden_state=x), None if dx is None else BaseModelOutput(last_hidden_state=dx)
