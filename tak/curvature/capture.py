@@ -3,13 +3,13 @@ backward that computes nothing else.
 
 Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer calls
 ``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
-identity whose backward calls ``on_grad(layer, dz)``. A convolution's a and z are its unfolded patches
+identity whose backward calls ``on_grad(layer, dz, call=i)`` for the layer's i-th call in the forward. A convolution's a and z are its unfolded patches
 (N, L, C·kh·kw) and outputs (N, L, d_out) over the L output positions; open_clip's output projection
 is seen through its tower's ``_pool`` (a = the pooled features) and its tower's output (z).
 Dense groups (``tak.curvature.dense``: the
 LayerNorms and the class token) get taps too, whose gradients become per-example gradient vectors
 for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
-LayerNorm is applied more than once). Every tap also feeds a shared scalar, the
+LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every tap also feeds a shared scalar, the
 sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the feature output f with cotangent
 s, taken with respect to the sinks alone — runs exactly the backward that reaches the taps: no weight-gradient
 GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output gradients of
@@ -63,8 +63,8 @@ class Capture:
         self.layers, self.on_input, self.on_grad = layers, on_input, on_grad
         self.dense, self.on_dense = dense or {}, on_dense
         self.outputs: dict[str, list[torch.Tensor]] = {}
-        self.to_vectors: dict[str, list] = {}  # dense group -> per call, dz -> per-example vectors
-        self._dense_sums: dict[str, torch.Tensor] = {}  # dense group -> its vectors summed over calls
+        self.to_vectors: dict[str, list] = {}  # dense group -> per call, (dz -> per-example vectors, shared)
+        self._dense_sums: dict[tuple, torch.Tensor] = {}  # (dense group, shared) -> its vectors summed over calls
         self._handles, self._patched = [], []
         self._batched = False
         self.batch = None  # the current batch's BatchTokens
@@ -152,17 +152,19 @@ class Capture:
     def tap(self, layer: Layer, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Report the input a of ``layer``; return its output z behind a tap."""
         self.on_input(layer, a)
-        callback = None if self.on_grad is None else (lambda dz: None if self._batched else self.on_grad(layer, dz))
+        call = len(self.outputs.get(layer.name, ()))
+        callback = None if self.on_grad is None else (
+            lambda dz: None if self._batched else self.on_grad(layer, dz, call=call))
         z = _Tap.apply(z, self._sink(z.device), callback)
         self.outputs.setdefault(layer.name, []).append(z)
         return z
 
-    def _dense_tap(self, group, z, to_vectors):
+    def _dense_tap(self, group, z, to_vectors, shared: bool = False):
         callback = None if self.on_dense is None else (
-            lambda dz: None if self._batched else self._add_dense(group.name, to_vectors(dz)))
+            lambda dz: None if self._batched else self._add_dense(group.name, to_vectors(dz), shared))
         z = _Tap.apply(z, self._sink(z.device), callback)
         self.outputs.setdefault(group.name, []).append(z)
-        self.to_vectors.setdefault(group.name, []).append(to_vectors)
+        self.to_vectors.setdefault(group.name, []).append((to_vectors, shared))
         return z
 
     def _sink(self, device: torch.device) -> torch.Tensor:
@@ -170,15 +172,20 @@ class Capture:
             self._sinks[device] = torch.zeros((), requires_grad=True, device=device)
         return self._sinks[device]
 
-    def _add_dense(self, name: str, v: torch.Tensor) -> None:
-        """Add one call's per-example vectors to the group's sum (the gradient of a parameter used by
-        several calls is the sum of theirs)."""
-        self._dense_sums[name] = v if name not in self._dense_sums else self._dense_sums[name] + v
+    def _add_dense(self, name: str, v: torch.Tensor, shared: bool) -> None:
+        """Add one call's per-example vectors (one vector, for a ``shared`` call: the batch's sum) to the group's
+        sum of such calls (the gradient of a parameter used by several calls is the sum of theirs)."""
+        key = name, shared
+        self._dense_sums[key] = v if key not in self._dense_sums else self._dense_sums[key] + v
 
     def _flush_dense(self) -> None:
-        """``on_dense`` once per group with its summed vectors (after a backward)."""
-        for name, v in self._dense_sums.items():
-            self.on_dense(self.dense[name], v)
+        """``on_dense`` once per group with its summed vectors, the shared calls' as rows of their own (after a
+        backward)."""
+        rows = {}
+        for (name, _), v in sorted(self._dense_sums.items(), key=lambda item: item[0][1]):
+            rows.setdefault(name, []).append(v)
+        for name, vs in rows.items():
+            self.on_dense(self.dense[name], torch.cat(vs))
         self._dense_sums = {}
 
     def clear(self, batch=None):
@@ -203,7 +210,7 @@ class Capture:
     def probe(self, f: torch.Tensor, S: torch.Tensor, chunk: int) -> None:
         """Feed the gradient callbacks with the output gradients for the cotangents S (m, *f.shape):
         one backward through the taps when m = 1, else batched backwards of ``chunk`` cotangents each
-        (``on_grad(layer, dz, samples=k)`` with dz (k, *z.shape); ``on_dense(group, v)`` with v (k·N, size))."""
+        (``on_grad(layer, dz, samples=k, call=i)`` with dz (k, *z.shape); ``on_dense(group, v)`` with v (k·N, size))."""
         if len(S) == 1:
             self.backward(f, S[0])
             return
@@ -212,10 +219,10 @@ class Capture:
             for name, calls in self.batched_grads(f, part, retain_graph=i + chunk < len(S)).items():
                 for call, g in calls:
                     if name in self.layers:
-                        self.on_grad(self.layers[name], g, samples=len(part))
+                        self.on_grad(self.layers[name], g, samples=len(part), call=call)
                     else:
-                        to_vectors = self.to_vectors[name][call]
-                        self._add_dense(name, torch.cat([to_vectors(gm) for gm in g.unbind(0)]))
+                        to_vectors, shared = self.to_vectors[name][call]
+                        self._add_dense(name, torch.cat([to_vectors(gm) for gm in g.unbind(0)]), shared)
             self._flush_dense()
 
     def batched_grads(self, f: torch.Tensor, S: torch.Tensor,

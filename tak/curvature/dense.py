@@ -77,21 +77,24 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
 
 
 def install(group: DenseGroup, tap, batch):
-    """Register the hooks that tap ``group``'s tensor; ``tap(group, z, to_vectors)`` returns z behind a
-    tap whose gradient ``to_vectors`` turns into per-example gradient vectors (N, size); ``batch()`` is the
-    current batch's ``BatchTokens`` (which says whether a LayerNorm input is sequence-first (T, N, ...)).
-    Returns the handle."""
+    """Register the hooks that tap ``group``'s tensor; ``tap(group, z, to_vectors, shared)`` returns z behind a
+    tap whose gradient ``to_vectors`` turns into per-example gradient vectors (N, size), or one vector (1, size) for
+    a norm of a tensor the batch ``shared`` (``tokens``); ``batch()`` is the current batch's ``BatchTokens`` (which
+    says whether a LayerNorm input is sequence-first (T, N, ...) or shared). Returns the handle."""
     if group.kind in ("layernorm", "rmsnorm"):
         norm = group.module
 
         def hook(module, inputs, output):
             x_hat = _normalized(norm, inputs[0].detach())
             lead = x_hat.dim() - norm.weight.dim()  # the dims before the normalized ones
-            sequence_first = lead == 2 and batch().sequence_first(group.name, x_hat)
+            shared = batch().shared(group.name, x_hat)
+            sequence_first = not shared and lead == 2 and batch().sequence_first(group.name, x_hat)
             tokens = tuple(range(1, lead))  # dims between N and the normalized ones
             flattened = lead == 1 and x_hat.shape[0] != batch().n  # tokens as rows (N·T, d), as measured
 
             def per_example(t):  # (N, ..., *normalized_shape) -> (N, numel(normalized_shape))
+                if shared:
+                    return t.reshape(-1, norm.weight.numel()).sum(0, keepdim=True)
                 if flattened:
                     return batch().view(t, group.name)[0].sum(1)
                 t = t.transpose(0, 1) if sequence_first else t
@@ -100,7 +103,7 @@ def install(group: DenseGroup, tap, batch):
             def to_vectors(dy):
                 bias = getattr(norm, "bias", None) is not None
                 return torch.cat([per_example(dy * x_hat)] + ([per_example(dy)] if bias else []), dim=1)
-            return tap(group, output, to_vectors)
+            return tap(group, output, to_vectors, shared)
         return norm.register_forward_hook(hook)
 
     def pre_hook(module, args):

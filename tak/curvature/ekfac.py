@@ -110,12 +110,19 @@ class EigenAccumulator:
         self.batch, self.inputs = BatchTokens(batch, layouts), {}
 
     def on_input(self, layer: Layer, a: torch.Tensor):
-        """Stash U_Aᵀ ã: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input)."""
-        if layer.name in self.inputs:
-            raise ValueError(f"layer {layer.name!r} runs more than once per forward; per-example gradients of its "
-                             "calls would need to be summed, which is not supported (leave it out with layers=)")
+        """Stash U_Aᵀ ã of the layer's call: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input); for an
+        input the batch shares (``tokens``), (1, T, r_A): its products with the batch's summed gradient count as one
+        more example's, their cross terms with the examples' own calls left out (as a one-example batch's further
+        calls)."""
+        calls = self.inputs.setdefault(layer.name, [])
+        shared = self.batch.shared(layer.name, a)
+        if not shared and self.batch.n > 1 and any(not earlier for earlier, _ in calls):
+            raise ValueError(f"layer {layer.name!r} runs more than once per forward on the examples' own inputs; "
+                             "per-example gradients of its calls would need to be summed, which is not supported "
+                             "(leave it out with layers=)")
         a, mask = self.batch.view(a.detach(), layer.name)
-        self.rows[layer.name] += a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
+        rows = a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
+        self.rows[layer.name] += (self.batch.n if shared else 1) * rows
         U_A = self.bases[layer.name][1]
         if U_A is None:
             a = a.float() if layer.bias is None else torch.cat([a.float(), a.new_ones(*a.shape[:-1], 1).float()], -1)
@@ -123,11 +130,12 @@ class EigenAccumulator:
             a = a.to(U_A.dtype) @ (U_A if layer.bias is None else U_A[:-1])
             if layer.bias is not None:
                 a += U_A[-1]  # the ones column of ã
-        self.inputs[layer.name] = a if mask is None else a * mask.unsqueeze(-1).to(a.dtype)
+        calls.append((shared, a if mask is None else a * mask.unsqueeze(-1).to(a.dtype)))
 
-    def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0):
-        """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them."""
-        a, U_B = self.inputs[layer.name], self.bases[layer.name][0]
+    def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0, call: int = 0):
+        """g: dz (N, [T,] d_out) of one cotangent of the layer's ``call``, or (samples, N, [T,] d_out) of a batch of
+        them; (1, T, d_out) each for a shared input."""
+        a, U_B = self.inputs[layer.name][call][1], self.bases[layer.name][0]
         for gi in g.detach().unbind(0) if samples else [g.detach()]:
             gi = self.batch.view(gi, layer.name)[0]
             # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused

@@ -8,7 +8,10 @@ For a linear layer z = a Wᵀ + b with input a and pseudo-gradient g = (J_z f)�
 
 ã = [a, 1] when the layer has a bias (A is (d_in+1)²). Padding tokens (Hugging Face attention
 masks) are left out; N counts examples, T real tokens. The layer's GGN block is ≈ B ⊗ A for the
-row-major vec of [W | b] (DESIGN.md conventions).
+row-major vec of [W | b] (DESIGN.md conventions). Every call of a layer in a forward adds its rows. A call on an
+input the batch shares (``tokens``: DeBERTa's relative embeddings) adds its rows to A once per example, as each
+example's own fit would, and to B the gradient rows of the batch's sum, whose second moments are the examples' in
+expectation over the probes.
 """
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -225,14 +228,17 @@ class _Accumulator:
         self.batch = BatchTokens(batch, layouts)
 
     def on_input(self, layer: Layer, a: torch.Tensor):
+        """A shared input's rows count once for each of the N examples that share them (``tokens`` docstring)."""
+        copies = self.batch.n if self.batch.shared(layer.name, a) else 1
         a, mask = self.batch.view(a.detach(), layer.name)
         if a.dim() == 3 and self.tokens == "reduce":
             a, mask = token_mean(a, mask), None
-        kk.covariance_update_(self.A[layer.name], a, mask=mask, append_ones=layer.bias is not None)
-        self.rows[layer.name] += a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
+        kk.covariance_update_(self.A[layer.name], a, scale=copies, mask=mask, append_ones=layer.bias is not None)
+        rows = a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
+        self.rows[layer.name] += copies * rows
 
-    def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0):
-        """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them."""
+    def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0, call: int = 0):
+        """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them (any ``call``)."""
         views = [self.batch.view(gi, layer.name) for gi in (g.detach().unbind(0) if samples else [g.detach()])]
         mask = views[0][1]
         if views[0][0].dim() == 3 and self.tokens == "reduce":

@@ -4,7 +4,14 @@ masks, token means and sums, and the probe cotangents of the feature output.
 How a layer's input holds the batch's N examples is measured once per pass (``measure_layouts``):
 batch-first (N, T, d) or sequence-first (T, N, d) (PyTorch's ``nn.Transformer*`` default), and for 2-D
 inputs of flattened tokens, (N·T, d) example by example or (T·N, d) token by token. Shapes alone cannot
-tell them apart when T = N, nor the two flattenings ever."""
+tell them apart when T = N, nor the two flattenings ever.
+
+An input that holds no example at all is *shared* by the batch: one tensor computed once for all N examples (DeBERTa's
+relative position embeddings, normalized and projected by the layers that also see the tokens). It is measured as
+one whose shape does not grow with the examples, and is taken as one where a 3-D input has a leading 1 for N > 1.
+Its output gradient is the sum of the N examples' gradients, which cannot be told apart: the fits count it as one
+more example whose gradient is that sum; under Monte-Carlo probes, independent across examples and of mean zero, the
+sum's second moments are those of the per-example gradients (the cross terms vanish in expectation)."""
 import warnings
 
 import torch
@@ -12,13 +19,14 @@ from torch import nn
 
 from .outputs import batch_size, first_examples, token_masks
 
-BATCH_FIRST, SEQUENCE_FIRST = "batch_first", "sequence_first"
+BATCH_FIRST, SEQUENCE_FIRST, SHARED = "batch_first", "sequence_first", "shared"
 
 
 def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Module]) -> dict[str, str]:
-    """{name: BATCH_FIRST or SEQUENCE_FIRST} of the ``modules``' inputs, from forwards (no grad) of the
-    batch's first example and of its first two: the dim that grows from 1 to 2 holds the examples; for
-    flattened tokens, whether the first example's rows are the first T rows of two or every other row.
+    """{name: BATCH_FIRST, SEQUENCE_FIRST or SHARED} of the ``modules``' inputs (at their first call), from forwards
+    (no grad) of the batch's first example and of its first two: the dim that grows from 1 to 2 holds the examples,
+    and none does for a shared input; for flattened tokens, whether the first example's rows are the first T rows of
+    two or every other row.
     Modules not called, and inputs that do not tell (one token), are left out (``BatchTokens`` goes by
     the shapes); so is everything when the batch cannot be cut (with a warning)."""
     if batch_size(batch) < 2 or not modules:
@@ -51,6 +59,8 @@ def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Mo
 
 def _layout(one: torch.Tensor, two: torch.Tensor) -> str | None:
     """The layout of a module's input ``one`` for one example and ``two`` for two, or None if they do not tell."""
+    if one.shape == two.shape:
+        return SHARED
     if one.dim() >= 3 and one.dim() == two.dim():
         if one.shape[0] == 1 and two.shape[0] == 2:
             return BATCH_FIRST
@@ -80,9 +90,21 @@ class BatchTokens:
             return self.layouts[name] == SEQUENCE_FIRST
         return x.shape[0] != self.n and x.shape[1] == self.n
 
+    def shared(self, name: str, x: torch.Tensor) -> bool:
+        """Whether layer ``name``'s tensor x is shared by the batch's N > 1 examples (module docstring): as measured,
+        else when x is ≥ 3-D with a leading 1 that is not a sequence-first layout's."""
+        if self.n == 1:
+            return False  # one example: what it shares is its own
+        if self.layouts.get(name) == SHARED:
+            return True
+        return x.dim() >= 3 and x.shape[0] == 1 and not self.sequence_first(name, x)
+
     def view(self, x: torch.Tensor, name: str):
         """(layer ``name``'s input or output gradient x as (N, T, d), its real-token mask or None), or
-        (x, None) for a 2-D x (N, d). Sequence-first layouts are transposed, flattened tokens unflattened."""
+        (x, None) for a 2-D x (N, d); a shared x as (1, T, d) of T rows, all real. Sequence-first layouts are
+        transposed, flattened tokens unflattened."""
+        if self.shared(name, x):
+            return x.reshape(1, -1, x.shape[-1]), None
         if x.dim() == 2:
             if x.shape[0] == self.n:
                 return x, None

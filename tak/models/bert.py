@@ -19,8 +19,14 @@ from .base import Builder, DualModel, activation, hf_options, padding_mask
 
 
 # The options Hugging Face callers pass, at the values the dual models take (the model's defaults).
-_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
+HF_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
             "head_mask": (None,)}
+
+
+def bert_self_attention(b: Builder, a: nn.Module, out) -> DualAttention:
+    """The dual of BertSelfAttention ``a`` (and its copies') with the output projection ``out``."""
+    return DualAttention(a.num_attention_heads, out, q=b.linear(a.query), k=b.linear(a.key), v=b.linear(a.value),
+                         scale=a.scaling, dropout=a.dropout.p).train(a.training)
 
 
 class DualBertLayer(nn.Module):
@@ -32,12 +38,12 @@ class DualBertLayer(nn.Module):
         self.fc, self.act, self.out, self.drop_out, self.ln_out = fc, act, out, drop_out, ln_out
 
     @classmethod
-    def of_bert(cls, b: Builder, layer: nn.Module, act: str, where: str) -> "DualBertLayer":
-        """BertLayer and its copies (RoBERTa, ELECTRA, ...)."""
+    def of_bert(cls, b: Builder, layer: nn.Module, act: str, where: str,
+               self_attention=bert_self_attention) -> "DualBertLayer":
+        """BertLayer and its copies (RoBERTa, ELECTRA, ...), and those of BERT's layout with another self-attention
+        (DeBERTa's), built by ``self_attention(b, layer.attention.self, out)`` -> DualAttention."""
         a = layer.attention
-        return cls(DualAttention(a.self.num_attention_heads, b.linear(a.output.dense), q=b.linear(a.self.query),
-                                 k=b.linear(a.self.key), v=b.linear(a.self.value), scale=a.self.scaling,
-                                 dropout=a.self.dropout.p).train(a.self.training),
+        return cls(self_attention(b, a.self, b.linear(a.output.dense)),
                    b.dropout(a.output.dropout), b.layer_norm(a.output.LayerNorm), b.linear(layer.intermediate.dense),
                    activation(act, f"{where}.intermediate"), b.linear(layer.output.dense),
                    b.dropout(layer.output.dropout), b.layer_norm(layer.output.LayerNorm))
@@ -52,14 +58,15 @@ class DualBertLayer(nn.Module):
                    activation(act, f"{where}.ffn"), b.linear(ffn.lin2), b.dropout(ffn.dropout),
                    b.layer_norm(layer.output_layer_norm))
 
-    def forward(self, x, dx, mask):
-        h, dh = self.drop_attn(*self.attn(x, dx, mask=mask))
+    def forward(self, x, dx, mask, **context):
+        """``context``: what the attention takes besides its input and mask (DeBERTa's relative embeddings)."""
+        h, dh = self.drop_attn(*self.attn(x, dx, mask=mask, **context))
         x, dx = self.ln_attn(x + h, add(dx, dh))
         h, dh = self.drop_out(*self.out(*self.act(*self.fc(x, dx))))
         return self.ln_out(x + h, add(dx, dh))
 
 
-def _plus_rows(x, dx, table, ids):
+def plus_rows(x, dx, table, ids):
     """x + table(ids) (B, L, d) and its tangent; ids (B, L) or (1, L), whose rows every example shares."""
     e, de = table(ids)
     return x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
@@ -121,7 +128,7 @@ class DualBertModel(DualModel):
         if position_ids is None:
             position_ids = self.positions(input_ids, L, x.device)
         for table, ids in ((self.token_type, token_type_ids), (self.position, position_ids)):
-            x, dx = _plus_rows(x, dx, table, ids)
+            x, dx = plus_rows(x, dx, table, ids)
         x, dx = self.drop_embed(*self.ln_embed(x, dx))
         return (x, dx) if self.project is None else self.project(x, dx)
 
@@ -129,7 +136,7 @@ class DualBertModel(DualModel):
                 inputs_embeds=None, **options):
         """``options`` Hugging Face callers pass are accepted at their defaults (return_dict True or None,
         output_attentions / output_hidden_states False or None, head_mask None); other values are refused."""
-        hf_options("DualBertModel", options, _OPTIONS)
+        hf_options("DualBertModel", options, HF_OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DualBertModel: pass exactly one of input_ids and inputs_embeds")
         mask = padding_mask("DualBertModel", "attention_mask", attention_mask)
@@ -164,13 +171,13 @@ class DualDistilBertModel(DualModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **options):
         """``options`` as ``DualBertModel.forward`` accepts them."""
-        hf_options("DualDistilBertModel", options, _OPTIONS)
+        hf_options("DualDistilBertModel", options, HF_OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DualDistilBertModel: pass exactly one of input_ids and inputs_embeds")
         mask = padding_mask("DualDistilBertModel", "attention_mask", attention_mask)
         x, dx = self.word(input_ids) if inputs_embeds is None else (inputs_embeds, None)
         positions = torch.arange(x.shape[1], device=x.device)[None] if position_ids is None else position_ids
-        x, dx = self.drop_embed(*self.ln_embed(*_plus_rows(x, dx, self.position, positions)))
+        x, dx = self.drop_embed(*self.ln_embed(*plus_rows(x, dx, self.position, positions)))
         for layer in self.layers:
             x, dx = layer(x, dx, mask)
         return BaseModelOutput(last_hidden_state=x), None if dx is None else BaseModelOutput(last_hidden_state=dx)
