@@ -51,9 +51,9 @@ class DualDisentangledAttention(DualAttention):
         self.train(a.training)
         self.terms = terms if a.relative_attention else []
         self.pos_drop = b.dropout(a.pos_dropout) if a.relative_attention else None
-        shared = a.share_att_key or not a.relative_attention
-        self.pos_k = b.linear(a.pos_key_proj) if not shared and "c2p" in terms else None
-        self.pos_q = b.linear(a.pos_query_proj) if not shared and "p2c" in terms else None
+        own = a.relative_attention and not a.share_att_key  # position projections of their own
+        self.pos_k = b.linear(a.pos_key_proj) if own and "c2p" in terms else None
+        self.pos_q = b.linear(a.pos_query_proj) if own and "p2c" in terms else None
 
     def relative_scores(self, q, k, dq, dk, rel, drel, c2p, p2c):
         """(c2p + p2c)·scale (B, H, L, L) and its tangent, from Q, K (B, H, L, D) and the relative embeddings."""
