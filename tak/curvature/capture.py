@@ -3,17 +3,17 @@ backward that computes nothing else.
 
 Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer calls
 ``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
-identity whose backward calls ``on_grad(layer, dz, call=i)`` for the layer's i-th call in the forward. A convolution's a and z are its unfolded patches
-(N, L, C·kh·kw) and outputs (N, L, d_out) over the L output positions; open_clip's output projection
-is seen through its tower's ``_pool`` (a = the pooled features) and its tower's output (z).
-Dense groups (``tak.curvature.dense``: the
-LayerNorms and the class token) get taps too, whose gradients become per-example gradient vectors
-for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
-LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every tap also feeds a shared scalar, the
-sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the feature output f with cotangent
-s, taken with respect to the sinks alone — runs exactly the backward that reaches the taps: no weight-gradient
-GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output gradients of
-every layer for a batch of cotangents S (m, *f.shape) in one vmapped backward.
+identity whose backward calls ``on_grad(layer, dz, call=i)`` for the layer's i-th call in the forward.
+A convolution's a and z are its unfolded patches (N, L, C·kh·kw) and outputs (N, L, d_out) over the L
+output positions; open_clip's output projection is seen through its tower's ``_pool`` (a = the pooled
+features) and its tower's output (z). Dense groups (``tak.curvature.dense``: the LayerNorms and the
+class token) get taps too, whose gradients become per-example gradient vectors for ``on_dense(group, v)``,
+summed over the group's calls in one forward (its exact block, when a LayerNorm is applied more than
+once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every tap also feeds a
+shared scalar, the sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the feature
+output f with cotangent s, taken with respect to the sinks alone — runs exactly the backward that reaches
+the taps: no weight-gradient GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the
+output gradients of every layer for a batch of cotangents S (m, *f.shape) in one vmapped backward.
 """
 import contextlib
 
@@ -210,7 +210,8 @@ class Capture:
     def probe(self, f: torch.Tensor, S: torch.Tensor, chunk: int) -> None:
         """Feed the gradient callbacks with the output gradients for the cotangents S (m, *f.shape):
         one backward through the taps when m = 1, else batched backwards of ``chunk`` cotangents each
-        (``on_grad(layer, dz, samples=k, call=i)`` with dz (k, *z.shape); ``on_dense(group, v)`` with v (k·N, size))."""
+        (``on_grad(layer, dz, samples=k, call=i)`` with dz (k, *z.shape); ``on_dense(group, v)`` with v
+        (k·N, size))."""
         if len(S) == 1:
             self.backward(f, S[0])
             return
