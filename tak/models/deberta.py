@@ -16,7 +16,7 @@ to float32 as Hugging Face computes it. c2p + p2c and its tangent are the dual a
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
 from ..nn import DualAttention
 from ..nn.attention import dual_attention, merge_heads
@@ -145,7 +145,10 @@ class DualDebertaV2Model(DualModel):
         rel, drel = self.relative.dual("weight")
         if self.ln_relative is not None:
             rel, drel = self.ln_relative(rel, drel)
-        r = build_relative_position(x, x, bucket_size=self.buckets, max_position=self.max_relative)[0]
+        positions = torch.arange(x.shape[1], device=x.device)
+        r = positions[:, None] - positions[None, :]  # i − j, log-bucketed as the source does
+        if self.buckets > 0 and self.max_relative > 0:
+            r = make_log_bucket_position(r, self.buckets, self.max_relative).long()
         top = 2 * self.span - 1  # the table's last row
         return {"rel": rel, "drel": drel, "c2p": (r + self.span).clamp(0, top), "p2c": (self.span - r).clamp(0, top)}
 
