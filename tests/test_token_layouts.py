@@ -3,6 +3,8 @@ layers (T, N, d) give the factors of their batch-first twins even when T = N, an
 tokens, (N·T, d) or (T·N, d), are grouped by example (which per-example sums, EK-FAC and tokens="reduce"
 need). Fits with exact probes in float64 on both layouts must agree to rounding. Inputs the batch shares
 (DeBERTa's relative embeddings) give the fits of the examples one at a time."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -130,6 +132,18 @@ def test_a_model_that_needs_whole_batches_falls_back_to_the_shapes():
         f = fit_kfac(seq, x, exact=True, output_fn=whole_batches, progress=False)
     assert_same_factors(f, fit_kfac(batch, x, exact=True, progress=False), "A", "B")
 
+
+
+def test_a_batch_the_model_cannot_run_gets_the_models_error_alone():
+    """No warning that the layouts could not be measured before the model's own error: only a batch that runs
+    whole, where the fallback to the shapes is real, warns."""
+    def broken(model, x):
+        raise RuntimeError("this model cannot run")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="this model cannot run"):
+            fit_kfac(nn.Linear(4, 2), [torch.randn(3, 4)], output_fn=broken, progress=False)
 
 def deberta_and_examples(L=8):
     """A DeBERTa-v3-like encoder (its 2k = 8 relative embeddings are normalized and projected by the layers' query

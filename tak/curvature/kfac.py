@@ -13,6 +13,7 @@ input the batch shares (``tokens``: DeBERTa's relative embeddings) adds its rows
 example's own fit would, and to B the gradient rows of the batch's sum, whose second moments are the examples' in
 expectation over the probes.
 """
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -294,18 +295,22 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + rank())
     total = len(batches) if hasattr(batches, "__len__") else None
-    layouts, measured = {}, False
+    layouts, measured, unmeasured = {}, False, None
     with fitting_mode(model), torch.enable_grad():
         with capture as cap:
             for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
                 batch = to_device(batch, device)
                 if not measured and batch_size(batch) >= 2:
                     with cap.paused():  # the measuring forwards feed no factor
-                        layouts.update(measure_layouts(model, batch, output_fn, capture.model_fed_modules()))
+                        found, unmeasured = measure_layouts(model, batch, output_fn, capture.model_fed_modules())
+                    layouts.update(found)
                     measured = True
                 acc.start(batch, layouts)
                 cap.clear(acc.batch)
                 f = output_fn(model, batch)
+                if unmeasured:  # the whole batch ran: the fallback to the shapes is real
+                    warnings.warn(unmeasured, stacklevel=3)
+                    unmeasured = None
                 if not isinstance(f, torch.Tensor):
                     raise TypeError(f"{desc}: output_fn returned a {type(f).__name__}, not a tensor: pass output_fn= "
                                     "(model, batch) -> the feature tensor whose Jacobian Gramian to approximate")

@@ -12,8 +12,6 @@ one whose shape does not grow with the examples, and is taken as one where a 3-D
 Its output gradient is the sum of the N examples' gradients, which cannot be told apart: the fits count it as one
 more example whose gradient is that sum; under Monte-Carlo probes, independent across examples and of mean zero, the
 sum's second moments are those of the per-example gradients (the cross terms vanish in expectation)."""
-import warnings
-
 import torch
 from torch import nn
 
@@ -22,15 +20,18 @@ from .outputs import batch_size, first_examples, token_masks
 BATCH_FIRST, SEQUENCE_FIRST, SHARED = "batch_first", "sequence_first", "shared"
 
 
-def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Module]) -> dict[str, str]:
+def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Module]) -> tuple[dict[str, str],
+                                                                                                str | None]:
     """{name: BATCH_FIRST, SEQUENCE_FIRST or SHARED} of the ``modules``' inputs (at their first call), from forwards
     (no grad) of the batch's first example and of its first two: the dim that grows from 1 to 2 holds the examples,
     and none does for a shared input; for flattened tokens, whether the first example's rows are the first T rows of
     two or every other row.
     Modules not called, and inputs that do not tell (one token), are left out (``BatchTokens`` goes by
-    the shapes); so is everything when the batch cannot be cut (with a warning)."""
+    the shapes); so is everything when the model cannot run on the first examples alone, and the second item says
+    why (a warning for the caller to give once the whole batch has run: a batch the model cannot run at all gets
+    the model's own error alone), else None."""
     if batch_size(batch) < 2 or not modules:
-        return {}
+        return {}, None
 
     def recorder(inputs: dict, name: str):
         def hook(module, args):  # values for 2-D inputs (compared below), shapes for the others
@@ -46,15 +47,13 @@ def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Mo
             with torch.no_grad():
                 output_fn(model, first_examples(batch, k + 1))
         except Exception as e:  # noqa: BLE001 - an output_fn that needs whole batches: fall back to the shapes
-            warnings.warn(f"could not run the model on the first example(s) of a batch to see how its layers hold "
-                          f"tokens ({type(e).__name__}: {e}); inputs of shape (N, N, d) are taken as batch-first",
-                          stacklevel=3)
-            return {}
+            return {}, (f"could not run the model on the first example(s) of a batch to see how its layers hold "
+                        f"tokens ({type(e).__name__}: {e}); inputs of shape (N, N, d) are taken as batch-first")
         finally:
             for h in handles:
                 h.remove()
     layouts = {name: _layout(one, seen[1][name]) for name, one in seen[0].items() if name in seen[1]}
-    return {name: layout for name, layout in layouts.items() if layout is not None}
+    return {name: layout for name, layout in layouts.items() if layout is not None}, None
 
 
 def _layout(one: torch.Tensor, two: torch.Tensor) -> str | None:
