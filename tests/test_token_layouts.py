@@ -202,3 +202,22 @@ def test_a_second_call_on_the_examples_own_inputs_is_refused_by_ekfac():
 
     with pytest.raises(ValueError, match="layer 'lin' runs more than once per forward on the examples' own inputs"):
         fit_ekfac(Twice(), [torch.randn(3, 4)], progress=False)
+
+
+def test_learned_queries_the_batch_shares_count_once_per_example():
+    """open_clip's attentional pooler (CoCa's vision tower) normalizes its learned queries (4, d) once per batch:
+    A exactly, and the queries' LayerNorm block to the probes' noise, are the examples' fits one at a time."""
+    open_clip_transformer = pytest.importorskip("open_clip.transformer")
+    model = open_clip_transformer.VisionTransformer(image_size=(20, 17), patch_size=(7, 5), width=24, layers=1, heads=3,
+                                                    mlp_ratio=2.0, output_dim=10, attentional_pool=True,
+                                                    attn_pooler_queries=4, attn_pooler_heads=2).eval()
+    x = torch.randn(3, 3, 20, 17)
+    fit = dict(output_fn=lambda m, images: m(images), mc_samples=500, probe_chunk=500, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pooler's own attention has separate q/k/v weights: no factors
+        together, one_by_one = fit_kfac(model, [x], seed=1, **fit), fit_kfac(model, list(x.split(1)), seed=2, **fit)
+    for name, f in together.items():
+        if f.A.shape[0] > 1:
+            assert rel_err(f.A, one_by_one[name].A) < 1e-5, name
+    assert together.meta["n_rows"] == one_by_one.meta["n_rows"]
+    assert rel_err(together["attn_pool.ln_q"].B, one_by_one["attn_pool.ln_q"].B) < 0.25

@@ -6,12 +6,13 @@ batch-first (N, T, d) or sequence-first (T, N, d) (PyTorch's ``nn.Transformer*``
 inputs of flattened tokens, (N·T, d) example by example or (T·N, d) token by token. Shapes alone cannot
 tell them apart when T = N, nor the two flattenings ever.
 
-An input that holds no example at all is *shared* by the batch: one tensor computed once for all N examples (DeBERTa's
-relative position embeddings, normalized and projected by the layers that also see the tokens). It is measured as
-one whose shape does not grow with the examples, and is taken as one where a 3-D input has a leading 1 for N > 1.
-Its output gradient is the sum of the N examples' gradients, which cannot be told apart: the fits count it as one
-more example whose gradient is that sum; under Monte-Carlo probes, independent across examples and of mean zero, the
-sum's second moments are those of the per-example gradients (the cross terms vanish in expectation)."""
+An input that holds no example at all is *shared* by the batch: one tensor computed once for all N examples
+(DeBERTa's relative position embeddings, normalized and projected by the layers that also see the tokens; the
+learned queries of open_clip's attentional pooler). It is measured as one whose shape does not grow with the
+examples, and is taken as one where a 3-D input has a leading 1 for N > 1. Its output gradient is the sum of the N
+examples' gradients, which cannot be told apart: the fits count it as one more example whose gradient is that sum;
+under Monte-Carlo probes, independent across examples and of mean zero, the sum's second moments are those of the
+per-example gradients (the cross terms vanish in expectation)."""
 import torch
 from torch import nn
 
