@@ -20,7 +20,7 @@ from .base import Builder, DualModel, activation, hf_options, padding_mask
 
 # The options Hugging Face callers pass, at the values the dual models take (the model's defaults).
 HF_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
-            "head_mask": (None,)}
+              "head_mask": (None,)}
 
 
 def bert_self_attention(b: Builder, a: nn.Module, out) -> DualAttention:
@@ -39,7 +39,7 @@ class DualBertLayer(nn.Module):
 
     @classmethod
     def of_bert(cls, b: Builder, layer: nn.Module, act: str, where: str,
-               self_attention=bert_self_attention) -> "DualBertLayer":
+                self_attention=bert_self_attention) -> "DualBertLayer":
         """BertLayer and its copies (RoBERTa, ELECTRA, ...), and those of BERT's layout with another self-attention
         (DeBERTa's), built by ``self_attention(b, layer.attention.self, out)`` -> DualAttention."""
         a = layer.attention
