@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from ._selection import select_parameters
+from ._substitute import call_with
 
 Trainable = None | str | Iterable[str] | Callable[[str], bool]
 
@@ -161,7 +162,7 @@ class LinearizedModel(_Linearization):
 
         def f(params):
             nonlocal spec, leaves
-            leaves, spec = pytree.tree_flatten(functional_call(self._base, params, args, kwargs))
+            leaves, spec = pytree.tree_flatten(call_with(self._base, params, args, kwargs))
             return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
 
         with math_attention():

@@ -16,6 +16,7 @@ from tak.backbones.t5 import T5Backbone
 from tak.backbones.text import TextEncoderBackbone
 from tak.data.task import Task
 from tak.io import weights_record
+from tak.models.t5 import decoder_output_scale
 from tak.task_vector import TaskVector, check_compatible
 
 from .util import legacy_fingerprint, rel_err
@@ -205,7 +206,7 @@ def tiny_t5(tmp_path, vocab_size, tie=True):
 def test_t5_head_gives_the_models_next_token_logits(tmp_path, bert_tokenizer, tie):
     folder = tiny_t5(tmp_path, bert_tokenizer.vocab_size, tie)
     t5 = load_backbone(f"t5:{folder}", tokenizer=bert_tokenizer, dtype=torch.float64)
-    assert t5.model.config.scale_decoder_outputs == tie
+    assert decoder_output_scale(t5.model) == (16 ** -0.5 if tie else 1.0)
     nli = task("nli", ["entailment", "neutral", "contradiction"], "text-pair", ["{}"])
     batch = t5.inputs(PAIRS)
     assert batch["decoder_input_ids"].tolist() == [[0]] * 3

@@ -4,14 +4,16 @@ References: ``torch.func.jvp`` / ``torch.func.vjp`` of the original model at θ0
 the model itself at θ0 + sτ, whose distance to f_lin must shrink as s² (independent of any AD).
 """
 import functools
+import importlib.metadata
 
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tak
+from tak._substitute import call_with
 from tests.util import rel_err
 
 F64 = torch.float64
@@ -133,7 +135,7 @@ def call(model, params, args, kwargs, out_fn):
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            return out_fn(functional_call(model, params, args, kwargs))
+            return out_fn(call_with(model, params, args, kwargs))
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
 
@@ -198,8 +200,10 @@ def test_tau_gradients_equal_vjp_at_theta0(case):
     _, pullback = vjp(lambda p: call(model, p, args, kwargs, out_fn), theta0)
     (ref,) = pullback(tuple(w + y.detach() for w, y in zip(ws, ys)))
     scale = torch.stack([g.norm() for g in ref.values()]).norm()  # some blocks have zero gradient
+    # transformers 4.x's T5 attention takes its softmax in float32: reverse and forward mode agree to ~1e-7 there
+    tol = 1e-6 if case == "t5" and int(importlib.metadata.version("transformers").split(".")[0]) < 5 else 1e-10
     for name, tau in lin.tau.named_parameters():
-        assert (tau.grad - ref[name]).norm() < 1e-10 * scale, name
+        assert (tau.grad - ref[name]).norm() < tol * scale, name
     assert all(p.grad is None and not p.requires_grad for p in lin._base.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, before[name]) for name, p in params_of(model).items())
@@ -404,7 +408,7 @@ def test_nonlinear_model_is_a_plain_copy_at_theta0_plus_alpha_tau():
     plain = lin.nonlinear_model(alpha=0.5)
     assert type(plain) is MLP
     theta = {name: p + 0.5 * taus[name] if name in taus else p for name, p in params_of(model).items()}
-    assert rel_err(plain(x), functional_call(model, theta, (x,))) < 1e-14
+    assert rel_err(plain(x), call_with(model, theta, (x,))) < 1e-14
     assert [p.requires_grad for p in plain.parameters()] == [p.requires_grad for p in model.parameters()]
 
     y = lin(x)

@@ -65,6 +65,8 @@ def test_each_module_keeps_its_train_or_eval_mode(fast):
     model.config.attention_probs_dropout_prob = 0.0
     for layer in model.encoder.layer:
         layer.attention.self.dropout.p = 0.0
+        if hasattr(layer.attention.self, "dropout_prob"):  # transformers 4.x's SDPA attention reads this instead
+            layer.attention.self.dropout_prob = 0.0
     model.train()
     for m in model.modules():
         if isinstance(m, nn.Dropout):

@@ -13,12 +13,12 @@
   encoder-decoders).
 - ``head``: the LM-head rows of the first token of each class's label word (the class name, or
   ``label_words[class name]``), times T5's decoder-output rescaling ``d_model ** -0.5`` when the
-  model applies it (transformers 5.x: ``config.scale_decoder_outputs``, which is true unless the
-  checkpoint's config says ``tie_word_embeddings: false``, as T5 v1.1's do; transformers 4.x:
-  ``config.tie_word_embeddings``). ``Head(W, normalize=False, scale=1.0)``, so ``head(features)`` is the
-  model's own next-token logits at the first decoder step restricted to the label tokens. Templates
-  are not used. Two classes whose label words start with the same token are refused. ``label_words`` may
-  name the classes of several tasks (one backbone evaluates every task of a merge).
+  model applies it (``tak.models.t5.decoder_output_scale``; transformers 5.x: ``config.scale_decoder_outputs``,
+  which is true unless the checkpoint's config says ``tie_word_embeddings: false``, as T5 v1.1's do;
+  transformers 4.x: ``config.tie_word_embeddings``). ``Head(W, normalize=False, scale=1.0)``, so
+  ``head(features)`` is the model's own next-token logits at the first decoder step restricted to the label
+  tokens. Templates are not used. Two classes whose label words start with the same token are refused.
+  ``label_words`` may name the classes of several tasks (one backbone evaluates every task of a merge).
 
 Every model (the plain model, deep copies, both paths of ``tak.linearize``, ``functional_call``
 wrappers) is called with ``output_hidden_states=True`` and reads the decoder's last hidden state,
@@ -30,19 +30,12 @@ from torch import nn
 
 from ..curvature.outputs import call
 from ..data.task import check_format
+from ..models.t5 import decoder_output_scale
 from .base import Backbone, Head
 from .text import DEFAULT_MAX_LENGTH, check_max_length, load_hf, split_examples
 
 DEFAULT_PAIR_FORMAT = "premise: {premise} hypothesis: {hypothesis}"
 DEFAULT_TEXT_FORMAT = "{text}"
-
-
-def decoder_output_scale(config) -> float:
-    """The factor T5ForConditionalGeneration applies to the decoder output before its LM head."""
-    scaled = getattr(config, "scale_decoder_outputs", None)
-    if scaled is None:  # transformers 4.x
-        scaled = getattr(config, "tie_word_embeddings", True)
-    return config.d_model ** -0.5 if scaled else 1.0
 
 
 class T5Backbone(Backbone):
@@ -114,7 +107,7 @@ class T5Backbone(Backbone):
 
     def _build_head(self, task) -> Head:
         weight = self.model.get_output_embeddings().weight
-        rows = weight[self.label_tokens(task)].detach().clone() * decoder_output_scale(self.model.config)
+        rows = weight[self.label_tokens(task)].detach().clone() * decoder_output_scale(self.model)
         return Head(rows, normalize=False, scale=1.0)
 
 

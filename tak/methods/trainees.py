@@ -19,9 +19,9 @@ import math
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .._selection import select_parameters
+from .._substitute import call_with
 from ..linearize import linearize
 
 DECAY_TARGETS = ("zero", "pretrained")
@@ -54,7 +54,7 @@ class _At:
         self.module, self.params = module, params
 
     def __call__(self, *args, **kwargs):
-        return functional_call(self.module, self.params(), args, kwargs)
+        return call_with(self.module, self.params(), args, kwargs)
 
     def __getattr__(self, name):
         return getattr(self.module, name)

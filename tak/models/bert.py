@@ -23,10 +23,19 @@ HF_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "
               "head_mask": (None,)}
 
 
-def bert_self_attention(b: Builder, a: nn.Module, out) -> DualAttention:
+def _attention(b: Builder, a: nn.Module, heads: int, q, k, v, out) -> DualAttention:
+    """DualAttention of a Hugging Face self-attention ``a`` with projections q, k, v, out (source modules), across
+    transformers versions: the score scale is ``a.scaling`` (5.x), else 1/√head size (4.x divides by it); the
+    attention dropout is ``a.dropout_prob`` (4.x's SDPA classes), else ``a.dropout.p``."""
+    scale = getattr(a, "scaling", (q.out_features // heads) ** -0.5)
+    attn = DualAttention(heads, b.linear(out), q=b.linear(q), k=b.linear(k), v=b.linear(v), scale=scale,
+                         dropout=getattr(a, "dropout_prob", a.dropout.p))
+    return attn.train(a.training)
+
+
+def bert_self_attention(b: Builder, a: nn.Module, out: nn.Module) -> DualAttention:
     """The dual of BertSelfAttention ``a`` (and its copies') with the output projection ``out``."""
-    return DualAttention(a.num_attention_heads, out, q=b.linear(a.query), k=b.linear(a.key), v=b.linear(a.value),
-                         scale=a.scaling, dropout=a.dropout.p).train(a.training)
+    return _attention(b, a, a.num_attention_heads, a.query, a.key, a.value, out)
 
 
 class DualBertLayer(nn.Module):
@@ -43,7 +52,7 @@ class DualBertLayer(nn.Module):
         """BertLayer and its copies (RoBERTa, ELECTRA, ...), and those of BERT's layout with another self-attention
         (DeBERTa's), built by ``self_attention(b, layer.attention.self, out)`` -> DualAttention."""
         a = layer.attention
-        return cls(self_attention(b, a.self, b.linear(a.output.dense)),
+        return cls(self_attention(b, a.self, a.output.dense),
                    b.dropout(a.output.dropout), b.layer_norm(a.output.LayerNorm), b.linear(layer.intermediate.dense),
                    activation(act, f"{where}.intermediate"), b.linear(layer.output.dense),
                    b.dropout(layer.output.dropout), b.layer_norm(layer.output.LayerNorm))
@@ -52,8 +61,7 @@ class DualBertLayer(nn.Module):
     def of_distilbert(cls, b: Builder, layer: nn.Module, act: str, where: str) -> "DualBertLayer":
         """DistilBERT's TransformerBlock: no dropout between the attention and its residual."""
         a, ffn = layer.attention, layer.ffn
-        return cls(DualAttention(a.n_heads, b.linear(a.out_lin), q=b.linear(a.q_lin), k=b.linear(a.k_lin),
-                                 v=b.linear(a.v_lin), scale=a.scaling, dropout=a.dropout.p).train(a.training),
+        return cls(_attention(b, a, a.n_heads, a.q_lin, a.k_lin, a.v_lin, a.out_lin),
                    DualDropout(0.0), b.layer_norm(layer.sa_layer_norm), b.linear(ffn.lin1),
                    activation(act, f"{where}.ffn"), b.linear(ffn.lin2), b.dropout(ffn.dropout),
                    b.layer_norm(layer.output_layer_norm))

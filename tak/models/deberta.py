@@ -43,10 +43,10 @@ class DualDisentangledAttention(DualAttention):
     """DisentangledSelfAttention with its output projection: forward(x (B, L, d), dx, *, mask, rel, drel, c2p, p2c)
     with rel, drel the relative embeddings (2k, d) and c2p, p2c the (L, L) indices into them (module docstring)."""
 
-    def __init__(self, b: Builder, a: nn.Module, out):
+    def __init__(self, b: Builder, a: nn.Module, out: nn.Module):
         terms = [t for t in _TERMS if t in (a.pos_att_type or ())]
         scale = 1.0 / torch.tensor(a.attention_head_size * (1 + len(terms)), dtype=torch.float32).sqrt().item()
-        super().__init__(a.num_attention_heads, out, q=b.linear(a.query_proj), k=b.linear(a.key_proj),
+        super().__init__(a.num_attention_heads, b.linear(out), q=b.linear(a.query_proj), k=b.linear(a.key_proj),
                          v=b.linear(a.value_proj), scale=scale, dropout=a.dropout.p)
         self.train(a.training)
         self.terms = terms if a.relative_attention else []

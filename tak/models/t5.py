@@ -150,7 +150,7 @@ class DualT5EncoderModel(DualModel):
                                                   hidden_states=_hidden_states(d, wanted, states)), dstates)
 
 
-def _decoder_output_scale(model: nn.Module) -> float:
+def decoder_output_scale(model: nn.Module) -> float:
     """d_model^-0.5 where Hugging Face scales the decoder's output before the head, else 1: T5 with tied embeddings
     (``config.scale_decoder_outputs`` from transformers 5 on, ``config.tie_word_embeddings`` before); mT5 likewise
     before transformers 5, never from 5 on (whose MT5Config always says tied)."""
@@ -179,7 +179,7 @@ class DualT5ForConditionalGeneration(DualModel):
         self.decoder = DualT5Stack(b, model.decoder)
         tied = model.lm_head.weight is model.decoder.embed_tokens.weight
         self.lm_head = None if tied else b.linear(model.lm_head)
-        self.output_scale = _decoder_output_scale(model)
+        self.output_scale = decoder_output_scale(model)
         self.bind(b, model, trainable)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
