@@ -138,20 +138,26 @@ def test_bert(pooler, act):
         assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
 
 
-@pytest.mark.parametrize("kind", ["Roberta", "XLMRoberta", "Camembert", "Electra"])
+@pytest.mark.parametrize("kind", ["Roberta", "XLMRoberta", "Camembert", "Electra", "MPNet"])
 def test_bert_like_encoders(kind):
-    """The RoBERTa family counts positions from padding_idx + 1 over the real tokens (padding sits at padding_idx,
-    here in every row but the first); ELECTRA projects its embeddings (embedding_size 12) to the hidden size."""
+    """The RoBERTa family and MPNet count positions from padding_idx + 1 over the real tokens (padding sits at
+    padding_idx, here in every row but the first); ELECTRA projects its embeddings (embedding_size 12) to the hidden
+    size; MPNet adds its relative position bias (12 tokens: offsets up to 11 reach its logarithmic buckets, from 8)."""
     config = getattr(transformers, f"{kind}Config")(
         vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4, intermediate_size=26,
         max_position_embeddings=16, type_vocab_size=1, attn_implementation="eager",
         **({"embedding_size": 12} if kind == "Electra" else {}))
     model = getattr(transformers, f"{kind}Model")(config).double().eval()
-    batch = text_batch(41, token_types=False)
+    if kind == "MPNet":
+        nn.init.normal_(model.encoder.relative_attention_bias.weight)  # a bias of a visible size
+    batch = text_batch(41, L=12, lengths=(12, 7, 2), token_types=False)
     batch["input_ids"] = batch["input_ids"].clamp(min=2).masked_fill(batch["attention_mask"] == 0, config.pad_token_id)
-    dual = check(model, batch, ["last_hidden_state"] + (["pooler_output"] if kind != "Electra" else []))
+    keys = ["last_hidden_state"] + (["pooler_output"] if kind != "Electra" else [])
+    dual = check(model, batch, keys)
     assert (dual.project is not None) == (kind == "Electra")
-    embeds = {"inputs_embeds": torch.randn(3, 9, getattr(config, "embedding_size", 20), dtype=torch.float64),
+    if kind == "MPNet":  # the position bias's τ alone: its tangent is not lost among the weights'
+        check(model, batch, keys, trainable=["encoder.relative_attention_bias.weight"])
+    embeds = {"inputs_embeds": torch.randn(3, 12, getattr(config, "embedding_size", 20), dtype=torch.float64),
               "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
@@ -324,7 +330,12 @@ def dropping_models():
     t5 = tiny_t5_config("gated-gelu")
     t5.dropout_rate = 0.25
     t5_model = without_cache(transformers.T5ForConditionalGeneration(t5).double())
+    mpnet = transformers.MPNetConfig(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=26, max_position_embeddings=16, hidden_dropout_prob=0.3,
+                                     attention_probs_dropout_prob=0.2)
     return {"bert": (transformers.BertModel(bert).double(), text_batch(41), ["last_hidden_state", "pooler_output"]),
+            "mpnet": (transformers.MPNetModel(mpnet).double(), text_batch(41, token_types=False),
+                      ["last_hidden_state", "pooler_output"]),
             "distilbert": (tiny_distilbert(dropout=0.3, attention_dropout=0.2), text_batch(41, token_types=False),
                            ["last_hidden_state"]),
             "deberta": (tiny_deberta(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
@@ -333,7 +344,7 @@ def dropping_models():
                               "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}
 
 
-@pytest.mark.parametrize("name", ["bert", "distilbert", "deberta", "t5"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -343,8 +354,8 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     taus = randomize(dual)
     y, dy = dual(**batch)
     drawn = [m.shape for m in replayed_dropout.masks]
-    assert len(drawn) == {"bert": 1 + 2 * 3, "distilbert": 1 + 2 * 2, "deberta": 1 + 2 * 4,  # embed, per layer, final
-                          "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+    assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
+                          "deberta": 1 + 2 * 4, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.shape for m in replayed_dropout.masks] == drawn

@@ -17,6 +17,7 @@ _CONVERTERS = [
     ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", "bert", "DualBertModel"),
     ("transformers.models.camembert.modeling_camembert", "CamembertModel", "bert", "DualBertModel"),
     ("transformers.models.electra.modeling_electra", "ElectraModel", "bert", "DualBertModel"),
+    ("transformers.models.mpnet.modeling_mpnet", "MPNetModel", "bert", "DualBertModel"),
     ("transformers.models.distilbert.modeling_distilbert", "DistilBertModel", "bert", "DualDistilBertModel"),
     ("transformers.models.deberta_v2.modeling_deberta_v2", "DebertaV2Model", "deberta", "DualDebertaV2Model"),
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),

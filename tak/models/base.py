@@ -9,6 +9,7 @@ from torch import nn
 
 from .._selection import select_parameters
 from ..nn import DualActivation, DualDropout, DualEmbedding, DualLayerNorm, DualLinear, DualModule, DualRMSNorm
+from ..nn.base import apply
 
 # Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer, as DualActivation kinds.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -49,6 +50,14 @@ def padding_mask(owner: str, name: str, attention_mask):
         raise ValueError(f"{owner}: {name} must be (batch, length), got {tuple(attention_mask.shape)}; "
                          "tak.linearize(model, fast=False) takes every argument of the model")
     return attention_mask.bool()[:, None, None, :]
+
+
+def position_bias(table: DualEmbedding, buckets: torch.Tensor):
+    """A relative position bias (1, H, Lq, Lk), the rows of ``table`` (buckets, H) at ``buckets`` (Lq, Lk) with heads
+    first, and its tangent."""
+    bias, dbias = table(buckets)
+    heads_first = lambda t: t.permute(2, 0, 1)[None]  # noqa: E731
+    return heads_first(bias), apply(heads_first, dbias)
 
 
 class Builder:

@@ -1,13 +1,14 @@
 """Hugging Face BERT-like encoders as dual models: BertModel (e.g. MiniLM), the RoBERTa family (RobertaModel,
-XLMRobertaModel, CamembertModel), ElectraModel and DistilBertModel.
+XLMRobertaModel, CamembertModel), ElectraModel, MPNetModel (e.g. all-mpnet-base-v2) and DistilBertModel.
 
-Embeddings: word (or inputs_embeds) + token type (not DistilBERT) + absolute position, then LayerNorm; ELECTRA then
-projects them to the hidden size (``embeddings_project``, where embedding_size ≠ hidden_size). Positions count from
-0, or, where the position table has a ``padding_idx`` p (RoBERTa), from p + 1 over the non-padding tokens (padding at
-p). Post-norm layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by
-attention_mask (B, L). Pooler (if any): tanh(dense(x[:, 0])). In training, dropout as in Hugging Face's models: after
-the embeddings, on the attention weights, and on each sublayer's output before its residual (DistilBERT: the
-feed-forward's only).
+Embeddings: word (or inputs_embeds) + token type (not MPNet, DistilBERT) + absolute position, then LayerNorm; ELECTRA
+then projects them to the hidden size (``embeddings_project``, where embedding_size ≠ hidden_size). Positions count
+from 0, or, where the position table has a ``padding_idx`` p (RoBERTa, MPNet), from p + 1 over the non-padding tokens
+(padding at p). Post-norm layers: x = LN(x + attn(x)), x = LN(x + W_out act(W_in x)), attention over the keys kept by
+attention_mask (B, L); MPNet adds to every layer's scores the relative position bias of its encoder, T5's bucketing
+of key − query positions (32 buckets, max distance 128) into a table (buckets, heads). Pooler (if any):
+tanh(dense(x[:, 0])). In training, dropout as in Hugging Face's models: after the embeddings, on the attention
+weights, and on each sublayer's output before its residual (DistilBERT: the feed-forward's only).
 """
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from ..nn import DualActivation, DualAttention, DualDropout
 from ..nn.base import add, apply
-from .base import Builder, DualModel, activation, hf_options, padding_mask
+from .base import Builder, DualModel, activation, hf_options, padding_mask, position_bias
 
 
 # The options Hugging Face callers pass, at the values the dual models take (the model's defaults).
@@ -52,8 +53,21 @@ class DualBertLayer(nn.Module):
         """BertLayer and its copies (RoBERTa, ELECTRA, ...), and those of BERT's layout with another self-attention
         (DeBERTa's), built by ``self_attention(b, layer.attention.self, out)`` -> DualAttention."""
         a = layer.attention
-        return cls(self_attention(b, a.self, a.output.dense),
-                   b.dropout(a.output.dropout), b.layer_norm(a.output.LayerNorm), b.linear(layer.intermediate.dense),
+        return cls._with_feed_forward(b, layer, act, where, self_attention(b, a.self, a.output.dense),
+                                      a.output.dropout, a.output.LayerNorm)
+
+    @classmethod
+    def of_mpnet(cls, b: Builder, layer: nn.Module, act: str, where: str) -> "DualBertLayer":
+        """MPNetLayer: BERT's layout, the projections q, k, v, o on ``attention.attn``."""
+        a, s = layer.attention, layer.attention.attn
+        attn = _attention(b, s, s.num_attention_heads, s.q, s.k, s.v, s.o)
+        return cls._with_feed_forward(b, layer, act, where, attn, a.dropout, a.LayerNorm)
+
+    @classmethod
+    def _with_feed_forward(cls, b: Builder, layer: nn.Module, act: str, where: str, attn: DualAttention,
+                           drop_attn: nn.Module, ln_attn: nn.Module) -> "DualBertLayer":
+        """The layer of ``attn`` with BERT's feed-forward (``layer.intermediate``, ``layer.output``)."""
+        return cls(attn, b.dropout(drop_attn), b.layer_norm(ln_attn), b.linear(layer.intermediate.dense),
                    activation(act, f"{where}.intermediate"), b.linear(layer.output.dense),
                    b.dropout(layer.output.dropout), b.layer_norm(layer.output.LayerNorm))
 
@@ -67,7 +81,8 @@ class DualBertLayer(nn.Module):
                    b.layer_norm(layer.output_layer_norm))
 
     def forward(self, x, dx, mask, **context):
-        """``context``: what the attention takes besides its input and mask (DeBERTa's relative embeddings)."""
+        """``context``: what the attention takes besides its input and mask (MPNet's position bias, DeBERTa's relative
+        embeddings)."""
         h, dh = self.drop_attn(*self.attn(x, dx, mask=mask, **context))
         x, dx = self.ln_attn(x + h, add(dx, dh))
         h, dh = self.drop_out(*self.out(*self.act(*self.fc(x, dx))))
@@ -101,14 +116,19 @@ class DualBertModel(DualModel):
         b = Builder(model)
         e = model.embeddings
         self.word = b.embedding(e.word_embeddings)
-        self.token_type = b.embedding(e.token_type_embeddings)
+        types = getattr(e, "token_type_embeddings", None)  # MPNet has none
+        self.token_type = None if types is None else b.embedding(types)
         self.position = b.embedding(e.position_embeddings)
         self.position_padding = e.position_embeddings.padding_idx  # RoBERTa's positions start after it
         self.ln_embed = b.layer_norm(e.LayerNorm)
         self.drop_embed = b.dropout(e.dropout)
         project = getattr(model, "embeddings_project", None)  # ELECTRA's, where embedding_size ≠ hidden_size
         self.project = None if project is None else b.linear(project)
-        self.layers = nn.ModuleList(DualBertLayer.of_bert(b, layer, c.hidden_act, f"encoder.layer.{i}")
+        relative = getattr(model.encoder, "relative_attention_bias", None)  # MPNet's, shared by its layers
+        self.relative_bias = None if relative is None else b.embedding(relative)
+        self.bucket = None if relative is None else type(model.encoder).relative_position_bucket
+        layer_of = DualBertLayer.of_bert if relative is None else DualBertLayer.of_mpnet
+        self.layers = nn.ModuleList(layer_of(b, layer, c.hidden_act, f"encoder.layer.{i}")
                                     for i, layer in enumerate(model.encoder.layer))
         pooler = getattr(model, "pooler", None)  # ELECTRA has none
         self.pooler = None if pooler is None else b.linear(pooler.dense)
@@ -128,17 +148,25 @@ class DualBertModel(DualModel):
 
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
         """drop(LN(word + token type + position embeddings)) (B, L, d), projected where the model does, and its
-        tangent."""
+        tangent. Without a token type table (MPNet) ``token_type_ids`` are ignored, as the source ignores them."""
         x, dx = self.word(input_ids) if inputs_embeds is None else (inputs_embeds, None)
         B, L, _ = x.shape
-        if token_type_ids is None:
-            token_type_ids = torch.zeros(B, L, dtype=torch.long, device=x.device)
+        if self.token_type is not None:
+            types = torch.zeros(B, L, dtype=torch.long, device=x.device) if token_type_ids is None else token_type_ids
+            x, dx = plus_rows(x, dx, self.token_type, types)
         if position_ids is None:
             position_ids = self.positions(input_ids, L, x.device)
-        for table, ids in ((self.token_type, token_type_ids), (self.position, position_ids)):
-            x, dx = plus_rows(x, dx, table, ids)
-        x, dx = self.drop_embed(*self.ln_embed(x, dx))
+        x, dx = self.drop_embed(*self.ln_embed(*plus_rows(x, dx, self.position, position_ids)))
         return (x, dx) if self.project is None else self.project(x, dx)
+
+    def position_bias(self, L: int, device) -> dict:
+        """MPNet's relative position bias (1, H, L, L) of the buckets of key − query positions, as the attention's
+        ``bias`` and ``dbias``; {} for the others."""
+        if self.relative_bias is None:
+            return {}
+        positions = torch.arange(L, device=device)
+        bias, dbias = position_bias(self.relative_bias, self.bucket(positions[None, :] - positions[:, None]))
+        return {"bias": bias, "dbias": dbias}
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, **options):
@@ -149,8 +177,9 @@ class DualBertModel(DualModel):
             raise ValueError("DualBertModel: pass exactly one of input_ids and inputs_embeds")
         mask = padding_mask("DualBertModel", "attention_mask", attention_mask)
         x, dx = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
+        context = self.position_bias(x.shape[1], x.device)
         for layer in self.layers:
-            x, dx = layer(x, dx, mask)
+            x, dx = layer(x, dx, mask, **context)
         p = dp = None
         if self.pooler is not None:
             p, dp = self.pooler_act(*self.pooler(x[:, 0], apply(lambda t: t[:, 0], dx)))

@@ -17,7 +17,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from ..nn import DualAttention, linear
 from ..nn.base import add, apply, cast
-from .base import Builder, DualModel, activation, hf_options, padding_mask
+from .base import Builder, DualModel, activation, hf_options, padding_mask, position_bias
 
 
 def _attention(b: Builder, a: T5Attention) -> DualAttention:
@@ -95,9 +95,7 @@ class DualT5Stack(nn.Module):
         pos = torch.arange(length, device=device)
         buckets = T5Attention._relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=not self.decoder,
                                                         num_buckets=self.num_buckets, max_distance=self.max_distance)
-        heads_first = lambda t: t.permute(2, 0, 1)[None]  # noqa: E731
-        bias, dbias = self.relative_bias(buckets)
-        return heads_first(bias), apply(heads_first, dbias)
+        return position_bias(self.relative_bias, buckets)
 
     def forward(self, x, dx, mask=None, enc=None, denc=None, enc_mask=None):
         """(states, dstates): Hugging Face's ``hidden_states``, each block's input then the stack's output (the last
