@@ -121,8 +121,23 @@ def deberta_case():
     return model, inputs, lambda out: (out.last_hidden_state,)
 
 
+def mpnet_case():
+    import transformers
+    config = transformers.MPNetConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=24, max_position_embeddings=12)
+    model = transformers.MPNetModel(config).to(F64).eval()
+    nn.init.normal_(model.encoder.relative_attention_bias.weight)  # a position bias of a visible size
+
+    def inputs():  # no padding token: its zero embedding rows put LayerNorm at 0, where f is far from linear
+        mask = torch.ones(3, 6, dtype=torch.long)
+        mask[1, 4:] = mask[2, 2:] = 0
+        return (), {"input_ids": torch.randint(3, 50, (3, 6)), "attention_mask": mask}
+
+    return model, inputs, lambda out: (out.last_hidden_state, out.pooler_output)
+
+
 CASES = {"mlp": mlp_case, "vit": vit_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
-         "deberta": deberta_case}
+         "deberta": deberta_case, "mpnet": mpnet_case}
 
 
 # ----------------------------------------------------------------------------- references
