@@ -425,7 +425,7 @@ def test_attention_forward_unchanged(batch_first):
     for (am, pm), need_weights, average in itertools.product(attention_calls(t, n, h), [True, False], [True, False]):
         kw = dict(key_padding_mask=pm, need_weights=need_weights, attn_mask=am, average_attn_weights=average)
         ref = mha(x, x, x, **kw)
-        with Capture(layers, lambda layer, a: seen.append(layer.name)):
+        with Capture(layers, lambda layer, a, call: seen.append(layer.name)):
             out = mha(x, x, x, **kw)
         assert rel_err(out[0], ref[0]) < 1e-12, kw
         if need_weights:

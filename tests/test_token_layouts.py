@@ -191,6 +191,20 @@ def test_an_input_the_batch_shares_counts_once_per_example():
     assert ekfac[projection].S.shape == (12, 13) and ekfac[projection].S.min() >= 0
 
 
+def test_a_one_example_batch_padded_to_the_length_of_a_shared_input_keeps_them_apart():
+    """One example padded to L = 2k, the shared relative embeddings' length: whether an input holds the example's
+    tokens or is shared is measured on the example twice over (nothing grows with one example), so the shared rows
+    are not masked by the example's padding. A equals that of the example alone at its own length."""
+    model, batch, alone = deberta_and_examples()
+    padded = {k: v[1:2] for k, v in batch.items()}  # length 5 of 8
+    fit = dict(output_fn=cls_output, progress=False)
+    together, one = fit_kfac(model, [padded], **fit), fit_kfac(model, [alone[1]], **fit)
+    for name, f in together.items():
+        if hasattr(f, "A"):
+            assert rel_err(f.A, one[name].A) < 1e-5, name
+    assert together.meta["n_rows"] == one.meta["n_rows"]
+
+
 def test_a_second_call_on_the_examples_own_inputs_is_refused_by_ekfac():
     class Twice(nn.Module):
         def __init__(self):

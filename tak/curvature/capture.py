@@ -1,9 +1,9 @@
 """Seeing a model's linear layers at work: their inputs in the forward, their output gradients in a
 backward that computes nothing else.
 
-Inside ``Capture(layers, on_input, on_grad)``, each forward through a layer calls
-``on_input(layer, a)`` with its input a (..., d_in), and passes its output z through a tap: an
-identity whose backward calls ``on_grad(layer, dz, call=i)`` for the layer's i-th call in the forward.
+Inside ``Capture(layers, on_input, on_grad)``, the i-th call of a layer in a forward calls
+``on_input(layer, a, i)`` with its input a (..., d_in), and passes its output z through a tap: an
+identity whose backward calls ``on_grad(layer, dz, call=i)``.
 A convolution's a and z are its unfolded patches (N, L, C·kh·kw) and outputs (N, L, d_out) over the L
 output positions; open_clip's output projection is seen through its tower's ``_pool`` (a = the pooled
 features) and its tower's output (z). Dense groups (``tak.curvature.dense``: the LayerNorms and the
@@ -93,7 +93,7 @@ class Capture:
         for mha, in_proj in attentions.values():
             self._patch(mha, "forward", _self_attention_forward(mha, in_proj, self))
         for group in self.dense.values():
-            self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch))
+            self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch, self.calls))
         return self
 
     def __exit__(self, *exc):
@@ -150,14 +150,18 @@ class Capture:
         return hook
 
     def tap(self, layer: Layer, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Report the input a of ``layer``; return its output z behind a tap."""
-        self.on_input(layer, a)
-        call = len(self.outputs.get(layer.name, ()))
+        """Report the input a of ``layer``'s next call; return its output z behind a tap."""
+        call = self.calls(layer.name)
+        self.on_input(layer, a, call)
         callback = None if self.on_grad is None else (
             lambda dz: None if self._batched else self.on_grad(layer, dz, call=call))
         z = _Tap.apply(z, self._sink(z.device), callback)
         self.outputs.setdefault(layer.name, []).append(z)
         return z
+
+    def calls(self, name: str) -> int:
+        """How many calls of layer or group ``name`` the current forward has tapped: the index of its next."""
+        return len(self.outputs.get(name, ()))
 
     def _dense_tap(self, group, z, to_vectors, shared: bool = False):
         callback = None if self.on_dense is None else (

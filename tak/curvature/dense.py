@@ -76,19 +76,21 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
     return {n: g for n, g in groups.items() if n not in exclude}
 
 
-def install(group: DenseGroup, tap, batch):
+def install(group: DenseGroup, tap, batch, calls):
     """Register the hooks that tap ``group``'s tensor; ``tap(group, z, to_vectors, shared)`` returns z behind a
     tap whose gradient ``to_vectors`` turns into per-example gradient vectors (N, size), or one vector (1, size) for
     a norm of a tensor the batch ``shared`` (``tokens``); ``batch()`` is the current batch's ``BatchTokens`` (which
-    says whether a LayerNorm input is sequence-first (T, N, ...) or shared). Returns the handle."""
+    says whether a LayerNorm input is sequence-first (T, N, ...) or shared at its call number ``calls(name)``).
+    Returns the handle."""
     if group.kind in ("layernorm", "rmsnorm"):
         norm = group.module
 
         def hook(module, inputs, output):
             x_hat = _normalized(norm, inputs[0].detach())
             lead = x_hat.dim() - norm.weight.dim()  # the dims before the normalized ones
-            shared = batch().shared(group.name, x_hat)
-            sequence_first = not shared and lead == 2 and batch().sequence_first(group.name, x_hat)
+            call = calls(group.name)
+            shared = batch().shared(group.name, x_hat, call)
+            sequence_first = not shared and lead == 2 and batch().sequence_first(group.name, x_hat, call)
             tokens = tuple(range(1, lead))  # dims between N and the normalized ones
             flattened = lead == 1 and x_hat.shape[0] != batch().n  # tokens as rows (N·T, d), as measured
 
@@ -96,7 +98,7 @@ def install(group: DenseGroup, tap, batch):
                 if shared:
                     return t.reshape(-1, norm.weight.numel()).sum(0, keepdim=True)
                 if flattened:
-                    return batch().view(t, group.name)[0].sum(1)
+                    return batch().view(t, group.name, call)[0].sum(1)
                 t = t.transpose(0, 1) if sequence_first else t
                 return (t.sum(tokens) if tokens else t).reshape(t.shape[0], -1)
 

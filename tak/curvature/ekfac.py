@@ -106,21 +106,21 @@ class EigenAccumulator:
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
 
-    def start(self, batch, layouts: dict[str, str]) -> None:
+    def start(self, batch, layouts: dict) -> None:
         self.batch, self.inputs = BatchTokens(batch, layouts), {}
 
-    def on_input(self, layer: Layer, a: torch.Tensor):
-        """Stash U_Aᵀ ã of the layer's call: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input); for an
+    def on_input(self, layer: Layer, a: torch.Tensor, call: int = 0):
+        """Stash U_Aᵀ ã of the layer's ``call``: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input); for an
         input the batch shares (``tokens``), (1, T, r_A): its products with the batch's summed gradient count as one
         more example's, their cross terms with the examples' own calls left out (as a one-example batch's further
         calls)."""
         calls = self.inputs.setdefault(layer.name, [])
-        shared = self.batch.shared(layer.name, a)
+        shared = self.batch.shared(layer.name, a, call)
         if not shared and self.batch.n > 1 and any(not earlier for earlier, _ in calls):
             raise ValueError(f"layer {layer.name!r} runs more than once per forward on the examples' own inputs; "
                              "per-example gradients of its calls would need to be summed, which is not supported "
                              "(leave it out with layers=)")
-        a, mask = self.batch.view(a.detach(), layer.name)
+        a, mask = self.batch.view(a.detach(), layer.name, call)
         rows = a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
         self.rows[layer.name] += (self.batch.n if shared else 1) * rows
         U_A = self.bases[layer.name][1]
@@ -137,7 +137,7 @@ class EigenAccumulator:
         them; (1, T, d_out) each for a shared input."""
         a, U_B = self.inputs[layer.name][call][1], self.bases[layer.name][0]
         for gi in g.detach().unbind(0) if samples else [g.detach()]:
-            gi = self.batch.view(gi, layer.name)[0]
+            gi = self.batch.view(gi, layer.name, call)[0]
             # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused
             kk.squared_products_update_(self.S[layer.name], gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B, a)
 

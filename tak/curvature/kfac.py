@@ -29,7 +29,7 @@ from .dense import DenseGroup, find_dense_groups
 from .distributed import all_reduce_sums, rank
 from .._selection import check_patterns, selects
 from .layers import Layer, as_matrix, find_layers
-from .outputs import batch_size, default_output_fn, to_device
+from .outputs import default_output_fn, to_device
 from .tokens import BatchTokens, measure_layouts, probes, token_mean, token_sum
 
 FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 files are all linear
@@ -225,13 +225,13 @@ class _Accumulator:
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
 
-    def start(self, batch, layouts: dict[str, str]) -> None:
+    def start(self, batch, layouts: dict) -> None:
         self.batch = BatchTokens(batch, layouts)
 
-    def on_input(self, layer: Layer, a: torch.Tensor):
+    def on_input(self, layer: Layer, a: torch.Tensor, call: int = 0):
         """A shared input's rows count once for each of the N examples that share them (``tokens`` docstring)."""
-        copies = self.batch.n if self.batch.shared(layer.name, a) else 1
-        a, mask = self.batch.view(a.detach(), layer.name)
+        copies = self.batch.n if self.batch.shared(layer.name, a, call) else 1
+        a, mask = self.batch.view(a.detach(), layer.name, call)
         if a.dim() == 3 and self.tokens == "reduce":
             a, mask = token_mean(a, mask), None
         kk.covariance_update_(self.A[layer.name], a, scale=copies, mask=mask, append_ones=layer.bias is not None)
@@ -239,8 +239,9 @@ class _Accumulator:
         self.rows[layer.name] += copies * rows
 
     def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0, call: int = 0):
-        """g: dz (N, [T,] d_out) of one cotangent, or (samples, N, [T,] d_out) of a batch of them (any ``call``)."""
-        views = [self.batch.view(gi, layer.name) for gi in (g.detach().unbind(0) if samples else [g.detach()])]
+        """g: dz (N, [T,] d_out) of one cotangent of the layer's ``call``, or (samples, N, [T,] d_out) of a batch of
+        them."""
+        views = [self.batch.view(gi, layer.name, call) for gi in (g.detach().unbind(0) if samples else [g.detach()])]
         mask = views[0][1]
         if views[0][0].dim() == 3 and self.tokens == "reduce":
             views, mask = [(token_sum(gi, mask), None) for gi, _ in views], None
@@ -285,9 +286,8 @@ def check_fit_arguments(mc_samples: int, probe_chunk: int, tokens: str = "expand
 def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, exact, probe_chunk, seed, progress, desc):
     """One pass over ``batches``: per batch, ``acc.start(batch, layouts)``, a forward that feeds
     ``capture``'s input callbacks, and a backward of the probes that feeds its gradient callbacks;
-    ``acc.n`` counts the examples. The layouts of the layers' inputs are measured on the first batch of two
-    examples or more (``measure_layouts``; a batch of one holds its example the same way in every layout).
-    Probes are seeded with ``seed`` + rank (independent on each rank)."""
+    ``acc.n`` counts the examples. The layouts of the layers' inputs are measured on the first batch
+    (``measure_layouts``). Probes are seeded with ``seed`` + rank (independent on each rank)."""
     if isinstance(batches, (torch.Tensor, dict)):
         raise TypeError(f"batches: an iterable of batches, got one {type(batches).__name__}; pass [batch] for one "
                         "batch (iterating a tensor would give single examples without their batch dim)")
@@ -300,7 +300,7 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
         with capture as cap:
             for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
                 batch = to_device(batch, device)
-                if not measured and batch_size(batch) >= 2:
+                if not measured:
                     with cap.paused():  # the measuring forwards feed no factor
                         found, unmeasured = measure_layouts(model, batch, output_fn, capture.model_fed_modules())
                     layouts.update(found)

@@ -39,19 +39,20 @@ def batch_size(batch) -> int:
     return next(batch_size(v) for v in values if isinstance(v, (torch.Tensor, dict, list, tuple)))
 
 
-def first_examples(batch, k: int):
-    """The batch's first ``k`` examples: each tensor with the batch's N rows cut to k (in dicts, tuples, lists)."""
+def examples(batch, rows: list[int]):
+    """The batch's examples ``rows`` (indices, repeats allowed): each tensor with the batch's N rows indexed by
+    them (in dicts, tuples, lists)."""
     n = batch_size(batch)
 
-    def cut(x):
+    def take(x):
         if isinstance(x, torch.Tensor):
-            return x[:k] if x.dim() and x.shape[0] == n else x
+            return x[rows] if x.dim() and x.shape[0] == n else x
         if isinstance(x, dict):
-            return {key: cut(v) for key, v in x.items()}
+            return {key: take(v) for key, v in x.items()}
         if isinstance(x, (list, tuple)):
-            return type(x)(cut(v) for v in x)
+            return type(x)(take(v) for v in x)
         return x
-    return cut(batch)
+    return take(batch)
 
 
 def token_masks(batch) -> dict[int, torch.Tensor]:

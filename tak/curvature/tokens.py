@@ -16,45 +16,47 @@ per-example gradients (the cross terms vanish in expectation)."""
 import torch
 from torch import nn
 
-from .outputs import batch_size, first_examples, token_masks
+from .outputs import batch_size, examples, token_masks
 
 BATCH_FIRST, SEQUENCE_FIRST, SHARED = "batch_first", "sequence_first", "shared"
 
 
-def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Module]) -> tuple[dict[str, str],
-                                                                                                str | None]:
-    """{name: BATCH_FIRST, SEQUENCE_FIRST or SHARED} of the ``modules``' inputs (at their first call), from forwards
-    (no grad) of the batch's first example and of its first two: the dim that grows from 1 to 2 holds the examples,
-    and none does for a shared input; for flattened tokens, whether the first example's rows are the first T rows of
-    two or every other row.
+def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Module]) -> tuple[dict, str | None]:
+    """{(name, call): BATCH_FIRST, SEQUENCE_FIRST or SHARED} of the ``modules``' inputs at each of their calls in a
+    forward, from forwards (no grad) of the batch's first example and of its first two (of the first twice over in a
+    batch of one): the dim that grows from 1 to 2 holds the examples, and none does for a shared input; for flattened
+    tokens, whether the first example's rows are the first T rows of two or every other row.
     Modules not called, and inputs that do not tell (one token), are left out (``BatchTokens`` goes by
     the shapes); so is everything when the model cannot run on the first examples alone, and the second item says
     why (a warning for the caller to give once the whole batch has run: a batch the model cannot run at all gets
     the model's own error alone), else None."""
-    if batch_size(batch) < 2 or not modules:
+    if not modules:
         return {}, None
+    firsts = ([0], [0, 1] if batch_size(batch) > 1 else [0, 0])
 
     def recorder(inputs: dict, name: str):
         def hook(module, args):  # values for 2-D inputs (compared below), shapes for the others
-            if args and isinstance(args[0], torch.Tensor) and name not in inputs:
+            if args and isinstance(args[0], torch.Tensor):
                 x = args[0]
-                inputs[name] = x.detach().clone() if x.dim() == 2 else torch.empty(x.shape, device="meta")
+                inputs.setdefault(name, []).append(x.detach().clone() if x.dim() == 2 else
+                                                   torch.empty(x.shape, device="meta"))
         return hook
 
     seen = ({}, {})
-    for k, inputs in enumerate(seen):
+    for rows, inputs in zip(firsts, seen):
         handles = [m.register_forward_pre_hook(recorder(inputs, name)) for name, m in modules.items()]
         try:
             with torch.no_grad():
-                output_fn(model, first_examples(batch, k + 1))
+                output_fn(model, examples(batch, rows))
         except Exception as e:  # noqa: BLE001 - an output_fn that needs whole batches: fall back to the shapes
             return {}, (f"could not run the model on the first example(s) of a batch to see how its layers hold "
                         f"tokens ({type(e).__name__}: {e}); inputs of shape (N, N, d) are taken as batch-first")
         finally:
             for h in handles:
                 h.remove()
-    layouts = {name: _layout(one, seen[1][name]) for name, one in seen[0].items() if name in seen[1]}
-    return {name: layout for name, layout in layouts.items() if layout is not None}, None
+    layouts = {(name, call): _layout(one, two) for name, calls in seen[0].items()
+               for call, (one, two) in enumerate(zip(calls, seen[1].get(name, [])))}
+    return {key: layout for key, layout in layouts.items() if layout is not None}, None
 
 
 def _layout(one: torch.Tensor, two: torch.Tensor) -> str | None:
@@ -76,34 +78,33 @@ def _layout(one: torch.Tensor, two: torch.Tensor) -> str | None:
 
 class BatchTokens:
     """What a pass knows of the current batch: N, the (N, T) real-token masks by length T, and the
-    measured layouts of the layers' inputs (``measure_layouts``)."""
+    measured layouts of the layers' inputs at each call (``measure_layouts``)."""
 
-    def __init__(self, batch, layouts: dict[str, str] | None = None):
+    def __init__(self, batch, layouts: dict | None = None):
         self.n = batch_size(batch)
         self.masks = token_masks(batch)
         self.layouts = layouts or {}
 
-    def sequence_first(self, name: str, x: torch.Tensor) -> bool:
-        """Whether layer ``name``'s tensor x (≥ 3-D) holds the examples in dim 1: as measured, else when dim
-        0 is not N and dim 1 is."""
-        if name in self.layouts:
-            return self.layouts[name] == SEQUENCE_FIRST
+    def sequence_first(self, name: str, x: torch.Tensor, call: int = 0) -> bool:
+        """Whether layer ``name``'s tensor x (≥ 3-D) at its ``call`` holds the examples in dim 1: as measured, else
+        when dim 0 is not N and dim 1 is."""
+        if (name, call) in self.layouts:
+            return self.layouts[name, call] == SEQUENCE_FIRST
         return x.shape[0] != self.n and x.shape[1] == self.n
 
-    def shared(self, name: str, x: torch.Tensor) -> bool:
-        """Whether layer ``name``'s tensor x is shared by the batch's N > 1 examples (module docstring): as measured,
-        else when x is ≥ 3-D with a leading 1 that is not a sequence-first layout's."""
-        if self.n == 1:
-            return False  # one example: what it shares is its own
-        if self.layouts.get(name) == SHARED:
+    def shared(self, name: str, x: torch.Tensor, call: int = 0) -> bool:
+        """Whether layer ``name``'s tensor x at its ``call`` is shared by the batch's examples (module docstring): as
+        measured, else, for N > 1, when x is ≥ 3-D with a leading 1 that is not a sequence-first layout's (one
+        example's inputs all have a leading 1)."""
+        if self.layouts.get((name, call)) == SHARED:
             return True
-        return x.dim() >= 3 and x.shape[0] == 1 and not self.sequence_first(name, x)
+        return self.n > 1 and x.dim() >= 3 and x.shape[0] == 1 and not self.sequence_first(name, x, call)
 
-    def view(self, x: torch.Tensor, name: str):
-        """(layer ``name``'s input or output gradient x as (N, T, d), its real-token mask or None), or
-        (x, None) for a 2-D x (N, d); a shared x as (1, T, d) of T rows, all real. Sequence-first layouts are
+    def view(self, x: torch.Tensor, name: str, call: int = 0):
+        """(layer ``name``'s input or output gradient x at its ``call`` as (N, T, d), its real-token mask or None),
+        or (x, None) for a 2-D x (N, d); a shared x as (1, T, d) of T rows, all real. Sequence-first layouts are
         transposed, flattened tokens unflattened."""
-        if self.shared(name, x):
+        if self.shared(name, x, call):
             return x.reshape(1, -1, x.shape[-1]), None
         if x.dim() == 2:
             if x.shape[0] == self.n:
@@ -112,12 +113,12 @@ class BatchTokens:
                 raise ValueError(f"layer {name!r}: a 2-D input of {x.shape[0]} rows for a batch of {self.n} examples "
                                  "is neither one row per example nor flattened tokens of each")
             t = x.shape[0] // self.n
-            flat_by_token = self.layouts.get(name) == SEQUENCE_FIRST
+            flat_by_token = self.layouts.get((name, call)) == SEQUENCE_FIRST
             x = x.reshape(t, self.n, -1).transpose(0, 1) if flat_by_token else x.reshape(self.n, t, -1)
             return x, self.masks.get(t)
         if x.dim() != 3:
             x = x.reshape(x.shape[0], -1, x.shape[-1])
-        if self.sequence_first(name, x):
+        if self.sequence_first(name, x, call):
             x = x.transpose(0, 1)
         return x, self.masks.get(x.shape[1])
 
