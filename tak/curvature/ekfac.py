@@ -110,9 +110,9 @@ class EigenAccumulator:
         self.batch, self.inputs = BatchTokens(batch, layouts), {}
 
     def on_input(self, layer: Layer, a: torch.Tensor, call: int = 0):
-        """Stash U_Aᵀ ã of the layer's ``call``: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input); for an
-        input the batch shares (``tokens``), (1, T, r_A): its products with the batch's summed gradient count as one
-        more example's, their cross terms with the examples' own calls left out (as a one-example batch's further
+        """Stash U_Aᵀ ã of the layer's ``call``: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input); for
+        an input the batch shares (``tokens``), (1, T, r_A): its products with the batch's summed gradient count as
+        one more example's, their cross terms with the examples' own calls left out (as a one-example batch's further
         calls)."""
         calls = self.inputs.setdefault(layer.name, [])
         shared = self.batch.shared(layer.name, a, call)

@@ -1,18 +1,19 @@
 """Token handling shared by the fitting passes: layer tensors as (N, T, d) with their real-token
 masks, token means and sums, and the probe cotangents of the feature output.
 
-How a layer's input holds the batch's N examples is measured once per pass (``measure_layouts``):
-batch-first (N, T, d) or sequence-first (T, N, d) (PyTorch's ``nn.Transformer*`` default), and for 2-D
-inputs of flattened tokens, (N·T, d) example by example or (T·N, d) token by token. Shapes alone cannot
-tell them apart when T = N, nor the two flattenings ever.
+How a layer's input holds the batch's N examples is measured once per pass, at each of the layer's calls in a
+forward (``measure_layouts``): batch-first (N, T, d) or sequence-first (T, N, d) (PyTorch's ``nn.Transformer*``
+default), and for 2-D inputs of flattened tokens, (N·T, d) example by example or (T·N, d) token by token. Shapes
+alone cannot tell them apart when T = N, nor the two flattenings ever.
 
 An input that holds no example at all is *shared* by the batch: one tensor computed once for all N examples
 (DeBERTa's relative position embeddings, normalized and projected by the layers that also see the tokens; the
 learned queries of open_clip's attentional pooler). It is measured as one whose shape does not grow with the
-examples, and is taken as one where a 3-D input has a leading 1 for N > 1. Its output gradient is the sum of the N
-examples' gradients, which cannot be told apart: the fits count it as one more example whose gradient is that sum;
-under Monte-Carlo probes, independent across examples and of mean zero, the sum's second moments are those of the
-per-example gradients (the cross terms vanish in expectation)."""
+examples (a batch of one is measured on its example twice over), and, unmeasured, taken as one where a 3-D input
+has a leading 1 for N > 1. Its output gradient is the sum of the N examples' gradients, which cannot be told apart:
+the fits count it as one more example whose gradient is that sum; under Monte-Carlo probes, independent across
+examples and of mean zero, the sum's second moments are those of the per-example gradients (the cross terms
+vanish in expectation)."""
 import torch
 from torch import nn
 

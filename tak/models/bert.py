@@ -26,8 +26,8 @@ HF_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "
 
 def _attention(b: Builder, a: nn.Module, heads: int, q, k, v, out) -> DualAttention:
     """DualAttention of a Hugging Face self-attention ``a`` with projections q, k, v, out (source modules), across
-    transformers versions: the score scale is ``a.scaling`` (5.x), else 1/√head size (4.x divides by it); the
-    attention dropout is ``a.dropout_prob`` (4.x's SDPA classes), else ``a.dropout.p``."""
+    transformers versions: the score scale is ``a.scaling`` (5.x), else 1/√head size (4.x and MPNet divide by
+    it); the attention dropout is ``a.dropout_prob`` (4.x's SDPA classes), else ``a.dropout.p``."""
     scale = getattr(a, "scaling", (q.out_features // heads) ** -0.5)
     attn = DualAttention(heads, b.linear(out), q=b.linear(q), k=b.linear(k), v=b.linear(v), scale=scale,
                          dropout=getattr(a, "dropout_prob", a.dropout.p))
