@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from ._selection import select_parameters
-from ._substitute import call_with
+from ._substitute import call_with, parameter_paths
 
 Trainable = None | str | Iterable[str] | Callable[[str], bool]
 
@@ -138,6 +138,7 @@ class LinearizedModel(_Linearization):
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         base = copy.deepcopy(model).requires_grad_(False)
         self.__dict__["_base"] = base  # not a submodule: its parameters are not parameters of self
+        self._paths = parameter_paths(base)
         self.tau = nn.Module()
         for name in self._names:
             _set_parameter(self.tau, name, nn.Parameter(torch.zeros_like(base.get_parameter(name))))
@@ -162,7 +163,7 @@ class LinearizedModel(_Linearization):
 
         def f(params):
             nonlocal spec, leaves
-            leaves, spec = pytree.tree_flatten(call_with(self._base, params, args, kwargs))
+            leaves, spec = pytree.tree_flatten(call_with(self._base, params, args, kwargs, self._paths))
             return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
 
         with math_attention():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._selection import select_parameters
-from .._substitute import call_with
+from .._substitute import call_with, parameter_paths
 from ..linearize import linearize
 
 DECAY_TARGETS = ("zero", "pretrained")
@@ -48,13 +48,14 @@ def trainable_names(model: nn.Module, trainable) -> list[str]:
 
 
 class _At:
-    """The module evaluated with the parameters ``params()`` (a callable model for ``Backbone.features``)."""
+    """The module evaluated with the parameters ``params()`` (a callable model for ``Backbone.features``);
+    ``paths``: ``parameter_paths(module)``."""
 
-    def __init__(self, module: nn.Module, params):
-        self.module, self.params = module, params
+    def __init__(self, module: nn.Module, params, paths: dict[str, str]):
+        self.module, self.params, self.paths = module, params, paths
 
     def __call__(self, *args, **kwargs):
-        return call_with(self.module, self.params(), args, kwargs)
+        return call_with(self.module, self.params(), args, kwargs, self.paths)
 
     def __getattr__(self, name):
         return getattr(self.module, name)
@@ -114,6 +115,7 @@ class NonlinearTrainee(nn.Module):
         for name, p in self.model.named_parameters():
             p.requires_grad_(name in chosen)
         self.__dict__["_theta0"] = {n: self.model.get_parameter(n).detach().clone() for n in self.names}
+        self._paths = parameter_paths(self.model)
 
     def _apply(self, fn, recurse=True):
         self.__dict__["_theta0"] = {n: fn(t) for n, t in self._theta0.items()}
@@ -125,10 +127,10 @@ class NonlinearTrainee(nn.Module):
     def at(self, alpha: float = 1.0):
         if alpha == 1.0:
             return self.model
-        return _At(self.model, lambda: {n: self._theta0[n] + alpha * t for n, t in self.taus().items()})
+        return _At(self.model, lambda: {n: self._theta0[n] + alpha * t for n, t in self.taus().items()}, self._paths)
 
     def base(self) -> nn.Module:
-        return _At(self.model, lambda: dict(self._theta0))
+        return _At(self.model, lambda: dict(self._theta0), self._paths)
 
     def task_vector(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone() for n, t in self.taus().items()}
@@ -158,6 +160,7 @@ class LoRATrainee(nn.Module):
             raise ValueError(f"LoRA: trainable={trainable!r} selects no nn.Linear weight or nn.MultiheadAttention "
                              "in_proj_weight")
         self.names = list(self.weights)
+        self._paths = parameter_paths(self.model)
         self.scale = scale / rank
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
@@ -171,7 +174,7 @@ class LoRATrainee(nn.Module):
         return {n: self.scale * B @ A for n, A, B in zip(self.names, self.A, self.B)}
 
     def at(self, alpha: float = 1.0):
-        return _At(self.model, lambda: {n: self.weights[n] + alpha * t for n, t in self.taus().items()})
+        return _At(self.model, lambda: {n: self.weights[n] + alpha * t for n, t in self.taus().items()}, self._paths)
 
     def base(self) -> nn.Module:
         return self.model
