@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tak._substitute import call_with
 from tak.models import DualModel, to_dual
+from tak.models.deberta import DualDebertaAttention
 
 from .util import rel_err
 
@@ -217,6 +218,58 @@ def test_deberta_v2_with_a_conv_layer_is_refused():
         to_dual(tiny_deberta(conv_kernel_size=3))
 
 
+def tiny_deberta_v1(**kw):
+    """DeBERTa (v1)'s layout by default: relative attention over the whole table (max_relative_positions -1: 16),
+    no absolute positions, no token types; its 1-d parameters (q_bias, v_bias among them) of a visible size."""
+    config = dict(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4, intermediate_size=26,
+                  max_position_embeddings=16, type_vocab_size=0, relative_attention=True, pos_att_type=["c2p", "p2c"],
+                  position_biased_input=False, max_relative_positions=-1, hidden_act="gelu")
+    model = transformers.DebertaModel(transformers.DebertaConfig(**(config | kw))).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.3)
+    return model
+
+
+@pytest.fixture
+def deberta_layer_norm_in_float64(monkeypatch):
+    """DebertaLayerNorm in its input's precision: Hugging Face computes it in fp32 even for float64 inputs."""
+    import torch.nn.functional as F
+    from transformers.models.deberta import modeling_deberta
+    monkeypatch.setattr(modeling_deberta.DebertaLayerNorm, "forward",
+                        lambda self, x: F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.variance_epsilon))
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"max_relative_positions": 5, "type_vocab_size": 2, "position_biased_input": True, "embedding_size": 12},
+    {"pos_att_type": ["p2c"], "hidden_act": "gelu_new"},
+    {"relative_attention": False, "position_biased_input": True},
+], ids=["base", "short_table_types_positions_projected", "p2c_only", "no_relative_attention"])
+def test_deberta_v1(kw, deberta_layer_norm_in_float64):
+    """Per-head interleaved in_proj with q_bias and v_bias, relative attention over rows max_relative ± min(L,
+    max_relative) of the table (max_relative 5 < L = 9: clamped offsets), against the source's jvp at every position."""
+    model = tiny_deberta_v1(**kw).eval()
+    batch = text_batch(41, token_types="type_vocab_size" in kw)
+    dual = check(model, batch, ["last_hidden_state"])
+    assert isinstance(dual.layers[0].attn, DualDebertaAttention) and (dual.relative is None) == ("relative_attention" in kw)
+    embeds = {"inputs_embeds": torch.randn(3, 9, kw.get("embedding_size", 20), dtype=torch.float64),
+              "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert rel_err(dual.set_mode("primal")(**embeds)[0][0], model(**embeds)[0]) <= TOL64
+
+
+def test_deberta_v1_with_its_layer_norm_in_fp32():
+    """The source as it is: its LayerNorm rounds to fp32 (~1e-7), the dual model's keeps float64."""
+    check(tiny_deberta_v1().eval(), text_batch(41, token_types=False), ["last_hidden_state"], tol=1e-5)
+
+
+def test_deberta_v1_with_talking_heads_is_refused():
+    with pytest.raises(NotImplementedError, match="talking_head=True"):
+        to_dual(tiny_deberta_v1(talking_head=True))
+
+
 # transformers 5 rotates ModernBERT's float64 Q and K in fp32 (~1e-7, amplified through the layers to ~1e-5 at worst)
 TOL_ROPE = TOL64 if int(transformers.__version__.split(".")[0]) < 5 else 1e-4
 
@@ -401,6 +454,8 @@ def dropping_model(name):
                                    text_batch(41, token_types=False), ["last_hidden_state"]),
             "deberta": lambda: (tiny_deberta(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
                                 text_batch(41, token_types=False), ["last_hidden_state"]),
+            "deberta_v1": lambda: (tiny_deberta_v1(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
+                                   text_batch(41, token_types=False), ["last_hidden_state"]),
             "modernbert": lambda: (tiny_modernbert(embedding_dropout=0.3, attention_dropout=0.2, mlp_dropout=0.25,
                                                    attn_implementation="eager"),
                                    text_batch(41, lengths=(9, 7, 8), token_types=False), ["last_hidden_state"]),
@@ -408,7 +463,7 @@ def dropping_model(name):
                                   "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}[name]()
 
 
-@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "modernbert", "t5"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "modernbert", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -419,7 +474,8 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     y, dy = dual(**batch)
     drawn = [m.shape for m in replayed_dropout.masks]
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
-                          "deberta": 1 + 2 * 4, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
+                          "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.shape for m in replayed_dropout.masks] == drawn

@@ -20,6 +20,7 @@ _CONVERTERS = [
     ("transformers.models.mpnet.modeling_mpnet", "MPNetModel", "bert", "DualBertModel"),
     ("transformers.models.distilbert.modeling_distilbert", "DistilBertModel", "bert", "DualDistilBertModel"),
     ("transformers.models.deberta_v2.modeling_deberta_v2", "DebertaV2Model", "deberta", "DualDebertaV2Model"),
+    ("transformers.models.deberta.modeling_deberta", "DebertaModel", "deberta", "DualDebertaModel"),
     ("transformers.models.modernbert.modeling_modernbert", "ModernBertModel", "modernbert", "DualModernBertModel"),
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),

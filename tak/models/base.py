@@ -85,7 +85,10 @@ class Builder:
     def linear(self, m: nn.Linear) -> DualLinear:
         return self.record(DualLinear(m.weight, m.bias), weight=m.weight, bias=m.bias)
 
-    def layer_norm(self, m: nn.LayerNorm) -> DualLayerNorm:
+    def layer_norm(self, m: nn.Module) -> DualLayerNorm:
+        """The dual of an ``nn.LayerNorm`` over the last dim, or of DeBERTa's DebertaLayerNorm (the same map)."""
+        if type(m).__name__ == "DebertaLayerNorm":
+            return self.record(DualLayerNorm(m.weight, m.bias, m.variance_epsilon), weight=m.weight, bias=m.bias)
         if not isinstance(m, nn.LayerNorm):
             raise NotImplementedError(f"{type(m).__module__}.{type(m).__qualname__} where an nn.LayerNorm is "
                                       "expected has no dual layer")
