@@ -108,6 +108,25 @@ def test_open_clip_vit_attention_only():
     check(model, {"x": torch.randn(3, 3, 20, 17, dtype=torch.float64)}, trainable=trainable, grads=False)
 
 
+def tiny_hf_clip(cls="CLIPVisionModel", **kw):
+    config = dict(hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=3, image_size=21,
+                  patch_size=7, projection_dim=10)
+    return getattr(transformers, cls)(transformers.CLIPVisionConfig(**(config | kw))).double()
+
+
+@pytest.mark.parametrize("cls, act", [("CLIPVisionModel", "quick_gelu"), ("CLIPVisionModelWithProjection", "gelu")])
+def test_hugging_face_clip_vision(cls, act):
+    """Every output: the hidden states (not normalized), the pooled class token (post_layernorm), the projection."""
+    model = tiny_hf_clip(cls, hidden_act=act).eval()
+    keys = ["last_hidden_state", "pooler_output"] if cls == "CLIPVisionModel" else ["image_embeds", "last_hidden_state"]
+    images = torch.randn(2, 3, 21, 21, dtype=torch.float64)
+    dual = check(model, {"pixel_values": images}, keys)
+    check(model, {"pixel_values": images}, keys, trainable=[n for n, _ in model.named_parameters() if "self_attn" in n],
+          grads=False)
+    with pytest.raises(ValueError, match=r"images of 21×21 only, got 28×28"):
+        dual(torch.randn(2, 3, 28, 28, dtype=torch.float64))
+
+
 def tiny_bert(pooler=True, act="gelu"):
     config = transformers.BertConfig(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=26, max_position_embeddings=16, type_vocab_size=2,
@@ -456,6 +475,9 @@ def dropping_model(name):
                                 text_batch(41, token_types=False), ["last_hidden_state"]),
             "deberta_v1": lambda: (tiny_deberta_v1(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
                                    text_batch(41, token_types=False), ["last_hidden_state"]),
+            "hf_clip": lambda: (tiny_hf_clip(attention_dropout=0.2, attn_implementation="eager"),
+                                {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
+                                ["last_hidden_state", "pooler_output"]),
             "modernbert": lambda: (tiny_modernbert(embedding_dropout=0.3, attention_dropout=0.2, mlp_dropout=0.25,
                                                    attn_implementation="eager"),
                                    text_batch(41, lengths=(9, 7, 8), token_types=False), ["last_hidden_state"]),
@@ -463,7 +485,8 @@ def dropping_model(name):
                                   "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}[name]()
 
 
-@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "modernbert", "t5"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "hf_clip", "modernbert",
+                                  "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -472,13 +495,13 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     assert dual.training
     taus = randomize(dual)
     y, dy = dual(**batch)
-    drawn = [m.shape for m in replayed_dropout.masks]
+    drawn = [m.numel() for m in replayed_dropout.masks]  # sizes: transformers 4.47's CLIP drops out (B·H, L, L) views
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
-                          "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "hf_clip": 2, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
-    assert [m.shape for m in replayed_dropout.masks] == drawn
+    assert [m.numel() for m in replayed_dropout.masks] == drawn
     for k in keys:
         assert rel_err(y[k], y_ref[k]) <= TOL_T5 and rel_err(dy[k], dy_ref[k]) <= TOL_T5, k
     us = [torch.randn_like(dy_ref[k]) for k in keys]

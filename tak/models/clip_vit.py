@@ -1,8 +1,9 @@
-"""open_clip's VisionTransformer as a dual model.
+"""CLIP vision towers as dual models: open_clip's VisionTransformer here, Hugging Face's CLIP vision models in
+``hf_clip`` (with the blocks and tokens defined here).
 
-Tokens: patches of the image through conv1 (stride = kernel: a linear map of patches), the class
-embedding prepended, the positional embedding added; then ln_pre, pre-norm residual blocks
-x + attn(ln_1(x)), x + mlp(ln_2(x)) with a fused q/k/v input projection, pooling ('tok', 'avg' or
+Tokens: patches of the image through the patch embedding (a convolution with stride = kernel: a linear map of
+patches), the class embedding prepended, the positional embedding added; then a LayerNorm (ln_pre) and pre-norm
+residual blocks x + attn(ln_1(x)), x + mlp(ln_2(x)) with a fused q/k/v input projection, pooling ('tok', 'avg' or
 'none'), ln_post (before or after pooling) and pooled @ proj. In training, patch dropout (open_clip's
 ``patch_dropout``) after the positional embedding, and the attention weights dropped out as nn.MultiheadAttention's
 ``dropout`` says.
@@ -20,10 +21,15 @@ def _unsupported(where: str, what: str):
 
 
 class DualResidualAttentionBlock(nn.Module):
-    """x + attn(ln_1(x)), then x + c_proj(act(c_fc(ln_2(x)))), on (B, L, d)."""
+    """x + attn(ln_1(x)), then x + proj(act(fc(ln_2(x)))), on (B, L, d)."""
 
-    def __init__(self, b: Builder, block: nn.Module, where: str):
+    def __init__(self, ln_1, attn: DualAttention, ln_2, fc, act, proj):
         super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.fc, self.act, self.proj = ln_1, attn, ln_2, fc, act, proj
+
+    @classmethod
+    def of_open_clip(cls, b: Builder, block: nn.Module, where: str) -> "DualResidualAttentionBlock":
+        """open_clip's ResidualAttentionBlock (nn.MultiheadAttention with a fused in_proj, no LayerScale)."""
         if type(block).__name__ != "ResidualAttentionBlock" or hasattr(block, "ln_1_kv"):
             raise _unsupported(where, type(block).__name__)
         for ls in ("ls_1", "ls_2"):
@@ -35,13 +41,19 @@ class DualResidualAttentionBlock(nn.Module):
             raise _unsupported(f"{where}.attn", "attention other than nn.MultiheadAttention with a fused in_proj")
         qkv = b.record(DualLinear(attn.in_proj_weight, attn.in_proj_bias),
                        weight=attn.in_proj_weight, bias=attn.in_proj_bias)
-        self.ln_1 = b.layer_norm(block.ln_1)
-        self.attn = DualAttention(attn.num_heads, b.linear(attn.out_proj), qkv=qkv, dropout=attn.dropout)
-        self.attn.train(attn.training)
-        self.ln_2 = b.layer_norm(block.ln_2)
-        self.fc = b.linear(block.mlp.c_fc)
-        self.act = activation(block.mlp.gelu, f"{where}.mlp.gelu")
-        self.proj = b.linear(block.mlp.c_proj)
+        dual_attn = DualAttention(attn.num_heads, b.linear(attn.out_proj), qkv=qkv, dropout=attn.dropout)
+        return cls(b.layer_norm(block.ln_1), dual_attn.train(attn.training), b.layer_norm(block.ln_2),
+                   b.linear(block.mlp.c_fc), activation(block.mlp.gelu, f"{where}.mlp.gelu"),
+                   b.linear(block.mlp.c_proj))
+
+    @classmethod
+    def of_hf_clip(cls, b: Builder, layer: nn.Module, act: str, where: str) -> "DualResidualAttentionBlock":
+        """Hugging Face's CLIPEncoderLayer."""
+        a = layer.self_attn
+        attn = DualAttention(a.num_heads, b.linear(a.out_proj), q=b.linear(a.q_proj), k=b.linear(a.k_proj),
+                             v=b.linear(a.v_proj), scale=a.scale, dropout=a.dropout)
+        return cls(b.layer_norm(layer.layer_norm1), attn.train(a.training), b.layer_norm(layer.layer_norm2),
+                   b.linear(layer.mlp.fc1), activation(act, f"{where}.mlp"), b.linear(layer.mlp.fc2))
 
     def forward(self, x, dx=None):
         h, dh = self.attn(*self.ln_1(x, dx))
@@ -50,7 +62,24 @@ class DualResidualAttentionBlock(nn.Module):
         return x + h, add(dx, dh)
 
 
-class DualVisionTransformer(DualModel):
+class PatchTokens:
+    """For a dual model with ``patch_embed`` and the θ0 ``class_embedding`` (d,) and ``positional_embedding``
+    (1 + N, d): the tokens of images."""
+
+    def embed(self, images):
+        """Tokens (B, 1 + N, d): [class; patches] + positional embedding, and their tangent."""
+        t, dt = self.patch_embed(images)
+        (c, dc), (pos, dpos) = self.dual("class_embedding"), self.dual("positional_embedding")
+        B, N, d = t.shape
+        x = torch.cat([c.to(t.dtype).expand(B, 1, d), t], 1) + pos.to(t.dtype)
+        dx = None
+        if dc is not None or dt is not None:
+            dc = torch.zeros(d, dtype=t.dtype, device=t.device) if dc is None else dc.to(t.dtype)
+            dx = torch.cat([dc.expand(B, 1, d), torch.zeros_like(t) if dt is None else dt], 1)
+        return x, add(dx, apply(lambda p: p.to(t.dtype).expand(B, N + 1, d), dpos))
+
+
+class DualVisionTransformer(DualModel, PatchTokens):
     """forward(x: images (B, 3, H, W)) -> (pooled, d pooled), each (B, output_dim); with ``output_tokens``
     ((pooled, tokens), (d pooled, d tokens)) like the source."""
 
@@ -68,24 +97,12 @@ class DualVisionTransformer(DualModel):
         if pd is not None and not isinstance(pd, nn.Identity):
             self.patch_dropout = DualPatchDropout(pd.prob, pd.exclude_first_token).train(pd.training)
         self.ln_pre = None if isinstance(model.ln_pre, nn.Identity) else b.layer_norm(model.ln_pre)
-        self.blocks = nn.ModuleList(DualResidualAttentionBlock(b, blk, f"transformer.resblocks.{i}")
+        self.blocks = nn.ModuleList(DualResidualAttentionBlock.of_open_clip(b, blk, f"transformer.resblocks.{i}")
                                     for i, blk in enumerate(model.transformer.resblocks))
         self.ln_post = b.layer_norm(model.ln_post)
         self.pool_type, self.final_ln_after_pool = model.pool_type, model.final_ln_after_pool
         self.output_tokens = model.output_tokens
         self.bind(b, model, trainable)
-
-    def embed(self, images):
-        """Tokens (B, 1 + N, d): [class; patches] + positional embedding, and their tangent."""
-        t, dt = self.patch_embed(images)
-        (c, dc), (pos, dpos) = self.dual("class_embedding"), self.dual("positional_embedding")
-        B, N, d = t.shape
-        x = torch.cat([c.to(t.dtype).expand(B, 1, d), t], 1) + pos.to(t.dtype)
-        dx = None
-        if dc is not None or dt is not None:
-            dc = torch.zeros(d, dtype=t.dtype, device=t.device) if dc is None else dc.to(t.dtype)
-            dx = torch.cat([dc.expand(B, 1, d), torch.zeros_like(t) if dt is None else dt], 1)
-        return x, add(dx, apply(lambda p: p.to(t.dtype).expand(B, N + 1, d), dpos))
 
     def pool(self, x, dx):
         """(pooled, tokens) and their tangents, by the pool type."""
