@@ -52,11 +52,10 @@ def _scale(a: nn.Module) -> float:
 
 
 class DualDisentangledAttention(DualAttention):
-    """DisentangledSelfAttention with its output projection: forward(x (B, L, d), dx, *, mask, rel, drel, c2p, p2c, rows)
-    with rel, drel the relative embeddings, ``rows`` (None: all) the 2k of them that c2p, p2c (L, L) index (module
-    docstring).
-    ``projections``: DualAttention's (qkv, or q, k, v); ``pos_k``, ``pos_q``: the source's position projections (None:
-    the attention's own k, q)."""
+    """DisentangledSelfAttention with its output projection: forward(x (B, L, d), dx, *, mask, rel, drel, c2p, p2c,
+    rows) with rel, drel the relative embeddings, ``rows`` (None: all) the 2k of them that c2p, p2c (L, L) index
+    (module docstring). ``projections``: DualAttention's (qkv, or q, k, v); ``pos_k``, ``pos_q``: the source's
+    position projections (None: the attention's own k, q)."""
 
     def __init__(self, b: Builder, a: nn.Module, out: nn.Module, *, pos_k=None, pos_q=None, **projections):
         super().__init__(a.num_attention_heads, b.linear(out), scale=_scale(a), dropout=a.dropout.p, **projections)
