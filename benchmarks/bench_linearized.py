@@ -16,6 +16,9 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each si
   settings), ``zero_grad(set_to_none=True)``: linearized in τ (fast path) vs the plain model
   (target ≤ 2×, peak memory ≤ 1.3×); also vs the generic path, and the plain model the way
   DESIGN.md's reference figures ran it (fp32 weights under bf16 autocast).
+- encoders: ``tak.linearize`` (fast path) against the plain model, forward and training step, for Hugging Face
+  text encoders of BERT-base, DeBERTa-v3-base and ModernBERT-base shapes (random weights), 32 padded sequences of
+  256 tokens, bf16, eval mode (no dropout). No targets; run last (``--only encoders`` alone).
 - attention: dual attention alone, (O, Ȯ) for random bf16 q, k, v and tangents, 12 heads of 64:
   ``kfac_kernels.dual_attention`` (what ``tak.nn.attention.dual_attention`` calls on CUDA,
   ``(q, k, v, dq, dk, dv) -> (O, Ȯ)``) vs ``torch.func.jvp`` of math attention, forward and
@@ -190,6 +193,83 @@ def isolated(name, build):
     return r
 
 
+# ---------------------------------------------------------------- text encoders
+
+ENCODERS = ("BERT-base", "DeBERTa-v3-base", "ModernBERT-base")
+TEXT_BATCH, TEXT_LENGTH = 32, 256
+
+
+def encoder(name: str, dtype=torch.bfloat16):
+    """A Hugging Face encoder of ``name``'s shapes with random weights on CFG.dev, in ``dtype``, in eval mode
+    (no dropout); tiny under --smoke. Attention: the model's default (SDPA where it has one; DeBERTa has none)."""
+    from tak._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()  # transformers imports torchvision (see tak._compat)
+    import transformers
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48) if CFG.smoke else {}
+    if name == "BERT-base":
+        config = transformers.BertConfig(**small)  # the defaults are bert-base's
+    elif name == "DeBERTa-v3-base":
+        config = transformers.DebertaV2Config(
+            vocab_size=128100, relative_attention=True, position_buckets=256, max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+            type_vocab_size=0, **small)
+    else:  # the defaults are ModernBERT-base's (22 layers, 768 wide, a global layer every 3, local windows of 128)
+        config = transformers.ModernBertConfig(pad_token_id=0, bos_token_id=1, cls_token_id=1, sep_token_id=2,
+                                               eos_token_id=2, reference_compile=False, **small)
+    torch.manual_seed(0)
+    with torch.device(CFG.dev):
+        model = transformers.AutoModel.from_config(config)
+    return model.to(dtype).eval()
+
+
+def tokens(vocab: int, n: int, length: int, seed=0) -> dict:
+    """``n`` sequences of random token ids, padded (id 0) after a length drawn from [length/2, length]."""
+    g = bg.gen(seed)
+    real = torch.randint(length // 2, length + 1, (n,), generator=g, device=CFG.dev)
+    mask = (torch.arange(length, device=CFG.dev)[None] < real[:, None]).long()
+    ids = torch.randint(5, vocab, (n, length), generator=g, device=CFG.dev)
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+def section_encoders():
+    for name in ENCODERS:
+        encoder_case(name)
+        bg.free()
+
+
+def encoder_case(name):
+    import tak
+    n, length = (2, 16) if CFG.smoke else (TEXT_BATCH, TEXT_LENGTH)
+    model = encoder(name)
+    batch = tokens(model.config.vocab_size, n, length)
+    tag = f"{name}, {n} × {length} tokens, padded"
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn(**batch)
+        return run
+
+    def step_of(module):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
+
+        def step():
+            module(**batch).last_hidden_state.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    plain = measure(f"encoders {tag} plain forward", no_grad(model))
+    lin = tak.linearize(model, fast=True)
+    lin.load_task_vector(random_taus(lin))
+    fast = measure(f"encoders {tag} tak.linearize fast path forward", no_grad(lin))
+    del lin
+    row("encoders", f"{tag}: linearized forward", "plain model forward", fast, plain)
+    p = isolated(f"encoders {tag} plain step", lambda: step_of(encoder(name)))
+    f = isolated(f"encoders {tag} tak.linearize fast path step", lambda: step_of(tak.linearize(encoder(name), fast=True)))
+    row("encoders", f"{tag}: linearized step (fwd, bwd in τ, AdamW)", "plain step", f, p)
+
+
 # ---------------------------------------------------------------- attention
 
 def attention_shapes():
@@ -277,6 +357,7 @@ SECTIONS = {
     "forward": ("Linearized forward: tak.linearize, CLIP ViT shapes, bf16", section_forward),
     "train": ("Linearized training step: fwd + bwd in τ + AdamW, CLIP ViT shapes, bf16", section_train),
     "attention": ("Dual attention alone, bf16: (O, Ȯ) and the backward through Ȯ", section_attention),
+    "encoders": ("Text encoders on the fast path: BERT, DeBERTa-v3 and ModernBERT shapes, bf16", section_encoders),
 }
 
 NOTES = [
@@ -289,6 +370,9 @@ NOTES = [
     "is what torch.func.jvp needs (forward-mode AD has no formula for the fused kernels).",
     "- rel. err: max over the outputs of ‖out − exact‖ / ‖exact‖, exact = float64 torch.func.jvp (math attention) "
     "of the same inputs; model rows on 4 images (primal and tangent).",
+    "- encoders: random weights at the base models' shapes, loss mean(last_hidden_state²); eval mode in both "
+    "(no dropout: in training, attention dropout takes the dual attention off its fused kernel). No targets: "
+    "the issue's are on the ViT shapes.",
 ]
 
 
