@@ -121,6 +121,16 @@ def deberta_case():
     return model, inputs, lambda out: (out.last_hidden_state,)
 
 
+def timm_siglip_case():
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")  # open_clip's dependency
+    model = vision_transformer.VisionTransformer(img_size=14, patch_size=7, embed_dim=16, depth=2, num_heads=2,
+                                                 mlp_ratio=2.0, num_classes=0, class_token=False, global_pool="map",
+                                                 act_layer="gelu_tanh").to(F64).eval()  # SigLIP's layout
+    with torch.no_grad():
+        model.attn_pool.latent.normal_()
+    return model, lambda: ((torch.randn(3, 3, 14, 14, dtype=F64),), {}), lambda out: (out,)
+
+
 def hf_clip_case():
     import transformers
     config = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
@@ -181,7 +191,7 @@ def modernbert_case():
     return model, inputs, lambda out: (out.last_hidden_state,)
 
 
-CASES = {"mlp": mlp_case, "vit": vit_case, "hf_clip": hf_clip_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 

@@ -94,10 +94,12 @@ def vit(**kw):
     {"act_layer": open_clip_transformer.QuickGELU, "pool_type": "avg", "final_ln_after_pool": True},
     {"pool_type": "none", "output_tokens": True, "no_ln_pre": True, "pos_embed_type": "sin_cos_2d",
      "image_size": 21, "patch_size": 7},
-], ids=["tok_gelu", "avg_quickgelu", "none_tokens_sincos"])
+    {"ls_init_value": 0.5},
+], ids=["tok_gelu", "avg_quickgelu", "none_tokens_sincos", "layer_scale"])
 def test_open_clip_vit(kw):
     model = vit(**kw)
-    dual = check(model, {"x": torch.randn(2, 3, *model.image_size, dtype=torch.float64)}, grads=not kw)
+    dual = check(model, {"x": torch.randn(2, 3, *model.image_size, dtype=torch.float64)},
+                 grads=not kw or "ls_init_value" in kw)
     if "pos_embed_type" in kw:  # a parameter with requires_grad=False gets no τ
         assert "positional_embedding" not in dual.task_vector()
 
@@ -106,6 +108,61 @@ def test_open_clip_vit_attention_only():
     model = vit()
     trainable = [n for n, _ in model.named_parameters() if ".attn." in n]
     check(model, {"x": torch.randn(3, 3, 20, 17, dtype=torch.float64)}, trainable=trainable, grads=False)
+
+
+TIMM_VIT = dict(img_size=(20, 15), patch_size=5, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=7)
+
+
+def tiny_timm_vit(**kw):
+    """timm's VisionTransformer with its class, register and latent tokens, position embedding and LayerScales of a
+    visible size."""
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+    model = vision_transformer.VisionTransformer(**(TIMM_VIT | kw)).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("token", "pos_embed", "latent", "gamma")):
+                p.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"class_token": False, "global_pool": "map", "act_layer": "gelu_tanh", "num_classes": 0},
+    {"reg_tokens": 2, "no_embed_class": True, "init_values": 0.1, "qk_norm": True, "global_pool": "avg",
+     "fc_norm": True, "act_layer": "quick_gelu", "pre_norm": True},
+    {"global_pool": "", "num_classes": 0, "qkv_bias": False},
+], ids=["token_head", "siglip_map", "registers_layer_scale_qk_norm_avg", "tokens"])
+def test_timm_vision_transformer(kw):
+    """The class token and a linear head; SigLIP's layout (no class token, attention pool 'map', tanh GELU); register
+    tokens with the position embedding on the patches only, LayerScale, LayerNorm-ed Q and K, mean pooling with
+    fc_norm; all tokens out."""
+    check(tiny_timm_vit(**kw).eval(), {"x": torch.randn(2, 3, 20, 15, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("pool, proj", [("map", "none"), ("token", "linear")])
+def test_open_clip_timm_model(pool, proj, monkeypatch):
+    """open_clip's TimmModel around a timm VisionTransformer: SigLIP's (attention pool, no projection), and a linear
+    projection after the class token; its trunk and head parameters keep their names."""
+    timm_model = pytest.importorskip("open_clip.timm_model")
+
+    def create_model(name, pretrained=False, **kw):  # timm.create_model's, for a model of no registered name
+        model = tiny_timm_vit(**kw)
+        model.default_cfg = {}
+        return model
+    monkeypatch.setattr(timm_model.timm, "create_model", create_model)
+    model = timm_model.TimmModel("tiny", embed_dim=10, image_size=(20, 15), pool=pool, proj=proj).double().eval()
+    dual = check(model, {"x": torch.randn(2, 3, 20, 15, dtype=torch.float64)})
+    assert any(n.startswith("trunk.blocks.1.") for n in dual.task_vector())
+    assert ("head.proj.weight" in dual.task_vector()) == (proj == "linear")
+
+
+def test_timm_vision_transformer_refusals():
+    with pytest.raises(NotImplementedError, match="stochastic depth"):
+        to_dual(tiny_timm_vit(drop_path_rate=0.1))
+    with pytest.raises(NotImplementedError, match="dynamic image sizes"):
+        to_dual(tiny_timm_vit(dynamic_img_size=True))
+    with pytest.raises(ValueError, match=r"images of 20×15 only, got 20×20"):
+        to_dual(tiny_timm_vit())(torch.randn(1, 3, 20, 20, dtype=torch.float64))
 
 
 def tiny_hf_clip(cls="CLIPVisionModel", **kw):
@@ -455,6 +512,13 @@ def test_t5_in_16_bits_with_wo_in_fp32(trainable):
     assert rel_err(y.logits, y_ref.logits) <= 1e-2 and rel_err(dy.logits, dy_ref.logits) <= 1e-2
 
 
+def unfused(timm_model):
+    """``timm_model`` with its attention's weights computed (and dropped out) outside SDPA."""
+    for block in timm_model.blocks:
+        block.attn.fused_attn = False
+    return timm_model
+
+
 def dropping_model(name):
     """(model, batch, output keys) of ``name``, with dropout in every place the model has it."""
     bert = dict(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4, intermediate_size=26,
@@ -475,6 +539,8 @@ def dropping_model(name):
                                 text_batch(41, token_types=False), ["last_hidden_state"]),
             "deberta_v1": lambda: (tiny_deberta_v1(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2),
                                    text_batch(41, token_types=False), ["last_hidden_state"]),
+            "timm_vit": lambda: (unfused(tiny_timm_vit(pos_drop_rate=0.25, attn_drop_rate=0.2, proj_drop_rate=0.3)),
+                                 {"x": torch.randn(2, 3, 20, 15, dtype=torch.float64)}, None),
             "hf_clip": lambda: (tiny_hf_clip(attention_dropout=0.2, attn_implementation="eager"),
                                 {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
                                 ["last_hidden_state", "pooler_output"]),
@@ -485,8 +551,8 @@ def dropping_model(name):
                                   "decoder_input_ids": torch.randint(0, 37, (2, 6))}, ["logits"])}[name]()
 
 
-@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "hf_clip", "modernbert",
-                                  "t5"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "timm_vit", "hf_clip",
+                                  "modernbert", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -498,15 +564,15 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     drawn = [m.numel() for m in replayed_dropout.masks]  # sizes: transformers 4.47's CLIP drops out (B·H, L, L) views
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
-                          "hf_clip": 2, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "timm_vit": 1 + 2 * 4, "hf_clip": 2, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.numel() for m in replayed_dropout.masks] == drawn
-    for k in keys:
-        assert rel_err(y[k], y_ref[k]) <= TOL_T5 and rel_err(dy[k], dy_ref[k]) <= TOL_T5, k
-    us = [torch.randn_like(dy_ref[k]) for k in keys]
-    sum((dy[k] * u).sum() for k, u in zip(keys, us)).backward()
-    sum((dy_ref[k] * u).sum() for k, u in zip(keys, us)).backward()
+    for a, b in zip(outputs(y, keys) + outputs(dy, keys), outputs(y_ref, keys) + outputs(dy_ref, keys)):
+        assert rel_err(a, b) <= TOL_T5
+    us = [torch.randn_like(t) for t in outputs(dy_ref, keys)]
+    sum((a * u).sum() for a, u in zip(outputs(dy, keys), us)).backward()
+    sum((a * u).sum() for a, u in zip(outputs(dy_ref, keys), us)).backward()
     scale = torch.cat([t.grad.flatten() for t in leaves.values()]).norm()
     for n, tau in dual.named_taus().items():
         assert (tau.grad - leaves[n].grad).norm() <= TOL_T5 * scale, n
@@ -560,8 +626,6 @@ def test_task_vector_round_trip_and_refusals():
 def test_unsupported_models_are_refused_by_name():
     with pytest.raises(NotImplementedError, match="torch.nn.modules.linear.Linear"):
         to_dual(nn.Linear(3, 4))
-    with pytest.raises(NotImplementedError, match="transformer.resblocks.0.ls_1"):
-        to_dual(vit(ls_init_value=0.1))
     with pytest.raises(NotImplementedError, match="torch.nn.modules.normalization.RMSNorm where an nn.LayerNorm"):
         to_dual(vit(norm_layer=nn.RMSNorm))
     with pytest.raises(NotImplementedError, match="attn_pool"):

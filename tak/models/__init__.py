@@ -12,6 +12,8 @@ from .base import DualModel
 # (module of the source class, source class, our module, dual class), checked in order.
 _CONVERTERS = [
     ("open_clip.transformer", "VisionTransformer", "clip_vit", "DualVisionTransformer"),
+    ("open_clip.timm_model", "TimmModel", "timm_vit", "DualTimmVisionTransformer"),
+    ("timm.models.vision_transformer", "VisionTransformer", "timm_vit", "DualTimmVisionTransformer"),
     ("transformers.models.clip.modeling_clip", "CLIPVisionModel", "hf_clip", "DualCLIPVisionModel"),
     ("transformers.models.clip.modeling_clip", "CLIPVisionModelWithProjection", "hf_clip", "DualCLIPVisionModel"),
     ("transformers.models.bert.modeling_bert", "BertModel", "bert", "DualBertModel"),

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .._selection import select_parameters
-from ..nn import DualActivation, DualDropout, DualEmbedding, DualLayerNorm, DualLinear, DualModule, DualRMSNorm
+from ..nn import (DualActivation, DualDropout, DualEmbedding, DualLayerNorm, DualLayerScale, DualLinear, DualModule,
+                  DualRMSNorm)
 from ..nn.base import apply
 
 # Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer, as DualActivation kinds.
@@ -16,18 +17,19 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
                 "relu": "relu", "tanh": "tanh"}
 
 
-# Activation modules by class name (torch's, open_clip's QuickGELU x·σ(1.702 x)), as names of the above.
-_MODULES = {"ReLU": "relu", "Tanh": "tanh", "QuickGELU": "quick_gelu"}
+# Activation modules by class name (torch's; open_clip's and timm's QuickGELU x·σ(1.702 x); timm's GELU, GELUTanh), as
+# names of the above.
+_MODULES = {"ReLU": "relu", "Tanh": "tanh", "QuickGELU": "quick_gelu", "GELU": "gelu", "GELUTanh": "gelu_pytorch_tanh"}
 
 
 def activation(act: str | nn.Module, where: str) -> DualActivation:
-    """The dual of an activation: a torch or open_clip module, or a Hugging Face activation name."""
+    """The dual of an activation: a torch, open_clip or timm module, or a Hugging Face activation name."""
     if isinstance(act, nn.GELU):
         return DualActivation("gelu" if act.approximate == "none" else "gelu_tanh")
     name = act if isinstance(act, str) else _MODULES.get(type(act).__name__)
     if name not in _ACTIVATIONS:
         raise NotImplementedError(f"{where}: activation {act!r} has no dual layer; supported: nn.GELU, nn.ReLU, "
-                                  f"nn.Tanh, QuickGELU and the names {sorted(_ACTIVATIONS)}")
+                                  f"nn.Tanh, QuickGELU, timm's GELU and GELUTanh, and the names {sorted(_ACTIVATIONS)}")
     return DualActivation(_ACTIVATIONS[name])
 
 
@@ -99,6 +101,15 @@ class Builder:
 
     def rms_norm(self, weight: torch.Tensor, eps: float) -> DualRMSNorm:
         return self.record(DualRMSNorm(weight, eps), weight=weight)
+
+    def layer_scale(self, m: nn.Module) -> DualLayerScale | None:
+        """The dual of a LayerScale ``m`` (open_clip's or timm's: x ⊙ gamma); None for an ``nn.Identity``."""
+        if isinstance(m, nn.Identity):
+            return None
+        if not isinstance(getattr(m, "gamma", None), nn.Parameter):
+            raise NotImplementedError(f"{type(m).__module__}.{type(m).__qualname__} where a LayerScale (x ⊙ gamma) "
+                                      "or nn.Identity is expected has no dual layer")
+        return self.record(DualLayerScale(m.gamma), gamma=m.gamma)
 
     def dropout(self, m: nn.Module) -> DualDropout:
         """The dual of an ``nn.Dropout`` ``m``, in ``m``'s train/eval mode."""

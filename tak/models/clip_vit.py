@@ -1,12 +1,12 @@
-"""CLIP vision towers as dual models: open_clip's VisionTransformer here, Hugging Face's CLIP vision models in
-``hf_clip`` (with the blocks and tokens defined here).
+"""CLIP vision towers as dual models: open_clip's VisionTransformer here; Hugging Face's CLIP vision models in
+``hf_clip`` and timm's VisionTransformer in ``timm_vit`` use the blocks and tokens defined here.
 
 Tokens: patches of the image through the patch embedding (a convolution with stride = kernel: a linear map of
 patches), the class embedding prepended, the positional embedding added; then a LayerNorm (ln_pre) and pre-norm
-residual blocks x + attn(ln_1(x)), x + mlp(ln_2(x)) with a fused q/k/v input projection, pooling ('tok', 'avg' or
-'none'), ln_post (before or after pooling) and pooled @ proj. In training, patch dropout (open_clip's
-``patch_dropout``) after the positional embedding, and the attention weights dropped out as nn.MultiheadAttention's
-``dropout`` says.
+residual blocks x + ls_1(attn(ln_1(x))), x + ls_2(mlp(ln_2(x))) (LayerScales where ls_init_value) with a fused q/k/v
+input projection, pooling ('tok', 'avg' or 'none'), ln_post (before or after pooling) and pooled @ proj. In training,
+patch dropout (open_clip's ``patch_dropout``) after the positional embedding, and the attention weights dropped out as
+nn.MultiheadAttention's ``dropout`` says.
 """
 import torch
 from torch import nn
@@ -21,20 +21,21 @@ def _unsupported(where: str, what: str):
 
 
 class DualResidualAttentionBlock(nn.Module):
-    """x + attn(ln_1(x)), then x + proj(act(fc(ln_2(x)))), on (B, L, d)."""
+    """x + ls_1(drop_attn(attn(ln_1(x)))), then x + ls_2(drop_out(proj(drop_mid(act(fc(ln_2(x))))))), on (B, L, d);
+    the LayerScales ``ls_1``, ``ls_2`` and the dropouts are optional (None: none)."""
 
-    def __init__(self, ln_1, attn: DualAttention, ln_2, fc, act, proj):
+    def __init__(self, ln_1, attn: DualAttention, ln_2, fc, act, proj, *, ls_1=None, ls_2=None, drop_attn=None,
+                 drop_mid=None, drop_out=None):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.fc, self.act, self.proj = ln_1, attn, ln_2, fc, act, proj
+        self.ls_1, self.ls_2 = ls_1, ls_2
+        self.drop_attn, self.drop_mid, self.drop_out = drop_attn, drop_mid, drop_out
 
     @classmethod
     def of_open_clip(cls, b: Builder, block: nn.Module, where: str) -> "DualResidualAttentionBlock":
-        """open_clip's ResidualAttentionBlock (nn.MultiheadAttention with a fused in_proj, no LayerScale)."""
+        """open_clip's ResidualAttentionBlock (nn.MultiheadAttention with a fused in_proj)."""
         if type(block).__name__ != "ResidualAttentionBlock" or hasattr(block, "ln_1_kv"):
             raise _unsupported(where, type(block).__name__)
-        for ls in ("ls_1", "ls_2"):
-            if not isinstance(getattr(block, ls), nn.Identity):
-                raise _unsupported(f"{where}.{ls}", "LayerScale")
         attn = block.attn
         if not (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.bias_k is None
                 and not attn.add_zero_attn):
@@ -44,7 +45,7 @@ class DualResidualAttentionBlock(nn.Module):
         dual_attn = DualAttention(attn.num_heads, b.linear(attn.out_proj), qkv=qkv, dropout=attn.dropout)
         return cls(b.layer_norm(block.ln_1), dual_attn.train(attn.training), b.layer_norm(block.ln_2),
                    b.linear(block.mlp.c_fc), activation(block.mlp.gelu, f"{where}.mlp.gelu"),
-                   b.linear(block.mlp.c_proj))
+                   b.linear(block.mlp.c_proj), ls_1=b.layer_scale(block.ls_1), ls_2=b.layer_scale(block.ls_2))
 
     @classmethod
     def of_hf_clip(cls, b: Builder, layer: nn.Module, act: str, where: str) -> "DualResidualAttentionBlock":
@@ -56,10 +57,19 @@ class DualResidualAttentionBlock(nn.Module):
                    b.linear(layer.mlp.fc1), activation(act, f"{where}.mlp"), b.linear(layer.mlp.fc2))
 
     def forward(self, x, dx=None):
-        h, dh = self.attn(*self.ln_1(x, dx))
+        h, dh = _then(self.attn(*self.ln_1(x, dx)), self.drop_attn, self.ls_1)
         x, dx = x + h, add(dx, dh)
-        h, dh = self.proj(*self.act(*self.fc(*self.ln_2(x, dx))))
+        h, dh = _then(self.act(*self.fc(*self.ln_2(x, dx))), self.drop_mid)
+        h, dh = _then(self.proj(h, dh), self.drop_out, self.ls_2)
         return x + h, add(dx, dh)
+
+
+def _then(pair, *layers):
+    """``pair`` (y, dy) through each of ``layers`` that is not None."""
+    for layer in layers:
+        if layer is not None:
+            pair = layer(*pair)
+    return pair
 
 
 class PatchTokens:

@@ -1,10 +1,11 @@
-"""Dual affine layers: linear, patch embedding (a convolution with stride = kernel) and embedding lookup."""
+"""Dual affine layers: linear, patch embedding (a convolution with stride = kernel), embedding lookup and layer
+scale (a learned per-channel factor)."""
 import torch
 import torch.nn.functional as F
 
 import kfac_kernels as kk
 
-from .base import DualModule
+from .base import DualModule, add, apply
 
 
 def linear(x, dx, weight, dweight=None, bias=None, dbias=None):
@@ -77,3 +78,15 @@ class DualEmbedding(DualModule):
         w, dw = self.dual("weight")
         y = F.embedding(ids, w, self.padding_idx)
         return y, None if dw is None else F.embedding(ids, dw, self.padding_idx)
+
+
+class DualLayerScale(DualModule):
+    """y = x ⊙ γ, dy = dx ⊙ γ + x ⊙ dγ for γ (d,) (LayerScale, Touvron et al. 2021): x (..., d) -> y (..., d)."""
+
+    def __init__(self, gamma: torch.Tensor):
+        super().__init__()
+        self.register_dual("gamma", gamma)
+
+    def forward(self, x, dx=None):
+        g, dg = self.dual("gamma")
+        return x * g, add(apply(lambda t: t * g, dx), apply(lambda t: x * t, dg))
