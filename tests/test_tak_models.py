@@ -184,6 +184,16 @@ def test_hugging_face_clip_vision(cls, act):
         dual(torch.randn(2, 3, 28, 28, dtype=torch.float64))
 
 
+def test_hugging_face_clip_models_vision_tower():
+    """CLIPModel.vision_model: a CLIPVisionModel in transformers 5, a CLIPVisionTransformer before."""
+    config = transformers.CLIPConfig(
+        vision_config=dict(hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=3,
+                           image_size=21, patch_size=7),
+        text_config=dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2))
+    tower = transformers.CLIPModel(config).vision_model.double().eval()
+    check(tower, {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)}, ["last_hidden_state", "pooler_output"])
+
+
 def tiny_bert(pooler=True, act="gelu"):
     config = transformers.BertConfig(vocab_size=41, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=26, max_position_embeddings=16, type_vocab_size=2,

@@ -16,6 +16,7 @@ _CONVERTERS = [
     ("timm.models.vision_transformer", "VisionTransformer", "timm_vit", "DualTimmVisionTransformer"),
     ("transformers.models.clip.modeling_clip", "CLIPVisionModel", "hf_clip", "DualCLIPVisionModel"),
     ("transformers.models.clip.modeling_clip", "CLIPVisionModelWithProjection", "hf_clip", "DualCLIPVisionModel"),
+    ("transformers.models.clip.modeling_clip", "CLIPVisionTransformer", "hf_clip", "DualCLIPVisionModel"),  # < 5
     ("transformers.models.bert.modeling_bert", "BertModel", "bert", "DualBertModel"),
     ("transformers.models.roberta.modeling_roberta", "RobertaModel", "bert", "DualBertModel"),
     ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", "bert", "DualBertModel"),
@@ -41,7 +42,7 @@ def to_dual(model, *, trainable=None) -> DualModel:
     or the module, that has no fast path."""
     for module, cls, ours, dual in _CONVERTERS:
         source = sys.modules.get(module)  # not imported: the model cannot be an instance of its classes
-        if source is not None and isinstance(model, getattr(source, cls)):
+        if source is not None and isinstance(model, getattr(source, cls, ())):  # () where this version lacks cls
             converter = getattr(importlib.import_module(f".{ours}", __name__), dual)
             dual = converter(model, trainable=trainable)
             dual.training = model.training  # its dropout layers have their source modules' modes

@@ -1,4 +1,5 @@
-"""Hugging Face's CLIP vision towers (CLIPVisionModel, CLIPVisionModelWithProjection) as dual models.
+"""Hugging Face's CLIP vision towers (CLIPVisionModel, CLIPVisionModelWithProjection; CLIPModel.vision_model, a
+CLIPVisionTransformer before transformers 5) as dual models.
 
 Tokens as open_clip's (``clip_vit``): [class; patches] + position embedding, then pre_layrnorm and pre-norm
 CLIPEncoderLayers (q, k, v projections, the configured activation); pooled = post_layernorm(x[:, 0]);
