@@ -801,6 +801,24 @@ def test_conv_factors_are_those_of_its_unfolded_linear_map(tokens):
         assert rel_err(fa.quadratic_form(tau), fb.quadratic_form(flat)) < 1e-4
 
 
+@pytest.mark.parametrize("cls, key", [("CLIPVisionModelWithProjection", "image_embeds"),
+                                      ("CLIPVisionModel", "pooler_output")])
+def test_hugging_face_image_models_default_to_their_image_embedding(cls, key):
+    """The default output of a Hugging Face image model: image_embeds where it has them, else the pooled output; the
+    factors fitted with it are those of that output_fn."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=14, patch_size=7, projection_dim=6)
+    model = getattr(transformers, cls)(config).eval()
+    batches = [{"pixel_values": torch.randn(3, 3, 14, 14)}, {"pixel_values": torch.randn(2, 3, 14, 14)}]
+    with torch.no_grad():
+        assert torch.equal(default_output_fn(model)(model, batches[0]), getattr(model(**batches[0]), key))
+    f = fit_kfac(model, batches, exact=True, progress=False)
+    g = fit_kfac(model, batches, exact=True, progress=False, output_fn=lambda m, b: getattr(m(**b), key))
+    for name in find_layers(model):
+        assert torch.equal(f[name].A, g[name].A) and torch.equal(f[name].B, g[name].B), name
+
+
 def test_open_clip_projection_is_exact_for_one_example():
     """z = pooled @ proj: one token per example, so with exact probes and one example KFAC and EK-FAC
     are the Gramian of ``proj``; task vectors come in the parameter's (d_in, d_out) layout."""

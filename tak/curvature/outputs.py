@@ -6,6 +6,8 @@ Defaults (``default_output_fn``):
   (N, d) — the state that predicts the label token in text-to-text classification.
 - Hugging Face encoders (BERT, MiniLM): the sentence embedding, the mean of the last hidden states
   over real (unpadded) tokens, (N, d).
+- Hugging Face image models (``main_input_name`` "pixel_values", e.g. CLIP's vision towers): the image embedding
+  (``image_embeds``) where the output has one, else the pooled output (``pooler_output``), (N, D).
 - Any other module: ``model(batch)``, (N, C) or (N, T, C).
 """
 import torch
@@ -109,6 +111,12 @@ def default_output_fn(model: nn.Module):
             out = m(**batch, output_hidden_states=True, return_dict=True)
             return out.decoder_hidden_states[-1][:, 0]
         return encoder_decoder
+    if config is not None and getattr(model, "main_input_name", None) == "pixel_values":
+        def image(m, batch):
+            out = call(m, batch)
+            embeds = getattr(out, "image_embeds", None)
+            return out.pooler_output if embeds is None else embeds
+        return image
     if config is not None:
         def encoder(m, batch):
             out = m(**batch, return_dict=True)
