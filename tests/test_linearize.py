@@ -140,6 +140,15 @@ def hf_clip_case():
                                                                                      out.last_hidden_state)
 
 
+def hf_siglip_case():
+    import transformers
+    config = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=14, patch_size=7)
+    model = transformers.SiglipVisionModel(config).to(F64).eval()
+    return model, lambda: ((torch.randn(3, 3, 14, 14, dtype=F64),), {}), lambda out: (out.pooler_output,
+                                                                                     out.last_hidden_state)
+
+
 def deberta_v1_case():
     import transformers
     config = transformers.DebertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -191,7 +200,8 @@ def modernbert_case():
     return model, inputs, lambda out: (out.last_hidden_state,)
 
 
-CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
+         "hf_siglip": hf_siglip_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 

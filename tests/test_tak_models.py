@@ -184,14 +184,31 @@ def test_hugging_face_clip_vision(cls, act):
         dual(torch.randn(2, 3, 28, 28, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("head", [True, False], ids=["attention_pooling_head", "no_head"])
+def test_hugging_face_siglip_vision(head):
+    """SigLIP: no class token, normalized hidden states, pooled by a probe attending over them (where the config has
+    the head): each output, and the task vector's names (the probe and the rows of the head's in_proj)."""
+    config = transformers.SiglipVisionConfig(hidden_size=24, intermediate_size=30, num_hidden_layers=2,
+                                             num_attention_heads=3, image_size=21, patch_size=7, vision_use_head=head)
+    model = transformers.SiglipVisionModel(config).double().eval()
+    keys = ["last_hidden_state", "pooler_output"] if head else ["last_hidden_state"]
+    dual = check(model, {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)}, keys)
+    assert any(n.endswith("head.probe") for n in dual.task_vector()) == head
+
+
 def test_hugging_face_clip_models_vision_tower():
-    """CLIPModel.vision_model: a CLIPVisionModel in transformers 5, a CLIPVisionTransformer before."""
+    """CLIPModel.vision_model and SiglipModel.vision_model: CLIPVisionModel and SiglipVisionModel in transformers 5,
+    CLIPVisionTransformer and SiglipVisionTransformer before."""
     config = transformers.CLIPConfig(
         vision_config=dict(hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=3,
                            image_size=21, patch_size=7),
         text_config=dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2))
     tower = transformers.CLIPModel(config).vision_model.double().eval()
     check(tower, {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)}, ["last_hidden_state", "pooler_output"])
+    siglip = transformers.SiglipModel(transformers.SiglipConfig(vision_config=config.vision_config.to_dict(),
+                                                                text_config=config.text_config.to_dict()))
+    check(siglip.vision_model.double().eval(), {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
+          ["last_hidden_state", "pooler_output"])
 
 
 def tiny_bert(pooler=True, act="gelu"):

@@ -17,6 +17,8 @@ _CONVERTERS = [
     ("transformers.models.clip.modeling_clip", "CLIPVisionModel", "hf_clip", "DualCLIPVisionModel"),
     ("transformers.models.clip.modeling_clip", "CLIPVisionModelWithProjection", "hf_clip", "DualCLIPVisionModel"),
     ("transformers.models.clip.modeling_clip", "CLIPVisionTransformer", "hf_clip", "DualCLIPVisionModel"),  # < 5
+    ("transformers.models.siglip.modeling_siglip", "SiglipVisionModel", "hf_clip", "DualSiglipVisionModel"),
+    ("transformers.models.siglip.modeling_siglip", "SiglipVisionTransformer", "hf_clip", "DualSiglipVisionModel"),
     ("transformers.models.bert.modeling_bert", "BertModel", "bert", "DualBertModel"),
     ("transformers.models.roberta.modeling_roberta", "RobertaModel", "bert", "DualBertModel"),
     ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", "bert", "DualBertModel"),
