@@ -105,6 +105,21 @@ def test_embedding():
     assert torch.equal(y, ref(ids)) and torch.equal(dy, F.embedding(ids, taus["tau.weight"]))
 
 
+class Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_layer_scale(with_dx):
+    ref = Scale(13)
+    check(tnn.DualLayerScale(ref.gamma), ref, rand(2, 7, 13), rand(2, 7, 13) if with_dx else None)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_layer_norm(affine):
     ref = nn.LayerNorm(13, eps=1e-5, elementwise_affine=affine).double()

@@ -62,6 +62,14 @@ def position_bias(table: DualEmbedding, buckets: torch.Tensor):
     return heads_first(bias), apply(heads_first, dbias)
 
 
+class DualParameter(DualModule):
+    """One θ0 tensor used as it is, ``value``, with its τ."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.register_dual("value", value)
+
+
 class Builder:
     """Makes dual layers from a source model's modules; ``records`` holds (dual module, attribute, source
     parameter name) for every θ0."""
@@ -101,6 +109,10 @@ class Builder:
 
     def rms_norm(self, weight: torch.Tensor, eps: float) -> DualRMSNorm:
         return self.record(DualRMSNorm(weight, eps), weight=weight)
+
+    def parameter(self, p: nn.Parameter) -> DualParameter:
+        """A parameter used as it is (latent queries, a probe) as a DualParameter."""
+        return self.record(DualParameter(p), value=p)
 
     def layer_scale(self, m: nn.Module) -> DualLayerScale | None:
         """The dual of a LayerScale ``m`` (open_clip's or timm's: x ⊙ gamma); None for an ``nn.Identity``."""

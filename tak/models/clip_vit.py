@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..nn import DualAttention, DualLinear, DualPatchDropout, DualPatchEmbedding, linear
-from ..nn.base import add, apply
+from ..nn.base import add, apply, chain
 from .base import Builder, DualModel, activation
 
 
@@ -57,19 +57,11 @@ class DualResidualAttentionBlock(nn.Module):
                    b.linear(layer.mlp.fc1), activation(act, f"{where}.mlp"), b.linear(layer.mlp.fc2))
 
     def forward(self, x, dx=None):
-        h, dh = _then(self.attn(*self.ln_1(x, dx)), self.drop_attn, self.ls_1)
+        h, dh = chain(self.attn(*self.ln_1(x, dx)), self.drop_attn, self.ls_1)
         x, dx = x + h, add(dx, dh)
-        h, dh = _then(self.act(*self.fc(*self.ln_2(x, dx))), self.drop_mid)
-        h, dh = _then(self.proj(h, dh), self.drop_out, self.ls_2)
+        h, dh = chain(self.act(*self.fc(*self.ln_2(x, dx))), self.drop_mid)
+        h, dh = chain(self.proj(h, dh), self.drop_out, self.ls_2)
         return x + h, add(dx, dh)
-
-
-def _then(pair, *layers):
-    """``pair`` (y, dy) through each of ``layers`` that is not None."""
-    for layer in layers:
-        if layer is not None:
-            pair = layer(*pair)
-    return pair
 
 
 class PatchTokens:

@@ -15,11 +15,10 @@ from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
 
 from ..nn import DualLinear, DualPatchEmbedding, linear
 from ..nn.attention import dual_attention, merge_heads, split_heads
-from ..nn.base import add, apply
+from ..nn.base import add, apply, chain
 from .base import Builder, DualModel, activation, hf_options
 from .bert import HF_OPTIONS
-from .clip_vit import DualResidualAttentionBlock, PatchTokens, _then
-from .timm_vit import DualLatent
+from .clip_vit import DualResidualAttentionBlock, PatchTokens
 
 
 def _checked_images(dual: DualModel, pixel_values, interpolate_pos_encoding, options):
@@ -92,7 +91,7 @@ class DualProbePool(nn.Module):
         if not (mha._qkv_same_embed_dim and mha.batch_first and mha.bias_k is None and not mha.add_zero_attn):
             raise NotImplementedError(f"{where}.attention: nn.MultiheadAttention other than batch-first with a fused "
                                       "in_proj has no dual layer")
-        self.probe = b.record(DualLatent(head.probe), latent=head.probe)
+        self.probe = b.parameter(head.probe)
         self.in_proj = b.record(DualLinear(mha.in_proj_weight, mha.in_proj_bias), weight=mha.in_proj_weight,
                                 bias=mha.in_proj_bias)
         self.heads, self.dropout = mha.num_heads, mha.dropout
@@ -107,7 +106,7 @@ class DualProbePool(nn.Module):
 
     def forward(self, x, dx=None):
         B, _, d = x.shape
-        p, dp = self.probe.dual("latent")
+        p, dp = self.probe.dual("value")
         wide = lambda t: t.to(x.dtype).expand(B, -1, -1)  # noqa: E731
         q, dq = self.rows(wide(p), apply(wide, dp), slice(0, d))
         kv, dkv = self.rows(x, dx, slice(d, 3 * d))
@@ -116,7 +115,7 @@ class DualProbePool(nn.Module):
         o, do = dual_attention(heads(q), heads(k), heads(v), apply(heads, dq), apply(heads, dk), apply(heads, dv),
                                dropout=self.dropout if self.training else 0.0)
         h, dh = self.out(merge_heads(o), apply(merge_heads, do))
-        m, dm = _then(self.norm(h, dh), *self.mlp)
+        m, dm = chain(self.norm(h, dh), *self.mlp)
         first = lambda t: t[:, 0]  # noqa: E731
         return first(h + m), apply(first, add(dh, dm))
 

@@ -13,11 +13,11 @@ dropout and dynamic image sizes are not supported.
 import torch
 from torch import nn
 
-from ..nn import DualAttention, DualModule, DualPatchEmbedding
+from ..nn import DualAttention, DualPatchEmbedding
 from ..nn.attention import dual_attention, merge_heads, split_heads
-from ..nn.base import add, apply
+from ..nn.base import add, apply, chain
 from .base import Builder, DualModel, activation
-from .clip_vit import DualResidualAttentionBlock, _then
+from .clip_vit import DualResidualAttentionBlock
 
 
 def _refuse(where: str, what: str):
@@ -41,8 +41,8 @@ class DualTimmAttention(DualAttention):
 
     def forward(self, x, dx=None):
         (q, k, v), (dq, dk, dv) = self.project(x, dx, None, None)
-        q, dq = _then((q, dq), self.q_norm)
-        k, dk = _then((k, dk), self.k_norm)
+        q, dq = chain((q, dq), self.q_norm)
+        k, dk = chain((k, dk), self.k_norm)
         o, do = dual_attention(q, k, v, dq, dk, dv, scale=self.scale, dropout=self.dropout if self.training else 0.0)
         return self.out(merge_heads(o), apply(merge_heads, do))
 
@@ -63,14 +63,6 @@ def _block(b: Builder, block: nn.Module, where: str) -> DualResidualAttentionBlo
         drop_mid=b.dropout(mlp.drop1), drop_out=b.dropout(mlp.drop2))
 
 
-class DualLatent(DualModule):
-    """The attention pool's latent queries (1, n, d) as θ0 with τ."""
-
-    def __init__(self, latent):
-        super().__init__()
-        self.register_dual("latent", latent)
-
-
 class DualAttentionPool(nn.Module):
     """timm's AttentionPoolLatent: Q = q(latent), [K | V] = kv(x), O = attention per head, h = proj(O), then
     h + mlp(norm(h)), pooled over the latents ('token': the first, 'avg': their mean, else all): x (B, N, d) -> h."""
@@ -79,7 +71,7 @@ class DualAttentionPool(nn.Module):
         super().__init__()
         if p.pos_embed is not None or isinstance(p.q, nn.Identity) or isinstance(p.proj, nn.Identity):
             raise _refuse(where, "attention pool with a position embedding, without q or without proj")
-        self.latent = b.record(DualLatent(p.latent), latent=p.latent)
+        self.latent = b.parameter(p.latent)
         self.heads, self.scale, self.pool = p.num_heads, p.scale, p.pool
         self.q, self.kv = b.linear(p.q), b.linear(p.kv)
         self.q_norm, self.k_norm = _optional_norm(b, p.q_norm), _optional_norm(b, p.k_norm)
@@ -92,18 +84,18 @@ class DualAttentionPool(nn.Module):
 
     def forward(self, x, dx=None):
         B = x.shape[0]
-        lat, dlat = self.latent.dual("latent")
+        lat, dlat = self.latent.dual("value")
         expand = lambda t: t.to(x.dtype).expand(B, -1, -1)  # noqa: E731
         q, dq = self.q(expand(lat), apply(expand, dlat))
         kv, dkv = self.kv(x, dx)
         heads = lambda t: split_heads(t, self.heads)  # noqa: E731
         (k, v), (dk, dv) = kv.chunk(2, -1), ((None, None) if dkv is None else dkv.chunk(2, -1))
-        q, dq = _then((heads(q), apply(heads, dq)), self.q_norm)
-        k, dk = _then((heads(k), apply(heads, dk)), self.k_norm)
+        q, dq = chain((heads(q), apply(heads, dq)), self.q_norm)
+        k, dk = chain((heads(k), apply(heads, dk)), self.k_norm)
         o, do = dual_attention(q, k, heads(v), dq, dk, apply(heads, dv), scale=self.scale)
-        h, dh = _then(self.proj(merge_heads(o), apply(merge_heads, do)), self.drop)
+        h, dh = chain(self.proj(merge_heads(o), apply(merge_heads, do)), self.drop)
         if self.mlp is not None:
-            m, dm = _then(_then((h, dh), self.norm), *self.mlp)
+            m, dm = chain(chain((h, dh), self.norm), *self.mlp)
             h, dh = h + m, add(dh, dm)
         pick = {"token": lambda t: t[:, 0], "avg": lambda t: t.mean(1)}.get(self.pool, lambda t: t)
         return pick(h), apply(pick, dh)
@@ -205,8 +197,8 @@ class DualTimmVisionTransformer(DualModel):
         if (H, W) != self.image_size:
             raise ValueError(f"DualTimmVisionTransformer: images of {self.image_size[0]}×{self.image_size[1]} only, "
                              f"got {H}×{W}")
-        y = _then(self.embed(x), self.pos_drop, self.norm_pre)
+        y = chain(self.embed(x), self.pos_drop, self.norm_pre)
         for block in self.blocks:
             y = block(*y)
-        y = _then(self.pool(*_then(y, self.norm)), self.fc_norm, self.head_drop, self.head, *self.projection)
+        y = chain(self.pool(*chain(y, self.norm)), self.fc_norm, self.head_drop, self.head, *self.projection)
         return y

@@ -85,3 +85,11 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t`` in ``dtype``; ``t`` itself where it has it (no ``.to`` that torch 2.11's compile could drop
     gradients through, see ``kfac_kernels._autograd.output``), None for None."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def chain(pair, *layers):
+    """``pair`` (x, dx) through each of the dual ``layers`` that is not None, in order."""
+    for layer in layers:
+        if layer is not None:
+            pair = layer(*pair)
+    return pair
