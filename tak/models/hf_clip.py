@@ -40,6 +40,21 @@ def _vision_core(model: nn.Module) -> nn.Module:
     return model
 
 
+def _patches_and_layers(dual: DualModel, model: nn.Module) -> tuple[nn.Module, Builder]:
+    """Give ``dual`` the image size, patch embedding, position embedding (θ0 ``positional_embedding``) and encoder
+    layers of the vision tower ``model``; returns the module holding them (``_vision_core``) and the Builder."""
+    core, b = _vision_core(model), Builder(model)
+    e = core.embeddings
+    dual.image_size = e.image_size
+    dual.patch_embed = b.record(DualPatchEmbedding(e.patch_embedding.weight, e.patch_embedding.bias),
+                                weight=e.patch_embedding.weight, bias=e.patch_embedding.bias)
+    b.own(dual, positional_embedding=e.position_embedding.weight)
+    act = model.config.hidden_act
+    dual.blocks = nn.ModuleList(DualResidualAttentionBlock.of_hf_clip(b, layer, act, f"encoder.layers.{i}")
+                                for i, layer in enumerate(core.encoder.layers))
+    return core, b
+
+
 class DualCLIPVisionModel(DualModel, PatchTokens):
     """forward(pixel_values (B, C, H, W)) -> (y, dy): BaseModelOutputWithPooling (last_hidden_state (B, 1 + N, d),
     pooler_output (B, d)), or for CLIPVisionModelWithProjection its CLIPVisionModelOutput (image_embeds (B, p),
@@ -47,16 +62,9 @@ class DualCLIPVisionModel(DualModel, PatchTokens):
 
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
-        core, b = _vision_core(model), Builder(model)
-        e = core.embeddings
-        self.image_size = e.image_size
-        self.patch_embed = b.record(DualPatchEmbedding(e.patch_embedding.weight, e.patch_embedding.bias),
-                                    weight=e.patch_embedding.weight, bias=e.patch_embedding.bias)
-        b.own(self, class_embedding=e.class_embedding, positional_embedding=e.position_embedding.weight)
+        core, b = _patches_and_layers(self, model)
+        b.own(self, class_embedding=core.embeddings.class_embedding)
         self.ln_pre = b.layer_norm(core.pre_layrnorm)
-        act = model.config.hidden_act
-        self.blocks = nn.ModuleList(DualResidualAttentionBlock.of_hf_clip(b, layer, act, f"encoder.layers.{i}")
-                                    for i, layer in enumerate(core.encoder.layers))
         self.ln_post = b.layer_norm(core.post_layernorm)
         projection = getattr(model, "visual_projection", None)
         self.projection = None if projection is None else b.linear(projection)
@@ -126,17 +134,10 @@ class DualSiglipVisionModel(DualModel):
 
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
-        core, b = _vision_core(model), Builder(model)
-        e = core.embeddings
-        self.image_size = e.image_size
-        self.patch_embed = b.record(DualPatchEmbedding(e.patch_embedding.weight, e.patch_embedding.bias),
-                                    weight=e.patch_embedding.weight, bias=e.patch_embedding.bias)
-        b.own(self, positional_embedding=e.position_embedding.weight)
-        act = model.config.hidden_act
-        self.blocks = nn.ModuleList(DualResidualAttentionBlock.of_hf_clip(b, layer, act, f"encoder.layers.{i}")
-                                    for i, layer in enumerate(core.encoder.layers))
+        core, b = _patches_and_layers(self, model)
         self.ln_post = b.layer_norm(core.post_layernorm)
-        self.head = DualProbePool(b, core.head, act, "head") if getattr(core, "use_head", False) else None
+        use_head = getattr(core, "use_head", False)
+        self.head = DualProbePool(b, core.head, model.config.hidden_act, "head") if use_head else None
         self.bind(b, model, trainable)
 
     def forward(self, pixel_values, interpolate_pos_encoding=False, **options):
