@@ -653,6 +653,10 @@ def test_task_vector_round_trip_and_refusals():
 def test_unsupported_models_are_refused_by_name():
     with pytest.raises(NotImplementedError, match="torch.nn.modules.linear.Linear"):
         to_dual(nn.Linear(3, 4))
+    config = transformers.RobertaConfig(vocab_size=41, hidden_size=20, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=26, max_position_embeddings=16, num_labels=3)
+    with pytest.raises(NotImplementedError, match=r"RobertaForSequenceClassification; its base_model \(RobertaModel\)"):
+        to_dual(transformers.RobertaForSequenceClassification(config))
     with pytest.raises(NotImplementedError, match="torch.nn.modules.normalization.RMSNorm where an nn.LayerNorm"):
         to_dual(vit(norm_layer=nn.RMSNorm))
     with pytest.raises(NotImplementedError, match="attn_pool"):

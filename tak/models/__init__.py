@@ -36,22 +36,34 @@ _CONVERTERS = [
 ]
 
 
+def _converter(model):
+    """The dual model class of ``model``'s class, or None."""
+    for module, cls, ours, dual in _CONVERTERS:
+        source = sys.modules.get(module)  # not imported: the model cannot be an instance of its classes
+        if source is not None and isinstance(model, getattr(source, cls, ())):  # () where this version lacks cls
+            return getattr(importlib.import_module(f".{ours}", __name__), dual)
+    return None
+
+
 def to_dual(model, *, trainable=None) -> DualModel:
     """The dual model of ``model``. ``trainable`` selects the parameters that get τ, by source parameter
     name (None: all with requires_grad; a glob pattern or a list of them; a predicate name -> bool).
 
-    The dual model and its dropout layers start in the train/eval modes of ``model`` and of their source modules. Raises NotImplementedError naming the model class,
-    or the module, that has no fast path."""
-    for module, cls, ours, dual in _CONVERTERS:
-        source = sys.modules.get(module)  # not imported: the model cannot be an instance of its classes
-        if source is not None and isinstance(model, getattr(source, cls, ())):  # () where this version lacks cls
-            converter = getattr(importlib.import_module(f".{ours}", __name__), dual)
-            dual = converter(model, trainable=trainable)
-            dual.training = model.training  # its dropout layers have their source modules' modes
-            return dual
+    The dual model and its dropout layers start in the train/eval modes of ``model`` and of their source modules.
+    Raises NotImplementedError naming the model class, or the module, that has no fast path (and, for a Hugging Face
+    model with a task head, the supported ``base_model`` inside it)."""
+    converter = _converter(model)
+    if converter is not None:
+        dual = converter(model, trainable=trainable)
+        dual.training = model.training  # its dropout layers have their source modules' modes
+        return dual
     supported = ", ".join(f"{m}.{c}" for m, c, _, _ in _CONVERTERS)
     name = f"{type(model).__module__}.{type(model).__qualname__}"
-    raise NotImplementedError(f"tak.models.to_dual: no fast path for {name}; supported: {supported}")
+    base = getattr(model, "base_model", model)  # a Hugging Face model's backbone under its task head
+    hint = "" if base is model or _converter(base) is None else (
+        f"; its base_model ({type(base).__name__}) has one: linearize model.base_model and apply the head to its "
+        "output")
+    raise NotImplementedError(f"tak.models.to_dual: no fast path for {name}{hint}; supported: {supported}")
 
 
 __all__ = ["DualModel", "to_dual"]
