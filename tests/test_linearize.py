@@ -90,19 +90,31 @@ def t5_case():
     return model, inputs, lambda out: (out.logits, out.encoder_last_hidden_state)
 
 
+def padded_text(lengths=(6, 4, 2), low=1, pad=None):
+    """inputs() of 3 sequences of 6 token ids drawn from [low, 50), real for the first ``lengths`` positions and
+    padding after (with the id ``pad`` where given)."""
+    def inputs():
+        mask = (torch.arange(6)[None] < torch.tensor(lengths)[:, None]).long()
+        ids = torch.randint(low, 50, (3, 6))
+        if pad is not None:
+            ids = ids.masked_fill(mask == 0, pad)
+        return (), {"input_ids": ids, "attention_mask": mask}
+    return inputs
+
+
+def images(size):
+    """inputs() of 3 random float64 images of size × size."""
+    return lambda: ((torch.randn(3, 3, size, size, dtype=F64),), {})
+
+
 def roberta_case():
     import transformers
     config = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=24, max_position_embeddings=12, attn_implementation="eager")
     model = transformers.RobertaModel(config).to(F64).eval()
 
-    def inputs():  # padded rows hold the padding token, whose positions RoBERTa leaves at padding_idx
-        mask = torch.ones(3, 6, dtype=torch.long)
-        mask[1, 4:] = mask[2, 2:] = 0
-        ids = torch.randint(3, 50, (3, 6)).masked_fill(mask == 0, config.pad_token_id)
-        return (), {"input_ids": ids, "attention_mask": mask}
-
-    return model, inputs, lambda out: (out.last_hidden_state, out.pooler_output)
+    # padded rows hold the padding token, whose positions RoBERTa leaves at padding_idx
+    return model, padded_text(low=3, pad=config.pad_token_id), lambda out: (out.last_hidden_state, out.pooler_output)
 
 
 def deberta_case():
@@ -112,13 +124,7 @@ def deberta_case():
                                           relative_attention=True, position_buckets=4, pos_att_type=["p2c", "c2p"],
                                           norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
     model = transformers.DebertaV2Model(config).to(F64).eval()
-
-    def inputs():
-        mask = torch.ones(3, 6, dtype=torch.long)
-        mask[1, 4:] = mask[2, 2:] = 0
-        return (), {"input_ids": torch.randint(1, 50, (3, 6)), "attention_mask": mask}
-
-    return model, inputs, lambda out: (out.last_hidden_state,)
+    return model, padded_text(), lambda out: (out.last_hidden_state,)
 
 
 def timm_siglip_case():
@@ -128,7 +134,7 @@ def timm_siglip_case():
                                                  act_layer="gelu_tanh").to(F64).eval()  # SigLIP's layout
     with torch.no_grad():
         model.attn_pool.latent.normal_()
-    return model, lambda: ((torch.randn(3, 3, 14, 14, dtype=F64),), {}), lambda out: (out,)
+    return model, images(14), lambda out: (out,)
 
 
 def hf_clip_case():
@@ -136,8 +142,7 @@ def hf_clip_case():
     config = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=14, patch_size=7, projection_dim=6)
     model = transformers.CLIPVisionModelWithProjection(config).to(F64).eval()
-    return model, lambda: ((torch.randn(3, 3, 14, 14, dtype=F64),), {}), lambda out: (out.image_embeds,
-                                                                                     out.last_hidden_state)
+    return model, images(14), lambda out: (out.image_embeds, out.last_hidden_state)
 
 
 def hf_siglip_case():
@@ -145,27 +150,20 @@ def hf_siglip_case():
     config = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                              num_attention_heads=2, image_size=14, patch_size=7)
     model = transformers.SiglipVisionModel(config).to(F64).eval()
-    return model, lambda: ((torch.randn(3, 3, 14, 14, dtype=F64),), {}), lambda out: (out.pooler_output,
-                                                                                     out.last_hidden_state)
+    return model, images(14), lambda out: (out.pooler_output, out.last_hidden_state)
 
 
 def deberta_v1_case():
     import transformers
     config = transformers.DebertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=24, max_position_embeddings=12, type_vocab_size=0,
-                                        relative_attention=True, pos_att_type=["c2p", "p2c"], position_biased_input=False,
-                                        max_relative_positions=4)
+                                        relative_attention=True, pos_att_type=["c2p", "p2c"],
+                                        position_biased_input=False, max_relative_positions=4)
     model = transformers.DebertaModel(config).to(F64).eval()
     with torch.no_grad():
         model.encoder.layer[0].attention.self.q_bias.normal_()  # zeros at init
         model.encoder.layer[0].attention.self.v_bias.normal_()
-
-    def inputs():
-        mask = torch.ones(3, 6, dtype=torch.long)
-        mask[1, 4:] = mask[2, 2:] = 0
-        return (), {"input_ids": torch.randint(1, 50, (3, 6)), "attention_mask": mask}
-
-    return model, inputs, lambda out: (out.last_hidden_state,)
+    return model, padded_text(), lambda out: (out.last_hidden_state,)
 
 
 def mpnet_case():
@@ -175,12 +173,8 @@ def mpnet_case():
     model = transformers.MPNetModel(config).to(F64).eval()
     nn.init.normal_(model.encoder.relative_attention_bias.weight)  # a position bias of a visible size
 
-    def inputs():  # no padding token: its zero embedding rows put LayerNorm at 0, where f is far from linear
-        mask = torch.ones(3, 6, dtype=torch.long)
-        mask[1, 4:] = mask[2, 2:] = 0
-        return (), {"input_ids": torch.randint(3, 50, (3, 6)), "attention_mask": mask}
-
-    return model, inputs, lambda out: (out.last_hidden_state, out.pooler_output)
+    # no padding token: its zero embedding rows put LayerNorm at 0, where f is far from linear
+    return model, padded_text(low=3), lambda out: (out.last_hidden_state, out.pooler_output)
 
 
 def modernbert_case():
@@ -192,12 +186,8 @@ def modernbert_case():
                                            cls_token_id=1, sep_token_id=2, eos_token_id=2)
     model = transformers.ModernBertModel(config).to(F64).eval()  # a global layer, then a local one (keys within 2)
 
-    def inputs():  # each padded query keeps a real key within its window
-        mask = torch.ones(3, 6, dtype=torch.long)
-        mask[1, 5:] = mask[2, 4:] = 0
-        return (), {"input_ids": torch.randint(3, 50, (3, 6)), "attention_mask": mask}
-
-    return model, inputs, lambda out: (out.last_hidden_state,)
+    # each padded query keeps a real key within its window
+    return model, padded_text(lengths=(6, 5, 4), low=3), lambda out: (out.last_hidden_state,)
 
 
 CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
