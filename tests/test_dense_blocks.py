@@ -250,3 +250,52 @@ def test_class_token_block_of_open_clip():
     G = exact_block(vit, block.params, X, lambda m, x: m(x))
     assert rel_err(block.B, G) < 1e-5
     assert {"ln_pre", "ln_post"} <= set(f)
+
+
+def test_class_token_block_of_hugging_face_clip():
+    """CLIPVisionEmbeddings puts class_embedding at token 0 of its output, which the block's tap sees."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=5)
+    model = transformers.CLIPVisionModelWithProjection(config).double().eval()
+    with torch.no_grad():
+        model.vision_model.embeddings.class_embedding.normal_()
+    X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    embeds = lambda m, x: m(pixel_values=x).image_embeds  # noqa: E731
+    f = fit_kfac(model, [X], exact=True, progress=False)
+    name = "vision_model.embeddings.class_embedding"
+    block = f[name]
+    assert block.params == (name,)
+    assert rel_err(block.B, exact_block(model, block.params, X, embeds)) < 1e-5
+
+
+def siglip_tower(library):
+    """(SigLIP-style image tower with an attention pooling probe, its features (N, d)), float64, random weights."""
+    if library == "transformers":
+        transformers = pytest.importorskip("transformers")
+        config = transformers.SiglipVisionConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=16, patch_size=8)
+        return transformers.SiglipVisionModel(config).double().eval(), lambda m, x: m(pixel_values=x).pooler_output
+    pytest.importorskip("timm")
+    from tak._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, mlp_ratio=1.5,
+                              class_token=False, global_pool="map", num_classes=0).double().eval()
+    with torch.no_grad():
+        model.attn_pool.latent.normal_()
+    return model, lambda m, x: m(x)
+
+
+@pytest.mark.parametrize("library", ["transformers", "timm"])
+def test_probe_block_of_attention_pooling(library):
+    """SigLIP's pooling probe, repeated per example as the query (of nn.MultiheadAttention in transformers, of the q
+    projection of timm's AttentionPoolLatent): its exact GGN block."""
+    model, features = siglip_tower(library)
+    X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
+    name = next(n for n, _ in model.named_parameters() if n.endswith(("head.probe", "attn_pool.latent")))
+    block = f[name]
+    assert block.params == (name,) and block.B.shape == (8, 8)
+    assert rel_err(block.B, exact_block(model, block.params, X, features)) < 1e-5
+    assert any(n.endswith(("head.attention.in_proj", "attn_pool.q")) for n in f)  # fitted alongside, on the tapped q

@@ -7,7 +7,7 @@
   padding masks (padded tokens out of A, N·T counting real tokens).
 - Monte-Carlo B converges to the exact-probe B.
 - nn.MultiheadAttention: same outputs with the replaced forward; in_proj factors equal those of the same
-  attention written with an explicit nn.Linear in_proj.
+  attention written with an explicit nn.Linear in_proj (one call per distinct input of a cross-attention).
 - Real models: open_clip CLIP (random weights), the shipped MiniLM (padding), T5 from a small config.
 
 Models are float64 where exactness is tested; fit_kfac accumulates in fp32, so "equal" means ~1e-6.
@@ -801,6 +801,17 @@ def test_conv_factors_are_those_of_its_unfolded_linear_map(tokens):
         assert rel_err(fa.quadratic_form(tau), fb.quadratic_form(flat)) < 1e-4
 
 
+def test_a_valid_padded_conv_is_factored_as_the_unpadded_one():
+    """padding="valid" (SigLIP's patch embedding) is numeric padding 0."""
+    def net(padding):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 3, 2, stride=2, padding=padding), nn.Tanh(), nn.Flatten(), nn.Linear(18, 4))
+    batches = [torch.randn(3, 2, 4, 6, dtype=torch.float64)]
+    a, b = fit(net("valid").double(), batches, exact=True), fit(net(0).double(), batches, exact=True)
+    assert list(a) == ["0", "3"] == list(b)
+    assert all(torch.equal(a[n].A, b[n].A) and torch.equal(a[n].B, b[n].B) for n in a)
+
+
 @pytest.mark.parametrize("cls, key", [("CLIPVisionModelWithProjection", "image_embeds"),
                                       ("CLIPVisionModel", "pooler_output")])
 def test_hugging_face_image_models_default_to_their_image_embedding(cls, key):
@@ -998,8 +1009,68 @@ def test_t5_exact_probes_batched():
     assert f["decoder.block.1.layer.1.EncDecAttention.v"].B.norm() > 0
 
 
-def test_cross_attention_is_refused_naming_the_way_around_it():
-    """nn.MultiheadAttention's fused q/k/v projection is one linear map of one input only in self-attention."""
+class ProbePool(nn.Module):
+    """SigLIP's attention pooling: a learned probe attends over the tokens (key = value = x, padding masked), with
+    nn.MultiheadAttention or, ``explicit``, the same attention with nn.Linear in_proj and out_proj, the in_proj called
+    once per distinct input. ``values``: "x" (key is value), or "tanh" (V from tanh(x): three distinct inputs)."""
+
+    def __init__(self, mha: nn.MultiheadAttention, values: str, explicit: bool, c=3):
+        super().__init__()
+        d = mha.embed_dim
+        self.probe, self.values, self.head = nn.Parameter(torch.randn(1, 1, d)), values, nn.Linear(d, c)
+        self.attn = ExplicitAttention(mha) if explicit else mha
+        self.heads = mha.num_heads
+
+    def forward(self, x, attention_mask):
+        q, v = self.probe.expand(len(x), -1, -1), torch.tanh(x) if self.values == "tanh" else x
+        if isinstance(self.attn, nn.MultiheadAttention):
+            return self.head(self.attn(q, x, v, key_padding_mask=~attention_mask, need_weights=False)[0][:, 0])
+        projected = {}
+        for u in (q, x, v):
+            if id(u) not in projected:  # one call per distinct input
+                projected[id(u)] = self.attn.in_proj(u)
+        d = x.shape[-1]
+        q, k, v = (projected[id(u)][..., i * d:(i + 1) * d].unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for i, u in enumerate((q, x, v)))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~attention_mask[:, None, None], -math.inf)
+        o = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        return self.head(self.attn.out_proj(o)[:, 0])
+
+
+@pytest.mark.parametrize("values", ["x", "tanh"])
+@pytest.mark.parametrize("tokens", ["expand", "reduce"])
+def test_attention_over_other_inputs_factors_its_in_proj_as_one_call_per_distinct_input(values, tokens):
+    """A probe attending over tokens (query, key, value not one tensor): the fused in_proj's factors equal those of an
+    nn.Linear in_proj called once per distinct input, Q, K and V each read from its own input's projection."""
+    d, h = 8, 2
+    mha = nn.MultiheadAttention(d, h, batch_first=True)
+    fused = ProbePool(mha, values, explicit=False).double()
+    explicit = ProbePool(mha, values, explicit=True).double()
+    explicit.load_state_dict({k: v for k, v in fused.state_dict().items() if not k.startswith("attn.")}, strict=False)
+    batches = [{"x": torch.randn(n, t, d, dtype=torch.float64), "attention_mask": random_mask(n, t)}
+               for n, t in [(3, 5), (4, 6)]]
+    with torch.no_grad():
+        assert rel_err(fused(**batches[0]), explicit(**batches[0])) < 1e-12
+    a = fit(fused, batches, exact=True, tokens=tokens)
+    b = fit(explicit, batches, exact=True, tokens=tokens)
+    assert set(a) == {"attn.in_proj", "attn.out_proj", "head"} == set(b)
+    for name in a:
+        assert rel_err(a[name].A, b[name].A) < EXACT, name
+        assert rel_err(a[name].B, b[name].B) < EXACT, name
+        assert a.meta["n_rows"][name] == b.meta["n_rows"][name]
+    B = a["attn.in_proj"].B
+    assert B[:d, :d].norm() > 0 and B[d:, d:].norm() > 0  # Q's rows from the probe's call, K's and V's from the tokens'
+    if tokens == "expand":  # EK-FAC and the diagonal sum the calls' gradients per example, as for any layer
+        ea, eb = (fit_ekfac(m, batches, exact=True, progress=False) for m in (fused, explicit))
+        da, db = (fit_diagonal(m, batches, exact=True, progress=False) for m in (fused, explicit))
+        for name in a:
+            assert rel_err(ea[name].S, eb[name].S) < 1e-4 and rel_err(da[name].D, db[name].D) < EXACT, name
+
+
+def test_cross_attention_keeps_the_outputs_and_a_decoder_layer_is_factored_whole():
+    """nn.TransformerDecoderLayer's cross-attention (query from the decoder, key = value = the memory): the replaced
+    forward gives the same outputs, with masks and need_weights, and every linear map gets factors."""
     class Decoder(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1009,8 +1080,17 @@ def test_cross_attention_is_refused_naming_the_way_around_it():
             return self.dec(x, x[:, :2]).mean(1)
     model = Decoder().double()
     x = torch.randn(3, 4, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"dec.multihead_attn.*this call passes different tensors \(cross-attention\): "
-                                         r"select the layers to fit without this attention's projections \(layers="):
-        fit(model, [x])
-    f = fit(model, [x], layers=["dec.self_attn*", "dec.linear*"])
-    assert set(f) == {"dec.self_attn.in_proj", "dec.self_attn.out_proj", "dec.linear1", "dec.linear2"}
+    f = fit(model, [x])
+    assert set(f) == {f"dec.{a}.{p}" for a in ("self_attn", "multihead_attn") for p in ("in_proj", "out_proj")} | {
+        "dec.linear1", "dec.linear2"}
+    mha, memory = model.dec.multihead_attn.eval(), torch.randn(3, 2, 8, dtype=torch.float64)
+    layers = {k.removeprefix("dec.multihead_attn."): v for k, v in find_layers(model, "dec.multihead_attn.*").items()}
+    masks = [dict(attn_mask=torch.randn(4, 2, dtype=torch.float64)),
+             dict(key_padding_mask=torch.tensor([[False, True]] * 3)),
+             dict(attn_mask=torch.randn(6, 4, 2, dtype=torch.float64), need_weights=True, average_attn_weights=False)]
+    for kw in masks:
+        ref = mha(x, memory, memory, **kw)
+        with Capture(layers, lambda *a: None):
+            out = mha(x, memory, memory, **kw)
+        assert rel_err(out[0], ref[0]) < 1e-12, kw
+        assert (out[1] is None) == (ref[1] is None) and (out[1] is None or rel_err(out[1], ref[1]) < 1e-12), kw

@@ -205,19 +205,6 @@ def test_a_one_example_batch_padded_to_the_length_of_a_shared_input_keeps_them_a
     assert together.meta["n_rows"] == one.meta["n_rows"]
 
 
-def test_a_second_call_on_the_examples_own_inputs_is_refused_by_ekfac():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.lin(self.lin(x))
-
-    with pytest.raises(ValueError, match="layer 'lin' runs more than once per forward on the examples' own inputs"):
-        fit_ekfac(Twice(), [torch.randn(3, 4)], progress=False)
-
-
 def test_learned_queries_the_batch_shares_count_once_per_example():
     """open_clip's attentional pooler (CoCa's vision tower) normalizes its learned queries (4, d) once per batch:
     A exactly, and the queries' LayerNorm block to the probes' noise, are the examples' fits one at a time."""

@@ -91,7 +91,7 @@ class Capture:
                 if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
                     attentions.setdefault(id(layer.attention), (layer.attention, None))
         for mha, in_proj in attentions.values():
-            self._patch(mha, "forward", _self_attention_forward(mha, in_proj, self))
+            self._patch(mha, "forward", _attention_forward(mha, in_proj, self))
         for group in self.dense.values():
             self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch, self.calls))
         return self
@@ -128,7 +128,8 @@ class Capture:
     def _conv_hook(self, layer):
         def hook(conv, inputs, output):
             x = inputs[0] if inputs[0].dim() == 4 else inputs[0].unsqueeze(0)
-            a = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
+            padding = 0 if conv.padding == "valid" else conv.padding
+            a = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride).transpose(1, 2)
             z = output if output.dim() == 4 else output.unsqueeze(0)
             z = self.tap(layer, a, z.flatten(2).transpose(1, 2))  # (N, L, d_out)
             return z.transpose(1, 2).reshape(output.shape)
@@ -257,37 +258,36 @@ def _additive_mask(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
-def _self_attention_forward(mha: nn.MultiheadAttention, layer: Layer | None, capture: Capture):
-    """``mha.forward`` for self-attention, with the fused input projection as a visible linear map
-    (tapped when ``layer``, its in_proj Layer, is given) and ``out_proj`` called as a module (so its
-    hooks run). Same outputs as the original."""
+def _attention_forward(mha: nn.MultiheadAttention, layer: Layer | None, capture: Capture):
+    """``mha.forward`` with the fused input projection as a visible linear map (tapped when ``layer``, its in_proj
+    Layer, is given) and ``out_proj`` called as a module (so its hooks run). Self-attention projects its one input
+    once: [Q | K | V] = x W_inᵀ + b_in. Attention over other tensors (a pooling probe as the query, cross-attention)
+    projects each distinct one of (query, key, value) in turn, a call of the layer each, and takes Q from the query's
+    projection, K from the key's, V from the value's: the rows it does not take get no gradient. Same outputs as
+    the original."""
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not (query is key and key is value):
-            what = layer.name if layer is not None else "nn.MultiheadAttention (out_proj)"
-            raise ValueError(f"{what}: Kronecker factors of nn.MultiheadAttention cover self-attention "
-                             "(query is key is value); this call passes different tensors (cross-attention): "
-                             "select the layers to fit without this attention's projections (layers=[patterns])")
-        x = query if mha.batch_first or query.dim() == 2 else query.transpose(0, 1)
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0)
-        n, t, d = x.shape
-        h = mha.num_heads
-        z = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-        if layer is not None:
-            z = capture.tap(layer, x, z)
-        q, k, v = (u.reshape(n, t, h, d // h).transpose(1, 2) for u in z.chunk(3, dim=-1))
+        unbatched = query.dim() == 2
+        projected = {}  # id(input) -> its projection (N, T, 3d), each distinct input projected once
+        for x in (query, key, value):
+            if id(x) not in projected:
+                a = x.unsqueeze(0) if unbatched else x if mha.batch_first else x.transpose(0, 1)
+                z = F.linear(a, mha.in_proj_weight, mha.in_proj_bias)
+                projected[id(x)] = z if layer is None else capture.tap(layer, a, z)
+        d, h = mha.embed_dim, mha.num_heads
+        q, k, v = (projected[id(x)][..., i * d:(i + 1) * d] for i, x in enumerate((query, key, value)))
+        (n, t, _), s = q.shape, k.shape[1]
+        q, k, v = (u.reshape(n, -1, h, d // h).transpose(1, 2) for u in (q, k, v))
         mask = _additive_mask(attn_mask, q.dtype)
         if mask is not None:
-            mask = mask.reshape(1, 1, t, t) if mask.dim() == 2 else mask.reshape(n, h, t, t)
+            mask = mask.reshape(1, 1, t, s) if mask.dim() == 2 else mask.reshape(n, h, t, s)
         kpm = _additive_mask(key_padding_mask, q.dtype)
         if kpm is not None:
-            kpm = kpm.reshape(n, 1, 1, t)
+            kpm = kpm.reshape(n, 1, 1, s)
             mask = kpm if mask is None else mask + kpm
         if is_causal and mask is None:
-            mask = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+            mask = torch.full((t, s), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         dropout = mha.dropout if mha.training else 0.0
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) / (d // h) ** 0.5

@@ -1,6 +1,6 @@
 """Exact GGN blocks of the small parameters (TAK Sec. E): each LayerNorm's (weight, bias), each RMSNorm's
-weight (T5's "layer norms") and open_clip's class token, whose sizes grow linearly with the width, get their
-dense GGN block instead of a Kronecker approximation.
+weight (T5's "layer norms"), the class token of CLIP's vision tower and SigLIP's pooling probe, whose sizes
+grow linearly with the width, get their dense GGN block instead of a Kronecker approximation.
 
 For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)ᵀ s, the block is
 G_p = 1/(N·M) Σ_{n,m} v vᵀ (Σ_c over unit probes when exact), from the same probes as the Kronecker
@@ -9,7 +9,11 @@ factors. Per-example gradients come from a tap on one tensor per group:
 - RMSNorm y = γ ⊙ x̂, x̂ = x (mean(x²) + ε)^(-1/2): the same, v = Σ_t dy ⊙ x̂. These are ``nn.RMSNorm`` and the
   Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
   whose statistics are taken in fp32 as theirs are.
-- class token c (concatenated as token 0 before ``ln_pre``): tap ln_pre's input x, and v = dx[:, 0].
+- class token c (concatenated as token 0): tap the tokens x it is in, and v = dx[:, 0]; x is ln_pre's input in
+  open_clip, the output of the embeddings (``class_embedding`` and ``patch_embedding``) in Hugging Face's CLIP.
+- attention pooling probe p (P, d), repeated per example as the query: tap that query q, and v = dq[n] flattened;
+  q is the query of the nn.MultiheadAttention ``attention`` beside ``probe`` (SigLIP's head in transformers), the
+  input of the projection ``q`` beside ``latent`` (timm's AttentionPoolLatent: open_clip's SigLIP towers).
 A block is stored like a layer with B = G_p and A = [[1]], so q(τ_p) = τ_pᵀ G_p τ_p is the same
 Kronecker quadratic form (τ_p flattened into a column).
 """
@@ -29,7 +33,7 @@ class DenseGroup:
     name: str
     module: nn.Module
     params: tuple[str, ...]
-    kind: str  # "layernorm" | "rmsnorm" | "class_token"
+    kind: str  # "layernorm" | "rmsnorm" | "class_token" | "probe" (module: the probe's consumer)
     size: int
 
 
@@ -60,7 +64,8 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
-    """Every affine LayerNorm and RMSNorm, and the class token of open_clip vision transformers."""
+    """Every affine LayerNorm and RMSNorm, the class token of open_clip's and Hugging Face's CLIP vision
+    transformers, and the probe of an attention pooling head (module docstring)."""
     groups, named = {}, parameter_names(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
@@ -70,9 +75,14 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
             groups[path] = DenseGroup(path, module, tuple(named.get(id(p), prefix + n) for n, p in own), kind,
                                       sum(p.numel() for _, p in own))
         token = getattr(module, "class_embedding", None)
-        if isinstance(token, nn.Parameter) and isinstance(getattr(module, "ln_pre", None), nn.Module):
+        if isinstance(token, nn.Parameter) and (hasattr(module, "ln_pre") or hasattr(module, "patch_embedding")):
             name = prefix + "class_embedding"
             groups[name] = DenseGroup(name, module, (named.get(id(token), name),), "class_token", token.numel())
+        for attr, consumer in (("probe", "attention"), ("latent", "q")):  # SigLIP's (transformers), timm's
+            probe, query = getattr(module, attr, None), getattr(module, consumer, None)
+            if isinstance(probe, nn.Parameter) and isinstance(query, (nn.MultiheadAttention, nn.Linear, nn.Identity)):
+                name = prefix + attr
+                groups[name] = DenseGroup(name, query, (named.get(id(probe), name),), "probe", probe.numel())
     return {n: g for n, g in groups.items() if n not in exclude}
 
 
@@ -108,6 +118,16 @@ def install(group: DenseGroup, tap, batch, calls):
             return tap(group, output, to_vectors, shared)
         return norm.register_forward_hook(hook)
 
-    def pre_hook(module, args):
-        return (tap(group, args[0], lambda dx: dx[:, 0]),) + tuple(args[1:])
-    return group.module.ln_pre.register_forward_pre_hook(pre_hook)
+    if group.kind == "probe":  # the probe expanded per example, as its module (``group.module``) takes it
+        key = "query" if isinstance(group.module, nn.MultiheadAttention) else "input"
+
+        def query_hook(module, args, kwargs):
+            if args:
+                return (tap(group, args[0], lambda dq: dq.flatten(1)),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, key: tap(group, kwargs[key], lambda dq: dq.flatten(1))}
+        return group.module.register_forward_pre_hook(query_hook, with_kwargs=True)
+    if hasattr(group.module, "ln_pre"):  # open_clip: the tokens ln_pre takes
+        def pre_hook(module, args):
+            return (tap(group, args[0], lambda dx: dx[:, 0]),) + tuple(args[1:])
+        return group.module.ln_pre.register_forward_pre_hook(pre_hook)
+    return group.module.register_forward_hook(lambda module, args, output: tap(group, output, lambda dz: dz[:, 0]))

@@ -5,9 +5,10 @@ corrected eigenvalues are
 
     S = 1/(N·M) Σ_{n,m} (U_Bᵀ G_{n,m} U_A)²      (elementwise square; S is d_out × d_in[+1])
 
-with the per-example pseudo-gradient of probe m, G_{n,m} = Σ_t g_{n,t} ã_{n,t}ᵀ over the real tokens
-(the example's gradient whatever ``tokens`` is: that convention shapes the KFAC factors, so the
-eigenbasis, and S corrects its eigenvalues to the true gradients' second moments, George et al. 2018);
+with the per-example pseudo-gradient of probe m, G_{n,m} = Σ_t g_{n,t} ã_{n,t}ᵀ over the real tokens of all the
+layer's calls in the forward (a layer applied twice, an attention's fused in_proj on a probe and on the tokens).
+G is the example's gradient whatever ``tokens`` is: that convention shapes the KFAC factors, so the
+eigenbasis, and S corrects its eigenvalues to the true gradients' second moments (George et al. 2018);
 M Monte-Carlo probes averaged, or the C unit probes summed (``exact``, 1/N). The layer's GGN block is
 ≈ (U_B ⊗ U_A) diag(vec S) (U_B ⊗ U_A)ᵀ, so q(τ) = Σ S ⊙ (U_Bᵀ τ U_A)²; with S = λ_B λ_Aᵀ this is KFAC's
 form. Linear layers get EK-FAC factors; the exact GGN blocks of the small parameters (LayerNorms,
@@ -107,19 +108,14 @@ class EigenAccumulator:
         self.n = torch.zeros((), dtype=torch.float64, device=device)
 
     def start(self, batch, layouts: dict) -> None:
-        self.batch, self.inputs = BatchTokens(batch, layouts), {}
+        self.batch, self.inputs, self.pending = BatchTokens(batch, layouts), {}, {}
 
     def on_input(self, layer: Layer, a: torch.Tensor, call: int = 0):
         """Stash U_Aᵀ ã of the layer's ``call``: (N, T, r_A) with padding tokens zeroed, or (N, r_A) (2-D input); for
         an input the batch shares (``tokens``), (1, T, r_A): its products with the batch's summed gradient count as
-        one more example's, their cross terms with the examples' own calls left out (as a one-example batch's further
-        calls)."""
+        one more example's, their cross terms with the examples' own calls left out."""
         calls = self.inputs.setdefault(layer.name, [])
         shared = self.batch.shared(layer.name, a, call)
-        if not shared and self.batch.n > 1 and any(not earlier for earlier, _ in calls):
-            raise ValueError(f"layer {layer.name!r} runs more than once per forward on the examples' own inputs; "
-                             "per-example gradients of its calls would need to be summed, which is not supported "
-                             "(leave it out with layers=)")
         a, mask = self.batch.view(a.detach(), layer.name, call)
         rows = a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
         self.rows[layer.name] += (self.batch.n if shared else 1) * rows
@@ -134,12 +130,25 @@ class EigenAccumulator:
 
     def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0, call: int = 0):
         """g: dz (N, [T,] d_out) of one cotangent of the layer's ``call``, or (samples, N, [T,] d_out) of a batch of
-        them; (1, T, d_out) each for a shared input."""
-        a, U_B = self.inputs[layer.name][call][1], self.bases[layer.name][0]
-        for gi in g.detach().unbind(0) if samples else [g.detach()]:
-            gi = self.batch.view(gi, layer.name, call)[0]
-            # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused
-            kk.squared_products_update_(self.S[layer.name], gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B, a)
+        them; (1, T, d_out) each for a shared input. The example's gradient G_n sums those of its own calls (a layer
+        applied twice, a probe attending over the tokens): Σ_calls g_nᵀ a_n, one product over their tokens joined,
+        once each call's g has come."""
+        calls, U_B = self.inputs[layer.name], self.bases[layer.name][0]
+        views = [self.batch.view(gi, layer.name, call)[0] for gi in (g.detach().unbind(0) if samples else [g.detach()])]
+        rotated = [gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B for gi in views]
+        own = [i for i, (shared, _) in enumerate(calls) if not shared]
+        if call not in own or len(own) == 1:
+            a, products = calls[call][1], rotated
+        else:
+            pending = self.pending.setdefault(layer.name, {})
+            pending[call] = rotated
+            if len(pending) < len(own):
+                return
+            tokens = lambda t: t if t.dim() == 3 else t.unsqueeze(1)  # noqa: E731  (N, r) -> (N, 1, r)
+            a = torch.cat([tokens(calls[i][1]) for i in own], 1)
+            products = [torch.cat([tokens(gi) for gi in parts], 1) for parts in zip(*(pending.pop(i) for i in own))]
+        for gi in products:  # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused
+            kk.squared_products_update_(self.S[layer.name], gi, a)
 
 
 def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=None, mc_samples: int = 1,

@@ -1,16 +1,16 @@
 """The linear maps of a model that get Kronecker factors.
 
 Every ``nn.Linear`` (including ``nn.MultiheadAttention.out_proj``); every ``nn.Conv2d`` (groups 1,
-numeric zero padding) as the linear map of its unfolded patches (Grosse & Martens 2016): W (d_out,
+numeric zero padding or "valid") as the linear map of its unfolded patches (Grosse & Martens 2016): W (d_out,
 C·kh·kw) the flattened kernel, the output positions its tokens; the output projection of open_clip's
 vision transformer, z = pooled @ ``proj`` (W = ``proj``ᵀ); and the fused q/k/v input
-projection of a self-attention ``nn.MultiheadAttention`` (open_clip's attention): z = x W_inᵀ + b_in
-with W_in = ``in_proj_weight`` (3d × d). The projection is treated as ONE linear layer named
-``<module>.in_proj``: its B (3d × 3d) keeps the cross-covariances of the q, k and v gradients.
+projection of an ``nn.MultiheadAttention`` (open_clip's attention): z = x W_inᵀ + b_in with W_in =
+``in_proj_weight`` (3d × d). The projection is treated as ONE linear layer named ``<module>.in_proj``: its
+B (3d × 3d) keeps the cross-covariances of the q, k and v gradients; attention over other inputs (a pooling
+probe, cross-attention) projects each distinct input as a call of that layer (``tak.curvature.capture``).
 ``nn.MultiheadAttention`` applies ``out_proj`` inside its functional forward, not as a module call, so
-both projections are seen through a replacement forward (``tak.curvature.capture``) that covers
-self-attention without bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules
-get neither (with a warning).
+both projections are seen through a replacement forward that covers attention without
+bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules get neither (with a warning).
 """
 import warnings
 from dataclasses import dataclass
@@ -78,10 +78,10 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             found[name] = Layer(name, module, param("proj"), None, module.proj.shape[1], module.proj.shape[0],
                                 layout="transposed")
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+            if module.groups != 1 or module.padding == "same" or module.padding_mode != "zeros":
                 warnings.warn(f"{path}: nn.Conv2d with groups={module.groups}, padding={module.padding!r}, "
                               f"padding_mode={module.padding_mode!r} gets no Kronecker factors (groups 1 and numeric "
-                              "zero padding only)", stacklevel=2)
+                              "zero padding or 'valid' only)", stacklevel=2)
                 continue
             found[path] = Layer(path, module, param("weight"), param("bias"), module.out_channels,
                                 module.weight[0].numel(), layout="conv")

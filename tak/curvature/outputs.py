@@ -91,6 +91,14 @@ def _mean_over_tokens(hidden, mask):
     return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
 
 
+def image_embedding(model: nn.Module, batch) -> torch.Tensor:
+    """A Hugging Face image model's embedding of a batch: ``image_embeds`` where its output has one (CLIP with a
+    projection), else ``pooler_output`` (N, D)."""
+    out = call(model, batch)
+    embeds = getattr(out, "image_embeds", None)
+    return out.pooler_output if embeds is None else embeds
+
+
 def default_output_fn(model: nn.Module):
     """``output_fn(model, batch) -> f`` for the kinds of model listed in the module docstring."""
     if callable(getattr(model, "encode_image", None)):
@@ -112,11 +120,7 @@ def default_output_fn(model: nn.Module):
             return out.decoder_hidden_states[-1][:, 0]
         return encoder_decoder
     if config is not None and getattr(model, "main_input_name", None) == "pixel_values":
-        def image(m, batch):
-            out = call(m, batch)
-            embeds = getattr(out, "image_embeds", None)
-            return out.pooler_output if embeds is None else embeds
-        return image
+        return image_embedding
     if config is not None:
         def encoder(m, batch):
             out = m(**batch, return_dict=True)
