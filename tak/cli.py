@@ -10,13 +10,22 @@
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help lines wrapped at spaces only, so names with hyphens (``hf-clip:<name-or-path>``) stay whole."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _parse_value(text: str, annotation):
@@ -126,22 +135,23 @@ def _alphas(text: str) -> list[float]:
 def main(argv=None) -> int:
     from .training.config import MATMUL_PRECISIONS
 
-    parser = argparse.ArgumentParser(prog="tak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="tak", description=__doc__.split("\n")[0], formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, formatter_class=_Formatter)
 
-    p = sub.add_parser("demo", help="the main job: train, merge and evaluate on MiniLM + embedded text tasks")
+    p = add_parser("demo", help="the main job: train, merge and evaluate on MiniLM + embedded text tasks")
     p.add_argument("--quick", action="store_true", help="the ≤ 3 minute profile (2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("tak-demo"),
                    help="folder of results.json, report.md, plots and the runs (default: tak-demo)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU when there is one)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
 
-    p = sub.add_parser("train", help="train one task vector (tak.train)",
+    p = add_parser("train", help="train one task vector (tak.train)",
                        description="Keys of TrainConfig as --key value (lists comma-separated); --config YAML "
                                    "sets defaults that the flags override.")
     _config_flags(p)
 
-    p = sub.add_parser("fit", help="fit a task's curvature factors into a file others train with (factor_files)",
+    p = add_parser("fit", help="fit a task's curvature factors into a file others train with (factor_files)",
                        description="The factors a tak / diag_ggn / delta run would fit on this task's data (or on a "
                                    "reference set), written to one file that is shared in place of the data: "
                                    "tak train --factor-files FILE,... Keys of TrainConfig as --key value.")
@@ -150,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the factor file (.safetensors)")
     _config_flags(p, _FIT_KEYS)
 
-    p = sub.add_parser("merge", help="merge task vectors into one (task arithmetic, TIES, TSV-M, Iso-C, Iso-CTS)")
+    p = add_parser("merge", help="merge task vectors into one (task arithmetic, TIES, TSV-M, Iso-C, Iso-CTS)")
     p.add_argument("task_vectors", nargs="+", type=Path, help="task vector files (.safetensors) of one base model")
     p.add_argument("--method", default="task_arithmetic", help="tak list merges (default: task_arithmetic)")
     p.add_argument("--k", type=float, default=None, help="TIES: fraction of entries kept per tensor (default: 0.2)")
@@ -159,7 +169,7 @@ def main(argv=None) -> int:
                    help="merge linear (linearized) and non-linear task vectors together")
     p.add_argument("--out", type=Path, required=True, help="the merged task vector's file")
 
-    p = sub.add_parser("eval", help="task addition / negation protocols and analyses of saved task vectors")
+    p = add_parser("eval", help="task addition / negation protocols and analyses of saved task vectors")
     p.add_argument("task_vectors", nargs="+", type=Path, help="task vector files (.safetensors) of one base model")
     p.add_argument("--protocol", choices=["addition", "negation"], default="addition",
                    help="addition: merged accuracy over α (default); negation: forget --target, keep --control")
@@ -182,11 +192,11 @@ def main(argv=None) -> int:
                         "'highest')")
     p.add_argument("--out", type=Path, required=True, help="folder of results.json and plots")
 
-    p = sub.add_parser("report", help="a markdown report (tables and plots) of demo / eval results")
+    p = add_parser("report", help="a markdown report (tables and plots) of demo / eval results")
     p.add_argument("results", nargs="+", type=Path, help="folders holding results.json")
     p.add_argument("--out", type=Path, required=True, help="folder of report.md and its images")
 
-    p = sub.add_parser("list", help="list the valid names")
+    p = add_parser("list", help="list the valid names")
     p.add_argument("what", choices=["methods", "tasks", "backbones", "merges"])
 
     args, unknown = parser.parse_known_args(argv)

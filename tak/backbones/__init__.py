@@ -11,6 +11,8 @@
   ``pair_format="premise: {premise} hypothesis: {hypothesis}"``, ``label_words``, ``dtype``, ``model_kwargs``.
 - ``"clip:<architecture>"``: an open_clip CLIP, ``pretrained`` = open_clip tag or checkpoint file
   (``clip.py``). Options: ``dtype``, ``model_kwargs`` (``max_length`` is ignored).
+- ``"hf-clip:<name-or-path>"``: a Hugging Face CLIPModel or SiglipModel (``hf_clip.py``), ``pretrained`` = hub
+  revision. Options: ``tokenizer``, ``image_processor``, ``dtype``, ``model_kwargs`` (``max_length`` is ignored).
 
 ``GenericBackbone`` wraps any ``nn.Module`` with heads of its own; ``register_backbone(name, factory,
 description)`` makes one (or any ``Backbone``) loadable by name, so that ``TrainConfig.backbone`` and
@@ -27,6 +29,7 @@ _BACKBONES = {
     "hf:<name-or-path>": "BERT-like Hugging Face encoder (AutoModel), mean-pooled; zero-shot text-embedding head",
     "t5:<name-or-path>": "Hugging Face T5ForConditionalGeneration; label-word head on the first decoder step",
     "clip:<architecture>": "open_clip CLIP image tower (pretrained=<tag>); zero-shot text-tower head",
+    "hf-clip:<name-or-path>": "Hugging Face CLIPModel or SiglipModel image tower; zero-shot text-tower head",
 }
 _REGISTERED: dict[str, tuple] = {}
 
@@ -80,6 +83,9 @@ def load_backbone(spec: str, *, pretrained: str | None = None, device=None, **op
     elif sep and prefix == "clip":
         from .clip import load_clip
         backbone = load_clip(spec, rest, pretrained=pretrained, **options)
+    elif sep and prefix == "hf-clip":
+        from .hf_clip import load_hf_clip
+        backbone = load_hf_clip(spec, rest, pretrained=pretrained, **options)
     else:
         valid = "; ".join(f"{k!r} ({v})" for k, v in list_backbones().items())
         raise ValueError(f"unknown backbone {spec!r}; valid: {valid}")

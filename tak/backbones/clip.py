@@ -1,4 +1,5 @@
-"""open_clip CLIP models as backbones: the image tower is fine-tuned, the text tower builds zero-shot heads.
+"""open_clip CLIP models as backbones: the image tower is fine-tuned, the text tower builds zero-shot heads
+(``ImageTextBackbone``, which ``hf_clip`` shares).
 
 - ``model``: ``clip.visual`` (an open_clip ``VisionTransformer`` for the ViT models, which
   ``tak.linearize`` / ``tak.models.to_dual`` convert), fine-tuned alone.
@@ -22,18 +23,17 @@ from torch import nn
 from .base import Backbone, Head, require
 
 
-class CLIPBackbone(Backbone):
-    """An open_clip CLIP model's image tower (``model``) with its eval preprocess and text tower; heads scale
-    their logits by ``logit_scale`` (default exp(clip.logit_scale))."""
+class ImageTextBackbone(Backbone):
+    """An image tower ``model``, fine-tuned alone, with its eval ``preprocess`` (PIL image -> (3, H, W)); the
+    image-text model it belongs to (``clip``, moving with ``to()``) embeds texts for the zero-shot heads, whose
+    logits are scaled by ``logit_scale``. Subclasses implement ``features`` and ``_embed_texts``."""
 
     modalities = ("image",)
 
-    def __init__(self, clip: nn.Module, preprocess, tokenizer, *, name: str, source: dict | None = None,
-                 logit_scale: float | None = None):
-        self.name, self.clip, self.model = name, clip, clip.visual
-        self.last_layer = "proj" if isinstance(getattr(clip.visual, "proj", None), nn.Parameter) else None
-        self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.logit_scale = float(clip.logit_scale.exp().item()) if logit_scale is None else float(logit_scale)
+    def __init__(self, clip: nn.Module, model: nn.Module, preprocess, *, name: str, logit_scale: float,
+                 source: dict | None = None, last_layer: str | None = None):
+        self.name, self.clip, self.model, self.preprocess = name, clip, model, preprocess
+        self.logit_scale, self.last_layer = float(logit_scale), last_layer
         self.source = source or {"spec": name}
 
     @property
@@ -46,9 +46,9 @@ class CLIPBackbone(Backbone):
         images = [x if isinstance(x, torch.Tensor) else self.preprocess(x) for x in examples]
         return torch.stack(images).to(self.dtype)
 
-    def features(self, model, batch) -> torch.Tensor:
-        out = model(batch)
-        return out[0] if isinstance(out, (tuple, list)) else out
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """The text tower's embeddings (N, D) of ``texts``."""
+        raise NotImplementedError
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm text embeddings (N, D) of the text tower in eval mode, no grad."""
@@ -59,8 +59,7 @@ class CLIPBackbone(Backbone):
         self.clip.eval()
         try:
             with torch.no_grad():
-                tokens = self.tokenizer(texts).to(self.device)
-                return F.normalize(self.clip.encode_text(tokens), dim=-1)
+                return F.normalize(self._embed_texts(texts), dim=-1)
         finally:
             self.clip.train(was_training)
 
@@ -72,13 +71,32 @@ class CLIPBackbone(Backbone):
         return Head(torch.stack(rows), normalize=True, scale=self.logit_scale)
 
     def release_text_tower(self) -> None:
-        """Drops the text tower (and the rest of the CLIP model except ``model``); heads built so far stay."""
+        """Drops the text tower (and the rest of the image-text model except ``model``); heads built so far stay."""
         self.clip = None
 
     def to(self, *args, **kwargs):
         if self.clip is not None:
-            self.clip.to(*args, **kwargs)  # model is clip.visual
+            self.clip.to(*args, **kwargs)  # model is (made of) its modules
         return super().to(*args, **kwargs)
+
+
+class CLIPBackbone(ImageTextBackbone):
+    """An open_clip CLIP model's image tower (``model`` = ``clip.visual``) with its eval preprocess and text tower;
+    heads scale their logits by ``logit_scale`` (default exp(clip.logit_scale))."""
+
+    def __init__(self, clip: nn.Module, preprocess, tokenizer, *, name: str, source: dict | None = None,
+                 logit_scale: float | None = None):
+        last_layer = "proj" if isinstance(getattr(clip.visual, "proj", None), nn.Parameter) else None
+        super().__init__(clip, clip.visual, preprocess, name=name, source=source, last_layer=last_layer,
+                         logit_scale=clip.logit_scale.exp().item() if logit_scale is None else logit_scale)
+        self.tokenizer = tokenizer
+
+    def features(self, model, batch) -> torch.Tensor:
+        out = model(batch)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.clip.encode_text(self.tokenizer(texts).to(self.device))
 
 
 def load_clip(spec: str, architecture: str, *, pretrained: str | None = None, dtype=None,

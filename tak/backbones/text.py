@@ -189,6 +189,8 @@ def load_hf_encoder(spec: str, name: str, *, pretrained: str | None = None, toke
                                        dtype=dtype, model_kwargs=model_kwargs)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"backbone spec {spec!r}: {type(model).__name__} is an encoder-decoder; use 't5:{name}'")
+    if hasattr(model.config, "vision_config"):
+        raise ValueError(f"backbone spec {spec!r}: {type(model).__name__} is an image-text model; use 'hf-clip:{name}'")
     return TextEncoderBackbone(model, tokenizer, name=spec, max_length=max_length, logit_scale=logit_scale,
                                source=source)
 

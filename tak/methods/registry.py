@@ -13,10 +13,12 @@ Sources of the defaults (stated per method in ``Method.source``):
 (TAK App. E and DELTA App. B, language task vectors: every method at lr 3e-4 and weight decay 0.01; KFAC β = 20,
 diagonal β = 0.1, DELTA β^T = β^S = 20 and γ = 0.01; the last layer's 0.1 is for the CLIP visual encoder only).
 ``hyperparameter_defaults(method, modalities, backbone)`` picks them by the trained task's modality and, for
-the KFAC methods on CLIP, by the vision transformer (β = 500 for ViT-B/16 and 2000 for ViT-L/14 architectures).
+the KFAC methods on CLIP, by the vision transformer (β = 500 for ViT-B/16 and 2000 for ViT-L/14 architectures;
+``clip_architecture`` reads it from the backbone spec).
 Weight decay acts on θ = θ0 + τ in both regimes, as in the papers' code, whose linearized model trains θ from θ0
 (``TrainConfig.decay_to``; "pretrained" decays τ instead).
 """
+import re
 from dataclasses import dataclass, field
 
 
@@ -86,15 +88,27 @@ METHODS = {m.name: m for m in [
 ]}
 
 
+def clip_architecture(backbone: str) -> str | None:
+    """The CLIP architecture a backbone spec names, as open_clip spells it: ``clip:<arch>``'s; for ``hf-clip:`` and
+    ``clip:hf-hub:`` models, the ViT size and patch in their names (``openai/clip-vit-base-patch16`` -> ViT-B-16,
+    ``laion/CLIP-ViT-L-14-laion2B-s32B-b82K`` -> ViT-L-14); None where the spec names none."""
+    prefix, _, rest = backbone.partition(":")
+    if prefix == "clip" and not rest.startswith(("local-dir:", "hf-hub:")):
+        return rest
+    match = re.search(r"vit-([bl])(?:ase|arge)?-(?:patch)?(\d+)", rest, re.IGNORECASE) if prefix in (
+        "clip", "hf-clip") else None
+    return None if match is None else f"ViT-{match[1].upper()}-{match[2]}"
+
+
 def hyperparameter_defaults(method: Method, modalities, backbone: str = "") -> dict:
     """The paper defaults of ``method`` for tasks of these input modalities (the trained task's): ``text_defaults``
     over ``defaults`` when any is text ("text", "text-pair"), else ``defaults``, with the KFAC penalty's β of
-    the CLIP architecture in ``backbone`` (a backbone spec, e.g. "clip:ViT-B-16")."""
+    the CLIP architecture in ``backbone`` (a backbone spec, e.g. "clip:ViT-B-16": ``clip_architecture``)."""
     if any(m.startswith("text") for m in modalities):
         return {**method.defaults, **method.text_defaults}
     defaults = dict(method.defaults)
-    if method.penalty == "kfac" and backbone.startswith("clip:"):
-        defaults["beta"] = _TAK_VIT_BETA.get(backbone.removeprefix("clip:"), defaults["beta"])
+    if method.penalty == "kfac":
+        defaults["beta"] = _TAK_VIT_BETA.get(clip_architecture(backbone), defaults["beta"])
     return defaults
 
 

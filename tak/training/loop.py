@@ -36,9 +36,8 @@ from ..curvature.distributed import is_distributed, is_main_rank, on_every_rank,
 from ..curvature.outputs import to_device
 from ..data import get_task
 from ..evaluation import accuracy
-from ..methods import (CurvaturePenalty, Objective, TauJpPenalty, get_method, hyperparameter_defaults, layer_weights,
-                       penalized_parameters,
-                       trainable_names)
+from ..methods import (CurvaturePenalty, Objective, TauJpPenalty, clip_architecture, get_method,
+                       hyperparameter_defaults, layer_weights, penalized_parameters, trainable_names)
 from ..io import write_text
 from ..task_vector import TaskVector
 from . import checkpoint
@@ -215,8 +214,9 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
     """The method's objective with its penalties (factors fitted or loaded from ``{out}/factors``)."""
     method = get_method(config.method)
     hp = hyperparameters(config, task)
-    if method.penalty == "kfac" and config.beta is None and config.backbone.startswith(("clip:local-dir:", "clip:hf-hub:")):
-        warnings.warn(f"backbone {config.backbone!r} names no open_clip architecture, so the KFAC penalty takes "
+    if method.penalty == "kfac" and config.beta is None and config.backbone.startswith(("clip:", "hf-clip:")) and \
+            clip_architecture(config.backbone) is None:
+        warnings.warn(f"backbone {config.backbone!r} names no CLIP architecture, so the KFAC penalty takes "
                       f"beta={hp['beta']:g} (TAK Sec. E.1's for ViT-B/32; 500 for ViT-B/16, 2000 for ViT-L/14): set "
                       "beta for this architecture", stacklevel=2)
     selection = config.trainable if config.trainable is not None else method.trainable
