@@ -4,8 +4,8 @@ fine-tuned, the text tower builds zero-shot heads (``ImageTextBackbone``, as for
 - ``model``: CLIP: a ``CLIPVisionModelWithProjection`` made of the CLIPModel's ``vision_model`` and
   ``visual_projection`` (the modules themselves, no copy); SigLIP: the SiglipModel's ``vision_model``, whose
   attention pooling head gives the embedding. Both have ``tak.linearize`` fast paths (``tak.models.hf_clip``).
-- ``inputs``: the model's image processor (``AutoImageProcessor``) on each image (PIL; a tensor is taken as
-  already processed), stacked (N, 3, H, W), in the model's dtype.
+- ``inputs``: the model's image processor (``AutoImageProcessor``) on each image (PIL, made RGB; a tensor is
+  taken as already processed), stacked (N, 3, H, W), in the model's dtype.
 - ``features``: the image embedding (N, D), unnormalized: ``image_embeds`` (CLIP) or ``pooler_output`` (SigLIP),
   as ``get_image_features`` gives it.
 - ``head``: zero-shot, the row of class c is ``normalize(mean_t normalize(text embedding(template_t(c))))``, texts
@@ -37,6 +37,8 @@ class HFCLIPBackbone(ImageTextBackbone):
         self.text_length = clip.config.text_config.max_position_embeddings
 
     def _processed(self, image) -> torch.Tensor:
+        """(3, H, W) of a PIL image made RGB first (as open_clip's preprocess does; not every processor does)."""
+        image = image.convert("RGB") if callable(getattr(image, "convert", None)) else image
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def features(self, model, batch) -> torch.Tensor:
@@ -80,7 +82,8 @@ def load_hf_clip(spec: str, name: str, *, pretrained: str | None = None, tokeniz
     models = tuple(getattr(transformers, m) for m in MODELS)
     if not isinstance(clip, models):
         raise ValueError(f"backbone spec {spec!r}: {type(clip).__name__} is not one of {', '.join(MODELS)} (an "
-                         "image-text model with a vision and a text tower); open_clip models load as 'clip:<arch>'")
+                         "image-text model with a vision and a text tower); open_clip models load as 'clip:<arch>' "
+                         "(SigLIP 2 too: 'clip:hf-hub:timm/ViT-B-16-SigLIP2')")
     if image_processor is None:
         revision = {"revision": pretrained} if pretrained is not None else {}
         image_processor = from_pretrained(transformers.AutoImageProcessor, source["path"], spec, **revision)
