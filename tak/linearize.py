@@ -86,6 +86,15 @@ class _Linearization(nn.Module):
             primals = iter(primals)
             self._kept.output = _primal_plus_tangent(list(leaves), spec, lambda: (next(primals).detach(), None))
 
+    def _check_arguments(self, kwargs: dict) -> None:
+        """Refuse ``labels`` of a Hugging Face model (one with a ``config``): it would compute its loss inside the
+        forward, which the linearization would linearize too: loss(θ0) + ∇loss·τ is not the loss of f_lin."""
+        if kwargs.get("labels") is not None and hasattr(self._base, "config"):
+            raise ValueError("tak.linearize: labels= makes a Hugging Face model compute its loss inside forward, so the "
+                             "linearized output's loss would be loss(θ0) + ∇loss·τ, linear in τ, not the loss of "
+                             "f_lin; call it without labels (T5: decoder_input_ids=model._shift_right(labels)) and "
+                             "take the loss of the output's logits")
+
     def base_parameters(self) -> dict[str, torch.Tensor]:
         """{model parameter name: θ0} for every parameter: the held tensors (detached), not copies."""
         return {name: p.detach() for name, p in self._base.named_parameters()}
@@ -151,6 +160,7 @@ class LinearizedModel(_Linearization):
         return ((name, self.tau.get_parameter(name)) for name in self._names)
 
     def forward(self, *args, **kwargs):
+        self._check_arguments(kwargs)
         updating = [n for n, m in self._batch_norms if m.training]
         if updating:
             raise ValueError(f"tak.linearize: BatchNorm {updating[:3]} in train mode would update its running "
@@ -222,6 +232,7 @@ class DualLinearizedModel(_Linearization):
         self.training = model.training  # the modules inside keep their own modes (θ0 copies them)
 
     def forward(self, *args, **kwargs):
+        self._check_arguments(kwargs)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in pytree.tree_leaves((args, kwargs))):
             raise ValueError("tak.linearize's fast path differentiates in τ only, and an input requires grad; "

@@ -514,3 +514,18 @@ def test_batch_norm_in_train_mode_is_refused_with_the_way_out():
         lin(x)
     lin.eval()
     assert rel_err(lin(x), model.eval()(x)) < 1e-12
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_labels_of_a_hugging_face_model_are_refused(fast):
+    """With labels a Hugging Face model computes its loss inside forward, which a linearization would linearize too:
+    refused on both paths, naming the way out (the decoder inputs from the labels, the loss of f_lin's logits)."""
+    model, inputs, _ = t5_case()
+    lin = tak.linearize(model, fast=fast)
+    args, kwargs = inputs()
+    labels = kwargs.pop("decoder_input_ids")
+    with pytest.raises(ValueError, match=r"labels= makes a Hugging Face model compute its loss inside forward.*"
+                                         r"decoder_input_ids=model._shift_right\(labels\)"):
+        lin(*args, labels=labels, **kwargs)
+    out = lin(*args, decoder_input_ids=model._shift_right(labels), **kwargs)
+    assert rel_err(out.logits, model(*args, labels=labels, **kwargs).logits) < 1e-6  # τ = 0: the model's logits
