@@ -252,18 +252,25 @@ def test_class_token_block_of_open_clip():
     assert {"ln_pre", "ln_post"} <= set(f)
 
 
-def test_class_token_block_of_hugging_face_clip():
-    """CLIPVisionEmbeddings puts class_embedding at token 0 of its output, which the block's tap sees."""
+@pytest.mark.parametrize("kind", ["clip", "vit", "dinov2"])
+def test_class_token_block_of_hugging_face_vision_transformers(kind):
+    """The embeddings of CLIP (class_embedding), ViT and DINOv2 (cls_token) put the class token at token 0 of their
+    output, which the block's tap sees."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPVisionConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=5)
-    model = transformers.CLIPVisionModelWithProjection(config).double().eval()
+    size = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    model, name, embeds = {
+        "clip": lambda: (transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+            intermediate_size=12, projection_dim=5, **size)), "vision_model.embeddings.class_embedding",
+            lambda m, x: m(pixel_values=x).image_embeds),
+        "vit": lambda: (transformers.ViTModel(transformers.ViTConfig(intermediate_size=12, **size)),
+                        "embeddings.cls_token", lambda m, x: m(pixel_values=x).pooler_output),
+        "dinov2": lambda: (transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **size)),
+                           "embeddings.cls_token", lambda m, x: m(pixel_values=x).pooler_output)}[kind]()
+    model = model.double().eval()
     with torch.no_grad():
-        model.vision_model.embeddings.class_embedding.normal_()
+        model.get_parameter(name).normal_()
     X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    embeds = lambda m, x: m(pixel_values=x).image_embeds  # noqa: E731
-    f = fit_kfac(model, [X], exact=True, progress=False)
-    name = "vision_model.embeddings.class_embedding"
+    f = fit_kfac(model, [X], exact=True, output_fn=embeds, progress=False)
     block = f[name]
     assert block.params == (name,)
     assert rel_err(block.B, exact_block(model, block.params, X, embeds)) < 1e-5

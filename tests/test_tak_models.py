@@ -67,9 +67,10 @@ def check(model, kwargs, keys=None, tol=TOL64, grads=True, trainable=None):
         us = [torch.randn_like(t) for t in outputs(dy_ref, keys)]
         sum((a * u).sum() for a, u in zip(outputs(dy, keys), us)).backward()
         sum((a * u).sum() for a, u in zip(outputs(dy_ref, keys), us)).backward()
-        scale = torch.cat([t.grad.flatten() for t in leaves.values()]).norm()  # some are 0, as grad of key biases
+        grad = lambda t: torch.zeros_like(t) if t.grad is None else t.grad  # noqa: E731  (unused: DINOv2's mask_token)
+        scale = torch.cat([grad(t).flatten() for t in leaves.values()]).norm()  # some are 0, as grad of key biases
         for name, tau in dual.named_taus().items():
-            assert (tau.grad - leaves[name].grad).norm() <= tol * scale, name
+            assert (grad(tau) - grad(leaves[name])).norm() <= tol * scale, name
         assert all(b.grad is None for b in dual.buffers())
     # primal: the source at θ0; merged: the source at θ0 + τ.
     with torch.no_grad():
@@ -209,6 +210,46 @@ def test_hugging_face_clip_models_vision_tower():
                                                                 text_config=config.text_config.to_dict()))
     check(siglip.vision_model.double().eval(), {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
           ["last_hidden_state", "pooler_output"])
+
+
+def tiny_hf_vit(kind="vit", **kw):
+    """A random ViTModel or Dinov2Model (21×21 images, 3×3 patches of 7), float64."""
+    if kind == "vit":
+        pooler = kw.pop("pooler", True)
+        config = transformers.ViTConfig(**(dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+                                                intermediate_size=30, image_size=21, patch_size=7) | kw))
+        return transformers.ViTModel(config, add_pooling_layer=pooler).double()
+    config = transformers.Dinov2Config(**(dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=2,
+                                               image_size=21, patch_size=7, layerscale_value=0.7) | kw))
+    return transformers.Dinov2Model(config).double()
+
+
+@pytest.mark.parametrize("kind, pooler", [("vit", True), ("vit", False), ("dinov2", None)],
+                         ids=["vit_pooler", "vit", "dinov2"])
+def test_hugging_face_vit_and_dinov2(kind, pooler):
+    """The hidden states and pooled output (ViT's pooler, DINOv2's class token) at the checkpoint's image size, and at
+    another one: DINOv2 resizes its position embeddings (bicubic in fp32, as the source: hence 1e-6), ViT where asked
+    (in float64); DINOv2's LayerScales and its mask token (never read) in the task vector."""
+    model = tiny_hf_vit(kind, **({} if pooler is None else {"pooler": pooler})).eval()
+    keys = ["last_hidden_state"] + (["pooler_output"] if pooler is not False else [])
+    dual = check(model, {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)}, keys)
+    other = {"pixel_values": torch.randn(2, 3, 28, 35, dtype=torch.float64)}
+    if kind == "vit":
+        check(model, {**other, "interpolate_pos_encoding": True}, keys)
+        with pytest.raises(ValueError, match=r"images of 21×21 only, got 28×35 \(interpolate_pos_encoding=True"):
+            dual(**other)
+    else:
+        check(model, other, keys, tol=1e-6)
+        assert {"encoder.layer.0.layer_scale1.lambda1", "embeddings.mask_token"} <= set(dual.task_vector())
+    with pytest.raises(NotImplementedError, match="bool_masked_pos"):
+        dual(**other, bool_masked_pos=torch.zeros(2, 20, dtype=torch.bool))
+
+
+def test_hugging_face_dinov2_refusals():
+    with pytest.raises(NotImplementedError, match=r"Dinov2Model: .*drop_path \(stochastic depth"):
+        to_dual(tiny_hf_vit("dinov2", drop_path_rate=0.1))
+    with pytest.raises(NotImplementedError, match=r"Dinov2Model: .*mlp \(Dinov2SwiGLUFFN, a SwiGLU"):
+        to_dual(tiny_hf_vit("dinov2", use_swiglu_ffn=True))
 
 
 def tiny_bert(pooler=True, act="gelu"):
@@ -568,6 +609,10 @@ def dropping_model(name):
                                    text_batch(41, token_types=False), ["last_hidden_state"]),
             "timm_vit": lambda: (unfused(tiny_timm_vit(pos_drop_rate=0.25, attn_drop_rate=0.2, proj_drop_rate=0.3)),
                                  {"x": torch.randn(2, 3, 20, 15, dtype=torch.float64)}, None),
+            "hf_vit": lambda: (tiny_hf_vit(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2,
+                                           attn_implementation="eager"),
+                               {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
+                               ["last_hidden_state", "pooler_output"]),
             "hf_clip": lambda: (tiny_hf_clip(attention_dropout=0.2, attn_implementation="eager"),
                                 {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
                                 ["last_hidden_state", "pooler_output"]),
@@ -579,7 +624,7 @@ def dropping_model(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "timm_vit", "hf_clip",
-                                  "modernbert", "t5"])
+                                  "hf_vit", "modernbert", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -591,7 +636,7 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     drawn = [m.numel() for m in replayed_dropout.masks]  # sizes: transformers 4.47's CLIP drops out (B·H, L, L) views
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
-                          "timm_vit": 1 + 2 * 4, "hf_clip": 2, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "timm_vit": 1 + 2 * 4, "hf_clip": 2, "hf_vit": 1 + 2 * 3, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.numel() for m in replayed_dropout.masks] == drawn

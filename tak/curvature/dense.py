@@ -1,5 +1,5 @@
 """Exact GGN blocks of the small parameters (TAK Sec. E): each LayerNorm's (weight, bias), each RMSNorm's
-weight (T5's "layer norms"), the class token of CLIP's vision tower and SigLIP's pooling probe, whose sizes
+weight (T5's "layer norms"), the class token of a vision transformer and SigLIP's pooling probe, whose sizes
 grow linearly with the width, get their dense GGN block instead of a Kronecker approximation.
 
 For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)ᵀ s, the block is
@@ -10,7 +10,8 @@ factors. Per-example gradients come from a tap on one tensor per group:
   Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
   whose statistics are taken in fp32 as theirs are.
 - class token c (concatenated as token 0): tap the tokens x it is in, and v = dx[:, 0]; x is ln_pre's input in
-  open_clip, the output of the embeddings (``class_embedding`` and ``patch_embedding``) in Hugging Face's CLIP.
+  open_clip, the output of the embeddings in Hugging Face's CLIP (``class_embedding``), ViT and DINOv2
+  (``cls_token``).
 - attention pooling probe p (P, d), repeated per example as the query: tap that query q, and v = dq[n] flattened;
   q is the query of the nn.MultiheadAttention ``attention`` beside ``probe`` (SigLIP's head in transformers), the
   input of the projection ``q`` beside ``latent`` (timm's AttentionPoolLatent: open_clip's SigLIP towers).
@@ -63,9 +64,13 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + module.variance_epsilon)
 
 
+# A class token's module: open_clip's tower (ln_pre takes the tokens) or an embeddings module whose output they are.
+_TOKEN_HOLDERS = {"class_embedding": ("ln_pre", "patch_embedding"), "cls_token": ("patch_embeddings",)}
+
+
 def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
-    """Every affine LayerNorm and RMSNorm, the class token of open_clip's and Hugging Face's CLIP vision
-    transformers, and the probe of an attention pooling head (module docstring)."""
+    """Every affine LayerNorm and RMSNorm, the class token of open_clip's and Hugging Face's vision transformers
+    (CLIP, ViT, DINOv2), and the probe of an attention pooling head (module docstring)."""
     groups, named = {}, parameter_names(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
@@ -74,10 +79,11 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
                    if p is not None]
             groups[path] = DenseGroup(path, module, tuple(named.get(id(p), prefix + n) for n, p in own), kind,
                                       sum(p.numel() for _, p in own))
-        token = getattr(module, "class_embedding", None)
-        if isinstance(token, nn.Parameter) and (hasattr(module, "ln_pre") or hasattr(module, "patch_embedding")):
-            name = prefix + "class_embedding"
-            groups[name] = DenseGroup(name, module, (named.get(id(token), name),), "class_token", token.numel())
+        for attr in ("class_embedding", "cls_token"):  # open_clip's and HF CLIP's; HF ViT's and DINOv2's
+            token = getattr(module, attr, None)
+            if isinstance(token, nn.Parameter) and any(hasattr(module, a) for a in _TOKEN_HOLDERS[attr]):
+                name = prefix + attr
+                groups[name] = DenseGroup(name, module, (named.get(id(token), name),), "class_token", token.numel())
         for attr, consumer in (("probe", "attention"), ("latent", "q")):  # SigLIP's (transformers), timm's
             probe, query = getattr(module, attr, None), getattr(module, consumer, None)
             if isinstance(probe, nn.Parameter) and isinstance(query, (nn.MultiheadAttention, nn.Linear, nn.Identity)):

@@ -115,13 +115,15 @@ class Builder:
         return self.record(DualParameter(p), value=p)
 
     def layer_scale(self, m: nn.Module) -> DualLayerScale | None:
-        """The dual of a LayerScale ``m`` (open_clip's or timm's: x ⊙ gamma); None for an ``nn.Identity``."""
+        """The dual of a LayerScale ``m`` (open_clip's or timm's x ⊙ gamma, DINOv2's x ⊙ lambda1); None for an
+        ``nn.Identity``."""
         if isinstance(m, nn.Identity):
             return None
-        if not isinstance(getattr(m, "gamma", None), nn.Parameter):
+        gamma = getattr(m, "gamma", getattr(m, "lambda1", None))
+        if not isinstance(gamma, nn.Parameter):
             raise NotImplementedError(f"{type(m).__module__}.{type(m).__qualname__} where a LayerScale (x ⊙ gamma) "
                                       "or nn.Identity is expected has no dual layer")
-        return self.record(DualLayerScale(m.gamma), gamma=m.gamma)
+        return self.record(DualLayerScale(gamma), gamma=gamma)
 
     def dropout(self, m: nn.Module) -> DualDropout:
         """The dual of an ``nn.Dropout`` ``m``, in ``m``'s train/eval mode."""

@@ -66,12 +66,15 @@ class DualResidualAttentionBlock(nn.Module):
 
 class PatchTokens:
     """For a dual model with ``patch_embed`` and the θ0 ``class_embedding`` (d,) and ``positional_embedding``
-    (1 + N, d): the tokens of images."""
+    (1 + N, d) (or (1, 1, d) and (1, 1 + N, d)): the tokens of images."""
 
-    def embed(self, images):
-        """Tokens (B, 1 + N, d): [class; patches] + positional embedding, and their tangent."""
+    def embed(self, images, positions=None):
+        """Tokens (B, 1 + N, d): [class; patches] + positional embedding (through ``positions``, a linear map of it,
+        where given: resized to the image's patch grid), and their tangent."""
         t, dt = self.patch_embed(images)
         (c, dc), (pos, dpos) = self.dual("class_embedding"), self.dual("positional_embedding")
+        if positions is not None:
+            pos, dpos = positions(pos), apply(positions, dpos)
         B, N, d = t.shape
         x = torch.cat([c.to(t.dtype).expand(B, 1, d), t], 1) + pos.to(t.dtype)
         dx = None
