@@ -9,6 +9,7 @@ each name to f as plain PyTorch:
     gelu_tanh   f = ½x(1 + tanh u),          u = √(2/π)(x + 0.044715 x³)
     quick_gelu  f = x σ(1.702 x)             (CLIP),  f' = σ + 1.702 x σ(1 − σ)
     relu        f = max(x, 0),               f' = [x > 0]
+    silu        f = x σ(x)                   (SwiGLU: Llama, Qwen, Mistral),  f' = σ + x σ(1 − σ)
     tanh        f = tanh x,                  f' = 1 − f²
 """
 import functools
@@ -25,6 +26,7 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
+    "silu": F.silu,
     "tanh": torch.tanh,
 }
 
@@ -65,6 +67,8 @@ def _torch_slope_times(t, x, kind):
         return torch.ops.aten.silu_backward(t, 1.702 * x)
     if kind == "relu":
         return torch.ops.aten.threshold_backward(t, x, 0)
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(t, x)
     return 4 * torch.sigmoid(2 * x) * torch.sigmoid(-2 * x) * t
 
 
@@ -110,7 +114,7 @@ class _DualActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gdy):
         # The reference backward is PyTorch ops, which autograd differentiates again (create_graph; except
-        # quick_gelu's silu_backward, which raises); the kernels' is not: there, a second derivative raises.
+        # silu's and quick_gelu's silu_backward, which raises); the kernels' is not: there, a second derivative raises.
         return (_backward if ctx.backend == "torch" else _backward_once)(ctx, gy, gdy)
 
 

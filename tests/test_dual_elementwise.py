@@ -190,6 +190,7 @@ DEFINITIONS = {
     "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3))),
     "quick_gelu": lambda x: x / (1 + torch.exp(-1.702 * x)),
     "relu": lambda x: torch.where(x > 0, x, 0.0),
+    "silu": lambda x: x / (1 + torch.exp(-x)),
     "tanh": torch.tanh,
 }
 
@@ -263,7 +264,7 @@ def test_activation_tangent_in_another_dtype(backend):
 
 def test_activation_bad_inputs():
     x, dx = rand(3, 5), rand(3, 5)
-    with pytest.raises(ValueError, match="unknown kind 'swish'.*gelu, gelu_tanh, quick_gelu, relu, tanh"):
+    with pytest.raises(ValueError, match="unknown kind 'swish'.*gelu, gelu_tanh, quick_gelu, relu, silu, tanh"):
         kk.dual_activation(x, dx, "swish")
     with pytest.raises(ValueError, match=r"dx must have the shape of x, got dx \(5, 3\)"):
         kk.dual_activation(x, dx.T, "gelu")

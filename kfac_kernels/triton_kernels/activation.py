@@ -36,6 +36,9 @@ def _value_and_slope(x, KIND: tl.constexpr):
         return x * s, s + 1.702 * x * s * tl.sigmoid(-1.702 * x)
     elif KIND == "relu":
         return tl.where(x <= 0.0, 0.0, x), tl.where(x <= 0.0, 0.0, 1.0)  # NaN: y NaN, slope 1 (as torch)
+    elif KIND == "silu":
+        s = tl.sigmoid(x)
+        return x * s, s + x * s * tl.sigmoid(-x)
     else:  # tanh
         return _tanh(x), 4.0 * tl.sigmoid(2.0 * x) * tl.sigmoid(-2.0 * x)
 

@@ -14,12 +14,13 @@ from ..nn.base import apply
 
 # Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer, as DualActivation kinds.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
-                "relu": "relu", "tanh": "tanh"}
+                "relu": "relu", "silu": "silu", "swish": "silu", "tanh": "tanh"}
 
 
 # Activation modules by class name (torch's; open_clip's and timm's QuickGELU x·σ(1.702 x); timm's GELU, GELUTanh), as
 # names of the above.
-_MODULES = {"ReLU": "relu", "Tanh": "tanh", "QuickGELU": "quick_gelu", "GELU": "gelu", "GELUTanh": "gelu_pytorch_tanh"}
+_MODULES = {"ReLU": "relu", "Tanh": "tanh", "QuickGELU": "quick_gelu", "GELU": "gelu", "GELUTanh": "gelu_pytorch_tanh",
+            "SiLU": "silu"}
 
 
 def activation(act: str | nn.Module, where: str) -> DualActivation:
@@ -29,7 +30,8 @@ def activation(act: str | nn.Module, where: str) -> DualActivation:
     name = act if isinstance(act, str) else _MODULES.get(type(act).__name__)
     if name not in _ACTIVATIONS:
         raise NotImplementedError(f"{where}: activation {act!r} has no dual layer; supported: nn.GELU, nn.ReLU, "
-                                  f"nn.Tanh, QuickGELU, timm's GELU and GELUTanh, and the names {sorted(_ACTIVATIONS)}")
+                                  "nn.SiLU, nn.Tanh, QuickGELU, timm's GELU and GELUTanh, and the names "
+                                  f"{sorted(_ACTIVATIONS)}")
     return DualActivation(_ACTIVATIONS[name])
 
 
