@@ -161,6 +161,15 @@ def dinov2_case():
     return model, images(14), lambda out: (out.pooler_output, out.last_hidden_state)
 
 
+def llama_case():
+    import transformers
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      attn_implementation="sdpa", use_cache=False)
+    model = transformers.LlamaForCausalLM(config).to(F64).eval()
+    return model, padded_text(), lambda out: (out.logits,)
+
+
 def deberta_v1_case():
     import transformers
     config = transformers.DebertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -199,7 +208,7 @@ def modernbert_case():
 
 
 CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
-         "hf_siglip": hf_siglip_case, "dinov2": dinov2_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+         "hf_siglip": hf_siglip_case, "dinov2": dinov2_case, "llama": llama_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 

