@@ -147,14 +147,14 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
 
     p = add_parser("train", help="train one task vector (tak.train)",
-                       description="Keys of TrainConfig as --key value (lists comma-separated); --config YAML "
-                                   "sets defaults that the flags override.")
+                   description="Keys of TrainConfig as --key value (lists comma-separated); --config YAML "
+                               "sets defaults that the flags override.")
     _config_flags(p)
 
     p = add_parser("fit", help="fit a task's curvature factors into a file others train with (factor_files)",
-                       description="The factors a tak / diag_ggn / delta run would fit on this task's data (or on a "
-                                   "reference set), written to one file that is shared in place of the data: "
-                                   "tak train --factor-files FILE,... Keys of TrainConfig as --key value.")
+                   description="The factors a tak / diag_ggn / delta run would fit on this task's data (or on a "
+                               "reference set), written to one file that is shared in place of the data: "
+                               "tak train --factor-files FILE,... Keys of TrainConfig as --key value.")
     p.add_argument("--kind", choices=["kfac", "ekfac", "diagonal"], default="kfac",
                    help="kfac (tak, attn_only_tak), diagonal (diag_ggn) or ekfac (delta) (default: kfac)")
     p.add_argument("--out", required=True, help="the factor file (.safetensors)")
