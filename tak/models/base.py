@@ -56,6 +56,22 @@ def padding_mask(owner: str, name: str, attention_mask):
     return attention_mask.bool()[:, None, None, :]
 
 
+def rotary_angles(inv_freq: torch.Tensor, scaling: float, position_ids: torch.Tensor, dtype: torch.dtype):
+    """(cos θ, sin θ) (B or 1, L, D) in ``dtype`` of a rotary embedding, θ = [p · inv_freq | p · inv_freq] for the
+    positions p, from fp32 and times the rope's attention ``scaling``, as transformers computes them."""
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    theta = torch.cat((freqs, freqs), -1)
+    return (theta.cos() * scaling).to(dtype), (theta.sin() * scaling).to(dtype)
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acc: torch.dtype | None = None) -> torch.Tensor:
+    """t cos θ + rotate_half(t) sin θ for t (B, H, L, D) and cos, sin (B or 1, L, D), computed in ``acc`` (None: t's
+    dtype) and returned in t's. Linear in t: a tangent turns the same way."""
+    a = t if acc is None else t.to(acc)
+    half = a.shape[-1] // 2
+    return (a * cos[:, None] + torch.cat((-a[..., half:], a[..., :half]), -1) * sin[:, None]).to(t.dtype)
+
+
 def position_bias(table: DualEmbedding, buckets: torch.Tensor):
     """A relative position bias (1, H, Lq, Lk), the rows of ``table`` (buckets, H) at ``buckets`` (Lq, Lk) with heads
     first, and its tangent."""

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..nn import linear
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import add, apply, chain
-from .base import Builder, DualModel, activation, hf_options, padding_mask
+from .base import Builder, DualModel, activation, hf_options, padding_mask, rotary_angles, rotate
 
 _OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
             "use_cache": (None, False), "past_key_values": (None,), "cache": (None,), "cache_position": (None,),
@@ -31,12 +31,6 @@ _OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "ou
 
 def _rms_norm(b: Builder, m: nn.Module):
     return b.rms_norm(m.weight, m.variance_epsilon)
-
-
-def _rotate(t, cos, sin):
-    """t cos + rotate_half(t) sin for t (B, H, L, D), cos and sin (B or 1, L, D) in t's dtype, as the source."""
-    half = t.shape[-1] // 2
-    return t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, None]
 
 
 class DualDecoderLayer(nn.Module):
@@ -61,12 +55,12 @@ class DualDecoderLayer(nn.Module):
         B, L, _ = x.shape
         groups = self.heads // self.kv_heads
 
-        def prepared(pair, n, norm, rotate):  # (B, L, n·D) -> (B, H, L, D): normed, rotated, shared by groups
+        def prepared(pair, n, norm, turned):  # (B, L, n·D) -> (B, H, L, D): normed, rotated, shared by groups
             t, dt = pair
             split = lambda u: u.view(B, L, n, self.head_dim).transpose(1, 2)  # noqa: E731
             t, dt = chain((split(t), apply(split, dt)), norm)
-            if rotate:
-                t, dt = _rotate(t, cos, sin), apply(lambda u: _rotate(u, cos, sin), dt)
+            if turned:
+                t, dt = rotate(t, cos, sin), apply(lambda u: rotate(u, cos, sin), dt)
             if n != self.heads:
                 t, dt = t.repeat_interleave(groups, 1), apply(lambda u: u.repeat_interleave(groups, 1), dt)
             return t, dt
@@ -115,12 +109,6 @@ class DualLlamaModel(DualModel):
         self.lm_head = None if head is None or head.weight is core.embed_tokens.weight else b.linear(head)
         self.bind(b, model, trainable)
 
-    def angles(self, position_ids, dtype):
-        """(cos θ, sin θ) (B or 1, L, D) in ``dtype``, from fp32 as the source computes them."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
-        theta = torch.cat((freqs, freqs), -1)
-        return (theta.cos() * self.rope_scaling).to(dtype), (theta.sin() * self.rope_scaling).to(dtype)
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **options):
         hf_options(self.owner, options, _OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
@@ -135,7 +123,7 @@ class DualLlamaModel(DualModel):
             mask = mask & padding_mask(self.owner, "attention_mask", attention_mask)
         if position_ids is None:
             position_ids = torch.arange(L, device=x.device)[None]
-        cos, sin = self.angles(position_ids, x.dtype)
+        cos, sin = rotary_angles(self.inv_freq, self.rope_scaling, position_ids, x.dtype)
         for layer in self.layers:
             x, dx = layer(x, dx, mask=mask, cos=cos, sin=sin)
         x, dx = self.norm(x, dx)

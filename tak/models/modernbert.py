@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..nn import DualAttention, DualDropout
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import add, apply
-from .base import Builder, DualModel, activation, hf_options, padding_mask
+from .base import Builder, DualModel, activation, hf_options, padding_mask, rotary_angles, rotate
 from .bert import HF_OPTIONS
 
 
@@ -50,14 +50,6 @@ def _is_local(layer: nn.Module) -> bool:
     return layer.attn.local_attention[0] >= 0
 
 
-def _rotate(t, cos, sin):
-    """t cos + rotate_half(t) sin for t (B, H, L, D), cos and sin (B or 1, L, D); in fp32 for 16-bit t."""
-    acc = torch.promote_types(t.dtype, torch.float32)
-    a = t.to(acc)
-    half = a.shape[-1] // 2
-    return (a * cos[:, None] + torch.cat((-a[..., half:], a[..., :half]), -1) * sin[:, None]).to(t.dtype)
-
-
 class DualRotaryAttention(DualAttention):
     """ModernBertAttention: forward(x (B, L, d), dx, *, mask, cos, sin) with rotary Q and K (module docstring); its
     ``inv_freq`` is the source's buffer, and ``rope_scaling`` its attention_scaling."""
@@ -70,14 +62,12 @@ class DualRotaryAttention(DualAttention):
         self.rope_scaling = scaling
 
     def angles(self, position_ids, dtype):
-        """(cos θ, sin θ) (B or 1, L, D) in ``dtype``, θ = [p · inv_freq | p · inv_freq] from fp32 as the source."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
-        theta = torch.cat((freqs, freqs), -1)
-        return (theta.cos() * self.rope_scaling).to(dtype), (theta.sin() * self.rope_scaling).to(dtype)
+        """(cos θ, sin θ) (B or 1, L, D) in ``dtype`` (``rotary_angles``)."""
+        return rotary_angles(self.inv_freq, self.rope_scaling, position_ids, dtype)
 
     def forward(self, x, dx=None, *, mask=None, cos=None, sin=None):
         (q, k, v), (dq, dk, dv) = self.project(x, dx, None, None)
-        turn = lambda t: _rotate(t, cos, sin)  # noqa: E731
+        turn = lambda t: rotate(t, cos, sin, torch.promote_types(t.dtype, torch.float32))  # noqa: E731  (16-bit: fp32)
         o, do = dual_attention(turn(q), turn(k), v, apply(turn, dq), apply(turn, dk), dv, mask, scale=self.scale,
                                dropout=self.dropout if self.training else 0.0)
         return self.out(merge_heads(o), apply(merge_heads, do))
