@@ -18,7 +18,7 @@ from torch import nn
 from ..curvature.outputs import call
 from .base import Head
 from .prompted import PromptedBackbone
-from .text import DEFAULT_MAX_LENGTH, hidden_states, load_hf, split_examples
+from .text import DEFAULT_MAX_LENGTH, hidden_states, load_hf
 
 DEFAULT_TEXT_FORMAT = "{text}\nAnswer:"
 DEFAULT_PAIR_FORMAT = "{premise}\nQuestion: {hypothesis}\nAnswer:"
@@ -42,9 +42,7 @@ class CausalLMBackbone(PromptedBackbone):
         self.head_weight = head_weight
 
     def inputs(self, examples: list) -> dict:
-        split_examples(examples, self.name)  # all str or all pairs
-        enc = self.tokenizer([self.fitted(x) for x in examples], padding=True, truncation=True,
-                             max_length=self.max_length, padding_side="right", return_tensors="pt")
+        enc = self.encoded(examples, padding_side="right")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def features(self, model, batch) -> torch.Tensor:

@@ -59,6 +59,12 @@ class PromptedBackbone(Backbone):
             text = self.format(rebuilt(self.tokenizer.decode(kept)))
         return text
 
+    def encoded(self, examples: list, **options) -> dict:
+        """The tokenizer's padded, truncated tensors of the examples' fitted prompts (``options`` go to it)."""
+        split_examples(examples, self.name)  # all str or all pairs
+        return self.tokenizer([self.fitted(x) for x in examples], padding=True, truncation=True,
+                              max_length=self.max_length, return_tensors="pt", **options)
+
     def label_tokens(self, task) -> list[int]:
         """The token id of each class's label word (its first token; module docstring)."""
         ids = []

@@ -28,7 +28,7 @@ from ..curvature.outputs import call
 from ..models.t5 import decoder_output_scale
 from .base import Head
 from .prompted import PromptedBackbone
-from .text import DEFAULT_MAX_LENGTH, load_hf, split_examples
+from .text import DEFAULT_MAX_LENGTH, load_hf
 
 DEFAULT_PAIR_FORMAT = "premise: {premise} hypothesis: {hypothesis}"
 DEFAULT_TEXT_FORMAT = "{text}"
@@ -48,9 +48,7 @@ class T5Backbone(PromptedBackbone):
                          pair_format=pair_format, label_words=label_words, source=source)
 
     def inputs(self, examples: list) -> dict:
-        split_examples(examples, self.name)  # all str or all pairs
-        enc = self.tokenizer([self.fitted(x) for x in examples], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.encoded(examples)
         ids = enc["input_ids"]
         start = torch.full((ids.shape[0], 1), self.model.config.decoder_start_token_id, dtype=ids.dtype)
         return {"input_ids": ids, "attention_mask": enc["attention_mask"], "decoder_input_ids": start}

@@ -93,7 +93,7 @@ class DualHFViTModel(DualModel, PatchTokens):
         self.norm = b.layer_norm(model.layernorm)
         pooler = getattr(model, "pooler", None)
         self.pooler = None if pooler is None else nn.ModuleList(
-            [b.linear(pooler.dense), activation(getattr(config, "pooler_act", pooler.activation), "pooler")])
+            [b.linear(pooler.dense), activation(pooler.activation, "pooler")])
         self.bind(b, model, trainable)
 
     def forward(self, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=None, **options):
