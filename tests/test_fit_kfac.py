@@ -601,8 +601,9 @@ def test_model_state_untouched():
 
 
 def test_frozen_model_and_unreached_layers():
-    """Frozen parameters (fine-tuning a copy) change nothing; a selected layer f does not depend on
-    gets zero B (its Gramian block is zero)."""
+    """Frozen parameters (fine-tuning a copy) change nothing; a selected layer f does not depend on gets no
+    factors (its Gramian block is zero: factors of zeros would count it as penalized) and is named in
+    meta["off_path"]; selecting such layers alone is refused."""
 
     class M(nn.Module):
         def __init__(self):
@@ -610,6 +611,7 @@ def test_frozen_model_and_unreached_layers():
             self.a, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
 
         def forward(self, x):
+            self.unused(x)  # computed, as T5's LM head is, but not on the output's path
             return self.a(x)
 
     model = M().double()
@@ -618,15 +620,25 @@ def test_frozen_model_and_unreached_layers():
     model.requires_grad_(False)
     for kw in [dict(exact=True), dict(mc_samples=1), dict(mc_samples=3)]:
         f = fit(model, batches, **kw)
-        assert torch.count_nonzero(f["unused"].B) == 0 and f.meta["n_rows"]["unused"] == 0
-        g = fit(model, batches, layers="unused", **kw)
-        assert torch.count_nonzero(g["unused"].B) == 0
+        assert list(f) == ["a"] and f.meta["off_path"] == ["unused"] and list(f.meta["layers"]) == ["a"]
+        assert list(f.meta["n_rows"]) == ["a"]
+        with pytest.raises(ValueError, match="depends on none of the 1 selected layers"):
+            fit(model, batches, layers="unused", **kw)
     f = fit(model, batches, exact=True)
     assert torch.equal(f["a"].B, ref["a"].B) and torch.equal(f["a"].A, ref["a"].A)
     assert all(p.grad is None for p in model.parameters())
     model.requires_grad_(True)  # f requires grad, yet reaches no selected layer: no tap in the backward
     for kw in [dict(exact=True), dict(mc_samples=1), dict(mc_samples=3)]:
-        assert torch.count_nonzero(fit(model, batches, layers="unused", **kw)["unused"].B) == 0
+        with pytest.raises(ValueError, match="depends on none"):
+            fit(model, batches, layers="unused", **kw)
+    from tak.curvature import fit_diagonal, fit_ekfac
+    e, d = fit_ekfac(model, batches, exact=True, progress=False), fit_diagonal(model, batches, exact=True, progress=False)
+    assert list(e) == list(d) == ["a"] and e.meta["off_path"] == d.meta["off_path"] == ["unused"]
+    both = fit(model, batches, exact=True, output_fn=lambda m, x: torch.cat([m.a(x), m.unused(x)], 1))
+    e = fit_ekfac(model, batches, kfac=both, exact=True, progress=False)  # a basis for a layer f does not reach
+    assert list(e) == ["a"] and e.meta["off_path"] == ["unused"]
+    with pytest.raises(ValueError, match="fit_diagonal: the output depends on none"):
+        fit_diagonal(model, batches, layers="unused", progress=False)
 
 
 def test_bad_input():
@@ -717,13 +729,13 @@ def test_open_clip_vit():
     assert list(vision)[-1] == "visual.proj"  # the tower's last layer, applied after its modules
     assert f["visual.transformer.resblocks.0.attn.in_proj"].B.shape == (96, 96)
     assert (f["visual.conv1"].layout, f["visual.proj"].layout) == ("conv", "transposed")
-    check_factors(f, layers)
+    check_factors(f, vision)
     tokens = 1 + (32 // 8) ** 2
     for name in vision:  # patches at the convolution, one pooled token at the projection
         assert f.meta["n_rows"][name] == 5 * {"visual.conv1": tokens - 1, "visual.proj": 1}.get(name, tokens), name
         assert f[name].B.norm() > 0 and f[name].A.norm() > 0, name
-    for name in set(layers) - set(vision):  # the text tower: not on the path of the image embedding
-        assert torch.count_nonzero(f[name].B) == 0, name
+    text = set(layers) - set(vision)  # the text tower: not on the path of the image embedding, no factors
+    assert set(f.meta["off_path"]) >= text and not text & set(f)
 
     # The MLP layers (called as modules by the original forward too) against an explicit computation.
     names = ["visual.transformer.resblocks.0.mlp.c_fc", "visual.transformer.resblocks.1.mlp.c_proj"]
@@ -750,7 +762,8 @@ def test_open_clip_vit():
         assert rel_err(f[n].B, B[n] / 5) < 1e-4, n
     # Monte-Carlo probes (batched) through open_clip's attention
     mc = fit_kfac(model, images, mc_samples=3, progress=False)
-    check_factors(mc, layers)
+    assert set(mc) == set(f)
+    check_factors(mc, vision)
 
 
 class ConvNet(nn.Module):
@@ -897,13 +910,13 @@ def test_minilm_padding(minilm):
     f = fit_kfac(model, batches, mc_samples=1, seed=2, layers=select, progress=False)
     g = fit_kfac(model, padded, mc_samples=1, seed=2, layers=select, progress=False)
     layers = find_layers(model, select)
-    assert len(layers) == 13 and set(layers) <= set(f)
+    # the pooler (N, d), on the [CLS] state, is not on the path of the mean embedding: no factors
+    assert len(layers) == 13 and set(f) & set(layers) == set(layers) - {"pooler.dense"}
+    assert f.meta["off_path"] == g.meta["off_path"] == ["pooler.dense"]
+    layers.pop("pooler.dense")
     check_factors(f, layers)
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     for name in layers:
-        if name == "pooler.dense":  # (N, d): the [CLS] state, not on the path of the mean embedding
-            assert f.meta["n_rows"][name] == 4 and torch.count_nonzero(f[name].B) == 0
-            continue
         assert f.meta["n_rows"][name] == g.meta["n_rows"][name] == real, name
         assert rel_err(g[name].A, f[name].A) < 1e-5, name
         assert rel_err(g[name].B, f[name].B) < 1e-4, name
@@ -940,6 +953,8 @@ def test_t5():
         assert rel_err(default_output_fn(model)(model, batches[0]), out.decoder_hidden_states[-1][:, 0]) < 1e-12
     f = fit(model, batches)  # one Monte-Carlo probe per example: the plain backward
     layers = find_layers(model)
+    assert f.meta["off_path"] == ["lm_head"]  # f is the hidden state before the LM head, which gets no factors
+    layers.pop("lm_head")
     check_factors(f, layers)
     real, n = sum(int(b["attention_mask"].sum()) for b in batches), 5
     for name in layers:
@@ -950,7 +965,6 @@ def test_t5():
     for name in ["decoder.block.0.layer.1.EncDecAttention.k", "decoder.block.1.layer.1.EncDecAttention.v",
                  "encoder.block.0.layer.0.SelfAttention.q", "decoder.block.1.layer.2.DenseReluDense.wo"]:
         assert f[name].B.norm() > 0, name
-    assert torch.count_nonzero(f["lm_head"].B) == 0  # f is the hidden state before the LM head
     # labels do not change the output; more padding does not change the factors
     g = fit(model, [{**b, "labels": b["input_ids"][:, :3]} for b in batches])  # same seed: same probes
     more = [{k: torch.cat([v, torch.zeros(v.shape[0], 4, dtype=v.dtype)], 1) for k, v in b.items()} for b in batches]
@@ -974,7 +988,7 @@ def test_t5_decoder_states_as_the_output_are_probed_on_real_decoder_tokens_only(
     g = fit(model, [batch], mc_samples=2, seed=3,
             output_fn=lambda m, b: states(m, b) * b["decoder_attention_mask"][..., None])
     for name in f:
-        assert name == "lm_head" or f[name].B.norm() > 0, name  # the LM head is past the states
+        assert f[name].B.norm() > 0, name  # the LM head, past the states, has none
         assert rel_err(f[name].B, g[name].B) < 1e-10, name
 
 
@@ -1005,8 +1019,8 @@ def test_t5_exact_probes_batched():
     model = tiny_t5()
     ids = torch.randint(1, 64, (3, 6))
     f = fit(model, [dict(input_ids=ids, attention_mask=torch.ones_like(ids))], exact=True)
-    check_factors(f, find_layers(model))
-    assert f["decoder.block.1.layer.1.EncDecAttention.v"].B.norm() > 0
+    check_factors(f, {n: layer for n, layer in find_layers(model).items() if n != "lm_head"})
+    assert f["decoder.block.1.layer.1.EncDecAttention.v"].B.norm() > 0 and "lm_head" not in f
 
 
 class ProbePool(nn.Module):

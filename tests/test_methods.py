@@ -421,11 +421,17 @@ def test_last_layer_weight_goes_to_the_backbones_last_layer_or_to_none():
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac", "diagonal"])
 def test_last_layer_weight_skips_layers_the_features_do_not_reach(kind):
-    """A linear layer after the features (BERT's pooler under mean pooling) has zero curvature: the 0.1
-    goes to the last layer the features depend on."""
+    """A linear layer after the features (BERT's pooler under mean pooling) gets no factors, or, in a file of
+    an earlier version, zero curvature: the 0.1 goes to the last layer the features depend on."""
+    import dataclasses
+
     from tak.curvature.diagonal import fit_diagonal
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Linear(3, 2)).double()
     fit = {"kfac": tak.fit_kfac, "ekfac": tak.fit_ekfac, "diagonal": fit_diagonal}[kind]
     factors = fit(model, [torch.randn(6, 5, dtype=torch.float64)], output_fn=lambda m, x: m[:3](x), progress=False)
-    assert layer_weights(factors, last_layer_weight=0.1) == {"0": 1.0, "2": 0.1, "3": 1.0}
+    assert layer_weights(factors, last_layer_weight=0.1) == {"0": 1.0, "2": 0.1}
+    zero = dataclasses.replace(factors["2"], **{f.name: torch.zeros_like(getattr(factors["2"], f.name))
+                                                for f in dataclasses.fields(factors["2"]) if f.name in "BSD"})
+    older = type(factors)({**factors.factors, "3": zero}, factors.meta)  # as an earlier fit stored layer 3
+    assert layer_weights(older, last_layer_weight=0.1) == {"0": 1.0, "2": 0.1, "3": 1.0}

@@ -17,7 +17,7 @@ from .capture import Capture
 from .distributed import all_reduce_sums
 from .ekfac import EigenAccumulator
 from .kfac import (FORMAT_VERSION, DenseFactors, Factors, LayerFactors, check_finite, check_fit_arguments,
-                   fit_pass, select_targets)
+                   fit_pass, on_output_path, select_targets)
 
 
 @dataclass(frozen=True)
@@ -79,19 +79,25 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
     device = next(model.parameters()).device
     acc = EigenAccumulator(found, {n: (None, None) for n in found}, device)
     squares = {n: torch.zeros(g.size, device=device) for n, g in groups.items()}
+    reached = set()  # the dense groups an output gradient came to
 
     def on_dense(group, v):
+        reached.add(group.name)
         squares[group.name] += v.detach().float().square().sum(0)
 
     fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad, groups, on_dense), acc, output_fn=output_fn,
              mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
              desc="GGN diagonal")
-    all_reduce_sums([*acc.S.values(), *squares.values()])
     counts = acc.n.reshape(1).clone()
     all_reduce_sums([counts])
     n = int(counts[0])
     if n == 0:
         raise ValueError("fit_diagonal: batches is empty")
+    kept = on_output_path("fit_diagonal", [*found, *groups], acc.reached | reached, device)
+    off_path = [name for name in [*found, *groups] if name not in kept]
+    found = {name: layer for name, layer in found.items() if name in kept}
+    groups = {name: group for name, group in groups.items() if name in kept}
+    all_reduce_sums([*(acc.S[name] for name in found), *(squares[name] for name in groups)])
     check_finite("fit_diagonal", {**{name: [acc.S[name]] for name in found},
                                   **{name: [squares[name]] for name in groups}})
     scale = n * (1 if exact else mc_samples)
@@ -108,6 +114,7 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
         "scale": "D = sum(per-example gradient^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact)",
         "layers": {name: layer.meta() for name, layer in found.items()},
         "dense": {name: {"params": list(g.params), "kind": g.kind, "size": g.size} for name, g in groups.items()},
+        "off_path": off_path,
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
     }
     return DiagonalGGN(factors, meta)

@@ -30,7 +30,7 @@ from ..io import architecture_fingerprint
 from .capture import Capture
 from .distributed import all_reduce_sums
 from .kfac import (FORMAT_VERSION, KFAC, DenseFactors, Factors, LayerFactors, check_finite, check_fit_arguments,
-                   fit_kfac, fit_pass)
+                   fit_kfac, fit_pass, on_output_path)
 from .layers import Layer, find_layers, selects
 from .tokens import BatchTokens
 
@@ -106,6 +106,7 @@ class EigenAccumulator:
                                  device=device) for n, l in layers.items()}
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.device, self.reached = device, set()  # reached: the layers an output gradient came to
 
     def start(self, batch, layouts: dict) -> None:
         self.batch, self.inputs, self.pending = BatchTokens(batch, layouts), {}, {}
@@ -133,6 +134,7 @@ class EigenAccumulator:
         them; (1, T, d_out) each for a shared input. The example's gradient G_n sums those of its own calls (a layer
         applied twice, a probe attending over the tokens): Σ_calls g_nᵀ a_n, one product over their tokens joined,
         once each call's g has come."""
+        self.reached.add(layer.name)
         calls, U_B = self.inputs[layer.name], self.bases[layer.name][0]
         views = [self.batch.view(gi, layer.name, call)[0] for gi in (g.detach().unbind(0) if samples else [g.detach()])]
         rotated = [gi.float() if U_B is None else gi.to(U_B.dtype) @ U_B for gi in views]
@@ -223,29 +225,32 @@ def _layers_of(model: nn.Module, kfac: KFAC, layers, tokens: str) -> dict[str, L
 def _finish(acc: EigenAccumulator, kfac: KFAC, exact_blocks: dict, model, expected_n: int | None, **how) -> EKFAC:
     """Sums over all ranks, normalized as the module docstring says, with ``exact_blocks`` (``kfac``'s
     dense blocks) added; ``expected_n``: the examples of the KFAC pass over the same batches, if there was one."""
-    all_reduce_sums(list(acc.S.values()))
     counts = torch.stack([acc.n, *acc.rows.values()])
     all_reduce_sums([counts])
     n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
     if n == 0:
         raise ValueError("fit_ekfac: batches yielded no examples in the eigenvalue pass")
-    check_finite("fit_ekfac", {name: [S] for name, S in acc.S.items()})
+    kept = on_output_path("fit_ekfac", list(acc.layers), acc.reached, acc.device)
+    layers = {name: acc.layers[name] for name in kept}
+    all_reduce_sums([acc.S[name] for name in layers])
+    check_finite("fit_ekfac", {name: [acc.S[name]] for name in layers})
     if expected_n is not None and n != expected_n:
         raise ValueError(f"fit_ekfac: batches yielded {expected_n} examples in the KFAC pass and {n} "
                          "in the eigenvalue pass; it must give the same batches each time it is iterated")
     probes = 1 if how["exact"] else how["mc_samples"]
     factors = {name: EigenFactors(U_B=acc.bases[name][0], U_A=acc.bases[name][1], S=acc.S[name] / (n * probes),
                                   weight=layer.weight, bias=layer.bias, layout=layer.layout)
-               for name, layer in acc.layers.items()}
+               for name, layer in layers.items()}
     factors.update(exact_blocks)
     meta = {
         "kind": "ekfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
         "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"], "seed": how["seed"],
-        "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
+        "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items() if k in layers},
         "scale": "S = sum((U_B^T G U_A)^2 over examples and probes)/(N * probes), probes = mc_samples (1 if exact), "
                  "G = sum_t g a^T; U_A, U_B: eigenvectors (float64 eigh) of the KFAC factors A, B",
-        "layers": {name: layer.meta() for name, layer in acc.layers.items()},
+        "layers": {name: layer.meta() for name, layer in layers.items()},
         "dense": {n: kfac.meta.get("dense", {}).get(n) for n in exact_blocks},
+        "off_path": sorted({*kfac.meta.get("off_path", ()), *(n for n in acc.layers if n not in layers)}),
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
         "kfac": {k: kfac.meta.get(k) for k in ("tokens", "exact", "mc_samples", "n_examples", "scale")},
     }

@@ -214,14 +214,14 @@ class KFAC(Factors):
         return type(self)({n: replace(lf, A=move(lf.A), B=move(lf.B)) for n, lf in self.factors.items()}, self.meta)
 
 class _Accumulator:
-    """Sums of ã ãᵀ and g gᵀ per layer (fp32, on the model's device), with their row counts."""
+    """Sums of ã ãᵀ and g gᵀ per layer (fp32, on the model's device), with their row counts. A layer's B (a dense
+    group's G) is made at its first output gradient: a layer the output does not depend on never gets one."""
 
     def __init__(self, layers: dict[str, Layer], tokens: str, device, dense: dict[str, DenseGroup] | None = None):
-        self.layers, self.tokens = layers, tokens
-        self.G = {n: torch.zeros(g.size, g.size, device=device) for n, g in (dense or {}).items()}
+        self.layers, self.tokens, self.device = layers, tokens, device
+        self.G, self.B = {}, {}
         self.A = {n: torch.zeros(l.d_in + (l.bias is not None), l.d_in + (l.bias is not None), device=device)
                   for n, l in layers.items()}
-        self.B = {n: torch.zeros(l.d_out, l.d_out, device=device) for n, l in layers.items()}
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -246,11 +246,13 @@ class _Accumulator:
         if views[0][0].dim() == 3 and self.tokens == "reduce":
             views, mask = [(token_sum(gi, mask), None) for gi, _ in views], None
         rows = views[0][0] if len(views) == 1 else torch.cat([gi for gi, _ in views])
-        kk.covariance_update_(self.B[layer.name], rows, mask=None if mask is None else mask.repeat(len(views), 1))
+        B = self.B.setdefault(layer.name, torch.zeros(layer.d_out, layer.d_out, device=self.device))
+        kk.covariance_update_(B, rows, mask=None if mask is None else mask.repeat(len(views), 1))
 
     def on_dense(self, group: DenseGroup, v: torch.Tensor):
         """v: per-example gradient vectors (N, size) of the group (or (samples·N, size))."""
-        kk.covariance_update_(self.G[group.name], v.detach())
+        G = self.G.setdefault(group.name, torch.zeros(group.size, group.size, device=self.device))
+        kk.covariance_update_(G, v.detach())
 
 
 def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, exact: bool = False,
@@ -342,14 +344,37 @@ def select_targets(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[s
     return found, groups
 
 
+def on_output_path(what: str, names: list[str], reached: set[str], device) -> list[str]:
+    """The layers and dense groups of ``names`` whose output gradient came on some rank (``reached``: this rank's),
+    in order: those the output depends on. The others (a CLIP text tower under image features, T5's LM head after
+    the decoder state the features read) get no factors, which would be zeros that count their parameters as
+    penalized; the fits name them in ``meta["off_path"]``. ValueError when none is left."""
+    flags = torch.tensor([float(n in reached) for n in names], device=device)
+    all_reduce_sums([flags])
+    kept = [n for n, flag in zip(names, flags.tolist()) if flag > 0]
+    if not kept and names:
+        raise ValueError(f"{what}: the output depends on none of the {len(names)} selected layers (e.g. "
+                         f"{names[0]!r}): no output gradient reached them")
+    return kept
+
+
 def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
-    """Sums over all ranks, normalized as the module docstring says."""
-    all_reduce_sums([*acc.A.values(), *acc.B.values(), *acc.G.values()])
+    """Sums over all ranks, normalized as the module docstring says, of the layers and groups the output depends on."""
     counts = torch.stack([acc.n, *acc.rows.values()])
     all_reduce_sums([counts])
     n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
     if n == 0:
         raise ValueError("fit_kfac: batches is empty")
+    kept = on_output_path("fit_kfac", [*found, *groups], {*acc.B, *acc.G}, acc.device)
+    off_path = [name for name in [*found, *groups] if name not in kept]
+    found = {name: layer for name, layer in found.items() if name in kept}
+    groups = {name: group for name, group in groups.items() if name in kept}
+    for name, layer in found.items():  # reached on another rank only
+        acc.B.setdefault(name, torch.zeros(layer.d_out, layer.d_out, device=acc.device))
+    for name, group in groups.items():
+        acc.G.setdefault(name, torch.zeros(group.size, group.size, device=acc.device))
+    all_reduce_sums([*(acc.A[name] for name in found), *(acc.B[name] for name in found),
+                     *(acc.G[name] for name in groups)])
     check_finite("fit_kfac", {**{name: [acc.A[name], acc.B[name]] for name in found},
                               **{name: [acc.G[name]] for name in groups}})
     probes = 1 if how["exact"] else how["mc_samples"]
@@ -363,10 +388,11 @@ def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
     meta = {
         "kind": "kfac", "format_version": FORMAT_VERSION, "library_version": kk.__version__,
         "tokens": how["tokens"], "exact": how["exact"], "mc_samples": how["mc_samples"], "seed": how["seed"],
-        "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items()},
+        "n_examples": n, "n_rows": {k: int(v) for k, v in rows.items() if k in found},
         "scale": "A = sum(a a^T)/rows; B = sum(g g^T)/(N * probes), probes = mc_samples (1 if exact)",
         "layers": {name: layer.meta() for name, layer in found.items()},
         "dense": {name: {"params": list(g.params), "kind": g.kind, "size": g.size} for name, g in groups.items()},
+        "off_path": off_path,
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
     }
     return KFAC(factors, meta)

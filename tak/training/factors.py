@@ -113,7 +113,7 @@ def load_factor_files(kind: str, paths: list, backbone, layers: list[str], devic
                              "training set the factors come from, a positive integer (their weight λ in the merge, "
                              "TAK Eq. 7/8): write it with `tak fit`, or set factors.meta['train_examples'] before "
                              "factors.save(path)")
-        missing = sorted(set(layers) - set(factors))
+        missing = sorted(set(layers) - set(factors) - set(meta.get("off_path", ())))
         if missing:
             raise ValueError(f"factor file {path}: has no factors for {len(missing)} layers this run trains: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; fit it for them (tak fit --trainable "
