@@ -1,7 +1,7 @@
 """Compressed Kronecker factors that the kernels consume directly (never expanded to dense).
 
 A factor F is a symmetric n × n matrix standing for A (input side) or B (output side). Besides a
-dense tensor, it can be:
+dense tensor, it can be a diagonal diag(f) given as the 1-D tensor f (``is_diagonal``), or:
 
 - ``BlockDiagonalFactor``: F = blockdiag(F_1, …, F_k), blocks (k, b, b) with b = ceil(n / k); the
   last block is cut to n − (k−1)·b rows and columns (its padding is ignored).
@@ -227,7 +227,15 @@ def unflatten(tensors, codes) -> list:
 
 
 def factor_size(op: str, name: str, F) -> int:
-    """n for an n × n factor (dense or compressed), after checking a dense one is square and floating."""
+    """n for an n × n factor (dense, diagonal or compressed), after checking a dense one is square and floating."""
     if isinstance(F, COMPRESSED):
         return F.shape[0]
+    if is_diagonal(F):
+        return _validate.tensor(op, name, F).shape[0]
     return _dense(op, name, F).shape[0]
+
+
+def is_diagonal(F) -> bool:
+    """Whether F is a diagonal factor diag(f), given as its diagonal f: a 1-D tensor (an embedding's A, whose
+    inputs are one-hot)."""
+    return isinstance(F, torch.Tensor) and F.dim() == 1

@@ -3,10 +3,12 @@
     quadratic_form(τ, B, A)            q = vec(τ)ᵀ (B ⊗ A) vec(τ) = Σ τ ⊙ (B τ A),   ∇q = 2 B τ A
     eigen_quadratic_form(τ, U_B, U_A, S)   q = Σ S ⊙ (U_Bᵀ τ U_A)²,   ∇q = 2 U_B (S ⊙ M) U_Aᵀ
 
-τ is (d_out, d_in); B (d_out × d_out) and A (d_in × d_in) are symmetric: dense tensors or the
-compressed factors of ``kfac_kernels.factors``. The result is a 0-dim fp32 tensor (fp64 when every
-input is fp64), differentiable in τ; factors are constants. The gradient is the forward's own
-product B τ A, saved by the forward, so the backward does no matrix work. Under
+τ is (d_out, d_in); B (d_out × d_out) and A (d_in × d_in) are symmetric: dense tensors, diagonals given as 1-D
+tensors, or the compressed factors of ``kfac_kernels.factors``; an eigenbasis U_A may be None, the identity (the
+basis of a diagonal A). A layer with a diagonal factor or the identity basis is an elementwise scale and one
+product, computed by the PyTorch reference ops under autograd beside the grouped call of the others. The result
+is a 0-dim fp32 tensor (fp64 when every input is fp64), differentiable in τ; factors are constants. The gradient
+is the forward's own product B τ A, saved by the forward, so the backward does no matrix work. Under
 ``create_graph=True`` the backward instead recomputes the gradient from τ (kept by the forward when
 it is a leaf tensor) with the PyTorch reference ops, so second derivatives (Hessian-vector products
 2 B v A) are exact; a τ computed by an op gets a clear error there.
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _precision, _validate, reference
-from .factors import factor_size, flatten, unflatten
+from .factors import factor_size, flatten, is_diagonal, unflatten
 
 
 # The grouped launches copy their job tables to the device: no CUDA graph capture of the forms.
@@ -211,13 +213,25 @@ def _check_layer(op: str, i: int, tau, B, A) -> torch.dtype:
                                                            f"A{tag}": A.dtype})
 
 
-def _call(op, forms, taus, compute_dtypes, *args):
-    """Σ_l w_l q_l by the torch.library op ``forms``; ``compute_dtypes``: one per layer (fp64 when all are)."""
+def _call(op, taus, compute_dtypes, factors, weights, plain, grouped, by_reference):
+    """Σ_l w_l q_l, in fp64 when every layer's ``compute_dtypes`` is, else fp32: the layers marked ``plain`` by the
+    ``reference`` function ``by_reference`` under autograd, the others in one call of ``grouped`` (a torch.library
+    op's front); ``factors``: lists with one entry per layer."""
     taus = list(taus)
     _validate.same_device(op, **{f"tau[{i}]": t for i, t in enumerate(taus)})
-    want = torch.is_grad_enabled() and any(t.requires_grad for t in taus)
     dtype = torch.float64 if set(compute_dtypes) == {torch.float64} else torch.float32
-    return forms(taus, *args, want, dtype, op)[0]
+    total = None
+    for by_ref in (False, True):
+        index = [i for i, p in enumerate(plain) if p == by_ref]
+        if not index:
+            continue
+        args = [[x[i] for i in index] for x in (taus, *factors, weights)]
+        if by_ref:
+            part = by_reference(*args, False, dtype)[0]
+        else:
+            part = grouped(*args, torch.is_grad_enabled() and any(t.requires_grad for t in args[0]), dtype)
+        total = part if total is None else total + part
+    return total
 
 
 def quadratic_forms(taus, Bs, As, weights=None) -> torch.Tensor:
@@ -236,18 +250,24 @@ def quadratic_form(tau, B, A) -> torch.Tensor:
 def _quadratic_forms(op: str, taus, Bs, As, weights) -> torch.Tensor:
     n = _layers(op, taus=taus, Bs=Bs, As=As)
     cts = [_check_layer(op, i if n > 1 else None, tau, B, A) for i, (tau, B, A) in enumerate(zip(taus, Bs, As))]
-    return _call(op, _forms, taus, cts, *flatten([*Bs, *As]), _weights(op, weights, n))
+
+    def grouped(taus, Bs, As, weights, want_grad, dtype):
+        return _forms(taus, *flatten([*Bs, *As]), weights, want_grad, dtype, op)[0]
+    plain = [is_diagonal(B) or is_diagonal(A) for B, A in zip(Bs, As)]
+    return _call(op, taus, cts, (Bs, As), _weights(op, weights, n), plain, grouped, reference.quadratic_forms)
 
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:
     """Σ_l w_l Σ S_l ⊙ (U_B,lᵀ τ_l U_A,l)² (EK-FAC), in one call.
 
-    taus[l] (d_out, d_in), U_Bs[l] (d_out, r_B), U_As[l] (d_in, r_A), Ss[l] (r_B, r_A)."""
+    taus[l] (d_out, d_in), U_Bs[l] (d_out, r_B), U_As[l] (d_in, r_A) or None (the identity, r_A = d_in),
+    Ss[l] (r_B, r_A)."""
     return _eigen_quadratic_forms("eigen_quadratic_forms", taus, U_Bs, U_As, Ss, weights)
 
 
 def eigen_quadratic_form(tau, U_B, U_A, S) -> torch.Tensor:
-    """q = Σ S ⊙ (U_Bᵀ τ U_A)² for τ (d_out, d_in), U_B (d_out, r_B), U_A (d_in, r_A), S (r_B, r_A)."""
+    """q = Σ S ⊙ (U_Bᵀ τ U_A)² for τ (d_out, d_in), U_B (d_out, r_B), U_A (d_in, r_A) or None (the identity),
+    S (r_B, r_A)."""
     return _eigen_quadratic_forms("eigen_quadratic_form", [tau], [U_B], [U_A], [S], None)
 
 
@@ -258,14 +278,24 @@ def _eigen_quadratic_forms(op: str, taus, U_Bs, U_As, Ss, weights) -> torch.Tens
         tag = "" if n == 1 else f"[{i}]"
         _validate.tensor(op, f"tau{tag}", tau, ndim=2)
         _validate.tensor(op, f"U_B{tag}", U_B, ndim=2)
+        identity = U_A is None
+        if identity:  # a stand-in for the checks: d_in rows, on tau's device, of its dtype
+            U_A = tau.new_empty(tau.shape[1], 0)
         _validate.tensor(op, f"U_A{tag}", U_A, ndim=2)
         _validate.tensor(op, f"S{tag}", S, ndim=2)
-        if (U_B.shape[0], U_A.shape[0]) != tuple(tau.shape) or tuple(S.shape) != (U_B.shape[1], U_A.shape[1]):
+        r_A = tau.shape[1] if identity else U_A.shape[1]
+        if (U_B.shape[0], U_A.shape[0]) != tuple(tau.shape) or tuple(S.shape) != (U_B.shape[1], r_A):
             raise ValueError(f"{op}: tau{tag} {tuple(tau.shape)}, U_B{tag} {tuple(U_B.shape)}, U_A{tag} "
-                             f"{tuple(U_A.shape)} and S{tag} {tuple(S.shape)} do not fit: need U_B (d_out, r_B), "
-                             f"U_A (d_in, r_A), S (r_B, r_A) for tau (d_out, d_in)")
+                             f"{None if identity else tuple(U_A.shape)} and S{tag} {tuple(S.shape)} do not fit: "
+                             "need U_B (d_out, r_B), U_A (d_in, r_A) or None (r_A = d_in), S (r_B, r_A) for tau "
+                             "(d_out, d_in)")
         _validate.same_device(op, **{f"tau{tag}": tau, f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
         _validate.no_grad_needed(op, **{f"U_B{tag}": U_B, f"U_A{tag}": U_A, f"S{tag}": S})
         cts.append(_precision.compute_dtype(op, float16_in_fp32=True, **{f"tau{tag}": tau.dtype, f"U_B{tag}": U_B.dtype,
                                                                    f"U_A{tag}": U_A.dtype, f"S{tag}": S.dtype}))
-    return _call(op, _eigen_forms, taus, cts, list(U_Bs), list(U_As), list(Ss), _weights(op, weights, n))
+
+    def grouped(taus, U_Bs, U_As, Ss, weights, want_grad, dtype):
+        return _eigen_forms(taus, U_Bs, U_As, Ss, weights, want_grad, dtype, op)[0]
+    plain = [U_A is None for U_A in U_As]
+    return _call(op, taus, cts, (U_Bs, U_As, Ss), _weights(op, weights, n), plain, grouped,
+                 reference.eigen_quadratic_forms)

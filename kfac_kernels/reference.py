@@ -8,7 +8,7 @@ dtype asked for (fp32 or fp64), whatever ``torch.autocast`` encloses the call.
 import torch
 
 from ._precision import no_autocast
-from .factors import BlockDiagonalFactor, Int8Factor, LowRankFactor
+from .factors import BlockDiagonalFactor, Int8Factor, LowRankFactor, is_diagonal
 
 
 def right(X: torch.Tensor, F) -> torch.Tensor:
@@ -27,6 +27,8 @@ def right(X: torch.Tensor, F) -> torch.Tensor:
     if isinstance(F, Int8Factor):
         s = F.scale.to(X.dtype)
         return ((X * s) @ F.q.to(X.dtype)) * s
+    if is_diagonal(F):
+        return X * F.to(X.dtype)
     return X @ F.to(X.dtype)
 
 
@@ -50,13 +52,14 @@ def quadratic_forms(taus, Bs, As, weights, want_grad, dtype):
 
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad, dtype):
-    """(Σ_l w_l Σ S_l ⊙ M_l², [G_l = 2 w_l S_l ⊙ M_l] or None) with M_l = U_B,lᵀ τ_l U_A,l (r_B × r_A),
-    multiplied in ``dtype``; ``eigen_gradients`` turns G_l into the gradient."""
+    """(Σ_l w_l Σ S_l ⊙ M_l², [G_l = 2 w_l S_l ⊙ M_l] or None) with M_l = U_B,lᵀ τ_l U_A,l (r_B × r_A; U_A None:
+    the identity), multiplied in ``dtype``; ``eigen_gradients`` turns G_l into the gradient."""
     total = torch.zeros((), dtype=dtype, device=taus[0].device)
     Gs = []
     with no_autocast(taus[0].device):
         for tau, U_B, U_A, S, w in zip(taus, U_Bs, U_As, Ss, weights):
-            M = U_B.to(dtype).T @ tau.to(dtype) @ U_A.to(dtype)
+            M = U_B.to(dtype).T @ tau.to(dtype)
+            M = M if U_A is None else M @ U_A.to(dtype)
             SM = S.to(dtype) * M
             total = total + w * torch.sum(SM * M)
             if want_grad:

@@ -84,6 +84,29 @@ def test_round_trip_of_compressed_factors(path, method, args):
     assert torch.equal(c.quadratic_form(taus), g.quadratic_form(taus))
 
 
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "diagonal"])
+def test_round_trip_of_an_embeddings_factors(path, kind):
+    """An embedding's diagonal A (kept as it is by compression), its identity eigenbasis (EK-FAC's U_A None) and
+    its GGN diagonal come back as they were, and so do their forms."""
+    import kfac_kernels as kk
+    from tak.curvature import fit_diagonal, fit_ekfac
+
+    model = nn.Sequential(nn.Embedding(9, 5), nn.Linear(5, 3), TokenMean())
+    batches = [torch.randint(0, 9, (6, 4)) for _ in range(2)]
+    f = {"kfac": fit_kfac, "ekfac": fit_ekfac, "diagonal": fit_diagonal}[kind](model, batches, progress=False)
+    if kind == "kfac":
+        f, report = compress(f, method="int8")
+        assert f["0"].A.shape == (9,) and isinstance(f["0"].B, kk.Int8Factor) and isinstance(f["1"].A, kk.Int8Factor)
+        assert report["layers"]["0"]["bytes_after"] == 9 * 4 + 5 * 5 + 5 * 4  # A as it was; B int8 + scales
+    if kind == "ekfac":
+        assert f["0"].U_A is None and f["0"].S.shape == (5, 9)
+    f.save(path)
+    g = storage.load(path, model=model, kind=kind)
+    assert_same(f, g)
+    taus = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    assert torch.equal(f.quadratic_form(taus), g.quadratic_form(taus))
+
+
 def test_load_moves_to_device(path):
     f = fitted(model_of())
     f.save(path)

@@ -700,9 +700,12 @@ def check_factors(f: KFAC, layers):
     for name, layer in layers.items():
         lf = f[name]
         assert lf.B.shape == (layer.d_out, layer.d_out), name
-        assert lf.A.shape == (layer.d_in + (layer.bias is not None),) * 2, name
         assert lf.A.dtype == lf.B.dtype == torch.float32
-        assert_sym_psd(lf.A, name + ".A")
+        if layer.layout == "embedding":  # the diagonal of A: token frequencies, summing to 1 over the rows
+            assert lf.A.shape == (layer.d_in,) and lf.A.min() >= 0 and abs(float(lf.A.sum()) - 1) < 1e-5, name
+        else:
+            assert lf.A.shape == (layer.d_in + (layer.bias is not None),) * 2, name
+            assert_sym_psd(lf.A, name + ".A")
         assert_sym_psd(lf.B, name + ".B")
 
 
@@ -788,6 +791,79 @@ class ConvNet(nn.Module):
         else:
             z = self.conv(x)
         return self.head(torch.tanh(z).flatten(1))
+
+
+class Tokens(nn.Module):
+    """Token and position embeddings, then a head on the mean of the real tokens; ``explicit``: the embeddings as
+    bias-free nn.Linear maps of one-hot rows (named alike, weight = the embedding's transposed), each example's
+    positions its own, whose factors the embeddings' must equal."""
+
+    def __init__(self, explicit=False, vocab=11, positions=6, d=4):
+        super().__init__()
+        self.explicit, self.vocab, self.positions = explicit, vocab, positions
+        self.tok, self.pos = ((nn.Linear(vocab, d, bias=False), nn.Linear(positions, d, bias=False)) if explicit else
+                              (nn.Embedding(vocab, d), nn.Embedding(positions, d)))
+        self.head = nn.Linear(d, 3)
+
+    def as_explicit(self):
+        explicit = Tokens(True, self.vocab, self.positions, self.tok.weight.shape[1]).to(self.head.weight.dtype)
+        explicit.load_state_dict({k: v.T if k.endswith(("tok.weight", "pos.weight")) else v
+                                  for k, v in self.state_dict().items()})
+        return explicit
+
+    def forward(self, input_ids, attention_mask):
+        ids, mask = input_ids, attention_mask
+        positions = torch.arange(ids.shape[1])[None]  # shared by the examples, as Hugging Face's position ids
+        if self.explicit:
+            one_hot = lambda i, n: nn.functional.one_hot(i, n).to(self.head.weight.dtype)  # noqa: E731
+            x = self.tok(one_hot(ids, self.vocab)) + self.pos(one_hot(positions.expand_as(ids), self.positions))
+        else:
+            x = self.tok(ids) + self.pos(positions)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        return self.head((torch.tanh(x) * w).sum(1) / w.sum(1))
+
+
+@pytest.mark.parametrize("tokens", ["expand", "reduce"])
+def test_embedding_factors_are_those_of_its_one_hot_linear_map(tokens):
+    """An embedding is the linear map of its one-hot inputs: its A is the diagonal of that map's (diagonal under
+    "expand"), over real tokens only (shared position ids counted per example where real); B, the GGN diagonal
+    and, for the token embedding, which sees each example's own ids, EK-FAC's S against their definition."""
+    torch.manual_seed(0)
+    model = Tokens().double()
+    explicit = model.as_explicit()
+    batches = []
+    for n, t in [(3, 5), (2, 6)]:
+        mask = torch.ones(n, t, dtype=torch.long)
+        mask[0, t - 2:] = 0
+        batches.append({"input_ids": torch.randint(0, 11, (n, t)).masked_fill(mask == 0, 0), "attention_mask": mask})
+    with torch.no_grad():
+        assert rel_err(model(**batches[0]), explicit(**batches[0])) < 1e-12
+    assert [(n, layer.layout, layer.block_shape) for n, layer in find_layers(model).items()] == [
+        ("tok", "embedding", (4, 11)), ("pos", "embedding", (4, 6)), ("head", "linear", (3, 5))]
+    a, b = fit(model, batches, exact=True, tokens=tokens), fit(explicit, batches, exact=True, tokens=tokens)
+    assert a.meta["n_rows"] == b.meta["n_rows"]
+    for name in ("tok", "pos"):
+        assert a[name].A.shape == (b[name].A.shape[0],) and a[name].layout == "embedding"
+        assert rel_err(a[name].A, b[name].A.diagonal()) < 1e-6, name  # fp32 sums
+        if tokens == "expand":  # one-hot rows: a diagonal A
+            assert torch.count_nonzero(b[name].A - torch.diag(b[name].A.diagonal())) == 0
+    for name in ("tok", "head"):  # pos: its gradient is the batch's sum at the shared position ids
+        assert rel_err(a[name].B, b[name].B) < 1e-10, name
+    tau = {"tok.weight": torch.randn(11, 4, dtype=torch.float64), "head.weight": torch.randn(3, 4, dtype=torch.float64)}
+    if tokens == "expand":
+        q = b.quadratic_form({"tok.weight": tau["tok.weight"].T, "head.weight": tau["head.weight"]})
+        assert rel_err(a.quadratic_form(tau), q) < 1e-10
+    da, db = fit_diagonal(model, batches, exact=True, progress=False), fit_diagonal(explicit, batches, exact=True,
+                                                                                     progress=False)
+    for name in ("tok", "head"):
+        assert rel_err(da[name].D, db[name].D) < 1e-6, name  # fp32 sums
+    e = fit_ekfac(model, batches, exact=True, tokens=tokens, progress=False)
+    assert e["tok"].U_A is None and e["tok"].S.shape == (4, 11)
+    U_B, S = e["tok"].U_B.double(), 0  # S = 1/N Σ_{n,c} (U_Bᵀ G_{n,c})², G the one-hot map's per-example gradients
+    for batch in batches:
+        jac = jacrev(lambda w: functional_call(explicit, {"tok.weight": w}, (), batch))(explicit.tok.weight.detach())
+        S = S + (U_B.T @ jac.flatten(0, 1)).square().sum(0)
+    assert rel_err(e["tok"].S, S / 5) < 1e-5
 
 
 @pytest.mark.parametrize("tokens", ["expand", "reduce"])
@@ -905,7 +981,8 @@ def test_minilm_padding(minilm):
     expected = masked_mean(out, batches[0]["attention_mask"].bool())
     with torch.no_grad():
         assert rel_err(default_output_fn(model)(model, batches[0]), expected) < 1e-6
-    assert len(find_layers(model)) == 6 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; pooler
+    # word, position and token-type embeddings; q, k, v, attention output, intermediate, output per layer; pooler
+    assert len(find_layers(model)) == 3 + 6 * 6 + 1
     select = ["encoder.layer.0.*", "encoder.layer.5.*", "pooler.*"]  # fewer covariances: a faster test
     f = fit_kfac(model, batches, mc_samples=1, seed=2, layers=select, progress=False)
     g = fit_kfac(model, padded, mc_samples=1, seed=2, layers=select, progress=False)
@@ -953,11 +1030,17 @@ def test_t5():
         assert rel_err(default_output_fn(model)(model, batches[0]), out.decoder_hidden_states[-1][:, 0]) < 1e-12
     f = fit(model, batches)  # one Monte-Carlo probe per example: the plain backward
     layers = find_layers(model)
-    assert f.meta["off_path"] == ["lm_head"]  # f is the hidden state before the LM head, which gets no factors
-    layers.pop("lm_head")
+    # f is the hidden state before the LM head, which gets no factors; transformers 5's `shared` is tied to the
+    # stacks' embed_tokens (each a layer of its own) but never called itself
+    assert "lm_head" in f.meta["off_path"] and set(f.meta["off_path"]) <= {"lm_head", "shared"}
+    layers = {name: layer for name, layer in layers.items() if name not in f.meta["off_path"]}
     check_factors(f, layers)
     real, n = sum(int(b["attention_mask"].sum()) for b in batches), 5
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"  # shared buckets (T, T), real pairs only
+    assert f.meta["n_rows"][bias] == sum(int(b["attention_mask"].sum(1).square().sum()) for b in batches)
     for name in layers:
+        if name == bias:
+            continue
         if name.startswith("encoder.") or name.endswith(("EncDecAttention.k", "EncDecAttention.v")):
             assert f.meta["n_rows"][name] == real, name
         else:  # the decoder sees one position: the start token
@@ -1019,7 +1102,7 @@ def test_t5_exact_probes_batched():
     model = tiny_t5()
     ids = torch.randint(1, 64, (3, 6))
     f = fit(model, [dict(input_ids=ids, attention_mask=torch.ones_like(ids))], exact=True)
-    check_factors(f, {n: layer for n, layer in find_layers(model).items() if n != "lm_head"})
+    check_factors(f, {n: layer for n, layer in find_layers(model).items() if n not in f.meta["off_path"]})
     assert f["decoder.block.1.layer.1.EncDecAttention.v"].B.norm() > 0 and "lm_head" not in f
 
 

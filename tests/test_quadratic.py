@@ -28,7 +28,9 @@ def spd(n, dtype=torch.float32):
 
 
 def dense(F):
-    return F.double() if isinstance(F, torch.Tensor) else F.to_dense().double()
+    if isinstance(F, torch.Tensor):
+        return torch.diag(F.double()) if F.dim() == 1 else F.double()  # a 1-D factor is its diagonal
+    return F.to_dense().double()
 
 
 def definition(tau, B, A):
@@ -182,6 +184,7 @@ COMPRESSIONS = {
     "lowrank": lambda F: kk.LowRankFactor.from_dense(F, rank=max(1, F.shape[0] // 3)),
     "int8": kk.Int8Factor.from_dense,
     "dense": lambda F: F,
+    "diagonal": lambda F: F.diagonal().clone(),
 }
 
 
@@ -314,6 +317,46 @@ def test_eigen_form_with_full_basis_equals_kfac_form(backend):
     la, UA = torch.linalg.eigh(A)
     q = kk.eigen_quadratic_form(tau, UB, UA, lb[:, None] * la[None, :])
     assert rel_err(q, definition(tau, B, A)[0]) <= 1e-4
+
+
+def test_diagonal_factors_and_identity_bases_beside_grouped_layers(backend):
+    """Layers with a diagonal factor (1-D) or the identity eigenbasis (None) are computed apart from the grouped
+    call of the others; sums, gradients and second derivatives are the float64 definitions'."""
+    shapes = [(7, 33), (5, 9), (4, 6)]
+    taus = [torch.randn(s, requires_grad=True) for s in shapes]
+    Bs = [spd(7), spd(5), torch.rand(4)]
+    As = [torch.rand(33), spd(9), torch.rand(6)]
+    w = [0.5, 2.0, 1.5]
+    U_Bs = [torch.linalg.qr(torch.randn(o, o))[0] for o, _ in shapes]
+    U_As = [None, torch.linalg.qr(torch.randn(9, 9))[0][:, :4], None]
+    Ss = [torch.rand(7, 33), torch.rand(5, 4), torch.rand(4, 6)]
+
+    def kfac64(ts):
+        return sum(wi * (t * (dense(B) @ t @ dense(A))).sum() for wi, t, B, A in zip(w, ts, Bs, As))
+
+    def eigen64(ts):
+        return sum(wi * (S.double() * (U_B.double().T @ t @ (torch.eye(t.shape[1], dtype=t.dtype) if U_A is None
+                                                             else U_A.double())) ** 2).sum()
+                   for wi, t, U_B, U_A, S in zip(w, ts, U_Bs, U_As, Ss))
+    vs = [torch.randn(s) for s in shapes]
+    t64, v64 = [t.detach().double() for t in taus], [v.double() for v in vs]
+    for form, form64 in [(lambda ts: kk.quadratic_forms(ts, Bs, As, weights=w), kfac64),
+                         (lambda ts: kk.eigen_quadratic_forms(ts, U_Bs, U_As, Ss, weights=w), eigen64)]:
+        q = form(taus)
+        grads = torch.autograd.grad(q, taus, create_graph=True)
+        hvps = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), taus)
+        g_ref, hvp_ref = torch.func.jvp(torch.func.grad(form64), (t64,), (v64,))
+        assert q.dtype == torch.float32 and rel_err(q, form64(t64)) <= TOL[torch.float32]
+        for g, h, gr, hr in zip(grads, hvps, g_ref, hvp_ref):
+            assert rel_err(g, gr) <= TOL[torch.float32] and rel_err(h, hr) <= TOL[torch.float32]
+    tau64 = t64[0].requires_grad_()  # float64 throughout: a float64 result
+    q = kk.quadratic_form(tau64, Bs[0].double(), As[0].double())
+    assert q.dtype == torch.float64 and rel_err(q, (tau64 * (dense(Bs[0]) @ tau64 * As[0].double())).sum()) < 1e-12
+    with pytest.raises(ValueError, match=r"tau of shape \(7, 33\) needs B of size 7 and A of size 33, got B \(7, 7\) "
+                                         r"and A \(32,\)"):
+        kk.quadratic_form(taus[0], Bs[0], torch.rand(32))
+    with pytest.raises(ValueError, match=r"U_A None and S \(7, 32\) do not fit"):
+        kk.eigen_quadratic_form(taus[0], U_Bs[0], None, torch.rand(7, 32))
 
 
 def test_eigen_forms_many_layers(backend):

@@ -5,7 +5,7 @@ Inside ``Capture(layers, on_input, on_grad)``, the i-th call of a layer in a for
 ``on_input(layer, a, i)`` with its input a (..., d_in), and passes its output z through a tap: an
 identity whose backward calls ``on_grad(layer, dz, call=i)``.
 A convolution's a and z are its unfolded patches (N, L, C·kh·kw) and outputs (N, L, d_out) over the L
-output positions; open_clip's output projection is seen through its tower's ``_pool`` (a = the pooled
+output positions; an embedding's a is its token ids (..., 1), the index of each one-hot input; open_clip's output projection is seen through its tower's ``_pool`` (a = the pooled
 features) and its tower's output (z). Dense groups (``tak.curvature.dense``: the LayerNorms and the
 class token) get taps too, whose gradients become per-example gradient vectors for ``on_dense(group, v)``,
 summed over the group's calls in one forward (its exact block, when a LayerNorm is applied more than
@@ -86,6 +86,9 @@ class Capture:
                 self._handles.append(layer.module.register_forward_hook(self._conv_hook(layer)))
             elif layer.layout == "transposed":
                 self._handles.append(layer.module.register_forward_hook(self._projection_hook(layer)))
+            elif layer.layout == "embedding":
+                self._handles.append(layer.module.register_forward_hook(
+                    lambda module, inputs, output, layer=layer: self.tap(layer, inputs[0].unsqueeze(-1), output)))
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
                 if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
@@ -201,8 +204,8 @@ class Capture:
     def model_fed_modules(self) -> dict[str, nn.Module]:
         """{name: module} of the linear layers and norms whose inputs come as the model passes them (the
         others' are rearranged here: batch-first), for ``tokens.measure_layouts``."""
-        linear = {n: l.module for n, l in self.layers.items()
-                  if isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
+        linear = {n: l.module for n, l in self.layers.items() if l.layout == "embedding"
+                  or isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
         return linear | {n: g.module for n, g in self.dense.items() if g.kind in ("layernorm", "rmsnorm")}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:

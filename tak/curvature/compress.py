@@ -1,6 +1,6 @@
 """Smaller KFAC factors that ``KFAC.quadratic_form`` (through ``kfac_kernels``) uses as they are.
 
-For each n × n factor F (A and/or B of every layer):
+For each n × n factor F (A and/or B of every layer; an embedding's diagonal A, n numbers, is kept as it is):
 
 - ``"blockdiag"``, ``k=``: the k diagonal blocks of size b = ceil(n / k) (``kk.BlockDiagonalFactor``;
   fewer blocks when n is not divisible, one per row when n < k), zero elsewhere;
@@ -49,7 +49,7 @@ def compress(kfac: KFAC, *, method: str, which: str = "both", k: int | None = No
             F = getattr(lf, side)
             if not isinstance(F, torch.Tensor):
                 raise ValueError(f"compress: {name}.{side} is already a {type(F).__name__}; compress dense factors")
-            new[side] = fn(F)
+            new[side] = F if F.dim() == 1 else fn(F)
             if method == "prune":
                 entry.setdefault("nonzeros", {})[side] = int(torch.count_nonzero(new[side]))
         factors[name] = replace(lf, **new)

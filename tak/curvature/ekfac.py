@@ -11,7 +11,8 @@ G is the example's gradient whatever ``tokens`` is: that convention shapes the K
 eigenbasis, and S corrects its eigenvalues to the true gradients' second moments (George et al. 2018);
 M Monte-Carlo probes averaged, or the C unit probes summed (``exact``, 1/N). The layer's GGN block is
 ≈ (U_B ⊗ U_A) diag(vec S) (U_B ⊗ U_A)ᵀ, so q(τ) = Σ S ⊙ (U_Bᵀ τ U_A)²; with S = λ_B λ_Aᵀ this is KFAC's
-form. Linear layers get EK-FAC factors; the exact GGN blocks of the small parameters (LayerNorms,
+form. An embedding's A is diagonal (``tak.curvature.kfac``): its eigenbasis U_A is the identity (None), and
+G_n's column v sums the g of the example's tokens with id v. Linear layers get EK-FAC factors; the exact GGN blocks of the small parameters (LayerNorms,
 class token: ``DenseFactors`` of the KFAC pass) are kept as they are, so DELTA's drift penalty reaches them too.
 
 The pass computes rotated products R_n = Σ_t (U_Bᵀ g_t)(U_Aᵀ ã_t)ᵀ: ã is rotated at the forward,
@@ -36,11 +37,12 @@ from .tokens import BatchTokens
 
 @dataclass(frozen=True)
 class EigenFactors:
-    """One layer's EK-FAC factors: eigenvectors U_B (d_out × d_out) and U_A (d_in[+1] × d_in[+1]) as
-    columns, corrected eigenvalues S (d_out × d_in[+1]), and the parameters [W | b] they belong to."""
+    """One layer's EK-FAC factors: eigenvectors U_B (d_out × d_out) and U_A (d_in[+1] × d_in[+1], None for an
+    embedding's: the identity) as columns, corrected eigenvalues S (d_out × d_in[+1]), and the parameters [W | b]
+    they belong to."""
 
     U_B: torch.Tensor
-    U_A: torch.Tensor
+    U_A: torch.Tensor | None
     S: torch.Tensor
     weight: str
     bias: str | None
@@ -50,7 +52,7 @@ class EigenFactors:
 
     @property
     def columns(self) -> int:
-        return self.U_A.shape[0]
+        return self.S.shape[1] if self.U_A is None else self.U_A.shape[0]
 
     @property
     def block_shape(self) -> tuple[int, int]:
@@ -86,7 +88,7 @@ class EKFAC(Factors):
     def to(self, device=None, dtype=None) -> "EKFAC":
         """A copy with every factor moved/cast."""
         def move(t):
-            return t.to(device=device, dtype=dtype)
+            return None if t is None else t.to(device=device, dtype=dtype)
 
         def moved(f):
             if isinstance(f, EigenFactors):
@@ -120,6 +122,9 @@ class EigenAccumulator:
         a, mask = self.batch.view(a.detach(), layer.name, call)
         rows = a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
         self.rows[layer.name] += (self.batch.n if shared else 1) * rows
+        if layer.layout == "embedding":  # the token ids (N, [T,] 1), padding as -1
+            calls.append((shared, a if mask is None else a.masked_fill(~mask.bool().unsqueeze(-1), -1)))
+            return
         U_A = self.bases[layer.name][1]
         if U_A is None:
             a = a.float() if layer.bias is None else torch.cat([a.float(), a.new_ones(*a.shape[:-1], 1).float()], -1)
@@ -150,7 +155,21 @@ class EigenAccumulator:
             a = torch.cat([tokens(calls[i][1]) for i in own], 1)
             products = [torch.cat([tokens(gi) for gi in parts], 1) for parts in zip(*(pending.pop(i) for i in own))]
         for gi in products:  # S += Σ_n (g_nᵀ a_n)² for the rotated g (N, [T,] r_B) and a (N, [T,] r_A), fused
-            kk.squared_products_update_(self.S[layer.name], gi, a)
+            if layer.layout == "embedding":
+                _add_squared_token_sums_(self.S[layer.name], gi, a)
+            else:
+                kk.squared_products_update_(self.S[layer.name], gi, a)
+
+
+def _add_squared_token_sums_(S: torch.Tensor, g: torch.Tensor, ids: torch.Tensor) -> None:
+    """S (r_B, V) += Σ_n G_n² for an embedding: G_n (r_B, V) has in column v the sum of the rotated g (N, [T,] r_B)
+    over the example's tokens of id v (``ids`` (N, [T,] 1), -1 for padding)."""
+    ids, g = ids.reshape(g.shape[0], -1), g.reshape(g.shape[0], -1, g.shape[-1])
+    real, v = ids >= 0, S.shape[1]
+    example = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[real]
+    pairs, index = torch.unique(example * v + ids[real], return_inverse=True)
+    G = g.new_zeros(len(pairs), g.shape[-1]).index_add_(0, index, g[real])
+    S.index_add_(1, pairs % v, G.float().square().T)
 
 
 def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=None, mc_samples: int = 1,
@@ -178,7 +197,8 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
         expected_n = kfac.meta["n_examples"]
     found = _layers_of(model, kfac, layers, tokens)
     device = next(model.parameters()).device
-    bases = {n: (_eigenvectors(kfac[n].B).to(device), _eigenvectors(kfac[n].A).to(device)) for n in found}
+    bases = {n: (_eigenvectors(kfac[n].B).to(device), None if layer.layout == "embedding" else
+                 _eigenvectors(kfac[n].A).to(device)) for n, layer in found.items()}
     acc = EigenAccumulator(found, bases, device)
     fit_pass(model, batches, Capture(found, acc.on_input, acc.on_grad), acc, output_fn=output_fn,
              mc_samples=mc_samples, exact=exact, probe_chunk=probe_chunk, seed=seed, progress=progress,
@@ -215,9 +235,10 @@ def _layers_of(model: nn.Module, kfac: KFAC, layers, tokens: str) -> dict[str, L
         if not (isinstance(lf.A, torch.Tensor) and isinstance(lf.B, torch.Tensor)):
             raise TypeError(f"fit_ekfac: kfac[{name!r}] holds compressed factors; EK-FAC needs dense A and B")
         d_in, d_out = layer.block_shape[1], layer.d_out
-        if tuple(lf.A.shape) != (d_in, d_in) or tuple(lf.B.shape) != (d_out, d_out):
+        A = (d_in,) if layer.layout == "embedding" else (d_in, d_in)  # an embedding's: its diagonal
+        if tuple(lf.A.shape) != A or tuple(lf.B.shape) != (d_out, d_out):
             raise ValueError(f"fit_ekfac: kfac[{name!r}] has A {tuple(lf.A.shape)} and B {tuple(lf.B.shape)}; "
-                             f"the model's layer needs A ({d_in}, {d_in}) and B ({d_out}, {d_out})")
+                             f"the model's layer needs A {A} and B ({d_out}, {d_out})")
         found[name] = layer
     return found
 

@@ -6,7 +6,9 @@ For a linear layer z = a Wᵀ + b with input a and pseudo-gradient g = (J_z f)�
     tokens="expand":  A = 1/(N·T) Σ_{n,t} ã ãᵀ,   B = 1/N Σ_{n,t} g gᵀ
     tokens="reduce":  A = 1/N Σ_n ā āᵀ (ā: token mean), B = 1/N Σ_n ĝ ĝᵀ (ĝ: token sum)
 
-ã = [a, 1] when the layer has a bias (A is (d_in+1)²). Padding tokens (Hugging Face attention
+ã = [a, 1] when the layer has a bias (A is (d_in+1)²). An embedding's ã is the one-hot row of each token id, so
+its A is diagonal and kept as its diagonal (d_in,): the tokens' frequencies (under "reduce", the diagonal of
+1/N Σ_n ā āᵀ, Σ_n (count_{n,v} / T_n)² / N: the dense vocabulary² matrix is out of reach). Padding tokens (Hugging Face attention
 masks) are left out; N counts examples, T real tokens. The layer's GGN block is ≈ B ⊗ A for the
 row-major vec of [W | b] (DESIGN.md conventions). Every call of a layer in a forward adds its rows. A call on an
 input the batch shares (``tokens``: DeBERTa's relative embeddings) adds its rows to A once per example, as each
@@ -37,8 +39,8 @@ FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 file
 
 @dataclass(frozen=True)
 class LayerFactors:
-    """B (d_out × d_out) and A (d_in[+1] × d_in[+1]) of one layer, dense or compressed, and the
-    parameters [W | b] they belong to (W the ``weight`` parameter seen through ``layout``, see
+    """B (d_out × d_out) and A (d_in[+1] × d_in[+1]) of one layer, dense or compressed (an embedding's A: its
+    diagonal, (d_in,)), and the parameters [W | b] they belong to (W the ``weight`` parameter seen through ``layout``, see
     ``tak.curvature.layers.as_matrix``)."""
 
     A: object
@@ -220,7 +222,7 @@ class _Accumulator:
     def __init__(self, layers: dict[str, Layer], tokens: str, device, dense: dict[str, DenseGroup] | None = None):
         self.layers, self.tokens, self.device = layers, tokens, device
         self.G, self.B = {}, {}
-        self.A = {n: torch.zeros(l.d_in + (l.bias is not None), l.d_in + (l.bias is not None), device=device)
+        self.A = {n: torch.zeros((l.d_in,) if l.layout == "embedding" else (l.block_shape[1],) * 2, device=device)
                   for n, l in layers.items()}
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
@@ -231,11 +233,22 @@ class _Accumulator:
     def on_input(self, layer: Layer, a: torch.Tensor, call: int = 0):
         """A shared input's rows count once for each of the N examples that share them (``tokens`` docstring)."""
         copies = self.batch.n if self.batch.shared(layer.name, a, call) else 1
-        a, mask = self.batch.view(a.detach(), layer.name, call)
-        if a.dim() == 3 and self.tokens == "reduce":
-            a, mask = token_mean(a, mask), None
-        kk.covariance_update_(self.A[layer.name], a, scale=copies, mask=mask, append_ones=layer.bias is not None)
-        rows = a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
+        own = _own_positions(a.detach()[..., 0], self.batch) if layer.layout == "embedding" and copies > 1 else None
+        if own is not None:
+            (a, mask), copies = own, 1
+        else:
+            a, mask = self.batch.view(a.detach(), layer.name, call)
+        reduced = a.dim() == 3 and self.tokens == "reduce"
+        if layer.layout == "embedding":
+            _add_token_counts_(self.A[layer.name], a[..., 0], mask, copies, reduced)
+        else:
+            if reduced:
+                a, mask = token_mean(a, mask), None
+            kk.covariance_update_(self.A[layer.name], a, scale=copies, mask=mask, append_ones=layer.bias is not None)
+        if reduced:  # one row per example
+            rows = a.shape[0]
+        else:
+            rows = a.shape[0] * (a.shape[1] if a.dim() == 3 else 1) if mask is None else mask.sum()
         self.rows[layer.name] += copies * rows
 
     def on_grad(self, layer: Layer, g: torch.Tensor, samples: int = 0, call: int = 0):
@@ -253,6 +266,33 @@ class _Accumulator:
         """v: per-example gradient vectors (N, size) of the group (or (samples·N, size))."""
         G = self.G.setdefault(group.name, torch.zeros(group.size, group.size, device=self.device))
         kk.covariance_update_(G, v.detach())
+
+
+def _own_positions(ids: torch.Tensor, batch: BatchTokens):
+    """Token ids the batch shares (position ids (1, T), T5's relative-position buckets (T, T)) as each example's
+    own, (N, ·, 1), with the mask (N, ·) of those at real positions only (real along every dim of a token length T
+    of the batch); None when a dim of ``ids`` is neither 1 nor such a length."""
+    real = torch.ones((batch.n, *ids.shape), dtype=torch.bool, device=ids.device)
+    for dim, t in enumerate(ids.shape):
+        if t in batch.masks:
+            real = real & batch.masks[t].reshape(batch.n, *(t if d == dim else 1 for d in range(ids.dim())))
+        elif t != 1:
+            return None
+    return ids.expand(batch.n, *ids.shape).reshape(batch.n, -1, 1), real.reshape(batch.n, -1)
+
+
+def _add_token_counts_(A: torch.Tensor, ids: torch.Tensor, mask, copies: int, reduced: bool) -> None:
+    """A (V,) += ``copies`` × the diagonal of Σ ã ãᵀ over the one-hot rows ã of the real token ids (N, T) (or (N,)):
+    each id's count; when ``reduced``, of the examples' token means ā: Σ_n (count_{n,v} / T_n)²."""
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if not reduced:  # padding counts zero times (no host sync for the real ones' number)
+        A.index_add_(0, ids.reshape(-1), real.reshape(-1).to(A.dtype) * copies)
+        return
+    n, v = ids.shape[0], A.shape[0]
+    example = torch.arange(n, device=ids.device)[:, None].expand_as(ids)[real]
+    pairs, counts = torch.unique(example * v + ids[real], return_counts=True)
+    means = counts / real.sum(1)[pairs // v]
+    A.index_add_(0, pairs % v, copies * means.square().to(A.dtype))
 
 
 def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, exact: bool = False,

@@ -11,6 +11,8 @@ probe, cross-attention) projects each distinct input as a call of that layer (``
 ``nn.MultiheadAttention`` applies ``out_proj`` inside its functional forward, not as a module call, so
 both projections are seen through a replacement forward that covers attention without
 bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules get neither (with a warning).
+Every ``nn.Embedding`` (without ``max_norm``) is the linear map of its one-hot inputs: W = weightᵀ
+(embedding_dim, num_embeddings), its input the token ids, so its A is diagonal (the tokens' frequencies).
 """
 import warnings
 from dataclasses import dataclass
@@ -20,15 +22,16 @@ from torch import nn
 from .._selection import check_patterns, selects
 
 
-LAYOUTS = ("linear", "conv", "transposed")
+LAYOUTS = ("linear", "conv", "transposed", "embedding")
 
 
 def as_matrix(weight, layout: str):
     """The (d_out, d_in) matrix W of a layer's weight parameter (or task vector) of this layout:
-    "linear" W itself, "conv" (d_out, C, kh, kw) flattened to (d_out, C·kh·kw), "transposed" (d_in, d_out)."""
+    "linear" W itself, "conv" (d_out, C, kh, kw) flattened to (d_out, C·kh·kw), "transposed" (d_in, d_out),
+    "embedding" (num_embeddings, embedding_dim) = (d_in, d_out)."""
     if layout == "conv":
         return weight.reshape(weight.shape[0], -1)
-    return weight.T if layout == "transposed" else weight
+    return weight.T if layout in ("transposed", "embedding") else weight
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,13 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
                 continue
             found[path] = Layer(path, module, param("weight"), param("bias"), module.out_channels,
                                 module.weight[0].numel(), layout="conv")
+        elif isinstance(module, nn.Embedding):
+            if module.max_norm is not None:
+                warnings.warn(f"{path}: nn.Embedding with max_norm={module.max_norm} rescales its rows in the forward "
+                              "and gets no Kronecker factors", stacklevel=2)
+                continue
+            found[path] = Layer(path, module, param("weight"), None, module.embedding_dim, module.num_embeddings,
+                                layout="embedding")
         elif isinstance(module, nn.Linear):
             if id(module) in out_projs and out_projs[id(module)] is None:
                 continue  # the out_proj of an attention module Capture cannot replace: never called as a module

@@ -232,9 +232,9 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
 
 
 def unpenalized(model, trained: list[str], factors, method: str) -> list[str]:
-    """The trained parameters without curvature in ``factors`` (embeddings, open_clip's positional
-    embedding, T5's relative position bias, ...), with a warning that says how much of τ
-    the drift penalty leaves free."""
+    """The trained parameters without curvature in ``factors`` (open_clip's positional embedding, timm's class token,
+    a layer the features do not depend on, ...), with a warning that says how much of τ the drift penalty leaves
+    free."""
     missing = sorted(set(trained) - penalized_parameters(factors))
     if missing:
         params = dict(model.named_parameters())
