@@ -252,28 +252,54 @@ def test_class_token_block_of_open_clip():
     assert {"ln_pre", "ln_post"} <= set(f)
 
 
-@pytest.mark.parametrize("kind", ["clip", "vit", "dinov2"])
+@pytest.mark.parametrize("kind", ["clip", "vit", "dinov2", "dinov2_registers"])
 def test_class_token_block_of_hugging_face_vision_transformers(kind):
     """The embeddings of CLIP (class_embedding), ViT and DINOv2 (cls_token) put the class token at token 0 of their
-    output, which the block's tap sees."""
+    output, DINOv2 with registers its register tokens after it, which the blocks' taps see."""
     transformers = pytest.importorskip("transformers")
     size = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
-    model, name, embeds = {
+    model, names, embeds = {
         "clip": lambda: (transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
-            intermediate_size=12, projection_dim=5, **size)), "vision_model.embeddings.class_embedding",
+            intermediate_size=12, projection_dim=5, **size)), ["vision_model.embeddings.class_embedding"],
             lambda m, x: m(pixel_values=x).image_embeds),
         "vit": lambda: (transformers.ViTModel(transformers.ViTConfig(intermediate_size=12, **size)),
-                        "embeddings.cls_token", lambda m, x: m(pixel_values=x).pooler_output),
+                        ["embeddings.cls_token"], lambda m, x: m(pixel_values=x).pooler_output),
         "dinov2": lambda: (transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **size)),
-                           "embeddings.cls_token", lambda m, x: m(pixel_values=x).pooler_output)}[kind]()
+                           ["embeddings.cls_token"], lambda m, x: m(pixel_values=x).pooler_output),
+        "dinov2_registers": lambda: (transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+            mlp_ratio=2, num_register_tokens=3, **size)), ["embeddings.cls_token", "embeddings.register_tokens"],
+            lambda m, x: m(pixel_values=x).last_hidden_state.mean(1))}[kind]()
     model = model.double().eval()
     with torch.no_grad():
-        model.get_parameter(name).normal_()
+        for name in names:
+            model.get_parameter(name).normal_()
     X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     f = fit_kfac(model, [X], exact=True, output_fn=embeds, progress=False)
-    block = f[name]
-    assert block.params == (name,)
-    assert rel_err(block.B, exact_block(model, block.params, X, embeds)) < 1e-5
+    for name in names:
+        block = f[name]
+        assert block.params == (name,) and f.meta["dense"][name]["size"] == model.get_parameter(name).numel()
+        assert rel_err(block.B, exact_block(model, block.params, X, embeds)) < 1e-5, name
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_class_and_register_token_blocks_of_timm(class_token):
+    """timm's VisionTransformer puts [class token, register tokens] first among the tokens pos_drop gives."""
+    pytest.importorskip("timm")
+    from tak._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, mlp_ratio=1.5,
+                              class_token=class_token, reg_tokens=2, global_pool="avg" if not class_token else "token",
+                              num_classes=5).double().eval()
+    names = ["cls_token", "reg_token"] if class_token else ["reg_token"]
+    with torch.no_grad():
+        for name in names:
+            model.get_parameter(name).normal_()
+    X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    f = fit_kfac(model, [X], exact=True, output_fn=lambda m, x: m(x), progress=False)
+    assert [n for n in f.meta["dense"] if f.meta["dense"][n]["kind"] != "layernorm"] == names
+    for name in names:
+        assert rel_err(f[name].B, exact_block(model, (name,), X, lambda m, x: m(x))) < 1e-5, name
 
 
 def siglip_tower(library):

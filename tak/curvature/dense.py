@@ -1,6 +1,6 @@
 """Exact GGN blocks of the small parameters (TAK Sec. E): each LayerNorm's (weight, bias), each RMSNorm's
-weight (T5's "layer norms"), the class token of a vision transformer and SigLIP's pooling probe, whose sizes
-grow linearly with the width, get their dense GGN block instead of a Kronecker approximation.
+weight (T5's "layer norms"), the class and register tokens of a vision transformer and SigLIP's pooling probe,
+whose sizes grow linearly with the width, get their dense GGN block instead of a Kronecker approximation.
 
 For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)ᵀ s, the block is
 G_p = 1/(N·M) Σ_{n,m} v vᵀ (Σ_c over unit probes when exact), from the same probes as the Kronecker
@@ -9,9 +9,11 @@ factors. Per-example gradients come from a tap on one tensor per group:
 - RMSNorm y = γ ⊙ x̂, x̂ = x (mean(x²) + ε)^(-1/2): the same, v = Σ_t dy ⊙ x̂. These are ``nn.RMSNorm`` and the
   Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
   whose statistics are taken in fp32 as theirs are.
-- class token c (concatenated as token 0): tap the tokens x it is in, and v = dx[:, 0]; x is ln_pre's input in
-  open_clip, the output of the embeddings in Hugging Face's CLIP (``class_embedding``), ViT and DINOv2
-  (``cls_token``).
+- class token c (concatenated as token 0), register tokens r (R of them, after it): tap the tokens x they are in,
+  and v = dx[:, 0] (dx[:, 1:1 + R].flatten(1), or from token 0 without a class token); x is ln_pre's input in
+  open_clip, pos_drop's output in timm's VisionTransformer (``cls_token``, ``reg_token``), the output of the
+  embeddings in Hugging Face's CLIP (``class_embedding``), ViT, DINOv2 and DINOv2 with registers (``cls_token``,
+  ``register_tokens``).
 - attention pooling probe p (P, d), repeated per example as the query: tap that query q, and v = dq[n] flattened;
   q is the query of the nn.MultiheadAttention ``attention`` beside ``probe`` (SigLIP's head in transformers), the
   input of the projection ``q`` beside ``latent`` (timm's AttentionPoolLatent: open_clip's SigLIP towers).
@@ -34,8 +36,9 @@ class DenseGroup:
     name: str
     module: nn.Module
     params: tuple[str, ...]
-    kind: str  # "layernorm" | "rmsnorm" | "class_token" | "probe" (module: the probe's consumer)
+    kind: str  # "layernorm" | "rmsnorm" | "class_token" | "register_tokens" | "probe" (module: the probe's consumer)
     size: int
+    tokens: tuple[int, int] = (0, 1)  # class or register tokens: their positions [start, stop) among the tokens
 
 
 def _norm_kind(module: nn.Module) -> str | None:
@@ -64,13 +67,17 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + module.variance_epsilon)
 
 
-# A class token's module: open_clip's tower (ln_pre takes the tokens) or an embeddings module whose output they are.
-_TOKEN_HOLDERS = {"class_embedding": ("ln_pre", "patch_embedding"), "cls_token": ("patch_embeddings",)}
+# Prefix tokens by attribute, in their order among the tokens: a class token, then register tokens.
+_PREFIX_TOKENS = {"class_embedding": "class_token", "cls_token": "class_token", "register_tokens": "register_tokens",
+                  "reg_token": "register_tokens"}
+# A module holding them, by where it sees the tokens: open_clip's tower (ln_pre takes them), timm's VisionTransformer
+# (pos_drop gives them), a Hugging Face embeddings module (its output is them).
+_TOKEN_SITES = ("ln_pre", "pos_drop", "patch_embedding", "patch_embeddings")
 
 
 def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
-    """Every affine LayerNorm and RMSNorm, the class token of open_clip's and Hugging Face's vision transformers
-    (CLIP, ViT, DINOv2), and the probe of an attention pooling head (module docstring)."""
+    """Every affine LayerNorm and RMSNorm, the class and register tokens of open_clip's, timm's and Hugging Face's
+    vision transformers (CLIP, ViT, DINOv2), and the probe of an attention pooling head (module docstring)."""
     groups, named = {}, parameter_names(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
@@ -79,11 +86,14 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
                    if p is not None]
             groups[path] = DenseGroup(path, module, tuple(named.get(id(p), prefix + n) for n, p in own), kind,
                                       sum(p.numel() for _, p in own))
-        for attr in ("class_embedding", "cls_token"):  # open_clip's and HF CLIP's; HF ViT's and DINOv2's
+        holds_tokens, start = any(hasattr(module, a) for a in _TOKEN_SITES), 0
+        for attr, kind in _PREFIX_TOKENS.items():
             token = getattr(module, attr, None)
-            if isinstance(token, nn.Parameter) and any(hasattr(module, a) for a in _TOKEN_HOLDERS[attr]):
-                name = prefix + attr
-                groups[name] = DenseGroup(name, module, (named.get(id(token), name),), "class_token", token.numel())
+            if holds_tokens and isinstance(token, nn.Parameter):
+                name, count = prefix + attr, token.numel() // token.shape[-1]
+                groups[name] = DenseGroup(name, module, (named.get(id(token), name),), kind, token.numel(),
+                                          (start, start + count))
+                start += count
         for attr, consumer in (("probe", "attention"), ("latent", "q")):  # SigLIP's (transformers), timm's
             probe, query = getattr(module, attr, None), getattr(module, consumer, None)
             if isinstance(probe, nn.Parameter) and isinstance(query, (nn.MultiheadAttention, nn.Linear, nn.Identity)):
@@ -132,8 +142,13 @@ def install(group: DenseGroup, tap, batch, calls):
                 return (tap(group, args[0], lambda dq: dq.flatten(1)),) + tuple(args[1:]), kwargs
             return args, {**kwargs, key: tap(group, kwargs[key], lambda dq: dq.flatten(1))}
         return group.module.register_forward_pre_hook(query_hook, with_kwargs=True)
+    start, stop = group.tokens
+
+    def prefix(dx):  # (N, T, d) -> the group's tokens' gradients (N, size)
+        return dx[:, start:stop].flatten(1)
     if hasattr(group.module, "ln_pre"):  # open_clip: the tokens ln_pre takes
         def pre_hook(module, args):
-            return (tap(group, args[0], lambda dx: dx[:, 0]),) + tuple(args[1:])
+            return (tap(group, args[0], prefix),) + tuple(args[1:])
         return group.module.ln_pre.register_forward_pre_hook(pre_hook)
-    return group.module.register_forward_hook(lambda module, args, output: tap(group, output, lambda dz: dz[:, 0]))
+    site = group.module.pos_drop if hasattr(group.module, "pos_drop") else group.module  # timm's; Hugging Face's
+    return site.register_forward_hook(lambda module, args, output: tap(group, output, prefix))
