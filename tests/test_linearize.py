@@ -153,11 +153,13 @@ def hf_siglip_case():
     return model, images(14), lambda out: (out.pooler_output, out.last_hidden_state)
 
 
-def dinov2_case():
+def dinov2_case(registers=0):
     import transformers
-    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                       image_size=14, patch_size=7, layerscale_value=0.5)
-    model = transformers.Dinov2Model(config).to(F64).eval()
+    size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=14, patch_size=7,
+                layerscale_value=0.5)
+    model = (transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        num_register_tokens=registers, **size)) if registers else
+        transformers.Dinov2Model(transformers.Dinov2Config(**size))).to(F64).eval()
     return model, images(14), lambda out: (out.pooler_output, out.last_hidden_state)
 
 
@@ -208,7 +210,8 @@ def modernbert_case():
 
 
 CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
-         "hf_siglip": hf_siglip_case, "dinov2": dinov2_case, "llama": llama_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+         "hf_siglip": hf_siglip_case, "dinov2": dinov2_case,
+         "dinov2_registers": lambda: dinov2_case(registers=2), "llama": llama_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 

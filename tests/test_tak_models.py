@@ -213,23 +213,31 @@ def test_hugging_face_clip_models_vision_tower():
 
 
 def tiny_hf_vit(kind="vit", **kw):
-    """A random ViTModel or Dinov2Model (21×21 images, 3×3 patches of 7), float64."""
+    """A random ViTModel, Dinov2Model or Dinov2WithRegistersModel (3 registers) (21×21 images, 3×3 patches of 7),
+    float64."""
     if kind == "vit":
         pooler = kw.pop("pooler", True)
         config = transformers.ViTConfig(**(dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
                                                 intermediate_size=30, image_size=21, patch_size=7) | kw))
         return transformers.ViTModel(config, add_pooling_layer=pooler).double()
-    config = transformers.Dinov2Config(**(dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=2,
-                                               image_size=21, patch_size=7, layerscale_value=0.7) | kw))
-    return transformers.Dinov2Model(config).double()
+    size = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=2, image_size=21, patch_size=7,
+                layerscale_value=0.7)
+    if kind == "dinov2_registers":
+        config = transformers.Dinov2WithRegistersConfig(**(size | {"num_register_tokens": 3} | kw))
+        model = transformers.Dinov2WithRegistersModel(config).double()
+        with torch.no_grad():  # zeros at initialization
+            model.embeddings.register_tokens.normal_()
+        return model
+    return transformers.Dinov2Model(transformers.Dinov2Config(**(size | kw))).double()
 
 
-@pytest.mark.parametrize("kind, pooler", [("vit", True), ("vit", False), ("dinov2", None)],
-                         ids=["vit_pooler", "vit", "dinov2"])
+@pytest.mark.parametrize("kind, pooler", [("vit", True), ("vit", False), ("dinov2", None), ("dinov2_registers", None)],
+                         ids=["vit_pooler", "vit", "dinov2", "dinov2_registers"])
 def test_hugging_face_vit_and_dinov2(kind, pooler):
     """The hidden states and pooled output (ViT's pooler, DINOv2's class token) at the checkpoint's image size, and at
-    another one: DINOv2 resizes its position embeddings (bicubic in fp32, as the source: hence 1e-6), ViT where asked
-    (in float64); DINOv2's LayerScales and its mask token (never read) in the task vector."""
+    another one: DINOv2 resizes its position embeddings (bicubic in fp32, as the source: hence 1e-6; antialiased with
+    registers), ViT where asked (in float64); DINOv2's LayerScales, its register tokens and its mask token (never read)
+    in the task vector."""
     model = tiny_hf_vit(kind, **({} if pooler is None else {"pooler": pooler})).eval()
     keys = ["last_hidden_state"] + (["pooler_output"] if pooler is not False else [])
     dual = check(model, {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)}, keys)
@@ -241,6 +249,8 @@ def test_hugging_face_vit_and_dinov2(kind, pooler):
     else:
         check(model, other, keys, tol=1e-6)
         assert {"encoder.layer.0.layer_scale1.lambda1", "embeddings.mask_token"} <= set(dual.task_vector())
+        if kind == "dinov2_registers":
+            assert "embeddings.register_tokens" in dual.task_vector()
     with pytest.raises(NotImplementedError, match="bool_masked_pos"):
         dual(**other, bool_masked_pos=torch.zeros(2, 20, dtype=torch.bool))
 

@@ -21,6 +21,8 @@ _CONVERTERS = [
     ("transformers.models.siglip.modeling_siglip", "SiglipVisionTransformer", "hf_clip", "DualSiglipVisionModel"),
     ("transformers.models.vit.modeling_vit", "ViTModel", "hf_vit", "DualHFViTModel"),
     ("transformers.models.dinov2.modeling_dinov2", "Dinov2Model", "hf_vit", "DualHFViTModel"),
+    ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers", "Dinov2WithRegistersModel", "hf_vit",
+     "DualHFViTModel"),
     ("transformers.models.bert.modeling_bert", "BertModel", "bert", "DualBertModel"),
     ("transformers.models.roberta.modeling_roberta", "RobertaModel", "bert", "DualBertModel"),
     ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaModel", "bert", "DualBertModel"),

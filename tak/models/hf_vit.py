@@ -1,8 +1,9 @@
-"""Hugging Face's ViT and DINOv2 image encoders (ViTModel, Dinov2Model) as dual models.
+"""Hugging Face's ViT and DINOv2 image encoders (ViTModel, Dinov2Model, Dinov2WithRegistersModel) as dual models.
 
 Tokens: patches through the patch embedding (a convolution with stride = kernel), [cls; patches] + position
-embeddings (``clip_vit.PatchTokens``), dropout. DINOv2 resizes the patches' position embeddings to the image's patch
-grid (bicubic, in fp32) unless the grid is the checkpoint's and square; ViT does so with
+embeddings (``clip_vit.PatchTokens``), DINOv2 with registers' register tokens inserted after the class token (no
+position embedding), dropout. DINOv2 resizes the patches' position embeddings to the image's patch grid (bicubic, in
+fp32; antialiased with registers) unless the grid is the checkpoint's and square; ViT does so with
 ``interpolate_pos_encoding=True`` (bicubic, in the model's dtype) and otherwise takes images of its size only. The
 resizing is linear in the embeddings, so their tangent is resized alike. Then pre-norm layers
 x + ls_1(drop(attn(norm_1(x)))), x + ls_2(drop(fc_2(act(fc_1(norm_2(x)))))) (DINOv2's LayerScales; the dropouts
@@ -57,7 +58,8 @@ def _block(b: Builder, layer: nn.Module, config, owner: str, where: str) -> Dual
         drop_attn=dropout(drop_attn), drop_out=dropout(drop_out))
 
 
-def resized_positions(pos: torch.Tensor, grid: tuple[int, int], square: bool, in_fp32: bool) -> torch.Tensor:
+def resized_positions(pos: torch.Tensor, grid: tuple[int, int], square: bool, in_fp32: bool,
+                      antialias: bool = False) -> torch.Tensor:
     """Position embeddings (1, 1 + N, d) for a patch grid (h, w): as they are where h·w = N and the image is
     ``square``, else the patches' √N × √N embeddings resized bicubically to h × w (in fp32 where ``in_fp32``)."""
     n, d = pos.shape[1] - 1, pos.shape[2]
@@ -65,19 +67,21 @@ def resized_positions(pos: torch.Tensor, grid: tuple[int, int], square: bool, in
         return pos
     side = round(n ** 0.5)
     patches = pos[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2)
-    resized = F.interpolate(patches.float() if in_fp32 else patches, size=grid, mode="bicubic", align_corners=False)
+    resized = F.interpolate(patches.float() if in_fp32 else patches, size=grid, mode="bicubic", align_corners=False,
+                            antialias=antialias)
     return torch.cat([pos[:, :1], resized.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, -1, d)], 1)
 
 
 class DualHFViTModel(DualModel, PatchTokens):
     """forward(pixel_values (B, C, H, W)) -> (y, dy), each a BaseModelOutputWithPooling (last_hidden_state
-    (B, 1 + N, d), pooler_output (B, d), or None for a ViT without pooler); dy is None outside the "linearized"
+    (B, 1 [+ R] + N, d), pooler_output (B, d), or None for a ViT without pooler); dy is None outside the "linearized"
     mode."""
 
     def __init__(self, model: nn.Module, trainable=None):
         super().__init__()
         self.owner, config, b = type(model).__name__, model.config, Builder(model)
-        self.dinov2 = config.model_type == "dinov2"
+        self.dinov2 = config.model_type in ("dinov2", "dinov2_with_registers")
+        self.registers = config.model_type == "dinov2_with_registers"
         e = model.embeddings
         conv = e.patch_embeddings.projection
         self.patch, self.image_size = conv.kernel_size, tuple(e.patch_embeddings.image_size)
@@ -85,6 +89,8 @@ class DualHFViTModel(DualModel, PatchTokens):
         b.own(self, class_embedding=e.cls_token, positional_embedding=e.position_embeddings)
         if getattr(e, "mask_token", None) is not None:  # for masked patches only, which forward refuses: never read
             b.own(self, mask_token=e.mask_token)
+        if self.registers:
+            b.own(self, register_tokens=e.register_tokens)
         self.drop = b.dropout(e.dropout)
         layers = model.layers if hasattr(model, "layers") else model.encoder.layer
         where = "layers" if hasattr(model, "layers") else "encoder.layer"
@@ -107,8 +113,13 @@ class DualHFViTModel(DualModel, PatchTokens):
             raise ValueError(f"{self.owner}: images of {self.image_size[0]}×{self.image_size[1]} only, got {H}×{W} "
                              "(interpolate_pos_encoding=True resizes the position embeddings)")
         grid = (H // self.patch[0], W // self.patch[1])
-        positions = (lambda p: resized_positions(p, grid, H == W, self.dinov2)) if resize else None  # noqa: E731
-        x, dx = chain(self.embed(pixel_values.to(self.patch_embed.weight.dtype), positions), self.drop)
+
+        def positions(p):  # DINOv2's in fp32, antialiased with registers
+            return resized_positions(p, grid, H == W, self.dinov2, antialias=self.registers)
+        x, dx = self.embed(pixel_values.to(self.patch_embed.weight.dtype), positions if resize else None)
+        if self.registers:
+            x, dx = self.with_registers(x, dx)
+        x, dx = self.drop(x, dx)
         for block in self.blocks:
             x, dx = block(x, dx)
         x, dx = self.norm(x, dx)
@@ -120,3 +131,13 @@ class DualHFViTModel(DualModel, PatchTokens):
             p, dp = None, None
         y = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=p)
         return y, None if dx is None else BaseModelOutputWithPooling(last_hidden_state=dx, pooler_output=dp)
+
+    def with_registers(self, x, dx):
+        """Tokens [cls; registers; patches] (B, 1 + R + N, d) from [cls; patches], and their tangent."""
+        r, dr = self.dual("register_tokens")
+
+        def insert(t, registers):
+            return torch.cat([t[:, :1], registers.to(t.dtype).expand(t.shape[0], -1, -1), t[:, 1:]], 1)
+        if dx is None and dr is None:
+            return insert(x, r), None
+        return insert(x, r), insert(torch.zeros_like(x) if dx is None else dx, torch.zeros_like(r) if dr is None else dr)
