@@ -254,7 +254,18 @@ def _quadratic_forms(op: str, taus, Bs, As, weights) -> torch.Tensor:
     def grouped(taus, Bs, As, weights, want_grad, dtype):
         return _forms(taus, *flatten([*Bs, *As]), weights, want_grad, dtype, op)[0]
     plain = [is_diagonal(B) or is_diagonal(A) for B, A in zip(Bs, As)]
-    return _call(op, taus, cts, (Bs, As), _weights(op, weights, n), plain, grouped, reference.quadratic_forms)
+    return _call(op, taus, cts, (Bs, As), _weights(op, weights, n), plain, grouped, _seen_columns)
+
+
+def _seen_columns(taus, Bs, As, weights, want_grad, dtype):
+    """``reference.quadratic_forms`` over the columns where a diagonal A is not zero: τ's other columns add nothing
+    (an embedding's rows of the tokens its factors never saw, most of a vocabulary). One host sync per such layer;
+    under torch.compile, whose graphs take no data-dependent shapes, every column."""
+    if not torch.compiler.is_compiling():
+        seen = [A.nonzero().squeeze(1) if is_diagonal(A) else None for A in As]
+        taus = [t if s is None else t[:, s] for t, s in zip(taus, seen)]
+        As = [A if s is None else A[s] for A, s in zip(As, seen)]
+    return reference.quadratic_forms(taus, Bs, As, weights, want_grad, dtype)
 
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights=None) -> torch.Tensor:

@@ -255,11 +255,21 @@ def test_hugging_face_vit_and_dinov2(kind, pooler):
         dual(**other, bool_masked_pos=torch.zeros(2, 20, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers"])
+def test_hugging_face_dinov2_swiglu_feed_forward(kind):
+    """DINOv2-giant's SwiGLU feed-forward, silu(gate) ⊙ up (separate projections in transformers 5, one fused in 4.x),
+    with and without registers, at another image size too."""
+    model = tiny_hf_vit(kind, use_swiglu_ffn=True).eval()
+    mlp = model.encoder.layer[0].mlp
+    assert type(mlp).__name__.endswith("SwiGLUFFN") and not hasattr(mlp, "fc1")
+    for size in (21, 28):
+        check(model, {"pixel_values": torch.randn(2, 3, size, size, dtype=torch.float64)},
+              ["last_hidden_state", "pooler_output"], tol=1e-6 if size != 21 else TOL64)
+
+
 def test_hugging_face_dinov2_refusals():
     with pytest.raises(NotImplementedError, match=r"Dinov2Model: .*drop_path \(stochastic depth"):
         to_dual(tiny_hf_vit("dinov2", drop_path_rate=0.1))
-    with pytest.raises(NotImplementedError, match=r"Dinov2Model: .*mlp \(Dinov2SwiGLUFFN, a SwiGLU"):
-        to_dual(tiny_hf_vit("dinov2", use_swiglu_ffn=True))
 
 
 def tiny_bert(pooler=True, act="gelu"):

@@ -22,7 +22,8 @@ def _unsupported(where: str, what: str):
 
 class DualResidualAttentionBlock(nn.Module):
     """x + ls_1(drop_attn(attn(ln_1(x)))), then x + ls_2(drop_out(proj(drop_mid(act(fc(ln_2(x))))))), on (B, L, d);
-    the LayerScales ``ls_1``, ``ls_2`` and the dropouts are optional (None: none)."""
+    the LayerScales ``ls_1``, ``ls_2`` and the dropouts are optional (None: none), and so is ``act`` (a gated ``fc``
+    that applies its own)."""
 
     def __init__(self, ln_1, attn: DualAttention, ln_2, fc, act, proj, *, ls_1=None, ls_2=None, drop_attn=None,
                  drop_mid=None, drop_out=None):
@@ -59,7 +60,7 @@ class DualResidualAttentionBlock(nn.Module):
     def forward(self, x, dx=None):
         h, dh = chain(self.attn(*self.ln_1(x, dx)), self.drop_attn, self.ls_1)
         x, dx = x + h, add(dx, dh)
-        h, dh = chain(self.act(*self.fc(*self.ln_2(x, dx))), self.drop_mid)
+        h, dh = chain(self.fc(*self.ln_2(x, dx)), self.act, self.drop_mid)
         h, dh = chain(self.proj(h, dh), self.drop_out, self.ls_2)
         return x + h, add(dx, dh)
 

@@ -7,18 +7,19 @@ fp32; antialiased with registers) unless the grid is the checkpoint's and square
 ``interpolate_pos_encoding=True`` (bicubic, in the model's dtype) and otherwise takes images of its size only. The
 resizing is linear in the embeddings, so their tangent is resized alike. Then pre-norm layers
 x + ls_1(drop(attn(norm_1(x)))), x + ls_2(drop(fc_2(act(fc_1(norm_2(x)))))) (DINOv2's LayerScales; the dropouts
-where each transformers version has them), a final LayerNorm, and the pooled output: ViT's pooler act(W x[:, 0] + b)
-where the model has one, DINOv2's x[:, 0].
+where each transformers version has them; DINOv2's SwiGLU feed-forward fc_2(silu(x W_gᵀ + b_g) ⊙ (x W_uᵀ + b_u))),
+a final LayerNorm, and the pooled output: ViT's pooler act(W x[:, 0] + b) where the model has one, DINOv2's x[:, 0].
 
-Layouts: transformers 5 (attention.q_proj, k_proj, v_proj, o_proj; mlp.fc1, fc2) and 4.x (attention.attention.query,
-key, value; attention.output.dense; ViT's intermediate.dense and output.dense).
+Layouts: transformers 5 (attention.q_proj, k_proj, v_proj, o_proj; mlp.fc1, fc2; SwiGLU's mlp.gate_proj, up_proj,
+down_proj) and 4.x (attention.attention.query, key, value; attention.output.dense; ViT's intermediate.dense and
+output.dense; SwiGLU's mlp.weights_in = [W_g; W_u], weights_out).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..nn import DualAttention, DualPatchEmbedding
+from ..nn import DualActivation, DualAttention, DualPatchEmbedding
 from ..nn.base import apply, chain
 from .base import Builder, DualModel, activation, hf_options
 from .bert import HF_OPTIONS
@@ -41,9 +42,15 @@ def _block(b: Builder, layer: nn.Module, config, owner: str, where: str) -> Dual
         q, k, v, out, drop_attn = s.query, s.key, s.value, a.output.dense, a.output.dropout
         drop_out = getattr(getattr(layer, "output", None), "dropout", None)
     mlp = getattr(layer, "mlp", None)
-    if mlp is not None and not hasattr(mlp, "fc1"):
-        raise _refuse(owner, f"{where}.mlp", f"{type(mlp).__name__}, a SwiGLU feed-forward")
-    fc1, fc2 = (layer.intermediate.dense, layer.output.dense) if mlp is None else (mlp.fc1, mlp.fc2)
+    if mlp is None:  # ViT
+        fc1, act, fc2 = b.linear(layer.intermediate.dense), activation(config.hidden_act, f"{where}.mlp"), \
+            b.linear(layer.output.dense)
+    elif hasattr(mlp, "fc1"):
+        fc1, act, fc2 = b.linear(mlp.fc1), activation(config.hidden_act, f"{where}.mlp"), b.linear(mlp.fc2)
+    elif hasattr(mlp, "gate_proj"):  # SwiGLU, transformers 5
+        fc1, act, fc2 = _SwiGLU(b.linear(mlp.gate_proj), b.linear(mlp.up_proj)), None, b.linear(mlp.down_proj)
+    else:  # SwiGLU, 4.x
+        fc1, act, fc2 = _SwiGLU(b.linear(mlp.weights_in)), None, b.linear(mlp.weights_out)
     if not isinstance(getattr(layer, "drop_path", nn.Identity()), nn.Identity):
         raise _refuse(owner, f"{where}.drop_path", "stochastic depth (drop_path_rate > 0)")
     heads = config.num_attention_heads
@@ -53,9 +60,25 @@ def _block(b: Builder, layer: nn.Module, config, owner: str, where: str) -> Dual
     scales = [b.layer_scale(getattr(layer, n)) if hasattr(layer, n) else None for n in ("layer_scale1", "layer_scale2")]
     dropout = lambda m: None if m is None else b.dropout(m)  # noqa: E731
     return DualResidualAttentionBlock(
-        b.layer_norm(norms[0]), attn.train(a.training), b.layer_norm(norms[1]), b.linear(fc1),
-        activation(config.hidden_act, f"{where}.mlp"), b.linear(fc2), ls_1=scales[0], ls_2=scales[1],
-        drop_attn=dropout(drop_attn), drop_out=dropout(drop_out))
+        b.layer_norm(norms[0]), attn.train(a.training), b.layer_norm(norms[1]), fc1, act, fc2, ls_1=scales[0],
+        ls_2=scales[1], drop_attn=dropout(drop_attn), drop_out=dropout(drop_out))
+
+
+class _SwiGLU(nn.Module):
+    """DINOv2's gated feed-forward input silu(x W_gᵀ + b_g) ⊙ (x W_uᵀ + b_u) and its tangent, from the gate and up
+    projections, or from one projection [W_g; W_u] (``up`` None)."""
+
+    def __init__(self, gate, up=None):
+        super().__init__()
+        self.gate, self.up, self.act = gate, up, DualActivation("silu")
+
+    def forward(self, x, dx=None):
+        g, dg = self.gate(x, dx)
+        if self.up is None:
+            (g, u), (dg, du) = g.chunk(2, -1), (None, None) if dg is None else dg.chunk(2, -1)
+        else:
+            u, du = self.up(x, dx)
+        return self.act(g, dg, u, du)
 
 
 def resized_positions(pos: torch.Tensor, grid: tuple[int, int], square: bool, in_fp32: bool,
