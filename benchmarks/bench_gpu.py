@@ -4,8 +4,8 @@
 
 Writes ``bench_gpu.md`` (the markdown table that goes into benchmarks/RESULTS.md) and
 ``bench_gpu.json`` (every number) to DIR: ``--out``, else ``$OUT``, else benchmarks/.
-Sections: quad, compressed, eigen, covariance, dual, elementwise, correction (each guarded: a failure is recorded
-and the run goes on; so is each single measurement).
+Sections: quad, compressed, eigen, embedding, covariance, dual, elementwise, correction (each guarded: a failure is
+recorded and the run goes on; so is each single measurement).
 
 Timing: ``triton.testing.do_bench`` medians (CUDA events; it flushes L2 before every call), after a
 first untimed call that compiles and autotunes. Inputs that fit in L2 come as four copies that the
@@ -57,12 +57,13 @@ class Sizes:
     d_model: int  # dual_linear's d_in
     blocks: int  # blocks of the block-diagonal factors
     rank: int  # rank of the low-rank factors
+    embeddings: dict  # name -> (vocabulary, width) of an embedding table
 
 
 FULL = Sizes({"ViT-B/16": vit_shapes(768, 3072, 12), "ViT-L/14": vit_shapes(1024, 4096, 24)},
-             128 * 197, (768, 3072), 768, 8, 64)
+             128 * 197, (768, 3072), 768, 8, 64, {"T5-base": (32128, 768), "Qwen2.5-0.5B": (151936, 896)})
 SMOKE = Sizes({"ViT-B/16": vit_shapes(32, 128, 2), "ViT-L/14": vit_shapes(48, 192, 2)},
-              300, (32, 128), 32, 8, 4)
+              300, (32, 128), 32, 8, 4, {"T5-base": (500, 32)})
 
 CFG = SimpleNamespace(save=lambda: None)  # set in main(): smoke, dev, backend, sizes, l2, save (writes the outputs)
 RESULTS = []  # every Result, in order
@@ -460,6 +461,31 @@ def eigen_case(tag, shapes, dtype, mode):
     row("eigen", f"{tag} fwd", "(S*(U_B.T@T@U_A)**2).sum(), no grad", ours_fwd, ref_fwd)
 
 
+def section_embedding():
+    """An embedding's penalty, its A diagonal (the tokens' frequencies; 5% of the vocabulary seen, as in a task's
+    data): kk.quadratic_form(τ, B, a), which skips the unseen tokens' columns, vs autograd of the expression a user
+    would write over every column, ((B @ T) * T * a).sum(); fp32 at 'highest'."""
+    for model, (vocab, width) in CFG.sizes.embeddings.items():
+        T = randn(width, vocab, seed=1, scale=0.01).requires_grad_()
+        B = spd(width, torch.float32, 2)
+        a = torch.rand(vocab, generator=gen(3), device=CFG.dev)
+        a = a * (torch.rand(vocab, generator=gen(4), device=CFG.dev) < 0.05) / a.sum()
+        sets = [([T], [B], [a])]
+        flops = 2 * width * width * int((a > 0).sum())  # B τ over the seen columns
+
+        def diagonal_form(Ts, Bs, As):
+            return ((Bs[0] @ Ts[0]) * Ts[0] * As[0]).sum()
+        M = B.double() @ T.detach().double()  # the exact q and gradient 2 B τ diag(a) in float64
+        exact = ((M * T.detach().double() * a.double()).sum(), [2 * M * a.double()])
+        ours = measure(f"embedding {model} fwd+bwd kk.quadratic_form", with_grad(kk_quad), sets, flops=flops,
+                       exact=exact)
+        ref = measure(f"embedding {model} fwd+bwd autograd ((B@T)*T*a).sum()", with_grad(diagonal_form), sets,
+                      flops=2 * width * width * vocab, exact=exact)
+        row("embedding", f"{model} ({vocab} × {width}) fwd+bwd", "autograd ((B@T)*T*a).sum(), every column", ours, ref,
+            note="TFLOP/s: of B τ over the seen columns (ours), over all (reference)")
+        free()
+
+
 def section_covariance():
     """C += XᵀX for bf16 X into fp32 C: kk.covariance_update_ (triton and cuda) vs torch."""
     for d in CFG.sizes.widths:
@@ -673,6 +699,7 @@ SECTIONS = {
     "quad": ("Quadratic forms: kk.quadratic_forms over all linear layers", section_quad),
     "compressed": ("Compressed factors: kk.quadratic_forms, ViT-B/16 shapes, tf32", section_compressed),
     "eigen": ("EK-FAC form: kk.eigen_quadratic_form(s), ViT-B/16 shapes", section_eigen),
+    "embedding": ("An embedding's penalty: kk.quadratic_form with a diagonal A, 5% of the tokens seen", section_embedding),
     "covariance": ("Covariance: kk.covariance_update_(C, X), X bf16, C fp32", section_covariance),
     "dual": ("Linearized layer: kk.dual_linear, bf16, with bias", section_dual),
     "elementwise": ("Linearized norms and activations: kk.dual_layer_norm, kk.dual_activation, bf16", section_elementwise),

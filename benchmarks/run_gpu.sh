@@ -31,7 +31,7 @@
 #   each step's full output
 # Knobs: RUN_GPU_BUDGET_S; RUN_GPU_STEPS (default "build tests bench_gpu curvature linearized methods kernels tak",
 # which the budget cuts);
-# BENCH_GPU_SECTIONS (default "quad compressed eigen covariance dual elementwise correction"); PYTHON (default python3).
+# BENCH_GPU_SECTIONS (default "quad compressed eigen embedding covariance dual elementwise correction"); PYTHON (default python3).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -41,7 +41,7 @@ WORK=$(mktemp -d /tmp/run_gpu.XXXXXX)  # the scripts' own outputs; merged into $
 PY=${PYTHON:-python3}
 BUDGET=$(( ${RUN_GPU_BUDGET_S:-540} < 570 ? ${RUN_GPU_BUDGET_S:-540} : 570 ))
 STEPS=" ${RUN_GPU_STEPS:-build tests bench_gpu curvature linearized methods kernels tak} "
-BENCH_GPU_SECTIONS=${BENCH_GPU_SECTIONS:-quad compressed eigen covariance dual elementwise correction}
+BENCH_GPU_SECTIONS=${BENCH_GPU_SECTIONS:-quad compressed eigen embedding covariance dual elementwise correction}
 START=$SECONDS
 SUMMARY="$WORK/summary.md"
 printf '| step | status | seconds |\n|---|---|---:|\n' > "$SUMMARY"

@@ -52,8 +52,8 @@ def quadratic_forms(taus, Bs, As, weights, want_grad, dtype):
 
 
 def eigen_quadratic_forms(taus, U_Bs, U_As, Ss, weights, want_grad, dtype):
-    """(Σ_l w_l Σ S_l ⊙ M_l², [G_l = 2 w_l S_l ⊙ M_l] or None) with M_l = U_B,lᵀ τ_l U_A,l (r_B × r_A; U_A None:
-    the identity), multiplied in ``dtype``; ``eigen_gradients`` turns G_l into the gradient."""
+    """(Σ_l w_l Σ S_l ⊙ M_l², [G_l = 2 w_l S_l ⊙ M_l] or None) with M_l = U_B,lᵀ τ_l U_A,l (r_B × r_A; U_A
+    None: the identity), multiplied in ``dtype``; ``eigen_gradients`` turns G_l into the gradient."""
     total = torch.zeros((), dtype=dtype, device=taus[0].device)
     Gs = []
     with no_autocast(taus[0].device):

@@ -37,7 +37,7 @@ def smoke(stem: str, tmp_path) -> dict:
 def test_bench_gpu_smoke(tmp_path):
     data = smoke("bench_gpu", tmp_path)
     sections = {row["section"] for row in data["rows"]}
-    assert sections == {"quad", "compressed", "eigen", "covariance", "dual", "elementwise", "correction"}
+    assert sections == {"quad", "compressed", "eigen", "embedding", "covariance", "dual", "elementwise", "correction"}
     assert sum(r.get("rel_err") is not None for r in data["results"]) > 50
 
 

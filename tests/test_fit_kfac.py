@@ -632,7 +632,8 @@ def test_frozen_model_and_unreached_layers():
         with pytest.raises(ValueError, match="depends on none"):
             fit(model, batches, layers="unused", **kw)
     from tak.curvature import fit_diagonal, fit_ekfac
-    e, d = fit_ekfac(model, batches, exact=True, progress=False), fit_diagonal(model, batches, exact=True, progress=False)
+    e = fit_ekfac(model, batches, exact=True, progress=False)
+    d = fit_diagonal(model, batches, exact=True, progress=False)
     assert list(e) == list(d) == ["a"] and e.meta["off_path"] == d.meta["off_path"] == ["unused"]
     both = fit(model, batches, exact=True, output_fn=lambda m, x: torch.cat([m.a(x), m.unused(x)], 1))
     e = fit_ekfac(model, batches, kfac=both, exact=True, progress=False)  # a basis for a layer f does not reach

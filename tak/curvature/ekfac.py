@@ -12,8 +12,9 @@ eigenbasis, and S corrects its eigenvalues to the true gradients' second moments
 M Monte-Carlo probes averaged, or the C unit probes summed (``exact``, 1/N). The layer's GGN block is
 ≈ (U_B ⊗ U_A) diag(vec S) (U_B ⊗ U_A)ᵀ, so q(τ) = Σ S ⊙ (U_Bᵀ τ U_A)²; with S = λ_B λ_Aᵀ this is KFAC's
 form. An embedding's A is diagonal (``tak.curvature.kfac``): its eigenbasis U_A is the identity (None), and
-G_n's column v sums the g of the example's tokens with id v. Linear layers get EK-FAC factors; the exact GGN blocks of the small parameters (LayerNorms,
-class token: ``DenseFactors`` of the KFAC pass) are kept as they are, so DELTA's drift penalty reaches them too.
+G_n's column v sums the g of the example's tokens with id v. Linear layers get EK-FAC factors; the exact GGN blocks
+of the small parameters (LayerNorms, class token: ``DenseFactors`` of the KFAC pass) are kept as they are, so
+DELTA's drift penalty reaches them too.
 
 The pass computes rotated products R_n = Σ_t (U_Bᵀ g_t)(U_Aᵀ ã_t)ᵀ: ã is rotated at the forward,
 g at the backward, then R_n² is summed over the batch, so no more than one batch of per-example

@@ -6,15 +6,14 @@ For a linear layer z = a Wᵀ + b with input a and pseudo-gradient g = (J_z f)�
     tokens="expand":  A = 1/(N·T) Σ_{n,t} ã ãᵀ,   B = 1/N Σ_{n,t} g gᵀ
     tokens="reduce":  A = 1/N Σ_n ā āᵀ (ā: token mean), B = 1/N Σ_n ĝ ĝᵀ (ĝ: token sum)
 
-ã = [a, 1] when the layer has a bias (A is (d_in+1)²). An embedding's ã is the one-hot row of each token id, so
-its A is diagonal and kept as its diagonal (d_in,): the tokens' frequencies (under "reduce", the diagonal of
-1/N Σ_n ā āᵀ, Σ_n (count_{n,v} / T_n)² / N: the dense vocabulary² matrix is out of reach). Padding tokens (Hugging Face attention
-masks) are left out; N counts examples, T real tokens. The layer's GGN block is ≈ B ⊗ A for the
-row-major vec of [W | b] (DESIGN.md conventions). Every call of a layer in a forward adds its rows. A call on an
-input the batch shares (``tokens``: DeBERTa's relative embeddings) adds its rows to A once per example, as each
-example's own fit would, and to B the gradient rows of the batch's sum, whose second moments are the examples' in
-expectation over the probes.
-"""
+ã = [a, 1] when the layer has a bias (A is (d_in+1)²). An embedding's ã is the one-hot row of each token id, so its A
+is diagonal and kept as its diagonal (d_in,): the tokens' frequencies (under "reduce", the diagonal of 1/N Σ_n ā āᵀ,
+Σ_n (count_{n,v} / T_n)² / N: the dense vocabulary² matrix is out of reach); position ids the batch shares count for
+each example where its token is real. Padding tokens (Hugging Face attention masks) are left out; N counts examples, T
+real tokens. The layer's GGN block is ≈ B ⊗ A for the row-major vec of [W | b] (DESIGN.md conventions). Every call of
+a layer in a forward adds its rows. A call on an input the batch shares (``tokens``: DeBERTa's relative embeddings)
+adds its rows to A once per example, as each example's own fit would, and to B the gradient rows of the batch's sum,
+whose second moments are the examples' in expectation over the probes."""
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -40,8 +39,8 @@ FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 file
 @dataclass(frozen=True)
 class LayerFactors:
     """B (d_out × d_out) and A (d_in[+1] × d_in[+1]) of one layer, dense or compressed (an embedding's A: its
-    diagonal, (d_in,)), and the parameters [W | b] they belong to (W the ``weight`` parameter seen through ``layout``, see
-    ``tak.curvature.layers.as_matrix``)."""
+    diagonal, (d_in,)), and the parameters [W | b] they belong to (W the ``weight`` parameter seen through
+    ``layout``, see ``tak.curvature.layers.as_matrix``)."""
 
     A: object
     B: object
@@ -282,8 +281,8 @@ def _own_positions(ids: torch.Tensor, batch: BatchTokens):
 
 
 def _add_token_counts_(A: torch.Tensor, ids: torch.Tensor, mask, copies: int, reduced: bool) -> None:
-    """A (V,) += ``copies`` × the diagonal of Σ ã ãᵀ over the one-hot rows ã of the real token ids (N, T) (or (N,)):
-    each id's count; when ``reduced``, of the examples' token means ā: Σ_n (count_{n,v} / T_n)²."""
+    """A (V,) += ``copies`` × the diagonal of Σ ã ãᵀ over the one-hot rows ã of the real token ids (N, T) (or
+    (N,)): each id's count; when ``reduced``, of the examples' token means ā: Σ_n (count_{n,v} / T_n)²."""
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     if not reduced:  # padding counts zero times (no host sync for the real ones' number)
         A.index_add_(0, ids.reshape(-1), real.reshape(-1).to(A.dtype) * copies)

@@ -163,4 +163,5 @@ class DualHFViTModel(DualModel, PatchTokens):
             return torch.cat([t[:, :1], registers.to(t.dtype).expand(t.shape[0], -1, -1), t[:, 1:]], 1)
         if dx is None and dr is None:
             return insert(x, r), None
-        return insert(x, r), insert(torch.zeros_like(x) if dx is None else dx, torch.zeros_like(r) if dr is None else dr)
+        dx, dr = torch.zeros_like(x) if dx is None else dx, torch.zeros_like(r) if dr is None else dr
+        return insert(x, r), insert(dx, dr)
