@@ -260,8 +260,21 @@ def _fit(args) -> int:
         raise ValueError("--task: name the task whose factors are fitted (tak list tasks)")
     path = fit(config, args.kind, Path(args.out))
     if is_main_rank():
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {_factors_summary(path)}")
     return 0
+
+
+def _factors_summary(path: Path) -> str:
+    """What a factor file holds: its layers (embeddings among them), exact blocks, and the layers the features do
+    not depend on, which have no factors."""
+    from .curvature import storage
+
+    meta = storage.load(path).meta
+    layers, dense, off = meta.get("layers", {}), meta.get("dense", {}), meta.get("off_path", [])
+    embeddings = sum(info.get("layout") == "embedding" for info in layers.values())
+    summary = f"{len(layers)} layers ({embeddings} embeddings), {len(dense)} exact blocks"
+    return summary + (f"; none for the {len(off)} the features do not depend on: {off[:4]}"
+                      f"{' ...' if len(off) > 4 else ''}" if off else "")
 
 
 def _merge(args) -> int:

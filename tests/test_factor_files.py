@@ -121,6 +121,8 @@ def test_tak_fit_on_the_command_line_writes_the_file_of_tak_training_fit(tmp_pat
              "--progress", "false"]
     code, out, err = tak_cli("fit", "--kind", "kfac", "--task", "20news-part0", *small, "--out", tmp_path / "cli.st")
     assert code == 0 and out.startswith(f"wrote {tmp_path / 'cli.st'}") and err == ""
+    layers = len(read(tmp_path / "cli.st")[1]["layers"])  # and says what it holds
+    assert out.rstrip().endswith(f": {layers} layers (0 embeddings), 1 exact blocks"), out
     python = fit(tiny(tmp_path, task="20news-part0"), "kfac", tmp_path / "python.safetensors")
     (cli, cli_meta), (py, py_meta) = read(tmp_path / "cli.st"), read(python)
     assert cli.keys() == py.keys() and all(torch.equal(cli[k], py[k]) for k in cli)
