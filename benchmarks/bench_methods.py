@@ -216,8 +216,9 @@ def random_ekfac(kfac):
             continue
         d_out, d_in = lf.B.shape[0], lf.A.shape[0]
         S = torch.rand(d_out, d_in, generator=bg.gen(d_out * d_in), device=CFG.dev) + 0.1
-        factors[name] = EigenFactors(U_B=basis(d_out).clone(), U_A=basis(d_in).clone(), S=S, weight=lf.weight,
-                                     bias=lf.bias, layout=lf.layout)
+        U_A = None if lf.A.dim() == 1 else basis(d_in).clone()  # the identity of a diagonal A, as fit_ekfac's
+        factors[name] = EigenFactors(U_B=basis(d_out).clone(), U_A=U_A, S=S, weight=lf.weight, bias=lf.bias,
+                                     layout=lf.layout)
     return EKFAC(factors, {"kind": "ekfac", "tokens": "expand", "note": "random bases and eigenvalues (timing)"})
 
 
@@ -235,7 +236,8 @@ class PublishedPenalty:
         total = 0.0
         for name, T in zip(names, blocks):
             f, T = self.factors[name], T.float()
-            total = total + self.weights.get(name, 1.0) * torch.trace(f.B @ T @ f.A @ T.T)
+            A = f.A if f.A.dim() == 2 else torch.diag(f.A)  # the position table's diagonal A, held dense
+            total = total + self.weights.get(name, 1.0) * torch.trace(f.B @ T @ A @ T.T)
         return self.beta * total
 
 

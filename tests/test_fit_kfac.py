@@ -728,8 +728,8 @@ def test_open_clip_vit():
     f = fit_kfac(model, images, exact=True, progress=False)  # dense blocks on (the default)
     layers = find_layers(model)
     vision = {n: l for n, l in layers.items() if n.startswith("visual.")}
-    assert len(vision) == 10 and {"visual.transformer.resblocks.0.attn.in_proj", "visual.conv1",
-                                  "visual.transformer.resblocks.1.attn.in_proj"} <= set(vision)
+    assert len(vision) == 11 and {"visual.transformer.resblocks.0.attn.in_proj", "visual.conv1",
+                                  "visual.positional_embedding", "visual.transformer.resblocks.1.attn.in_proj"} <= set(vision)
     assert list(vision)[-1] == "visual.proj"  # the tower's last layer, applied after its modules
     assert f["visual.transformer.resblocks.0.attn.in_proj"].B.shape == (96, 96)
     assert (f["visual.conv1"].layout, f["visual.proj"].layout) == ("conv", "transposed")
@@ -768,6 +768,30 @@ def test_open_clip_vit():
     mc = fit_kfac(model, images, mc_samples=3, progress=False)
     assert set(mc) == set(f)
     check_factors(mc, vision)
+
+
+def test_open_clip_position_table():
+    """open_clip's positional_embedding P (T, d) is an embedding at the position ids 0..T-1 of every image: A = I/T,
+    B, the GGN diagonal and EK-FAC's S (identity U_A) from the images' gradients at P, against torch.func."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    vit = open_clip.transformer.VisionTransformer(image_size=16, patch_size=8, width=8, layers=1, heads=2,
+                                                  mlp_ratio=2.0, output_dim=5).double()
+    layer = find_layers(vit)["positional_embedding"]
+    assert (layer.weight, layer.layout, layer.block_shape) == ("positional_embedding", "embedding", (8, 5))
+    assert list(find_layers(vit)).index("positional_embedding") == list(find_layers(vit)).index("conv1") + 1
+    X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    f, e = fit(vit, [X], exact=True), fit_ekfac(vit, [X], exact=True, progress=False)
+    d = fit_diagonal(vit, [X], exact=True, progress=False)
+    P = vit.positional_embedding.detach()
+    J = jacrev(lambda p: functional_call(vit, {"positional_embedding": p}, (X,)))(P)  # (N, C, T, d)
+    G = J.flatten(0, 1).transpose(1, 2)  # per example and class: the gradient of W = Pᵀ, (N·C, d, T)
+    assert rel_err(f["positional_embedding"].A, torch.full((5,), 0.2)) < 1e-6
+    assert rel_err(f["positional_embedding"].B, torch.einsum("kdt,ket->de", G, G) / 4) < 1e-5
+    assert rel_err(d["positional_embedding"].D, G.square().sum(0) / 4) < 1e-5
+    U_B = e["positional_embedding"].U_B.double()
+    assert e["positional_embedding"].U_A is None
+    assert rel_err(e["positional_embedding"].S, (U_B.T @ G).square().sum(0) / 4) < 1e-5
 
 
 class ConvNet(nn.Module):

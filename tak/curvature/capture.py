@@ -85,9 +85,11 @@ class Capture:
                 self._handles.append(layer.module.register_forward_hook(self._conv_hook(layer)))
             elif layer.layout == "transposed":
                 self._handles.append(layer.module.register_forward_hook(self._projection_hook(layer)))
-            elif layer.layout == "embedding":
+            elif layer.layout == "embedding" and isinstance(layer.module, nn.Embedding):
                 self._handles.append(layer.module.register_forward_hook(
                     lambda module, inputs, output, layer=layer: self.tap(layer, inputs[0].unsqueeze(-1), output)))
+            elif layer.layout == "embedding":  # open_clip's position table: the tokens ln_pre takes
+                self._handles.append(layer.module.ln_pre.register_forward_pre_hook(self._positions_hook(layer)))
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
                 if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
@@ -135,6 +137,14 @@ class Capture:
             z = output if output.dim() == 4 else output.unsqueeze(0)
             z = self.tap(layer, a, z.flatten(2).transpose(1, 2))  # (N, L, d_out)
             return z.transpose(1, 2).reshape(output.shape)
+        return hook
+
+    def _positions_hook(self, layer):
+        """The tokens x (N, T, d) ln_pre takes hold the position table's rows at the ids 0..T-1 of every image."""
+        def hook(module, args):
+            x = args[0]
+            ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).unsqueeze(-1)
+            return (self.tap(layer, ids, x),) + tuple(args[1:])
         return hook
 
     def _projection_hook(self, layer):
@@ -203,7 +213,7 @@ class Capture:
     def model_fed_modules(self) -> dict[str, nn.Module]:
         """{name: module} of the linear layers and norms whose inputs come as the model passes them (the
         others' are rearranged here: batch-first), for ``tokens.measure_layouts``."""
-        linear = {n: l.module for n, l in self.layers.items() if l.layout == "embedding"
+        linear = {n: l.module for n, l in self.layers.items() if isinstance(l.module, nn.Embedding)
                   or isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
         return linear | {n: g.module for n, g in self.dense.items() if g.kind in ("layernorm", "rmsnorm")}
 

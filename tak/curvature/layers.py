@@ -12,7 +12,9 @@ probe, cross-attention) projects each distinct input as a call of that layer (``
 both projections are seen through a replacement forward that covers attention without
 bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules get neither (with a warning).
 Every ``nn.Embedding`` (without ``max_norm``) is the linear map of its one-hot inputs: W = weightᵀ
-(embedding_dim, num_embeddings), its input the token ids, so its A is diagonal (the tokens' frequencies).
+(embedding_dim, num_embeddings), its input the token ids, so its A is diagonal (the tokens' frequencies); so is
+the position table of open_clip's vision transformer, ``positional_embedding`` (T, d), whose rows every image's
+tokens add at the position ids 0..T-1 (named ``<tower>.positional_embedding``).
 """
 import warnings
 from dataclasses import dataclass
@@ -80,6 +82,12 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             order[name] = max(i for i, (p, _) in enumerate(modules) if p == path or p.startswith(prefix)) + 0.5
             found[name] = Layer(name, module, param("proj"), None, module.proj.shape[1], module.proj.shape[0],
                                 layout="transposed")
+        positions = getattr(module, "positional_embedding", None)
+        if _is_vision_projection(module) and isinstance(positions, nn.Parameter) and positions.dim() == 2:
+            name = prefix + "positional_embedding"  # added to the patch tokens, before ln_pre
+            order[name] = next(i for i, (p, _) in enumerate(modules) if p == prefix + "ln_pre") - 0.5
+            found[name] = Layer(name, module, param("positional_embedding"), None, positions.shape[1],
+                                positions.shape[0], layout="embedding")
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 or module.padding == "same" or module.padding_mode != "zeros":
                 warnings.warn(f"{path}: nn.Conv2d with groups={module.groups}, padding={module.padding!r}, "
