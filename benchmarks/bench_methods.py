@@ -1,17 +1,21 @@
 """GPU benchmark of the training methods' per-step cost: full training steps of ``tak.methods.Objective``
-(forward, loss, backward, AdamW step) for non-linear, linear, TAK and DELTA fine-tuning, CLIP ViT-B/16.
+(forward, loss, backward, AdamW step) for non-linear, linear, TAK and DELTA fine-tuning, CLIP ViT-B/16 (or T5-base).
 
-    python benchmarks/bench_methods.py [--out DIR] [--only SECTION] [--smoke]
+    python benchmarks/bench_methods.py [--out DIR] [--only SECTION] [--backbone {clip,t5}] [--smoke]
 
 Writes ``bench_methods.md`` (the markdown table that goes into benchmarks/RESULTS.md) and
-``bench_methods.json`` (every number) to DIR: ``--out``, else ``$OUT``, else benchmarks/.
+``bench_methods.json`` (every number) to DIR: ``--out``, else ``$OUT``, else benchmarks/ (``bench_methods_t5.*``
+with ``--backbone t5``).
 Targets (the issue): the TAK penalty adds ≤ 5% to a linearized step (published code: about 35%); a
 DELTA step costs ≤ 3× a non-linear step (DELTA paper: 3.9×); peak memory of both next to the plain step.
 
 Model: ``tak.backbones.load_backbone("clip:ViT-B-16")`` (open_clip, random weights: ``pretrained=None``; the text
 tower is released once loaded), its image tower fine-tuned; a ``tak.backbones.base.Head`` with random
-weights (10 classes, cosine logits, scale 100); random images (batch 128, 224²) and random labels. No
-data loading: what is timed is exactly the per-step cost. Objectives are built with
+weights (10 classes, cosine logits, scale 100); random images (batch 128, 224²) and random labels. With
+``--backbone t5``: T5-base (``T5ForConditionalGeneration`` of T5-base's config, random weights) as
+``tak.backbones.t5.T5Backbone``, all of it trained (the papers' text setup: its shared embedding and relative
+position buckets are in the penalty, as embeddings), random token ids (batch 32 × 128 tokens), a random
+3-class head. No data loading: what is timed is exactly the per-step cost. Objectives are built with
 ``tak.methods.Objective`` and each method's paper hyperparameters (``tak.methods.get_method(...).defaults``)
 the way ``tak.training.loop.build_objective`` builds them, and a step is the loop's step:
 ``loss, terms = objective(x, y, step)``, ``zero_grad(set_to_none=True)``, ``loss.backward()``, the loop's one host
@@ -86,6 +90,9 @@ CFG = bg.CFG
 BATCH = 128
 CLASSES = 10
 BACKBONE = "clip:ViT-B-16"
+T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, decoder_start_token_id=0)
+T5_TINY = dict(vocab_size=500, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+T5_BATCH, T5_TOKENS, T5_CLASSES = 32, 128, 3
 TARGETS = {"tak": 1.05, "delta": 3.0}  # upper bounds on step time / its plain reference
 PUBLISHED = {"tak": "published code: about 1.35×", "delta": "DELTA paper: 3.9×"}
 
@@ -116,9 +123,10 @@ def find(name) -> Measured | None:
 # ---------------------------------------------------------------- setup (once, shared by the sections)
 
 class Setup:
+    which = "clip"  # or "t5" (--backbone)
     backbone = None
     head = None
-    x = None
+    x = None  # images, or a T5 batch (token ids, attention mask, decoder start tokens)
     y = None
     kfac = None  # merged KFAC, on the CPU
     ekfac = None  # EK-FAC of random bases, on the CPU
@@ -138,10 +146,49 @@ def tiny_clip_spec(folder: Path) -> str:
     return f"clip:local-dir:{folder}"
 
 
+def t5_inputs(n: int, tokens: int, vocab: int, seed: int) -> dict:
+    """A T5 batch: random token ids (n, tokens), all real, and the decoder start token."""
+    g = bg.gen(seed)
+    return {"input_ids": torch.randint(1, vocab, (n, tokens), generator=g, device=CFG.dev),
+            "attention_mask": torch.ones(n, tokens, dtype=torch.long, device=CFG.dev),
+            "decoder_input_ids": torch.zeros(n, 1, dtype=torch.long, device=CFG.dev)}
+
+
+def setup_t5() -> Setup:
+    """T5-base (tiny with --smoke), random weights, all of it trained; random token batches and head."""
+    from tak._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()  # before transformers (tak's loaders do the same)
+    import transformers
+    from tak.backbones.base import Head
+    from tak.backbones.t5 import T5Backbone
+    torch.manual_seed(0)
+    t = time.time()
+    config = transformers.T5Config(**(T5_TINY if CFG.smoke else T5_BASE))
+    model = transformers.T5ForConditionalGeneration(config).to(device=CFG.dev, dtype=dtype())
+    backbone = T5Backbone(model, None, name="t5-base (random weights)")  # no tokenizer: the batches are token ids
+    n, tokens = (4, 16) if CFG.smoke else (T5_BATCH, T5_TOKENS)
+    Setup.x = t5_inputs(n, tokens, config.vocab_size, 0)
+    Setup.y = torch.randint(0, T5_CLASSES, (n,), generator=bg.gen(1), device=CFG.dev)
+    Setup.head = Head(torch.randn(T5_CLASSES, config.d_model, generator=bg.gen(2), device=CFG.dev), normalize=False,
+                      scale=1.0)
+    Setup.backbone = backbone
+    INFO.update({
+        "backbone": f"T5ForConditionalGeneration, {'a tiny config' if CFG.smoke else 'T5-base'}'s shapes (transformers "
+                    f"{transformers.__version__}, random weights), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+                    "parameters, all trained",
+        "batch": f"{n} × {tokens} random token ids, decoder start token; {T5_CLASSES} classes, random labels",
+        "precision": "bf16 weights, τ and AdamW states (no autocast); factors fp32; fp32 matmuls 'highest'",
+    })
+    print(f"  backbone built in {time.time() - t:.1f} s: {INFO['backbone']}", flush=True)
+    fit_n = 2 if CFG.smoke else 16
+    return _factors([[t5_inputs(fit_n, tokens, config.vocab_size, 10 + i)] for i in range(2)], f"{fit_n} sequences")
+
+
 def setup() -> Setup:
     if Setup.backbone is not None:
         return Setup
-    import tak
+    if Setup.which == "t5":
+        return setup_t5()
     from tak.backbones import load_backbone
     from tak.backbones.base import Head
     torch.manual_seed(0)
@@ -170,20 +217,28 @@ def setup() -> Setup:
         "precision": "bf16 weights, images, τ and AdamW states (no autocast); factors fp32; fp32 matmuls 'highest'",
     })
     print(f"  backbone loaded in {time.time() - t:.1f} s: {INFO['backbone']}", flush=True)
-
-    t = time.time()
     fit_n = 2 if CFG.smoke else 16
-    parts = [tak.fit_kfac(model, [torch.randn(fit_n, 3, size, size, generator=bg.gen(10 + i), device=CFG.dev)
-                                  .to(dtype())], output_fn=backbone.features, progress=False)
-             for i in range(2)]
+    return _factors([[torch.randn(fit_n, 3, size, size, generator=bg.gen(10 + i), device=CFG.dev).to(dtype())]
+                     for i in range(2)], f"{fit_n} images")
+
+
+def _factors(fits: list, what: str) -> Setup:
+    """The merged KFAC of the backbone's fits on two "tasks" (their batches ``fits``, of ``what`` each; TAK Eq. 8) and
+    EK-FAC factors of random bases, on the CPU."""
+    import tak
+    t = time.time()
+    parts = [tak.fit_kfac(Setup.backbone.model, batches, output_fn=Setup.backbone.features, progress=False)
+             for batches in fits]
     Setup.kfac = tak.merge_kfac(parts, [1000, 3000]).to("cpu")
     Setup.ekfac = random_ekfac(parts[0]).to("cpu")
     del parts
     free()
     n_dense = sum(1 for f in Setup.kfac.values() if not hasattr(f, "weight"))
-    INFO["factors"] = (f"KFAC: {len(Setup.kfac) - n_dense} linear layers + {n_dense} exact blocks, merged over 2 "
-                       f"fits of {fit_n} images ({kfac_mib(Setup.kfac):.0f} MiB); EK-FAC: {len(Setup.ekfac) - n_dense} layers with "
-                       f"random bases + the exact blocks ({kfac_mib(Setup.ekfac):.0f} MiB)")
+    n_embeddings = sum(1 for f in Setup.kfac.values() if getattr(f, "layout", None) == "embedding")
+    INFO["factors"] = (f"KFAC: {len(Setup.kfac) - n_dense} layers ({n_embeddings} embeddings) + {n_dense} exact blocks, "
+                       f"merged over 2 fits of {what} ({kfac_mib(Setup.kfac):.0f} MiB); EK-FAC: "
+                       f"{len(Setup.ekfac) - n_dense} layers with random bases + the exact blocks "
+                       f"({kfac_mib(Setup.ekfac):.0f} MiB)")
     print(f"  factors in {time.time() - t:.1f} s: {INFO['factors']}", flush=True)
     return Setup
 
@@ -226,7 +281,8 @@ def random_ekfac(kfac):
 
 class PublishedPenalty:
     """The TAK penalty as published code computes it: β Σ_l w_l trace(B_l @ T_l @ A_l @ T_lᵀ) with autograd,
-    T_l the layer's [W | b] block of τ cast to fp32 (fp32 factors). Same call as ``CurvaturePenalty``."""
+    T_l the layer's [W | b] block of τ cast to fp32 (fp32 factors); an embedding's, whose A is a diagonal a,
+    ((B_l @ T_l) * T_l * a).sum(). Same call as ``CurvaturePenalty``."""
 
     def __init__(self, factors, beta, weights=None):
         self.factors, self.beta, self.weights = factors, float(beta), weights or {}
@@ -236,8 +292,9 @@ class PublishedPenalty:
         total = 0.0
         for name, T in zip(names, blocks):
             f, T = self.factors[name], T.float()
-            A = f.A if f.A.dim() == 2 else torch.diag(f.A)  # the position table's diagonal A, held dense
-            total = total + self.weights.get(name, 1.0) * torch.trace(f.B @ T @ A @ T.T)
+            # an embedding's diagonal A (published code has none) as one would write it, over every column
+            q = ((f.B @ T) * T * f.A).sum() if f.A.dim() == 1 else torch.trace(f.B @ T @ f.A @ T.T)
+            total = total + self.weights.get(name, 1.0) * q
         return self.beta * total
 
 
@@ -481,7 +538,7 @@ def table(info) -> str:
               "above the resident backbone model and batch: θ / θ0 copies, τ, gradients, AdamW states, activations, "
               "factors on the GPU.",
               "- tak's layer weights: `tak.methods.layer_weights(K, last_layer_weight=0.1)` as the loop builds them: "
-              "0.1 on the last linear layer the features reach (the tower's output projection proj), 1 elsewhere, the exact "
+              "0.1 on the last linear layer the features reach (CLIP: the tower's output projection proj), 1 elsewhere, the exact "
               "LayerNorm / class-token blocks included.",
               "- The published-code penalty: β Σ_l w_l trace(B_l @ T_l @ A_l @ T_lᵀ), autograd, T_l = [W | b] in fp32, "
               "fp32 factors at 'highest' matmul precision.",
@@ -508,7 +565,10 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", str(HERE)), help="output folder (default: $OUT, else benchmarks/)")
     p.add_argument("--only", choices=list(SECTIONS), help="run one section")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, torch backend, 2 timed steps")
+    p.add_argument("--backbone", choices=["clip", "t5"], default="clip",
+                   help="CLIP ViT-B/16's image tower (default) or all of T5-base")
     args = p.parse_args()
+    Setup.which = args.backbone
 
     CFG.smoke = args.smoke
     if not args.smoke and not torch.cuda.is_available():
@@ -524,7 +584,7 @@ def main():
     print(" · ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_methods_smoke" if args.smoke else "bench_methods"
+    stem = "bench_methods" + ("_t5" if args.backbone == "t5" else "") + ("_smoke" if args.smoke else "")
     start = time.time()
     keys = [args.only] if args.only else list(SECTIONS)
     CFG.save = lambda: write(out, stem, info)

@@ -17,7 +17,8 @@
 #      leave torch's lock file and hang every later load (stale locks are removed after each step)
 #   2. python3 -m pytest -m gpu tests, then the kernel tests (not marked gpu) under the real Triton compiler
 #   3. benchmarks/bench_gpu.py, one section per call (a timeout loses one section, not all)
-#   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py, benchmarks/bench_methods.py (≤ 60 s)
+#   4. benchmarks/bench_curvature.py, benchmarks/bench_linearized.py, benchmarks/bench_methods.py (≤ 60 s; then
+#      again on T5-base, --backbone t5)
 #   5. python3 -m kfac_kernels, benchmarks/saved_activations.py (what a step keeps for its backward), then
 #      tests/test_compile.py (torch.compile through the ops on CUDA)
 #   6. python3 -m pytest tests/test_cuda.py: the tak layer on the GPU against the CPU (curvature, training of
@@ -106,6 +107,7 @@ work, out = Path(os.environ["WORK"]), Path(os.environ["OUT"])
 steps = os.environ["STEPS"].split()
 parts = [("bench_gpu", f"bench_gpu_{s}", "bench_gpu", s) for s in os.environ["SECTIONS"].split()] * ("bench_gpu" in steps)
 parts += [(f"bench_{step}", step, f"bench_{step}", None) for step in ("curvature", "linearized", "methods") if step in steps]
+parts += [("bench_methods_t5", "methods_t5", "bench_methods_t5", None)] * ("methods" in steps)
 md = ["# GPU run (benchmarks/run_gpu.sh)", "", (work / "summary.md").read_text(), ""]
 data = {}
 for script, folder, stem, section in parts:
@@ -191,6 +193,8 @@ if wants linearized; then
 fi
 if wants methods; then
     step methods "bench_methods" 90 "$OUT/bench_methods.log" "$PY" benchmarks/bench_methods.py --out "$WORK/methods"
+    step methods "bench_methods --backbone t5" 60 "$OUT/bench_methods.log" "$PY" benchmarks/bench_methods.py \
+        --backbone t5 --out "$WORK/methods_t5"
 fi
 if wants kernels; then  # into tests.log: $OUT holds at most 8 files
     step kernels "python -m kfac_kernels" 45 "$OUT/tests.log" "$PY" -m kfac_kernels

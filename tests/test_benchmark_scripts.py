@@ -19,9 +19,10 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
-def smoke(stem: str, tmp_path) -> dict:
-    """``{stem}.py --smoke``'s JSON, after the checks every script passes."""
-    run_script(f"{stem}.py", "--smoke", "--out", str(tmp_path))
+def smoke(stem: str, tmp_path, *args: str, suffix: str = "") -> dict:
+    """``{stem}.py --smoke [args]``'s JSON (``{stem}{suffix}_smoke.json``), after the checks every script passes."""
+    run_script(f"{stem}.py", "--smoke", *args, "--out", str(tmp_path))
+    stem += suffix
     data = json.loads((tmp_path / f"{stem}_smoke.json").read_text())
     assert not data["failed_sections"]
     cpu_only = "backend 'cuda' needs CUDA tensors"  # the hand-written CUDA kernel's rows, on this CPU
@@ -76,3 +77,14 @@ def test_saved_activations_runs():
     saved = [float(m) for m in re.findall(r"([\d.]+) MiB saved", out)]
     assert len(saved) == 2 and all(s > 0 for s in saved)
     assert "_DualLinearBackward" in out and "_DualNormBackward" in out
+
+
+def test_bench_methods_smoke_on_t5(tmp_path):
+    """--backbone t5: all of a (tiny) T5 trained, its embeddings in the penalty, the published form's value ours."""
+    data = smoke("bench_methods", tmp_path, "--backbone", "t5", suffix="_t5")
+    results = {r["name"]: r for r in data["results"]}
+    assert results["tak"]["ratio"] is not None and results["linear"]["terms"]["student"] == "DualLinearizedModel"
+    assert "4 embeddings" in data["header"]["factors"]
+    published = next(r for n, r in results.items() if n.startswith("published form"))
+    value = [float(r["terms"]["value β·q(τ)"]) for r in (results["CurvaturePenalty(KFAC), fp32 τ"], published)]
+    assert abs(value[0] - value[1]) <= 1e-4 * abs(value[1]), value
