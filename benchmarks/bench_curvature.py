@@ -336,7 +336,7 @@ def section_kfac():
 
     def ours(dense):  # the layers the reference hooks: the patch convolution and output projection left out
         return lambda: tak.fit_kfac(model, [x], mc_samples=1, dense=dense, progress=False,
-                                    layers=lambda name: name not in ("conv1", "proj"))
+                                    layers=lambda name: name not in ("conv1", "positional_embedding", "proj"))
 
     reference = HookKFAC(with_linear_attention(model))
     ref_factors = {}
