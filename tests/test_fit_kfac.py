@@ -794,6 +794,34 @@ def test_open_clip_position_table():
     assert rel_err(e["positional_embedding"].S, (U_B.T @ G).square().sum(0) / 4) < 1e-5
 
 
+@pytest.mark.parametrize("options", [{}, {"no_embed_class": True, "reg_tokens": 2},
+                                     {"class_token": False, "global_pool": "avg"}],
+                         ids=["class_token", "no_embed_class_registers", "no_class_token"])
+def test_timm_position_table(options):
+    """timm's pos_embed (1, T, d): the rows at the position ids of every image's tokens at pos_drop (after the class
+    and register tokens with no_embed_class), against torch.func as open_clip's."""
+    pytest.importorskip("timm")
+    from tak._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, mlp_ratio=1.5,
+                            num_classes=3, **options).double().eval()
+    T = vit.pos_embed.shape[1]
+    assert find_layers(vit)["pos_embed"].block_shape == (8, T) and T == 4 + (not options)
+    X = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    f, d = fit(vit, [X], exact=True), fit_diagonal(vit, [X], exact=True, progress=False)
+    J = jacrev(lambda p: functional_call(vit, {"pos_embed": p}, (X,)))(vit.pos_embed.detach())  # (N, C, 1, T, d)
+    G = J.flatten(0, 1)[:, 0].transpose(1, 2)  # the gradient of W = pos_embedᵀ per example and class (N·C, d, T)
+    assert rel_err(f["pos_embed"].A, torch.full((T,), 1 / T)) < 1e-6
+    assert rel_err(f["pos_embed"].B, torch.einsum("kdt,ket->de", G, G) / 4) < 1e-5
+    assert rel_err(d["pos_embed"].D, G.square().sum(0) / 4) < 1e-5
+    with torch.no_grad():  # the tapped forward (tokens cut around the table's and joined again) is the model's
+        y = vit(X)
+        with Capture({"pos_embed": find_layers(vit)["pos_embed"]}, lambda *a: None):
+            assert torch.equal(vit(X), y)
+
+
 class ConvNet(nn.Module):
     """A padded, strided, dilated convolution and a head; ``explicit``: the same convolution written as
     an nn.Linear over the unfolded patches (named alike), whose factors the convolution's must equal."""

@@ -19,17 +19,19 @@ HAS_STORAGE = importlib.util.find_spec("tak.curvature.storage") is not None
 
 
 class Encoder(nn.Module):
-    """Tokens (N, T, d) with a padding mask -> linear, LayerNorm, self-attention, masked mean, head."""
+    """Tokens (N, T, d) with a padding mask -> linear + position embedding (position ids the batch shares),
+    LayerNorm, self-attention, masked mean, head; a linear layer off the output's path."""
 
     def __init__(self, d=6, c=3):
         super().__init__()
-        self.embed = nn.Linear(d, d)
+        self.embed, self.positions = nn.Linear(d, d), nn.Embedding(8, d)
         self.norm = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
-        self.head = nn.Linear(d, c)
+        self.head, self.unused = nn.Linear(d, c), nn.Linear(d, d)
 
     def forward(self, x, attention_mask):
-        h = self.norm(torch.tanh(self.embed(x)))
+        self.unused(x)
+        h = self.norm(torch.tanh(self.embed(x) + self.positions(torch.arange(x.shape[1])[None])))
         h = h + self.attn(h, h, h, key_padding_mask=~attention_mask, need_weights=False)[0]
         w = attention_mask.to(h.dtype).unsqueeze(-1)
         return self.head((h * w).sum(1) / w.sum(1))
@@ -74,7 +76,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
     mp.spawn(_worker, args=(free_port(), model, batches, linear, same_batch, str(tmp_path)), nprocs=WORLD, join=True)
 
     single = fit_kfac(model, batches, exact=True, progress=False)
-    assert {"embed", "attn.in_proj", "attn.out_proj", "head", "norm"} <= set(single)
+    assert {"embed", "positions", "attn.in_proj", "attn.out_proj", "head", "norm"} <= set(single)
+    assert single.meta["off_path"] == ["unused"] and single["positions"].A.shape == (8,)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert set(got["factors"]) == set(single)

@@ -88,8 +88,10 @@ class Capture:
             elif layer.layout == "embedding" and isinstance(layer.module, nn.Embedding):
                 self._handles.append(layer.module.register_forward_hook(
                     lambda module, inputs, output, layer=layer: self.tap(layer, inputs[0].unsqueeze(-1), output)))
-            elif layer.layout == "embedding":  # open_clip's position table: the tokens ln_pre takes
+            elif layer.layout == "embedding" and hasattr(layer.module, "ln_pre"):  # open_clip's position table
                 self._handles.append(layer.module.ln_pre.register_forward_pre_hook(self._positions_hook(layer)))
+            elif layer.layout == "embedding":  # timm's
+                self._handles.append(layer.module.pos_drop.register_forward_hook(self._positions_hook(layer)))
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
                 if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
@@ -140,12 +142,19 @@ class Capture:
         return hook
 
     def _positions_hook(self, layer):
-        """The tokens x (N, T, d) ln_pre takes hold the position table's rows at the ids 0..T-1 of every image."""
-        def hook(module, args):
-            x = args[0]
-            ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).unsqueeze(-1)
-            return (self.tap(layer, ids, x),) + tuple(args[1:])
-        return hook
+        """The tokens x (N, T', d) that ln_pre takes (open_clip) or pos_drop gives (timm) hold the position table's
+        T rows at the ids 0..T-1 of every image: all of x, or timm's tokens after the class and register ones where
+        the table leaves them out (``no_embed_class``)."""
+        tower = layer.module
+        start = tower.num_prefix_tokens if getattr(tower, "no_embed_class", False) else 0
+
+        def tapped(x):
+            ids = torch.arange(layer.d_in, device=x.device).expand(x.shape[0], -1).unsqueeze(-1)
+            z = self.tap(layer, ids, x[:, start:start + layer.d_in])
+            return z if z.shape[1] == x.shape[1] else torch.cat([x[:, :start], z, x[:, start + layer.d_in:]], 1)
+        if hasattr(tower, "ln_pre"):
+            return lambda module, args: (tapped(args[0]),) + tuple(args[1:])
+        return lambda module, args, output: tapped(output)
 
     def _projection_hook(self, layer):
         """Hooks for z = pooled @ proj: ``_pool`` keeps the pooled features, the tower's output is tapped."""

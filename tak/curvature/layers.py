@@ -13,8 +13,9 @@ both projections are seen through a replacement forward that covers attention wi
 bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules get neither (with a warning).
 Every ``nn.Embedding`` (without ``max_norm``) is the linear map of its one-hot inputs: W = weightᵀ
 (embedding_dim, num_embeddings), its input the token ids, so its A is diagonal (the tokens' frequencies); so is
-the position table of open_clip's vision transformer, ``positional_embedding`` (T, d), whose rows every image's
-tokens add at the position ids 0..T-1 (named ``<tower>.positional_embedding``).
+the position table of open_clip's and timm's vision transformers, ``positional_embedding`` (T, d) and ``pos_embed``
+(1, T, d) (named so: ``<tower>.positional_embedding``), whose rows every image's tokens add at the position ids
+0..T-1 (timm's at the model's own image size; after its class and register tokens where it has ``no_embed_class``).
 """
 import warnings
 from dataclasses import dataclass
@@ -30,10 +31,12 @@ LAYOUTS = ("linear", "conv", "transposed", "embedding")
 def as_matrix(weight, layout: str):
     """The (d_out, d_in) matrix W of a layer's weight parameter (or task vector) of this layout:
     "linear" W itself, "conv" (d_out, C, kh, kw) flattened to (d_out, C·kh·kw), "transposed" (d_in, d_out),
-    "embedding" (num_embeddings, embedding_dim) = (d_in, d_out)."""
+    "embedding" (num_embeddings, embedding_dim) = (d_in, d_out) (timm's position table: (1, d_in, d_out))."""
     if layout == "conv":
         return weight.reshape(weight.shape[0], -1)
-    return weight.T if layout in ("transposed", "embedding") else weight
+    if layout == "embedding":
+        return weight.reshape(-1, weight.shape[-1]).T
+    return weight.T if layout == "transposed" else weight
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,12 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             order[name] = max(i for i, (p, _) in enumerate(modules) if p == path or p.startswith(prefix)) + 0.5
             found[name] = Layer(name, module, param("proj"), None, module.proj.shape[1], module.proj.shape[0],
                                 layout="transposed")
-        positions = getattr(module, "positional_embedding", None)
-        if _is_vision_projection(module) and isinstance(positions, nn.Parameter) and positions.dim() == 2:
-            name = prefix + "positional_embedding"  # added to the patch tokens, before ln_pre
-            order[name] = next(i for i, (p, _) in enumerate(modules) if p == prefix + "ln_pre") - 0.5
-            found[name] = Layer(name, module, param("positional_embedding"), None, positions.shape[1],
-                                positions.shape[0], layout="embedding")
+        if (table := position_table(module)) is not None:  # added to the tokens before ln_pre / at pos_drop
+            name, positions = prefix + table, getattr(module, table)
+            order[name] = next(i for i, (p, _) in enumerate(modules) if p in (prefix + "ln_pre", prefix + "pos_drop"))
+            order[name] -= 0.5
+            found[name] = Layer(name, module, param(table), None, positions.shape[-1], positions.shape[-2],
+                                layout="embedding")
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 or module.padding == "same" or module.padding_mode != "zeros":
                 warnings.warn(f"{path}: nn.Conv2d with groups={module.groups}, padding={module.padding!r}, "
@@ -132,6 +135,20 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
     """{id(parameter): its name in ``model.named_parameters()``}: a parameter tied to several modules (an
     LM head tied to the embedding) has the one name task vectors and optimizers know it by, the first."""
     return {id(p): name for name, p in model.named_parameters()}
+
+
+def position_table(module: nn.Module) -> str | None:
+    """The attribute of a vision transformer's position table: open_clip's ``positional_embedding`` (the tokens its
+    ln_pre takes hold it), timm's ``pos_embed`` without dynamic image sizes (the tokens its pos_drop gives), else
+    None."""
+    table = getattr(module, "positional_embedding", None)
+    if isinstance(table, nn.Parameter) and table.dim() == 2 and hasattr(module, "conv1") and hasattr(module, "ln_pre"):
+        return "positional_embedding"
+    table = getattr(module, "pos_embed", None)
+    if isinstance(table, nn.Parameter) and table.dim() == 3 and hasattr(module, "patch_embed") and \
+            isinstance(getattr(module, "pos_drop", None), nn.Module) and not getattr(module, "dynamic_img_size", False):
+        return "pos_embed"
+    return None
 
 
 def _is_vision_projection(module: nn.Module) -> bool:
