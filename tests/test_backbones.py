@@ -377,6 +377,28 @@ def test_causal_lm_trains_tak_end_to_end(tmp_path, bert_tokenizer):
     assert any(t.norm() > 0 for t in tv.tensors.values()) and 0 <= result.metrics["test"] <= 100
 
 
+def test_gpt2_trains_tak_with_every_parameter_penalized(tmp_path, bert_tokenizer):
+    """GPT-2's linear maps are Hugging Face Conv1D modules: they get Kronecker factors (as do its token and position
+    embeddings), so a TAK run on an lm: GPT-2 leaves no parameter free (on the generic linearized path)."""
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=bert_tokenizer.vocab_size, n_positions=64, n_embd=24, n_layer=2,
+                                     n_head=4, bos_token_id=None, eos_token_id=None)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    bert_tokenizer.save_pretrained(folder)
+    config = tak.TrainConfig(method="tak", backbone=f"lm:{folder}", task="rotten_tomatoes",
+                             tasks=["rotten_tomatoes", "20news-part0"], steps=2, batch_size=4, max_length=32,
+                             max_train=16, max_test=8, factor_examples=4, out=str(tmp_path / "run"), progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tak.linearize: generic")
+        warnings.filterwarnings("error", message=".*have no curvature block")
+        result = tak.train(config)
+    assert result.task_vector.meta["unpenalized"] == [] and any(t.norm() > 0 for t in result.task_vector.tensors.values())
+    (file,) = (tmp_path / "run" / "factors").glob("*.safetensors")
+    layers = tak.curvature.storage.load(file).meta["layers"]
+    assert layers["h.0.attn.c_attn"]["layout"] == "transposed" and layers["wpe"]["layout"] == "embedding"
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     pytest.importorskip("open_clip")

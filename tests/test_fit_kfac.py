@@ -822,6 +822,42 @@ def test_timm_position_table(options):
             assert torch.equal(vit(X), y)
 
 
+def test_gpt2_conv1d_layers_are_the_linear_maps_they_are():
+    """GPT-2's Conv1D (x W + b, W (d_in, d_out)): layout "transposed", with the factors (KFAC, EK-FAC, GGN diagonal)
+    of the same model with each Conv1D replaced by the nn.Linear of weight Wᵀ."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=12, n_layer=2, n_head=2,
+                                     attn_implementation="eager")
+    model = transformers.GPT2Model(config).double().eval()
+    explicit = transformers.GPT2Model(config).double().eval()
+    explicit.load_state_dict(model.state_dict())
+    for path, module in list(explicit.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = nn.Linear(module.weight.shape[0], module.nf).double()
+            linear.weight.data, linear.bias.data = module.weight.data.T.clone(), module.bias.data.clone()
+            parent, name = path.rsplit(".", 1)
+            setattr(explicit.get_submodule(parent), name, linear)
+    ids = torch.randint(0, 40, (3, 7))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    with torch.no_grad():
+        output = default_output_fn(model)
+        assert rel_err(output(model, batches[0]), output(explicit, batches[0])) < 1e-12
+    layer = find_layers(model)["h.0.attn.c_attn"]
+    assert (layer.layout, layer.block_shape, layer.weight) == ("transposed", (36, 13), "h.0.attn.c_attn.weight")
+    a, b = fit(model, batches, exact=False, mc_samples=2), fit(explicit, batches, exact=False, mc_samples=2)
+    ea, eb = fit_ekfac(model, batches, kfac=a, progress=False), fit_ekfac(explicit, batches, kfac=b, progress=False)
+    da, db = fit_diagonal(model, batches, progress=False), fit_diagonal(explicit, batches, progress=False)
+    conv1d = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    assert len(conv1d) == 8 and set(conv1d) <= set(a)
+    for name in conv1d:
+        assert rel_err(a[name].A, b[name].A) < 1e-6 and rel_err(a[name].B, b[name].B) < 1e-6, name
+        assert rel_err(ea[name].S, eb[name].S) < 1e-5 and rel_err(da[name].D, db[name].D) < 1e-6, name
+        tau = torch.randn_like(model.get_parameter(f"{name}.weight"))  # τ in Conv1D's (d_in, d_out) layout
+        assert rel_err(a.quadratic_form({f"{name}.weight": tau}), b.quadratic_form({f"{name}.weight": tau.T})) < 1e-6
+
+
 class ConvNet(nn.Module):
     """A padded, strided, dilated convolution and a head; ``explicit``: the same convolution written as
     an nn.Linear over the unfolded patches (named alike), whose factors the convolution's must equal."""

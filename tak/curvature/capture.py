@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dense as dense_groups
-from .layers import Layer
+from .layers import Layer, is_conv1d
 
 
 @contextlib.contextmanager
@@ -83,7 +83,7 @@ class Capture:
                 attentions[id(layer.module)] = (layer.module, layer)
             elif layer.layout == "conv":
                 self._handles.append(layer.module.register_forward_hook(self._conv_hook(layer)))
-            elif layer.layout == "transposed":
+            elif layer.layout == "transposed" and not is_conv1d(layer.module):  # open_clip's output projection
                 self._handles.append(layer.module.register_forward_hook(self._projection_hook(layer)))
             elif layer.layout == "embedding" and isinstance(layer.module, nn.Embedding):
                 self._handles.append(layer.module.register_forward_hook(
@@ -222,8 +222,8 @@ class Capture:
     def model_fed_modules(self) -> dict[str, nn.Module]:
         """{name: module} of the linear layers and norms whose inputs come as the model passes them (the
         others' are rearranged here: batch-first), for ``tokens.measure_layouts``."""
-        linear = {n: l.module for n, l in self.layers.items() if isinstance(l.module, nn.Embedding)
-                  or isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
+        linear = {n: l.module for n, l in self.layers.items() if isinstance(l.module, nn.Embedding) or
+                  is_conv1d(l.module) or isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
         return linear | {n: g.module for n, g in self.dense.items() if g.kind in ("layernorm", "rmsnorm")}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:

@@ -1,6 +1,7 @@
 """The linear maps of a model that get Kronecker factors.
 
-Every ``nn.Linear`` (including ``nn.MultiheadAttention.out_proj``); every ``nn.Conv2d`` (groups 1,
+Every ``nn.Linear`` (including ``nn.MultiheadAttention.out_proj``) and Hugging Face's ``Conv1D`` (GPT-2's linear
+maps, z = x W + b with W (d_in, d_out): layout "transposed"); every ``nn.Conv2d`` (groups 1,
 numeric zero padding or "valid") as the linear map of its unfolded patches (Grosse & Martens 2016): W (d_out,
 C·kh·kw) the flattened kernel, the output positions its tokens; the output projection of open_clip's
 vision transformer, z = pooled @ ``proj`` (W = ``proj``ᵀ); and the fused q/k/v input
@@ -106,6 +107,9 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
                 continue
             found[path] = Layer(path, module, param("weight"), None, module.embedding_dim, module.num_embeddings,
                                 layout="embedding")
+        elif is_conv1d(module):
+            found[path] = Layer(path, module, param("weight"), param("bias"), module.nf, module.weight.shape[0],
+                                layout="transposed")
         elif isinstance(module, nn.Linear):
             if id(module) in out_projs and out_projs[id(module)] is None:
                 continue  # the out_proj of an attention module Capture cannot replace: never called as a module
@@ -135,6 +139,13 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
     """{id(parameter): its name in ``model.named_parameters()``}: a parameter tied to several modules (an
     LM head tied to the embedding) has the one name task vectors and optimizers know it by, the first."""
     return {id(p): name for name, p in model.named_parameters()}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (transformers.pytorch_utils): a linear map x W + b of weight (d_in, d_out)."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and \
+        isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[1] == module.nf
 
 
 def position_table(module: nn.Module) -> str | None:
