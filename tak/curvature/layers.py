@@ -15,8 +15,9 @@ bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules ge
 Every ``nn.Embedding`` (without ``max_norm``) is the linear map of its one-hot inputs: W = weightᵀ
 (embedding_dim, num_embeddings), its input the token ids, so its A is diagonal (the tokens' frequencies); so is
 the position table of open_clip's and timm's vision transformers, ``positional_embedding`` (T, d) and ``pos_embed``
-(1, T, d) (named so: ``<tower>.positional_embedding``), whose rows every image's tokens add at the position ids
-0..T-1 (timm's at the model's own image size; after its class and register tokens where it has ``no_embed_class``).
+(1, T, d) (a layer named ``<tower>.positional_embedding`` or ``<tower>.pos_embed``), whose rows every image's tokens
+add at the position ids 0..T-1 (timm's at the model's own image size; after its class and register tokens where it
+has ``no_embed_class``).
 """
 import warnings
 from dataclasses import dataclass
