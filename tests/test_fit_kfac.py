@@ -642,6 +642,16 @@ def test_frozen_model_and_unreached_layers():
         fit_diagonal(model, batches, layers="unused", progress=False)
 
 
+def test_a_factor_too_large_to_hold_is_refused_before_it_is_made():
+    """A vocabulary-sized head the output depends on (a causal LM's logits) would get a B of 70000² floats: refused,
+    naming it, before allocation; the same head off the output's path costs nothing (no B is ever made)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 70000, bias=False))
+    with pytest.raises(ValueError, match=r"'1' has a factor too large to hold, its B of 70000 × 70000 \(18 GiB"):
+        fit(model, [torch.randn(2, 4)])
+    f = fit(model, [torch.randn(2, 4)], output_fn=lambda m, x: (m(x), m[0](x))[1])
+    assert list(f) == ["0"] and f.meta["off_path"] == ["1"]
+
+
 def test_bad_input():
     model = nn.Sequential(nn.Linear(3, 2))
     x = torch.randn(4, 3)

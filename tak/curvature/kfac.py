@@ -214,6 +214,9 @@ class KFAC(Factors):
             return F.to(device) if device is not None else F
         return type(self)({n: replace(lf, A=move(lf.A), B=move(lf.B)) for n, lf in self.factors.items()}, self.meta)
 
+MAX_FACTOR_ENTRIES = 2 ** 32  # of one dense factor, 16 GiB in fp32: a large vocabulary's LM head has more
+
+
 class _Accumulator:
     """Sums of ã ãᵀ and g gᵀ per layer (fp32, on the model's device), with their row counts. A layer's B (a dense
     group's G) is made at its first output gradient: a layer the output does not depend on never gets one."""
@@ -221,10 +224,18 @@ class _Accumulator:
     def __init__(self, layers: dict[str, Layer], tokens: str, device, dense: dict[str, DenseGroup] | None = None):
         self.layers, self.tokens, self.device = layers, tokens, device
         self.G, self.B = {}, {}
-        self.A = {n: torch.zeros((l.d_in,) if l.layout == "embedding" else (l.block_shape[1],) * 2, device=device)
-                  for n, l in layers.items()}
+        self.A = {n: torch.zeros(l.d_in, device=device) if l.layout == "embedding" else
+                  self.square(n, "A", l.block_shape[1]) for n, l in layers.items()}
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
         self.n = torch.zeros((), dtype=torch.float64, device=device)
+
+    def square(self, name: str, side: str, n: int) -> torch.Tensor:
+        """A factor of zeros (n × n) for layer or group ``name``; ValueError past ``MAX_FACTOR_ENTRIES`` entries."""
+        if n * n > MAX_FACTOR_ENTRIES:
+            raise ValueError(f"layers: {name!r} has a factor too large to hold, its {side} of {n} × {n} "
+                             f"({n * n * 4 / 2**30:.0f} GiB in fp32): leave it out (layers=...), or fit on features "
+                             "read before it (a causal LM's head: the lm: backbone fits the decoder alone)")
+        return torch.zeros(n, n, device=self.device)
 
     def start(self, batch, layouts: dict) -> None:
         self.batch = BatchTokens(batch, layouts)
@@ -258,13 +269,15 @@ class _Accumulator:
         if views[0][0].dim() == 3 and self.tokens == "reduce":
             views, mask = [(token_sum(gi, mask), None) for gi, _ in views], None
         rows = views[0][0] if len(views) == 1 else torch.cat([gi for gi, _ in views])
-        B = self.B.setdefault(layer.name, torch.zeros(layer.d_out, layer.d_out, device=self.device))
-        kk.covariance_update_(B, rows, mask=None if mask is None else mask.repeat(len(views), 1))
+        if layer.name not in self.B:
+            self.B[layer.name] = self.square(layer.name, "B", layer.d_out)
+        kk.covariance_update_(self.B[layer.name], rows, mask=None if mask is None else mask.repeat(len(views), 1))
 
     def on_dense(self, group: DenseGroup, v: torch.Tensor):
         """v: per-example gradient vectors (N, size) of the group (or (samples·N, size))."""
-        G = self.G.setdefault(group.name, torch.zeros(group.size, group.size, device=self.device))
-        kk.covariance_update_(G, v.detach())
+        if group.name not in self.G:
+            self.G[group.name] = self.square(group.name, "G", group.size)
+        kk.covariance_update_(self.G[group.name], v.detach())
 
 
 def _own_positions(ids: torch.Tensor, batch: BatchTokens):
@@ -409,9 +422,11 @@ def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
     found = {name: layer for name, layer in found.items() if name in kept}
     groups = {name: group for name, group in groups.items() if name in kept}
     for name, layer in found.items():  # reached on another rank only
-        acc.B.setdefault(name, torch.zeros(layer.d_out, layer.d_out, device=acc.device))
+        if name not in acc.B:
+            acc.B[name] = acc.square(name, "B", layer.d_out)
     for name, group in groups.items():
-        acc.G.setdefault(name, torch.zeros(group.size, group.size, device=acc.device))
+        if name not in acc.G:
+            acc.G[name] = acc.square(name, "G", group.size)
     all_reduce_sums([*(acc.A[name] for name in found), *(acc.B[name] for name in found),
                      *(acc.G[name] for name in groups)])
     check_finite("fit_kfac", {**{name: [acc.A[name], acc.B[name]] for name in found},
