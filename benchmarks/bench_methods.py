@@ -173,9 +173,9 @@ def setup_t5() -> Setup:
                       scale=1.0)
     Setup.backbone = backbone
     INFO.update({
-        "backbone": f"T5ForConditionalGeneration, {'a tiny config' if CFG.smoke else 'T5-base'}'s shapes (transformers "
-                    f"{transformers.__version__}, random weights), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-                    "parameters, all trained",
+        "backbone": f"T5ForConditionalGeneration, {'a tiny config' if CFG.smoke else 'T5-base'}'s shapes "
+                    f"(transformers {transformers.__version__}, random weights), "
+                    f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, all trained",
         "batch": f"{n} × {tokens} random token ids, decoder start token; {T5_CLASSES} classes, random labels",
         "precision": "bf16 weights, τ and AdamW states (no autocast); factors fp32; fp32 matmuls 'highest'",
     })
@@ -235,8 +235,8 @@ def _factors(fits: list, what: str) -> Setup:
     free()
     n_dense = sum(1 for f in Setup.kfac.values() if not hasattr(f, "weight"))
     n_embeddings = sum(1 for f in Setup.kfac.values() if getattr(f, "layout", None) == "embedding")
-    INFO["factors"] = (f"KFAC: {len(Setup.kfac) - n_dense} layers ({n_embeddings} embeddings) + {n_dense} exact blocks, "
-                       f"merged over 2 fits of {what} ({kfac_mib(Setup.kfac):.0f} MiB); EK-FAC: "
+    INFO["factors"] = (f"KFAC: {len(Setup.kfac) - n_dense} layers ({n_embeddings} embeddings) + {n_dense} exact "
+                       f"blocks, merged over 2 fits of {what} ({kfac_mib(Setup.kfac):.0f} MiB); EK-FAC: "
                        f"{len(Setup.ekfac) - n_dense} layers with random bases + the exact blocks "
                        f"({kfac_mib(Setup.ekfac):.0f} MiB)")
     print(f"  factors in {time.time() - t:.1f} s: {INFO['factors']}", flush=True)
@@ -538,8 +538,8 @@ def table(info) -> str:
               "above the resident backbone model and batch: θ / θ0 copies, τ, gradients, AdamW states, activations, "
               "factors on the GPU.",
               "- tak's layer weights: `tak.methods.layer_weights(K, last_layer_weight=0.1)` as the loop builds them: "
-              "0.1 on the last linear layer the features reach (CLIP: the tower's output projection proj), 1 elsewhere, the exact "
-              "LayerNorm / class-token blocks included.",
+              "0.1 on the last linear layer the features reach (CLIP: the tower's output projection proj), 1 "
+              "elsewhere, the exact LayerNorm / class-token blocks included.",
               "- The published-code penalty: β Σ_l w_l trace(B_l @ T_l @ A_l @ T_lᵀ), autograd, T_l = [W | b] in fp32, "
               "fp32 factors at 'highest' matmul precision.",
               ""]

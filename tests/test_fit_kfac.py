@@ -739,7 +739,8 @@ def test_open_clip_vit():
     layers = find_layers(model)
     vision = {n: l for n, l in layers.items() if n.startswith("visual.")}
     assert len(vision) == 11 and {"visual.transformer.resblocks.0.attn.in_proj", "visual.conv1",
-                                  "visual.positional_embedding", "visual.transformer.resblocks.1.attn.in_proj"} <= set(vision)
+                                  "visual.positional_embedding",
+                                  "visual.transformer.resblocks.1.attn.in_proj"} <= set(vision)
     assert list(vision)[-1] == "visual.proj"  # the tower's last layer, applied after its modules
     assert f["visual.transformer.resblocks.0.attn.in_proj"].B.shape == (96, 96)
     assert (f["visual.conv1"].layout, f["visual.proj"].layout) == ("conv", "transposed")
