@@ -93,10 +93,7 @@ def fit_diagonal(model, batches, *, output_fn=None, mc_samples: int = 1, exact: 
     n = int(counts[0])
     if n == 0:
         raise ValueError("fit_diagonal: batches is empty")
-    kept = on_output_path("fit_diagonal", [*found, *groups], acc.reached | reached, device)
-    off_path = [name for name in [*found, *groups] if name not in kept]
-    found = {name: layer for name, layer in found.items() if name in kept}
-    groups = {name: group for name, group in groups.items() if name in kept}
+    found, groups, off_path = on_output_path("fit_diagonal", found, groups, acc.reached | reached, device)
     all_reduce_sums([*(acc.S[name] for name in found), *(squares[name] for name in groups)])
     check_finite("fit_diagonal", {**{name: [acc.S[name]] for name in found},
                                   **{name: [squares[name]] for name in groups}})

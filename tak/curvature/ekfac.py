@@ -252,8 +252,7 @@ def _finish(acc: EigenAccumulator, kfac: KFAC, exact_blocks: dict, model, expect
     n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
     if n == 0:
         raise ValueError("fit_ekfac: batches yielded no examples in the eigenvalue pass")
-    kept = on_output_path("fit_ekfac", list(acc.layers), acc.reached, acc.device)
-    layers = {name: acc.layers[name] for name in kept}
+    layers, _, off_path = on_output_path("fit_ekfac", acc.layers, {}, acc.reached, acc.device)
     all_reduce_sums([acc.S[name] for name in layers])
     check_finite("fit_ekfac", {name: [acc.S[name]] for name in layers})
     if expected_n is not None and n != expected_n:
@@ -272,7 +271,7 @@ def _finish(acc: EigenAccumulator, kfac: KFAC, exact_blocks: dict, model, expect
                  "G = sum_t g a^T; U_A, U_B: eigenvectors (float64 eigh) of the KFAC factors A, B",
         "layers": {name: layer.meta() for name, layer in layers.items()},
         "dense": {n: kfac.meta.get("dense", {}).get(n) for n in exact_blocks},
-        "off_path": sorted({*kfac.meta.get("off_path", ()), *(n for n in acc.layers if n not in layers)}),
+        "off_path": sorted({*kfac.meta.get("off_path", ()), *off_path}),
         "model": type(model).__name__, "fingerprint": architecture_fingerprint(model),
         "kfac": {k: kfac.meta.get(k) for k in ("tokens", "exact", "mc_samples", "n_examples", "scale")},
     }

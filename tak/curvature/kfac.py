@@ -396,18 +396,21 @@ def select_targets(model, layers, dense: bool) -> tuple[dict[str, Layer], dict[s
     return found, groups
 
 
-def on_output_path(what: str, names: list[str], reached: set[str], device) -> list[str]:
-    """The layers and dense groups of ``names`` whose output gradient came on some rank (``reached``: this rank's),
-    in order: those the output depends on. The others (a CLIP text tower under image features, T5's LM head after
-    the decoder state the features read) get no factors, which would be zeros that count their parameters as
-    penalized; the fits name them in ``meta["off_path"]``. ValueError when none is left."""
+def on_output_path(what: str, layers: dict, groups: dict, reached: set[str], device) -> tuple[dict, dict, list]:
+    """(layers, groups, off_path): those of ``layers`` and dense ``groups`` whose output gradient came on some rank
+    (``reached``: this rank's), the ones the output depends on, and the names of the others (a CLIP text tower under
+    image features, T5's LM head after the decoder state the features read). These get no factors, which would be
+    zeros that count their parameters as penalized; the fits name them in ``meta["off_path"]``. ValueError when none
+    is left."""
+    names = [*layers, *groups]
     flags = torch.tensor([float(n in reached) for n in names], device=device)
     all_reduce_sums([flags])
-    kept = [n for n, flag in zip(names, flags.tolist()) if flag > 0]
+    kept = {n for n, flag in zip(names, flags.tolist()) if flag > 0}
     if not kept and names:
         raise ValueError(f"{what}: the output depends on none of the {len(names)} selected layers (e.g. "
                          f"{names[0]!r}): no output gradient reached them")
-    return kept
+    return ({n: v for n, v in layers.items() if n in kept}, {n: v for n, v in groups.items() if n in kept},
+            [n for n in names if n not in kept])
 
 
 def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
@@ -417,10 +420,7 @@ def _finish(acc: _Accumulator, found, groups, model, **how) -> KFAC:
     n, rows = int(counts[0]), dict(zip(acc.rows, counts[1:].tolist()))
     if n == 0:
         raise ValueError("fit_kfac: batches is empty")
-    kept = on_output_path("fit_kfac", [*found, *groups], {*acc.B, *acc.G}, acc.device)
-    off_path = [name for name in [*found, *groups] if name not in kept]
-    found = {name: layer for name, layer in found.items() if name in kept}
-    groups = {name: group for name, group in groups.items() if name in kept}
+    found, groups, off_path = on_output_path("fit_kfac", found, groups, {*acc.B, *acc.G}, acc.device)
     for name, layer in found.items():  # reached on another rank only
         if name not in acc.B:
             acc.B[name] = acc.square(name, "B", layer.d_out)
