@@ -17,8 +17,8 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each si
   (target ≤ 2×, peak memory ≤ 1.3×); also vs the generic path, and the plain model the way
   DESIGN.md's reference figures ran it (fp32 weights under bf16 autocast).
 - encoders: ``tak.linearize`` (fast path) against the plain model, forward and training step, for Hugging Face
-  text encoders of BERT-base, DeBERTa-v3-base and ModernBERT-base shapes and the decoder of Qwen2.5-0.5B (random
-  weights), 32 padded sequences of 256 tokens, bf16, eval mode (no dropout). No targets; run last (``--only encoders``
+  text encoders of BERT-base, DeBERTa-v3-base and ModernBERT-base shapes and the decoders of Qwen2.5-0.5B and GPT-2
+  small (random weights), 32 padded sequences of 256 tokens, bf16, eval mode (no dropout). No targets; run last (``--only encoders``
   alone).
 - attention: dual attention alone, (O, Ȯ) for random bf16 q, k, v and tangents, 12 heads of 64:
   ``kfac_kernels.dual_attention`` (what ``tak.nn.attention.dual_attention`` calls on CUDA,
@@ -196,7 +196,7 @@ def isolated(name, build):
 
 # ---------------------------------------------------------------- text encoders
 
-ENCODERS = ("BERT-base", "DeBERTa-v3-base", "ModernBERT-base", "Qwen2.5-0.5B")
+ENCODERS = ("BERT-base", "DeBERTa-v3-base", "ModernBERT-base", "Qwen2.5-0.5B", "GPT-2")
 TEXT_BATCH, TEXT_LENGTH = 32, 256
 
 
@@ -217,6 +217,9 @@ def encoder(name: str, dtype=torch.bfloat16):
     elif name == "ModernBERT-base":  # the defaults (22 layers, 768 wide, a global layer every 3, local windows of 128)
         config = transformers.ModernBertConfig(pad_token_id=0, bos_token_id=1, cls_token_id=1, sep_token_id=2,
                                                eos_token_id=2, reference_compile=False, **small)
+    elif name == "GPT-2":  # the defaults are GPT-2 small's (124M): causal, Conv1D maps, no LM head
+        config = transformers.GPT2Config(use_cache=False, **(dict(n_embd=32, n_layer=2, n_head=2, n_inner=48)
+                                                             if CFG.smoke else {}))
     else:  # Qwen2.5-0.5B's decoder (Qwen2Model: no LM head), causal with grouped-query attention
         shapes = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, intermediate_size=4864)
         config = transformers.Qwen2Config(vocab_size=151936, num_key_value_heads=2, rope_theta=1e6, use_cache=False,
@@ -362,7 +365,7 @@ SECTIONS = {
     "forward": ("Linearized forward: tak.linearize, CLIP ViT shapes, bf16", section_forward),
     "train": ("Linearized training step: fwd + bwd in τ + AdamW, CLIP ViT shapes, bf16", section_train),
     "attention": ("Dual attention alone, bf16: (O, Ȯ) and the backward through Ȯ", section_attention),
-    "encoders": ("Text models on the fast path: BERT, DeBERTa-v3, ModernBERT and Qwen2.5-0.5B shapes, bf16",
+    "encoders": ("Text models on the fast path: BERT, DeBERTa-v3, ModernBERT, Qwen2.5-0.5B and GPT-2 shapes, bf16",
                  section_encoders),
 }
 
@@ -376,7 +379,7 @@ NOTES = [
     "is what torch.func.jvp needs (forward-mode AD has no formula for the fused kernels).",
     "- rel. err: max over the outputs of ‖out − exact‖ / ‖exact‖, exact = float64 torch.func.jvp (math attention) "
     "of the same inputs; model rows on 4 images (primal and tangent).",
-    "- encoders: random weights at the base models' shapes (Qwen2.5-0.5B: its decoder, no LM head), loss "
+    "- encoders: random weights at the base models' shapes (Qwen2.5-0.5B, GPT-2: the decoder, no LM head), loss "
     "mean(last_hidden_state²); eval mode in both "
     "(no dropout: in training, attention dropout takes the dual attention off its fused kernel). No targets: "
     "the issue's are on the ViT shapes.",

@@ -3,7 +3,7 @@
 Fast path, chosen automatically for the architectures ``tak.models.to_dual`` converts (open_clip vision transformers,
 timm's VisionTransformer (open_clip's SigLIP towers), Hugging Face CLIP and SigLIP vision towers, ViT and DINOv2,
 BERT-like encoders, MPNet, DeBERTa v1/v2/v3 and ModernBERT, T5 and mT5, decoder-only LMs of Llama's layout: Llama,
-Mistral, Qwen2, Qwen3): the model rebuilt from ``tak.nn`` dual layers carries (primal, tangent) pairs through fused
+Mistral, Qwen2, Qwen3, and GPT-2): the model rebuilt from ``tak.nn`` dual layers carries (primal, tangent) pairs through fused
 kernels, and its backward is the tangent path's alone (``DualLinearizedModel``).
 
 Generic path, for any ``nn.Module`` and the oracle of the fast one (``LinearizedModel``):

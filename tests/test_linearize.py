@@ -172,6 +172,14 @@ def llama_case():
     return model, padded_text(), lambda out: (out.logits,)
 
 
+def gpt2_case():
+    import transformers
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=4, bos_token_id=None,
+                                     eos_token_id=None, attn_implementation="eager", use_cache=False)
+    model = transformers.GPT2LMHeadModel(config).to(F64).eval()
+    return model, padded_text(), lambda out: (out.logits,)
+
+
 def deberta_v1_case():
     import transformers
     config = transformers.DebertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -210,8 +218,8 @@ def modernbert_case():
 
 
 CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
-         "hf_siglip": hf_siglip_case, "dinov2": dinov2_case,
-         "dinov2_registers": lambda: dinov2_case(registers=2), "llama": llama_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+         "hf_siglip": hf_siglip_case, "dinov2": dinov2_case, "dinov2_registers": lambda: dinov2_case(registers=2),
+         "llama": llama_case, "gpt2": gpt2_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 

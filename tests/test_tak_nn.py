@@ -75,6 +75,17 @@ def test_linear_frozen_parameter(frozen):
     check(layer, ref, rand(1, 9))
 
 
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_conv1d_is_hugging_faces(with_dx):
+    """Hugging Face's Conv1D (x W + b, W (d_in, d_out)): τ in the weight's own shape."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    ref = conv1d(7, 13).double()  # (nf = d_out, nx = d_in)
+    nn.init.normal_(ref.bias)
+    layer = tnn.DualConv1D(ref.weight, ref.bias)
+    assert layer.tau["weight"].shape == (13, 7)
+    check(layer, ref, rand(2, 5, 13), rand(2, 5, 13) if with_dx else None)
+
+
 def test_patch_embedding_is_the_strided_convolution():
     conv = nn.Conv2d(3, 10, kernel_size=(4, 3), stride=(4, 3), bias=True).double()
     layer = tnn.DualPatchEmbedding(conv.weight, conv.bias)

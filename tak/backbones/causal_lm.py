@@ -1,8 +1,8 @@
-"""Decoder-only language models (``AutoModelForCausalLM``: Llama, Mistral, Qwen2/3, ...) as backbones:
+"""Decoder-only language models (``AutoModelForCausalLM``: Llama, Mistral, Qwen2/3, GPT-2, ...) as backbones:
 classification by the next token after a prompt.
 
-- ``model``: the decoder without its LM head (``AutoModelForCausalLM(...).model``, e.g. a LlamaModel, which
-  ``tak.linearize`` takes on its fast path); the head's weight stays outside it, frozen.
+- ``model``: the decoder without its LM head (``AutoModelForCausalLM(...).base_model``, e.g. a LlamaModel or
+  GPT2Model, which ``tak.linearize`` takes on its fast path); the head's weight stays outside it, frozen.
 - ``inputs``: each example formatted as a prompt (``prompted``; ``text_format`` default ``"{text}\\nAnswer:"``,
   ``pair_format`` default ``"{premise}\\nQuestion: {hypothesis}\\nAnswer:"``), a text or premise over ``max_length``
   tokens cut from its end so that the prompt's end stays, right-padded (with the EOS token where the tokenizer has no
@@ -63,7 +63,6 @@ def load_causal_lm(spec: str, name: str, *, pretrained: str | None = None, token
     ``from_pretrained``."""
     lm, tokenizer, source = load_hf("AutoModelForCausalLM", spec, name, pretrained=pretrained, tokenizer=tokenizer,
                                     dtype=dtype, model_kwargs=model_kwargs)
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    return CausalLMBackbone(decoder, lm.get_output_embeddings().weight, tokenizer, name=spec, max_length=max_length,
+    return CausalLMBackbone(lm.base_model, lm.get_output_embeddings().weight, tokenizer, name=spec, max_length=max_length,
                             prefix=prefix, text_format=text_format, pair_format=pair_format, label_words=label_words,
                             source=source)

@@ -33,6 +33,8 @@ _CONVERTERS = [
     ("transformers.models.deberta_v2.modeling_deberta_v2", "DebertaV2Model", "deberta", "DualDebertaV2Model"),
     ("transformers.models.deberta.modeling_deberta", "DebertaModel", "deberta", "DualDebertaModel"),
     ("transformers.models.modernbert.modeling_modernbert", "ModernBertModel", "modernbert", "DualModernBertModel"),
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2Model", "gpt2", "DualGPT2Model"),
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2LMHeadModel", "gpt2", "DualGPT2Model"),
     *[(f"transformers.models.{family}.modeling_{family}", f"{name}{head}", "llama", "DualLlamaModel")
       for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
       for head in ("Model", "ForCausalLM")],

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .._selection import select_parameters
-from ..nn import (DualActivation, DualDropout, DualEmbedding, DualLayerNorm, DualLayerScale, DualLinear, DualModule,
-                  DualRMSNorm)
-from ..nn.base import apply
+from ..nn import (DualActivation, DualConv1D, DualDropout, DualEmbedding, DualLayerNorm, DualLayerScale, DualLinear,
+                  DualModule, DualRMSNorm)
+from ..nn.base import add, apply
 
 # Hugging Face activation names (config.hidden_act, config.dense_act_fn) with a dual layer, as DualActivation kinds.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -54,6 +54,26 @@ def padding_mask(owner: str, name: str, attention_mask):
         raise ValueError(f"{owner}: {name} must be (batch, length), got {tuple(attention_mask.shape)}; "
                          "tak.linearize(model, fast=False) takes every argument of the model")
     return attention_mask.bool()[:, None, None, :]
+
+
+# The options Hugging Face callers of a decoder-only LM pass, at the values the dual models take (no cache, all logits).
+CAUSAL_LM_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False),
+                     "output_hidden_states": (None, False), "use_cache": (None, False), "past_key_values": (None,),
+                     "cache": (None,), "cache_position": (None,), "logits_to_keep": (0, None),
+                     "num_logits_to_keep": (0, None)}
+
+
+def causal_mask(owner: str, length: int, attention_mask, device) -> torch.Tensor:
+    """bool (1 or B, 1, L, L), True = attend: each query the keys at and before its position, those that
+    ``attention_mask`` (B, L) keeps where it is given (see ``padding_mask``)."""
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    return mask if attention_mask is None else mask & padding_mask(owner, "attention_mask", attention_mask)
+
+
+def plus_rows(x, dx, table: DualEmbedding, ids):
+    """x + table(ids) (B, L, d) and its tangent; ids (B, L) or (1, L), whose rows every example shares."""
+    e, de = table(ids)
+    return x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
 
 
 def rotary_angles(inv_freq: torch.Tensor, scaling: float, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -112,6 +132,10 @@ class Builder:
 
     def linear(self, m: nn.Linear) -> DualLinear:
         return self.record(DualLinear(m.weight, m.bias), weight=m.weight, bias=m.bias)
+
+    def conv1d(self, m: nn.Module) -> DualConv1D:
+        """The dual of Hugging Face's ``Conv1D`` (x W + b, W (d_in, d_out))."""
+        return self.record(DualConv1D(m.weight, m.bias), weight=m.weight, bias=m.bias)
 
     def layer_norm(self, m: nn.Module) -> DualLayerNorm:
         """The dual of an ``nn.LayerNorm`` over the last dim, or of DeBERTa's DebertaLayerNorm (the same map)."""

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from ..nn import DualActivation, DualAttention, DualDropout
 from ..nn.base import add, apply
-from .base import Builder, DualModel, activation, hf_options, padding_mask, position_bias
+from .base import Builder, DualModel, activation, hf_options, padding_mask, plus_rows, position_bias
 
 
 # The options Hugging Face callers pass, at the values the dual models take (the model's defaults).
@@ -87,12 +87,6 @@ class DualBertLayer(nn.Module):
         x, dx = self.ln_attn(x + h, add(dx, dh))
         h, dh = self.drop_out(*self.out(*self.act(*self.fc(x, dx))))
         return self.ln_out(x + h, add(dx, dh))
-
-
-def plus_rows(x, dx, table, ids):
-    """x + table(ids) (B, L, d) and its tangent; ids (B, L) or (1, L), whose rows every example shares."""
-    e, de = table(ids)
-    return x + e, add(dx, apply(lambda t: t.expand(x.shape), de))
 
 
 def _encoder_only(kind: str, config) -> None:

@@ -27,8 +27,8 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_p
 from ..nn import DualAttention
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import DualModule, add, apply
-from .base import Builder, DualModel, hf_options, padding_mask
-from .bert import HF_OPTIONS, DualBertLayer, plus_rows
+from .base import Builder, DualModel, hf_options, padding_mask, plus_rows
+from .bert import HF_OPTIONS, DualBertLayer
 
 _TERMS = ("c2p", "p2c")
 

@@ -22,12 +22,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..nn import linear
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import add, apply, chain
-from .base import Builder, DualModel, activation, hf_options, padding_mask, rotary_angles, rotate
-
-_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
-            "use_cache": (None, False), "past_key_values": (None,), "cache": (None,), "cache_position": (None,),
-            "logits_to_keep": (0, None), "num_logits_to_keep": (0, None)}
-
+from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, rotary_angles,
+                   rotate)
 
 def _rms_norm(b: Builder, m: nn.Module):
     return b.rms_norm(m.weight, m.variance_epsilon)
@@ -110,7 +106,7 @@ class DualLlamaModel(DualModel):
         self.bind(b, model, trainable)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **options):
-        hf_options(self.owner, options, _OPTIONS)
+        hf_options(self.owner, options, CAUSAL_LM_OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"{self.owner}: pass exactly one of input_ids and inputs_embeds")
         x, dx = self.embed(input_ids) if inputs_embeds is None else (inputs_embeds, None)
@@ -118,9 +114,7 @@ class DualLlamaModel(DualModel):
         if self.window is not None and L > self.window:
             raise NotImplementedError(f"{self.owner}: sequences of {L} tokens exceed sliding_window={self.window}, "
                                       "whose banded attention has no dual layer; tak.linearize(model, fast=False)")
-        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None]
-        if attention_mask is not None:
-            mask = mask & padding_mask(self.owner, "attention_mask", attention_mask)
+        mask = causal_mask(self.owner, L, attention_mask, x.device)
         if position_ids is None:
             position_ids = torch.arange(L, device=x.device)[None]
         cos, sin = rotary_angles(self.inv_freq, self.rope_scaling, position_ids, x.dtype)

@@ -9,12 +9,12 @@ from .activation import DualActivation
 from .attention import DualAttention, attention, dual_attention
 from .base import MODES, DualModule, set_mode
 from .dropout import DualDropout, DualPatchDropout
-from .linear import DualEmbedding, DualLayerScale, DualLinear, DualPatchEmbedding, linear
+from .linear import DualConv1D, DualEmbedding, DualLayerScale, DualLinear, DualPatchEmbedding, linear
 from .norm import DualLayerNorm, DualRMSNorm, layer_norm, rms_norm
 
 __all__ = [
     "MODES", "DualModule", "set_mode",
-    "DualLinear", "DualPatchEmbedding", "DualEmbedding", "DualLayerScale", "linear",
+    "DualLinear", "DualConv1D", "DualPatchEmbedding", "DualEmbedding", "DualLayerScale", "linear",
     "DualLayerNorm", "DualRMSNorm", "layer_norm", "rms_norm",
     "DualActivation", "DualDropout", "DualPatchDropout",
     "DualAttention", "attention", "dual_attention",

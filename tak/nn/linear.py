@@ -1,5 +1,5 @@
-"""Dual affine layers: linear, patch embedding (a convolution with stride = kernel), embedding lookup and layer
-scale (a learned per-channel factor)."""
+"""Dual affine layers: linear (and Hugging Face's Conv1D, its transpose), patch embedding (a convolution with
+stride = kernel), embedding lookup and layer scale (a learned per-channel factor)."""
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +36,20 @@ class DualLinear(DualModule):
 
     def forward(self, x, dx=None):
         return linear(x, dx, *self.dual("weight"), *self.dual("bias"))
+
+
+class DualConv1D(DualModule):
+    """y = x W + b with W (d_in, d_out), b (d_out,) or None: Hugging Face's ``Conv1D`` (GPT-2's linear maps), the
+    linear map of Wᵀ; x (..., d_in) -> y (..., d_out)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_dual("weight", weight)
+        self.register_dual("bias", bias)
+
+    def forward(self, x, dx=None):
+        w, dw = self.dual("weight")
+        return linear(x, dx, w.T, apply(lambda t: t.T, dw), *self.dual("bias"))
 
 
 class DualPatchEmbedding(DualModule):
