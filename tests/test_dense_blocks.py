@@ -257,6 +257,8 @@ def test_class_token_block_of_hugging_face_vision_transformers(kind):
     """The embeddings of CLIP (class_embedding), ViT and DINOv2 (cls_token) put the class token at token 0 of their
     output, DINOv2 with registers its register tokens after it, which the blocks' taps see."""
     transformers = pytest.importorskip("transformers")
+    if kind == "dinov2_registers":
+        pytest.importorskip("transformers.models.dinov2_with_registers")  # from transformers 4.48
     size = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
     model, names, embeds = {
         "clip": lambda: (transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(

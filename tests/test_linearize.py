@@ -155,6 +155,8 @@ def hf_siglip_case():
 
 def dinov2_case(registers=0):
     import transformers
+    if registers:
+        pytest.importorskip("transformers.models.dinov2_with_registers")  # from transformers 4.48
     size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=14, patch_size=7,
                 layerscale_value=0.5)
     model = (transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(

@@ -25,6 +25,7 @@ from ..nn.base import add, apply, chain
 from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, rotary_angles,
                    rotate)
 
+
 def _rms_norm(b: Builder, m: nn.Module):
     return b.rms_norm(m.weight, m.variance_epsilon)
 
