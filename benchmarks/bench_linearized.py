@@ -18,8 +18,8 @@ Sections (each guarded: a failure is recorded and the run goes on; so is each si
   DESIGN.md's reference figures ran it (fp32 weights under bf16 autocast).
 - encoders: ``tak.linearize`` (fast path) against the plain model, forward and training step, for Hugging Face
   text encoders of BERT-base, DeBERTa-v3-base and ModernBERT-base shapes and the decoders of Qwen2.5-0.5B and GPT-2
-  small (random weights), 32 padded sequences of 256 tokens, bf16, eval mode (no dropout). No targets; run last (``--only encoders``
-  alone).
+  small (random weights), 32 padded sequences of 256 tokens, bf16, eval mode (no dropout). No targets; run last
+  (``--only encoders`` alone).
 - attention: dual attention alone, (O, Ȯ) for random bf16 q, k, v and tangents, 12 heads of 64:
   ``kfac_kernels.dual_attention`` (what ``tak.nn.attention.dual_attention`` calls on CUDA,
   ``(q, k, v, dq, dk, dv) -> (O, Ȯ)``) vs ``torch.func.jvp`` of math attention, forward and

@@ -117,6 +117,16 @@ def roberta_case():
     return model, padded_text(low=3, pad=config.pad_token_id), lambda out: (out.last_hidden_state, out.pooler_output)
 
 
+def roberta_classifier_case():
+    """A task head around a supported base: RobertaForSequenceClassification (dense + tanh + out_proj on <s>)."""
+    import transformers
+    config = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=24, max_position_embeddings=12, num_labels=3,
+                                        attn_implementation="eager")
+    model = transformers.RobertaForSequenceClassification(config).to(F64).eval()
+    return model, padded_text(low=3, pad=config.pad_token_id), lambda out: (out.logits,)
+
+
 def deberta_case():
     import transformers
     config = transformers.DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -222,6 +232,7 @@ def modernbert_case():
 CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
          "hf_siglip": hf_siglip_case, "dinov2": dinov2_case, "dinov2_registers": lambda: dinov2_case(registers=2),
          "llama": llama_case, "gpt2": gpt2_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+         "roberta_classifier": roberta_classifier_case,
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 

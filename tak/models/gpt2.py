@@ -8,9 +8,10 @@ Token embedding (or inputs_embeds) + position embedding at ``position_ids`` (def
 whose linear maps are Conv1D (x W + b, W (d_in, d_out)): the attention projects [Q | K | V] in one map (c_attn) and
 its heads' output by c_proj; causal, with padding from attention_mask; scores scaled by 1/√head_dim (1 without
 scale_attn_weights) and by 1/(layer + 1) with scale_attn_by_inverse_layer_idx, as the source's eager attention
-computes them (transformers 4's SDPA attention ignores both flags); dropout on the attention weights in training. A final LayerNorm and, for GPT2LMHeadModel, the LM head (tied to the token table, or not). A query no key
-may attend (the first positions of a left-padded row) gets the average of V, as ``tak.nn.attention.dual_attention``
-does; no real token reads it.
+computes them (transformers 4's SDPA attention ignores both flags); dropout on the attention weights in training. A
+final LayerNorm and, for GPT2LMHeadModel, the LM head (tied to the token table, or not). A query no key may attend
+(the first positions of a left-padded row) gets the average of V, as ``tak.nn.attention.dual_attention`` does; no
+real token reads it.
 """
 import torch
 from torch import nn
