@@ -58,13 +58,12 @@ class DualHeadModel(DualModel):
         for i, (n, _) in enumerate(own):
             if n not in chosen:
                 self.head[i].freeze("value")
-        # each parameter the head's forward reads, under each of its names -> its source name (tied: the base's)
-        self._reads = {n: source[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+        # each parameter the head's forward reads, under each of its names -> where its θ0 and τ are (tied: the base's)
+        self._reads = {n: self._sources[source[id(p)]] for n, p in model.named_parameters(remove_duplicate=False)
                        if not n.startswith(f"{prefix}.")}
 
     def forward(self, *args, **kwargs):
-        thetas = {n: self.get_submodule(path).dual(attr) for n, (path, attr) in
-                  ((n, self._sources[source]) for n, source in self._reads.items())}
+        thetas = {n: self.get_submodule(path).dual(attr) for n, (path, attr) in self._reads.items()}
         linearized = self.mode == "linearized"
         self._call.fn = lambda *a, **k: _dual_tensors(*self.base(*a, **k)) if linearized else self.base(*a, **k)[0]
         with fwAD.dual_level() if linearized else contextlib.nullcontext():
