@@ -90,6 +90,22 @@ def t5_case():
     return model, inputs, lambda out: (out.logits, out.encoder_last_hidden_state)
 
 
+def t5_classifier_case():
+    """A task head around an encoder-decoder: T5ForSequenceClassification (a T5Model; dense + tanh + out_proj on the
+    decoder's state at </s>, the last real token)."""
+    import transformers
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+                                   decoder_start_token_id=0, feed_forward_proj="gated-gelu", num_labels=3)
+    model = transformers.T5ForSequenceClassification(config).to(F64).eval()
+
+    def inputs():
+        ids = torch.randint(2, 64, (2, 5))
+        ids[0, 4] = ids[1, 2] = config.eos_token_id
+        return (), {"input_ids": ids, "attention_mask": (torch.arange(5) < torch.tensor([[5], [3]])).long()}
+
+    return model, inputs, lambda out: (out.logits,)
+
+
 def padded_text(lengths=(6, 4, 2), low=1, pad=None):
     """inputs() of 3 sequences of 6 token ids drawn from [low, 50), real for the first ``lengths`` positions and
     padding after (with the id ``pad`` where given)."""
@@ -232,7 +248,7 @@ def modernbert_case():
 CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
          "hf_siglip": hf_siglip_case, "dinov2": dinov2_case, "dinov2_registers": lambda: dinov2_case(registers=2),
          "llama": llama_case, "gpt2": gpt2_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
-         "roberta_classifier": roberta_classifier_case,
+         "roberta_classifier": roberta_classifier_case, "t5_classifier": t5_classifier_case,
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
 
 
@@ -314,7 +330,7 @@ def test_tau_gradients_equal_vjp_at_theta0(case):
     scale = torch.stack([g.norm() for g in ref.values()]).norm()  # some blocks have zero gradient
     # transformers 4.x's T5 attention takes its softmax in float32, DeBERTa (v1) its LayerNorm: reverse and forward
     # mode agree to ~1e-7 there
-    t5_4x = case == "t5" and int(importlib.metadata.version("transformers").split(".")[0]) < 5
+    t5_4x = case.startswith("t5") and int(importlib.metadata.version("transformers").split(".")[0]) < 5
     tol = 1e-6 if t5_4x or case == "deberta_v1" else 1e-10
     for name, tau in lin.tau.named_parameters():
         grad = torch.zeros_like(tau) if tau.grad is None else tau.grad  # None: unused (DINOv2's mask_token)

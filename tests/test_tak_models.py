@@ -612,6 +612,9 @@ def test_gpt2_options_positions_and_left_padding():
         dual(**{**decoder_batch(), "use_cache": True})
 
 
+T5_TINY = dict(d_model=16, d_kv=5, d_ff=22, num_layers=2, num_decoder_layers=3, num_heads=3,
+               relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+               decoder_start_token_id=0)  # the checkpoints': the sequence classifier shifts its inputs right with it
 HEADS = {"bert": ("BertForSequenceClassification", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
                                                           intermediate_size=26, max_position_embeddings=16)),
          "roberta": ("RobertaForSequenceClassification", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
@@ -625,7 +628,9 @@ HEADS = {"bert": ("BertForSequenceClassification", dict(hidden_size=20, num_hidd
          "bert_token": ("BertForTokenClassification", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
                                                            intermediate_size=26, max_position_embeddings=16)),
          "bert_mlm": ("BertForMaskedLM", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
-                                              intermediate_size=26, max_position_embeddings=16))}
+                                              intermediate_size=26, max_position_embeddings=16)),
+         "t5": ("T5ForSequenceClassification", T5_TINY),  # around a T5Model
+         "t5_token": ("T5ForTokenClassification", T5_TINY)}  # around a T5EncoderModel
 
 
 def tiny_with_head(kind, **kw):
@@ -647,7 +652,11 @@ def test_task_heads_around_a_dual_base_model(kind, decoder_rms_norm_in_float64):
     if kind == "llama":  # right padding with the pad token, which the head's pooling finds
         batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
         batch["use_cache"] = False
-    dual = check(model, batch, ["logits"])
+    if kind == "t5":  # one </s> per sequence, its last real token, where the head pools the decoder's states
+        ids, eos = batch["input_ids"].masked_fill(batch["input_ids"] == 1, 2), batch["attention_mask"].sum(1) - 1
+        batch["input_ids"] = ids.index_put((torch.arange(len(ids)), eos), torch.tensor(1))
+        batch["use_cache"] = False
+    dual = check(model, batch, ["logits"], tol=TOL_T5 if kind.startswith("t5") else TOL64)
     assert type(dual).__name__ == "DualHeadModel"
     if kind == "bert_mlm":
         assert "cls.predictions.decoder.weight" not in dual.task_vector()
@@ -681,10 +690,8 @@ def test_minilm_with_padding_fp32():
 
 
 def tiny_t5_config(ff, family="T5"):
-    return getattr(transformers, f"{family}Config")(
-        vocab_size=37, d_model=16, d_kv=5, d_ff=22, num_layers=2, num_decoder_layers=3, num_heads=3,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj=ff,
-        attn_implementation="eager")
+    return getattr(transformers, f"{family}Config")(**(T5_TINY | dict(vocab_size=37, feed_forward_proj=ff,
+                                                                      attn_implementation="eager")))
 
 
 def without_cache(model):
@@ -706,12 +713,31 @@ def test_t5_encoder(ff, family):
 
 
 @pytest.mark.parametrize("ff, family", T5_CASES)
-def test_t5_for_conditional_generation(ff, family):
-    model = without_cache(getattr(transformers, f"{family}ForConditionalGeneration")(tiny_t5_config(ff, family)))
-    model = model.double().eval()
+def test_t5_model(ff, family):
+    """The encoder-decoder without a head: the decoder's last hidden state, unscaled."""
+    model = without_cache(getattr(transformers, f"{family}Model")(tiny_t5_config(ff, family))).double().eval()
+    batch = t5_batch()
+    dual = check(model, batch, ["last_hidden_state", "encoder_last_hidden_state"], tol=TOL_T5, grads=ff == "relu")
+    assert type(dual).__name__ == "DualT5Model" and "decoder.embed_tokens.weight" not in dual.task_vector()
+    check(model, {**batch, "output_hidden_states": True}, ["encoder_hidden_states", "decoder_hidden_states"],
+          tol=TOL_T5, grads=False, trainable=[n for n, _ in model.named_parameters() if n.startswith("encoder.block.1")])
+    with pytest.raises(ValueError, match=r"DualT5Model: \{'encoder_outputs': .*not supported .*fast=False"):
+        dual(**batch, encoder_outputs=(torch.zeros(1),))
+
+
+def t5_batch():
+    """Two sequences of 7 tokens (4 real in the second), and their 6 (3 real) decoder tokens."""
     batch = text_batch(37, B=2, L=7, lengths=(7, 4), token_types=False)
     batch["decoder_input_ids"] = torch.randint(0, 37, (2, 6))
     batch["decoder_attention_mask"] = (torch.arange(6)[None] < torch.tensor([[6], [3]])).long()
+    return batch
+
+
+@pytest.mark.parametrize("ff, family", T5_CASES)
+def test_t5_for_conditional_generation(ff, family):
+    model = without_cache(getattr(transformers, f"{family}ForConditionalGeneration")(tiny_t5_config(ff, family)))
+    model = model.double().eval()
+    batch = t5_batch()
     dual = check(model, batch, ["logits", "encoder_last_hidden_state"], tol=TOL_T5, grads=ff == "gated-gelu")
     tied = model.lm_head.weight is model.shared.weight  # mT5's are not before transformers 5
     assert ("lm_head.weight" in dual.task_vector()) != tied  # tied to shared.weight: one τ
@@ -895,8 +921,8 @@ def test_unsupported_models_are_refused_by_name():
     with pytest.raises(NotImplementedError, match="torch.nn.modules.linear.Linear"):
         to_dual(nn.Linear(3, 4))
     config = transformers.T5Config(vocab_size=37, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4)
-    with pytest.raises(NotImplementedError, match=r"T5ForSequenceClassification; supported: .* task head around"):
-        to_dual(transformers.T5ForSequenceClassification(config))  # its base, a T5Model, has no dual model
+    with pytest.raises(NotImplementedError, match=r"T5ForQuestionAnswering; supported: .* task head around"):
+        to_dual(transformers.T5ForQuestionAnswering(config))  # its own encoder and decoder: no base model
     with pytest.raises(NotImplementedError, match="torch.nn.modules.normalization.RMSNorm where an nn.LayerNorm"):
         to_dual(vit(norm_layer=nn.RMSNorm))
     with pytest.raises(NotImplementedError, match="attn_pool"):

@@ -40,8 +40,10 @@ _CONVERTERS = [
       for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
       for head in ("Model", "ForCausalLM")],
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
+    ("transformers.models.t5.modeling_t5", "T5Model", "t5", "DualT5Model"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
     ("transformers.models.mt5.modeling_mt5", "MT5EncoderModel", "t5", "DualT5EncoderModel"),
+    ("transformers.models.mt5.modeling_mt5", "MT5Model", "t5", "DualT5Model"),
     ("transformers.models.mt5.modeling_mt5", "MT5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),
 ]
 

@@ -1,4 +1,4 @@
-"""Hugging Face T5 and mT5 (T5EncoderModel, T5ForConditionalGeneration and their MT5 twins) as dual models.
+"""Hugging Face T5 and mT5 (T5EncoderModel, T5Model, T5ForConditionalGeneration and their MT5 twins) as dual models.
 
 Pre-norm blocks with RMSNorm: x + attn(norm(x)) (self-attention, unscaled scores plus the relative
 position bias of the stack's first block, shared by all blocks, with its tangent), in the decoder
@@ -12,7 +12,7 @@ feed-forward's hidden activations, each sublayer's output before its residual, a
 import torch
 import transformers
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ..nn import DualAttention, linear
@@ -116,7 +116,12 @@ def _embed(table, input_ids, inputs_embeds, what):
     return table(input_ids) if inputs_embeds is None else (inputs_embeds, None)
 
 
-_OPTIONS = {"return_dict": (None, True), "output_hidden_states": (None, False, True), "output_attentions": (None, False)}
+_OPTIONS = {"return_dict": (None, True), "output_hidden_states": (None, False, True), "output_attentions": (None, False),
+            "head_mask": (None,)}
+# An encoder-decoder's: teacher forcing, no cache, nothing precomputed (Hugging Face's task heads pass them as None)
+_SEQ2SEQ_OPTIONS = {**_OPTIONS, "use_cache": (None, False), "encoder_outputs": (None,), "past_key_values": (None,),
+                    "cache": (None,), "cache_position": (None,), "decoder_head_mask": (None,),
+                    "cross_attn_head_mask": (None,)}
 
 
 def _hidden_states(states, wanted, primals=None):
@@ -148,6 +153,65 @@ class DualT5EncoderModel(DualModel):
                                                   hidden_states=_hidden_states(d, wanted, states)), dstates)
 
 
+class DualT5Model(DualModel):
+    """forward(input_ids | inputs_embeds, attention_mask=None, decoder_input_ids | decoder_inputs_embeds,
+    decoder_attention_mask=None, output_hidden_states=None) -> (y, dy), each a Seq2SeqModelOutput with
+    last_hidden_state (B, L_dec, d), the decoder's output after its final RMSNorm, encoder_last_hidden_state (B, L, d)
+    and, when asked for, encoder_hidden_states and decoder_hidden_states as Hugging Face's. dy is None outside the
+    "linearized" mode. Teacher forcing only: no cache (``use_cache`` None or False), no precomputed
+    ``encoder_outputs``."""
+
+    def __init__(self, model: nn.Module, trainable=None):
+        super().__init__()
+        b = Builder(model)
+        self.embed = b.embedding(model.encoder.embed_tokens)
+        self.encoder = DualT5Stack(b, model.encoder)
+        self.decoder_embed = b.embedding(model.decoder.embed_tokens)  # T5's shared table: the encoder's θ0 and τ
+        self.decoder = DualT5Stack(b, model.decoder)
+        self.build_head(b, model)
+        self.bind(b, model, trainable)
+
+    def build_head(self, b: Builder, model: nn.Module) -> None:
+        """The layers after the decoder: none here."""
+
+    def stacks(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
+               decoder_inputs_embeds, options):
+        """((encoded, dencoded), (decoded, ddecoded), wanted): each stack's states and tangents (see
+        ``DualT5Stack``), the decoder's teacher-forced under a causal mask, and whether ``output_hidden_states``."""
+        owner = type(self).__name__
+        wanted = hf_options(owner, options, _SEQ2SEQ_OPTIONS).get("output_hidden_states")
+        enc_mask = padding_mask(owner, "attention_mask", attention_mask)
+        encoded, dencoded = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), enc_mask)
+        x, dx = _embed(self.decoder_embed, decoder_input_ids, decoder_inputs_embeds, "decoder_")
+        L = x.shape[1]
+        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if decoder_attention_mask is not None:
+            mask = mask & padding_mask(owner, "decoder_attention_mask", decoder_attention_mask)
+        decoded = self.decoder(x, dx, mask, encoded[-1], apply(lambda d: d[-1], dencoded), enc_mask)
+        return (encoded, dencoded), decoded, wanted
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                inputs_embeds=None, decoder_inputs_embeds=None, **options):
+        stacks = self.stacks(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
+                             decoder_inputs_embeds, options)
+        decoded, ddecoded = stacks[1]
+        return _seq2seq_output(Seq2SeqModelOutput, "last_hidden_state", decoded[-1], apply(lambda d: d[-1], ddecoded),
+                               *stacks)
+
+
+def _seq2seq_output(cls, field: str, y, dy, encoder, decoder, wanted):
+    """(y, dy) as Hugging Face's ``cls`` with ``field`` (its first) = ``y`` / ``dy`` and the stacks' states (see
+    ``DualT5Model.stacks``); dy None where no tangent reaches."""
+    (encoded, dencoded), (decoded, ddecoded) = encoder, decoder
+    out = cls(**{field: y}, encoder_last_hidden_state=encoded[-1],
+              encoder_hidden_states=_hidden_states(encoded, wanted), decoder_hidden_states=_hidden_states(decoded, wanted))
+    if dy is None and dencoded is None:
+        return out, None
+    return out, cls(**{field: dy}, encoder_last_hidden_state=apply(lambda d: d[-1], dencoded),
+                    encoder_hidden_states=_hidden_states(dencoded, wanted, encoded),
+                    decoder_hidden_states=_hidden_states(ddecoded, wanted, decoded))
+
+
 def decoder_output_scale(model: nn.Module) -> float:
     """d_model^-0.5 where Hugging Face scales the decoder's output before the head, else 1: T5 with tied embeddings
     (``config.scale_decoder_outputs`` from transformers 5 on, ``config.tie_word_embeddings`` before); mT5 likewise
@@ -160,7 +224,7 @@ def decoder_output_scale(model: nn.Module) -> float:
     return c.d_model ** -0.5 if scaled else 1.0
 
 
-class DualT5ForConditionalGeneration(DualModel):
+class DualT5ForConditionalGeneration(DualT5Model):
     """forward(input_ids | inputs_embeds, attention_mask=None, decoder_input_ids | decoder_inputs_embeds,
     decoder_attention_mask=None, output_hidden_states=None) -> (y, dy), each a Seq2SeqLMOutput with logits
     (B, L_dec, vocab), encoder_last_hidden_state (B, L, d) and, when asked for, encoder_hidden_states and
@@ -168,40 +232,20 @@ class DualT5ForConditionalGeneration(DualModel):
     decoder_hidden_states[-1]). dy is None outside the "linearized" mode. Teacher forcing only: no cache
     (``use_cache`` None or False), no generation, no labels (shift them right yourself)."""
 
-    def __init__(self, model: nn.Module, trainable=None):
-        super().__init__()
-        b = Builder(model)
-        self.embed = b.embedding(model.encoder.embed_tokens)
-        self.encoder = DualT5Stack(b, model.encoder)
-        self.decoder_embed = b.embedding(model.decoder.embed_tokens)
-        self.decoder = DualT5Stack(b, model.decoder)
+    def build_head(self, b: Builder, model: nn.Module) -> None:
+        """The LM head (None: tied to the decoder's token embedding) and the scale of the decoder's output before it."""
         tied = model.lm_head.weight is model.decoder.embed_tokens.weight
         self.lm_head = None if tied else b.linear(model.lm_head)
         self.output_scale = decoder_output_scale(model)
-        self.bind(b, model, trainable)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 inputs_embeds=None, decoder_inputs_embeds=None, **options):
-        wanted = hf_options("DualT5ForConditionalGeneration", options, {**_OPTIONS, "use_cache": (None, False)}).get(
-            "output_hidden_states")
-        enc_mask = padding_mask("DualT5ForConditionalGeneration", "attention_mask", attention_mask)
-        encoded, dencoded = self.encoder(*_embed(self.embed, input_ids, inputs_embeds, ""), enc_mask)
-        e, de = encoded[-1], apply(lambda d: d[-1], dencoded)
-        x, dx = _embed(self.decoder_embed, decoder_input_ids, decoder_inputs_embeds, "decoder_")
-        L = x.shape[1]
-        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        if decoder_attention_mask is not None:
-            mask = mask & padding_mask("DualT5ForConditionalGeneration", "decoder_attention_mask",
-                                        decoder_attention_mask)
-        decoded, ddecoded = self.decoder(x, dx, mask, e, de, enc_mask)
+        stacks = self.stacks(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
+                             decoder_inputs_embeds, options)
+        decoded, ddecoded = stacks[1]
         h, dh = decoded[-1] * self.output_scale, apply(lambda d: d[-1] * self.output_scale, ddecoded)
         if self.lm_head is not None:
             logits, dlogits = self.lm_head(h, dh)
         else:
             logits, dlogits = linear(h, dh, *self.decoder_embed.dual("weight"))
-        y = Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=e, encoder_hidden_states=_hidden_states(
-            encoded, wanted), decoder_hidden_states=_hidden_states(decoded, wanted))
-        if dlogits is None and de is None:
-            return y, None
-        return y, Seq2SeqLMOutput(logits=dlogits, encoder_last_hidden_state=de, encoder_hidden_states=_hidden_states(
-            dencoded, wanted, encoded), decoder_hidden_states=_hidden_states(ddecoded, wanted, decoded))
+        return _seq2seq_output(Seq2SeqLMOutput, "logits", logits, dlogits, *stacks)
