@@ -271,7 +271,7 @@ def _factors_summary(path: Path) -> str:
 
     meta = storage.load(path).meta
     layers, dense, off = meta.get("layers", {}), meta.get("dense", {}), meta.get("off_path", [])
-    embeddings = sum(info.get("layout") == "embedding" for info in layers.values())
+    embeddings = sum(info.get("layout") in ("embedding", "resized") for info in layers.values())
     summary = f"{len(layers)} layers ({embeddings} embeddings), {len(dense)} exact blocks"
     return summary + (f"; none for the {len(off)} the features do not depend on: {off[:4]}"
                       f"{' ...' if len(off) > 4 else ''}" if off else "")

@@ -833,6 +833,72 @@ def test_timm_position_table(options):
             assert torch.equal(vit(X), y)
 
 
+@pytest.mark.parametrize("kind, size, interpolate", [("vit", (16, 16), False), ("vit", (24, 24), True),
+                                                     ("dinov2", (16, 16), None), ("dinov2", (24, 16), None),
+                                                     ("dinov2_registers", (24, 24), None)],
+                         ids=["vit", "vit_interpolated", "dinov2", "dinov2_resized", "dinov2_registers_resized"])
+def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolate):
+    """Hugging Face ViT's and DINOv2's position_embeddings (1, T, d) reach the class and patch tokens through a linear
+    map R (T', T) of the table's rows (bicubic resizing to the image's grid; the identity at the table's grid): A =
+    RᵀR / T' with R from jacrev of the embeddings; B from the tokens' gradients; the GGN diagonal and EK-FAC's S from
+    the images' gradients at the table, against torch.func."""
+    transformers = pytest.importorskip("transformers")
+    if kind == "dinov2_registers":
+        pytest.importorskip("transformers.models.dinov2_with_registers")  # from transformers 4.48
+    torch.manual_seed(0)
+    common = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+    model = {"vit": lambda: transformers.ViTModel(transformers.ViTConfig(intermediate_size=12, **common)),
+             "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **common)),
+             "dinov2_registers": lambda: transformers.Dinov2WithRegistersModel(
+                 transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common))}[kind]()
+    model = model.double().eval()
+    name, T = "embeddings.position_embeddings", 1 + 16
+    layer = find_layers(model)[name]
+    assert (layer.weight, layer.layout, layer.block_shape) == (name, "resized", (8, T))
+    assert list(find_layers(model)).index(name) == list(find_layers(model)).index(
+        "embeddings.patch_embeddings.projection") + 1
+    X = torch.randn(3, 3, *size, dtype=torch.float64)
+    batch = {"pixel_values": X} | ({} if interpolate is None else {"interpolate_pos_encoding": interpolate})
+
+    def embeds(m, b, params=None):  # the class token's state and the tokens' mean
+        h = (m(**b) if params is None else functional_call(m, params, (), b)).last_hidden_state
+        return h[:, 0] + h.mean(1)
+    f = fit(model, [batch], exact=True, output_fn=embeds)
+    d = fit_diagonal(model, [batch], exact=True, output_fn=embeds, dense=False, progress=False)
+    e = fit_ekfac(model, [batch], exact=True, output_fn=embeds, dense=False, progress=False)
+    table = model.embeddings.position_embeddings.detach()
+    registers = getattr(model.embeddings, "register_tokens", torch.zeros(1, 0, 8)).shape[1]
+    keep = [0, *range(1 + registers, 1 + registers + (size[0] // 4) * (size[1] // 4))]  # class and patch tokens
+    kwargs = {} if interpolate is None else {"interpolate_pos_encoding": interpolate}
+    R = jacrev(lambda p: functional_call(model.embeddings, {"position_embeddings": p}, (X[:1],), kwargs))(table)
+    R = R[0, keep, 0, 0, :, 0]  # ∂ token t / ∂ row s, along one channel: (T', T)
+    assert rel_err(f[name].A, R.T @ R / len(keep)) < 1e-6
+    if size == (16, 16):
+        assert torch.equal(R, torch.eye(T, dtype=R.dtype))  # at the table's grid: the rows as they are
+
+    def with_tokens(delta):  # the features with delta (N, T', d) added to the class and patch tokens
+        def add(module, args, output):
+            return output.index_add(1, torch.tensor(keep), delta)
+        handle = model.embeddings.register_forward_hook(add)
+        try:
+            return embeds(model, batch)
+        finally:
+            handle.remove()
+    g = jacrev(with_tokens)(torch.zeros(3, len(keep), 8, dtype=torch.float64))  # (N, C, N, T', d)
+    g = torch.stack([g[n, :, n] for n in range(3)])  # each example's own tokens: (N, C, T', d)
+    assert rel_err(f[name].B, torch.einsum("nctd,ncte->de", g, g) / 3) < 1e-5
+    J = jacrev(lambda p: embeds(model, batch, {name: p}))(table)  # (N, C, 1, T, d)
+    G = J.flatten(0, 1)[:, 0].transpose(1, 2)  # per example and feature: the gradient of W = tableᵀ, (N·C, d, T)
+    assert rel_err(G, torch.einsum("nctd,ts->ncds", g, R).flatten(0, 1)) < 1e-6  # Σ_t g_t r_tᵀ (DINOv2 resizes in fp32)
+    assert rel_err(d[name].D, G.square().sum(0) / 3) < 1e-5
+    U_B, U_A = e[name].U_B.double(), e[name].U_A.double()
+    assert rel_err(e[name].S, (U_B.T @ G @ U_A).square().sum(0) / 3) < 1e-5
+    with torch.no_grad():  # the tapped forward (tokens cut around the registers and joined again) is the model's
+        y = embeds(model, batch)
+        with Capture({name: layer}, lambda *a: None):
+            assert torch.equal(embeds(model, batch), y)
+
+
 def test_gpt2_conv1d_layers_are_the_linear_maps_they_are():
     """GPT-2's Conv1D (x W + b, W (d_in, d_out)): layout "transposed", with the factors (KFAC, EK-FAC, GGN diagonal)
     of the same model with each Conv1D replaced by the nn.Linear of weight Wᵀ."""

@@ -5,8 +5,9 @@ Inside ``Capture(layers, on_input, on_grad)``, the i-th call of a layer in a for
 ``on_input(layer, a, i)`` with its input a (..., d_in), and passes its output z through a tap: an
 identity whose backward calls ``on_grad(layer, dz, call=i)``.
 A convolution's a and z are its unfolded patches (N, L, C·kh·kw) and outputs (N, L, d_out) over the L output
-positions; an embedding's a is its token ids (..., 1), the index of each one-hot input; open_clip's output projection
-is seen through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups
+positions; an embedding's a is its token ids (..., 1), the index of each one-hot input; a resized position table's a
+is each token's row of the map from the table (``layers.resized_rows``); open_clip's output projection is seen
+through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups
 (``tak.curvature.dense``: the LayerNorms and the class token) get taps too, whose gradients become per-example
 gradient vectors for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
 LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dense as dense_groups
-from .layers import Layer, is_conv1d
+from .layers import Layer, is_conv1d, resized_rows
 
 
 @contextlib.contextmanager
@@ -92,6 +93,9 @@ class Capture:
                 self._handles.append(layer.module.ln_pre.register_forward_pre_hook(self._positions_hook(layer)))
             elif layer.layout == "embedding":  # timm's
                 self._handles.append(layer.module.pos_drop.register_forward_hook(self._positions_hook(layer)))
+            elif layer.layout == "resized":  # Hugging Face ViT's and DINOv2's
+                self._handles.append(layer.module.register_forward_hook(self._resized_positions_hook(layer),
+                                                                        with_kwargs=True))
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
                 if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
@@ -155,6 +159,19 @@ class Capture:
         if hasattr(tower, "ln_pre"):
             return lambda module, args: (tapped(args[0]),) + tuple(args[1:])
         return lambda module, args, output: tapped(output)
+
+    def _resized_positions_hook(self, layer):
+        """Hugging Face ViT's and DINOv2's embeddings give [class; registers; patches] (N, 1 + R + P, d) (R = 0 but
+        in DINOv2 with registers): the class and patch tokens hold R @ table (``layers.resized_rows``), so their
+        inputs are R's rows."""
+        def hook(embeddings, args, kwargs, output):
+            pixels = args[0] if args else kwargs["pixel_values"]
+            rows = resized_rows(embeddings, pixels.shape[-2:], kwargs.get("interpolate_pos_encoding"))
+            registers = output.shape[1] - rows.shape[0]
+            z = self.tap(layer, rows.expand(output.shape[0], -1, -1), torch.cat([output[:, :1],
+                                                                                output[:, 1 + registers:]], 1))
+            return z if registers == 0 else torch.cat([z[:, :1], output[:, 1:1 + registers], z[:, 1:]], 1)
+        return hook
 
     def _projection_hook(self, layer):
         """Hooks for z = pooled @ proj: ``_pool`` keeps the pooled features, the tower's output is tapped."""

@@ -17,26 +17,32 @@ Every ``nn.Embedding`` (without ``max_norm``) is the linear map of its one-hot i
 the position table of open_clip's and timm's vision transformers, ``positional_embedding`` (T, d) and ``pos_embed``
 (1, T, d) (a layer named ``<tower>.positional_embedding`` or ``<tower>.pos_embed``), whose rows every image's tokens
 add at the position ids 0..T-1 (timm's at the model's own image size; after its class and register tokens where it
-has ``no_embed_class``).
+has ``no_embed_class``). Hugging Face's ViT and DINOv2 (with registers) add their ``position_embeddings`` (1, T, d)
+resized to each image's patch grid (DINOv2 always, ViT with ``interpolate_pos_encoding``): a linear map of the
+table's rows, bicubic in the patches' rows, the class token's row as it is. Layout "resized": W = tableᵀ as for an
+embedding, its input at each class or patch token that token's row of the map (``resized_rows``: one-hot where the
+grid is the table's), so its A is dense.
 """
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .._selection import check_patterns, selects
+from ..models.base import resized_positions
 
-
-LAYOUTS = ("linear", "conv", "transposed", "embedding")
+LAYOUTS = ("linear", "conv", "transposed", "embedding", "resized")
 
 
 def as_matrix(weight, layout: str):
     """The (d_out, d_in) matrix W of a layer's weight parameter (or task vector) of this layout:
     "linear" W itself, "conv" (d_out, C, kh, kw) flattened to (d_out, C·kh·kw), "transposed" (d_in, d_out),
-    "embedding" (num_embeddings, embedding_dim) = (d_in, d_out) (timm's position table: (1, d_in, d_out))."""
+    "embedding" (num_embeddings, embedding_dim) = (d_in, d_out) (timm's position table: (1, d_in, d_out)), "resized"
+    a position table (1, d_in, d_out) likewise."""
     if layout == "conv":
         return weight.reshape(weight.shape[0], -1)
-    if layout == "embedding":
+    if layout in ("embedding", "resized"):
         return weight.reshape(-1, weight.shape[-1]).T
     return weight.T if layout == "transposed" else weight
 
@@ -87,12 +93,12 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             order[name] = max(i for i, (p, _) in enumerate(modules) if p == path or p.startswith(prefix)) + 0.5
             found[name] = Layer(name, module, param("proj"), None, module.proj.shape[1], module.proj.shape[0],
                                 layout="transposed")
-        if (table := position_table(module)) is not None:  # added to the tokens before ln_pre / at pos_drop
+        if (table := position_table(module)) is not None:  # added to the tokens before ln_pre / at pos_drop / dropout
             name, positions = prefix + table, getattr(module, table)
-            order[name] = next(i for i, (p, _) in enumerate(modules) if p in (prefix + "ln_pre", prefix + "pos_drop"))
-            order[name] -= 0.5
+            order[name] = next(i for i, (p, _) in enumerate(modules)
+                               if p in (prefix + "ln_pre", prefix + "pos_drop", prefix + "dropout")) - 0.5
             found[name] = Layer(name, module, param(table), None, positions.shape[-1], positions.shape[-2],
-                                layout="embedding")
+                                layout="resized" if table == "position_embeddings" else "embedding")
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 or module.padding == "same" or module.padding_mode != "zeros":
                 warnings.warn(f"{path}: nn.Conv2d with groups={module.groups}, padding={module.padding!r}, "
@@ -149,10 +155,33 @@ def is_conv1d(module: nn.Module) -> bool:
         isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[1] == module.nf
 
 
+# Hugging Face vision embeddings that add their position table to [class; patches] resized to the patch grid, by
+# class name: (resized at every image size, in fp32, antialiased); the table's rows then reach the tokens their
+# output holds, with DINOv2's register tokens between the class and patch tokens.
+_RESIZED_TABLES = {"ViTEmbeddings": (False, False, False), "Dinov2Embeddings": (True, True, False),
+                   "Dinov2WithRegistersEmbeddings": (True, True, True)}
+
+
+def resized_rows(embeddings: nn.Module, image_size: tuple[int, int], interpolate: bool | None) -> torch.Tensor:
+    """R (1 + N, T) in fp32: the class and patch tokens (N patches) of an ``image_size`` image get R @ table of
+    Hugging Face ``embeddings``' position table (1, T, d) (``interpolate``: ViT's ``interpolate_pos_encoding``)."""
+    always, in_fp32, antialias = _RESIZED_TABLES[type(embeddings).__name__]
+    table = embeddings.position_embeddings
+    identity = torch.eye(table.shape[1], device=table.device)[None]  # the table of the map: d = T
+    if not (always or interpolate):
+        return identity[0]
+    (H, W), patch = image_size, embeddings.patch_embeddings.patch_size
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return resized_positions(identity, (H // patch[0], W // patch[1]), H == W, in_fp32, antialias)[0]
+
+
 def position_table(module: nn.Module) -> str | None:
     """The attribute of a vision transformer's position table: open_clip's ``positional_embedding`` (the tokens its
-    ln_pre takes hold it), timm's ``pos_embed`` without dynamic image sizes (the tokens its pos_drop gives), else
-    None."""
+    ln_pre takes hold it), timm's ``pos_embed`` without dynamic image sizes (the tokens its pos_drop gives), Hugging
+    Face ViT's and DINOv2's ``position_embeddings`` (their output holds them, resized: ``resized_rows``), else None."""
+    if type(module).__name__ in _RESIZED_TABLES and isinstance(getattr(module, "position_embeddings", None),
+                                                               nn.Parameter):
+        return "position_embeddings"
     table = getattr(module, "positional_embedding", None)
     if isinstance(table, nn.Parameter) and table.dim() == 2 and hasattr(module, "conv1") and hasattr(module, "ln_pre"):
         return "positional_embedding"

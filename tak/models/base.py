@@ -5,6 +5,7 @@ source parameter it is (tied parameters are one θ0 with one τ), then calls ``D
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._selection import select_parameters
@@ -90,6 +91,20 @@ def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acc: torch.dty
     a = t if acc is None else t.to(acc)
     half = a.shape[-1] // 2
     return (a * cos[:, None] + torch.cat((-a[..., half:], a[..., :half]), -1) * sin[:, None]).to(t.dtype)
+
+
+def resized_positions(pos: torch.Tensor, grid: tuple[int, int], square: bool, in_fp32: bool,
+                      antialias: bool = False) -> torch.Tensor:
+    """Position embeddings (1, 1 + N, d) for a patch grid (h, w): as they are where h·w = N and the image is
+    ``square``, else the patches' √N × √N embeddings resized bicubically to h × w (in fp32 where ``in_fp32``)."""
+    n, d = pos.shape[1] - 1, pos.shape[2]
+    if grid[0] * grid[1] == n and square:
+        return pos
+    side = round(n ** 0.5)
+    patches = pos[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2)
+    resized = F.interpolate(patches.float() if in_fp32 else patches, size=grid, mode="bicubic", align_corners=False,
+                            antialias=antialias)
+    return torch.cat([pos[:, :1], resized.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, -1, d)], 1)
 
 
 def position_bias(table: DualEmbedding, buckets: torch.Tensor):

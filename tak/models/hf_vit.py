@@ -15,13 +15,12 @@ down_proj) and 4.x (attention.attention.query, key, value; attention.output.dens
 output.dense; SwiGLU's mlp.weights_in = [W_g; W_u], weights_out).
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..nn import DualActivation, DualAttention, DualPatchEmbedding
 from ..nn.base import apply, chain
-from .base import Builder, DualModel, activation, hf_options
+from .base import Builder, DualModel, activation, hf_options, resized_positions
 from .bert import HF_OPTIONS
 from .clip_vit import DualResidualAttentionBlock, PatchTokens
 
@@ -79,20 +78,6 @@ class _SwiGLU(nn.Module):
         else:
             u, du = self.up(x, dx)
         return self.act(g, dg, u, du)
-
-
-def resized_positions(pos: torch.Tensor, grid: tuple[int, int], square: bool, in_fp32: bool,
-                      antialias: bool = False) -> torch.Tensor:
-    """Position embeddings (1, 1 + N, d) for a patch grid (h, w): as they are where h·w = N and the image is
-    ``square``, else the patches' √N × √N embeddings resized bicubically to h × w (in fp32 where ``in_fp32``)."""
-    n, d = pos.shape[1] - 1, pos.shape[2]
-    if grid[0] * grid[1] == n and square:
-        return pos
-    side = round(n ** 0.5)
-    patches = pos[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2)
-    resized = F.interpolate(patches.float() if in_fp32 else patches, size=grid, mode="bicubic", align_corners=False,
-                            antialias=antialias)
-    return torch.cat([pos[:, :1], resized.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, -1, d)], 1)
 
 
 class DualHFViTModel(DualModel, PatchTokens):

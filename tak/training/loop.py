@@ -232,8 +232,8 @@ def build_objective(config: TrainConfig, backbone, task, device) -> Objective:
 
 
 def unpenalized(model, trained: list[str], factors, method: str) -> list[str]:
-    """The trained parameters without curvature in ``factors`` (open_clip's positional embedding, timm's class token,
-    a layer the features do not depend on, ...), with a warning that says how much of τ the drift penalty leaves
+    """The trained parameters without curvature in ``factors`` (a layer the features do not depend on, one left out
+    of the fit, a module with no factors, ...), with a warning that says how much of τ the drift penalty leaves
     free."""
     missing = sorted(set(trained) - penalized_parameters(factors))
     if missing:
