@@ -304,6 +304,51 @@ def test_class_and_register_token_blocks_of_timm(class_token):
         assert rel_err(f[name].B, exact_block(model, (name,), X, lambda m, x: m(x))) < 1e-5, name
 
 
+@pytest.mark.parametrize("library", ["open_clip", "timm", "dinov2", "dinov2_registers"])
+def test_layer_scale_blocks(library):
+    """Each LayerScale y = x ⊙ γ (open_clip's and timm's gamma, DINOv2's lambda1, two per block): its exact GGN block,
+    from the gradients at its output and its input x."""
+    size = (4, 3, 16, 16)
+    if library == "open_clip":
+        pytest.importorskip("open_clip")
+        from open_clip.transformer import VisionTransformer
+        model = VisionTransformer(image_size=16, patch_size=8, width=8, layers=2, heads=2, mlp_ratio=2.0, output_dim=5,
+                                  ls_init_value=0.5)
+        names, features = [f"transformer.resblocks.{i}.ls_{j}.gamma" for i in (0, 1) for j in (1, 2)], None
+    elif library == "timm":
+        pytest.importorskip("timm")
+        from tak._compat import ensure_torchvision_importable
+        ensure_torchvision_importable()
+        from timm.models.vision_transformer import VisionTransformer
+        model = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, mlp_ratio=1.5,
+                                  num_classes=5, init_values=0.5)
+        names, features = [f"blocks.{i}.ls{j}.gamma" for i in (0, 1) for j in (1, 2)], None
+    else:
+        transformers = pytest.importorskip("transformers")
+        if library == "dinov2_registers":
+            pytest.importorskip("transformers.models.dinov2_with_registers")  # from transformers 4.48
+        config = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
+                      mlp_ratio=2, layerscale_value=0.5)
+        model = (transformers.Dinov2Model(transformers.Dinov2Config(**config)) if library == "dinov2" else
+                 transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2,
+                                                                                              **config)))
+        names = [f"encoder.layer.{i}.layer_scale{j}.lambda1" for i in (0, 1) for j in (1, 2)]
+        size, features = (4, 3, 24, 16), lambda m, x: m(pixel_values=x).pooler_output
+    model = model.double().eval()
+    with torch.no_grad():
+        for name in names:
+            model.get_parameter(name).normal_()
+    features = features or (lambda m, x: m(x))
+    X = torch.randn(*size, dtype=torch.float64)
+    f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
+    assert [n for n in f.meta["dense"] if f.meta["dense"][n]["kind"] == "layerscale"] == [
+        n.rsplit(".", 1)[0] for n in names]
+    for name in names:
+        block = f[name.rsplit(".", 1)[0]]
+        assert block.params == (name,)
+        assert rel_err(block.B, exact_block(model, block.params, X, features)) < 1e-5, name
+
+
 def siglip_tower(library):
     """(SigLIP-style image tower with an attention pooling probe, its features (N, d)), float64, random weights."""
     if library == "transformers":

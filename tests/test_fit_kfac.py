@@ -837,7 +837,7 @@ def test_timm_position_table(options):
                                                      ("dinov2", (16, 16), None), ("dinov2", (24, 16), None),
                                                      ("dinov2_registers", (24, 24), None)],
                          ids=["vit", "vit_interpolated", "dinov2", "dinov2_resized", "dinov2_registers_resized"])
-def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolate):
+def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolate, tmp_path):
     """Hugging Face ViT's and DINOv2's position_embeddings (1, T, d) reach the class and patch tokens through a linear
     map R (T', T) of the table's rows (bicubic resizing to the image's grid; the identity at the table's grid): A =
     RᵀR / T' with R from jacrev of the embeddings; B from the tokens' gradients; the GGN diagonal and EK-FAC's S from
@@ -893,6 +893,11 @@ def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolat
     assert rel_err(d[name].D, G.square().sum(0) / 3) < 1e-5
     U_B, U_A = e[name].U_B.double(), e[name].U_A.double()
     assert rel_err(e[name].S, (U_B.T @ G @ U_A).square().sum(0) / 3) < 1e-5
+    tau = torch.randn_like(table)  # the penalty of a τ of the table's shape: W = τᵀ (d, T), row-major vec
+    W = tau[0].T.reshape(-1)
+    assert rel_err(f.quadratic_form({name: tau}), W @ torch.kron(f[name].B.double(), f[name].A.double()) @ W) < 1e-5
+    f.save(tmp_path / "f.safetensors")
+    assert torch.equal(KFAC.load(tmp_path / "f.safetensors", model=model)[name].A, f[name].A)
     with torch.no_grad():  # the tapped forward (tokens cut around the registers and joined again) is the model's
         y = embeds(model, batch)
         with Capture({name: layer}, lambda *a: None):

@@ -8,7 +8,7 @@ A convolution's a and z are its unfolded patches (N, L, C·kh·kw) and outputs (
 positions; an embedding's a is its token ids (..., 1), the index of each one-hot input; a resized position table's a
 is each token's row of the map from the table (``layers.resized_rows``); open_clip's output projection is seen
 through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups
-(``tak.curvature.dense``: the LayerNorms and the class token) get taps too, whose gradients become per-example
+(``tak.curvature.dense``: the norms, LayerScales and class token) get taps too, whose gradients become per-example
 gradient vectors for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
 LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every
 tap also feeds a shared scalar, the sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the
@@ -241,7 +241,7 @@ class Capture:
         others' are rearranged here: batch-first), for ``tokens.measure_layouts``."""
         linear = {n: l.module for n, l in self.layers.items() if isinstance(l.module, nn.Embedding) or
                   is_conv1d(l.module) or isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
-        return linear | {n: g.module for n, g in self.dense.items() if g.kind in ("layernorm", "rmsnorm")}
+        return linear | {n: g.module for n, g in self.dense.items() if g.kind in ("layernorm", "rmsnorm", "layerscale")}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense

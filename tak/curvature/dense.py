@@ -1,6 +1,7 @@
 """Exact GGN blocks of the small parameters (TAK Sec. E): each LayerNorm's (weight, bias), each RMSNorm's
-weight (T5's "layer norms"), the class and register tokens of a vision transformer and SigLIP's pooling probe,
-whose sizes grow linearly with the width, get their dense GGN block instead of a Kronecker approximation.
+weight (T5's "layer norms"), each LayerScale's γ, the class and register tokens of a vision transformer and SigLIP's
+pooling probe, whose sizes grow linearly with the width, get their dense GGN block instead of a Kronecker
+approximation.
 
 For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)ᵀ s, the block is
 G_p = 1/(N·M) Σ_{n,m} v vᵀ (Σ_c over unit probes when exact), from the same probes as the Kronecker
@@ -9,6 +10,7 @@ factors. Per-example gradients come from a tap on one tensor per group:
 - RMSNorm y = γ ⊙ x̂, x̂ = x (mean(x²) + ε)^(-1/2): the same, v = Σ_t dy ⊙ x̂. These are ``nn.RMSNorm`` and the
   Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
   whose statistics are taken in fp32 as theirs are.
+- LayerScale y = x ⊙ γ (open_clip's and timm's ``gamma``, DINOv2's ``lambda1``): the same with x̂ = x, v = Σ_t dy ⊙ x.
 - class token c (concatenated as token 0), register tokens r (R of them, after it): tap the tokens x they are in,
   and v = dx[:, 0] (dx[:, 1:1 + R].flatten(1), or from token 0 without a class token); x is ln_pre's input in
   open_clip, pos_drop's output in timm's VisionTransformer (``cls_token``, ``reg_token``), the output of the
@@ -36,7 +38,8 @@ class DenseGroup:
     name: str
     module: nn.Module
     params: tuple[str, ...]
-    kind: str  # "layernorm" | "rmsnorm" | "class_token" | "register_tokens" | "probe" (module: the probe's consumer)
+    kind: str  # "layernorm" | "rmsnorm" | "layerscale" | "class_token" | "register_tokens" | "probe" (module: the
+    #            probe's consumer)
     size: int
     tokens: tuple[int, int] = (0, 1)  # class or register tokens: their positions [start, stop) among the tokens
 
@@ -53,6 +56,21 @@ def _norm_kind(module: nn.Module) -> str | None:
             and getattr(module, "bias", None) is None):
         return "rmsnorm"
     return None
+
+
+# Elementwise scales over the last dim by module class name, their weight's attribute: open_clip's and timm's
+# LayerScale, DINOv2's (with registers or not).
+_LAYER_SCALES = {"LayerScale": "gamma", "Dinov2LayerScale": "lambda1", "Dinov2WithRegistersLayerScale": "lambda1"}
+
+
+def scale_weight(module: nn.Module) -> nn.Parameter:
+    """γ of a norm or LayerScale ``module``: what multiplies x̂ elementwise."""
+    return getattr(module, _LAYER_SCALES.get(type(module).__name__, "weight"))
+
+
+def _is_layer_scale(module: nn.Module) -> bool:
+    gamma = getattr(module, _LAYER_SCALES.get(type(module).__name__, ""), None)
+    return isinstance(gamma, nn.Parameter) and gamma.dim() == 1
 
 
 def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +94,9 @@ _TOKEN_SITES = ("ln_pre", "pos_drop", "patch_embedding", "patch_embeddings")
 
 
 def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
-    """Every affine LayerNorm and RMSNorm, the class and register tokens of open_clip's, timm's and Hugging Face's
-    vision transformers (CLIP, ViT, DINOv2), and the probe of an attention pooling head (module docstring)."""
+    """Every affine LayerNorm and RMSNorm, every LayerScale, the class and register tokens of open_clip's, timm's and
+    Hugging Face's vision transformers (CLIP, ViT, DINOv2), and the probe of an attention pooling head (module
+    docstring)."""
     groups, named = {}, parameter_names(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
@@ -86,6 +105,10 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
                    if p is not None]
             groups[path] = DenseGroup(path, module, tuple(named.get(id(p), prefix + n) for n, p in own), kind,
                                       sum(p.numel() for _, p in own))
+        if _is_layer_scale(module):
+            attr = _LAYER_SCALES[type(module).__name__]
+            gamma = getattr(module, attr)
+            groups[path] = DenseGroup(path, module, (named.get(id(gamma), prefix + attr),), "layerscale", gamma.numel())
         holds_tokens, start = any(hasattr(module, a) for a in _TOKEN_SITES), 0
         for attr, kind in _PREFIX_TOKENS.items():
             token = getattr(module, attr, None)
@@ -108,12 +131,13 @@ def install(group: DenseGroup, tap, batch, calls):
     a norm of a tensor the batch ``shared`` (``tokens``); ``batch()`` is the current batch's ``BatchTokens`` (which
     says whether a LayerNorm input is sequence-first (T, N, ...) or shared at its call number ``calls(name)``).
     Returns the handle."""
-    if group.kind in ("layernorm", "rmsnorm"):
-        norm = group.module
+    if group.kind in ("layernorm", "rmsnorm", "layerscale"):
+        norm, weight = group.module, scale_weight(group.module)
 
         def hook(module, inputs, output):
-            x_hat = _normalized(norm, inputs[0].detach())
-            lead = x_hat.dim() - norm.weight.dim()  # the dims before the normalized ones
+            x = inputs[0].detach()
+            x_hat = x if group.kind == "layerscale" else _normalized(norm, x)
+            lead = x_hat.dim() - weight.dim()  # the dims before the normalized ones
             call = calls(group.name)
             shared = batch().shared(group.name, x_hat, call)
             sequence_first = not shared and lead == 2 and batch().sequence_first(group.name, x_hat, call)
@@ -122,7 +146,7 @@ def install(group: DenseGroup, tap, batch, calls):
 
             def per_example(t):  # (N, ..., *normalized_shape) -> (N, numel(normalized_shape))
                 if shared:
-                    return t.reshape(-1, norm.weight.numel()).sum(0, keepdim=True)
+                    return t.reshape(-1, weight.numel()).sum(0, keepdim=True)
                 if flattened:
                     return batch().view(t, group.name, call)[0].sum(1)
                 t = t.transpose(0, 1) if sequence_first else t

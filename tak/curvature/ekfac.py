@@ -178,7 +178,7 @@ def fit_ekfac(model: nn.Module, batches, *, kfac: KFAC | None = None, output_fn=
               seed: int = 0, progress: bool = True) -> EKFAC:
     """EK-FAC factors (fp32) of the Jacobian Gramian of ``output_fn(model, batch)`` for the linear
     layers of ``model`` (those ``layers`` selects, see ``find_layers``; with ``kfac``, among its layers)
-    and, with ``dense`` and no ``kfac`` given, the exact blocks of the LayerNorms and class token.
+    and, with ``dense`` and no ``kfac`` given, the exact blocks of the norms, LayerScales and class token.
 
     The eigenbases come from ``kfac`` (dense factors), or from ``fit_kfac`` on the same ``batches``
     first (then ``batches`` must be re-iterable: a list or a DataLoader, not an iterator). A second

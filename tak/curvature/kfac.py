@@ -314,7 +314,7 @@ def fit_kfac(model: nn.Module, batches, *, output_fn=None, mc_samples: int = 1, 
     of ``model`` (all, or those ``layers`` selects; see ``find_layers``) over ``batches`` (tensors, or
     dicts for Hugging Face models). One forward per batch feeds A; one backward that reaches only the
     layer outputs feeds B (M > 1 samples or exact probes: batched backwards of ``probe_chunk``
-    cotangents each). With ``dense``, the LayerNorms and the class token get their exact GGN blocks
+    cotangents each). With ``dense``, the norms, LayerScales and class token get their exact GGN blocks
     (``DenseFactors``, see ``tak.curvature.dense``) from the same probes. The model runs in eval mode,
     with in-place activations made out of place (``fitting_mode``); its parameters, training flags and
     ``.grad`` are untouched. ``seed`` seeds the Monte-Carlo probes (seed + rank on each rank of a
