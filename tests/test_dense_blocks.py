@@ -349,6 +349,26 @@ def test_layer_scale_blocks(library):
         assert rel_err(block.B, exact_block(model, block.params, X, features)) < 1e-5, name
 
 
+def test_hugging_face_layer_norm_block():
+    """DeBERTa's own LayerNorm (weight, bias, variance_epsilon; statistics in fp32) is a LayerNorm: its exact block."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaConfig(vocab_size=41, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=10, max_position_embeddings=16, type_vocab_size=0)
+    model = transformers.DebertaModel(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.5)
+    X = torch.randint(1, 41, (4, 5))
+
+    def features(m, x):
+        return m(input_ids=x).last_hidden_state.mean(1)
+    f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
+    name = "encoder.layer.0.output.LayerNorm"
+    assert f.meta["dense"][name]["kind"] == "layernorm" and f[name].params == (f"{name}.weight", f"{name}.bias")
+    assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-5
+
+
 def siglip_tower(library):
     """(SigLIP-style image tower with an attention pooling probe, its features (N, d)), float64, random weights."""
     if library == "transformers":

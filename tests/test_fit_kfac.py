@@ -904,6 +904,33 @@ def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolat
             assert torch.equal(embeds(model, batch), y)
 
 
+def test_a_model_writing_into_a_tapped_output_in_place_is_fitted_on_copies():
+    """DeBERTa (v1) divides its position queries, a view of pos_q_proj's output, in place (``/=``), which autograd
+    forbids on the view a tap gives: the fit finds it on one example and taps copies. A and B of a layer after it
+    against hooks and autograd."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DebertaConfig(vocab_size=41, hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=14, max_position_embeddings=16, type_vocab_size=0,
+                                        relative_attention=True, pos_att_type=["c2p", "p2c"],
+                                        position_biased_input=False, max_relative_positions=-1)
+    model = transformers.DebertaModel(config).double().eval()
+    batch = {"input_ids": torch.randint(1, 41, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    f = fit(model, [batch], exact=True, dense=True)
+    name = "encoder.layer.1.output.dense"
+    assert {"encoder.layer.0.attention.self.pos_q_proj", name, "encoder.layer.1.output.LayerNorm"} <= set(f)
+    seen = {}
+    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: seen.update(a=i[0], z=o))
+    try:
+        out = default_output_fn(model)(model, batch)
+    finally:
+        handle.remove()
+    a = torch.cat([seen["a"], torch.ones_like(seen["a"][..., :1])], -1).reshape(-1, 15)
+    assert rel_err(f[name].A, a.T @ a / 18) < 1e-6
+    g = torch.stack([torch.autograd.grad(out[:, c].sum(), seen["z"], retain_graph=True)[0] for c in range(12)])
+    assert rel_err(f[name].B, torch.einsum("cntd,cnte->de", g, g) / 3) < 1e-6
+
+
 def test_gpt2_conv1d_layers_are_the_linear_maps_they_are():
     """GPT-2's Conv1D (x W + b, W (d_in, d_out)): layout "transposed", with the factors (KFAC, EK-FAC, GGN diagonal)
     of the same model with each Conv1D replaced by the nn.Linear of weight Wᵀ."""

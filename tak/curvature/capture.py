@@ -46,16 +46,18 @@ def fitting_mode(model: nn.Module):
 
 
 class _Tap(torch.autograd.Function):
+    """z as it is (a view, or a ``copy``), whose backward shows dz to ``callback``."""
+
     @staticmethod
-    def forward(ctx, z, sink, callback):
+    def forward(ctx, z, sink, callback, copy: bool):
         ctx.callback = callback
-        return z.view_as(z)
+        return z.clone() if copy else z.view_as(z)
 
     @staticmethod
     def backward(ctx, dz):
         if ctx.callback is not None:
             ctx.callback(dz)
-        return dz, None, None
+        return dz, None, None, None
 
 
 class Capture:
@@ -67,6 +69,8 @@ class Capture:
         self._dense_sums: dict[tuple, torch.Tensor] = {}  # (dense group, shared) -> its vectors summed over calls
         self._handles, self._patched = [], []
         self._batched = False
+        self.copies = False  # taps give copies (see ``check_in_place``), not views
+        self._silent = False  # taps report nothing (``check_in_place``'s forward)
         self.batch = None  # the current batch's BatchTokens
 
     def __enter__(self):
@@ -191,10 +195,11 @@ class Capture:
     def tap(self, layer: Layer, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Report the input a of ``layer``'s next call; return its output z behind a tap."""
         call = self.calls(layer.name)
-        self.on_input(layer, a, call)
-        callback = None if self.on_grad is None else (
+        if not self._silent:
+            self.on_input(layer, a, call)
+        callback = None if self.on_grad is None or self._silent else (
             lambda dz: None if self._batched else self.on_grad(layer, dz, call=call))
-        z = _Tap.apply(z, self._sink(z.device), callback)
+        z = _Tap.apply(z, self._sink(z.device), callback, self.copies)
         self.outputs.setdefault(layer.name, []).append(z)
         return z
 
@@ -203,9 +208,9 @@ class Capture:
         return len(self.outputs.get(name, ()))
 
     def _dense_tap(self, group, z, to_vectors, shared: bool = False):
-        callback = None if self.on_dense is None else (
+        callback = None if self.on_dense is None or self._silent else (
             lambda dz: None if self._batched else self._add_dense(group.name, to_vectors(dz), shared))
-        z = _Tap.apply(z, self._sink(z.device), callback)
+        z = _Tap.apply(z, self._sink(z.device), callback, self.copies)
         self.outputs.setdefault(group.name, []).append(z)
         self.to_vectors.setdefault(group.name, []).append((to_vectors, shared))
         return z
@@ -235,6 +240,21 @@ class Capture:
         """Forget the outputs of the last forward (call before the next batch, with its ``BatchTokens``)."""
         self.outputs, self.to_vectors, self._dense_sums = {}, {}, {}
         self.batch = batch
+
+    def check_in_place(self, model: nn.Module, example, output_fn, tokens) -> None:
+        """Taps give copies (``copies``) where the model writes into a tapped output in place (DeBERTa v1 divides
+        its position queries with ``/=``), which autograd forbids on a view a custom Function gives; elsewhere they
+        give views, which cost nothing. Found on a forward of one ``example`` (a batch of one, whose ``BatchTokens``
+        are ``tokens``) with the taps silent; an error of another kind comes again with the whole batch."""
+        self._silent = True
+        self.clear(tokens)
+        try:
+            output_fn(model, example)
+        except Exception as e:  # noqa: BLE001 - only an in-place write into a tap decides; the batch shows the rest
+            self.copies = isinstance(e, RuntimeError) and "is being modified inplace" in str(e)
+        finally:
+            self._silent = False
+            self.clear()
 
     def model_fed_modules(self) -> dict[str, nn.Module]:
         """{name: module} of the linear layers and norms whose inputs come as the model passes them (the

@@ -6,7 +6,8 @@ approximation.
 For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)ᵀ s, the block is
 G_p = 1/(N·M) Σ_{n,m} v vᵀ (Σ_c over unit probes when exact), from the same probes as the Kronecker
 factors. Per-example gradients come from a tap on one tensor per group:
-- LayerNorm y = x̂ ⊙ γ + β, x̂ = (x − μ) r: tap y, and v = [Σ_t dy ⊙ x̂, Σ_t dy] over the example's tokens.
+- LayerNorm y = x̂ ⊙ γ + β, x̂ = (x − μ) r: tap y, and v = [Σ_t dy ⊙ x̂, Σ_t dy] over the example's tokens. These are
+  ``nn.LayerNorm`` and Hugging Face's that keep ε as ``variance_epsilon`` (DeBERTa's, statistics in fp32).
 - RMSNorm y = γ ⊙ x̂, x̂ = x (mean(x²) + ε)^(-1/2): the same, v = Σ_t dy ⊙ x̂. These are ``nn.RMSNorm`` and the
   Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
   whose statistics are taken in fp32 as theirs are.
@@ -45,16 +46,18 @@ class DenseGroup:
 
 
 def _norm_kind(module: nn.Module) -> str | None:
-    """"layernorm" for an affine nn.LayerNorm, "rmsnorm" for an affine nn.RMSNorm or a Hugging Face RMSNorm
-    (``variance_epsilon``, a vector weight, no bias), else None."""
+    """"layernorm" for an affine nn.LayerNorm or a Hugging Face LayerNorm (``variance_epsilon``, vector weight and
+    bias: DeBERTa's), "rmsnorm" for an affine nn.RMSNorm or a Hugging Face RMSNorm (``variance_epsilon``, a vector
+    weight, no bias), else None."""
     if isinstance(module, nn.LayerNorm):
         return "layernorm" if module.elementwise_affine else None
     if isinstance(module, nn.RMSNorm):
         return "rmsnorm" if module.weight is not None else None
-    weight = getattr(module, "weight", None)
-    if (hasattr(module, "variance_epsilon") and isinstance(weight, nn.Parameter) and weight.dim() == 1
-            and getattr(module, "bias", None) is None):
-        return "rmsnorm"
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if hasattr(module, "variance_epsilon") and isinstance(weight, nn.Parameter) and weight.dim() == 1:
+        if bias is None:
+            return "rmsnorm"
+        return "layernorm" if isinstance(bias, nn.Parameter) and bias.shape == weight.shape else None
     return None
 
 
@@ -77,6 +80,8 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x̂ of the norm ``module`` (a LayerNorm's (x − μ) r or an RMSNorm's x r) over the trailing dims its weight has."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    if getattr(module, "bias", None) is not None:  # a Hugging Face LayerNorm: statistics in fp32, as DeBERTa's
+        return F.layer_norm(x.float(), x.shape[-1:], eps=module.variance_epsilon)
     dims = tuple(range(-module.weight.dim(), 0))
     if isinstance(module, nn.RMSNorm):  # as PyTorch computes it: in at least fp32, ε of that type by default
         x = x.to(torch.promote_types(x.dtype, torch.float32))

@@ -30,7 +30,7 @@ from .dense import DenseGroup, find_dense_groups
 from .distributed import all_reduce_sums, rank
 from .._selection import check_patterns, selects
 from .layers import Layer, as_matrix, find_layers
-from .outputs import default_output_fn, to_device
+from .outputs import default_output_fn, examples, to_device
 from .tokens import BatchTokens, measure_layouts, probes, token_mean, token_sum
 
 FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 files are all linear
@@ -358,6 +358,8 @@ def fit_pass(model, batches, capture: Capture, acc, *, output_fn, mc_samples, ex
                     with cap.paused():  # the measuring forwards feed no factor
                         found, unmeasured = measure_layouts(model, batch, output_fn, capture.model_fed_modules())
                     layouts.update(found)
+                    one = examples(batch, [0])
+                    cap.check_in_place(model, one, output_fn, BatchTokens(one, layouts))
                     measured = True
                 acc.start(batch, layouts)
                 cap.clear(acc.batch)
