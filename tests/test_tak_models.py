@@ -719,8 +719,9 @@ def test_t5_model(ff, family):
     batch = t5_batch()
     dual = check(model, batch, ["last_hidden_state", "encoder_last_hidden_state"], tol=TOL_T5, grads=ff == "relu")
     assert type(dual).__name__ == "DualT5Model" and "decoder.embed_tokens.weight" not in dual.task_vector()
+    encoder_1 = [n for n, _ in model.named_parameters() if n.startswith("encoder.block.1")]
     check(model, {**batch, "output_hidden_states": True}, ["encoder_hidden_states", "decoder_hidden_states"],
-          tol=TOL_T5, grads=False, trainable=[n for n, _ in model.named_parameters() if n.startswith("encoder.block.1")])
+          tol=TOL_T5, grads=False, trainable=encoder_1)
     with pytest.raises(ValueError, match=r"DualT5Model: \{'encoder_outputs': .*not supported .*fast=False"):
         dual(**batch, encoder_outputs=(torch.zeros(1),))
 

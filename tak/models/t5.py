@@ -116,8 +116,8 @@ def _embed(table, input_ids, inputs_embeds, what):
     return table(input_ids) if inputs_embeds is None else (inputs_embeds, None)
 
 
-_OPTIONS = {"return_dict": (None, True), "output_hidden_states": (None, False, True), "output_attentions": (None, False),
-            "head_mask": (None,)}
+_OPTIONS = {"return_dict": (None, True), "output_hidden_states": (None, False, True),
+            "output_attentions": (None, False), "head_mask": (None,)}
 # An encoder-decoder's: teacher forcing, no cache, nothing precomputed (Hugging Face's task heads pass them as None)
 _SEQ2SEQ_OPTIONS = {**_OPTIONS, "use_cache": (None, False), "encoder_outputs": (None,), "past_key_values": (None,),
                     "cache": (None,), "cache_position": (None,), "decoder_head_mask": (None,),
@@ -204,7 +204,8 @@ def _seq2seq_output(cls, field: str, y, dy, encoder, decoder, wanted):
     ``DualT5Model.stacks``); dy None where no tangent reaches."""
     (encoded, dencoded), (decoded, ddecoded) = encoder, decoder
     out = cls(**{field: y}, encoder_last_hidden_state=encoded[-1],
-              encoder_hidden_states=_hidden_states(encoded, wanted), decoder_hidden_states=_hidden_states(decoded, wanted))
+              encoder_hidden_states=_hidden_states(encoded, wanted),
+              decoder_hidden_states=_hidden_states(decoded, wanted))
     if dy is None and dencoded is None:
         return out, None
     return out, cls(**{field: dy}, encoder_last_hidden_state=apply(lambda d: d[-1], dencoded),
