@@ -167,10 +167,15 @@ class Capture:
     def _resized_positions_hook(self, layer):
         """Hugging Face ViT's and DINOv2's embeddings give [class; registers; patches] (N, 1 + R + P, d) (R = 0 but
         in DINOv2 with registers): the class and patch tokens hold R @ table (``layers.resized_rows``), so their
-        inputs are R's rows."""
+        inputs are R's rows, made once per image size (R depends on the size, not on the table's values)."""
+        maps = {}  # (image size, interpolate_pos_encoding) -> R
+
         def hook(embeddings, args, kwargs, output):
             pixels = args[0] if args else kwargs["pixel_values"]
-            rows = resized_rows(embeddings, pixels.shape[-2:], kwargs.get("interpolate_pos_encoding"))
+            key = tuple(pixels.shape[-2:]), kwargs.get("interpolate_pos_encoding")
+            if key not in maps:
+                maps[key] = resized_rows(embeddings, *key)
+            rows = maps[key]
             registers = output.shape[1] - rows.shape[0]
             z = self.tap(layer, rows.expand(output.shape[0], -1, -1), torch.cat([output[:, :1],
                                                                                 output[:, 1 + registers:]], 1))

@@ -214,6 +214,7 @@ class KFAC(Factors):
             return F.to(device) if device is not None else F
         return type(self)({n: replace(lf, A=move(lf.A), B=move(lf.B)) for n, lf in self.factors.items()}, self.meta)
 
+
 MAX_FACTOR_ENTRIES = 2 ** 32  # of one dense factor, 16 GiB in fp32: a large vocabulary's LM head has more
 
 

@@ -174,10 +174,8 @@ class DualT5Model(DualModel):
     def build_head(self, b: Builder, model: nn.Module) -> None:
         """The layers after the decoder: none here."""
 
-    def stacks(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
-               decoder_inputs_embeds, options):
-        """((encoded, dencoded), (decoded, ddecoded), wanted): each stack's states and tangents (see
-        ``DualT5Stack``), the decoder's teacher-forced under a causal mask, and whether ``output_hidden_states``."""
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                inputs_embeds=None, decoder_inputs_embeds=None, **options):
         owner = type(self).__name__
         wanted = hf_options(owner, options, _SEQ2SEQ_OPTIONS).get("output_hidden_states")
         enc_mask = padding_mask(owner, "attention_mask", attention_mask)
@@ -188,20 +186,19 @@ class DualT5Model(DualModel):
         if decoder_attention_mask is not None:
             mask = mask & padding_mask(owner, "decoder_attention_mask", decoder_attention_mask)
         decoded = self.decoder(x, dx, mask, encoded[-1], apply(lambda d: d[-1], dencoded), enc_mask)
-        return (encoded, dencoded), decoded, wanted
+        return self.outputs((encoded, dencoded), decoded, wanted)
 
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                inputs_embeds=None, decoder_inputs_embeds=None, **options):
-        stacks = self.stacks(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
-                             decoder_inputs_embeds, options)
-        decoded, ddecoded = stacks[1]
+    def outputs(self, encoder, decoder, wanted):
+        """(y, dy) from each stack's (states, tangents) (see ``DualT5Stack``; the decoder's teacher-forced under a
+        causal mask) and whether ``output_hidden_states``: here the decoder's last hidden state."""
+        decoded, ddecoded = decoder
         return _seq2seq_output(Seq2SeqModelOutput, "last_hidden_state", decoded[-1], apply(lambda d: d[-1], ddecoded),
-                               *stacks)
+                               encoder, decoder, wanted)
 
 
 def _seq2seq_output(cls, field: str, y, dy, encoder, decoder, wanted):
     """(y, dy) as Hugging Face's ``cls`` with ``field`` (its first) = ``y`` / ``dy`` and the stacks' states (see
-    ``DualT5Model.stacks``); dy None where no tangent reaches."""
+    ``DualT5Model.outputs``); dy None where no tangent reaches."""
     (encoded, dencoded), (decoded, ddecoded) = encoder, decoder
     out = cls(**{field: y}, encoder_last_hidden_state=encoded[-1],
               encoder_hidden_states=_hidden_states(encoded, wanted),
@@ -239,14 +236,12 @@ class DualT5ForConditionalGeneration(DualT5Model):
         self.lm_head = None if tied else b.linear(model.lm_head)
         self.output_scale = decoder_output_scale(model)
 
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                inputs_embeds=None, decoder_inputs_embeds=None, **options):
-        stacks = self.stacks(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
-                             decoder_inputs_embeds, options)
-        decoded, ddecoded = stacks[1]
+    def outputs(self, encoder, decoder, wanted):
+        """The LM head's logits of the decoder's (scaled) last hidden state."""
+        decoded, ddecoded = decoder
         h, dh = decoded[-1] * self.output_scale, apply(lambda d: d[-1] * self.output_scale, ddecoded)
         if self.lm_head is not None:
             logits, dlogits = self.lm_head(h, dh)
         else:
             logits, dlogits = linear(h, dh, *self.decoder_embed.dual("weight"))
-        return _seq2seq_output(Seq2SeqLMOutput, "logits", logits, dlogits, *stacks)
+        return _seq2seq_output(Seq2SeqLMOutput, "logits", logits, dlogits, encoder, decoder, wanted)
