@@ -931,6 +931,60 @@ def test_a_model_writing_into_a_tapped_output_in_place_is_fitted_on_copies():
     assert rel_err(f[name].B, torch.einsum("cntd,cnte->de", g, g) / 3) < 1e-6
 
 
+@pytest.mark.parametrize("version", ["v3", "v1"])
+def test_deberta_relative_position_table_read_whole(version, tmp_path):
+    """DeBERTa's encoder reads its relative position table (K, d) whole (``rel_embeddings.weight``; v3 LayerNorms it):
+    an embedding of its K rows that the batch shares. Fitted one example at a time, A = I/K and B, the GGN diagonal
+    and EK-FAC's S are those of the examples' Jacobians at the table (torch.func); fitted together, the batch's summed
+    gradient counts as one example's (exact probes keep its cross terms). Sequences of length K (v3) are not taken
+    for the table's rows."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=41, hidden_size=12, num_hidden_layers=2, num_attention_heads=2, intermediate_size=14,
+                  max_position_embeddings=16, type_vocab_size=0, relative_attention=True, position_biased_input=False,
+                  pos_att_type=["c2p", "p2c"])
+    if version == "v3":
+        config = transformers.DebertaV2Config(position_buckets=4, norm_rel_ebd="layer_norm", share_att_key=True,
+                                              **common)
+        model, K, L = transformers.DebertaV2Model(config), 8, 8
+    else:
+        model, K, L = transformers.DebertaModel(transformers.DebertaConfig(max_relative_positions=-1, **common)), 32, 6
+    model = model.double().eval()
+    name, weight = "encoder.rel_embeddings", "encoder.rel_embeddings.weight"
+    layer = find_layers(model)[name]
+    assert (layer.module, layer.weight, layer.layout, layer.block_shape) == (model.encoder, weight, "embedding", (12, K))
+    mask = (torch.arange(L)[None] < torch.tensor([L, 5, 2])[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 41, (3, L)), "attention_mask": mask}
+    alone = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(3)]
+
+    def cls(m, b, params=None):
+        return (m(**b) if params is None else functional_call(m, params, (), b)).last_hidden_state[:, 0]
+    table = model.encoder.rel_embeddings.weight.detach()
+    J = torch.cat([jacrev(lambda p: cls(model, b, {weight: p}))(table) for b in alone])  # (N, C, K, d)
+    G = J.transpose(-1, -2)  # per example and feature: the gradient of W = tableᵀ, (N, C, d, K)
+    f = fit(model, alone, exact=True, output_fn=cls)
+    assert rel_err(f[name].A, torch.full((K,), 1 / K, dtype=torch.float64)) < 1e-6
+    assert rel_err(f[name].B, torch.einsum("ncdk,ncek->de", G, G) / 3) < 1e-6
+    d = fit_diagonal(model, alone, exact=True, output_fn=cls, dense=False, progress=False)
+    assert rel_err(d[name].D, G.square().sum((0, 1)) / 3) < 1e-6
+    e = fit_ekfac(model, alone, kfac=f, exact=True, output_fn=cls, progress=False)
+    assert rel_err(e[name].S, torch.einsum("de,ncdk->nc" + "ek", e[name].U_B.double(), G).square().sum((0, 1)) / 3) < 1e-5
+    together = fit(model, [batch], exact=True, output_fn=cls)
+    assert rel_err(together[name].A, f[name].A) < 1e-6
+    summed = G.sum(0)  # the batch's gradient at the shared table, per feature: (C, d, K)
+    assert rel_err(together[name].B, torch.einsum("cdk,cek->de", summed, summed) / 3) < 1e-6
+    tau = torch.randn_like(table)
+    W = tau.T.reshape(-1)
+    assert rel_err(f.quadratic_form({weight: tau}), W @ torch.kron(f[name].B.double(), f[name].A.double().diag()) @ W) \
+        < 1e-6
+    f.save(tmp_path / "f.safetensors")
+    assert torch.equal(KFAC.load(tmp_path / "f.safetensors", model=model)[name].B, f[name].B)
+    with torch.no_grad():  # the tapped forward is the model's
+        y = cls(model, batch)
+        with Capture({name: layer}, lambda *a: None):
+            assert torch.equal(cls(model, batch), y)
+
+
 def test_gpt2_conv1d_layers_are_the_linear_maps_they_are():
     """GPT-2's Conv1D (x W + b, W (d_in, d_out)): layout "transposed", with the factors (KFAC, EK-FAC, GGN diagonal)
     of the same model with each Conv1D replaced by the nn.Linear of weight Wᵀ."""
@@ -1115,6 +1169,29 @@ def test_hugging_face_image_models_default_to_their_image_embedding(cls, key):
     g = fit_kfac(model, batches, exact=True, progress=False, output_fn=lambda m, b: getattr(m(**b), key))
     for name in find_layers(model):
         assert torch.equal(f[name].A, g[name].A) and torch.equal(f[name].B, g[name].B), name
+
+
+def test_hugging_face_task_heads_default_to_their_logits():
+    """A model with a task head and no hidden states in its output defaults to its logits: a classifier's (N, C),
+    whose own layer then has B = Σ_c e_c e_cᵀ = I exactly; a causal LM's (N, T, V), its head's A over the real tokens
+    alone (the probes are zero on padding)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    size = dict(vocab_size=41, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=14)
+    mask = (torch.arange(7)[None] < torch.tensor([7, 4, 2])[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 41, (3, 7)), "attention_mask": mask}
+    classifier = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **size)).eval()
+    with torch.no_grad():
+        assert torch.equal(default_output_fn(classifier)(classifier, batch), classifier(**batch).logits)
+    assert rel_err(fit(classifier, [batch], exact=True)["classifier"].B, torch.eye(3)) < 1e-6
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, **size)).double().eval()
+    with torch.no_grad():
+        out = lm(**batch, output_hidden_states=True)
+        assert torch.equal(default_output_fn(lm)(lm, batch), out.logits)
+    f = fit(lm, [batch], mc_samples=2)
+    h = out.hidden_states[-1][mask.bool()]  # the head's inputs at the 13 real tokens
+    assert f.meta["n_rows"]["lm_head"] == 13 and rel_err(f["lm_head"].A, h.T @ h / 13) < 1e-6
+    assert f["lm_head"].B.shape == (41, 41) and f["lm_head"].B.trace() > 0
 
 
 def test_open_clip_projection_is_exact_for_one_example():

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dense as dense_groups
-from .layers import Layer, is_conv1d, resized_rows
+from .layers import Layer, is_conv1d, relative_table, resized_rows
+from .tokens import TABLE
 
 
 @contextlib.contextmanager
@@ -90,6 +91,8 @@ class Capture:
                 self._handles.append(layer.module.register_forward_hook(self._conv_hook(layer)))
             elif layer.layout == "transposed" and not is_conv1d(layer.module):  # open_clip's output projection
                 self._handles.append(layer.module.register_forward_hook(self._projection_hook(layer)))
+            elif layer.layout == "embedding" and relative_table(layer.module) is not None:  # DeBERTa's
+                self._patch(layer.module, "get_rel_embedding", self._table_reader(layer))
             elif layer.layout == "embedding" and isinstance(layer.module, nn.Embedding):
                 self._handles.append(layer.module.register_forward_hook(
                     lambda module, inputs, output, layer=layer: self.tap(layer, inputs[0].unsqueeze(-1), output)))
@@ -181,6 +184,25 @@ class Capture:
                                                                                 output[:, 1 + registers:]], 1))
             return z if registers == 0 else torch.cat([z[:, :1], output[:, 1:1 + registers], z[:, 1:]], 1)
         return hook
+
+    def _table_reader(self, layer):
+        """DeBERTa's encoder reads its relative position table whole in ``get_rel_embedding`` (then LayerNorms it, in
+        v2): the method runs as it is on the weight behind a tap, its input the ids of the table's K rows, one input
+        the batch shares (``tokens.TABLE``)."""
+        encoder = layer.module
+        table, read = relative_table(encoder), encoder.get_rel_embedding
+
+        def get_rel_embedding():
+            weight = table.weight
+            if self.batch is not None:
+                self.batch.layouts[layer.name, self.calls(layer.name)] = TABLE
+            ids = torch.arange(weight.shape[0], device=weight.device)[None, :, None]
+            table.__dict__["weight"] = self.tap(layer, ids, weight[None])[0]  # found before the parameter
+            try:
+                return read()
+            finally:
+                del table.__dict__["weight"]
+        return get_rel_embedding
 
     def _projection_hook(self, layer):
         """Hooks for z = pooled @ proj: ``_pool`` keeps the pooled features, the tower's output is tapped."""

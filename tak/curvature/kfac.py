@@ -31,7 +31,7 @@ from .distributed import all_reduce_sums, rank
 from .._selection import check_patterns, selects
 from .layers import Layer, as_matrix, find_layers
 from .outputs import default_output_fn, examples, to_device
-from .tokens import BatchTokens, measure_layouts, probes, token_mean, token_sum
+from .tokens import TABLE, BatchTokens, measure_layouts, probes, token_mean, token_sum
 
 FORMAT_VERSION = 2  # 2: layers have a layout (conv, transposed); version-1 files are all linear
 
@@ -244,7 +244,8 @@ class _Accumulator:
     def on_input(self, layer: Layer, a: torch.Tensor, call: int = 0):
         """A shared input's rows count once for each of the N examples that share them (``tokens`` docstring)."""
         copies = self.batch.n if self.batch.shared(layer.name, a, call) else 1
-        own = _own_positions(a.detach()[..., 0], self.batch) if layer.layout == "embedding" and copies > 1 else None
+        positions = layer.layout == "embedding" and copies > 1 and self.batch.layouts.get((layer.name, call)) != TABLE
+        own = _own_positions(a.detach()[..., 0], self.batch) if positions else None
         if own is not None:
             (a, mask), copies = own, 1
         else:

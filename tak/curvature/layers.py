@@ -21,7 +21,9 @@ has ``no_embed_class``). Hugging Face's ViT and DINOv2 (with registers) add thei
 resized to each image's patch grid (DINOv2 always, ViT with ``interpolate_pos_encoding``): a linear map of the
 table's rows, bicubic in the patches' rows, the class token's row as it is. Layout "resized": W = tableᵀ as for an
 embedding, its input at each class or patch token that token's row of the map (``resized_rows``: one-hot where the
-grid is the table's), so its A is dense.
+grid is the table's), so its A is dense. DeBERTa's relative position table (its encoder's ``rel_embeddings``, an
+``nn.Embedding`` never called: ``get_rel_embedding`` reads its weight whole) is an embedding whose input is the ids of
+its K rows, shared by the batch (``tokens.TABLE``); the layer's module is the encoder.
 """
 import warnings
 from dataclasses import dataclass
@@ -79,6 +81,7 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
     named as ``model.named_parameters()`` names them: the layers of a tied weight all read its one τ."""
     found, order = {}, {}  # order: a layer's place, after the modules it follows in the forward
     out_projs = {}  # id(out_proj) -> its nn.MultiheadAttention, or None when that one cannot be seen
+    tables = set()  # id of an nn.Embedding read whole by its encoder (DeBERTa's rel_embeddings): found with that one
     modules = list(model.named_modules())
     named = parameter_names(model)
     for index, (path, module) in enumerate(modules):
@@ -99,6 +102,11 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
                                if p in (prefix + "ln_pre", prefix + "pos_drop", prefix + "dropout")) - 0.5
             found[name] = Layer(name, module, param(table), None, positions.shape[-1], positions.shape[-2],
                                 layout="resized" if table == "position_embeddings" else "embedding")
+        if (table := relative_table(module)) is not None:
+            tables.add(id(table))
+            name = prefix + "rel_embeddings"
+            found[name] = Layer(name, module, named.get(id(table.weight), name + ".weight"), None, table.embedding_dim,
+                                table.num_embeddings, layout="embedding")
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 or module.padding == "same" or module.padding_mode != "zeros":
                 warnings.warn(f"{path}: nn.Conv2d with groups={module.groups}, padding={module.padding!r}, "
@@ -107,7 +115,7 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
                 continue
             found[path] = Layer(path, module, param("weight"), param("bias"), module.out_channels,
                                 module.weight[0].numel(), layout="conv")
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding) and id(module) not in tables:
             if module.max_norm is not None:
                 warnings.warn(f"{path}: nn.Embedding with max_norm={module.max_norm} rescales its rows in the forward "
                               "and gets no Kronecker factors", stacklevel=2)
@@ -189,6 +197,16 @@ def position_table(module: nn.Module) -> str | None:
     if isinstance(table, nn.Parameter) and table.dim() == 3 and hasattr(module, "patch_embed") and \
             isinstance(getattr(module, "pos_drop", None), nn.Module) and not getattr(module, "dynamic_img_size", False):
         return "pos_embed"
+    return None
+
+
+def relative_table(module: nn.Module) -> nn.Embedding | None:
+    """The relative position table a DeBERTa encoder reads whole in ``get_rel_embedding`` (its ``rel_embeddings``
+    with ``relative_attention``), else None."""
+    table = getattr(module, "rel_embeddings", None)
+    if isinstance(table, nn.Embedding) and getattr(module, "relative_attention", False) and \
+            callable(getattr(module, "get_rel_embedding", None)):
+        return table
     return None
 
 

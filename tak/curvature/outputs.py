@@ -8,6 +8,9 @@ Defaults (``default_output_fn``):
   over real (unpadded) tokens, (N, d).
 - Hugging Face image models (``main_input_name`` "pixel_values", e.g. CLIP's vision towers): the image embedding
   (``image_embeds``) where the output has one, else the pooled output (``pooler_output``), (N, D).
+- Hugging Face models with a task head and no hidden states in their output (``...ForSequenceClassification``,
+  ``...ForCausalLM``, ``...ForTokenClassification``): the head's ``logits``, (N, C) or (N, T, V) (the probes are zero
+  on padding tokens).
 - Any other module: ``model(batch)``, (N, C) or (N, T, C).
 """
 import torch
@@ -124,6 +127,8 @@ def default_output_fn(model: nn.Module):
     if config is not None:
         def encoder(m, batch):
             out = m(**batch, return_dict=True)
+            if getattr(out, "last_hidden_state", None) is None and getattr(out, "logits", None) is not None:
+                return out.logits
             return _mean_over_tokens(out.last_hidden_state, batch.get("attention_mask"))
         return encoder
     return call

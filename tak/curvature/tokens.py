@@ -13,13 +13,14 @@ examples (a batch of one is measured on its example twice over), and, unmeasured
 has a leading 1 for N > 1. Its output gradient is the sum of the N examples' gradients, which cannot be told apart:
 the fits count it as one more example whose gradient is that sum; under Monte-Carlo probes, independent across
 examples and of mean zero, the sum's second moments are those of the per-example gradients (the cross terms
-vanish in expectation)."""
+vanish in expectation). The table those embeddings come from, read whole (``rel_embeddings.weight``), is one too, set
+as such by the capture that taps it (``TABLE``): its input is the ids of its K rows, which are no token positions."""
 import torch
 from torch import nn
 
 from .outputs import batch_size, examples, token_masks
 
-BATCH_FIRST, SEQUENCE_FIRST, SHARED = "batch_first", "sequence_first", "shared"
+BATCH_FIRST, SEQUENCE_FIRST, SHARED, TABLE = "batch_first", "sequence_first", "shared", "table"
 
 
 def measure_layouts(model: nn.Module, batch, output_fn, modules: dict[str, nn.Module]) -> tuple[dict, str | None]:
@@ -97,7 +98,7 @@ class BatchTokens:
         """Whether layer ``name``'s tensor x at its ``call`` is shared by the batch's examples (module docstring): as
         measured, else, for N > 1, when x is ≥ 3-D with a leading 1 that is not a sequence-first layout's (one
         example's inputs all have a leading 1)."""
-        if self.layouts.get((name, call)) == SHARED:
+        if self.layouts.get((name, call)) in (SHARED, TABLE):
             return True
         return self.n > 1 and x.dim() >= 3 and x.shape[0] == 1 and not self.sequence_first(name, x, call)
 
