@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from tak.curvature import DenseFactors, fit_kfac, find_dense_groups
+from tak.curvature import DenseFactors, fit_diagonal, fit_kfac, find_dense_groups
 from tests.util import rel_err
 
 
@@ -367,6 +367,59 @@ def test_hugging_face_layer_norm_block():
     name = "encoder.layer.0.output.LayerNorm"
     assert f.meta["dense"][name]["kind"] == "layernorm" and f[name].params == (f"{name}.weight", f"{name}.bias")
     assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-5
+
+
+def q_and_v_bias_model(kind):
+    """(a float64 model whose attention adds q and v biases after a bias-free fused projection, its features (N, d),
+    a batch): timm's EVA (rotary positions) and BEiT (relative position bias), which pass the projection's weight to
+    F.linear, and DeBERTa (v1), whose projection gives each head's [q | k | v]."""
+    if kind == "deberta_v1":
+        transformers = pytest.importorskip("transformers")
+        config = transformers.DebertaConfig(vocab_size=41, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=10, max_position_embeddings=16, type_vocab_size=0,
+                                            relative_attention=True, pos_att_type=["c2p", "p2c"])
+        return (transformers.DebertaModel(config), lambda m, x: m(x).last_hidden_state.mean(1),
+                torch.randint(1, 41, (4, 5)))
+    pytest.importorskip("timm")
+    from tak._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    from timm.models import beit, eva
+    size = dict(img_size=14, patch_size=7, embed_dim=8, depth=1, num_heads=2, qkv_bias=True, num_classes=0)
+    if kind == "eva":
+        return eva.Eva(use_rot_pos_emb=True, ref_feat_shape=(2, 2), **size), lambda m, x: m(x), torch.randn(4, 3, 14, 14)
+    model = beit.Beit(use_rel_pos_bias=True, **size)
+    model.blocks[0].attn.fused_attn = False  # PyTorch's CPU SDPA has no gradient for the position bias it is given
+    return model, lambda m, x: m(x), torch.randn(4, 3, 14, 14)
+
+
+@pytest.mark.parametrize("kind", ["eva", "beit", "deberta_v1"])
+def test_q_and_v_biases_after_a_fused_projection(kind):
+    """q_bias and v_bias (their exact block) and the fused projection's weight (a linear layer; its GGN diagonal)
+    against the per-example Jacobians of the model as it runs (timm's through F.linear), which fitting leaves as it
+    was."""
+    model, features, X = q_and_v_bias_model(kind)
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.5)
+    X = X.double() if X.is_floating_point() else X
+    attention = next(m for m in model.modules() if hasattr(m, "q_bias"))
+    prefix = next(n for n, m in model.named_modules() if m is attention)
+    weight = f"{prefix}.{'in_proj' if kind == 'deberta_v1' else 'qkv'}.weight"
+    with torch.no_grad():
+        y = features(model, X)
+    f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
+    block = f[f"{prefix}.qv_bias"]
+    assert f.meta["dense"][f"{prefix}.qv_bias"]["kind"] == "qv_bias"
+    assert block.params == (f"{prefix}.q_bias", f"{prefix}.v_bias") and block.B.shape == (16, 16)
+    assert rel_err(block.B, exact_block(model, block.params, X, features)) < 1e-6
+    d = fit_diagonal(model, [X], exact=True, output_fn=features, progress=False)
+    J = jacrev(lambda w: features(lambda x: functional_call(model, {weight: w}, (x,)), X))(model.get_parameter(weight))
+    assert rel_err(d[weight.rsplit(".", 1)[0]].D, J.square().sum((0, 1)) / len(X)) < 1e-6
+    assert getattr(attention, "qkv_bias_separate", False) is False
+    with torch.no_grad():
+        assert torch.equal(features(model, X), y)
 
 
 def siglip_tower(library):

@@ -8,8 +8,8 @@ A convolution's a and z are its unfolded patches (N, L, C·kh·kw) and outputs (
 positions; an embedding's a is its token ids (..., 1), the index of each one-hot input; a resized position table's a
 is each token's row of the map from the table (``layers.resized_rows``); open_clip's output projection is seen
 through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups
-(``tak.curvature.dense``: the norms, LayerScales and class token) get taps too, whose gradients become per-example
-gradient vectors for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
+(``tak.curvature.dense``: the norms, LayerScales, q/v biases and class token) get taps too, whose gradients become
+per-example gradient vectors for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
 LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every
 tap also feeds a shared scalar, the sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the
 feature output f with cotangent s, taken with respect to the sinks alone — runs exactly the backward that reaches the
@@ -30,13 +30,18 @@ from .tokens import TABLE
 def fitting_mode(model: nn.Module):
     """``model`` in eval mode, with the modules that have an ``inplace`` flag (``nn.ReLU(inplace=True)``,
     ``nn.Dropout(inplace=True)``, ...) made out of place: a tapped output is a view that must not be
-    modified in place. Every module's ``training`` and ``inplace`` flags are restored on exit."""
+    modified in place; and timm's attentions with q and v biases (EVA, BEiT) made to call their ``qkv`` module and add
+    the biases after (``qkv_bias_separate``), not to pass its weight to ``F.linear``: the same map, seen. Every
+    module's ``training``, ``inplace`` and ``qkv_bias_separate`` flags are restored on exit."""
     modules = list(model.modules())
     training = [m.training for m in modules]
     inplace = [m for m in modules if getattr(m, "inplace", None) is True]
+    fused = [m for m in modules if getattr(m, "qkv_bias_separate", None) is False]
     model.eval()
     for m in inplace:
         m.inplace = False
+    for m in fused:
+        m.qkv_bias_separate = True
     try:
         yield model
     finally:
@@ -44,6 +49,8 @@ def fitting_mode(model: nn.Module):
             m.training = flag
         for m in inplace:
             m.inplace = True
+        for m in fused:
+            m.qkv_bias_separate = False
 
 
 class _Tap(torch.autograd.Function):

@@ -17,6 +17,9 @@ factors. Per-example gradients come from a tap on one tensor per group:
   open_clip, pos_drop's output in timm's VisionTransformer (``cls_token``, ``reg_token``), the output of the
   embeddings in Hugging Face's CLIP (``class_embedding``), ViT, DINOv2 and DINOv2 with registers (``cls_token``,
   ``register_tokens``).
+- separate q and v biases added after a bias-free fused projection (timm's EVA and BEiT: ``qkv`` gives [q | k | v];
+  DeBERTa's: ``in_proj`` gives [q_h | k_h | v_h] per head): tap the projection's output z (N, T, 3d), and v = Σ_t dz at
+  the q_bias and v_bias entries. The projection's weight is a linear layer of its own.
 - attention pooling probe p (P, d), repeated per example as the query: tap that query q, and v = dq[n] flattened;
   q is the query of the nn.MultiheadAttention ``attention`` beside ``probe`` (SigLIP's head in transformers), the
   input of the projection ``q`` beside ``latent`` (timm's AttentionPoolLatent: open_clip's SigLIP towers).
@@ -39,8 +42,8 @@ class DenseGroup:
     name: str
     module: nn.Module
     params: tuple[str, ...]
-    kind: str  # "layernorm" | "rmsnorm" | "layerscale" | "class_token" | "register_tokens" | "probe" (module: the
-    #            probe's consumer)
+    kind: str  # "layernorm" | "rmsnorm" | "layerscale" | "class_token" | "register_tokens" | "qv_bias" (module: the
+    #            attention) | "probe" (module: the probe's consumer)
     size: int
     tokens: tuple[int, int] = (0, 1)  # class or register tokens: their positions [start, stop) among the tokens
 
@@ -90,6 +93,27 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + module.variance_epsilon)
 
 
+def qv_biases(module: nn.Module) -> tuple[nn.Linear, torch.Tensor] | None:
+    """(its fused projection, the positions (2d,) of q_bias's and v_bias's entries among that one's 3d outputs) of an
+    attention that adds separate q and v biases after a bias-free projection (module docstring), else None."""
+    q, v = getattr(module, "q_bias", None), getattr(module, "v_bias", None)
+    if not (isinstance(q, nn.Parameter) and isinstance(v, nn.Parameter) and q.dim() == 1 and q.shape == v.shape):
+        return None
+    d = q.numel()
+    for attr in ("qkv", "in_proj"):
+        projection = getattr(module, attr, None)
+        if isinstance(projection, nn.Linear) and projection.bias is None and projection.out_features == 3 * d:
+            break
+    else:
+        return None
+    if attr == "qkv":  # [q | k | v]
+        q_at, v_offset = torch.arange(d), 2 * d
+    else:  # DeBERTa's: per head [q_h | k_h | v_h], d / h each
+        w = d // module.num_attention_heads
+        q_at, v_offset = (torch.arange(module.num_attention_heads)[:, None] * 3 * w + torch.arange(w)).flatten(), 2 * w
+    return projection, torch.cat([q_at, q_at + v_offset])
+
+
 # Prefix tokens by attribute, in their order among the tokens: a class token, then register tokens.
 _PREFIX_TOKENS = {"class_embedding": "class_token", "cls_token": "class_token", "register_tokens": "register_tokens",
                   "reg_token": "register_tokens"}
@@ -114,6 +138,10 @@ def find_dense_groups(model: nn.Module, exclude=()) -> dict[str, DenseGroup]:
             attr = _LAYER_SCALES[type(module).__name__]
             gamma = getattr(module, attr)
             groups[path] = DenseGroup(path, module, (named.get(id(gamma), prefix + attr),), "layerscale", gamma.numel())
+        if qv_biases(module) is not None:
+            name = prefix + "qv_bias"
+            params = tuple(named.get(id(getattr(module, n)), prefix + n) for n in ("q_bias", "v_bias"))
+            groups[name] = DenseGroup(name, module, params, "qv_bias", 2 * module.q_bias.numel())
         holds_tokens, start = any(hasattr(module, a) for a in _TOKEN_SITES), 0
         for attr, kind in _PREFIX_TOKENS.items():
             token = getattr(module, attr, None)
@@ -163,6 +191,13 @@ def install(group: DenseGroup, tap, batch, calls):
             return tap(group, output, to_vectors, shared)
         return norm.register_forward_hook(hook)
 
+    if group.kind == "qv_bias":  # the fused projection's output (N, T, 3d)
+        projection, positions = qv_biases(group.module)
+
+        def qv_hook(module, args, output):
+            index = positions.to(output.device)
+            return tap(group, output, lambda dz: dz.reshape(dz.shape[0], -1, dz.shape[-1]).sum(1)[:, index])
+        return projection.register_forward_hook(qv_hook)
     if group.kind == "probe":  # the probe expanded per example, as its module (``group.module``) takes it
         key = "query" if isinstance(group.module, nn.MultiheadAttention) else "input"
 
