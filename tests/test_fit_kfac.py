@@ -835,13 +835,16 @@ def test_timm_position_table(options):
 
 @pytest.mark.parametrize("kind, size, interpolate", [("vit", (16, 16), False), ("vit", (24, 24), True),
                                                      ("dinov2", (16, 16), None), ("dinov2", (24, 16), None),
-                                                     ("dinov2_registers", (24, 24), None)],
-                         ids=["vit", "vit_interpolated", "dinov2", "dinov2_resized", "dinov2_registers_resized"])
+                                                     ("dinov2_registers", (24, 24), None), ("clip", (16, 16), True),
+                                                     ("clip", (24, 16), True), ("siglip", (20, 24), True)],
+                         ids=["vit", "vit_interpolated", "dinov2", "dinov2_resized", "dinov2_registers_resized",
+                              "clip_interpolated_at_its_size", "clip_interpolated", "siglip_interpolated"])
 def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolate, tmp_path):
-    """Hugging Face ViT's and DINOv2's position_embeddings (1, T, d) reach the class and patch tokens through a linear
-    map R (T', T) of the table's rows (bicubic resizing to the image's grid; the identity at the table's grid): A =
-    RᵀR / T' with R from jacrev of the embeddings; B from the tokens' gradients; the GGN diagonal and EK-FAC's S from
-    the images' gradients at the table, against torch.func."""
+    """Hugging Face ViT's and DINOv2's position_embeddings (1, T, d), CLIP's and SigLIP's position_embedding.weight
+    (T, d), reach the class (not SigLIP's: none) and patch tokens through a linear map R (T', T) of the table's rows
+    (bicubic resizing to the image's grid; the identity at the table's grid): A = RᵀR / T' with R from jacrev of the
+    embeddings; B from the tokens' gradients; the GGN diagonal and EK-FAC's S from the images' gradients at the table,
+    against torch.func."""
     transformers = pytest.importorskip("transformers")
     if kind == "dinov2_registers":
         pytest.importorskip("transformers.models.dinov2_with_registers")  # from transformers 4.48
@@ -850,31 +853,40 @@ def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolat
     model = {"vit": lambda: transformers.ViTModel(transformers.ViTConfig(intermediate_size=12, **common)),
              "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **common)),
              "dinov2_registers": lambda: transformers.Dinov2WithRegistersModel(
-                 transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common))}[kind]()
+                 transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common)),
+             "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=12, **common)),
+             "siglip": lambda: transformers.SiglipVisionModel(
+                 transformers.SiglipVisionConfig(intermediate_size=12, vision_use_head=False, **common))}[kind]()
     model = model.double().eval()
-    name, T = "embeddings.position_embeddings", 1 + 16
+    hugging_face_vit = kind in ("vit", "dinov2", "dinov2_registers")
+    name = "embeddings.position_embeddings" if hugging_face_vit else "embeddings.position_embedding"
+    weight, T = name if hugging_face_vit else f"{name}.weight", 16 + (kind != "siglip")
     layer = find_layers(model)[name]
-    assert (layer.weight, layer.layout, layer.block_shape) == (name, "resized", (8, T))
-    assert list(find_layers(model)).index(name) == list(find_layers(model)).index(
-        "embeddings.patch_embeddings.projection") + 1
+    assert (layer.weight, layer.layout, layer.block_shape) == (weight, "resized", (8, T))
+    patches = "embeddings.patch_embeddings.projection" if hugging_face_vit else "embeddings.patch_embedding"
+    assert list(find_layers(model)).index(name) == list(find_layers(model)).index(patches) + 1
     X = torch.randn(3, 3, *size, dtype=torch.float64)
     batch = {"pixel_values": X} | ({} if interpolate is None else {"interpolate_pos_encoding": interpolate})
 
-    def embeds(m, b, params=None):  # the class token's state and the tokens' mean
+    def embeds(m, b, params=None):  # the first token's state and the tokens' mean
         h = (m(**b) if params is None else functional_call(m, params, (), b)).last_hidden_state
         return h[:, 0] + h.mean(1)
     f = fit(model, [batch], exact=True, output_fn=embeds)
     d = fit_diagonal(model, [batch], exact=True, output_fn=embeds, dense=False, progress=False)
     e = fit_ekfac(model, [batch], exact=True, output_fn=embeds, dense=False, progress=False)
-    table = model.embeddings.position_embeddings.detach()
+    table = model.get_parameter(weight).detach()
     registers = getattr(model.embeddings, "register_tokens", torch.zeros(1, 0, 8)).shape[1]
-    keep = [0, *range(1 + registers, 1 + registers + (size[0] // 4) * (size[1] // 4))]  # class and patch tokens
+    first = 0 if kind == "siglip" else 1 + registers  # the first patch token
+    keep = [0] * (kind != "siglip") + list(range(first, first + (size[0] // 4) * (size[1] // 4)))  # class, patches
     kwargs = {} if interpolate is None else {"interpolate_pos_encoding": interpolate}
-    R = jacrev(lambda p: functional_call(model.embeddings, {"position_embeddings": p}, (X[:1],), kwargs))(table)
-    R = R[0, keep, 0, 0, :, 0]  # ∂ token t / ∂ row s, along one channel: (T', T)
+    own = weight.removeprefix("embeddings.")
+    R = jacrev(lambda p: functional_call(model.embeddings, {own: p}, (X[:1],), kwargs))(table)
+    R = R[0, keep, 0].reshape(len(keep), -1, T, 8)[:, 0, :, 0]  # ∂ token t / ∂ row s, along one channel: (T', T)
     assert rel_err(f[name].A, R.T @ R / len(keep)) < 1e-6
     if size == (16, 16):
         assert torch.equal(R, torch.eye(T, dtype=R.dtype))  # at the table's grid: the rows as they are
+    else:
+        assert len(keep) != T
 
     def with_tokens(delta):  # the features with delta (N, T', d) added to the class and patch tokens
         def add(module, args, output):
@@ -887,15 +899,15 @@ def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolat
     g = jacrev(with_tokens)(torch.zeros(3, len(keep), 8, dtype=torch.float64))  # (N, C, N, T', d)
     g = torch.stack([g[n, :, n] for n in range(3)])  # each example's own tokens: (N, C, T', d)
     assert rel_err(f[name].B, torch.einsum("nctd,ncte->de", g, g) / 3) < 1e-5
-    J = jacrev(lambda p: embeds(model, batch, {name: p}))(table)  # (N, C, 1, T, d)
-    G = J.flatten(0, 1)[:, 0].transpose(1, 2)  # per example and feature: the gradient of W = tableᵀ, (N·C, d, T)
+    J = jacrev(lambda p: embeds(model, batch, {weight: p}))(table).reshape(3, 8, T, 8)  # (N, C, T, d)
+    G = J.flatten(0, 1).transpose(1, 2)  # per example and feature: the gradient of W = tableᵀ, (N·C, d, T)
     assert rel_err(G, torch.einsum("nctd,ts->ncds", g, R).flatten(0, 1)) < 1e-6  # Σ_t g_t r_tᵀ (DINOv2 resizes in fp32)
     assert rel_err(d[name].D, G.square().sum(0) / 3) < 1e-5
     U_B, U_A = e[name].U_B.double(), e[name].U_A.double()
     assert rel_err(e[name].S, (U_B.T @ G @ U_A).square().sum(0) / 3) < 1e-5
     tau = torch.randn_like(table)  # the penalty of a τ of the table's shape: W = τᵀ (d, T), row-major vec
-    W = tau[0].T.reshape(-1)
-    assert rel_err(f.quadratic_form({name: tau}), W @ torch.kron(f[name].B.double(), f[name].A.double()) @ W) < 1e-5
+    W = tau.reshape(T, 8).T.reshape(-1)
+    assert rel_err(f.quadratic_form({weight: tau}), W @ torch.kron(f[name].B.double(), f[name].A.double()) @ W) < 1e-5
     f.save(tmp_path / "f.safetensors")
     assert torch.equal(KFAC.load(tmp_path / "f.safetensors", model=model)[name].A, f[name].A)
     with torch.no_grad():  # the tapped forward (tokens cut around the registers and joined again) is the model's
@@ -968,7 +980,8 @@ def test_deberta_relative_position_table_read_whole(version, tmp_path):
     d = fit_diagonal(model, alone, exact=True, output_fn=cls, dense=False, progress=False)
     assert rel_err(d[name].D, G.square().sum((0, 1)) / 3) < 1e-6
     e = fit_ekfac(model, alone, kfac=f, exact=True, output_fn=cls, progress=False)
-    assert rel_err(e[name].S, torch.einsum("de,ncdk->nc" + "ek", e[name].U_B.double(), G).square().sum((0, 1)) / 3) < 1e-5
+    rotated = torch.einsum("de,ncdk->ncek", e[name].U_B.double(), G)  # U_Bᵀ G (U_A: the identity, A is diagonal)
+    assert rel_err(e[name].S, rotated.square().sum((0, 1)) / 3) < 1e-5
     together = fit(model, [batch], exact=True, output_fn=cls)
     assert rel_err(together[name].A, f[name].A) < 1e-6
     summed = G.sum(0)  # the batch's gradient at the shared table, per feature: (C, d, K)

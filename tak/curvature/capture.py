@@ -107,7 +107,7 @@ class Capture:
                 self._handles.append(layer.module.ln_pre.register_forward_pre_hook(self._positions_hook(layer)))
             elif layer.layout == "embedding":  # timm's
                 self._handles.append(layer.module.pos_drop.register_forward_hook(self._positions_hook(layer)))
-            elif layer.layout == "resized":  # Hugging Face ViT's and DINOv2's
+            elif layer.layout == "resized":  # Hugging Face ViT's, DINOv2's, CLIP's and SigLIP's
                 self._handles.append(layer.module.register_forward_hook(self._resized_positions_hook(layer),
                                                                         with_kwargs=True))
             else:
@@ -175,9 +175,10 @@ class Capture:
         return lambda module, args, output: tapped(output)
 
     def _resized_positions_hook(self, layer):
-        """Hugging Face ViT's and DINOv2's embeddings give [class; registers; patches] (N, 1 + R + P, d) (R = 0 but
-        in DINOv2 with registers): the class and patch tokens hold R @ table (``layers.resized_rows``), so their
-        inputs are R's rows, made once per image size (R depends on the size, not on the table's values)."""
+        """Hugging Face ViT's, DINOv2's and CLIP's embeddings give [class; registers; patches] (N, 1 + R + P, d) (R = 0
+        but in DINOv2 with registers), SigLIP's the patches alone: the class and patch tokens hold R @ table
+        (``layers.resized_rows``), so their inputs are R's rows, made once per image size (R depends on the size,
+        not on the table's values)."""
         maps = {}  # (image size, interpolate_pos_encoding) -> R
 
         def hook(embeddings, args, kwargs, output):
@@ -187,8 +188,8 @@ class Capture:
                 maps[key] = resized_rows(embeddings, *key)
             rows = maps[key]
             registers = output.shape[1] - rows.shape[0]
-            z = self.tap(layer, rows.expand(output.shape[0], -1, -1), torch.cat([output[:, :1],
-                                                                                output[:, 1 + registers:]], 1))
+            tokens = output if registers == 0 else torch.cat([output[:, :1], output[:, 1 + registers:]], 1)
+            z = self.tap(layer, rows.expand(output.shape[0], -1, -1), tokens)
             return z if registers == 0 else torch.cat([z[:, :1], output[:, 1:1 + registers], z[:, 1:]], 1)
         return hook
 

@@ -17,16 +17,18 @@ Every ``nn.Embedding`` (without ``max_norm``) is the linear map of its one-hot i
 the position table of open_clip's and timm's vision transformers, ``positional_embedding`` (T, d) and ``pos_embed``
 (1, T, d) (a layer named ``<tower>.positional_embedding`` or ``<tower>.pos_embed``), whose rows every image's tokens
 add at the position ids 0..T-1 (timm's at the model's own image size; after its class and register tokens where it
-has ``no_embed_class``). Hugging Face's ViT and DINOv2 (with registers) add their ``position_embeddings`` (1, T, d)
-resized to each image's patch grid (DINOv2 always, ViT with ``interpolate_pos_encoding``): a linear map of the
-table's rows, bicubic in the patches' rows, the class token's row as it is. Layout "resized": W = tableᵀ as for an
-embedding, its input at each class or patch token that token's row of the map (``resized_rows``: one-hot where the
-grid is the table's), so its A is dense. DeBERTa's relative position table (its encoder's ``rel_embeddings``, an
+has ``no_embed_class``). Hugging Face's ViT and DINOv2 (with registers) add their ``position_embeddings`` (1, T, d),
+and CLIP and SigLIP the weight (T, d) of their ``position_embedding``, resized to each image's patch grid (DINOv2
+always, the others with ``interpolate_pos_encoding``): a linear map of the table's rows, bicubic in the patches' rows,
+the class token's row (not SigLIP's: it has none) as it is. Layout "resized": W = tableᵀ as for an embedding, its
+input at each class or patch token that token's row of the map (``resized_rows``: one-hot where the grid is the
+table's), so its A is dense; the layer's module is the embeddings module, whose output holds those tokens. DeBERTa's relative position table (its encoder's ``rel_embeddings``, an
 ``nn.Embedding`` never called: ``get_rel_embedding`` reads its weight whole) is an embedding whose input is the ids of
 its K rows, shared by the batch (``tokens.TABLE``); the layer's module is the encoder.
 """
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,7 +43,7 @@ def as_matrix(weight, layout: str):
     """The (d_out, d_in) matrix W of a layer's weight parameter (or task vector) of this layout:
     "linear" W itself, "conv" (d_out, C, kh, kw) flattened to (d_out, C·kh·kw), "transposed" (d_in, d_out),
     "embedding" (num_embeddings, embedding_dim) = (d_in, d_out) (timm's position table: (1, d_in, d_out)), "resized"
-    a position table (1, d_in, d_out) likewise."""
+    a position table (1, d_in, d_out) or (d_in, d_out) likewise."""
     if layout == "conv":
         return weight.reshape(weight.shape[0], -1)
     if layout in ("embedding", "resized"):
@@ -81,7 +83,7 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
     named as ``model.named_parameters()`` names them: the layers of a tied weight all read its one τ."""
     found, order = {}, {}  # order: a layer's place, after the modules it follows in the forward
     out_projs = {}  # id(out_proj) -> its nn.MultiheadAttention, or None when that one cannot be seen
-    tables = set()  # id of an nn.Embedding read whole by its encoder (DeBERTa's rel_embeddings): found with that one
+    tables = set()  # id of an nn.Embedding found as a table of the module above it (DeBERTa's, CLIP's, SigLIP's)
     modules = list(model.named_modules())
     named = parameter_names(model)
     for index, (path, module) in enumerate(modules):
@@ -96,12 +98,20 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
             order[name] = max(i for i, (p, _) in enumerate(modules) if p == path or p.startswith(prefix)) + 0.5
             found[name] = Layer(name, module, param("proj"), None, module.proj.shape[1], module.proj.shape[0],
                                 layout="transposed")
-        if (table := position_table(module)) is not None:  # added to the tokens before ln_pre / at pos_drop / dropout
+        if (table := position_table(module)) is not None:
             name, positions = prefix + table, getattr(module, table)
-            order[name] = next(i for i, (p, _) in enumerate(modules)
-                               if p in (prefix + "ln_pre", prefix + "pos_drop", prefix + "dropout")) - 0.5
-            found[name] = Layer(name, module, param(table), None, positions.shape[-1], positions.shape[-2],
-                                layout="resized" if table == "position_embeddings" else "embedding")
+            if type(module).__name__ in _RESIZED_TABLES:  # in the output of the module
+                order[name] = max(i for i, (p, _) in enumerate(modules) if p == path or p.startswith(prefix)) + 0.5
+                layout = "resized"
+            else:  # added to the tokens before ln_pre / at pos_drop
+                order[name] = next(i for i, (p, _) in enumerate(modules)
+                                   if p in (prefix + "ln_pre", prefix + "pos_drop")) - 0.5
+                layout = "embedding"
+            if isinstance(positions, nn.Embedding):  # CLIP's and SigLIP's: the embedding's weight
+                tables.add(id(positions))
+                positions = positions.weight
+            found[name] = Layer(name, module, named.get(id(positions), name), None, positions.shape[-1],
+                                positions.shape[-2], layout=layout)
         if (table := relative_table(module)) is not None:
             tables.add(id(table))
             name = prefix + "rel_embeddings"
@@ -163,33 +173,52 @@ def is_conv1d(module: nn.Module) -> bool:
         isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[1] == module.nf
 
 
-# Hugging Face vision embeddings that add their position table to [class; patches] resized to the patch grid, by
-# class name: (resized at every image size, in fp32, antialiased); the table's rows then reach the tokens their
-# output holds, with DINOv2's register tokens between the class and patch tokens.
-_RESIZED_TABLES = {"ViTEmbeddings": (False, False, False), "Dinov2Embeddings": (True, True, False),
-                   "Dinov2WithRegistersEmbeddings": (True, True, True)}
+class _Resizing(NamedTuple):
+    """How Hugging Face vision embeddings add their position table to the tokens: resized at every image size (else
+    with ``interpolate_pos_encoding`` only, where the patch grid is not the table's), in fp32, antialiased, the table's
+    first row the class token's (else all rows are patches')."""
+
+    table: str
+    always: bool
+    in_fp32: bool
+    antialias: bool
+    class_row: bool = True
+
+
+# By class name of the embeddings module, whose output holds the tokens (with DINOv2's register tokens between the
+# class and patch tokens): ViT's, DINOv2's, CLIP's, SigLIP's.
+_RESIZED_TABLES = {"ViTEmbeddings": _Resizing("position_embeddings", False, False, False),
+                   "Dinov2Embeddings": _Resizing("position_embeddings", True, True, False),
+                   "Dinov2WithRegistersEmbeddings": _Resizing("position_embeddings", True, True, True),
+                   "CLIPVisionEmbeddings": _Resizing("position_embedding", False, False, False),
+                   "SiglipVisionEmbeddings": _Resizing("position_embedding", False, False, False, class_row=False)}
 
 
 def resized_rows(embeddings: nn.Module, image_size: tuple[int, int], interpolate: bool | None) -> torch.Tensor:
-    """R (1 + N, T) in fp32: the class and patch tokens (N patches) of an ``image_size`` image get R @ table of
-    Hugging Face ``embeddings``' position table (1, T, d) (``interpolate``: ViT's ``interpolate_pos_encoding``)."""
-    always, in_fp32, antialias = _RESIZED_TABLES[type(embeddings).__name__]
-    table = embeddings.position_embeddings
-    identity = torch.eye(table.shape[1], device=table.device)[None]  # the table of the map: d = T
-    if not (always or interpolate):
-        return identity[0]
-    (H, W), patch = image_size, embeddings.patch_embeddings.patch_size
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return resized_positions(identity, (H // patch[0], W // patch[1]), H == W, in_fp32, antialias)[0]
+    """R (T', T) in fp32: the T' tokens that Hugging Face ``embeddings``' position table of T rows reaches (the class
+    token, if any, and N patches) in an ``image_size`` image get R @ table (``interpolate``: the forward's
+    ``interpolate_pos_encoding``)."""
+    how = _RESIZED_TABLES[type(embeddings).__name__]
+    table = getattr(embeddings, how.table)
+    table = table.weight if isinstance(table, nn.Embedding) else table
+    identity = torch.eye(table.shape[-2], device=table.device)
+    if not (how.always or interpolate):
+        return identity
+    patch = embeddings.patch_size if hasattr(embeddings, "patch_size") else embeddings.patch_embeddings.patch_size
+    (H, W), patch = image_size, (patch, patch) if isinstance(patch, int) else tuple(patch)
+    rows = identity if how.class_row else torch.cat([identity[:1] * 0, identity])  # a class row to resize around
+    R = resized_positions(rows[None], (H // patch[0], W // patch[1]), H == W, how.in_fp32, how.antialias)[0]
+    return R if how.class_row else R[1:]
 
 
 def position_table(module: nn.Module) -> str | None:
     """The attribute of a vision transformer's position table: open_clip's ``positional_embedding`` (the tokens its
     ln_pre takes hold it), timm's ``pos_embed`` without dynamic image sizes (the tokens its pos_drop gives), Hugging
-    Face ViT's and DINOv2's ``position_embeddings`` (their output holds them, resized: ``resized_rows``), else None."""
-    if type(module).__name__ in _RESIZED_TABLES and isinstance(getattr(module, "position_embeddings", None),
-                                                               nn.Parameter):
-        return "position_embeddings"
+    Face ViT's and DINOv2's ``position_embeddings`` and CLIP's and SigLIP's ``position_embedding`` (an nn.Embedding)
+    (their output holds them, resized: ``resized_rows``), else None."""
+    how = _RESIZED_TABLES.get(type(module).__name__)
+    if how is not None and isinstance(getattr(module, how.table, None), (nn.Parameter, nn.Embedding)):
+        return how.table
     table = getattr(module, "positional_embedding", None)
     if isinstance(table, nn.Parameter) and table.dim() == 2 and hasattr(module, "conv1") and hasattr(module, "ln_pre"):
         return "positional_embedding"
