@@ -369,6 +369,37 @@ def test_hugging_face_layer_norm_block():
     assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-5
 
 
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_channels_first_layer_norm_blocks(library):
+    """ConvNeXt's LayerNorms of (N, C, H, W) over C (timm's LayerNorm2d, Hugging Face's with data_format
+    "channels_first"): their exact blocks, the H·W positions an example's tokens."""
+    if library == "timm":
+        pytest.importorskip("timm")
+        from tak._compat import ensure_torchvision_importable
+        ensure_torchvision_importable()
+        from timm.models.convnext import ConvNeXt
+        from timm.layers import LayerNormAct2d
+        model, features = ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 12, 12), num_classes=0), lambda m, x: m(x)
+        names = ["stem.1", "stages.1.downsample.0"]
+        with_act = nn.Sequential(LayerNormAct2d(4, act_layer=nn.GELU), LayerNormAct2d(4, apply_act=False))
+        assert list(find_dense_groups(with_act)) == ["1"]  # y = GELU(x̂ ⊙ γ + β) is no LayerNorm's output
+    else:
+        transformers = pytest.importorskip("transformers")
+        config = transformers.ConvNextConfig(hidden_sizes=[8, 12], depths=[1, 1], num_stages=2)
+        model, features = transformers.ConvNextModel(config), lambda m, x: m(x).pooler_output
+        names = ["embeddings.layernorm", "encoder.stages.1.downsampling_layer.0"]
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.5)
+    X = torch.randn(3, 3, 40, 32, dtype=torch.float64)
+    f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
+    for name in names:
+        assert f.meta["dense"][name]["kind"] == "layernorm"
+        assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-6, name
+
+
 def q_and_v_bias_model(kind):
     """(a float64 model whose attention adds q and v biases after a bias-free fused projection, its features (N, d),
     a batch): timm's EVA (rotary positions) and BEiT (relative position bias), which pass the projection's weight to

@@ -7,7 +7,8 @@ For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)
 G_p = 1/(N·M) Σ_{n,m} v vᵀ (Σ_c over unit probes when exact), from the same probes as the Kronecker
 factors. Per-example gradients come from a tap on one tensor per group:
 - LayerNorm y = x̂ ⊙ γ + β, x̂ = (x − μ) r: tap y, and v = [Σ_t dy ⊙ x̂, Σ_t dy] over the example's tokens. These are
-  ``nn.LayerNorm`` and Hugging Face's that keep ε as ``variance_epsilon`` (DeBERTa's, statistics in fp32).
+  ``nn.LayerNorm`` and Hugging Face's that keep ε as ``variance_epsilon`` (DeBERTa's, statistics in fp32); a
+  channels-first one (ConvNeXt's) normalizes (N, C, H, W) over C, its tokens the H·W positions.
 - RMSNorm y = γ ⊙ x̂, x̂ = x (mean(x²) + ε)^(-1/2): the same, v = Σ_t dy ⊙ x̂. These are ``nn.RMSNorm`` and the
   Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
   whose statistics are taken in fp32 as theirs are.
@@ -49,11 +50,13 @@ class DenseGroup:
 
 
 def _norm_kind(module: nn.Module) -> str | None:
-    """"layernorm" for an affine nn.LayerNorm or a Hugging Face LayerNorm (``variance_epsilon``, vector weight and
-    bias: DeBERTa's), "rmsnorm" for an affine nn.RMSNorm or a Hugging Face RMSNorm (``variance_epsilon``, a vector
-    weight, no bias), else None."""
+    """"layernorm" for an affine nn.LayerNorm (channels-first ones too: ``channels_first``; not timm's LayerNormAct
+    with an activation after it) or a Hugging Face LayerNorm (``variance_epsilon``, vector weight and bias:
+    DeBERTa's), "rmsnorm" for an affine nn.RMSNorm or a Hugging Face RMSNorm (``variance_epsilon``, a vector weight,
+    no bias), else None."""
     if isinstance(module, nn.LayerNorm):
-        return "layernorm" if module.elementwise_affine else None
+        plain = isinstance(getattr(module, "act", None), (nn.Identity, type(None)))
+        return "layernorm" if module.elementwise_affine and plain else None
     if isinstance(module, nn.RMSNorm):
         return "rmsnorm" if module.weight is not None else None
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
@@ -77,6 +80,12 @@ def scale_weight(module: nn.Module) -> nn.Parameter:
 def _is_layer_scale(module: nn.Module) -> bool:
     gamma = getattr(module, _LAYER_SCALES.get(type(module).__name__, ""), None)
     return isinstance(gamma, nn.Parameter) and gamma.dim() == 1
+
+
+def channels_first(module: nn.Module) -> bool:
+    """Whether the LayerNorm ``module`` normalizes dim 1 of an (N, C, H, W) input (timm's LayerNorm2d, Hugging Face
+    ConvNeXt's with data_format "channels_first"), moved last for it and back."""
+    return type(module).__name__ == "LayerNorm2d" or getattr(module, "data_format", None) == "channels_first"
 
 
 def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +175,10 @@ def install(group: DenseGroup, tap, batch, calls):
     Returns the handle."""
     if group.kind in ("layernorm", "rmsnorm", "layerscale"):
         norm, weight = group.module, scale_weight(group.module)
+        last = (lambda t: t.movedim(1, -1)) if channels_first(norm) else (lambda t: t)  # noqa: E731
 
         def hook(module, inputs, output):
-            x = inputs[0].detach()
+            x = last(inputs[0].detach())
             x_hat = x if group.kind == "layerscale" else _normalized(norm, x)
             lead = x_hat.dim() - weight.dim()  # the dims before the normalized ones
             call = calls(group.name)
@@ -186,7 +196,7 @@ def install(group: DenseGroup, tap, batch, calls):
                 return (t.sum(tokens) if tokens else t).reshape(t.shape[0], -1)
 
             def to_vectors(dy):
-                bias = getattr(norm, "bias", None) is not None
+                dy, bias = last(dy), getattr(norm, "bias", None) is not None
                 return torch.cat([per_example(dy * x_hat)] + ([per_example(dy)] if bias else []), dim=1)
             return tap(group, output, to_vectors, shared)
         return norm.register_forward_hook(hook)
