@@ -417,7 +417,8 @@ def q_and_v_bias_model(kind):
     from timm.models import beit, eva
     size = dict(img_size=14, patch_size=7, embed_dim=8, depth=1, num_heads=2, qkv_bias=True, num_classes=0)
     if kind == "eva":
-        return eva.Eva(use_rot_pos_emb=True, ref_feat_shape=(2, 2), **size), lambda m, x: m(x), torch.randn(4, 3, 14, 14)
+        model = eva.Eva(use_rot_pos_emb=True, ref_feat_shape=(2, 2), **size)
+        return model, lambda m, x: m(x), torch.randn(4, 3, 14, 14)
     model = beit.Beit(use_rel_pos_bias=True, **size)
     model.blocks[0].attn.fused_attn = False  # PyTorch's CPU SDPA has no gradient for the position bias it is given
     return model, lambda m, x: m(x), torch.randn(4, 3, 14, 14)

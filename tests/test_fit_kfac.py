@@ -805,6 +805,57 @@ def test_open_clip_position_table():
     assert rel_err(e["positional_embedding"].S, (U_B.T @ G).square().sum(0) / 4) < 1e-5
 
 
+def test_open_clip_modified_resnet():
+    """open_clip's ModifiedResNet (the RN50 CLIP tower): its BatchNorms (eval mode: running statistics) get exact
+    blocks; its AttentionPool2d, which passes the q/k/v/c projections' weights to F.multi_head_attention_forward,
+    runs with them called (the same output) so they get factors: for one example, q_proj (the one query token) and
+    c_proj are exact, B ⊗ A = JᵀJ; the GGN diagonal of every pool parameter from the images' gradients, against
+    torch.func."""
+    pytest.importorskip("open_clip")
+    from tak._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    from open_clip.modified_resnet import ModifiedResNet
+    torch.manual_seed(0)
+    model = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=6, heads=2, image_size=64, width=2).double().eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                b.normal_(std=0.3)
+        for name, p in model.named_parameters():
+            if name.startswith("attnpool") or p.dim() == 1:
+                p.normal_(std=0.3)
+    X = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    pool = ["attnpool.positional_embedding", "attnpool.k_proj", "attnpool.q_proj", "attnpool.v_proj", "attnpool.c_proj"]
+    assert list(find_layers(model))[-5:] == pool
+    with torch.no_grad():
+        y = model(X)
+        with Capture(find_layers(model), lambda *a: None):
+            assert rel_err(model(X), y) < 1e-12
+    f = fit(model, [X], exact=True, dense=True)
+    assert f.meta["off_path"] == [] and f.meta["dense"]["layer2.0.bn1"]["kind"] == "batchnorm"
+    params = dict(model.named_parameters())
+    for name in ("bn1", "layer2.0.bn1", "layer4.0.downsample.1"):
+        block = f[name]
+        J = torch.cat([jacrev(lambda w: functional_call(model, {p: w}, (X,)))(params[p]).flatten(2)
+                       for p in block.params], -1)  # (N, C, 2·channels)
+        assert rel_err(block.B, torch.einsum("ncp,ncq->pq", J, J) / 3) < 1e-6, name
+    one = fit(model, [X[:1]], exact=True)
+    for name in ("attnpool.q_proj", "attnpool.c_proj"):
+        J = torch.cat([jacrev(lambda w: functional_call(model, {f"{name}.{p}": w}, (X[:1],)))(params[f"{name}.{p}"])
+                       .reshape(6, -1 if p == "bias" else params[f"{name}.weight"].shape[0], 1 if p == "bias" else -1)
+                       for p in ("weight", "bias")], -1).flatten(1)  # [W | b] row-major, per feature
+        assert rel_err(torch.kron(one[name].B.double(), one[name].A.double()), J.T @ J) < 1e-6, name
+    d = fit_diagonal(model, [X], exact=True, progress=False)
+    for name in pool:
+        weight = name if name.endswith("embedding") else f"{name}.weight"
+        J = jacrev(lambda w: functional_call(model, {weight: w}, (X,)))(params[weight])  # (N, C, *shape)
+        expected = J.square().sum((0, 1)) / 3
+        assert rel_err(d[name].D[:, :expected.shape[-1]] if name.endswith("proj") else d[name].D,
+                       expected if name.endswith("proj") else expected.T) < 1e-6, name
+
+
 @pytest.mark.parametrize("options", [{}, {"no_embed_class": True, "reg_tokens": 2},
                                      {"class_token": False, "global_pool": "avg"}],
                          ids=["class_token", "no_embed_class_registers", "no_class_token"])
@@ -854,7 +905,8 @@ def test_hugging_face_position_table_resized_to_the_image(kind, size, interpolat
              "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **common)),
              "dinov2_registers": lambda: transformers.Dinov2WithRegistersModel(
                  transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common)),
-             "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=12, **common)),
+             "clip": lambda: transformers.CLIPVisionModel(
+                 transformers.CLIPVisionConfig(intermediate_size=12, **common)),
              "siglip": lambda: transformers.SiglipVisionModel(
                  transformers.SiglipVisionConfig(intermediate_size=12, vision_use_head=False, **common))}[kind]()
     model = model.double().eval()
@@ -964,7 +1016,8 @@ def test_deberta_relative_position_table_read_whole(version, tmp_path):
     model = model.double().eval()
     name, weight = "encoder.rel_embeddings", "encoder.rel_embeddings.weight"
     layer = find_layers(model)[name]
-    assert (layer.module, layer.weight, layer.layout, layer.block_shape) == (model.encoder, weight, "embedding", (12, K))
+    assert (layer.module, layer.weight, layer.layout) == (model.encoder, weight, "embedding")
+    assert layer.block_shape == (12, K)
     mask = (torch.arange(L)[None] < torch.tensor([L, 5, 2])[:, None]).long()
     batch = {"input_ids": torch.randint(1, 41, (3, L)), "attention_mask": mask}
     alone = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(3)]

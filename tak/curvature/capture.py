@@ -9,8 +9,9 @@ positions; an embedding's a is its token ids (..., 1), the index of each one-hot
 is each token's row of the map from the table (``layers.resized_rows``); open_clip's output projection is seen
 through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups
 (``tak.curvature.dense``: the norms, LayerScales, q/v biases and class token) get taps too, whose gradients become
-per-example gradient vectors for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a
-LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every
+per-example gradient vectors for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact
+block, when a LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of
+its own. Every
 tap also feeds a shared scalar, the sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the
 feature output f with cotangent s, taken with respect to the sinks alone — runs exactly the backward that reaches the
 taps: no weight-gradient GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dense as dense_groups
-from .layers import Layer, is_conv1d, relative_table, resized_rows
+from .layers import Layer, is_attention_pool, is_conv1d, relative_table, resized_rows
 from .tokens import TABLE
 
 
@@ -91,9 +92,12 @@ class Capture:
     def _install(self):
         self._sinks = {}  # device -> the leaf the taps there hang on (made once: no host copy per tap)
         attentions = {}  # id -> (nn.MultiheadAttention, its in_proj Layer or None when only out_proj is factored)
+        pools = {}  # id -> (AttentionPool2d, its positions' Layer or None)
         for layer in self.layers.values():
             if isinstance(layer.module, nn.MultiheadAttention):
                 attentions[id(layer.module)] = (layer.module, layer)
+            elif is_attention_pool(layer.module):  # its positions, tapped by its replaced forward
+                pools[id(layer.module)] = (layer.module, layer)
             elif layer.layout == "conv":
                 self._handles.append(layer.module.register_forward_hook(self._conv_hook(layer)))
             elif layer.layout == "transposed" and not is_conv1d(layer.module):  # open_clip's output projection
@@ -112,10 +116,14 @@ class Capture:
                                                                         with_kwargs=True))
             else:
                 self._handles.append(layer.module.register_forward_hook(self._linear_hook(layer)))
-                if layer.attention is not None:  # an out_proj: called as a module only by the replaced forward
+                if isinstance(layer.attention, nn.MultiheadAttention):  # an out_proj: called by the replaced forward
                     attentions.setdefault(id(layer.attention), (layer.attention, None))
+                elif layer.attention is not None:  # a projection of an AttentionPool2d: likewise
+                    pools.setdefault(id(layer.attention), (layer.attention, None))
         for mha, in_proj in attentions.values():
             self._patch(mha, "forward", _attention_forward(mha, in_proj, self))
+        for pool, positions in pools.values():
+            self._patch(pool, "forward", _attention_pool_forward(pool, positions, self))
         for group in self.dense.values():
             self._handles.append(dense_groups.install(group, self._dense_tap, lambda: self.batch, self.calls))
         return self
@@ -296,7 +304,8 @@ class Capture:
         others' are rearranged here: batch-first), for ``tokens.measure_layouts``."""
         linear = {n: l.module for n, l in self.layers.items() if isinstance(l.module, nn.Embedding) or
                   is_conv1d(l.module) or isinstance(l.module, nn.Linear) and l.layout == "linear" and l.attention is None}
-        return linear | {n: g.module for n, g in self.dense.items() if g.kind in ("layernorm", "rmsnorm", "layerscale")}
+        norms = ("layernorm", "rmsnorm", "batchnorm", "layerscale")
+        return linear | {n: g.module for n, g in self.dense.items() if g.kind in norms}
 
     def backward(self, f: torch.Tensor, s: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward of ⟨f, s⟩ through the taps only: each layer's ``on_grad`` sees its dz, each dense
@@ -394,5 +403,24 @@ def _attention_forward(mha: nn.MultiheadAttention, layer: Layer | None, capture:
         if unbatched:
             return o.squeeze(0), None if weights is None else weights.squeeze(0)
         return (o if mha.batch_first else o.transpose(0, 1)), weights
+
+    return forward
+
+
+def _attention_pool_forward(pool: nn.Module, positions: Layer | None, capture: Capture):
+    """open_clip's ``AttentionPool2d.forward`` with its projections called as modules (so their hooks run) and its
+    positions tapped when ``positions``, their Layer, is given: x (N, C, H, W) -> tokens [mean; x] +
+    positional_embedding (N, 1 + HW, C); the mean token's query attends over them all (the one output the pool
+    takes: the other queries' rows do not reach it), then c_proj. Same output as the original."""
+
+    def forward(x):
+        n, h = x.shape[0], pool.num_heads
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([x.mean(1, keepdim=True), x], 1) + pool.positional_embedding.to(x.dtype)
+        if positions is not None:
+            x = capture.tap(positions, torch.arange(x.shape[1], device=x.device).expand(n, -1).unsqueeze(-1), x)
+        q, k, v = pool.q_proj(x[:, :1]), pool.k_proj(x), pool.v_proj(x)
+        q, k, v = (u.reshape(n, u.shape[1], h, -1).transpose(1, 2) for u in (q, k, v))
+        return pool.c_proj(F.scaled_dot_product_attention(q, k, v).reshape(n, -1))
 
     return forward

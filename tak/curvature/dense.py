@@ -1,7 +1,7 @@
 """Exact GGN blocks of the small parameters (TAK Sec. E): each LayerNorm's (weight, bias), each RMSNorm's
-weight (T5's "layer norms"), each LayerScale's γ, the class and register tokens of a vision transformer and SigLIP's
-pooling probe, whose sizes grow linearly with the width, get their dense GGN block instead of a Kronecker
-approximation.
+weight (T5's "layer norms"), each BatchNorm's (weight, bias), each LayerScale's γ, separate q and v biases, the class
+and register tokens of a vision transformer and SigLIP's pooling probe, whose sizes grow linearly with the width, get
+their dense GGN block instead of a Kronecker approximation.
 
 For a parameter group θ_p with per-example, per-probe gradient v = (J_{θ_p} f)ᵀ s, the block is
 G_p = 1/(N·M) Σ_{n,m} v vᵀ (Σ_c over unit probes when exact), from the same probes as the Kronecker
@@ -9,6 +9,8 @@ factors. Per-example gradients come from a tap on one tensor per group:
 - LayerNorm y = x̂ ⊙ γ + β, x̂ = (x − μ) r: tap y, and v = [Σ_t dy ⊙ x̂, Σ_t dy] over the example's tokens. These are
   ``nn.LayerNorm`` and Hugging Face's that keep ε as ``variance_epsilon`` (DeBERTa's, statistics in fp32); a
   channels-first one (ConvNeXt's) normalizes (N, C, H, W) over C, its tokens the H·W positions.
+- BatchNorm y = x̂ ⊙ γ + β with x̂ = (x − running mean) (running var + ε)^(-1/2) per channel (dim 1), as a model
+  fitted in eval mode applies it: the same, its tokens the positions after the channel dim.
 - RMSNorm y = γ ⊙ x̂, x̂ = x (mean(x²) + ε)^(-1/2): the same, v = Σ_t dy ⊙ x̂. These are ``nn.RMSNorm`` and the
   Hugging Face norms that keep ε as ``variance_epsilon`` and have no bias (``T5LayerNorm``, ``LlamaRMSNorm``, ...),
   whose statistics are taken in fp32 as theirs are.
@@ -43,8 +45,8 @@ class DenseGroup:
     name: str
     module: nn.Module
     params: tuple[str, ...]
-    kind: str  # "layernorm" | "rmsnorm" | "layerscale" | "class_token" | "register_tokens" | "qv_bias" (module: the
-    #            attention) | "probe" (module: the probe's consumer)
+    kind: str  # "layernorm" | "rmsnorm" | "batchnorm" | "layerscale" | "class_token" | "register_tokens" | "qv_bias"
+    #            (module: the attention) | "probe" (module: the probe's consumer)
     size: int
     tokens: tuple[int, int] = (0, 1)  # class or register tokens: their positions [start, stop) among the tokens
 
@@ -53,12 +55,14 @@ def _norm_kind(module: nn.Module) -> str | None:
     """"layernorm" for an affine nn.LayerNorm (channels-first ones too: ``channels_first``; not timm's LayerNormAct
     with an activation after it) or a Hugging Face LayerNorm (``variance_epsilon``, vector weight and bias:
     DeBERTa's), "rmsnorm" for an affine nn.RMSNorm or a Hugging Face RMSNorm (``variance_epsilon``, a vector weight,
-    no bias), else None."""
+    no bias), "batchnorm" for an affine BatchNorm with running statistics, else None."""
     if isinstance(module, nn.LayerNorm):
         plain = isinstance(getattr(module, "act", None), (nn.Identity, type(None)))
         return "layernorm" if module.elementwise_affine and plain else None
     if isinstance(module, nn.RMSNorm):
         return "rmsnorm" if module.weight is not None else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm" if module.affine and module.track_running_stats else None
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if hasattr(module, "variance_epsilon") and isinstance(weight, nn.Parameter) and weight.dim() == 1:
         if bias is None:
@@ -83,13 +87,17 @@ def _is_layer_scale(module: nn.Module) -> bool:
 
 
 def channels_first(module: nn.Module) -> bool:
-    """Whether the LayerNorm ``module`` normalizes dim 1 of an (N, C, H, W) input (timm's LayerNorm2d, Hugging Face
-    ConvNeXt's with data_format "channels_first"), moved last for it and back."""
-    return type(module).__name__ == "LayerNorm2d" or getattr(module, "data_format", None) == "channels_first"
+    """Whether the norm ``module`` normalizes dim 1 of an (N, C, ...) input: a BatchNorm, or a LayerNorm of (N, C, H, W)
+    over C (timm's LayerNorm2d, Hugging Face ConvNeXt's with data_format "channels_first")."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "LayerNorm2d" or \
+        getattr(module, "data_format", None) == "channels_first"
 
 
 def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x̂ of the norm ``module`` (a LayerNorm's (x − μ) r or an RMSNorm's x r) over the trailing dims its weight has."""
+    """x̂ of the norm ``module`` (a LayerNorm's (x − μ) r or an RMSNorm's x r) over the trailing dims its weight has; a
+    BatchNorm's (x − running mean) (running var + ε)^(-1/2), channels last."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (x - module.running_mean) * torch.rsqrt(module.running_var + module.eps)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
     if getattr(module, "bias", None) is not None:  # a Hugging Face LayerNorm: statistics in fp32, as DeBERTa's
@@ -173,7 +181,7 @@ def install(group: DenseGroup, tap, batch, calls):
     a norm of a tensor the batch ``shared`` (``tokens``); ``batch()`` is the current batch's ``BatchTokens`` (which
     says whether a LayerNorm input is sequence-first (T, N, ...) or shared at its call number ``calls(name)``).
     Returns the handle."""
-    if group.kind in ("layernorm", "rmsnorm", "layerscale"):
+    if group.kind in ("layernorm", "rmsnorm", "batchnorm", "layerscale"):
         norm, weight = group.module, scale_weight(group.module)
         last = (lambda t: t.movedim(1, -1)) if channels_first(norm) else (lambda t: t)  # noqa: E731
 

@@ -12,6 +12,9 @@ probe, cross-attention) projects each distinct input as a call of that layer (``
 ``nn.MultiheadAttention`` applies ``out_proj`` inside its functional forward, not as a module call, so
 both projections are seen through a replacement forward that covers attention without
 bias_k/bias_v/add_zero_attn and with one q/k/v width; other attention modules get neither (with a warning).
+open_clip's ``AttentionPool2d`` (the ModifiedResNet's pool) likewise passes its q/k/v/c projections' weights to
+``F.multi_head_attention_forward``: its replacement forward calls them (q on the one query token its output takes)
+and adds its ``positional_embedding`` (layer ``<pool>.positional_embedding``, an embedding of the token positions).
 Every ``nn.Embedding`` (without ``max_norm``) is the linear map of its one-hot inputs: W = weightᵀ
 (embedding_dim, num_embeddings), its input the token ids, so its A is diagonal (the tokens' frequencies); so is
 the position table of open_clip's and timm's vision transformers, ``positional_embedding`` (T, d) and ``pos_embed``
@@ -22,9 +25,10 @@ and CLIP and SigLIP the weight (T, d) of their ``position_embedding``, resized t
 always, the others with ``interpolate_pos_encoding``): a linear map of the table's rows, bicubic in the patches' rows,
 the class token's row (not SigLIP's: it has none) as it is. Layout "resized": W = tableᵀ as for an embedding, its
 input at each class or patch token that token's row of the map (``resized_rows``: one-hot where the grid is the
-table's), so its A is dense; the layer's module is the embeddings module, whose output holds those tokens. DeBERTa's relative position table (its encoder's ``rel_embeddings``, an
-``nn.Embedding`` never called: ``get_rel_embedding`` reads its weight whole) is an embedding whose input is the ids of
-its K rows, shared by the batch (``tokens.TABLE``); the layer's module is the encoder.
+table's), so its A is dense; the layer's module is the embeddings module, whose output holds those tokens.
+DeBERTa's relative position table (its encoder's ``rel_embeddings``, an ``nn.Embedding`` never called:
+``get_rel_embedding`` reads its weight whole) is an embedding whose input is the ids of its K rows, shared by the
+batch (``tokens.TABLE``); the layer's module is the encoder.
 """
 import warnings
 from dataclasses import dataclass
@@ -55,7 +59,8 @@ def as_matrix(weight, layout: str):
 class Layer:
     """z = a Wᵀ + b with W (d_out, d_in) the model parameter ``weight`` seen through ``layout`` (see
     ``as_matrix``) and b the parameter ``bias``. ``attention``: for the ``out_proj`` of an
-    ``nn.MultiheadAttention``, that module (its forward must be replaced for the out_proj call to be seen)."""
+    ``nn.MultiheadAttention`` and the layers of an ``AttentionPool2d``, that module (its forward must be replaced for
+    their calls to be seen)."""
 
     name: str
     module: nn.Module
@@ -82,7 +87,7 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
     (a string or a list of them) or by a predicate ``layers(name) -> bool``. A layer's parameters are
     named as ``model.named_parameters()`` names them: the layers of a tied weight all read its one τ."""
     found, order = {}, {}  # order: a layer's place, after the modules it follows in the forward
-    out_projs = {}  # id(out_proj) -> its nn.MultiheadAttention, or None when that one cannot be seen
+    out_projs = {}  # id(linear) -> the attention calling it in a replaced forward, or None when that cannot be done
     tables = set()  # id of an nn.Embedding found as a table of the module above it (DeBERTa's, CLIP's, SigLIP's)
     modules = list(model.named_modules())
     named = parameter_names(model)
@@ -112,6 +117,12 @@ def find_layers(model: nn.Module, layers=None) -> dict[str, Layer]:
                 positions = positions.weight
             found[name] = Layer(name, module, named.get(id(positions), name), None, positions.shape[-1],
                                 positions.shape[-2], layout=layout)
+        if is_attention_pool(module):  # its positions added first, then its projections
+            name = prefix + "positional_embedding"
+            order[name] = index + 0.5
+            found[name] = Layer(name, module, param("positional_embedding"), None, module.positional_embedding.shape[1],
+                                module.positional_embedding.shape[0], attention=module, layout="embedding")
+            out_projs.update({id(getattr(module, p)): module for p in ("q_proj", "k_proj", "v_proj", "c_proj")})
         if (table := relative_table(module)) is not None:
             tables.add(id(table))
             name = prefix + "rel_embeddings"
@@ -227,6 +238,14 @@ def position_table(module: nn.Module) -> str | None:
             isinstance(getattr(module, "pos_drop", None), nn.Module) and not getattr(module, "dynamic_img_size", False):
         return "pos_embed"
     return None
+
+
+def is_attention_pool(module: nn.Module) -> bool:
+    """open_clip's ``AttentionPool2d``: attention of the mean token over [mean; tokens] + positions, through its
+    ``q_proj``, ``k_proj``, ``v_proj`` and ``c_proj``."""
+    return type(module).__name__ == "AttentionPool2d" and isinstance(getattr(module, "positional_embedding", None),
+                                                                      nn.Parameter) and \
+        all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "c_proj"))
 
 
 def relative_table(module: nn.Module) -> nn.Embedding | None:
