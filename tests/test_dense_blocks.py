@@ -454,6 +454,26 @@ def test_q_and_v_biases_after_a_fused_projection(kind):
         assert torch.equal(features(model, X), y)
 
 
+def test_gemma_rms_norm_block():
+    """Gemma's RMSNorm (eps, _norm; y = x̂ ⊙ (1 + γ)): its exact block."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GemmaConfig(vocab_size=41, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                      head_dim=4, num_key_value_heads=1, intermediate_size=12)
+    model = transformers.GemmaModel(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.5)
+    X = torch.randint(1, 41, (4, 5))
+
+    def features(m, x):
+        return m(x).last_hidden_state.mean(1)
+    f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
+    for name in ("layers.0.input_layernorm", "norm"):
+        assert f.meta["dense"][name]["kind"] == "rmsnorm" and f[name].params == (f"{name}.weight",)
+        assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-6, name
+
+
 def siglip_tower(library):
     """(SigLIP-style image tower with an attention pooling probe, its features (N, d)), float64, random weights."""
     if library == "transformers":

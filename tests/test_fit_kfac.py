@@ -1051,6 +1051,48 @@ def test_deberta_relative_position_table_read_whole(version, tmp_path):
             assert torch.equal(cls(model, batch), y)
 
 
+@pytest.mark.parametrize("kind, name", [("opt", "decoder.embed_positions"), ("bart", "embed_positions"),
+                                        ("gemma", "embed_tokens")])
+def test_embeddings_with_a_forward_of_their_own(kind, name):
+    """nn.Embedding subclasses that compute their ids (BART's positions, offset by 2; OPT's, from the attention mask)
+    or scale their rows (Gemma's word embeddings, by √d) in a forward of their own are tapped where they read their
+    weight: the GGN diagonal of the weight and B against the examples' Jacobians at it (torch.func)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    size = dict(vocab_size=41, num_hidden_layers=1, max_position_embeddings=16)
+    if kind == "opt":
+        model = transformers.OPTModel(transformers.OPTConfig(hidden_size=8, num_attention_heads=2, ffn_dim=12,
+                                                             word_embed_proj_dim=8, **size))
+    elif kind == "bart":
+        model = transformers.BartModel(transformers.BartConfig(
+            d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=12, decoder_ffn_dim=12, vocab_size=41, max_position_embeddings=16)).get_encoder()
+    else:
+        model = transformers.GemmaModel(transformers.GemmaConfig(hidden_size=8, num_attention_heads=2, head_dim=4,
+                                                                 num_key_value_heads=1, intermediate_size=12, **size))
+    model = model.double().eval()
+    assert type(model.get_submodule(name)).forward is not nn.Embedding.forward
+    mask = (torch.arange(7)[None] < torch.tensor([7, 4, 2])[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 41, (3, 7)), "attention_mask": mask}
+
+    def features(m, b, params=None):  # the mean of the real tokens' last states
+        h = (m(**b) if params is None else functional_call(m, params, (), b)).last_hidden_state
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    f = fit(model, [batch], exact=True, output_fn=features)
+    d = fit_diagonal(model, [batch], exact=True, output_fn=features, dense=False, progress=False)
+    weight = f"{name}.weight"
+    J = jacrev(lambda w: features(model, batch, {weight: w}))(model.get_parameter(weight))  # (N, C, V, d)
+    G = J.transpose(-1, -2)  # the gradients of W = weightᵀ, (N, C, d, V)
+    assert rel_err(d[name].D, G.square().sum((0, 1)) / 3) < 1e-6
+    rows = f.meta["n_rows"][name]
+    assert rows == 13 and G.abs().sum((0, 1, 2)).count_nonzero() <= 13  # the real tokens' rows alone
+    assert f[name].A.count_nonzero() == G.abs().sum((0, 1, 2)).count_nonzero()
+    if kind != "gemma":  # a position's row is read by one token of each example: its column is that token's g
+        assert rel_err(f[name].B, torch.einsum("ncdv,ncev->de", G, G) / 3) < 1e-6
+    if kind == "opt":  # the rows of positions 2.. of each example's real tokens (OPT's offset)
+        assert torch.equal(f[name].A.nonzero().flatten(), torch.arange(2, 9))
+
+
 def test_gpt2_conv1d_layers_are_the_linear_maps_they_are():
     """GPT-2's Conv1D (x W + b, W (d_in, d_out)): layout "transposed", with the factors (KFAC, EK-FAC, GGN diagonal)
     of the same model with each Conv1D replaced by the nn.Linear of weight Wᵀ."""
@@ -1235,6 +1277,24 @@ def test_hugging_face_image_models_default_to_their_image_embedding(cls, key):
     g = fit_kfac(model, batches, exact=True, progress=False, output_fn=lambda m, b: getattr(m(**b), key))
     for name in find_layers(model):
         assert torch.equal(f[name].A, g[name].A) and torch.equal(f[name].B, g[name].B), name
+
+
+def test_hugging_face_two_tower_models_default_to_their_image_features():
+    """CLIPModel defaults to get_image_features of the batch's pixel_values: its projection, the features' own layer,
+    has B = Σ_c e_c e_cᵀ = I exactly, and the text tower is off the path."""
+    transformers = pytest.importorskip("transformers")
+    tower = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.CLIPConfig(text_config=dict(vocab_size=41, **tower), projection_dim=6,
+                                     vision_config=dict(image_size=14, patch_size=7, **tower))
+    model = transformers.CLIPModel(config).eval()
+    batch = {"pixel_values": torch.randn(3, 3, 14, 14)}
+    with torch.no_grad():
+        expected = model.get_image_features(**batch)
+        expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
+        assert torch.equal(default_output_fn(model)(model, batch), expected)
+    f = fit(model, [batch], exact=True)
+    assert rel_err(f["visual_projection"].B, torch.eye(6)) < 1e-6
+    assert f.meta["off_path"] and all(n.startswith("text_") for n in f.meta["off_path"])
 
 
 def test_hugging_face_task_heads_default_to_their_logits():

@@ -21,6 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import dense as dense_groups
 from .layers import Layer, is_attention_pool, is_conv1d, relative_table, resized_rows
@@ -69,6 +70,29 @@ class _Tap(torch.autograd.Function):
         return dz, None, None, None
 
 
+class _EmbeddingReads(TorchFunctionMode):
+    """Inside the forward of an nn.Embedding subclass with a forward of its own (BART's and OPT's positions, which
+    compute their ids; Gemma's word embeddings, scaled after the lookup): each read of its weight, ``F.embedding(ids,
+    weight)`` or ``weight[ids]``, a call of its layer with those ids, tapped before whatever the forward does next."""
+
+    def __init__(self, capture: "Capture", layer: Layer):
+        super().__init__()
+        self.capture, self.layer = capture, layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        weight = self.layer.module.weight
+        if func is F.embedding and (args[1] if len(args) > 1 else kwargs.get("weight")) is weight:
+            ids = args[0] if args else kwargs["input"]
+        elif func is torch.Tensor.__getitem__ and args[0] is weight and isinstance(args[1], torch.Tensor) and \
+                args[1].dtype in (torch.int32, torch.int64):
+            ids = args[1]
+        else:
+            return out
+        return self.capture.tap(self.layer, ids.unsqueeze(-1), out)
+
+
 class Capture:
     def __init__(self, layers: dict[str, Layer], on_input, on_grad=None, dense=None, on_dense=None):
         self.layers, self.on_input, self.on_grad = layers, on_input, on_grad
@@ -104,9 +128,11 @@ class Capture:
                 self._handles.append(layer.module.register_forward_hook(self._projection_hook(layer)))
             elif layer.layout == "embedding" and relative_table(layer.module) is not None:  # DeBERTa's
                 self._patch(layer.module, "get_rel_embedding", self._table_reader(layer))
-            elif layer.layout == "embedding" and isinstance(layer.module, nn.Embedding):
+            elif layer.layout == "embedding" and type(layer.module).forward is nn.Embedding.forward:
                 self._handles.append(layer.module.register_forward_hook(
                     lambda module, inputs, output, layer=layer: self.tap(layer, inputs[0].unsqueeze(-1), output)))
+            elif layer.layout == "embedding" and isinstance(layer.module, nn.Embedding):  # with a forward of its own
+                self._handles += self._read_hooks(layer)
             elif layer.layout == "embedding" and hasattr(layer.module, "ln_pre"):  # open_clip's position table
                 self._handles.append(layer.module.ln_pre.register_forward_pre_hook(self._positions_hook(layer)))
             elif layer.layout == "embedding":  # timm's
@@ -181,6 +207,18 @@ class Capture:
         if hasattr(tower, "ln_pre"):
             return lambda module, args: (tapped(args[0]),) + tuple(args[1:])
         return lambda module, args, output: tapped(output)
+
+    def _read_hooks(self, layer):
+        """Hooks that tap the reads of an nn.Embedding subclass's weight in its forward (``_EmbeddingReads``)."""
+        reads = _EmbeddingReads(self, layer)
+
+        def enter(module, args):
+            reads.__enter__()
+
+        def leave(module, args, output):
+            reads.__exit__(None, None, None)
+        module = layer.module
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
 
     def _resized_positions_hook(self, layer):
         """Hugging Face ViT's, DINOv2's and CLIP's embeddings give [class; registers; patches] (N, 1 + R + P, d) (R = 0

@@ -55,7 +55,8 @@ def _norm_kind(module: nn.Module) -> str | None:
     """"layernorm" for an affine nn.LayerNorm (channels-first ones too: ``channels_first``; not timm's LayerNormAct
     with an activation after it) or a Hugging Face LayerNorm (``variance_epsilon``, vector weight and bias:
     DeBERTa's), "rmsnorm" for an affine nn.RMSNorm or a Hugging Face RMSNorm (``variance_epsilon``, a vector weight,
-    no bias), "batchnorm" for an affine BatchNorm with running statistics, else None."""
+    no bias; or Gemma's: ``eps`` and ``_norm``, y = x̂ ⊙ (1 + γ)), "batchnorm" for an affine BatchNorm with running
+    statistics, else None."""
     if isinstance(module, nn.LayerNorm):
         plain = isinstance(getattr(module, "act", None), (nn.Identity, type(None)))
         return "layernorm" if module.elementwise_affine and plain else None
@@ -64,11 +65,21 @@ def _norm_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batchnorm" if module.affine and module.track_running_stats else None
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if hasattr(module, "variance_epsilon") and isinstance(weight, nn.Parameter) and weight.dim() == 1:
+    if not (isinstance(weight, nn.Parameter) and weight.dim() == 1):
+        return None
+    if hasattr(module, "variance_epsilon"):
         if bias is None:
             return "rmsnorm"
         return "layernorm" if isinstance(bias, nn.Parameter) and bias.shape == weight.shape else None
+    if _gemma_rms_norm(module):
+        return "rmsnorm"
     return None
+
+
+def _gemma_rms_norm(module: nn.Module) -> bool:
+    """Gemma's RMSNorm: x̂ = ``_norm(x)`` in fp32, y = x̂ ⊙ (1 + γ): γ's gradient is that of the plain one's."""
+    own_norm = callable(getattr(module, "_norm", None)) and hasattr(module, "eps")
+    return type(module).__name__.endswith("RMSNorm") and own_norm and getattr(module, "bias", None) is None
 
 
 # Elementwise scales over the last dim by module class name, their weight's attribute: open_clip's and timm's
@@ -107,6 +118,8 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
         return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if _gemma_rms_norm(module):
+        return module._norm(x.float())
     return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + module.variance_epsilon)
 
 

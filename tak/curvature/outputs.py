@@ -6,6 +6,8 @@ Defaults (``default_output_fn``):
   (N, d) — the state that predicts the label token in text-to-text classification.
 - Hugging Face encoders (BERT, MiniLM): the sentence embedding, the mean of the last hidden states
   over real (unpadded) tokens, (N, d).
+- Hugging Face two-tower models (``get_image_features``: CLIPModel, SiglipModel): the image embedding of the batch's
+  ``pixel_values``, (N, D).
 - Hugging Face image models (``main_input_name`` "pixel_values", e.g. CLIP's vision towers): the image embedding
   (``image_embeds``) where the output has one, else the pooled output (``pooler_output``), (N, D).
 - Hugging Face models with a task head and no hidden states in their output (``...ForSequenceClassification``,
@@ -102,11 +104,22 @@ def image_embedding(model: nn.Module, batch) -> torch.Tensor:
     return out.pooler_output if embeds is None else embeds
 
 
+def image_features(model: nn.Module, batch) -> torch.Tensor:
+    """A Hugging Face two-tower model's image embedding (N, D) of a batch: its ``pixel_values`` (a dict's, with its
+    ``interpolate_pos_encoding``, or the batch itself) through ``get_image_features``."""
+    images = {k: batch[k] for k in ("pixel_values", "interpolate_pos_encoding") if k in batch} \
+        if isinstance(batch, dict) else {"pixel_values": batch}
+    out = model.get_image_features(**images)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: the output, projected
+
+
 def default_output_fn(model: nn.Module):
     """``output_fn(model, batch) -> f`` for the kinds of model listed in the module docstring."""
     if callable(getattr(model, "encode_image", None)):
         return lambda m, batch: m.encode_image(batch)
     config = getattr(model, "config", None)
+    if config is not None and callable(getattr(model, "get_image_features", None)):
+        return image_features
     if config is not None and getattr(config, "is_encoder_decoder", False):
         def encoder_decoder(m, batch):
             batch = dict(batch)
