@@ -5,14 +5,14 @@ Inside ``Capture(layers, on_input, on_grad)``, the i-th call of a layer in a for
 ``on_input(layer, a, i)`` with its input a (..., d_in), and passes its output z through a tap: an
 identity whose backward calls ``on_grad(layer, dz, call=i)``.
 A convolution's a and z are its unfolded patches (N, L, C·kh·kw) and outputs (N, L, d_out) over the L output
-positions; an embedding's a is its token ids (..., 1), the index of each one-hot input; a resized position table's a
-is each token's row of the map from the table (``layers.resized_rows``); open_clip's output projection is seen
-through its tower's ``_pool`` (a = the pooled features) and its tower's output (z). Dense groups
-(``tak.curvature.dense``: the norms, LayerScales, q/v biases and class token) get taps too, whose gradients become
-per-example gradient vectors for ``on_dense(group, v)``, summed over the group's calls in one forward (its exact
-block, when a LayerNorm is applied more than once); a call on a tensor the batch shares (``tokens``) adds one row of
-its own. Every
-tap also feeds a shared scalar, the sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the
+positions; an embedding's a is its token ids (..., 1), the index of each one-hot input (an nn.Embedding subclass with
+a forward of its own is tapped where that reads its weight); a resized position table's a is each token's row of the
+map from the table (``layers.resized_rows``); open_clip's output projection is seen through its tower's ``_pool``
+(a = the pooled features) and its tower's output (z). Dense groups (``tak.curvature.dense``: the norms, LayerScales,
+q/v biases and class token) get taps too, whose gradients become per-example gradient vectors for
+``on_dense(group, v)``, summed over the group's calls in one forward (its exact block, when a LayerNorm is applied
+more than once); a call on a tensor the batch shares (``tokens``) adds one row of its own. Every tap also feeds a
+shared scalar, the sink (one per device, made there), so ``capture.backward(f, s)`` — a VJP of the
 feature output f with cotangent s, taken with respect to the sinks alone — runs exactly the backward that reaches the
 taps: no weight-gradient GEMMs, no gradients kept. ``capture.batched_grads(f, S)`` instead returns the output
 gradients of every layer for a batch of cotangents S (m, *f.shape) in one vmapped backward."""

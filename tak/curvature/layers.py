@@ -243,9 +243,10 @@ def position_table(module: nn.Module) -> str | None:
 def is_attention_pool(module: nn.Module) -> bool:
     """open_clip's ``AttentionPool2d``: attention of the mean token over [mean; tokens] + positions, through its
     ``q_proj``, ``k_proj``, ``v_proj`` and ``c_proj``."""
-    return type(module).__name__ == "AttentionPool2d" and isinstance(getattr(module, "positional_embedding", None),
-                                                                      nn.Parameter) and \
-        all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "c_proj"))
+    positions = getattr(module, "positional_embedding", None)
+    projections = [getattr(module, p, None) for p in ("q_proj", "k_proj", "v_proj", "c_proj")]
+    return type(module).__name__ == "AttentionPool2d" and isinstance(positions, nn.Parameter) and \
+        all(isinstance(p, nn.Linear) for p in projections)
 
 
 def relative_table(module: nn.Module) -> nn.Embedding | None:
