@@ -1298,9 +1298,9 @@ def test_hugging_face_two_tower_models_default_to_their_image_features():
 
 
 def test_hugging_face_task_heads_default_to_their_logits():
-    """A model with a task head and no hidden states in its output defaults to its logits: a classifier's (N, C),
-    whose own layer then has B = Σ_c e_c e_cᵀ = I exactly; a causal LM's (N, T, V), its head's A over the real tokens
-    alone (the probes are zero on padding)."""
+    """A model with a task head and no hidden states in its output defaults to its logits: a classifier's (N, C) (T5's
+    too, whose text-to-text default is not its), whose own layer then has B = Σ_c e_c e_cᵀ = I exactly; a causal LM's
+    (N, T, V), its head's A over the real tokens alone (the probes are zero on padding)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     size = dict(vocab_size=41, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=14)
@@ -1310,6 +1310,13 @@ def test_hugging_face_task_heads_default_to_their_logits():
     with torch.no_grad():
         assert torch.equal(default_output_fn(classifier)(classifier, batch), classifier(**batch).logits)
     assert rel_err(fit(classifier, [batch], exact=True)["classifier"].B, torch.eye(3)) < 1e-6
+    t5 = transformers.T5ForSequenceClassification(transformers.T5Config(
+        vocab_size=41, d_model=12, d_kv=6, d_ff=14, num_layers=1, num_heads=2, num_labels=3, decoder_start_token_id=0,
+        eos_token_id=1)).eval()
+    eos = {"input_ids": torch.cat([batch["input_ids"][:, :-1].clamp_min(2), torch.ones(3, 1, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        assert torch.equal(default_output_fn(t5)(t5, eos), t5(**eos).logits)
+    assert rel_err(fit(t5, [eos], exact=True)["classification_head.out_proj"].B, torch.eye(3)) < 1e-6
     lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, **size)).double().eval()
     with torch.no_grad():
         out = lm(**batch, output_hidden_states=True)

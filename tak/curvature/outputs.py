@@ -2,17 +2,17 @@
 
 Defaults (``default_output_fn``):
 - open_clip CLIP (has ``encode_image``): the image embedding, unnormalized, (N, D).
-- Hugging Face encoder-decoders (T5): the decoder's last hidden state at the first decoder position,
-  (N, d) — the state that predicts the label token in text-to-text classification.
+- Hugging Face encoder-decoders (T5) without a classification head: the decoder's last hidden state at the first
+  decoder position, (N, d) — the state that predicts the label token in text-to-text classification.
 - Hugging Face encoders (BERT, MiniLM): the sentence embedding, the mean of the last hidden states
   over real (unpadded) tokens, (N, d).
 - Hugging Face two-tower models (``get_image_features``: CLIPModel, SiglipModel): the image embedding of the batch's
   ``pixel_values``, (N, D).
 - Hugging Face image models (``main_input_name`` "pixel_values", e.g. CLIP's vision towers): the image embedding
   (``image_embeds``) where the output has one, else the pooled output (``pooler_output``), (N, D).
-- Hugging Face models with a task head and no hidden states in their output (``...ForSequenceClassification``,
-  ``...ForCausalLM``, ``...ForTokenClassification``): the head's ``logits``, (N, C) or (N, T, V) (the probes are zero
-  on padding tokens).
+- Hugging Face models with a task head and no hidden states in their output (``...ForSequenceClassification``, T5's
+  too, ``...ForCausalLM``, ``...ForTokenClassification``): the head's ``logits``, (N, C) or (N, T, V) (the probes are
+  zero on padding tokens).
 - Any other module: ``model(batch)``, (N, C) or (N, T, C).
 """
 import torch
@@ -120,7 +120,8 @@ def default_output_fn(model: nn.Module):
     config = getattr(model, "config", None)
     if config is not None and callable(getattr(model, "get_image_features", None)):
         return image_features
-    if config is not None and getattr(config, "is_encoder_decoder", False):
+    text_to_text = getattr(config, "is_encoder_decoder", False) and not hasattr(model, "classification_head")
+    if config is not None and text_to_text:
         def encoder_decoder(m, batch):
             batch = dict(batch)
             batch.pop("labels", None)  # the first decoder position holds the start token with or without them
