@@ -349,26 +349,6 @@ def test_layer_scale_blocks(library):
         assert rel_err(block.B, exact_block(model, block.params, X, features)) < 1e-5, name
 
 
-def test_hugging_face_layer_norm_block():
-    """DeBERTa's own LayerNorm (weight, bias, variance_epsilon; statistics in fp32) is a LayerNorm: its exact block."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.DebertaConfig(vocab_size=41, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                        intermediate_size=10, max_position_embeddings=16, type_vocab_size=0)
-    model = transformers.DebertaModel(config).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(std=0.5)
-    X = torch.randint(1, 41, (4, 5))
-
-    def features(m, x):
-        return m(input_ids=x).last_hidden_state.mean(1)
-    f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
-    name = "encoder.layer.0.output.LayerNorm"
-    assert f.meta["dense"][name]["kind"] == "layernorm" and f[name].params == (f"{name}.weight", f"{name}.bias")
-    assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-5
-
-
 @pytest.mark.parametrize("library", ["timm", "transformers"])
 def test_channels_first_layer_norm_blocks(library):
     """ConvNeXt's LayerNorms of (N, C, H, W) over C (timm's LayerNorm2d, Hugging Face's with data_format
@@ -454,12 +434,21 @@ def test_q_and_v_biases_after_a_fused_projection(kind):
         assert torch.equal(features(model, X), y)
 
 
-def test_gemma_rms_norm_block():
-    """Gemma's RMSNorm (eps, _norm; y = x̂ ⊙ (1 + γ)): its exact block."""
+@pytest.mark.parametrize("family", ["deberta", "gemma"])
+def test_hugging_face_norm_blocks(family):
+    """DeBERTa's own LayerNorm (weight, bias, variance_epsilon; statistics in fp32) is a LayerNorm, Gemma's RMSNorm
+    (eps, _norm; y = x̂ ⊙ (1 + γ)) an RMSNorm: their exact blocks."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GemmaConfig(vocab_size=41, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                      head_dim=4, num_key_value_heads=1, intermediate_size=12)
-    model = transformers.GemmaModel(config).double().eval()
+    size = dict(vocab_size=41, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
+    if family == "deberta":
+        model = transformers.DebertaModel(transformers.DebertaConfig(intermediate_size=10, max_position_embeddings=16,
+                                                                     type_vocab_size=0, **size))
+        names, kind = ["encoder.layer.0.output.LayerNorm"], "layernorm"
+    else:
+        model = transformers.GemmaModel(transformers.GemmaConfig(head_dim=4, num_key_value_heads=1,
+                                                                 intermediate_size=12, **size))
+        names, kind = ["layers.0.input_layernorm", "norm"], "rmsnorm"
+    model = model.double().eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -469,9 +458,10 @@ def test_gemma_rms_norm_block():
     def features(m, x):
         return m(x).last_hidden_state.mean(1)
     f = fit_kfac(model, [X], exact=True, output_fn=features, progress=False)
-    for name in ("layers.0.input_layernorm", "norm"):
-        assert f.meta["dense"][name]["kind"] == "rmsnorm" and f[name].params == (f"{name}.weight",)
-        assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-6, name
+    for name in names:
+        own = ("weight", "bias") if kind == "layernorm" else ("weight",)
+        assert f.meta["dense"][name]["kind"] == kind and f[name].params == tuple(f"{name}.{p}" for p in own)
+        assert rel_err(f[name].B, exact_block(model, f[name].params, X, features)) < 1e-5, name
 
 
 def siglip_tower(library):
