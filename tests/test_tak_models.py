@@ -2,6 +2,7 @@
 w.r.t. its parameters along τ (float64, tiny configs with random weights), τ-gradients = autograd of
 that jvp; task-vector naming; MiniLM (shipped weights) with padding in fp32."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -495,19 +496,25 @@ def test_modernbert_static_rope_types_and_dynamic_ones_refused():
         to_dual(tiny_modernbert(**rope("dynamic")))
 
 
-DECODERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+DECODERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+            "gemma3": "Gemma3Text", "phi3": "Phi3"}  # the prefix of each family's config and model classes
+DECODER_OPTIONS = {"qwen3": {"head_dim": 8}, "gemma": {"head_dim": 8},
+                   "gemma3": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"],
+                              "sliding_window": 16, "query_pre_attn_scalar": 10},
+                   "phi3": {"hidden_size": 32, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
+                            "eos_token_id": 2}}
 
 
 def tiny_decoder(family="llama", head="ForCausalLM", **kw):
     """A random decoder-only LM of Llama's layout (4 query heads sharing 2 key/value heads), float64, SDPA attention
-    (float64 throughout under the math backend; eager attention takes its softmax in fp32)."""
+    (float64 throughout under the math backend; eager attention takes its softmax in fp32). Gemma 3: a local layer
+    (its own rotary table) and a global one, scores scaled by 10^(-1/2); Phi-3: rotary on half of each head's dims."""
     pytest.importorskip(f"transformers.models.{family}")
     config = dict(vocab_size=50, hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=32, attn_implementation="sdpa")
-    if family == "qwen3":
-        config["head_dim"] = 8
-    config = getattr(transformers, f"{DECODERS[family]}Config")(**(config | kw))
-    return getattr(transformers, f"{DECODERS[family]}{head}")(config).double().eval()
+    config = getattr(transformers, f"{DECODERS[family]}Config")(**(config | DECODER_OPTIONS.get(family, {}) | kw))
+    name = f"{DECODERS[family]}{head}".replace("TextForCausalLM", "ForCausalLM")  # Gemma3TextModel, Gemma3ForCausalLM
+    return getattr(transformers, name)(config).double().eval()
 
 
 def decoder_batch(B=3, L=7, lengths=(7, 5, 3), left=False):
@@ -518,24 +525,29 @@ def decoder_batch(B=3, L=7, lengths=(7, 5, 3), left=False):
 
 @pytest.fixture
 def decoder_rms_norm_in_float64(monkeypatch):
-    """The decoders' RMSNorm in its input's precision: Hugging Face normalizes in fp32 even for float64 inputs."""
-    import importlib
-
+    """The decoders' RMSNorm in its input's precision: Hugging Face normalizes in fp32 even for float64 inputs (Gemma's
+    scales by 1 + γ)."""
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def gemma_forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
     for family, name in DECODERS.items():
         try:
             module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ModuleNotFoundError:  # Qwen3 came with transformers 4.51
             continue
-        monkeypatch.setattr(getattr(module, f"{name}RMSNorm"), "forward", forward)
+        name = name.removesuffix("Text")
+        monkeypatch.setattr(getattr(module, f"{name}RMSNorm"), "forward", gemma_forward if "Gemma" in name else forward)
 
 
 @pytest.mark.parametrize("head", ["Model", "ForCausalLM"])
 @pytest.mark.parametrize("family", list(DECODERS))
 def test_decoder_language_models(family, head, decoder_rms_norm_in_float64):
     """Rotary Q and K, grouped-query attention, causal and padding masks, the gated SiLU feed-forward; Qwen2's q/k/v
-    biases, Qwen3's per-head Q and K norms; the hidden states or the LM head's logits."""
+    biases, Qwen3's per-head Q and K norms; Gemma's scaled embedding, (1 + γ) norms and GELU; Gemma 3's norms of each
+    branch's output, per-layer rotary tables and query scale; Phi-3's fused projections and partial rotary; the hidden
+    states or the LM head's logits."""
     model = tiny_decoder(family, head)
     check(model, decoder_batch(), ["logits"] if head == "ForCausalLM" else ["last_hidden_state"])
 
@@ -556,10 +568,27 @@ def test_decoder_with_tied_head_positions_and_left_padding(decoder_rms_norm_in_f
     assert rel_err(got[real], want[real]) <= TOL64
 
 
-def test_decoder_with_its_rms_norm_in_fp32():
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_decoder_with_its_rms_norm_in_fp32(family):
     """Unpatched: Hugging Face's RMSNorm rounds float64 to fp32, so the dual model (float64 throughout) agrees to fp32
-    rounding, amplified through the layers."""
-    check(tiny_decoder("qwen2"), decoder_batch(), ["logits"], tol=1e-5)
+    rounding, amplified through the layers. In bfloat16, Gemma's norms return their input's dtype."""
+    model = tiny_decoder(family)
+    check(model, decoder_batch(), ["logits"], tol=1e-5)
+    batch = decoder_batch()
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        y, dy = to_dual(model)(**batch)
+        plain = model(**batch).logits
+    assert y.logits.dtype == dy.logits.dtype == plain.dtype == torch.bfloat16 and rel_err(y.logits, plain) <= 2e-2
+
+
+def test_gemma_capped_logits_and_given_embeddings(decoder_rms_norm_in_float64):
+    """Gemma 3's logits capped to c·tanh(z / c); inputs_embeds as the source takes them (Gemma's × √d in transformers
+    4, as given in 5)."""
+    check(tiny_decoder("gemma3", final_logit_softcapping=2.0), decoder_batch(), ["logits"])
+    embeds = {"inputs_embeds": torch.randn(3, 7, 24, dtype=torch.float64),
+              "attention_mask": decoder_batch()["attention_mask"], "use_cache": False}
+    check(tiny_decoder("gemma", "Model"), embeds, ["last_hidden_state"])
 
 
 def test_decoder_refusals():
@@ -571,6 +600,14 @@ def test_decoder_refusals():
     assert mistral(**decoder_batch(L=4, lengths=(4, 3, 2)))[1] is not None  # within the window: plain causal
     with pytest.raises(ValueError, match="use_cache"):
         to_dual(tiny_decoder())(**{**decoder_batch(), "use_cache": True})
+    if importlib.util.find_spec("transformers.models.gemma3") is None:  # Gemma 3 came with transformers 4.50
+        return
+    with pytest.raises(NotImplementedError, match=r"layers\.0: attention scores capped \(attn_logit_softcapping=5"):
+        to_dual(tiny_decoder("gemma3", attn_logit_softcapping=5.0))
+    with pytest.raises(NotImplementedError, match="use_bidirectional_attention=True"):
+        to_dual(tiny_decoder("gemma3", use_bidirectional_attention=True))
+    with pytest.raises(NotImplementedError, match=r"sequences of 17 tokens exceed sliding_window=16"):
+        to_dual(tiny_decoder("gemma3"))(**decoder_batch(L=17, lengths=(17, 3, 2)))
 
 
 def tiny_gpt2(head="LMHeadModel", **kw):

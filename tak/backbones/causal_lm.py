@@ -1,5 +1,5 @@
-"""Decoder-only language models (``AutoModelForCausalLM``: Llama, Mistral, Qwen2/3, GPT-2, ...) as backbones:
-classification by the next token after a prompt.
+"""Decoder-only language models (``AutoModelForCausalLM``: Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, ...) as
+backbones: classification by the next token after a prompt.
 
 - ``model``: the decoder without its LM head (``AutoModelForCausalLM(...).base_model``, e.g. a LlamaModel or
   GPT2Model, which ``tak.linearize`` takes on its fast path); the head's weight stays outside it, frozen.

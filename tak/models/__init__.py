@@ -36,9 +36,10 @@ _CONVERTERS = [
     ("transformers.models.modernbert.modeling_modernbert", "ModernBertModel", "modernbert", "DualModernBertModel"),
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Model", "gpt2", "DualGPT2Model"),
     ("transformers.models.gpt2.modeling_gpt2", "GPT2LMHeadModel", "gpt2", "DualGPT2Model"),
-    *[(f"transformers.models.{family}.modeling_{family}", f"{name}{head}", "llama", "DualLlamaModel")
-      for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
-      for head in ("Model", "ForCausalLM")],
+    *[(f"transformers.models.{family}.modeling_{family}", cls, "llama", "DualLlamaModel")
+      for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"),
+                           ("gemma", "Gemma"), ("gemma3", "Gemma3"), ("phi3", "Phi3"))
+      for cls in ((f"{name}Text" if family == "gemma3" else name) + "Model", f"{name}ForCausalLM")],
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
     ("transformers.models.t5.modeling_t5", "T5Model", "t5", "DualT5Model"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),

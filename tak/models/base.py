@@ -86,11 +86,14 @@ def rotary_angles(inv_freq: torch.Tensor, scaling: float, position_ids: torch.Te
 
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acc: torch.dtype | None = None) -> torch.Tensor:
-    """t cos θ + rotate_half(t) sin θ for t (B, H, L, D) and cos, sin (B or 1, L, D), computed in ``acc`` (None: t's
-    dtype) and returned in t's. Linear in t: a tangent turns the same way."""
+    """t cos θ + rotate_half(t) sin θ for t (B, H, L, D) and cos, sin (B or 1, L, R), computed in ``acc`` (None: t's
+    dtype) and returned in t's: on t's first R dims, the others as they are (a partial rotary: Phi-3's where
+    R < D). Linear in t: a tangent turns the same way."""
     a = t if acc is None else t.to(acc)
-    half = a.shape[-1] // 2
-    return (a * cos[:, None] + torch.cat((-a[..., half:], a[..., :half]), -1) * sin[:, None]).to(t.dtype)
+    r = cos.shape[-1]
+    a, rest = a[..., :r], a[..., r:]
+    turned = a * cos[:, None] + torch.cat((-a[..., r // 2:], a[..., :r // 2]), -1) * sin[:, None]
+    return (torch.cat((turned, rest), -1) if rest.shape[-1] else turned).to(t.dtype)
 
 
 def resized_positions(pos: torch.Tensor, grid: tuple[int, int], square: bool, in_fp32: bool,
@@ -164,8 +167,8 @@ class Builder:
                                       "is supported")
         return self.record(DualLayerNorm(m.weight, m.bias, m.eps), weight=m.weight, bias=m.bias)
 
-    def rms_norm(self, weight: torch.Tensor, eps: float) -> DualRMSNorm:
-        return self.record(DualRMSNorm(weight, eps), weight=weight)
+    def rms_norm(self, weight: torch.Tensor, eps: float, offset: float = 0.0) -> DualRMSNorm:
+        return self.record(DualRMSNorm(weight, eps, offset), weight=weight)
 
     def parameter(self, p: nn.Parameter) -> DualParameter:
         """A parameter used as it is (latent queries, a probe) as a DualParameter."""

@@ -1,19 +1,26 @@
-"""Hugging Face decoder-only language models of Llama's layout (LlamaModel, MistralModel, Qwen2Model, Qwen3Model and
-their *ForCausalLM) as dual models.
+"""Hugging Face decoder-only language models of Llama's layout and its relatives (LlamaModel, MistralModel, Qwen2Model,
+Qwen3Model, GemmaModel, Gemma3TextModel, Phi3Model and their *ForCausalLM) as dual models.
 
-The token embedding, then pre-norm layers
+The token embedding (× √d rounded to its dtype in Gemma's), then pre-norm layers
 
-    x = x + W_o attn(norm_a(x)),   x = x + W_down (silu(W_gate y) ⊙ W_up y) with y = norm_m(x)
+    x = x + post_a(W_o attn(norm_a(x))),   x = x + post_m(W_down (act(W_gate y) ⊙ W_up y)) with y = norm_m(x)
 
-(the configured activation in place of silu), a final RMSNorm (statistics in fp32) and, for *ForCausalLM, the LM head
-(tied to the embedding or not). Attention: Q, K, V projections (with biases where the model has them: Qwen2), Qwen3's
-RMSNorm of each head's Q and K, rotary positions on Q and K, t ↦ t cos θ + rotate_half(t) sin θ with θ = position ·
-inv_freq of the model's rotary embedding (× its attention_scaling; static rope types), linear in t so the tangent turns
-alike; K and V shared by groups of query heads (grouped-query attention); causal, and padding from attention_mask.
-Positions are ``position_ids`` where given, else 0, ..., L − 1 (as the source). In training, dropout on the attention
-weights (config.attention_dropout). A query no key may attend (the first positions of a left-padded row) gets the
-average of V, as ``tak.nn.attention.dual_attention`` does; the source's output there depends on its attention
-implementation, and no real token reads it.
+(post_a, post_m: Gemma 3's norms of each branch's output; Phi-3's dropout on it in training), a final norm and, for
+*ForCausalLM, the LM head (tied to the embedding or not; Gemma 3's logits capped to c·tanh(z / c) where its config says
+so). The norms are RMSNorms, γ ⊙ x̂ with x̂ = x (mean(x²) + ε)^(-1/2) in fp32, or Gemma's (1 + γ) ⊙ x̂ in fp32.
+Attention: Q, K, V projections (with biases where the model has them: Qwen2; one fused [Q | K | V] in Phi-3), Qwen3's
+and Gemma 3's RMSNorm of each head's Q and K, rotary positions on Q and K, t ↦ t cos θ + rotate_half(t) sin θ on each
+head's first dims (all but in Phi-3 with a partial_rotary_factor) with θ = position · inv_freq of the layer's rotary
+table (Gemma 3's sliding layers have their own; × its attention_scaling; static rope types), linear in t so the tangent
+turns alike; K and V shared by groups of query heads (grouped-query attention); scores scaled by the source's
+``scaling`` (Gemma 3: query_pre_attn_scalar^(-1/2)); causal, and padding from attention_mask. The feed-forward's gate
+and up projections are one fused [gate | up] in Phi-3. Positions are ``position_ids`` where given, else 0, ..., L − 1
+(as the source). In training, dropout on the attention weights (config.attention_dropout). A query no key may attend
+(the first positions of a left-padded row) gets the average of V, as ``tak.nn.attention.dual_attention`` does; the
+source's output there depends on its attention implementation, and no real token reads it.
+
+Sliding-window layers (Mistral, Phi-3, Qwen2's where used, Gemma 3's local ones) take sequences up to their window,
+where the window is the causal mask; Gemma 2 (scores capped in the attention) has no dual layer.
 """
 import torch
 from torch import nn
@@ -27,30 +34,86 @@ from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mas
 
 
 def _rms_norm(b: Builder, m: nn.Module):
+    """Llama's RMSNorm (ε ``variance_epsilon``) or Gemma's ((1 + γ) ⊙ x̂, ε ``eps``)."""
+    if type(m).__name__.startswith("Gemma"):
+        return b.rms_norm(m.weight, m.eps, offset=1.0)
     return b.rms_norm(m.weight, m.variance_epsilon)
 
 
-class DualDecoderLayer(nn.Module):
-    """LlamaDecoderLayer and its copies: forward(x (B, L, d), dx, *, mask, cos, sin)."""
+def _split(pair, sizes):
+    """(t, dt) of a fused projection -> one (t_i, dt_i) per size along the last dim."""
+    t, dt = pair
+    parts = t.split(sizes, -1)
+    return list(zip(parts, dt.split(sizes, -1) if dt is not None else [None] * len(parts)))
 
-    def __init__(self, b: Builder, layer: nn.Module, config, where: str):
+
+def _rotary(core: nn.Module, attention: nn.Module, where: str) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) of the rotary table ``attention`` turns Q and K with: the model's (one per model;
+    transformers 4.47's Mistral keeps one per attention module, all alike), its layer type's (Gemma 3's in transformers
+    5), the local one of a sliding layer (Gemma 3's in transformers 4)."""
+    rotary = core.rotary_emb if hasattr(core, "rotary_emb") else attention.rotary_emb
+    if getattr(attention, "is_sliding", False) and hasattr(core, "rotary_emb_local"):
+        rotary = core.rotary_emb_local
+    if isinstance(getattr(rotary, "rope_type", None), dict):  # by layer type
+        t = attention.layer_type
+        inv_freq, scaling, kind = getattr(rotary, f"{t}_inv_freq"), getattr(rotary, f"{t}_attention_scaling"), \
+            rotary.rope_type[t]
+    else:
+        inv_freq, scaling = rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0)
+        kind = str(getattr(rotary, "rope_type", "default"))
+    if "dynamic" in kind or kind == "longrope":
+        raise NotImplementedError(f"{where}: rope type {kind!r} (updated at each call) has no dual layer; static rope "
+                                  "types are supported")
+    return inv_freq, float(scaling)
+
+
+def _window(config, attention: nn.Module) -> int | None:
+    """The sliding window of ``attention``'s keys, None for plain causal attention: its own where it keeps one (Qwen2
+    and Gemma 3 per layer), else the model's where used (Mistral's, Phi-3's; Qwen2's in transformers 4)."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    used = config.model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)
+    return getattr(config, "sliding_window", None) if used else None
+
+
+class DualDecoderLayer(nn.Module):
+    """LlamaDecoderLayer and its relatives' (module docstring): forward(x (B, L, d), dx, *, mask, cos, sin) with the
+    angles of its rotary table, the model's ``rope``-th."""
+
+    def __init__(self, b: Builder, layer: nn.Module, config, where: str, rope: int):
         super().__init__()
         a, mlp = layer.self_attn, layer.mlp
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise NotImplementedError(f"{where}: attention scores capped (attn_logit_softcapping="
+                                      f"{config.attn_logit_softcapping}) have no dual layer")
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 3: each branch's output normed too
         self.norm_attn = _rms_norm(b, layer.input_layernorm)
-        self.norm_mlp = _rms_norm(b, layer.post_attention_layernorm)
-        self.q, self.k, self.v, self.o = (b.linear(getattr(a, f"{n}_proj")) for n in "qkvo")
-        self.q_norm = _rms_norm(b, a.q_norm) if hasattr(a, "q_norm") else None  # Qwen3
+        self.norm_mlp = _rms_norm(b, layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm)
+        self.post_attn = _rms_norm(b, layer.post_attention_layernorm) if sandwich else None
+        self.post_mlp = _rms_norm(b, layer.post_feedforward_layernorm) if sandwich else None
+        dropouts = [b.dropout(getattr(layer, n)) if hasattr(layer, n) else None
+                    for n in ("resid_attn_dropout", "resid_mlp_dropout")]  # Phi-3's
+        self.drop_attn, self.drop_mlp = dropouts
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, a.head_dim
+        self.fused = hasattr(a, "qkv_proj")  # Phi-3
+        self.qkv = nn.ModuleList([b.linear(a.qkv_proj)] if self.fused else [b.linear(getattr(a, f"{n}_proj"))
+                                                                              for n in "qkv"])
+        self.o = b.linear(a.o_proj)
+        self.q_norm = _rms_norm(b, a.q_norm) if hasattr(a, "q_norm") else None  # Qwen3, Gemma 3
         self.k_norm = _rms_norm(b, a.k_norm) if hasattr(a, "k_norm") else None
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = a.q_proj.out_features // self.heads
+        self.scale = float(getattr(a, "scaling", self.head_dim ** -0.5))
         self.dropout = float(config.attention_dropout)
-        self.gate, self.up, self.down = b.linear(mlp.gate_proj), b.linear(mlp.up_proj), b.linear(mlp.down_proj)
-        self.act = activation(config.hidden_act, f"{where}.mlp")
+        self.rope, self.window = rope, _window(config, a)
+        self.gate_up = b.linear(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else None  # Phi-3
+        self.gate, self.up = (None, None) if self.gate_up else (b.linear(mlp.gate_proj), b.linear(mlp.up_proj))
+        self.down = b.linear(mlp.down_proj)
+        self.act = activation(getattr(config, "hidden_activation", None) or config.hidden_act, f"{where}.mlp")
         self.train(a.training)
 
     def attention(self, x, dx, mask, cos, sin):
         B, L, _ = x.shape
-        groups = self.heads // self.kv_heads
+        groups, sizes = self.heads // self.kv_heads, [n * self.head_dim for n in (self.heads,) + 2 * (self.kv_heads,)]
+        projected = _split(self.qkv[0](x, dx), sizes) if self.fused else [p(x, dx) for p in self.qkv]
 
         def prepared(pair, n, norm, turned):  # (B, L, n·D) -> (B, H, L, D): normed, rotated, shared by groups
             t, dt = pair
@@ -61,18 +124,22 @@ class DualDecoderLayer(nn.Module):
             if n != self.heads:
                 t, dt = t.repeat_interleave(groups, 1), apply(lambda u: u.repeat_interleave(groups, 1), dt)
             return t, dt
-        q, dq = prepared(self.q(x, dx), self.heads, self.q_norm, True)
-        k, dk = prepared(self.k(x, dx), self.kv_heads, self.k_norm, True)
-        v, dv = prepared(self.v(x, dx), self.kv_heads, None, False)
-        o, do = dual_attention(q, k, v, dq, dk, dv, mask, scale=self.head_dim ** -0.5,
+        q, dq = prepared(projected[0], self.heads, self.q_norm, True)
+        k, dk = prepared(projected[1], self.kv_heads, self.k_norm, True)
+        v, dv = prepared(projected[2], self.kv_heads, None, False)
+        o, do = dual_attention(q, k, v, dq, dk, dv, mask, scale=self.scale,
                                dropout=self.dropout if self.training else 0.0)
         return self.o(merge_heads(o), apply(merge_heads, do))
 
+    def mlp(self, y, dy):
+        gate, up = _split(self.gate_up(y, dy), 2 * [self.down.weight.shape[1]]) if self.gate_up else \
+            (self.gate(y, dy), self.up(y, dy))
+        return self.down(*self.act(*gate, *up))
+
     def forward(self, x, dx, *, mask, cos, sin):
-        h, dh = self.attention(*self.norm_attn(x, dx), mask, cos, sin)
+        h, dh = chain(self.attention(*self.norm_attn(x, dx), mask, cos, sin), self.post_attn, self.drop_attn)
         x, dx = x + h, add(dx, dh)
-        y, dy = self.norm_mlp(x, dx)
-        h, dh = self.down(*self.act(*self.gate(y, dy), *self.up(y, dy)))
+        h, dh = chain(self.mlp(*self.norm_mlp(x, dx)), self.post_mlp, self.drop_mlp)
         return x + h, add(dx, dh)
 
 
@@ -86,31 +153,54 @@ class DualLlamaModel(DualModel):
         super().__init__()
         self.owner, core, b = type(model).__name__, getattr(model, "model", model), Builder(model)
         config = core.config
-        # one per model; transformers 4.47's Mistral keeps one per attention module, all alike
-        rotary = core.rotary_emb if hasattr(core, "rotary_emb") else core.layers[0].self_attn.rotary_emb
-        kind = str(getattr(rotary, "rope_type", "default"))
-        if "dynamic" in kind or kind == "longrope":
-            raise NotImplementedError(f"{self.owner}: rope type {kind!r} (updated at each call) has no dual layer; "
-                                      "static rope types are supported")
-        self.register_buffer("inv_freq", rotary.inv_freq, persistent=False)
-        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        window = getattr(config, "sliding_window", None)
-        used = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
-        self.window = window if window is not None and used else None
+        if getattr(config, "use_bidirectional_attention", False):
+            raise NotImplementedError(f"{self.owner}: use_bidirectional_attention=True has no dual layer; causal "
+                                      "attention is supported")
         self.embed = b.embedding(core.embed_tokens)
-        self.layers = nn.ModuleList(DualDecoderLayer(b, layer, config, f"layers.{i}")
-                                    for i, layer in enumerate(core.layers))
+        # Gemma's embeddings × √d in their dtype: at the lookup (its embed_scale), or after it, inputs_embeds too (Gemma
+        # in transformers 4)
+        gemma, table = config.model_type.startswith("gemma"), core.embed_tokens
+        self.scales_inputs_embeds = gemma and not hasattr(table, "embed_scale")
+        scale = table.embed_scale if hasattr(table, "embed_scale") else torch.tensor(config.hidden_size ** 0.5,
+                                                                                      dtype=torch.float64)
+        self.embed_scale = scale.to(table.weight.dtype).item() if gemma else None
+        tables, self.rope_scalings, layers = {}, [], []  # the distinct rotary tables: inv_freq as f"inv_freq_{i}"
+        for i, layer in enumerate(core.layers):
+            inv_freq, scaling = _rotary(core, layer.self_attn, f"layers.{i}")
+            if id(inv_freq) not in tables:
+                self.register_buffer(f"inv_freq_{len(tables)}", inv_freq, persistent=False)
+                tables[id(inv_freq)] = len(tables)
+                self.rope_scalings.append(scaling)
+            layers.append(DualDecoderLayer(b, layer, config, f"layers.{i}", tables[id(inv_freq)]))
+        self.layers = nn.ModuleList(layers)
+        self.window = min((layer.window for layer in self.layers if layer.window), default=None)
         self.norm = _rms_norm(b, core.norm)
         head = getattr(model, "lm_head", None)
         self.causal_lm = head is not None
         self.lm_head = None if head is None or head.weight is core.embed_tokens.weight else b.linear(head)
+        self.logit_cap = getattr(config, "final_logit_softcapping", None)  # Gemma 3's
         self.bind(b, model, trainable)
+
+    def embedded(self, input_ids, inputs_embeds):
+        """(x, dx) (B, L, d) of the tokens: their embeddings (Gemma's × √d), or ``inputs_embeds`` as given."""
+        x, dx = self.embed(input_ids) if inputs_embeds is None else (inputs_embeds, None)
+        if self.embed_scale is not None and (inputs_embeds is None or self.scales_inputs_embeds):
+            x, dx = x * self.embed_scale, apply(lambda t: t * self.embed_scale, dx)
+        return x, dx
+
+    def logits(self, x, dx):
+        """The LM head's logits (B, L, vocab) and their tangent: c·tanh(z / c) where capped."""
+        z, dz = self.lm_head(x, dx) if self.lm_head is not None else linear(x, dx, *self.embed.dual("weight"))
+        if self.logit_cap is None:
+            return z, dz
+        capped = torch.tanh(z / self.logit_cap)
+        return capped * self.logit_cap, apply(lambda t: t * (1 - capped * capped), dz)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **options):
         hf_options(self.owner, options, CAUSAL_LM_OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"{self.owner}: pass exactly one of input_ids and inputs_embeds")
-        x, dx = self.embed(input_ids) if inputs_embeds is None else (inputs_embeds, None)
+        x, dx = self.embedded(input_ids, inputs_embeds)
         L = x.shape[1]
         if self.window is not None and L > self.window:
             raise NotImplementedError(f"{self.owner}: sequences of {L} tokens exceed sliding_window={self.window}, "
@@ -118,13 +208,14 @@ class DualLlamaModel(DualModel):
         mask = causal_mask(self.owner, L, attention_mask, x.device)
         if position_ids is None:
             position_ids = torch.arange(L, device=x.device)[None]
-        cos, sin = rotary_angles(self.inv_freq, self.rope_scaling, position_ids, x.dtype)
+        angles = [rotary_angles(getattr(self, f"inv_freq_{i}"), scaling, position_ids, x.dtype)
+                  for i, scaling in enumerate(self.rope_scalings)]
         for layer in self.layers:
-            x, dx = layer(x, dx, mask=mask, cos=cos, sin=sin)
+            x, dx = layer(x, dx, mask=mask, cos=angles[layer.rope][0], sin=angles[layer.rope][1])
         x, dx = self.norm(x, dx)
         if not self.causal_lm:
             y = BaseModelOutputWithPast(last_hidden_state=x)
             return y, None if dx is None else BaseModelOutputWithPast(last_hidden_state=dx)
-        logits, dlogits = self.lm_head(x, dx) if self.lm_head is not None else linear(x, dx, *self.embed.dual("weight"))
+        logits, dlogits = self.logits(x, dx)
         y = CausalLMOutputWithPast(logits=logits)
         return y, None if dlogits is None else CausalLMOutputWithPast(logits=dlogits)

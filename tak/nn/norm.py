@@ -38,7 +38,6 @@ def rms_norm(x, dx, weight, dweight, eps):
     return cast(y, out), cast(dy, out)
 
 
-
 class DualLayerNorm(DualModule):
     """LayerNorm over the last dim with weight γ and bias β (d,), either None: x (..., d) -> y (..., d)."""
 
@@ -53,12 +52,21 @@ class DualLayerNorm(DualModule):
 
 
 class DualRMSNorm(DualModule):
-    """RMSNorm (T5's LayerNorm: no mean, no bias) over the last dim with weight γ (d,): x (..., d) -> y."""
+    """RMSNorm (T5's LayerNorm: no mean, no bias) over the last dim with weight γ (d,): x (..., d) -> y. With an
+    ``offset`` c ≠ 0, Gemma's: y = x̂ ⊙ (c + γ), computed in at least fp32 and returned in x's dtype."""
 
-    def __init__(self, weight: torch.Tensor | None, eps: float = 1e-6):
+    def __init__(self, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
         self.register_dual("weight", weight)
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x, dx=None):
-        return rms_norm(x, dx, *self.dual("weight"), self.eps)
+        weight, dweight = self.dual("weight")
+        if not self.offset:
+            return rms_norm(x, dx, weight, dweight, self.eps)
+        y, dy = rms_norm(x, dx, self.offset + weight.to(torch.promote_types(weight.dtype, torch.float32)), dweight,
+                         self.eps)
+        return cast(y, x.dtype), cast(dy, x.dtype)
+
+    def extra_repr(self):
+        return f"eps={self.eps}" + (f", offset={self.offset}" if self.offset else "")
