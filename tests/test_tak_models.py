@@ -868,6 +868,8 @@ def dropping_model(name):
                                ["last_hidden_state", "pooler_output"]),
             "llama": lambda: (tiny_decoder(attention_dropout=0.2, attn_implementation="eager"), decoder_batch(),
                               ["logits"]),
+            "phi3": lambda: (tiny_decoder("phi3", attention_dropout=0.2, resid_pdrop=0.25, attn_implementation="eager"),
+                             decoder_batch(), ["logits"]),
             "gpt2": lambda: (tiny_gpt2(embd_pdrop=0.3, attn_pdrop=0.2, resid_pdrop=0.25), decoder_batch(), ["logits"]),
             "bert_classifier": lambda: (tiny_with_head("bert", hidden_dropout_prob=0.3,
                                                        attention_probs_dropout_prob=0.2), text_batch(41), ["logits"]),
@@ -882,7 +884,7 @@ def dropping_model(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "timm_vit", "hf_clip",
-                                  "hf_vit", "modernbert", "llama", "gpt2", "bert_classifier", "t5"])
+                                  "hf_vit", "modernbert", "llama", "phi3", "gpt2", "bert_classifier", "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -895,7 +897,7 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
                           "timm_vit": 1 + 2 * 4, "hf_clip": 2, "hf_vit": 1 + 2 * 3, "modernbert": 1 + 3 * 3,
-                          "llama": 2, "gpt2": 1 + 3 * 2, "bert_classifier": 1 + 3 * 2 + 1,  # + the head's
+                          "llama": 2, "phi3": 3 * 2, "gpt2": 1 + 3 * 2, "bert_classifier": 1 + 3 * 2 + 1,  # + the head's
                           "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)
