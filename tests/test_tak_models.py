@@ -497,18 +497,25 @@ def test_modernbert_static_rope_types_and_dynamic_ones_refused():
 
 
 DECODERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-            "gemma3": "Gemma3Text", "phi3": "Phi3"}  # the prefix of each family's config and model classes
+            "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo2": "Olmo2", "olmo3": "Olmo3", "smollm3": "SmolLM3",
+            "granite": "Granite"}  # the prefix of each family's config and model classes
+TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # where the defaults are outside the vocabulary
 DECODER_OPTIONS = {"qwen3": {"head_dim": 8}, "gemma": {"head_dim": 8},
                    "gemma3": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"],
                               "sliding_window": 16, "query_pre_attn_scalar": 10},
-                   "phi3": {"hidden_size": 32, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
-                            "eos_token_id": 2}}
+                   "phi3": {"hidden_size": 32, "partial_rotary_factor": 0.5, **TOKEN_IDS},
+                   "olmo2": TOKEN_IDS,
+                   "olmo3": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, **TOKEN_IDS},
+                   "smollm3": {"no_rope_layers": [1, 0], **TOKEN_IDS},
+                   "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
+                               "logits_scaling": 4.0}}
 
 
 def tiny_decoder(family="llama", head="ForCausalLM", **kw):
     """A random decoder-only LM of Llama's layout (4 query heads sharing 2 key/value heads), float64, SDPA attention
-    (float64 throughout under the math backend; eager attention takes its softmax in fp32). Gemma 3: a local layer
-    (its own rotary table) and a global one, scores scaled by 10^(-1/2); Phi-3: rotary on half of each head's dims."""
+    (float64 throughout under the math backend; eager attention takes its softmax in fp32). Gemma 3 and OLMo 3: a
+    local layer (its own rotary table) and a global one, Gemma 3's scores scaled by 10^(-1/2); Phi-3: rotary on half of
+    each head's dims; SmolLM3: its second layer without positions; Granite: its four multipliers."""
     pytest.importorskip(f"transformers.models.{family}")
     config = dict(vocab_size=50, hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=32, attn_implementation="sdpa")
@@ -546,8 +553,10 @@ def decoder_rms_norm_in_float64(monkeypatch):
 def test_decoder_language_models(family, head, decoder_rms_norm_in_float64):
     """Rotary Q and K, grouped-query attention, causal and padding masks, the gated SiLU feed-forward; Qwen2's q/k/v
     biases, Qwen3's per-head Q and K norms; Gemma's scaled embedding, (1 + γ) norms and GELU; Gemma 3's norms of each
-    branch's output, per-layer rotary tables and query scale; Phi-3's fused projections and partial rotary; the hidden
-    states or the LM head's logits."""
+    branch's output, per-layer rotary tables and query scale; Phi-3's fused projections and partial rotary; OLMo 2/3's
+    norms of each branch's output alone and of all heads' Q and K at once; SmolLM3's layers without positions;
+    Granite's multipliers of the embeddings, residual branches, scores and logits; the hidden states or the LM head's
+    logits."""
     model = tiny_decoder(family, head)
     check(model, decoder_batch(), ["logits"] if head == "ForCausalLM" else ["last_hidden_state"])
 

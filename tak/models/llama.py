@@ -1,26 +1,30 @@
 """Hugging Face decoder-only language models of Llama's layout and its relatives (LlamaModel, MistralModel, Qwen2Model,
-Qwen3Model, GemmaModel, Gemma3TextModel, Phi3Model and their *ForCausalLM) as dual models.
+Qwen3Model, GemmaModel, Gemma3TextModel, Phi3Model, Olmo2Model, Olmo3Model, SmolLM3Model, GraniteModel and their
+*ForCausalLM) as dual models.
 
-The token embedding (× √d rounded to its dtype in Gemma's), then pre-norm layers
+The token embedding (× √d rounded to its dtype in Gemma's, × embedding_multiplier in Granite's), then layers
 
-    x = x + post_a(W_o attn(norm_a(x))),   x = x + post_m(W_down (act(W_gate y) ⊙ W_up y)) with y = norm_m(x)
+    x = x + r·post_a(W_o attn(norm_a(x))),   x = x + r·post_m(W_down (act(W_gate y) ⊙ W_up y)) with y = norm_m(x)
 
-(post_a, post_m: Gemma 3's norms of each branch's output; Phi-3's dropout on it in training), a final norm and, for
-*ForCausalLM, the LM head (tied to the embedding or not; Gemma 3's logits capped to c·tanh(z / c) where its config says
-so). The norms are RMSNorms, γ ⊙ x̂ with x̂ = x (mean(x²) + ε)^(-1/2) in fp32, or Gemma's (1 + γ) ⊙ x̂ in fp32.
-Attention: Q, K, V projections (with biases where the model has them: Qwen2; one fused [Q | K | V] in Phi-3), Qwen3's
-and Gemma 3's RMSNorm of each head's Q and K, rotary positions on Q and K, t ↦ t cos θ + rotate_half(t) sin θ on each
-head's first dims (all but in Phi-3 with a partial_rotary_factor) with θ = position · inv_freq of the layer's rotary
-table (Gemma 3's sliding layers have their own; × its attention_scaling; static rope types), linear in t so the tangent
+(norm_a, norm_m: the pre-norms, which OLMo 2/3 do without; post_a, post_m: Gemma 3's and OLMo's norms of each branch's
+output, Phi-3's dropout on it in training; r: Granite's residual_multiplier, else 1), a final norm and, for
+*ForCausalLM, the LM head (tied to the embedding or not; its logits divided by Granite's logits_scaling, capped to
+c·tanh(z / c) where Gemma 3's config says so). The norms are RMSNorms, γ ⊙ x̂ with x̂ = x (mean(x²) + ε)^(-1/2) in fp32,
+or Gemma's (1 + γ) ⊙ x̂ in fp32. Attention: Q, K, V projections (with biases where the model has them: Qwen2; one fused
+[Q | K | V] in Phi-3), an RMSNorm of Q and K (each head's in Qwen3 and Gemma 3, all heads' at once in OLMo 2/3), rotary
+positions on Q and K (but in SmolLM3's layers without them), t ↦ t cos θ + rotate_half(t) sin θ on each head's first
+dims (all but in Phi-3 with a partial_rotary_factor) with θ = position · inv_freq of the layer's rotary table (Gemma 3's
+and OLMo 3's sliding layers have their own; × its attention_scaling; static rope types), linear in t so the tangent
 turns alike; K and V shared by groups of query heads (grouped-query attention); scores scaled by the source's
-``scaling`` (Gemma 3: query_pre_attn_scalar^(-1/2)); causal, and padding from attention_mask. The feed-forward's gate
-and up projections are one fused [gate | up] in Phi-3. Positions are ``position_ids`` where given, else 0, ..., L − 1
-(as the source). In training, dropout on the attention weights (config.attention_dropout). A query no key may attend
-(the first positions of a left-padded row) gets the average of V, as ``tak.nn.attention.dual_attention`` does; the
-source's output there depends on its attention implementation, and no real token reads it.
+``scaling`` (Gemma 3: query_pre_attn_scalar^(-1/2); Granite: attention_multiplier); causal, and padding from
+attention_mask. The feed-forward's gate and up projections are one fused [gate | up] in Phi-3. Positions are
+``position_ids`` where given, else 0, ..., L − 1 (as the source). In training, dropout on the attention weights
+(config.attention_dropout). A query no key may attend (the first positions of a left-padded row) gets the average of V,
+as ``tak.nn.attention.dual_attention`` does; the source's output there depends on its attention implementation, and no
+real token reads it.
 
-Sliding-window layers (Mistral, Phi-3, Qwen2's where used, Gemma 3's local ones) take sequences up to their window,
-where the window is the causal mask; Gemma 2 (scores capped in the attention) has no dual layer.
+Sliding-window layers (Mistral, Phi-3, Qwen2's, Gemma 3's, OLMo 3's and SmolLM3's where used) take sequences up to their
+window, where the window is the causal mask; Gemma 2 (scores capped in the attention) has no dual layer.
 """
 import torch
 from torch import nn
@@ -47,15 +51,20 @@ def _split(pair, sizes):
     return list(zip(parts, dt.split(sizes, -1) if dt is not None else [None] * len(parts)))
 
 
-def _rotary(core: nn.Module, attention: nn.Module, where: str) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention_scaling) of the rotary table ``attention`` turns Q and K with: the model's (one per model;
-    transformers 4.47's Mistral keeps one per attention module, all alike), its layer type's (Gemma 3's in transformers
-    5), the local one of a sliding layer (Gemma 3's in transformers 4)."""
-    rotary = core.rotary_emb if hasattr(core, "rotary_emb") else attention.rotary_emb
-    if getattr(attention, "is_sliding", False) and hasattr(core, "rotary_emb_local"):
+def _rotary(core: nn.Module, i: int, where: str) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) of the rotary table layer ``i``'s attention turns Q and K with: the model's (one
+    per model; transformers 4.47's Mistral keeps one per attention module, all alike), its layer type's (Gemma 3's and
+    OLMo 3's in transformers 5, OLMo 3's ``rotary_embs`` in 4), the local one of a sliding layer (Gemma 3's in
+    transformers 4)."""
+    attention, types = core.layers[i].self_attn, getattr(core.config, "layer_types", None)
+    if hasattr(core, "rotary_embs"):
+        rotary = core.rotary_embs[types[i]]
+    elif getattr(attention, "is_sliding", False) and hasattr(core, "rotary_emb_local"):
         rotary = core.rotary_emb_local
+    else:
+        rotary = core.rotary_emb if hasattr(core, "rotary_emb") else attention.rotary_emb
     if isinstance(getattr(rotary, "rope_type", None), dict):  # by layer type
-        t = attention.layer_type
+        t = types[i]
         inv_freq, scaling, kind = getattr(rotary, f"{t}_inv_freq"), getattr(rotary, f"{t}_attention_scaling"), \
             rotary.rope_type[t]
     else:
@@ -68,8 +77,9 @@ def _rotary(core: nn.Module, attention: nn.Module, where: str) -> tuple[torch.Te
 
 
 def _window(config, attention: nn.Module) -> int | None:
-    """The sliding window of ``attention``'s keys, None for plain causal attention: its own where it keeps one (Qwen2
-    and Gemma 3 per layer), else the model's where used (Mistral's, Phi-3's; Qwen2's in transformers 4)."""
+    """The sliding window of ``attention``'s keys, None for plain causal attention: its own where it keeps one (Qwen2,
+    Gemma 3, OLMo 3, SmolLM3 per layer), else the model's where used (Mistral's, Phi-3's; Qwen2's in transformers
+    4)."""
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
     used = config.model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)
@@ -86,11 +96,14 @@ class DualDecoderLayer(nn.Module):
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise NotImplementedError(f"{where}: attention scores capped (attn_logit_softcapping="
                                       f"{config.attn_logit_softcapping}) have no dual layer")
-        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 3: each branch's output normed too
-        self.norm_attn = _rms_norm(b, layer.input_layernorm)
-        self.norm_mlp = _rms_norm(b, layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm)
-        self.post_attn = _rms_norm(b, layer.post_attention_layernorm) if sandwich else None
-        self.post_mlp = _rms_norm(b, layer.post_feedforward_layernorm) if sandwich else None
+        # Gemma 3 and OLMo 2/3 norm each branch's output, post_attention_layernorm the attention's; OLMo's not its input
+        post = hasattr(layer, "post_feedforward_layernorm")
+        norm = lambda name: _rms_norm(b, getattr(layer, name)) if hasattr(layer, name) else None  # noqa: E731
+        self.norm_attn = norm("input_layernorm")
+        self.norm_mlp = norm("pre_feedforward_layernorm" if post else "post_attention_layernorm")
+        self.post_attn, self.post_mlp = (norm("post_attention_layernorm"), norm("post_feedforward_layernorm")) if post \
+            else (None, None)
+        self.residual_scale = float(getattr(config, "residual_multiplier", 1.0))  # Granite's
         dropouts = [b.dropout(getattr(layer, n)) if hasattr(layer, n) else None
                     for n in ("resid_attn_dropout", "resid_mlp_dropout")]  # Phi-3's
         self.drop_attn, self.drop_mlp = dropouts
@@ -99,8 +112,10 @@ class DualDecoderLayer(nn.Module):
         self.qkv = nn.ModuleList([b.linear(a.qkv_proj)] if self.fused else [b.linear(getattr(a, f"{n}_proj"))
                                                                               for n in "qkv"])
         self.o = b.linear(a.o_proj)
-        self.q_norm = _rms_norm(b, a.q_norm) if hasattr(a, "q_norm") else None  # Qwen3, Gemma 3
-        self.k_norm = _rms_norm(b, a.k_norm) if hasattr(a, "k_norm") else None
+        self.q_norm = _rms_norm(b, a.q_norm) if hasattr(a, "q_norm") else None  # Qwen3, Gemma 3; OLMo 2/3: over all
+        self.k_norm = _rms_norm(b, a.k_norm) if hasattr(a, "k_norm") else None  # heads at once
+        self.norms_per_head = self.q_norm is not None and a.q_norm.weight.numel() == self.head_dim
+        self.turned = bool(getattr(a, "use_rope", True))  # SmolLM3's layers without positions
         self.scale = float(getattr(a, "scaling", self.head_dim ** -0.5))
         self.dropout = float(config.attention_dropout)
         self.rope, self.window = rope, _window(config, a)
@@ -114,6 +129,9 @@ class DualDecoderLayer(nn.Module):
         B, L, _ = x.shape
         groups, sizes = self.heads // self.kv_heads, [n * self.head_dim for n in (self.heads,) + 2 * (self.kv_heads,)]
         projected = _split(self.qkv[0](x, dx), sizes) if self.fused else [p(x, dx) for p in self.qkv]
+        norms = (self.q_norm, self.k_norm) if self.norms_per_head else (None, None)
+        if not self.norms_per_head:
+            projected[:2] = [chain(pair, norm) for pair, norm in zip(projected, (self.q_norm, self.k_norm))]
 
         def prepared(pair, n, norm, turned):  # (B, L, n·D) -> (B, H, L, D): normed, rotated, shared by groups
             t, dt = pair
@@ -124,8 +142,8 @@ class DualDecoderLayer(nn.Module):
             if n != self.heads:
                 t, dt = t.repeat_interleave(groups, 1), apply(lambda u: u.repeat_interleave(groups, 1), dt)
             return t, dt
-        q, dq = prepared(projected[0], self.heads, self.q_norm, True)
-        k, dk = prepared(projected[1], self.kv_heads, self.k_norm, True)
+        q, dq = prepared(projected[0], self.heads, norms[0], self.turned)
+        k, dk = prepared(projected[1], self.kv_heads, norms[1], self.turned)
         v, dv = prepared(projected[2], self.kv_heads, None, False)
         o, do = dual_attention(q, k, v, dq, dk, dv, mask, scale=self.scale,
                                dropout=self.dropout if self.training else 0.0)
@@ -136,11 +154,16 @@ class DualDecoderLayer(nn.Module):
             (self.gate(y, dy), self.up(y, dy))
         return self.down(*self.act(*gate, *up))
 
-    def forward(self, x, dx, *, mask, cos, sin):
-        h, dh = chain(self.attention(*self.norm_attn(x, dx), mask, cos, sin), self.post_attn, self.drop_attn)
-        x, dx = x + h, add(dx, dh)
-        h, dh = chain(self.mlp(*self.norm_mlp(x, dx)), self.post_mlp, self.drop_mlp)
+    def residual(self, x, dx, h, dh):
+        """x + r·h (r: Granite's residual_multiplier, else 1) and its tangent."""
+        if self.residual_scale != 1.0:
+            h, dh = h * self.residual_scale, apply(lambda t: t * self.residual_scale, dh)
         return x + h, add(dx, dh)
+
+    def forward(self, x, dx, *, mask, cos, sin):
+        h, dh = chain(self.attention(*chain((x, dx), self.norm_attn), mask, cos, sin), self.post_attn, self.drop_attn)
+        x, dx = self.residual(x, dx, h, dh)
+        return self.residual(x, dx, *chain(self.mlp(*chain((x, dx), self.norm_mlp)), self.post_mlp, self.drop_mlp))
 
 
 class DualLlamaModel(DualModel):
@@ -158,15 +181,16 @@ class DualLlamaModel(DualModel):
                                       "attention is supported")
         self.embed = b.embedding(core.embed_tokens)
         # Gemma's embeddings × √d in their dtype: at the lookup (its embed_scale), or after it, inputs_embeds too (Gemma
-        # in transformers 4)
-        gemma, table = config.model_type.startswith("gemma"), core.embed_tokens
-        self.scales_inputs_embeds = gemma and not hasattr(table, "embed_scale")
-        scale = table.embed_scale if hasattr(table, "embed_scale") else torch.tensor(config.hidden_size ** 0.5,
-                                                                                      dtype=torch.float64)
-        self.embed_scale = scale.to(table.weight.dtype).item() if gemma else None
+        # in transformers 4); Granite's × embedding_multiplier after it
+        table, self.embed_scale = core.embed_tokens, getattr(config, "embedding_multiplier", None)
+        self.scales_inputs_embeds = not hasattr(table, "embed_scale")
+        if config.model_type.startswith("gemma"):
+            scale = table.embed_scale if hasattr(table, "embed_scale") else torch.tensor(config.hidden_size ** 0.5,
+                                                                                          dtype=torch.float64)
+            self.embed_scale = scale.to(table.weight.dtype).item()
         tables, self.rope_scalings, layers = {}, [], []  # the distinct rotary tables: inv_freq as f"inv_freq_{i}"
         for i, layer in enumerate(core.layers):
-            inv_freq, scaling = _rotary(core, layer.self_attn, f"layers.{i}")
+            inv_freq, scaling = _rotary(core, i, f"layers.{i}")
             if id(inv_freq) not in tables:
                 self.register_buffer(f"inv_freq_{len(tables)}", inv_freq, persistent=False)
                 tables[id(inv_freq)] = len(tables)
@@ -179,6 +203,7 @@ class DualLlamaModel(DualModel):
         self.causal_lm = head is not None
         self.lm_head = None if head is None or head.weight is core.embed_tokens.weight else b.linear(head)
         self.logit_cap = getattr(config, "final_logit_softcapping", None)  # Gemma 3's
+        self.logit_divisor = float(getattr(config, "logits_scaling", 1.0))  # Granite's
         self.bind(b, model, trainable)
 
     def embedded(self, input_ids, inputs_embeds):
@@ -189,8 +214,11 @@ class DualLlamaModel(DualModel):
         return x, dx
 
     def logits(self, x, dx):
-        """The LM head's logits (B, L, vocab) and their tangent: c·tanh(z / c) where capped."""
+        """The LM head's logits (B, L, vocab) and their tangent: z / Granite's logits_scaling, c·tanh(z / c) where
+        capped."""
         z, dz = self.lm_head(x, dx) if self.lm_head is not None else linear(x, dx, *self.embed.dual("weight"))
+        if self.logit_divisor != 1.0:
+            z, dz = z / self.logit_divisor, apply(lambda t: t / self.logit_divisor, dz)
         if self.logit_cap is None:
             return z, dz
         capped = torch.tanh(z / self.logit_cap)
