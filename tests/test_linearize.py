@@ -191,12 +191,15 @@ def dinov2_case(registers=0):
     return model, images(14), lambda out: (out.pooler_output, out.last_hidden_state)
 
 
-def llama_case():
+def decoder_case(family="Llama", lm="LlamaForCausalLM", **kw):
+    """A decoder-only LM of ``family`` (its config class's prefix; ``lm`` its LM class) with the options ``kw``."""
+    pytest.importorskip(f"transformers.models.{lm.removesuffix('ForCausalLM').lower()}")
     import transformers
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                      attn_implementation="sdpa", use_cache=False)
-    model = transformers.LlamaForCausalLM(config).to(F64).eval()
+    config = getattr(transformers, f"{family}Config")(**(dict(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, attn_implementation="sdpa", use_cache=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2) | kw))
+    model = getattr(transformers, lm)(config).to(F64).eval()
     return model, padded_text(), lambda out: (out.logits,)
 
 
@@ -247,9 +250,12 @@ def modernbert_case():
 
 CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_clip": hf_clip_case,
          "hf_siglip": hf_siglip_case, "dinov2": dinov2_case, "dinov2_registers": lambda: dinov2_case(registers=2),
-         "llama": llama_case, "gpt2": gpt2_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
+         "llama": decoder_case, "gpt2": gpt2_case, "minilm": minilm_case, "t5": t5_case, "roberta": roberta_case,
          "roberta_classifier": roberta_classifier_case, "t5_classifier": t5_classifier_case,
-         "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case}
+         "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case,
+         "gemma3": lambda: decoder_case("Gemma3Text", "Gemma3ForCausalLM", head_dim=4, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"]),
+         "phi3": lambda: decoder_case("Phi3", "Phi3ForCausalLM", partial_rotary_factor=0.5)}
 
 
 # ----------------------------------------------------------------------------- references
