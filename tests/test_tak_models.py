@@ -619,6 +619,31 @@ def test_decoder_refusals():
         to_dual(tiny_decoder("gemma3"))(**decoder_batch(L=17, lengths=(17, 3, 2)))
 
 
+def tiny_gpt_neox(head="ForCausalLM", **kw):
+    """A random GPT-NeoX (4 heads of 8 dims, rotary on half of them), float64, SDPA attention."""
+    config = dict(vocab_size=50, hidden_size=32, intermediate_size=30, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=32, rotary_pct=0.5, attn_implementation="sdpa", **TOKEN_IDS)
+    return getattr(transformers, f"GPTNeoX{head}")(transformers.GPTNeoXConfig(**(config | kw))).double().eval()
+
+
+@pytest.mark.parametrize("head", ["Model", "ForCausalLM"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gpt_neox(head, parallel):
+    """Pythia's layout: the per-head fused [q | k | v] projection, partial rotary positions, LayerNorms, the GELU
+    feed-forward beside the attention (parallel residual) or after it; causal and padding masks; the LM head."""
+    check(tiny_gpt_neox(head, use_parallel_residual=parallel), decoder_batch(),
+          ["logits"] if head == "ForCausalLM" else ["last_hidden_state"])
+
+
+def test_gpt_neox_tied_head_and_positions():
+    model = tiny_gpt_neox(tie_word_embeddings=True)
+    batch = decoder_batch() | {"position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7, 8],
+                                                             [0, 0, 1, 2, 3, 4, 5]])}
+    dual = check(model, batch, ["logits"])
+    assert list(dual.task_vector()) == [n for n, _ in model.named_parameters()]  # the head's is the embedding's
+    assert not any("lm_head" in n or "embed_out" in n for n in dual.task_vector())
+
+
 def tiny_gpt2(head="LMHeadModel", **kw):
     """A random GPT-2 (4 heads), float64, eager attention (its definition: transformers 4's SDPA path ignores the
     scale flags, and 4.47's fails to make its mask in float64)."""
@@ -880,6 +905,8 @@ def dropping_model(name):
             "phi3": lambda: (tiny_decoder("phi3", attention_dropout=0.2, resid_pdrop=0.25, attn_implementation="eager"),
                              decoder_batch(), ["logits"]),
             "gpt2": lambda: (tiny_gpt2(embd_pdrop=0.3, attn_pdrop=0.2, resid_pdrop=0.25), decoder_batch(), ["logits"]),
+            "gpt_neox": lambda: (tiny_gpt_neox(hidden_dropout=0.3, attention_dropout=0.2, attn_implementation="eager"),
+                                 decoder_batch(), ["logits"]),
             "bert_classifier": lambda: (tiny_with_head("bert", hidden_dropout_prob=0.3,
                                                        attention_probs_dropout_prob=0.2), text_batch(41), ["logits"]),
             "hf_clip": lambda: (tiny_hf_clip(attention_dropout=0.2, attn_implementation="eager"),
@@ -893,7 +920,8 @@ def dropping_model(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "deberta", "deberta_v1", "timm_vit", "hf_clip",
-                                  "hf_vit", "modernbert", "llama", "phi3", "gpt2", "bert_classifier", "t5"])
+                                  "hf_vit", "modernbert", "llama", "phi3", "gpt2", "gpt_neox", "bert_classifier",
+                                  "t5"])
 def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_dropout):
     """In train mode the dual model drops out where the source does; with the same masks (replayed), its
     primal and tangent equal the source's and its jvp's, and so do the τ-gradients."""
@@ -906,7 +934,8 @@ def test_dropout_in_training_is_the_sources_with_the_same_masks(name, replayed_d
     assert len(drawn) == {"bert": 1 + 2 * 3, "mpnet": 1 + 2 * 3, "distilbert": 1 + 2 * 2,  # embed, per layer, final
                           "deberta": 1 + 2 * 4, "deberta_v1": 1 + 2 * 4,
                           "timm_vit": 1 + 2 * 4, "hf_clip": 2, "hf_vit": 1 + 2 * 3, "modernbert": 1 + 3 * 3,
-                          "llama": 2, "phi3": 3 * 2, "gpt2": 1 + 3 * 2, "bert_classifier": 1 + 3 * 2 + 1,  # + the head's
+                          "llama": 2, "phi3": 3 * 2, "gpt2": 1 + 3 * 2, "gpt_neox": 1 + 3 * 2,
+                          "bert_classifier": 1 + 3 * 2 + 1,  # + the head's
                           "t5": (1 + 2 * 4 + 1) + (1 + 3 * 6 + 1)}[name]
     replayed_dropout()
     y_ref, dy_ref, leaves = reference(model, taus, batch)

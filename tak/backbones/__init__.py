@@ -9,10 +9,9 @@
 - ``"t5:<name-or-path>"``: T5ForConditionalGeneration, label-word heads (``t5.py``); ``pretrained`` = hub
   revision. Options: ``tokenizer``, ``max_length=128``, ``prefix=""``, ``text_format="{text}"``,
   ``pair_format="premise: {premise} hypothesis: {hypothesis}"``, ``label_words``, ``dtype``, ``model_kwargs``.
-- ``"lm:<name-or-path>"``: a decoder-only language model (``AutoModelForCausalLM``: Llama, Mistral, Qwen, Gemma,
-  Phi-3, GPT-2, ...), label-word heads after a prompt (``causal_lm.py``); ``pretrained`` = hub revision. Options as
-  T5's, with
-  ``text_format="{text}\\nAnswer:"`` and ``pair_format="{premise}\\nQuestion: {hypothesis}\\nAnswer:"``.
+- ``"lm:<name-or-path>"``: a decoder-only language model (``AutoModelForCausalLM``: Llama, Mistral, Qwen, Gemma, Phi-3,
+  GPT-2, Pythia, ...), label-word heads after a prompt (``causal_lm.py``); ``pretrained`` = hub revision. Options as
+  T5's, with ``text_format="{text}\\nAnswer:"`` and ``pair_format="{premise}\\nQuestion: {hypothesis}\\nAnswer:"``.
 - ``"clip:<architecture>"``: an open_clip CLIP, ``pretrained`` = open_clip tag or checkpoint file
   (``clip.py``). Options: ``dtype``, ``model_kwargs`` (``max_length`` is ignored).
 - ``"hf-clip:<name-or-path>"``: a Hugging Face CLIPModel or SiglipModel (``hf_clip.py``), ``pretrained`` = hub

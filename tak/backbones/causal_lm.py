@@ -1,4 +1,4 @@
-"""Decoder-only language models (``AutoModelForCausalLM``: Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, ...) as
+"""Decoder-only language models (``AutoModelForCausalLM``: Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, Pythia, ...) as
 backbones: classification by the next token after a prompt.
 
 - ``model``: the decoder without its LM head (``AutoModelForCausalLM(...).base_model``, e.g. a LlamaModel or

@@ -41,6 +41,8 @@ _CONVERTERS = [
                            ("gemma", "Gemma"), ("gemma3", "Gemma3"), ("phi3", "Phi3"), ("olmo2", "Olmo2"),
                            ("olmo3", "Olmo3"), ("smollm3", "SmolLM3"), ("granite", "Granite"))
       for cls in ((f"{name}Text" if family == "gemma3" else name) + "Model", f"{name}ForCausalLM")],
+    ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXModel", "gpt_neox", "DualGPTNeoXModel"),
+    ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXForCausalLM", "gpt_neox", "DualGPTNeoXModel"),
     ("transformers.models.t5.modeling_t5", "T5EncoderModel", "t5", "DualT5EncoderModel"),
     ("transformers.models.t5.modeling_t5", "T5Model", "t5", "DualT5Model"),
     ("transformers.models.t5.modeling_t5", "T5ForConditionalGeneration", "t5", "DualT5ForConditionalGeneration"),

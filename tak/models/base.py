@@ -85,6 +85,39 @@ def rotary_angles(inv_freq: torch.Tensor, scaling: float, position_ids: torch.Te
     return (theta.cos() * scaling).to(dtype), (theta.sin() * scaling).to(dtype)
 
 
+def split_pair(pair, sizes):
+    """(t, dt) of a fused projection -> one (t_i, dt_i) per size along the last dim."""
+    t, dt = pair
+    parts = t.split(sizes, -1)
+    return list(zip(parts, dt.split(sizes, -1) if dt is not None else [None] * len(parts)))
+
+
+def rotary_table(core: nn.Module, attention: nn.Module, layer_type: str | None,
+                 where: str) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) of the rotary table a Hugging Face decoder's ``attention`` (of type
+    ``layer_type``) turns Q and K with: the model ``core``'s (one per model; transformers 4.47's Mistral and GPT-NeoX
+    keep one per attention module, all alike), its layer type's (Gemma 3's and OLMo 3's in transformers 5, OLMo 3's
+    ``rotary_embs`` in 4), the local one of a sliding layer (Gemma 3's in transformers 4). Static rope types only:
+    others are refused naming ``where``."""
+    if hasattr(core, "rotary_embs"):
+        rotary = core.rotary_embs[layer_type]
+    elif getattr(attention, "is_sliding", False) and hasattr(core, "rotary_emb_local"):
+        rotary = core.rotary_emb_local
+    else:
+        rotary = core.rotary_emb if hasattr(core, "rotary_emb") else attention.rotary_emb
+    if isinstance(getattr(rotary, "rope_type", None), dict):  # by layer type
+        inv_freq = getattr(rotary, f"{layer_type}_inv_freq")
+        scaling = getattr(rotary, f"{layer_type}_attention_scaling")
+        kind = rotary.rope_type[layer_type]
+    else:
+        inv_freq, scaling = rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0)
+        kind = str(getattr(rotary, "rope_type", "default"))
+    if "dynamic" in kind or kind == "longrope":
+        raise NotImplementedError(f"{where}: rope type {kind!r} (updated at each call) has no dual layer; static rope "
+                                  "types are supported")
+    return inv_freq, float(scaling)
+
+
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acc: torch.dtype | None = None) -> torch.Tensor:
     """t cos θ + rotate_half(t) sin θ for t (B, H, L, D) and cos, sin (B or 1, L, R), computed in ``acc`` (None: t's
     dtype) and returned in t's: on t's first R dims, the others as they are (a partial rotary: Phi-3's where

@@ -34,7 +34,7 @@ from ..nn import linear
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import add, apply, chain
 from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, rotary_angles,
-                   rotate)
+                   rotary_table, rotate, split_pair)
 
 
 def _rms_norm(b: Builder, m: nn.Module):
@@ -42,38 +42,6 @@ def _rms_norm(b: Builder, m: nn.Module):
     if type(m).__name__.startswith("Gemma"):
         return b.rms_norm(m.weight, m.eps, offset=1.0)
     return b.rms_norm(m.weight, m.variance_epsilon)
-
-
-def _split(pair, sizes):
-    """(t, dt) of a fused projection -> one (t_i, dt_i) per size along the last dim."""
-    t, dt = pair
-    parts = t.split(sizes, -1)
-    return list(zip(parts, dt.split(sizes, -1) if dt is not None else [None] * len(parts)))
-
-
-def _rotary(core: nn.Module, i: int, where: str) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention_scaling) of the rotary table layer ``i``'s attention turns Q and K with: the model's (one
-    per model; transformers 4.47's Mistral keeps one per attention module, all alike), its layer type's (Gemma 3's and
-    OLMo 3's in transformers 5, OLMo 3's ``rotary_embs`` in 4), the local one of a sliding layer (Gemma 3's in
-    transformers 4)."""
-    attention, types = core.layers[i].self_attn, getattr(core.config, "layer_types", None)
-    if hasattr(core, "rotary_embs"):
-        rotary = core.rotary_embs[types[i]]
-    elif getattr(attention, "is_sliding", False) and hasattr(core, "rotary_emb_local"):
-        rotary = core.rotary_emb_local
-    else:
-        rotary = core.rotary_emb if hasattr(core, "rotary_emb") else attention.rotary_emb
-    if isinstance(getattr(rotary, "rope_type", None), dict):  # by layer type
-        t = types[i]
-        inv_freq, scaling, kind = getattr(rotary, f"{t}_inv_freq"), getattr(rotary, f"{t}_attention_scaling"), \
-            rotary.rope_type[t]
-    else:
-        inv_freq, scaling = rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0)
-        kind = str(getattr(rotary, "rope_type", "default"))
-    if "dynamic" in kind or kind == "longrope":
-        raise NotImplementedError(f"{where}: rope type {kind!r} (updated at each call) has no dual layer; static rope "
-                                  "types are supported")
-    return inv_freq, float(scaling)
 
 
 def _window(config, attention: nn.Module) -> int | None:
@@ -128,7 +96,7 @@ class DualDecoderLayer(nn.Module):
     def attention(self, x, dx, mask, cos, sin):
         B, L, _ = x.shape
         groups, sizes = self.heads // self.kv_heads, [n * self.head_dim for n in (self.heads,) + 2 * (self.kv_heads,)]
-        projected = _split(self.qkv[0](x, dx), sizes) if self.fused else [p(x, dx) for p in self.qkv]
+        projected = split_pair(self.qkv[0](x, dx), sizes) if self.fused else [p(x, dx) for p in self.qkv]
         norms = (self.q_norm, self.k_norm) if self.norms_per_head else (None, None)
         if not self.norms_per_head:
             projected[:2] = [chain(pair, norm) for pair, norm in zip(projected, (self.q_norm, self.k_norm))]
@@ -150,7 +118,7 @@ class DualDecoderLayer(nn.Module):
         return self.o(merge_heads(o), apply(merge_heads, do))
 
     def mlp(self, y, dy):
-        gate, up = _split(self.gate_up(y, dy), 2 * [self.down.weight.shape[1]]) if self.gate_up else \
+        gate, up = split_pair(self.gate_up(y, dy), 2 * [self.down.weight.shape[1]]) if self.gate_up else \
             (self.gate(y, dy), self.up(y, dy))
         return self.down(*self.act(*gate, *up))
 
@@ -190,7 +158,8 @@ class DualLlamaModel(DualModel):
             self.embed_scale = scale.to(table.weight.dtype).item()
         tables, self.rope_scalings, layers = {}, [], []  # the distinct rotary tables: inv_freq as f"inv_freq_{i}"
         for i, layer in enumerate(core.layers):
-            inv_freq, scaling = _rotary(core, i, f"layers.{i}")
+            types = getattr(config, "layer_types", None)
+            inv_freq, scaling = rotary_table(core, layer.self_attn, types and types[i], f"layers.{i}")
             if id(inv_freq) not in tables:
                 self.register_buffer(f"inv_freq_{len(tables)}", inv_freq, persistent=False)
                 tables[id(inv_freq)] = len(tables)
