@@ -10,6 +10,10 @@ model): O is a constant and Ȯ is differentiable in the tangents only, its backw
     grad Ṡ = P ⊙ (G Vᵀ − rowsum(G ⊙ O)),  grad V̇ = Pᵀ G,  grad Q̇ = grad Ṡ K·scale,
     grad K̇ = grad Ṡᵀ Q·scale,  grad ḃias = grad Ṡ  (G = ∂loss/∂Ȯ).
 
+With ``softcap`` c, the products are capped (Gemma 2; the bias, a mask, adds after the cap as in Hugging Face's
+models): S = c·tanh(Q Kᵀ·scale / c) + bias, whose tangent is Ṡ = (1 − t²) ⊙ (Q̇ Kᵀ + Q K̇ᵀ)·scale + ḃias with
+t = tanh(Q Kᵀ·scale / c); grad Q̇ and grad K̇ take (1 − t²) ⊙ grad Ṡ in place of grad Ṡ.
+
 A query row with no key left (all masked, or an all −∞ bias) gets O = Ȯ = 0.
 """
 import torch
@@ -20,28 +24,32 @@ OP = "dual_attention"
 MAX_HEAD_DIM = 256  # of the Triton kernels
 
 
-def dual_attention(q, k, v, dq, dk, dv, *, mask=None, bias=None, dbias=None, scale=None):
+def dual_attention(q, k, v, dq, dk, dv, *, mask=None, bias=None, dbias=None, scale=None, softcap=None):
     """``(o, do)``: attention O (B, H, Lq, Dv) and its tangent Ȯ (same shape; None when every tangent is None).
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); tangents dq, dk, dv of the same shapes or None
     (zero). mask: bool, True = attend; bias and its tangent dbias: floating; each broadcastable to
     (B, H, Lq, Lk) (key padding (B, 1, 1, Lk), causal (Lq, Lk), T5's relative bias (1, H, Lq, Lk)) or
-    None. ``scale`` defaults to D^(-1/2). q, k, v and bias must not require grad; do is differentiable
+    None. ``scale`` defaults to D^(-1/2); ``softcap`` (a float > 0, or None) caps the scores. q, k, v and bias
+    must not require grad; do is differentiable
     in dq, dk, dv and dbias. Operands are multiplied in ``_precision.compute_dtype`` of the floating
     inputs with fp32 accumulation, and o, do come out in that dtype. On CUDA, FlashAttention-style
     Triton kernels never hold P for more than one tile; the PyTorch reference forms P.
     """
-    ct, backend, scale = _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale)
+    ct, backend, scale = _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap)
+    softcap = 0.0 if softcap is None else float(softcap)
     if backend == "torch":
-        return _reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct)
+        return _reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct)
     from .triton_kernels import dual_attention as tk
     if dq is None and dk is None and dv is None and dbias is None:
-        return tk.forward(q, k, v, None, None, None, mask, bias, None, scale, ct)[0], None
-    return tk.DualAttention.apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct)
+        return tk.forward(q, k, v, None, None, None, mask, bias, None, scale, softcap, ct)[0], None
+    return tk.DualAttention.apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct)
 
 
-def _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale):
+def _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap):
     """Validate the arguments; return the compute dtype, the backend and the scale."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        raise ValueError(f"{OP}: softcap must be a finite number > 0 or None, got {softcap!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _validate.tensor(OP, name, t, ndim=4)
     B, H, Lq, D = q.shape
@@ -98,22 +106,25 @@ def _check_offsets(named: dict, full: tuple, width: int) -> None:
                          "as (B, 1, 1, Lk) key masks)")
 
 
-def _reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):
+def _reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct):
     """PyTorch backend: the math above with P formed, in fp32 (fp64 for fp64 inputs); (o, do) in ``ct``.
     Plain autograd gives the tangents' gradients (the primal inputs do not require grad). Autocast is off:
     an enclosing ``torch.autocast`` does not turn the fp32 products into bf16/fp16 ones."""
     with _precision.no_autocast(q.device):
         acc = torch.float64 if ct == torch.float64 else torch.float32
         q, k, v, dq, dk, dv, bias, dbias = (None if t is None else t.to(acc) for t in (q, k, v, dq, dk, dv, bias, dbias))
-        s = (q @ k.mT) * scale
+        s, slope = (q @ k.mT) * scale, 1.0
+        if softcap:
+            t = torch.tanh(s / softcap)
+            s, slope = softcap * t, 1 - t.square()
         if bias is not None:
             s = s + bias
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         p = torch.softmax(s, -1).masked_fill(torch.isneginf(s).all(-1, keepdim=True), 0.0)
         o = p @ v
-        terms = [t for t in (None if dq is None else (dq @ k.mT) * scale,
-                             None if dk is None else (q @ dk.mT) * scale, dbias) if t is not None]
+        terms = [t for t in (None if dq is None else (dq @ k.mT) * scale * slope,
+                             None if dk is None else (q @ dk.mT) * scale * slope, dbias) if t is not None]
         if not terms and dv is None:
             return o.to(ct), None
         do = torch.zeros_like(o)

@@ -3,9 +3,9 @@
 Fast path, chosen automatically for the architectures ``tak.models.to_dual`` converts (open_clip vision transformers,
 timm's VisionTransformer (open_clip's SigLIP towers), Hugging Face CLIP and SigLIP vision towers, ViT and DINOv2,
 BERT-like encoders, MPNet, DeBERTa v1/v2/v3 and ModernBERT, T5 and mT5, decoder-only LMs (Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 3, Phi-3, OLMo 2/3, SmolLM3, Granite, GPT-2, GPT-NeoX), and Hugging Face task heads around them): the model
-rebuilt from ``tak.nn`` dual layers carries (primal, tangent) pairs through fused kernels, and its backward is the
-tangent path's alone (``DualLinearizedModel``).
+Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2/3, SmolLM3, Granite, GPT-2, GPT-NeoX), and Hugging Face task heads around them):
+the model rebuilt from ``tak.nn`` dual layers carries (primal, tangent) pairs through fused kernels, and its backward is
+the tangent path's alone (``DualLinearizedModel``).
 
 Generic path, for any ``nn.Module`` and the oracle of the fast one (``LinearizedModel``):
 ``torch.func.jvp`` of ``torch.func.functional_call`` at the frozen θ0 in the direction τ. Forward-mode AD has no formula for fused attention (flash / efficient

@@ -29,7 +29,7 @@ def _triton_cases():
     x, dx, w, dw, b = r(7, 5), r(7, 5), r(3, 5), r(3, 5), r(3)
     q, k, v = r(2, 3, 5, 4), r(2, 3, 6, 4), r(2, 3, 6, 4)
     mask, bias = r(2, 1, 1, 6) > -0.5, r(1, 3, 5, 6)
-    o, _, lse = dual_attention.forward(q, k, v, r(2, 3, 5, 4), None, None, mask, bias, None, 0.5, torch.float32)
+    o, _, lse = dual_attention.forward(q, k, v, r(2, 3, 5, 4), None, None, mask, bias, None, 0.5, 0.0, torch.float32)
     f32 = torch.float32
     return {
         "triton_dual_linear": (dual_linear.forward, (x, dx, w, dw, b, None, f32)),
@@ -40,9 +40,9 @@ def _triton_cases():
         "triton_dual_norm_backward": (norm.backward, (r(7, 5), x, r(7), r(7).abs() + 1, r(5), True, True, False,
                                                       True, torch.bfloat16)),
         "triton_dual_attention": (dual_attention.forward, (q, k, v, r(2, 3, 5, 4), None, r(2, 3, 6, 4), mask, bias,
-                                                           r(1, 3, 5, 6), 0.5, f32)),
+                                                           r(1, 3, 5, 6), 0.5, 0.0, f32)),
         "triton_dual_attention_backward": (dual_attention.backward, (r(2, 3, 5, 4), q, k, v, mask, bias, o, lse, 0.5,
-                                                                     f32, f32, None, f32, f32, [3, 5, 6])),
+                                                                     0.0, f32, f32, None, f32, f32, [3, 5, 6])),
     }
 
 

@@ -15,22 +15,27 @@ from .util import TOL, check_hvp, rel_err
 TANGENTS = ("dq", "dk", "dv", "dbias")
 
 
-def math_attention(q, k, v, bias, mask, scale):
-    """softmax(Q Kᵀ·scale + bias, masked) V; rows with no key give 0 (and no NaN in derivatives)."""
-    s = (q @ k.mT) * scale + bias
+def math_attention(q, k, v, bias, mask, scale, softcap=None):
+    """softmax(S, masked) V with S = Q Kᵀ·scale + bias, or c·tanh(Q Kᵀ·scale / c) + bias for ``softcap`` c; rows
+    with no key give 0 (and no NaN in derivatives)."""
+    s = (q @ k.mT) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s + bias
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     dead = torch.isneginf(s).all(-1, keepdim=True)
     return torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0) @ v
 
 
-def reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale):
+def reference(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap=None):
     """(O, Ȯ) in float64 by torch.func.jvp of ``math_attention``; differentiable in the tangents given."""
     Lq, Lk = q.shape[2], k.shape[2]
     bias = torch.zeros(Lq, Lk, dtype=torch.float64) if bias is None else bias.double()
     primals = [t.double() for t in (q, k, v)] + [bias]
     tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, (dq, dk, dv, dbias))]
-    return torch.func.jvp(lambda q, k, v, b: math_attention(q, k, v, b, mask, scale), tuple(primals), tuple(tangents))
+    return torch.func.jvp(lambda q, k, v, b: math_attention(q, k, v, b, mask, scale, softcap), tuple(primals),
+                          tuple(tangents))
 
 
 def make_inputs(B, H, Lq, Lk, D, Dv, *, mask="none", bias="none", tangents=TANGENTS, dtype=torch.float32):
@@ -60,17 +65,17 @@ def make_inputs(B, H, Lq, Lk, D, Dv, *, mask="none", bias="none", tangents=TANGE
     return x
 
 
-def check(x, tol, scale=None, grads=True):
+def check(x, tol, scale=None, grads=True, softcap=None):
     """o, do and (if ``grads``) the gradients of ⟨G, do⟩ in each tangent against the float64 jvp reference."""
     leaves = {n: None if x[n] is None else x[n].detach().double().cpu().requires_grad_() for n in TANGENTS}
     primal = {n: None if x[n] is None else x[n].cpu() for n in ("q", "k", "v", "mask", "bias")}
     scale_ = x["q"].shape[-1] ** -0.5 if scale is None else scale
     o_ref, do_ref = reference(primal["q"], primal["k"], primal["v"], leaves["dq"], leaves["dk"], leaves["dv"],
-                              primal["mask"], primal["bias"], leaves["dbias"], scale_)
+                              primal["mask"], primal["bias"], leaves["dbias"], scale_, softcap)
     for n in TANGENTS:
         if x[n] is not None:
             x[n].requires_grad_()
-    o, do = dual_attention(**x, scale=scale)
+    o, do = dual_attention(**x, scale=scale, softcap=softcap)
     assert o.shape == o_ref.shape and not o.requires_grad
     assert rel_err(o, o_ref) <= tol
     if all(x[n] is None for n in TANGENTS):
@@ -105,6 +110,22 @@ CASES = {  # (B, H, Lq, Lk, D, Dv), mask, bias, tangents
 def test_matches_jvp_fp32(backend, case):
     shape, mask, bias, tangents = CASES[case]
     check(make_inputs(*shape, mask=mask, bias=bias, tangents=tangents), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", ["padding", "causal-shared-bias", "full-mask-full-bias", "cross-pairs-dbias",
+                                  "one-query-dq", "dk", "one-key-dv"])
+def test_capped_scores(backend, case):
+    """Products capped to c·tanh(Q Kᵀ·scale / c) (Gemma 2), c small enough that many reach the flat part of tanh;
+    the bias added after the cap."""
+    shape, mask, bias, tangents = CASES[case]
+    x = make_inputs(*shape, mask=mask, bias=bias, tangents=tangents)
+    x["q"] = 4 * x["q"]
+    check(x, TOL[torch.float32], softcap=1.5)
+
+
+def test_capped_scores_half(backend):
+    x = make_inputs(2, 2, 33, 70, 32, 32, mask="causal", bias="shared", dtype=torch.bfloat16)
+    check(x, TOL[torch.bfloat16], softcap=3.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -217,11 +238,14 @@ def test_second_derivatives(backend):
     (dict(dbias=torch.zeros(1, 1, 1, 5, 7)), "dbias must be broadcastable"),
     (dict(q=torch.zeros(2, 2, 5, 16, requires_grad=True)), "q requires grad"),
     (dict(dv=torch.zeros(2, 2, 7, 16, device="meta")), "one device"),
+    (dict(softcap=0.0), r"softcap must be a finite number > 0 or None, got 0\.0"),
+    (dict(softcap=float("inf")), "softcap must be a finite number > 0"),
+    (dict(softcap="50"), "softcap must be a finite number > 0 or None, got '50'"),
 ])
 def test_bad_input(change, message):
     x = dict(q=torch.zeros(2, 2, 5, 16), k=torch.zeros(2, 2, 7, 16), v=torch.zeros(2, 2, 7, 16),
              dq=None, dk=None, dv=torch.zeros(2, 2, 7, 16))
-    kwargs = {n: t for n, t in change.items() if n in ("mask", "bias", "dbias")}
+    kwargs = {n: t for n, t in change.items() if n in ("mask", "bias", "dbias", "softcap")}
     x.update({n: t for n, t in change.items() if n not in kwargs})
     with pytest.raises((ValueError, TypeError), match=message):
         dual_attention(**x, **kwargs)
@@ -243,9 +267,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kfac_kernels.triton_kernels import dual_attention as da
 fn = da._forward_kernel
-consts = dict(HAS_DQ=True, HAS_DK=True, HAS_DV=True, HAS_DBIAS=False, HAS_BIAS=False, MASK=1, DOT="bf16",
+consts = dict(HAS_DQ=True, HAS_DK=True, HAS_DV=True, HAS_DBIAS=False, HAS_BIAS=False, MASK=1, DOT="bf16", SOFTCAP=False,
               BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64)
-sig = {n: "constexpr" if n in consts else "fp32" if n == "scale" else "*u8" if n == "mask" else "*fp32" if n == "lse"
+sig = {n: "constexpr" if n in consts else "fp32" if n in ("scale", "cap2") else "*u8" if n == "mask" else "*fp32" if n == "lse"
        else "i32" if n.startswith("s_") or n in ("H", "Lq", "Lk", "D", "DV") else "*bf16" for n in fn.arg_names}
 for n in fn.arg_names:  # unit strides along the head dim and the keys, as the JIT specializes them
     if n.startswith("s_") and n[-1] in "dk":

@@ -256,6 +256,8 @@ CASES = {"mlp": mlp_case, "vit": vit_case, "timm_siglip": timm_siglip_case, "hf_
          "deberta": deberta_case, "deberta_v1": deberta_v1_case, "mpnet": mpnet_case, "modernbert": modernbert_case,
          "gemma3": lambda: decoder_case("Gemma3Text", "Gemma3ForCausalLM", head_dim=4, sliding_window=16,
                                         layer_types=["sliding_attention", "full_attention"]),
+         "gemma2": lambda: decoder_case("Gemma2", "Gemma2ForCausalLM", head_dim=4, attn_logit_softcapping=1.0,
+                                        final_logit_softcapping=2.0, attn_implementation="eager"),
          "phi3": lambda: decoder_case("Phi3", "Phi3ForCausalLM", partial_rotary_factor=0.5),
          "gpt_neox": lambda: decoder_case("GPTNeoX", "GPTNeoXForCausalLM", rotary_pct=0.5, use_parallel_residual=False)}
 

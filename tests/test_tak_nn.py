@@ -230,9 +230,12 @@ def test_modes():
     assert [n for n, _ in layer.named_parameters()] == ["tau.weight", "tau.bias"]
 
 
-def math_attention(q, k, v, mask, bias, scale):
-    """softmax(Q Kᵀ·scale + bias, masked by −inf) V, materialized."""
+def math_attention(q, k, v, mask, bias, scale, softcap=None):
+    """softmax(Q Kᵀ·scale + bias, masked by −inf) V, materialized; the products capped to c·tanh(x / c) for a
+    ``softcap`` c."""
     s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias
     if mask is not None:
@@ -245,9 +248,10 @@ def padding_mask(B, Lk, lengths):
     return (torch.arange(Lk)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
 
 
+@pytest.mark.parametrize("softcap", [None, 0.8])
 @pytest.mark.parametrize("block_size", [4, 256])
 @pytest.mark.parametrize("case", ["full", "mask_bias", "causal", "only_dv", "only_dbias"])
-def test_dual_attention(case, block_size):
+def test_dual_attention(case, block_size, softcap):
     B, H, Lq, Lk, D, Dv = 2, 3, 5, 11, 4, 6
     q, k, v = rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, Dv)
     dq, dk, dv = (t.clone().requires_grad_() for t in (rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, Dv)))
@@ -262,10 +266,14 @@ def test_dual_attention(case, block_size):
     if case == "only_dbias":
         dq = dk = dv = None
     scale = 0.37
-    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=scale, block_size=block_size)
+    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=scale, softcap=softcap,
+                               block_size=block_size)
     b = torch.zeros((), dtype=q.dtype) if bias is None else bias  # a zero bias for the reference
     tangents = tuple(torch.zeros_like(p) if t is None else t for t, p in ((dq, q), (dk, k), (dv, v), (dbias, b)))
-    o_ref, do_ref = jvp(lambda q, k, v, b: math_attention(q, k, v, mask, b, scale), (q, k, v, b), tangents)
+    o_ref, do_ref = jvp(lambda q, k, v, b: math_attention(q, k, v, mask, b, scale, softcap), (q, k, v, b), tangents)
+    with torch.no_grad():
+        plain, none = tnn.dual_attention(q, k, v, None, None, None, mask, bias, scale=scale, softcap=softcap)
+    assert none is None and rel_err(plain, o_ref) <= TOL64
     assert not o.requires_grad
     assert rel_err(o, o_ref) <= TOL64 and rel_err(do, do_ref) <= TOL64
     u = torch.randn_like(do)
@@ -323,20 +331,22 @@ def test_a_query_row_with_no_key_attends_to_all_as_the_models_additive_masks_do(
         assert rel_err(g, g_ref) <= tol
 
 
+@pytest.mark.parametrize("softcap", [None, 0.8])
 @pytest.mark.parametrize("case", ["full", "mask_bias"])
-def test_dual_attention_dropout_is_one_mask_on_the_weights_of_primal_and_tangent(case, replayed_dropout):
+def test_dual_attention_dropout_is_one_mask_on_the_weights_of_primal_and_tangent(case, softcap, replayed_dropout):
     B, H, Lq, Lk, D = 2, 3, 5, 7, 4
     q, k, v = rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, D)
     dq, dk, dv = (rand(*t.shape).requires_grad_() for t in (q, k, v))
     mask, bias, dbias = None, torch.zeros((), dtype=q.dtype), None
     if case == "mask_bias":
         mask, bias, dbias = padding_mask(B, Lk, [Lk, 3]), rand(1, H, Lq, Lk), rand(1, H, Lq, Lk).requires_grad_()
-    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=0.37, dropout=0.3)
+    o, do = tnn.dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale=0.37, dropout=0.3, softcap=softcap)
     assert len(replayed_dropout.masks) == 1 and not replayed_dropout.masks[0].all()
     replayed_dropout()
 
     def dropped(q, k, v, b):
-        s = (q @ k.transpose(-1, -2) * 0.37 + b)
+        s = q @ k.transpose(-1, -2) * 0.37
+        s = (s if softcap is None else softcap * torch.tanh(s / softcap)) + b
         s = s if mask is None else s.masked_fill(~mask, float("-inf"))
         return F.dropout(torch.softmax(s, -1), 0.3) @ v
 

@@ -5,6 +5,10 @@ Per (batch, head), with S = Q Kᵀ·scale + bias (masked entries −∞), P = so
 
     O = P V,    Ȯ = (P⊙Ṡ) V − rowsum(P⊙Ṡ) ⊙ O + P V̇.
 
+With SOFTCAP (c = softcap > 0), S = c·tanh(Q Kᵀ·scale / c) + bias and Ṡ = (1 − t²) ⊙ (Q̇ Kᵀ + Q K̇ᵀ)·scale + ḃias
+with t = tanh(Q Kᵀ·scale / c) (Gemma 2's capped scores); in the backward below, grad Q̇ and grad K̇ take
+(1 − t²) ⊙ grad Ṡ in place of grad Ṡ.
+
 ``_forward_kernel``: one program per BLOCK_M query rows runs once over the key blocks with an
 online softmax (running max m, in log2 units). With e = exp(S − m), rounded as the tile product
 sees it, and c per row the e-weighted mean of Ṡ over the row's first key block:
@@ -27,7 +31,8 @@ Rounding (bf16/fp16 tiles): c takes per-row offsets of Ṡ (invisible to softmax
 operand, and l and r sum the rounded operands, so a common mean of V cancels exactly from Ȯ; rows
 of grad Ṡ sum to 0, so grad Q̇ subtracts rowsum(grad Ṡ, rounded) k̄ (k̄ the key mean) and a common
 mean of K cancels too. Δ is formed from the stored (rounded) O, as in FlashAttention, so a large
-mean of V still costs accuracy in the gradients.
+mean of V still costs accuracy in the gradients. With SOFTCAP the rows of (1 − t²) ⊙ grad Ṡ do not sum to
+0, and grad Q̇ keeps K as it is.
 
 All tensors are (B, H, L, ·) views with any strides; mask and bias are broadcast views of
 (B, H, Lq, Lk). Tiles are multiplied as ``common.dot_mode`` says; accumulation is fp32.
@@ -77,14 +82,16 @@ def _operand(x, DOT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale,
+def _scores(q, k, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale, cap2,
             HAS_BIAS: tl.constexpr, MASK: tl.constexpr, TRANS: tl.constexpr, DOT: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """S·log2(e) on the tile (queries rm, keys rn), −∞ where masked or out of range; (BLOCK_M, BLOCK_N),
-    or its transpose (BLOCK_N, BLOCK_M) from k q ᵀ when TRANS. MASK: 0 none, 1 one key row for all
-    queries, 2 a full (Lq, Lk) mask."""
+            SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(S·log2(e), slope) on the tile (queries rm, keys rn), S −∞ where masked or out of range; (BLOCK_M,
+    BLOCK_N), or the transposes (BLOCK_N, BLOCK_M) from k q ᵀ when TRANS. MASK: 0 none, 1 one key row for all
+    queries, 2 a full (Lq, Lk) mask. SOFTCAP (cap2 = c·log2(e)): the products capped, slope = 1 − t² (else
+    unused)."""
     if TRANS:
         s = dot_acc(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT) * qk_scale
+        s, slope = _cap(s, cap2, SOFTCAP)
         if HAS_BIAS:
             s += _tile(bias, rn, rm, s_bk, s_bq, Lk, Lq).to(tl.float32) * LOG2E
         ok = rn[:, None] < Lk
@@ -95,6 +102,7 @@ def _scores(q, k, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale,
                           mask=(rn[:, None] < Lk) & (rm[None, :] < Lq), other=0) != 0
     else:
         s = dot_acc(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT) * qk_scale
+        s, slope = _cap(s, cap2, SOFTCAP)
         if HAS_BIAS:
             s += _tile(bias, rm, rn, s_bq, s_bk, Lq, Lk).to(tl.float32) * LOG2E
         ok = rn[None, :] < Lk
@@ -103,7 +111,18 @@ def _scores(q, k, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale,
         elif MASK == 2:
             ok &= tl.load(mask + rm[:, None] * s_mq + rn[None, :] * s_mk,
                           mask=(rm[:, None] < Lq) & (rn[None, :] < Lk), other=0) != 0
-    return tl.where(ok, s, float("-inf"))
+    return tl.where(ok, s, float("-inf")), slope
+
+
+@triton.jit
+def _cap(s, cap2, SOFTCAP: tl.constexpr):
+    """(c·tanh(x / c), 1 − tanh²(x / c)) of products s = x·log2(e) in those units, tanh(y) = 1 − 2 / (exp(2y) + 1);
+    (s, s) without SOFTCAP."""
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp2(s * (2.0 * LOG2E / cap2)) + 1.0)
+        return cap2 * t, 1.0 - t * t
+    else:
+        return s, s
 
 
 @triton.jit
@@ -113,9 +132,9 @@ def _forward_kernel(
     s_dqb, s_dqh, s_dql, s_dqd, s_dkb, s_dkh, s_dkl, s_dkd, s_dvb, s_dvh, s_dvl, s_dvd,
     s_mb, s_mh, s_mq, s_mk, s_bb, s_bh, s_bq, s_bk, s_dbb, s_dbh, s_dbq, s_dbk,
     s_ob, s_oh, s_ol, s_od, s_dob, s_doh, s_dol, s_dod,
-    H, Lq, Lk, D, DV, scale,
+    H, Lq, Lk, D, DV, scale, cap2,
     HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DBIAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     b, h, bh, first = _program(Lq, H, BLOCK_M)
@@ -149,8 +168,8 @@ def _forward_kernel(
         rn = n0 + tl.arange(0, BLOCK_N)
         k_t = _tile(k, rn, rd, s_kl, s_kd, Lk, D)
         v_t = _tile(v, rn, rdv, s_vl, s_vd, Lk, DV)
-        s = _scores(q_t, k_t, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale,
-                    HAS_BIAS, MASK, False, DOT, BLOCK_M, BLOCK_N)
+        s, slope = _scores(q_t, k_t, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale, cap2,
+                           HAS_BIAS, MASK, False, DOT, SOFTCAP, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: e = 0, no NaN
         alpha = tl.exp2(m - m_ref)
@@ -173,6 +192,8 @@ def _forward_kernel(
             if HAS_DK:
                 sd = dot_acc(q_t, tl.trans(_tile(dk, rn, rd, s_dkl, s_dkd, Lk, D)), sd, DOT)
             sd = sd * scale
+            if SOFTCAP:
+                sd = sd * slope
             if HAS_DBIAS:
                 sd += _tile(dbias, rm, rn, s_dbq, s_dbk, Lq, Lk).to(tl.float32)
             esd = e * sd
@@ -204,9 +225,9 @@ def _dq_kernel(
     s_mb, s_mh, s_mq, s_mk, s_bb, s_bh, s_bq, s_bk,
     s_ob, s_oh, s_ol, s_od, s_gb, s_gh, s_gl, s_gd,
     s_gqb, s_gqh, s_gql, s_gqd, s_gbb, s_gbh, s_gbq, s_gbk,
-    H, Lq, Lk, D, DV, scale,
+    H, Lq, Lk, D, DV, scale, cap2,
     NEED_DQ: tl.constexpr, NEED_DB: tl.constexpr, ATOMIC_DB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     b, h, bh, first = _program(Lq, H, BLOCK_M)
@@ -233,13 +254,16 @@ def _dq_kernel(
             rn = n0 + tl.arange(0, BLOCK_N)
             k_t = _tile(k, rn, rd, s_kl, s_kd, Lk, D)
             v_t = _tile(v, rn, rdv, s_vl, s_vd, Lk, DV)
-            s = _scores(q_t, k_t, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale,
-                        HAS_BIAS, MASK, False, DOT, BLOCK_M, BLOCK_N)
+            s, slope = _scores(q_t, k_t, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale, cap2,
+                               HAS_BIAS, MASK, False, DOT, SOFTCAP, BLOCK_M, BLOCK_N)
             p = tl.exp2(s - lse2[:, None])
             gp = dot_acc(g_t, tl.trans(v_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
             gs = p * (gp - dlt[:, None])
             if NEED_DQ:
-                gs_k = _operand(gs, DOT)
+                gs_k = gs
+                if SOFTCAP:
+                    gs_k = gs * slope
+                gs_k = _operand(gs_k, DOT)
                 gs_sum += tl.sum(gs_k, 1)
                 acc = dot_acc(gs_k, k_t, acc, DOT)
             if NEED_DB:
@@ -249,8 +273,9 @@ def _dq_kernel(
                     tl.atomic_add(ptrs, gs, mask=inside, sem="relaxed")
                 else:
                     tl.store(ptrs, gs.to(gdb.dtype.element_ty), mask=inside)
-        if NEED_DQ:  # rows of grad Ṡ sum to 0: Σ_j grad Ṡ_ij k̄ is rounding error (k̄: the key mean)
-            acc -= gs_sum[:, None] * tl.load(kmean + bh * D + rd, mask=rd < D, other=0.0)[None, :]
+        if NEED_DQ:
+            if not SOFTCAP:  # rows of grad Ṡ sum to 0: Σ_j grad Ṡ_ij k̄ is rounding error (k̄: the key mean)
+                acc -= gs_sum[:, None] * tl.load(kmean + bh * D + rd, mask=rd < D, other=0.0)[None, :]
             tl.store(gdq + b * s_gqb + h * s_gqh + rm[:, None] * s_gql + rd[None, :] * s_gqd,
                      (acc * scale).to(gdq.dtype.element_ty), mask=(rm[:, None] < Lq) & (rd[None, :] < D))
 
@@ -261,9 +286,9 @@ def _dkdv_kernel(
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
     s_mb, s_mh, s_mq, s_mk, s_bb, s_bh, s_bq, s_bk, s_gb, s_gh, s_gl, s_gd,
     s_gkb, s_gkh, s_gkl, s_gkd, s_gvb, s_gvh, s_gvl, s_gvd,
-    H, Lq, Lk, D, DV, scale,
+    H, Lq, Lk, D, DV, scale, cap2,
     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, HAS_BIAS: tl.constexpr, MASK: tl.constexpr,
-    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     b, h, bh, first = _program(Lk, H, BLOCK_N)
@@ -286,14 +311,16 @@ def _dkdv_kernel(
         q_t = _tile(q, rm, rd, s_ql, s_qd, Lq, D)
         g_t = _tile(g, rm, rdv, s_gl, s_gd, Lq, DV)
         lse2 = tl.load(lse + rm, mask=rm < Lq, other=float("inf")) * LOG2E
-        sT = _scores(q_t, k_t, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale,
-                     HAS_BIAS, MASK, True, DOT, BLOCK_M, BLOCK_N)
+        sT, slopeT = _scores(q_t, k_t, bias, mask, rm, rn, s_bq, s_bk, s_mq, s_mk, Lq, Lk, qk_scale, cap2,
+                             HAS_BIAS, MASK, True, DOT, SOFTCAP, BLOCK_M, BLOCK_N)
         pT = tl.exp2(sT - lse2[None, :])
         if NEED_DV:
             acc_dv = dot_acc(pT, g_t, acc_dv, DOT)
         if NEED_DK:
             gpT = dot_acc(v_t, tl.trans(g_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT)
             gsT = pT * (gpT - tl.load(delta + rm, mask=rm < Lq, other=0.0)[None, :])
+            if SOFTCAP:
+                gsT = gsT * slopeT
             acc_dk = dot_acc(gsT, q_t, acc_dk, DOT)
     if NEED_DK:
         tl.store(gdk + b * s_gkb + h * s_gkh + rn[:, None] * s_gkl + rd[None, :] * s_gkd,
@@ -379,16 +406,16 @@ def _pairwise(q, k, mask, bias, dbias):
 @torch.library.custom_op("kfac_kernels::triton_dual_attention", mutates_args=())
 @on_input_device
 def forward(q: Tensor, k: Tensor, v: Tensor, dq: Optional[Tensor], dk: Optional[Tensor], dv: Optional[Tensor],
-            mask: Optional[Tensor], bias: Optional[Tensor], dbias: Optional[Tensor], scale: float,
+            mask: Optional[Tensor], bias: Optional[Tensor], dbias: Optional[Tensor], scale: float, softcap: float,
             ct: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """O (B, H, Lq, Dv), Ȯ (same; empty when there is no tangent) in ``ct`` and L (B, H, Lq) fp32.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), tangents of the same shapes or None; mask bool,
-    bias and dbias broadcastable to (B, H, Lq, Lk) or None."""
+    bias and dbias broadcastable to (B, H, Lq, Lk) or None; ``softcap`` c > 0 caps the scores, 0 does not."""
     B, H, Lq, D = q.shape
     Lk, Dv = v.shape[2:]
     tangent = any(t is not None for t in (dq, dk, dv, dbias))
-    o, do, lse = _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct)
+    o, do, lse = _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct)
     if B * H * Lq == 0:
         return o, do, lse
     mask4, bias4, dbias4, mask_kind = _pairwise(q, k, mask, bias, dbias)
@@ -399,16 +426,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, dq: Optional[Tensor], dk: Optional[
         _forward_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * H * B,), q, k, v, *(q if t is None else t for t in (dq, dk, dv, mask4, bias4, dbias4)), o, do, lse,
         *q.stride(), *k.stride(), *v.stride(), *_strides(dq), *_strides(dk), *_strides(dv),
         *_strides(mask4), *_strides(bias4), *_strides(dbias4), *o.stride(), *_strides(do if tangent else None),
-        H, Lq, Lk, D, Dv, scale,
+        H, Lq, Lk, D, Dv, scale, softcap * LOG2E.value,
         HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_DBIAS=dbias is not None,
-        HAS_BIAS=bias is not None, MASK=mask_kind, DOT=dot,
+        HAS_BIAS=bias is not None, MASK=mask_kind, DOT=dot, SOFTCAP=softcap > 0,
         BLOCK_D=_pad(D), BLOCK_DV=_pad(Dv), smaller=_smaller("forward", cfg), **cfg,
     )
     return o, do, lse
 
 
 @forward.register_fake
-def _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):
+def _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct):
     shape = (*q.shape[:3], v.shape[3])
     tangent = any(t is not None for t in (dq, dk, dv, dbias))
     return (_heads_like(shape, ct, q.device), _heads_like(shape, ct, q.device) if tangent else q.new_empty(0, dtype=ct),
@@ -418,7 +445,7 @@ def _forward_fake(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):
 @torch.library.custom_op("kfac_kernels::triton_dual_attention_backward", mutates_args=())
 @on_input_device
 def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], bias: Optional[Tensor], o: Tensor,
-             lse: Tensor, scale: float, ct: torch.dtype, dq_dtype: Optional[torch.dtype],
+             lse: Tensor, scale: float, softcap: float, ct: torch.dtype, dq_dtype: Optional[torch.dtype],
              dk_dtype: Optional[torch.dtype], dv_dtype: Optional[torch.dtype], dbias_dtype: Optional[torch.dtype],
              dbias_shape: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (grad Q̇, grad K̇, grad V̇, grad ḃias) of Ȯ for its output gradient g (B, H, Lq, Dv), the
@@ -436,7 +463,8 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     mask4, bias4, _, mask_kind = _pairwise(q, k, mask, bias, None)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     dot = dot_mode(ct)
-    common = dict(HAS_BIAS=bias is not None, MASK=mask_kind, DOT=dot, BLOCK_D=_pad(D), BLOCK_DV=_pad(Dv))
+    common = dict(HAS_BIAS=bias is not None, MASK=mask_kind, DOT=dot, SOFTCAP=softcap > 0, BLOCK_D=_pad(D),
+                  BLOCK_DV=_pad(Dv))
     pads, size = max(_pad(D), _pad(Dv)), max(t.element_size() for t in (q, k, v, g))
     pair_args = (q if mask4 is None else mask4, q if bias4 is None else bias4)
     pair_strides = (*_strides(mask4), *_strides(bias4))
@@ -447,7 +475,7 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
             _dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * H * B,), q, k, v, *pair_args, o, g, lse, delta, lse if gdq is None else k.sum(2, dtype=torch.float32) / max(Lk, 1),
             q if gdq is None else gdq, lse if gdb is None else gdb,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *o.stride(), *g.stride(),
-            *_strides(gdq), *gdb_strides, H, Lq, Lk, D, Dv, scale,
+            *_strides(gdq), *gdb_strides, H, Lq, Lk, D, Dv, scale, softcap * LOG2E.value,
             NEED_DQ=gdq is not None, NEED_DB=gdb is not None, ATOMIC_DB=atomic, smaller=_smaller("dq", cfg), **common,
             **cfg,
         )
@@ -456,7 +484,7 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         launch_fitting(
             _dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * H * B,), q, k, v, *pair_args, g, lse, delta, q if gdk is None else gdk, q if gdv is None else gdv,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *g.stride(), *_strides(gdk), *_strides(gdv),
-            H, Lq, Lk, D, Dv, scale, NEED_DK=gdk is not None, NEED_DV=gdv is not None, smaller=_smaller("dkdv", cfg),
+            H, Lq, Lk, D, Dv, scale, softcap * LOG2E.value, NEED_DK=gdk is not None, NEED_DV=gdv is not None, smaller=_smaller("dkdv", cfg),
             **common, **cfg,
         )
     if gdb is not None:
@@ -465,22 +493,22 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
 
 
 @backward.register_fake
-def _(g, q, k, v, mask, bias, o, lse, scale, ct, dq_dtype, dk_dtype, dv_dtype, dbias_dtype, dbias_shape):
+def _(g, q, k, v, mask, bias, o, lse, scale, softcap, ct, dq_dtype, dk_dtype, dv_dtype, dbias_dtype, dbias_shape):
     return or_empty(q, *(None if dt is None else _heads_like(t.shape, dt, q.device)
                          for t, dt in ((q, dq_dtype), (k, dk_dtype), (v, dv_dtype))),
                     None if dbias_dtype is None else q.new_empty(dbias_shape, dtype=dbias_dtype))
 
 
 class DualAttention(torch.autograd.Function):
-    """(O, Ȯ) = apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct); O is a constant, Ȯ's backward
+    """(O, Ȯ) = apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct); O is a constant, Ȯ's backward
     reaches dq, dk, dv and dbias only (see the module docstring). Saves q, k, v, mask, bias (the
     caller's tensors), O and L."""
 
     @staticmethod
-    def forward(ctx, q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct):
-        o, do, lse = forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, ct)
+    def forward(ctx, q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct):
+        o, do, lse = forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, ct)
         ctx.save_for_backward(q, k, v, mask, bias, o, lse)
-        ctx.scale, ctx.ct = scale, ct
+        ctx.scale, ctx.softcap, ctx.ct = scale, softcap, ct
         needs = ctx.needs_input_grad[3:6] + ctx.needs_input_grad[8:9]
         ctx.dtypes = tuple(t.dtype if t is not None and need else None for t, need in zip((dq, dk, dv, dbias), needs))
         ctx.dbias_shape = [] if dbias is None else list(dbias.shape)
@@ -492,8 +520,8 @@ class DualAttention(torch.autograd.Function):
     @_autograd.once_differentiable("dual_attention")
     def backward(ctx, _, g):
         if g is None or all(dt is None for dt in ctx.dtypes):
-            return (None,) * 11
+            return (None,) * 12
         q, k, v, mask, bias, o, lse = ctx.saved_tensors
-        grads = backward(g, q, k, v, mask, bias, o, lse, ctx.scale, ctx.ct, *ctx.dtypes, ctx.dbias_shape)
+        grads = backward(g, q, k, v, mask, bias, o, lse, ctx.scale, ctx.softcap, ctx.ct, *ctx.dtypes, ctx.dbias_shape)
         gdq, gdk, gdv, gdb = (None if dt is None else t for t, dt in zip(grads, ctx.dtypes))
-        return None, None, None, gdq, gdk, gdv, None, None, gdb, None, None
+        return None, None, None, gdq, gdk, gdv, None, None, gdb, None, None, None

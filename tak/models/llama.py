@@ -1,30 +1,30 @@
 """Hugging Face decoder-only language models of Llama's layout and its relatives (LlamaModel, MistralModel, Qwen2Model,
-Qwen3Model, GemmaModel, Gemma3TextModel, Phi3Model, Olmo2Model, Olmo3Model, SmolLM3Model, GraniteModel and their
-*ForCausalLM) as dual models.
+Qwen3Model, GemmaModel, Gemma2Model, Gemma3TextModel, Phi3Model, Olmo2Model, Olmo3Model, SmolLM3Model, GraniteModel and
+their *ForCausalLM) as dual models.
 
 The token embedding (× √d rounded to its dtype in Gemma's, × embedding_multiplier in Granite's), then layers
 
     x = x + r·post_a(W_o attn(norm_a(x))),   x = x + r·post_m(W_down (act(W_gate y) ⊙ W_up y)) with y = norm_m(x)
 
-(norm_a, norm_m: the pre-norms, which OLMo 2/3 do without; post_a, post_m: Gemma 3's and OLMo's norms of each branch's
+(norm_a, norm_m: the pre-norms, which OLMo 2/3 do without; post_a, post_m: Gemma 2/3's and OLMo's norms of each branch's
 output, Phi-3's dropout on it in training; r: Granite's residual_multiplier, else 1), a final norm and, for
 *ForCausalLM, the LM head (tied to the embedding or not; its logits divided by Granite's logits_scaling, capped to
-c·tanh(z / c) where Gemma 3's config says so). The norms are RMSNorms, γ ⊙ x̂ with x̂ = x (mean(x²) + ε)^(-1/2) in fp32,
-or Gemma's (1 + γ) ⊙ x̂ in fp32. Attention: Q, K, V projections (with biases where the model has them: Qwen2; one fused
-[Q | K | V] in Phi-3), an RMSNorm of Q and K (each head's in Qwen3 and Gemma 3, all heads' at once in OLMo 2/3), rotary
-positions on Q and K (but in SmolLM3's layers without them), t ↦ t cos θ + rotate_half(t) sin θ on each head's first
-dims (all but in Phi-3 with a partial_rotary_factor) with θ = position · inv_freq of the layer's rotary table (Gemma 3's
-and OLMo 3's sliding layers have their own; × its attention_scaling; static rope types), linear in t so the tangent
-turns alike; K and V shared by groups of query heads (grouped-query attention); scores scaled by the source's
-``scaling`` (Gemma 3: query_pre_attn_scalar^(-1/2); Granite: attention_multiplier); causal, and padding from
-attention_mask. The feed-forward's gate and up projections are one fused [gate | up] in Phi-3. Positions are
-``position_ids`` where given, else 0, ..., L − 1 (as the source). In training, dropout on the attention weights
-(config.attention_dropout). A query no key may attend (the first positions of a left-padded row) gets the average of V,
-as ``tak.nn.attention.dual_attention`` does; the source's output there depends on its attention implementation, and no
-real token reads it.
+c·tanh(z / c) where Gemma 2/3's config says so). The norms are RMSNorms, γ ⊙ x̂ with x̂ = x (mean(x²) + ε)^(-1/2) in
+fp32, or Gemma's (1 + γ) ⊙ x̂ in fp32. Attention: Q, K, V projections (with biases where the model has them: Qwen2; one
+fused [Q | K | V] in Phi-3), an RMSNorm of Q and K (each head's in Qwen3 and Gemma 3, all heads' at once in OLMo 2/3),
+rotary positions on Q and K (but in SmolLM3's layers without them), t ↦ t cos θ + rotate_half(t) sin θ on each head's
+first dims (all but in Phi-3 with a partial_rotary_factor) with θ = position · inv_freq of the layer's rotary table
+(Gemma 3's and OLMo 3's sliding layers have their own; × its attention_scaling; static rope types), linear in t so the
+tangent turns alike; K and V shared by groups of query heads (grouped-query attention); scores scaled by the source's
+``scaling`` (Gemma 2/3: query_pre_attn_scalar^(-1/2); Granite: attention_multiplier), Gemma 2's capped to c·tanh(s / c)
+(attn_logit_softcapping, ``dual_attention``'s softcap); causal, and padding from attention_mask. The feed-forward's gate
+and up projections are one fused [gate | up] in Phi-3. Positions are ``position_ids`` where given, else 0, ..., L − 1
+(as the source). In training, dropout on the attention weights (config.attention_dropout). A query no key may attend
+(the first positions of a left-padded row) gets the average of V, as ``tak.nn.attention.dual_attention`` does; the
+source's output there depends on its attention implementation, and no real token reads it.
 
-Sliding-window layers (Mistral, Phi-3, Qwen2's, Gemma 3's, OLMo 3's and SmolLM3's where used) take sequences up to their
-window, where the window is the causal mask; Gemma 2 (scores capped in the attention) has no dual layer.
+Sliding-window layers (Mistral, Phi-3, Qwen2's, Gemma 2/3's, OLMo 3's and SmolLM3's where used) take sequences up to
+their window, where the window is the causal mask.
 """
 import torch
 from torch import nn
@@ -61,10 +61,7 @@ class DualDecoderLayer(nn.Module):
     def __init__(self, b: Builder, layer: nn.Module, config, where: str, rope: int):
         super().__init__()
         a, mlp = layer.self_attn, layer.mlp
-        if getattr(config, "attn_logit_softcapping", None) is not None:
-            raise NotImplementedError(f"{where}: attention scores capped (attn_logit_softcapping="
-                                      f"{config.attn_logit_softcapping}) have no dual layer")
-        # Gemma 3 and OLMo 2/3 norm each branch's output, post_attention_layernorm the attention's; OLMo's not its input
+        # Gemma 2/3 and OLMo 2/3 norm each branch's output, post_attention_layernorm the attention's; OLMo not its input
         post = hasattr(layer, "post_feedforward_layernorm")
         norm = lambda name: _rms_norm(b, getattr(layer, name)) if hasattr(layer, name) else None  # noqa: E731
         self.norm_attn = norm("input_layernorm")
@@ -85,6 +82,7 @@ class DualDecoderLayer(nn.Module):
         self.norms_per_head = self.q_norm is not None and a.q_norm.weight.numel() == self.head_dim
         self.turned = bool(getattr(a, "use_rope", True))  # SmolLM3's layers without positions
         self.scale = float(getattr(a, "scaling", self.head_dim ** -0.5))
+        self.softcap = getattr(config, "attn_logit_softcapping", None)  # Gemma 2's
         self.dropout = float(config.attention_dropout)
         self.rope, self.window = rope, _window(config, a)
         self.gate_up = b.linear(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else None  # Phi-3
@@ -113,7 +111,7 @@ class DualDecoderLayer(nn.Module):
         q, dq = prepared(projected[0], self.heads, norms[0], self.turned)
         k, dk = prepared(projected[1], self.kv_heads, norms[1], self.turned)
         v, dv = prepared(projected[2], self.kv_heads, None, False)
-        o, do = dual_attention(q, k, v, dq, dk, dv, mask, scale=self.scale,
+        o, do = dual_attention(q, k, v, dq, dk, dv, mask, scale=self.scale, softcap=self.softcap,
                                dropout=self.dropout if self.training else 0.0)
         return self.o(merge_heads(o), apply(merge_heads, do))
 
@@ -171,7 +169,7 @@ class DualLlamaModel(DualModel):
         head = getattr(model, "lm_head", None)
         self.causal_lm = head is not None
         self.lm_head = None if head is None or head.weight is core.embed_tokens.weight else b.linear(head)
-        self.logit_cap = getattr(config, "final_logit_softcapping", None)  # Gemma 3's
+        self.logit_cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3's
         self.logit_divisor = float(getattr(config, "logits_scaling", 1.0))  # Granite's
         self.bind(b, model, trainable)
 

@@ -13,6 +13,9 @@ with G the gradient of Ȯ, P = exp(S − L) recomputed per chunk and Δ = rowsum
 
 (the softmax-backward form of FlashAttention, applied to Ṡ). No primal backward is taken.
 
+Capped scores (``softcap`` c, Gemma 2's): S = c·tanh(Q Kᵀ·scale / c) + bias, Ṡ = (1 − t²) ⊙ (Q̇ Kᵀ + Q K̇ᵀ)·scale + ḃias
+with t = tanh(Q Kᵀ·scale / c), and grad Q̇, grad K̇ take (1 − t²) ⊙ grad Ṡ in place of grad Ṡ.
+
 Attention dropout (training) drops entries of P with one mask M for both: O = (P ⊙ M) V and
 Ȯ = ((P ⊙ Ṡ − rowsum(P ⊙ Ṡ) ⊙ P) ⊙ M) V + (P ⊙ M) V̇, computed with P held for all keys (as math attention does).
 """
@@ -34,23 +37,30 @@ def _chunk(t, j0, j1):
     return t if t is None or t.shape[-1] == 1 else t[..., j0:j1]
 
 
-def _scores(q, k, bias, mask, scale):
-    """S = Q Kᵀ·scale + bias in q's dtype, with masked-out entries set to the dtype's minimum."""
-    s = (q @ k.transpose(-1, -2)) * scale
+def _scores(q, k, bias, mask, scale, softcap=None):
+    """(S, slope): S = Q Kᵀ·scale + bias in q's dtype, with masked-out entries set to the dtype's minimum; for a
+    ``softcap`` c, S = c·tanh(Q Kᵀ·scale / c) + bias and slope = 1 − tanh² (the cap's derivative), else None."""
+    s, slope = (q @ k.transpose(-1, -2)) * scale, None
+    if softcap is not None:
+        t = torch.tanh(s / softcap)
+        s, slope = softcap * t, 1 - t.square()
     if bias is not None:
         s = s + bias
     if mask is not None:
         s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
-    return s
+    return s, slope
 
 
-def attention(q, k, v, mask=None, bias=None, *, scale=None, dropout=0.0):
+def attention(q, k, v, mask=None, bias=None, *, scale=None, dropout=0.0, softcap=None):
     """O = softmax(Q Kᵀ·scale + bias) V with masked-out keys removed (plain, differentiable; fused SDPA),
-    the weights dropped out with probability ``dropout``.
+    the weights dropped out with probability ``dropout``; capped scores (``softcap``) with P formed.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); mask bool, True = attend, and bias float, both
     broadcastable to (B, H, Lq, Lk). A row with every key masked gets uniform weights."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if softcap is not None:
+        weights = torch.softmax(_scores(q, k, bias, mask, scale, softcap)[0], -1)
+        return F.dropout(weights, dropout) @ v
     if bias is not None:
         bias = bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(q.dtype).min)
@@ -60,10 +70,11 @@ def attention(q, k, v, mask=None, bias=None, *, scale=None, dropout=0.0):
 
 
 def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, scale=None, dropout=0.0,
-                   block_size=BLOCK_SIZE):
+                   softcap=None, block_size=BLOCK_SIZE):
     """(O, Ȯ) of attention (see ``attention`` for shapes) along tangents dq, dk, dv (shapes of q, k, v)
     and dbias (broadcastable to (B, H, Lq, Lk)); None tangents are zeros, and Ȯ is None when all are.
-    ``dropout`` > 0 drops attention weights with one mask for O and Ȯ (see the module docstring).
+    ``dropout`` > 0 drops attention weights with one mask for O and Ȯ, ``softcap`` caps the scores (see the module
+    docstring).
 
     With a tangent, q, k, v, bias are the constant primal point and must not require grad; O is a
     constant, Ȯ is differentiable in dq, dk, dv, dbias. Keys are processed ``block_size`` at a time.
@@ -71,9 +82,9 @@ def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, sca
     key to attend (BERT's all-zero ``attention_mask`` row, a left-padded T5 decoder's causal rows) gets the
     average of V (and Ȯ that of V̇), as the original models' additive masks (equal scores) give it."""
     if dq is None and dk is None and dv is None and dbias is None:
-        return attention(q, k, v, mask, bias, scale=scale, dropout=dropout), None
+        return attention(q, k, v, mask, bias, scale=scale, dropout=dropout, softcap=softcap), None
     if _fused(q, dropout):
-        o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, bias=bias, dbias=dbias, scale=scale)
+        o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, bias=bias, dbias=dbias, scale=scale, softcap=softcap)
         return _averaged_where_no_key(o, do, v, dv, mask)
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
@@ -81,8 +92,8 @@ def dual_attention(q, k, v, dq, dk, dv, mask=None, bias=None, dbias=None, *, sca
                              f"gradients flow to the tangents only (pass {name}.detach())")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if dropout:
-        return _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, dropout)
-    return _DualAttention.apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block_size)
+        return _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, dropout)
+    return _DualAttention.apply(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, block_size)
 
 
 def _fused(q, dropout) -> bool:
@@ -101,17 +112,18 @@ def _averaged_where_no_key(o, do, v, dv, mask):
     return o, do
 
 
-def _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, p):
+def _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, p):
     """(O, Ȯ) with the attention weights dropped out (probability p, one mask M), P held for all keys and Ȯ
     differentiated by autograd: O = (P ⊙ M) V, Ȯ = ((P ⊙ Ṡ − rowsum(P ⊙ Ṡ) ⊙ P) ⊙ M) V + (P ⊙ M) V̇."""
     dtype = q.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     q, k, v, dq, dk, dv, bias, dbias = (None if t is None else t.to(acc) for t in (q, k, v, dq, dk, dv, bias, dbias))
-    weights = torch.softmax(_scores(q, k, bias, mask, scale), -1)
+    s, slope = _scores(q, k, bias, mask, scale, softcap)
+    weights = torch.softmax(s, -1)
     m = dropout_mask(weights, p)
     o = (weights * m) @ v
     do = None
-    ds = _score_tangent(q, k, dq, dk, dbias, scale)
+    ds = _score_tangent(q, k, dq, dk, dbias, scale, slope)
     if ds is not None:
         pds = weights * (ds if mask is None else ds.masked_fill(~mask, 0))
         do = ((pds - pds.sum(-1, keepdim=True) * weights) * m) @ v
@@ -120,7 +132,7 @@ def _dropped_dual_attention(q, k, v, dq, dk, dv, mask, bias, dbias, scale, p):
     return o.to(dtype), do.to(dtype)
 
 
-def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
+def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, block):
     """Online pass over key chunks: returns O, Ȯ and the log-sum-exp as (m, log l) (B, H, Lq, 1 each; m + log l
     would round log l away where m is the dtype's minimum: a row with no key), in the accumulation dtype.
 
@@ -136,7 +148,7 @@ def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
     for j0 in range(0, Lk, block):
         j1 = min(j0 + block, Lk)
         kj, vj, maskj = k[..., j0:j1, :], v[..., j0:j1, :], _chunk(mask, j0, j1)
-        s = _scores(q, kj, _chunk(bias, j0, j1), maskj, scale)
+        s, slope = _scores(q, kj, _chunk(bias, j0, j1), maskj, scale, softcap)
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         m_ref = torch.where(torch.isneginf(m_new), 0.0, m_new)  # rows with no key yet (−∞ bias): p = 0, no NaN
         alpha = torch.exp(m - m_ref)
@@ -144,7 +156,8 @@ def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
         l = alpha * l + p.sum(-1, keepdim=True)
         o = alpha * o + p @ vj
         do = alpha * do
-        ds = _score_tangent(q, kj, dq, dk[..., j0:j1, :] if dk is not None else None, _chunk(dbias, j0, j1), scale)
+        ds = _score_tangent(q, kj, dq, dk[..., j0:j1, :] if dk is not None else None, _chunk(dbias, j0, j1), scale,
+                            slope)
         if ds is not None:
             pds = p * (ds if maskj is None else ds.masked_fill(~maskj, 0))
             r = alpha * r + pds.sum(-1, keepdim=True)
@@ -156,15 +169,16 @@ def _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
     return o, do / l - (r / l) * o, (m, torch.log(l))
 
 
-def _score_tangent(q, kj, dq, dkj, dbiasj, scale):
-    """Ṡ on a key chunk: (Q̇ Kᵀ + Q K̇ᵀ)·scale + ḃias; None when all three tangents are None."""
+def _score_tangent(q, kj, dq, dkj, dbiasj, scale, slope=None):
+    """Ṡ on a key chunk: (Q̇ Kᵀ + Q K̇ᵀ)·scale (× the cap's ``slope`` where capped) + ḃias; None when all three
+    tangents are None."""
     ds = None
     if dq is not None:
         ds = dq @ kj.transpose(-1, -2)
     if dkj is not None:
         ds = q @ dkj.transpose(-1, -2) if ds is None else ds + q @ dkj.transpose(-1, -2)
     if ds is not None:
-        ds = ds * scale
+        ds = ds * scale if slope is None else ds * scale * slope
     if dbiasj is not None:
         ds = dbiasj if ds is None else ds + dbiasj
     return ds
@@ -174,14 +188,15 @@ class _DualAttention(torch.autograd.Function):
     """(O, Ȯ); O is a constant, Ȯ's backward reaches dq, dk, dv, dbias only (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, dq, dk, dv, mask, bias, dbias, scale, block):
+    def forward(ctx, q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, block):
         dtype = q.dtype
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         q, k, v, dq, dk, dv, bias, dbias = (None if t is None else t.to(acc)
                                             for t in (q, k, v, dq, dk, dv, bias, dbias))
-        o, do, (m, log_l) = _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, block)
+        o, do, (m, log_l) = _forward(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap, block)
         ctx.save_for_backward(q, k, v, o, m, log_l, mask, bias)
-        ctx.scale, ctx.block, ctx.dtypes = scale, block, [None if t is None else t.dtype for t in (dq, dk, dv, dbias)]
+        ctx.scale, ctx.softcap, ctx.block = scale, softcap, block
+        ctx.dtypes = [None if t is None else t.dtype for t in (dq, dk, dv, dbias)]
         ctx.dbias_shape = None if dbias is None else dbias.shape
         o, do = cast(o, dtype), cast(do, dtype)
         ctx.mark_non_differentiable(o)
@@ -202,21 +217,23 @@ class _DualAttention(torch.autograd.Function):
         for j0 in range(0, Lk, ctx.block):
             j1 = min(j0 + ctx.block, Lk)
             kj, vj, maskj = k[..., j0:j1, :], v[..., j0:j1, :], _chunk(mask, j0, j1)
-            p = torch.exp(_scores(q, kj, _chunk(bias, j0, j1), maskj, ctx.scale) - m - log_l)
+            s, slope = _scores(q, kj, _chunk(bias, j0, j1), maskj, ctx.scale, ctx.softcap)
+            p = torch.exp(s - m - log_l)
             if need_dv:
                 gdv[..., j0:j1, :] = p.transpose(-1, -2) @ g
             gds = p * (g @ vj.transpose(-1, -2) - delta)
             if maskj is not None:
                 gds = gds.masked_fill(~maskj, 0)
+            gqk = gds if slope is None else gds * slope  # grad of Q Kᵀ·scale
             if need_dq:
-                gdq += (gds @ kj) * ctx.scale
+                gdq += (gqk @ kj) * ctx.scale
             if need_dk:
-                gdk[..., j0:j1, :] = (gds.transpose(-1, -2) @ q) * ctx.scale
+                gdk[..., j0:j1, :] = (gqk.transpose(-1, -2) @ q) * ctx.scale
             if need_dbias:
                 target = _chunk(gdbias, j0, j1)
                 target += gds.sum_to_size(target.shape)
         grads = [None if t is None else t.to(dt) for t, dt in zip((gdq, gdk, gdv, gdbias), ctx.dtypes)]
-        return None, None, None, *grads[:3], None, None, grads[3], None, None
+        return None, None, None, *grads[:3], None, None, grads[3], None, None, None
 
 
 def split_heads(x, heads):
