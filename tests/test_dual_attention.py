@@ -269,7 +269,8 @@ from kfac_kernels.triton_kernels import dual_attention as da
 fn = da._forward_kernel
 consts = dict(HAS_DQ=True, HAS_DK=True, HAS_DV=True, HAS_DBIAS=False, HAS_BIAS=False, MASK=1, DOT="bf16", SOFTCAP=False,
               BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64)
-sig = {n: "constexpr" if n in consts else "fp32" if n in ("scale", "cap2") else "*u8" if n == "mask" else "*fp32" if n == "lse"
+sig = {n: "constexpr" if n in consts else "fp32" if n in ("scale", "cap2") else "*u8" if n == "mask"
+       else "*fp32" if n == "lse"
        else "i32" if n.startswith("s_") or n in ("H", "Lq", "Lk", "D", "DV") else "*bf16" for n in fn.arg_names}
 for n in fn.arg_names:  # unit strides along the head dim and the keys, as the JIT specializes them
     if n.startswith("s_") and n[-1] in "dk":

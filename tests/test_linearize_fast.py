@@ -16,7 +16,8 @@ from tests.util import rel_err
 TOLERANCE = {"vit": 1e-10, "timm_siglip": 1e-10, "hf_clip": 1e-10, "hf_siglip": 1e-10, "dinov2": 1e-10,
              "dinov2_registers": 1e-10, "llama": 1e-5, "gpt2": 1e-10, "minilm": 1e-10, "t5": 1e-5, "roberta": 1e-10,
              "roberta_classifier": 1e-10, "t5_classifier": 1e-5,
-             "deberta": 1e-10, "deberta_v1": 1e-5, "mpnet": 1e-10, "modernbert": 1e-5, "gemma2": 1e-5, "gemma3": 1e-5, "phi3": 1e-5,
+             "deberta": 1e-10, "deberta_v1": 1e-5, "mpnet": 1e-10, "modernbert": 1e-5,
+             "gemma2": 1e-5, "gemma3": 1e-5, "phi3": 1e-5,
              "gpt_neox": 1e-10}
 
 

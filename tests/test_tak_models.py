@@ -497,8 +497,8 @@ def test_modernbert_static_rope_types_and_dynamic_ones_refused():
 
 
 DECODERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-            "gemma2": "Gemma2", "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo2": "Olmo2", "olmo3": "Olmo3", "smollm3": "SmolLM3",
-            "granite": "Granite"}  # the prefix of each family's config and model classes
+            "gemma2": "Gemma2", "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo2": "Olmo2", "olmo3": "Olmo3",
+            "smollm3": "SmolLM3", "granite": "Granite"}  # the prefix of each family's config and model classes
 TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # where the defaults are outside the vocabulary
 DECODER_OPTIONS = {"qwen3": {"head_dim": 8}, "gemma": {"head_dim": 8},
                    "gemma2": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"],

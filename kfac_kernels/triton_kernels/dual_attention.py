@@ -484,7 +484,8 @@ def backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         launch_fitting(
             _dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * H * B,), q, k, v, *pair_args, g, lse, delta, q if gdk is None else gdk, q if gdv is None else gdv,
             *q.stride(), *k.stride(), *v.stride(), *pair_strides, *g.stride(), *_strides(gdk), *_strides(gdv),
-            H, Lq, Lk, D, Dv, scale, softcap * LOG2E.value, NEED_DK=gdk is not None, NEED_DV=gdv is not None, smaller=_smaller("dkdv", cfg),
+            H, Lq, Lk, D, Dv, scale, softcap * LOG2E.value, NEED_DK=gdk is not None, NEED_DV=gdv is not None,
+            smaller=_smaller("dkdv", cfg),
             **common, **cfg,
         )
     if gdb is not None:

@@ -38,8 +38,8 @@ _CONVERTERS = [
     ("transformers.models.gpt2.modeling_gpt2", "GPT2LMHeadModel", "gpt2", "DualGPT2Model"),
     *[(f"transformers.models.{family}.modeling_{family}", cls, "llama", "DualLlamaModel")
       for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"),
-                           ("gemma", "Gemma"), ("gemma2", "Gemma2"), ("gemma3", "Gemma3"), ("phi3", "Phi3"), ("olmo2", "Olmo2"),
-                           ("olmo3", "Olmo3"), ("smollm3", "SmolLM3"), ("granite", "Granite"))
+                           ("gemma", "Gemma"), ("gemma2", "Gemma2"), ("gemma3", "Gemma3"), ("phi3", "Phi3"),
+                           ("olmo2", "Olmo2"), ("olmo3", "Olmo3"), ("smollm3", "SmolLM3"), ("granite", "Granite"))
       for cls in ((f"{name}Text" if family == "gemma3" else name) + "Model", f"{name}ForCausalLM")],
     ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXModel", "gpt_neox", "DualGPTNeoXModel"),
     ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXForCausalLM", "gpt_neox", "DualGPTNeoXModel"),
