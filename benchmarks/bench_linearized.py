@@ -289,6 +289,9 @@ def encoder_case(name):
 
 # ---------------------------------------------------------------- attention
 
+SOFTCAP = 50.0  # Gemma 2's attn_logit_softcapping
+
+
 def attention_shapes():
     """(sequence length, batch, heads, head dim)."""
     if CFG.smoke:
@@ -302,9 +305,24 @@ def kk_dual(q, k, v, dq, dk, dv):
     return kk.dual_attention(q, k, v, dq, dk, dv)
 
 
+def kk_capped(q, k, v, dq, dk, dv):
+    """kfac_kernels.dual_attention with Gemma 2's capped scores (its attn_logit_softcapping)."""
+    return kk.dual_attention(q, k, v, dq, dk, dv, softcap=SOFTCAP)
+
+
 def jvp_math(q, k, v, dq, dk, dv):
     with math_attention():
         return jvp(F.scaled_dot_product_attention, (q, k, v), (dq, dk, dv))
+
+
+def capped_math(q, k, v):
+    """softmax(c·tanh(Q Kᵀ / (c √D))) V, P formed."""
+    s = q @ k.mT * q.shape[-1] ** -0.5
+    return torch.softmax(SOFTCAP * torch.tanh(s / SOFTCAP), -1) @ v
+
+
+def jvp_capped(q, k, v, dq, dk, dv):
+    return jvp(capped_math, (q, k, v), (dq, dk, dv))
 
 
 def forward_of(dual):
@@ -327,13 +345,14 @@ def fused_primal(q, k, v, dq, dk, dv, g):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def exact_attention(q, k, v, dq, dk, dv, g, chunk=4):
-    """(O, Ȯ, ∂/∂dq, ∂/∂dk, ∂/∂dv) in float64 by jvp of math attention, ``chunk`` batch entries at a time."""
+def exact_attention(q, k, v, dq, dk, dv, g, chunk=4, of=jvp_math):
+    """(O, Ȯ, ∂/∂dq, ∂/∂dk, ∂/∂dv) in float64 by ``of`` (jvp of math attention), ``chunk`` batch entries at a
+    time."""
     parts = []
     for i in range(0, q.shape[0], chunk):
         primal = [t[i:i + chunk].double() for t in (q, k, v)]
         tangent = [t[i:i + chunk].detach().double().requires_grad_() for t in (dq, dk, dv)]
-        o, do = jvp_math(*primal, *tangent)
+        o, do = of(*primal, *tangent)
         parts.append((o.detach(), do.detach(), *torch.autograd.grad(do, tangent, g[i:i + chunk].double())))
     return tuple(torch.cat(p) for p in zip(*parts))
 
@@ -368,6 +387,9 @@ def attention_case(L, b, h, d):
         bwd, jvp_bwd)
     row("attention", f"{tag}: (O, Ȯ) fwd, {label}", "fused SDPA, primal O only", fwd, primal)
     del exact
+    capped = m(f"fwd+bwd {label}, softcap {SOFTCAP:g}", fwd_bwd_of(kk_capped), exact_attention(*sets[0], of=jvp_capped))
+    row("attention", f"{tag}: fwd + bwd through Ȯ, capped scores (softcap {SOFTCAP:g}: Gemma 2's)",
+        f"{label} uncapped", capped, bwd)
 
 
 SECTIONS = {

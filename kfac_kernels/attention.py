@@ -30,11 +30,11 @@ def dual_attention(q, k, v, dq, dk, dv, *, mask=None, bias=None, dbias=None, sca
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); tangents dq, dk, dv of the same shapes or None
     (zero). mask: bool, True = attend; bias and its tangent dbias: floating; each broadcastable to
     (B, H, Lq, Lk) (key padding (B, 1, 1, Lk), causal (Lq, Lk), T5's relative bias (1, H, Lq, Lk)) or
-    None. ``scale`` defaults to D^(-1/2); ``softcap`` (a float > 0, or None) caps the scores. q, k, v and bias
-    must not require grad; do is differentiable
-    in dq, dk, dv and dbias. Operands are multiplied in ``_precision.compute_dtype`` of the floating
-    inputs with fp32 accumulation, and o, do come out in that dtype. On CUDA, FlashAttention-style
-    Triton kernels never hold P for more than one tile; the PyTorch reference forms P.
+    None. ``scale`` defaults to D^(-1/2); ``softcap`` (a float > 0, or None) caps the products (module
+    docstring). q, k, v and bias must not require grad; do is differentiable in dq, dk, dv and dbias. Operands
+    are multiplied in ``_precision.compute_dtype`` of the floating inputs with fp32 accumulation, and o, do
+    come out in that dtype. On CUDA, FlashAttention-style Triton kernels never hold P for more than one tile;
+    the PyTorch reference forms P.
     """
     ct, backend, scale = _check(q, k, v, dq, dk, dv, mask, bias, dbias, scale, softcap)
     softcap = 0.0 if softcap is None else float(softcap)

@@ -79,7 +79,7 @@ class DualDecoderLayer(nn.Module):
         self.o = b.linear(a.o_proj)
         self.q_norm = _rms_norm(b, a.q_norm) if hasattr(a, "q_norm") else None  # Qwen3, Gemma 3; OLMo 2/3: over all
         self.k_norm = _rms_norm(b, a.k_norm) if hasattr(a, "k_norm") else None  # heads at once
-        self.norms_per_head = self.q_norm is not None and a.q_norm.weight.numel() == self.head_dim
+        self.qk_norms_whole = self.q_norm is not None and a.q_norm.weight.numel() != self.head_dim
         self.turned = bool(getattr(a, "use_rope", True))  # SmolLM3's layers without positions
         self.scale = float(getattr(a, "scaling", self.head_dim ** -0.5))
         self.softcap = getattr(config, "attn_logit_softcapping", None)  # Gemma 2's
@@ -95,8 +95,8 @@ class DualDecoderLayer(nn.Module):
         B, L, _ = x.shape
         groups, sizes = self.heads // self.kv_heads, [n * self.head_dim for n in (self.heads,) + 2 * (self.kv_heads,)]
         projected = split_pair(self.qkv[0](x, dx), sizes) if self.fused else [p(x, dx) for p in self.qkv]
-        norms = (self.q_norm, self.k_norm) if self.norms_per_head else (None, None)
-        if not self.norms_per_head:
+        norms = (None, None) if self.qk_norms_whole else (self.q_norm, self.k_norm)
+        if self.qk_norms_whole:  # OLMo's: all heads at once, before they are split
             projected[:2] = [chain(pair, norm) for pair, norm in zip(projected, (self.q_norm, self.k_norm))]
 
         def prepared(pair, n, norm, turned):  # (B, L, n·D) -> (B, H, L, D): normed, rotated, shared by groups
@@ -155,8 +155,8 @@ class DualLlamaModel(DualModel):
                                                                                           dtype=torch.float64)
             self.embed_scale = scale.to(table.weight.dtype).item()
         tables, self.rope_scalings, layers = {}, [], []  # the distinct rotary tables: inv_freq as f"inv_freq_{i}"
+        types = getattr(config, "layer_types", None)
         for i, layer in enumerate(core.layers):
-            types = getattr(config, "layer_types", None)
             inv_freq, scaling = rotary_table(core, layer.self_attn, types and types[i], f"layers.{i}")
             if id(inv_freq) not in tables:
                 self.register_buffer(f"inv_freq_{len(tables)}", inv_freq, persistent=False)
@@ -174,7 +174,8 @@ class DualLlamaModel(DualModel):
         self.bind(b, model, trainable)
 
     def embedded(self, input_ids, inputs_embeds):
-        """(x, dx) (B, L, d) of the tokens: their embeddings (Gemma's × √d), or ``inputs_embeds`` as given."""
+        """(x, dx) (B, L, d) of the tokens: their embeddings, or ``inputs_embeds``, × the model's embedding scale
+        where it has one and applies it there (Gemma's √d, Granite's embedding_multiplier)."""
         x, dx = self.embed(input_ids) if inputs_embeds is None else (inputs_embeds, None)
         if self.embed_scale is not None and (inputs_embeds is None or self.scales_inputs_embeds):
             x, dx = x * self.embed_scale, apply(lambda t: t * self.embed_scale, dx)
