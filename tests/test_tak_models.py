@@ -604,6 +604,39 @@ def test_gemma_capped_logits_and_given_embeddings(decoder_rms_norm_in_float64):
     check(tiny_decoder("gemma", "Model"), embeds, ["last_hidden_state"])
 
 
+def test_longrope_holds_its_short_table_up_to_the_original_context(decoder_rms_norm_in_float64):
+    """Phi-3's longrope (a partial rotary): positions below original_max_position_embeddings turn by the short
+    factors, × its attention scaling, as the source's; positions that reach it (where the source takes its long
+    table) are refused. The source swaps its table in place at each call, which torch.func cannot differentiate:
+    the dual model's primal and merged outputs are the source's at θ0 and θ0 + τ, its tangent their central
+    difference."""
+    lengths = {"original_max_position_embeddings": 16, "max_position_embeddings": 64}
+    if tuple(int(n) for n in transformers.__version__.split(".")[:2]) < (4, 48):  # Phi-3's own longrope class
+        longrope = {"type": "longrope", "short_factor": [1.0, 1.5, 1.0, 1.5], "long_factor": [2.0, 4.0, 2.0, 4.0]}
+        with pytest.raises(NotImplementedError, match="scales its table at each call"):
+            to_dual(tiny_decoder("phi3", rope_scaling=longrope, partial_rotary_factor=1.0, **lengths))
+        return
+    longrope = {"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]}
+    model = tiny_decoder("phi3", rope_scaling=longrope, **lengths)
+    batch = decoder_batch() | {"position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14, 15],
+                                                             [0, 0, 1, 2, 3, 4, 5]])}
+    dual = to_dual(model)
+    taus = randomize(dual, std=1e-2)
+    eps = 1e-6
+    at = lambda t: {n: p + t * taus[n] for n, p in model.named_parameters()}  # noqa: E731
+    with torch.no_grad():
+        want = model(**batch).logits
+        model(**{**batch, "position_ids": torch.arange(20, 27)[None]})  # the source now holds its long table
+        y, dy = dual.set_mode("linearized")(**batch)
+        assert rel_err(y.logits, want) <= TOL64
+        assert rel_err(dual.set_mode("merged")(**batch)[0].logits, call_with(model, at(1), (), batch).logits) <= TOL64
+        ahead, behind = (call_with(model, at(t), (), batch).logits for t in (eps, -eps))
+        difference = (ahead - behind) / (2 * eps)
+        assert rel_err(dy.logits, difference) <= 1e-6
+        with pytest.raises(NotImplementedError, match=r"positions up to 17 pass original_max_position_embeddings=16"):
+            dual(**{**batch, "position_ids": torch.arange(10, 17)[None]})
+
+
 def test_decoder_refusals():
     with pytest.raises(NotImplementedError, match="rope type 'dynamic'"):
         to_dual(tiny_decoder(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))

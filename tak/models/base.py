@@ -93,29 +93,37 @@ def split_pair(pair, sizes):
 
 
 def rotary_table(core: nn.Module, attention: nn.Module, layer_type: str | None,
-                 where: str) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention_scaling) of the rotary table a Hugging Face decoder's ``attention`` (of type
+                 where: str) -> tuple[torch.Tensor, float, int | None]:
+    """(inv_freq, attention_scaling, limit) of the rotary table a Hugging Face decoder's ``attention`` (of type
     ``layer_type``) turns Q and K with: the model ``core``'s (one per model; transformers 4.47's Mistral and GPT-NeoX
     keep one per attention module, all alike), its layer type's (Gemma 3's and OLMo 3's in transformers 5, OLMo 3's
-    ``rotary_embs`` in 4), the local one of a sliding layer (Gemma 3's in transformers 4). Static rope types only:
-    others are refused naming ``where``."""
+    ``rotary_embs`` in 4), the local one of a sliding layer (Gemma 3's in transformers 4). Static rope types, and
+    longrope's short table, which holds for positions below ``limit`` (its original_max_position_embeddings; None for
+    the others); dynamic types are refused naming ``where``."""
     if hasattr(core, "rotary_embs"):
         rotary = core.rotary_embs[layer_type]
     elif getattr(attention, "is_sliding", False) and hasattr(core, "rotary_emb_local"):
         rotary = core.rotary_emb_local
     else:
         rotary = core.rotary_emb if hasattr(core, "rotary_emb") else attention.rotary_emb
-    if isinstance(getattr(rotary, "rope_type", None), dict):  # by layer type
-        inv_freq = getattr(rotary, f"{layer_type}_inv_freq")
-        scaling = getattr(rotary, f"{layer_type}_attention_scaling")
-        kind = rotary.rope_type[layer_type]
-    else:
-        inv_freq, scaling = rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0)
-        kind = str(getattr(rotary, "rope_type", "default"))
-    if "dynamic" in kind or kind == "longrope":
+    if not hasattr(rotary, "rope_type") and getattr(core.config, "rope_scaling", None):
+        raise NotImplementedError(f"{where}: {type(rotary).__name__} scales its table at each call (rope_scaling="
+                                  f"{core.config.rope_scaling}); it has no dual layer in this transformers version")
+    typed = isinstance(getattr(rotary, "rope_type", None), dict)  # by layer type
+    prefix = f"{layer_type}_" if typed else ""
+    kind = str(rotary.rope_type[layer_type] if typed else getattr(rotary, "rope_type", "default"))
+    inv_freq, limit = getattr(rotary, f"{prefix}inv_freq"), None
+    scaling = getattr(rotary, f"{prefix}attention_scaling", 1.0)
+    if kind == "longrope":  # the short table (its own copy: the source swaps its inv_freq in place) up to the limit
+        params = getattr(core.config, "rope_parameters", None) or {}
+        params = params.get(layer_type, params) if typed else params
+        limit = params.get("original_max_position_embeddings", getattr(core.config, "original_max_position_embeddings",
+                                                                       None))
+        inv_freq = getattr(rotary, f"{prefix}original_inv_freq", None)
+    if "dynamic" in kind or (kind == "longrope" and (inv_freq is None or limit is None)):
         raise NotImplementedError(f"{where}: rope type {kind!r} (updated at each call) has no dual layer; static rope "
-                                  "types are supported")
-    return inv_freq, float(scaling)
+                                  "types and longrope are supported")
+    return inv_freq, float(scaling), limit
 
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acc: torch.dtype | None = None) -> torch.Tensor:

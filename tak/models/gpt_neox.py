@@ -68,7 +68,7 @@ class DualGPTNeoXModel(DualModel):
         self.owner, core, b = type(model).__name__, getattr(model, "gpt_neox", model), Builder(model)
         config = core.config
         self.embed, self.drop_embed = b.embedding(core.embed_in), b.dropout(core.emb_dropout)
-        inv_freq, self.rope_scaling = rotary_table(core, core.layers[0].attention, None, "layers.0")  # one per model
+        inv_freq, self.rope_scaling, _ = rotary_table(core, core.layers[0].attention, None, "layers.0")  # one per model
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.layers = nn.ModuleList(DualGPTNeoXLayer(b, layer, config, f"layers.{i}")
                                     for i, layer in enumerate(core.layers))

@@ -14,14 +14,15 @@ fp32, or Gemma's (1 + γ) ⊙ x̂ in fp32. Attention: Q, K, V projections (with 
 fused [Q | K | V] in Phi-3), an RMSNorm of Q and K (each head's in Qwen3 and Gemma 3, all heads' at once in OLMo 2/3),
 rotary positions on Q and K (but in SmolLM3's layers without them), t ↦ t cos θ + rotate_half(t) sin θ on each head's
 first dims (all but in Phi-3 with a partial_rotary_factor) with θ = position · inv_freq of the layer's rotary table
-(Gemma 3's and OLMo 3's sliding layers have their own; × its attention_scaling; static rope types), linear in t so the
-tangent turns alike; K and V shared by groups of query heads (grouped-query attention); scores scaled by the source's
-``scaling`` (Gemma 2/3: query_pre_attn_scalar^(-1/2); Granite: attention_multiplier), Gemma 2's capped to c·tanh(s / c)
-(attn_logit_softcapping, ``dual_attention``'s softcap); causal, and padding from attention_mask. The feed-forward's gate
-and up projections are one fused [gate | up] in Phi-3. Positions are ``position_ids`` where given, else 0, ..., L − 1
-(as the source). In training, dropout on the attention weights (config.attention_dropout). A query no key may attend
-(the first positions of a left-padded row) gets the average of V, as ``tak.nn.attention.dual_attention`` does; the
-source's output there depends on its attention implementation, and no real token reads it.
+(Gemma 3's and OLMo 3's sliding layers have their own; × its attention_scaling; static rope types, and longrope's short
+table for positions below its original_max_position_embeddings), linear in t so the tangent turns alike; K and V shared
+by groups of query heads (grouped-query attention); scores scaled by the source's ``scaling`` (Gemma 2/3:
+query_pre_attn_scalar^(-1/2); Granite: attention_multiplier), Gemma 2's capped to c·tanh(s / c) (attn_logit_softcapping,
+``dual_attention``'s softcap); causal, and padding from attention_mask. The feed-forward's gate and up projections are
+one fused [gate | up] in Phi-3. Positions are ``position_ids`` where given, else 0, ..., L − 1 (as the source). In
+training, dropout on the attention weights (config.attention_dropout). A query no key may attend (the first positions of
+a left-padded row) gets the average of V, as ``tak.nn.attention.dual_attention`` does; the source's output there depends
+on its attention implementation, and no real token reads it.
 
 Sliding-window layers (Mistral, Phi-3, Qwen2's, Gemma 2/3's, OLMo 3's and SmolLM3's where used) take sequences up to
 their window, where the window is the causal mask.
@@ -154,10 +155,11 @@ class DualLlamaModel(DualModel):
             scale = table.embed_scale if hasattr(table, "embed_scale") else torch.tensor(config.hidden_size ** 0.5,
                                                                                           dtype=torch.float64)
             self.embed_scale = scale.to(table.weight.dtype).item()
-        tables, self.rope_scalings, layers = {}, [], []  # the distinct rotary tables: inv_freq as f"inv_freq_{i}"
+        tables, self.rope_scalings, layers, limits = {}, [], [], []  # the distinct rotary tables: f"inv_freq_{i}"
         types = getattr(config, "layer_types", None)
         for i, layer in enumerate(core.layers):
-            inv_freq, scaling = rotary_table(core, layer.self_attn, types and types[i], f"layers.{i}")
+            inv_freq, scaling, limit = rotary_table(core, layer.self_attn, types and types[i], f"layers.{i}")
+            limits += [limit] if limit else []
             if id(inv_freq) not in tables:
                 self.register_buffer(f"inv_freq_{len(tables)}", inv_freq, persistent=False)
                 tables[id(inv_freq)] = len(tables)
@@ -165,6 +167,7 @@ class DualLlamaModel(DualModel):
             layers.append(DualDecoderLayer(b, layer, config, f"layers.{i}", tables[id(inv_freq)]))
         self.layers = nn.ModuleList(layers)
         self.window = min((layer.window for layer in self.layers if layer.window), default=None)
+        self.position_limit = min(limits, default=None)  # longrope's short table holds for positions below it
         self.norm = _rms_norm(b, core.norm)
         head = getattr(model, "lm_head", None)
         self.causal_lm = head is not None
@@ -204,6 +207,10 @@ class DualLlamaModel(DualModel):
         mask = causal_mask(self.owner, L, attention_mask, x.device)
         if position_ids is None:
             position_ids = torch.arange(L, device=x.device)[None]
+        if self.position_limit is not None and (n := int(position_ids.max()) + 1) > self.position_limit:
+            raise NotImplementedError(f"{self.owner}: positions up to {n} pass original_max_position_embeddings="
+                                      f"{self.position_limit}, where longrope turns to its long table; the dual model "
+                                      "holds the short one: tak.linearize(model, fast=False)")
         angles = [rotary_angles(getattr(self, f"inv_freq_{i}"), scaling, position_ids, x.dtype)
                   for i, scaling in enumerate(self.rope_scalings)]
         for layer in self.layers:
