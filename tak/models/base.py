@@ -71,6 +71,16 @@ def causal_mask(owner: str, length: int, attention_mask, device) -> torch.Tensor
     return mask if attention_mask is None else mask & padding_mask(owner, "attention_mask", attention_mask)
 
 
+def lm_outputs(x, dx, logits, hidden_cls, logits_cls):
+    """(y, dy) of a decoder's final states x, dx (B, L, d): each as ``hidden_cls(last_hidden_state=...)``, or, with
+    an LM head (``logits``: (x, dx) -> the logits (B, L, vocab) and their tangent; None without one), each as
+    ``logits_cls(logits=...)``; dy is None where the tangent is."""
+    if logits is None:
+        return hidden_cls(last_hidden_state=x), None if dx is None else hidden_cls(last_hidden_state=dx)
+    z, dz = logits(x, dx)
+    return logits_cls(logits=z), None if dz is None else logits_cls(logits=dz)
+
+
 def plus_rows(x, dx, table: DualEmbedding, ids):
     """x + table(ids) (B, L, d) and its tangent; ids (B, L) or (1, L), whose rows every example shares."""
     e, de = table(ids)

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 
 from ..nn import DualAttention, linear
 from ..nn.base import add
-from .base import CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, plus_rows
+from .base import CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, lm_outputs, plus_rows
 
 _OPTIONS = {**CAUSAL_LM_OPTIONS, "head_mask": (None,), "encoder_hidden_states": (None,),
             "encoder_attention_mask": (None,)}
@@ -86,10 +86,9 @@ class DualGPT2Model(DualModel):
         mask = causal_mask(self.owner, L, attention_mask, x.device)
         for block in self.blocks:
             x, dx = block(x, dx, mask)
-        x, dx = self.ln_f(x, dx)
-        if not self.causal_lm:
-            y = BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x)
-            return y, None if dx is None else BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=dx)
-        logits, dlogits = self.lm_head(x, dx) if self.lm_head is not None else linear(x, dx, *self.wte.dual("weight"))
-        y = CausalLMOutputWithCrossAttentions(logits=logits)
-        return y, None if dlogits is None else CausalLMOutputWithCrossAttentions(logits=dlogits)
+        return lm_outputs(*self.ln_f(x, dx), self.logits if self.causal_lm else None,
+                          BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions)
+
+    def logits(self, x, dx):
+        """The LM head's logits (B, L, vocab) and their tangent."""
+        return self.lm_head(x, dx) if self.lm_head is not None else linear(x, dx, *self.wte.dual("weight"))

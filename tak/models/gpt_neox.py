@@ -19,8 +19,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..nn import linear
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import add, apply
-from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, rotary_angles,
-                   rotary_table, rotate, split_pair)
+from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, lm_outputs,
+                   rotary_angles, rotary_table, rotate, split_pair)
 
 
 class DualGPTNeoXLayer(nn.Module):
@@ -90,10 +90,9 @@ class DualGPTNeoXModel(DualModel):
         cos, sin = rotary_angles(self.inv_freq, self.rope_scaling, position_ids, x.dtype)
         for layer in self.layers:
             x, dx = layer(x, dx, mask=mask, cos=cos, sin=sin)
-        x, dx = self.norm(x, dx)
-        if not self.causal_lm:
-            y = BaseModelOutputWithPast(last_hidden_state=x)
-            return y, None if dx is None else BaseModelOutputWithPast(last_hidden_state=dx)
-        logits, dlogits = self.lm_head(x, dx) if self.lm_head is not None else linear(x, dx, *self.embed.dual("weight"))
-        y = CausalLMOutputWithPast(logits=logits)
-        return y, None if dlogits is None else CausalLMOutputWithPast(logits=dlogits)
+        return lm_outputs(*self.norm(x, dx), self.logits if self.causal_lm else None, BaseModelOutputWithPast,
+                          CausalLMOutputWithPast)
+
+    def logits(self, x, dx):
+        """The LM head's logits (B, L, vocab) and their tangent."""
+        return self.lm_head(x, dx) if self.lm_head is not None else linear(x, dx, *self.embed.dual("weight"))

@@ -34,8 +34,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..nn import linear
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import add, apply, chain
-from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, rotary_angles,
-                   rotary_table, rotate, split_pair)
+from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mask, hf_options, lm_outputs,
+                   rotary_angles, rotary_table, rotate, split_pair)
 
 
 def _rms_norm(b: Builder, m: nn.Module):
@@ -215,10 +215,5 @@ class DualLlamaModel(DualModel):
                   for i, scaling in enumerate(self.rope_scalings)]
         for layer in self.layers:
             x, dx = layer(x, dx, mask=mask, cos=angles[layer.rope][0], sin=angles[layer.rope][1])
-        x, dx = self.norm(x, dx)
-        if not self.causal_lm:
-            y = BaseModelOutputWithPast(last_hidden_state=x)
-            return y, None if dx is None else BaseModelOutputWithPast(last_hidden_state=dx)
-        logits, dlogits = self.logits(x, dx)
-        y = CausalLMOutputWithPast(logits=logits)
-        return y, None if dlogits is None else CausalLMOutputWithPast(logits=dlogits)
+        return lm_outputs(*self.norm(x, dx), self.logits if self.causal_lm else None, BaseModelOutputWithPast,
+                          CausalLMOutputWithPast)
