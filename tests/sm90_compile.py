@@ -159,20 +159,23 @@ def cases():
                 backward(dy)
             yield f"dual_linear {dtype} {d_in}->{d_out}", dual_linear
     for dtype in (torch.bfloat16, torch.float32):
-        for L, D, bias in ((197, 64, False), (50, 64, False), (23, 64, True), (197, 64, True), (257, 80, False),
-                           (197, 128, True), (77, 256, True)):  # ViT, T5 (bias), ViT-H/14
-            # (d = 80), T5-3B (d = 128), the largest head dim the kernels take
+        for L, D, bias, softcap in ((197, 64, False, None), (50, 64, False, None), (23, 64, True, None),
+                                    (197, 64, True, None), (257, 80, False, None), (197, 128, True, None),
+                                    (77, 256, True, None), (197, 256, False, 50.0)):
+            # ViT, T5 (bias), ViT-H/14 (d = 80), T5-3B (d = 128), the largest head dim the kernels take, Gemma 2
+            # (capped scores, d = 256)
             q, k, v = (rand(2, 12, L, D, dtype=dtype) for _ in range(3))
             dq, dk, dv = (rand(2, 12, L, D, dtype=dtype).requires_grad_() for _ in range(3))
             mask = torch.rand(2, 1, 1, L, generator=g) > 0.2
             extra = dict(bias=rand(1, 12, L, L, dtype=dtype), dbias=rand(1, 12, L, L, dtype=dtype).requires_grad_()) \
                 if bias else {}
 
-            def attention(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, mask=mask, extra=extra):
-                o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, **extra)
+            def attention(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, mask=mask, extra=extra, softcap=softcap):
+                o, do = kk.dual_attention(q, k, v, dq, dk, dv, mask=mask, softcap=softcap, **extra)
                 backward(do)
-                kk.dual_attention(q, k, v, None, None, None, mask=mask)  # the primal-only forward
-            yield f"dual_attention {dtype} L={L} D={D} bias={bias}", attention
+                kk.dual_attention(q, k, v, None, None, None, mask=mask, softcap=softcap)  # the primal-only forward
+            yield f"dual_attention {dtype} L={L} D={D} bias={bias}" + (f" softcap={softcap:g}" if softcap else ""), \
+                attention
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for d in (768, 33, 4096):
             x, dx = rand(8, 197, d, dtype=dtype), rand(8, 197, d, dtype=dtype).requires_grad_()
