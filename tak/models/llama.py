@@ -45,6 +45,17 @@ def _rms_norm(b: Builder, m: nn.Module):
     return b.rms_norm(m.weight, m.variance_epsilon)
 
 
+def _embedding_scale(table: nn.Embedding, config) -> tuple[float | None, bool]:
+    """(the factor that multiplies the token embeddings, None for none; whether ``inputs_embeds`` get it too): Gemma's
+    √d in the table's dtype, at the lookup (its scaled embedding) or, in transformers 4, after it; Granite's
+    embedding_multiplier, after it."""
+    if config.model_type.startswith("gemma"):
+        if hasattr(table, "embed_scale"):
+            return table.embed_scale.to(table.weight.dtype).item(), False
+        return torch.tensor(config.hidden_size ** 0.5, dtype=table.weight.dtype).item(), True
+    return getattr(config, "embedding_multiplier", None), True
+
+
 def _window(config, attention: nn.Module) -> int | None:
     """The sliding window of ``attention``'s keys, None for plain causal attention: its own where it keeps one (Qwen2,
     Gemma 3, OLMo 3, SmolLM3 per layer), else the model's where used (Mistral's, Phi-3's; Qwen2's in transformers
@@ -147,14 +158,7 @@ class DualLlamaModel(DualModel):
             raise NotImplementedError(f"{self.owner}: use_bidirectional_attention=True has no dual layer; causal "
                                       "attention is supported")
         self.embed = b.embedding(core.embed_tokens)
-        # Gemma's embeddings × √d in their dtype: at the lookup (its embed_scale), or after it, inputs_embeds too (Gemma
-        # in transformers 4); Granite's × embedding_multiplier after it
-        table, self.embed_scale = core.embed_tokens, getattr(config, "embedding_multiplier", None)
-        self.scales_inputs_embeds = not hasattr(table, "embed_scale")
-        if config.model_type.startswith("gemma"):
-            scale = table.embed_scale if hasattr(table, "embed_scale") else torch.tensor(config.hidden_size ** 0.5,
-                                                                                          dtype=torch.float64)
-            self.embed_scale = scale.to(table.weight.dtype).item()
+        self.embed_scale, self.scales_inputs_embeds = _embedding_scale(core.embed_tokens, config)
         tables, self.rope_scalings, layers, limits = {}, [], [], []  # the distinct rotary tables: f"inv_freq_{i}"
         types = getattr(config, "layer_types", None)
         for i, layer in enumerate(core.layers):
