@@ -21,14 +21,16 @@ def parameter_paths(module: nn.Module) -> dict[str, str]:
     return paths
 
 
-def call_with(module: nn.Module, params: dict, args=(), kwargs=None, paths: dict[str, str] | None = None):
+def call_with(module: nn.Module, params: dict, args=(), kwargs=None, paths: dict[str, str] | None = None,
+              buffers: dict | None = None):
     """``module(*args, **kwargs)`` with the parameters named in ``params`` ({``named_parameters()`` name: tensor})
     taking those values at every path they are used under; ``paths``: ``parameter_paths(module)``, found here when
-    not given (callers on a hot path pass it).
+    not given (callers on a hot path pass it); ``buffers`` ({``named_buffers()`` name: tensor}) stand in for those
+    buffers.
 
     ``torch.func.functional_call(module, params)`` ties aliases itself, but leaves the substituted tensors in place
     of the parameters of a submodule reachable under several paths (its restore undoes the first path and then
     writes back the substitute it saved from the second); this substitutes each (submodule, attribute) once."""
     paths = parameter_paths(module) if paths is None else paths
     substitutes = {path: params[name] for path, name in paths.items() if name in params}
-    return functional_call(module, substitutes, args, kwargs, tie_weights=False)
+    return functional_call(module, {**substitutes, **(buffers or {})}, args, kwargs, tie_weights=False)

@@ -140,7 +140,8 @@ class LinearizedModel(_Linearization):
     floating tensor leaves are primal + tangent, other tensors are the primal, Python scalars and
     strings pass through, and any other object (e.g. a Hugging Face cache, computed at θ0 only) is
     replaced by ``None``. In train mode primal and tangent share each dropout mask (one random draw
-    per forward, as in the plain model).
+    per forward, as in the plain model). The model's floating buffers are copied for each forward, so that one it
+    updates in place (a rotary table transformers 5 swaps so) leaves θ0's as they were.
     """
 
     def __init__(self, model: nn.Module, *, trainable: Trainable = None):
@@ -175,7 +176,10 @@ class LinearizedModel(_Linearization):
 
         def f(params):
             nonlocal spec, leaves
-            leaves, spec = pytree.tree_flatten(call_with(self._base, params, args, kwargs, self._paths))
+            # floating buffers as copies made here, which a forward may update in place (transformers 5's longrope
+            # swaps its rotary table so) where torch.func refuses to mutate a tensor from outside
+            buffers = {n: b.clone() for n, b in self._base.named_buffers() if b.is_floating_point()}
+            leaves, spec = pytree.tree_flatten(call_with(self._base, params, args, kwargs, self._paths, buffers))
             return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
 
         with math_attention():

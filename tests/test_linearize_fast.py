@@ -100,6 +100,30 @@ def test_fast_path_keeps_theta0_when_the_model_changes():
     assert torch.equal(outputs(lin(*args, **kwargs))[0], before)
 
 
+def test_longrope_on_both_paths():
+    """Phi-3's longrope, whose forward swaps its rotary table in place in transformers 5: the generic path runs it (on
+    copies of the buffers), equal to the fast path below the original context and past it where the fast path
+    refuses; θ0's own table stays as it was."""
+    import transformers
+    if tuple(int(n) for n in transformers.__version__.split(".")[:2]) < (4, 48):
+        pytest.skip("transformers < 4.48: Phi-3's own longrope classes, refused on the fast path")
+    from tests.test_linearize import decoder_case
+    longrope = {"type": "longrope", "short_factor": [1.5], "long_factor": [3.0]}  # rotary on 2 of 4 dims
+    model, inputs, outputs = decoder_case("Phi3", "Phi3ForCausalLM", partial_rotary_factor=0.5, rope_scaling=longrope,
+                                          original_max_position_embeddings=8, max_position_embeddings=32)
+    fast, generic = tak.linearize(model), tak.linearize(model, fast=False)
+    generic.load_task_vector({name: 0.05 * torch.randn_like(t) for name, t in generic.task_vector().items()})
+    fast.load_task_vector(generic.task_vector())
+    args, kwargs = inputs()
+    assert rel_err(outputs(fast(*args, **kwargs))[0], outputs(generic(*args, **kwargs))[0]) < TOLERANCE["phi3"]
+    table = generic._base.model.rotary_emb.inv_freq.clone()
+    far = {**kwargs, "position_ids": torch.arange(8, 14)[None]}  # 6 tokens past the original context of 8
+    with pytest.raises(NotImplementedError, match="positions up to 14 pass original_max_position_embeddings=8"):
+        fast(*args, **far)
+    assert torch.isfinite(outputs(generic(*args, **far))[0]).all()
+    assert torch.equal(generic._base.model.rotary_emb.inv_freq, table)
+
+
 def test_unsupported_models_fall_back_with_a_warning():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="generic torch.func.jvp path.*Sequential"):
