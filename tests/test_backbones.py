@@ -317,13 +317,15 @@ def tiny_causal_lm(folder, tokenizer, family="Llama", **kw):
     return folder
 
 
-@pytest.mark.parametrize("family, tie", [("Llama", False), ("Qwen2", True), ("Gemma", True), ("Phi3", False),
-                                         ("GPTNeoX", False)])
-def test_causal_lm_head_is_the_models_next_token_logits_after_the_prompt(tmp_path, bert_tokenizer, family, tie):
+@pytest.mark.parametrize("family, tie, kw", [
+    ("Llama", False, {}), ("Qwen2", True, {}), ("Gemma", True, {}), ("Phi3", False, {}), ("GPTNeoX", False, {}),
+    ("Gemma2", True, {"final_logit_softcapping": 0.5, "attn_implementation": "eager"}),  # capped logits
+    ("Granite", False, {"logits_scaling": 4.0})])  # logits divided
+def test_causal_lm_head_is_the_models_next_token_logits_after_the_prompt(tmp_path, bert_tokenizer, family, tie, kw):
     """The decoder alone is trained (fast path); features at each prompt's last real token (right padding), and the
     head's logits are the LM's own next-token logits there, at the label words' tokens."""
     ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # Phi-3's defaults are outside the vocabulary
-    folder = tiny_causal_lm(tmp_path / family, bert_tokenizer, family, tie_word_embeddings=tie, head_dim=6, **ids)
+    folder = tiny_causal_lm(tmp_path / family, bert_tokenizer, family, tie_word_embeddings=tie, head_dim=6, **ids, **kw)
     lm = load_backbone(f"lm:{folder}", tokenizer=bert_tokenizer, dtype=torch.float64, label_words={"pos": "positive"})
     # (transformers 5 gives a Qwen2 folder Qwen2's tokenizer class whatever was saved: hence tokenizer=)
     full = transformers.AutoModelForCausalLM.from_pretrained(folder).double().eval()

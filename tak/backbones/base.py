@@ -34,17 +34,20 @@ def require(module: str, what: str):
 @dataclass
 class Head:
     """Frozen classifier on features f (N, D): ``scale · normalize(f) normalize(W)ᵀ`` when ``normalize``
-    (CLIP-style cosine logits) else ``scale · f Wᵀ``; W (C, D)."""
+    (CLIP-style cosine logits) else ``scale · f Wᵀ``; W (C, D). A ``softcap`` c caps those logits z to c·tanh(z / c)
+    (Gemma 2's LM head)."""
 
     weight: torch.Tensor
     normalize: bool = True
     scale: float = 100.0
+    softcap: float | None = None
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(device=features.device, dtype=features.dtype)
         if self.normalize:
             features, w = F.normalize(features, dim=-1), F.normalize(w, dim=-1)
-        return self.scale * features @ w.T
+        logits = self.scale * features @ w.T
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
 
 class Backbone:

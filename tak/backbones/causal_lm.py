@@ -9,8 +9,9 @@ backbones: classification by the next token after a prompt.
   padding token).
 - ``features``: the last hidden state (after the final norm) at each prompt's last token, (N, d).
 - ``head``: the LM-head rows of the label tokens (the first token of ``" " + word``: the word as it follows the
-  prompt), ``Head(W, normalize=False, scale=1.0)``, so ``head(features)`` is the model's own next-token logits after
-  the prompt restricted to the label tokens.
+  prompt), ``Head(W, normalize=False, scale=1 / logits_scaling, softcap=final_logit_softcapping)`` (Granite's
+  divisor, Gemma 2's cap; 1 and None elsewhere), so ``head(features)`` is the model's own next-token logits after the
+  prompt restricted to the label tokens.
 """
 import torch
 from torch import nn
@@ -25,21 +26,22 @@ DEFAULT_PAIR_FORMAT = "{premise}\nQuestion: {hypothesis}\nAnswer:"
 
 
 class CausalLMBackbone(PromptedBackbone):
-    """The decoder ``model`` of a causal LM, its LM head's weight ``head_weight`` (vocab, d) and tokenizer."""
+    """The decoder ``model`` of a causal LM, its LM head's weight ``head_weight`` (vocab, d) and tokenizer; the LM
+    divides its logits by ``logits_scaling`` and caps them to c·tanh(z / c) with ``softcap`` c where given."""
 
     cuts_texts = spaced_words = True
 
     def __init__(self, model: nn.Module, head_weight: torch.Tensor, tokenizer, *, name: str,
                  max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", text_format: str = DEFAULT_TEXT_FORMAT,
                  pair_format: str = DEFAULT_PAIR_FORMAT, label_words: dict[str, str] | None = None,
-                 source: dict | None = None):
+                 source: dict | None = None, logits_scaling: float = 1.0, softcap: float | None = None):
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError(f"backbone {name!r}: the tokenizer has neither a padding nor an EOS token")
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any token does
         super().__init__(model, tokenizer, name=name, max_length=max_length, prefix=prefix, text_format=text_format,
                          pair_format=pair_format, label_words=label_words, source=source)
-        self.head_weight = head_weight
+        self.head_weight, self.logits_scaling, self.softcap = head_weight, float(logits_scaling), softcap
 
     def inputs(self, examples: list) -> dict:
         enc = self.encoded(examples, padding_side="right")
@@ -51,7 +53,8 @@ class CausalLMBackbone(PromptedBackbone):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
 
     def _build_head(self, task) -> Head:
-        return Head(self.head_weight[self.label_tokens(task)].detach().clone(), normalize=False, scale=1.0)
+        return Head(self.head_weight[self.label_tokens(task)].detach().clone(), normalize=False,
+                    scale=1 / self.logits_scaling, softcap=self.softcap)
 
 
 def load_causal_lm(spec: str, name: str, *, pretrained: str | None = None, tokenizer=None,
@@ -65,4 +68,6 @@ def load_causal_lm(spec: str, name: str, *, pretrained: str | None = None, token
                                     dtype=dtype, model_kwargs=model_kwargs)
     return CausalLMBackbone(lm.base_model, lm.get_output_embeddings().weight, tokenizer, name=spec,
                             max_length=max_length, prefix=prefix, text_format=text_format, pair_format=pair_format,
-                            label_words=label_words, source=source)
+                            label_words=label_words, source=source,
+                            logits_scaling=getattr(lm.config, "logits_scaling", 1.0),
+                            softcap=getattr(lm.config, "final_logit_softcapping", None))
