@@ -731,6 +731,15 @@ HEADS = {"bert": ("BertForSequenceClassification", dict(hidden_size=20, num_hidd
                                                           num_attention_heads=4, num_key_value_heads=2,
                                                           max_position_embeddings=32, pad_token_id=0,
                                                           attn_implementation="sdpa")),  # eager: softmax in fp32
+         "gemma3": ("Gemma3TextForSequenceClassification", dict(DECODER_OPTIONS["gemma3"], hidden_size=24,
+                                                                 intermediate_size=30, num_hidden_layers=2,
+                                                                 num_attention_heads=4, num_key_value_heads=2,
+                                                                 max_position_embeddings=32, pad_token_id=0,
+                                                                 attn_implementation="sdpa")),
+         "gpt_neox": ("GPTNeoXForSequenceClassification", dict(hidden_size=32, intermediate_size=30, num_hidden_layers=2,
+                                                               num_attention_heads=4, max_position_embeddings=32,
+                                                               rotary_pct=0.5, attn_implementation="sdpa",
+                                                               **TOKEN_IDS)),
          "bert_token": ("BertForTokenClassification", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
                                                            intermediate_size=26, max_position_embeddings=16)),
          "bert_mlm": ("BertForMaskedLM", dict(hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
@@ -742,6 +751,8 @@ HEADS = {"bert": ("BertForSequenceClassification", dict(hidden_size=20, num_hidd
 def tiny_with_head(kind, **kw):
     """A random Hugging Face model with a task head (3 labels; vocabulary 41), float64, eager attention."""
     name, config = HEADS[kind]
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
     family = name.split("For")[0]
     config = getattr(transformers, f"{family}Config")(**(dict(vocab_size=41, num_labels=3, attn_implementation="eager")
                                                          | config | kw))
@@ -751,11 +762,11 @@ def tiny_with_head(kind, **kw):
 @pytest.mark.parametrize("kind", list(HEADS))
 def test_task_heads_around_a_dual_base_model(kind, decoder_rms_norm_in_float64):
     """A task head around a supported base model: the base on its dual model, the head (pooler and classifier,
-    RoBERTa's dense + tanh + out_proj head, Llama's last-real-token pooling, the MLM head whose decoder is tied to the
-    token embedding: one τ) by forward-mode AD, against the jvp of the whole model in every mode."""
+    RoBERTa's dense + tanh + out_proj head, the decoders' last-real-token pooling, the MLM head whose decoder is tied to
+    the token embedding: one τ) by forward-mode AD, against the jvp of the whole model in every mode."""
     model = tiny_with_head(kind)
     batch = text_batch(41, lengths=(9, 5, 2), token_types=kind.startswith("bert"))
-    if kind == "llama":  # right padding with the pad token, which the head's pooling finds
+    if kind in ("llama", "gemma3", "gpt_neox"):  # right padding with the pad token, which the head's pooling finds
         batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
         batch["use_cache"] = False
     if kind == "t5":  # one </s> per sequence, its last real token, where the head pools the decoder's states

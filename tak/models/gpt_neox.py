@@ -23,6 +23,9 @@ from .base import (CAUSAL_LM_OPTIONS, Builder, DualModel, activation, causal_mas
                    rotary_angles, rotary_table, rotate, split_pair)
 
 
+_OPTIONS = {**CAUSAL_LM_OPTIONS, "head_mask": (None,)}  # transformers 4's task heads pass head_mask=None
+
+
 class DualGPTNeoXLayer(nn.Module):
     """GPTNeoXLayer: forward(x (B, L, d), dx, *, mask, cos, sin)."""
 
@@ -79,7 +82,7 @@ class DualGPTNeoXModel(DualModel):
         self.bind(b, model, trainable)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **options):
-        hf_options(self.owner, options, CAUSAL_LM_OPTIONS)
+        hf_options(self.owner, options, _OPTIONS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"{self.owner}: pass exactly one of input_ids and inputs_embeds")
         x, dx = self.drop_embed(*(self.embed(input_ids) if inputs_embeds is None else (inputs_embeds, None)))
