@@ -23,24 +23,20 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..nn import DualAttention, DualDropout
 from ..nn.attention import dual_attention, merge_heads
 from ..nn.base import add, apply
-from .base import Builder, DualModel, activation, hf_options, padding_mask, rotary_angles, rotate
+from .base import Builder, DualModel, activation, hf_options, padding_mask, rotary_angles, rotary_table, rotate
 from .bert import HF_OPTIONS
 
 
 def _rotary(model: nn.Module, layer: nn.Module, where: str) -> tuple[torch.Tensor, float]:
-    """(inv_freq (D/2,), attention_scaling) of ``layer``'s rotary embedding: transformers 5 keeps them on the model per
-    layer type, 4.x on each attention module. Rope types that change them at each call (dynamic) are refused."""
-    if hasattr(layer.attn, "rotary_emb"):  # 4.x
-        rotary = layer.attn.rotary_emb
-        inv_freq, scaling, kind = rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0), rotary.rope_type
-    else:
-        rotary, t = model.rotary_emb, layer.attention_type
-        inv_freq = getattr(rotary, f"{t}_inv_freq")
-        scaling, kind = getattr(rotary, f"{t}_attention_scaling"), rotary.rope_type[t]
-    if "dynamic" in kind or kind == "longrope":
-        raise NotImplementedError(f"ModernBertModel {where}: rope type {kind!r} (updated at each call) has no dual "
-                                  "layer; static rope types are supported")
-    return inv_freq, float(scaling)
+    """(inv_freq (D/2,), attention_scaling) of ``layer``'s rotary table (``rotary_table``: transformers 5 keeps them on
+    the model per layer type, 4.x on each attention module). Rope types that change them at each call (dynamic) and
+    longrope (whose position limit this model does not keep) are refused."""
+    inv_freq, scaling, limit = rotary_table(model, layer.attn, getattr(layer, "attention_type", None),
+                                            f"ModernBertModel {where}")
+    if limit is not None:
+        raise NotImplementedError(f"ModernBertModel {where}: rope type 'longrope' has no dual layer here; static rope "
+                                  "types are supported")
+    return inv_freq, scaling
 
 
 def _is_local(layer: nn.Module) -> bool:
